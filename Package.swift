@@ -1,0 +1,48 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "FlashMoE",
+    products: [
+        .library(name: "FlashMoE", targets: ["FlashMoE"]),
+        .executable(name: "flashmoe", targets: ["flashmoe"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // Hand-written CUDA driver / NVRTC types and function-pointer typedefs: no cuda.h, no link flags.
+        .target(name: "CCUDA"),
+        // The CUDA C++ kernel sources, embedded into the binary with #embed.
+        .target(name: "CKernels", exclude: ["kernels"]),
+        .target(
+            name: "FlashMoE",
+            dependencies: [
+                "CCUDA", "CKernels",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // The CLI's commands, as a library so the tests can drive them in-process.
+        .target(
+            name: "FlashMoECLI",
+            dependencies: [
+                "FlashMoE",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .executableTarget(
+            name: "flashmoe",
+            dependencies: ["FlashMoECLI"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .testTarget(
+            name: "FlashMoETests",
+            dependencies: ["FlashMoE", "FlashMoECLI"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+    ]
+)

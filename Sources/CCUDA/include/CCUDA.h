@@ -1,0 +1,2 @@
+// Placeholder, replaced by the CUDA runtime work (issue 3).
+#pragma once

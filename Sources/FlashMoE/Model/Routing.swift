@@ -1,0 +1,64 @@
+/// The routing decisions of one forward pass over S tokens.
+///
+/// Per token t and rank j < k (highest weight first; ties to the lower expert id):
+/// `expertIDs[t·k + j]` is the expert (−1 when unrouted, see `RouterConfig`), `weights[t·k + j]` its combine
+/// weight, and `slots[t·k + j]` the token's row in that expert's buffer: its rank among lower-index tokens
+/// routed to the same expert, or −1 when dropped by capacity or unrouted.
+public struct Routing: Sendable, Equatable {
+    /// Tokens S.
+    public let tokens: Int
+    /// Experts per token k.
+    public let topK: Int
+    /// [S·k] expert ids in rank order; −1 = unrouted.
+    public var expertIDs: [Int32]
+    /// [S·k] combine weights (after renormalisation and scaling).
+    public var weights: [Float]
+    /// [S·k] slot of each (token, rank) pair in its expert; −1 = dropped or unrouted.
+    public var slots: [Int32]
+    /// [E] tokens routed to each expert, before capacity.
+    public var expertLoad: [Int]
+
+    public init(tokens: Int, topK: Int, expertIDs: [Int32], weights: [Float], slots: [Int32], expertLoad: [Int]) {
+        self.tokens = tokens
+        self.topK = topK
+        self.expertIDs = expertIDs
+        self.weights = weights
+        self.slots = slots
+        self.expertLoad = expertLoad
+    }
+
+    /// (token, rank) pairs dropped by capacity (routed, but with no slot).
+    public var dropped: Int {
+        zip(expertIDs, slots).reduce(0) { $0 + ($1.0 >= 0 && $1.1 < 0 ? 1 : 0) }
+    }
+
+    /// Rows each expert actually processes (load clamped to capacity).
+    public var expertRows: [Int] {
+        var rows = [Int](repeating: 0, count: expertLoad.count)
+        for (e, s) in zip(expertIDs, slots) where e >= 0 && s >= 0 { rows[Int(e)] += 1 }
+        return rows
+    }
+}
+
+/// The result of a forward pass: y [S, H] in FP32 and the routing that produced it.
+public struct MoEOutput: Sendable {
+    /// The layer output [S, H], FP32.
+    public var output: HostTensor
+    /// The routing decisions.
+    public var routing: Routing
+
+    public init(output: HostTensor, routing: Routing) {
+        self.output = output
+        self.routing = routing
+    }
+}
+
+/// Something that runs an MoE layer forward: the CPU backends and the CUDA operator.
+public protocol MoEBackend: Sendable {
+    /// A short name for logs and the CLI (`cpu`, `oracle`, `cuda`).
+    var name: String { get }
+    /// The layer this backend was built for.
+    var layer: MoELayer { get }
+    /// Runs the layer on `input` [S, H] (any storage type; it is rounded to the layer's precision first).
+    func forward(_ input: HostTensor) throws -> MoEOutput
+}

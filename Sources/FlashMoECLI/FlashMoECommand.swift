@@ -1,0 +1,12 @@
+import ArgumentParser
+import FlashMoE
+
+/// The `flashmoe` command line: run, verify, bench, info, compile.
+public struct FlashMoECommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "flashmoe",
+        abstract: "FlashMoE: a whole Mixture-of-Experts layer in one GPU kernel, with a CPU oracle.",
+        subcommands: [])
+
+    public init() {}
+}

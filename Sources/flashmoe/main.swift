@@ -1,0 +1,3 @@
+import FlashMoECLI
+
+FlashMoECommand.main()
