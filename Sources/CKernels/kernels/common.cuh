@@ -1,2 +1,99 @@
-// FlashMoE device code shared by every kernel. Compiled by NVRTC with no CUDA toolkit headers.
+// FlashMoE device code shared by every kernel: scalar types, PTX wrappers, memory ordering.
+// Compiled by NVRTC with no CUDA toolkit headers, so everything beyond NVRTC's builtins is declared here.
 #pragma once
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define FMOE_DEVICE __device__ __forceinline__
+#define FMOE_INF __int_as_float(0x7f800000)
+
+// ---- 16-bit storage types -------------------------------------------------------------------------------------
+// Plain 16-bit wrappers: only the bits matter to the tensor cores; conversions go through PTX cvt (round to
+// nearest even, NaN preserved), the same rounding as the host's BFloat16/Float16.
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+FMOE_DEVICE unsigned short f32_to_bf16_bits(float f) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+FMOE_DEVICE unsigned short f32_to_f16_bits(float f) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+FMOE_DEVICE float bf16_bits_to_f32(unsigned short b) { return __uint_as_float(((u32)b) << 16); }
+FMOE_DEVICE float f16_bits_to_f32(unsigned short b) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+}
+
+// Storage traits: how a T element converts to and from FP32.
+template <class T> struct Storage;
+template <> struct Storage<float> {
+    static FMOE_DEVICE float load(float v) { return v; }
+    static FMOE_DEVICE float store(float v) { return v; }
+};
+template <> struct Storage<bf16_t> {
+    static FMOE_DEVICE float load(bf16_t v) { return bf16_bits_to_f32(v.bits); }
+    static FMOE_DEVICE bf16_t store(float v) { bf16_t r; r.bits = f32_to_bf16_bits(v); return r; }
+};
+template <> struct Storage<f16_t> {
+    static FMOE_DEVICE float load(f16_t v) { return f16_bits_to_f32(v.bits); }
+    static FMOE_DEVICE f16_t store(float v) { f16_t r; r.bits = f32_to_f16_bits(v); return r; }
+};
+
+// ---- Async copies (cp.async, sm_80+) --------------------------------------------------------------------------
+FMOE_DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Copies 16 bytes global → shared; when `valid` is false the destination is zero-filled and nothing is read
+// (src-size 0), which is how tile edges (rows past the expert's count, K past the end) become zeros.
+FMOE_DEVICE void cp_async16(u32 dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+FMOE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> FMOE_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---- Tensor-core fragments -------------------------------------------------------------------------------------
+FMOE_DEVICE void ldmatrix_x4(u32 addr, u32 &r0, u32 &r1, u32 &r2, u32 &r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+FMOE_DEVICE u32 to_tf32(u32 x) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(__uint_as_float(x)));
+    return r;
+}
+
+// ---- Memory ordering -------------------------------------------------------------------------------------------
+// Publication protocol used everywhere: write the data, fence at the scope of the readers, then store/RMW the
+// flag; readers load the flag (relaxed, volatile) and fence before reading the data. `fence.acq_rel.gpu` on both
+// sides gives the release/acquire pairing for one GPU; peers on other GPUs need `.sys`.
+FMOE_DEVICE void fence_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+FMOE_DEVICE void fence_sys() { asm volatile("fence.acq_rel.sys;\n" ::: "memory"); }
+
+FMOE_DEVICE u64 ld_relaxed_u64(const u64 *p) {
+    u64 v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+FMOE_DEVICE int ld_relaxed_i32(const int *p) {
+    int v;
+    asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+FMOE_DEVICE void st_relaxed_u64(u64 *p, u64 v) {
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+}
+
+FMOE_DEVICE u64 globaltimer_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}

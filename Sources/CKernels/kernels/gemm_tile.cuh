@@ -1,0 +1,229 @@
+// One 128×BN output tile of C = A·Bᵀ with both operands K-major (rows of A and rows of B are contiguous in K),
+// FP32 accumulation. Every GEMM in the layer is such a tile: the gate (x·Wgᵀ), GEMM0 (x·W1ᵀ) and GEMM1 (h·W2ᵀ).
+//
+// Mainloop: a STAGES-deep cp.async ring in shared memory; each stage holds one 128-byte-wide k-slice of the 128
+// A rows and 128 B rows (64 bf16/fp16 or 32 fp32 elements of K). Rows are 128 bytes and their 16-byte chunks are
+// XOR-swizzled by (row mod 8), so ldmatrix and the FFMA path read conflict-free. Rows past the operand's extent
+// and K past its end are zero-filled by cp.async (src-size 0), so partial tiles need no special code.
+//
+// Engines (chosen at compile time by the element type and the precision):
+//   MmaEngine<BF16|F16|TF32>: 8 warps as 2 (M) × 4 (N), each warp 64×32 via mma.sync m16n8k16 (m16n8k8 for TF32)
+//                            fed by ldmatrix.x4;
+//   FfmaEngine:              exact FP32 fused multiply-adds, each lane an 8×8 block of its warp's 64×32.
+// After the mainloop the accumulators are staged through shared memory as FP32 [128][BN + 4], so every epilogue
+// (activation, gating, bias, conversion) is written once, independent of the engine's register layout.
+#pragma once
+#include "common.cuh"
+
+namespace fmoe {
+
+constexpr int BM = 128;        // tile rows (tokens), every engine
+constexpr int THREADS = 256;
+constexpr int ROW_BYTES = 128; // one k-slice row
+constexpr int MAX_BN = 256;
+
+// Per tile width TBN (128 for the FFMA and mma.sync engines, 256 for wgmma):
+template <int TBN> constexpr int stage_bytes() { return (BM + TBN) * ROW_BYTES; }  // A rows then B rows
+template <int TBN> constexpr int c_stride() { return TBN + 4; }                     // staged FP32 row stride
+template <int TBN> constexpr int c_bytes() { return BM * c_stride<TBN>() * 4; }
+
+FMOE_DEVICE u32 swizzle(int row, int chunk) { return (u32)(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4)); }
+
+// Where a thread's 4 A rows and TBN/32 B rows come from. Thread t loads rows (t >> 3) + 32·i, chunk t & 7.
+struct TileSource {
+    const char *a[4];
+    const char *b[MAX_BN / 32];
+    bool a_valid[4];
+    bool b_valid[MAX_BN / 32];
+    int k_bytes;  // K × element size (a multiple of 16)
+};
+
+FMOE_DEVICE int loader_row(int i) { return (int)(threadIdx.x >> 3) + 32 * i; }
+
+template <int TBN> FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
+    const int chunk = threadIdx.x & 7;
+    const int off = kt * ROW_BYTES + chunk * 16;
+    const bool k_in = off < src.k_bytes;
+    const u32 base_a = smem_addr(stage);
+    const u32 base_b = base_a + BM * ROW_BYTES;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = loader_row(i);
+        const bool va = src.a_valid[i] && k_in;
+        cp_async16(base_a + swizzle(row, chunk), va ? src.a[i] + off : src.a[i], va);
+    }
+#pragma unroll
+    for (int i = 0; i < TBN / 32; ++i) {
+        const int row = loader_row(i);
+        const bool vb = src.b_valid[i] && k_in;
+        cp_async16(base_b + swizzle(row, chunk), vb ? src.b[i] + off : src.b[i], vb);
+    }
+}
+
+// ---- Tensor-core engine -----------------------------------------------------------------------------------------
+enum MmaKind { MMA_BF16 = 0, MMA_F16 = 1, MMA_TF32 = 2 };
+
+template <int KIND> struct MmaEngine {
+    static constexpr bool WGMMA = false;
+    static constexpr int BN = 128;
+    static constexpr int C_STRIDE = c_stride<BN>();
+    float acc[4][4][4];  // [m16 tile][n8 tile][c0..c3]
+
+    FMOE_DEVICE void zero() {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+    }
+
+    FMOE_DEVICE static void mma(float *d, const u32 *a, const u32 *b) {
+        if (KIND == MMA_BF16) {
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                "{%0,%1,%2,%3};\n"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        } else if (KIND == MMA_F16) {
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                "{%0,%1,%2,%3};\n"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        } else {
+            asm volatile(
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                "{%0,%1,%2,%3};\n"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        }
+    }
+
+    // One stage: 4 k-steps of two 16-byte chunks each (k16 for 16-bit types, k8 for TF32).
+    FMOE_DEVICE void compute(const char *stage) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+        const u32 base_a = smem_addr(stage), base_b = base_a + BM * ROW_BYTES;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            u32 a[4][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int row = wm + mi * 16 + (lane & 15);
+                ldmatrix_x4(base_a + swizzle(row, ks * 2 + (lane >> 4)), a[mi][0], a[mi][1], a[mi][2], a[mi][3]);
+            }
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const int row = wn + p * 16 + (lane & 7) + ((lane >> 4) << 3);
+                ldmatrix_x4(base_b + swizzle(row, ks * 2 + ((lane >> 3) & 1)), b[2 * p][0], b[2 * p][1],
+                            b[2 * p + 1][0], b[2 * p + 1][1]);
+            }
+            if (KIND == MMA_TF32) {
+                // Round to nearest TF32 (the tensor cores would truncate).
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a[mi][r] = to_tf32(a[mi][r]);
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) b[ni][r] = to_tf32(b[ni][r]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) mma(acc[mi][ni], a[mi], b[ni]);
+        }
+    }
+
+    // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1), g = lane/4, t = lane%4.
+    FMOE_DEVICE void stage_out(float *c) const {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int row = wm + mi * 16 + g, col = wn + ni * 8 + 2 * t;
+                *(float2 *)&c[row * C_STRIDE + col] = make_float2(acc[mi][ni][0], acc[mi][ni][1]);
+                *(float2 *)&c[(row + 8) * C_STRIDE + col] = make_float2(acc[mi][ni][2], acc[mi][ni][3]);
+            }
+    }
+};
+
+// ---- Exact FP32 engine ------------------------------------------------------------------------------------------
+// Lane (rg, cg) = (lane / 4, lane % 4) of a warp owns rows wm + rg + 8·r and cols wn + cg + 4·c (r, c < 8): the
+// strided ownership puts the 8 rows a k-step reads in 8 different swizzle classes, so the loads do not conflict.
+struct FfmaEngine {
+    static constexpr bool WGMMA = false;
+    static constexpr int BN = 128;
+    static constexpr int C_STRIDE = c_stride<BN>();
+    float acc[8][8];
+
+    FMOE_DEVICE void zero() {
+#pragma unroll
+        for (int r = 0; r < 8; ++r)
+#pragma unroll
+            for (int c = 0; c < 8; ++c) acc[r][c] = 0.f;
+    }
+
+    FMOE_DEVICE void compute(const char *stage) {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+        const int rg = lane >> 2, cg = lane & 3;
+        const char *sa = stage, *sb = stage + BM * ROW_BYTES;
+#pragma unroll 4
+        for (int k = 0; k < 32; ++k) {
+            const int chunk = k >> 2, word = (k & 3) * 4;
+            float a[8], b[8];
+#pragma unroll
+            for (int r = 0; r < 8; ++r) a[r] = *(const float *)(sa + swizzle(wm + rg + 8 * r, chunk) + word);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) b[c] = *(const float *)(sb + swizzle(wn + cg + 4 * c, chunk) + word);
+#pragma unroll
+            for (int r = 0; r < 8; ++r)
+#pragma unroll
+                for (int c = 0; c < 8; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+        }
+    }
+
+    FMOE_DEVICE void stage_out(float *c) const {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
+        const int rg = lane >> 2, cg = lane & 3;
+#pragma unroll
+        for (int r = 0; r < 8; ++r)
+#pragma unroll
+            for (int cc = 0; cc < 8; ++cc) c[(wm + rg + 8 * r) * C_STRIDE + wn + cg + 4 * cc] = acc[r][cc];
+    }
+};
+
+// Runs the mainloop for one tile and leaves the FP32 result in shared memory at `smem` ([BM][c_stride<BN>]).
+// All threads of the block must call it. On return the block is synchronised and the staged tile is readable.
+template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile(char *smem, const TileSource &src) {
+    constexpr int STAGE_BYTES = stage_bytes<Engine::BN>();
+    Engine eng;
+    eng.zero();
+    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_stage<Engine::BN>(smem + s * STAGE_BYTES, src, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt landed for everyone; everyone is done reading stage kt − 1
+        const int next = kt + STAGES - 1;
+        if (next < ktiles) load_stage<Engine::BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
+        cp_async_commit();
+        eng.compute(smem + (kt % STAGES) * STAGE_BYTES);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is free: reuse it for the staged accumulators
+    eng.stage_out((float *)smem);
+    __syncthreads();
+}
+
+}  // namespace fmoe

@@ -1,0 +1,85 @@
+// Bounded waits, the error record, and the grid barrier.
+//
+// Every spin in FlashMoE has a time budget (%globaltimer). On expiry the waiting thread records what it waited
+// for in the error record (first error wins) and raises the abort flag; every other spin sees the flag and gives
+// up at once, so the whole persistent grid exits within one budget and the host turns the record into a typed
+// error instead of hanging the GPU.
+#pragma once
+#include "common.cuh"
+
+// What the host reads back after a launch. Layout mirrored in Swift (FusedErrorRecord).
+struct ErrorRecord {
+    u32 code;      // 0 = ok, else one of FMOE_ERR_*
+    u32 phase;     // FMOE_PHASE_*: where the wait was
+    u32 index;     // which flag: row block, tile, barrier number...
+    u32 rank;      // rank whose wait expired (0 on one GPU)
+    u64 expected;  // the value waited for
+    u64 seen;      // the last value seen
+    u32 abort;     // set once any thread failed; spins check it
+    u32 pad;
+};
+
+#define FMOE_ERR_TIMEOUT 1u
+#define FMOE_ERR_ABORTED 2u
+#define FMOE_ERR_BAD_EXPERT 3u
+
+#define FMOE_PHASE_SCAN 1u       // waiting for the routing scan to be published
+#define FMOE_PHASE_BARRIER 2u    // grid barrier
+#define FMOE_PHASE_TASK 3u       // waiting for a GEMM1 row block to be published
+#define FMOE_PHASE_DISPATCH 4u   // waiting for a peer's dispatch flag
+#define FMOE_PHASE_RETURN 5u     // waiting for a peer's returned results
+
+FMOE_DEVICE bool aborted(const ErrorRecord *err) {
+    return *(volatile const u32 *)&err->abort != 0;
+}
+
+FMOE_DEVICE void report_error(ErrorRecord *err, u32 code, u32 phase, u32 index, u32 rank, u64 expected, u64 seen) {
+    if (atomicCAS(&err->code, 0u, code) == 0u) {
+        err->phase = phase;
+        err->index = index;
+        err->rank = rank;
+        err->expected = expected;
+        err->seen = seen;
+    }
+    __threadfence();
+    atomicExch(&err->abort, 1u);
+}
+
+// Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag). Returns false when the budget
+// expired or another thread aborted; the caller must then leave the kernel. Acquire: the fence after the
+// successful load orders the caller's later reads after the writer's release.
+FMOE_DEVICE bool wait_at_least(const u64 *flag, u64 target, ErrorRecord *err, u64 budget_ns, u32 phase, u32 index,
+                               u32 rank) {
+    u64 seen = ld_relaxed_u64(flag);
+    if (seen < target) {
+        const u64 start = globaltimer_ns();
+        u32 spins = 0;
+        while ((seen = ld_relaxed_u64(flag)) < target) {
+            if (aborted(err)) return false;
+            if ((++spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {
+                report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, target, seen);
+                return false;
+            }
+            __nanosleep(64);
+        }
+    }
+    fence_gpu();
+    return true;
+}
+
+// Grid barrier on a monotone 64-bit counter that is never reset: barrier number `n` of launch epoch `epoch`
+// completes when the counter reaches ((epoch − 1) · barriers_per_launch + n) · gridDim.x. Arrival is a release
+// (fence, then atomicAdd); waiting is an acquire (wait_at_least fences after the load).
+FMOE_DEVICE bool grid_barrier(u64 *counter, u64 epoch, u32 barriers_per_launch, u32 n, ErrorRecord *err,
+                              u64 budget_ns, u32 rank) {
+    __syncthreads();
+    __shared__ int ok;
+    if (threadIdx.x == 0) {
+        const u64 target = ((epoch - 1) * barriers_per_launch + n) * (u64)gridDim.x;
+        fence_gpu();
+        atomicAdd(counter, 1ull);
+        ok = wait_at_least(counter, target, err, budget_ns, FMOE_PHASE_BARRIER, n, rank);
+    }
+    __syncthreads();
+    return ok != 0;
+}

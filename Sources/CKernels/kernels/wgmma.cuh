@@ -1,0 +1,120 @@
+// Hopper (sm_90a) tensor-core engine: warpgroup MMA (wgmma) straight from the swizzled shared-memory stages.
+//
+// The stage layout of gemm_tile.cuh (128-byte rows, 16-byte chunks XOR-swizzled by row mod 8) is exactly the
+// hardware's 128-byte swizzle for K-major operands, so the cp.async ring feeds wgmma with no change: a descriptor
+// points at 8-row × 128-byte swizzle atoms (stride 1024 bytes between atoms), and stepping K by one instruction
+// (32 bytes: k16 of bf16/fp16, k8 of tf32) adds 32 bytes to the start address. Warpgroup w computes rows 64·w..+63
+// of the 128×128 tile with m64n256 instructions (128×256 tiles: twice the
+// FLOPs per byte of a 128×128 tile, which Hopper's L2 bandwidth needs); both warpgroups read the same 128 B rows.
+#pragma once
+#include "common.cuh"
+
+namespace fmoe {
+
+// Shared-memory matrix descriptor: start address, stride between 8-row atoms (1024 B), 128-byte swizzle.
+// The leading-byte offset is unused for swizzled K-major operands. Stage bases are 1024-byte aligned, so the
+// base-offset field stays 0.
+FMOE_DEVICE u64 wgmma_desc(u32 smem_byte_addr) {
+    return (u64)((smem_byte_addr >> 4) & 0x3FFF) | ((u64)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+FMOE_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+FMOE_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> FMOE_DEVICE void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Shared memory written through the generic proxy (cp.async, st.shared) and read next by wgmma (async proxy).
+FMOE_DEVICE void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+#define FMOE_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                     "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FMOE_ACC32(i) FMOE_ACC8(i), FMOE_ACC8(i + 8), FMOE_ACC8(i + 16), FMOE_ACC8(i + 24)
+#define FMOE_ACC128 FMOE_ACC32(0), FMOE_ACC32(32), FMOE_ACC32(64), FMOE_ACC32(96)
+#define FMOE_R8(a) "%" #a "0,%" #a "1,%" #a "2,%" #a "3,%" #a "4,%" #a "5,%" #a "6,%" #a "7,%" #a "8,%" #a "9,"
+// The 128 accumulator operands %0 … %127, then the descriptors %128 and %129.
+#define FMOE_REGS128                                                                                        \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9," FMOE_R8(1) FMOE_R8(2) FMOE_R8(3) FMOE_R8(4) FMOE_R8(5) FMOE_R8(6)      \
+        FMOE_R8(7) FMOE_R8(8) FMOE_R8(9) FMOE_R8(10) FMOE_R8(11)                                            \
+        "%120,%121,%122,%123,%124,%125,%126,%127}"
+
+template <int KIND> FMOE_DEVICE void wgmma_m64n256(float *d, u64 da, u64 db);
+template <> FMOE_DEVICE void wgmma_m64n256<MMA_BF16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " FMOE_REGS128 ", %128, %129, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC128 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n256<MMA_F16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " FMOE_REGS128 ", %128, %129, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC128 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n256<MMA_TF32>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k8.f32.tf32.tf32 " FMOE_REGS128 ", %128, %129, 1, 1, 1;\n"
+                 : FMOE_ACC128 : "l"(da), "l"(db));
+}
+
+template <int KIND_> struct WgmmaEngine {
+    static constexpr bool WGMMA = true;
+    static constexpr int KIND = KIND_;
+    static constexpr int BN = 256;
+    static constexpr int C_STRIDE = c_stride<BN>();
+    float acc[128];
+
+    FMOE_DEVICE void zero() {
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+    }
+
+    // Issues the 4 instructions of one stage (one 128-byte k-slice) as one wgmma group.
+    FMOE_DEVICE void issue(const char *stage) {
+        const int wg = threadIdx.x >> 7;
+        const u32 a = smem_addr(stage) + wg * 64 * ROW_BYTES;
+        const u32 b = smem_addr(stage) + BM * ROW_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) wgmma_m64n256<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        wgmma_commit();
+    }
+
+    // m64nN accumulator layout: warp w of the warpgroup owns rows 16w..16w+15; register 4j+c holds column
+    // 8j + 2(lane%4) + (c&1) of row (lane/4) + 8(c>>1).
+    FMOE_DEVICE void stage_out(float *c) const {
+        const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        const int row = wg * 64 + w * 16 + (lane >> 2), col = 2 * (lane & 3);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            *(float2 *)&c[row * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j], acc[4 * j + 1]);
+            *(float2 *)&c[(row + 8) * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+        }
+    }
+};
+
+// The wgmma mainloop: loads run STAGES − 2 k-slices ahead, and one wgmma group stays in flight while the next
+// slice is waited for. A stage is refilled two iterations after its wgmma group was issued; the wait_group(1) at
+// the end of the previous iteration plus the barrier guarantee both warpgroups finished reading it.
+template <int KIND, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
+    constexpr int P = STAGES - 2;
+    constexpr int BN = WgmmaEngine<KIND>::BN, STAGE_BYTES = stage_bytes<BN>();
+    WgmmaEngine<KIND> eng;
+    eng.zero();
+    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+        if (s < ktiles) load_stage<BN>(smem + s * STAGE_BYTES, src, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<P - 1>();
+        fence_proxy_async();
+        __syncthreads();
+        const int next = kt + P;
+        if (next < ktiles) load_stage<BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
+        cp_async_commit();
+        eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
+        wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    __syncthreads();
+    eng.stage_out((float *)smem);
+    __syncthreads();
+}
+
+}  // namespace fmoe
