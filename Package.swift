@@ -16,10 +16,12 @@ let package = Package(
         .target(name: "CCUDA"),
         // The CUDA C++ kernel sources, embedded into the binary with #embed.
         .target(name: "CKernels", exclude: ["kernels"]),
+        // FP32 GEMM micro-kernels for the CPU backend (AVX-512 / AVX2+FMA chosen at run time, portable fallback).
+        .target(name: "CGemm"),
         .target(
             name: "FlashMoE",
             dependencies: [
-                "CCUDA", "CKernels",
+                "CCUDA", "CKernels", "CGemm",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]

@@ -1,6 +1,7 @@
 /// The routing decisions of one forward pass over S tokens.
 ///
-/// Per token t and rank j < k (highest weight first; ties to the lower expert id):
+/// Per token t and rank j < k (in selection order, ties to the lower expert id: highest weight first for the
+/// softmax router, highest biased choice score first for the sigmoid router; see `Router`):
 /// `expertIDs[t·k + j]` is the expert (−1 when unrouted, see `RouterConfig`), `weights[t·k + j]` its combine
 /// weight, and `slots[t·k + j]` the token's row in that expert's buffer: its rank among lower-index tokens
 /// routed to the same expert, or −1 when dropped by capacity or unrouted.
