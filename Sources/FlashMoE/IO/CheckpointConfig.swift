@@ -10,12 +10,15 @@ public struct CheckpointConfig: Sendable, Equatable {
         /// Every layer (Mixtral).
         case all
         /// Layer l is MoE when l ∉ mlp_only_layers and (l + 1) % decoder_sparse_step == 0 (Qwen-MoE).
-        case qwen(step: Int, mlpOnly: [Int])
+        case qwen(step: Int, mlpOnly: Set<Int>)
         /// Layer l is MoE when l ≥ first_k_dense_replace (DeepSeek-V3).
         case firstDense(Int)
         /// No layer (a Qwen-MoE config with num_experts = 0).
         case none
     }
+
+    /// The most decoder layers accepted (far above any real model; bounds the work of listing MoE layers).
+    public static let maximumLayers = 1 << 16
 
     /// The checkpoint's family.
     public let family: ModelFamily
@@ -55,17 +58,15 @@ public struct CheckpointConfig: Sendable, Equatable {
 
     /// Parses the text of a `config.json`.
     public init(json bytes: [UInt8]) throws(CheckpointError) {
-        let root: JSONValue
+        let object: JSONObject
         do {
-            root = try JSONParser.parse(bytes)
+            object = try JSONParser.parseObject(bytes)
         } catch {
-            throw CheckpointError(.invalidConfig, "config.json is not valid JSON: \(error)")
-        }
-        guard case .object(let object) = root else {
-            throw CheckpointError(.invalidConfig, "config.json must be a JSON object, found \(root.kindDescription)")
-        }
-        if let dup = object.firstDuplicateKey {
-            throw CheckpointError(.invalidConfig, "config.json sets '\(dup)' more than once")
+            switch error {
+            case .invalid(let e): throw CheckpointError(.invalidConfig, "config.json is not valid JSON: \(e)")
+            case .notObject(let kind): throw CheckpointError(.invalidConfig, "config.json must be a JSON object, found \(kind)")
+            case .duplicateKey(let k): throw CheckpointError(.invalidConfig, "config.json sets '\(k)' more than once")
+            }
         }
         let f = ConfigFields(object: object)
         guard case .string(let modelType)? = object["model_type"] else {
@@ -117,7 +118,7 @@ public struct CheckpointConfig: Sendable, Equatable {
             guard step >= 1 else {
                 throw CheckpointError(.invalidConfig, "config.json: decoder_sparse_step must be at least 1 (got \(step))")
             }
-            sparseLayers = experts > 0 ? .qwen(step: step, mlpOnly: try f.intList("mlp_only_layers")) : .none
+            sparseLayers = experts > 0 ? .qwen(step: step, mlpOnly: Set(try f.intList("mlp_only_layers"))) : .none
             fields = ("hidden_size", "moe_intermediate_size", "num_experts")
         case .deepSeekV3:
             hiddenLayers = try f.int("num_hidden_layers", default: 61)
@@ -155,8 +156,19 @@ public struct CheckpointConfig: Sendable, Equatable {
             sparseLayers = .firstDense(try f.int("first_k_dense_replace", default: 3))
             fields = ("hidden_size", "moe_intermediate_size", "n_routed_experts")
         }
-        guard hiddenLayers >= 0 else {
-            throw CheckpointError(.invalidConfig, "config.json: num_hidden_layers must be ≥ 0 (got \(hiddenLayers))")
+        guard hiddenLayers >= 0, hiddenLayers <= Self.maximumLayers else {
+            throw CheckpointError(
+                .invalidConfig, "config.json: num_hidden_layers must lie in 0...\(Self.maximumLayers) (got \(hiddenLayers))")
+        }
+        // The loader computes E·2I·H and Is·H element counts; sizes whose products overflow are not a real model.
+        var elements = 2
+        for d in [hidden, intermediate, experts, shared?.intermediateSize ?? 1] {
+            let (p, overflow) = elements.multipliedReportingOverflow(by: max(d, 1))
+            guard !overflow else {
+                throw CheckpointError(
+                    .invalidConfig, "config.json: the layer sizes (\(fields.h) = \(hidden), \(fields.i) = \(intermediate), \(fields.e) = \(experts)) overflow an element count")
+            }
+            elements = p
         }
         shapeFields = "\(fields.h) = \(hidden), \(fields.i) = \(intermediate), \(fields.e) = \(experts)\(sharedField)"
         layerConfig = MoEConfig(
@@ -187,7 +199,7 @@ public struct CheckpointConfig: Sendable, Equatable {
         switch sparseLayers {
         case .all: return "it is dense"
         case .qwen(let step, let mlpOnly):
-            return "a layer l is MoE when l is not in mlp_only_layers \(mlpOnly) and (l + 1) is a multiple of decoder_sparse_step (\(step))"
+            return "a layer l is MoE when l is not in mlp_only_layers \(mlpOnly.sorted()) and (l + 1) is a multiple of decoder_sparse_step (\(step))"
         case .firstDense(let k): return "the first first_k_dense_replace = \(k) layers are dense"
         case .none: return "the config has no routed experts"
         }
