@@ -21,9 +21,12 @@ public struct CheckpointError: Error, Sendable, Hashable, CustomStringConvertibl
         case safetensors
     }
 
+    /// The category of the problem.
     public let kind: Kind
+    /// What is wrong and what to change.
     public let message: String
 
+    /// An error of `kind` with a message for the user.
     public init(_ kind: Kind, _ message: String) {
         self.kind = kind
         self.message = message

@@ -4,18 +4,31 @@
 /// from `HostTensor`; the integer types and BOOL have typed accessors (`SafetensorsTensor.values(as:)`). The 8-bit
 /// float formats are recognised so that a quantised checkpoint's header parses, but they convert to nothing.
 public enum SafetensorsDType: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
+    /// IEEE binary64.
     case float64 = "F64"
+    /// IEEE binary32.
     case float32 = "F32"
+    /// IEEE binary16.
     case float16 = "F16"
+    /// Brain float: FP32's exponent, 7-bit mantissa.
     case bfloat16 = "BF16"
+    /// Signed 64-bit integer.
     case int64 = "I64"
+    /// Signed 32-bit integer.
     case int32 = "I32"
+    /// Signed 16-bit integer.
     case int16 = "I16"
+    /// Signed 8-bit integer.
     case int8 = "I8"
+    /// Unsigned 64-bit integer.
     case uint64 = "U64"
+    /// Unsigned 32-bit integer.
     case uint32 = "U32"
+    /// Unsigned 16-bit integer.
     case uint16 = "U16"
+    /// Unsigned 8-bit integer.
     case uint8 = "U8"
+    /// One byte per element, 0 or 1.
     case bool = "BOOL"
     /// FP8 with 4 exponent bits (raw bytes only).
     case float8E4M3 = "F8_E4M3"
