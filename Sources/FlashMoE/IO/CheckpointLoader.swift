@@ -1,0 +1,199 @@
+/// Loads one MoE layer of a Hugging Face checkpoint directory (config.json + safetensors) as an `MoELayer`.
+///
+/// Supported families (`model_type`): mixtral, qwen2_moe, qwen3_moe, deepseek_v3. Experts may be stored per
+/// expert (`experts.{e}.{w1|gate_proj}.weight`, …: the hub format, and what transformers 5.x's `save_pretrained`
+/// writes) or fused as transformers 5.x holds them in memory (`experts.gate_up_proj` [E, 2I, H] with the gate rows
+/// first, `experts.down_proj` [E, H, I]). Matrices are converted from the file's float dtype (F64, F32, F16, BF16)
+/// to the precision's storage type, rounding to nearest even; DeepSeek's selection bias stays FP32.
+public enum CheckpointLoader {
+    /// Loads MoE layer `layer` (0-based decoder layer index) from the checkpoint in `directory`.
+    ///
+    /// Throws `CheckpointError`: `.invalidConfig` / `.unknownFamily` / `.unsupported` for config.json problems,
+    /// `.layerOutOfRange` when `layer` is not below `num_hidden_layers`, `.denseLayer` (listing the MoE layers)
+    /// when the layer has a dense MLP, `.missingTensor` and `.shapeMismatch` naming the tensor and the config
+    /// fields it disagrees with, `.safetensors` for unreadable files or non-float tensors.
+    public static func loadMoELayer(
+        directory: String, layer: Int, precision: Precision, capacity: Capacity = .dropless
+    ) throws(CheckpointError) -> MoELayer {
+        let spec = try CheckpointConfig(directory: directory)
+        guard layer >= 0, layer < spec.hiddenLayers else {
+            throw CheckpointError(
+                .layerOutOfRange,
+                "layer \(layer) does not exist: config.json has num_hidden_layers = \(spec.hiddenLayers), so choose 0–\(spec.hiddenLayers - 1) (MoE layers: \(spec.moeLayerSummary))"
+            )
+        }
+        guard spec.isMoE(layer: layer) else {
+            throw CheckpointError(
+                .denseLayer,
+                "layer \(layer) of this \(spec.family) checkpoint is a dense MLP, not an MoE block (\(spec.denseReason)): choose one of the MoE layers \(spec.moeLayerSummary)"
+            )
+        }
+        var config = spec.layerConfig
+        config.precision = precision
+        config.capacity = capacity
+        do {
+            try config.validate()
+        } catch {
+            throw CheckpointError(.invalidConfig, "config.json describes an invalid MoE layer: \(error.message)")
+        }
+        let checkpoint: SafetensorsCheckpoint
+        do {
+            checkpoint = try SafetensorsCheckpoint(directory: directory)
+        } catch {
+            throw CheckpointError(error)
+        }
+        let reader = LayerReader(checkpoint: checkpoint, spec: spec, config: config)
+        let names = try reader.resolveNames(layer: layer)
+        let weights = try reader.weights(names)
+        do {
+            return try MoELayer(config: config, weights: weights)
+        } catch {
+            throw CheckpointError(.shapeMismatch, "layer \(layer): \(error.message)")
+        }
+    }
+}
+
+/// Reads and stacks one layer's tensors, checking each shape against config.json before reading its bytes.
+private struct LayerReader {
+    let checkpoint: SafetensorsCheckpoint
+    let spec: CheckpointConfig
+    let config: MoEConfig
+    var storage: ElementType { config.precision.storage }
+
+    /// Finds the MoE block's prefix: `model.layers.{layer}.{block}` or, failing that, any name ending in
+    /// `layers.{layer}.{block}.gate.weight` (checkpoints that nest the text model, e.g. `model.language_model.`).
+    func resolveNames(layer: Int) throws(CheckpointError) -> MoETensorNames {
+        for block in spec.family.blockNames {
+            let names = MoETensorNames(family: spec.family, prefix: "model.layers.\(layer).\(block)")
+            if checkpoint.contains(names.router) { return names }
+        }
+        for block in spec.family.blockNames {
+            let suffix = "layers.\(layer).\(block).gate.weight"
+            if let match = checkpoint.names.first(where: { $0 == suffix || $0.hasSuffix("." + suffix) }) {
+                return MoETensorNames(family: spec.family, prefix: String(match.dropLast(".gate.weight".count)))
+            }
+        }
+        let expected = "model.layers.\(layer).\(spec.family.blockNames[0]).gate.weight"
+        throw CheckpointError(
+            .missingTensor,
+            "the checkpoint has no router '\(expected)' for layer \(layer): it is not a \(spec.family) checkpoint with this layer, or its shards are incomplete"
+        )
+    }
+
+    func weights(_ names: MoETensorNames) throws(CheckpointError) -> MoEWeights {
+        let (e, h, i) = (config.experts, config.hiddenSize, config.intermediateSize)
+        var weights = MoEWeights(
+            router: try read(names.router, [e, h]), w1: .zeros(shape: [0]), w2: .zeros(shape: [0]))
+        if checkpoint.contains(names.fusedGateUp) {
+            let gateUp = try raw(names.fusedGateUp, [e, 2 * i, h])
+            var w1 = try stack(capacity: e * i * h), w3 = try stack(capacity: e * i * h)
+            for x in 0..<e {
+                try append(gateUp, (2 * x * i * h)..<((2 * x + 1) * i * h), to: &w1, names.fusedGateUp)
+                try append(gateUp, ((2 * x + 1) * i * h)..<((2 * x + 2) * i * h), to: &w3, names.fusedGateUp)
+            }
+            weights.w1 = try finish(w1, [e, i, h])
+            weights.w3 = try finish(w3, [e, i, h])
+            weights.w2 = try read(names.fusedDown, [e, h, i])
+        } else {
+            let p = spec.family.projectionNames
+            weights.w1 = try stackExperts(names, p.gate, [i, h])
+            weights.w3 = try stackExperts(names, p.up, [i, h])
+            weights.w2 = try stackExperts(names, p.down, [h, i])
+            let extra = names.expert(e, p.gate)
+            if checkpoint.contains(extra) {
+                throw CheckpointError(
+                    .shapeMismatch,
+                    "the checkpoint has '\(extra)' but config.json says there are \(e) experts (\(spec.shapeFields)): fix the expert count"
+                )
+            }
+        }
+        if config.router.selectionBias {
+            let bias = try raw(names.selectionBias, [e])
+            var s = try stack(capacity: e, as: .float32)
+            try append(bias, 0..<e, to: &s, names.selectionBias)
+            weights.selectionBias = try finish(s, [e])
+        }
+        if let shared = config.sharedExpert,
+            let g = names.shared(spec.family.projectionNames.gate), let u = names.shared(spec.family.projectionNames.up),
+            let d = names.shared(spec.family.projectionNames.down)
+        {
+            let si = shared.intermediateSize
+            weights.shared = SharedExpertWeights(
+                w1: try read(g, [si, h]), w3: try read(u, [si, h]), w2: try read(d, [h, si]),
+                gate: shared.gated ? try read(names.sharedGate, [1, h]) : nil)
+        }
+        return weights
+    }
+
+    /// Stacks `experts.{e}.{projection}.weight` for every expert into [E, rows, cols].
+    private func stackExperts(_ names: MoETensorNames, _ projection: String, _ shape: [Int]) throws(CheckpointError)
+        -> HostTensor
+    {
+        let per = shape[0] * shape[1]
+        var s = try stack(capacity: config.experts * per)
+        for x in 0..<config.experts {
+            let name = names.expert(x, projection)
+            try append(try raw(name, shape), 0..<per, to: &s, name)
+        }
+        return try finish(s, [config.experts] + shape)
+    }
+
+    private func read(_ name: String, _ shape: [Int]) throws(CheckpointError) -> HostTensor {
+        let t = try raw(name, shape)
+        var s = try stack(capacity: t.count)
+        try append(t, 0..<t.count, to: &s, name)
+        return try finish(s, shape)
+    }
+
+    /// Reads a tensor after checking that it exists and has `shape`.
+    private func raw(_ name: String, _ shape: [Int]) throws(CheckpointError) -> SafetensorsTensor {
+        guard checkpoint.contains(name) else {
+            throw CheckpointError(
+                .missingTensor,
+                "the checkpoint lacks '\(name)' (shape \(shape)), which a \(spec.family) MoE layer needs: the checkpoint is incomplete or not of this family"
+            )
+        }
+        do {
+            let info = try checkpoint.info(named: name)
+            guard info.shape == shape else {
+                throw CheckpointError(
+                    .shapeMismatch,
+                    "tensor '\(name)' has shape \(info.shape) but config.json (\(spec.shapeFields)) needs \(shape): the checkpoint and its config.json disagree"
+                )
+            }
+            return try checkpoint.tensor(named: name)
+        } catch let error as SafetensorsError {
+            throw CheckpointError(error)
+        } catch let error as CheckpointError {
+            throw error
+        } catch {
+            throw CheckpointError(.safetensors, "\(name): \(error)")
+        }
+    }
+
+    private func stack(capacity: Int, as type: ElementType? = nil) throws(CheckpointError) -> ElementStack {
+        do {
+            return try ElementStack(elementType: type ?? storage, capacity: capacity)
+        } catch {
+            throw CheckpointError(error)
+        }
+    }
+
+    private func append(_ t: SafetensorsTensor, _ range: Range<Int>, to s: inout ElementStack, _ name: String)
+        throws(CheckpointError)
+    {
+        do {
+            try s.append(t, elements: range)
+        } catch {
+            throw CheckpointError(.safetensors, "tensor '\(name)': \(error.message)")
+        }
+    }
+
+    private func finish(_ s: ElementStack, _ shape: [Int]) throws(CheckpointError) -> HostTensor {
+        do {
+            return try s.tensor(shape: shape)
+        } catch {
+            throw CheckpointError(error)
+        }
+    }
+}
