@@ -49,7 +49,7 @@ enum CompileReport {
                 do throws(CUDAError) {
                     let kernel = try compiler.compile(spec, arch: arch, sources: sources, lineInfo: lineInfo)
                     print("\(spec) \(arch): \(formatByteCount(kernel.cubin.count)) cubin, "
-                        + "\(fixed(kernel.time.milliseconds, 1)) ms, cache \(kernel.cache)"
+                        + "\(formatDecimal(kernel.time.milliseconds, 1)) ms, cache \(kernel.cache)"
                         + (kernel.cacheWriteFailure.map { " (not stored: \($0))" } ?? ""))
                     for usage in kernel.resources {
                         print("  \(usage.name): \(usage.registers) registers, spills \(usage.spillStoreBytes) B "

@@ -84,18 +84,3 @@ public struct CUDAVersion: Sendable, Hashable, Comparable, CustomStringConvertib
 
     public static func < (a: CUDAVersion, b: CUDAVersion) -> Bool { a.encoded < b.encoded }
 }
-
-/// "1.5 GiB", "227 KiB", "12 B": binary units, at most one decimal.
-public func formatByteCount(_ bytes: Int) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    var value = Double(bytes)
-    var unit = 0
-    while abs(value) >= 1024 && unit < units.count - 1 {
-        value /= 1024
-        unit += 1
-    }
-    if unit == 0 { return "\(bytes) B" }
-    let tenths = (value * 10).rounded()
-    let text = tenths.truncatingRemainder(dividingBy: 10) == 0 ? "\(Int(tenths / 10))" : "\(tenths / 10)"
-    return "\(text) \(units[unit])"
-}

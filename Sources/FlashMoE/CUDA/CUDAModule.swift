@@ -15,7 +15,12 @@ public final class CUDAModule: @unchecked Sendable {
         try device.makeCurrent()
         var module: CUmodule?
         let result = cubin.withUnsafeBytes { device.driver.moduleLoadData(&module, $0.baseAddress!) }
-        try device.driver.check(result, "cuModuleLoadData (on \(device.properties.architecture))")
+        try device.driver.check(
+            result, "cuModuleLoadData (on \(device.properties.architecture))",
+            hint: result != CUDA_ERROR_INVALID_IMAGE
+                ? nil
+                : "the image is not a cubin this driver can load: compile it for \(device.properties.architecture) "
+                    + "with an NVRTC no newer than the driver")
         guard let module else { throw .invalidArgument("cuModuleLoadData returned no module") }
         self.device = device
         self.handle = module

@@ -119,7 +119,7 @@ public enum CUDASelfTest {
         return (
             ok,
             ok
-                ? "\(n) elements exact; kernel \(fixed(elapsed, 3)) ms on a stream; \(attributes.registers) regs, "
+                ? "\(n) elements exact; kernel \(formatDecimal(elapsed, 3)) ms on a stream; \(attributes.registers) regs, "
                     + "sm_\(attributes.binaryVersion)"
                 : "\(wrong) of \(n) elements wrong"
         )
@@ -170,23 +170,10 @@ public enum CUDASelfTest {
         }
     }
 
-    private static func ms(_ d: Duration) -> String { "\(fixed(d.milliseconds, 2)) ms" }
+    private static func ms(_ d: Duration) -> String { "\(formatDecimal(d.milliseconds, 2)) ms" }
 
     private static func truncateToHalf(_ path: String) {
         guard case .success(let bytes) = SystemFiles.read(path) else { return }
         _ = SystemFiles.writeAtomically(Array(bytes.prefix(bytes.count / 2)), to: path)
     }
-}
-
-/// `value` with `digits` decimals ("3.142"), without Foundation's formatter.
-public func fixed(_ value: Double, _ digits: Int) -> String {
-    guard value.isFinite else { return "\(value)" }
-    var scale = 1.0
-    for _ in 0..<digits { scale *= 10 }
-    let scaled = (abs(value) * scale).rounded()
-    let whole = Int(scaled / scale)
-    var fraction = String(Int(scaled - Double(whole) * scale))
-    while fraction.count < digits { fraction = "0" + fraction }
-    let sign = value < 0 && scaled != 0 ? "-" : ""
-    return digits == 0 ? "\(sign)\(whole)" : "\(sign)\(whole).\(fraction)"
 }

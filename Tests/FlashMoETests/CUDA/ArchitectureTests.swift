@@ -45,6 +45,6 @@ import Testing
         #expect(CUDAVersion(12040).description == "12.4" && CUDAVersion(13000).description == "13.0")
         #expect(formatByteCount(12) == "12 B" && formatByteCount(227 << 10) == "227 KiB")
         #expect(formatByteCount(1536 << 20) == "1.5 GiB" && formatByteCount(80 << 30) == "80 GiB")
-        #expect(fixed(3.14159, 2) == "3.14" && fixed(-0.5, 1) == "-0.5" && fixed(2, 0) == "2" && fixed(0.05, 3) == "0.050")
+        #expect(formatDecimal(3.14159, 2) == "3.14" && formatDecimal(-0.5, 1) == "-0.5" && formatDecimal(2, 0) == "2" && formatDecimal(0.05, 3) == "0.050")
     }
 }

@@ -41,6 +41,17 @@ import Testing
         }
     }
 
+    @Test func anInvalidImageNamesTheArchitectureToCompileFor() throws {
+        let fake = FakeDriver()
+        let device = try CUDADevice(driver: fake)
+        fake.fail("moduleLoadData", with: CUDA_ERROR_INVALID_IMAGE)
+        #expect {
+            _ = try CUDAModule(device: device, cubin: [1])
+        } throws: { error in
+            (error as? CUDAError)?.description.contains("compile it for sm_90a") ?? false
+        }
+    }
+
     @Test func noDeviceFromTheDriverIsNoDevice() {
         let fake = FakeDriver()
         fake.fail("deviceGetCount", with: CUDA_ERROR_NO_DEVICE)

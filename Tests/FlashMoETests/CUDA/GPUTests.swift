@@ -27,7 +27,9 @@ struct GPUTests {
         }
     }
 
-    @Test func aCubinForAnotherArchitectureIsDriverTooOld() throws {
+    /// The driver reports NO_BINARY_FOR_GPU (mapped to driverTooOld) or INVALID_IMAGE; either way the message
+    /// must point at the architecture.
+    @Test func aCubinForAnotherArchitectureSaysSo() throws {
         let gpu = try device()
         let other = gpu.properties.computeCapability.major == 8 ? GPUArchitecture(major: 9, minor: 0) : GPUArchitecture(major: 8, minor: 0)
         let kernel = try KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
@@ -35,7 +37,7 @@ struct GPUTests {
         #expect {
             _ = try CUDAModule(device: gpu, cubin: kernel.cubin)
         } throws: { error in
-            if case .driverTooOld = error as? CUDAError { true } else { false }
+            (error as? CUDAError)?.description.contains("architecture") ?? false
         }
     }
 }
