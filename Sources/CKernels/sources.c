@@ -9,12 +9,17 @@ static const char common_cuh[] = {
 #embed "kernels/common.cuh"
     , 0};
 
+static const char selftest_cu[] = {
+#embed "kernels/selftest.cu"
+    , 0};
+
 static const struct {
     const char *name;
     const char *text;
     size_t length;
 } files[] = {
     {"common.cuh", common_cuh, sizeof(common_cuh) - 1},
+    {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };
 
 const char *flashmoe_kernel_source(const char *name, size_t *length) {

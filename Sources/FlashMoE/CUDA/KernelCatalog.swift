@@ -1,0 +1,47 @@
+/// One kernel specialization to compile: a kernel file, the `-D` defines that specialize it, and the kernels
+/// (extern "C" names) the resulting cubin must contain.
+public struct KernelSpec: Sendable, Hashable, CustomStringConvertible {
+    /// The kernel file to compile (the other files are its headers), e.g. "selftest.cu".
+    public var file: String
+    /// `-D` defines, name → value.
+    public var defines: [String: String]
+    /// The kernels the cubin must define.
+    public var kernels: [String]
+
+    public init(file: String, defines: [String: String] = [:], kernels: [String]) {
+        self.file = file
+        self.defines = defines
+        self.kernels = kernels
+    }
+
+    public var description: String {
+        let d = defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+        return d.isEmpty ? file : "\(file) [\(d)]"
+    }
+}
+
+/// Every kernel specialization FlashMoE can launch, per layer configuration: what `flashmoe compile` builds
+/// ahead of time and what the GPU backend compiles (or finds cached) before its first launch.
+public enum KernelCatalog {
+    /// The kernels that check the runtime itself (`selftest.cu`).
+    public static let selfTest = KernelSpec(
+        file: "selftest.cu", kernels: ["fmoe_selftest_axpy", "fmoe_selftest_grid_barrier"])
+
+    /// The specializations `config` needs. The self-test kernel is always first: the canary that shows NVRTC and
+    /// the driver work before any MoE kernel is built.
+    ///
+    /// The fused MoE kernel registers here: one `KernelSpec` per (precision, FFN, activation, router, tile shape)
+    /// it specializes on, with the shapes as defines.
+    public static func specializations(for config: MoEConfig) -> [KernelSpec] {
+        [selfTest]
+    }
+
+    /// The union of the specializations of `configs`, each once, in first-seen order.
+    public static func specializations(for configs: [MoEConfig]) -> [KernelSpec] {
+        var result: [KernelSpec] = []
+        for spec in configs.flatMap(specializations(for:)) where !result.contains(spec) {
+            result.append(spec)
+        }
+        return result
+    }
+}

@@ -1,0 +1,41 @@
+import Foundation
+import Testing
+
+@testable import FlashMoE
+
+@Suite struct KernelSourcesTests {
+    @Test func embeddedFilesAreListedAndReadable() throws {
+        let sources = KernelSources.embedded
+        let names = try sources.fileNames()
+        #expect(names.contains("common.cuh") && names.contains("selftest.cu"))
+        let selftest = try sources.text(of: "selftest.cu")
+        #expect(selftest.contains("fmoe_selftest_axpy") && selftest.contains("#include \"common.cuh\""))
+        #expect(try sources.allFiles().count == names.count)
+        #expect(throws: CUDAError.self) { _ = try sources.text(of: "missing.cu") }
+    }
+
+    @Test func theEmbeddedCopyMatchesTheRepositoryFile() throws {
+        let file = URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Sources/CKernels/kernels/selftest.cu")
+        #expect(try KernelSources.embedded.text(of: "selftest.cu") == String(contentsOf: file, encoding: .utf8))
+    }
+
+    @Test func theEnvironmentSelectsAFolder() throws {
+        #expect(KernelSources.current(environment: [:]) == .embedded)
+        #expect(KernelSources.current(environment: ["FLASHMOE_KERNEL_DIR": ""]) == .embedded)
+        let scratch = try ScratchDirectory()
+        try Data("edited".utf8).write(to: URL(fileURLWithPath: scratch.path + "/selftest.cu"))
+        let sources = KernelSources.current(environment: ["FLASHMOE_KERNEL_DIR": scratch.path])
+        #expect(try sources.text(of: "selftest.cu") == "edited")
+        #expect(throws: CUDAError.self) { _ = try sources.text(of: "../etc/passwd") }
+        #expect(throws: CUDAError.self) { _ = try KernelSources.directory(scratch.path + "/none").fileNames() }
+    }
+
+    @Test func theCatalogAlwaysStartsWithTheSelfTest() {
+        let specs = KernelCatalog.specializations(for: Preset.all.map(\.config))
+        #expect(specs.first == KernelCatalog.selfTest && Set(specs).count == specs.count)
+        #expect(KernelCatalog.selfTest.description == "selftest.cu")
+        #expect(KernelSpec(file: "m.cu", defines: ["B": "2", "A": "1"], kernels: []).description == "m.cu [A=1 B=2]")
+    }
+}
