@@ -9,6 +9,26 @@ static const char common_cuh[] = {
 #embed "kernels/common.cuh"
     , 0};
 
+static const char sync_cuh[] = {
+#embed "kernels/sync.cuh"
+    , 0};
+
+static const char gemm_tile_cuh[] = {
+#embed "kernels/gemm_tile.cuh"
+    , 0};
+
+static const char wgmma_cuh[] = {
+#embed "kernels/wgmma.cuh"
+    , 0};
+
+static const char router_cuh[] = {
+#embed "kernels/router.cuh"
+    , 0};
+
+static const char moe_cu[] = {
+#embed "kernels/moe.cu"
+    , 0};
+
 static const char selftest_cu[] = {
 #embed "kernels/selftest.cu"
     , 0};
@@ -19,6 +39,11 @@ static const struct {
     size_t length;
 } files[] = {
     {"common.cuh", common_cuh, sizeof(common_cuh) - 1},
+    {"sync.cuh", sync_cuh, sizeof(sync_cuh) - 1},
+    {"gemm_tile.cuh", gemm_tile_cuh, sizeof(gemm_tile_cuh) - 1},
+    {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},
+    {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
+    {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };
 

@@ -59,7 +59,7 @@ struct NaiveRouting {
         weights = []
         for t in 0..<tokens {
             let l = Array(logits[t * e..<(t + 1) * e])
-            let eligible = (0..<e).filter { !l[$0].isNaN }
+            var eligible = (0..<e).filter { !l[$0].isNaN }
             var picked: [Int]
             var w: [Double]
             switch r.scoring {
@@ -86,7 +86,7 @@ struct NaiveRouting {
                     let kept = Set(
                         (0..<r.groups).sorted { score[$0] != score[$1] ? score[$0] > score[$1] : $0 < $1 }
                             .prefix(r.groupsKept))
-                    for x in 0..<e where !kept.contains(x / size) { c[x] = 0 }
+                    eligible = eligible.filter { kept.contains($0 / size) }
                 }
                 picked = Array(eligible.sorted { c[$0] != c[$1] ? c[$0] > c[$1] : $0 < $1 }.prefix(k))
                 w = picked.map { s[$0] }

@@ -119,9 +119,9 @@ import Darwin
     ///
     /// Token 0: s = sigmoid(l) ≈ [.500 .731 .881 .269 .622 .378 .818 .119]; with the bias, the choice scores are
     /// c ≈ [−.500 −.269 .881 −.231 −.378 −.622 .818 .369]. Group scores (best two): g0 = −.769, g1 = .650,
-    /// g2 = −1.000, g3 = 1.187, so groups 3 and 1 are kept and experts 0, 1, 4, 5 are masked to **0.0**.
-    /// Rounds: 2 (.881), 6 (.818), 7 (.369), then the best of {0: 0, 1: 0, 3: −.231, 4: 0, 5: 0} is expert 0 —
-    /// outside the kept groups. Masking with −∞ would have picked expert 3 instead.
+    /// g2 = −1.000, g3 = 1.187, so groups 3 and 1 are kept and experts 0, 1, 4, 5 are masked with −∞.
+    /// Rounds: 2 (.881), 6 (.818), 7 (.369), then expert 3 (−.231), the only candidate left. (transformers'
+    /// older masking with 0.0 would have picked expert 0, outside the kept groups.)
     ///
     /// Token 1: only experts 1, 4, 5 have a logit. g0 = c1 alone, g1 and g3 have no eligible expert (−∞), g2 =
     /// c4 + c5; g0 and g2 are kept; the fourth rank is unrouted.
@@ -133,10 +133,10 @@ import Darwin
         let l0: [Double] = [0, 1, 2, -1, 0.5, -0.5, 1.5, -2]
         let l1: [Double] = [nan, 5, nan, nan, 0, 0, nan, nan]
         let r = try Self.route(l0 + l1, config, tokens: 2, bias: bias)
-        #expect(Array(r.expertIDs[0..<4]) == [2, 6, 7, 0])
+        #expect(Array(r.expertIDs[0..<4]) == [2, 6, 7, 3])
         #expect(Array(r.expertIDs[4..<8]) == [1, 4, 5, -1])
 
-        let s0 = [2, 6, 7, 0].map { Self.sigmoid(l0[$0]) }
+        let s0 = [2, 6, 7, 3].map { Self.sigmoid(l0[$0]) }
         let s1 = [1, 4, 5].map { Self.sigmoid(l1[$0]) }
         let expected = s0.map { $0 / s0.reduce(0, +) * 2.5 } + s1.map { $0 / s1.reduce(0, +) * 2.5 } + [0]
         for (w, e) in zip(r.weights, expected) { #expect(abs(Double(w) - e) < 1e-6) }

@@ -4,8 +4,8 @@
 /// - `.softmax`: p = softmax(x·Wgᵀ) over all experts, then top-k of p (Mixtral, Qwen-MoE, FlashDMoE).
 /// - `.sigmoid`: s = sigmoid(x·Wgᵀ); experts are chosen by s + bias inside the `groupsKept` best groups, where a
 ///   group's score is the sum of its two best biased scores; the weights are the unbiased s of the chosen experts
-///   (DeepSeek-V3, exactly as transformers' `DeepseekV3TopkRouter`, including its masking of experts outside the
-///   kept groups with 0.0).
+///   (DeepSeek-V3, as transformers 5.x's `DeepseekV3TopkRouter`: experts outside the kept groups are masked with
+///   −∞, so they are never chosen).
 ///
 /// After selection the k weights are optionally divided by their sum (`renormalize`; the sigmoid router adds 1e-20
 /// to the sum as transformers does) and multiplied by `scalingFactor`.

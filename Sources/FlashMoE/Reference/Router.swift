@@ -13,8 +13,9 @@
 ///    choice score c[e] = s[e] + bias[e] (bias = the selection bias, or 0). With G = `groups` > 1, the groups are
 ///    contiguous blocks of E/G experts; a group's score is the sum of its best min(2, eligible in the group)
 ///    choice scores (best + second), or −∞ with none eligible; the `groupsKept` best groups are kept (ties to the
-///    lower group index) and every expert outside them gets choice score **0.0** — transformers masks with 0.0,
-///    not −∞, so those experts stay candidates and win over eligible experts whose biased score is negative.
+///    lower group index) and experts outside them are no longer candidates (transformers 5.x masks them with −∞;
+///    older releases and DeepSeek's reference code used 0.0, which differs only when a biased choice score is
+///    negative).
 ///    Selection: k rounds of arg-max of c over the eligible, not-yet-chosen experts, ties to the lower index; the
 ///    weight is s (unbiased) of the chosen expert.
 /// 4. **Unrouted ranks.** With fewer than k eligible experts, the remaining ranks get id −1, weight 0, slot −1.

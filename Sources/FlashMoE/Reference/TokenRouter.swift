@@ -33,7 +33,7 @@ struct TokenRouter<T: RouterScalar> {
     private var chosen: [Bool]
     /// Softmax: probabilities. Sigmoid: the unbiased scores s.
     private var prob: [T]
-    /// Sigmoid only: the choice scores s + bias (0 outside the kept groups).
+    /// Sigmoid only: the choice scores s + bias.
     private var choice: [T]
     private var groupScore: [T]
     private var groupKept: [Bool]
@@ -132,9 +132,10 @@ struct TokenRouter<T: RouterScalar> {
                 }
                 groupKept[best] = true
             }
-            // transformers masks the other groups with 0.0, not −∞: their experts stay candidates.
+            // Experts outside the kept groups are no longer candidates (transformers 5.x masks them with −∞):
+            // marking them chosen takes them out of every arg-max below.
             for g in 0..<groups where !groupKept[g] {
-                for e in g * size..<(g + 1) * size { choice[e] = 0 }
+                for e in g * size..<(g + 1) * size { chosen[e] = true }
             }
         }
         choice.withUnsafeBufferPointer { c in
