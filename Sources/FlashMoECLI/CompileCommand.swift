@@ -14,6 +14,9 @@ struct CompileCommand: ParsableCommand {
     @Option(help: "A preset whose kernels to compile (repeatable; default: every preset).")
     var preset: [String] = []
 
+    @Option(help: "Comma-separated precisions to compile each preset in.")
+    var precision = "fp32,tf32,bf16,fp16"
+
     @Flag(help: "Keep line information for profilers (-lineinfo).")
     var lineinfo = false
 
@@ -24,6 +27,20 @@ struct CompileCommand: ParsableCommand {
         let environment = ProcessEnvironment.current()
         let archs = try GPUArchitecture.parseList(arch)
         let presets = try preset.isEmpty ? Preset.all : preset.map { name throws(MoEError) in try Preset.named(name) }
+        let precisions = try precision.split(separator: ",").map { name throws(MoEError) -> Precision in
+            let trimmed = String(name.filter { !$0.isWhitespace })
+            guard let p = Precision(rawValue: trimmed) else {
+                throw MoEError(.invalidConfig, "unknown precision '\(trimmed)': choose from fp32, tf32, bf16, fp16")
+            }
+            return p
+        }
+        let configs = presets.flatMap { p in
+            precisions.map { precision in
+                var c = p.config
+                c.precision = precision
+                return c
+            }
+        }
         let nvrtc = try NVRTC.shared.get()
         let compiler =
             noCache
@@ -31,7 +48,7 @@ struct CompileCommand: ParsableCommand {
         print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor) (\(nvrtc.path)); cache: "
             + (compiler.cache?.directory ?? compiler.cacheDisabledReason))
         let ok = CompileReport.run(
-            specs: KernelCatalog.specializations(for: presets.map(\.config)), archs: archs, compiler: compiler,
+            specs: KernelCatalog.specializations(for: configs), archs: archs, compiler: compiler,
             sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) }
         if !ok { throw ExitCode.failure }
     }

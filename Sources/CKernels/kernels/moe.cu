@@ -35,6 +35,13 @@
 // FMOE_SCALE, FMOE_SHARED_I (0 = no shared expert), FMOE_SHARED_GATED, FMOE_STAGES, FMOE_WGMMA (sm_90a: Hopper
 // warpgroup MMA instead of mma.sync), FMOE_INJECT_FAULT (test builds), FMOE_STOP_AFTER (timing builds: 1 skips
 // placement and the experts, 2 skips the experts; they keep every counter consistent but produce no output).
+#ifndef FMOE_WGMMA  // default: wgmma where the target has it (sm_90a), mma.sync elsewhere
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FMOE_WGMMA 1
+#else
+#define FMOE_WGMMA 0
+#endif
+#endif
 #ifndef FMOE_STOP_AFTER
 #define FMOE_STOP_AFTER 0
 #endif

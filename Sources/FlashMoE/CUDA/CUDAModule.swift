@@ -170,14 +170,18 @@ public final class CUDAFunction: @unchecked Sendable {
     }
 
     /// Queues the kernel as a cooperative launch: all `grid` blocks are co-resident (grid-wide barriers are safe)
-    /// or the launch fails. Size `grid` with `cooperativeGridLimit`.
+    /// or the launch fails. Size `grid` with `cooperativeGridLimit`; pass `gridSizedByCaller` when it was, to skip
+    /// the occupancy query on a hot path (the driver still refuses a grid that cannot be co-resident).
     public func launchCooperative(
-        grid: Dim3, block: Dim3, sharedBytes: Int = 0, stream: CUDAStream? = nil, arguments: [KernelArgument]
+        grid: Dim3, block: Dim3, sharedBytes: Int = 0, stream: CUDAStream? = nil, arguments: [KernelArgument],
+        gridSizedByCaller: Bool = false
     ) throws(CUDAError) {
         guard device.properties.cooperativeLaunch else {
             throw .invalidArgument("\(device.properties.name) does not support cooperative launches")
         }
-        let limit = try cooperativeGridLimit(blockSize: block.total, dynamicSharedBytes: sharedBytes)
+        let limit =
+            gridSizedByCaller
+            ? grid.total : try cooperativeGridLimit(blockSize: block.total, dynamicSharedBytes: sharedBytes)
         guard grid.total <= limit else {
             throw .invalidArgument(
                 "a cooperative launch of \(name) can have at most \(limit) blocks of \(block.total) threads on "

@@ -16,6 +16,12 @@ public struct KernelArgument: Sendable, Hashable, CustomStringConvertible {
         alignment = MemoryLayout<T>.alignment
     }
 
+    /// Raw bytes with an explicit alignment: a C struct assembled field by field.
+    public init(rawBytes: [UInt8], alignment: Int) {
+        bytes = rawBytes
+        self.alignment = alignment
+    }
+
     /// A C `int`.
     public static func int32(_ value: Int32) -> Self { Self(bytesOf: value) }
     /// A C `unsigned int`.

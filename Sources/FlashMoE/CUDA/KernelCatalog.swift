@@ -30,10 +30,10 @@ public enum KernelCatalog {
     /// The specializations `config` needs. The self-test kernel is always first: the canary that shows NVRTC and
     /// the driver work before any MoE kernel is built.
     ///
-    /// The fused MoE kernel registers here: one `KernelSpec` per (precision, FFN, activation, router, tile shape)
-    /// it specializes on, with the shapes as defines.
+    /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
+    /// router. A config the GPU kernel does not support (see `FusedSpecialization`) contributes no MoE kernel.
     public static func specializations(for config: MoEConfig) -> [KernelSpec] {
-        [selfTest]
+        [selfTest] + ((try? FusedSpecialization(config: config)).map { [$0.kernelSpec] } ?? [])
     }
 
     /// The union of the specializations of `configs`, each once, in first-seen order.

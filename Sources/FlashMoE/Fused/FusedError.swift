@@ -1,0 +1,51 @@
+/// What the fused kernel reports when it gives up instead of hanging.
+///
+/// Every wait in the kernel has a time budget; when one expires the kernel records what it waited for, raises an
+/// abort flag that makes every other block leave, and the host turns the record into this error.
+public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// Where the wait was.
+    public enum Phase: UInt32, Sendable, Hashable {
+        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5
+
+        var what: String {
+            switch self {
+            case .scan: "the routing scan to be published"
+            case .barrier: "the grid barrier after placement"
+            case .task: "a GEMM1 row block to be published"
+            case .dispatch: "a peer's dispatch flag"
+            case .returnFlag: "a peer's returned results"
+            }
+        }
+    }
+
+    /// The phase, when the kernel named a known one.
+    public let phase: Phase?
+    /// Which flag: the barrier number, the ring position, the (source, expert) pair…
+    public let index: Int
+    /// The rank whose wait expired (0 on one GPU).
+    public let rank: Int
+    /// The value waited for and the last value seen (epoch-tagged flags carry the epoch in the high 32 bits).
+    public let expected: UInt64
+    public let seen: UInt64
+    /// The raw error code (1 = a wait expired).
+    public let code: UInt32
+
+    public var description: String {
+        let what = phase?.what ?? "phase \(phase?.rawValue ?? 0)"
+        let epoch = expected >> 32 != 0 ? " (epoch \(expected >> 32), last seen epoch \(seen >> 32))" : ""
+        return "the fused kernel gave up waiting for \(what): index \(index), rank \(rank), expected \(expected), "
+            + "saw \(seen)\(epoch). The GPU was not left hanging; this is a protocol bug or an injected fault."
+    }
+
+    /// Decodes the kernel's 40-byte error record (`ErrorRecord` in sync.cuh); nil when it holds no error.
+    static func decode(_ bytes: [UInt8]) -> FusedKernelError? {
+        func u32(_ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(bytes[o + $1]) << (8 * $1) } }
+        func u64(_ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(bytes[o + $1]) << (8 * $1) } }
+        guard bytes.count >= 40 else { return nil }
+        let code = u32(0)
+        guard code != 0 else { return nil }
+        return FusedKernelError(
+            phase: Phase(rawValue: u32(4)), index: Int(u32(8)), rank: Int(u32(12)), expected: u64(16),
+            seen: u64(24), code: code)
+    }
+}

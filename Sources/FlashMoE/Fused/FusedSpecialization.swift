@@ -1,0 +1,99 @@
+/// The compile-time constants the fused kernel (`moe.cu`) is specialised on, derived from a layer's config.
+///
+/// Shapes, precision, FFN, activation, router and shared expert are baked in by NVRTC as `-D` defines, so every
+/// loop bound is a constant; the token count and the capacity are launch arguments, so a new S never recompiles.
+/// The tile engine follows the architecture: wgmma (128×256 tiles) where the cubin targets `sm_90a`, mma.sync
+/// (128×128) elsewhere, exact FFMA in fp32 mode; the kernel picks it from the target's feature macro.
+public struct FusedSpecialization: Sendable, Hashable {
+    /// The layer configuration.
+    public let config: MoEConfig
+    /// Pipeline stages of the shared-memory ring.
+    public let stages: Int
+    /// Test builds only: never publish row block 0, so a GEMM1 wait must expire (exercises the bounded waits).
+    public let injectFault: Bool
+    /// Timing builds only: 1 stops after routing, 2 after placement (no valid output).
+    public let stopAfterPhase: Int
+
+    /// The kernel's entry point.
+    public static let kernelName = "fmoe_forward"
+    /// The kernel file.
+    public static let file = "moe.cu"
+
+    /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
+    public init(config: MoEConfig, stages: Int = 4, injectFault: Bool = false, stopAfterPhase: Int = 0)
+        throws(MoEError)
+    {
+        try config.validate()
+        func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
+        guard config.hiddenSize % 8 == 0 else {
+            throw fail("the GPU kernel needs H to be a multiple of 8 (16-byte rows); got H = \(config.hiddenSize)")
+        }
+        guard config.intermediateSize % 8 == 0 else {
+            throw fail("the GPU kernel needs I to be a multiple of 8; got I = \(config.intermediateSize)")
+        }
+        if let s = config.sharedExpert, s.intermediateSize % 8 != 0 {
+            throw fail("the GPU kernel needs the shared expert's I to be a multiple of 8; got \(s.intermediateSize)")
+        }
+        guard config.experts <= 512 else {
+            throw fail("the GPU kernel supports up to 512 experts; got E = \(config.experts)")
+        }
+        guard config.topK <= 16 else { throw fail("the GPU kernel supports top-k up to 16; got k = \(config.topK)") }
+        guard config.router.groups <= 128 else {
+            throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
+        }
+        guard (3...6).contains(stages) else { throw fail("pipeline stages must be 3 to 6; got \(stages)") }
+        self.config = config
+        self.stages = stages
+        self.injectFault = injectFault
+        self.stopAfterPhase = stopAfterPhase
+    }
+
+    /// The `-D` defines of this specialisation.
+    public var defines: [String: String] {
+        let c = config
+        let precision: Int
+        switch c.precision {
+        case .fp32: precision = 0
+        case .tf32: precision = 1
+        case .bf16: precision = 2
+        case .fp16: precision = 3
+        }
+        let activation: Int
+        switch c.activation {
+        case .relu: activation = 0
+        case .gelu: activation = 1
+        case .geluTanh: activation = 2
+        case .silu: activation = 3
+        }
+        var d: [String: String] = [
+            "FMOE_H": "\(c.hiddenSize)", "FMOE_I": "\(c.intermediateSize)", "FMOE_E": "\(c.experts)",
+            "FMOE_K": "\(c.topK)", "FMOE_PREC": "\(precision)", "FMOE_ACT": "\(activation)",
+            "FMOE_GATED": c.ffn == .gated ? "1" : "0", "FMOE_BIAS": c.bias ? "1" : "0",
+            "FMOE_SCORING": c.router.scoring == .softmax ? "0" : "1", "FMOE_GROUPS": "\(c.router.groups)",
+            "FMOE_GROUPS_KEPT": "\(c.router.groupsKept)", "FMOE_RENORM": c.router.renormalize ? "1" : "0",
+            // The exact float: 9 significant digits round-trip any Float.
+            "FMOE_SCALE": Self.floatLiteral(c.router.scalingFactor),
+            "FMOE_SHARED_I": "\(c.sharedExpert?.intermediateSize ?? 0)",
+            "FMOE_SHARED_GATED": c.sharedExpert?.gated == true ? "1" : "0",
+            "FMOE_STAGES": "\(stages)",
+        ]
+        if injectFault { d["FMOE_INJECT_FAULT"] = "1" }
+        if stopAfterPhase != 0 { d["FMOE_STOP_AFTER"] = "\(stopAfterPhase)" }
+        return d
+    }
+
+    /// The catalog entry `flashmoe compile` and the operator build.
+    public var kernelSpec: KernelSpec {
+        KernelSpec(file: Self.file, defines: defines, kernels: [Self.kernelName])
+    }
+
+    /// Router rows in the kernel: E, plus one for the shared expert's sigmoid gate.
+    public var routerRows: Int { config.experts + (config.sharedExpert?.gated == true ? 1 : 0) }
+
+    static func floatLiteral(_ v: Float) -> String {
+        // Swift prints the shortest representation that round-trips; the C parser reads it back exactly.
+        var s = "\(v)"
+        if !s.contains(".") && !s.contains("e") && !s.contains("inf") && !s.contains("nan") { s += ".0" }
+        return "(" + s + "f)"
+    }
+}

@@ -1,0 +1,159 @@
+import ArgumentParser
+import Dispatch
+import FlashMoE
+import Synchronization
+
+/// `flashmoe verify`: the fused GPU operator against the CPU oracle on fresh random inputs, output poisoned before
+/// every launch: every preset at small token counts plus the edge cases (see `Verifier.standardCases`), then the
+/// bounded-wait check (a test build that skips a publication must end in a typed error, not a hang).
+struct VerifyCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check the GPU operator against the CPU oracle (exits non-zero on any failure).")
+
+    @Option(help: "CUDA device ordinal.")
+    var device = 0
+
+    @Option(help: "Seed of the random weights and inputs (each case derives its own).")
+    var seed: UInt64 = 1
+
+    @Option(help: "Run only the cases whose name contains this text.")
+    var filter: String?
+
+    @Flag(help: "Skip the bounded-wait check with the fault-injection build.")
+    var skipFaultCheck = false
+
+    func run() throws {
+        var cases = Verifier.standardCases(seed: seed)
+        if let filter { cases = cases.filter { $0.name.contains(filter) } }
+        let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
+        print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
+            + "\(gpu.properties.architecture)")
+        try Self.precompile(cases.map(\.config), arch: gpu.properties.architecture)
+
+        print(VerifyTable.header)
+        var failures = 0
+        for c in cases {
+            do {
+                let r = try Verifier.run(c) { layer in
+                    try FusedMoE(layer: layer, options: FusedOptions(deviceOrdinal: device, poisonOutput: true))
+                }
+                if !r.passed { failures += 1 }
+                print(VerifyTable.row(r))
+            } catch {
+                failures += 1
+                print(VerifyTable.errorRow(c, error))
+            }
+        }
+        if !skipFaultCheck {
+            let (ok, line) = Self.faultCheck(device: device)
+            if !ok { failures += 1 }
+            print(line)
+        }
+        print(failures == 0 ? "all \(cases.count) cases passed" : "\(failures) FAILED")
+        if failures > 0 { throw ExitCode.failure }
+    }
+
+    /// Compiles every specialisation the cases need, in parallel, into the cubin cache, so the cases only load.
+    static func precompile(_ configs: [MoEConfig], arch: GPUArchitecture) throws {
+        let environment = ProcessEnvironment.current()
+        let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
+        let sources = KernelSources.current(environment: environment)
+        var unique: [KernelSpec] = []
+        for c in configs {
+            if let spec = try? FusedSpecialization(config: c).kernelSpec, !unique.contains(spec) { unique.append(spec) }
+        }
+        let specs = unique
+        let failures = Mutex<[String]>([])
+        let clock = ContinuousClock()
+        let start = clock.now
+        DispatchQueue.concurrentPerform(iterations: specs.count) { i in
+            do {
+                _ = try compiler.compile(specs[i], arch: arch, sources: sources)
+            } catch {
+                failures.withLock { $0.append("\(specs[i]): \(error)") }
+            }
+        }
+        let failed = failures.withLock { $0 }
+        print("compiled \(specs.count) kernel specialisations for \(arch) in "
+            + "\(Int((clock.now - start).milliseconds)) ms (cached ones load instantly)")
+        if let first = failed.first { throw CUDAError.invalidArgument("kernel compilation failed: \(first)") }
+    }
+
+    /// A build that never publishes GEMM1 row block 0 must end in a `FusedKernelError` naming the wait; then a
+    /// normal operator on the same device must still run (the GPU was not left hanging).
+    static func faultCheck(device: Int) -> (Bool, String) {
+        do {
+            let config = MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 4, topK: 2, precision: .bf16)
+            let c = VerificationCase(name: "fault", config: config, tokens: 64, seed: 7)
+            let (layer, x) = try Verifier.makeProblem(c)
+            let faulty = try FusedMoE(
+                layer: layer,
+                options: FusedOptions(deviceOrdinal: device, waitBudget: .milliseconds(200), injectFault: true))
+            let clock = ContinuousClock()
+            let start = clock.now
+            do {
+                _ = try faulty.forward(x)
+                return (false, "FAIL bounded wait: the fault-injection build finished without an error")
+            } catch let error as FusedKernelError {
+                let elapsed = (clock.now - start).milliseconds
+                let healthy = try FusedMoE(layer: layer, options: FusedOptions(deviceOrdinal: device))
+                _ = try healthy.forward(x)
+                let ok = error.phase == .task
+                return (ok, "\(ok ? "PASS" : "FAIL") bounded wait: typed error after \(Int(elapsed)) ms: \(error); "
+                    + "a normal launch afterwards ran")
+            }
+        } catch {
+            return (false, "FAIL bounded wait: \(error)")
+        }
+    }
+}
+
+/// The table `flashmoe verify` prints.
+enum VerifyTable {
+    static let header =
+        "result case                              prec  E    k  H     I      S     rel.err   tol      routing  dropped   "
+        + "slots bits  gpu ms"
+
+    static func row(_ r: VerificationResult) -> String {
+        let c = r.verificationCase, cfg = c.config
+        var line = (r.passed ? "PASS  " : "FAIL  ") + pad(c.name, 34) + pad(cfg.precision.rawValue, 6)
+        line += pad("\(cfg.experts)", 5) + pad("\(cfg.topK)", 3) + pad("\(cfg.hiddenSize)", 6)
+        line += pad("\(cfg.intermediateSize)", 7) + pad("\(c.tokens)", 6)
+        line += pad(sci(r.relativeError), 10) + pad(sci(r.tolerance), 9)
+        line += pad(r.routingMismatches == 0 ? "same" : "\(r.routingMismatches)(\(r.nearTies) ties)", 9)
+        line += pad("\(r.droppedGPU)/\(r.droppedOracle)", 10) + pad(r.slotsIdentical ? "same" : "diff", 6)
+        line += pad(r.bitwiseReproducible ? "same" : "diff", 6) + fixed(r.gpuMilliseconds)
+        if let f = r.failure { line += "  ← \(f)" }
+        return line
+    }
+
+    static func errorRow(_ c: VerificationCase, _ error: any Error) -> String {
+        "FAIL  " + pad(c.name, 34) + pad(c.config.precision.rawValue, 6) + "error: \(error)"
+    }
+
+    static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+
+    static func sci(_ v: Double) -> String {
+        guard v.isFinite else { return "\(v)" }
+        guard v != 0 else { return "0" }
+        let e = Int((log10(abs(v))).rounded(.down))
+        let m = v / pow(10, Double(e))
+        return "\(fixed(m, digits: 2))e\(e)"
+    }
+
+    static func fixed(_ v: Double, digits: Int = 1) -> String {
+        let scale = pow(10, Double(digits))
+        let r = (v * scale).rounded() / scale
+        var s = "\(r)"
+        if let dot = s.firstIndex(of: ".") {
+            let decimals = s.distance(from: dot, to: s.endIndex) - 1
+            if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
+        }
+        return s
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

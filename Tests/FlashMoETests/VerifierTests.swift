@@ -1,0 +1,78 @@
+import Testing
+@testable import FlashMoE
+
+/// The verifier's own logic, with the fast CPU backend standing in for the GPU: it must pass a correct backend
+/// and catch a wrong one (so `flashmoe verify` cannot pass by construction).
+@Suite struct VerifierTests {
+    /// The small edge cases of the standard suite (the presets are too large for a unit test).
+    static let smallCases = Verifier.standardCases(seed: 3).filter {
+        $0.config.hiddenSize <= 256 && $0.config.experts <= 64 && $0.config.precision != .tf32
+    }
+
+    @Test func theSuiteCoversTheEdgeCases() {
+        let all = Verifier.standardCases()
+        #expect(all.contains { $0.tokens == 0 })
+        #expect(all.contains { $0.tokens == 1 })
+        #expect(all.contains { $0.tokens == 129 })
+        #expect(all.contains { $0.forcedExpert != nil })
+        #expect(all.contains { $0.config.topK == $0.config.experts })
+        #expect(all.contains { if case .factor = $0.config.capacity { true } else { false } })
+        #expect(Set(all.map(\.config.precision)) == Set(Precision.allCases))
+        #expect(Set(all.map(\.config.activation)) == Set(Activation.allCases))
+        for p in Preset.all { #expect(all.contains { $0.name == p.name }) }
+    }
+
+    @Test(arguments: smallCases)
+    func aCorrectBackendPasses(_ c: VerificationCase) throws {
+        let r = try Verifier.run(c) { try CPUBackend(layer: $0, mode: .fast) }
+        #expect(r.passed, "\(c.name): \(r.failure ?? "")")
+    }
+
+    @Test func aWrongOutputFails() throws {
+        let c = Self.smallCases.first { $0.tokens > 10 }!
+        let r = try Verifier.run(c) { Perturbed(inner: try CPUBackend(layer: $0, mode: .fast), scale: 1.01) }
+        #expect(!r.passed)
+    }
+
+    @Test func anUnwrittenOutputFails() throws {
+        let c = Self.smallCases.first { $0.tokens > 10 }!
+        let r = try Verifier.run(c) { Perturbed(inner: try CPUBackend(layer: $0, mode: .fast), scale: .nan) }
+        #expect(!r.passed)
+        #expect(r.relativeError.isNaN)
+    }
+
+    @Test func aDifferentRoutingFails() throws {
+        let c = Self.smallCases.first { $0.tokens > 10 && $0.config.topK > 1 }!
+        let r = try Verifier.run(c) { SwappedRanks(inner: try CPUBackend(layer: $0, mode: .fast)) }
+        #expect(!r.passed)
+        #expect(r.routingMismatches > 0)
+    }
+}
+
+/// Multiplies every output element (a wrong result; NaN models an element the kernel never wrote).
+private struct Perturbed: MoEBackend {
+    let inner: CPUBackend
+    let scale: Float
+    var name: String { "perturbed" }
+    var layer: MoELayer { inner.layer }
+    func forward(_ input: HostTensor) throws -> MoEOutput {
+        var out = try inner.forward(input)
+        out.output = try HostTensor(shape: out.output.shape, float32: out.output.floats().map { $0 * scale })
+        return out
+    }
+}
+
+/// Reverses every token's ranks (the same experts, the wrong order).
+private struct SwappedRanks: MoEBackend {
+    let inner: CPUBackend
+    var name: String { "swapped" }
+    var layer: MoELayer { inner.layer }
+    func forward(_ input: HostTensor) throws -> MoEOutput {
+        var out = try inner.forward(input)
+        let k = out.routing.topK
+        for t in 0..<out.routing.tokens {
+            out.routing.expertIDs[t * k..<(t + 1) * k].reverse()
+        }
+        return out
+    }
+}
