@@ -214,7 +214,7 @@ class Runner:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.grid = occ * sms
         self.epoch = 0
-        self.sync = torch.zeros(64, dtype=torch.uint8, device='cuda')
+        self.sync = torch.zeros(256, dtype=torch.uint8, device='cuda')
         self.err = torch.zeros(48, dtype=torch.uint8, device='cuda')
         self.ring = None
         self.max_tokens = max_tokens
@@ -236,10 +236,11 @@ class Runner:
         f32 = lambda n: torch.zeros(max(n, 1), dtype=torch.float32, device='cuda')
         dt = DT[c.prec]
         self.ws = dict(
-            logits=f32(S * EG), rank=i32(S * c.K), sgate=f32(S), tile_done=i32(tiles), counts=i32(tiles * c.E),
+            logits=f32(S * EG), logits_part=f32(4 * min(S, 128 * self.grid) * EG), rank=i32(S * c.K), sgate=f32(S), tile_done=i32(tiles), counts=i32(tiles * c.E),
             base=i32(tiles * c.E), load=i32(c.E), row_start=i32(c.E + 2), rb_start=i32(c.E + 2), t0=i32(c.E + 2),
             row_token=i32(R), target=i32(S), pending=i32(S), done0=i32(RB), done1=i32(RB),
             ring=torch.zeros(RB, dtype=torch.int64, device='cuda'),
+            clist=torch.zeros(max(S, 1), dtype=torch.int64, device='cuda'),
             hbuf=torch.zeros(max(R * c.I, 1), dtype=dt, device='cuda'),
             hs=torch.zeros(max(S * max(c.shared_i, 1), 1), dtype=dt, device='cuda'),
             ybuf=f32(R * c.H), ys=f32(S * c.H if c.shared_i else 1),
@@ -249,12 +250,12 @@ class Runner:
         w = self.ws
         ptr = lambda t: 0 if t is None else t.data_ptr()
         ptrs = [x, L.wg, L.sel_bias, L.w1p, L.w2k, L.b1, L.b2, L.ws1p if self.c.shared_i else None,
-                L.ws2k if self.c.shared_i else None, y, w['ids'], w['wts'], w['slot'], w['logits'], w['rank'],
+                L.ws2k if self.c.shared_i else None, y, w['ids'], w['wts'], w['slot'], w['logits'], w['logits_part'], w['rank'],
                 w['sgate'], w['tile_done'], w['counts'], w['base'], w['load'], w['row_start'], w['rb_start'],
-                w['t0'], w['row_token'], w['target'], w['pending'], w['done0'], w['done1'], w['ring'], w['hbuf'],
+                w['t0'], w['row_token'], w['target'], w['pending'], w['done0'], w['done1'], w['ring'], w['clist'], w['hbuf'],
                 w['hs'], w['ybuf'], w['ys'], self.sync, self.err]
         self.epoch += 1
-        blob = struct.pack('<35Q', *[ptr(t) for t in ptrs]) + struct.pack('<iiQQ', x.shape[0], capacity, self.epoch, budget_ns)
+        blob = struct.pack('<37Q', *[ptr(t) for t in ptrs]) + struct.pack('<iiQQ', x.shape[0], capacity, self.epoch, budget_ns)
         return blob
 
     def launch(self, L, x, y, capacity=2**31 - 1, stream=0):
@@ -317,6 +318,12 @@ def bench(name, c, S, iters=20):
     err = r.error()
     ts.sort()
     med = ts[len(ts) // 2]
+    if (c.extra or {}).get('FMOE_TIMING'):
+        st = struct.unpack('<16Q', r.sync.cpu().numpy().tobytes()[8:8 + 128])
+        names = ['start', 'gate loop left', 'scan seen', 'placed', 'barrier passed', 'end', 'scan start', 'scan end',
+                 'route tile0 start', 'route tile0 end']
+        print('  TIMING (us from start, last launch): ' + ', '.join(
+            f'{n}={(st[i] - st[0]) / 1000:.1f}' for i, n in enumerate(names) if st[i]), flush=True)
     flops = 2 * S * c.H * c.E + 2 * S * c.K * c.H * c.I * (3 if c.gated else 2) + (2 * S * c.H * c.shared_i * (3 if c.gated else 2))
     print(f'BENCH {name:30s} S={S:5d} median {med:.3f} ms  {flops / med / 1e9:.1f} TFLOP/s  grid={r.grid} err={err}', flush=True)
 
@@ -325,6 +332,7 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--bench', action='store_true')
     ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--bench-only', action='store_true')
     a = ap.parse_args()
     torch.manual_seed(0)
     results = []
@@ -346,6 +354,7 @@ if __name__ == '__main__':
         ('I not multiple of 64 tf32', Cfg(136, 200, 8, 2, 'tf32', 'silu', gated=True), 333),
     ]
     if a.quick: checks = checks[:1]
+    if a.bench_only: checks = []
     for item in checks:
         n, c, S = item[:3]
         cf = item[3] if len(item) > 3 else None
@@ -361,10 +370,11 @@ if __name__ == '__main__':
                         ('paper-e32 bf16', Cfg(2048, 2048, 32, 2, 'bf16'), 8192),
                         ('qwen3 bf16', Cfg(2048, 768, 128, 8, 'bf16', 'silu', gated=True), 4096),
                         ('qwen3 decode bf16', Cfg(2048, 768, 128, 8, 'bf16', 'silu', gated=True), 64),
-                        ('paper-e64 bf16 stop after gate', Cfg(2048, 2048, 64, 2, 'bf16', extra=dict(FMOE_STOP_AFTER=1)), 8192),
-                        ('paper-e64 bf16 stop after place', Cfg(2048, 2048, 64, 2, 'bf16', extra=dict(FMOE_STOP_AFTER=2)), 8192),
-                        ('paper-e64 bf16 3 stages', Cfg(2048, 2048, 64, 2, 'bf16', stages=3), 8192),
-                        ('qwen3 bf16 stop after place', Cfg(2048, 768, 128, 8, 'bf16', 'silu', gated=True, extra=dict(FMOE_STOP_AFTER=2)), 4096),
+                        ('paper-e64 bf16 timing', Cfg(2048, 2048, 64, 2, 'bf16', extra=dict(FMOE_TIMING=1)), 8192),
+                        ('paper-e64 tf32 timing', Cfg(2048, 2048, 64, 2, 'tf32', extra=dict(FMOE_TIMING=1)), 8192),
+                        ('qwen3 bf16 timing', Cfg(2048, 768, 128, 8, 'bf16', 'silu', gated=True, extra=dict(FMOE_TIMING=1)), 4096),
+                        ('qwen3 decode timing', Cfg(2048, 768, 128, 8, 'bf16', 'silu', gated=True, extra=dict(FMOE_TIMING=1)), 64),
+                        ('mixtral bf16 timing', Cfg(4096, 14336, 8, 2, 'bf16', 'silu', gated=True, extra=dict(FMOE_TIMING=1)), 4096),
                         ('mixtral bf16', Cfg(4096, 14336, 8, 2, 'bf16', 'silu', gated=True), 4096),
                         ('deepseek-v3 bf16', Cfg(7168, 2048, 256, 8, 'bf16', 'silu', gated=True, scoring='sigmoid', groups=8, kept=4, scale=2.5, shared_i=2048), 4096),
                         ('deepseek-v3 decode bf16', Cfg(7168, 2048, 256, 8, 'bf16', 'silu', gated=True, scoring='sigmoid', groups=8, kept=4, scale=2.5, shared_i=2048), 64)]:

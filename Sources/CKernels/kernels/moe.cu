@@ -42,6 +42,9 @@
 #define FMOE_WGMMA 0
 #endif
 #endif
+#ifndef FMOE_TIMING
+#define FMOE_TIMING 0
+#endif
 #ifndef FMOE_STOP_AFTER
 #define FMOE_STOP_AFTER 0
 #endif
@@ -100,20 +103,30 @@ constexpr int N0 = n0_cols(I), N0S = n0_cols(IS > 0 ? IS : 1);
 constexpr int NT0 = (N0 + EBN - 1) / EBN, NT0S = (N0S + EBN - 1) / EBN;
 constexpr int NT1 = (H + EBN - 1) / EBN;
 constexpr int NTE = (EG + GBN - 1) / GBN;
-constexpr int RING_GROUP = 8;  // GEMM1 row blocks scheduled together (see expert_phase)
+constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see expert_phase)
+constexpr int GATE_KSPLIT_MAX = 4;  // the gate's K is split at most this many ways
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
 constexpr int DYNAMIC_SMEM = cmax(cmax(STAGES * stage_bytes<EBN>(), STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
+// Tokens whose logits route_tile stages in shared memory at once: what fits beside the masks and ids (a multiple
+// of 32, at most a tile).
+constexpr int ROUTE_CHUNK_FIT = ((DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4)) / 32 * 32;
+constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT > BT ? BT : ROUTE_CHUNK_FIT;
+static_assert(ROUTE_CHUNK >= 32, "route_tile needs room for at least 32 rows of logits");
 constexpr int XS = E + 1;  // task-space experts: E routed + the shared one (empty when absent)
 
 struct Sync {
     u64 barrier;     // grid barrier counter (monotone)
+    u64 stamps[16];  // FMOE_TIMING builds: %globaltimer at phase boundaries (see stamp())
     u64 scan_done;   // = epoch once the routing scan of this launch is published
     int gate_ticket; // phase 1 task counter
     int tiles_done;  // routed token tiles
     int ticket;      // phase 3 task counter
     int ring_tail;   // published GEMM1 row blocks
+    int list_tail;   // tokens pushed to the combine list
+    int combine_ticket;  // combine list positions claimed
+    int tiles1_done; // GEMM1 tiles whose completion (and pushes) are finished
 };
 
 struct Params {
@@ -131,6 +144,7 @@ struct Params {
     float *weights;        // [S, K]
     int *slot_row;         // [S, K] global row of the pair, −1 when dropped or unrouted
     float *logits;         // [S, EG]
+    float *logits_part;    // [GATE_KSPLIT_MAX, S', EG] partial gate logits (S' = min(S, 128 · grid))
     int *rank_in_tile;     // [S, K]
     float *shared_gate;    // [S]
     int *tile_done;        // [tiles] gate tiles finished per token tile
@@ -146,6 +160,7 @@ struct Params {
     int *done0;            // [row blocks] finished GEMM0 column tiles
     int *done1;            // [row blocks] finished GEMM1 column tiles
     u64 *ring;             // [row blocks] (epoch << 32 | row block) in publication order
+    u64 *combine_list;     // [S] (epoch << 32 | token) of tokens whose contributions are all in, in push order
     T *hbuf;               // [R, I] routed intermediate
     T *hs;                 // [S, IS] shared intermediate
     float *ybuf;           // [R, H] routed expert outputs
@@ -157,6 +172,15 @@ struct Params {
     u64 epoch;             // launch number, from 1
     u64 budget_ns;         // every wait's time budget
 };
+
+// Timing builds record %globaltimer at phase boundaries (block 0, thread 0 unless noted), to place time inside the
+// one launch without profiler counters: 0 start, 1 gate loop left, 2 scan seen, 3 placed, 4 barrier passed, 5 end,
+// 6/7 scan start/end (the scanning block), 8/9 routing of tile 0 start/end (its block).
+FMOE_DEVICE void stamp(const Params &p, int i, bool any_block = false) {
+#if FMOE_TIMING
+    if (threadIdx.x == 0 && (any_block || blockIdx.x == 0)) p.sync->stamps[i] = globaltimer_ns();
+#endif
+}
 
 FMOE_DEVICE float activation(float v) {
 #if FMOE_ACT == 0
@@ -209,48 +233,62 @@ FMOE_DEVICE int find_segment(const int *table, int n, int v) {
 
 // ---- Phase 1: gate, routing, scan --------------------------------------------------------------------------------
 
-FMOE_DEVICE void route_tile(const Params &p, int tile, char *smem) {
-    typedef Router<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
+// Routes the 128 tokens of a tile (one thread per token, ThreadRouter) and records, per pair, its rank among the
+// tile's earlier tokens routed to the same expert, and per expert the tile's count. The logits are staged in shared
+// memory first (rows padded to EG + 1 floats: consecutive threads read different banks) in chunks of tokens that
+// fit: read from global memory, each thread's row would miss the small L1 that the GEMM ring leaves. With a split
+// gate, staging also sums the K-slice partials, in slice order.
+FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
+    typedef ThreadRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
     u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
     int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
-    float *scratch = (float *)(tile_ids + BT * K);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *rows = (float *)(tile_ids + BT * K);   // [ROUTE_CHUNK][EG + 1]
     for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
-    __syncthreads();
     const int t0 = tile * BT;
-    for (int lt = warp; lt < BT; lt += THREADS / 32) {
-        const int t = t0 + lt;
-        if (t >= p.tokens) break;
-        int ids[K];
-        float w[K];
-        R::route(p.logits + (size_t)t * EG, p.sel_bias, scratch + warp * (R::SCRATCH_FLOATS + 1), ids, w);
-        if (lane < K) {
-#pragma unroll
-            for (int j = 0; j < K; ++j)
-                if (j == lane) {
-                    p.ids[(size_t)t * K + j] = ids[j];
-                    p.weights[(size_t)t * K + j] = w[j];
-                    tile_ids[lt * K + j] = ids[j];
-                    if (ids[j] >= 0) atomicOr(&masks[ids[j] * 4 + (lt >> 5)], 1u << (lt & 31));
-                }
+    for (int c0 = 0; c0 < BT; c0 += ROUTE_CHUNK) {
+        __syncthreads();  // the previous chunk's rows are consumed (and the masks are cleared)
+        for (int i = threadIdx.x; i < ROUTE_CHUNK * EG; i += THREADS) {
+            const int lt = c0 + i / EG, n = i % EG, t = t0 + lt;
+            if (t >= p.tokens) continue;
+            float v;
+            if (ks_count == 1) {
+                v = p.logits[(size_t)t * EG + n];
+            } else {
+                v = 0.f;
+                for (int q = 0; q < ks_count; ++q) v += p.logits_part[((size_t)q * p.tokens + t) * EG + n];
+            }
+            rows[(i / EG) * (EG + 1) + n] = v;
         }
-        if (HAS_SHARED && lane == 0) {
-            p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-p.logits[(size_t)t * EG + E])) : 1.f;
+        __syncthreads();
+        const int lt = c0 + threadIdx.x, t = t0 + lt;
+        if (threadIdx.x < ROUTE_CHUNK && t < p.tokens) {
+            const float *l = rows + threadIdx.x * (EG + 1);
+            int ids[K];
+            float w[K];
+            R::route(l, p.sel_bias, ids, w);
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+                p.ids[(size_t)t * K + j] = ids[j];
+                p.weights[(size_t)t * K + j] = w[j];
+                tile_ids[lt * K + j] = ids[j];
+                if (ids[j] >= 0) atomicOr(&masks[ids[j] * 4 + (lt >> 5)], 1u << (lt & 31));
+            }
+            if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
         }
     }
     __syncthreads();
     // Rank of each pair among the tile's earlier tokens routed to the same expert: a popcount of the mask.
     for (int i = threadIdx.x; i < BT * K; i += THREADS) {
-        const int lt = i / K, t = t0 + lt;
-        if (t >= p.tokens) continue;
+        const int lt2 = i / K, t2 = t0 + lt2;
+        if (t2 >= p.tokens) continue;
         const int e = tile_ids[i];
         int rank = 0;
         if (e >= 0) {
             const u32 *m = masks + e * 4;
-            for (int wd = 0; wd < (lt >> 5); ++wd) rank += __popc(m[wd]);
-            rank += __popc(m[lt >> 5] & ((1u << (lt & 31)) - 1u));
+            for (int wd = 0; wd < (lt2 >> 5); ++wd) rank += __popc(m[wd]);
+            rank += __popc(m[lt2 >> 5] & ((1u << (lt2 & 31)) - 1u));
         }
-        p.rank_in_tile[(size_t)t * K + (i % K)] = rank;
+        p.rank_in_tile[(size_t)t2 * K + (i % K)] = rank;
     }
     for (int e = threadIdx.x; e < E; e += THREADS) {
         const u32 *m = masks + e * 4;
@@ -259,12 +297,24 @@ FMOE_DEVICE void route_tile(const Params &p, int tile, char *smem) {
 }
 
 // Exclusive scans that turn per-tile counts into slots, rows, row blocks and GEMM0 tickets. Run by the one CTA
-// that routed the last tile.
+// that routed the last tile. Each thread owns experts; the loads over tiles are independent (unrolled, so many
+// are in flight) and coalesced across threads.
 FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     __shared__ int kept[E];
     for (int e = threadIdx.x; e < E; e += THREADS) {
         int run = 0;
-        for (int tile = 0; tile < tiles; ++tile) {
+        int tile = 0;
+        for (; tile + 8 <= tiles; tile += 8) {
+            int c[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) c[q] = p.counts[(size_t)(tile + q) * E + e];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                p.base[(size_t)(tile + q) * E + e] = run;
+                run += c[q];
+            }
+        }
+        for (; tile < tiles; ++tile) {
             const int c = p.counts[(size_t)tile * E + e];
             p.base[(size_t)tile * E + e] = run;
             run += c;
@@ -291,47 +341,65 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     }
 }
 
+// How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid
+// when there are few token tiles; partial logits are summed in slice order by the tile's last task (deterministic).
+FMOE_DEVICE int gate_k_split(int tiles) {
+    constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
+    int ks = (int)gridDim.x / (tiles * NTE);
+    ks = ks < 1 ? 1 : (ks > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : ks);
+    return ks < KSLICES ? ks : KSLICES;
+}
+
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     __shared__ int s_task, s_last;
     const int tiles = (p.tokens + BT - 1) / BT;
-    const int tasks = tiles * NTE;
+    const int ks_count = gate_k_split(tiles);
+    constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
+    const int slices_per = (KSLICES + ks_count - 1) / ks_count;
+    const int tasks = tiles * NTE * ks_count;
     for (;;) {
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         __syncthreads();
         const int task = s_task;
         if (task >= tasks) break;
-        const int tile = task / NTE, nt = task % NTE;
+        const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
+        const int k0 = ks * slices_per * ROW_BYTES;  // this slice's first byte of K
+        const int k1 = min((ks + 1) * slices_per * ROW_BYTES, H * (int)sizeof(T));
         TileSource src;
-        src.k_bytes = H * (int)sizeof(T);
+        src.k_bytes = k1 > k0 ? k1 - k0 : 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int t = tile * BT + loader_row(i);
             src.a_valid[i] = t < p.tokens;
-            src.a[i] = (const char *)(p.x + (size_t)(src.a_valid[i] ? t : 0) * H);
+            src.a[i] = (const char *)(p.x + (size_t)(src.a_valid[i] ? t : 0) * H) + k0;
         }
 #pragma unroll
         for (int i = 0; i < GBN / 32; ++i) {
             const int n = nt * GBN + loader_row(i);
             src.b_valid[i] = n < EG;
-            src.b[i] = (const char *)(p.wg + (size_t)(src.b_valid[i] ? n : 0) * H);
+            src.b[i] = (const char *)(p.wg + (size_t)(src.b_valid[i] ? n : 0) * H) + k0;
         }
         run_tile<GateEngine>(smem, src);
         const float *c = (const float *)smem;
+        // One slice writes the logits; several write partials [slice][token][EG] for the last task to sum.
+        float *dst = ks_count == 1 ? p.logits : p.logits_part + (size_t)ks * p.tokens * EG;
         for (int i = threadIdx.x; i < BM * GBN; i += THREADS) {
             const int r = i / GBN, col = i % GBN;
             const int t = tile * BT + r, n = nt * GBN + col;
-            if (t < p.tokens && n < EG) p.logits[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
+            if (t < p.tokens && n < EG) dst[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
         }
         // Last-arriver: every thread fences its logits, then one increment decides who routes the tile.
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) {
-            s_last = atomicAdd(&p.tile_done[tile], 1) == NTE - 1;
+            s_last = atomicAdd(&p.tile_done[tile], 1) == NTE * ks_count - 1;
             if (s_last) fence_gpu();
         }
         __syncthreads();
         if (!s_last) continue;
-        route_tile(p, tile, smem);
+        if (tile == 0) stamp(p, 8, true);
+        route_tile(p, tile, ks_count, smem);
+        if (tile == 0) stamp(p, 9, true);
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -340,12 +408,15 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         }
         __syncthreads();
         if (s_last) {
+            stamp(p, 6, true);
             scan_counts(p, tiles);
+            stamp(p, 7, true);
             __threadfence();
             __syncthreads();
             if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
         }
     }
+    stamp(p, 1);
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;
     if (threadIdx.x == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);
@@ -389,6 +460,9 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
+        p.sync->list_tail = 0;
+        p.sync->combine_ticket = 0;
+        p.sync->tiles1_done = 0;
     }
 }
 
@@ -510,21 +584,56 @@ FMOE_DEVICE void combine_token(const Params &p, int t) {
     }
 }
 
-// A row block's GEMM1 is complete: count one contribution for each of its tokens; complete tokens are combined.
+// A row block's GEMM1 is complete: count one contribution for each of its tokens; a token whose last
+// contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines).
 FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
     const bool shared = x == E;
     const int rows = shared ? p.tokens : rows_of(L, x);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int r = m * BM + warp; r < rows && r < (m + 1) * BM; r += THREADS / 32) {
+    for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
         const int t = shared ? r : p.row_token[L.row_start[x] + r];
-        int last = 0;
-        if (lane == 0) {
-            fence_gpu();  // release this block's rows (and everything this CTA acquired) before counting
-            last = atomicAdd(&p.pending[t], 1) + 1 == p.target[t];
-            if (last) fence_gpu();  // acquire every other contribution's rows
+        fence_gpu();  // release this block's rows (and everything this CTA acquired) before counting
+        if (atomicAdd(&p.pending[t], 1) + 1 == p.target[t]) {
+            fence_gpu();  // acquire every other contribution's rows, then publish the token
+            const int pos = atomicAdd(&p.sync->list_tail, 1);
+            st_relaxed_u64(&p.combine_list[pos], (p.epoch << 32) | (u64)t);
         }
-        last = __shfl_sync(0xffffffffu, last, 0);
-        if (last) combine_token(p, t);
+    }
+}
+
+// Combines listed tokens until every GEMM1 tile is done and the list is exhausted. Each warp claims list positions
+// one at a time; a position not yet written is waited for (bounded) unless all GEMM1 tiles have finished and the
+// position lies past the final end of the list.
+FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
+    const int lane = threadIdx.x & 31;
+    for (;;) {
+        int pos = 0;
+        if (lane == 0) pos = atomicAdd(&p.sync->combine_ticket, 1);
+        pos = __shfl_sync(0xffffffffu, pos, 0);
+        if (pos >= p.tokens) return true;  // at most S tokens are ever listed
+        int token = -1;  // −2: nothing left
+        if (lane == 0) {
+            const u64 start = globaltimer_ns();
+            u32 spins = 0;
+            for (;;) {
+                const u64 v = ld_relaxed_u64(&p.combine_list[pos]);
+                if (v >= (p.epoch << 32)) { fence_gpu(); token = (int)(v & 0xffffffffull); break; }
+                if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
+                    fence_gpu();
+                    if (pos >= ld_relaxed_i32(&p.sync->list_tail)) { token = -2; break; }
+                    continue;  // the entry is being written
+                }
+                if (aborted(p.err)) break;
+                if ((++spins & 63u) == 0 && globaltimer_ns() - start > p.budget_ns) {
+                    report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_COMBINE, pos, 0, p.epoch << 32, v);
+                    break;
+                }
+                __nanosleep(128);
+            }
+        }
+        token = __shfl_sync(0xffffffffu, token, 0);
+        if (token == -2) return true;
+        if (token < 0) return false;
+        combine_token(p, token);
     }
 }
 
@@ -537,7 +646,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
         __syncthreads();
         const int ticket = s_ticket;
-        if (ticket >= total) return true;
+        if (ticket >= total) return drain_combines(p, rbs * NT1);
         if (ticket < t0_total) {
             // Column-tile-major within an expert: the CTAs running at once share one weight slab across all of the
             // expert's row blocks, so each slab is read from HBM about once (row-block-major re-read it per block).
@@ -595,6 +704,10 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             }
             __syncthreads();
             if (s_last) complete_row_block(p, L, x, m);
+            __syncthreads();
+            // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final
+            // end only after every tile is counted.
+            if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
         }
     }
 }
@@ -608,6 +721,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
     // wgmma's 128-byte swizzle atoms need 1024-byte aligned stages; the host adds 1 KiB of slack.
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Layout L;
+    stamp(p, 0);
     if (!gate_phase(p, smem)) return;
     for (int i = threadIdx.x; i <= XS; i += THREADS) {
         L.row_start[i] = p.row_start[i];
@@ -615,7 +729,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
         L.task0_start[i] = p.task0_start[i];
     }
     __syncthreads();
+    stamp(p, 2);
     if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
+    stamp(p, 3);
     if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
     // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
     if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -624,7 +740,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
     }
     const int tiles = (p.tokens + BT - 1) / BT;
     for (int i = blockIdx.x * THREADS + threadIdx.x; i < tiles; i += gridDim.x * THREADS) p.tile_done[i] = 0;
+    stamp(p, 4);
     if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
+    stamp(p, 5);
 }
 
 // Bytes of dynamic shared memory the kernel needs, for the host (read through cuModuleGetGlobal).

@@ -28,6 +28,7 @@ struct ErrorRecord {
 #define FMOE_PHASE_TASK 3u       // waiting for a GEMM1 row block to be published
 #define FMOE_PHASE_DISPATCH 4u   // waiting for a peer's dispatch flag
 #define FMOE_PHASE_RETURN 5u     // waiting for a peer's returned results
+#define FMOE_PHASE_COMBINE 6u    // waiting for a token to be pushed to the combine list
 
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {
     return *(volatile const u32 *)&err->abort != 0;

@@ -59,7 +59,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     private let module: CUDAModule
     private let function: CUDAFunction
     private let weights: FusedDeviceWeights
-    /// The kernel's `Sync` counters (64 bytes) and its error record (64 bytes): never reset between calls.
+    /// The kernel's `Sync` counters (first 256 bytes) and its error record (at byte 256): never reset between calls.
     private let control: DeviceBuffer<UInt8>
 
     private struct State {
@@ -70,7 +70,8 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     private let state = Mutex(State())
 
     static let threadsPerBlock = 256
-    static let controlBytes = 128
+    static let controlBytes = 512
+    static let errorRecordOffset = 256
 
     /// Builds the operator for `layer` on the device `options.deviceOrdinal`.
     ///
@@ -169,7 +170,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     private func prepare(_ st: inout State, tokens s: Int) throws -> (FusedWorkspace, DeviceBuffer<UInt8>) {
         if let ws = st.workspace, let arena = st.arena, ws.maxTokens >= s { return (ws, arena) }
         st.arena = nil  // free the old arena before allocating the larger one
-        let ws = FusedWorkspace(spec: specialization, maxTokens: s)
+        let ws = FusedWorkspace(spec: specialization, maxTokens: s, gridBlocks: gridBlocks)
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
         st.workspace = ws
@@ -204,10 +205,11 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
         let pointers: [UInt64] = [
             x, w.router.address, w.selectionBias?.address ?? 0, w.w1.address, w.w2.address,
             w.b1?.address ?? 0, w.b2?.address ?? 0, w.sharedW1?.address ?? 0, w.sharedW2?.address ?? 0,
-            at(.y), at(.ids), at(.weights), at(.slotRow), at(.logits), at(.rankInTile), at(.sharedGate),
+            at(.y), at(.ids), at(.weights), at(.slotRow), at(.logits), at(.logitsPart), at(.rankInTile), at(.sharedGate),
             at(.tileDone), at(.counts), at(.base), at(.expertLoad), at(.rowStart), at(.rbStart), at(.task0Start),
-            at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring), at(.hbuf), at(.hs),
-            at(.ybuf), at(.ys), control.address, control.address + 64,
+            at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring), at(.combineList), at(.hbuf),
+            at(.hs),
+            at(.ybuf), at(.ys), control.address, control.address + UInt64(Self.errorRecordOffset),
         ]
         var bytes: [UInt8] = []
         bytes.reserveCapacity(pointers.count * 8 + 24)
@@ -226,7 +228,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     /// Reads the error record; on an error, resets every counter (the aborted launch left them mid-protocol)
     /// and throws the decoded record.
     private func checkError(_ st: inout State) throws {
-        let record = try control.download(count: 40, from: 64)
+        let record = try control.download(count: 40, from: Self.errorRecordOffset)
         guard let error = FusedKernelError.decode(record) else { return }
         try control.fill(byte: 0)
         try st.arena?.fill(byte: 0)

@@ -7,8 +7,9 @@
 struct FusedWorkspace: Sendable {
     /// The regions, in the order the kernel's `Params` lists them.
     enum Region: Int, CaseIterable {
-        case x, y, ids, weights, slotRow, logits, rankInTile, sharedGate, tileDone, counts, base, expertLoad
-        case rowStart, rbStart, task0Start, rowToken, target, pending, done0, done1, ring, hbuf, hs, ybuf, ys
+        case x, y, ids, weights, slotRow, logits, logitsPart, rankInTile, sharedGate, tileDone, counts, base, expertLoad
+        case rowStart, rbStart, task0Start, rowToken, target, pending, done0, done1, ring, combineList, hbuf, hs, ybuf
+        case ys
     }
 
     /// The largest token count the arena holds.
@@ -20,7 +21,10 @@ struct FusedWorkspace: Sendable {
     /// Total bytes.
     let byteCount: Int
 
-    init(spec: FusedSpecialization, maxTokens s: Int) {
+    /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe.cu).
+    static let gateSplitMax = 4
+
+    init(spec: FusedSpecialization, maxTokens s: Int, gridBlocks: Int) {
         let c = spec.config
         let (h, i, e, k) = (c.hiddenSize, c.intermediateSize, c.experts, c.topK)
         let t = c.precision.storage.byteSize
@@ -35,6 +39,8 @@ struct FusedWorkspace: Sendable {
             case .y: s * h * 4
             case .ids, .weights, .slotRow, .rankInTile: s * k * 4
             case .logits: s * spec.routerRows * 4
+            // The gate splits K only while token tiles are fewer than blocks: S ≤ 128 · blocks then.
+            case .logitsPart: Self.gateSplitMax * min(s, 128 * gridBlocks) * spec.routerRows * 4
             case .sharedGate, .target, .pending: s * 4
             case .tileDone: tiles * 4
             case .counts, .base: tiles * e * 4
@@ -43,6 +49,7 @@ struct FusedWorkspace: Sendable {
             case .rowToken: rows * 4
             case .done0, .done1: rowBlocks * 4
             case .ring: rowBlocks * 8
+            case .combineList: s * 8
             case .hbuf: rows * i * t
             case .hs: s * shared * t
             case .ybuf: rows * h * 4
