@@ -6,7 +6,7 @@ public struct FlashMoECommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "flashmoe",
         abstract: "FlashMoE: a whole Mixture-of-Experts layer in one GPU kernel, with a CPU oracle.",
-        subcommands: [InfoCommand.self, CompileCommand.self, SelfTestCommand.self])
+        subcommands: [RunCommand.self, BenchCommand.self, InfoCommand.self, CompileCommand.self, SelfTestCommand.self])
 
     public init() {}
 }
