@@ -6,7 +6,10 @@ public struct FlashMoECommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "flashmoe",
         abstract: "FlashMoE: a whole Mixture-of-Experts layer in one GPU kernel, with a CPU oracle.",
-        subcommands: [VerifyCommand.self, InfoCommand.self, CompileCommand.self, SelfTestCommand.self])
+        subcommands: [
+            RunCommand.self, VerifyCommand.self, BenchCommand.self, InfoCommand.self, CompileCommand.self,
+            SelfTestCommand.self,
+        ])
 
     public init() {}
 }

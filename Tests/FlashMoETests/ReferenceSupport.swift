@@ -75,7 +75,7 @@ struct NaiveRouting {
                 }
             case .sigmoid:
                 let s = l.map { 1 / (1 + exp(-$0)) }
-                var c = (0..<e).map { s[$0] + (bias?[$0] ?? 0) }
+                let c = (0..<e).map { s[$0] + (bias?[$0] ?? 0) }
                 if r.groups > 1 {
                     let size = e / r.groups
                     let score: [Double] = (0..<r.groups).map { g in

@@ -1,0 +1,130 @@
+import ArgumentParser
+import FlashMoE
+import Logging
+
+/// `flashmoe bench`: times the forward pass of a preset layer (random weights, random input) on one backend and
+/// reports the median and minimum time, the FLOP rate and, on the GPU, the roofline floor; `--json` saves it.
+struct BenchCommand: ReportingCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Time the forward pass of a preset layer: median/min ms, FLOP rate, roofline floor.",
+        discussion: """
+            The layer has random weights (--seed) and a random input of --tokens tokens (default: the preset's). \
+            Timed runs: \(Defaults.cudaIterations) after \(Defaults.cudaWarmup) warm-ups on the GPU (CUDA events), \
+            \(Defaults.cpuIterations) after \(Defaults.cpuWarmup) on the CPU (wall clock). The floor is \
+            max(FLOPs / matmul rate, bytes / copy bandwidth) with the \(Roofline.referenceDevice)'s measured rates \
+            (DESIGN.md §6): bf16/fp16 773, tf32 415, fp32 50 TFLOP/s, 4.2 TB/s; the bytes are the weights of the \
+            experts the input touches, the router, the shared expert, the input and the FP32 output. \
+            It is reported for the GPU only.
+
+            --json FILE writes a list of one object with the keys backend, preset, tokens, precision, median_ms, \
+            min_ms, tflops, gflops, floor_ms, workspace_bytes, date, device, method, config \
+            (Benchmarks/compare.py reads it).
+            """)
+
+    /// Default run counts per backend.
+    enum Defaults {
+        static let cudaWarmup = 5
+        static let cudaIterations = 20
+        static let cpuWarmup = 1
+        static let cpuIterations = 5
+    }
+
+    @Option(help: "The preset layer shape.")
+    var preset = "paper-e32"
+
+    @OptionGroup(title: "Preset overrides")
+    var shape: ShapeOverrides
+
+    @Option(help: "Tokens S per forward pass (default: the preset's).")
+    var tokens: Int?
+
+    @Option(
+        help:
+            "Untimed forward passes first (default: \(Defaults.cudaWarmup) on CUDA, \(Defaults.cpuWarmup) on the CPU).")
+    var warmup: Int?
+
+    @Option(
+        help:
+            "Timed forward passes (default: \(Defaults.cudaIterations) on CUDA, \(Defaults.cpuIterations) on the CPU).")
+    var iterations: Int?
+
+    @OptionGroup
+    var common: CommonOptions
+
+    @Option(help: "Write the result as JSON (a list of one object) to this file.")
+    var json: String?
+
+    /// Runs the benchmark on `context`, passing each report line to `emit`; returns the record `--json` writes.
+    @discardableResult
+    func execute(context: MachineContext, emit: (String) -> Void) throws -> BenchmarkRecord {
+        let progress = common.progress
+        let source = try LayerSource.preset(named: preset, overrides: shape, options: common)
+        let config = source.config
+        let tokens = try tokenCount(source)
+        if let warmup, warmup < 0 { throw CLIError(.invalidValue, "--warmup must be 0 or more (got \(warmup))") }
+        if let iterations, iterations < 1 {
+            throw CLIError(.invalidValue, "--iterations must be 1 or more (got \(iterations))")
+        }
+        let (engine, plan) = try common.prepare(source, tokens: tokens, context: context, progress: progress)
+        let onGPU = plan.kind == .cuda
+        let x = randomInput(tokens: tokens, hidden: config.hiddenSize, seed: common.seed)
+        let warm = warmup ?? (onGPU ? Defaults.cudaWarmup : Defaults.cpuWarmup)
+        let runs = iterations ?? (onGPU ? Defaults.cudaIterations : Defaults.cpuIterations)
+
+        emit("backend: \(engine.name) (\(plan.reason))")
+        emit("layer: \(source.origin): \(LayerReport.describe(config))")
+        // The floor needs the experts this input touches: one forward pass tells (it also warms up).
+        let touched =
+            try onGPU
+            ? progress.step("routing the input") { try engine.forward(x).routing.expertRows.filter { $0 > 0 }.count }
+            : nil
+        let result = try progress.step("timing \(warm) warm-up and \(runs) timed forward passes") {
+            try engine.benchmark(input: x, warmup: warm, iterations: runs)
+        }
+        let device = plan.deviceName ?? cpuDescription(context)
+        let record = BenchmarkRecord(
+            backend: engine.name, preset: source.presetLabel, tokens: tokens, precision: config.precision.rawValue,
+            medianMilliseconds: result.medianMilliseconds, minimumMilliseconds: result.minimumMilliseconds,
+            flops: config.flops(tokens: tokens),
+            floorMilliseconds: touched.map {
+                Roofline.floorMilliseconds(config: config, tokens: tokens, expertsTouched: $0)
+            },
+            workspaceBytes: result.workspaceBytes, date: HostMachine.utcTimestamp(), device: device,
+            method: result.method, config: LayerReport.describe(config))
+        emit("device: \(device)")
+        emit(
+            "runs: \(warm) warm-up, \(runs) timed (\(result.method)), \(tokens) tokens, "
+                + "\(formatNumber(record.flops / 1e9)) GFLOP per forward pass")
+        let (median, minimum) = (record.medianMilliseconds, record.minimumMilliseconds)
+        emit("median \(formatDecimal(median, 3)) ms, min \(formatDecimal(minimum, 3)) ms, \(rateText(record))")
+        if let floor = record.floorMilliseconds, let touched {
+            emit(
+                "floor: \(formatDecimal(floor, 3)) ms (\(Roofline.referenceDevice) rates, \(touched) of "
+                    + "\(config.experts) experts touched); median / floor = \(formatDecimal(median / floor, 2))")
+        }
+        if let bytes = record.workspaceBytes { emit("workspace: \(formatByteCount(bytes))") }
+        if let json {
+            try HostMachine.writeTextFile(BenchmarkRecord.json([record]), to: json)
+            emit("wrote \(json)")
+        }
+        return record
+    }
+
+    private func tokenCount(_ source: LayerSource) throws(CLIError) -> Int {
+        guard let tokens else { return source.defaultTokens ?? 0 }
+        guard tokens >= 1 else {
+            throw CLIError(.invalidValue, "--tokens must be 1 or more for a benchmark (got \(tokens))")
+        }
+        return tokens
+    }
+
+    private func cpuDescription(_ context: MachineContext) -> String {
+        "\(context.cpuModel() ?? "unknown CPU"), \(cpuWorkerCount) threads"
+    }
+
+    private func rateText(_ r: BenchmarkRecord) -> String {
+        guard let g = r.gflops else { return "rate unknown (zero time)" }
+        return g >= 1000 ? "\(formatDecimal(g / 1000, 2)) TFLOP/s" : "\(formatDecimal(g, 1)) GFLOP/s"
+    }
+}
