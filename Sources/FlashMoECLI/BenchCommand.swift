@@ -55,6 +55,9 @@ struct BenchCommand: ReportingCommand {
     @Option(help: "Write the result as JSON (a list of one object) to this file.")
     var json: String?
 
+    @Option(help: "Also run the layer as R expert-parallel ranks on the GPU (tokens split evenly) and compare.")
+    var ranks: Int?
+
     /// Runs the benchmark on `context`, passing each report line to `emit`; returns the record `--json` writes.
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> BenchmarkRecord {
@@ -104,11 +107,39 @@ struct BenchCommand: ReportingCommand {
                     + "\(config.experts) experts touched); median / floor = \(formatDecimal(median / floor, 2))")
         }
         if let bytes = record.workspaceBytes { emit("workspace: \(formatByteCount(bytes))") }
+        if let ranks, ranks > 1 {
+            guard onGPU else { throw CLIError(.invalidValue, "--ranks needs the CUDA backend") }
+            try benchRanks(ranks, layer: engine.layer, input: x, single: result, warmup: warm, runs: runs, emit: emit)
+        }
         if let json {
             try HostMachine.writeTextFile(BenchmarkRecord.json([record]), to: json)
             emit("wrote \(json)")
         }
         return record
+    }
+
+    /// The same tokens split evenly over `ranks` ranks on the one GPU: time against the single-rank operator (the
+    /// protocol's overhead) and the bytes each rank moved.
+    private func benchRanks(
+        _ ranks: Int, layer: MoELayer, input x: HostTensor, single: BenchmarkResult, warmup: Int, runs: Int,
+        emit: (String) -> Void
+    ) throws {
+        let dist = try DistributedMoE(layer: layer, ranks: ranks, options: FusedOptions(deviceOrdinal: common.device))
+        let s = x.shape[0]
+        var parts: [HostTensor] = []
+        for r in 0..<ranks {
+            let lo = r * s / ranks, hi = (r + 1) * s / ranks
+            parts.append(try x.slice(lo..<hi))
+        }
+        let traffic = dist.traffic(of: try dist.forward(parts))
+        let result = try dist.benchmark(inputs: parts, warmup: warmup, iterations: runs)
+        let (m, m1) = (result.medianMilliseconds, single.medianMilliseconds)
+        emit("ranks: \(ranks) on one GPU (\(dist.blocksPerRank) blocks each): median \(formatDecimal(m, 3)) ms vs one rank "
+            + "\(formatDecimal(m1, 3)) ms (\(formatDecimal((m / m1 - 1) * 100, 1)) % protocol overhead)")
+        for t in traffic {
+            emit("  rank \(t.rank): \(t.remoteRows) remote rows, dispatch \(t.dispatchBytes) B + return \(t.returnBytes) B "
+                + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
+        }
     }
 
     private func tokenCount(_ source: LayerSource) throws(CLIError) -> Int {

@@ -23,13 +23,25 @@ struct VerifyCommand: ParsableCommand {
     @Flag(help: "Skip the bounded-wait check with the fault-injection build.")
     var skipFaultCheck = false
 
+    @Flag(help: "Skip the expert-parallel cases (ranks on one GPU).")
+    var skipRanks = false
+
+    @Flag(help: "Run only the expert-parallel cases.")
+    var ranksOnly = false
+
     func run() throws {
-        var cases = Verifier.standardCases(seed: seed)
-        if let filter { cases = cases.filter { $0.name.contains(filter) } }
+        var cases = ranksOnly ? [] : Verifier.standardCases(seed: seed)
+        var rankCases = skipRanks ? [] : Verifier.rankCases(seed: seed)
+        if let filter {
+            cases = cases.filter { $0.name.contains(filter) }
+            rankCases = rankCases.filter { $0.name.contains(filter) }
+        }
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
         try Self.precompile(cases.map(\.config), arch: gpu.properties.architecture)
+        try Self.precompile(
+            rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture)
 
         print(VerifyTable.header)
         var failures = 0
@@ -45,23 +57,56 @@ struct VerifyCommand: ParsableCommand {
                 print(VerifyTable.errorRow(c, error))
             }
         }
-        if !skipFaultCheck {
-            let (ok, line) = Self.faultCheck(device: device)
-            if !ok { failures += 1 }
-            print(line)
+        if !rankCases.isEmpty {
+            print("expert parallelism, ranks on one GPU: result, case, ranks, tokens per rank, vs oracle, vs one rank, "
+                + "repeats, bytes moved per rank (dispatch + return + signals)")
         }
-        print(failures == 0 ? "all \(cases.count) cases passed" : "\(failures) FAILED")
+        for c in rankCases {
+            do {
+                let r = try Verifier.runRanks(c, deviceOrdinal: device)
+                if !r.passed { failures += 1 }
+                let moved = r.traffic.map { "\($0.totalBytes)" }.joined(separator: "/")
+                print((r.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 30) + "R=\(c.ranks) "
+                    + "\(c.tokensPerRank) rel.err \(VerifyTable.sci(r.oracle.relativeError)) routing "
+                    + "\(r.oracle.routingMismatches == 0 ? "same" : "\(r.oracle.routingMismatches) differ") drops "
+                    + "\(r.oracle.droppedGPU)/\(r.oracle.droppedOracle), one rank: "
+                    + "\(r.bitwiseEqualSingleRank ? "same bits" : "DIFFERENT"), repeats \(c.repeats): "
+                    + "\(r.repeatsIdentical ? "same" : "DIFFERENT"), bytes \(moved)" + (r.failure.map { "  ← \($0)" } ?? ""))
+            } catch {
+                failures += 1
+                print("FAIL  " + VerifyTable.pad(c.name, 30) + "error: \(error)")
+            }
+        }
+        if !skipFaultCheck {
+            if !ranksOnly {
+                let (ok, line) = Self.faultCheck(device: device)
+                if !ok { failures += 1 }
+                print(line)
+            }
+            if !skipRanks {
+                let (ok, line) = Self.rankFaultCheck(device: device)
+                if !ok { failures += 1 }
+                print(line)
+            }
+        }
+        print(failures == 0 ? "all \(cases.count + rankCases.count) cases passed" : "\(failures) FAILED")
         if failures > 0 { throw ExitCode.failure }
     }
 
     /// Compiles every specialisation the cases need, in parallel, into the cubin cache, so the cases only load.
     static func precompile(_ configs: [MoEConfig], arch: GPUArchitecture) throws {
+        try precompile(configs.map { ($0, 1) }, arch: arch)
+    }
+
+    static func precompile(_ configs: [(MoEConfig, Int)], arch: GPUArchitecture) throws {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let sources = KernelSources.current(environment: environment)
         var unique: [KernelSpec] = []
-        for c in configs {
-            if let spec = try? FusedSpecialization(config: c).kernelSpec, !unique.contains(spec) { unique.append(spec) }
+        for (c, ranks) in configs {
+            if let spec = try? FusedSpecialization(config: c, ranks: ranks).kernelSpec, !unique.contains(spec) {
+                unique.append(spec)
+            }
         }
         let specs = unique
         let failures = Mutex<[String]>([])
@@ -105,6 +150,30 @@ struct VerifyCommand: ParsableCommand {
             }
         } catch {
             return (false, "FAIL bounded wait: \(error)")
+        }
+    }
+}
+
+extension VerifyCommand {
+    /// Ranks: a build where the last rank never delivers its rows for expert 0 must end in a `DistributedError`
+    /// naming the waiting rank, the silent source and the expert.
+    static func rankFaultCheck(device: Int) -> (Bool, String) {
+        do {
+            let config = MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 4, topK: 2, precision: .bf16)
+            let c = VerificationCase(name: "rank fault", config: config, tokens: 64, seed: 8, forcedExpert: 0)
+            let (layer, x) = try Verifier.makeProblem(c)
+            let dist = try DistributedMoE(
+                layer: layer, ranks: 2,
+                options: FusedOptions(deviceOrdinal: device, waitBudget: .milliseconds(200), injectFault: true))
+            do {
+                _ = try dist.forward([try x.slice(0..<32), try x.slice(32..<64)])
+                return (false, "FAIL rank hang safety: the fault-injection build finished without an error")
+            } catch let error as DistributedError {
+                let ok = error.missingSource?.rank == 1 && error.missingSource?.expert == 0
+                return (ok, "\(ok ? "PASS" : "FAIL") rank hang safety: typed error: \(error)")
+            }
+        } catch {
+            return (false, "FAIL rank hang safety: \(error)")
         }
     }
 }

@@ -42,6 +42,9 @@
 #define FMOE_WGMMA 0
 #endif
 #endif
+#ifndef FMOE_RANKS  // ranks sharing this launch (expert parallelism); 1 = the single-GPU operator
+#define FMOE_RANKS 1
+#endif
 #ifndef FMOE_TIMING
 #define FMOE_TIMING 0
 #endif
@@ -114,7 +117,16 @@ constexpr int DYNAMIC_SMEM = cmax(cmax(STAGES * stage_bytes<EBN>(), STAGES * sta
 constexpr int ROUTE_CHUNK_FIT = ((DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4)) / 32 * 32;
 constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT > BT ? BT : ROUTE_CHUNK_FIT;
 static_assert(ROUTE_CHUNK >= 32, "route_tile needs room for at least 32 rows of logits");
-constexpr int XS = E + 1;  // task-space experts: E routed + the shared one (empty when absent)
+constexpr int XS = E + 1;  // task-space experts, at most: the routed ones + the shared one (empty when absent)
+constexpr int RANKS = FMOE_RANKS;
+// Expert placement over ranks: contiguous blocks, the first E mod R ranks one expert larger.
+constexpr int rank_first(int q) { return q * (E / RANKS) + (q < E % RANKS ? q : E % RANKS); }
+constexpr int E_LOCAL_MAX = (E + RANKS - 1) / RANKS;
+FMOE_DEVICE int owner_of(int e) {
+    int q = 0;
+    while (q + 1 < RANKS && rank_first(q + 1) <= e) ++q;
+    return q;
+}
 
 struct Sync {
     u64 barrier;     // grid barrier counter (monotone)
@@ -127,6 +139,23 @@ struct Sync {
     int list_tail;   // tokens pushed to the combine list
     int combine_ticket;  // combine list positions claimed
     int tiles1_done; // GEMM1 tiles whose completion (and pushes) are finished
+    int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
+    int dispatch_done;  // ranks: this rank's token tiles dispatched
+    int exit_count;  // ranks: blocks of this rank that finished the launch
+};
+
+// What every rank exposes to the others (peer-mapped device pointers; on one GPU, plain pointers).
+struct Peer {
+    T *recv;              // [rows, H] the owner's receive buffer: the rows routed to its experts
+    int *row_origin;      // [rows] (source rank << 24) | (token · K + j) of each received row
+    int *rows_written;    // [RANKS, E_LOCAL_MAX] rows received from each source for each local expert
+    int *all_counts;      // [RANKS, E] every rank's per-expert token counts (the all-gather)
+    u64 *count_flags;     // [RANKS] epoch once a rank's counts are in all_counts
+    float *ret;           // [S·K, H] the source's return buffer: expert outputs of its (token, j) pairs
+    int *pending;         // [S] contributions arrived, per token of the source
+    int *target;          // [S] contributions expected
+    u64 *list;            // [S] the source's combine list
+    Sync *sync;           // the source's counters
 };
 
 struct Params {
@@ -167,18 +196,29 @@ struct Params {
     float *ys;             // [S, H] shared expert output
     Sync *sync;
     ErrorRecord *err;
-    int tokens;            // S
-    int capacity;          // per-expert capacity (INT_MAX when dropless)
+    const Peer *peers;     // ranks: [RANKS] every rank's exchange buffers (this rank's among them)
+    u64 *tile_dispatched;  // ranks: [tiles] epoch once a token tile's rows and targets are out
+    int tokens;            // S (this rank's tokens)
+    int capacity;          // per-expert capacity over all ranks' tokens (INT_MAX when dropless)
+    int rank;              // this rank
+    int gate_ksplit;       // the gate's K split (chosen by the host so every rank split alike)
+    int row_blocks;        // capacity of done0 / done1 / ring
+    int pad;
     u64 epoch;             // launch number, from 1
     u64 budget_ns;         // every wait's time budget
 };
+
+// This block's index and the block count within its rank (the whole grid when RANKS == 1).
+__shared__ int s_cta, s_ctas;
+FMOE_DEVICE int cta() { return s_cta; }
+FMOE_DEVICE int ctas() { return s_ctas; }
 
 // Timing builds record %globaltimer at phase boundaries (block 0, thread 0 unless noted), to place time inside the
 // one launch without profiler counters: 0 start, 1 gate loop left, 2 scan seen, 3 placed, 4 barrier passed, 5 end,
 // 6/7 scan start/end (the scanning block), 8/9 routing of tile 0 start/end (its block).
 FMOE_DEVICE void stamp(const Params &p, int i, bool any_block = false) {
 #if FMOE_TIMING
-    if (threadIdx.x == 0 && (any_block || blockIdx.x == 0)) p.sync->stamps[i] = globaltimer_ns();
+    if (threadIdx.x == 0 && (any_block || cta() == 0)) p.sync->stamps[i] = globaltimer_ns();
 #endif
 }
 
@@ -214,12 +254,19 @@ FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
 
 // Shared-memory arrays every CTA keeps after the scan (static, sized by E).
 struct Layout {
+    int xs;  // task-space experts: this rank's routed experts, then the shared one (index xs − 1)
     int row_start[XS + 1];
     int rb_start[XS + 1];
     int task0_start[XS + 1];
+    // Ranks only (sized 1 otherwise): per global expert, the rows lower ranks keep, every rank's kept total, and
+    // the first row of the expert in its owner's receive buffer.
+    int before_me[RANKS > 1 ? E : 1];
+    int kept_total[RANKS > 1 ? E : 1];
+    int owner_row_start[RANKS > 1 ? E : 1];
 };
 
-FMOE_DEVICE int rows_of(const Layout &L, int x) { return x < E ? L.row_start[x + 1] - L.row_start[x] : 0; }
+FMOE_DEVICE bool is_shared(const Layout &L, int x) { return x == L.xs - 1; }
+FMOE_DEVICE int rows_of(const Layout &L, int x) { return is_shared(L, x) ? 0 : L.row_start[x + 1] - L.row_start[x]; }
 
 // Largest x with table[x] <= v (table ascending, table[0] = 0).
 FMOE_DEVICE int find_segment(const int *table, int n, int v) {
@@ -323,6 +370,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
         kept[e] = run < p.capacity ? run : p.capacity;
     }
     __syncthreads();
+    if (RANKS > 1) return;  // ranks: capacity and rows follow the global counts (publish_counts, rank_layout)
     if (threadIdx.x == 0) {
         int row = 0, rb = 0, t0 = 0;
         for (int x = 0; x < XS; ++x) {
@@ -341,22 +389,199 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     }
 }
 
+// Ranks: reset this rank's per-launch counters (nobody uses them before every rank's counts are in), then send
+// this rank's per-expert counts to every rank and flag them with the epoch (system-scope release: peers may be
+// other GPUs).
+FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
+    for (int i = threadIdx.x; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
+    for (int i = threadIdx.x; i < RANKS * E_LOCAL_MAX; i += THREADS) p.peers[p.rank].rows_written[i] = 0;
+    if (threadIdx.x == 0) {
+        p.sync->ticket = 0;
+        p.sync->ring_tail = 0;
+        p.sync->list_tail = 0;
+        p.sync->combine_ticket = 0;
+        p.sync->my_total = 0;
+        p.sync->dispatch_done = 0;
+    }
+    for (int i = threadIdx.x; i < RANKS * E; i += THREADS) {
+        const int q = i / E, e = i % E;
+        p.peers[q].all_counts[p.rank * E + e] = p.expert_load[e];
+    }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x < RANKS) {
+        fence_sys();
+        st_relaxed_u64(&p.peers[threadIdx.x].count_flags[p.rank], p.epoch);
+    }
+}
+
+// Ranks: after every rank's counts are in, the layout this rank needs. Global slot of a (token, expert) pair =
+// rows of lower ranks + this rank's slot; a pair is kept when its global slot is below the capacity, exactly the
+// oracle's rule over the concatenated tokens. Each expert's rows sit in its owner's receive buffer in global slot
+// order, so rows, tiles and results equal the single-rank run.
+FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    if (threadIdx.x < RANKS) {
+        // Acquire (system scope: the flag may come from another GPU); the barrier below orders every thread's
+        // reads of the counts after it.
+        if (!wait_at_least(&p.peers[p.rank].count_flags[threadIdx.x], p.epoch, p.err, p.budget_ns,
+                           FMOE_PHASE_COUNTS, threadIdx.x, p.rank))
+            ok = 0;
+        fence_sys();
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += THREADS) {
+        int before = 0, total = 0;
+        for (int q = 0; q < RANKS; ++q) {
+            const int c = p.peers[p.rank].all_counts[q * E + e];
+            if (q < p.rank) before += c;
+            total += c;
+        }
+        L.before_me[e] = before;
+        L.kept_total[e] = total < p.capacity ? total : p.capacity;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int q = 0; q < RANKS; ++q) {
+            int row = 0;
+            for (int e = rank_first(q); e < rank_first(q + 1); ++e) {
+                L.owner_row_start[e] = row;
+                row += L.kept_total[e];
+            }
+        }
+        const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
+        L.xs = local + 1;
+        int row = 0, rb = 0, t0 = 0;
+        for (int x = 0; x <= local; ++x) {
+            const int rows = x < local ? L.kept_total[first + x] : (HAS_SHARED ? p.tokens : 0);
+            const int mt = (rows + BM - 1) / BM;
+            L.row_start[x] = row;
+            L.rb_start[x] = rb;
+            L.task0_start[x] = t0;
+            if (x < local) row += rows;
+            rb += mt;
+            t0 += mt * (x < local ? NT0 : NT0S);
+        }
+        L.row_start[L.xs] = row;
+        L.rb_start[L.xs] = rb;
+        L.task0_start[L.xs] = t0;
+    }
+    __syncthreads();
+    const bool good = ok != 0 && !aborted(p.err);
+    __syncthreads();
+    return good;
+}
+
+// Ranks: this rank's token tiles go out. Per token: its target and pending count, then every kept pair's row is
+// stored straight into the owner's receive buffer with its origin, and the owner's counter for (this rank, expert)
+// is advanced after a system-scope fence (release). The tile's flag tells the shared expert its tokens are ready.
+FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
+    int *dest = (int *)smem;  // [BT·K] (owner row, or −1) of each pair of the tile
+    const int tiles = (p.tokens + BT - 1) / BT;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int tile = cta(); tile < tiles; tile += ctas()) {
+        const int lt = threadIdx.x, t = tile * BT + lt;
+        if (lt < BT && t < p.tokens) {
+            int contributions = HAS_SHARED ? 1 : 0;
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+                const int e = p.ids[(size_t)t * K + j];
+                int slot = -1;
+                if (e >= 0) {
+                    const int g = L.before_me[e] + p.base[(size_t)tile * E + e] + p.rank_in_tile[(size_t)t * K + j];
+                    if (g < p.capacity) { slot = g; ++contributions; }
+                }
+                p.slot_row[(size_t)t * K + j] = slot;  // ranks: the pair's global slot in its expert
+                dest[lt * K + j] = slot < 0 ? -1 : L.owner_row_start[e] + slot;
+            }
+            p.target[t] = contributions;
+            p.pending[t] = 0;
+            if (contributions == 0) {
+                for (int h = 0; h < H; h += 4) *(float4 *)&p.y[(size_t)t * H + h] = make_float4(0.f, 0.f, 0.f, 0.f);
+            } else {
+                atomicAdd(&p.sync->my_total, 1);
+            }
+        } else if (lt < BT) {
+#pragma unroll
+            for (int j = 0; j < K; ++j) dest[lt * K + j] = -1;
+        }
+        __threadfence_system();  // targets and pending before any row can arrive at an owner
+        __syncthreads();
+        for (int i = warp; i < BT * K; i += THREADS / 32) {
+            const int row = dest[i];
+            if (row < 0) continue;
+            const int t = tile * BT + i / K, e = p.ids[(size_t)t * K + i % K];
+            const int q = owner_of(e);
+            const Peer &o = p.peers[q];
+            const uint4 *src = (const uint4 *)(p.x + (size_t)t * H);
+            uint4 *dst = (uint4 *)(o.recv + (size_t)row * H);
+            for (int v = lane; v < H * (int)sizeof(T) / 16; v += 32) dst[v] = src[v];
+            if (lane == 0) o.row_origin[row] = (p.rank << 24) | (t * K + i % K);
+            __syncwarp();
+            if (lane == 0) {
+#if FMOE_INJECT_FAULT == 2
+                if (!(p.rank == RANKS - 1 && e == 0))  // test builds: the last rank never delivers expert 0's rows
+#endif
+                {
+                    fence_sys();
+                    atomicAdd(&o.rows_written[p.rank * E_LOCAL_MAX + (e - rank_first(q))], 1);
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            fence_sys();
+            st_relaxed_u64(&p.tile_dispatched[tile], p.epoch);
+            atomicAdd(&p.sync->dispatch_done, 1);
+        }
+    }
+}
+
+// Ranks: waits until every source whose rows fall in row block m of local expert x has delivered them.
+FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
+    const int e = rank_first(p.rank) + x;
+    const int lo = m * BM, hi = lo + BM;
+    int before = 0;
+    for (int q = 0; q < RANKS; ++q) {
+        const int c = p.peers[p.rank].all_counts[q * E + e];
+        int kept = p.capacity - before;
+        kept = kept < 0 ? 0 : (kept > c ? c : kept);
+        if (kept > 0 && before < hi && before + kept > lo) {
+            if (!wait_at_least_i32(&p.peers[p.rank].rows_written[q * E_LOCAL_MAX + x], kept, p.err, p.budget_ns,
+                                   FMOE_PHASE_DISPATCH, q * E + e, p.rank))
+                return false;
+        }
+        before += c;
+    }
+    return true;
+}
+
 // How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid
 // when there are few token tiles; partial logits are summed in slice order by the tile's last task (deterministic).
-FMOE_DEVICE int gate_k_split(int tiles) {
+// The host picks it from the global token count and the whole grid, so a layer split over ranks sums the partials
+// exactly as the single-rank run does (same logits, same bits).
+FMOE_DEVICE int gate_k_split(const Params &p) {
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
-    int ks = (int)gridDim.x / (tiles * NTE);
-    ks = ks < 1 ? 1 : (ks > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : ks);
+    const int ks = p.gate_ksplit < 1 ? 1 : (p.gate_ksplit > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : p.gate_ksplit);
     return ks < KSLICES ? ks : KSLICES;
 }
 
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     __shared__ int s_task, s_last;
     const int tiles = (p.tokens + BT - 1) / BT;
-    const int ks_count = gate_k_split(tiles);
+    const int ks_count = gate_k_split(p);
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
     const int slices_per = (KSLICES + ks_count - 1) / ks_count;
     const int tasks = tiles * NTE * ks_count;
+    if (RANKS > 1 && tiles == 0 && cta() == 0) {
+        // Ranks: a rank without tokens still takes part in the count exchange (all zeros) and its scan.
+        scan_counts(p, 0);
+        publish_counts(p, p.row_blocks);
+        __syncthreads();
+        if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+    }
     for (;;) {
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         __syncthreads();
@@ -410,6 +635,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         if (s_last) {
             stamp(p, 6, true);
             scan_counts(p, tiles);
+            if (RANKS > 1) publish_counts(p, p.row_blocks);
             stamp(p, 7, true);
             __threadfence();
             __syncthreads();
@@ -428,7 +654,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
 
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
     const int tiles = (p.tokens + BT - 1) / BT;
-    for (int t = blockIdx.x * THREADS + threadIdx.x; t < p.tokens; t += gridDim.x * THREADS) {
+    for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;
 #pragma unroll
@@ -452,12 +678,12 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
         }
     }
     const int rbs = L.rb_start[XS];
-    for (int i = blockIdx.x * THREADS + threadIdx.x; i < rbs; i += gridDim.x * THREADS) {
+    for (int i = cta() * THREADS + threadIdx.x; i < rbs; i += ctas() * THREADS) {
         p.done0[i] = 0;
         p.done1[i] = 0;
     }
     (void)tiles;
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
+    if (cta() == 0 && threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
         p.sync->list_tail = 0;
@@ -469,7 +695,7 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
-    const bool shared = x == E;
+    const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
     const int n0 = shared ? N0S : N0;
@@ -480,9 +706,14 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     for (int i = 0; i < 4; ++i) {
         const int r = loader_row(i);
         src.a_valid[i] = row0 + r < rows;
-        int token = 0;
-        if (src.a_valid[i]) token = shared ? row0 + r : p.row_token[L.row_start[x] + row0 + r];
-        src.a[i] = (const char *)(p.x + (size_t)token * H);
+        if (RANKS > 1 && !shared) {
+            // Ranks: the rows were stored into this rank's receive buffer, in row order.
+            src.a[i] = (const char *)(p.peers[p.rank].recv + (size_t)(L.row_start[x] + (src.a_valid[i] ? row0 + r : 0)) * H);
+        } else {
+            int token = 0;
+            if (src.a_valid[i]) token = shared ? row0 + r : p.row_token[L.row_start[x] + row0 + r];
+            src.a[i] = (const char *)(p.x + (size_t)token * H);
+        }
     }
 #pragma unroll
     for (int i = 0; i < EBN / 32; ++i) {
@@ -517,7 +748,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
 }
 
 FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
-    const bool shared = x == E;
+    const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
     const int inter = shared ? IS : I;
@@ -550,7 +781,13 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
             const float *b = p.b2 + (size_t)x * H + col;
             v.x += b[0]; v.y += b[1]; v.z += b[2]; v.w += b[3];
         }
-        *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
+        if (RANKS > 1 && !shared) {
+            // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
+            const int o = p.peers[p.rank].row_origin[L.row_start[x] + row0 + r];
+            *(float4 *)&p.peers[o >> 24].ret[(size_t)(o & 0xFFFFFF) * H + col] = v;
+        } else {
+            *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
+        }
     }
     __syncthreads();
 }
@@ -571,7 +808,9 @@ FMOE_DEVICE void combine_token(const Params &p, int t) {
 #pragma unroll
         for (int j = 0; j < K; ++j) {
             if (rows[j] < 0) continue;
-            const float4 v = *(const float4 *)&p.ybuf[(size_t)rows[j] * H + h];
+            // One GPU: the expert output row; ranks: the pair's row of the return buffer.
+            const float4 v = RANKS > 1 ? *(const float4 *)&p.peers[p.rank].ret[((size_t)t * K + j) * H + h]
+                                       : *(const float4 *)&p.ybuf[(size_t)rows[j] * H + h];
             acc.x = fmaf(w[j], v.x, acc.x); acc.y = fmaf(w[j], v.y, acc.y);
             acc.z = fmaf(w[j], v.z, acc.z); acc.w = fmaf(w[j], v.w, acc.w);
         }
@@ -587,15 +826,29 @@ FMOE_DEVICE void combine_token(const Params &p, int t) {
 // A row block's GEMM1 is complete: count one contribution for each of its tokens; a token whose last
 // contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines).
 FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
-    const bool shared = x == E;
+    const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
-        const int t = shared ? r : p.row_token[L.row_start[x] + r];
-        fence_gpu();  // release this block's rows (and everything this CTA acquired) before counting
-        if (atomicAdd(&p.pending[t], 1) + 1 == p.target[t]) {
-            fence_gpu();  // acquire every other contribution's rows, then publish the token
-            const int pos = atomicAdd(&p.sync->list_tail, 1);
-            st_relaxed_u64(&p.combine_list[pos], (p.epoch << 32) | (u64)t);
+        int t, q = 0;
+        if (RANKS > 1) {
+            // Ranks: the source's counters; a row's origin names its rank and (token, j) pair.
+            const int o = shared ? (p.rank << 24) | (r * K) : p.peers[p.rank].row_origin[L.row_start[x] + r];
+            q = o >> 24;
+            t = (o & 0xFFFFFF) / K;
+        } else {
+            t = shared ? r : p.row_token[L.row_start[x] + r];
+        }
+        int *pending = RANKS > 1 ? p.peers[q].pending : p.pending;
+        const int *target = RANKS > 1 ? p.peers[q].target : p.target;
+        Sync *sync = RANKS > 1 ? p.peers[q].sync : p.sync;
+        u64 *list = RANKS > 1 ? p.peers[q].list : p.combine_list;
+        // Release this block's rows (and everything this CTA acquired) before counting; system scope when the
+        // source may be another GPU.
+        if (RANKS > 1) fence_sys(); else fence_gpu();
+        if (atomicAdd(&pending[t], 1) + 1 == target[t]) {
+            if (RANKS > 1) fence_sys(); else fence_gpu();  // acquire the other contributions, then publish
+            const int pos = atomicAdd(&sync->list_tail, 1);
+            st_relaxed_u64(&list[pos], (p.epoch << 32) | (u64)t);
         }
     }
 }
@@ -616,15 +869,21 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
             u32 spins = 0;
             for (;;) {
                 const u64 v = ld_relaxed_u64(&p.combine_list[pos]);
-                if (v >= (p.epoch << 32)) { fence_gpu(); token = (int)(v & 0xffffffffull); break; }
-                if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
+                if (v >= (p.epoch << 32)) { fence_sys(); token = (int)(v & 0xffffffffull); break; }
+                if (RANKS > 1) {
+                    // Ranks: the count of this rank's tokens to combine is final once all its tiles are dispatched.
+                    if (ld_relaxed_i32(&p.sync->dispatch_done) == (p.tokens + BT - 1) / BT) {
+                        fence_sys();
+                        if (pos >= ld_relaxed_i32(&p.sync->my_total)) { token = -2; break; }
+                    }
+                } else if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
                     fence_gpu();
                     if (pos >= ld_relaxed_i32(&p.sync->list_tail)) { token = -2; break; }
                     continue;  // the entry is being written
                 }
                 if (aborted(p.err)) break;
                 if ((++spins & 63u) == 0 && globaltimer_ns() - start > p.budget_ns) {
-                    report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_COMBINE, pos, 0, p.epoch << 32, v);
+                    report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_COMBINE, pos, p.rank, p.epoch << 32, v);
                     break;
                 }
                 __nanosleep(128);
@@ -639,8 +898,8 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
 
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     __shared__ int s_ticket, s_last, s_rb;
-    const int t0_total = L.task0_start[XS];
-    const int rbs = L.rb_start[XS];
+    const int t0_total = L.task0_start[L.xs];
+    const int rbs = L.rb_start[L.xs];
     const int total = t0_total + rbs * NT1;
     for (;;) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
@@ -650,11 +909,22 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
         if (ticket < t0_total) {
             // Column-tile-major within an expert: the CTAs running at once share one weight slab across all of the
             // expert's row blocks, so each slab is read from HBM about once (row-block-major re-read it per block).
-            const int x = find_segment(L.task0_start, XS, ticket);
-            const int nt = x == E ? NT0S : NT0;
+            const int x = find_segment(L.task0_start, L.xs, ticket);
+            const int nt = is_shared(L, x) ? NT0S : NT0;
             const int mt = L.rb_start[x + 1] - L.rb_start[x];
             const int local = ticket - L.task0_start[x];
             const int n = local / mt, m = local % mt;
+            if (RANKS > 1) {
+                // Ranks: start when the block's rows are in (routed: every source overlapping the block has
+                // delivered; shared: this rank dispatched the token tile, so targets are set).
+                if (threadIdx.x == 0) {
+                    s_last = is_shared(L, x) ? wait_at_least(&p.tile_dispatched[m], p.epoch, p.err, p.budget_ns,
+                                                             FMOE_PHASE_DISPATCH, m, p.rank)
+                                             : wait_rows(p, L, x, m);
+                }
+                __syncthreads();
+                if (!s_last) return false;
+            }
             gemm0_task(p, L, x, m, n, smem);
             __threadfence();
             __syncthreads();
@@ -662,7 +932,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 const int rb = L.rb_start[x] + m;
                 if (atomicAdd(&p.done0[rb], 1) == nt - 1) {
                     fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
-#if FMOE_INJECT_FAULT
+#if FMOE_INJECT_FAULT == 1
                     if (rb != 0)  // test builds: never publish row block 0, so some GEMM1 wait must expire
 #endif
                     {
@@ -687,13 +957,13 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 n = k / rest;
             }
             if (threadIdx.x == 0) {
-                s_last = wait_at_least(&p.ring[pos], p.epoch << 32, p.err, p.budget_ns, FMOE_PHASE_TASK, pos, 0);
+                s_last = wait_at_least(&p.ring[pos], p.epoch << 32, p.err, p.budget_ns, FMOE_PHASE_TASK, pos, p.rank);
                 s_rb = (int)(ld_relaxed_u64(&p.ring[pos]) & 0xffffffffull);
             }
             __syncthreads();
             if (!s_last) return false;
             const int rb = s_rb;
-            const int x = find_segment(L.rb_start, XS, rb);
+            const int x = find_segment(L.rb_start, L.xs, rb);
             const int m = rb - L.rb_start[x];
             gemm1_task(p, L, x, m, n, smem);
             __threadfence();
@@ -716,37 +986,82 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
 
 using namespace fmoe;
 
+// One launch, all phases. One GPU: gate → scan → place → grid barrier → experts + combine. Ranks: gate → scan →
+// count all-gather → dispatch → experts (starting per row block as its rows land) → the source combines.
+FMOE_DEVICE void forward(const Params &p, char *smem) {
+    __shared__ Layout L;
+    stamp(p, 0);
+    if (!gate_phase(p, smem)) return;
+    if (RANKS == 1) {
+        L.xs = XS;
+        for (int i = threadIdx.x; i <= XS; i += THREADS) {
+            L.row_start[i] = p.row_start[i];
+            L.rb_start[i] = p.rb_start[i];
+            L.task0_start[i] = p.task0_start[i];
+        }
+        __syncthreads();
+        stamp(p, 2);
+        if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
+        stamp(p, 3);
+        if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
+        // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
+        if (cta() == 0 && threadIdx.x == 0) {
+            p.sync->gate_ticket = 0;
+            p.sync->tiles_done = 0;
+        }
+        const int tiles = (p.tokens + BT - 1) / BT;
+        for (int i = cta() * THREADS + threadIdx.x; i < tiles; i += ctas() * THREADS) p.tile_done[i] = 0;
+        stamp(p, 4);
+        if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
+        stamp(p, 5);
+    } else {
+        if (!rank_layout(p, L)) return;
+        dispatch_phase(p, L, smem);
+        if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
+        // The rank's last block out resets the gate counters for the next launch: every block of the rank has
+        // left the gate phase by then.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            fence_gpu();
+            if (atomicAdd(&p.sync->exit_count, 1) == ctas() - 1) {
+                p.sync->gate_ticket = 0;
+                p.sync->tiles_done = 0;
+                p.sync->exit_count = 0;
+                for (int i = 0; i < (p.tokens + BT - 1) / BT; ++i) p.tile_done[i] = 0;
+            }
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) char smem_raw[];
     // wgmma's 128-byte swizzle atoms need 1024-byte aligned stages; the host adds 1 KiB of slack.
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    __shared__ Layout L;
-    stamp(p, 0);
-    if (!gate_phase(p, smem)) return;
-    for (int i = threadIdx.x; i <= XS; i += THREADS) {
-        L.row_start[i] = p.row_start[i];
-        L.rb_start[i] = p.rb_start[i];
-        L.task0_start[i] = p.task0_start[i];
-    }
+    if (threadIdx.x == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
     __syncthreads();
-    stamp(p, 2);
-    if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
-    stamp(p, 3);
-    if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
-    // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        p.sync->gate_ticket = 0;
-        p.sync->tiles_done = 0;
-    }
-    const int tiles = (p.tokens + BT - 1) / BT;
-    for (int i = blockIdx.x * THREADS + threadIdx.x; i < tiles; i += gridDim.x * THREADS) p.tile_done[i] = 0;
-    stamp(p, 4);
-    if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
-    stamp(p, 5);
+    forward(p, smem);
 }
 
-// Bytes of dynamic shared memory the kernel needs, for the host (read through cuModuleGetGlobal).
+// Ranks on one GPU (or this GPU's share of them): blocks [r·blocks_per_rank, (r+1)·blocks_per_rank) run rank r
+// with its parameters from the table. One cooperative launch keeps every rank co-resident.
+extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
+                                                                           int blocks_per_rank) {
+    extern __shared__ __align__(1024) char smem_raw[];
+    char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __shared__ Params sp;
+    if (threadIdx.x == 0) {
+        sp = table[blockIdx.x / blocks_per_rank];
+        s_cta = blockIdx.x % blocks_per_rank;
+        s_ctas = blocks_per_rank;
+    }
+    __syncthreads();
+    forward(sp, smem);
+}
+
 // Read by the host through cuModuleGetGlobal: the dynamic shared memory to launch with, and the row-block size of
 // the gated W1/W3 packing (EBN / 2), so host and kernel can never disagree.
 extern "C" __device__ const int fmoe_dynamic_smem = DYNAMIC_SMEM;
 extern "C" __device__ const int fmoe_gated_pack_rows = EBN / 2;
+extern "C" __device__ const int fmoe_params_bytes = (int)sizeof(Params);
+extern "C" __device__ const int fmoe_gate_tiles = NTE;  // expert tiles of the gate GEMM (for the host's K split)
+extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);

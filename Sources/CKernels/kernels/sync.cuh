@@ -26,9 +26,10 @@ struct ErrorRecord {
 #define FMOE_PHASE_SCAN 1u       // waiting for the routing scan to be published
 #define FMOE_PHASE_BARRIER 2u    // grid barrier
 #define FMOE_PHASE_TASK 3u       // waiting for a GEMM1 row block to be published
-#define FMOE_PHASE_DISPATCH 4u   // waiting for a peer's dispatch flag
+#define FMOE_PHASE_DISPATCH 4u   // waiting for a source's rows (index = source · E + expert, or a token tile)
 #define FMOE_PHASE_RETURN 5u     // waiting for a peer's returned results
 #define FMOE_PHASE_COMBINE 6u    // waiting for a token to be pushed to the combine list
+#define FMOE_PHASE_COUNTS 7u     // waiting for a rank's per-expert counts (index = that rank)
 
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {
     return *(volatile const u32 *)&err->abort != 0;
@@ -65,6 +66,26 @@ FMOE_DEVICE bool wait_at_least(const u64 *flag, u64 target, ErrorRecord *err, u6
         }
     }
     fence_gpu();
+    return true;
+}
+
+// The same for a 32-bit counter that is reset between launches (per-launch row counts).
+FMOE_DEVICE bool wait_at_least_i32(const int *counter, int target, ErrorRecord *err, u64 budget_ns, u32 phase,
+                                   u32 index, u32 rank) {
+    int seen = ld_relaxed_i32(counter);
+    if (seen < target) {
+        const u64 start = globaltimer_ns();
+        u32 spins = 0;
+        while ((seen = ld_relaxed_i32(counter)) < target) {
+            if (aborted(err)) return false;
+            if ((++spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {
+                report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, (u64)target, (u64)seen);
+                return false;
+            }
+            __nanosleep(64);
+        }
+    }
+    fence_sys();
     return true;
 }
 

@@ -23,11 +23,21 @@ struct FusedDeviceWeights {
         [router, selectionBias, w1, w2, b1, b2, sharedW1, sharedW2].compactMap { $0?.byteCount }.reduce(0, +)
     }
 
-    init(layer: MoELayer, device: CUDADevice, packRows: Int) throws {
+    /// - Parameter experts: the routed experts to upload (a rank's share); all of them by default. The router and
+    ///   the shared expert are always uploaded whole.
+    init(layer: MoELayer, experts: Range<Int>? = nil, device: CUDADevice, packRows: Int) throws {
         let c = layer.config
         let type = c.precision.storage
         let tf32 = c.precision == .tf32
-        let w = layer.weights
+        var w = layer.weights
+        let range = experts ?? 0..<c.experts
+        if range != 0..<c.experts {
+            w.w1 = try w.w1.slice(range)
+            w.w3 = try w.w3?.slice(range)
+            w.w2 = try w.w2.slice(range)
+            w.b1 = try w.b1?.slice(range)
+            w.b2 = try w.b2?.slice(range)
+        }
         func prepared(_ t: HostTensor, roundTF32: Bool) -> HostTensor {
             let converted = t.converted(to: type)
             guard roundTF32, case .float32(let v) = converted.storage else { return converted }
@@ -55,7 +65,7 @@ struct FusedDeviceWeights {
         let w1 = prepared(w.w1, roundTF32: tf32)
         if c.ffn == .gated, let w3raw = w.w3 {
             self.w1 = try Self.packGated(
-                gate: w1, up: prepared(w3raw, roundTF32: tf32), matrices: c.experts, rows: c.intermediateSize,
+                gate: w1, up: prepared(w3raw, roundTF32: tf32), matrices: range.count, rows: c.intermediateSize,
                 columns: c.hiddenSize, packRows: packRows, device: device)
         } else {
             self.w1 = try upload(w1)

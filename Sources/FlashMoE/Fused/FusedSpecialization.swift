@@ -9,18 +9,23 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let config: MoEConfig
     /// Pipeline stages of the shared-memory ring.
     public let stages: Int
-    /// Test builds only: never publish row block 0, so a GEMM1 wait must expire (exercises the bounded waits).
-    public let injectFault: Bool
+    /// Ranks sharing a launch (expert parallelism); 1 is the single-GPU operator.
+    public let ranks: Int
+    /// Test builds only: 1 never publishes GEMM1 row block 0; 2 makes the last rank never deliver its rows for
+    /// expert 0. Either way a bounded wait must expire (exercises the hang safety).
+    public let injectFault: Int
     /// Timing builds only: 1 stops after routing, 2 after placement (no valid output).
     public let stopAfterPhase: Int
 
-    /// The kernel's entry point.
+    /// The kernel's entry point on one GPU.
     public static let kernelName = "fmoe_forward"
+    /// The entry point for ranks: blocks split into rank groups, parameters from a device-side table.
+    public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
 
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
-    public init(config: MoEConfig, stages: Int = 4, injectFault: Bool = false, stopAfterPhase: Int = 0)
+    public init(config: MoEConfig, stages: Int = 4, ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0)
         throws(MoEError)
     {
         try config.validate()
@@ -42,6 +47,11 @@ public struct FusedSpecialization: Sendable, Hashable {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
         }
         guard (3...6).contains(stages) else { throw fail("pipeline stages must be 3 to 6; got \(stages)") }
+        guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
+        guard ranks <= config.experts else {
+            throw fail("\(ranks) ranks need at least \(ranks) experts to place (got E = \(config.experts))")
+        }
+        self.ranks = ranks
         self.config = config
         self.stages = stages
         self.injectFault = injectFault
@@ -77,14 +87,15 @@ public struct FusedSpecialization: Sendable, Hashable {
             "FMOE_SHARED_GATED": c.sharedExpert?.gated == true ? "1" : "0",
             "FMOE_STAGES": "\(stages)",
         ]
-        if injectFault { d["FMOE_INJECT_FAULT"] = "1" }
+        if ranks > 1 { d["FMOE_RANKS"] = "\(ranks)" }
+        if injectFault != 0 { d["FMOE_INJECT_FAULT"] = "\(injectFault)" }
         if stopAfterPhase != 0 { d["FMOE_STOP_AFTER"] = "\(stopAfterPhase)" }
         return d
     }
 
     /// The catalog entry `flashmoe compile` and the operator build.
     public var kernelSpec: KernelSpec {
-        KernelSpec(file: Self.file, defines: defines, kernels: [Self.kernelName])
+        KernelSpec(file: Self.file, defines: defines, kernels: [Self.kernelName, Self.ranksKernelName])
     }
 
     /// Router rows in the kernel: E, plus one for the shared expert's sigmoid gate.

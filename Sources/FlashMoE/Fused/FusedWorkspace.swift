@@ -1,38 +1,51 @@
 /// Where every per-call buffer of the fused kernel lives inside one device allocation (the arena).
 ///
-/// Sized for a maximum token count; `FusedMoE` keeps one arena per layer and regrows it only when a call has more
+/// Sized for a maximum token count; an operator keeps one arena per rank and regrows it only when a call has more
 /// tokens than any before. Each region starts on a 256-byte boundary (16-byte vector access and coalescing).
 /// The arena is zeroed when allocated: the counters the kernel expects at zero (per-tile gate counters) start
-/// there, and epoch-tagged flags (the ring) are never cleared afterwards.
+/// there, and epoch-tagged flags (the ring, the combine list, the count flags) are never cleared afterwards.
 struct FusedWorkspace: Sendable {
-    /// The regions, in the order the kernel's `Params` lists them.
+    /// The regions. The first ones are `Params`' pointers in order; the rank exchange buffers follow.
     enum Region: Int, CaseIterable {
-        case x, y, ids, weights, slotRow, logits, logitsPart, rankInTile, sharedGate, tileDone, counts, base, expertLoad
-        case rowStart, rbStart, task0Start, rowToken, target, pending, done0, done1, ring, combineList, hbuf, hs, ybuf
-        case ys
+        case x, y, ids, weights, slotRow, logits, logitsPart, rankInTile, sharedGate, tileDone, counts, base
+        case expertLoad, rowStart, rbStart, task0Start, rowToken, target, pending, done0, done1, ring, combineList
+        case hbuf, hs, ybuf, ys
+        // Ranks only (one byte otherwise).
+        case recv, rowOrigin, rowsWritten, allCounts, countFlags, ret, tileDispatched
     }
-
-    /// The largest token count the arena holds.
-    let maxTokens: Int
-    /// Byte offset of each region.
-    let offsets: [Int]
-    /// Byte size of each region.
-    let sizes: [Int]
-    /// Total bytes.
-    let byteCount: Int
 
     /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe.cu).
     static let gateSplitMax = 4
 
-    init(spec: FusedSpecialization, maxTokens s: Int, gridBlocks: Int) {
+    /// The largest token count the arena holds.
+    let maxTokens: Int
+    /// Rows of routed experts this rank computes: S·k alone; with ranks, what its experts can receive.
+    let rowCapacity: Int
+    /// Row blocks the per-block arrays hold.
+    let rowBlocks: Int
+    /// Byte offset of each region.
+    let offsets: [Int]
+    /// Total bytes.
+    let byteCount: Int
+
+    /// - Parameters:
+    ///   - tokens: this rank's (or the only) token count S.
+    ///   - rowCapacity: the routed rows this rank's experts may hold (S·k on one GPU; with ranks, all ranks' tokens ×
+    ///     min(k, local experts)).
+    ///   - ranks: rank count R (1 on one GPU).
+    init(spec: FusedSpecialization, tokens s: Int, rowCapacity rows: Int, gridBlocks: Int, ranks: Int = 1,
+         localExperts: Int? = nil)
+    {
         let c = spec.config
         let (h, i, e, k) = (c.hiddenSize, c.intermediateSize, c.experts, c.topK)
         let t = c.precision.storage.byteSize
         let shared = c.sharedExpert?.intermediateSize ?? 0
         let tiles = (s + 127) / 128
-        let rows = s * k  // routed rows, dropless upper bound
-        // Row blocks: Σ_e ceil(rows_e / 128) ≤ rows/128 + E, plus the shared expert's, plus slack.
-        let rowBlocks = rows / 128 + e + tiles + 2
+        let local = localExperts ?? e
+        // Row blocks: Σ_e ceil(rows_e / 128) ≤ rows/128 + local experts, plus the shared expert's, plus slack.
+        let rowBlocks = rows / 128 + local + tiles + 2
+        let eLocalMax = (e + ranks - 1) / ranks
+        let multi = ranks > 1
         func bytes(_ r: Region) -> Int {
             switch r {
             case .x: s * h * t
@@ -46,30 +59,52 @@ struct FusedWorkspace: Sendable {
             case .counts, .base: tiles * e * 4
             case .expertLoad: e * 4
             case .rowStart, .rbStart, .task0Start: (e + 2) * 4
-            case .rowToken: rows * 4
+            case .rowToken: multi ? 0 : rows * 4
             case .done0, .done1: rowBlocks * 4
             case .ring: rowBlocks * 8
             case .combineList: s * 8
             case .hbuf: rows * i * t
             case .hs: s * shared * t
-            case .ybuf: rows * h * 4
+            case .ybuf: multi ? 0 : rows * h * 4
             case .ys: shared > 0 ? s * h * 4 : 0
+            case .recv: multi ? rows * h * t : 0
+            case .rowOrigin: multi ? rows * 4 : 0
+            case .rowsWritten: multi ? ranks * eLocalMax * 4 : 0
+            case .allCounts: multi ? ranks * e * 4 : 0
+            case .countFlags: multi ? ranks * 8 : 0
+            case .ret: multi ? s * k * h * 4 : 0
+            case .tileDispatched: multi ? tiles * 8 : 0
             }
         }
-        var offsets: [Int] = [], sizes: [Int] = []
+        var offsets: [Int] = []
         var cursor = 0
         for r in Region.allCases {
             offsets.append(cursor)
-            let n = max(bytes(r), 1)
-            sizes.append(n)
-            cursor += (n + 255) / 256 * 256
+            cursor += (max(bytes(r), 1) + 255) / 256 * 256
         }
         self.maxTokens = s
+        self.rowCapacity = rows
+        self.rowBlocks = rowBlocks
         self.offsets = offsets
-        self.sizes = sizes
         self.byteCount = cursor
     }
 
     /// Byte offset of a region.
     func offset(_ r: Region) -> Int { offsets[r.rawValue] }
+
+    /// The 35 per-rank pointers of `Params` from `x` to `ys`, for an arena at `base` (x may live elsewhere).
+    func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
+                  peers: UInt64) -> [UInt64]
+    {
+        func at(_ r: Region) -> UInt64 { base + UInt64(offset(r)) }
+        return [
+            x, w.router.address, w.selectionBias?.address ?? 0, w.w1.address, w.w2.address, w.b1?.address ?? 0,
+            w.b2?.address ?? 0, w.sharedW1?.address ?? 0, w.sharedW2?.address ?? 0,
+            at(.y), at(.ids), at(.weights), at(.slotRow), at(.logits), at(.logitsPart), at(.rankInTile),
+            at(.sharedGate), at(.tileDone), at(.counts), at(.base), at(.expertLoad), at(.rowStart), at(.rbStart),
+            at(.task0Start), at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring),
+            at(.combineList), at(.hbuf), at(.hs), at(.ybuf), at(.ys), control, errorRecord, peers,
+            at(.tileDispatched),
+        ]
+    }
 }

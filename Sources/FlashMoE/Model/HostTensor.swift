@@ -128,6 +128,21 @@ public struct HostTensor: Sendable, Equatable {
         self.storage = storage
     }
 
+    /// The sub-tensor of indices `range` along the first dimension (a copy).
+    public func slice(_ range: Range<Int>) throws(MoEError) -> HostTensor {
+        guard let first = shape.first, range.lowerBound >= 0, range.upperBound <= first else {
+            throw MoEError(.shapeMismatch, "cannot take rows \(range) of a tensor of shape \(shape)")
+        }
+        let inner = shape.dropFirst().reduce(1, *)
+        let lo = range.lowerBound * inner, hi = range.upperBound * inner
+        let newShape = [range.count] + shape.dropFirst()
+        switch storage {
+        case .float32(let v): return try HostTensor(shape: newShape, float32: Array(v[lo..<hi]))
+        case .float16(let v): return try HostTensor(shape: newShape, float16: Array(v[lo..<hi]))
+        case .bfloat16(let v): return try HostTensor(shape: newShape, bfloat16: Array(v[lo..<hi]))
+        }
+    }
+
     /// Calls `body` with the raw bytes of the storage (little-endian, as the GPU and safetensors expect).
     public func withUnsafeBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         switch storage {

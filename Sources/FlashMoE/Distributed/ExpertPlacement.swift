@@ -1,0 +1,53 @@
+/// How E experts are spread over R ranks: contiguous blocks, the first E mod R ranks one expert larger (so E need
+/// not divide by R). The kernel computes the same placement (`rank_first` in moe.cu).
+public struct ExpertPlacement: Sendable, Hashable {
+    /// Experts E.
+    public let experts: Int
+    /// Ranks R.
+    public let ranks: Int
+
+    /// Checks 1 ≤ R ≤ E.
+    public init(experts: Int, ranks: Int) throws(MoEError) {
+        guard ranks >= 1 else { throw MoEError(.invalidConfig, "ranks must be at least 1 (got \(ranks))") }
+        guard ranks <= experts else {
+            throw MoEError(.invalidConfig, "\(ranks) ranks need at least \(ranks) experts (got \(experts)): use fewer ranks")
+        }
+        self.experts = experts
+        self.ranks = ranks
+    }
+
+    /// The first expert of rank `r` (r = R gives E).
+    public func firstExpert(of r: Int) -> Int {
+        r * (experts / ranks) + min(r, experts % ranks)
+    }
+
+    /// The experts rank `r` owns.
+    public func experts(of r: Int) -> Range<Int> { firstExpert(of: r)..<firstExpert(of: r + 1) }
+
+    /// The rank that owns expert `e`.
+    public func owner(of e: Int) -> Int {
+        var r = 0
+        while r + 1 < ranks && firstExpert(of: r + 1) <= e { r += 1 }
+        return r
+    }
+}
+
+/// What one forward moved between ranks, per source rank: rows dispatched to experts on other ranks, their results
+/// returned, and the signalling words (counters, flags, atomics). Rows routed to the rank's own experts and rows
+/// dropped by capacity move nothing.
+public struct RankTraffic: Sendable, Hashable {
+    /// The source rank.
+    public let rank: Int
+    /// Rows this rank's tokens sent to experts owned by other ranks.
+    public let remoteRows: Int
+    /// remoteRows × H × element size: the dispatch payload.
+    public let dispatchBytes: Int
+    /// remoteRows × H × 4: the FP32 results written back into this rank's return buffer.
+    public let returnBytes: Int
+    /// Counters and flags: per remote row one 4-byte row counter increment and one 4-byte pending increment, plus
+    /// the count all-gather (E counts of 4 bytes and an 8-byte flag to every other rank).
+    public let signalBytes: Int
+
+    /// Everything this rank put on the wire.
+    public var totalBytes: Int { dispatchBytes + returnBytes + signalBytes }
+}

@@ -1,0 +1,139 @@
+/// One check of the ranks protocol: a layer, the global token count split unevenly over R ranks.
+public struct RankVerificationCase: Sendable, Hashable {
+    public var name: String
+    public var config: MoEConfig
+    /// Each rank's token count (zeros allowed); the global tokens are their concatenation in rank order.
+    public var tokensPerRank: [Int]
+    public var seed: UInt64
+    /// Route every token first to this expert (skew: all traffic to one rank).
+    public var forcedExpert: Int?
+    /// Back-to-back forwards whose bits must all equal the first (epochs roll, counters never cleared).
+    public var repeats: Int
+
+    public init(name: String, config: MoEConfig, tokensPerRank: [Int], seed: UInt64, forcedExpert: Int? = nil,
+                repeats: Int = 1)
+    {
+        self.name = name
+        self.config = config
+        self.tokensPerRank = tokensPerRank
+        self.seed = seed
+        self.forcedExpert = forcedExpert
+        self.repeats = repeats
+    }
+
+    public var ranks: Int { tokensPerRank.count }
+}
+
+/// The outcome of a `RankVerificationCase`.
+public struct RankVerificationResult: Sendable {
+    public let verificationCase: RankVerificationCase
+    /// The concatenated ranks' output against the CPU oracle on the concatenated tokens.
+    public let oracle: VerificationResult
+    /// Whether outputs, ids, weights and slots equal the single-rank operator's bit for bit.
+    public let bitwiseEqualSingleRank: Bool
+    /// Whether every repeated forward gave the first one's bits.
+    public let repeatsIdentical: Bool
+    /// Per rank bytes moved.
+    public let traffic: [RankTraffic]
+    public let failure: String?
+
+    public var passed: Bool { failure == nil }
+}
+
+extension Verifier {
+    /// The ranks suite: R = 1, 2, 4, 8 on paper-e64 (bf16) with uneven token counts, an empty rank, E not divisible
+    /// by R, sigmoid routing with a shared expert, capacity drops by global token order, skew to one rank's experts,
+    /// and 100 back-to-back calls.
+    public static func rankCases(seed: UInt64 = 1) -> [RankVerificationCase] {
+        var paper = Preset.paperE64.config
+        paper.precision = .bf16
+        var qwen = Preset.qwen3_30bA3b.config
+        qwen.precision = .bf16
+        let small = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 16, topK: 2, precision: .fp32)
+        var capped = small
+        capped.capacity = .factor(1.0)
+        let deepseekish = MoEConfig(
+            hiddenSize: 256, intermediateSize: 72, experts: 30, topK: 4, ffn: .gated, activation: .silu,
+            router: .deepSeek(groups: 6, groupsKept: 3, scalingFactor: 2.5),
+            sharedExpert: SharedExpertConfig(intermediateSize: 104), precision: .bf16)
+        return [
+            RankVerificationCase(name: "paper-e64 R=1", config: paper, tokensPerRank: [300], seed: seed &+ 1),
+            RankVerificationCase(name: "paper-e64 R=2", config: paper, tokensPerRank: [170, 130], seed: seed &+ 1),
+            RankVerificationCase(name: "paper-e64 R=4, one empty", config: paper, tokensPerRank: [120, 0, 129, 51],
+                                 seed: seed &+ 1),
+            RankVerificationCase(name: "paper-e64 R=8", config: paper, tokensPerRank: [40, 33, 0, 50, 61, 1, 70, 45],
+                                 seed: seed &+ 1),
+            RankVerificationCase(name: "qwen3 R=8", config: qwen, tokensPerRank: [30, 41, 25, 0, 50, 44, 60, 7],
+                                 seed: seed &+ 2),
+            RankVerificationCase(name: "sigmoid+shared, E=30 R=4", config: deepseekish, tokensPerRank: [70, 64, 0, 123],
+                                 seed: seed &+ 3),
+            RankVerificationCase(name: "capacity 1.0, R=4", config: capped, tokensPerRank: [100, 80, 60, 60],
+                                 seed: seed &+ 4),
+            RankVerificationCase(name: "skew: all to rank 0", config: small, tokensPerRank: [64, 64, 64, 64],
+                                 seed: seed &+ 5, forcedExpert: 0),
+            RankVerificationCase(name: "100 back-to-back calls, R=2", config: small, tokensPerRank: [90, 77],
+                                 seed: seed &+ 6, repeats: 100),
+        ]
+    }
+
+    /// Runs a ranks case on `deviceOrdinal`: the ranks against one rank (bitwise, same gate split) and against the
+    /// oracle, plus repeated calls.
+    public static func runRanks(_ c: RankVerificationCase, deviceOrdinal: Int) throws -> RankVerificationResult {
+        let total = c.tokensPerRank.reduce(0, +)
+        let whole = VerificationCase(name: c.name, config: c.config, tokens: total, seed: c.seed, forcedExpert: c.forcedExpert)
+        let (layer, x) = try makeProblem(whole)
+        var parts: [HostTensor] = []
+        var start = 0
+        for n in c.tokensPerRank {
+            parts.append(try x.slice(start..<start + n))
+            start += n
+        }
+        let dist = try DistributedMoE(
+            layer: layer, ranks: c.ranks, options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true))
+        let outs = try dist.forward(parts)
+        let joined = try concatenate(outs, hidden: c.config.hiddenSize)
+        let single = try FusedMoE(
+            layer: layer,
+            options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, gateSplit: dist.gateSplit(totalTokens: total)))
+        let one = try single.forward(x)
+        let bitwise = sameBits(joined, one)
+        var repeatsOK = true
+        for _ in 1..<max(c.repeats, 1) where repeatsOK {
+            repeatsOK = sameBits(try concatenate(try dist.forward(parts), hidden: c.config.hiddenSize), joined)
+        }
+        let again = try concatenate(try dist.forward(parts), hidden: c.config.hiddenSize)
+        let reference = try CPUBackend(layer: layer, mode: .oracle).forward(x)
+        let oracle = compare(whole, joined, again, reference, layer: layer, input: x, gpuMilliseconds: 0)
+        var failure = oracle.failure
+        if failure == nil && !bitwise { failure = "ranks differ from one rank in some bits" }
+        if failure == nil && !repeatsOK { failure = "a repeated call gave different bits" }
+        return RankVerificationResult(
+            verificationCase: c, oracle: oracle, bitwiseEqualSingleRank: bitwise, repeatsIdentical: repeatsOK,
+            traffic: dist.traffic(of: outs), failure: failure)
+    }
+
+    /// The ranks' outputs as one output over the concatenated tokens.
+    static func concatenate(_ outs: [MoEOutput], hidden: Int) throws -> MoEOutput {
+        let k = outs.first?.routing.topK ?? 1
+        let load = outs.first.map { [Int](repeating: 0, count: $0.routing.expertLoad.count) } ?? []
+        var y: [Float] = [], ids: [Int32] = [], w: [Float] = [], slots: [Int32] = []
+        var loads = load
+        for o in outs {
+            y += o.output.floats()
+            ids += o.routing.expertIDs
+            w += o.routing.weights
+            slots += o.routing.slots
+            for (e, n) in o.routing.expertLoad.enumerated() { loads[e] += n }
+        }
+        let s = ids.count / k
+        return MoEOutput(
+            output: try HostTensor(shape: [s, hidden], float32: y),
+            routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: loads))
+    }
+
+    static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool {
+        a.output.floats().elementsEqual(b.output.floats()) { $0.bitPattern == $1.bitPattern }
+            && a.routing.expertIDs == b.routing.expertIDs && a.routing.slots == b.routing.slots
+            && a.routing.weights.elementsEqual(b.routing.weights) { $0.bitPattern == $1.bitPattern }
+    }
+}
