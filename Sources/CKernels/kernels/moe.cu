@@ -882,7 +882,8 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
                     continue;  // the entry is being written
                 }
                 if (aborted(p.err)) break;
-                if ((++spins & 63u) == 0 && globaltimer_ns() - start > p.budget_ns) {
+                // Downstream of every other wait: three budgets, so an upstream expiry is the one reported.
+                if ((++spins & 63u) == 0 && globaltimer_ns() - start > 3 * p.budget_ns) {
                     report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_COMBINE, pos, p.rank, p.epoch << 32, v);
                     break;
                 }
@@ -957,7 +958,10 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 n = k / rest;
             }
             if (threadIdx.x == 0) {
-                s_last = wait_at_least(&p.ring[pos], p.epoch << 32, p.err, p.budget_ns, FMOE_PHASE_TASK, pos, p.rank);
+                // A ring entry waits on GEMM0 work that may itself wait for rows: twice the budget, so the upstream
+                // wait (the root cause) is the one that expires and gets reported.
+                s_last = wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos,
+                                       p.rank);
                 s_rb = (int)(ld_relaxed_u64(&p.ring[pos]) & 0xffffffffull);
             }
             __syncthreads();

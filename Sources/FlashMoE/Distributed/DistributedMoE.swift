@@ -226,8 +226,14 @@ public final class DistributedMoE: @unchecked Sendable {
         let y: [Float] = try FusedIO.read(arena, ws.offset(.y), count: s * h)
         let ids: [Int32] = try FusedIO.read(arena, ws.offset(.ids), count: s * k)
         let w: [Float] = try FusedIO.read(arena, ws.offset(.weights), count: s * k)
-        let slots: [Int32] = try FusedIO.read(arena, ws.offset(.slotRow), count: s * k)
+        var slots: [Int32] = try FusedIO.read(arena, ws.offset(.slotRow), count: s * k)
         let load: [Int32] = try FusedIO.read(arena, ws.offset(.expertLoad), count: e)
+        if placement.ranks == 1 {
+            // One rank runs the single-GPU path, which reports a pair's row; its slot is the row minus the
+            // expert's first row (with ranks the kernel reports the global slot itself).
+            let rowStart: [Int32] = try FusedIO.read(arena, ws.offset(.rowStart), count: e + 1)
+            for i in slots.indices where slots[i] >= 0 && ids[i] >= 0 { slots[i] -= rowStart[Int(ids[i])] }
+        }
         return MoEOutput(
             output: try HostTensor(shape: [s, h], float32: y),
             routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: load.map(Int.init)))

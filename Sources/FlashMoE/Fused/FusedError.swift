@@ -5,15 +5,17 @@
 public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Where the wait was.
     public enum Phase: UInt32, Sendable, Hashable {
-        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5
+        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5, combine = 6, counts = 7
 
         var what: String {
             switch self {
             case .scan: "the routing scan to be published"
             case .barrier: "the grid barrier after placement"
             case .task: "a GEMM1 row block to be published"
-            case .dispatch: "a peer's dispatch flag"
+            case .dispatch: "a source's rows (or a token tile's dispatch)"
             case .returnFlag: "a peer's returned results"
+            case .combine: "a token to reach the combine list"
+            case .counts: "a rank's per-expert counts"
             }
         }
     }
@@ -31,7 +33,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
     public let code: UInt32
 
     public var description: String {
-        let what = phase?.what ?? "phase \(phase?.rawValue ?? 0)"
+        let what = phase?.what ?? "phase \(code)"
         let epoch = expected >> 32 != 0 ? " (epoch \(expected >> 32), last seen epoch \(seen >> 32))" : ""
         return "the fused kernel gave up waiting for \(what): index \(index), rank \(rank), expected \(expected), "
             + "saw \(seen)\(epoch). The GPU was not left hanging; this is a protocol bug or an injected fault."
