@@ -18,8 +18,17 @@
 //   4. Combine. The CTA whose GEMM1 tile completes a row block counts one contribution for each token in it; the
 //      contribution that completes a token makes that CTA sum the token's k expert rows in rank order (plus the
 //      shared expert) and write y once. No float atomics: the same bits every run.
-// The shared expert is expert index E in the task space: every token is a row of it, and its gate, when present,
+// The shared expert is the last expert of the task space: every token is a row of it, and its gate, when present,
 // is an extra row of the router weight.
+//
+// Ranks (FMOE_RANKS = R > 1, expert parallelism; fmoe_forward_ranks): the blocks split into R groups, one per rank,
+// each with its own tokens, buffers and counters; rank r owns a contiguous block of experts. Phase 1 is per rank.
+// Then every rank all-gathers the per-expert counts (capacity follows the global token order, and each expert's
+// rows sit in its owner's receive buffer in global order, so rows, tiles and bits equal one rank's), stores each
+// routed row straight into the owner's receive buffer and advances the owner's (source, expert) row counter after
+// a system-scope fence; an owner's GEMM0 for a row block starts once the sources in that block have delivered. GEMM1
+// epilogues write straight into the source's return buffer and count the token's contribution there; the source
+// combines its own tokens. No grid barrier: every dependency is a flag or a counter with a bounded wait.
 #include "common.cuh"
 #include "sync.cuh"
 #include "gemm_tile.cuh"
