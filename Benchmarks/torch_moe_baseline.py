@@ -126,6 +126,20 @@ def is_skipped(skip: list[tuple[str, str, str]], preset: str, impl: str, precisi
                for a, b, c in skip)
 
 
+def plan_case(args: argparse.Namespace, preset: str, precision: str) -> tuple[list[str], bool, list[str]]:
+    """What to do for one preset at one precision: (the implementations to time, whether to run the checks, the
+    cases `--skip` left out). grouped runs bf16 only. A precision that is not timed is still checked when `--check`
+    needs its weights (bf16 for grouped), but one whose every implementation `--skip` left out is not built at all:
+    that is what skipping it is for (DeepSeek-V3 in TF32 needs 45 GB of weights)."""
+    timed = precision in args.precisions
+    candidates = [i for i in args.impls if timed and not (i == "grouped" and precision != "bf16")]
+    impls = [i for i in candidates if not is_skipped(args.skip, preset, i, precision)]
+    left_out = [f"{preset}:{i}:{precision} (--skip)" for i in candidates if i not in impls]
+    # Checking a precision needs the loop (the reference of grouped) or grouped itself (bf16).
+    checking = args.check and ("loop" in args.impls or precision == "bf16") and not (candidates and not impls)
+    return impls, checking, left_out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Torch parts. `torch` and `F` are module globals bound by load_torch(), so nothing above needs torch.
 
@@ -530,14 +544,8 @@ def run(args: argparse.Namespace) -> int:
             if args.check and "grouped" in args.impls and "bf16" not in precisions:
                 precisions.append("bf16")
             for prec in precisions:
-                timed = prec in args.precisions
-                impls = [i for i in args.impls if timed and not (i == "grouped" and prec != "bf16")]
-                for i in list(impls):
-                    if is_skipped(args.skip, name, i, prec):
-                        impls.remove(i)
-                        skipped.append(f"{name}:{i}:{prec} (--skip)")
-                # Checking a precision needs the loop (the reference of grouped) or grouped itself (bf16).
-                checking = args.check and ("loop" in args.impls or prec == "bf16")
+                impls, checking, left_out = plan_case(args, name, prec)
+                skipped += left_out
                 if not impls and not checking:
                     continue
                 need = weight_bytes_estimate(spec, prec) + max(

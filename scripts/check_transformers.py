@@ -4,7 +4,10 @@
 Run on the GPU host (Python 3.12, torch, transformers 5.x, safetensors; no network needed):
 
     python3 scripts/check_transformers.py bin/flashmoe                # every family, --backend cpu
-    python3 scripts/check_transformers.py bin/flashmoe --backends cpu,oracle --keep /tmp/moe-check
+    python3 scripts/check_transformers.py bin/flashmoe --backends cpu,oracle,cuda --keep /tmp/moe-check
+
+`--backends` takes FlashMoE's --backend values: cpu (fast FP32 path), oracle (Float64), cuda (the fused GPU
+operator, which supports these tiny shapes: H, I and the shared I are multiples of 8) and auto. Every run is fp32.
 
 For each family (mixtral, qwen2_moe, qwen3_moe, deepseek_v3) it builds a tiny random 2-layer model with
 `from_config` in float32 (fixed seed), randomises the MoE block of layer 1 (router, experts, shared expert and its
@@ -40,6 +43,8 @@ import sys
 import tempfile
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+#: FlashMoE's --backend values.
+BACKENDS = ("cpu", "oracle", "cuda", "auto")
 TOKENS = 37
 
 
@@ -194,15 +199,33 @@ def run_cli(binary: str, checkpoint: str, layer: int, x_path: str, y_path: str, 
     return cmd, proc
 
 
-def main() -> int:
+def comma_list(text: str, allowed: tuple[str, ...], option: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Splits a comma list, keeps order, drops repeats; unknown or no names end in `parser.error` (status 2)."""
+    items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        parser.error(f"{option}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with --families and --backends split into checked lists (no torch needed)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("flashmoe", help="path of the flashmoe binary")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model_type list")
-    parser.add_argument("--backends", default="cpu", help="comma-separated --backend values to run (cpu, oracle, ...)")
+    parser.add_argument("--backends", default="cpu",
+                        help=f"comma-separated --backend values to run ({', '.join(BACKENDS)})")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative error accepted")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--keep", help="write the checkpoints here and keep them (default: a temporary directory)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.families = comma_list(args.families, FAMILIES, "--families", parser)
+    args.backends = comma_list(args.backends, BACKENDS, "--backends", parser)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
 
     binary = os.path.abspath(args.flashmoe)
     if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
@@ -217,8 +240,7 @@ def main() -> int:
         return 2
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, flashmoe {binary}")
 
-    families = [f for f in args.families.split(",") if f]
-    backends = [b for b in args.backends.split(",") if b]
+    families, backends = args.families, args.backends
     root = args.keep or tempfile.mkdtemp(prefix="flashmoe-check-")
     os.makedirs(root, exist_ok=True)
     rows, failures = [], 0
