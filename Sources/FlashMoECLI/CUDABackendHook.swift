@@ -4,7 +4,12 @@ import FlashMoE
 ///
 /// It is the fused operator (`FusedMoE`): compiling or loading the specialised kernel, uploading the weights.
 /// Any failure (no driver, no NVRTC, an unsupported shape, out of memory) is thrown as is; `--backend auto` then
-/// falls back to the CPU with the error as its reason.
+/// falls back to the CPU with the error as its reason. `FLASHMOE_WAIT_BUDGET_MS` overrides the kernel's wait budget
+/// (for runs under compute-sanitizer, whose instrumentation slows kernels 10–100×).
 func makeCUDABackend(layer: MoELayer, deviceOrdinal: Int) throws -> any BenchmarkableBackend {
-    try FusedMoE(layer: layer, options: FusedOptions(deviceOrdinal: deviceOrdinal))
+    var options = FusedOptions(deviceOrdinal: deviceOrdinal)
+    if let text = ProcessEnvironment.current()["FLASHMOE_WAIT_BUDGET_MS"], let ms = Int(text), ms > 0 {
+        options.waitBudget = .milliseconds(ms)
+    }
+    return try FusedMoE(layer: layer, options: options)
 }
