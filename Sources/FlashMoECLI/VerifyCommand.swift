@@ -192,7 +192,7 @@ enum VerifyTable {
         line += pad(sci(r.relativeError), 10) + pad(sci(r.tolerance), 9)
         line += pad(r.routingMismatches == 0 ? "same" : "\(r.routingMismatches)(\(r.nearTies) ties)", 9)
         line += pad("\(r.droppedGPU)/\(r.droppedOracle)", 10) + pad(r.slotsIdentical ? "same" : "diff", 6)
-        line += pad(r.bitwiseReproducible ? "same" : "diff", 6) + fixed(r.gpuMilliseconds)
+        line += pad(r.bitwiseReproducible ? "same" : "diff", 6) + formatDecimal(r.gpuMilliseconds, 1)
         if let f = r.failure { line += "  ← \(f)" }
         return line
     }
@@ -208,19 +208,9 @@ enum VerifyTable {
         guard v != 0 else { return "0" }
         let e = Int((log10(abs(v))).rounded(.down))
         let m = v / pow(10, Double(e))
-        return "\(fixed(m, digits: 2))e\(e)"
+        return "\(formatDecimal(m, 2))e\(e)"
     }
 
-    static func fixed(_ v: Double, digits: Int = 1) -> String {
-        let scale = pow(10, Double(digits))
-        let r = (v * scale).rounded() / scale
-        var s = "\(r)"
-        if let dot = s.firstIndex(of: ".") {
-            let decimals = s.distance(from: dot, to: s.endIndex) - 1
-            if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
-        }
-        return s
-    }
 }
 
 #if canImport(Glibc)

@@ -567,6 +567,18 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
     return true;
 }
 
+// The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
+// the scan with the epoch: every block of the rank waits for it before placing or dispatching tokens.
+FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
+    stamp(p, 6, true);
+    scan_counts(p, tiles);
+    if (RANKS > 1) publish_counts(p, p.row_blocks);
+    stamp(p, 7, true);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+}
+
 // How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid
 // when there are few token tiles; partial logits are summed in slice order by the tile's last task (deterministic).
 // The host picks it from the global token count and the whole grid, so a layer split over ranks sums the partials
@@ -584,13 +596,8 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
     const int slices_per = (KSLICES + ks_count - 1) / ks_count;
     const int tasks = tiles * NTE * ks_count;
-    if (RANKS > 1 && tiles == 0 && cta() == 0) {
-        // Ranks: a rank without tokens still takes part in the count exchange (all zeros) and its scan.
-        scan_counts(p, 0);
-        publish_counts(p, p.row_blocks);
-        __syncthreads();
-        if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
-    }
+    // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
+    if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
     for (;;) {
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         __syncthreads();
@@ -641,15 +648,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
             if (s_last) fence_gpu();
         }
         __syncthreads();
-        if (s_last) {
-            stamp(p, 6, true);
-            scan_counts(p, tiles);
-            if (RANKS > 1) publish_counts(p, p.row_blocks);
-            stamp(p, 7, true);
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
-        }
+        if (s_last) finish_scan(p, tiles);
     }
     stamp(p, 1);
     // Everyone needs the scan before placing tokens.
@@ -662,7 +661,6 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
-    const int tiles = (p.tokens + BT - 1) / BT;
     for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;
@@ -691,7 +689,6 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
         p.done0[i] = 0;
         p.done1[i] = 0;
     }
-    (void)tiles;
     if (cta() == 0 && threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;

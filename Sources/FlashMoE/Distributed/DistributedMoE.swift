@@ -205,10 +205,8 @@ public final class DistributedMoE: @unchecked Sendable {
     }
 
     private func checkError(_ st: inout State) throws {
-        let record = try control.download(count: 40, from: 256 * placement.ranks)
-        guard let error = FusedKernelError.decode(record) else { return }
-        try control.fill(byte: 0)
-        for a in st.arenas { try a.fill(byte: 0) }
+        guard let error = try FusedIO.takeError(control: control, offset: 256 * placement.ranks, arenas: st.arenas)
+        else { return }
         st.epoch = 0
         throw DistributedError(kernel: error, placement: placement)
     }

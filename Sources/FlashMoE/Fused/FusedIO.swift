@@ -43,6 +43,17 @@ enum FusedIO {
         return samples
     }
 
+    /// Reads the kernel's error record at `offset` of `control`; on an error, zeroes `control` and every arena (the
+    /// aborted launch left its counters mid-protocol; epochs restart at 0) and returns the decoded record.
+    static func takeError(control: DeviceBuffer<UInt8>, offset: Int, arenas: [DeviceBuffer<UInt8>]) throws
+        -> FusedKernelError?
+    {
+        guard let error = FusedKernelError.decode(try control.download(count: 40, from: offset)) else { return nil }
+        try control.fill(byte: 0)
+        for a in arenas { try a.fill(byte: 0) }
+        return error
+    }
+
     /// `count` values of type T read from the arena at byte `offset`.
     static func read<T: BitwiseCopyable>(_ arena: DeviceBuffer<UInt8>, _ offset: Int, count: Int) throws -> [T] {
         var failure: CUDAError?

@@ -183,10 +183,9 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     /// Reads the error record; on an error, resets every counter (the aborted launch left them mid-protocol)
     /// and throws the decoded record.
     private func checkError(_ st: inout State) throws {
-        let record = try control.download(count: 40, from: Self.errorRecordOffset)
-        guard let error = FusedKernelError.decode(record) else { return }
-        try control.fill(byte: 0)
-        try st.arena?.fill(byte: 0)
+        guard let error = try FusedIO.takeError(
+            control: control, offset: Self.errorRecordOffset, arenas: st.arena.map { [$0] } ?? [])
+        else { return }
         st.epoch = 0
         throw error
     }
