@@ -148,6 +148,28 @@ public final class CUDADevice: @unchecked Sendable {
         return can != 0
     }
 
+    /// The direct path from this GPU to `peer`, another GPU: whether kernels here can access its memory, with
+    /// native atomics, and how the driver ranks the link. No context is needed.
+    public func peerLink(to peer: CUDADevice) throws(CUDAError) -> PeerLink {
+        let (source, destination) = (properties.ordinal, peer.properties.ordinal)
+        guard source != destination else {
+            throw .invalidArgument("GPU \(source) is not its own peer: ask for the link to another GPU")
+        }
+        func attribute(_ a: CUdevice_P2PAttribute, _ name: String) throws(CUDAError) -> Int {
+            var value: Int32 = 0
+            try driver.check(
+                driver.deviceGetP2PAttribute(&value, a, handle, peer.handle),
+                "cuDeviceGetP2PAttribute(\(name), \(source) → \(destination))")
+            return Int(value)
+        }
+        let access = try canAccessPeer(peer)
+        let atomics = try attribute(CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED, "NATIVE_ATOMIC_SUPPORTED")
+        let rank = try attribute(CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK, "PERFORMANCE_RANK")
+        return PeerLink(
+            source: source, destination: destination, access: access, nativeAtomics: atomics != 0,
+            performanceRank: rank)
+    }
+
     /// Lets kernels on this device access `peer`'s memory. Enabling it twice is not an error.
     public func enablePeerAccess(to peer: CUDADevice) throws(CUDAError) {
         try makeCurrent()

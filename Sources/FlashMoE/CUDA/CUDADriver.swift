@@ -78,6 +78,12 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         fn.cuDeviceCanAccessPeer(&canAccess, device, peer)
     }
 
+    public func deviceGetP2PAttribute(
+        _ value: inout Int32, _ attribute: CUdevice_P2PAttribute, _ source: CUdevice, _ destination: CUdevice
+    ) -> CUresult {
+        fn.cuDeviceGetP2PAttribute(&value, attribute, source, destination)
+    }
+
     public func primaryContextRetain(_ context: inout CUcontext?, _ device: CUdevice) -> CUresult {
         fn.cuDevicePrimaryCtxRetain(&context, device)
     }
@@ -227,6 +233,7 @@ private struct Functions {
     let cuDeviceGetAttribute: PFN_cuDeviceGetAttribute
     let cuDeviceTotalMem_v2: PFN_cuDeviceTotalMem_v2
     let cuDeviceCanAccessPeer: PFN_cuDeviceCanAccessPeer
+    let cuDeviceGetP2PAttribute: PFN_cuDeviceGetP2PAttribute
     let cuDevicePrimaryCtxRetain: PFN_cuDevicePrimaryCtxRetain
     let cuDevicePrimaryCtxRelease_v2: PFN_cuDevicePrimaryCtxRelease_v2
     let cuCtxGetCurrent: PFN_cuCtxGetCurrent
@@ -277,6 +284,8 @@ private struct Functions {
         cuDeviceTotalMem_v2 = try r.resolve("cuDeviceTotalMem", "cuDeviceTotalMem_v2", as: PFN_cuDeviceTotalMem_v2.self)
         cuDeviceCanAccessPeer = try r.resolve(
             "cuDeviceCanAccessPeer", "cuDeviceCanAccessPeer", as: PFN_cuDeviceCanAccessPeer.self)
+        cuDeviceGetP2PAttribute = try r.resolve(
+            "cuDeviceGetP2PAttribute", "cuDeviceGetP2PAttribute", as: PFN_cuDeviceGetP2PAttribute.self)
         cuDevicePrimaryCtxRetain = try r.resolve(
             "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain", as: PFN_cuDevicePrimaryCtxRetain.self)
         cuDevicePrimaryCtxRelease_v2 = try r.resolve(

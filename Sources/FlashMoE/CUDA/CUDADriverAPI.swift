@@ -35,6 +35,11 @@ public protocol CUDADriverAPI: AnyObject, Sendable {
     func deviceTotalMem(_ bytes: inout Int, _ device: CUdevice) -> CUresult
     /// `cuDeviceCanAccessPeer`.
     func deviceCanAccessPeer(_ canAccess: inout Int32, _ device: CUdevice, _ peer: CUdevice) -> CUresult
+    /// `cuDeviceGetP2PAttribute`: one property of the link from `source` to `destination` (two different devices),
+    /// e.g. whether kernels on `source` can do native atomics on `destination`'s memory.
+    func deviceGetP2PAttribute(
+        _ value: inout Int32, _ attribute: CUdevice_P2PAttribute, _ source: CUdevice, _ destination: CUdevice
+    ) -> CUresult
 
     // MARK: Contexts
 

@@ -6,7 +6,9 @@ import Synchronization
 
 /// A CUDA driver with no GPU behind it: it simulates device memory, counts every handle it hands out, keeps the
 /// current context per thread (like the real driver) and refuses context-bound calls when none is current, and
-/// fails any call the test names with the code the test chooses.
+/// fails any call the test names with the code the test chooses. Each device has its own primary context, and the
+/// links between devices follow a configurable peer matrix (default: every pair of distinct devices can access
+/// each other with native atomics); enabled peer access is recorded.
 final class FakeDriver: CUDADriverAPI {
     struct Launch {
         var cooperative: Bool
@@ -17,6 +19,19 @@ final class FakeDriver: CUDADriverAPI {
         var parameters: [[UInt8]]
         /// Whether each parameter pointer was aligned to its size.
         var aligned: [Bool]
+    }
+
+    /// A directed pair of devices: `source` accesses `destination`'s memory.
+    struct PeerPair: Hashable {
+        var source: CUdevice
+        var destination: CUdevice
+    }
+
+    /// What the fake reports for the link of a `PeerPair`.
+    struct PeerModel {
+        var access = true
+        var nativeAtomics = true
+        var performanceRank: Int32 = 0
     }
 
     struct State {
@@ -31,10 +46,18 @@ final class FakeDriver: CUDADriverAPI {
         var failures: [String: CUresult] = [:]
         var launches: [Launch] = []
         var setCurrentCalls = 0
+        /// Links that differ from the default `PeerModel()`.
+        var peers: [PeerPair: PeerModel] = [:]
+        /// Successful `contextEnablePeerAccess` calls, in order.
+        var enabledPeers: [PeerPair] = []
     }
 
     let state = Mutex(State())
-    var context: CUcontext { OpaquePointer(bitPattern: 0xC0_0000)! }
+    private static let contextBase = 0xC0_0000
+    /// The primary context of `device` (distinct per device, so peer access can tell the two sides apart).
+    func context(of device: CUdevice) -> CUcontext { OpaquePointer(bitPattern: Self.contextBase + Int(device) << 8)! }
+    /// The device whose primary context is `context`.
+    private func device(of context: UInt) -> CUdevice { CUdevice((Int(context) - Self.contextBase) >> 8) }
     let deviceCount: Int32
     let totalMemory = 80 << 30
     let freeMemory = 1 << 30
@@ -79,6 +102,29 @@ final class FakeDriver: CUDADriverAPI {
     var retainedContexts: Int { state.withLock { $0.retainedContexts } }
     var launches: [Launch] { state.withLock { $0.launches } }
     var setCurrentCalls: Int { state.withLock { $0.setCurrentCalls } }
+    /// The (source, destination) pairs peer access was enabled for, in call order.
+    var enabledPeers: [PeerPair] { state.withLock { $0.enabledPeers } }
+
+    /// Sets what the link from `source` to `destination` reports (one direction only).
+    func setPeer(
+        _ source: CUdevice, _ destination: CUdevice, access: Bool, nativeAtomics: Bool, performanceRank: Int32 = 0
+    ) {
+        let model = PeerModel(access: access, nativeAtomics: nativeAtomics, performanceRank: performanceRank)
+        state.withLock { $0.peers[PeerPair(source: source, destination: destination)] = model }
+    }
+
+    /// The link of `pair` in `s`; nil for a device and itself or a device that does not exist.
+    private func link(_ pair: PeerPair, in s: State) -> PeerModel? {
+        let devices = 0..<deviceCount
+        guard pair.source != pair.destination, devices.contains(pair.source), devices.contains(pair.destination)
+        else { return nil }
+        return s.peers[pair] ?? PeerModel()
+    }
+
+    /// The link from `source` to `destination` (see `link(_:in:)`).
+    private func link(_ source: CUdevice, _ destination: CUdevice) -> PeerModel? {
+        state.withLock { link(PeerPair(source: source, destination: destination), in: $0) }
+    }
 
     /// Clears the calling thread's current context (as another library might).
     func clearCurrentContext() { _ = state.withLock { $0.current.removeValue(forKey: pthread_self()) } }
@@ -179,14 +225,31 @@ final class FakeDriver: CUDADriverAPI {
     }
 
     func deviceCanAccessPeer(_ canAccess: inout Int32, _ device: CUdevice, _ peer: CUdevice) -> CUresult {
-        canAccess = device != peer ? 1 : 0
+        if let code = gate("deviceCanAccessPeer", needsContext: false) { return code }
+        canAccess = link(device, peer)?.access == true ? 1 : 0
+        return CUDA_SUCCESS
+    }
+
+    func deviceGetP2PAttribute(
+        _ value: inout Int32, _ attribute: CUdevice_P2PAttribute, _ source: CUdevice, _ destination: CUdevice
+    ) -> CUresult {
+        if let code = gate("deviceGetP2PAttribute", needsContext: false) { return code }
+        // Like the real driver: a device and itself, or a missing device, is INVALID_DEVICE.
+        guard let link = link(source, destination) else { return CUDA_ERROR_INVALID_DEVICE }
+        switch attribute {
+        case CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK: value = link.performanceRank
+        case CU_DEVICE_P2P_ATTRIBUTE_ACCESS_SUPPORTED, CU_DEVICE_P2P_ATTRIBUTE_CUDA_ARRAY_ACCESS_SUPPORTED:
+            value = link.access ? 1 : 0
+        case CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED: value = link.access && link.nativeAtomics ? 1 : 0
+        default: return CUDA_ERROR_INVALID_VALUE
+        }
         return CUDA_SUCCESS
     }
 
     func primaryContextRetain(_ context: inout CUcontext?, _ device: CUdevice) -> CUresult {
         if let code = gate("primaryContextRetain", needsContext: false) { return code }
         state.withLock { $0.retainedContexts += 1 }
-        context = self.context
+        context = self.context(of: device)
         return CUDA_SUCCESS
     }
 
@@ -212,8 +275,20 @@ final class FakeDriver: CUDADriverAPI {
 
     func contextSynchronize() -> CUresult { gate("contextSynchronize") ?? CUDA_SUCCESS }
 
+    /// Enables access from the current context's device to `peer`'s, as the driver does: INVALID_DEVICE where
+    /// there is no path (or the two are one device), PEER_ACCESS_ALREADY_ENABLED the second time.
     func contextEnablePeerAccess(_ peer: CUcontext, _ flags: UInt32) -> CUresult {
-        gate("contextEnablePeerAccess") ?? CUDA_SUCCESS
+        if let code = gate("contextEnablePeerAccess") { return code }
+        guard flags == 0 else { return CUDA_ERROR_INVALID_VALUE }
+        return state.withLock { s in
+            guard let current = s.current[pthread_self()] else { return CUDA_ERROR_INVALID_CONTEXT }
+            let pair = PeerPair(
+                source: device(of: current), destination: device(of: UInt(bitPattern: Int(bitPattern: peer))))
+            guard link(pair, in: s)?.access == true else { return CUDA_ERROR_INVALID_DEVICE }
+            if s.enabledPeers.contains(pair) { return CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED }
+            s.enabledPeers.append(pair)
+            return CUDA_SUCCESS
+        }
     }
 
     func memAlloc(_ address: inout CUdeviceptr, _ bytes: Int) -> CUresult {
