@@ -46,7 +46,7 @@ OPTIONS = {
     "bench": {"--preset", "--tokens", "--warmup", "--iterations", "--backend", "--device", "--precision",
               "--capacity-factor", "--seed", "--json", "--hidden", "--intermediate", "--experts", "--top-k",
               "--ffn", "--activation", "--router", "--groups", "--groups-kept", "--scaling",
-              "--shared-intermediate", "--ranks"},
+              "--shared-intermediate", "--ranks", "--rank-devices"},
 }
 FLAGS = {"compile": {"--lineinfo", "--no-cache"}, "selftest": {"--compiler-only"},
          "verify": {"--skip-fault-check"}, "run": {"--verbose", "--bias", "--no-bias"},

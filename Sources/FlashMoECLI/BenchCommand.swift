@@ -58,6 +58,11 @@ struct BenchCommand: ReportingCommand {
     @Option(help: "Also run the layer as R expert-parallel ranks on the GPU (tokens split evenly) and compare.")
     var ranks: Int?
 
+    @Option(help: ArgumentHelp(
+        "With --ranks: the GPU of each kernel launch, comma-separated (default: one launch on --device). A GPU may "
+            + "repeat: 0,0 runs two launches side by side on GPU 0.", valueName: "ordinals"))
+    var rankDevices: String?
+
     /// Runs the benchmark on `context`, passing each report line to `emit`; returns the record `--json` writes.
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> BenchmarkRecord {
@@ -124,7 +129,9 @@ struct BenchCommand: ReportingCommand {
         _ ranks: Int, layer: MoELayer, input x: HostTensor, single: BenchmarkResult, warmup: Int, runs: Int,
         emit: (String) -> Void
     ) throws {
-        let dist = try DistributedMoE(layer: layer, ranks: ranks, options: FusedOptions(deviceOrdinal: common.device))
+        let devices = try rankDevices.map(Self.ordinals) ?? [common.device]
+        let dist = try DistributedMoE(
+            layer: layer, ranks: ranks, devices: devices, options: FusedOptions(deviceOrdinal: common.device))
         let s = x.shape[0]
         var parts: [HostTensor] = []
         for r in 0..<ranks {
@@ -134,12 +141,26 @@ struct BenchCommand: ReportingCommand {
         let traffic = dist.traffic(of: try dist.forward(parts))
         let result = try dist.benchmark(inputs: parts, warmup: warmup, iterations: runs)
         let (m, m1) = (result.medianMilliseconds, single.medianMilliseconds)
-        emit("ranks: \(ranks) on one GPU (\(dist.blocksPerRank) blocks each): median \(formatDecimal(m, 3)) ms vs one rank "
+        let placement = devices.count == 1 ? "in one launch on GPU \(devices[0])" : "in \(devices.count) launches on GPUs \(devices)"
+        emit("ranks: \(ranks) \(placement) (\(dist.blocksPerRank) blocks each): median \(formatDecimal(m, 3)) ms vs one rank "
             + "\(formatDecimal(m1, 3)) ms (\(formatDecimal((m / m1 - 1) * 100, 1)) % protocol overhead)")
         for t in traffic {
             emit("  rank \(t.rank): \(t.remoteRows) remote rows, dispatch \(t.dispatchBytes) B + return \(t.returnBytes) B "
                 + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
         }
+    }
+
+    /// "0,0,1" → [0, 0, 1].
+    static func ordinals(_ text: String) throws(CLIError) -> [Int] {
+        var out: [Int] = []
+        for part in text.split(separator: ",") {
+            guard let v = Int(part.filter { $0 != " " }), v >= 0 else {
+                throw CLIError(.invalidValue, "--rank-devices takes GPU ordinals like 0,1 (got \"\(text)\")")
+            }
+            out.append(v)
+        }
+        guard !out.isEmpty else { throw CLIError(.invalidValue, "--rank-devices needs at least one GPU ordinal") }
+        return out
     }
 
     private func tokenCount(_ source: LayerSource) throws(CLIError) -> Int {

@@ -58,7 +58,7 @@ struct VerifyCommand: ParsableCommand {
             }
         }
         if !rankCases.isEmpty {
-            print("expert parallelism, ranks on one GPU: result, case, ranks, tokens per rank, vs oracle, vs one rank, "
+            print("expert parallelism, ranks on one GPU: result, case, ranks R and launches L, tokens per rank, vs oracle, vs one rank, "
                 + "repeats, bytes moved per rank (dispatch + return + signals)")
         }
         for c in rankCases {
@@ -66,7 +66,7 @@ struct VerifyCommand: ParsableCommand {
                 let r = try Verifier.runRanks(c, deviceOrdinal: device)
                 if !r.passed { failures += 1 }
                 let moved = r.traffic.map { "\($0.totalBytes)" }.joined(separator: "/")
-                print((r.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 30) + "R=\(c.ranks) "
+                print((r.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 34) + "R=\(c.ranks) L=\(c.launches) "
                     + "\(c.tokensPerRank) rel.err \(VerifyTable.sci(r.oracle.relativeError)) routing "
                     + "\(r.oracle.routingMismatches == 0 ? "same" : "\(r.oracle.routingMismatches) differ") drops "
                     + "\(r.oracle.droppedGPU)/\(r.oracle.droppedOracle), one rank: "
@@ -155,26 +155,46 @@ struct VerifyCommand: ParsableCommand {
 }
 
 extension VerifyCommand {
-    /// Ranks: a build where the last rank never delivers its rows for expert 0 must end in a `DistributedError`
-    /// naming the waiting rank, the silent source and the expert.
+    /// Ranks: a build where the last rank stops flagging its rows for expert 0 in the second call must end in a
+    /// `DistributedError` naming the waiting rank, the silent source, the expert and the epoch (2), with the first
+    /// call's flag still in place (epoch 1, never cleared) not taken for the second's; once over one launch and once
+    /// over two launches side by side (the per-GPU path), each followed by a good call on a normal operator.
     static func rankFaultCheck(device: Int) -> (Bool, String) {
-        do {
-            let config = MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 4, topK: 2, precision: .bf16)
-            let c = VerificationCase(name: "rank fault", config: config, tokens: 64, seed: 8, forcedExpert: 0)
-            let (layer, x) = try Verifier.makeProblem(c)
-            let dist = try DistributedMoE(
-                layer: layer, ranks: 2,
-                options: FusedOptions(deviceOrdinal: device, waitBudget: .milliseconds(200), injectFault: true))
+        var lines: [String] = []
+        var allOK = true
+        for launches in [1, 2] {
+            let what = "rank hang safety (\(launches) launch\(launches == 1 ? "" : "es"))"
             do {
-                _ = try dist.forward([try x.slice(0..<32), try x.slice(32..<64)])
-                return (false, "FAIL rank hang safety: the fault-injection build finished without an error")
-            } catch let error as DistributedError {
-                let ok = error.missingSource?.rank == 1 && error.missingSource?.expert == 0
-                return (ok, "\(ok ? "PASS" : "FAIL") rank hang safety: typed error: \(error)")
+                let config = MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 4, topK: 2, precision: .bf16)
+                let c = VerificationCase(name: "rank fault", config: config, tokens: 64, seed: 8, forcedExpert: 0)
+                let (layer, x) = try Verifier.makeProblem(c)
+                let parts = [try x.slice(0..<32), try x.slice(32..<64)]
+                let devices = [Int](repeating: device, count: launches)
+                let faulty = try DistributedMoE(
+                    layer: layer, ranks: 2, devices: devices,
+                    options: FusedOptions(deviceOrdinal: device, waitBudget: .milliseconds(200), injectFault: true))
+                // The first call is good (the fault starts with epoch 2): its flags are still there, one epoch old.
+                _ = try faulty.forward(parts)
+                do {
+                    _ = try faulty.forward(parts)
+                    allOK = false
+                    lines.append("FAIL \(what): the fault-injection build finished without an error")
+                } catch let error as DistributedError {
+                    // Then a normal operator on the same GPU must run: nothing was left hanging.
+                    let good = try DistributedMoE(
+                        layer: layer, ranks: 2, devices: devices, options: FusedOptions(deviceOrdinal: device))
+                    _ = try good.forward(parts)
+                    let ok = error.missingSource?.rank == 1 && error.missingSource?.expert == 0 && error.epoch == 2
+                        && error.kernel.seen >> 32 == 1
+                    allOK = allOK && ok
+                    lines.append("\(ok ? "PASS" : "FAIL") \(what): typed error: \(error); a normal call ran after it")
+                }
+            } catch {
+                allOK = false
+                lines.append("FAIL \(what): \(error)")
             }
-        } catch {
-            return (false, "FAIL rank hang safety: \(error)")
         }
+        return (allOK, lines.joined(separator: "\n"))
     }
 }
 

@@ -44,15 +44,15 @@ import Testing
     }
 
     @Test func paramsLayoutMatchesTheKernelStructs() {
-        // 39 pointers + 6 ints + 2 u64 (moe.cu Params), 10 pointers (Peer); the kernel reports both at load time.
-        #expect(FusedParams.byteCount == 352)
+        // 40 pointers + 6 ints + 2 u64 (moe.cu Params), 10 pointers (Peer); the kernel reports both at load time.
+        #expect(FusedParams.byteCount == 360)
         #expect(FusedParams.peerByteCount == 80)
         let bytes = FusedParams.encode(
-            pointers: [UInt64](repeating: 7, count: 39),
+            pointers: [UInt64](repeating: 7, count: 40),
             FusedParams.Scalars(tokens: 5, capacity: 9, rank: 2, gateSplit: 3, rowBlocks: 4, epoch: 11,
                                 budgetNanoseconds: 13))
         #expect(bytes.count == FusedParams.byteCount)
-        #expect(bytes[39 * 8] == 5 && bytes[39 * 8 + 8] == 2 && bytes[39 * 8 + 24] == 11)
+        #expect(bytes[40 * 8] == 5 && bytes[40 * 8 + 8] == 2 && bytes[40 * 8 + 24] == 11)
     }
 
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),

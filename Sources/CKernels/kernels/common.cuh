@@ -92,6 +92,40 @@ FMOE_DEVICE void st_relaxed_u64(u64 *p, u64 v) {
     asm volatile("st.relaxed.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
 }
 
+// System scope, for words another rank reads or writes: with ranks on several GPUs the peer is another device,
+// and a .gpu-scoped access would not be morally strong against it (a data race in the PTX memory model).
+FMOE_DEVICE u64 ld_relaxed_sys_u64(const u64 *p) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+FMOE_DEVICE void st_relaxed_sys_u64(u64 *p, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+}
+FMOE_DEVICE void st_relaxed_sys_u32(u32 *p, u32 v) {
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+FMOE_DEVICE int atom_add_sys_i32(int *p, int v) {
+    int old;
+    asm volatile("atom.relaxed.sys.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+FMOE_DEVICE u32 atom_cas_sys_u32(u32 *p, u32 compare, u32 value) {
+    u32 old;
+    asm volatile("atom.relaxed.sys.global.cas.b32 %0, [%1], %2, %3;\n"
+                 : "=r"(old) : "l"(p), "r"(compare), "r"(value) : "memory");
+    return old;
+}
+
+// Flag access at a compile-time scope: SYS for flags shared between ranks, GPU scope otherwise.
+template <bool SYS> FMOE_DEVICE u64 ld_flag(const u64 *p) { return SYS ? ld_relaxed_sys_u64(p) : ld_relaxed_u64(p); }
+template <bool SYS> FMOE_DEVICE void st_flag(u64 *p, u64 v) {
+    if (SYS) st_relaxed_sys_u64(p, v); else st_relaxed_u64(p, v);
+}
+template <bool SYS> FMOE_DEVICE void fence_at() {
+    if (SYS) fence_sys(); else fence_gpu();
+}
+
 FMOE_DEVICE u64 globaltimer_ns() {
     u64 t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -21,14 +21,17 @@
 // The shared expert is the last expert of the task space: every token is a row of it, and its gate, when present,
 // is an extra row of the router weight.
 //
-// Ranks (FMOE_RANKS = R > 1, expert parallelism; fmoe_forward_ranks): the blocks split into R groups, one per rank,
-// each with its own tokens, buffers and counters; rank r owns a contiguous block of experts. Phase 1 is per rank.
-// Then every rank all-gathers the per-expert counts (capacity follows the global token order, and each expert's
-// rows sit in its owner's receive buffer in global order, so rows, tiles and bits equal one rank's), stores each
-// routed row straight into the owner's receive buffer and advances the owner's (source, expert) row counter after
-// a system-scope fence; an owner's GEMM0 for a row block starts once the sources in that block have delivered. GEMM1
-// epilogues write straight into the source's return buffer and count the token's contribution there; the source
-// combines its own tokens. No grid barrier: every dependency is a flag or a counter with a bounded wait.
+// Ranks (FMOE_RANKS = R > 1, expert parallelism; fmoe_forward_ranks): a launch runs one or more ranks (all R on
+// one GPU, or one GPU's share of them, its blocks split into groups, one per rank), each with its own tokens,
+// buffers and counters; rank r owns a contiguous block of experts. Phase 1 is per rank. Then every rank
+// all-gathers the per-expert counts (capacity follows the global token order, and each expert's rows sit in its
+// owner's receive buffer in global order, so rows, tiles and bits equal one rank's) and stores each routed row
+// straight into the owner's receive buffer. When its last row for an expert is stored, the source fences at
+// system scope and publishes one 8-byte flag (epoch << 32 | rows) in the owner's memory; a pair with no rows gets
+// the same flag with 0 rows. Flags are never cleared: the epoch of the next launch supersedes them. An owner's
+// GEMM0 for a row block starts once the sources in that block have flagged. GEMM1 epilogues write straight into
+// the source's return buffer and count the token's contribution there (system-scope atomics); the source combines
+// its own tokens. No grid barrier: every dependency is a flag or a counter with a bounded wait.
 #include "common.cuh"
 #include "sync.cuh"
 #include "gemm_tile.cuh"
@@ -151,13 +154,14 @@ struct Sync {
     int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
     int dispatch_done;  // ranks: this rank's token tiles dispatched
     int exit_count;  // ranks: blocks of this rank that finished the launch
+    u64 done_epoch;  // ranks: = epoch once every block of this rank finished the launch (read by peers)
 };
 
 // What every rank exposes to the others (peer-mapped device pointers; on one GPU, plain pointers).
 struct Peer {
     T *recv;              // [rows, H] the owner's receive buffer: the rows routed to its experts
     int *row_origin;      // [rows] (source rank << 24) | (token · K + j) of each received row
-    int *rows_written;    // [RANKS, E_LOCAL_MAX] rows received from each source for each local expert
+    u64 *row_flags;       // [RANKS, E_LOCAL_MAX] (epoch << 32 | rows) from each source for each local expert
     int *all_counts;      // [RANKS, E] every rank's per-expert token counts (the all-gather)
     u64 *count_flags;     // [RANKS] epoch once a rank's counts are in all_counts
     float *ret;           // [S·K, H] the source's return buffer: expert outputs of its (token, j) pairs
@@ -207,6 +211,7 @@ struct Params {
     ErrorRecord *err;
     const Peer *peers;     // ranks: [RANKS] every rank's exchange buffers (this rank's among them)
     u64 *tile_dispatched;  // ranks: [tiles] epoch once a token tile's rows and targets are out
+    int *rows_sent;        // ranks: [E] this rank's rows stored into their owners so far (per launch)
     int tokens;            // S (this rank's tokens)
     int capacity;          // per-expert capacity over all ranks' tokens (INT_MAX when dropless)
     int rank;              // this rank
@@ -403,7 +408,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
 // other GPUs).
 FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     for (int i = threadIdx.x; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
-    for (int i = threadIdx.x; i < RANKS * E_LOCAL_MAX; i += THREADS) p.peers[p.rank].rows_written[i] = 0;
+    for (int i = threadIdx.x; i < E; i += THREADS) p.rows_sent[i] = 0;
     if (threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
@@ -420,7 +425,7 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     __syncthreads();
     if (threadIdx.x < RANKS) {
         fence_sys();
-        st_relaxed_u64(&p.peers[threadIdx.x].count_flags[p.rank], p.epoch);
+        st_relaxed_sys_u64(&p.peers[threadIdx.x].count_flags[p.rank], p.epoch);
     }
 }
 
@@ -435,8 +440,8 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     if (threadIdx.x < RANKS) {
         // Acquire (system scope: the flag may come from another GPU); the barrier below orders every thread's
         // reads of the counts after it.
-        if (!wait_at_least(&p.peers[p.rank].count_flags[threadIdx.x], p.epoch, p.err, p.budget_ns,
-                           FMOE_PHASE_COUNTS, threadIdx.x, p.rank))
+        if (!wait_at_least<true>(&p.peers[p.rank].count_flags[threadIdx.x], p.epoch, p.err, p.budget_ns,
+                                 FMOE_PHASE_COUNTS, threadIdx.x, p.rank))
             ok = 0;
         fence_sys();
     }
@@ -483,13 +488,40 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     return good;
 }
 
+// Ranks: rows of source rank q that expert e keeps: capacity counts rows in global token order, so the rows of
+// lower ranks come first (from this rank's copy of the all-gathered counts).
+FMOE_DEVICE int kept_rows(const Params &p, int q, int e) {
+    int before = 0;
+    for (int r = 0; r < q; ++r) before += p.peers[p.rank].all_counts[r * E + e];
+    const int c = p.peers[p.rank].all_counts[q * E + e];
+    const int kept = p.capacity - before;
+    return kept < 0 ? 0 : (kept > c ? c : kept);
+}
+
+// Ranks: this rank's flag for expert e, in the owner's memory: (epoch << 32) | rows. The caller has released
+// every row of the pair at system scope (or there are none). One store per (source, expert) per launch.
+FMOE_DEVICE void publish_rows(const Params &p, int e, int rows) {
+    const int q = owner_of(e);
+#if FMOE_INJECT_FAULT == 2
+    // Test builds: from the second launch on, the last rank never flags expert 0, so the owner still sees the
+    // previous epoch's flag (with its row count) and must not take it for this one.
+    if (p.rank == RANKS - 1 && e == 0 && p.epoch >= 2) return;
+#endif
+    st_relaxed_sys_u64(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows);
+}
+
 // Ranks: this rank's token tiles go out. Per token: its target and pending count, then every kept pair's row is
-// stored straight into the owner's receive buffer with its origin, and the owner's counter for (this rank, expert)
-// is advanced after a system-scope fence (release). The tile's flag tells the shared expert its tokens are ready.
+// stored straight into the owner's receive buffer with its origin. Each stored row counts in this rank's
+// rows_sent[e] after a system-scope fence (release); the store that completes the expert's kept rows fences
+// again (acquiring the other warps' rows through the counter) and publishes the owner's flag. Experts this rank
+// sends nothing get an empty flag at once. The tile's flag tells the shared expert its tokens are ready.
 FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
     int *dest = (int *)smem;  // [BT·K] (owner row, or −1) of each pair of the tile
     const int tiles = (p.tokens + BT - 1) / BT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (cta() == 0)
+        for (int e = threadIdx.x; e < E; e += THREADS)
+            if (kept_rows(p, p.rank, e) == 0) publish_rows(p, e, 0);
     for (int tile = cta(); tile < tiles; tile += ctas()) {
         const int lt = threadIdx.x, t = tile * BT + lt;
         if (lt < BT && t < p.tokens) {
@@ -530,12 +562,11 @@ FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
             if (lane == 0) o.row_origin[row] = (p.rank << 24) | (t * K + i % K);
             __syncwarp();
             if (lane == 0) {
-#if FMOE_INJECT_FAULT == 2
-                if (!(p.rank == RANKS - 1 && e == 0))  // test builds: the last rank never delivers expert 0's rows
-#endif
-                {
+                fence_sys();
+                const int kept = kept_rows(p, p.rank, e);
+                if (atomicAdd(&p.rows_sent[e], 1) + 1 == kept) {
                     fence_sys();
-                    atomicAdd(&o.rows_written[p.rank * E_LOCAL_MAX + (e - rank_first(q))], 1);
+                    publish_rows(p, e, kept);
                 }
             }
         }
@@ -548,7 +579,8 @@ FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
     }
 }
 
-// Ranks: waits until every source whose rows fall in row block m of local expert x has delivered them.
+// Ranks: waits until every source whose rows fall in row block m of local expert x has flagged them: the flag
+// of this epoch with the source's row count (acquire, system scope).
 FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
     const int e = rank_first(p.rank) + x;
     const int lo = m * BM, hi = lo + BM;
@@ -558,8 +590,8 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
         int kept = p.capacity - before;
         kept = kept < 0 ? 0 : (kept > c ? c : kept);
         if (kept > 0 && before < hi && before + kept > lo) {
-            if (!wait_at_least_i32(&p.peers[p.rank].rows_written[q * E_LOCAL_MAX + x], kept, p.err, p.budget_ns,
-                                   FMOE_PHASE_DISPATCH, q * E + e, p.rank))
+            if (!wait_at_least<true>(&p.peers[p.rank].row_flags[q * E_LOCAL_MAX + x], (p.epoch << 32) | (u64)kept,
+                                     p.err, p.budget_ns, FMOE_PHASE_DISPATCH, q * E + e, p.rank))
                 return false;
         }
         before += c;
@@ -567,12 +599,55 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
     return true;
 }
 
+// Ranks: the rank's last block out checks that every source flagged every local expert in this epoch with the row
+// count the all-gather announced (empty pairs included), so a lost, stale or miscounted flag is an error.
+FMOE_DEVICE bool check_row_flags(const Params &p) {
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
+    for (int i = threadIdx.x; i < RANKS * local; i += THREADS) {
+        const int q = i / local, e = first + i % local;
+        const u64 *flag = &p.peers[p.rank].row_flags[q * E_LOCAL_MAX + i % local];
+        const u64 want = (p.epoch << 32) | (u64)kept_rows(p, q, e);
+        if (!wait_at_least<true>(flag, p.epoch << 32, p.err, p.budget_ns, FMOE_PHASE_DISPATCH, q * E + e, p.rank)) {
+            ok = 0;
+            break;
+        }
+        const u64 seen = ld_relaxed_sys_u64(flag);
+        if (seen != want) {
+            report_error(p.err, FMOE_ERR_BAD_FLAG, FMOE_PHASE_DISPATCH, q * E + e, p.rank, want, seen);
+            ok = 0;
+            break;
+        }
+    }
+    __syncthreads();
+    return ok != 0;
+}
+
+// Ranks: before this rank writes into any peer for this launch, every peer must have finished the previous one
+// (its last block out stores done_epoch): launches queued back to back on several GPUs (or streams) never
+// overwrite counts, rows or flags a slower peer is still reading.
+FMOE_DEVICE bool wait_peers_done(const Params &p) {
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = 1;
+    __syncthreads();
+    if (threadIdx.x < RANKS && !wait_at_least<true>(&p.peers[threadIdx.x].sync->done_epoch, p.epoch - 1, p.err,
+                                                    p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
+        ok = 0;
+    __syncthreads();
+    return ok != 0;
+}
+
 // The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
 // the scan with the epoch: every block of the rank waits for it before placing or dispatching tokens.
 FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
     stamp(p, 6, true);
     scan_counts(p, tiles);
-    if (RANKS > 1) publish_counts(p, p.row_blocks);
+    if (RANKS > 1) {
+        if (!wait_peers_done(p)) return;  // recorded; the rank's blocks see the abort flag
+        publish_counts(p, p.row_blocks);
+    }
     stamp(p, 7, true);
     __threadfence();
     __syncthreads();
@@ -848,13 +923,14 @@ FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int
         const int *target = RANKS > 1 ? p.peers[q].target : p.target;
         Sync *sync = RANKS > 1 ? p.peers[q].sync : p.sync;
         u64 *list = RANKS > 1 ? p.peers[q].list : p.combine_list;
-        // Release this block's rows (and everything this CTA acquired) before counting; system scope when the
-        // source may be another GPU.
-        if (RANKS > 1) fence_sys(); else fence_gpu();
-        if (atomicAdd(&pending[t], 1) + 1 == target[t]) {
-            if (RANKS > 1) fence_sys(); else fence_gpu();  // acquire the other contributions, then publish
-            const int pos = atomicAdd(&sync->list_tail, 1);
-            st_relaxed_u64(&list[pos], (p.epoch << 32) | (u64)t);
+        // Release this block's rows (and everything this CTA acquired) before counting. Ranks: the source may be
+        // another GPU, so the fences and the atomics on its counters are system-scoped.
+        constexpr bool SYS = RANKS > 1;
+        fence_at<SYS>();
+        if ((SYS ? atom_add_sys_i32(&pending[t], 1) : atomicAdd(&pending[t], 1)) + 1 == target[t]) {
+            fence_at<SYS>();  // acquire the other contributions, then publish
+            const int pos = SYS ? atom_add_sys_i32(&sync->list_tail, 1) : atomicAdd(&sync->list_tail, 1);
+            st_flag<SYS>(&list[pos], (p.epoch << 32) | (u64)t);
         }
     }
 }
@@ -874,7 +950,7 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
             const u64 start = globaltimer_ns();
             u32 spins = 0;
             for (;;) {
-                const u64 v = ld_relaxed_u64(&p.combine_list[pos]);
+                const u64 v = ld_flag<(RANKS > 1)>(&p.combine_list[pos]);  // ranks: pushed by peers
                 if (v >= (p.epoch << 32)) { fence_sys(); token = (int)(v & 0xffffffffull); break; }
                 if (RANKS > 1) {
                     // Ranks: the count of this rank's tokens to combine is final once all its tiles are dispatched.
@@ -1028,17 +1104,23 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         if (!rank_layout(p, L)) return;
         dispatch_phase(p, L, smem);
         if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
-        // The rank's last block out resets the gate counters for the next launch: every block of the rank has
-        // left the gate phase by then.
+        // The rank's last block out checks every flag it received, resets the gate counters for the next launch
+        // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
+        __shared__ int s_last_out;
         __syncthreads();
         if (threadIdx.x == 0) {
             fence_gpu();
-            if (atomicAdd(&p.sync->exit_count, 1) == ctas() - 1) {
-                p.sync->gate_ticket = 0;
-                p.sync->tiles_done = 0;
-                p.sync->exit_count = 0;
-                for (int i = 0; i < (p.tokens + BT - 1) / BT; ++i) p.tile_done[i] = 0;
-            }
+            s_last_out = atomicAdd(&p.sync->exit_count, 1) == ctas() - 1;
+            if (s_last_out) fence_gpu();
+        }
+        __syncthreads();
+        if (s_last_out && check_row_flags(p) && threadIdx.x == 0) {
+            p.sync->gate_ticket = 0;
+            p.sync->tiles_done = 0;
+            p.sync->exit_count = 0;
+            for (int i = 0; i < (p.tokens + BT - 1) / BT; ++i) p.tile_done[i] = 0;
+            fence_sys();
+            st_relaxed_sys_u64(&p.sync->done_epoch, p.epoch);
         }
     }
 }
@@ -1052,15 +1134,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
     forward(p, smem);
 }
 
-// Ranks on one GPU (or this GPU's share of them): blocks [r·blocks_per_rank, (r+1)·blocks_per_rank) run rank r
-// with its parameters from the table. One cooperative launch keeps every rank co-resident.
+// The ranks this launch runs (all R on one GPU, or this GPU's share): blocks [i·blocks_per_rank,
+// (i+1)·blocks_per_rank) run the i-th rank of the table with its parameters. The epoch is an argument, so the
+// table is written once per input shape and launches can be queued back to back. Co-residency: a cooperative
+// launch per GPU (or, for several launches sharing one GPU, grids that fit on it together).
 extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
-                                                                           int blocks_per_rank) {
+                                                                           int blocks_per_rank, u64 epoch) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
     if (threadIdx.x == 0) {
         sp = table[blockIdx.x / blocks_per_rank];
+        sp.epoch = epoch;
         s_cta = blockIdx.x % blocks_per_rank;
         s_ctas = blocks_per_rank;
     }

@@ -22,6 +22,7 @@ struct ErrorRecord {
 #define FMOE_ERR_TIMEOUT 1u
 #define FMOE_ERR_ABORTED 2u
 #define FMOE_ERR_BAD_EXPERT 3u
+#define FMOE_ERR_BAD_FLAG 4u     // a (source, expert) flag of this epoch carried the wrong row count
 
 #define FMOE_PHASE_SCAN 1u       // waiting for the routing scan to be published
 #define FMOE_PHASE_BARRIER 2u    // grid barrier
@@ -30,33 +31,39 @@ struct ErrorRecord {
 #define FMOE_PHASE_RETURN 5u     // waiting for a peer's returned results
 #define FMOE_PHASE_COMBINE 6u    // waiting for a token to be pushed to the combine list
 #define FMOE_PHASE_COUNTS 7u     // waiting for a rank's per-expert counts (index = that rank)
+#define FMOE_PHASE_PEER_DONE 8u  // waiting for a peer to finish the previous launch (index = that rank)
 
+// The abort flag may be raised by a rank on another GPU: a volatile load (relaxed, system scope) sees it.
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {
     return *(volatile const u32 *)&err->abort != 0;
 }
 
+// First error wins. System-scope atomics: with ranks on several GPUs all of them share one record (on the first
+// GPU), so the claim and the abort flag must be atomic against every device.
 FMOE_DEVICE void report_error(ErrorRecord *err, u32 code, u32 phase, u32 index, u32 rank, u64 expected, u64 seen) {
-    if (atomicCAS(&err->code, 0u, code) == 0u) {
+    if (atom_cas_sys_u32(&err->code, 0u, code) == 0u) {
         err->phase = phase;
         err->index = index;
         err->rank = rank;
         err->expected = expected;
         err->seen = seen;
     }
-    __threadfence();
-    atomicExch(&err->abort, 1u);
+    __threadfence_system();
+    st_relaxed_sys_u32(&err->abort, 1u);
 }
 
 // Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag). Returns false when the budget
 // expired or another thread aborted; the caller must then leave the kernel. Acquire: the fence after the
-// successful load orders the caller's later reads after the writer's release.
+// successful load orders the caller's later reads after the writer's release. SYS: the flag is written by another
+// rank (maybe another GPU), so the load and the fence are system-scoped.
+template <bool SYS = false>
 FMOE_DEVICE bool wait_at_least(const u64 *flag, u64 target, ErrorRecord *err, u64 budget_ns, u32 phase, u32 index,
                                u32 rank) {
-    u64 seen = ld_relaxed_u64(flag);
+    u64 seen = ld_flag<SYS>(flag);
     if (seen < target) {
         const u64 start = globaltimer_ns();
         u32 spins = 0;
-        while ((seen = ld_relaxed_u64(flag)) < target) {
+        while ((seen = ld_flag<SYS>(flag)) < target) {
             if (aborted(err)) return false;
             if ((++spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {
                 report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, target, seen);
@@ -65,27 +72,7 @@ FMOE_DEVICE bool wait_at_least(const u64 *flag, u64 target, ErrorRecord *err, u6
             __nanosleep(64);
         }
     }
-    fence_gpu();
-    return true;
-}
-
-// The same for a 32-bit counter that is reset between launches (per-launch row counts).
-FMOE_DEVICE bool wait_at_least_i32(const int *counter, int target, ErrorRecord *err, u64 budget_ns, u32 phase,
-                                   u32 index, u32 rank) {
-    int seen = ld_relaxed_i32(counter);
-    if (seen < target) {
-        const u64 start = globaltimer_ns();
-        u32 spins = 0;
-        while ((seen = ld_relaxed_i32(counter)) < target) {
-            if (aborted(err)) return false;
-            if ((++spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {
-                report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, (u64)target, (u64)seen);
-                return false;
-            }
-            __nanosleep(64);
-        }
-    }
-    fence_sys();
+    fence_at<SYS>();
     return true;
 }
 

@@ -144,6 +144,18 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
             stream == nil ? "cuMemsetD8_v2" : "cuMemsetD8Async")
     }
 
+    /// Sets the `count` bytes from byte `offset` to `value` (`cuMemsetD8`).
+    public func fill(byte value: UInt8, at offset: Int, count n: Int, stream: CUDAStream? = nil) throws(CUDAError) {
+        guard offset >= 0, n >= 0, offset <= byteCount, n <= byteCount - offset else {
+            throw .invalidArgument("fill of bytes \(offset)..<\(offset + n) is outside the buffer's \(byteCount) bytes")
+        }
+        guard n > 0 else { return }
+        try device.makeCurrent()
+        try device.driver.check(
+            device.driver.memsetD8(address + UInt64(offset), value, n, stream?.handle),
+            stream == nil ? "cuMemsetD8_v2" : "cuMemsetD8Async")
+    }
+
     /// Sets every 32-bit word of the buffer to `value` (`cuMemsetD32`); e.g. `Float(1).bitPattern`.
     public func fill(word value: UInt32, stream: CUDAStream? = nil) throws(CUDAError) {
         guard byteCount % 4 == 0 else {

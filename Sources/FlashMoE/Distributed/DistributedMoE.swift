@@ -2,15 +2,17 @@ import CCUDA
 import Synchronization
 
 /// Expert parallelism inside the one persistent kernel: the layer's experts are spread over R ranks, each rank
-/// has its own tokens, and one launch moves tokens to their experts' owners and results back by itself.
+/// has its own tokens, and the kernel moves tokens to their experts' owners and results back by itself.
 ///
-/// Today the ranks share one GPU (all blocks of one cooperative launch, split into R groups): the protocol, the
-/// buffers and the device code are those of R GPUs with peer-mapped memory, only the pointers are local. Each rank
-/// routes its tokens, the ranks all-gather their per-expert counts (capacity drops follow the global token order,
-/// exactly the oracle's rule), each source stores its routed rows straight into the owner's receive buffer and
-/// advances the owner's (source, expert) counter; an owner starts a row block's GEMMs as soon as the sources in
-/// that block have delivered; results go straight back into the source's return buffer and the source combines
-/// its tokens in top-k rank order. With the same global tokens the outputs are bitwise those of one rank.
+/// The ranks run in one launch per entry of the launch plan: all of them in one cooperative launch on one GPU, one
+/// launch per GPU with peer-mapped memory (`devices: [0, 1, …]`; GPUs that cannot reach each other with native
+/// atomics are refused with a `PeerAccessError`), or several launches side by side on one GPU (`[0, 0]`), which
+/// runs the per-GPU path there. Each rank routes its tokens, the ranks all-gather their per-expert counts
+/// (capacity drops follow the global token order, exactly the oracle's rule), each source stores its routed rows
+/// straight into the owner's receive buffer and, after its last row for an expert, publishes one 8-byte flag
+/// (epoch, rows) in the owner's memory; an owner starts a row block's GEMMs as soon as the sources in that block
+/// have flagged; results go straight back into the source's return buffer and the source combines its tokens in
+/// top-k rank order. With the same global tokens the outputs are bitwise those of one rank.
 public final class DistributedMoE: @unchecked Sendable {
     // @unchecked: immutable handles plus `state`, a Mutex.
 
@@ -18,55 +20,97 @@ public final class DistributedMoE: @unchecked Sendable {
     public let layer: MoELayer
     /// Where each expert lives.
     public let placement: ExpertPlacement
+    /// Which launch (GPU) runs which ranks.
+    public let plan: RankLaunchPlan
+    /// The operator's options (`deviceOrdinal` is the GPU when no device list is given).
     public let options: FusedOptions
-    /// Blocks of each rank in the launch.
+    /// Blocks of each rank in its launch.
     public let blocksPerRank: Int
-    /// The device all ranks run on.
-    public var device: CUDADevice { kernel.device }
+    /// The GPU of the first launch (it holds the shared error record).
+    public var device: CUDADevice { launches[0].kernel.device }
 
-    private let kernel: FusedKernel
+    /// One kernel launch: its GPU, kernel, stream and the control words of its ranks.
+    private struct Launch {
+        let kernel: FusedKernel
+        let ranks: Range<Int>
+        /// Blocking (legacy-synchronising) stream: uploads and memsets on the default stream stay ordered with the
+        /// launch, while launches sharing a GPU run side by side.
+        let stream: CUDAStream
+        /// Per rank a 256-byte `Sync`, then 256 bytes for the error record (used on launch 0 only).
+        let control: DeviceBuffer<UInt8>
+        /// Alone on its GPU: a cooperative launch guarantees co-residency. Sharing a GPU: plain launches whose grids
+        /// fit on it together.
+        let cooperative: Bool
+        let start: CUDAEvent
+        let stop: CUDAEvent
+        /// The kernel's `Params` of this launch's ranks, then the `Peer` table (a copy on every GPU).
+        let table: DeviceBuffer<UInt8>
+        let peers: DeviceBuffer<UInt8>
+        func syncAddress(rank r: Int) -> UInt64 { control.address + UInt64(256 * (r - ranks.lowerBound)) }
+        var errorRecordAddress: UInt64 { control.address + UInt64(256 * ranks.count) }
+    }
+
     private let specialization: FusedSpecialization
+    private let launches: [Launch]
+    /// Per rank, its experts' weights on its launch's GPU.
     private let weights: [FusedDeviceWeights]
-    /// Per rank a 256-byte `Sync`, then one shared error record.
-    private let control: DeviceBuffer<UInt8>
 
     private struct State {
         var tokens: [Int] = []
         var workspaces: [FusedWorkspace] = []
         var arenas: [DeviceBuffer<UInt8>] = []
-        var peers: DeviceBuffer<UInt8>?
-        var table: DeviceBuffer<UInt8>?
         var epoch: UInt64 = 0
     }
     private let state = Mutex(State())
 
     /// - Parameters:
     ///   - ranks: R; the experts are placed in contiguous blocks.
-    ///   - options: as for `FusedMoE` (`injectFault` makes the last rank never deliver its rows for expert 0).
-    public init(layer: MoELayer, ranks: Int, options: FusedOptions = FusedOptions()) throws {
+    ///   - devices: the GPU of each launch (nil: one launch on `options.deviceOrdinal`); see `RankLaunchPlan`.
+    ///   - options: as for `FusedMoE` (`injectFault`: from the second call on, the last rank never flags its rows
+    ///     for expert 0).
+    public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
-        specialization = try FusedSpecialization(
+        let p = try RankLaunchPlan(ranks: ranks, devices: devices ?? [options.deviceOrdinal])
+        plan = p
+        let spec = try FusedSpecialization(
             config: layer.config, stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0)
-        kernel = try FusedKernel(
-            specialization: specialization, entry: FusedSpecialization.ranksKernelName,
-            deviceOrdinal: options.deviceOrdinal)
-        blocksPerRank = kernel.gridLimit / ranks
-        guard blocksPerRank >= 1 else {
-            throw MoEError(.unsupported, "\(ranks) ranks need \(ranks) co-resident blocks; the GPU holds \(kernel.gridLimit)")
+        specialization = spec
+        let kernels = try p.devices.map {
+            try FusedKernel(specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: $0)
         }
-        let (place, k) = (placement, kernel)
+        // Ranks on different GPUs store into each other's buffers and count with system-scope atomics.
+        try PeerAccess.connect(kernels.map(\.device))
+        // Launches that share a GPU share its SMs: every rank gets the same block count, so the gate's split and
+        // the work per rank do not depend on where a rank runs.
+        var perRank = Int.max
+        for (l, k) in kernels.enumerated() { perRank = min(perRank, k.gridLimit / p.ranks(onDevice: p.devices[l])) }
+        guard perRank >= 1 else {
+            throw MoEError(.unsupported, "\(ranks) ranks need \(ranks) co-resident blocks; a GPU of the plan holds fewer")
+        }
+        blocksPerRank = perRank
+        let place = placement
+        launches = try kernels.enumerated().map { l, k in
+            let mine = p.ranks(of: l)
+            let control = try DeviceBuffer<UInt8>(device: k.device, count: 256 * mine.count + 256)
+            try control.fill(byte: 0)
+            return Launch(
+                kernel: k, ranks: mine, stream: try CUDAStream(device: k.device, nonBlocking: false), control: control,
+                cooperative: !p.sharesDevice(l), start: try CUDAEvent(device: k.device), stop: try CUDAEvent(device: k.device),
+                table: try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount * mine.count),
+                peers: try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * ranks))
+        }
+        let ls = launches
         weights = try (0..<ranks).map { r in
-            try FusedDeviceWeights(layer: layer, experts: place.experts(of: r), device: k.device, packRows: k.packRows)
+            let k = ls[p.launch(of: r)].kernel
+            return try FusedDeviceWeights(layer: layer, experts: place.experts(of: r), device: k.device, packRows: k.packRows)
         }
-        control = try DeviceBuffer<UInt8>(device: kernel.device, count: 256 * ranks + 256)
-        try control.fill(byte: 0)
     }
 
     /// The gate's K split for `tokens` global tokens (pass it to a single-rank `FusedMoE` for a bitwise comparison).
     public func gateSplit(totalTokens: Int) -> Int {
-        options.gateSplit ?? kernel.gateSplit(tokens: totalTokens, blocks: blocksPerRank * placement.ranks)
+        options.gateSplit ?? launches[0].kernel.gateSplit(tokens: totalTokens, blocks: blocksPerRank * placement.ranks)
     }
 
     /// One forward on every rank: `inputs[r]` is rank r's tokens [S_r, H] (S_r may be 0). Returns each rank's
@@ -75,25 +119,39 @@ public final class DistributedMoE: @unchecked Sendable {
         try check(inputs)
         return try state.withLock { st in
             try prepare(&st, inputs)
-            try launch(&st)
-            try device.synchronize()
+            try launchAll(&st)
+            try synchronizeAll()
             try checkError(&st)
             return try (0..<placement.ranks).map { try readOutput(st, rank: $0) }
         }
     }
 
-    /// Times `iterations` launches (CUDA events around each, after `warmup`) on the same inputs.
+    /// Times `iterations` forwards (after `warmup`) on the same inputs: CUDA events around each launch on its own
+    /// stream; a sample is the slowest launch's interval (the launches start within microseconds of each other).
     public func benchmark(inputs: [HostTensor], warmup: Int, iterations: Int) throws -> BenchmarkResult {
         try check(inputs)
         return try state.withLock { st in
             try prepare(&st, inputs)
-            let samples = try FusedIO.time(device: device, warmup: warmup, iterations: iterations) { _ in
-                try launch(&st)
+            for _ in 0..<max(warmup, 0) {
+                try launchAll(&st)
+                try synchronizeAll()
+            }
+            var samples: [Double] = []
+            for _ in 0..<max(iterations, 1) {
+                try launchAll(&st, timed: true)
+                var slowest = 0.0
+                for l in launches {
+                    try l.stop.synchronize()
+                    slowest = max(slowest, try l.stop.elapsedMilliseconds(since: l.start))
+                }
+                samples.append(slowest)
             }
             try checkError(&st)
+            let how = plan.launches == 1
+                ? "one cooperative launch (\(placement.ranks) ranks × \(blocksPerRank) blocks)"
+                : "\(plan.launches) launches on GPUs \(plan.devices) (\(blocksPerRank) blocks per rank), the slowest one"
             return BenchmarkResult(
-                samples: samples,
-                method: "CUDA events around each cooperative launch (\(placement.ranks) ranks × \(blocksPerRank) blocks)",
+                samples: samples, method: "CUDA events around \(how)",
                 workspaceBytes: st.workspaces.reduce(0) { $0 + $1.byteCount })
         }
     }
@@ -107,10 +165,11 @@ public final class DistributedMoE: @unchecked Sendable {
             for (e, slot) in zip(out.routing.expertIDs, out.routing.slots) where e >= 0 && slot >= 0 {
                 if placement.owner(of: Int(e)) != r { remote += 1 }
             }
+            let remoteExperts = c.experts - placement.experts(of: r).count
             let gather = (placement.ranks - 1) * (c.experts * 4 + 8)
             return RankTraffic(
                 rank: r, remoteRows: remote, dispatchBytes: remote * c.hiddenSize * element,
-                returnBytes: remote * c.hiddenSize * 4, signalBytes: remote * 8 + gather)
+                returnBytes: remote * c.hiddenSize * 4, signalBytes: remoteExperts * 8 + gather + remote * 4)
         }
     }
 
@@ -127,7 +186,15 @@ public final class DistributedMoE: @unchecked Sendable {
         }
     }
 
+    private func device(ofRank r: Int) -> CUDADevice { launches[plan.launch(of: r)].kernel.device }
+
+    private func synchronizeAll() throws {
+        for l in launches { try l.stream.synchronize() }
+    }
+
+    /// Sizes the arenas (regrown for more tokens), writes every launch's parameter table and uploads the inputs.
     private func prepare(_ st: inout State, _ inputs: [HostTensor]) throws {
+        try synchronizeAll()
         let c = layer.config
         let tokens = inputs.map { $0.shape[0] }
         let total = tokens.reduce(0, +)
@@ -144,69 +211,106 @@ public final class DistributedMoE: @unchecked Sendable {
                     rowCapacity: max(total, 1) * min(c.topK, placement.experts(of: r).count),
                     gridBlocks: blocksPerRank, ranks: placement.ranks, localExperts: placement.experts(of: r).count)
             }
-            st.arenas = try st.workspaces.map { ws in
-                let a = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
+            st.arenas = try (0..<placement.ranks).map { r in
+                let a = try DeviceBuffer<UInt8>(device: device(ofRank: r), count: st.workspaces[r].byteCount)
                 try a.fill(byte: 0)
                 return a
             }
-            // Every rank's exchange buffers, as the kernel's Peer table.
+            // Every rank's exchange buffers, as the kernel's Peer table (the same addresses on every GPU: UVA).
             var peerBytes: [UInt8] = []
             for r in 0..<placement.ranks {
                 let ws = st.workspaces[r], base = st.arenas[r].address
                 func at(_ region: FusedWorkspace.Region) -> UInt64 { base + UInt64(ws.offset(region)) }
                 peerBytes += FusedParams.encodePeer([
-                    at(.recv), at(.rowOrigin), at(.rowsWritten), at(.allCounts), at(.countFlags), at(.ret),
-                    at(.pending), at(.target), at(.combineList), control.address + UInt64(256 * r),
+                    at(.recv), at(.rowOrigin), at(.rowFlags), at(.allCounts), at(.countFlags), at(.ret),
+                    at(.pending), at(.target), at(.combineList), launches[plan.launch(of: r)].syncAddress(rank: r),
                 ])
             }
-            let peers = try DeviceBuffer<UInt8>(device: device, count: peerBytes.count)
-            try peers.upload(peerBytes)
-            st.peers = peers
-            st.table = try DeviceBuffer<UInt8>(device: device, count: FusedParams.byteCount * placement.ranks)
-            try control.fill(byte: 0)
+            for l in launches {
+                try l.peers.upload(peerBytes)
+                try l.control.fill(byte: 0)
+            }
             st.epoch = 0
         }
+        try writeTables(st, tokens: tokens)
         for (r, x) in inputs.enumerated() where tokens[r] > 0 {
             let converted = x.converted(to: c.precision.storage)
             try converted.withUnsafeBytes { try st.arenas[r].upload($0, at: st.workspaces[r].offset(.x)) }
             if options.poisonOutput {
                 try FusedIO.poison(st.arenas[r], offset: st.workspaces[r].offset(.y), floats: tokens[r] * c.hiddenSize,
-                                   device: device)
+                                   device: device(ofRank: r))
             }
         }
         st.tokens = tokens
     }
 
-    private func launch(_ st: inout State) throws {
-        st.epoch += 1
+    /// Each launch's `Params` table for these token counts. The epoch is a launch argument, so the tables stay
+    /// valid for every launch until the token counts change.
+    private func writeTables(_ st: State, tokens: [Int]) throws {
         let c = layer.config
-        let total = st.tokens.reduce(0, +)
+        let total = tokens.reduce(0, +)
         let capacity = c.capacity.perExpert(tokens: total, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
         let split = gateSplit(totalTokens: total)
-        guard let peers = st.peers, let table = st.table else { return }
-        var bytes: [UInt8] = []
-        for r in 0..<placement.ranks {
-            let ws = st.workspaces[r], base = st.arenas[r].address
-            let pointers = ws.pointers(
-                base: base, x: base + UInt64(ws.offset(.x)), weights: weights[r],
-                control: control.address + UInt64(256 * r), errorRecord: control.address + UInt64(256 * placement.ranks),
-                peers: peers.address)
-            bytes += FusedParams.encode(
-                pointers: pointers,
-                FusedParams.Scalars(
-                    tokens: st.tokens[r], capacity: capacity, rank: r, gateSplit: split, rowBlocks: ws.rowBlocks,
-                    epoch: st.epoch, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
+        let errorRecord = launches[0].errorRecordAddress
+        for l in launches {
+            var bytes: [UInt8] = []
+            for r in l.ranks {
+                let ws = st.workspaces[r], base = st.arenas[r].address
+                let pointers = ws.pointers(
+                    base: base, x: base + UInt64(ws.offset(.x)), weights: weights[r], control: l.syncAddress(rank: r),
+                    errorRecord: errorRecord, peers: l.peers.address)
+                bytes += FusedParams.encode(
+                    pointers: pointers,
+                    FusedParams.Scalars(
+                        tokens: tokens[r], capacity: capacity, rank: r, gateSplit: split, rowBlocks: ws.rowBlocks,
+                        epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
+            }
+            try l.table.upload(bytes)
         }
-        try table.upload(bytes)
-        try kernel.function.launchCooperative(
-            grid: Dim3(blocksPerRank * placement.ranks), block: Dim3(FusedKernel.threadsPerBlock),
-            sharedBytes: kernel.dynamicSharedBytes,
-            arguments: [.pointer(table.address), .int32(Int32(blocksPerRank))], gridSizedByCaller: true)
+    }
+
+    /// Queues one forward: every launch with the next epoch. No host round trip between launches: a rank waits
+    /// on the device for its peers to finish the previous epoch before it writes into them.
+    private func launchAll(_ st: inout State, timed: Bool = false) throws {
+        if st.epoch >= options.epochWrap {
+            // The flags hold a 32-bit epoch: restart from zeroed counters and flags rather than overflow it.
+            try synchronizeAll()
+            try zeroCounters(st)
+            st.epoch = 0
+        }
+        st.epoch += 1
+        for l in launches {
+            if timed { try l.start.record(on: l.stream) }
+            let arguments: [KernelArgument] = [.pointer(l.table.address), .int32(Int32(blocksPerRank)), .uint64(st.epoch)]
+            let (grid, block) = (Dim3(blocksPerRank * l.ranks.count), Dim3(FusedKernel.threadsPerBlock))
+            if l.cooperative {
+                try l.kernel.function.launchCooperative(
+                    grid: grid, block: block, sharedBytes: l.kernel.dynamicSharedBytes, stream: l.stream,
+                    arguments: arguments, gridSizedByCaller: true)
+            } else {
+                try l.kernel.function.launch(
+                    grid: grid, block: block, sharedBytes: l.kernel.dynamicSharedBytes, stream: l.stream,
+                    arguments: arguments)
+            }
+            if timed { try l.stop.record(on: l.stream) }
+        }
+    }
+
+    /// Zeroes every control word and every arena region after the input (counters, flags and results).
+    private func zeroCounters(_ st: State) throws {
+        for l in launches { try l.control.fill(byte: 0) }
+        for (ws, a) in zip(st.workspaces, st.arenas) {
+            let keep = ws.offset(.y)
+            try a.fill(byte: 0, at: keep, count: ws.byteCount - keep)
+        }
     }
 
     private func checkError(_ st: inout State) throws {
-        guard let error = try FusedIO.takeError(control: control, offset: 256 * placement.ranks, arenas: st.arenas)
+        let first = launches[0]
+        guard let error = try FusedIO.takeError(
+            control: first.control, offset: 256 * first.ranks.count, arenas: st.arenas)
         else { return }
+        for l in launches.dropFirst() { try l.control.fill(byte: 0) }
         st.epoch = 0
         throw DistributedError(kernel: error, placement: placement)
     }
@@ -238,7 +342,8 @@ public final class DistributedMoE: @unchecked Sendable {
     }
 }
 
-/// A rank's bounded wait expired: which rank waited, for which source and expert, in which epoch.
+/// A rank gave up: a bounded wait expired (or a flag was wrong), naming the waiting rank, and for the rows
+/// protocol the source rank, the expert and the epoch.
 public struct DistributedError: Error, Sendable, CustomStringConvertible {
     /// The kernel's record.
     public let kernel: FusedKernelError
@@ -246,17 +351,26 @@ public struct DistributedError: Error, Sendable, CustomStringConvertible {
 
     /// The rank whose wait expired.
     public var waitingRank: Int { kernel.rank }
-    /// For a dispatch wait: the source rank that never delivered, and the expert.
+    /// For a wait on a (source, expert) row flag: the source rank that did not flag, and the expert. The flag
+    /// waits are the dispatch waits whose expected value carries an epoch (epoch << 32 | rows).
     public var missingSource: (rank: Int, expert: Int)? {
-        guard kernel.phase == .dispatch, kernel.index >= 0 else { return nil }
+        guard kernel.phase == .dispatch, kernel.expected >> 32 != 0 else { return nil }
         let e = placement.experts
         return (kernel.index / e, kernel.index % e)
     }
+    /// The launch epoch the waiting rank was in (row-flag waits).
+    public var epoch: UInt64 { kernel.expected >> 32 }
 
     public var description: String {
         if let m = missingSource {
-            return "rank \(waitingRank) gave up waiting for rank \(m.rank)'s rows for expert \(m.expert) "
-                + "(expected \(kernel.expected) rows, saw \(kernel.seen)); the GPU was not left hanging"
+            let (wantRows, seenEpoch, seenRows) = (kernel.expected & 0xFFFF_FFFF, kernel.seen >> 32, kernel.seen & 0xFFFF_FFFF)
+            if kernel.code == 4 {
+                return "rank \(waitingRank) received rank \(m.rank)'s flag for expert \(m.expert) in epoch \(epoch) "
+                    + "with \(seenRows) rows where \(wantRows) were announced: a protocol bug"
+            }
+            return "rank \(waitingRank) gave up waiting for rank \(m.rank)'s rows for expert \(m.expert) in epoch "
+                + "\(epoch) (expected \(wantRows) rows; the flag still held epoch \(seenEpoch) with \(seenRows) rows); "
+                + "the GPU was not left hanging"
         }
         return "rank \(waitingRank): \(kernel)"
     }

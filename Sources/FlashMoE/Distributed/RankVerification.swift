@@ -9,9 +9,14 @@ public struct RankVerificationCase: Sendable, Hashable {
     public var forcedExpert: Int?
     /// Back-to-back forwards whose bits must all equal the first (epochs roll, counters never cleared).
     public var repeats: Int
+    /// Kernel launches the ranks are split over, all on the verified GPU (1: one cooperative launch; more: the
+    /// per-GPU launch path, side by side on one GPU).
+    public var launches: Int
+    /// Launches after which the epoch wraps (`FusedOptions.epochWrap`); small values exercise the wrap.
+    public var epochWrap: UInt64
 
     public init(name: String, config: MoEConfig, tokensPerRank: [Int], seed: UInt64, forcedExpert: Int? = nil,
-                repeats: Int = 1)
+                repeats: Int = 1, launches: Int = 1, epochWrap: UInt64 = UInt64(UInt32.max))
     {
         self.name = name
         self.config = config
@@ -19,6 +24,8 @@ public struct RankVerificationCase: Sendable, Hashable {
         self.seed = seed
         self.forcedExpert = forcedExpert
         self.repeats = repeats
+        self.launches = launches
+        self.epochWrap = epochWrap
     }
 
     public var ranks: Int { tokensPerRank.count }
@@ -43,7 +50,8 @@ public struct RankVerificationResult: Sendable {
 extension Verifier {
     /// The ranks suite: R = 1, 2, 4, 8 on paper-e64 (bf16) with uneven token counts, an empty rank, E not divisible
     /// by R, sigmoid routing with a shared expert, capacity drops by global token order, skew to one rank's experts,
-    /// and 100 back-to-back calls.
+    /// 100 back-to-back calls, and the same protocol over 2 and 4 launches side by side on the GPU (the per-GPU
+    /// path), one of them with 100 calls through two epoch wraps.
     public static func rankCases(seed: UInt64 = 1) -> [RankVerificationCase] {
         var paper = Preset.paperE64.config
         paper.precision = .bf16
@@ -73,12 +81,29 @@ extension Verifier {
                                  seed: seed &+ 5, forcedExpert: 0),
             RankVerificationCase(name: "100 back-to-back calls, R=2", config: small, tokensPerRank: [90, 77],
                                  seed: seed &+ 6, repeats: 100),
+            RankVerificationCase(name: "paper-e64 R=2, 2 launches", config: paper, tokensPerRank: [170, 130],
+                                 seed: seed &+ 1, launches: 2),
+            RankVerificationCase(name: "paper-e64 R=8, 4 launches", config: paper,
+                                 tokensPerRank: [40, 33, 0, 50, 61, 1, 70, 45], seed: seed &+ 1, launches: 4),
+            RankVerificationCase(name: "sigmoid+shared R=4, 2 launches", config: deepseekish,
+                                 tokensPerRank: [70, 64, 0, 123], seed: seed &+ 3, launches: 2),
+            RankVerificationCase(name: "capacity 1.0, R=4, 4 launches", config: capped,
+                                 tokensPerRank: [100, 80, 60, 60], seed: seed &+ 4, launches: 4),
+            RankVerificationCase(name: "100 calls, 2 launches, wrap at 37", config: small, tokensPerRank: [90, 77],
+                                 seed: seed &+ 6, repeats: 100, launches: 2, epochWrap: 37),
         ]
     }
 
-    /// Runs a ranks case on `deviceOrdinal`: the ranks against one rank (bitwise, same gate split) and against the
-    /// oracle, plus repeated calls.
+    /// Runs a ranks case on `deviceOrdinal` (every launch there): the ranks against one rank (bitwise, same gate
+    /// split) and against the oracle, plus repeated calls.
     public static func runRanks(_ c: RankVerificationCase, deviceOrdinal: Int) throws -> RankVerificationResult {
+        try runRanks(c, devices: [Int](repeating: deviceOrdinal, count: max(c.launches, 1)))
+    }
+
+    /// Runs a ranks case with one launch per entry of `devices` (several GPUs, or one repeated); the single-rank
+    /// reference runs on the first.
+    public static func runRanks(_ c: RankVerificationCase, devices: [Int]) throws -> RankVerificationResult {
+        let deviceOrdinal = devices.first ?? 0
         let total = c.tokensPerRank.reduce(0, +)
         let whole = VerificationCase(name: c.name, config: c.config, tokens: total, seed: c.seed, forcedExpert: c.forcedExpert)
         let (layer, x) = try makeProblem(whole)
@@ -89,7 +114,8 @@ extension Verifier {
             start += n
         }
         let dist = try DistributedMoE(
-            layer: layer, ranks: c.ranks, options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true))
+            layer: layer, ranks: c.ranks, devices: devices,
+            options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, epochWrap: c.epochWrap))
         let outs = try dist.forward(parts)
         let joined = try concatenate(outs, hidden: c.config.hiddenSize)
         let single = try FusedMoE(

@@ -5,7 +5,7 @@
 public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Where the wait was.
     public enum Phase: UInt32, Sendable, Hashable {
-        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5, combine = 6, counts = 7
+        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5, combine = 6, counts = 7, peerDone = 8
 
         var what: String {
             switch self {
@@ -16,6 +16,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
             case .returnFlag: "a peer's returned results"
             case .combine: "a token to reach the combine list"
             case .counts: "a rank's per-expert counts"
+            case .peerDone: "a peer rank to finish the previous launch"
             }
         }
     }

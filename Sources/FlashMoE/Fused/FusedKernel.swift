@@ -67,8 +67,8 @@ struct FusedKernel {
 
 /// The kernel's `Params` and `Peer` structs (moe.cu), assembled field by field in their C layout.
 enum FusedParams {
-    /// 39 pointers, six 32-bit ints, two 64-bit ints.
-    static let byteCount = 39 * 8 + 6 * 4 + 2 * 8
+    /// 40 pointers, six 32-bit ints, two 64-bit ints.
+    static let byteCount = 40 * 8 + 6 * 4 + 2 * 8
     /// 10 pointers.
     static let peerByteCount = 10 * 8
 
@@ -84,7 +84,7 @@ enum FusedParams {
     }
 
     static func encode(pointers: [UInt64], _ s: Scalars) -> [UInt8] {
-        precondition(pointers.count == 39, "Params has 39 pointers")  // a programming error, not input
+        precondition(pointers.count == 40, "Params has 40 pointers")  // a programming error, not input
         var bytes: [UInt8] = []
         bytes.reserveCapacity(byteCount)
         for p in pointers { withUnsafeBytes(of: p.littleEndian) { bytes += $0 } }

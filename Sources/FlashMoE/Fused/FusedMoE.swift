@@ -19,11 +19,17 @@ public struct FusedOptions: Sendable, Hashable {
     /// The gate's K split (nil: chosen from the token count and the grid). Fixing it makes runs with different
     /// grids (for example ranks on one GPU) sum the gate's partial products alike, for bitwise comparisons.
     public var gateSplit: Int?
+    /// Launches after which the epoch restarts at 1. The kernel's flags carry the epoch in 32 bits, so before it
+    /// would overflow the host waits for the device, zeroes the counters and flags once and starts over. Tests
+    /// lower it to wrap the epoch within a few calls.
+    public var epochWrap: UInt64
 
     public init(
         deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int = 4, poisonOutput: Bool = false,
-        injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil
+        injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,
+        epochWrap: UInt64 = UInt64(UInt32.max)
     ) {
+        self.epochWrap = max(epochWrap, 1)
         self.deviceOrdinal = deviceOrdinal
         self.waitBudget = waitBudget
         self.stages = stages
@@ -163,6 +169,15 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     private func launch(
         _ st: inout State, _ arena: DeviceBuffer<UInt8>, _ ws: FusedWorkspace, tokens s: Int, x: CUdeviceptr
     ) throws {
+        if st.epoch >= options.epochWrap {
+            // The flags hold a 32-bit epoch: restart from zeroed counters rather than overflow it.
+            try device.synchronize()
+            try control.fill(byte: 0)
+            // Everything after the input (the first region, which this launch may read) is counters and results.
+            let keep = ws.offset(.y)
+            try arena.fill(byte: 0, at: keep, count: ws.byteCount - keep)
+            st.epoch = 0
+        }
         st.epoch += 1
         let c = layer.config
         let capacity = c.capacity.perExpert(tokens: s, experts: c.experts, topK: c.topK) ?? Int(Int32.max)

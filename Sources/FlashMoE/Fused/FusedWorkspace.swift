@@ -3,7 +3,7 @@
 /// Sized for a maximum token count; an operator keeps one arena per rank and regrows it only when a call has more
 /// tokens than any before. Each region starts on a 256-byte boundary (16-byte vector access and coalescing).
 /// The arena is zeroed when allocated: the counters the kernel expects at zero (per-tile gate counters) start
-/// there, and epoch-tagged flags (the ring, the combine list, the count flags) are never cleared afterwards.
+/// there, and epoch-tagged flags (the ring, the combine list, the count and row flags) are never cleared afterwards.
 struct FusedWorkspace: Sendable {
     /// The regions. The first ones are `Params`' pointers in order; the rank exchange buffers follow.
     enum Region: Int, CaseIterable {
@@ -11,7 +11,7 @@ struct FusedWorkspace: Sendable {
         case expertLoad, rowStart, rbStart, task0Start, rowToken, target, pending, done0, done1, ring, combineList
         case hbuf, hs, ybuf, ys
         // Ranks only (one byte otherwise).
-        case recv, rowOrigin, rowsWritten, allCounts, countFlags, ret, tileDispatched
+        case recv, rowOrigin, rowFlags, allCounts, countFlags, ret, tileDispatched, rowsSent
     }
 
     /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe.cu).
@@ -69,11 +69,12 @@ struct FusedWorkspace: Sendable {
             case .ys: shared > 0 ? s * h * 4 : 0
             case .recv: multi ? rows * h * t : 0
             case .rowOrigin: multi ? rows * 4 : 0
-            case .rowsWritten: multi ? ranks * eLocalMax * 4 : 0
+            case .rowFlags: multi ? ranks * eLocalMax * 8 : 0
             case .allCounts: multi ? ranks * e * 4 : 0
             case .countFlags: multi ? ranks * 8 : 0
             case .ret: multi ? s * k * h * 4 : 0
             case .tileDispatched: multi ? tiles * 8 : 0
+            case .rowsSent: multi ? e * 4 : 0
             }
         }
         var offsets: [Int] = []
@@ -92,7 +93,7 @@ struct FusedWorkspace: Sendable {
     /// Byte offset of a region.
     func offset(_ r: Region) -> Int { offsets[r.rawValue] }
 
-    /// The 35 per-rank pointers of `Params` from `x` to `ys`, for an arena at `base` (x may live elsewhere).
+    /// The 40 pointers of `Params`, for an arena at `base` (x may live elsewhere).
     func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
                   peers: UInt64) -> [UInt64]
     {
@@ -104,7 +105,7 @@ struct FusedWorkspace: Sendable {
             at(.sharedGate), at(.tileDone), at(.counts), at(.base), at(.expertLoad), at(.rowStart), at(.rbStart),
             at(.task0Start), at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring),
             at(.combineList), at(.hbuf), at(.hs), at(.ybuf), at(.ys), control, errorRecord, peers,
-            at(.tileDispatched),
+            at(.tileDispatched), at(.rowsSent),
         ]
     }
 }

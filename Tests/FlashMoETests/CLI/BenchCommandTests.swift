@@ -106,4 +106,11 @@ import Testing
         #expect(BenchCommand.Defaults.cudaIterations >= 20 && BenchCommand.Defaults.cudaWarmup >= 3)
         #expect(BenchCommand.Defaults.cpuIterations >= 3)
     }
+
+    @Test func rankDevicesAreOrdinalLists() throws {
+        #expect(try BenchCommand.ordinals("0,0, 1") == [0, 0, 1])
+        #expect(throws: CLIError.self) { try BenchCommand.ordinals("0,x") }
+        #expect(throws: CLIError.self) { try BenchCommand.ordinals(",") }
+        #expect(throws: CLIError.self) { try BenchCommand.ordinals("-1") }
+    }
 }
