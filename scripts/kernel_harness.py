@@ -210,7 +210,7 @@ class Runner:
         self.smem = self.global_int(b'fmoe_dynamic_smem')
         self.pack_rows = self.global_int(b'fmoe_gated_pack_rows')
         self.gate_tiles = self.global_int(b'fmoe_gate_tiles')
-        assert self.global_int(b'fmoe_params_bytes') == 352, 'Params layout changed: update params()'
+        assert self.global_int(b'fmoe_params_bytes') == 360, 'Params layout changed: update params()'
         check(cu.cuFuncSetAttribute(self.fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.smem))
         occ = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.fn, 256, self.smem))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -256,11 +256,11 @@ class Runner:
                 L.ws2k if self.c.shared_i else None, y, w['ids'], w['wts'], w['slot'], w['logits'], w['logits_part'], w['rank'],
                 w['sgate'], w['tile_done'], w['counts'], w['base'], w['load'], w['row_start'], w['rb_start'],
                 w['t0'], w['row_token'], w['target'], w['pending'], w['done0'], w['done1'], w['ring'], w['clist'], w['hbuf'],
-                w['hs'], w['ybuf'], w['ys'], self.sync, self.err, None, None]  # peers, tile_dispatched: ranks only
+                w['hs'], w['ybuf'], w['ys'], self.sync, self.err, None, None, None]  # peers .. rows_sent: ranks only
         self.epoch += 1
         S = x.shape[0]
         gate_split = max(1, min(4, self.grid // (max(1, (S + 127) // 128) * self.gate_tiles)))
-        blob = struct.pack('<39Q', *[ptr(t) for t in ptrs]) + struct.pack(
+        blob = struct.pack('<40Q', *[ptr(t) for t in ptrs]) + struct.pack(
             '<iiiiiiQQ', S, capacity, 0, gate_split, self.row_blocks, 0, self.epoch, budget_ns)
         return blob
 
