@@ -50,7 +50,7 @@ OPTIONS = {
 }
 FLAGS = {"compile": {"--lineinfo", "--no-cache"}, "selftest": {"--compiler-only"},
          "verify": {"--skip-fault-check"}, "run": {"--verbose", "--bias", "--no-bias"},
-         "bench": {"--verbose", "--bias", "--no-bias"}}
+         "bench": {"--verbose", "--bias", "--no-bias", "--phase-times"}}
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 BACKENDS = ("auto", "cpu", "oracle", "cuda")
 

@@ -63,6 +63,9 @@ struct BenchCommand: ReportingCommand {
             + "repeat: 0,0 runs two launches side by side on GPU 0.", valueName: "ordinals"))
     var rankDevices: String?
 
+    @Flag(help: "With --ranks: also time each rank's phases in one launch (a timing build of the kernel).")
+    var phaseTimes = false
+
     /// Runs the benchmark on `context`, passing each report line to `emit`; returns the record `--json` writes.
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> BenchmarkRecord {
@@ -147,6 +150,19 @@ struct BenchCommand: ReportingCommand {
         for t in traffic {
             emit("  rank \(t.rank): \(t.remoteRows) remote rows, dispatch \(t.dispatchBytes) B + return \(t.returnBytes) B "
                 + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
+        }
+        if phaseTimes {
+            let timed = try DistributedMoE(
+                layer: layer, ranks: ranks, devices: devices,
+                options: FusedOptions(deviceOrdinal: common.device, recordPhaseTimes: true))
+            let r = try timed.benchmark(inputs: parts, warmup: warmup, iterations: 5)
+            emit("phase times of the last of \(warmup + 5) launches of the timing build (median "
+                + "\(formatDecimal(r.medianMilliseconds, 3)) ms), µs since the first rank started: start, gate done, "
+                + "counts sent, all counts in, block 0 dispatched, first GEMM0, end")
+            for t in try timed.phaseTimes() {
+                let cols = [t.start, t.gateDone, t.countsSent, t.countsIn, t.dispatchDone, t.firstExpertTask, t.end]
+                emit("  rank \(t.rank): " + cols.map { formatDecimal($0, 1) }.joined(separator: "  "))
+            }
         }
     }
 

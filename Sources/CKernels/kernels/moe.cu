@@ -229,7 +229,9 @@ FMOE_DEVICE int ctas() { return s_ctas; }
 
 // Timing builds record %globaltimer at phase boundaries (block 0, thread 0 unless noted), to place time inside the
 // one launch without profiler counters: 0 start, 1 gate loop left, 2 scan seen, 3 placed, 4 barrier passed, 5 end,
-// 6/7 scan start/end (the scanning block), 8/9 routing of tile 0 start/end (its block).
+// 6/7 scan start/end (the scanning block; ranks: 7 once the counts are sent), 8/9 routing of tile 0 start/end (its
+// block). Ranks also: 10 every rank's counts in, 11 block 0's dispatch done, 12 the first GEMM0 task starts (after
+// its rows arrived; its block), 13 the rank's last block out.
 FMOE_DEVICE void stamp(const Params &p, int i, bool any_block = false) {
 #if FMOE_TIMING
     if (threadIdx.x == 0 && (any_block || cta() == 0)) p.sync->stamps[i] = globaltimer_ns();
@@ -510,18 +512,32 @@ FMOE_DEVICE void publish_rows(const Params &p, int e, int rows) {
     st_relaxed_sys_u64(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows);
 }
 
-// Ranks: this rank's token tiles go out. Per token: its target and pending count, then every kept pair's row is
-// stored straight into the owner's receive buffer with its origin. Each stored row counts in this rank's
-// rows_sent[e] after a system-scope fence (release); the store that completes the expert's kept rows fences
-// again (acquiring the other warps' rows through the counter) and publishes the owner's flag. Experts this rank
-// sends nothing get an empty flag at once. The tile's flag tells the shared expert its tokens are ready.
-FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
-    int *dest = (int *)smem;  // [BT·K] (owner row, or −1) of each pair of the tile
+// Ranks: copies one row (H elements) with every lane's loads in flight before its stores: a plain copy loop
+// would wait out a full memory round trip per 512 bytes (the compiler cannot batch through possibly aliasing
+// pointers), which made dispatch latency-bound.
+FMOE_DEVICE void copy_row(uint4 *dst, const uint4 *src, int lane) {
+    constexpr int V = H * (int)sizeof(T) / 16;  // 16-byte vectors per row
+    constexpr int BATCH = 8;                    // vectors per lane in flight
+    for (int v0 = 0; v0 < V; v0 += 32 * BATCH) {
+        uint4 r[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int v = v0 + b * 32 + lane;
+            if (v < V) r[b] = src[v];
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            const int v = v0 + b * 32 + lane;
+            if (v < V) dst[v] = r[b];
+        }
+    }
+}
+
+// Ranks: dispatch, step 1 (per token tile): each token's global slots, target and pending count, zeros for a
+// token nothing will contribute to; then the tile counts as prepared (dispatch_done) and its flag tells the shared
+// expert its targets are set.
+FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
     const int tiles = (p.tokens + BT - 1) / BT;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (cta() == 0)
-        for (int e = threadIdx.x; e < E; e += THREADS)
-            if (kept_rows(p, p.rank, e) == 0) publish_rows(p, e, 0);
     for (int tile = cta(); tile < tiles; tile += ctas()) {
         const int lt = threadIdx.x, t = tile * BT + lt;
         if (lt < BT && t < p.tokens) {
@@ -535,7 +551,6 @@ FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
                     if (g < p.capacity) { slot = g; ++contributions; }
                 }
                 p.slot_row[(size_t)t * K + j] = slot;  // ranks: the pair's global slot in its expert
-                dest[lt * K + j] = slot < 0 ? -1 : L.owner_row_start[e] + slot;
             }
             p.target[t] = contributions;
             p.pending[t] = 0;
@@ -544,39 +559,90 @@ FMOE_DEVICE void dispatch_phase(const Params &p, const Layout &L, char *smem) {
             } else {
                 atomicAdd(&p.sync->my_total, 1);
             }
-        } else if (lt < BT) {
-#pragma unroll
-            for (int j = 0; j < K; ++j) dest[lt * K + j] = -1;
-        }
-        __threadfence_system();  // targets and pending before any row can arrive at an owner
-        __syncthreads();
-        for (int i = warp; i < BT * K; i += THREADS / 32) {
-            const int row = dest[i];
-            if (row < 0) continue;
-            const int t = tile * BT + i / K, e = p.ids[(size_t)t * K + i % K];
-            const int q = owner_of(e);
-            const Peer &o = p.peers[q];
-            const uint4 *src = (const uint4 *)(p.x + (size_t)t * H);
-            uint4 *dst = (uint4 *)(o.recv + (size_t)row * H);
-            for (int v = lane; v < H * (int)sizeof(T) / 16; v += 32) dst[v] = src[v];
-            if (lane == 0) o.row_origin[row] = (p.rank << 24) | (t * K + i % K);
-            __syncwarp();
-            if (lane == 0) {
-                fence_sys();
-                const int kept = kept_rows(p, p.rank, e);
-                if (atomicAdd(&p.rows_sent[e], 1) + 1 == kept) {
-                    fence_sys();
-                    publish_rows(p, e, kept);
-                }
-            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
+            // Release the tile's targets (to owners on other GPUs too) before counting it prepared.
             fence_sys();
             st_relaxed_u64(&p.tile_dispatched[tile], p.epoch);
             atomicAdd(&p.sync->dispatch_done, 1);
         }
     }
+}
+
+// Ranks: dispatch, step 2 (all blocks of the rank, chunks of DISPATCH_CHUNK (token, j) pairs): every kept pair's
+// row is stored straight into the owner's receive buffer with its origin. After a chunk, one thread per expert
+// present releases the chunk's rows (the block barrier orders every warp's stores before its system-scope fence)
+// and adds the chunk's rows to rows_sent[e]; the addition that completes the expert's kept rows waits until every
+// tile's targets are set (owners count contributions against them), fences again and publishes the owner's flag.
+// Experts this rank sends nothing get an empty flag at once.
+constexpr int DISPATCH_CHUNK = 128;
+FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
+    int *dest = (int *)smem;                // [CHUNK] owner row of the pair, or −1
+    int *expert = dest + DISPATCH_CHUNK;    // [CHUNK]
+    int *rows = expert + DISPATCH_CHUNK;    // [E] rows of the chunk per expert
+    __shared__ int ok;
+    const int tiles = (p.tokens + BT - 1) / BT;
+    const int pairs = p.tokens * K, chunks = (pairs + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) ok = 1;
+    if (cta() == 0)
+        for (int e = threadIdx.x; e < E; e += THREADS)
+            if (kept_rows(p, p.rank, e) == 0) publish_rows(p, e, 0);
+    for (int e = threadIdx.x; e < E; e += THREADS) rows[e] = 0;
+    __syncthreads();
+    for (int c = cta(); c < chunks; c += ctas()) {
+        const int i = c * DISPATCH_CHUNK + (int)threadIdx.x;
+        if (threadIdx.x < DISPATCH_CHUNK) {
+            int row = -1, e = -1;
+            if (i < pairs && (e = p.ids[i]) >= 0) {
+                const int t = i / K;
+                const int g = L.before_me[e] + p.base[(size_t)(t / BT) * E + e] + p.rank_in_tile[i];
+                if (g < p.capacity) {
+                    row = L.owner_row_start[e] + g;
+                    atomicAdd(&rows[e], 1);
+                }
+            }
+            dest[threadIdx.x] = row;
+            expert[threadIdx.x] = e;
+        }
+        __syncthreads();
+        for (int k = warp; k < DISPATCH_CHUNK; k += THREADS / 32) {
+            const int row = dest[k];
+            if (row < 0) continue;
+            const int pair = c * DISPATCH_CHUNK + k;
+            const Peer &o = p.peers[owner_of(expert[k])];
+            copy_row((uint4 *)(o.recv + (size_t)row * H), (const uint4 *)(p.x + (size_t)(pair / K) * H), lane);
+            if (lane == 0) o.row_origin[row] = (p.rank << 24) | pair;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += THREADS) {
+            const int n = rows[e];
+            if (n == 0) continue;
+            rows[e] = 0;
+            fence_sys();
+            const int kept = kept_rows(p, p.rank, e);
+            if (atomicAdd(&p.rows_sent[e], n) + n == kept) {
+                int prepared = ld_relaxed_i32(&p.sync->dispatch_done);
+                const u64 start = globaltimer_ns();
+                while (prepared < tiles) {
+                    if (aborted(p.err)) { ok = 0; break; }
+                    if (globaltimer_ns() - start > p.budget_ns) {
+                        report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_DISPATCH, tiles, p.rank, tiles, prepared);
+                        ok = 0;
+                        break;
+                    }
+                    __nanosleep(64);
+                    prepared = ld_relaxed_i32(&p.sync->dispatch_done);
+                }
+                fence_sys();
+                if (prepared >= tiles) publish_rows(p, e, kept);
+            }
+        }
+        __syncthreads();
+    }
+    __syncthreads();
+    return ok != 0;
 }
 
 // Ranks: waits until every source whose rows fall in row block m of local expert x has flagged them: the flag
@@ -1007,6 +1073,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 }
                 __syncthreads();
                 if (!s_last) return false;
+                if (ticket == 0) stamp(p, 12, true);
             }
             gemm0_task(p, L, x, m, n, smem);
             __threadfence();
@@ -1102,8 +1169,12 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         stamp(p, 5);
     } else {
         if (!rank_layout(p, L)) return;
-        dispatch_phase(p, L, smem);
+        stamp(p, 10);
+        prepare_tiles(p, L);
+        if (!dispatch_rows(p, L, smem)) return;
+        stamp(p, 11);
         if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
+        stamp(p, 5);
         // The rank's last block out checks every flag it received, resets the gate counters for the next launch
         // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
         __shared__ int s_last_out;
@@ -1115,6 +1186,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         }
         __syncthreads();
         if (s_last_out && check_row_flags(p) && threadIdx.x == 0) {
+            stamp(p, 13, true);
             p.sync->gate_ticket = 0;
             p.sync->tiles_done = 0;
             p.sync->exit_count = 0;

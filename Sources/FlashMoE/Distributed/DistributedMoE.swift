@@ -75,7 +75,8 @@ public final class DistributedMoE: @unchecked Sendable {
         let p = try RankLaunchPlan(ranks: ranks, devices: devices ?? [options.deviceOrdinal])
         plan = p
         let spec = try FusedSpecialization(
-            config: layer.config, stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0)
+            config: layer.config, stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
+            phaseTimes: options.recordPhaseTimes)
         specialization = spec
         let kernels = try p.devices.map {
             try FusedKernel(specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: $0)
@@ -170,6 +171,34 @@ public final class DistributedMoE: @unchecked Sendable {
             return RankTraffic(
                 rank: r, remoteRows: remote, dispatchBytes: remote * c.hiddenSize * element,
                 returnBytes: remote * c.hiddenSize * 4, signalBytes: remoteExperts * 8 + gather + remote * 4)
+        }
+    }
+
+    /// Where the last launch spent its time, per rank (needs `FusedOptions.recordPhaseTimes`): microseconds since
+    /// the earliest start among the ranks on the same GPU (%globaltimer, one clock per GPU).
+    public func phaseTimes() throws -> [RankPhaseTimes] {
+        guard options.recordPhaseTimes else {
+            throw MoEError(.invalidConfig, "phase times need an operator built with FusedOptions(recordPhaseTimes: true)")
+        }
+        return try state.withLock { _ in
+            try synchronizeAll()
+            var stamps: [[UInt64]] = []
+            for l in launches {
+                for r in l.ranks {
+                    // Sync: a u64 barrier word, then stamps[16].
+                    let bytes = try l.control.download(count: 128, from: 256 * (r - l.ranks.lowerBound) + 8)
+                    stamps.append((0..<16).map { i in (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[i * 8 + $1]) << (8 * $1) } })
+                }
+            }
+            return (0..<placement.ranks).map { r in
+                let gpu = plan.devices[plan.launch(of: r)]
+                let peers = (0..<placement.ranks).filter { plan.devices[plan.launch(of: $0)] == gpu }
+                let t0 = peers.map { stamps[$0][0] }.min() ?? 0
+                func us(_ i: Int) -> Double { stamps[r][i] >= t0 ? Double(stamps[r][i] - t0) / 1000 : .nan }
+                return RankPhaseTimes(
+                    rank: r, start: us(0), gateDone: us(1), countsSent: us(7), countsIn: us(10), dispatchDone: us(11),
+                    firstExpertTask: us(12), end: us(13))
+            }
         }
     }
 
@@ -340,6 +369,26 @@ public final class DistributedMoE: @unchecked Sendable {
             output: try HostTensor(shape: [s, h], float32: y),
             routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: load.map(Int.init)))
     }
+}
+
+/// One rank's phase boundaries in a launch, in microseconds since the earliest rank start on its GPU.
+public struct RankPhaseTimes: Sendable, Hashable {
+    /// The rank.
+    public let rank: Int
+    /// Its block 0 started.
+    public let start: Double
+    /// Its block 0 ran out of gate tasks.
+    public let gateDone: Double
+    /// Its routing scan was done and its counts sent to every rank (after the peers' previous launch ended).
+    public let countsSent: Double
+    /// Every rank's counts were in (block 0).
+    public let countsIn: Double
+    /// Block 0 finished dispatching its token tiles.
+    public let dispatchDone: Double
+    /// Its first GEMM0 task started: the rows of its first row block had all arrived.
+    public let firstExpertTask: Double
+    /// Its last block left (results combined, flags checked).
+    public let end: Double
 }
 
 /// A rank gave up: a bounded wait expired (or a flag was wrong), naming the waiting rank, and for the rows

@@ -19,6 +19,8 @@ public struct FusedOptions: Sendable, Hashable {
     /// The gate's K split (nil: chosen from the token count and the grid). Fixing it makes runs with different
     /// grids (for example ranks on one GPU) sum the gate's partial products alike, for bitwise comparisons.
     public var gateSplit: Int?
+    /// Ranks: build the kernel that records each rank's phase boundaries (`DistributedMoE.phaseTimes()`).
+    public var recordPhaseTimes: Bool
     /// Launches after which the epoch restarts at 1. The kernel's flags carry the epoch in 32 bits, so before it
     /// would overflow the host waits for the device, zeroes the counters and flags once and starts over. Tests
     /// lower it to wrap the epoch within a few calls.
@@ -27,8 +29,9 @@ public struct FusedOptions: Sendable, Hashable {
     public init(
         deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int = 4, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,
-        epochWrap: UInt64 = UInt64(UInt32.max)
+        epochWrap: UInt64 = UInt64(UInt32.max), recordPhaseTimes: Bool = false
     ) {
+        self.recordPhaseTimes = recordPhaseTimes
         self.epochWrap = max(epochWrap, 1)
         self.deviceOrdinal = deviceOrdinal
         self.waitBudget = waitBudget

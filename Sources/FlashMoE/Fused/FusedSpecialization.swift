@@ -16,6 +16,8 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let injectFault: Int
     /// Timing builds only: 1 stops after routing, 2 after placement (no valid output).
     public let stopAfterPhase: Int
+    /// Timing builds: the kernel records %globaltimer at its phase boundaries (`FMOE_TIMING`); results unchanged.
+    public let phaseTimes: Bool
 
     /// The kernel's entry point on one GPU.
     public static let kernelName = "fmoe_forward"
@@ -25,9 +27,10 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let file = "moe.cu"
 
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
-    public init(config: MoEConfig, stages: Int = 4, ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0)
-        throws(MoEError)
-    {
+    public init(
+        config: MoEConfig, stages: Int = 4, ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0,
+        phaseTimes: Bool = false
+    ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
         guard config.hiddenSize % 8 == 0 else {
@@ -56,6 +59,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.stages = stages
         self.injectFault = injectFault
         self.stopAfterPhase = stopAfterPhase
+        self.phaseTimes = phaseTimes
     }
 
     /// The `-D` defines of this specialisation.
@@ -90,6 +94,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         if ranks > 1 { d["FMOE_RANKS"] = "\(ranks)" }
         if injectFault != 0 { d["FMOE_INJECT_FAULT"] = "\(injectFault)" }
         if stopAfterPhase != 0 { d["FMOE_STOP_AFTER"] = "\(stopAfterPhase)" }
+        if phaseTimes { d["FMOE_TIMING"] = "1" }
         return d
     }
 
