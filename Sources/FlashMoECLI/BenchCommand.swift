@@ -134,7 +134,7 @@ struct BenchCommand: ReportingCommand {
     ) throws {
         let devices = try rankDevices.map(Self.ordinals) ?? [common.device]
         let dist = try DistributedMoE(
-            layer: layer, ranks: ranks, devices: devices, options: FusedOptions(deviceOrdinal: common.device))
+            layer: layer, ranks: ranks, devices: devices, options: cudaOptions(deviceOrdinal: common.device))
         let s = x.shape[0]
         var parts: [HostTensor] = []
         for r in 0..<ranks {
@@ -152,9 +152,9 @@ struct BenchCommand: ReportingCommand {
                 + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
         }
         if phaseTimes {
-            let timed = try DistributedMoE(
-                layer: layer, ranks: ranks, devices: devices,
-                options: FusedOptions(deviceOrdinal: common.device, recordPhaseTimes: true))
+            var options = cudaOptions(deviceOrdinal: common.device)
+            options.recordPhaseTimes = true
+            let timed = try DistributedMoE(layer: layer, ranks: ranks, devices: devices, options: options)
             let r = try timed.benchmark(inputs: parts, warmup: warmup, iterations: 5)
             emit("phase times of the last of \(warmup + 5) launches of the timing build (median "
                 + "\(formatDecimal(r.medianMilliseconds, 3)) ms), µs since the first rank started: start, gate done, "

@@ -7,9 +7,14 @@ import FlashMoE
 /// falls back to the CPU with the error as its reason. `FLASHMOE_WAIT_BUDGET_MS` overrides the kernel's wait budget
 /// (for runs under compute-sanitizer, whose instrumentation slows kernels 10–100×).
 func makeCUDABackend(layer: MoELayer, deviceOrdinal: Int) throws -> any BenchmarkableBackend {
+    try FusedMoE(layer: layer, options: cudaOptions(deviceOrdinal: deviceOrdinal))
+}
+
+/// The GPU operators' options for the commands: GPU `deviceOrdinal`, and `FLASHMOE_WAIT_BUDGET_MS` when set.
+func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     var options = FusedOptions(deviceOrdinal: deviceOrdinal)
     if let text = ProcessEnvironment.current()["FLASHMOE_WAIT_BUDGET_MS"], let ms = Int(text), ms > 0 {
         options.waitBudget = .milliseconds(ms)
     }
-    return try FusedMoE(layer: layer, options: options)
+    return options
 }
