@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import compare  # noqa: E402
 
-SANITIZER_RUNS = ("memcheck", "racecheck", "memcheck-gated")
+SANITIZER_RUNS = ("memcheck", "racecheck", "memcheck-gated", "memcheck-ranks")
 
 
 class RecordError(Exception):
@@ -200,7 +200,8 @@ def sanitizer_section(folder: RunFolder) -> list[str]:
             continue
         cmd = command_of(log) or ""
         tool = re.search(r"--tool (\S+)", cmd)
-        layer = cmd.split(" run ", 1)[1] if " run " in cmd else "?"
+        verb = next((v for v in (" run ", " bench ") if v in cmd), None)
+        layer = verb.strip() + " " + cmd.split(verb, 1)[1] if verb else "?"
         summaries = [re.sub(r"^=+\s*", "", line.strip()) for line in log.splitlines()
                      if re.match(r"^=+ (RACECHECK|ERROR) SUMMARY:", line)]
         step = status.get(name)

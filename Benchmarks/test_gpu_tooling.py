@@ -187,9 +187,9 @@ class RecordResultsTests(TempDirTest):
         self.assertIn("FAIL  E = 1 | odd   fp32 ...  ← rel. error too large", lines)  # quoted in a code block
         self.assertIn("- `check_transformers.py` (backends cpu,oracle,cuda, fp32, against transformers' own MoE "
                       "blocks): 27 passed, 1 failed (tolerance 1e-05)", lines)
-        self.assertIn("| memcheck | memcheck | `--preset paper-e32 --experts 8` | ERROR SUMMARY: 0 errors | "
+        self.assertIn("| memcheck | memcheck | `run --preset paper-e32 --experts 8` | ERROR SUMMARY: 0 errors | "
                       "PASS (exit 0) |", lines)
-        self.assertIn("| racecheck | racecheck | `--preset paper-e32` | RACECHECK SUMMARY: 0 hazards displayed (0 "
+        self.assertIn("| racecheck | racecheck | `run --preset paper-e32` | RACECHECK SUMMARY: 0 hazards displayed (0 "
                       "errors, 2 warnings); ERROR SUMMARY: 0 errors | TIMEOUT (exit 124) |", lines)
         self.assertIn("| racecheck | TIMEOUT | 180 | stopped \\| late |", lines)  # a '|' in a cell is escaped
         self.assertIn("Steps: 2 of 4 steps passed", text)
