@@ -66,10 +66,13 @@ def sort_key(key: tuple[str, int, str]) -> tuple:
 
 
 def index_flashmoe(paths: list[str], warn) -> dict[tuple[str, int, str], dict]:
-    """FlashMoE entries by (preset, tokens, precision); a later entry replaces an earlier one, with a warning."""
+    """FlashMoE entries by (preset, tokens, precision); a later entry replaces an earlier one, with a warning.
+    Expert-parallel entries (a `ranks` field, from `bench --ranks`) are left to scaling.py."""
     out: dict[tuple[str, int, str], dict] = {}
     for path in paths:
         for e in load_entries(path):
+            if e.get("ranks"):
+                continue
             require(e, ["preset", "tokens", "precision", "median_ms"], path)
             k = key_of(e)
             if k in out:

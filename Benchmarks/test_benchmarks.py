@@ -185,6 +185,16 @@ class CompareTests(unittest.TestCase):
         self.addCleanup(os.unlink, f.name)
         return f.name
 
+    def test_expert_parallel_entries_are_left_to_scaling(self):
+        fm = self.write([
+            {"preset": "paper-e64", "tokens": 8192, "precision": "bf16", "median_ms": 0.77},
+            {"preset": "paper-e64", "tokens": 8192, "precision": "bf16", "median_ms": 1.01, "ranks": 8,
+             "rank_devices": [0]}])
+        warnings: list[str] = []
+        entries = compare.index_flashmoe([fm], warnings.append)
+        self.assertEqual(entries[("paper-e64", 8192, "bf16")]["median_ms"], 0.77)
+        self.assertEqual(warnings, [])
+
     def test_torch_table(self):
         fm = self.write([{"preset": "paper-e64", "tokens": 8192, "precision": "bf16", "median_ms": 0.82,
                           "tflops": 300, "floor_ms": 0.40, "backend": "flashmoe"}])

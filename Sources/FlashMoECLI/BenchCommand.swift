@@ -115,23 +115,26 @@ struct BenchCommand: ReportingCommand {
                     + "\(config.experts) experts touched); median / floor = \(formatDecimal(median / floor, 2))")
         }
         if let bytes = record.workspaceBytes { emit("workspace: \(formatByteCount(bytes))") }
+        var records = [record]
         if let ranks, ranks > 1 {
             guard onGPU else { throw CLIError(.invalidValue, "--ranks needs the CUDA backend") }
-            try benchRanks(ranks, layer: engine.layer, input: x, single: result, warmup: warm, runs: runs, emit: emit)
+            records.append(
+                try benchRanks(ranks, layer: engine.layer, input: x, single: record, warmup: warm, runs: runs, emit: emit))
         }
         if let json {
-            try HostMachine.writeTextFile(BenchmarkRecord.json([record]), to: json)
+            try HostMachine.writeTextFile(BenchmarkRecord.json(records), to: json)
             emit("wrote \(json)")
         }
         return record
     }
 
-    /// The same tokens split evenly over `ranks` ranks on the one GPU: time against the single-rank operator (the
-    /// protocol's overhead) and the bytes each rank moved.
+    /// The same tokens split evenly over `ranks` ranks (one launch per entry of `--rank-devices`): time against the
+    /// single-rank operator (on one GPU, the protocol's overhead) and the bytes each rank moved. Returns the record
+    /// `--json` adds after the single-rank one (`ranks`, `rank_devices` set; no floor).
     private func benchRanks(
-        _ ranks: Int, layer: MoELayer, input x: HostTensor, single: BenchmarkResult, warmup: Int, runs: Int,
+        _ ranks: Int, layer: MoELayer, input x: HostTensor, single: BenchmarkRecord, warmup: Int, runs: Int,
         emit: (String) -> Void
-    ) throws {
+    ) throws -> BenchmarkRecord {
         let devices = try rankDevices.map(Self.ordinals) ?? [common.device]
         let dist = try DistributedMoE(
             layer: layer, ranks: ranks, devices: devices, options: cudaOptions(deviceOrdinal: common.device))
@@ -144,9 +147,20 @@ struct BenchCommand: ReportingCommand {
         let traffic = dist.traffic(of: try dist.forward(parts))
         let result = try dist.benchmark(inputs: parts, warmup: warmup, iterations: runs)
         let (m, m1) = (result.medianMilliseconds, single.medianMilliseconds)
+        var record = single
+        record.medianMilliseconds = m
+        record.minimumMilliseconds = result.minimumMilliseconds
+        record.floorMilliseconds = nil
+        record.workspaceBytes = result.workspaceBytes
+        record.method = result.method
+        record.date = HostMachine.utcTimestamp()
+        record.ranks = ranks
+        record.rankDevices = devices
         let placement = devices.count == 1 ? "in one launch on GPU \(devices[0])" : "in \(devices.count) launches on GPUs \(devices)"
         emit("ranks: \(ranks) \(placement) (\(dist.blocksPerRank) blocks each): median \(formatDecimal(m, 3)) ms vs one rank "
-            + "\(formatDecimal(m1, 3)) ms (\(formatDecimal((m / m1 - 1) * 100, 1)) % protocol overhead)")
+            + "\(formatDecimal(m1, 3)) ms " + (Set(devices).count == 1
+                ? "(\(formatDecimal((m / m1 - 1) * 100, 1)) % protocol overhead)"
+                : "on GPU \(common.device) alone (\(formatDecimal(m1 / m, 2))× faster on \(Set(devices).count) GPUs)"))
         for t in traffic {
             emit("  rank \(t.rank): \(t.remoteRows) remote rows, dispatch \(t.dispatchBytes) B + return \(t.returnBytes) B "
                 + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
@@ -164,6 +178,7 @@ struct BenchCommand: ReportingCommand {
                 emit("  rank \(t.rank): " + cols.map { formatDecimal($0, 1) }.joined(separator: "  "))
             }
         }
+        return record
     }
 
     /// "0,0,1" → [0, 0, 1].

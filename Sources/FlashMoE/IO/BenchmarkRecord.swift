@@ -31,6 +31,10 @@ public struct BenchmarkRecord: Sendable, Hashable {
     public var method: String
     /// The layer's shape in words (what the preset name stands for, overrides included).
     public var config: String
+    /// Expert parallelism: the ranks R the tokens were split over (nil: the single-GPU operator).
+    public var ranks: Int?
+    /// Expert parallelism: the GPU of each kernel launch.
+    public var rankDevices: [Int]?
 
     public init(
         backend: String, preset: String, tokens: Int, precision: String, medianMilliseconds: Double,
@@ -66,7 +70,7 @@ public struct BenchmarkRecord: Sendable, Hashable {
     }
 
     private var jsonValue: JSONValue {
-        .object([
+        var fields: [(String, JSONValue)] = [
             ("backend", .string(backend)),
             ("preset", .string(preset)),
             ("tokens", .int(tokens)),
@@ -81,6 +85,11 @@ public struct BenchmarkRecord: Sendable, Hashable {
             ("device", .string(device)),
             ("method", .string(method)),
             ("config", .string(config)),
-        ])
+        ]
+        if let ranks {
+            fields.append(("ranks", .int(ranks)))
+            fields.append(("rank_devices", .array((rankDevices ?? []).map(JSONValue.int))))
+        }
+        return .object(fields)
     }
 }

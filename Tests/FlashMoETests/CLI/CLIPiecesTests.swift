@@ -135,6 +135,13 @@ import Testing
         var zero = record
         zero.medianMilliseconds = 0
         #expect(zero.gflops == nil && BenchmarkRecord.json([zero]).contains("\"gflops\":null"))
+        #expect(parsed[0]["ranks"] == nil && parsed[0]["rank_devices"] == nil)
+        var ranks = record
+        ranks.ranks = 8
+        ranks.rankDevices = [0, 1]
+        let both = try #require(
+            try JSONSerialization.jsonObject(with: Data(BenchmarkRecord.json([record, ranks]).utf8)) as? [[String: Any]])
+        #expect(both[1]["ranks"] as? Int == 8 && both[1]["rank_devices"] as? [Int] == [0, 1])
     }
 
     @Test func reportFormatting() {
