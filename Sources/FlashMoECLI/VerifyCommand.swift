@@ -29,9 +29,19 @@ struct VerifyCommand: ParsableCommand {
     @Flag(help: "Run only the expert-parallel cases.")
     var ranksOnly = false
 
+    @Option(help: ArgumentHelp(
+        "Run the expert-parallel cases with one kernel launch on each of these GPUs (comma-separated ordinals, e.g. "
+            + "0,1,2,3), adding every preset as that many ranks; cases with fewer ranks than GPUs are left out.",
+        valueName: "ordinals"))
+    var rankDevices: String?
+
     func run() throws {
         var cases = ranksOnly ? [] : Verifier.standardCases(seed: seed)
         var rankCases = skipRanks ? [] : Verifier.rankCases(seed: seed)
+        let gpus = try rankDevices.map(BenchCommand.ordinals)
+        if let gpus, !skipRanks {
+            rankCases = rankCases.filter { $0.ranks >= gpus.count } + Verifier.presetRankCases(ranks: gpus.count, seed: seed)
+        }
         if let filter {
             cases = cases.filter { $0.name.contains(filter) }
             rankCases = rankCases.filter { $0.name.contains(filter) }
@@ -63,10 +73,10 @@ struct VerifyCommand: ParsableCommand {
         }
         for c in rankCases {
             do {
-                let r = try Verifier.runRanks(c, deviceOrdinal: device)
+                let r = try gpus.map { try Verifier.runRanks(c, devices: $0) } ?? Verifier.runRanks(c, deviceOrdinal: device)
                 if !r.passed { failures += 1 }
                 let moved = r.traffic.map { "\($0.totalBytes)" }.joined(separator: "/")
-                print((r.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 34) + "R=\(c.ranks) L=\(c.launches) "
+                print((r.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 34) + "R=\(c.ranks) L=\(gpus?.count ?? c.launches) "
                     + "\(c.tokensPerRank) rel.err \(VerifyTable.sci(r.oracle.relativeError)) routing "
                     + "\(r.oracle.routingMismatches == 0 ? "same" : "\(r.oracle.routingMismatches) differ") drops "
                     + "\(r.oracle.droppedGPU)/\(r.oracle.droppedOracle), one rank: "
@@ -84,7 +94,7 @@ struct VerifyCommand: ParsableCommand {
                 print(line)
             }
             if !skipRanks {
-                let (ok, line) = Self.rankFaultCheck(device: device)
+                let (ok, line) = Self.rankFaultCheck(device: device, gpus: gpus)
                 if !ok { failures += 1 }
                 print(line)
             }
@@ -159,17 +169,19 @@ extension VerifyCommand {
     /// `DistributedError` naming the waiting rank, the silent source, the expert and the epoch (2), with the first
     /// call's flag still in place (epoch 1, never cleared) not taken for the second's; once over one launch and once
     /// over two launches side by side (the per-GPU path), each followed by a good call on a normal operator.
-    static func rankFaultCheck(device: Int) -> (Bool, String) {
+    static func rankFaultCheck(device: Int, gpus: [Int]? = nil) -> (Bool, String) {
         var lines: [String] = []
         var allOK = true
-        for launches in [1, 2] {
-            let what = "rank hang safety (\(launches) launch\(launches == 1 ? "" : "es"))"
+        var plans = [[device], [device, device]]
+        if let gpus, Set(gpus.prefix(2)).count == 2 { plans.append(Array(gpus.prefix(2))) }
+        for devices in plans {
+            let launches = devices.count
+            let what = "rank hang safety (\(launches) launch\(launches == 1 ? "" : "es") on GPUs \(devices))"
             do {
                 let config = MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 4, topK: 2, precision: .bf16)
                 let c = VerificationCase(name: "rank fault", config: config, tokens: 64, seed: 8, forcedExpert: 0)
                 let (layer, x) = try Verifier.makeProblem(c)
                 let parts = [try x.slice(0..<32), try x.slice(32..<64)]
-                let devices = [Int](repeating: device, count: launches)
                 let faulty = try DistributedMoE(
                     layer: layer, ranks: 2, devices: devices,
                     options: FusedOptions(deviceOrdinal: device, waitBudget: .milliseconds(200), injectFault: true))

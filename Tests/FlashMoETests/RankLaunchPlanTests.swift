@@ -27,3 +27,28 @@ import Testing
         #expect(throws: MoEError.self) { try RankLaunchPlan(ranks: 2, devices: [0, -1]) }
     }
 }
+
+@Suite struct RankCaseTests {
+    @Test func presetsAsRanksSplitTheirTokensUnevenly() {
+        let cases = Verifier.presetRankCases(ranks: 4)
+        #expect(cases.count == 5)
+        for c in cases {
+            #expect(c.ranks == 4 && c.config.precision == .bf16)
+            #expect(c.tokensPerRank == c.tokensPerRank.sorted() && Set(c.tokensPerRank).count > 1)
+        }
+        #expect(cases[0].tokensPerRank.reduce(0, +) == 200 && cases[0].tokensPerRank == [20, 40, 60, 80])
+    }
+
+    @Test func presetsWithFewerExpertsThanRanksAreLeftOut() {
+        // Mixtral has 8 experts: as 16 ranks it cannot be placed.
+        let names = Verifier.presetRankCases(ranks: 16).map(\.name)
+        #expect(!names.contains { $0.hasPrefix("mixtral") } && names.contains("paper-e64 R=16"))
+    }
+
+    @Test func everyRankCaseSplitsOverItsLaunches() throws {
+        for c in Verifier.rankCases() {
+            let plan = try RankLaunchPlan(ranks: c.ranks, devices: [Int](repeating: 0, count: c.launches))
+            #expect(plan.launches == c.launches)
+        }
+    }
+}

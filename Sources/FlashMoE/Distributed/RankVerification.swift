@@ -94,6 +94,27 @@ extension Verifier {
         ]
     }
 
+    /// Every preset at the standard suite's small token counts (in bf16) as `ranks` ranks with uneven token counts
+    /// (rank r gets a share proportional to r + 1): for real GPUs as ranks, one launch per GPU. Presets with fewer
+    /// experts than ranks are left out.
+    public static func presetRankCases(ranks: Int, seed: UInt64 = 1) -> [RankVerificationCase] {
+        let presets: [(String, Preset, Int)] = [
+            ("paper-e64", .paperE64, 200), ("paper-e32", .paperE32, 130), ("qwen3-30b-a3b", .qwen3_30bA3b, 129),
+            ("mixtral-8x7b", .mixtral8x7b, 64), ("deepseek-v3", .deepSeekV3, 16),
+        ]
+        let r = max(ranks, 1), weight = r * (r + 1) / 2
+        return presets.enumerated().compactMap { i, entry in
+            let (name, preset, tokens) = entry
+            var config = preset.config
+            config.precision = .bf16
+            guard config.experts >= r else { return nil }
+            var split = (0..<r).map { tokens * ($0 + 1) / weight }
+            split[r - 1] += tokens - split.reduce(0, +)
+            return RankVerificationCase(
+                name: "\(name) R=\(r)", config: config, tokensPerRank: split, seed: seed &+ 100 &+ UInt64(i))
+        }
+    }
+
     /// Runs a ranks case on `deviceOrdinal` (every launch there): the ranks against one rank (bitwise, same gate
     /// split) and against the oracle, plus repeated calls.
     public static func runRanks(_ c: RankVerificationCase, deviceOrdinal: Int) throws -> RankVerificationResult {
