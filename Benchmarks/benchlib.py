@@ -9,6 +9,7 @@ unit tests (`python3 -m unittest discover -s Benchmarks`) run on a machine witho
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 
@@ -94,8 +95,8 @@ def parse_list(text: str, allowed: list[str] | tuple[str, ...], what: str) -> li
     return list(dict.fromkeys(items))
 
 
-def parse_tokens(text: str) -> list[int]:
-    """Parses `--tokens 4096` or `--tokens 4096,64` into positive integers."""
+def parse_tokens(text: str, option: str = "--tokens") -> list[int]:
+    """Parses `--tokens 4096` or `--tokens 4096,64` (or another `option`'s list) into positive integers."""
     out = []
     for t in (t.strip() for t in text.split(",")):
         if not t:
@@ -103,12 +104,12 @@ def parse_tokens(text: str) -> list[int]:
         try:
             n = int(t)
         except ValueError:
-            raise ValueError(f"--tokens takes positive integers separated by commas, got '{t}'") from None
+            raise ValueError(f"{option} takes positive integers separated by commas, got '{t}'") from None
         if n <= 0:
-            raise ValueError(f"--tokens must be positive, got {n}")
+            raise ValueError(f"{option} must be positive, got {n}")
         out.append(n)
     if not out:
-        raise ValueError("--tokens is empty: give e.g. --tokens 4096 or --tokens 4096,64")
+        raise ValueError(f"{option} is empty: give e.g. {option} 4096 or {option} 4096,64")
     return list(dict.fromkeys(out))
 
 
@@ -118,6 +119,19 @@ def check_timing_args(parser, args) -> None:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+
+
+def check_torch_run_args(parser, args) -> None:
+    """check_timing_args plus what the torch scripts share: `--input-sets` and `--check-tokens` >= 1, and an
+    existing folder for `--json`."""
+    check_timing_args(parser, args)
+    for name in ("input_sets", "check_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.json is not None:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent):
+            parser.error(f"--json: folder {parent} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,17 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.skip = parse_skip(args.skip)
     except ValueError as e:
         p.error(str(e))
-    benchlib.check_timing_args(p, args)
-    if args.input_sets < 1:
-        p.error(f"--input-sets must be >= 1, got {args.input_sets}")
+    benchlib.check_torch_run_args(p, args)
     if args.group_align < 1 or args.group_align > 128:
         p.error(f"--group-align must be in 1...128, got {args.group_align}")
-    if args.check_tokens < 1:
-        p.error(f"--check-tokens must be >= 1, got {args.check_tokens}")
-    if args.json is not None:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            p.error(f"--json: folder {parent} does not exist")
     return args
 
 
@@ -148,7 +140,9 @@ F = None  # type: ignore[assignment]
 GROUPED_MM = None
 
 
-def load_torch(device: str):
+def bind_torch():
+    """Imports torch and binds this module's globals `torch`, `F` and `GROUPED_MM` (None when the build has no
+    grouped matmul); needs no GPU, so torch_ep_baseline.py's CPU mode and the unit tests can use the layer code."""
     global torch, F, GROUPED_MM
     try:
         import torch as _torch
@@ -156,13 +150,18 @@ def load_torch(device: str):
     except ImportError as e:
         raise BenchError(f"cannot import torch ({e}); run this on the GPU host with PyTorch installed") from None
     torch, F = _torch, _F
+    GROUPED_MM = getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
+    return torch
+
+
+def load_torch(device: str):
+    bind_torch()
     if not torch.cuda.is_available():
         raise BenchError("torch.cuda.is_available() is False: this benchmark needs an NVIDIA GPU")
     dev = torch.device(device)
     if dev.type != "cuda":
         raise BenchError(f"--device must be a CUDA device, got {device}")
     torch.cuda.set_device(dev)
-    GROUPED_MM = getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
     # TF32 only affects fp32 matmuls (the tf32 cases); bf16 matmuls are unaffected.
     set_tf32(True)
     return dev
@@ -282,14 +281,38 @@ def shared_ffn(layer: Layer, x):
     return F.linear(F.silu(h[:, :Is]) * h[:, Is:], layer.ws_out)
 
 
+def sort_by_expert(ids):
+    """The k slots of every token sorted by expert id (stable): (flat ids [S·k], order [S·k], token of each sorted
+    slot [S·k]). Sorted position j holds slot order[j], which belongs to token order[j] // k."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return flat, order, torch.div(order, ids.shape[1], rounding_mode="floor")
+
+
+def grouped_experts(layer, xs, offs):
+    """The FFN of every expert on its rows of `xs` (rows grouped by expert, int32 cumulative row ends `offs`), with
+    two `torch._grouped_mm` calls."""
+    I = layer.spec.inter
+    h = GROUPED_MM(xs, layer.w_in_t, offs=offs)
+    h = F.silu(h[:, :I]) * h[:, I:] if layer.spec.gated else F.relu(h)
+    return GROUPED_MM(h, layer.w_out_t, offs=offs)
+
+
+def combine_slots(y, order, w):
+    """Unpermute the expert outputs `y` (row j is slot order[j], as sort_by_expert sorted them) and sum each token's
+    k slots weighted by `w` [S, k]."""
+    S, k = w.shape
+    yk = torch.empty(S * k, y.shape[1], dtype=y.dtype, device=y.device)
+    yk.index_copy_(0, order, y)
+    return yk.view(S, k, y.shape[1]).mul_(w.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 def forward_loop(layer: Layer, x):
     """Per-expert loop: one sort, one host sync for the counts, then index_select / FFN / weighted index_add_."""
     spec = layer.spec
-    S, k = x.shape[0], spec.top_k
+    S = x.shape[0]
     ids, w = route(layer, x)
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tok = torch.div(order, k, rounding_mode="floor")
+    flat, order, tok = sort_by_expert(ids)
     w_sorted = w.reshape(-1)[order]
     counts = torch.bincount(flat, minlength=spec.experts).tolist()  # the loop's one host sync
     out = torch.zeros(S, spec.hidden, dtype=torch.float32, device=x.device)
@@ -308,13 +331,10 @@ def forward_loop(layer: Layer, x):
 
 def forward_grouped(layer: Layer, x, align: int = 1):
     """Sort by expert, grouped GEMMs with int32 cumulative offsets (no host sync), unpermute, weighted sum."""
-    spec = layer.spec
-    S, k, E, I = x.shape[0], spec.top_k, spec.experts, spec.inter
+    E = layer.spec.experts
     ids, w = route(layer, x)
-    flat = ids.reshape(-1)
+    flat, order, tok = sort_by_expert(ids)
     n = flat.numel()
-    order = torch.argsort(flat, stable=True)
-    tok = torch.div(order, k, rounding_mode="floor")
     counts = torch.zeros(E, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones(n, dtype=torch.int32, device=x.device))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -331,14 +351,10 @@ def forward_grouped(layer: Layer, x, align: int = 1):
         buf = x.new_zeros(n + E * align, x.shape[1])
         buf.index_copy_(0, dest, xs)
         xs, offs = buf, offs_p
-    h = GROUPED_MM(xs, layer.w_in_t, offs=offs)
-    h = F.silu(h[:, :I]) * h[:, I:] if spec.gated else F.relu(h)
-    y = GROUPED_MM(h, layer.w_out_t, offs=offs)
+    y = grouped_experts(layer, xs, offs)
     if dest is not None:
         y = y.index_select(0, dest)
-    yk = torch.empty(n, spec.hidden, dtype=y.dtype, device=x.device)
-    yk.index_copy_(0, order, y)  # row j of the sorted list is slot order[j] of token order[j] // k
-    out = yk.view(S, k, spec.hidden).mul_(w.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+    out = combine_slots(y, order, w)
     if layer.ws_in is not None:
         out = out + shared_ffn(layer, x)
     return out
