@@ -12,7 +12,8 @@ Every file holds a JSON list of objects (or one object); each object is classifi
   are an R-GPU point with tokens / R per GPU; a record without `ranks` (or with R = 1) is a 1-GPU point. R ranks
   sharing fewer GPUs are left out (they are not a multi-GPU measurement). The expert count is the record's
   `experts`, else the `E=` of its config (a preset with overrides is named "custom (from NAME)"), else the preset's.
-  CPU and oracle records are left out.
+  CPU and oracle records are left out. (`bench --ranks R --json` writes two records: the single-GPU operator on
+  all R·T tokens, a 1-GPU point at R·T, then the ranks' record, the R-GPU point at T.)
 Other records (torch_moe_baseline's loop and grouped) are left out, with a note on standard error.
 
 Tables (a missing point shows as –):

@@ -284,6 +284,18 @@ class ScalingTests(unittest.TestCase):
         self.assertEqual(rows[0], "| paper-e64 | bf16 | 1 | 8192 | 7.000 | – | 100% | – | – |")
         self.assertEqual(rows[1], "| paper-e64 | bf16 | 2 | 16384 | – | – | – | – | – |")
 
+    def test_the_pair_bench_ranks_writes(self):
+        # `flashmoe bench --ranks 8 --rank-devices 0,...,7 --tokens 65536 --json` writes the single-GPU operator on
+        # all 65536 tokens, then the ranks' record: only the second is the 8-GPU point at T = 8192.
+        f = self.write([fm("paper-e64", 65536, 9.0), fm("paper-e64", 65536, 2.4, ranks=8, devices=list(range(8))),
+                        fm("paper-e64", 8192, 2.0)])
+        out, err = self.tables(f)
+        self.assertEqual(err, "")
+        rows = self.table_rows(out, "preset | precision | GPUs")
+        self.assertEqual(rows[0], "| paper-e64 | bf16 | 1 | 8192 | 2.000 | – | 100% | – | – |")
+        self.assertEqual(rows[3], "| paper-e64 | bf16 | 8 | 65536 | 2.400 | – | 83% | – | – |")
+        self.assertNotIn("9.000", out)
+
     def test_a_repeated_point_keeps_the_later_record(self):
         a = self.write([ep("paper-e64", 1, 8192, 3.0)])
         b = self.write([ep("paper-e64", 1, 8192, 2.0)])
