@@ -52,3 +52,38 @@ import Testing
         }
     }
 }
+
+@Suite struct DistributedErrorTests {
+    let placement: ExpertPlacement
+
+    init() throws { placement = try ExpertPlacement(experts: 4, ranks: 2) }
+
+    func error(phase: FusedKernelError.Phase, index: Int, expected: UInt64, seen: UInt64, code: UInt32 = 1)
+        -> DistributedError
+    {
+        DistributedError(
+            kernel: FusedKernelError(phase: phase, index: index, rank: 0, expected: expected, seen: seen, code: code),
+            placement: placement)
+    }
+
+    @Test func aMissingRowFlagNamesRankSourceExpertAndEpoch() {
+        // Rank 0 waited for (source 1, expert 0) in epoch 2 (32 rows); the flag still held epoch 1's 32 rows.
+        let e = error(phase: .dispatch, index: 1 * 4 + 0, expected: 2 << 32 | 32, seen: 1 << 32 | 32)
+        #expect(e.missingSource?.rank == 1 && e.missingSource?.expert == 0 && e.epoch == 2 && e.waitingRank == 0)
+        #expect(e.description.contains("rank 0 gave up waiting for rank 1's rows for expert 0 in epoch 2"))
+        #expect(e.description.contains("expected 32 rows; the flag still held epoch 1 with 32 rows"))
+    }
+
+    @Test func aMiscountedFlagIsAProtocolError() {
+        let e = error(phase: .dispatch, index: 1 * 4 + 3, expected: 5 << 32 | 7, seen: 5 << 32 | 9, code: 4)
+        #expect(e.description.contains("rank 1's flag for expert 3 in epoch 5 with 9 rows where 7 were announced"))
+    }
+
+    @Test func otherWaitsFallBackToTheKernelRecord() {
+        // A shared-expert tile wait (expected = the epoch, no row count) and a peer-done wait name no source.
+        let tile = error(phase: .dispatch, index: 3, expected: 4, seen: 3)
+        #expect(tile.missingSource == nil && tile.description.hasPrefix("rank 0: "))
+        let peer = error(phase: .peerDone, index: 1, expected: 6, seen: 5)
+        #expect(peer.missingSource == nil && peer.description.contains("a peer rank to finish the previous launch"))
+    }
+}
