@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 import compare  # noqa: E402
 
-SANITIZER_RUNS = ("memcheck", "racecheck", "memcheck-gated", "memcheck-ranks")
+SANITIZER_RUNS = ("memcheck", "racecheck", "memcheck-gated", "memcheck-ranks", "racecheck-ranks")
 
 
 class RecordError(Exception):

@@ -271,7 +271,7 @@ class GpuRunDryTests(TempDirTest):
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
         self.assertEqual(set(os.listdir(out)), OUTPUT_FILES)
         steps = self.steps(work)
-        self.assertEqual(len(steps), 25)
+        self.assertEqual(len(steps), 26)
         self.assertTrue(all(r[1] == "PASS" for r in steps.values()), steps)
         fm = self.load(os.path.join(out, "flashmoe.json"))
         self.assertEqual({(e["preset"], e["tokens"], e["precision"]) for e in fm}, FULL_CASES)
@@ -288,12 +288,12 @@ class GpuRunDryTests(TempDirTest):
         with open(os.path.join(out, "summary.txt")) as f:
             summary = f.read()
         self.assertIn("DRY RUN", summary)
-        self.assertIn("all 25 steps passed", summary)
+        self.assertIn("all 26 steps passed", summary)
         self.assertIn("racecheck: RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings);ERROR SUMMARY: 0 "
                       "errors", summary)
         with open(os.path.join(out, "compare.md")) as f:
             self.assertIn(f.read().strip(), summary)
-        self.assertIn("all 25 steps passed", proc.stdout[-4000:])  # the summary is printed last
+        self.assertIn("all 26 steps passed", proc.stdout[-4000:])  # the summary is printed last
         # The per-step logs say what ran: e.g. the racecheck command and the bench flags.
         with open(os.path.join(work, "racecheck.log")) as f:
             first = f.readline()
@@ -312,10 +312,11 @@ class GpuRunDryTests(TempDirTest):
         self.assertEqual(steps["verify"][1:4], ["FAIL", steps["verify"][2], "1"])
         self.assertEqual(steps["racecheck"][1], "FAIL")
         self.assertIn("ERROR SUMMARY: 2 errors", steps["racecheck"][4])
+        self.assertEqual(steps["racecheck-ranks"][1], "FAIL")  # the same tool, so the same fake errors
         self.assertEqual(steps["bench-mixtral-8x7b-4096-bf16"][1], "TIMEOUT")
         self.assertEqual(steps["torch"][1], "FAIL")
         passed = [n for n, r in steps.items() if r[1] == "PASS"]
-        self.assertEqual(len(passed), 25 - 4)
+        self.assertEqual(len(passed), 26 - 5)
         self.assertEqual(len(self.load(os.path.join(out, "flashmoe.json"))), 9)
         self.assertFalse(os.path.exists(os.path.join(out, "torch.json")))
         with open(os.path.join(out, "compare.md")) as f:
@@ -323,7 +324,7 @@ class GpuRunDryTests(TempDirTest):
         self.assertIn("| paper-e64 | 8192 | bf16 |", table)  # FlashMoE's numbers still tabled, torch's as –
         with open(os.path.join(out, "summary.txt")) as f:
             summary = f.read()
-        self.assertIn("NOT PASSED: verify, racecheck, bench-mixtral-8x7b-4096-bf16, torch", summary)
+        self.assertIn("NOT PASSED: verify, racecheck, racecheck-ranks, bench-mixtral-8x7b-4096-bf16, torch", summary)
 
     def test_exit_zero_without_the_expected_log_line_fails(self):
         proc, _, work = self.run_gpu_run("--quick", env={"FAKE_GPU_NO_SUMMARY": "--tool memcheck"})
