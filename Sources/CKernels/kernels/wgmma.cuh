@@ -85,12 +85,14 @@ template <int KIND_> struct WgmmaEngine {
     }
 };
 
-// The wgmma mainloop: loads run STAGES − 2 k-slices ahead, and one wgmma group stays in flight while the next
-// slice is waited for. A stage is refilled two iterations after its wgmma group was issued; the wait_group(1) at
-// the end of the previous iteration plus the barrier guarantee both warpgroups finished reading it.
+// The wgmma mainloop: loads run STAGES − 1 k-slices ahead, and one wgmma group stays in flight. Per k-slice: wait
+// for its stage, issue its group, wait until only that group is in flight (the previous one is done), then a
+// barrier (both warpgroups are past the previous group) and refill the previous group's stage. The second barrier
+// buys one more slice of loads in flight than refilling before the issue; the GEMMs are bound by how fast L2
+// feeds the tiles (measured 2–5 % faster on paper-e64, paper-e32 and qwen3, 2026-11-29).
 template <int KIND, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
     static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
-    constexpr int P = STAGES - 2;
+    constexpr int P = STAGES - 1;
     constexpr int BN = WgmmaEngine<KIND>::BN, STAGE_BYTES = stage_bytes<BN>();
     WgmmaEngine<KIND> eng;
     eng.zero();
@@ -104,11 +106,12 @@ template <int KIND, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, con
         cp_async_wait<P - 1>();
         fence_proxy_async();
         __syncthreads();
+        eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
+        wgmma_wait<1>();
+        __syncthreads();
         const int next = kt + P;
         if (next < ktiles) load_stage<BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
-        eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
-        wgmma_wait<1>();
     }
     wgmma_wait<0>();
     cp_async_wait<0>();
