@@ -305,7 +305,7 @@ class GpuRunDryTests(TempDirTest):
 
     def test_failures_hangs_and_sanitizer_errors_do_not_stop_the_rest(self):
         proc, out, work = self.run_gpu_run(env={
-            "FAKE_GPU_FAIL": "flashmoe verify;torch", "FAKE_GPU_HANG": "--preset mixtral-8x7b",
+            "FAKE_GPU_FAIL": "flashmoe verify;torch --check", "FAKE_GPU_HANG": "--preset mixtral-8x7b",
             "FAKE_GPU_SANITIZER_ERRORS": "--tool racecheck", "FLASHMOE_GPU_RUN_MAX_STEP": "5"})
         self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
         steps = self.steps(work)
