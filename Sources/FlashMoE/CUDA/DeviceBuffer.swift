@@ -137,11 +137,7 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
 
     /// Sets every byte of the buffer to `value` (`cuMemsetD8`).
     public func fill(byte value: UInt8, stream: CUDAStream? = nil) throws(CUDAError) {
-        guard byteCount > 0 else { return }
-        try device.makeCurrent()
-        try device.driver.check(
-            device.driver.memsetD8(address, value, byteCount, stream?.handle),
-            stream == nil ? "cuMemsetD8_v2" : "cuMemsetD8Async")
+        try fill(byte: value, at: 0, count: byteCount, stream: stream)
     }
 
     /// Sets the `count` bytes from byte `offset` to `value` (`cuMemsetD8`).

@@ -186,8 +186,7 @@ public final class DistributedMoE: @unchecked Sendable {
             for l in launches {
                 for r in l.ranks {
                     // Sync: a u64 barrier word, then stamps[16].
-                    let bytes = try l.control.download(count: 128, from: 256 * (r - l.ranks.lowerBound) + 8)
-                    stamps.append((0..<16).map { i in (0..<8).reduce(UInt64(0)) { $0 | UInt64(bytes[i * 8 + $1]) << (8 * $1) } })
+                    stamps.append(try FusedIO.read(l.control, 256 * (r - l.ranks.lowerBound) + 8, count: 16))
                 }
             }
             return (0..<placement.ranks).map { r in
@@ -304,7 +303,8 @@ public final class DistributedMoE: @unchecked Sendable {
         if st.epoch >= options.epochWrap {
             // The flags hold a 32-bit epoch: restart from zeroed counters and flags rather than overflow it.
             try synchronizeAll()
-            try zeroCounters(st)
+            for l in launches { try l.control.fill(byte: 0) }
+            for (ws, arena) in zip(st.workspaces, st.arenas) { try ws.clearState(of: arena) }
             st.epoch = 0
         }
         st.epoch += 1
@@ -322,15 +322,6 @@ public final class DistributedMoE: @unchecked Sendable {
                     arguments: arguments)
             }
             if timed { try l.stop.record(on: l.stream) }
-        }
-    }
-
-    /// Zeroes every control word and every arena region after the input (counters, flags and results).
-    private func zeroCounters(_ st: State) throws {
-        for l in launches { try l.control.fill(byte: 0) }
-        for (ws, a) in zip(st.workspaces, st.arenas) {
-            let keep = ws.offset(.y)
-            try a.fill(byte: 0, at: keep, count: ws.byteCount - keep)
         }
     }
 
@@ -413,7 +404,7 @@ public struct DistributedError: Error, Sendable, CustomStringConvertible {
     public var description: String {
         if let m = missingSource {
             let (wantRows, seenEpoch, seenRows) = (kernel.expected & 0xFFFF_FFFF, kernel.seen >> 32, kernel.seen & 0xFFFF_FFFF)
-            if kernel.code == 4 {
+            if kernel.code == FusedKernelError.badFlagCode {
                 return "rank \(waitingRank) received rank \(m.rank)'s flag for expert \(m.expert) in epoch \(epoch) "
                     + "with \(seenRows) rows where \(wantRows) were announced: a protocol bug"
             }

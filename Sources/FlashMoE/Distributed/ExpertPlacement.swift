@@ -16,20 +16,16 @@ public struct ExpertPlacement: Sendable, Hashable {
         self.ranks = ranks
     }
 
+    private var blocks: ContiguousBlocks { ContiguousBlocks(count: experts, parts: ranks) }
+
     /// The first expert of rank `r` (r = R gives E).
-    public func firstExpert(of r: Int) -> Int {
-        r * (experts / ranks) + min(r, experts % ranks)
-    }
+    public func firstExpert(of r: Int) -> Int { blocks.first(of: r) }
 
     /// The experts rank `r` owns.
-    public func experts(of r: Int) -> Range<Int> { firstExpert(of: r)..<firstExpert(of: r + 1) }
+    public func experts(of r: Int) -> Range<Int> { blocks.block(r) }
 
     /// The rank that owns expert `e`.
-    public func owner(of e: Int) -> Int {
-        var r = 0
-        while r + 1 < ranks && firstExpert(of: r + 1) <= e { r += 1 }
-        return r
-    }
+    public func owner(of e: Int) -> Int { blocks.part(of: e) }
 }
 
 /// What one forward moved between ranks, per source rank: rows dispatched to experts on other ranks, their results
@@ -44,8 +40,10 @@ public struct RankTraffic: Sendable, Hashable {
     public let dispatchBytes: Int
     /// remoteRows × H × 4: the FP32 results written back into this rank's return buffer.
     public let returnBytes: Int
-    /// Counters and flags: per remote row one 4-byte row counter increment and one 4-byte pending increment, plus
-    /// the count all-gather (E counts of 4 bytes and an 8-byte flag to every other rank).
+    /// Flags and counters: one 8-byte row flag per expert of another rank (empty ones included), the count
+    /// all-gather (E counts of 4 bytes and an 8-byte flag to every other rank), and one 4-byte pending increment
+    /// per returned row. (The combine-list push of a token whose last contribution came from another rank, 12 bytes,
+    /// is not counted.)
     public let signalBytes: Int
 
     /// Everything this rank put on the wire.

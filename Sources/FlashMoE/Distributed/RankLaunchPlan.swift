@@ -29,15 +29,13 @@ public struct RankLaunchPlan: Sendable, Hashable {
     /// Launches L.
     public var launches: Int { devices.count }
 
+    private var blocks: ContiguousBlocks { ContiguousBlocks(count: ranks, parts: launches) }
+
     /// The ranks launch `l` runs.
-    public func ranks(of l: Int) -> Range<Int> { firstRank(of: l)..<firstRank(of: l + 1) }
+    public func ranks(of l: Int) -> Range<Int> { blocks.block(l) }
 
     /// The launch that runs rank `r`.
-    public func launch(of r: Int) -> Int {
-        var l = 0
-        while l + 1 < launches && firstRank(of: l + 1) <= r { l += 1 }
-        return l
-    }
+    public func launch(of r: Int) -> Int { blocks.part(of: r) }
 
     /// Ranks of all launches on GPU `ordinal` (they share its SMs).
     public func ranks(onDevice ordinal: Int) -> Int {
@@ -46,6 +44,4 @@ public struct RankLaunchPlan: Sendable, Hashable {
 
     /// Whether launch `l` shares its GPU with another launch.
     public func sharesDevice(_ l: Int) -> Bool { devices.filter { $0 == devices[l] }.count > 1 }
-
-    private func firstRank(of l: Int) -> Int { l * (ranks / launches) + min(l, ranks % launches) }
 }

@@ -30,8 +30,12 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
     /// The value waited for and the last value seen (epoch-tagged flags carry the epoch in the high 32 bits).
     public let expected: UInt64
     public let seen: UInt64
-    /// The raw error code (1 = a wait expired).
+    /// The raw error code (1 = a wait expired, `badFlagCode` = a row flag with the wrong count).
     public let code: UInt32
+
+    /// `FMOE_ERR_BAD_FLAG` in sync.cuh: a (source, expert) flag of this epoch carried a row count other than the
+    /// one the count all-gather announced.
+    public static let badFlagCode: UInt32 = 4
 
     public var description: String {
         let what = phase?.what ?? "phase \(code)"

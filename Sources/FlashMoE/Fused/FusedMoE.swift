@@ -176,9 +176,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
             // The flags hold a 32-bit epoch: restart from zeroed counters rather than overflow it.
             try device.synchronize()
             try control.fill(byte: 0)
-            // Everything after the input (the first region, which this launch may read) is counters and results.
-            let keep = ws.offset(.y)
-            try arena.fill(byte: 0, at: keep, count: ws.byteCount - keep)
+            try ws.clearState(of: arena)
             st.epoch = 0
         }
         st.epoch += 1

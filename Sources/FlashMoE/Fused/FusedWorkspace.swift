@@ -93,6 +93,13 @@ struct FusedWorkspace: Sendable {
     /// Byte offset of a region.
     func offset(_ r: Region) -> Int { offsets[r.rawValue] }
 
+    /// Zeroes every region after the input `x` (the first region, which the next launch may read): the counters,
+    /// flags and results start over as in a new arena. For the epoch wrap.
+    func clearState(of arena: DeviceBuffer<UInt8>) throws {
+        let keep = offset(.y)
+        try arena.fill(byte: 0, at: keep, count: byteCount - keep)
+    }
+
     /// The 40 pointers of `Params`, for an arena at `base` (x may live elsewhere).
     func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
                   peers: UInt64) -> [UInt64]
