@@ -119,6 +119,11 @@ FMOE_DEVICE u32 atom_cas_sys_u32(u32 *p, u32 compare, u32 value) {
 
 // Flag access at a compile-time scope: SYS for flags shared between ranks, GPU scope otherwise.
 template <bool SYS> FMOE_DEVICE u64 ld_flag(const u64 *p) { return SYS ? ld_relaxed_sys_u64(p) : ld_relaxed_u64(p); }
+// 32-bit counters are only waited on by the rank that owns them (GPU scope).
+template <bool SYS> FMOE_DEVICE int ld_flag(const int *p) {
+    static_assert(!SYS, "32-bit counters are local to a rank");
+    return ld_relaxed_i32(p);
+}
 template <bool SYS> FMOE_DEVICE void st_flag(u64 *p, u64 v) {
     if (SYS) st_relaxed_sys_u64(p, v); else st_relaxed_u64(p, v);
 }

@@ -490,14 +490,18 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     return good;
 }
 
-// Ranks: rows of source rank q that expert e keeps: capacity counts rows in global token order, so the rows of
-// lower ranks come first (from this rank's copy of the all-gathered counts).
+// Ranks: how many of a source's `count` rows for an expert it keeps when lower ranks routed `before` rows to it:
+// capacity counts rows in global token order, so the rows of lower ranks come first.
+FMOE_DEVICE int kept_after(const Params &p, int before, int count) {
+    const int kept = p.capacity - before;
+    return kept < 0 ? 0 : (kept > count ? count : kept);
+}
+
+// Ranks: rows of source rank q that expert e keeps (from this rank's copy of the all-gathered counts).
 FMOE_DEVICE int kept_rows(const Params &p, int q, int e) {
     int before = 0;
     for (int r = 0; r < q; ++r) before += p.peers[p.rank].all_counts[r * E + e];
-    const int c = p.peers[p.rank].all_counts[q * E + e];
-    const int kept = p.capacity - before;
-    return kept < 0 ? 0 : (kept > c ? c : kept);
+    return kept_after(p, before, p.peers[p.rank].all_counts[q * E + e]);
 }
 
 // Ranks: this rank's flag for expert e, in the owner's memory: (epoch << 32) | rows. The caller has released
@@ -588,7 +592,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
     if (threadIdx.x == 0) ok = 1;
     if (cta() == 0)
         for (int e = threadIdx.x; e < E; e += THREADS)
-            if (kept_rows(p, p.rank, e) == 0) publish_rows(p, e, 0);
+            if (kept_after(p, L.before_me[e], p.expert_load[e]) == 0) publish_rows(p, e, 0);
     for (int e = threadIdx.x; e < E; e += THREADS) rows[e] = 0;
     __syncthreads();
     for (int c = cta(); c < chunks; c += ctas()) {
@@ -621,22 +625,15 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             if (n == 0) continue;
             rows[e] = 0;
             fence_sys();
-            const int kept = kept_rows(p, p.rank, e);
+            const int kept = kept_after(p, L.before_me[e], p.expert_load[e]);
             if (atomicAdd(&p.rows_sent[e], n) + n == kept) {
-                int prepared = ld_relaxed_i32(&p.sync->dispatch_done);
-                const u64 start = globaltimer_ns();
-                while (prepared < tiles) {
-                    if (aborted(p.err)) { ok = 0; break; }
-                    if (globaltimer_ns() - start > p.budget_ns) {
-                        report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_DISPATCH, tiles, p.rank, tiles, prepared);
-                        ok = 0;
-                        break;
-                    }
-                    __nanosleep(64);
-                    prepared = ld_relaxed_i32(&p.sync->dispatch_done);
+                if (wait_at_least(&p.sync->dispatch_done, tiles, p.err, p.budget_ns, FMOE_PHASE_DISPATCH, tiles,
+                                  p.rank)) {
+                    fence_sys();
+                    publish_rows(p, e, kept);
+                } else {
+                    ok = 0;
                 }
-                fence_sys();
-                if (prepared >= tiles) publish_rows(p, e, kept);
             }
         }
         __syncthreads();
@@ -653,8 +650,7 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
     int before = 0;
     for (int q = 0; q < RANKS; ++q) {
         const int c = p.peers[p.rank].all_counts[q * E + e];
-        int kept = p.capacity - before;
-        kept = kept < 0 ? 0 : (kept > c ? c : kept);
+        const int kept = kept_after(p, before, c);
         if (kept > 0 && before < hi && before + kept > lo) {
             if (!wait_at_least<true>(&p.peers[p.rank].row_flags[q * E_LOCAL_MAX + x], (p.epoch << 32) | (u64)kept,
                                      p.err, p.budget_ns, FMOE_PHASE_DISPATCH, q * E + e, p.rank))
@@ -1174,7 +1170,6 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         if (!dispatch_rows(p, L, smem)) return;
         stamp(p, 11);
         if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
-        stamp(p, 5);
         // The rank's last block out checks every flag it received, resets the gate counters for the next launch
         // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
         __shared__ int s_last_out;

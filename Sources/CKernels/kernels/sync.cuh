@@ -52,21 +52,22 @@ FMOE_DEVICE void report_error(ErrorRecord *err, u32 code, u32 phase, u32 index, 
     st_relaxed_sys_u32(&err->abort, 1u);
 }
 
-// Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag). Returns false when the budget
-// expired or another thread aborted; the caller must then leave the kernel. Acquire: the fence after the
-// successful load orders the caller's later reads after the writer's release. SYS: the flag is written by another
-// rank (maybe another GPU), so the load and the fence are system-scoped.
-template <bool SYS = false>
-FMOE_DEVICE bool wait_at_least(const u64 *flag, u64 target, ErrorRecord *err, u64 budget_ns, u32 phase, u32 index,
+// Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag, or a rank's own 32-bit counter of
+// this launch). Returns false when the budget expired or another thread aborted; the caller must then leave the
+// kernel. Acquire: the fence after the successful load orders the caller's later reads after the writer's
+// release. SYS: the flag is written by another rank (maybe another GPU), so the load and the fence are
+// system-scoped.
+template <bool SYS = false, class W>
+FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 budget_ns, u32 phase, u32 index,
                                u32 rank) {
-    u64 seen = ld_flag<SYS>(flag);
+    W seen = ld_flag<SYS>(flag);
     if (seen < target) {
         const u64 start = globaltimer_ns();
         u32 spins = 0;
         while ((seen = ld_flag<SYS>(flag)) < target) {
             if (aborted(err)) return false;
             if ((++spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {
-                report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, target, seen);
+                report_error(err, FMOE_ERR_TIMEOUT, phase, index, rank, (u64)target, (u64)seen);
                 return false;
             }
             __nanosleep(64);
