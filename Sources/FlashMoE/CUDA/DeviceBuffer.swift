@@ -87,9 +87,17 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
     {
         let n = count ?? (self.count - offset)
         try checkRange(offset, n, "download")
+        return try download(as: Element.self, count: n, from: offset, stream: stream)
+    }
+
+    /// `n` values of type `T` read from the bytes that start at element `offset` (a typed view, e.g. the Int32
+    /// region of a byte arena); `n · stride(T)` must be a whole number of elements inside the buffer.
+    public func download<T: BitwiseCopyable>(as type: T.Type, count n: Int, from offset: Int = 0,
+                                             stream: CUDAStream? = nil) throws(CUDAError) -> [T]
+    {
         guard n > 0 else { return [] }
         var failure: CUDAError?
-        let values = [Element](unsafeUninitializedCapacity: n) { buffer, initialized in
+        let values = [T](unsafeUninitializedCapacity: n) { buffer, initialized in
             do throws(CUDAError) {
                 try download(into: UnsafeMutableRawBufferPointer(buffer), from: offset, stream: stream)
                 initialized = n

@@ -56,17 +56,6 @@ enum FusedIO {
 
     /// `count` values of type T read from the arena at byte `offset`.
     static func read<T: BitwiseCopyable>(_ arena: DeviceBuffer<UInt8>, _ offset: Int, count: Int) throws -> [T] {
-        var failure: CUDAError?
-        let values = [T](unsafeUninitializedCapacity: count) { buffer, initialized in
-            do throws(CUDAError) {
-                try arena.download(into: UnsafeMutableRawBufferPointer(buffer), from: offset)
-                initialized = count
-            } catch {
-                failure = error
-                initialized = 0
-            }
-        }
-        if let failure { throw failure }
-        return values
+        try arena.download(as: T.self, count: count, from: offset)
     }
 }
