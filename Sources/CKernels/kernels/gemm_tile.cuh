@@ -29,16 +29,30 @@ template <int TBN> constexpr int c_bytes() { return BM * c_stride<TBN>() * 4; }
 
 FMOE_DEVICE u32 swizzle(int row, int chunk) { return (u32)(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4)); }
 
-// Where a thread's 4 A rows and TBN/32 B rows come from. Thread t loads rows (t >> 3) + 32·i, chunk t & 7.
+// Where a thread's BM/32 A rows and TBN/32 B rows come from. Thread t loads rows (t >> 3) + 32·i, chunk t & 7.
 struct TileSource {
-    const char *a[4];
+    const char *a[BM / 32];
     const char *b[MAX_BN / 32];
-    bool a_valid[4];
+    bool a_valid[BM / 32];
     bool b_valid[MAX_BN / 32];
     int k_bytes;  // K × element size (a multiple of 16)
 };
 
 FMOE_DEVICE int loader_row(int i) { return (int)(threadIdx.x >> 3) + 32 * i; }
+
+// Points this thread's loader rows of a ROWS-row operand (a or b of a TileSource) at rows first + loader_row(i) of
+// `base` (`stride` elements each), from byte k0 on; rows at or past `limit` read nothing (zero-filled) and point at
+// row 0, so no address is ever out of bounds.
+template <int ROWS, class E>
+FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int first, int limit, size_t stride,
+                            int k0 = 0) {
+#pragma unroll
+    for (int i = 0; i < ROWS / 32; ++i) {
+        const int r = first + loader_row(i);
+        valid[i] = r < limit;
+        ptr[i] = (const char *)(base + (size_t)(valid[i] ? r : 0) * stride) + k0;
+    }
+}
 
 template <int TBN> FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     const int chunk = threadIdx.x & 7;
@@ -47,7 +61,7 @@ template <int TBN> FMOE_DEVICE void load_stage(char *stage, const TileSource &sr
     const u32 base_a = smem_addr(stage);
     const u32 base_b = base_a + BM * ROW_BYTES;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < BM / 32; ++i) {
         const int row = loader_row(i);
         const bool va = src.a_valid[i] && k_in;
         cp_async16(base_a + swizzle(row, chunk), va ? src.a[i] + off : src.a[i], va);

@@ -745,18 +745,8 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         const int k1 = min((ks + 1) * slices_per * ROW_BYTES, H * (int)sizeof(T));
         TileSource src;
         src.k_bytes = k1 > k0 ? k1 - k0 : 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int t = tile * BT + loader_row(i);
-            src.a_valid[i] = t < p.tokens;
-            src.a[i] = (const char *)(p.x + (size_t)(src.a_valid[i] ? t : 0) * H) + k0;
-        }
-#pragma unroll
-        for (int i = 0; i < GBN / 32; ++i) {
-            const int n = nt * GBN + loader_row(i);
-            src.b_valid[i] = n < EG;
-            src.b[i] = (const char *)(p.wg + (size_t)(src.b_valid[i] ? n : 0) * H) + k0;
-        }
+        point_rows<BM>(src.a, src.a_valid, p.x, tile * BT, p.tokens, H, k0);
+        point_rows<GBN>(src.b, src.b_valid, p.wg, nt * GBN, EG, H, k0);
         run_tile<GateEngine>(smem, src);
         const float *c = (const float *)smem;
         // One slice writes the logits; several write partials [slice][token][EG] for the last task to sum.
@@ -846,7 +836,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     src.k_bytes = H * (int)sizeof(T);
     const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < BM / 32; ++i) {
         const int r = loader_row(i);
         src.a_valid[i] = row0 + r < rows;
         if (RANKS > 1 && !shared) {
@@ -858,12 +848,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
             src.a[i] = (const char *)(p.x + (size_t)token * H);
         }
     }
-#pragma unroll
-    for (int i = 0; i < EBN / 32; ++i) {
-        const int col = n * EBN + loader_row(i);
-        src.b_valid[i] = col < n0;
-        src.b[i] = (const char *)(w + (size_t)(src.b_valid[i] ? col : 0) * H);
-    }
+    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
     run_tile<ExpertEngine>(smem, src);
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
@@ -899,18 +884,8 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
     TileSource src;
     src.k_bytes = inter * (int)sizeof(T);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int r = loader_row(i);
-        src.a_valid[i] = row0 + r < rows;
-        src.a[i] = (const char *)(a + (size_t)(src.a_valid[i] ? row0 + r : 0) * inter);
-    }
-#pragma unroll
-    for (int i = 0; i < EBN / 32; ++i) {
-        const int col = n * EBN + loader_row(i);
-        src.b_valid[i] = col < H;
-        src.b[i] = (const char *)(w + (size_t)(src.b_valid[i] ? col : 0) * inter);
-    }
+    point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
+    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
     run_tile<ExpertEngine>(smem, src);
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
