@@ -423,27 +423,13 @@ def time_calls(fn, inputs: list, warmup: int, repeats: int, device) -> list[floa
     """Milliseconds of each timed call, the max over the ranks: a barrier (and an idle device) before each call,
     CUDA events (perf_counter on the CPU) around it on every rank, one all_reduce MAX at the end."""
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    sync()
-    times = []
-    for r in range(repeats):
-        x = inputs[r % len(inputs)]
+
+    def settle():
         dist.barrier()
-        sync()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-        del out
+            torch.cuda.synchronize()
+
+    times = tmb.time_calls(fn, inputs, warmup, repeats, before_each=settle, cuda=cuda)
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

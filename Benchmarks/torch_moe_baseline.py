@@ -453,20 +453,30 @@ def run_checks(layer: Layer, precision: str, tokens: int, seed: int, impls: list
 # --- timing ------------------------------------------------------------------------------------------------------
 
 
-def time_calls(fn, inputs: list, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds of each of `repeats` calls, CUDA events around the call, the GPU idle before each."""
+def time_calls(fn, inputs: list, warmup: int, repeats: int, before_each=None, cuda: bool = True) -> list[float]:
+    """Milliseconds of each of `repeats` calls, CUDA events around the call, the GPU idle before each.
+    `before_each` runs before every timed call (the expert-parallel baseline's barrier); `cuda=False` times with
+    perf_counter instead (its CPU mode)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
+    sync()
     times = []
     for r in range(repeats):
         x = inputs[r % len(inputs)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if before_each is not None:
+            before_each()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = fn(x)
+            times.append((time.perf_counter() - t0) * 1e3)
         del out
     return times
 
