@@ -135,7 +135,7 @@ struct BenchCommand: ReportingCommand {
         _ ranks: Int, layer: MoELayer, input x: HostTensor, single: BenchmarkRecord, warmup: Int, runs: Int,
         emit: (String) -> Void
     ) throws -> BenchmarkRecord {
-        let devices = try rankDevices.map(Self.ordinals) ?? [common.device]
+        let devices = try rankDevices.map(RankDevices.parse) ?? [common.device]
         let dist = try DistributedMoE(
             layer: layer, ranks: ranks, devices: devices, options: cudaOptions(deviceOrdinal: common.device))
         let s = x.shape[0]
@@ -179,19 +179,6 @@ struct BenchCommand: ReportingCommand {
             }
         }
         return record
-    }
-
-    /// "0,0,1" → [0, 0, 1].
-    static func ordinals(_ text: String) throws(CLIError) -> [Int] {
-        var out: [Int] = []
-        for part in text.split(separator: ",") {
-            guard let v = Int(part.filter { $0 != " " }), v >= 0 else {
-                throw CLIError(.invalidValue, "--rank-devices takes GPU ordinals like 0,1 (got \"\(text)\")")
-            }
-            out.append(v)
-        }
-        guard !out.isEmpty else { throw CLIError(.invalidValue, "--rank-devices needs at least one GPU ordinal") }
-        return out
     }
 
     private func tokenCount(_ source: LayerSource) throws(CLIError) -> Int {

@@ -38,7 +38,7 @@ struct VerifyCommand: ParsableCommand {
     func run() throws {
         var cases = ranksOnly ? [] : Verifier.standardCases(seed: seed)
         var rankCases = skipRanks ? [] : Verifier.rankCases(seed: seed)
-        let gpus = try rankDevices.map(BenchCommand.ordinals)
+        let gpus = try rankDevices.map(RankDevices.parse)
         if let gpus, !skipRanks {
             rankCases = rankCases.filter { $0.ranks >= gpus.count } + Verifier.presetRankCases(ranks: gpus.count, seed: seed)
         }

@@ -108,9 +108,9 @@ import Testing
     }
 
     @Test func rankDevicesAreOrdinalLists() throws {
-        #expect(try BenchCommand.ordinals("0,0, 1") == [0, 0, 1])
-        #expect(throws: CLIError.self) { try BenchCommand.ordinals("0,x") }
-        #expect(throws: CLIError.self) { try BenchCommand.ordinals(",") }
-        #expect(throws: CLIError.self) { try BenchCommand.ordinals("-1") }
+        #expect(try RankDevices.parse("0,0, 1") == [0, 0, 1])
+        #expect(throws: CLIError.self) { try RankDevices.parse("0,x") }
+        #expect(throws: CLIError.self) { try RankDevices.parse(",") }
+        #expect(throws: CLIError.self) { try RankDevices.parse("-1") }
     }
 }
