@@ -81,7 +81,7 @@ import Testing
 
     @Test func otherWaitsFallBackToTheKernelRecord() {
         // A shared-expert tile wait (expected = the epoch, no row count) and a peer-done wait name no source.
-        let tile = error(phase: .dispatch, index: 3, expected: 4, seen: 3)
+        let tile = error(phase: .tiles, index: 3, expected: 4, seen: 3)
         #expect(tile.missingSource == nil && tile.description.hasPrefix("rank 0: "))
         let peer = error(phase: .peerDone, index: 1, expected: 6, seen: 5)
         #expect(peer.missingSource == nil && peer.description.contains("a peer rank to finish the previous launch"))

@@ -627,7 +627,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             fence_sys();
             const int kept = kept_after(p, L.before_me[e], p.expert_load[e]);
             if (atomicAdd(&p.rows_sent[e], n) + n == kept) {
-                if (wait_at_least(&p.sync->dispatch_done, tiles, p.err, p.budget_ns, FMOE_PHASE_DISPATCH, tiles,
+                if (wait_at_least(&p.sync->dispatch_done, tiles, p.err, p.budget_ns, FMOE_PHASE_TILES, tiles,
                                   p.rank)) {
                     fence_sys();
                     publish_rows(p, e, kept);
@@ -1039,7 +1039,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 // delivered; shared: this rank dispatched the token tile, so targets are set).
                 if (threadIdx.x == 0) {
                     s_last = is_shared(L, x) ? wait_at_least(&p.tile_dispatched[m], p.epoch, p.err, p.budget_ns,
-                                                             FMOE_PHASE_DISPATCH, m, p.rank)
+                                                             FMOE_PHASE_TILES, m, p.rank)
                                              : wait_rows(p, L, x, m);
                 }
                 __syncthreads();

@@ -27,11 +27,12 @@ struct ErrorRecord {
 #define FMOE_PHASE_SCAN 1u       // waiting for the routing scan to be published
 #define FMOE_PHASE_BARRIER 2u    // grid barrier
 #define FMOE_PHASE_TASK 3u       // waiting for a GEMM1 row block to be published
-#define FMOE_PHASE_DISPATCH 4u   // waiting for a source's rows (index = source · E + expert, or a token tile)
-#define FMOE_PHASE_RETURN 5u     // waiting for a peer's returned results
+#define FMOE_PHASE_DISPATCH 4u   // waiting for a source's row flag (index = source · E + expert)
+// (5 was a wait for returned results; returns are counted per token instead, see complete_row_block.)
 #define FMOE_PHASE_COMBINE 6u    // waiting for a token to be pushed to the combine list
 #define FMOE_PHASE_COUNTS 7u     // waiting for a rank's per-expert counts (index = that rank)
 #define FMOE_PHASE_PEER_DONE 8u  // waiting for a peer to finish the previous launch (index = that rank)
+#define FMOE_PHASE_TILES 9u      // waiting for this rank's token tiles to be prepared (index = tile, or tile count)
 
 // The abort flag may be raised by a rank on another GPU: a volatile load (relaxed, system scope) sees it.
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {

@@ -391,10 +391,9 @@ public struct DistributedError: Error, Sendable, CustomStringConvertible {
 
     /// The rank whose wait expired.
     public var waitingRank: Int { kernel.rank }
-    /// For a wait on a (source, expert) row flag: the source rank that did not flag, and the expert. The flag
-    /// waits are the dispatch waits whose expected value carries an epoch (epoch << 32 | rows).
+    /// For a wait on a (source, expert) row flag: the source rank that did not flag, and the expert.
     public var missingSource: (rank: Int, expert: Int)? {
-        guard kernel.phase == .dispatch, kernel.expected >> 32 != 0 else { return nil }
+        guard kernel.phase == .dispatch else { return nil }
         let e = placement.experts
         return (kernel.index / e, kernel.index % e)
     }

@@ -5,18 +5,18 @@
 public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Where the wait was.
     public enum Phase: UInt32, Sendable, Hashable {
-        case scan = 1, barrier = 2, task = 3, dispatch = 4, returnFlag = 5, combine = 6, counts = 7, peerDone = 8
+        case scan = 1, barrier = 2, task = 3, dispatch = 4, combine = 6, counts = 7, peerDone = 8, tiles = 9
 
         var what: String {
             switch self {
             case .scan: "the routing scan to be published"
             case .barrier: "the grid barrier after placement"
             case .task: "a GEMM1 row block to be published"
-            case .dispatch: "a source's rows (or a token tile's dispatch)"
-            case .returnFlag: "a peer's returned results"
+            case .dispatch: "a source's rows for an expert (its row flag)"
             case .combine: "a token to reach the combine list"
             case .counts: "a rank's per-expert counts"
             case .peerDone: "a peer rank to finish the previous launch"
+            case .tiles: "this rank's token tiles to be prepared for dispatch"
             }
         }
     }
