@@ -1,0 +1,214 @@
+/*
+ * flashmoe.h — the C ABI of FlashMoE (libflashmoe.so).
+ *
+ * One MoE layer (gate, top-k routing, expert FFNs, combine) behind an opaque handle, on the GPU (one fused kernel
+ * launch per forward, enqueued on the caller's stream) or on the CPU backend (host pointers, synchronous).
+ *
+ * Conventions
+ *   - Every call returns a flashmoe_status_t; FLASHMOE_SUCCESS is 0. On failure, flashmoe_last_error() returns a
+ *     message for the calling thread that names the argument and what it expects. The message stays valid until the
+ *     thread's next call into the library.
+ *   - Outputs are written through pointers. Handles are pointers to undeclared structs.
+ *   - Structs start with `size` and `version`; initialise them with their FLASHMOE_*_INIT macro so fields can be
+ *     added in later versions without breaking callers.
+ *   - Matrices are row-major, contiguous, in Hugging Face's [out, in] layout; the dtype of every matrix and of x is
+ *     the precision's storage type (float32 for FP32/TF32, bfloat16 for BF16, float16 for FP16); biases, the
+ *     selection bias and routing weights are float32; expert ids are int32.
+ *   - GPU layers: pointers are device pointers of the layer's device (primary context). A forward only enqueues
+ *     work on `stream` (no host synchronisation, no allocation, no copies): it can be captured in a CUDA graph and
+ *     replayed. Errors the kernel finds after the call returned (a timed-out wait) surface on the next forward,
+ *     on flashmoe_layer_check(), or at once with FLASHMOE_FLAG_SYNC_ERRORS.
+ *   - CPU layers: pointers are host pointers; the forward runs before it returns; `stream` must be NULL.
+ *   - A layer may be used from several threads, one call at a time (calls are serialised internally).
+ */
+#ifndef FLASHMOE_H
+#define FLASHMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FLASHMOE_VERSION_MAJOR 0
+#define FLASHMOE_VERSION_MINOR 3
+#define FLASHMOE_VERSION_PATCH 0
+/** MAJOR * 10000 + MINOR * 100 + PATCH: compare with flashmoe_version() to catch a header/library mismatch. */
+#define FLASHMOE_VERSION (FLASHMOE_VERSION_MAJOR * 10000 + FLASHMOE_VERSION_MINOR * 100 + FLASHMOE_VERSION_PATCH)
+
+/** Status codes (explicit values; new codes are added before FLASHMOE_NUM_STATUS). */
+typedef enum {
+    FLASHMOE_SUCCESS = 0,
+    FLASHMOE_ERROR_INVALID_ARGUMENT = 1, /* a bad pointer, shape, dtype, token count or config field */
+    FLASHMOE_ERROR_UNSUPPORTED = 2,      /* valid, but not supported here (architecture, precision, backend) */
+    FLASHMOE_ERROR_CUDA = 3,             /* the driver or NVRTC failed, or no usable GPU */
+    FLASHMOE_ERROR_OUT_OF_MEMORY = 4,    /* device or host memory does not suffice */
+    FLASHMOE_ERROR_KERNEL = 5,           /* the kernel reported a fault (a timed-out wait); the layer is reset */
+    FLASHMOE_ERROR_INTERNAL = 6,         /* a bug: please report the message */
+    FLASHMOE_NUM_STATUS = 7
+} flashmoe_status_t;
+
+/** Where the layer runs. */
+typedef enum { FLASHMOE_BACKEND_CUDA = 0, FLASHMOE_BACKEND_CPU = 1 } flashmoe_backend_t;
+
+/** Storage and multiply precision. */
+typedef enum {
+    FLASHMOE_PRECISION_FP32 = 0,
+    FLASHMOE_PRECISION_TF32 = 1,
+    FLASHMOE_PRECISION_BF16 = 2,
+    FLASHMOE_PRECISION_FP16 = 3
+} flashmoe_precision_t;
+
+typedef enum { FLASHMOE_FFN_PLAIN = 0, FLASHMOE_FFN_GATED = 1 } flashmoe_ffn_t;
+
+typedef enum {
+    FLASHMOE_ACT_RELU = 0,
+    FLASHMOE_ACT_GELU = 1,
+    FLASHMOE_ACT_GELU_TANH = 2,
+    FLASHMOE_ACT_SILU = 3
+} flashmoe_activation_t;
+
+typedef enum {
+    FLASHMOE_ROUTER_SOFTMAX = 0, /* softmax over E, top-k (renormalised when `renormalize`) */
+    FLASHMOE_ROUTER_SIGMOID = 1  /* DeepSeek-V3: sigmoid, group-limited top-k, selection bias, scaling */
+} flashmoe_router_t;
+
+/** Layout of the gated FFN's first-layer weights. */
+typedef enum {
+    /** `gate_up` [E, 2I, H]: rows 0..I-1 of each expert are the gate (W1), rows I..2I-1 the up projection (W3) —
+     *  transformers 5's fused `gate_up_proj`. Plain FFNs: `gate_up` is W1 [E, I, H]. */
+    FLASHMOE_LAYOUT_FUSED = 0,
+    /** `gate` and `up` separately, each [E, I, H] (stacked per-expert w1 and w3). */
+    FLASHMOE_LAYOUT_SEPARATE = 1
+} flashmoe_layout_t;
+
+/** Output element type of the GPU forward. */
+typedef enum {
+    FLASHMOE_OUTPUT_STORAGE = 0, /* the precision's storage type (bf16 for BF16 layers), as frameworks expect */
+    FLASHMOE_OUTPUT_FLOAT32 = 1
+} flashmoe_output_t;
+
+/** flashmoe_config_t.flags */
+#define FLASHMOE_FLAG_SYNC_ERRORS 1u   /* debug: synchronise after every forward and report kernel errors at once */
+#define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests: a kernel build that skips one publication, so a wait times out */
+
+#define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
+
+/** A layer's shape and options. Initialise with FLASHMOE_CONFIG_INIT, then set fields. */
+typedef struct {
+    size_t size;      /* sizeof(flashmoe_config_t) */
+    uint32_t magic;   /* FLASHMOE_CONFIG_MAGIC */
+    uint32_t version; /* FLASHMOE_VERSION */
+    int32_t hidden;       /* H */
+    int32_t intermediate; /* I */
+    int32_t experts;      /* E */
+    int32_t top_k;        /* k */
+    int32_t ffn;          /* flashmoe_ffn_t */
+    int32_t activation;   /* flashmoe_activation_t */
+    int32_t bias;         /* plain FFN: 1 when b1 [E, I] and b2 [E, H] are given */
+    int32_t router;       /* flashmoe_router_t */
+    int32_t renormalize;  /* renormalise the top-k weights to sum to 1 */
+    int32_t groups;       /* sigmoid router: expert groups (1 = none) */
+    int32_t groups_kept;  /* sigmoid router: groups kept (1 = none) */
+    int32_t selection_bias; /* sigmoid router: 1 when a selection bias [E] is given */
+    float scaling;        /* routed scaling factor (1 = none) */
+    int32_t shared_intermediate; /* shared expert's I (0 = none) */
+    int32_t shared_gated;        /* 1 when the shared expert has a sigmoid gate row [H] */
+    float capacity_factor;       /* 0 = dropless, else capacity = ceil(S/E) * factor * k */
+    int32_t precision;    /* flashmoe_precision_t */
+    int32_t backend;      /* flashmoe_backend_t */
+    int32_t device;       /* CUDA device ordinal */
+    int32_t output;       /* flashmoe_output_t (GPU layers) */
+    int64_t max_tokens;   /* the most tokens one forward may pass; the workspace is sized for it once */
+    uint32_t flags;       /* FLASHMOE_FLAG_* */
+    uint32_t wait_budget_ms; /* every device-side wait's budget (0 = the default, 5000 ms) */
+} flashmoe_config_t;
+
+#define FLASHMOE_CONFIG_INIT                                                                                        \
+    {                                                                                                               \
+        sizeof(flashmoe_config_t), FLASHMOE_CONFIG_MAGIC, FLASHMOE_VERSION, 0, 0, 0, 0, FLASHMOE_FFN_GATED,       \
+            FLASHMOE_ACT_SILU, 0, FLASHMOE_ROUTER_SOFTMAX, 1, 1, 1, 0, 1.0f, 0, 0, 0.0f, FLASHMOE_PRECISION_BF16, \
+            FLASHMOE_BACKEND_CUDA, 0, FLASHMOE_OUTPUT_STORAGE, 0, 0u, 0u                                            \
+    }
+
+/** Weight pointers (device pointers for GPU layers, host pointers for CPU layers). NULL where absent.
+ *  The library copies or packs what it needs at creation (see the README's "Weights" section); the caller may
+ *  free its weights after flashmoe_layer_create returns. */
+typedef struct {
+    size_t size;      /* sizeof(flashmoe_weights_t) */
+    uint32_t version; /* FLASHMOE_VERSION */
+    int32_t layout;   /* flashmoe_layout_t */
+    const void *router;         /* [E, H] */
+    const void *selection_bias; /* [E] float32 (sigmoid router with selection_bias) */
+    const void *gate_up;        /* FUSED: [E, 2I, H] (gated) or W1 [E, I, H] (plain) */
+    const void *gate;           /* SEPARATE: W1 [E, I, H] */
+    const void *up;             /* SEPARATE: W3 [E, I, H] */
+    const void *down;           /* W2 [E, H, I] */
+    const void *b1;             /* [E, I] float32 (plain FFN with bias) */
+    const void *b2;             /* [E, H] float32 (plain FFN with bias) */
+    const void *shared_gate_up; /* FUSED: [2·IS, H] (gated) or [IS, H]; SEPARATE: shared W1 [IS, H] */
+    const void *shared_up;      /* SEPARATE, gated: shared W3 [IS, H] */
+    const void *shared_down;    /* [H, IS] */
+    const void *shared_gate;    /* [H]: the shared expert's sigmoid gate row (shared_gated) */
+} flashmoe_weights_t;
+
+#define FLASHMOE_WEIGHTS_INIT                                                                                       \
+    {                                                                                                               \
+        sizeof(flashmoe_weights_t), FLASHMOE_VERSION, FLASHMOE_LAYOUT_FUSED, NULL, NULL, NULL, NULL, NULL, NULL,  \
+            NULL, NULL, NULL, NULL, NULL, NULL                                                                      \
+    }
+
+/** What a layer holds, for the caller's bookkeeping. */
+typedef struct {
+    size_t size;               /* sizeof(flashmoe_layer_info_t), set by the caller */
+    int64_t max_tokens;        /* as created */
+    int64_t weight_bytes;      /* bytes the library holds for weights (packed copies) */
+    int64_t workspace_bytes;   /* bytes of the per-call workspace (allocated once) */
+    int32_t backend;           /* flashmoe_backend_t */
+    int32_t device;            /* CUDA device ordinal (GPU layers) */
+    int32_t grid_blocks;       /* blocks of the persistent grid (GPU layers) */
+    int32_t reserved;
+} flashmoe_layer_info_t;
+
+/** Opaque layer handle. */
+typedef struct flashmoe_layer_s *flashmoe_layer_t;
+
+/** The library's version, FLASHMOE_VERSION of the header it was built with. */
+int flashmoe_version(void);
+
+/** Fixed text for a status code (never NULL). */
+const char *flashmoe_status_string(flashmoe_status_t status);
+
+/** The calling thread's message for its last failed call ("" when none). */
+const char *flashmoe_last_error(void);
+
+/** Creates a layer: validates the config, compiles (or loads the cached) kernel, copies or packs the weights and
+ *  allocates the workspace for config->max_tokens. Writes the handle to *layer. */
+flashmoe_status_t flashmoe_layer_create(const flashmoe_config_t *config, const flashmoe_weights_t *weights,
+                                        flashmoe_layer_t *layer);
+
+/** One forward over `tokens` rows (0 <= tokens <= max_tokens) of x [tokens, H].
+ *  y [tokens, H] (storage type or float32, see config->output; float32 on the CPU backend);
+ *  topk_ids [tokens, k] int32 and topk_weights [tokens, k] float32 are optional (NULL to skip).
+ *  GPU: enqueued on `stream` (a CUstream of the layer's device; NULL = the legacy default stream); returns once
+ *  enqueued. CPU: `stream` must be NULL; runs before returning. */
+flashmoe_status_t flashmoe_layer_forward(flashmoe_layer_t layer, const void *x, void *y, int64_t tokens,
+                                         int32_t *topk_ids, float *topk_weights, void *stream);
+
+/** Reports a kernel error recorded by an earlier forward (FLASHMOE_ERROR_KERNEL, the layer then reset), without
+ *  synchronising; FLASHMOE_SUCCESS when none has been seen yet. With `synchronize` != 0 it first waits for the
+ *  layer's work on `stream`. */
+flashmoe_status_t flashmoe_layer_check(flashmoe_layer_t layer, int synchronize, void *stream);
+
+/** Fills *info (set info->size first). */
+flashmoe_status_t flashmoe_layer_info(flashmoe_layer_t layer, flashmoe_layer_info_t *info);
+
+/** Frees the layer. The caller must make sure no work of the layer is still running on the GPU. NULL is a no-op. */
+flashmoe_status_t flashmoe_layer_destroy(flashmoe_layer_t layer);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FLASHMOE_H */
