@@ -133,8 +133,9 @@ typedef struct {
     }
 
 /** Weight pointers (device pointers for GPU layers, host pointers for CPU layers). NULL where absent.
- *  The library copies or packs what it needs at creation (see the README's "Weights" section); the caller may
- *  free its weights after flashmoe_layer_create returns. */
+ *  The library copies or packs what it needs at creation (see "Weights" in the README's "Use from C" section);
+ *  the caller may free its weights after flashmoe_layer_create returns. Every pointer the config does not call for
+ *  must be NULL (create names the field otherwise), and each must be aligned to its element type. */
 typedef struct {
     size_t size;      /* sizeof(flashmoe_weights_t) */
     uint32_t version; /* FLASHMOE_VERSION */
@@ -150,7 +151,7 @@ typedef struct {
     const void *shared_gate_up; /* FUSED: [2·IS, H] (gated) or [IS, H]; SEPARATE: shared W1 [IS, H] */
     const void *shared_up;      /* SEPARATE, gated: shared W3 [IS, H] */
     const void *shared_down;    /* [H, IS] */
-    const void *shared_gate;    /* [H]: the shared expert's sigmoid gate row (shared_gated) */
+    const void *shared_gate;    /* [H] storage type: the shared expert's sigmoid gate row (shared_gated) */
 } flashmoe_weights_t;
 
 #define FLASHMOE_WEIGHTS_INIT                                                                                       \
