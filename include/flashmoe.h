@@ -91,7 +91,9 @@ typedef enum {
 
 /** flashmoe_config_t.flags */
 #define FLASHMOE_FLAG_SYNC_ERRORS 1u   /* debug: synchronise after every forward and report kernel errors at once */
-#define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests: a kernel build that skips one publication, so a wait times out */
+#define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
+                                          kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
+                                          forward or check); later forwards run normally */
 
 #define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
 
