@@ -78,12 +78,13 @@ class MoELayer(torch.nn.Module):
                     raise TypeError(f"weights[{name!r}] must be a torch.Tensor, got {type(tensor).__name__}")
                 self.register_buffer(name, tensor)
             names = list(weights)
-            source = WeightSource(lambda: [getattr(self, n) for n in names],
-                                  lambda: {n: getattr(self, n) for n in names})
+            buffers = self._buffers  # read directly: nn.Module.__getattr__ is slow on the hot path
+            source = WeightSource(lambda: [buffers[n] for n in names], lambda: {n: buffers[n] for n in names})
         self.config = config
         self._source = source
         self.layer_id = torch_op.new_layer_id()
         self._holder: list = [None]  # the NativeLayer, in a list the finalizer can see without seeing self
+        self._tracked: list = []  # the source's tensors when the native layer was built
         self._signature: tuple = ()
         self._finalizer = weakref.finalize(self, _close_native, self.layer_id, self._holder)
         self.refresh()
@@ -98,8 +99,14 @@ class MoELayer(torch.nn.Module):
             raise ValueError("layer: this MoELayer has been closed")
         return native
 
-    def _weights_signature(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in self._source.tensors())
+    @staticmethod
+    def _signature_of(tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def _source_changed(self) -> bool:
+        """Whether the source's tensors differ (other objects, storage or version) from those the layer was built
+        from."""
+        return self._signature_of(self._source.tensors()) != self._signature
 
     def refresh(self) -> None:
         """(Re)creates the native layer from the current weights: after editing them in place under torch.compile or
@@ -124,7 +131,8 @@ class MoELayer(torch.nn.Module):
         native = NativeLayer(self.config, infos, precision=precision, backend=backend, device=index)
         old, self._holder[0] = self._holder[0], native
         torch_op.bind(self.layer_id, native)
-        self._signature = self._weights_signature()
+        self._tracked = self._source.tensors()
+        self._signature = self._signature_of(self._tracked)
         del weights
         if old is not None and not old.closed:
             if old.backend == _lib.BACKEND_CUDA:
@@ -133,7 +141,7 @@ class MoELayer(torch.nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if self._holder[0] is not None and self._weights_signature() != self._signature:
+        if self._holder[0] is not None and self._source_changed():
             self.refresh()
         return out
 
@@ -141,12 +149,13 @@ class MoELayer(torch.nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         # The buffers were overwritten in place; the version check would catch it too, but only on the next eager
         # call, which may be inside a graph capture.
-        if self._holder[0] is not None and self._weights_signature() != self._signature:
+        if self._holder[0] is not None and self._source_changed():
             self.refresh()
 
     def _ensure_current(self) -> None:
-        """Eager calls only: rebuilds the native layer when a weight changed since it was made."""
-        if self._weights_signature() == self._signature:
+        """Eager calls only: rebuilds the native layer when a weight it was built from changed in place (its version
+        counter moved) or had its storage swapped. (New tensor objects arrive through _apply or load_state_dict.)"""
+        if self._signature_of(self._tracked) == self._signature:
             return
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("MoELayer: the weights changed since the layer was built and a CUDA graph is being "
@@ -177,20 +186,22 @@ class MoELayer(torch.nn.Module):
         `stream`: a CUDA stream of the layer's device to run on (default: the current stream)."""
         if not torch.compiler.is_compiling():
             self._ensure_current()
+        hidden = self.config.hidden
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.config.hidden:
-            raise ValueError(f"x must have shape [..., {self.config.hidden}], got {list(x.shape)}")
+        if x.dim() < 1 or x.shape[-1] != hidden:
+            raise ValueError(f"x must have shape [..., {hidden}], got {list(x.shape)}")
         if not x.is_contiguous():
             raise ValueError("x must be contiguous (row-major); pass x.contiguous()")
-        flat = x.view(-1, self.config.hidden)
+        flat = x if x.dim() == 2 else x.view(-1, hidden)
         if stream is None:
-            y, ids, weights = torch.ops.flashmoe.moe_forward(flat, self.layer_id)
+            y, ids, weights = torch_op.moe_forward(flat, self.layer_id)
         else:
             self._check_stream(stream)
             with torch.cuda.stream(stream):
-                y, ids, weights = torch.ops.flashmoe.moe_forward(flat, self.layer_id)
-        y = y.view(*x.shape[:-1], self.config.hidden)
+                y, ids, weights = torch_op.moe_forward(flat, self.layer_id)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], hidden)
         return (y, ids, weights) if return_routing else y
 
     def _check_stream(self, stream) -> None:
