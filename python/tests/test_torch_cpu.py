@@ -202,6 +202,18 @@ class PatchTest(unittest.TestCase):
                 ref = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
                 self.assertTrue(torch.equal(out, ref))
 
+    def test_patched_model_compiles_fullgraph(self):
+        model = self.build("qwen3_moe", seed=9)
+        flashmoe.patch(model)
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(9))
+
+        def forward(input_ids):
+            return model(input_ids=input_ids, use_cache=False).logits
+
+        compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), forward(ids), rtol=1e-5, atol=1e-5)
+
     def test_unknown_model_type_is_left_alone(self):
         from transformers import AutoConfig, AutoModelForCausalLM
 
