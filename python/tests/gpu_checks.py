@@ -79,64 +79,57 @@ def random_layer(seed: int, *, hidden=512, inter=256, experts=16, top_k=4, max_t
 # transformers models
 
 
-def _family_case(family: str, seed: int, dtype):
-    from hf_models import tiny_model
+def _each_family(seed: int, case) -> dict:
+    """Runs `case(model, ids) -> (detail, ok)` on a fresh tiny float32 GPU model of each family, under no_grad, and
+    unpatches it afterwards; raises CheckFailed naming the families whose case was not ok."""
+    from hf_models import FAMILIES, tiny_model
 
-    model = tiny_model(family, seed, device="cuda", dtype=dtype)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(seed))
-    return model, ids
+    detail, failures = {}, []
+    for i, family in enumerate(FAMILIES):
+        model = tiny_model(family, seed + i, device="cuda")
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(seed + i))
+        with torch.no_grad():
+            detail[family], ok = case(model, ids)
+        if not ok:
+            failures.append(family)
+        flashmoe.unpatch(model)
+        del model
+    expect(not failures, f"failed: {failures}")
+    return detail
 
 
 @check
 def families_fp32() -> dict:
-    from hf_models import FAMILIES
+    gen_args = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
 
-    detail, failures = {}, []
-    for i, family in enumerate(FAMILIES):
-        model, ids = _family_case(family, 300 + i, torch.float32)
-        gen_args = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        with torch.no_grad():
-            ref = model(ids).logits
-            ref_tokens = model.generate(ids[:1, :8], **gen_args)
-            names = flashmoe.patch(model)
-            got = model(ids).logits
-            tokens = model.generate(ids[:1, :8], **gen_args)
-        err = rel(got, ref)
-        same = torch.equal(tokens, ref_tokens)
+    def case(model, ids):
+        ref = model(ids).logits
+        ref_tokens = model.generate(ids[:1, :8], **gen_args)
+        names = flashmoe.patch(model)
+        got = model(ids).logits
+        tokens = model.generate(ids[:1, :8], **gen_args)
+        err, same = rel(got, ref), torch.equal(tokens, ref_tokens)
         first_diff = None if same else int((tokens != ref_tokens).nonzero()[0, 1])
-        detail[family] = {"blocks": len(names), "logits_rel_error": err, "generate_identical": same,
-                          "first_differing_position": first_diff}
-        if not names or err >= FP32_TOL or not same:
-            failures.append(family)
-        flashmoe.unpatch(model)
-        del model
-    expect(not failures, f"failed: {failures}")
-    return detail
+        return ({"blocks": len(names), "logits_rel_error": err, "generate_identical": same,
+                 "first_differing_position": first_diff}, bool(names) and err < FP32_TOL and same)
+
+    return _each_family(300, case)
 
 
 @check
 def families_bf16() -> dict:
-    from hf_models import FAMILIES
-
-    detail, failures = {}, []
-    for i, family in enumerate(FAMILIES):
-        model, ids = _family_case(family, 400 + i, torch.float32)
-        with torch.no_grad():
-            ref32 = model(ids).logits
-            model.to(torch.bfloat16)
-            ref = model(ids).logits
-            flashmoe.patch(model)
-            got = model(ids).logits
+    def case(model, ids):
+        ref32 = model(ids).logits
+        model.to(torch.bfloat16)
+        ref = model(ids).logits
+        flashmoe.patch(model)
+        got = model(ids).logits
         err = rel(got, ref)
-        detail[family] = {"patched_vs_original": err, "original_bf16_vs_fp32": rel(ref, ref32),
-                          "patched_bf16_vs_fp32": rel(got, ref32)}
-        if err >= BF16_TOL:
-            failures.append(family)
-        flashmoe.unpatch(model)
-        del model
-    expect(not failures, f"failed: {failures}")
-    return detail
+        return ({"patched_vs_original": err, "original_bf16_vs_fp32": rel(ref, ref32),
+                 "patched_bf16_vs_fp32": rel(got, ref32)}, err < BF16_TOL)
+
+    return _each_family(400, case)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,7 +205,10 @@ def compile_cudagraphs() -> dict:
 
 @check
 def compile_model() -> dict:
-    model, ids = _family_case("qwen3_moe", 500, torch.float32)
+    from hf_models import tiny_model
+
+    model = tiny_model("qwen3_moe", 500, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda")
     flashmoe.patch(model)
 
     def forward(input_ids):
