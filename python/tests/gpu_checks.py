@@ -9,9 +9,9 @@ torch and transformers:
 - compile-fullgraph / compile-cudagraphs / compile-model: torch.compile(fullgraph=True) of a function around a
   MoELayer (inductor; then mode="reduce-overhead"), and of a patched tiny model's forward; equal to eager.
 - two-streams: two layers run at once on two streams, 20 calls each, equal (bitwise) to eager on one stream.
-- kernel-fault: a layer built with FLASHMOE_FLAG_INJECT_FAULT raises FlashMoEKernelError (from check(), from the
-  next forward, at once with sync_errors, after a graph replay), its next call runs, and a healthy layer still
-  gives the same result as before.
+- kernel-fault: a layer built with FLASHMOE_FLAG_INJECT_FAULT (its first forward faults) raises FlashMoEKernelError
+  from check(), from the next forward, at once with sync_errors, and from check() after a graph replay; the call
+  after a fault runs and equals a healthy layer's result, which is unchanged by the faults.
 - bad-inputs: wrong device, dtype, shape, alignment, contiguity, too many tokens, a stream of another device (or,
   with one GPU, a CUDA stream for a CPU layer), a closed layer: each raises TypeError/ValueError naming the argument.
 - opcheck: torch.library.opcheck of flashmoe::moe_forward on CUDA.
@@ -265,42 +265,47 @@ def _raises(exc, fn, *args, **kwargs) -> BaseException:
 
 @check
 def kernel_fault() -> dict:
+    """FLASHMOE_FLAG_INJECT_FAULT makes a layer's first forward skip a publication, so a device wait times out
+    (after wait_budget_ms); later forwards run normally. Each faulty layer below has the healthy one's weights."""
     healthy = random_layer(20)
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
     before = healthy(x).clone()
-    faulty = random_layer(20, inject_fault=True, wait_budget_ms=100)
-    detail = {}
 
+    def faulty(**options):
+        return random_layer(20, inject_fault=True, wait_budget_ms=100, **options)
+
+    detail = {}
+    a = faulty()
     t0 = time.time()
-    faulty(x)  # enqueues; the kernel's wait times out on the device
-    err = _raises(flashmoe.FlashMoEKernelError, faulty.check, True)
+    a(x)  # enqueued; the fault is found on the device
+    err = _raises(flashmoe.FlashMoEKernelError, a.check, True)
     detail["check"] = {"seconds": round(time.time() - t0, 3), "message": str(err)[:300]}
     expect(err.status == 5, f"status {err.status}, expected FLASHMOE_ERROR_KERNEL (5)")
+    after_fault = a(x)  # the next call runs, and right
+    expect(torch.equal(after_fault, before), "the call after the fault differs from the healthy layer's")
 
-    faulty(x)  # the next call runs (the layer was reset) ...
+    b = faulty()
+    b(x)
     torch.cuda.synchronize()
-    err = _raises(flashmoe.FlashMoEKernelError, faulty, x)  # ... and its fault surfaces on the call after it
-    detail["next_forward"] = str(err)[:200]
+    detail["next_forward"] = str(_raises(flashmoe.FlashMoEKernelError, b, x))[:200]
+    expect(torch.equal(b(x), before), "the call after the reported fault differs from the healthy layer's")
 
-    sync = random_layer(20, inject_fault=True, wait_budget_ms=100, sync_errors=True)
-    detail["sync_errors"] = str(_raises(flashmoe.FlashMoEKernelError, sync, x))[:200]
+    c = faulty(sync_errors=True)
+    detail["sync_errors"] = str(_raises(flashmoe.FlashMoEKernelError, c, x))[:200]
 
+    d = faulty()
     graph = torch.cuda.CUDAGraph()
     static_x = x.clone()
-    try:  # start the capture clean: the refused call above may have left its own fault pending
-        faulty.check(True)
-    except flashmoe.FlashMoEKernelError:
-        pass
     with torch.cuda.graph(graph):
-        faulty(static_x)
+        d(static_x)  # the layer's first forward: captured with the fault
     graph.replay()
     torch.cuda.synchronize()
-    detail["after_graph_replay"] = str(_raises(flashmoe.FlashMoEKernelError, faulty.check))[:200]
+    detail["after_graph_replay"] = str(_raises(flashmoe.FlashMoEKernelError, d.check))[:200]
 
     after = healthy(x)
     torch.cuda.synchronize()
     expect(torch.equal(before, after), "a healthy layer's result changed after the faults")
-    for layer in (faulty, sync, healthy):
+    for layer in (a, b, c, d, healthy):
         layer.close()
     return detail
 
