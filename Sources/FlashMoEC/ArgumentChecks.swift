@@ -28,7 +28,7 @@ enum Check {
     }
 
     /// A versioned struct (`size` first): the pointer checked, its `size` equal to this library's struct and
-    /// `version`'s major and minor equal to the library's. `initMacro` names the macro that fills it.
+    /// `version` of the library's major and at most its minor. `initMacro` names the macro that fills it.
     static func versionedStruct<T>(
         _ pointer: UnsafePointer<T>?, _ name: String, initMacro: String, version: (T) -> UInt32
     ) throws(ArgumentError) -> T {
@@ -43,10 +43,13 @@ enum Check {
         }
         let value = p.pointee
         let v = version(value)
-        guard v / 100 == UInt32(LibraryVersion.number / 100) else {
+        let library = UInt32(LibraryVersion.number)
+        // A struct from an older minor version of the header is accepted (its size matched); a newer one is not.
+        guard v / 10000 == library / 10000, v / 100 <= library / 100 else {
             throw ArgumentError(
                 "\(name)->version is \(v) but this library is \(LibraryVersion.number) (\(LibraryVersion.text)): "
-                    + "build against the matching flashmoe.h and initialise the struct with \(initMacro)")
+                    + "build against a flashmoe.h of the same major and an equal or older minor version, and "
+                    + "initialise the struct with \(initMacro)")
         }
         return value
     }

@@ -9,6 +9,7 @@ final class CPULayer: LayerEngine {
     private let weightBytes: Int
 
     var outputElementBytes: Int { 4 }
+    var rowAlignment: Int { 1 }  // each pointer is checked against its own element size
 
     init(settings: LayerSettings, weights: UnsafePointer<flashmoe_weights_t>?) throws {
         let c = settings.config

@@ -61,10 +61,11 @@ public func flashmoe_layer_forward(
                 return UInt64(UInt(bitPattern: p))
             }
             let h = s.config.hiddenSize
-            let xAddress = try address(x, "x", storage.byteSize, "[tokens, \(h)] \(storage)")
+            let xAddress = try address(
+                x, "x", max(storage.byteSize, engine.rowAlignment), "[tokens, \(h)] \(storage)")
             let yType = engine.outputElementBytes == 4 ? "float32" : "\(storage)"
             let yAddress = try address(
-                UnsafeRawPointer(y), "y", engine.outputElementBytes, "[tokens, \(h)] \(yType)")
+                UnsafeRawPointer(y), "y", max(engine.outputElementBytes, engine.rowAlignment), "[tokens, \(h)] \(yType)")
             if let topkIDs { try Check.aligned(UInt(bitPattern: topkIDs), "topk_ids", 4, "int32") }
             if let topkWeights { try Check.aligned(UInt(bitPattern: topkWeights), "topk_weights", 4, "float32") }
             try engine.forward(

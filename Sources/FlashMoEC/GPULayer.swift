@@ -5,6 +5,7 @@ import FlashMoE
 final class GPULayer: LayerEngine {
     let settings: LayerSettings
     var outputElementBytes: Int { settings.floatOutput ? 4 : settings.config.precision.storage.byteSize }
+    var rowAlignment: Int { 16 }
 
     init(settings: LayerSettings, weights: UnsafePointer<flashmoe_weights_t>?) throws {
         _ = try WeightPointers(checking: weights, config: settings.config)

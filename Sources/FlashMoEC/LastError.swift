@@ -10,16 +10,15 @@ import Musl
 /// exits). A new failure on the same thread frees the old copy, so a returned pointer stays valid until that
 /// thread's next failed call; successful calls leave it alone.
 enum LastError {
-    private static let key: pthread_key_t = {
+    /// nil only when the process has run out of thread-local keys (1024 per process).
+    private static let key: pthread_key_t? = {
         var key = pthread_key_t()
-        // Cannot fail short of the process running out of keys (1024 per process); the library needs one.
-        let status = pthread_key_create(&key) { free($0) }
-        precondition(status == 0, "flashmoe: pthread_key_create failed (\(status))")
-        return key
+        return pthread_key_create(&key) { free($0) } == 0 ? key : nil
     }()
 
     /// Replaces the calling thread's message with `message`.
     static func set(_ message: String) {
+        guard let key else { return }
         let copy = strdup(message)  // nil only when out of memory: then the thread's message reads ""
         let old = pthread_getspecific(key)
         _ = pthread_setspecific(key, copy)
@@ -28,6 +27,9 @@ enum LastError {
 
     /// The calling thread's message, or "" when it has none.
     static func current() -> UnsafePointer<CChar> {
+        guard let key else {
+            return StaticText.pointer("flashmoe: no thread-local key was left for error messages (pthread_key_create)")
+        }
         guard let message = pthread_getspecific(key) else { return StaticText.pointer("") }
         return UnsafePointer(message.assumingMemoryBound(to: CChar.self))
     }

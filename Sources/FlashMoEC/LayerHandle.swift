@@ -18,6 +18,8 @@ protocol LayerEngine: AnyObject, Sendable {
     var settings: LayerSettings { get }
     /// Bytes of y's elements: 4 (float32) or the storage type's size.
     var outputElementBytes: Int { get }
+    /// The alignment x and y must have, in bytes: their element size on the CPU, 16 on the GPU (vector loads).
+    var rowAlignment: Int { get }
     /// Runs one forward (`arguments` already checked against the layer's shape and token limit).
     func forward(_ arguments: ForwardArguments) throws
     /// Reports a kernel error an earlier forward left, after waiting for `stream` when `synchronize`.

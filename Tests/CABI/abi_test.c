@@ -284,6 +284,11 @@ static gated_weights make_gated(void) {
     return g;
 }
 
+static void free_gated(gated_weights *g) {
+    float *all[] = {g->router, g->w1, g->w3, g->w2, g->sw1, g->sw3, g->sw2, g->sgate, g->x};
+    for (int i = 0; i < 9; i++) free(all[i]);
+}
+
 /* [M, 2R, C]: per matrix its R gate rows then its R up rows. */
 static float *fuse_rows(const float *gate, const float *up, int M, int R, int C) {
     float *out = malloc((size_t)M * 2 * R * C * sizeof(float));
@@ -292,6 +297,21 @@ static float *fuse_rows(const float *gate, const float *up, int M, int R, int C)
         memcpy(out + ((size_t)m * 2 + 1) * R * C, up + (size_t)m * R * C, (size_t)R * C * sizeof(float));
     }
     return out;
+}
+
+/* The gated layer's weights in the fused layout; *packed receives the two fused arrays to free. */
+static flashmoe_weights_t gated_fused_weights(const gated_weights *g, float *packed[2]) {
+    packed[0] = fuse_rows(g->w1, g->w3, GE, GI, GH);
+    packed[1] = fuse_rows(g->sw1, g->sw3, 1, GIS, GH);
+    flashmoe_weights_t w = FLASHMOE_WEIGHTS_INIT;
+    w.layout = FLASHMOE_LAYOUT_FUSED;
+    w.router = g->router;
+    w.gate_up = packed[0];
+    w.down = g->w2;
+    w.shared_gate_up = packed[1];
+    w.shared_down = g->sw2;
+    w.shared_gate = g->sgate;
+    return w;
 }
 
 /* A CPU layer of shape H, I, E, k in FP32; the other fields as FLASHMOE_CONFIG_INIT sets them. */
@@ -330,15 +350,8 @@ static void test_gated_softmax(void) {
     flashmoe_config_t c = gated_config();
 
     /* Fused layout. */
-    float *gate_up = fuse_rows(g.w1, g.w3, GE, GI, GH), *shared_gate_up = fuse_rows(g.sw1, g.sw3, 1, GIS, GH);
-    flashmoe_weights_t w = FLASHMOE_WEIGHTS_INIT;
-    w.layout = FLASHMOE_LAYOUT_FUSED;
-    w.router = g.router;
-    w.gate_up = gate_up;
-    w.down = g.w2;
-    w.shared_gate_up = shared_gate_up;
-    w.shared_down = g.sw2;
-    w.shared_gate = g.sgate;
+    float *packed[2];
+    flashmoe_weights_t w = gated_fused_weights(&g, packed);
     flashmoe_layer_t fused = NULL;
     flashmoe_status_t st = flashmoe_layer_create(&c, &w, &fused);
     check(st == FLASHMOE_SUCCESS && fused != NULL, "gated softmax (fused layout): create succeeds");
@@ -441,10 +454,9 @@ static void test_gated_softmax(void) {
     float y[GH];
     expect_error(flashmoe_layer_forward(fused, g.x, y, 1, NULL, NULL, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT, "layer",
                  "forward on a destroyed layer");
-    free(gate_up);
-    free(shared_gate_up);
-    float *all[] = {g.router, g.w1, g.w3, g.w2, g.sw1, g.sw3, g.sw2, g.sgate, g.x};
-    for (int i = 0; i < 9; i++) free(all[i]);
+    free(packed[0]);
+    free(packed[1]);
+    free_gated(&g);
 }
 
 /* The plain sigmoid layer: relu FFN with biases, 4 groups keeping 2, selection bias, no renormalisation... */
@@ -727,6 +739,52 @@ static void test_forward_errors(void) {
     flashmoe_layer_destroy(layer);
 }
 
+/* MARK: one layer used from several threads at once (calls are serialised inside) */
+
+typedef struct {
+    flashmoe_layer_t layer;
+    const float *x;
+    float y[S * GH];
+    int failures;
+} thread_job;
+
+static void *forward_many(void *arg) {
+    thread_job *job = arg;
+    for (int i = 0; i < 10; i++) job->failures += flashmoe_layer_forward(job->layer, job->x, job->y, S, NULL, NULL, NULL) != 0;
+    return NULL;
+}
+
+static void test_threads(void) {
+    gated_weights g = make_gated();
+    float *packed[2];
+    flashmoe_config_t c = gated_config();
+    flashmoe_weights_t w = gated_fused_weights(&g, packed);
+    flashmoe_layer_t layer = NULL;
+    if (flashmoe_layer_create(&c, &w, &layer) != FLASHMOE_SUCCESS) {
+        check(0, "threads: create");
+        return;
+    }
+    static thread_job jobs[4];
+    pthread_t threads[4];
+    for (int t = 0; t < 4; t++) {
+        jobs[t].layer = layer;
+        jobs[t].x = g.x;
+        jobs[t].failures = 0;
+        pthread_create(&threads[t], NULL, forward_many, &jobs[t]);
+    }
+    int failures = 0, same = 1;
+    for (int t = 0; t < 4; t++) {
+        pthread_join(threads[t], NULL);
+        failures += jobs[t].failures;
+        same &= memcmp(jobs[t].y, jobs[0].y, sizeof jobs[0].y) == 0;
+    }
+    check(failures == 0 && same, "4 threads × 10 forwards on one layer: all succeed with the same y");
+    flashmoe_layer_destroy(layer);
+    free(packed[0]);
+    free(packed[1]);
+    free_gated(&g);
+}
+
 /* MARK: status strings, version, per-thread errors, GPU backend without a GPU */
 
 static void *other_thread(void *arg) {
@@ -777,6 +835,7 @@ int main(void) {
     test_plain_sigmoid(0);
     test_create_errors();
     test_forward_errors();
+    test_threads();
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

@@ -124,16 +124,27 @@ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
 constexpr int DYNAMIC_SMEM = cmax(cmax(STAGES * stage_bytes<EBN>(), STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
-// Tokens whose logits route_tile stages in shared memory at once: what fits beside the masks and ids (a multiple
-// of 32, at most a tile).
-constexpr int ROUTE_CHUNK_FIT = ((DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4)) / 32 * 32;
-constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT > BT ? BT : ROUTE_CHUNK_FIT;
-static_assert(ROUTE_CHUNK >= 32, "route_tile needs room for at least 32 rows of logits");
+// Tokens whose logits route_tile stages in shared memory at once: the largest of 128, 64 and 32 that fits beside
+// the masks and ids. It must divide the tile: a chunk of 96 (fp32's smaller ring at E = 256) once ran its second
+// chunk past token 127, into the next tile's tokens and past the masks and ids (issue 12, defect 7).
+constexpr int ROUTE_CHUNK_FIT = (DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4);
+constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT >= 128 ? 128 : (ROUTE_CHUNK_FIT >= 64 ? 64 : 32);
+static_assert(ROUTE_CHUNK_FIT >= 32, "route_tile needs room for at least 32 rows of logits");
+static_assert(BT % ROUTE_CHUNK == 0 && ROUTE_CHUNK <= THREADS, "route_tile's chunks must tile the 128 tokens exactly");
+static_assert(E * 16 + BT * K * 4 + ROUTE_CHUNK * (EG + 1) * 4 <= DYNAMIC_SMEM - 1024,
+              "route_tile's masks, ids and staged logits exceed the dynamic shared memory");
 constexpr int XS = E + 1;  // task-space experts, at most: the routed ones + the shared one (empty when absent)
 constexpr int RANKS = FMOE_RANKS;
 // Expert placement over ranks: contiguous blocks, the first E mod R ranks one expert larger.
 constexpr int rank_first(int q) { return q * (E / RANKS) + (q < E % RANKS ? q : E % RANKS); }
 constexpr int E_LOCAL_MAX = (E + RANKS - 1) / RANKS;
+// A received row's origin packs the source rank above the source's (token, j) pair index in a non-negative int:
+// the rank takes the bits RANKS − 1 needs, the pair the rest (at least 25 bits for 64 ranks). The host refuses a
+// rank with tokens · K ≥ 2^PAIR_BITS (DistributedMoE.pairLimit).
+constexpr int bits_for(int v) { return v <= 0 ? 0 : 1 + bits_for(v >> 1); }
+constexpr int PAIR_BITS = 31 - bits_for(RANKS - 1);
+constexpr int PAIR_MASK = (int)((1u << PAIR_BITS) - 1u);
+static_assert(PAIR_BITS >= 25, "ranks must leave at least 25 bits for a source's pair index");
 FMOE_DEVICE int owner_of(int e) {
     int q = 0;
     while (q + 1 < RANKS && rank_first(q + 1) <= e) ++q;
@@ -153,14 +164,16 @@ struct Sync {
     int tiles1_done; // GEMM1 tiles whose completion (and pushes) are finished
     int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
     int dispatch_done;  // ranks: this rank's token tiles dispatched
-    int exit_count;  // ranks: blocks of this rank that finished the launch
+    int exit_count;  // blocks (of this rank) that finished the launch; the last one out resets it
     u64 done_epoch;  // ranks: = epoch once every block of this rank finished the launch (read by peers)
+    u64 epoch;       // one GPU: the last finished launch's epoch (the device epoch; 0 after a wrap)
 };
+static_assert(sizeof(Sync) <= 256, "the host reserves 256 bytes of control memory per Sync");
 
 // What every rank exposes to the others (peer-mapped device pointers; on one GPU, plain pointers).
 struct Peer {
     T *recv;              // [rows, H] the owner's receive buffer: the rows routed to its experts
-    int *row_origin;      // [rows] (source rank << 24) | (token · K + j) of each received row
+    int *row_origin;      // [rows] (source rank << PAIR_BITS) | (token · K + j) of each received row
     u64 *row_flags;       // [RANKS, E_LOCAL_MAX] (epoch << 32 | rows) from each source for each local expert
     int *all_counts;      // [RANKS, E] every rank's per-expert token counts (the all-gather)
     u64 *count_flags;     // [RANKS] epoch once a rank's counts are in all_counts
@@ -181,12 +194,12 @@ struct Params {
     const float *b2;       // [E, H] or null
     const T *ws1;          // [N0S, H] shared expert
     const T *ws2;          // [H, IS]
-    float *y;              // [S, H] output
+    void *y;               // [S, H] output: FP32, or T when y_storage
     int *ids;              // [S, K] expert per rank (−1 unrouted)
     float *weights;        // [S, K]
     int *slot_row;         // [S, K] global row of the pair, −1 when dropped or unrouted
     float *logits;         // [S, EG]
-    float *logits_part;    // [GATE_KSPLIT_MAX, S', EG] partial gate logits (S' = min(S, 128 · grid))
+    float *logits_part;    // [k split · S, EG] partial gate logits, within GATE_KSPLIT_MAX · part_rows rows
     int *rank_in_tile;     // [S, K]
     float *shared_gate;    // [S]
     int *tile_done;        // [tiles] gate tiles finished per token tile
@@ -212,14 +225,20 @@ struct Params {
     const Peer *peers;     // ranks: [RANKS] every rank's exchange buffers (this rank's among them)
     u64 *tile_dispatched;  // ranks: [tiles] epoch once a token tile's rows and targets are out
     int *rows_sent;        // ranks: [E] this rank's rows stored into their owners so far (per launch)
+    ErrorRecord *err_mirror;  // one GPU: host-mapped copy of a nonzero error record (the last block out), or null
     int tokens;            // S (this rank's tokens)
     int capacity;          // per-expert capacity over all ranks' tokens (INT_MAX when dropless)
     int rank;              // this rank
     int gate_ksplit;       // the gate's K split (chosen by the host so every rank split alike)
     int row_blocks;        // capacity of done0 / done1 / ring
+    int max_tokens;        // capacity of the token arrays (combine_list: cleared at the epoch wrap)
+    int part_rows;         // logits_part holds GATE_KSPLIT_MAX · part_rows rows of EG floats
+    int y_storage;         // 1: y is T (the storage type), 0: FP32
+    int inject_fault;      // FMOE_INJECT_FAULT builds: fault this launch only when set
     int pad;
-    u64 epoch;             // launch number, from 1
+    u64 epoch;             // launch number, from 1 (one GPU: read from sync->epoch at entry, not from the host)
     u64 budget_ns;         // every wait's time budget
+    u64 epoch_wrap;        // one GPU: the launch with this epoch clears the epoch-tagged state and restarts at 0
 };
 
 // This block's index and the block count within its rank (the whole grid when RANKS == 1).
@@ -250,14 +269,9 @@ FMOE_DEVICE float activation(float v) {
 #endif
 }
 
-// Stores 4 consecutive FP32 values as T (one 8- or 16-byte store).
+// Stores 4 consecutive FP32 values as T (one 8- or 16-byte store). TF32 mode stores FP32 as is: the GEMM that
+// reads h rounds its operands to TF32 in shared memory (gemm_tile.cuh, round_stage_tf32).
 FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
-#if FMOE_PREC == 1
-    // TF32 mode: GEMM1 reads this as a tensor-core operand; store it rounded to nearest TF32 (wgmma would
-    // otherwise truncate).
-    a = __uint_as_float(to_tf32(__float_as_uint(a))); b = __uint_as_float(to_tf32(__float_as_uint(b)));
-    c = __uint_as_float(to_tf32(__float_as_uint(c))); d = __uint_as_float(to_tf32(__float_as_uint(d)));
-#endif
 #if FMOE_PREC >= 2
     uint2 v;
     v.x = (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);
@@ -266,6 +280,12 @@ FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
 #else
     *(float4 *)dst = make_float4(a, b, c, d);
 #endif
+}
+
+// Stores 4 consecutive values of y at element i: FP32, or the storage type when the caller asked for it.
+FMOE_DEVICE void store_y4(const Params &p, size_t i, float4 v) {
+    if (sizeof(T) < 4 && p.y_storage) store4((T *)p.y + i, v.x, v.y, v.z, v.w);
+    else *(float4 *)((float *)p.y + i) = v;
 }
 
 // Shared-memory arrays every CTA keeps after the scan (static, sized by E).
@@ -312,7 +332,7 @@ FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem)
         __syncthreads();  // the previous chunk's rows are consumed (and the masks are cleared)
         for (int i = threadIdx.x; i < ROUTE_CHUNK * EG; i += THREADS) {
             const int lt = c0 + i / EG, n = i % EG, t = t0 + lt;
-            if (t >= p.tokens) continue;
+            if (lt >= BT || t >= p.tokens) continue;  // (lt < BT by the static_assert; kept as the bound)
             float v;
             if (ks_count == 1) {
                 v = p.logits[(size_t)t * EG + n];
@@ -324,7 +344,7 @@ FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem)
         }
         __syncthreads();
         const int lt = c0 + threadIdx.x, t = t0 + lt;
-        if (threadIdx.x < ROUTE_CHUNK && t < p.tokens) {
+        if (threadIdx.x < ROUTE_CHUNK && lt < BT && t < p.tokens) {
             const float *l = rows + threadIdx.x * (EG + 1);
             int ids[K];
             float w[K];
@@ -484,8 +504,10 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
         L.rb_start[L.xs] = rb;
         L.task0_start[L.xs] = t0;
     }
+    // One read of the abort flag for the block, so every thread returns the same answer (block-uniform exits).
+    if (threadIdx.x == 0 && aborted(p.err)) ok = 0;
     __syncthreads();
-    const bool good = ok != 0 && !aborted(p.err);
+    const bool good = ok != 0;
     __syncthreads();
     return good;
 }
@@ -511,7 +533,7 @@ FMOE_DEVICE void publish_rows(const Params &p, int e, int rows) {
 #if FMOE_INJECT_FAULT == 2
     // Test builds: from the second launch on, the last rank never flags expert 0, so the owner still sees the
     // previous epoch's flag (with its row count) and must not take it for this one.
-    if (p.rank == RANKS - 1 && e == 0 && p.epoch >= 2) return;
+    if (p.inject_fault && p.rank == RANKS - 1 && e == 0 && p.epoch >= 2) return;
 #endif
     st_relaxed_sys_u64(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows);
 }
@@ -559,7 +581,7 @@ FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
             p.target[t] = contributions;
             p.pending[t] = 0;
             if (contributions == 0) {
-                for (int h = 0; h < H; h += 4) *(float4 *)&p.y[(size_t)t * H + h] = make_float4(0.f, 0.f, 0.f, 0.f);
+                for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
             } else {
                 atomicAdd(&p.sync->my_total, 1);
             }
@@ -581,6 +603,7 @@ FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
 // tile's targets are set (owners count contributions against them), fences again and publishes the owner's flag.
 // Experts this rank sends nothing get an empty flag at once.
 constexpr int DISPATCH_CHUNK = 128;
+static_assert((2 * DISPATCH_CHUNK + E) * 4 <= DYNAMIC_SMEM - 1024, "dispatch_rows' staging exceeds the dynamic shared memory");
 FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
     int *dest = (int *)smem;                // [CHUNK] owner row of the pair, or −1
     int *expert = dest + DISPATCH_CHUNK;    // [CHUNK]
@@ -617,7 +640,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             const int pair = c * DISPATCH_CHUNK + k;
             const Peer &o = p.peers[owner_of(expert[k])];
             copy_row((uint4 *)(o.recv + (size_t)row * H), (const uint4 *)(p.x + (size_t)(pair / K) * H), lane);
-            if (lane == 0) o.row_origin[row] = (p.rank << 24) | pair;
+            if (lane == 0) o.row_origin[row] = (p.rank << PAIR_BITS) | pair;
         }
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += THREADS) {
@@ -722,8 +745,12 @@ FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
 // exactly as the single-rank run does (same logits, same bits).
 FMOE_DEVICE int gate_k_split(const Params &p) {
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
-    const int ks = p.gate_ksplit < 1 ? 1 : (p.gate_ksplit > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : p.gate_ksplit);
-    return ks < KSLICES ? ks : KSLICES;
+    int ks = p.gate_ksplit < 1 ? 1 : (p.gate_ksplit > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : p.gate_ksplit);
+    ks = ks < KSLICES ? ks : KSLICES;
+    // The partials of a split gate need ks · S rows: a split the region cannot hold runs unsplit instead of
+    // writing past it (the host sizes the region so it never does: FusedWorkspace.partialLogitsTokens).
+    if (ks > 1 && (long long)ks * p.tokens > (long long)GATE_KSPLIT_MAX * p.part_rows) ks = 1;
+    return ks;
 }
 
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
@@ -808,7 +835,7 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
         p.target[t] = contributions;
         p.pending[t] = 0;
         if (contributions == 0) {
-            for (int h = 0; h < H; h += 4) *(float4 *)&p.y[(size_t)t * H + h] = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
         }
     }
     const int rbs = L.rb_start[XS];
@@ -902,7 +929,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         if (RANKS > 1 && !shared) {
             // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
             const int o = p.peers[p.rank].row_origin[L.row_start[x] + row0 + r];
-            *(float4 *)&p.peers[o >> 24].ret[(size_t)(o & 0xFFFFFF) * H + col] = v;
+            *(float4 *)&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col] = v;
         } else {
             *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
         }
@@ -937,7 +964,7 @@ FMOE_DEVICE void combine_token(const Params &p, int t) {
             acc.x = fmaf(gs, v.x, acc.x); acc.y = fmaf(gs, v.y, acc.y);
             acc.z = fmaf(gs, v.z, acc.z); acc.w = fmaf(gs, v.w, acc.w);
         }
-        *(float4 *)&p.y[(size_t)t * H + h] = acc;
+        store_y4(p, (size_t)t * H + h, acc);
     }
 }
 
@@ -950,9 +977,9 @@ FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int
         int t, q = 0;
         if (RANKS > 1) {
             // Ranks: the source's counters; a row's origin names its rank and (token, j) pair.
-            const int o = shared ? (p.rank << 24) | (r * K) : p.peers[p.rank].row_origin[L.row_start[x] + r];
-            q = o >> 24;
-            t = (o & 0xFFFFFF) / K;
+            const int o = shared ? (p.rank << PAIR_BITS) | (r * K) : p.peers[p.rank].row_origin[L.row_start[x] + r];
+            q = o >> PAIR_BITS;
+            t = (o & PAIR_MASK) / K;
         } else {
             t = shared ? r : p.row_token[L.row_start[x] + r];
         }
@@ -988,7 +1015,7 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
             u32 spins = 0;
             for (;;) {
                 const u64 v = ld_flag<(RANKS > 1)>(&p.combine_list[pos]);  // ranks: pushed by peers
-                if (v >= (p.epoch << 32)) { fence_sys(); token = (int)(v & 0xffffffffull); break; }
+                if (v >= (p.epoch << 32)) { token = (int)(v & 0xffffffffull); break; }
                 if (RANKS > 1) {
                     // Ranks: the count of this rank's tokens to combine is final once all its tiles are dispatched.
                     if (ld_relaxed_i32(&p.sync->dispatch_done) == (p.tokens + BT - 1) / BT) {
@@ -998,7 +1025,7 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
                 } else if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
                     fence_gpu();
                     if (pos >= ld_relaxed_i32(&p.sync->list_tail)) { token = -2; break; }
-                    continue;  // the entry is being written
+                    // Otherwise the entry is being written: wait for it like any other, bounded below.
                 }
                 if (aborted(p.err)) break;
                 // Downstream of every other wait: three budgets, so an upstream expiry is the one reported.
@@ -1012,6 +1039,12 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
         token = __shfl_sync(0xffffffffu, token, 0);
         if (token == -2) return true;
         if (token < 0) return false;
+        // Acquire in every lane: each lane loads the entry itself and fences before reading the token's rows, so
+        // each lane's reads are ordered after the pusher's release under the PTX memory model (a shuffle carries
+        // no memory ordering). Lane 0 has seen the entry, so these loads return at once.
+        const bool seen = wait_at_least<(RANKS > 1)>(&p.combine_list[pos], p.epoch << 32, p.err, p.budget_ns,
+                                                     FMOE_PHASE_COMBINE, pos, p.rank);
+        if (!__all_sync(0xffffffffu, seen)) return false;
         combine_token(p, token);
     }
 }
@@ -1025,7 +1058,11 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
         __syncthreads();
         const int ticket = s_ticket;
-        if (ticket >= total) return drain_combines(p, rbs * NT1);
+        if (ticket >= total) {
+            // Warps drain on their own; the block leaves together, with one answer (block-uniform exits).
+            const bool drained = drain_combines(p, rbs * NT1);
+            return __syncthreads_and(drained) != 0;
+        }
         if (ticket < t0_total) {
             // Column-tile-major within an expert: the CTAs running at once share one weight slab across all of the
             // expert's row blocks, so each slab is read from HBM about once (row-block-major re-read it per block).
@@ -1054,7 +1091,8 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 if (atomicAdd(&p.done0[rb], 1) == nt - 1) {
                     fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
 #if FMOE_INJECT_FAULT == 1
-                    if (rb != 0)  // test builds: never publish row block 0, so some GEMM1 wait must expire
+                    // Test builds: a launch asked to fault never publishes row block 0, so a GEMM1 wait expires.
+                    if (rb != 0 || !p.inject_fault)
 #endif
                     {
                         const int pos = atomicAdd(&p.sync->ring_tail, 1);
@@ -1167,19 +1205,63 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
     }
 }
 
+// One GPU, after forward (every block gets here: exits are block-uniform, aborted launches included). The last
+// block out (the exit counter reaching the grid) copies a nonzero error record to the host-mapped mirror, so no
+// fault is lost even when the host never waits for this launch (a graph replay), and stores this launch's epoch
+// as the device epoch the next launch on the stream starts from. The launch whose epoch reaches the wrap first
+// clears every epoch-tagged word (ring, combine list, scan flag, barrier counter) and stores 0: the 32-bit epoch
+// tags restart from 1 with no host involvement.
+FMOE_DEVICE void finish_launch(const Params &p) {
+    __shared__ int s_last_out;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fence_gpu();  // release this block's work before counting it out
+        s_last_out = atomicAdd(&p.sync->exit_count, 1) == (int)gridDim.x - 1;
+        if (s_last_out) fence_gpu();  // acquire every other block's
+    }
+    __syncthreads();
+    if (!s_last_out) return;
+    const bool wrap = p.epoch >= p.epoch_wrap;
+    if (wrap) {
+        for (int i = threadIdx.x; i < p.row_blocks; i += THREADS) p.ring[i] = 0;
+        for (int i = threadIdx.x; i < p.max_tokens; i += THREADS) p.combine_list[i] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (p.err_mirror != nullptr) mirror_error(p.err, p.err_mirror);
+        if (wrap) {
+            p.sync->barrier = 0;
+            p.sync->scan_done = 0;
+        }
+        p.sync->exit_count = 0;
+        p.sync->epoch = wrap ? 0 : p.epoch;
+    }
+}
+
+// One GPU. The epoch is not an argument: every block reads the device epoch (sync->epoch, advanced by the previous
+// launch's last block out) and adds one, so the same launch replays correctly from a CUDA graph.
 extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __grid_constant__ Params p) {
     extern __shared__ __align__(1024) char smem_raw[];
     // wgmma's 128-byte swizzle atoms need 1024-byte aligned stages; the host adds 1 KiB of slack.
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __shared__ Params sp;
+    static_assert(sizeof(Params) % 4 == 0, "Params is copied in 32-bit words");
+    for (int i = threadIdx.x; i < (int)(sizeof(Params) / 4); i += THREADS) ((u32 *)&sp)[i] = ((const u32 *)&p)[i];
     if (threadIdx.x == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
     __syncthreads();
-    forward(p, smem);
+    if (threadIdx.x == 0) sp.epoch = ld_relaxed_u64(&p.sync->epoch) + 1;
+    __syncthreads();
+    forward(sp, smem);
+    finish_launch(sp);
 }
 
 // The ranks this launch runs (all R on one GPU, or this GPU's share): blocks [i·blocks_per_rank,
 // (i+1)·blocks_per_rank) run the i-th rank of the table with its parameters. The epoch is an argument, so the
 // table is written once per input shape and launches can be queued back to back. Co-residency: a cooperative
-// launch per GPU (or, for several launches sharing one GPU, grids that fit on it together).
+// launch per GPU guarantees it. Several launches sharing one GPU are plain launches whose grids fit on it
+// together; CUDA does not guarantee that they run at once (another process, MPS or a full GPU can serialise
+// them). Every wait is bounded, so a launch that never became resident ends the others with a typed timeout
+// (FusedKernelError / DistributedError), never a hang.
 extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
                                                                            int blocks_per_rank, u64 epoch) {
     extern __shared__ __align__(1024) char smem_raw[];
@@ -1202,3 +1284,25 @@ extern "C" __device__ const int fmoe_gated_pack_rows = EBN / 2;
 extern "C" __device__ const int fmoe_params_bytes = (int)sizeof(Params);
 extern "C" __device__ const int fmoe_gate_tiles = NTE;  // expert tiles of the gate GEMM (for the host's K split)
 extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);
+// Params' size, then each field's byte offset in declaration order, written by fmoe_params_probe (NVRTC has no
+// constant offsetof): the host runs the probe once at load and compares its own encoding field by field
+// (FusedParams.checkLayout), so a field added on one side only is caught before any forward.
+extern "C" __device__ int fmoe_params_layout[55];
+extern "C" __global__ void fmoe_params_probe() {
+    Params q;
+    const char *b = (const char *)&q;
+#define FMOE_OFF(f) (int)((const char *)&q.f - b)
+    const int layout[55] = {
+        (int)sizeof(Params), FMOE_OFF(x), FMOE_OFF(wg), FMOE_OFF(sel_bias), FMOE_OFF(w1), FMOE_OFF(w2), FMOE_OFF(b1),
+        FMOE_OFF(b2), FMOE_OFF(ws1), FMOE_OFF(ws2), FMOE_OFF(y), FMOE_OFF(ids), FMOE_OFF(weights), FMOE_OFF(slot_row),
+        FMOE_OFF(logits), FMOE_OFF(logits_part), FMOE_OFF(rank_in_tile), FMOE_OFF(shared_gate), FMOE_OFF(tile_done),
+        FMOE_OFF(counts), FMOE_OFF(base), FMOE_OFF(expert_load), FMOE_OFF(row_start), FMOE_OFF(rb_start),
+        FMOE_OFF(task0_start), FMOE_OFF(row_token), FMOE_OFF(target), FMOE_OFF(pending), FMOE_OFF(done0),
+        FMOE_OFF(done1), FMOE_OFF(ring), FMOE_OFF(combine_list), FMOE_OFF(hbuf), FMOE_OFF(hs), FMOE_OFF(ybuf),
+        FMOE_OFF(ys), FMOE_OFF(sync), FMOE_OFF(err), FMOE_OFF(peers), FMOE_OFF(tile_dispatched), FMOE_OFF(rows_sent),
+        FMOE_OFF(err_mirror), FMOE_OFF(tokens), FMOE_OFF(capacity), FMOE_OFF(rank), FMOE_OFF(gate_ksplit),
+        FMOE_OFF(row_blocks), FMOE_OFF(max_tokens), FMOE_OFF(part_rows), FMOE_OFF(y_storage), FMOE_OFF(inject_fault),
+        FMOE_OFF(pad), FMOE_OFF(epoch), FMOE_OFF(budget_ns), FMOE_OFF(epoch_wrap)};
+#undef FMOE_OFF
+    for (int i = 0; i < 55; ++i) fmoe_params_layout[i] = layout[i];
+}
