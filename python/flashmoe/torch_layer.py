@@ -131,6 +131,9 @@ class MoELayer(torch.nn.Module):
         native = NativeLayer(self.config, infos, precision=precision, backend=backend, device=index)
         old, self._holder[0] = self._holder[0], native
         torch_op.bind(self.layer_id, native)
+        bound = torch_op.lookup(self.layer_id)
+        # Plain attributes (constants to torch.compile) for what callers ask on every call.
+        self._device, self._storage, self._output = bound.device, bound.storage, bound.output
         self._tracked = self._source.tensors()
         self._signature = self._signature_of(self._tracked)
         del weights
@@ -155,6 +158,9 @@ class MoELayer(torch.nn.Module):
     def _ensure_current(self) -> None:
         """Eager calls only: rebuilds the native layer when a weight it was built from changed in place (its version
         counter moved) or had its storage swapped. (New tensor objects arrive through _apply or load_state_dict.)"""
+        native = self._holder[0]
+        if native is None or native.closed:
+            raise ValueError("layer: this MoELayer has been closed")
         if self._signature_of(self._tracked) == self._signature:
             return
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -167,17 +173,17 @@ class MoELayer(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the layer runs (and where x must be)."""
-        return torch_op.lookup(self.layer_id).device
+        return self._device
 
     @property
     def storage_dtype(self) -> torch.dtype:
         """x's dtype."""
-        return torch_op.lookup(self.layer_id).storage
+        return self._storage
 
     @property
     def output_dtype(self) -> torch.dtype:
         """y's dtype (the storage dtype on the GPU unless config.output == "float32"; float32 on the CPU)."""
-        return torch_op.lookup(self.layer_id).output
+        return self._output
 
     def forward(self, x: torch.Tensor, *, stream: torch.cuda.Stream | None = None, return_routing: bool = False):
         """y [..., H] for x [..., H] (contiguous, the storage dtype, the layer's device, at most max_tokens rows).
