@@ -83,7 +83,8 @@ class LibraryTest(unittest.TestCase):
         self.assertIn("config", str(err))
 
     def test_missing_library_lists_places_tried(self):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as root:
+            tmp = str(Path(root) / "repo" / "python")  # so the copy's "repository lib/" is root/repo/lib: absent
             shutil.copytree(REPO / "python" / "flashmoe", Path(tmp) / "flashmoe",
                             ignore=shutil.ignore_patterns("*.so", "__pycache__"))
             bogus = Path(tmp) / "not-a-library.so"
