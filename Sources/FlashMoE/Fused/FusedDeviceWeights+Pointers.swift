@@ -59,95 +59,109 @@ package struct WeightPointers: Sendable {
     }
 }
 
+extension FusedOperator {
+    /// Builds the operator from the caller's device weights (`pointers`, device addresses on
+    /// `options.deviceOrdinal`, in one of the layouts `WeightPointers` describes), copied into memory the operator
+    /// owns: the caller may free its weights once this returns. See `FusedDeviceWeights.init(config:pointers:…)`
+    /// for what the copies cost.
+    ///
+    /// - Parameter maxTokens: the most tokens one forward may pass (the workspace is allocated for it now).
+    package convenience init(config: MoEConfig, pointers: WeightPointers, options: FusedOptions, maxTokens: Int)
+        throws
+    {
+        try self.init(config: config, options: options, maxTokens: maxTokens) { kernel in
+            try FusedDeviceWeights(config: config, pointers: pointers, device: kernel.device, packRows: kernel.packRows)
+        }
+    }
+}
+
 extension FusedDeviceWeights {
     /// Builds the kernel's weights from the caller's device memory (`pointers`, on `device`), leaving the result
     /// identical, byte for byte, to `init(layer:device:packRows:)` on the same values.
     ///
     /// Everything is copied into buffers the operator owns, so the caller may free its weights as soon as this
-    /// returns (include/flashmoe.h promises that); nothing of the caller's memory is used in place.
-    ///
-    /// - Router (+ the shared expert's gate row), selection bias, biases, W2 and the plain W1: one
-    ///   `cuMemcpyDtoD` per tensor (at device bandwidth: ~1 ms per 2 GB on an H200).
-    /// - Gated first layers: packed into the kernel's interleaved blocks with two `cuMemcpyDtoD` per block of
-    ///   `packRows` rows per expert (E·⌈I/packRows⌉·2 copies, a few µs each: ~30 ms for Qwen3-30B-A3B's
-    ///   128 experts), from either layout.
-    /// - TF32 layers: each expert matrix is rounded to TF32 on the host, so it goes through a host staging buffer
-    ///   one expert at a time (device → host, round, host → device: PCIe speed, ~0.1 s per GB, and one expert's
-    ///   matrix of host memory at a time). The router stays FP32.
-    /// - Device memory: exactly the packed copy (`byteCount`, the gated first layer padded to a multiple of
-    ///   `packRows` rows), as for host weights; no temporary device memory.
+    /// returns (include/flashmoe.h promises that); nothing of the caller's memory is used in place. All copies are
+    /// device to device (TF32 layers too: the kernel rounds its operands itself):
+    /// - router (+ the shared expert's gate row), selection bias, biases, W2 and a plain W1: one `cuMemcpyDtoD`
+    ///   per tensor, at device bandwidth (about 1 ms per 2 GB on an H200);
+    /// - gated first layers, from either layout: packed into the kernel's interleaved blocks with two
+    ///   `cuMemcpyDtoD` per block of `packRows` rows per expert (E·⌈I/packRows⌉·2 copies of a few µs each: tens
+    ///   of ms for Qwen3-30B-A3B's 128 experts), after one `cuMemsetD8` of the padding.
+    /// - Device memory: exactly the packed copy (`byteCount`: the gated first layer padded to a multiple of
+    ///   `packRows` rows), as for host weights; nothing temporary, no host memory.
     /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
     ///   have landed) and after them (so the copies are done when this returns).
     init(config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int) throws {
         let element = c.precision.storage.byteSize
-        let tf32 = c.precision == .tf32
         let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
+        let gated = c.ffn == .gated
         let copier = DeviceCopier(device: device)
         try device.synchronize()
 
         let gateRow = c.sharedExpert?.gated == true ? p.sharedGate : nil
-        router = try copier.buffer(bytes: (e + (gateRow == nil ? 0 : 1)) * h * element)
-        try copier.copy(to: router, at: 0, from: p.router, bytes: e * h * element, roundTF32: false)
+        let router = try copier.buffer(bytes: (e + (gateRow == nil ? 0 : 1)) * h * element)
+        try copier.copy(to: router, at: 0, from: p.router, bytes: e * h * element, field: "router")
         if let gateRow {
-            try copier.copy(to: router, at: e * h * element, from: gateRow, bytes: h * element, roundTF32: false)
+            try copier.copy(to: router, at: e * h * element, from: gateRow, bytes: h * element, field: "shared_gate")
         }
-        selectionBias = try p.selectionBias.map { try copier.whole(from: $0, bytes: e * 4, roundTF32: false) }
-        b1 = try p.b1.map { try copier.whole(from: $0, bytes: e * i * 4, roundTF32: false) }
-        b2 = try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, roundTF32: false) }
-        w2 = try copier.matrices(from: p.down, count: e, matrixBytes: h * i * element, roundTF32: tf32)
-        w1 = try copier.firstLayer(
-            p.firstLayer, gated: c.ffn == .gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
-            roundTF32: tf32)
+        var sharedW1: DeviceBuffer<UInt8>?, sharedW2: DeviceBuffer<UInt8>?
         if let s = c.sharedExpert, let first = p.sharedFirstLayer, let down = p.sharedDown {
             sharedW1 = try copier.firstLayer(
-                first, gated: c.ffn == .gated, matrices: 1, rows: s.intermediateSize, rowBytes: h * element,
-                packRows: packRows, roundTF32: tf32)
-            sharedW2 = try copier.matrices(
-                from: down, count: 1, matrixBytes: h * s.intermediateSize * element, roundTF32: tf32)
-        } else {
-            sharedW1 = nil
-            sharedW2 = nil
+                first, gated: gated, matrices: 1, rows: s.intermediateSize, rowBytes: h * element, packRows: packRows,
+                names: .shared)
+            sharedW2 = try copier.whole(from: down, bytes: h * s.intermediateSize * element, field: "shared_down")
         }
+        self.init(
+            router: router,
+            selectionBias: try p.selectionBias.map { try copier.whole(from: $0, bytes: e * 4, field: "selection_bias") },
+            w1: try copier.firstLayer(
+                p.firstLayer, gated: gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
+                names: .experts),
+            w2: try copier.whole(from: p.down, bytes: e * h * i * element, field: "down"),
+            b1: try p.b1.map { try copier.whole(from: $0, bytes: e * i * 4, field: "b1") },
+            b2: try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, field: "b2") }, sharedW1: sharedW1,
+            sharedW2: sharedW2)
         try device.synchronize()
     }
 }
 
-/// Device-to-device copies into new buffers, with the TF32 rounding staged through the host.
+/// Device-to-device copies from the caller's memory into new buffers.
 private struct DeviceCopier {
     let device: CUDADevice
+
+    /// The C ABI's fields of a first layer: the fused tensor, and the separate gate and up tensors.
+    struct FieldNames {
+        let fused: String, gate: String, up: String
+        static let experts = FieldNames(fused: "gate_up", gate: "gate", up: "up")
+        static let shared = FieldNames(fused: "shared_gate_up", gate: "shared_gate_up", up: "shared_up")
+    }
 
     func buffer(bytes: Int) throws -> DeviceBuffer<UInt8> {
         try DeviceBuffer<UInt8>(device: device, count: max(bytes, 1))
     }
 
-    /// A new buffer holding `bytes` bytes copied from `source`.
-    func whole(from source: UInt64, bytes: Int, roundTF32: Bool) throws -> DeviceBuffer<UInt8> {
+    /// A new buffer holding `bytes` bytes copied from `source` (the weight `field`).
+    func whole(from source: UInt64, bytes: Int, field: String) throws -> DeviceBuffer<UInt8> {
         let b = try buffer(bytes: bytes)
-        try copy(to: b, at: 0, from: source, bytes: bytes, roundTF32: roundTF32)
-        return b
-    }
-
-    /// `count` matrices of `matrixBytes` each: one copy, or with TF32 rounding one staged copy per matrix.
-    func matrices(from source: UInt64, count: Int, matrixBytes: Int, roundTF32: Bool) throws -> DeviceBuffer<UInt8> {
-        guard roundTF32 else { return try whole(from: source, bytes: count * matrixBytes, roundTF32: false) }
-        let b = try buffer(bytes: count * matrixBytes)
-        for m in 0..<count {
-            try copy(to: b, at: m * matrixBytes, from: source + UInt64(m * matrixBytes), bytes: matrixBytes,
-                     roundTF32: true)
-        }
+        try copy(to: b, at: 0, from: source, bytes: bytes, field: field)
         return b
     }
 
     /// A first layer as the kernel reads it: plain W1 as is; gated, gate and up rows interleaved in blocks of
-    /// `packRows` (see `FusedDeviceWeights.packGated`), the padding rows of a partial last block zero.
+    /// `packRows` (see `FusedDeviceWeights.packGated`), the padding rows of a partial last block zero. `names`
+    /// gives the C fields, for error messages.
     func firstLayer(
         _ layer: WeightPointers.FirstLayer, gated: Bool, matrices: Int, rows: Int, rowBytes: Int, packRows: Int,
-        roundTF32: Bool
+        names: FieldNames
     ) throws -> DeviceBuffer<UInt8> {
-        let matrixBytes = rows * rowBytes
+        let (gateName, upName) =
+            switch layer {
+            case .fused: (names.fused, names.fused)
+            case .separate: (names.gate, names.up)
+            }
         guard gated else {
             let (start, _) = layer.rows(of: 0, gated: false, rows: rows, rowBytes: rowBytes)
-            return try self.matrices(from: start, count: matrices, matrixBytes: matrixBytes, roundTF32: roundTF32)
+            return try whole(from: start, bytes: matrices * rows * rowBytes, field: gateName)
         }
         let blocks = (rows + packRows - 1) / packRows
         let packedMatrixBytes = blocks * 2 * packRows * rowBytes
@@ -155,82 +169,34 @@ private struct DeviceCopier {
         try b.fill(byte: 0)
         for m in 0..<matrices {
             let (gate, upRows) = layer.rows(of: m, gated: true, rows: rows, rowBytes: rowBytes)
-            guard let upRows else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
-            // TF32: this expert's gate and up rows rounded once on the host, then copied block by block.
-            let g = try Source(device: device, address: gate, bytes: matrixBytes, roundTF32: roundTF32)
-            let u = try Source(device: device, address: upRows, bytes: matrixBytes, roundTF32: roundTF32)
+            guard let up = upRows else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
             for block in 0..<blocks {
-                let first = block * packRows, count = min(packRows, rows - first)
+                let first = block * packRows, bytes = min(packRows, rows - first) * rowBytes
                 let destination = m * packedMatrixBytes + block * 2 * packRows * rowBytes
-                try g.copy(bytes: count * rowBytes, from: first * rowBytes, to: b, at: destination)
-                try u.copy(bytes: count * rowBytes, from: first * rowBytes, to: b, at: destination + packRows * rowBytes)
+                let offset = UInt64(first * rowBytes)
+                try copy(to: b, at: destination, from: gate + offset, bytes: bytes, field: gateName)
+                try copy(to: b, at: destination + packRows * rowBytes, from: up + offset, bytes: bytes, field: upName)
             }
         }
         return b
     }
 
-    /// Copies `bytes` from device address `source` into `buffer` at byte `offset`, rounding float32 values to
-    /// TF32 on the way when `roundTF32`.
-    func copy(to buffer: DeviceBuffer<UInt8>, at offset: Int, from source: UInt64, bytes: Int, roundTF32: Bool)
-        throws
-    {
-        let s = try Source(device: device, address: source, bytes: bytes, roundTF32: roundTF32)
-        try s.copy(bytes: bytes, from: 0, to: buffer, at: offset)
-    }
-
-    /// Rows to copy from: the caller's device memory, or a rounded host copy of it.
-    private enum Storage {
-        case device(UInt64)
-        case host([Float])
-    }
-
-    private struct Source {
-        let device: CUDADevice
-        let storage: Storage
-
-        init(device: CUDADevice, address: UInt64, bytes: Int, roundTF32: Bool) throws {
-            self.device = device
-            guard roundTF32 else {
-                storage = .device(address)
-                return
-            }
-            let count = bytes / 4
-            var failure: CUDAError?
-            let staged = [Float](unsafeUninitializedCapacity: count) { values, initialized in
-                do throws(CUDAError) {
-                    try device.makeCurrent()
-                    if count > 0, let base = values.baseAddress {
-                        try device.driver.check(
-                            device.driver.memcpyDtoH(base, address, count * 4, nil), "cuMemcpyDtoH_v2 (weights)")
-                    }
-                    initialized = count
-                } catch {
-                    failure = error
-                    initialized = 0
-                }
-            }
-            if let failure { throw failure }
-            storage = .host(staged.map(FusedDeviceWeights.roundedToTF32))
+    /// Copies `bytes` from device address `source` (the weight `field`) into `buffer` at byte `offset`
+    /// (`cuMemcpyDtoD`). A failed copy names the field: the usual cause is a pointer that is not device memory of
+    /// this GPU.
+    func copy(to buffer: DeviceBuffer<UInt8>, at offset: Int, from source: UInt64, bytes: Int, field: String) throws {
+        guard bytes > 0 else { return }
+        guard offset >= 0, bytes <= buffer.byteCount - offset else {
+            throw CUDAError.invalidArgument(
+                "copy of \(bytes) bytes at \(offset) overruns a \(buffer.byteCount)-byte weight buffer")
         }
-
-        /// Copies `bytes` from byte `offset` of the source to byte `destination` of `buffer`.
-        func copy(bytes: Int, from offset: Int, to buffer: DeviceBuffer<UInt8>, at destination: Int) throws {
-            guard bytes > 0 else { return }
-            switch storage {
-            case .host(let values):
-                try values.withUnsafeBytes { raw in
-                    try buffer.upload(UnsafeRawBufferPointer(rebasing: raw[offset..<offset + bytes]), at: destination)
-                }
-            case .device(let address):
-                guard destination >= 0, bytes <= buffer.byteCount - destination else {
-                    throw CUDAError.invalidArgument(
-                        "copy of \(bytes) bytes at \(destination) overruns a \(buffer.byteCount)-byte weight buffer")
-                }
-                try device.makeCurrent()
-                try device.driver.check(
-                    device.driver.memcpyDtoD(buffer.address + UInt64(destination), address + UInt64(offset), bytes, nil),
-                    "cuMemcpyDtoD_v2 (weights)")
-            }
+        try device.makeCurrent()
+        let result = device.driver.memcpyDtoD(buffer.address + UInt64(offset), source, bytes, nil)
+        guard result == CUDA_SUCCESS else {
+            let cause = device.driver.error(for: result, call: "cuMemcpyDtoD_v2")
+            throw CUDAError.invalidArgument(
+                "weights->\(field) (0x\(String(source, radix: 16))) could not be copied as device memory of GPU "
+                    + "\(device.properties.ordinal) (\(cause)): pass a device pointer of that GPU holding the whole tensor")
         }
     }
 }

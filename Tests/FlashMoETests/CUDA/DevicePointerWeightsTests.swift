@@ -5,7 +5,7 @@ import Testing
 
 /// `FusedDeviceWeights(config:pointers:device:packRows:)` (weights from the caller's device memory, as the C ABI
 /// passes them) against `FusedDeviceWeights(layer:device:packRows:)` (host weights) on the fake driver: every
-/// buffer must hold the same bytes, for both layouts, every precision's storage, TF32 rounding, a partial last
+/// buffer must hold the same bytes, for both layouts, every precision's storage, a partial last
 /// packing block, biases, the selection bias and a gated shared expert.
 @Suite struct DevicePointerWeightsTests {
     /// The caller's device copies of `weights` in one ABI layout, kept alive for the test.
@@ -68,7 +68,7 @@ import Testing
         ("gated bf16", MoEConfig(hiddenSize: 16, intermediateSize: 32, experts: 3, topK: 1, ffn: .gated, precision: .bf16)),
         ("gated fp16, shared expert", MoEConfig(hiddenSize: 16, intermediateSize: 24, experts: 2, topK: 2, ffn: .gated,
                                                 sharedExpert: SharedExpertConfig(intermediateSize: 8), precision: .fp16)),
-        ("gated tf32 (host rounding)",
+        ("gated tf32, gated shared expert",
          MoEConfig(hiddenSize: 16, intermediateSize: 24, experts: 3, topK: 2, ffn: .gated,
                    sharedExpert: SharedExpertConfig(intermediateSize: 8, gated: true), precision: .tf32)),
         ("plain tf32 with biases and a sigmoid router",
@@ -96,17 +96,21 @@ import Testing
         #expect(try contents(fromDevice) == b)
     }
 
-    @Test func tf32RoundsTheExpertMatricesButNotTheRouter() throws {
-        let config = Self.configs[3].1
-        let layer = try MoELayer(config: config, weights: .random(config: config, seed: 3))
+    @Test func aPointerThatIsNotDeviceMemoryIsNamed() throws {
+        let config = Self.configs[0].1
+        let layer = try MoELayer(config: config, weights: .random(config: config, seed: 1))
         let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
         var memory = CallerMemory(device: device)
-        let built = try FusedDeviceWeights(
-            config: config, pointers: try pointers(layer, fused: true, memory: &memory), device: device, packRows: 16)
-        let w2: [Float] = try built.w2.download(as: Float.self, count: built.w2.byteCount / 4)
-        #expect(w2.allSatisfy { $0.bitPattern & 0x1FFF == 0 })
-        #expect(w2 != layer.weights.w2.floats())
-        let router: [Float] = try built.router.download(as: Float.self, count: config.experts * config.hiddenSize)
-        #expect(router == layer.weights.router.floats())
+        for (field, bad) in [("down", 0x1234 as UInt64), ("up", 0x5678)] {
+            var p = try pointers(layer, fused: false, memory: &memory)
+            if field == "down" { p.down = bad }
+            if field == "up", case .separate(let gate, _) = p.firstLayer { p.firstLayer = .separate(gate: gate, up: bad) }
+            #expect {
+                try FusedDeviceWeights(config: config, pointers: p, device: device, packRows: 16)
+            } throws: { error in
+                guard case CUDAError.invalidArgument(let message) = error else { return false }
+                return message.hasPrefix("weights->\(field) (0x\(String(bad, radix: 16)))")
+            }
+        }
     }
 }
