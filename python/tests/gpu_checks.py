@@ -45,12 +45,16 @@ CHECKS: list = []
 
 
 class CheckFailed(AssertionError):
-    """A check's expectation did not hold."""
+    """A check's expectation did not hold; `detail` is what the check measured up to there."""
+
+    def __init__(self, message: str, detail: dict | None = None):
+        super().__init__(message)
+        self.detail = detail or {}
 
 
-def expect(cond: bool, message: str) -> None:
+def expect(cond: bool, message: str, detail: dict | None = None) -> None:
     if not cond:
-        raise CheckFailed(message)
+        raise CheckFailed(message, detail)
 
 
 def check(fn):
@@ -90,13 +94,17 @@ def _each_family(seed: int, case) -> dict:
         model = tiny_model(family, seed + i, device="cuda")
         ids = torch.randint(0, model.config.vocab_size, (2, 16), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(seed + i))
-        with torch.no_grad():
-            detail[family], ok = case(model, ids)
+        try:
+            with torch.no_grad():
+                detail[family], ok = case(model, ids)
+        except Exception as e:  # noqa: BLE001 - one family's failure must not hide the others'
+            detail[family], ok = {"error": f"{type(e).__name__}: {e}"[:400]}, False
+        finally:
+            flashmoe.unpatch(model)
         if not ok:
             failures.append(family)
-        flashmoe.unpatch(model)
         del model
-    expect(not failures, f"failed: {failures}")
+    expect(not failures, f"failed: {failures}", detail)
     return detail
 
 
@@ -390,7 +398,8 @@ def main(argv=None) -> int:
         try:
             detail, status = fn(), "PASS"
         except Exception as e:  # noqa: BLE001 - one failing check must not stop the others
-            detail = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            detail = dict(getattr(e, "detail", None) or {})
+            detail.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
             status = "FAIL"
         seconds = time.time() - t0
         results.append({"check": name, "status": status, "seconds": round(seconds, 1), "detail": detail})

@@ -36,9 +36,10 @@ def key_number(check: dict) -> str:
     name = check["check"]
     if name == "families-fp32":
         return ", ".join(f"{f} {v['logits_rel_error']:.1e} gen {'=' if v['generate_identical'] else '≠'}"
-                         for f, v in d.items())
+                         if "error" not in v else f"{f} {v['error'][:80]}" for f, v in d.items())
     if name == "families-bf16":
-        return ", ".join(f"{f} {v['patched_vs_original']:.1e}" for f, v in d.items())
+        return ", ".join(f"{f} {v['patched_vs_original']:.1e}" if "error" not in v else f"{f} {v['error'][:80]}"
+                         for f, v in d.items())
     if name in ("graph-replays", "two-streams"):
         return f"{d.get('mismatches')} mismatches"
     if name == "kernel-fault":
