@@ -3,8 +3,8 @@
 
 1. `overhead`: the cost of the Python layers over the bare kernel. Three ways to run the same layer: `bare` (the
    ctypes call flashmoe_layer_forward with preallocated outputs), `op` (torch.ops.flashmoe.moe_forward: checks,
-   three output allocations, the current stream), `module` (MoELayer.__call__: the op plus the weight-version
-   check). Two measures each: the GPU idle before every call and CUDA events around the one call (so the host
+   three output allocations, the current stream), `op_out` (torch.ops.flashmoe.moe_forward_out into kept
+   outputs: no allocation), `module` (MoELayer.__call__: the op plus the weight-version check). Two measures each: the GPU idle before every call and CUDA events around the one call (so the host
    work before the launch is in the number; the op's overhead = op − bare), and the host time per call of many
    back-to-back calls (perf_counter). Shapes: a tiny layer (S = 1, where the host dominates) and qwen3-30b-a3b
    decode (S = 64).
@@ -140,11 +140,12 @@ def overhead_case(torch, layer, tokens: int, args) -> dict:
     w = torch.empty(tokens, layer.config.top_k, device="cuda", dtype=torch.float32)
     stream = torch.cuda.current_stream().cuda_stream
     xp, yp, ip, wp = x.data_ptr(), y.data_ptr(), ids.data_ptr(), w.data_ptr()
-    op = torch.ops.flashmoe.moe_forward
+    op, op_out = torch.ops.flashmoe.moe_forward, torch.ops.flashmoe.moe_forward_out
     lid = layer.layer_id
     runs = {
         "bare": lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream),
         "op": lambda: op(x, lid),
+        "op_out": lambda: op_out(x, lid, y, ids, w),
         "module": lambda: layer(x),
     }
     out = {"tokens": tokens, "shape": f"H{layer.config.hidden} I{layer.config.intermediate} "
@@ -154,6 +155,7 @@ def overhead_case(torch, layer, tokens: int, args) -> dict:
         out[f"{name}_loop_ms"] = loop_events_ms(torch, fn, args.loop)
         out[f"{name}_host_us"] = host_us(torch, fn, args.loop)
     out["op_overhead_us"] = (out["op_idle_ms"] - out["bare_idle_ms"]) * 1e3
+    out["op_out_overhead_us"] = (out["op_out_idle_ms"] - out["bare_idle_ms"]) * 1e3
     out["module_overhead_us"] = (out["module_idle_ms"] - out["bare_idle_ms"]) * 1e3
     return out
 
@@ -167,12 +169,12 @@ def section_overhead(torch, flashmoe, args) -> list[dict]:
     rows.append(overhead_case(torch, qwen, 64, args))
     qwen.close()
     log("\n## overhead of the Python layers (bf16; idle = GPU idle before each call, events around it)")
-    log(f"{'shape':<24} {'S':>4} {'bare idle':>10} {'op idle':>10} {'module idle':>12} {'op-bare':>9} "
-        f"{'module-bare':>12} {'host bare':>10} {'host op':>9} {'host module':>12}")
+    log(f"{'shape':<22} {'S':>3} {'bare idle':>10} {'op-bare':>8} {'op_out-bare':>12} {'module-bare':>12} "
+        f"{'host bare':>10} {'host op':>8} {'host op_out':>12} {'host module':>12}")
     for r in rows:
-        log(f"{r['shape']:<24} {r['tokens']:>4} {r['bare_idle_ms'] * 1e3:>8.1f}µs {r['op_idle_ms'] * 1e3:>8.1f}µs "
-            f"{r['module_idle_ms'] * 1e3:>10.1f}µs {r['op_overhead_us']:>7.1f}µs {r['module_overhead_us']:>10.1f}µs "
-            f"{r['bare_host_us']:>8.1f}µs {r['op_host_us']:>7.1f}µs {r['module_host_us']:>10.1f}µs")
+        log(f"{r['shape']:<22} {r['tokens']:>3} {r['bare_idle_ms'] * 1e3:>8.1f}µs {r['op_overhead_us']:>6.1f}µs "
+            f"{r['op_out_overhead_us']:>10.1f}µs {r['module_overhead_us']:>10.1f}µs {r['bare_host_us']:>8.1f}µs "
+            f"{r['op_host_us']:>6.1f}µs {r['op_out_host_us']:>10.1f}µs {r['module_host_us']:>10.1f}µs")
     return rows
 
 

@@ -8,6 +8,10 @@ output dtype), topk_ids [S, k] int32 and topk_weights [S, k] float32 and mutates
 kernel launch on `torch.cuda.current_stream(x.device)` and returns (capturable in a CUDA graph); on the CPU it runs
 the CPU backend before returning. The fake implementation gives `torch.compile(fullgraph=True)` the output metadata
 from the registered layer, so the op traces without a graph break. There is no backward (inference only).
+
+    torch.ops.flashmoe.moe_forward_out(x, layer_id, y, topk_ids, topk_weights)
+
+is the same call into outputs the caller keeps (checked like x), for loops that should not allocate.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 import torch
 
 from . import _lib
-from ._checks import ALIGNMENT, ArrayInfo, check_forward
+from ._checks import ALIGNMENT, ArrayInfo, check_array, check_forward
 from .native import NativeLayer
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,13 +99,17 @@ def _explain(bound: BoundLayer, x) -> None:
     raise ValueError(f"x: refused ({x.shape}, {x.dtype}, {x.device})")  # unreachable unless the checks disagree
 
 
-def run(bound: BoundLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checks x, allocates the outputs and calls the library (on the current stream of x's device for CUDA)."""
+def _check_x(bound: BoundLayer, x) -> None:
     # The fast path: one condition per rule; any failure goes to _explain for the message.
     if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == bound.storage and x.device == bound.device
             and x.shape[1] == bound.hidden and x.shape[0] <= bound.max_tokens and x.is_contiguous()
             and (x.data_ptr() % ALIGNMENT == 0 or x.numel() == 0)):
         _explain(bound, x)
+
+
+def run(bound: BoundLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks x, allocates the outputs and calls the library (on the current stream of x's device for CUDA)."""
+    _check_x(bound, x)
     tokens = x.shape[0]
     y = torch.empty((tokens, bound.hidden), dtype=bound.output, device=bound.device)
     ids = torch.empty((tokens, bound.top_k), dtype=torch.int32, device=bound.device)
@@ -109,6 +117,19 @@ def run(bound: BoundLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     stream = _raw_stream(bound.device_index) if bound.is_cuda else 0
     bound.forward_raw(x.data_ptr(), y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), stream)
     return y, ids, weights
+
+
+def run_out(bound: BoundLayer, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """Like `run`, into the caller's outputs (checked: shape, dtype, device, contiguous, aligned)."""
+    _check_x(bound, x)
+    tokens = x.shape[0]
+    device = str(bound.device)
+    for t, name, shape, dtype in ((y, "y", (tokens, bound.hidden), bound.output),
+                                  (ids, "topk_ids", (tokens, bound.top_k), torch.int32),
+                                  (weights, "topk_weights", (tokens, bound.top_k), torch.float32)):
+        check_array(tensor_info(t, name), shape, str(dtype).removeprefix("torch."), device, output=True)
+    stream = _raw_stream(bound.device_index) if bound.is_cuda else 0
+    bound.forward_raw(x.data_ptr(), y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -143,5 +164,25 @@ def _moe_forward_fake(x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.
             x.new_empty((tokens, bound.top_k), dtype=torch.float32))
 
 
-#: The op's default overload (what torch.ops.flashmoe.moe_forward resolves to).
+# The out variant, for callers that keep their output buffers (no allocation per call): writes y, topk_ids and
+# topk_weights, returns nothing.
+_lib_def.define("moe_forward_out(Tensor x, int layer, Tensor(a!) y, Tensor(b!) topk_ids, Tensor(c!) topk_weights) "
+                "-> ()")
+
+
+def _moe_forward_out_kernel(x, layer, y, topk_ids, topk_weights) -> None:
+    run_out(lookup(layer), x, y, topk_ids, topk_weights)
+
+
+for _key in ("CUDA", "CPU"):
+    _lib_def.impl("moe_forward_out", _moe_forward_out_kernel, _key)
+
+
+@torch.library.register_fake("flashmoe::moe_forward_out")
+def _moe_forward_out_fake(x, layer, y, topk_ids, topk_weights) -> None:
+    _moe_forward_fake(x, layer)
+
+
+#: The ops' default overloads (what torch.ops.flashmoe.moe_forward / moe_forward_out resolve to).
 moe_forward = torch.ops.flashmoe.moe_forward.default
+moe_forward_out = torch.ops.flashmoe.moe_forward_out.default

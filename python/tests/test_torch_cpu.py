@@ -88,6 +88,29 @@ class MoELayerTest(unittest.TestCase):
             self.assertTrue(torch.equal(s, t))
         torch.library.opcheck(torch.ops.flashmoe.moe_forward.default, (x, self.layer.layer_id))
 
+    def test_out_variant(self):
+        x = self.x.reshape(-1, 32)
+        y, ids, w = torch.ops.flashmoe.moe_forward(x, self.layer.layer_id)
+        outs = (torch.full_like(y, float("nan")), torch.full_like(ids, -1), torch.full_like(w, float("nan")))
+        torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, *outs)
+        for a, b in zip(outs, (y, ids, w)):
+            self.assertTrue(torch.equal(a, b))
+        torch.library.opcheck(torch.ops.flashmoe.moe_forward_out.default, (x, self.layer.layer_id, *outs))
+        with self.assertRaises(TypeError) as ctx:
+            torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, outs[0].double(), outs[1], outs[2])
+        self.assertIn("y", str(ctx.exception))
+        with self.assertRaises(ValueError) as ctx:
+            torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, outs[0], outs[1][:, :1], outs[2])
+        self.assertIn("topk_ids", str(ctx.exception))
+
+        def f(x, y, ids, w):
+            torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, y, ids, w)
+            return y * 2
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = compiled(x, torch.empty_like(y), torch.empty_like(ids), torch.empty_like(w))
+        self.assertTrue(torch.equal(got, y * 2))
+
     def test_torch_compile_fullgraph_traces_the_op(self):
         layer = self.layer
 
