@@ -52,9 +52,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
     for (int i = threadIdx.x; i < (int)(sizeof(Params) / 4); i += THREADS) ((u32 *)&sp)[i] = ((const u32 *)&p)[i];
     if (threadIdx.x == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
     __syncthreads();
-    if (threadIdx.x == 0) sp.epoch = ld_relaxed_u64(&p.sync->epoch) + 1;
+    __shared__ int s_aborted;
+    if (threadIdx.x == 0) {
+        sp.epoch = ld_relaxed_u64(&p.sync->epoch) + 1;
+        s_aborted = aborted(p.err);
+    }
     __syncthreads();
-    forward(sp, smem);
+    // A launch queued after a fault the host has not seen yet (a graph replay, launches queued back to back) runs
+    // nothing: the counters are mid-protocol until the host resets them. Its last block still mirrors the record.
+    if (!s_aborted) forward(sp, smem);
     finish_launch(sp);
 }
 
