@@ -21,7 +21,8 @@ extension Verifier {
     /// - the same with the epoch wrapping on the device every 3 launches;
     /// - the storage-type output (bf16 y = the FP32 y rounded to bf16);
     /// - a faulted launch (test build, `DeviceForward.injectFault`) surfacing as a `FusedKernelError` on the next
-    ///   call, and on `checkErrors(synchronizing:)`, each followed by a clean call with the right bits.
+    ///   call, and (with a launch queued behind it) on `checkErrors(synchronizing:)`, each followed by a clean call
+    ///   with the right bits.
     public static func deviceForwardChecks(deviceOrdinal: Int, seed: UInt64 = 1) -> [DeviceForwardCheck] {
         var checks: [DeviceForwardCheck] = []
         func check(_ name: String, _ body: () throws -> (String?, String)) {
@@ -189,8 +190,10 @@ extension Verifier {
             seen.append("next call: \(e.phase.map { "\($0)" } ?? "code \(e.code)")")
         }
         guard try clean() else { return ("the clean launch after a reported fault differs", seen.joined(separator: "; ")) }
-        // A fault reported by an explicit check.
+        // A fault with a launch queued behind it before it ends (as in a graph): the queued launch runs nothing
+        // (the abort flag is up), and an explicit check reports the fault.
         try call(fault: true)
+        try call(fault: false)
         do {
             try op.core.checkErrors(synchronizing: io.stream.handle)
             return ("checkErrors did not report the faulted launch", seen.joined(separator: "; "))
