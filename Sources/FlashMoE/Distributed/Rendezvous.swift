@@ -129,7 +129,7 @@ public final class Rendezvous: @unchecked Sendable {
             for q in 0..<worldSize where values[q] == nil {
                 values[q] = try store.get("\(prefix)/\(q)")
             }
-            if values.allSatisfy({ $0 != nil }) { return values.map { $0! } }
+            // An abort wins even over a complete step: the group is broken once any rank gave up.
             if let posted = try store.get(abortKey) {
                 let record = RendezvousRecord(bytes: posted)
                 let by = record.int("rank") ?? -1
@@ -137,6 +137,7 @@ public final class Rendezvous: @unchecked Sendable {
                     .aborted(by: by),
                     "rank \(rank) stopped in step '\(what)': rank \(by) gave up: \(record["reason"] ?? "no reason")")
             }
+            if values.allSatisfy({ $0 != nil }) { return values.map { $0! } }
             if clock.now >= deadline {
                 let missing = (0..<worldSize).filter { values[$0] == nil }
                 throw RendezvousError(

@@ -1,0 +1,95 @@
+import CCUDA
+
+/// Every rank's exchange buffers as this process sees them: its own arena and control block, and each peer's,
+/// mapped through CUDA IPC. The mappings are held (and unmapped when this goes away).
+///
+/// A rank's control block holds its `Sync` (256 bytes) and, on rank 0, the group's error record (the next 256):
+/// every rank's kernel reports into rank 0's, so one rank's expired wait stops all of them.
+public final class IPCPeerTable: @unchecked Sendable {
+    // @unchecked: immutable after init.
+
+    /// Each rank's arena base address in this process (index = rank).
+    public let arenaBases: [UInt64]
+    /// Each rank's control block address in this process.
+    public let controlBases: [UInt64]
+    /// Each rank's `RankParts.peerRegions` offsets in its arena.
+    public let offsets: [[Int]]
+    /// Each rank's GPU, as it described it ("GPU 0 (NVIDIA H200)").
+    public let gpus: [String]
+    private let mappings: [IPCMapping]
+
+    /// The group's error record (in rank 0's control block).
+    public var errorRecordAddress: UInt64 { controlBases[0] + 256 }
+
+    /// The kernel's `Peer` table (every rank's entry, in rank order).
+    public var peerTable: [UInt8] {
+        (0..<arenaBases.count).flatMap {
+            RankParts.peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0])
+        }
+    }
+
+    /// Exports `arena` and `control` (both on `device`), all-gathers every rank's handles through `rendezvous`,
+    /// maps every peer's, then all-gathers whether every rank could: a rank that could not map a peer makes every
+    /// rank throw the same `PeerMappingError`, before any launch.
+    ///
+    /// - Parameter offsets: this rank's `RankParts.peerRegions` offsets in `arena`.
+    public init(
+        rendezvous: Rendezvous, device: CUDADevice, arena: DeviceBuffer<UInt8>, control: DeviceBuffer<UInt8>,
+        offsets: [Int]
+    ) throws {
+        let me = rendezvous.rank
+        let gpu = "GPU \(device.properties.ordinal) (\(device.properties.name))"
+        let mine = RendezvousRecord([
+            "arena": RendezvousRecord.hex(try arena.ipcHandle().bytes), "arena_bytes": "\(arena.byteCount)",
+            "control": RendezvousRecord.hex(try control.ipcHandle().bytes), "control_bytes": "\(control.byteCount)",
+            "offsets": offsets.map(String.init).joined(separator: ","), "gpu": gpu,
+        ])
+        let records = try rendezvous.allGather("memory handles", mine.bytes).map(RendezvousRecord.init(bytes:))
+        gpus = records.map { $0["gpu"] ?? "an unknown GPU" }
+        var arenaBases: [UInt64] = [], controlBases: [UInt64] = [], offsetLists: [[Int]] = [], mappings: [IPCMapping] = []
+        var failure: PeerMappingError?
+        for (q, r) in records.enumerated() {
+            let parsed = (r["offsets"] ?? "").split(separator: ",").compactMap { Int($0) }
+            offsetLists.append(parsed)
+            if q == me {
+                arenaBases.append(arena.address)
+                controlBases.append(control.address)
+                continue
+            }
+            guard failure == nil else { continue }
+            do {
+                guard parsed.count == RankParts.peerRegions.count,
+                    let a = RendezvousRecord.bytes(fromHex: r["arena"] ?? ""),
+                    let c = RendezvousRecord.bytes(fromHex: r["control"] ?? "")
+                else { throw MoEError(.invalidInput, "its record of handles is malformed") }
+                let arenaMap = try IPCMapping(device: device, handle: IPCHandle(bytes: a), byteCount: r.int("arena_bytes") ?? 0)
+                let controlMap = try IPCMapping(
+                    device: device, handle: IPCHandle(bytes: c), byteCount: r.int("control_bytes") ?? 0)
+                mappings += [arenaMap, controlMap]
+                arenaBases.append(arenaMap.address)
+                controlBases.append(controlMap.address)
+            } catch {
+                failure = PeerMappingError(rank: me, gpu: gpu, peer: q, peerGPU: gpus[q], detail: "\(error)")
+            }
+        }
+        // Everyone learns whether everyone mapped everyone: no rank launches into a group with a hole.
+        let verdict = failure.map {
+            RendezvousRecord(["ok": "0", "peer": "\($0.peer)", "detail": $0.detail])
+        } ?? RendezvousRecord(["ok": "1"])
+        let verdicts = try rendezvous.allGather("memory mapped", verdict.bytes).map(RendezvousRecord.init(bytes:))
+        if let failure { throw failure }
+        for (q, v) in verdicts.enumerated() where v["ok"] != "1" {
+            let peer = v.int("peer") ?? -1
+            throw PeerMappingError(
+                rank: q, gpu: gpus[q], peer: peer, peerGPU: peer >= 0 && peer < gpus.count ? gpus[peer] : "?",
+                detail: v["detail"] ?? "unknown")
+        }
+        self.arenaBases = arenaBases
+        self.controlBases = controlBases
+        self.offsets = offsetLists
+        self.mappings = mappings
+    }
+
+    /// The number of peer allocations this process holds mapped.
+    public var mappedCount: Int { mappings.count }
+}
