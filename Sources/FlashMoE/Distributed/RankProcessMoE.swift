@@ -253,3 +253,19 @@ public final class RankProcessMoE: @unchecked Sendable {
         return FusedKernelError.decode(bytes)
     }
 }
+
+extension RankProcessMoE {
+    /// Whether two outputs have the same bits: y, expert ids, weights and slots (the ranks' contract with one rank).
+    public static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool { Verifier.sameBits(a, b) }
+
+    /// Tokens `range` of `output` (a single-rank run over the global tokens), to compare with one rank's part.
+    public static func rows(of output: MoEOutput, _ range: Range<Int>) throws -> MoEOutput {
+        let (k, r) = (output.routing.topK, output.routing)
+        let pairs = range.lowerBound * k..<range.upperBound * k
+        return MoEOutput(
+            output: try output.output.slice(range),
+            routing: Routing(
+                tokens: range.count, topK: k, expertIDs: Array(r.expertIDs[pairs]), weights: Array(r.weights[pairs]),
+                slots: Array(r.slots[pairs]), expertLoad: r.expertLoad))
+    }
+}
