@@ -1,4 +1,5 @@
 import CCUDA
+import Synchronization
 
 /// Every rank's exchange buffers as this process sees them: its own arena and control block, and each peer's,
 /// mapped through CUDA IPC. The mappings are held (and unmapped when this goes away).
@@ -6,7 +7,7 @@ import CCUDA
 /// A rank's control block holds its `Sync` (256 bytes) and, on rank 0, the group's error record (the next 256):
 /// every rank's kernel reports into rank 0's, so one rank's expired wait stops all of them.
 public final class IPCPeerTable: @unchecked Sendable {
-    // @unchecked: immutable after init.
+    // @unchecked: immutable after init but for `mappings`, a Mutex.
 
     /// Each rank's arena base address in this process (index = rank).
     public let arenaBases: [UInt64]
@@ -16,7 +17,7 @@ public final class IPCPeerTable: @unchecked Sendable {
     public let offsets: [[Int]]
     /// Each rank's GPU, as it described it ("GPU 0 (NVIDIA H200)").
     public let gpus: [String]
-    private let mappings: [IPCMapping]
+    private let mappings: Mutex<[IPCMapping]>
 
     /// The group's error record (in rank 0's control block).
     public var errorRecordAddress: UInt64 { controlBases[0] + 256 }
@@ -87,9 +88,12 @@ public final class IPCPeerTable: @unchecked Sendable {
         self.arenaBases = arenaBases
         self.controlBases = controlBases
         self.offsets = offsetLists
-        self.mappings = mappings
+        self.mappings = Mutex(mappings)
     }
 
     /// The number of peer allocations this process holds mapped.
-    public var mappedCount: Int { mappings.count }
+    public var mappedCount: Int { mappings.withLock { $0.count } }
+
+    /// Unmaps every peer's memory now (before the peers free it); the addresses are invalid afterwards.
+    public func unmap() { mappings.withLock { $0 = [] } }
 }

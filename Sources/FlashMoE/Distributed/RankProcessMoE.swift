@@ -197,18 +197,25 @@ public final class RankProcessMoE: @unchecked Sendable {
         }
     }
 
-    /// Leaves the group: waits (within the rendezvous timeout) until every rank is done with every other's
-    /// memory, then unmaps the peers; this rank's buffers are freed when the object goes away. After a failure
-    /// it only closes the store (the peers may be gone).
+    /// Leaves the group: waits (within the rendezvous timeout) until every rank is idle, unmaps the peers, and
+    /// waits until every rank has unmapped, so no rank frees memory another still maps (this rank's buffers are
+    /// freed when the object goes away). After a failure it only unmaps and closes the store: the peers may be
+    /// gone. A second call does nothing.
     public func close() throws {
-        let failed = state.withLock { st in
+        let (failed, closed) = state.withLock { st in
             defer { st.closed = true }
-            return st.failure != nil || st.closed
+            return (st.failure != nil, st.closed)
         }
-        defer { rendezvous.store.close() }
+        guard !closed else { return }
+        defer {
+            peerTable.unmap()
+            rendezvous.store.close()
+        }
         guard !failed else { return }
         try stream.synchronize()
-        try rendezvous.barrier("close")
+        try rendezvous.barrier("close: every rank idle")
+        peerTable.unmap()
+        try rendezvous.barrier("close: every rank unmapped")
     }
 
     // MARK: - Machinery
