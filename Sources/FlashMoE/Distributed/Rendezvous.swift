@@ -8,7 +8,9 @@ import Glibc
 /// few bytes, barrier) that every rank calls in the same order, each bounded by `timeout`.
 ///
 /// `join` is step 0: every rank posts its world size, node and process id; rank 0 also posts a session id that
-/// namespaces every later key (so a directory store's leftovers of an earlier run are never read as this run's).
+/// namespaces every later key, aborts included (so a directory store's leftovers of an earlier run are never read
+/// as this run's; an abort posted during join carries its time, and one older than the joining rank's start by
+/// more than a timeout is an earlier run's and ignored).
 /// A rank out of range, a rank claimed twice, or different world sizes are typed errors on every rank that sees
 /// them; a rank that gives up posts why (`abort`), and every rank waiting in a step then fails with that reason
 /// instead of waiting out its timeout. A step that times out names the ranks that never posted.
@@ -45,7 +47,7 @@ public final class Rendezvous: @unchecked Sendable {
         guard (0..<worldSize).contains(rank) else {
             let why = "a process was started as rank \(rank), but the world size is \(worldSize) "
                 + "(ranks 0...\(worldSize - 1)): give every process a distinct --rank below --world-size"
-            postAbort(store, by: rank, why)
+            postAbort(store, key: joinAbortKey, by: rank, why)
             throw RendezvousError(.rankOutOfRange(rank: rank, worldSize: worldSize), why)
         }
         var mine = RendezvousRecord([
@@ -53,13 +55,13 @@ public final class Rendezvous: @unchecked Sendable {
         ])
         if rank == 0 { mine["session"] = hexString((0..<8).map { _ in UInt8.random(in: 0...255) }) }
         let records = try gather(
-            store: store, prefix: "join", rank: rank, worldSize: worldSize, value: mine.bytes, timeout: timeout,
-            what: "join")
+            store: store, prefix: "join", abortKey: joinAbortKey, rank: rank, worldSize: worldSize, value: mine.bytes,
+            timeout: timeout, what: "join", staleBefore: wallClock() - Int(timeout.components.seconds) - 1)
         let parsed = records.map(RendezvousRecord.init(bytes:))
         for (q, record) in parsed.enumerated() where record.int("world") != worldSize {
             let why = "rank \(q) was started with world size \(record["world"] ?? "?"), rank \(rank) with "
                 + "\(worldSize): start every process with the same --world-size"
-            postAbort(store, by: rank, why)
+            postAbort(store, key: joinAbortKey, by: rank, why)
             throw RendezvousError(.worldSizeMismatch, why)
         }
         let members = parsed.map { (host: $0["host"] ?? "?", pid: $0.int("pid") ?? 0) }
@@ -88,8 +90,8 @@ public final class Rendezvous: @unchecked Sendable {
             return $0
         }
         let values = try Self.gather(
-            store: store, prefix: "\(session)/\(n)", rank: rank, worldSize: worldSize, value: bytes, timeout: timeout,
-            what: name)
+            store: store, prefix: "\(session)/\(n)", abortKey: abortKey, rank: rank, worldSize: worldSize,
+            value: bytes, timeout: timeout, what: name)
         // Every rank has posted step n, so every rank has read all of step n − 1: its keys can go (join's too).
         let previous = n == 1 ? "join" : "\(session)/\(n - 1)"
         try store.delete("\(previous)/\(rank)")
@@ -100,25 +102,31 @@ public final class Rendezvous: @unchecked Sendable {
     public func barrier(_ name: String) throws(RendezvousError) { _ = try allGather(name, []) }
 
     /// Tells every rank waiting in a step that this one gave up, and why (the first abort posted wins).
-    public func abort(_ reason: String) { Self.postAbort(store, by: rank, reason) }
+    public func abort(_ reason: String) { Self.postAbort(store, key: abortKey, by: rank, reason) }
 
     // MARK: - Machinery
 
-    private static let abortKey = "abort"
+    /// Where aborts go during join (no session yet), and after it.
+    private static let joinAbortKey = "abort"
+    private var abortKey: String { "\(session)/abort" }
 
-    static func postAbort(_ store: any RendezvousStore, by rank: Int, _ reason: String) {
-        _ = try? store.set(abortKey, RendezvousRecord(["rank": "\(rank)", "reason": reason]).bytes, exclusive: true)
+    static func postAbort(_ store: any RendezvousStore, key: String, by rank: Int, _ reason: String) {
+        let record = RendezvousRecord(["rank": "\(rank)", "reason": reason, "time": "\(wallClock())"])
+        _ = try? store.set(key, record.bytes, exclusive: true)
     }
+
+    /// Seconds since the epoch (abort records from an earlier run are told apart by it).
+    static func wallClock() -> Int { time(nil) }
 
     /// Posts `value` under `prefix/rank` (exclusively: a taken key is a duplicate rank) and polls for every rank's.
     private static func gather(
-        store: any RendezvousStore, prefix: String, rank: Int, worldSize: Int, value: [UInt8], timeout: Duration,
-        what: String
+        store: any RendezvousStore, prefix: String, abortKey: String, rank: Int, worldSize: Int, value: [UInt8],
+        timeout: Duration, what: String, staleBefore: Int? = nil
     ) throws(RendezvousError) -> [[UInt8]] {
         guard try store.set("\(prefix)/\(rank)", value, exclusive: true) else {
             let why = "rank \(rank) joined twice at \(store.location) (two processes were given --rank \(rank), or "
                 + "the store holds keys of an earlier run: use an empty directory or a fresh port)"
-            postAbort(store, by: rank, why)
+            postAbort(store, key: abortKey, by: rank, why)
             throw RendezvousError(.duplicateRank(rank), why)
         }
         var values = [[UInt8]?](repeating: nil, count: worldSize)
@@ -132,10 +140,14 @@ public final class Rendezvous: @unchecked Sendable {
             // An abort wins even over a complete step: the group is broken once any rank gave up.
             if let posted = try store.get(abortKey) {
                 let record = RendezvousRecord(bytes: posted)
+                // A reused directory may hold an earlier run's abort: older than this join by more than a timeout.
+                let stale = staleBefore.map { (record.int("time") ?? Int.max) < $0 } ?? false
                 let by = record.int("rank") ?? -1
-                throw RendezvousError(
-                    .aborted(by: by),
-                    "rank \(rank) stopped in step '\(what)': rank \(by) gave up: \(record["reason"] ?? "no reason")")
+                if !stale {
+                    throw RendezvousError(
+                        .aborted(by: by),
+                        "rank \(rank) stopped in step '\(what)': rank \(by) gave up: \(record["reason"] ?? "no reason")")
+                }
             }
             if values.allSatisfy({ $0 != nil }) { return values.map { $0! } }
             if clock.now >= deadline {

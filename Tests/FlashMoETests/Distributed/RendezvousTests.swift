@@ -126,6 +126,19 @@ import Testing
         }
     }
 
+    @Test func anEarlierRunsAbortInAReusedDirectoryIsIgnored() throws {
+        let (open, cleanup) = try StoreKind.directory.make()
+        defer { cleanup() }
+        let store = try open(0)
+        let old = RendezvousRecord(["rank": "1", "reason": "an earlier run", "time": "\(Rendezvous.wallClock() - 3600)"])
+        #expect(try store.set("abort", old.bytes, exclusive: true))
+        let results = runParticipants(2) { rank in
+            let r = try Rendezvous.join(rank: rank, worldSize: 2, store: store, timeout: .seconds(10))
+            try r.barrier("after join")
+        }
+        for result in results { #expect(throws: Never.self) { try result.get() } }
+    }
+
     @Test func directoryKeysOfFinishedStepsAreRemoved() throws {
         guard case .success(let path) = SystemFiles.makeTemporaryDirectory(prefix: "flashmoe-rdzv") else {
             Issue.record("no temporary directory")
