@@ -1,11 +1,12 @@
 import CCUDA
 import Synchronization
 
-/// Every rank's exchange buffers as this process sees them: its own arena and control block, and each peer's,
-/// mapped through CUDA IPC. The mappings are held (and unmapped when this goes away).
+/// Every rank's exchange buffers as this process sees them: its own arena, and each peer's mapped through CUDA
+/// IPC. The mappings are held (and unmapped when this goes away).
 ///
-/// A rank's control block holds its `Sync` (256 bytes) and, on rank 0, the group's error record (the next 256):
-/// every rank's kernel reports into rank 0's, so one rank's expired wait stops all of them.
+/// The control block lives inside the arena, so a rank shares one allocation (one handle, one mapping per peer):
+/// its `Sync` (256 bytes) and, on rank 0, the group's error record (the next 256). Every rank's kernel reports
+/// into rank 0's record, so one rank's expired wait stops all of them.
 public final class IPCPeerTable: @unchecked Sendable {
     // @unchecked: immutable after init but for `mappings`, a Mutex.
 
@@ -29,21 +30,21 @@ public final class IPCPeerTable: @unchecked Sendable {
         }
     }
 
-    /// Exports `arena` and `control` (both on `device`), all-gathers every rank's handles through `rendezvous`,
-    /// maps every peer's, then all-gathers whether every rank could: a rank that could not map a peer makes every
-    /// rank throw the same `PeerMappingError`, before any launch.
+    /// Exports `arena` (on `device`), all-gathers every rank's handle through `rendezvous`, maps every peer's,
+    /// then all-gathers whether every rank could: a rank that could not map a peer makes every rank throw the same
+    /// `PeerMappingError`, before any launch.
     ///
-    /// - Parameter offsets: this rank's `RankParts.peerRegions` offsets in `arena`.
+    /// - Parameters:
+    ///   - controlOffset: where the control block starts in `arena` (512 bytes).
+    ///   - offsets: this rank's `RankParts.peerRegions` offsets in `arena`.
     public init(
-        rendezvous: Rendezvous, device: CUDADevice, arena: DeviceBuffer<UInt8>, control: DeviceBuffer<UInt8>,
-        offsets: [Int]
+        rendezvous: Rendezvous, device: CUDADevice, arena: DeviceBuffer<UInt8>, controlOffset: Int, offsets: [Int]
     ) throws {
         let me = rendezvous.rank
         let gpu = "GPU \(device.properties.ordinal) (\(device.properties.name))"
         let mine = RendezvousRecord([
             "arena": RendezvousRecord.hex(try arena.ipcHandle().bytes), "arena_bytes": "\(arena.byteCount)",
-            "control": RendezvousRecord.hex(try control.ipcHandle().bytes), "control_bytes": "\(control.byteCount)",
-            "offsets": offsets.map(String.init).joined(separator: ","), "gpu": gpu,
+            "control": "\(controlOffset)", "offsets": offsets.map(String.init).joined(separator: ","), "gpu": gpu,
         ])
         let records = try rendezvous.allGather("memory handles", mine.bytes).map(RendezvousRecord.init(bytes:))
         gpus = records.map { $0["gpu"] ?? "an unknown GPU" }
@@ -54,21 +55,18 @@ public final class IPCPeerTable: @unchecked Sendable {
             offsetLists.append(parsed)
             if q == me {
                 arenaBases.append(arena.address)
-                controlBases.append(control.address)
+                controlBases.append(arena.address + UInt64(controlOffset))
                 continue
             }
             guard failure == nil else { continue }
             do {
-                guard parsed.count == RankParts.peerRegions.count,
-                    let a = RendezvousRecord.bytes(fromHex: r["arena"] ?? ""),
-                    let c = RendezvousRecord.bytes(fromHex: r["control"] ?? "")
+                guard parsed.count == RankParts.peerRegions.count, let control = r.int("control"),
+                    let a = RendezvousRecord.bytes(fromHex: r["arena"] ?? "")
                 else { throw MoEError(.invalidInput, "its record of handles is malformed") }
-                let arenaMap = try IPCMapping(device: device, handle: IPCHandle(bytes: a), byteCount: r.int("arena_bytes") ?? 0)
-                let controlMap = try IPCMapping(
-                    device: device, handle: IPCHandle(bytes: c), byteCount: r.int("control_bytes") ?? 0)
-                mappings += [arenaMap, controlMap]
-                arenaBases.append(arenaMap.address)
-                controlBases.append(controlMap.address)
+                let map = try IPCMapping(device: device, handle: IPCHandle(bytes: a), byteCount: r.int("arena_bytes") ?? 0)
+                mappings.append(map)
+                arenaBases.append(map.address)
+                controlBases.append(map.address + UInt64(control))
             } catch {
                 failure = PeerMappingError(rank: me, gpu: gpu, peer: q, peerGPU: gpus[q], detail: "\(error)")
             }

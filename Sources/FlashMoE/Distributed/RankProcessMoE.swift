@@ -40,9 +40,11 @@ public final class RankProcessMoE: @unchecked Sendable {
     private let stream: CUDAStream
     private let weights: FusedDeviceWeights
     private let workspace: FusedWorkspace
+    /// The workspace, then (at `controlOffset`) this rank's `Sync` (256 bytes) and 256 bytes of error record (the
+    /// group's, on rank 0): one allocation, so a peer maps one handle.
     private let arena: DeviceBuffer<UInt8>
-    /// This rank's `Sync` (256 bytes), then 256 bytes of error record (the group's, on rank 0).
-    private let control: DeviceBuffer<UInt8>
+    private var controlOffset: Int { workspace.byteCount }
+    private var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
     private let table: DeviceBuffer<UInt8>
     private let peers: DeviceBuffer<UInt8>
     private let peerTable: IPCPeerTable
@@ -123,13 +125,11 @@ public final class RankProcessMoE: @unchecked Sendable {
         workspace = RankParts.workspace(
             spec, placement: placement, rank: me, tokens: maxTokens, totalTokens: maxTokens * world,
             blocksPerRank: k.gridLimit)
-        arena = try DeviceBuffer<UInt8>(device: k.device, count: workspace.byteCount)
+        arena = try DeviceBuffer<UInt8>(device: k.device, count: workspace.byteCount + 512)
         try arena.fill(byte: 0)
-        control = try DeviceBuffer<UInt8>(device: k.device, count: 512)
-        try control.fill(byte: 0)
-        try k.device.synchronize()  // zeroed before any peer can map and write into them
+        try k.device.synchronize()  // zeroed before any peer can map and write into it
         peerTable = try IPCPeerTable(
-            rendezvous: rendezvous, device: k.device, arena: arena, control: control,
+            rendezvous: rendezvous, device: k.device, arena: arena, controlOffset: workspace.byteCount,
             offsets: RankParts.peerOffsets(workspace))
         table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
         peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
@@ -167,7 +167,7 @@ public final class RankProcessMoE: @unchecked Sendable {
             if counts != st.tokens {
                 let total = counts.reduce(0, +)
                 try table.upload(RankParts.params(
-                    workspace: workspace, base: arena.address, weights: weights, sync: control.address,
+                    workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
                     errorRecord: peerTable.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
                     gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
@@ -244,7 +244,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     private func wrapEpoch() throws {
         try stream.synchronize()
         try rendezvous.barrier("epoch wrap: all idle")
-        try control.fill(byte: 0)
+        try arena.fill(byte: 0, at: controlOffset, count: 512)
         try workspace.clearState(of: arena)
         try device.synchronize()
         try rendezvous.barrier("epoch wrap: all cleared")

@@ -75,20 +75,20 @@ import Testing
 
     // MARK: - IPC
 
-    /// One fake process: its own driver (one world for all), opening GPU `rank`, with an arena and a control block.
+    /// One fake process: its own driver (one world for all), opening GPU `rank`, with an arena whose control
+    /// block starts at `controlOffset`.
     struct FakeRank {
         let fake: FakeDriver
         let device: CUDADevice
         let arena: DeviceBuffer<UInt8>
-        let control: DeviceBuffer<UInt8>
         static let offsets = (0..<9).map { 256 * $0 }
+        static let controlOffset = 4096
 
         init(rank: Int, world: FakeIPCWorld, ranks: Int) throws {
             fake = FakeDriver(devices: Int32(ranks))
             world.join(fake)
             device = try CUDADevice(ordinal: rank, driver: fake)
-            arena = try DeviceBuffer<UInt8>(device: device, count: 4096)
-            control = try DeviceBuffer<UInt8>(device: device, count: 512)
+            arena = try DeviceBuffer<UInt8>(device: device, count: Self.controlOffset + 512)
         }
     }
 
@@ -109,12 +109,14 @@ import Testing
     /// Builds rank `rank`'s table and checks it; the table is gone when this returns.
     static func checkTable(rank: Int, me: FakeRank, rendezvous r: Rendezvous) throws -> [UInt64] {
         let t = try IPCPeerTable(
-            rendezvous: r, device: me.device, arena: me.arena, control: me.control, offsets: FakeRank.offsets)
-        #expect(t.mappedCount == 4)  // two peers, arena and control each
-        #expect(me.fake.liveImports == 4)
-        #expect(t.arenaBases[rank] == me.arena.address && t.controlBases[rank] == me.control.address)
-        for q in 0..<3 where q != rank {
-            #expect(t.arenaBases[q] >= 0x9000_0000, "a peer's arena is a mapping, not a local address")
+            rendezvous: r, device: me.device, arena: me.arena, controlOffset: FakeRank.controlOffset,
+                offsets: FakeRank.offsets)
+        #expect(t.mappedCount == 2)  // two peers, one allocation each
+        #expect(me.fake.liveImports == 2)
+        #expect(t.arenaBases[rank] == me.arena.address)
+        for q in 0..<3 {
+            #expect(t.controlBases[q] == t.arenaBases[q] + UInt64(FakeRank.controlOffset))
+            if q != rank { #expect(t.arenaBases[q] >= 0x9000_0000, "a peer's arena is a mapping, not a local address") }
         }
         #expect(t.errorRecordAddress == t.controlBases[0] + 256)
         #expect(t.gpus == ["GPU 0 (Fake GPU 0)", "GPU 1 (Fake GPU 1)", "GPU 2 (Fake GPU 2)"])
@@ -142,7 +144,8 @@ import Testing
             let r = try Rendezvous.join(rank: rank, worldSize: 3, store: try open(rank), timeout: .seconds(10))
             defer { #expect(me.fake.liveImports == 0, "rank \(rank) keeps no mapping after the failure") }
             _ = try IPCPeerTable(
-                rendezvous: r, device: me.device, arena: me.arena, control: me.control, offsets: FakeRank.offsets)
+                rendezvous: r, device: me.device, arena: me.arena, controlOffset: FakeRank.controlOffset,
+                offsets: FakeRank.offsets)
         }
         for result in results {
             guard case .failure(let error) = result, let e = error as? PeerMappingError else {
