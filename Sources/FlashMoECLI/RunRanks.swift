@@ -99,7 +99,7 @@ extension RunCommand {
                     rendezvous: rendezvous, layer: layer, maxTokens: max(split.max() ?? 1, 1), options: options)
             }
         } catch {
-            rendezvous.store.close()
+            rendezvous.close()
             throw error
         }
         defer { try? op.close() }

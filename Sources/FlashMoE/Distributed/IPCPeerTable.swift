@@ -38,7 +38,7 @@ public final class IPCPeerTable: @unchecked Sendable {
     ///   - controlOffset: where the control block starts in `arena` (512 bytes).
     ///   - offsets: this rank's `RankParts.peerRegions` offsets in `arena`.
     public init(
-        rendezvous: Rendezvous, device: CUDADevice, arena: DeviceBuffer<UInt8>, controlOffset: Int, offsets: [Int]
+        rendezvous: any RankExchange, device: CUDADevice, arena: DeviceBuffer<UInt8>, controlOffset: Int, offsets: [Int]
     ) throws {
         let me = rendezvous.rank
         let gpu = "GPU \(device.properties.ordinal) (\(device.properties.name))"

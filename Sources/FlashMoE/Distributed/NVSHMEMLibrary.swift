@@ -107,7 +107,7 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
 
     /// Rank 0 makes the unique id and posts it; every rank reads it and initializes (the rendezvous's rank and
     /// world size become the PE and PE count).
-    public func bootstrap(_ rendezvous: Rendezvous) throws {
+    public func bootstrap(_ rendezvous: any RankExchange) throws {
         let mine = rendezvous.rank == 0 ? try uniqueID() : []
         let posted = try rendezvous.allGather("nvshmem unique id", mine)
         try initialize(rank: rendezvous.rank, ranks: rendezvous.worldSize, uniqueID: posted[0])

@@ -60,7 +60,7 @@ public struct RankGroupCheck: Sendable, Hashable {
     ///
     /// - Throws: `RendezvousError` (`configMismatch`, `driverMismatch`, `differentNodes`, `invalidWorld`), naming
     ///   the first rank that differs from rank 0, and whatever the all-gather throws.
-    public func exchange(_ rendezvous: Rendezvous) throws(RendezvousError) -> [RankGroupCheck] {
+    public func exchange(_ rendezvous: any RankExchange) throws -> [RankGroupCheck] {
         let all = try rendezvous.allGather("layer check", record.bytes).map { RankGroupCheck(RendezvousRecord(bytes: $0)) }
         try Self.verify(all)
         return all

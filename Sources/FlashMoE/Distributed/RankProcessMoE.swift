@@ -20,8 +20,8 @@ public final class RankProcessMoE: @unchecked Sendable {
 
     /// The layer (all experts are described; this rank uploads its own).
     public let layer: MoELayer
-    /// How this process met the others.
-    public let rendezvous: Rendezvous
+    /// How this process meets the others (a `Rendezvous`, or a framework's all-gather).
+    public let rendezvous: any RankExchange
     /// Where each expert lives.
     public let placement: ExpertPlacement
     /// The operator's options (`deviceOrdinal` is this rank's GPU).
@@ -69,7 +69,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     ///   node, E < ranks), `PeerMappingError`, `MoEError`, `CUDAError`. When this rank fails before the others
     ///   know, it posts why, so they fail with its reason instead of waiting out the rendezvous timeout.
     public static func create(
-        rendezvous: Rendezvous, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions()
+        rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions()
     ) throws -> RankProcessMoE {
         do {
             return try RankProcessMoE(rendezvous: rendezvous, layer: layer, maxTokens: maxTokens, options: options)
@@ -82,7 +82,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         }
     }
 
-    private init(rendezvous: Rendezvous, layer: MoELayer, maxTokens: Int, options: FusedOptions) throws {
+    private init(rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions) throws {
         let world = rendezvous.worldSize, me = rendezvous.rank
         guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
         guard layer.config.experts >= world else {
@@ -102,7 +102,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         var version: Int32 = 0
         try driver.check(driver.driverGetVersion(&version), "cuDriverGetVersion")
         _ = try RankGroupCheck(
-            layer: layer, driverVersion: Int(version), host: rendezvous.members[me].host, maxTokens: maxTokens
+            layer: layer, driverVersion: Int(version), host: Rendezvous.hostName(), maxTokens: maxTokens
         ).exchange(rendezvous)
 
         let spec = try FusedSpecialization(
@@ -209,7 +209,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         guard !closed else { return }
         defer {
             peerTable.unmap()
-            rendezvous.store.close()
+            rendezvous.close()
         }
         guard !failed else { return }
         try stream.synchronize()

@@ -98,9 +98,6 @@ public final class Rendezvous: @unchecked Sendable {
         return values
     }
 
-    /// Waits until every rank reached step `name`.
-    public func barrier(_ name: String) throws(RendezvousError) { _ = try allGather(name, []) }
-
     /// Tells every rank waiting in a step that this one gave up, and why (the first abort posted wins).
     public func abort(_ reason: String) { Self.postAbort(store, key: abortKey, by: rank, reason) }
 
@@ -162,7 +159,8 @@ public final class Rendezvous: @unchecked Sendable {
         }
     }
 
-    private static func hostName() -> String {
+    /// This node's name (gethostname).
+    static func hostName() -> String {
         var buffer = [CChar](repeating: 0, count: 256)
         guard gethostname(&buffer, buffer.count - 1) == 0 else { return "unknown" }
         return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)

@@ -134,6 +134,22 @@ import Testing
         return t.arenaBases
     }
 
+    @Test func theExchangeNeedsNoStoreJustAnAllGather() throws {
+        let world = FakeIPCWorld()
+        let group = InProcessExchange.Group()
+        let results = runParticipants(2) { rank -> Int in
+            let me = try FakeRank(rank: rank, world: world, ranks: 2)
+            let exchange = InProcessExchange(rank: rank, worldSize: 2, group: group)
+            _ = try Self.check(try Self.layer()).exchange(exchange)
+            let table = try IPCPeerTable(
+                rendezvous: exchange, device: me.device, arena: me.arena, controlOffset: FakeRank.controlOffset,
+                offsets: FakeRank.offsets)
+            try exchange.barrier("done")
+            return table.mappedCount
+        }
+        for result in results { #expect(try result.get() == 1) }
+    }
+
     @Test func aPeerThatCannotBeMappedFailsEveryRankNamingBothRanksAndGPUs() throws {
         let (open, cleanup) = try StoreKind.directory.make()
         defer { cleanup() }

@@ -46,3 +46,40 @@ enum StoreKind: String, CaseIterable, Sendable, CustomStringConvertible {
         }
     }
 }
+
+/// A `RankExchange` without a store, as a framework's all-gather would be (e.g. torch.distributed): the ranks of
+/// one process share a table and poll it.
+final class InProcessExchange: RankExchange, @unchecked Sendable {
+    final class Group: Sendable {
+        let posts = Mutex<[String: [UInt8]]>([:])
+    }
+    let rank: Int
+    let worldSize: Int
+    let group: Group
+    private let step = Mutex(0)
+
+    init(rank: Int, worldSize: Int, group: Group) {
+        self.rank = rank
+        self.worldSize = worldSize
+        self.group = group
+    }
+
+    func allGather(_ name: String, _ bytes: [UInt8]) throws -> [[UInt8]] {
+        let n = step.withLock {
+            $0 += 1
+            return $0
+        }
+        group.posts.withLock { $0["\(n)/\(rank)"] = bytes }
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(10)
+        while true {
+            let all = group.posts.withLock { p in (0..<worldSize).compactMap { p["\(n)/\($0)"] } }
+            if all.count == worldSize { return all }
+            guard clock.now < deadline else { throw RendezvousError(.timeout(missing: []), "in-process step \(name)") }
+            sleepFor(.milliseconds(1))
+        }
+    }
+
+    func abort(_ reason: String) {}
+    func close() {}
+}
