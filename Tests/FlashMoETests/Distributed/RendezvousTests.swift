@@ -52,6 +52,21 @@ import Testing
         }
     }
 
+    @Test func losingRank0sStoreIsATypedErrorNotAHang() throws {
+        let server = try RendezvousTCPStore.serve(host: "127.0.0.1", port: 0)
+        let client = try RendezvousTCPStore.connect(host: "127.0.0.1", port: server.port, timeout: .seconds(5))
+        #expect(try client.set("k", [1, 2, 3], exclusive: true))
+        #expect(try client.get("k") == [1, 2, 3])
+        #expect(try client.set("k", [9], exclusive: true) == false, "an exclusive set of a taken key")
+        #expect(try server.get("k") == [1, 2, 3], "rank 0 reads the same table")
+        server.close()  // waits for the client to leave, then stops serving and drops its connection
+        #expect {
+            _ = try client.get("k")
+        } throws: { error in
+            (error as? RendezvousError)?.kind == .unreachable && "\(error)".contains("rank 0 serves it")
+        }
+    }
+
     @Test(arguments: StoreKind.allCases)
     func aDuplicateRankFailsAndAbortsTheOthers(kind: StoreKind) throws {
         let (open, cleanup) = try kind.make()
