@@ -173,15 +173,15 @@ public final class RankProcessMoE: @unchecked Sendable {
                     gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
                 st.tokens = counts
             }
+            if st.epoch >= options.epochWrap {  // before the upload: the wrap clears the arena past x
+                try wrapEpoch()
+                st.epoch = 0
+            }
             if s > 0 {
                 try x.converted(to: c.precision.storage).withUnsafeBytes { try arena.upload($0, at: workspace.offset(.x)) }
                 if options.poisonOutput {
                     try FusedIO.poison(arena, offset: workspace.offset(.y), floats: s * c.hiddenSize, device: device)
                 }
-            }
-            if st.epoch >= options.epochWrap {
-                try wrapEpoch()
-                st.epoch = 0
             }
             st.epoch += 1
             try RankParts.launch(
