@@ -28,6 +28,11 @@ struct RankProcessOptions: ParsableArguments {
     @Flag(help: "Ranks: compare this rank's part with the single-rank operator on the same global tokens, bit for bit.")
     var verify = false
 
+    @Option(help: ArgumentHelp(
+        "Ranks, for tests: restart the epoch after this many calls (every rank clears its flags between two barriers).",
+        visibility: .hidden))
+    var epochWrap: UInt64?
+
     /// Whether any option of the ranks mode was given.
     var isActive: Bool { worldSize != nil || rank != nil || rendezvous != nil }
 }
@@ -92,6 +97,10 @@ extension RunCommand {
         }
         var options = cudaOptions(deviceOrdinal: common.device)
         options.poisonOutput = opts.verify
+        if let wrap = opts.epochWrap {
+            guard wrap >= 1 else { throw CLIError(.invalidValue, "--epoch-wrap must be at least 1") }
+            options.epochWrap = wrap
+        }
         let op: RankProcessMoE
         do {
             op = try progress.step("creating rank \(me)") {
