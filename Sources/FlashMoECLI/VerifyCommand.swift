@@ -49,12 +49,14 @@ struct VerifyCommand: ParsableCommand {
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
-        try Self.precompile(cases.map(\.config), arch: gpu.properties.architecture)
+        try Self.precompile(
+            cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs), arch: gpu.properties.architecture)
         try Self.precompile(
             rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture)
 
         print(VerifyTable.header)
         var failures = 0
+        var deviceChecks = 0
         for c in cases {
             do {
                 let r = try Verifier.run(c) { layer in
@@ -66,6 +68,16 @@ struct VerifyCommand: ParsableCommand {
                 failures += 1
                 print(VerifyTable.errorRow(c, error))
             }
+        }
+        if !ranksOnly && (filter == nil || "device forward".contains(filter!)) {
+            // The device-resident forward (caller buffers, a stream, queued launches, epoch wrap, fault + recovery).
+            let checks = Verifier.deviceForwardChecks(deviceOrdinal: device, seed: seed)
+            for c in checks {
+                if !c.passed { failures += 1 }
+                print((c.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 52) + c.detail
+                    + (c.failure.map { "  ← \($0)" } ?? ""))
+            }
+            deviceChecks = checks.count
         }
         if !rankCases.isEmpty {
             print("expert parallelism, ranks on one GPU: result, case, ranks R and launches L, tokens per rank, vs oracle, vs one rank, "
@@ -99,7 +111,7 @@ struct VerifyCommand: ParsableCommand {
                 print(line)
             }
         }
-        print(failures == 0 ? "all \(cases.count + rankCases.count) cases passed" : "\(failures) FAILED")
+        print(failures == 0 ? "all \(cases.count + rankCases.count + deviceChecks) cases passed" : "\(failures) FAILED")
         if failures > 0 { throw ExitCode.failure }
     }
 

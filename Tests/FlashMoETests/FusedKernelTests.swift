@@ -79,6 +79,10 @@ import Testing
             MoEConfig(hiddenSize: 128, intermediateSize: 40, experts: 16, topK: 4, ffn: .gated, activation: .silu,
                       router: .deepSeek(groups: 4, groupsKept: 2, scalingFactor: 2.5),
                       sharedExpert: SharedExpertConfig(intermediateSize: 56, gated: true), precision: .bf16),
+            // Issue 12, defect 7: fp32 tiles at E = 256 (route_tile's chunk must divide the token tile).
+            MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
+                      router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32),
+            MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 320, topK: 3, precision: .tf32),
         ]
         for c in configs {
             let spec = try FusedSpecialization(config: c, ranks: ranks)

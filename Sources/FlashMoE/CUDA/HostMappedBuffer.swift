@@ -51,6 +51,9 @@ public final class HostMappedBuffer: @unchecked Sendable {
         return (0..<count).map { pointer.load(fromByteOffset: offset + $0, as: UInt8.self) }
     }
 
+    /// The first 32-bit word as it is now (the error code of a mirrored record), read without a copy.
+    var code: UInt32 { pointer.load(as: UInt32.self) }
+
     /// Sets every byte to zero (host stores; only when no kernel writes concurrently).
     public func zero() {
         pointer.initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)

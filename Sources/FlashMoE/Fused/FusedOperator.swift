@@ -13,7 +13,9 @@ import Synchronization
 ///   replays correctly any number of times, with new input values each time.
 /// A fault the kernel records (a wait that expired) is copied by the launch's last block into host-mapped memory:
 /// it is thrown on the next forward or `checkErrors()`, or at once with `FusedOptions.synchronousErrors`; the
-/// device state is reset then. Calls are serialised (one at a time per operator).
+/// device state is reset then. Calls are serialised (one at a time per operator), and the launches of one
+/// operator must run one after another on the device: enqueue them on one stream (or order the streams with
+/// events). They share the operator's workspace and counters; two operators may run side by side.
 ///
 /// `FusedMoE` wraps it with the host-array `MoEBackend` API.
 public final class FusedOperator: @unchecked Sendable {
@@ -233,7 +235,7 @@ public final class FusedOperator: @unchecked Sendable {
     /// once: the abort flag is raised), zeroes the counters, the arena and the mirror (the epoch restarts at 1)
     /// and throws the decoded record.
     func takeMirroredError(_ st: inout State) throws {
-        guard mirror.bytes(count: 4) != [0, 0, 0, 0] else { return }
+        guard mirror.code != 0 else { return }
         try device.synchronize()
         let record = mirror.bytes(count: Self.errorRecordBytes)
         try control.fill(byte: 0)
