@@ -49,7 +49,8 @@ struct VerifyCommand: ParsableCommand {
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
-        try Self.precompile(cases.map(\.config), arch: gpu.properties.architecture)
+        try Self.precompile(
+            cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs), arch: gpu.properties.architecture)
         try Self.precompile(
             rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture)
 
