@@ -100,14 +100,15 @@ struct SafetensorsParts: Sendable {
 
 /// A JSON object taken apart into its members' key bytes and value texts.
 struct JSONParts: Sendable {
-    var members: [(key: [UInt8], value: String)]
+    /// Keys and values as bytes (building the text from strings per input was a third of the config target's time).
+    var members: [(key: [UInt8], value: [UInt8])]
 
     /// The members of a valid JSON object (the seeds are valid by construction).
     init(valid bytes: [UInt8]) throws {
         guard case .object(let object) = try JSONParser.parse(bytes) else {
             throw SafetensorsError(.invalidHeader, "a JSON seed must be an object")
         }
-        members = object.members.map { (key: Array($0.key.utf8), value: $0.value.serialized) }
+        members = object.members.map { (key: Array($0.key.utf8), value: Array($0.value.serialized.utf8)) }
     }
 }
 
@@ -162,14 +163,21 @@ enum MutationEngine {
         return (0..<8).map { UInt8(truncatingIfNeeded: n >> (8 * UInt64($0))) } + header
     }
 
-    /// Nesting `depth` levels deep around `inner`: arrays or objects.
+    /// Nesting `depth` levels deep around `inner`: arrays or objects (the brackets are built once per depth).
     static func nested(_ depth: Int, _ inner: String, objects: Bool) -> String {
-        objects
-            ? String(repeating: "{\"a\":", count: depth) + inner + String(repeating: "}", count: depth)
-            : String(repeating: "[", count: depth) + inner + String(repeating: "]", count: depth)
+        let (open, close) = brackets[objects]?[depth]
+            ?? (String(repeating: objects ? "{\"a\":" : "[", count: depth), String(repeating: objects ? "}" : "]", count: depth))
+        return open + inner + close
     }
 
-    static let depths = [JSONParser.maximumDepth - 1, JSONParser.maximumDepth, JSONParser.maximumDepth + 1, 300, 20_000]
+    static let depths = [JSONParser.maximumDepth - 1, JSONParser.maximumDepth, JSONParser.maximumDepth + 1, 300, 5_000]
+
+    private static let brackets: [Bool: [Int: (String, String)]] = Dictionary(
+        uniqueKeysWithValues: [false, true].map { objects in
+            (objects, Dictionary(uniqueKeysWithValues: depths.map { d in
+                (d, (String(repeating: objects ? "{\"a\":" : "[", count: d), String(repeating: objects ? "}" : "]", count: d)))
+            }))
+        })
 
     // MARK: Byte-level mutations (any file: safetensors or JSON)
 
@@ -375,12 +383,14 @@ enum MutationEngine {
                 i = hot
             }
             switch r.below(8) {
-            case 0: members[i].value = r.pick(hugeIntegers)
-            case 1: members[i].value = r.pick(smallIntegers)
-            case 2: members[i].value = r.pick(oddValues + ModelFamily.allCases.map { "\"\($0.rawValue)\"" })
+            case 0: members[i].value = Array(r.pick(hugeIntegers).utf8)
+            case 1: members[i].value = Array(r.pick(smallIntegers).utf8)
+            case 2: members[i].value = Array(r.pick(oddValues + ModelFamily.allCases.map { "\"\($0.rawValue)\"" }).utf8)
             case 3: members.remove(at: i)
             case 4: members.insert(members[i], at: r.below(members.count + 1))
-            case 5: members[i].value = nested(r.pick(depths), members[i].value, objects: r.chance(0.5))
+            case 5:
+                let inner = String(decoding: members[i].value, as: UTF8.self)
+                members[i].value = Array(nested(r.pick(depths), inner, objects: r.chance(0.5)).utf8)
             case 6: members[i].key.insert(contentsOf: r.pick(badStrings), at: r.below(members[i].key.count + 1))
             default: byteMutations += 1
             }
@@ -388,7 +398,10 @@ enum MutationEngine {
         var text: [UInt8] = [UInt8(ascii: "{")]
         for (i, m) in members.enumerated() {
             if i > 0 { text.append(UInt8(ascii: ",")) }
-            text += [UInt8(ascii: "\"")] + m.key + Array("\":\(m.value)".utf8)
+            text.append(UInt8(ascii: "\""))
+            text += m.key
+            text += [UInt8(ascii: "\""), UInt8(ascii: ":")]
+            text += m.value
         }
         text.append(UInt8(ascii: "}"))
         for _ in 0..<byteMutations { mutateBytes(&text, hot: text.count, &r) }

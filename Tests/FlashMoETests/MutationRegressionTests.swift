@@ -36,6 +36,19 @@ import Testing
         }
     }
 
+    /// Found while profiling the fuzzer: a config.json with 65,536 layers, every other one MoE, and a long
+    /// mlp_only_layers put every layer into the dense-layer message (hundreds of kilobytes). Both lists are cut.
+    @Test func layerListsInMessagesAreCut() throws {
+        let only = (0..<5000).map { String($0 * 4 + 1) }.joined(separator: ",")  // every other MoE layer
+        let json = #"{"model_type": "qwen3_moe", "num_hidden_layers": 65536, "decoder_sparse_step": 2, "#
+            + #""mlp_only_layers": [\#(only)]}"#
+        let spec = try CheckpointConfig(json: Array(json.utf8))
+        #expect(spec.moeLayers.count == 32768 - 5000)
+        #expect(spec.moeLayerSummary.hasPrefix("3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47, 51, 55, 59, 63, …"))
+        #expect(spec.moeLayerSummary.hasSuffix("(27768 MoE layers)") && spec.moeLayerSummary.count < 200)
+        #expect(spec.denseReason.contains("… (5000 layers)") && spec.denseReason.count < 300)
+    }
+
     /// The guard itself: a stack larger than the tensors backing it is refused before it is allocated.
     @Test func aStackLargerThanItsTensorsIsRefused() {
         let recorder = ReadAllocation.Recorder()
