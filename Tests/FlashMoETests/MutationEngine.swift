@@ -382,7 +382,12 @@ enum MutationEngine {
             if r.chance(0.5), let hot = members.indices.filter({ hotKeys.contains(members[$0].key) }).randomElement(using: &r) {
                 i = hot
             }
-            switch r.below(8) {
+            switch r.below(9) {
+            case 7:  // an integer scaled up: still plausible to the config's own checks, far past what the files hold
+                if let v = Int(String(decoding: members[i].value, as: UTF8.self)) {
+                    let (p, overflow) = v.multipliedReportingOverflow(by: r.pick([2, 1000, 1 << 20, 1 << 32]))
+                    members[i].value = Array(String(overflow ? v : p).utf8)
+                }
             case 0: members[i].value = Array(r.pick(hugeIntegers).utf8)
             case 1: members[i].value = Array(r.pick(smallIntegers).utf8)
             case 2: members[i].value = Array(r.pick(oddValues + ModelFamily.allCases.map { "\"\($0.rawValue)\"" }).utf8)

@@ -22,15 +22,15 @@ import Testing
     static let cap = environment["FLASHMOE_MUTATION_SECONDS"].flatMap { Double($0) } ?? 60
     static let chunk = 500
 
-    /// Which reader input i goes to: 60 % safetensors in memory, 39 % config.json in memory, 1 % a checkpoint
+    /// Which reader input i goes to: 60 % safetensors in memory, 37 % config.json in memory, 3 % a checkpoint
     /// directory on disk (written, then one layer loaded: the slowest target by far).
     static func run(_ i: Int, _ corpus: MutationCorpus, dir: String) -> MutationTargets.Outcome {
         var r = MutationRandom(seed: seed, index: i)
-        let lane = i % 20
-        if lane < 12 {
+        let lane = i % 100
+        if lane < 60 {
             return MutationTargets.decode(MutationEngine.mutateSafetensors(r.pick(corpus.safetensorsParts), &r))
         }
-        if lane < 19 || i % 100 != 99 {
+        if lane < 97 {
             let c = r.below(corpus.configs.count)
             var bytes = r.chance(0.8) ? MutationEngine.mutateJSON(corpus.configParts[c], &r) : corpus.configs[c]
             if r.chance(0.3) { MutationEngine.mutateBytes(&bytes, hot: bytes.count, &r) }

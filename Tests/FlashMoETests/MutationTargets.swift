@@ -101,6 +101,11 @@ enum MutationTargets {
         var defect: String? = nil
     }
 
+    /// A typed error's outcome; an empty message (nothing to tell the user) is a defect.
+    static func typed(_ label: String, _ message: String) -> Outcome {
+        Outcome(label: label, defect: message.isEmpty ? "a typed error without a message" : nil)
+    }
+
     /// Runs `body` with an allocation recorder and checks that nothing sized from the input's contents was
     /// allocated past the `bytes` the input holds.
     static func guarded(bytes: Int, _ body: () -> Outcome) -> Outcome {
@@ -129,7 +134,7 @@ enum MutationTargets {
                 }
                 return Outcome(label: "safetensors: loaded")
             } catch {
-                return Outcome(label: "safetensors: \(error.kind)")
+                return typed("safetensors: \(error.kind)", error.message)
             }
         }
     }
@@ -143,11 +148,11 @@ enum MutationTargets {
                 do throws(MoEError) {
                     try spec.layerConfig.validate()
                 } catch {
-                    return Outcome(label: "config: parsed, layer invalid (\(error.kind))")
+                    return typed("config: parsed, layer invalid (\(error.kind))", error.message)
                 }
                 return Outcome(label: "config: valid")
             } catch {
-                return Outcome(label: "config: \(error.kind)")
+                return typed("config: \(error.kind)", error.message)
             }
         }
     }
@@ -172,7 +177,7 @@ enum MutationTargets {
                 _ = try CheckpointLoader.loadMoELayer(directory: dir, layer: layer, precision: precision)
                 return Outcome(label: "checkpoint: loaded")
             } catch {
-                return Outcome(label: "checkpoint: \(error.kind)")
+                return typed("checkpoint: \(error.kind)", error.message)
             }
         }
     }
