@@ -187,6 +187,25 @@ import Testing
         }
     }
 
+    /// The faulted token itself is the same on both CPU backends (FP32 and Float64 arithmetic): NaN and ±∞ logits
+    /// are the same whatever the precision, so the ids are equal, the weights equal to rounding, and every element
+    /// of y is NaN, +∞, −∞ or finite alike.
+    @Test(arguments: cases)
+    func faultedTokenIsTheSameOnBothCPUBackends(_ c: Int) throws {
+        let (name, config) = Self.configs[c]
+        let layer = try Fixture.layer(config)
+        func kind(_ v: Float) -> Int { v.isNaN ? 0 : v == .infinity ? 1 : v == -.infinity ? 2 : 3 }
+        for value in [Float.nan, .infinity, -.infinity] {
+            let x = try Self.input(config, value: value)
+            let fast = try Self.run(layer, .fast, x), oracle = try Self.run(layer, .oracle, x)
+            let k = config.topK, t = Self.faulty
+            let ids = (t * k)..<((t + 1) * k)
+            #expect(fast.routing.expertIDs[ids] == oracle.routing.expertIDs[ids], "\(name), x = \(value)")
+            for p in ids { #expect(abs(fast.routing.weights[p] - oracle.routing.weights[p]) <= 1e-6) }
+            #expect(Self.row(fast, t).map(kind) == Self.row(oracle, t).map(kind), "\(name), x = \(value)")
+        }
+    }
+
     /// With a capacity, an unrouted token frees its slots: a pair kept in the clean run stays kept, so every token
     /// whose pairs were all kept is unchanged (tokens that had drops may gain a slot).
     @Test(arguments: CPUBackend.Mode.allCases)
