@@ -59,8 +59,9 @@ struct LoadSummary: Sendable, Equatable {
         dropped = routing.dropped
         unrouted = routing.expertIDs.filter { $0 < 0 }.count
         let k = max(1, routing.topK)
-        unroutedTokens = (0..<routing.tokens).filter { t in routing.expertIDs[(t * k)..<(t * k + k)].allSatisfy { $0 < 0 } }
-            .count
+        unroutedTokens = (0..<routing.tokens).filter { t in
+            routing.expertIDs[(t * k)..<(t * k + k)].allSatisfy { $0 < 0 }
+        }.count
         pairs = routing.expertIDs.count
     }
 
@@ -69,7 +70,8 @@ struct LoadSummary: Sendable, Equatable {
             "expert load: min \(minimum) / mean \(formatDecimal(mean, 1)) / max \(maximum) tokens over "
             + "\(experts) experts (\(expertsUsed) used); dropped \(dropped) of \(pairs) (token, expert) pairs"
         if unrouted > 0 {
-            s += "; \(unrouted) unrouted (NaN logits), \(unroutedTokens) \(unroutedTokens == 1 ? "token" : "tokens") with no expert"
+            let tokens = unroutedTokens == 1 ? "1 token" : "\(unroutedTokens) tokens"
+            s += "; \(unrouted) unrouted (NaN logits), \(tokens) with no expert"
         }
         return s
     }

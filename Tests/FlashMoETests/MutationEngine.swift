@@ -165,18 +165,19 @@ enum MutationEngine {
 
     /// Nesting `depth` levels deep around `inner`: arrays or objects (the brackets are built once per depth).
     static func nested(_ depth: Int, _ inner: String, objects: Bool) -> String {
-        let (open, close) = brackets[objects]?[depth]
-            ?? (String(repeating: objects ? "{\"a\":" : "[", count: depth), String(repeating: objects ? "}" : "]", count: depth))
+        let (open, close) = brackets[objects]?[depth] ?? bracketPair(depth, objects: objects)
         return open + inner + close
+    }
+
+    private static func bracketPair(_ depth: Int, objects: Bool) -> (String, String) {
+        (String(repeating: objects ? "{\"a\":" : "[", count: depth), String(repeating: objects ? "}" : "]", count: depth))
     }
 
     static let depths = [JSONParser.maximumDepth - 1, JSONParser.maximumDepth, JSONParser.maximumDepth + 1, 300, 5_000]
 
     private static let brackets: [Bool: [Int: (String, String)]] = Dictionary(
         uniqueKeysWithValues: [false, true].map { objects in
-            (objects, Dictionary(uniqueKeysWithValues: depths.map { d in
-                (d, (String(repeating: objects ? "{\"a\":" : "[", count: d), String(repeating: objects ? "}" : "]", count: d)))
-            }))
+            (objects, Dictionary(uniqueKeysWithValues: depths.map { ($0, bracketPair($0, objects: objects)) }))
         })
 
     // MARK: Byte-level mutations (any file: safetensors or JSON)
@@ -205,7 +206,9 @@ enum MutationEngine {
             bytes.removeSubrange(at..<min(n, at + 1 + r.below(32)))
         case 4:  // an interesting byte
             guard n > 0 else { return }
-            let values: [UInt8] = [0, 0xFF, 0x7F, 0x80, 0x22, 0x7B, 0x5B, 0x5D, 0x7D, 0x2C, 0x3A, 0x2D, 0x39, 0xC0, 0xED]
+            let values: [UInt8] = [
+                0, 0xFF, 0x7F, 0x80, 0x22, 0x7B, 0x5B, 0x5D, 0x7D, 0x2C, 0x3A, 0x2D, 0x39, 0xC0, 0xED,
+            ]
             bytes[min(n - 1, r.position(in: n - 1, hot: hot))] = r.pick(values)
         case 5:  // a chunk copied elsewhere (repeats keys, entries, brackets)
             guard n > 1 else { return }
@@ -281,7 +284,8 @@ enum MutationEngine {
                 parts.entries[i].offsets = [String(b &+ d), String(e &+ d)]
             }
         default:
-            parts.entries[i].offsets = r.chance(0.5) ? [r.pick(oddValues), "0"] : Array(repeating: "0", count: r.below(4))
+            parts.entries[i].offsets =
+                r.chance(0.5) ? [r.pick(oddValues), "0"] : Array(repeating: "0", count: r.below(4))
         }
     }
 
@@ -320,7 +324,9 @@ enum MutationEngine {
         } else {
             let j = r.below(parts.entries.count)
             parts.entries.swapAt(i, j)
-            if r.chance(0.5) { (parts.entries[i].offsets, parts.entries[j].offsets) = (parts.entries[j].offsets, parts.entries[i].offsets) }
+            if r.chance(0.5) {
+                (parts.entries[i].offsets, parts.entries[j].offsets) = (parts.entries[j].offsets, parts.entries[i].offsets)
+            }
         }
     }
 
@@ -328,7 +334,8 @@ enum MutationEngine {
     static func mutateName(_ parts: inout SafetensorsParts, _ r: inout MutationRandom) {
         guard let i = someEntry(parts, &r) else { return }
         switch r.below(3) {
-        case 0: parts.entries[i].name.insert(contentsOf: r.pick(badStrings), at: r.below(parts.entries[i].name.count + 1))
+        case 0:
+            parts.entries[i].name.insert(contentsOf: r.pick(badStrings), at: r.below(parts.entries[i].name.count + 1))
         case 1: parts.entries[i].name = Array("__metadata__".utf8)
         default: parts.entries[i].name = parts.entries[r.below(parts.entries.count)].name
         }
@@ -340,14 +347,17 @@ enum MutationEngine {
         switch r.below(4) {
         case 0: parts.entries[i].raw = nested(r.pick(depths), "1", objects: r.chance(0.5))
         case 1: parts.entries[i].raw = r.pick(oddValues)
-        case 2: parts.entries[i].extra.append((r.pick(["x", "dtype", "shape", "data_offsets"]), r.pick(hugeIntegers + oddValues)))
+        case 2:
+            let field = r.pick(["x", "dtype", "shape", "data_offsets"])
+            parts.entries[i].extra.append((field, r.pick(hugeIntegers + oddValues)))
         default:
             let e = parts.entries[i]
-            parts.entries[i].raw = r.pick([
-                "{\"shape\":[\(e.shape.joined(separator: ","))],\"data_offsets\":[\(e.offsets.joined(separator: ","))]}",
-                "{\"dtype\":\(e.dtype),\"data_offsets\":[\(e.offsets.joined(separator: ","))]}",
-                "{\"dtype\":\(e.dtype),\"shape\":[\(e.shape.joined(separator: ","))]}",
-                "{\"dtype\":\(e.dtype),\"shape\":\(r.pick(oddValues)),\"data_offsets\":[\(e.offsets.joined(separator: ","))]}",
+            let (shape, offsets) = ("[" + e.shape.joined(separator: ",") + "]", "[" + e.offsets.joined(separator: ",") + "]")
+            parts.entries[i].raw = r.pick([  // a field missing, or the shape of another kind
+                "{\"shape\":\(shape),\"data_offsets\":\(offsets)}",
+                "{\"dtype\":\(e.dtype),\"data_offsets\":\(offsets)}",
+                "{\"dtype\":\(e.dtype),\"shape\":\(shape)}",
+                "{\"dtype\":\(e.dtype),\"shape\":\(r.pick(oddValues)),\"data_offsets\":\(offsets)}",
             ])
         }
     }
@@ -379,9 +389,8 @@ enum MutationEngine {
             guard !members.isEmpty else { break }
             var i = r.below(members.count)
             // Half the time a field the loader sizes buffers or loops from, so those paths see every bad value.
-            if r.chance(0.5), let hot = members.indices.filter({ hotKeys.contains(members[$0].key) }).randomElement(using: &r) {
-                i = hot
-            }
+            let hot = members.indices.filter { hotKeys.contains(members[$0].key) }
+            if r.chance(0.5), !hot.isEmpty { i = hot[r.below(hot.count)] }
             switch r.below(9) {
             case 7:  // an integer scaled up: still plausible to the config's own checks, far past what the files hold
                 if let v = Int(String(decoding: members[i].value, as: UTF8.self)) {

@@ -37,7 +37,8 @@ public enum Safetensors {
             let start = 8 + n + t.dataOffsets.lowerBound
             // The header was validated against the buffer's size; the guard restates it where the copy is made.
             guard ReadAllocation.allows(.bytes, requested: t.dataOffsets.count, available: bytes.count - start) else {
-                throw SafetensorsError(.invalidOffsets, "tensor '\(t.name)' \(t.dataOffsets) lies past the buffer's end")
+                throw SafetensorsError(
+                    .invalidOffsets, "tensor '\(t.name)' \(t.dataOffsets) lies past the buffer's end")
             }
             out[t.name] = try SafetensorsTensor(
                 dtype: t.dtype, shape: t.shape, data: Array(bytes[start..<(start + t.dataOffsets.count)]))
