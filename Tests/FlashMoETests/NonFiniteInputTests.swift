@@ -224,3 +224,25 @@ import Testing
         }
     }
 }
+
+/// The GPU operators refuse a non-finite selection bias as the CPU backend does (docs/nonfinite.md), before any
+/// CUDA call, so this runs without a GPU.
+@Suite struct NonFiniteSelectionBiasTests {
+    static func layer(bias value: Float) throws -> MoELayer {
+        let c = NonFiniteInputTests.configs[2].1  // the sigmoid router with a selection bias
+        var w = try MoEWeights.random(config: c, seed: 5)
+        var bias = [Float](repeating: 0.25, count: c.experts)
+        bias[1] = value
+        w.selectionBias = try HostTensor(shape: [c.experts], float32: bias)
+        return try MoELayer(config: c, weights: w)
+    }
+
+    @Test(arguments: [Float.nan, .infinity, -.infinity])
+    func fusedOperatorsRefuseIt(_ value: Float) throws {
+        let l = try Self.layer(bias: value)
+        for make in [{ _ = try FusedMoE(layer: l) }, { _ = try DistributedMoE(layer: l, ranks: 2) }] {
+            #expect(throws: MoEError.self) { try make() }
+            do { try make() } catch let e as MoEError { #expect(e.message.contains("selection bias must be finite")) }
+        }
+    }
+}

@@ -70,6 +70,7 @@ public final class DistributedMoE: @unchecked Sendable {
     ///   - options: as for `FusedMoE` (`injectFault`: from the second call on, the last rank never flags its rows
     ///     for expert 0).
     public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)

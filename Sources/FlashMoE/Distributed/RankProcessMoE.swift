@@ -85,6 +85,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     private init(rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions) throws {
         let world = rendezvous.worldSize, me = rendezvous.rank
         guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
         guard layer.config.experts >= world else {
             throw RendezvousError(
                 .invalidWorld,

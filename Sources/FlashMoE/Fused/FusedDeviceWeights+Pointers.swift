@@ -126,6 +126,10 @@ extension FusedDeviceWeights {
             b2: try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, field: "b2") }, sharedW1: sharedW1,
             sharedW2: sharedW2)
         try device.synchronize()
+        // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
+        if let bias = self.selectionBias {
+            _ = try Router.checkedBias(try bias.download(as: Float.self, count: e), config: c)
+        }
     }
 }
 
