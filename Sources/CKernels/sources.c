@@ -25,6 +25,14 @@ static const char router_cuh[] = {
 #embed "kernels/router.cuh"
     , 0};
 
+static const char launch_limits_cuh[] = {
+#embed "kernels/launch_limits.cuh"
+    , 0};
+
+static const char trace_cuh[] = {
+#embed "kernels/trace.cuh"
+    , 0};
+
 static const char moe_cu[] = {
 #embed "kernels/moe.cu"
     , 0};
@@ -43,6 +51,8 @@ static const struct {
     {"gemm_tile.cuh", gemm_tile_cuh, sizeof(gemm_tile_cuh) - 1},
     {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
+    {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
+    {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };

@@ -114,7 +114,7 @@ struct VerifyCommand: ParsableCommand {
         let sources = KernelSources.current(environment: environment)
         var unique: [KernelSpec] = []
         for (c, ranks) in configs {
-            if let spec = try? FusedSpecialization(config: c, ranks: ranks).kernelSpec, !unique.contains(spec) {
+            if let spec = try? FusedSpecialization(config: c, arch: arch, ranks: ranks).kernelSpec, !unique.contains(spec) {
                 unique.append(spec)
             }
         }

@@ -67,8 +67,9 @@ import Testing
                       sharedExpert: SharedExpertConfig(intermediateSize: 56, gated: true), precision: .bf16),
         ]
         for c in configs {
-            let spec = try FusedSpecialization(config: c, ranks: ranks)
-            let k = try compiler.compile(spec.kernelSpec, arch: try GPUArchitecture(parsing: arch), sources: .embedded)
+            let target = try GPUArchitecture(parsing: arch)
+            let spec = try FusedSpecialization(config: c, arch: target, ranks: ranks)
+            let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
             for name in [FusedSpecialization.kernelName, FusedSpecialization.ranksKernelName] {
                 let usage = try #require(k.resources.first { $0.name == name })
                 #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "\(name) spills on \(arch)")

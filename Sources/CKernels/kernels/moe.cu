@@ -37,6 +37,8 @@
 #include "gemm_tile.cuh"
 #include "wgmma.cuh"
 #include "router.cuh"
+#include "launch_limits.cuh"
+#include "trace.cuh"
 
 // ---- Specialisation (defined by the host as -D options) ---------------------------------------------------------
 #ifndef FMOE_H
@@ -129,6 +131,7 @@ constexpr int DYNAMIC_SMEM = cmax(cmax(STAGES * stage_bytes<EBN>(), STAGES * sta
 constexpr int ROUTE_CHUNK_FIT = ((DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4)) / 32 * 32;
 constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT > BT ? BT : ROUTE_CHUNK_FIT;
 static_assert(ROUTE_CHUNK >= 32, "route_tile needs room for at least 32 rows of logits");
+FMOE_CHECK_DYNAMIC_SMEM(DYNAMIC_SMEM);
 constexpr int XS = E + 1;  // task-space experts, at most: the routed ones + the shared one (empty when absent)
 constexpr int RANKS = FMOE_RANKS;
 // Expert placement over ranks: contiguous blocks, the first E mod R ranks one expert larger.
@@ -302,6 +305,7 @@ FMOE_DEVICE int find_segment(const int *table, int n, int v) {
 // fit: read from global memory, each thread's row would miss the small L1 that the GEMM ring leaves. With a split
 // gate, staging also sums the K-slice partials, in slice order.
 FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
     typedef ThreadRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
     u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
     int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
@@ -704,6 +708,7 @@ FMOE_DEVICE bool wait_peers_done(const Params &p) {
 // The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
 // the scan with the epoch: every block of the rank waits for it before placing or dispatching tokens.
 FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
+    FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, tiles, 0);
     stamp(p, 6, true);
     scan_counts(p, tiles);
     if (RANKS > 1) {
@@ -727,6 +732,7 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
 }
 
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
     __shared__ int s_task, s_last;
     const int tiles = (p.tokens + BT - 1) / BT;
     const int ks_count = gate_k_split(p);
@@ -741,6 +747,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         const int task = s_task;
         if (task >= tasks) break;
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
+        FMOE_TRACE_SCOPE(FMOE_EV_GATE, nt, tile, ks);
         const int k0 = ks * slices_per * ROW_BYTES;  // this slice's first byte of K
         const int k1 = min((ks + 1) * slices_per * ROW_BYTES, H * (int)sizeof(T));
         TileSource src;
@@ -788,6 +795,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
     for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;
@@ -828,6 +836,7 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
     const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
@@ -876,6 +885,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
 }
 
 FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
     const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
@@ -912,6 +922,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 
 // y[t] = Σ_j w[t,j] · ybuf[slot_row[t,j]] in rank order, plus the (gated) shared expert. One warp per token.
 FMOE_DEVICE void combine_token(const Params &p, int t) {
+    FMOE_TRACE_WARP_SCOPE(FMOE_EV_COMBINE, t);
     const int lane = threadIdx.x & 31;
     int rows[K];
     float w[K];
@@ -1017,6 +1028,7 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
 }
 
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
     const int t0_total = L.task0_start[L.xs];
     const int rbs = L.rb_start[L.xs];
@@ -1089,6 +1101,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int rb = s_rb;
             const int x = find_segment(L.rb_start, L.xs, rb);
             const int m = rb - L.rb_start[x];
+            FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
             gemm1_task(p, L, x, m, n, smem);
             __threadfence();
             __syncthreads();
@@ -1115,6 +1128,7 @@ using namespace fmoe;
 FMOE_DEVICE void forward(const Params &p, char *smem) {
     __shared__ Layout L;
     stamp(p, 0);
+    FMOE_TRACE_START();
     if (!gate_phase(p, smem)) return;
     if (RANKS == 1) {
         L.xs = XS;
@@ -1128,6 +1142,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
         stamp(p, 3);
         if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
+        FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
         // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
         if (cta() == 0 && threadIdx.x == 0) {
             p.sync->gate_ticket = 0;

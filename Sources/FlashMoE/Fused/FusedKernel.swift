@@ -40,6 +40,14 @@ struct FusedKernel {
                 "the kernel's Params (\(paramsBytes) B) or Peer (\(peerBytes) B) layout differs from the host's "
                     + "(\(FusedParams.byteCount) B, \(FusedParams.peerByteCount) B): kernel sources and binary disagree")
         }
+        // Static + dynamic shared memory must fit the block's opt-in limit; say which numbers when they do not.
+        let staticBytes = compiled.resources.first { $0.name == entry }?.sharedBytes ?? 0
+        let limit = device.properties.sharedMemoryPerBlockOptIn
+        guard staticBytes + dynamicSharedBytes <= limit else {
+            throw CUDAError.invalidArgument(
+                "\(entry) needs \(staticBytes) B static + \(dynamicSharedBytes) B dynamic shared memory per block; "
+                    + "\(device.properties.name) allows \(limit) B: use fewer pipeline stages (FusedOptions.stages)")
+        }
         try function.setMaxDynamicSharedMemory(dynamicSharedBytes)
         gridLimit = try function.cooperativeGridLimit(
             blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes)

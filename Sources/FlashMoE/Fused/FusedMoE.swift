@@ -8,8 +8,9 @@ public struct FusedOptions: Sendable, Hashable {
     /// The time budget of every device-side wait. A wait that expires ends the launch with a `FusedKernelError`
     /// instead of a hung GPU. Generous by default: legitimate waits last microseconds to milliseconds.
     public var waitBudget: Duration
-    /// Shared-memory pipeline stages (3 to 6; 4 fits the 128×256 wgmma tiles in 227 KiB).
-    public var stages: Int
+    /// Shared-memory pipeline stages (nil: the most, up to 4, that fit the GPU's shared memory per block; see
+    /// `FusedSharedMemory.choose`).
+    public var stages: Int?
     /// Fill the output with NaN before every launch, so an element the kernel fails to write cannot pass a check.
     public var poisonOutput: Bool
     /// Test builds only: the kernel skips one publication, so a wait must expire (see `FusedKernelError`).
@@ -25,9 +26,11 @@ public struct FusedOptions: Sendable, Hashable {
     /// would overflow the host waits for the device, zeroes the counters and flags once and starts over. Tests
     /// lower it to wrap the epoch within a few calls.
     public var epochWrap: UInt64
+    /// Tracing builds: events each block can record per launch (0: a normal build). See `FusedMoE.lastLaunchTrace()`.
+    public var traceEventsPerBlock: Int = 0
 
     public init(
-        deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int = 4, poisonOutput: Bool = false,
+        deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,
         epochWrap: UInt64 = UInt64(UInt32.max), recordPhaseTimes: Bool = false
     ) {
@@ -70,6 +73,8 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     public let weightBytes: Int
 
     private let kernel: FusedKernel
+    /// Tracing builds: where the kernel records its timeline.
+    let traceBuffer: FusedTraceBuffer?
     private let weights: FusedDeviceWeights
     /// The kernel's `Sync` counters (first 256 bytes) and its error record (at byte 256): never reset between calls.
     private let control: DeviceBuffer<UInt8>
@@ -91,11 +96,15 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     public init(layer: MoELayer, options: FusedOptions = FusedOptions()) throws {
         self.layer = layer
         self.options = options
+        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
         specialization = try FusedSpecialization(
-            config: layer.config, stages: options.stages, injectFault: options.injectFault ? 1 : 0,
-            stopAfterPhase: options.stopAfterPhase)
+            config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
+            stages: options.stages, injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
+            trace: options.traceEventsPerBlock > 0)
         kernel = try FusedKernel(
             specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
+        traceBuffer = try options.traceEventsPerBlock > 0
+            ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: options.traceEventsPerBlock) : nil
         weights = try FusedDeviceWeights(layer: layer, device: kernel.device, packRows: kernel.packRows)
         weightBytes = weights.byteCount
         control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
@@ -180,6 +189,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
             st.epoch = 0
         }
         st.epoch += 1
+        try traceBuffer?.clear()
         let c = layer.config
         let capacity = c.capacity.perExpert(tokens: s, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
         let pointers = ws.pointers(
