@@ -15,6 +15,7 @@ section of RESULTS.md (the newest unless --section names its commit). Outputs, i
                              is the one each record reports (its own routing's experts touched; FlashMoE's from the
                              H200 reference rates, torch's from the rates it measured at startup) and the reference
                              floor otherwise
+With --trace FILE.json (from `flashmoe bench --trace`): OUT/FILE.svg, the launch's timeline, one row per block.
 Exit status: 0, or 2 when an input is unusable.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import math
 import os
 import re
@@ -264,6 +266,70 @@ def floor_chart(records: list[dict], precision: str, source: str) -> str:
                      series, y_ref=1.0)
 
 
+#: Fill colours of the timeline's event kinds (the `cat` of KernelTrace.chromeJSON); phases are drawn as a band.
+TRACE_COLORS = {"gate": "#009E73", "route": "#CC79A7", "scan": "#000000", "place": "#56B4E9", "grid barrier": "#999999",
+                "GEMM0": "#0072B2", "GEMM1": "#E69F00", "wait for GEMM1 rows": "#BBBBBB", "combine": "#D55E00"}
+TRACE_PHASES = {"gate phase": "#E8F5EF", "expert phase": "#EAF1F8"}
+
+
+def load_trace(path: str) -> list[dict]:
+    """The complete ("X") events of a `flashmoe bench --trace` file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise PlotError(f"{path} is not JSON: {e}") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else None
+    if not isinstance(events, list):
+        raise PlotError(f"{path} has no traceEvents list (write it with flashmoe bench --trace)")
+    out = [e for e in events if isinstance(e, dict) and e.get("ph") == "X"]
+    if not out:
+        raise PlotError(f"{path} holds no events")
+    return out
+
+
+def trace_chart(events: list[dict], title: str) -> str:
+    """One row per block over time: phases as a pale band, tasks as coloured bars (block-level in the upper part of
+    the row, the warps' combines in the lower part)."""
+    blocks = sorted({int(e["pid"]) for e in events})
+    row = {b: i for i, b in enumerate(blocks)}
+    end = max(float(e["ts"]) + float(e["dur"]) for e in events)
+    left, right, top, rh = 70, 170, 56, 6
+    w, h = 1000, top + rh * len(blocks) + 50
+    sx = (w - left - right) / end if end > 0 else 1.0
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         f'font-family="Helvetica, Arial, sans-serif" font-size="12">', f'<rect width="{w}" height="{h}" fill="white"/>',
+         f'<text x="{left}" y="22" font-size="16" font-weight="bold">{html.escape(title)}</text>',
+         f'<text x="{left}" y="40" fill="#555">{len(events)} events, {len(blocks)} blocks, {end:.1f} µs</text>']
+    for e in sorted(events, key=lambda e: (e.get("cat") not in TRACE_PHASES, int(e.get("tid", 0)) > 0)):
+        cat, y0 = e.get("cat", ""), top + rh * row[int(e["pid"])]
+        x, dx = left + float(e["ts"]) * sx, max(float(e["dur"]) * sx, 0.3)
+        if cat in TRACE_PHASES:
+            o.append(f'<rect x="{x:.1f}" y="{y0}" width="{dx:.1f}" height="{rh}" fill="{TRACE_PHASES[cat]}"/>')
+            continue
+        warp = int(e.get("tid", 0)) > 0
+        y, hh = (y0 + rh * 0.6, rh * 0.4) if warp else (y0 + 0.5, rh * 0.55)
+        o.append(f'<rect x="{x:.2f}" y="{y:.1f}" width="{dx:.2f}" height="{hh:.1f}" '
+                 f'fill="{TRACE_COLORS.get(cat, "#444444")}"><title>{html.escape(str(e.get("name", cat)))}: '
+                 f'{float(e["dur"]):.2f} µs</title></rect>')
+    t, step = 0.0, 10 ** math.floor(math.log10(end)) if end > 0 else 1.0
+    while t <= end + 1e-9:
+        px = left + t * sx
+        o.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top}" y2="{h - 44}" stroke="#00000022"/>')
+        o.append(f'<text x="{px:.1f}" y="{h - 30}" text-anchor="middle">{t:g}</text>')
+        t += step
+    o.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 10}" text-anchor="middle">µs since the first event</text>')
+    o.append(f'<text transform="translate(20 {(top + h - 50) / 2:.0f}) rotate(-90)" text-anchor="middle">block</text>')
+    for n, (cat, color) in enumerate(list(TRACE_COLORS.items()) + list(TRACE_PHASES.items())):
+        ly = top + 12 + 18 * n
+        o.append(f'<rect x="{w - right + 12}" y="{ly - 9}" width="14" height="10" fill="{color}" stroke="#888" '
+                 f'stroke-width="0.5"/><text x="{w - right + 32}" y="{ly}">{html.escape(cat)}</text>')
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
+
+
 def write_charts(records: list[dict], out: str, source: str) -> list[str]:
     """Every chart the records allow, written to `out`; returns the paths."""
     os.makedirs(out, exist_ok=True)
@@ -290,8 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default=None, help="with --results: the GPU run whose title contains this (a commit)")
     p.add_argument("--source", default=None, help="the subtitle of every chart (default: where the data came from)")
     p.add_argument("--out", default=os.path.join(here, "plots"), help="folder for the SVG files")
+    p.add_argument("--trace", action="append", default=[],
+                   help="flashmoe bench --trace file: draw its timeline as OUT/<name>.svg instead (repeatable)")
     args = p.parse_args(argv)
     try:
+        if args.trace:
+            os.makedirs(args.out, exist_ok=True)
+            for t in args.trace:
+                path = os.path.join(args.out, os.path.splitext(os.path.basename(t))[0] + ".svg")
+                with open(path, "w") as f:
+                    f.write(trace_chart(load_trace(t), args.source or f"timeline of {os.path.basename(t)}"))
+                print(f"wrote {path}")
+            return 0
         if args.flashmoe or args.torch:
             records = [r for f in args.flashmoe for r in load_json(f, "flashmoe")]
             records += [r for f in args.torch for r in load_json(f, None)]

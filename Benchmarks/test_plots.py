@@ -156,6 +156,30 @@ class PlotsTest(unittest.TestCase):
         with self.assertRaises(plots.PlotError):
             plots.svg_chart("T", "S", "ms", [])
 
+    def test_trace_timeline_draws_one_row_per_block(self):
+        events = [
+            {"name": "expert phase", "cat": "expert phase", "ph": "X", "ts": 0.0, "dur": 100.0, "pid": 0, "tid": 0},
+            {"name": "GEMM0 e3 rb2 n5", "cat": "GEMM0", "ph": "X", "ts": 10.0, "dur": 20.0, "pid": 0, "tid": 0},
+            {"name": "combine t7", "cat": "combine", "ph": "X", "ts": 50.0, "dur": 2.0, "pid": 5, "tid": 3},
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "block 0"}},
+        ]
+        path = self.write("t.json", {"traceEvents": events, "displayTimeUnit": "ns"})
+        loaded = plots.load_trace(path)
+        self.assertEqual(len(loaded), 3)  # metadata events are not drawn
+        root = ET.fromstring(plots.trace_chart(loaded, "T"))
+        bars = {r.find(f"{SVG}title").text: r for r in root.findall(f"{SVG}rect") if r.find(f"{SVG}title") is not None}
+        self.assertEqual(set(bars), {"GEMM0 e3 rb2 n5: 20.00 µs", "combine t7: 2.00 µs"})
+        gemm, combine = bars["GEMM0 e3 rb2 n5: 20.00 µs"], bars["combine t7: 2.00 µs"]
+        self.assertEqual(gemm.get("fill"), plots.TRACE_COLORS["GEMM0"])
+        self.assertGreater(float(combine.get("y")), float(gemm.get("y")))  # block 5's row is below block 0's
+        self.assertAlmostEqual(float(gemm.get("width")) * 10, float(combine.get("width")) * 100, places=1)
+        out = os.path.join(self.dir, "svg")
+        with redirect_stdout(io.StringIO()):
+            self.assertEqual(plots.main(["--trace", path, "--out", out]), 0)
+        self.assertEqual(os.listdir(out), ["t.svg"])
+        with self.assertRaises(plots.PlotError):
+            plots.load_trace(self.write("e.json", {"traceEvents": []}))
+
     def test_main_writes_every_chart_from_results(self):
         path = self.write("RESULTS.md", RESULTS)
         out = os.path.join(self.dir, "svg")
