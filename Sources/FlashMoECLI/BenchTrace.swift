@@ -14,8 +14,9 @@ enum BenchTrace {
         options.traceEventsPerBlock = eventsPerBlock
         let traced = try FusedMoE(layer: layer, options: options)
         for _ in 0..<warmup { _ = try traced.forward(x) }
+        try traced.clearTrace()
         let result = try traced.benchmark(input: x, warmup: 0, iterations: 1)
-        let trace = try traced.lastLaunchTrace()
+        let trace = try traced.recordedTrace()
         let metadata = [
             ("layer", LayerReport.describe(layer.config)), ("tokens", "\(x.shape[0])"),
             ("device", traced.device.properties.name),

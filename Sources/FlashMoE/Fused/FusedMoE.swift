@@ -26,7 +26,7 @@ public struct FusedOptions: Sendable, Hashable {
     /// would overflow the host waits for the device, zeroes the counters and flags once and starts over. Tests
     /// lower it to wrap the epoch within a few calls.
     public var epochWrap: UInt64
-    /// Tracing builds: events each block can record per launch (0: a normal build). See `FusedMoE.lastLaunchTrace()`.
+    /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0
 
     public init(
@@ -189,7 +189,6 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
             st.epoch = 0
         }
         st.epoch += 1
-        try traceBuffer?.clear()
         let c = layer.config
         let capacity = c.capacity.perExpert(tokens: s, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
         let pointers = ws.pointers(

@@ -20,7 +20,7 @@ final class FusedTraceBuffer {
         try Self.write(module, "fmoe_trace_capacity", value: UInt32(capacity))
     }
 
-    /// Forgets the recorded events (before a launch, so a read shows that launch alone).
+    /// Forgets the recorded events.
     func clear() throws(CUDAError) { try buffer.fill(byte: 0) }
 
     /// Decodes what the last launch recorded.
@@ -43,12 +43,23 @@ final class FusedTraceBuffer {
 }
 
 extension FusedMoE {
-    /// The timeline of the last launch of a tracing build (`FusedOptions.traceEventsPerBlock` > 0).
-    public func lastLaunchTrace() throws -> KernelTrace {
+    /// Forgets what a tracing build (`FusedOptions.traceEventsPerBlock` > 0) recorded so far: call it before the
+    /// launch to trace. (Launches do not clear the buffer themselves, so their timing is the normal build's.)
+    public func clearTrace() throws {
+        try tracing().clear()
+    }
+
+    /// The timeline a tracing build recorded since `clearTrace()` (blocks that ran out of room count the rest).
+    public func recordedTrace() throws -> KernelTrace {
+        let buffer = try tracing()
+        try device.synchronize()
+        return try buffer.read()
+    }
+
+    private func tracing() throws -> FusedTraceBuffer {
         guard let traceBuffer else {
             throw MoEError(.invalidConfig, "this operator is not a tracing build: set FusedOptions.traceEventsPerBlock")
         }
-        try device.synchronize()
-        return try traceBuffer.read()
+        return traceBuffer
     }
 }
