@@ -117,6 +117,7 @@ struct BenchCommand: ReportingCommand {
             workspaceBytes: result.workspaceBytes, date: HostMachine.utcTimestamp(), device: device,
             method: result.method, config: LayerReport.describe(config))
         emit("device: \(device)")
+        if let fused = engine as? FusedMoE { emit("kernel: \(fused.specialization.arch), \(fused.specialization.sharedMemory)") }
         emit(
             "runs: \(warm) warm-up, \(runs) timed (\(result.method)), \(tokens) tokens, "
                 + "\(formatNumber(record.flops / 1e9)) GFLOP per forward pass")

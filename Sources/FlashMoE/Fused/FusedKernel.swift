@@ -26,7 +26,7 @@ struct FusedKernel {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         compiled = try compiler.compile(
-            specialization.kernelSpec, arch: device.properties.architecture,
+            specialization.kernelSpec, arch: specialization.arch,
             sources: KernelSources.current(environment: environment))
         module = try CUDAModule(device: device, cubin: compiled.cubin)
         function = try module.function(named: entry)

@@ -94,6 +94,23 @@ import Testing
         #expect(throws: MoEError.self) { try FusedSpecialization(config: c, stages: 7) }
     }
 
+    @Test func emulatingASmallerGPUUsesItsLimitAndThePlainTarget() throws {
+        let h200 = GPUArchitecture(major: 9, minor: 0)
+        let plain = try FusedDeviceTarget(arch: h200, sharedMemoryPerBlock: 232_448, emulating: nil)
+        #expect(plain.arch == h200 && plain.sharedMemoryPerBlock == 232_448)
+        let rtx = try FusedDeviceTarget(arch: h200, sharedMemoryPerBlock: 232_448, emulating: "sm_89")
+        #expect(rtx.arch.name == "sm_90" && rtx.sharedMemoryPerBlock == 101_376)
+        var c = Preset.paperE64.config
+        c.precision = .bf16
+        // What an RTX 4090 runs (mma.sync, 3 stages), compiled for the H200 without wgmma.
+        let spec = try FusedSpecialization(config: c, arch: rtx.arch, sharedMemoryPerBlock: rtx.sharedMemoryPerBlock)
+        #expect(spec.sharedMemory.engine == .mmaSync && spec.stages == 3)
+        #expect(throws: CUDAError.self) {
+            try FusedDeviceTarget(arch: GPUArchitecture(major: 8, minor: 9), sharedMemoryPerBlock: 101_376, emulating: "sm_90a")
+        }
+        #expect(throws: CUDAError.self) { try FusedDeviceTarget(arch: h200, sharedMemoryPerBlock: 232_448, emulating: "sm_8") }
+    }
+
     @Test func anArchitectureWithoutLimitsIsATypedError() {
         #expect(throws: MoEError.self) {
             try FusedSpecialization(config: Preset.paperE32.config, arch: GPUArchitecture(major: 7, minor: 5))
@@ -118,7 +135,7 @@ import Testing
     ]
 
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["sm_86", "sm_89", "sm_120", "sm_80", "sm_90a"])
+          arguments: ["sm_86", "sm_89", "sm_120", "sm_80", "sm_90a", "sm_90"])
     func theKernelAgreesWithTheHostsFormula(arch name: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let arch = try GPUArchitecture(parsing: name)
