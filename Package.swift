@@ -6,6 +6,9 @@ let package = Package(
     products: [
         .library(name: "FlashMoE", targets: ["FlashMoE"]),
         .executable(name: "flashmoe", targets: ["flashmoe"]),
+        // The C ABI of include/flashmoe.h as a shared library (libFlashMoEC.so; scripts/build-lib builds it with the
+        // Swift runtime linked in and copies it to lib/libflashmoe.so).
+        .library(name: "FlashMoEC", type: .dynamic, targets: ["FlashMoEC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -34,6 +37,15 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        // include/flashmoe.h as a Swift module, so the library reads the C structs with the C compiler's layout.
+        .systemLibrary(name: "CFlashMoEABI", path: "Sources/CFlashMoEABI"),
+        // The C ABI: @_cdecl functions over FlashMoE (CPU backend and the fused GPU operator).
+        .target(
+            name: "FlashMoEC",
+            dependencies: ["FlashMoE", "CFlashMoEABI", "CCUDA"],
+            exclude: ["flashmoe.map"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(

@@ -91,7 +91,9 @@ typedef enum {
 
 /** flashmoe_config_t.flags */
 #define FLASHMOE_FLAG_SYNC_ERRORS 1u   /* debug: synchronise after every forward and report kernel errors at once */
-#define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests: a kernel build that skips one publication, so a wait times out */
+#define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
+                                          kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
+                                          forward or check); later forwards run normally */
 
 #define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
 
@@ -133,8 +135,9 @@ typedef struct {
     }
 
 /** Weight pointers (device pointers for GPU layers, host pointers for CPU layers). NULL where absent.
- *  The library copies or packs what it needs at creation (see the README's "Weights" section); the caller may
- *  free its weights after flashmoe_layer_create returns. */
+ *  The library copies or packs what it needs at creation (see "Weights" in the README's "Use from C" section);
+ *  the caller may free its weights after flashmoe_layer_create returns. Every pointer the config does not call for
+ *  must be NULL (create names the field otherwise), and each must be aligned to its element type. */
 typedef struct {
     size_t size;      /* sizeof(flashmoe_weights_t) */
     uint32_t version; /* FLASHMOE_VERSION */
@@ -150,7 +153,7 @@ typedef struct {
     const void *shared_gate_up; /* FUSED: [2·IS, H] (gated) or [IS, H]; SEPARATE: shared W1 [IS, H] */
     const void *shared_up;      /* SEPARATE, gated: shared W3 [IS, H] */
     const void *shared_down;    /* [H, IS] */
-    const void *shared_gate;    /* [H]: the shared expert's sigmoid gate row (shared_gated) */
+    const void *shared_gate;    /* [H] storage type: the shared expert's sigmoid gate row (shared_gated) */
 } flashmoe_weights_t;
 
 #define FLASHMOE_WEIGHTS_INIT                                                                                       \

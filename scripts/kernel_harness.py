@@ -95,13 +95,6 @@ def n0_cols(c, inter):
     return ((inter + 63) // 64) * 128 if c.gated else inter
 
 
-def tf32(t):
-    """Rounds FP32 to the nearest TF32 (ties away from zero, like cvt.rna), leaving non-finite values alone."""
-    b = t.contiguous().view(torch.int32)
-    r = ((b + 0x1000) & ~0x1FFF).view(torch.float32)
-    return torch.where(torch.isfinite(t), r, t)
-
-
 def pack_w13(w1, w3, rows):
     """[.., I, H] gate and up → blocks of 2·rows: `rows` gate rows then the matching up rows (I padded)."""
     I = w1.shape[-2]
@@ -136,11 +129,8 @@ class Layer:
             self.ws2 = u(c.H, c.shared_i, fan=c.shared_i)
         self.w1p = pack_w13(self.w1, self.w3, pack_rows) if c.gated else self.w1.contiguous()
         self.ws1p = (pack_w13(self.ws1, self.ws3, pack_rows) if c.gated else self.ws1) if c.shared_i else None
-        # What the kernel multiplies: in tf32 mode the expert weights are pre-rounded to TF32 (nearest).
+        # The kernel rounds tensor-core operands to TF32 itself (in shared memory, gemm_tile.cuh): weights stay FP32.
         self.w2k, self.ws2k = self.w2, (self.ws2 if c.shared_i else None)
-        if c.prec == 'tf32':
-            self.w1p, self.w2k = tf32(self.w1p), tf32(self.w2)
-            if c.shared_i: self.ws1p, self.ws2k = tf32(self.ws1p), tf32(self.ws2)
 
 
 def reference(L, x, capacity):
@@ -210,12 +200,11 @@ class Runner:
         self.smem = self.global_int(b'fmoe_dynamic_smem')
         self.pack_rows = self.global_int(b'fmoe_gated_pack_rows')
         self.gate_tiles = self.global_int(b'fmoe_gate_tiles')
-        assert self.global_int(b'fmoe_params_bytes') == 360, 'Params layout changed: update params()'
+        assert self.global_int(b'fmoe_params_bytes') == 392, 'Params layout changed: update params()'
         check(cu.cuFuncSetAttribute(self.fn, cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.smem))
         occ = check(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.fn, 256, self.smem))
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         self.grid = occ * sms
-        self.epoch = 0
         self.sync = torch.zeros(256, dtype=torch.uint8, device='cuda')
         self.err = torch.zeros(48, dtype=torch.uint8, device='cuda')
         self.ring = None
@@ -256,12 +245,15 @@ class Runner:
                 L.ws2k if self.c.shared_i else None, y, w['ids'], w['wts'], w['slot'], w['logits'], w['logits_part'], w['rank'],
                 w['sgate'], w['tile_done'], w['counts'], w['base'], w['load'], w['row_start'], w['rb_start'],
                 w['t0'], w['row_token'], w['target'], w['pending'], w['done0'], w['done1'], w['ring'], w['clist'], w['hbuf'],
-                w['hs'], w['ybuf'], w['ys'], self.sync, self.err, None, None, None]  # peers .. rows_sent: ranks only
-        self.epoch += 1
+                w['hs'], w['ybuf'], w['ys'], self.sync, self.err, None, None, None,  # peers .. rows_sent: ranks only
+                None]  # err_mirror: none (error() reads the record itself)
         S = x.shape[0]
         gate_split = max(1, min(4, self.grid // (max(1, (S + 127) // 128) * self.gate_tiles)))
-        blob = struct.pack('<40Q', *[ptr(t) for t in ptrs]) + struct.pack(
-            '<iiiiiiQQ', S, capacity, 0, gate_split, self.row_blocks, 0, self.epoch, budget_ns)
+        part_rows = min(self.max_tokens, 128 * self.grid)  # logits_part holds 4 · part_rows rows (alloc)
+        # The epoch lives on the device (the kernel reads sync->epoch and advances it); the field is unused here.
+        blob = struct.pack('<41Q', *[ptr(t) for t in ptrs]) + struct.pack(
+            '<10i', S, capacity, 0, gate_split, self.row_blocks, self.max_tokens, part_rows, 0, 0, 0) + struct.pack(
+            '<QQQ', 0, budget_ns, 2**32 - 1)
         return blob
 
     def launch(self, L, x, y, capacity=2**31 - 1, stream=0):

@@ -25,6 +25,30 @@ static const char router_cuh[] = {
 #embed "kernels/router.cuh"
     , 0};
 
+static const char moe_params_cuh[] = {
+#embed "kernels/moe_params.cuh"
+    , 0};
+
+static const char phase_gate_cuh[] = {
+#embed "kernels/phase_gate.cuh"
+    , 0};
+
+static const char phase_dispatch_cuh[] = {
+#embed "kernels/phase_dispatch.cuh"
+    , 0};
+
+static const char phase_experts_cuh[] = {
+#embed "kernels/phase_experts.cuh"
+    , 0};
+
+static const char phase_combine_cuh[] = {
+#embed "kernels/phase_combine.cuh"
+    , 0};
+
+static const char sched_launch_cuh[] = {
+#embed "kernels/sched_launch.cuh"
+    , 0};
+
 static const char launch_limits_cuh[] = {
 #embed "kernels/launch_limits.cuh"
     , 0};
@@ -51,6 +75,12 @@ static const struct {
     {"gemm_tile.cuh", gemm_tile_cuh, sizeof(gemm_tile_cuh) - 1},
     {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
+    {"moe_params.cuh", moe_params_cuh, sizeof(moe_params_cuh) - 1},
+    {"phase_gate.cuh", phase_gate_cuh, sizeof(phase_gate_cuh) - 1},
+    {"phase_dispatch.cuh", phase_dispatch_cuh, sizeof(phase_dispatch_cuh) - 1},
+    {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
+    {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
+    {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},

@@ -57,6 +57,7 @@ struct VerifyCommand: ParsableCommand {
 
         print(VerifyTable.header)
         var failures = 0
+        var deviceChecks = 0
         for c in cases {
             do {
                 let r = try Verifier.run(c) { layer in
@@ -68,6 +69,16 @@ struct VerifyCommand: ParsableCommand {
                 failures += 1
                 print(VerifyTable.errorRow(c, error))
             }
+        }
+        if !ranksOnly && (filter == nil || "device forward".contains(filter!)) {
+            // The device-resident forward (caller buffers, a stream, queued launches, epoch wrap, fault + recovery).
+            let checks = Verifier.deviceForwardChecks(deviceOrdinal: device, seed: seed)
+            for c in checks {
+                if !c.passed { failures += 1 }
+                print((c.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 52) + c.detail
+                    + (c.failure.map { "  ← \($0)" } ?? ""))
+            }
+            deviceChecks = checks.count
         }
         if !rankCases.isEmpty {
             print("expert parallelism, ranks on one GPU: result, case, ranks R and launches L, tokens per rank, vs oracle, vs one rank, "
@@ -101,7 +112,7 @@ struct VerifyCommand: ParsableCommand {
                 print(line)
             }
         }
-        print(failures == 0 ? "all \(cases.count + rankCases.count) cases passed" : "\(failures) FAILED")
+        print(failures == 0 ? "all \(cases.count + rankCases.count + deviceChecks) cases passed" : "\(failures) FAILED")
         if failures > 0 { throw ExitCode.failure }
     }
 

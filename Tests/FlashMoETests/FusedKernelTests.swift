@@ -43,16 +43,30 @@ import Testing
         #expect(throws: MoEError.self) { try ExpertPlacement(experts: 4, ranks: 0) }
     }
 
-    @Test func paramsLayoutMatchesTheKernelStructs() {
-        // 40 pointers + 6 ints + 2 u64 (moe.cu Params), 10 pointers (Peer); the kernel reports both at load time.
-        #expect(FusedParams.byteCount == 360)
+    @Test func paramsLayoutMatchesTheKernelStructs() throws {
+        // 41 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
+        // and every offset at load time.
+        #expect(FusedParams.byteCount == 392)
         #expect(FusedParams.peerByteCount == 80)
+        #expect(FusedParams.layout.count == 55)
         let bytes = FusedParams.encode(
-            pointers: [UInt64](repeating: 7, count: 40),
-            FusedParams.Scalars(tokens: 5, capacity: 9, rank: 2, gateSplit: 3, rowBlocks: 4, epoch: 11,
-                                budgetNanoseconds: 13))
+            pointers: [UInt64](repeating: 7, count: 41),
+            FusedParams.Scalars(tokens: 5, capacity: 9, rank: 2, gateSplit: 3, rowBlocks: 4, maxTokens: 6, partRows: 8,
+                                yStorage: true, injectFault: true, epoch: 11, budgetNanoseconds: 13, epochWrap: 17))
         #expect(bytes.count == FusedParams.byteCount)
-        #expect(bytes[40 * 8] == 5 && bytes[40 * 8 + 8] == 2 && bytes[40 * 8 + 24] == 11)
+        let off = Dictionary(uniqueKeysWithValues: zip(FusedParams.fieldNames, FusedParams.offsets))
+        #expect(bytes[off["tokens"]!] == 5 && bytes[off["rank"]!] == 2 && bytes[off["max_tokens"]!] == 6)
+        #expect(bytes[off["part_rows"]!] == 8 && bytes[off["y_storage"]!] == 1 && bytes[off["inject_fault"]!] == 1)
+        #expect(bytes[off["epoch"]!] == 11 && bytes[off["budget_ns"]!] == 13 && bytes[off["epoch_wrap"]!] == 17)
+        // The load-time check passes the host's own layout and names the first field that differs.
+        try FusedParams.checkLayout(kernel: FusedParams.layout)
+        var shifted = FusedParams.layout
+        shifted[1 + FusedParams.fieldNames.firstIndex(of: "max_tokens")!] += 4
+        #expect {
+            try FusedParams.checkLayout(kernel: shifted)
+        } throws: { error in
+            "\(error)".contains("max_tokens")
+        }
     }
 
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
@@ -65,6 +79,10 @@ import Testing
             MoEConfig(hiddenSize: 128, intermediateSize: 40, experts: 16, topK: 4, ffn: .gated, activation: .silu,
                       router: .deepSeek(groups: 4, groupsKept: 2, scalingFactor: 2.5),
                       sharedExpert: SharedExpertConfig(intermediateSize: 56, gated: true), precision: .bf16),
+            // Issue 12, defect 7: fp32 tiles at E = 256 (route_tile's chunk must divide the token tile).
+            MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
+                      router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32),
+            MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 320, topK: 3, precision: .tf32),
         ]
         for c in configs {
             let target = try GPUArchitecture(parsing: arch)

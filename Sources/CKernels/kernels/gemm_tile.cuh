@@ -74,11 +74,30 @@ template <int TBN> FMOE_DEVICE void load_stage(char *stage, const TileSource &sr
     }
 }
 
+// TF32, one rule for both tensor-core engines: every operand element (x, h and the weights alike) is rounded to the
+// nearest TF32 value, ties away from zero (cvt.rna), in shared memory as its stage lands, by the thread that copied
+// it (its own cp.async group is complete, so no barrier is needed before). mma.sync and wgmma would otherwise
+// truncate, and wgmma reads shared memory directly: the stage is the one place both engines read, so sm_80 and
+// sm_90a round identically. The host stores x, h and the weights as plain FP32.
+FMOE_DEVICE void round4_tf32(char *p) {
+    uint4 v = *(uint4 *)p;
+    v.x = to_tf32(v.x); v.y = to_tf32(v.y); v.z = to_tf32(v.z); v.w = to_tf32(v.w);
+    *(uint4 *)p = v;
+}
+template <int TBN> FMOE_DEVICE void round_stage_tf32(char *stage) {
+    const int chunk = threadIdx.x & 7;
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) round4_tf32(stage + swizzle(loader_row(i), chunk));
+#pragma unroll
+    for (int i = 0; i < TBN / 32; ++i) round4_tf32(stage + BM * ROW_BYTES + swizzle(loader_row(i), chunk));
+}
+
 // ---- Tensor-core engine -----------------------------------------------------------------------------------------
 enum MmaKind { MMA_BF16 = 0, MMA_F16 = 1, MMA_TF32 = 2 };
 
 template <int KIND> struct MmaEngine {
     static constexpr bool WGMMA = false;
+    static constexpr bool TF32_ROUND = KIND == MMA_TF32;  // stages are rounded by round_stage_tf32
     static constexpr int BN = 128;
     static constexpr int C_STRIDE = c_stride<BN>();
     float acc[4][4][4];  // [m16 tile][n8 tile][c0..c3]
@@ -133,17 +152,6 @@ template <int KIND> struct MmaEngine {
                 ldmatrix_x4(base_b + swizzle(row, ks * 2 + ((lane >> 3) & 1)), b[2 * p][0], b[2 * p][1],
                             b[2 * p + 1][0], b[2 * p + 1][1]);
             }
-            if (KIND == MMA_TF32) {
-                // Round to nearest TF32 (the tensor cores would truncate).
-#pragma unroll
-                for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) a[mi][r] = to_tf32(a[mi][r]);
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) b[ni][r] = to_tf32(b[ni][r]);
-            }
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -172,6 +180,7 @@ template <int KIND> struct MmaEngine {
 // strided ownership puts the 8 rows a k-step reads in 8 different swizzle classes, so the loads do not conflict.
 struct FfmaEngine {
     static constexpr bool WGMMA = false;
+    static constexpr bool TF32_ROUND = false;
     static constexpr int BN = 128;
     static constexpr int C_STRIDE = c_stride<BN>();
     float acc[8][8];
@@ -228,7 +237,8 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile(char *smem, const
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // stage kt landed for everyone; everyone is done reading stage kt − 1
+        if (Engine::TF32_ROUND) round_stage_tf32<Engine::BN>(smem + (kt % STAGES) * STAGE_BYTES);
+        __syncthreads();  // stage kt landed (and is rounded) for everyone; everyone is done reading stage kt − 1
         const int next = kt + STAGES - 1;
         if (next < ktiles) load_stage<Engine::BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();

@@ -53,6 +53,24 @@ FMOE_DEVICE void report_error(ErrorRecord *err, u32 code, u32 phase, u32 index, 
     st_relaxed_sys_u32(&err->abort, 1u);
 }
 
+// One GPU: copies a nonzero error record to the host-mapped mirror (run by the launch's last block out, after
+// every other block; see finish_launch). The code goes last, so a host that sees it sees the rest.
+FMOE_DEVICE void mirror_error(const ErrorRecord *err, ErrorRecord *mirror) {
+    const volatile ErrorRecord *e = err;
+    const u32 code = e->code;
+    if (code == 0u) return;
+    volatile ErrorRecord *m = mirror;
+    m->phase = e->phase;
+    m->index = e->index;
+    m->rank = e->rank;
+    m->expected = e->expected;
+    m->seen = e->seen;
+    m->abort = 1u;
+    __threadfence_system();
+    m->code = code;
+    __threadfence_system();
+}
+
 // Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag, or a rank's own 32-bit counter of
 // this launch). Returns false when the budget expired or another thread aborted; the caller must then leave the
 // kernel. Acquire: the fence after the successful load orders the caller's later reads after the writer's

@@ -8,6 +8,7 @@
 // FLOPs per byte of a 128×128 tile, which Hopper's L2 bandwidth needs); both warpgroups read the same 128 B rows.
 #pragma once
 #include "common.cuh"
+#include "gemm_tile.cuh"  // the stage layout, MmaKind and round_stage_tf32
 
 namespace fmoe {
 
@@ -104,6 +105,7 @@ template <int KIND, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, con
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
+        if (KIND == MMA_TF32) round_stage_tf32<BN>(smem + (kt % STAGES) * STAGE_BYTES);  // see gemm_tile.cuh
         fence_proxy_async();
         __syncthreads();
         eng.issue(smem + (kt % STAGES) * STAGE_BYTES);

@@ -187,6 +187,22 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
     public func eventElapsedTime(_ milliseconds: inout Float, _ start: CUevent, _ end: CUevent) -> CUresult {
         fn.cuEventElapsedTime(&milliseconds, start, end)
     }
+
+    // MARK: Device-resident forward (h1)
+
+    public func memHostAlloc(_ pointer: inout UnsafeMutableRawPointer?, _ bytes: Int, _ flags: UInt32) -> CUresult {
+        fn.cuMemHostAlloc(&pointer, bytes, flags)
+    }
+
+    public func memHostGetDevicePointer(
+        _ address: inout CUdeviceptr, _ pointer: UnsafeMutableRawPointer, _ flags: UInt32
+    ) -> CUresult { fn.cuMemHostGetDevicePointer_v2(&address, pointer, flags) }
+
+    public func memFreeHost(_ pointer: UnsafeMutableRawPointer) -> CUresult { fn.cuMemFreeHost(pointer) }
+
+    public func streamGetContext(_ stream: CUstream?, _ context: inout CUcontext?) -> CUresult {
+        fn.cuStreamGetCtx(stream, &context)
+    }
 }
 
 /// Finds entry points: `cuGetProcAddress_v2(base name, 12000)` first, the exported ABI name second.
@@ -270,6 +286,11 @@ private struct Functions {
     let cuEventRecord: PFN_cuEventRecord
     let cuEventSynchronize: PFN_cuEventSynchronize
     let cuEventElapsedTime: PFN_cuEventElapsedTime
+    // Device-resident forward (h1)
+    let cuMemHostAlloc: PFN_cuMemHostAlloc
+    let cuMemHostGetDevicePointer_v2: PFN_cuMemHostGetDevicePointer_v2
+    let cuMemFreeHost: PFN_cuMemFreeHost
+    let cuStreamGetCtx: PFN_cuStreamGetCtx
 
     init(_ r: Resolver) throws(CUDAError) {
         cuInit = try r.resolve("cuInit", "cuInit", as: PFN_cuInit.self)
@@ -334,5 +355,11 @@ private struct Functions {
         cuEventRecord = try r.resolve("cuEventRecord", "cuEventRecord", as: PFN_cuEventRecord.self)
         cuEventSynchronize = try r.resolve("cuEventSynchronize", "cuEventSynchronize", as: PFN_cuEventSynchronize.self)
         cuEventElapsedTime = try r.resolve("cuEventElapsedTime", "cuEventElapsedTime", as: PFN_cuEventElapsedTime.self)
+        // Device-resident forward (h1)
+        cuMemHostAlloc = try r.resolve("cuMemHostAlloc", "cuMemHostAlloc", as: PFN_cuMemHostAlloc.self)
+        cuMemHostGetDevicePointer_v2 = try r.resolve(
+            "cuMemHostGetDevicePointer", "cuMemHostGetDevicePointer_v2", as: PFN_cuMemHostGetDevicePointer_v2.self)
+        cuMemFreeHost = try r.resolve("cuMemFreeHost", "cuMemFreeHost", as: PFN_cuMemFreeHost.self)
+        cuStreamGetCtx = try r.resolve("cuStreamGetCtx", "cuStreamGetCtx", as: PFN_cuStreamGetCtx.self)
     }
 }

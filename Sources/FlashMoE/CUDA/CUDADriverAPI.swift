@@ -126,6 +126,18 @@ public protocol CUDADriverAPI: AnyObject, Sendable {
     func eventSynchronize(_ event: CUevent) -> CUresult
     /// `cuEventElapsedTime`.
     func eventElapsedTime(_ milliseconds: inout Float, _ start: CUevent, _ end: CUevent) -> CUresult
+
+    // MARK: Device-resident forward (h1): host-mapped pinned memory, a stream's context
+
+    /// `cuMemHostAlloc`: page-locked host memory (`flags`: `CU_MEMHOSTALLOC_*`).
+    func memHostAlloc(_ pointer: inout UnsafeMutableRawPointer?, _ bytes: Int, _ flags: UInt32) -> CUresult
+    /// `cuMemHostGetDevicePointer_v2`: the device address of host memory allocated with `CU_MEMHOSTALLOC_DEVICEMAP`.
+    func memHostGetDevicePointer(_ address: inout CUdeviceptr, _ pointer: UnsafeMutableRawPointer, _ flags: UInt32)
+        -> CUresult
+    /// `cuMemFreeHost`.
+    func memFreeHost(_ pointer: UnsafeMutableRawPointer) -> CUresult
+    /// `cuStreamGetCtx`: the context a stream belongs to (nil: the legacy default stream of the current context).
+    func streamGetContext(_ stream: CUstream?, _ context: inout CUcontext?) -> CUresult
 }
 
 extension CUDADriverAPI {

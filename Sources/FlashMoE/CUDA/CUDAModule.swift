@@ -176,6 +176,17 @@ public final class CUDAFunction: @unchecked Sendable {
         grid: Dim3, block: Dim3, sharedBytes: Int = 0, stream: CUDAStream? = nil, arguments: [KernelArgument],
         gridSizedByCaller: Bool = false
     ) throws(CUDAError) {
+        try launchCooperative(
+            grid: grid, block: block, sharedBytes: sharedBytes, streamHandle: stream?.handle, arguments: arguments,
+            gridSizedByCaller: gridSizedByCaller)
+    }
+
+    /// `launchCooperative` on a raw `CUstream` of this function's device (a framework's stream; nil: the legacy
+    /// default stream).
+    public func launchCooperative(
+        grid: Dim3, block: Dim3, sharedBytes: Int = 0, streamHandle: CUstream?, arguments: [KernelArgument],
+        gridSizedByCaller: Bool = false
+    ) throws(CUDAError) {
         guard device.properties.cooperativeLaunch else {
             throw .invalidArgument("\(device.properties.name) does not support cooperative launches")
         }
@@ -191,7 +202,7 @@ public final class CUDAFunction: @unchecked Sendable {
         try device.makeCurrent()
         let result = KernelArgument.withParameterArray(arguments) {
             device.driver.launchCooperativeKernel(
-                handle, grid: g, block: b, sharedBytes: s, stream: stream?.handle, parameters: $0)
+                handle, grid: g, block: b, sharedBytes: s, stream: streamHandle, parameters: $0)
         }
         try device.driver.check(result, "cuLaunchCooperativeKernel(\(name), grid \(grid), block \(block))")
     }

@@ -7,7 +7,8 @@ import Synchronization
 /// The ranks run in one launch per entry of the launch plan: all of them in one cooperative launch on one GPU, one
 /// launch per GPU with peer-mapped memory (`devices: [0, 1, …]`; GPUs that cannot reach each other with native
 /// atomics are refused with a `PeerAccessError`), or several launches side by side on one GPU (`[0, 0]`), which
-/// runs the per-GPU path there. Each rank routes its tokens, the ranks all-gather their per-expert counts
+/// runs the per-GPU path there (CUDA does not promise that launches sharing a GPU run at once; every device wait is
+/// bounded, so launches that are not co-resident end in a typed timeout, never a hang). Each rank routes its tokens, the ranks all-gather their per-expert counts
 /// (capacity drops follow the global token order, exactly the oracle's rule), each source stores its routed rows
 /// straight into the owner's receive buffer and, after its last row for an expert, publishes one 8-byte flag
 /// (epoch, rows) in the owner's memory; an owner starts a row block's GEMMs as soon as the sources in that block
@@ -210,9 +211,27 @@ public final class DistributedMoE: @unchecked Sendable {
             throw MoEError(.invalidInput, "give one input per rank: \(placement.ranks) ranks, \(inputs.count) inputs")
         }
         for x in inputs { try layer.checkInput(x) }
-        let total = inputs.reduce(0) { $0 + $1.shape[0] }
-        guard total * layer.config.topK < 1 << 24 else {
-            throw MoEError(.unsupported, "the ranks' kernel addresses at most 2^24 (token, expert) pairs per rank")
+        try Self.checkPairs(tokens: inputs.map { $0.shape[0] }, topK: layer.config.topK, ranks: placement.ranks)
+    }
+
+    /// The (token, k) pairs one rank may hold: a received row's origin packs the source rank above the source's
+    /// pair index in a non-negative 32-bit int (`PAIR_BITS` in moe.cu), the rank taking the bits R − 1 needs.
+    public static func pairLimit(ranks: Int) -> Int {
+        var rankBits = 0
+        while (1 << rankBits) < ranks { rankBits += 1 }
+        return 1 << (31 - rankBits)
+    }
+
+    /// Refuses token counts whose pairs a rank cannot address (`pairLimit`), naming the rank.
+    static func checkPairs(tokens: [Int], topK: Int, ranks: Int) throws {
+        let limit = pairLimit(ranks: ranks)
+        for (r, s) in tokens.enumerated() where s.multipliedReportingOverflow(by: topK).partialValue >= limit
+            || s.multipliedReportingOverflow(by: topK).overflow
+        {
+            throw MoEError(
+                .unsupported,
+                "rank \(r) has \(s) tokens × top-k \(topK) pairs; with \(ranks) ranks a rank addresses fewer than "
+                    + "\(limit) pairs: spread the tokens over the ranks or split the call")
         }
     }
 
@@ -236,10 +255,10 @@ public final class DistributedMoE: @unchecked Sendable {
         if grew {
             st.arenas = []
             st.workspaces = (0..<placement.ranks).map { r in
-                FusedWorkspace(
-                    spec: specialization, tokens: max(tokens[r], 1),
-                    rowCapacity: max(total, 1) * min(c.topK, placement.experts(of: r).count),
-                    gridBlocks: blocksPerRank, ranks: placement.ranks, localExperts: placement.experts(of: r).count)
+                Self.rankWorkspace(
+                    spec: specialization, tokens: max(tokens[r], 1), totalTokens: max(total, 1),
+                    localExperts: placement.experts(of: r).count, blocksPerRank: blocksPerRank,
+                    ranks: placement.ranks, fixedSplit: options.gateSplit != nil)
             }
             st.arenas = try (0..<placement.ranks).map { r in
                 let a = try DeviceBuffer<UInt8>(device: device(ofRank: r), count: st.workspaces[r].byteCount)
@@ -274,6 +293,20 @@ public final class DistributedMoE: @unchecked Sendable {
         st.tokens = tokens
     }
 
+    /// Rank r's workspace. The gate's split is chosen over all ranks' tokens and blocks (`gateSplit(totalTokens:)`),
+    /// so the partial logits are sized over all ranks' blocks too: sizing them for one rank's blocks let a rank with
+    /// more tokens than 128 per block of its own write past them (issue 12, defect 1).
+    static func rankWorkspace(
+        spec: FusedSpecialization, tokens: Int, totalTokens: Int, localExperts: Int, blocksPerRank: Int, ranks: Int,
+        fixedSplit: Bool
+    ) -> FusedWorkspace {
+        FusedWorkspace(
+            spec: spec, tokens: tokens, rowCapacity: totalTokens * min(spec.config.topK, localExperts),
+            partTokens: FusedWorkspace.partialLogitsTokens(
+                tokens: tokens, splitBlocks: blocksPerRank * ranks, fixedSplit: fixedSplit),
+            ranks: ranks, localExperts: localExperts)
+    }
+
     /// Each launch's `Params` table for these token counts. The epoch is a launch argument, so the tables stay
     /// valid for every launch until the token counts change.
     private func writeTables(_ st: State, tokens: [Int]) throws {
@@ -281,6 +314,12 @@ public final class DistributedMoE: @unchecked Sendable {
         let total = tokens.reduce(0, +)
         let capacity = c.capacity.perExpert(tokens: total, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
         let split = gateSplit(totalTokens: total)
+        for r in 0..<placement.ranks where !st.workspaces[r].holdsGateSplit(split, tokens: tokens[r]) {
+            throw MoEError(
+                .unsupported,
+                "gate split \(split) over rank \(r)'s \(tokens[r]) tokens needs more partial-logit rows than its "
+                    + "workspace holds: use a smaller FusedOptions.gateSplit")
+        }
         let errorRecord = launches[0].errorRecordAddress
         for l in launches {
             var bytes: [UInt8] = []
@@ -293,7 +332,8 @@ public final class DistributedMoE: @unchecked Sendable {
                     pointers: pointers,
                     FusedParams.Scalars(
                         tokens: tokens[r], capacity: capacity, rank: r, gateSplit: split, rowBlocks: ws.rowBlocks,
-                        epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
+                        maxTokens: ws.maxTokens, partRows: ws.partTokens, injectFault: options.injectFault, epoch: 0,
+                        budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
             }
             try l.table.upload(bytes)
         }

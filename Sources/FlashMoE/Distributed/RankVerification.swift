@@ -50,8 +50,8 @@ public struct RankVerificationResult: Sendable {
 extension Verifier {
     /// The ranks suite: R = 1, 2, 4, 8 on paper-e64 (bf16) with uneven token counts, an empty rank, E not divisible
     /// by R, sigmoid routing with a shared expert, capacity drops by global token order, skew to one rank's experts,
-    /// 100 back-to-back calls, and the same protocol over 2 and 4 launches side by side on the GPU (the per-GPU
-    /// path), one of them with 100 calls through two epoch wraps.
+    /// 100 back-to-back calls, the same protocol over 2 and 4 launches side by side on the GPU (the per-GPU path),
+    /// one of them with 100 calls through two epoch wraps, and one rank holding half of 4096 tokens (split gate).
     public static func rankCases(seed: UInt64 = 1) -> [RankVerificationCase] {
         var paper = Preset.paperE64.config
         paper.precision = .bf16
@@ -60,6 +60,7 @@ extension Verifier {
         let small = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 16, topK: 2, precision: .fp32)
         var capped = small
         capped.capacity = .factor(1.0)
+        let bigRank = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 32, topK: 2, precision: .bf16)
         let deepseekish = MoEConfig(
             hiddenSize: 256, intermediateSize: 72, experts: 30, topK: 4, ffn: .gated, activation: .silu,
             router: .deepSeek(groups: 6, groupsKept: 3, scalingFactor: 2.5),
@@ -91,6 +92,10 @@ extension Verifier {
                                  tokensPerRank: [100, 80, 60, 60], seed: seed &+ 4, launches: 4),
             RankVerificationCase(name: "100 calls, 2 launches, wrap at 37", config: small, tokensPerRank: [90, 77],
                                  seed: seed &+ 6, repeats: 100, launches: 2, epochWrap: 37),
+            // Issue 12, defect 1: 4096 tokens over 8 ranks split the gate 4 ways (on a 132-SM GPU); one rank holds
+            // 2100 of them, more than 128 per block of its own, so its partial logits must be sized globally.
+            RankVerificationCase(name: "one rank 2100 of 4096 tokens, R=8", config: bigRank,
+                                 tokensPerRank: [2100, 285, 285, 285, 285, 285, 285, 286], seed: seed &+ 7),
         ]
     }
 

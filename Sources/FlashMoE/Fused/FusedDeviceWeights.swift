@@ -6,8 +6,8 @@
 ///   matching up rows (I padded with zero rows to a multiple of `packRows`), so one GEMM0 tile holds matching gate
 ///   and up columns and its epilogue emits act(g)·u. `packRows` is half the kernel's expert tile width, read from
 ///   the compiled module so host and kernel cannot disagree. Packing happens once, when the layer is created.
-/// - In tf32 mode the expert matrices are rounded to the nearest TF32 value once here: the tensor cores would
-///   otherwise truncate them. The router keeps FP32 (routing is exact FP32 FFMA).
+/// - TF32 mode stores FP32 as is: the kernel rounds every tensor-core operand (x, h and these weights) to the
+///   nearest TF32 in shared memory (gemm_tile.cuh), the same on every architecture; the router is exact FP32 FFMA.
 struct FusedDeviceWeights {
     let router: DeviceBuffer<UInt8>
     let selectionBias: DeviceBuffer<UInt8>?
@@ -23,12 +23,28 @@ struct FusedDeviceWeights {
         [router, selectionBias, w1, w2, b1, b2, sharedW1, sharedW2].compactMap { $0?.byteCount }.reduce(0, +)
     }
 
+    /// Weights already in device memory in the kernel's layout (for operators built from the caller's device
+    /// weights; gated W1/W3 packed in blocks of the kernel's `packRows`).
+    init(
+        router: DeviceBuffer<UInt8>, selectionBias: DeviceBuffer<UInt8>?, w1: DeviceBuffer<UInt8>,
+        w2: DeviceBuffer<UInt8>, b1: DeviceBuffer<UInt8>?, b2: DeviceBuffer<UInt8>?, sharedW1: DeviceBuffer<UInt8>?,
+        sharedW2: DeviceBuffer<UInt8>?
+    ) {
+        self.router = router
+        self.selectionBias = selectionBias
+        self.w1 = w1
+        self.w2 = w2
+        self.b1 = b1
+        self.b2 = b2
+        self.sharedW1 = sharedW1
+        self.sharedW2 = sharedW2
+    }
+
     /// - Parameter experts: the routed experts to upload (a rank's share); all of them by default. The router and
     ///   the shared expert are always uploaded whole.
     init(layer: MoELayer, experts: Range<Int>? = nil, device: CUDADevice, packRows: Int) throws {
         let c = layer.config
         let type = c.precision.storage
-        let tf32 = c.precision == .tf32
         var w = layer.weights
         let range = experts ?? 0..<c.experts
         if range != 0..<c.experts {
@@ -38,12 +54,7 @@ struct FusedDeviceWeights {
             w.b1 = try w.b1?.slice(range)
             w.b2 = try w.b2?.slice(range)
         }
-        func prepared(_ t: HostTensor, roundTF32: Bool) -> HostTensor {
-            let converted = t.converted(to: type)
-            guard roundTF32, case .float32(let v) = converted.storage else { return converted }
-            // Cannot fail: same shape.
-            return try! HostTensor(shape: converted.shape, float32: v.map(Self.roundedToTF32))
-        }
+        func prepared(_ t: HostTensor) -> HostTensor { t.converted(to: type) }
         func upload(_ t: HostTensor) throws -> DeviceBuffer<UInt8> {
             let buffer = try DeviceBuffer<UInt8>(device: device, count: max(t.byteCount, 1))
             try t.withUnsafeBytes { try buffer.upload($0) }
@@ -60,26 +71,26 @@ struct FusedDeviceWeights {
         selectionBias = try w.selectionBias.map { try upload($0.converted(to: .float32)) }
         b1 = try w.b1.map { try upload($0.converted(to: .float32)) }
         b2 = try w.b2.map { try upload($0.converted(to: .float32)) }
-        w2 = try upload(prepared(w.w2, roundTF32: tf32))
+        w2 = try upload(prepared(w.w2))
 
-        let w1 = prepared(w.w1, roundTF32: tf32)
+        let w1 = prepared(w.w1)
         if c.ffn == .gated, let w3raw = w.w3 {
             self.w1 = try Self.packGated(
-                gate: w1, up: prepared(w3raw, roundTF32: tf32), matrices: range.count, rows: c.intermediateSize,
+                gate: w1, up: prepared(w3raw), matrices: range.count, rows: c.intermediateSize,
                 columns: c.hiddenSize, packRows: packRows, device: device)
         } else {
             self.w1 = try upload(w1)
         }
         if let s = w.shared, let sc = c.sharedExpert {
-            let sw1 = prepared(s.w1, roundTF32: tf32)
+            let sw1 = prepared(s.w1)
             if c.ffn == .gated, let sw3 = s.w3 {
                 sharedW1 = try Self.packGated(
-                    gate: sw1, up: prepared(sw3, roundTF32: tf32), matrices: 1, rows: sc.intermediateSize,
+                    gate: sw1, up: prepared(sw3), matrices: 1, rows: sc.intermediateSize,
                     columns: c.hiddenSize, packRows: packRows, device: device)
             } else {
                 sharedW1 = try upload(sw1)
             }
-            sharedW2 = try upload(prepared(s.w2, roundTF32: tf32))
+            sharedW2 = try upload(prepared(s.w2))
         } else {
             sharedW1 = nil
             sharedW2 = nil
@@ -113,12 +124,5 @@ struct FusedDeviceWeights {
             }
         }
         return buffer
-    }
-
-    /// Rounds an FP32 value to the nearest TF32 (10-bit mantissa), ties away from zero like `cvt.rna.tf32.f32`;
-    /// NaN and ±∞ are returned unchanged, and values that round past the largest finite become ±∞ as IEEE does.
-    static func roundedToTF32(_ x: Float) -> Float {
-        guard x.isFinite else { return x }
-        return Float(bitPattern: (x.bitPattern &+ 0x1000) & ~0x1FFF)
     }
 }

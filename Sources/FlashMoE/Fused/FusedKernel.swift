@@ -3,8 +3,8 @@ import CCUDA
 /// A compiled, loaded specialisation of the fused kernel and the facts the host needs to launch it.
 ///
 /// The kernel reports its own launch contract through module globals (dynamic shared memory, the gated-weight
-/// packing block, the size of its parameter structs, the gate's expert tiles), so the host never re-derives a
-/// constant the kernel could disagree with.
+/// packing block, the size and field offsets of its parameter structs, the gate's expert tiles), so the host never
+/// re-derives a constant the kernel could disagree with.
 struct FusedKernel {
     let device: CUDADevice
     let compiled: CompiledKernel
@@ -20,26 +20,44 @@ struct FusedKernel {
 
     static let threadsPerBlock = 256
 
+    /// The gate's K split for `tokens` tokens on `blocks` blocks: enough (token tile, expert tile, K slice) tasks to
+    /// occupy the grid when token tiles are few, at most 4 (the kernel clamps to its K slices).
+    func gateSplit(tokens: Int, blocks: Int) -> Int {
+        Self.gateSplit(tokens: tokens, blocks: blocks, gateTiles: gateTiles)
+    }
+
+    /// `gateSplit(tokens:blocks:)` for a kernel with `gateTiles` expert tiles in its gate.
+    static func gateSplit(tokens: Int, blocks: Int, gateTiles: Int) -> Int {
+        let tiles = max(1, (tokens + 127) / 128)
+        return max(1, min(FusedWorkspace.gateSplitMax, blocks / (tiles * max(gateTiles, 1))))
+    }
+}
+
+extension FusedKernel {
+    /// Compiles (or loads from the cache) `specialization`, loads it on device `deviceOrdinal` and reads its launch
+    /// contract; throws when the kernel's `Params` or `Peer` layout differs from the host's encoding.
     init(specialization: FusedSpecialization, entry: String, deviceOrdinal: Int) throws {
         let driver = try CUDADriver.shared.get()
-        device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
+        let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
-        compiled = try compiler.compile(
+        let compiled = try compiler.compile(
             specialization.kernelSpec, arch: specialization.arch,
             sources: KernelSources.current(environment: environment))
-        module = try CUDAModule(device: device, cubin: compiled.cubin)
-        function = try module.function(named: entry)
-        dynamicSharedBytes = Int(try Self.readGlobal(module, "fmoe_dynamic_smem"))
-        packRows = Int(try Self.readGlobal(module, "fmoe_gated_pack_rows"))
-        paramsBytes = Int(try Self.readGlobal(module, "fmoe_params_bytes"))
-        peerBytes = Int(try Self.readGlobal(module, "fmoe_peer_bytes"))
-        gateTiles = Int(try Self.readGlobal(module, "fmoe_gate_tiles"))
-        guard paramsBytes == FusedParams.byteCount, peerBytes == FusedParams.peerByteCount else {
+        let module = try CUDAModule(device: device, cubin: compiled.cubin)
+        let function = try module.function(named: entry)
+        // The probe writes Params' size and field offsets into a module global (one launch at load, never again).
+        try module.function(named: "fmoe_params_probe").launch(grid: Dim3(1), block: Dim3(1), arguments: [])
+        try device.synchronize()
+        let paramsLayout = try Self.readGlobal(module, "fmoe_params_layout", count: FusedParams.layout.count)
+        try FusedParams.checkLayout(kernel: paramsLayout.map(Int.init))
+        let peerBytes = Int(try Self.readGlobal(module, "fmoe_peer_bytes"))
+        guard peerBytes == FusedParams.peerByteCount else {
             throw CUDAError.invalidArgument(
-                "the kernel's Params (\(paramsBytes) B) or Peer (\(peerBytes) B) layout differs from the host's "
-                    + "(\(FusedParams.byteCount) B, \(FusedParams.peerByteCount) B): kernel sources and binary disagree")
+                "the kernel's Peer (\(peerBytes) B) layout differs from the host's (\(FusedParams.peerByteCount) B): "
+                    + "kernel sources and binary disagree")
         }
+        let dynamicSharedBytes = Int(try Self.readGlobal(module, "fmoe_dynamic_smem"))
         // Static + dynamic shared memory must fit the block's opt-in limit; say which numbers when they do not.
         let staticBytes = compiled.resources.first { $0.name == entry }?.sharedBytes ?? 0
         let limit = device.properties.sharedMemoryPerBlockOptIn
@@ -49,36 +67,78 @@ struct FusedKernel {
                     + "\(device.properties.name) allows \(limit) B: use fewer pipeline stages (FusedOptions.stages)")
         }
         try function.setMaxDynamicSharedMemory(dynamicSharedBytes)
-        gridLimit = try function.cooperativeGridLimit(
-            blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes)
-    }
-
-    /// The gate's K split for `tokens` tokens on `blocks` blocks: enough (token tile, expert tile, K slice) tasks to
-    /// occupy the grid when token tiles are few, at most 4 (the kernel clamps to its K slices).
-    func gateSplit(tokens: Int, blocks: Int) -> Int {
-        let tiles = max(1, (tokens + 127) / 128)
-        return max(1, min(4, blocks / (tiles * gateTiles)))
+        self.init(
+            device: device, compiled: compiled, module: module, function: function,
+            dynamicSharedBytes: dynamicSharedBytes, packRows: Int(try Self.readGlobal(module, "fmoe_gated_pack_rows")),
+            paramsBytes: FusedParams.byteCount, peerBytes: peerBytes,
+            gateTiles: Int(try Self.readGlobal(module, "fmoe_gate_tiles")),
+            gridLimit: try function.cooperativeGridLimit(
+                blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes))
     }
 
     static func readGlobal(_ module: CUDAModule, _ name: String) throws -> Int32 {
+        try readGlobal(module, name, count: 1)[0]
+    }
+
+    /// `count` 32-bit values of the module global `name` (its size must be exactly that).
+    static func readGlobal(_ module: CUDAModule, _ name: String, count: Int) throws -> [Int32] {
         let (address, size) = try module.global(named: name)
-        guard size == 4 else { throw CUDAError.invalidArgument("kernel global \(name) has \(size) bytes, not 4") }
-        var value: Int32 = 0
-        try module.device.makeCurrent()
-        try withUnsafeMutableBytes(of: &value) { raw throws(CUDAError) in
-            try module.device.driver.check(
-                module.device.driver.memcpyDtoH(raw.baseAddress!, address, 4, nil), "cuMemcpyDtoH_v2(\(name))")
+        guard size == 4 * count else {
+            throw CUDAError.invalidArgument(
+                "kernel global \(name) has \(size) bytes, not \(4 * count): kernel sources and binary disagree")
         }
-        return value
+        var values = [Int32](repeating: 0, count: count)
+        try module.device.makeCurrent()
+        try values.withUnsafeMutableBytes { raw in
+            try module.device.driver.check(
+                module.device.driver.memcpyDtoH(raw.baseAddress!, address, 4 * count, nil), "cuMemcpyDtoH_v2(\(name))")
+        }
+        return values
     }
 }
 
 /// The kernel's `Params` and `Peer` structs (moe.cu), assembled field by field in their C layout.
 enum FusedParams {
-    /// 40 pointers, six 32-bit ints, two 64-bit ints.
-    static let byteCount = 40 * 8 + 6 * 4 + 2 * 8
+    /// `Params`' pointer fields, in declaration order (8 bytes each).
+    static let pointerFields = [
+        "x", "wg", "sel_bias", "w1", "w2", "b1", "b2", "ws1", "ws2", "y", "ids", "weights", "slot_row", "logits",
+        "logits_part", "rank_in_tile", "shared_gate", "tile_done", "counts", "base", "expert_load", "row_start",
+        "rb_start", "task0_start", "row_token", "target", "pending", "done0", "done1", "ring", "combine_list", "hbuf",
+        "hs", "ybuf", "ys", "sync", "err", "peers", "tile_dispatched", "rows_sent", "err_mirror",
+    ]
+    /// Then the 32-bit ints, then the 64-bit ones.
+    static let intFields = [
+        "tokens", "capacity", "rank", "gate_ksplit", "row_blocks", "max_tokens", "part_rows", "y_storage",
+        "inject_fault", "pad",
+    ]
+    static let wideFields = ["epoch", "budget_ns", "epoch_wrap"]
+
+    static var fieldNames: [String] { pointerFields + intFields + wideFields }
+    /// Each field's byte offset, in `fieldNames` order (C layout: the ints fill a multiple of 8 bytes).
+    static var offsets: [Int] {
+        let ints = pointerFields.count * 8, wides = ints + intFields.count * 4
+        return pointerFields.indices.map { $0 * 8 } + intFields.indices.map { ints + $0 * 4 }
+            + wideFields.indices.map { wides + $0 * 8 }
+    }
+    /// 41 pointers, ten 32-bit ints, three 64-bit ints.
+    static var byteCount: Int { pointerFields.count * 8 + intFields.count * 4 + wideFields.count * 8 }
+    /// What `fmoe_params_layout` holds: the size, then every field's offset.
+    static var layout: [Int] { [byteCount] + offsets }
     /// 10 pointers.
     static let peerByteCount = 10 * 8
+
+    /// Compares the kernel's `fmoe_params_layout` with the host's encoding; the error names the first field that
+    /// differs (issue 11: a field added on one side only must fail at load, not corrupt a launch).
+    static func checkLayout(kernel: [Int]) throws {
+        guard kernel != layout else { return }
+        let names = ["sizeof(Params)"] + fieldNames
+        let i = zip(kernel, layout).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+            ?? min(kernel.count, layout.count)
+        let what = i < names.count ? names[i] : "field \(i)"
+        throw CUDAError.invalidArgument(
+            "the kernel's Params layout differs from the host's at \(what) (kernel \(i < kernel.count ? kernel[i] : -1), "
+                + "host \(i < layout.count ? layout[i] : -1)): kernel sources and binary disagree")
+    }
 
     /// The scalar tail of `Params`.
     struct Scalars {
@@ -87,20 +147,27 @@ enum FusedParams {
         var rank: Int
         var gateSplit: Int
         var rowBlocks: Int
+        var maxTokens: Int = 0
+        var partRows: Int = 0
+        var yStorage: Bool = false
+        var injectFault: Bool = false
         var epoch: UInt64
         var budgetNanoseconds: UInt64
+        var epochWrap: UInt64 = UInt64(UInt32.max)
     }
 
     static func encode(pointers: [UInt64], _ s: Scalars) -> [UInt8] {
-        precondition(pointers.count == 40, "Params has 40 pointers")  // a programming error, not input
+        precondition(pointers.count == pointerFields.count, "Params has \(pointerFields.count) pointers")
         var bytes: [UInt8] = []
         bytes.reserveCapacity(byteCount)
         for p in pointers { withUnsafeBytes(of: p.littleEndian) { bytes += $0 } }
-        for v in [s.tokens, s.capacity, s.rank, s.gateSplit, s.rowBlocks, 0] {
-            withUnsafeBytes(of: Int32(clamping: v).littleEndian) { bytes += $0 }
-        }
-        withUnsafeBytes(of: s.epoch.littleEndian) { bytes += $0 }
-        withUnsafeBytes(of: s.budgetNanoseconds.littleEndian) { bytes += $0 }
+        let ints = [
+            s.tokens, s.capacity, s.rank, s.gateSplit, s.rowBlocks, s.maxTokens, s.partRows, s.yStorage ? 1 : 0,
+            s.injectFault ? 1 : 0, 0,
+        ]
+        precondition(ints.count == intFields.count, "Params has \(intFields.count) ints")
+        for v in ints { withUnsafeBytes(of: Int32(clamping: v).littleEndian) { bytes += $0 } }
+        for v in [s.epoch, s.budgetNanoseconds, s.epochWrap] { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
         return bytes
     }
 

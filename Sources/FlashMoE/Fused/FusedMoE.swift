@@ -1,137 +1,82 @@
 import CCUDA
-import Synchronization
 
-/// Options of the GPU operator.
-public struct FusedOptions: Sendable, Hashable {
-    /// The CUDA device to run on.
-    public var deviceOrdinal: Int
-    /// The time budget of every device-side wait. A wait that expires ends the launch with a `FusedKernelError`
-    /// instead of a hung GPU. Generous by default: legitimate waits last microseconds to milliseconds.
-    public var waitBudget: Duration
-    /// Shared-memory pipeline stages (nil: the most, up to 4, that fit the GPU's shared memory per block; see
-    /// `FusedSharedMemory.choose`).
-    public var stages: Int?
-    /// Fill the output with NaN before every launch, so an element the kernel fails to write cannot pass a check.
-    public var poisonOutput: Bool
-    /// Test builds only: the kernel skips one publication, so a wait must expire (see `FusedKernelError`).
-    public var injectFault: Bool
-    /// Timing builds only: stop after routing (1) or placement (2). The output is not valid.
-    public var stopAfterPhase: Int
-    /// The gate's K split (nil: chosen from the token count and the grid). Fixing it makes runs with different
-    /// grids (for example ranks on one GPU) sum the gate's partial products alike, for bitwise comparisons.
-    public var gateSplit: Int?
-    /// Ranks: build the kernel that records each rank's phase boundaries (`DistributedMoE.phaseTimes()`).
-    public var recordPhaseTimes: Bool
-    /// Launches after which the epoch restarts at 1. The kernel's flags carry the epoch in 32 bits, so before it
-    /// would overflow the host waits for the device, zeroes the counters and flags once and starts over. Tests
-    /// lower it to wrap the epoch within a few calls.
-    public var epochWrap: UInt64
-    /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
-    public var traceEventsPerBlock: Int = 0
-
-    public init(
-        deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
-        injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,
-        epochWrap: UInt64 = UInt64(UInt32.max), recordPhaseTimes: Bool = false
-    ) {
-        self.recordPhaseTimes = recordPhaseTimes
-        self.epochWrap = max(epochWrap, 1)
-        self.deviceOrdinal = deviceOrdinal
-        self.waitBudget = waitBudget
-        self.stages = stages
-        self.poisonOutput = poisonOutput
-        self.injectFault = injectFault
-        self.stopAfterPhase = stopAfterPhase
-        self.gateSplit = gateSplit
-    }
-}
-
-/// The whole MoE layer in one persistent, cooperative kernel launch per forward (the fused operator).
+/// The whole MoE layer in one persistent, cooperative kernel launch per forward (the fused operator), as a
+/// host-array `MoEBackend` over the device-resident core `FusedOperator`.
 ///
-/// Creating it compiles (or loads from the cubin cache) the kernel specialised for the layer, uploads and packs
-/// the weights once, and sizes the persistent grid from the occupancy API and the device's SM count. Each forward
-/// uploads the input, launches once, and reads back the output and the routing; the per-call workspace is one
-/// device allocation kept between calls and regrown only for a larger token count. Calls on one operator are
-/// serialised (one launch at a time); the kernel's semantics are the CPU oracle's (`Router`, `CPUBackend`).
+/// `forward(_ input: HostTensor)` is a convenience: it uploads the input into the workspace, runs the device
+/// forward on the legacy default stream, synchronises and reads back the output and the routing. Frameworks call
+/// `forward(_ call: DeviceForward)` instead, on their own device memory and stream (see `FusedOperator`):
+///
+/// ```swift
+/// let moe = try FusedMoE(layer: layer, maxTokens: 4096)
+/// try moe.forward(DeviceForward(input: x, output: y, tokens: s, stream: stream))  // enqueued, no sync
+/// try moe.checkErrors()                                                             // faults of earlier launches
+/// ```
+///
+/// The kernel's semantics are the CPU oracle's (`Router`, `CPUBackend`).
 public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
-    // @unchecked: the immutable properties are thread-safe handles; mutable state lives in `state`, a Mutex.
+    // @unchecked: immutable; the core serialises its calls.
 
     public let name = "cuda"
     public let layer: MoELayer
+    /// The device-resident operator this backend runs.
+    public let core: FusedOperator
     /// The kernel's compile-time constants.
-    public let specialization: FusedSpecialization
-    public let options: FusedOptions
+    public var specialization: FusedSpecialization { core.specialization }
+    public var options: FusedOptions { core.options }
     /// The device the operator runs on.
-    public var device: CUDADevice { kernel.device }
+    public var device: CUDADevice { core.device }
     /// The compiled kernel (cubin, resources, whether it came from the cache, compile time).
-    public var compiledKernel: CompiledKernel { kernel.compiled }
+    public var compiledKernel: CompiledKernel { core.compiledKernel }
     /// Blocks of the persistent grid (blocks per SM from the occupancy API × SMs).
-    public var gridBlocks: Int { kernel.gridLimit }
+    public var gridBlocks: Int { core.gridBlocks }
     /// Dynamic shared memory per block.
-    public var dynamicSharedBytes: Int { kernel.dynamicSharedBytes }
+    public var dynamicSharedBytes: Int { core.dynamicSharedBytes }
     /// Device bytes held by the weights.
-    public let weightBytes: Int
+    public var weightBytes: Int { core.weightBytes }
+    /// Device bytes of the workspace currently allocated.
+    public var workspaceBytes: Int { core.workspaceBytes }
+    /// The most tokens one forward may pass, when fixed at creation (nil: the workspace grows on demand).
+    public var maxTokens: Int? { core.maxTokens }
 
-    private let kernel: FusedKernel
-    /// Tracing builds: where the kernel records its timeline.
-    let traceBuffer: FusedTraceBuffer?
-    private let weights: FusedDeviceWeights
-    /// The kernel's `Sync` counters (first 256 bytes) and its error record (at byte 256): never reset between calls.
-    private let control: DeviceBuffer<UInt8>
-
-    private struct State {
-        var workspace: FusedWorkspace?
-        var arena: DeviceBuffer<UInt8>?
-        var epoch: UInt64 = 0
-    }
-    private let state = Mutex(State())
-
-    static let controlBytes = 512
-    static let errorRecordOffset = 256
-
-    /// Builds the operator for `layer` on the device `options.deviceOrdinal`.
+    /// Builds the operator for `layer` on the device `options.deviceOrdinal`: compiles (or loads from the cubin
+    /// cache) the kernel specialised for the layer, uploads and packs the weights once, sizes the persistent grid.
     ///
+    /// - Parameter maxTokens: the most tokens one forward may pass; the workspace is allocated for it now, and a
+    ///   forward never allocates. nil sizes it on the first forward and regrows it for a larger one.
     /// Throws `MoEError` for shapes the kernel does not support, `CUDAError` when the driver, NVRTC or the device
     /// fails (no GPU, no NVRTC, out of memory, a compile error with its log).
-    public init(layer: MoELayer, options: FusedOptions = FusedOptions()) throws {
+    public init(layer: MoELayer, options: FusedOptions = FusedOptions(), maxTokens: Int? = nil) throws {
         self.layer = layer
-        self.options = options
-        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
-        specialization = try FusedSpecialization(
-            config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
-            stages: options.stages, injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
-            trace: options.traceEventsPerBlock > 0)
-        kernel = try FusedKernel(
-            specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
-        traceBuffer = try options.traceEventsPerBlock > 0
-            ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: options.traceEventsPerBlock) : nil
-        weights = try FusedDeviceWeights(layer: layer, device: kernel.device, packRows: kernel.packRows)
-        weightBytes = weights.byteCount
-        control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
-        try control.fill(byte: 0)
+        core = try FusedOperator(layer: layer, options: options, maxTokens: maxTokens)
     }
 
-    /// Device bytes of the per-call workspace currently allocated (0 before the first call).
-    public var workspaceBytes: Int { state.withLock { $0.workspace?.byteCount ?? 0 } }
+    /// Enqueues one forward over device memory on the caller's stream (`FusedOperator.forward(_:)`).
+    public func forward(_ call: DeviceForward) throws { try core.forward(call) }
 
-    /// Runs the layer on `input` [S, H] (rounded to the layer's storage type), in one launch.
+    /// Throws a kernel error an earlier launch recorded (`FusedOperator.checkErrors()`), without synchronising.
+    public func checkErrors() throws { try core.checkErrors() }
+
+    /// Runs the layer on `input` [S, H] (rounded to the layer's storage type): the device forward on the workspace,
+    /// then a synchronisation and the read-back.
     public func forward(_ input: HostTensor) throws -> MoEOutput {
         try layer.checkInput(input)
         let s = input.shape[0], (h, k) = (layer.config.hiddenSize, layer.config.topK)
         if s == 0 {
+            try core.checkErrors()
             return MoEOutput(
                 output: .zeros(shape: [0, h]),
                 routing: Routing(
                     tokens: 0, topK: k, expertIDs: [], weights: [], slots: [],
                     expertLoad: [Int](repeating: 0, count: layer.config.experts)))
         }
-        return try state.withLock { st in
-            let (ws, arena) = try prepare(&st, tokens: s)
+        return try core.state.withLock { st in
+            let (ws, arena) = try core.prepare(&st, tokens: s)
             try upload(input, to: arena, ws)
             if options.poisonOutput { try FusedIO.poison(arena, offset: ws.offset(.y), floats: s * h, device: device) }
-            try launch(&st, arena, ws, tokens: s, x: arena.address + UInt64(ws.offset(.x)))
+            try core.forward(workspaceCall(ws, arena, tokens: s, x: arena.address + UInt64(ws.offset(.x))), &st)
             try device.synchronize()
-            try checkError(&st)
+            try core.takeMirroredError(&st)
             return try readOutput(arena, ws, tokens: s)
         }
     }
@@ -142,15 +87,16 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
         try layer.checkInput(input)
         let s = input.shape[0]
         guard s > 0 else { return BenchmarkResult(samples: [], method: "no tokens", workspaceBytes: 0) }
-        return try state.withLock { st in
-            let (ws, arena) = try prepare(&st, tokens: s)
+        return try core.state.withLock { st in
+            let (ws, arena) = try core.prepare(&st, tokens: s)
             try upload(input, to: arena, ws)
             let second = try FusedIO.upload(FusedIO.reversedRows(input, as: layer.config.precision.storage), device: device)
             let inputs = [arena.address + UInt64(ws.offset(.x)), second.address]
             let samples = try FusedIO.time(device: device, warmup: warmup, iterations: iterations) { i in
-                try launch(&st, arena, ws, tokens: s, x: inputs[i % 2])
+                try core.forward(workspaceCall(ws, arena, tokens: s, x: inputs[i % 2]), &st)
             }
-            try checkError(&st)
+            try device.synchronize()
+            try core.takeMirroredError(&st)
             return BenchmarkResult(
                 samples: samples,
                 method: "CUDA events around each cooperative launch (\(gridBlocks) blocks × "
@@ -159,60 +105,21 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
         }
     }
 
-    // MARK: - Launch machinery
+    // MARK: - Host-array plumbing
 
-    private func prepare(_ st: inout State, tokens s: Int) throws -> (FusedWorkspace, DeviceBuffer<UInt8>) {
-        if let ws = st.workspace, let arena = st.arena, ws.maxTokens >= s { return (ws, arena) }
-        st.arena = nil  // free the old arena before allocating the larger one
-        let ws = FusedWorkspace(
-            spec: specialization, tokens: s, rowCapacity: s * layer.config.topK, gridBlocks: gridBlocks)
-        let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
-        try arena.fill(byte: 0)
-        st.workspace = ws
-        st.arena = arena
-        return (ws, arena)
+    /// A device forward whose output and routing stay in the workspace (FP32 y), on the legacy default stream. The
+    /// host-array path of a test build faults every call, as `FusedOptions.injectFault` documents.
+    private func workspaceCall(_ ws: FusedWorkspace, _ arena: DeviceBuffer<UInt8>, tokens s: Int, x: CUdeviceptr)
+        -> DeviceForward
+    {
+        DeviceForward(
+            input: x, output: arena.address + UInt64(ws.offset(.y)), tokens: s, stream: nil, outputType: .float32,
+            injectFault: options.injectFault)
     }
 
     private func upload(_ input: HostTensor, to arena: DeviceBuffer<UInt8>, _ ws: FusedWorkspace) throws {
         let x = input.converted(to: layer.config.precision.storage)
         try x.withUnsafeBytes { try arena.upload($0, at: ws.offset(.x)) }
-    }
-
-    private func launch(
-        _ st: inout State, _ arena: DeviceBuffer<UInt8>, _ ws: FusedWorkspace, tokens s: Int, x: CUdeviceptr
-    ) throws {
-        if st.epoch >= options.epochWrap {
-            // The flags hold a 32-bit epoch: restart from zeroed counters rather than overflow it.
-            try device.synchronize()
-            try control.fill(byte: 0)
-            try ws.clearState(of: arena)
-            st.epoch = 0
-        }
-        st.epoch += 1
-        let c = layer.config
-        let capacity = c.capacity.perExpert(tokens: s, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
-        let pointers = ws.pointers(
-            base: arena.address, x: x, weights: weights, control: control.address,
-            errorRecord: control.address + UInt64(Self.errorRecordOffset), peers: 0)
-        let bytes = FusedParams.encode(
-            pointers: pointers,
-            FusedParams.Scalars(
-                tokens: s, capacity: capacity, rank: 0,
-                gateSplit: options.gateSplit ?? kernel.gateSplit(tokens: s, blocks: gridBlocks),
-                rowBlocks: ws.rowBlocks, epoch: st.epoch, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
-        try kernel.function.launchCooperative(
-            grid: Dim3(gridBlocks), block: Dim3(FusedKernel.threadsPerBlock), sharedBytes: dynamicSharedBytes,
-            arguments: [KernelArgument(rawBytes: bytes, alignment: 8)], gridSizedByCaller: true)
-    }
-
-    /// Reads the error record; on an error, resets every counter (the aborted launch left them mid-protocol)
-    /// and throws the decoded record.
-    private func checkError(_ st: inout State) throws {
-        guard let error = try FusedIO.takeError(
-            control: control, offset: Self.errorRecordOffset, arenas: st.arena.map { [$0] } ?? [])
-        else { return }
-        st.epoch = 0
-        throw error
     }
 
     private func readOutput(_ arena: DeviceBuffer<UInt8>, _ ws: FusedWorkspace, tokens s: Int) throws -> MoEOutput {

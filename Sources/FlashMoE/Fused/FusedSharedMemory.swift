@@ -31,7 +31,7 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     public let dynamicBytes: Int
     /// An upper bound of the kernel's static shared memory per block.
     public let staticBytesBound: Int
-    /// Tokens whose logits routing stages at once (`ROUTE_CHUNK`); the kernel needs at least 32.
+    /// Tokens whose logits routing stages at once (`ROUTE_CHUNK`: 128, 64 or 32); the kernel needs room for 32.
     public let routeChunk: Int
 
     /// The most stages the operator uses: the count the H200 numbers of `Benchmarks/RESULTS.md` were measured with.
@@ -65,9 +65,11 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
                 stagedTileBytes(expertTileWidth), stagedTileBytes(gateTileWidth)) + 1024
         let e = config.experts, k = config.topK
         let routerRows = e + (config.sharedExpert?.gated == true ? 1 : 0)
-        // Integer division truncates toward zero in C and Swift alike.
-        let fit = ((dynamicBytes - 1024 - e * 16 - Self.tileRows * k * 4) / ((routerRows + 1) * 4)) / 32 * 32
-        routeChunk = min(fit, Self.tileRows)
+        // The largest of 128, 64 and 32 rows that fits beside the masks and ids, as the kernel chooses it; below 32
+        // nothing fits (routeChunk is then the fit, which `fits` rejects). Integer division truncates toward zero in
+        // C and Swift alike.
+        let fit = (dynamicBytes - 1024 - e * 16 - Self.tileRows * k * 4) / ((routerRows + 1) * 4)
+        routeChunk = fit >= 128 ? 128 : fit >= 64 ? 64 : fit >= 32 ? 32 : fit
         // Layout (xs + three [E + 2] tables, three more [E] with ranks), the scan's kept[E], a ranks launch's
         // Params copy (compiled into every cubin), block indices and the phase-local flags (256 B of slack); ptxas
         // pads static shared memory to whole KiB so the 1024-aligned dynamic array starts aligned.

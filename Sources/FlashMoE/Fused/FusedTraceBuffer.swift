@@ -42,7 +42,7 @@ final class FusedTraceBuffer {
     }
 }
 
-extension FusedMoE {
+extension FusedOperator {
     /// Forgets what a tracing build (`FusedOptions.traceEventsPerBlock` > 0) recorded so far: call it before the
     /// launch to trace. (Launches do not clear the buffer themselves, so their timing is the normal build's.)
     public func clearTrace() throws {
@@ -62,4 +62,12 @@ extension FusedMoE {
         }
         return traceBuffer
     }
+}
+
+extension FusedMoE {
+    /// `FusedOperator.clearTrace()` of the core.
+    public func clearTrace() throws { try core.clearTrace() }
+
+    /// `FusedOperator.recordedTrace()` of the core.
+    public func recordedTrace() throws -> KernelTrace { try core.recordedTrace() }
 }

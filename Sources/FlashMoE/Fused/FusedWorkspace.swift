@@ -23,6 +23,8 @@ struct FusedWorkspace: Sendable {
     let rowCapacity: Int
     /// Row blocks the per-block arrays hold.
     let rowBlocks: Int
+    /// Token rows per K slice the partial-logits region holds (`partialLogitsTokens`).
+    let partTokens: Int
     /// Byte offset of each region.
     let offsets: [Int]
     /// Total bytes.
@@ -32,8 +34,9 @@ struct FusedWorkspace: Sendable {
     ///   - tokens: this rank's (or the only) token count S.
     ///   - rowCapacity: the routed rows this rank's experts may hold (S·k on one GPU; with ranks, all ranks' tokens ×
     ///     min(k, local experts)).
+    ///   - partTokens: token rows per K slice of the gate's partial logits (`partialLogitsTokens`).
     ///   - ranks: rank count R (1 on one GPU).
-    init(spec: FusedSpecialization, tokens s: Int, rowCapacity rows: Int, gridBlocks: Int, ranks: Int = 1,
+    init(spec: FusedSpecialization, tokens s: Int, rowCapacity rows: Int, partTokens: Int, ranks: Int = 1,
          localExperts: Int? = nil)
     {
         let c = spec.config
@@ -52,8 +55,7 @@ struct FusedWorkspace: Sendable {
             case .y: s * h * 4
             case .ids, .weights, .slotRow, .rankInTile: s * k * 4
             case .logits: s * spec.routerRows * 4
-            // The gate splits K only while token tiles are fewer than blocks: S ≤ 128 · blocks then.
-            case .logitsPart: Self.gateSplitMax * min(s, 128 * gridBlocks) * spec.routerRows * 4
+            case .logitsPart: Self.gateSplitMax * partTokens * spec.routerRows * 4
             case .sharedGate, .target, .pending: s * 4
             case .tileDone: tiles * 4
             case .counts, .base: tiles * e * 4
@@ -86,8 +88,25 @@ struct FusedWorkspace: Sendable {
         self.maxTokens = s
         self.rowCapacity = rows
         self.rowBlocks = rowBlocks
+        self.partTokens = partTokens
         self.offsets = offsets
         self.byteCount = cursor
+    }
+
+    /// Token rows per K slice the partial logits need so that every split the host can choose fits: the kernel
+    /// writes split · S rows. A split chosen automatically (`FusedKernel.gateSplit`) over `splitBlocks` blocks is
+    /// above 1 only while the token tiles of all tokens the split was chosen for are fewer than the blocks, so
+    /// S ≤ 128 · splitBlocks then; `splitBlocks` must be the blocks the split is computed over — for ranks, all
+    /// ranks' blocks, not one rank's (issue 12, defect 1). A split fixed by the caller (`FusedOptions.gateSplit`)
+    /// may apply to any S: the region then holds all S rows per slice.
+    static func partialLogitsTokens(tokens s: Int, splitBlocks: Int, fixedSplit: Bool) -> Int {
+        fixedSplit ? s : min(s, 128 * max(splitBlocks, 1))
+    }
+
+    /// Whether the partial logits hold a gate split `split` over `tokens` tokens (the kernel runs an oversized
+    /// split unsplit instead of writing past the region; the host checks first).
+    func holdsGateSplit(_ split: Int, tokens: Int) -> Bool {
+        split <= 1 || min(split, Self.gateSplitMax) * tokens <= Self.gateSplitMax * partTokens
     }
 
     /// Byte offset of a region.
@@ -100,19 +119,22 @@ struct FusedWorkspace: Sendable {
         try arena.fill(byte: 0, at: keep, count: byteCount - keep)
     }
 
-    /// The 40 pointers of `Params`, for an arena at `base` (x may live elsewhere).
+    /// The 41 pointers of `Params`, for an arena at `base`. x, y, the routing ids and weights may live elsewhere
+    /// (the caller's memory of a device forward); nil places them in the arena.
     func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
-                  peers: UInt64) -> [UInt64]
+                  peers: UInt64, y: UInt64? = nil, ids: UInt64? = nil, routingWeights: UInt64? = nil,
+                  errorMirror: UInt64 = 0) -> [UInt64]
     {
         func at(_ r: Region) -> UInt64 { base + UInt64(offset(r)) }
         return [
             x, w.router.address, w.selectionBias?.address ?? 0, w.w1.address, w.w2.address, w.b1?.address ?? 0,
             w.b2?.address ?? 0, w.sharedW1?.address ?? 0, w.sharedW2?.address ?? 0,
-            at(.y), at(.ids), at(.weights), at(.slotRow), at(.logits), at(.logitsPart), at(.rankInTile),
+            y ?? at(.y), ids ?? at(.ids), routingWeights ?? at(.weights), at(.slotRow), at(.logits), at(.logitsPart),
+            at(.rankInTile),
             at(.sharedGate), at(.tileDone), at(.counts), at(.base), at(.expertLoad), at(.rowStart), at(.rbStart),
             at(.task0Start), at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring),
             at(.combineList), at(.hbuf), at(.hs), at(.ybuf), at(.ys), control, errorRecord, peers,
-            at(.tileDispatched), at(.rowsSent),
+            at(.tileDispatched), at(.rowsSent), errorMirror,
         ]
     }
 }

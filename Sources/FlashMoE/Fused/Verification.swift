@@ -237,6 +237,13 @@ extension Verifier {
         add("H=136 I=200 plain", cfg(h: 136, i: 200, act: .relu, .fp16), 190)
         add("sigmoid, 1 group, no renorm", cfg(router: RouterConfig(scoring: .sigmoid, renormalize: false,
             selectionBias: true, scalingFactor: 1.5), .fp32), 64)
+        // Issue 12, defect 7: fp32's FFMA tiles leave room to stage 96 tokens of E = 256 logits, which is not a
+        // divisor of the 128-token tile; the second chunk ran past the tile. Both routers, and E between the sizes.
+        let route = RouterConfig.deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1)
+        add("fp32 E=256 k=2 S=700 sigmoid", cfg(h: 616, i: 120, e: 256, k: 2, act: .gelu, router: route, .fp32), 700)
+        add("fp32 E=256 k=2 S=700 softmax", cfg(h: 616, i: 120, e: 256, k: 2, act: .gelu, .fp32), 700)
+        add("fp32 E=320 k=3 S=300", cfg(h: 512, i: 128, e: 320, k: 3, .fp32), 300)
+        add("tf32 E=256 k=2 S=400", cfg(h: 256, i: 128, e: 256, k: 2, .tf32), 400)
         return cases
     }
 }

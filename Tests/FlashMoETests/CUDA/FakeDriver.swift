@@ -50,6 +50,13 @@ final class FakeDriver: CUDADriverAPI {
         var peers: [PeerPair: PeerModel] = [:]
         /// Successful `contextEnablePeerAccess` calls, in order.
         var enabledPeers: [PeerPair] = []
+        // Device-resident forward (h1)
+        /// Every gated call, by method name, in order (`gate` records them).
+        var calls: [String] = []
+        /// Live page-locked host allocations (address → bytes).
+        var hostMemory: [UInt: Int] = [:]
+        /// The context each stream was created in.
+        var streamContexts: [UInt: UInt] = [:]
     }
 
     let state = Mutex(State())
@@ -134,6 +141,7 @@ final class FakeDriver: CUDADriverAPI {
     /// The injected failure for `method`, or, when `needsContext`, INVALID_CONTEXT if none is current here.
     private func gate(_ method: String, needsContext: Bool = true) -> CUresult? {
         state.withLock { s in
+            s.calls.append(method)
             if let code = s.failures[method] { return code }
             if needsContext && s.current[pthread_self()] == nil { return CUDA_ERROR_INVALID_CONTEXT }
             return nil
@@ -438,7 +446,11 @@ final class FakeDriver: CUDADriverAPI {
 
     func streamCreate(_ stream: inout CUstream?, _ flags: UInt32) -> CUresult {
         if let code = gate("streamCreate") { return code }
-        stream = newHandle(\.streams)
+        let handle = newHandle(\.streams)
+        stream = handle
+        state.withLock { s in
+            s.streamContexts[UInt(bitPattern: Int(bitPattern: handle))] = s.current[pthread_self()]
+        }
         return CUDA_SUCCESS
     }
 
@@ -459,5 +471,54 @@ final class FakeDriver: CUDADriverAPI {
         if let code = gate("eventElapsedTime") { return code }
         milliseconds = 1.25
         return CUDA_SUCCESS
+    }
+
+    // MARK: Device-resident forward (h1)
+
+    /// Gated calls so far, by method name (see `State.calls`).
+    var calls: [String] { state.withLock { $0.calls } }
+    /// Forgets the recorded calls (to count those of one operation).
+    func clearCalls() { state.withLock { $0.calls = [] } }
+    var liveHostAllocations: Int { state.withLock { $0.hostMemory.count } }
+
+    func memHostAlloc(_ pointer: inout UnsafeMutableRawPointer?, _ bytes: Int, _ flags: UInt32) -> CUresult {
+        if let code = gate("memHostAlloc") { return code }
+        guard bytes > 0, let p = calloc(bytes, 1) else { return CUDA_ERROR_INVALID_VALUE }
+        state.withLock { $0.hostMemory[UInt(bitPattern: p)] = bytes }
+        pointer = p
+        return CUDA_SUCCESS
+    }
+
+    /// The fake maps host memory at its own address (as UVA does on 64-bit Linux).
+    func memHostGetDevicePointer(_ address: inout CUdeviceptr, _ pointer: UnsafeMutableRawPointer, _ flags: UInt32)
+        -> CUresult
+    {
+        if let code = gate("memHostGetDevicePointer") { return code }
+        guard state.withLock({ $0.hostMemory[UInt(bitPattern: pointer)] != nil }) else { return CUDA_ERROR_INVALID_VALUE }
+        address = CUdeviceptr(UInt(bitPattern: pointer))
+        return CUDA_SUCCESS
+    }
+
+    func memFreeHost(_ pointer: UnsafeMutableRawPointer) -> CUresult {
+        if let code = gate("memFreeHost", needsContext: false) { return code }
+        guard state.withLock({ $0.hostMemory.removeValue(forKey: UInt(bitPattern: pointer)) }) != nil else {
+            return CUDA_ERROR_INVALID_VALUE
+        }
+        free(pointer)
+        return CUDA_SUCCESS
+    }
+
+    /// A stream's creation context; nil (the legacy stream) is the current context; an unknown handle is invalid.
+    func streamGetContext(_ stream: CUstream?, _ context: inout CUcontext?) -> CUresult {
+        if let code = gate("streamGetContext") { return code }
+        return state.withLock { s in
+            let bits: UInt?
+            if let stream { bits = s.streamContexts[UInt(bitPattern: Int(bitPattern: stream))] } else {
+                bits = s.current[pthread_self()]
+            }
+            guard let bits else { return CUDA_ERROR_INVALID_HANDLE }
+            context = OpaquePointer(bitPattern: bits)
+            return CUDA_SUCCESS
+        }
     }
 }

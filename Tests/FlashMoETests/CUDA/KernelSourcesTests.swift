@@ -14,6 +14,19 @@ import Testing
         #expect(throws: CUDAError.self) { _ = try sources.text(of: "missing.cu") }
     }
 
+    /// Every kernel file in the repository is embedded, byte for byte (a header missing from sources.c would
+    /// compile here through the folder but fail on the GPU host).
+    @Test func everyRepositoryKernelFileIsEmbedded() throws {
+        let folder = URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Sources/CKernels/kernels")
+        let onDisk = try KernelSources.directory(folder.path).fileNames().sorted()
+        #expect(try KernelSources.embedded.fileNames() == onDisk)
+        for name in onDisk {
+            #expect(try KernelSources.embedded.text(of: name) == KernelSources.directory(folder.path).text(of: name))
+        }
+    }
+
     @Test func theEmbeddedCopyMatchesTheRepositoryFile() throws {
         let file = URL(fileURLWithPath: #filePath)
             .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()

@@ -1,0 +1,120 @@
+// Phase 4: counting contributions per token, the combine list, and the weighted combine. See moe.cu.
+#pragma once
+#include "moe_params.cuh"
+
+namespace fmoe {
+
+// y[t] = Σ_j w[t,j] · ybuf[slot_row[t,j]] in rank order, plus the (gated) shared expert. One warp per token.
+FMOE_DEVICE void combine_token(const Params &p, int t) {
+    FMOE_TRACE_WARP_SCOPE(FMOE_EV_COMBINE, t);
+    const int lane = threadIdx.x & 31;
+    int rows[K];
+    float w[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        rows[j] = p.slot_row[(size_t)t * K + j];
+        w[j] = p.weights[(size_t)t * K + j];
+    }
+    const float gs = HAS_SHARED ? p.shared_gate[t] : 0.f;
+    for (int h = lane * 4; h < H; h += 128) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            if (rows[j] < 0) continue;
+            // One GPU: the expert output row; ranks: the pair's row of the return buffer.
+            const float4 v = RANKS > 1 ? *(const float4 *)&p.peers[p.rank].ret[((size_t)t * K + j) * H + h]
+                                       : *(const float4 *)&p.ybuf[(size_t)rows[j] * H + h];
+            acc.x = fmaf(w[j], v.x, acc.x); acc.y = fmaf(w[j], v.y, acc.y);
+            acc.z = fmaf(w[j], v.z, acc.z); acc.w = fmaf(w[j], v.w, acc.w);
+        }
+        if (HAS_SHARED) {
+            const float4 v = *(const float4 *)&p.ys[(size_t)t * H + h];
+            acc.x = fmaf(gs, v.x, acc.x); acc.y = fmaf(gs, v.y, acc.y);
+            acc.z = fmaf(gs, v.z, acc.z); acc.w = fmaf(gs, v.w, acc.w);
+        }
+        store_y4(p, (size_t)t * H + h, acc);
+    }
+}
+
+// A row block's GEMM1 is complete: count one contribution for each of its tokens; a token whose last
+// contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines).
+FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
+    const bool shared = is_shared(L, x);
+    const int rows = shared ? p.tokens : rows_of(L, x);
+    for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
+        int t, q = 0;
+        if (RANKS > 1) {
+            // Ranks: the source's counters; a row's origin names its rank and (token, j) pair.
+            const int o = shared ? (p.rank << PAIR_BITS) | (r * K) : p.peers[p.rank].row_origin[L.row_start[x] + r];
+            q = o >> PAIR_BITS;
+            t = (o & PAIR_MASK) / K;
+        } else {
+            t = shared ? r : p.row_token[L.row_start[x] + r];
+        }
+        int *pending = RANKS > 1 ? p.peers[q].pending : p.pending;
+        const int *target = RANKS > 1 ? p.peers[q].target : p.target;
+        Sync *sync = RANKS > 1 ? p.peers[q].sync : p.sync;
+        u64 *list = RANKS > 1 ? p.peers[q].list : p.combine_list;
+        // Release this block's rows (and everything this CTA acquired) before counting. Ranks: the source may be
+        // another GPU, so the fences and the atomics on its counters are system-scoped.
+        constexpr bool SYS = RANKS > 1;
+        fence_at<SYS>();
+        if ((SYS ? atom_add_sys_i32(&pending[t], 1) : atomicAdd(&pending[t], 1)) + 1 == target[t]) {
+            fence_at<SYS>();  // acquire the other contributions, then publish
+            const int pos = SYS ? atom_add_sys_i32(&sync->list_tail, 1) : atomicAdd(&sync->list_tail, 1);
+            st_flag<SYS>(&list[pos], (p.epoch << 32) | (u64)t);
+        }
+    }
+}
+
+// Combines listed tokens until every GEMM1 tile is done and the list is exhausted. Each warp claims list positions
+// one at a time; a position not yet written is waited for (bounded) unless all GEMM1 tiles have finished and the
+// position lies past the final end of the list.
+FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
+    const int lane = threadIdx.x & 31;
+    for (;;) {
+        int pos = 0;
+        if (lane == 0) pos = atomicAdd(&p.sync->combine_ticket, 1);
+        pos = __shfl_sync(0xffffffffu, pos, 0);
+        if (pos >= p.tokens) return true;  // at most S tokens are ever listed
+        int token = -1;  // −2: nothing left
+        if (lane == 0) {
+            const u64 start = globaltimer_ns();
+            u32 spins = 0;
+            for (;;) {
+                const u64 v = ld_flag<(RANKS > 1)>(&p.combine_list[pos]);  // ranks: pushed by peers
+                if (v >= (p.epoch << 32)) { token = (int)(v & 0xffffffffull); break; }
+                if (RANKS > 1) {
+                    // Ranks: the count of this rank's tokens to combine is final once all its tiles are dispatched.
+                    if (ld_relaxed_i32(&p.sync->dispatch_done) == (p.tokens + BT - 1) / BT) {
+                        fence_sys();
+                        if (pos >= ld_relaxed_i32(&p.sync->my_total)) { token = -2; break; }
+                    }
+                } else if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
+                    fence_gpu();
+                    if (pos >= ld_relaxed_i32(&p.sync->list_tail)) { token = -2; break; }
+                    // Otherwise the entry is being written: wait for it like any other, bounded below.
+                }
+                if (aborted(p.err)) break;
+                // Downstream of every other wait: three budgets, so an upstream expiry is the one reported.
+                if ((++spins & 63u) == 0 && globaltimer_ns() - start > 3 * p.budget_ns) {
+                    report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_COMBINE, pos, p.rank, p.epoch << 32, v);
+                    break;
+                }
+                __nanosleep(128);
+            }
+        }
+        token = __shfl_sync(0xffffffffu, token, 0);
+        if (token == -2) return true;
+        if (token < 0) return false;
+        // Acquire in every lane: each lane loads the entry itself and fences before reading the token's rows, so
+        // each lane's reads are ordered after the pusher's release under the PTX memory model (a shuffle carries
+        // no memory ordering). Lane 0 has seen the entry, so these loads return at once.
+        const bool seen = wait_at_least<(RANKS > 1)>(&p.combine_list[pos], p.epoch << 32, p.err, p.budget_ns,
+                                                     FMOE_PHASE_COMBINE, pos, p.rank);
+        if (!__all_sync(0xffffffffu, seen)) return false;
+        combine_token(p, token);
+    }
+}
+
+}  // namespace fmoe

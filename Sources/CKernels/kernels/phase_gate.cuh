@@ -1,0 +1,239 @@
+// Phase 1 (gate, routing, scan) and phase 2 (place) of the fused kernel. See moe.cu.
+#pragma once
+#include "moe_params.cuh"
+#include "phase_dispatch.cuh"
+
+namespace fmoe {
+
+// ---- Phase 1: gate, routing, scan --------------------------------------------------------------------------------
+
+// Routes the 128 tokens of a tile (one thread per token, ThreadRouter) and records, per pair, its rank among the
+// tile's earlier tokens routed to the same expert, and per expert the tile's count. The logits are staged in shared
+// memory first (rows padded to EG + 1 floats: consecutive threads read different banks) in chunks of tokens that
+// fit: read from global memory, each thread's row would miss the small L1 that the GEMM ring leaves. With a split
+// gate, staging also sums the K-slice partials, in slice order.
+FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
+    typedef ThreadRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
+    u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
+    int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
+    float *rows = (float *)(tile_ids + BT * K);   // [ROUTE_CHUNK][EG + 1]
+    for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
+    const int t0 = tile * BT;
+    for (int c0 = 0; c0 < BT; c0 += ROUTE_CHUNK) {
+        __syncthreads();  // the previous chunk's rows are consumed (and the masks are cleared)
+        for (int i = threadIdx.x; i < ROUTE_CHUNK * EG; i += THREADS) {
+            const int lt = c0 + i / EG, n = i % EG, t = t0 + lt;
+            if (lt >= BT || t >= p.tokens) continue;  // (lt < BT by the static_assert; kept as the bound)
+            float v;
+            if (ks_count == 1) {
+                v = p.logits[(size_t)t * EG + n];
+            } else {
+                v = 0.f;
+                for (int q = 0; q < ks_count; ++q) v += p.logits_part[((size_t)q * p.tokens + t) * EG + n];
+            }
+            rows[(i / EG) * (EG + 1) + n] = v;
+        }
+        __syncthreads();
+        const int lt = c0 + threadIdx.x, t = t0 + lt;
+        if (threadIdx.x < ROUTE_CHUNK && lt < BT && t < p.tokens) {
+            const float *l = rows + threadIdx.x * (EG + 1);
+            int ids[K];
+            float w[K];
+            R::route(l, p.sel_bias, ids, w);
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+                p.ids[(size_t)t * K + j] = ids[j];
+                p.weights[(size_t)t * K + j] = w[j];
+                tile_ids[lt * K + j] = ids[j];
+                if (ids[j] >= 0) atomicOr(&masks[ids[j] * 4 + (lt >> 5)], 1u << (lt & 31));
+            }
+            if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
+        }
+    }
+    __syncthreads();
+    // Rank of each pair among the tile's earlier tokens routed to the same expert: a popcount of the mask.
+    for (int i = threadIdx.x; i < BT * K; i += THREADS) {
+        const int lt2 = i / K, t2 = t0 + lt2;
+        if (t2 >= p.tokens) continue;
+        const int e = tile_ids[i];
+        int rank = 0;
+        if (e >= 0) {
+            const u32 *m = masks + e * 4;
+            for (int wd = 0; wd < (lt2 >> 5); ++wd) rank += __popc(m[wd]);
+            rank += __popc(m[lt2 >> 5] & ((1u << (lt2 & 31)) - 1u));
+        }
+        p.rank_in_tile[(size_t)t2 * K + (i % K)] = rank;
+    }
+    for (int e = threadIdx.x; e < E; e += THREADS) {
+        const u32 *m = masks + e * 4;
+        p.counts[(size_t)tile * E + e] = __popc(m[0]) + __popc(m[1]) + __popc(m[2]) + __popc(m[3]);
+    }
+}
+
+// Exclusive scans that turn per-tile counts into slots, rows, row blocks and GEMM0 tickets. Run by the one CTA
+// that routed the last tile. Each thread owns experts; the loads over tiles are independent (unrolled, so many
+// are in flight) and coalesced across threads.
+FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
+    __shared__ int kept[E];
+    for (int e = threadIdx.x; e < E; e += THREADS) {
+        int run = 0;
+        int tile = 0;
+        for (; tile + 8 <= tiles; tile += 8) {
+            int c[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) c[q] = p.counts[(size_t)(tile + q) * E + e];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                p.base[(size_t)(tile + q) * E + e] = run;
+                run += c[q];
+            }
+        }
+        for (; tile < tiles; ++tile) {
+            const int c = p.counts[(size_t)tile * E + e];
+            p.base[(size_t)tile * E + e] = run;
+            run += c;
+        }
+        p.expert_load[e] = run;
+        kept[e] = run < p.capacity ? run : p.capacity;
+    }
+    __syncthreads();
+    if (RANKS > 1) return;  // ranks: capacity and rows follow the global counts (publish_counts, rank_layout)
+    if (threadIdx.x == 0) {
+        task_space(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
+    }
+}
+
+// The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
+// the scan with the epoch: every block of the rank waits for it before placing or dispatching tokens.
+FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
+    FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, tiles, 0);
+    stamp(p, 6, true);
+    scan_counts(p, tiles);
+    if (RANKS > 1) {
+        if (!wait_peers_done(p)) return;  // recorded; the rank's blocks see the abort flag
+        publish_counts(p, p.row_blocks);
+    }
+    stamp(p, 7, true);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+}
+
+// How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid
+// when there are few token tiles; partial logits are summed in slice order by the tile's last task (deterministic).
+// The host picks it from the global token count and the whole grid, so a layer split over ranks sums the partials
+// exactly as the single-rank run does (same logits, same bits).
+FMOE_DEVICE int gate_k_split(const Params &p) {
+    constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
+    int ks = p.gate_ksplit < 1 ? 1 : (p.gate_ksplit > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : p.gate_ksplit);
+    ks = ks < KSLICES ? ks : KSLICES;
+    // The partials of a split gate need ks · S rows: a split the region cannot hold runs unsplit instead of
+    // writing past it (the host sizes the region so it never does: FusedWorkspace.partialLogitsTokens).
+    if (ks > 1 && (long long)ks * p.tokens > (long long)GATE_KSPLIT_MAX * p.part_rows) ks = 1;
+    return ks;
+}
+
+FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
+    __shared__ int s_task, s_last;
+    const int tiles = (p.tokens + BT - 1) / BT;
+    const int ks_count = gate_k_split(p);
+    constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
+    const int slices_per = (KSLICES + ks_count - 1) / ks_count;
+    const int tasks = tiles * NTE * ks_count;
+    // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
+    if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
+    for (;;) {
+        if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
+        __syncthreads();
+        const int task = s_task;
+        if (task >= tasks) break;
+        const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
+        FMOE_TRACE_SCOPE(FMOE_EV_GATE, nt, tile, ks);
+        const int k0 = ks * slices_per * ROW_BYTES;  // this slice's first byte of K
+        const int k1 = min((ks + 1) * slices_per * ROW_BYTES, H * (int)sizeof(T));
+        TileSource src;
+        src.k_bytes = k1 > k0 ? k1 - k0 : 0;
+        point_rows<BM>(src.a, src.a_valid, p.x, tile * BT, p.tokens, H, k0);
+        point_rows<GBN>(src.b, src.b_valid, p.wg, nt * GBN, EG, H, k0);
+        run_tile<GateEngine>(smem, src);
+        const float *c = (const float *)smem;
+        // One slice writes the logits; several write partials [slice][token][EG] for the last task to sum.
+        float *dst = ks_count == 1 ? p.logits : p.logits_part + (size_t)ks * p.tokens * EG;
+        for (int i = threadIdx.x; i < BM * GBN; i += THREADS) {
+            const int r = i / GBN, col = i % GBN;
+            const int t = tile * BT + r, n = nt * GBN + col;
+            if (t < p.tokens && n < EG) dst[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
+        }
+        // Last-arriver: every thread fences its logits, then one increment decides who routes the tile.
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            s_last = atomicAdd(&p.tile_done[tile], 1) == NTE * ks_count - 1;
+            if (s_last) fence_gpu();
+        }
+        __syncthreads();
+        if (!s_last) continue;
+        if (tile == 0) stamp(p, 8, true);
+        route_tile(p, tile, ks_count, smem);
+        if (tile == 0) stamp(p, 9, true);
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            s_last = atomicAdd(&p.sync->tiles_done, 1) == tiles - 1;
+            if (s_last) fence_gpu();
+        }
+        __syncthreads();
+        if (s_last) finish_scan(p, tiles);
+    }
+    stamp(p, 1);
+    // Everyone needs the scan before placing tokens.
+    __shared__ int ok;
+    if (threadIdx.x == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);
+    __syncthreads();
+    return ok != 0;
+}
+
+// ---- Phase 2: place ----------------------------------------------------------------------------------------------
+
+FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
+    for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
+        const int tile = t / BT;
+        int contributions = HAS_SHARED ? 1 : 0;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            const int e = p.ids[(size_t)t * K + j];
+            int row = -1;
+            if (e >= 0) {
+                const int slot = p.base[(size_t)tile * E + e] + p.rank_in_tile[(size_t)t * K + j];
+                if (slot < rows_of(L, e)) {
+                    row = L.row_start[e] + slot;
+                    p.row_token[row] = t;
+                    ++contributions;
+                }
+            }
+            p.slot_row[(size_t)t * K + j] = row;
+        }
+        p.target[t] = contributions;
+        p.pending[t] = 0;
+        if (contributions == 0) {
+            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
+        }
+    }
+    const int rbs = L.rb_start[XS];
+    for (int i = cta() * THREADS + threadIdx.x; i < rbs; i += ctas() * THREADS) {
+        p.done0[i] = 0;
+        p.done1[i] = 0;
+    }
+    if (cta() == 0 && threadIdx.x == 0) {
+        p.sync->ticket = 0;
+        p.sync->ring_tail = 0;
+        p.sync->list_tail = 0;
+        p.sync->combine_ticket = 0;
+        p.sync->tiles1_done = 0;
+    }
+}
+
+}  // namespace fmoe

@@ -1,0 +1,102 @@
+// One launch from end to end: the phases in order (one GPU or ranks), and the single-GPU launch's last block
+// out (error mirror, device epoch and its wrap). See moe.cu.
+#pragma once
+#include "moe_params.cuh"
+#include "phase_gate.cuh"
+#include "phase_experts.cuh"
+
+namespace fmoe {
+
+// One launch, all phases. One GPU: gate → scan → place → grid barrier → experts + combine. Ranks: gate → scan →
+// count all-gather → dispatch → experts (starting per row block as its rows land) → the source combines.
+FMOE_DEVICE void forward(const Params &p, char *smem) {
+    __shared__ Layout L;
+    stamp(p, 0);
+    FMOE_TRACE_START();
+    if (!gate_phase(p, smem)) return;
+    if (RANKS == 1) {
+        L.xs = XS;
+        for (int i = threadIdx.x; i <= XS; i += THREADS) {
+            L.row_start[i] = p.row_start[i];
+            L.rb_start[i] = p.rb_start[i];
+            L.task0_start[i] = p.task0_start[i];
+        }
+        __syncthreads();
+        stamp(p, 2);
+        if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
+        stamp(p, 3);
+        if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
+        FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
+        // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
+        if (cta() == 0 && threadIdx.x == 0) {
+            p.sync->gate_ticket = 0;
+            p.sync->tiles_done = 0;
+        }
+        const int tiles = (p.tokens + BT - 1) / BT;
+        for (int i = cta() * THREADS + threadIdx.x; i < tiles; i += ctas() * THREADS) p.tile_done[i] = 0;
+        stamp(p, 4);
+        if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
+        stamp(p, 5);
+    } else {
+        if (!rank_layout(p, L)) return;
+        stamp(p, 10);
+        prepare_tiles(p, L);
+        if (!dispatch_rows(p, L, smem)) return;
+        stamp(p, 11);
+        if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
+        // The rank's last block out checks every flag it received, resets the gate counters for the next launch
+        // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
+        __shared__ int s_last_out;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            fence_gpu();
+            s_last_out = atomicAdd(&p.sync->exit_count, 1) == ctas() - 1;
+            if (s_last_out) fence_gpu();
+        }
+        __syncthreads();
+        if (s_last_out && check_row_flags(p) && threadIdx.x == 0) {
+            stamp(p, 13, true);
+            p.sync->gate_ticket = 0;
+            p.sync->tiles_done = 0;
+            p.sync->exit_count = 0;
+            for (int i = 0; i < (p.tokens + BT - 1) / BT; ++i) p.tile_done[i] = 0;
+            fence_sys();
+            st_relaxed_sys_u64(&p.sync->done_epoch, p.epoch);
+        }
+    }
+}
+
+// One GPU, after forward (every block gets here: exits are block-uniform, aborted launches included). The last
+// block out (the exit counter reaching the grid) copies a nonzero error record to the host-mapped mirror, so no
+// fault is lost even when the host never waits for this launch (a graph replay), and stores this launch's epoch
+// as the device epoch the next launch on the stream starts from. The launch whose epoch reaches the wrap first
+// clears every epoch-tagged word (ring, combine list, scan flag, barrier counter) and stores 0: the 32-bit epoch
+// tags restart from 1 with no host involvement.
+FMOE_DEVICE void finish_launch(const Params &p) {
+    __shared__ int s_last_out;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fence_gpu();  // release this block's work before counting it out
+        s_last_out = atomicAdd(&p.sync->exit_count, 1) == (int)gridDim.x - 1;
+        if (s_last_out) fence_gpu();  // acquire every other block's
+    }
+    __syncthreads();
+    if (!s_last_out) return;
+    const bool wrap = p.epoch >= p.epoch_wrap;
+    if (wrap) {
+        for (int i = threadIdx.x; i < p.row_blocks; i += THREADS) p.ring[i] = 0;
+        for (int i = threadIdx.x; i < p.max_tokens; i += THREADS) p.combine_list[i] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (p.err_mirror != nullptr) mirror_error(p.err, p.err_mirror);
+        if (wrap) {
+            p.sync->barrier = 0;
+            p.sync->scan_done = 0;
+        }
+        p.sync->exit_count = 0;
+        p.sync->epoch = wrap ? 0 : p.epoch;
+    }
+}
+
+}  // namespace fmoe

@@ -1,0 +1,202 @@
+import CCUDA
+
+/// The addresses of a layer's weights as the C ABI (include/flashmoe.h) passes them: matrices in the precision's
+/// storage type, biases and the selection bias in float32, row-major [out, in]. Device addresses for GPU layers,
+/// host addresses for CPU layers; the caller checked presence, shapes and alignment against the config.
+package struct WeightPointers: Sendable {
+    /// Where an FFN's first-layer matrices are (M matrices of R rows of C columns each).
+    package enum FirstLayer: Sendable {
+        /// One tensor: gated, [M, 2R, C] with each matrix's R gate rows first and its R up rows next (transformers'
+        /// fused `gate_up_proj`); plain, W1 [M, R, C].
+        case fused(UInt64)
+        /// W1 (gate) [M, R, C] and, gated only, W3 (up) [M, R, C].
+        case separate(gate: UInt64, up: UInt64?)
+
+        /// The address of matrix `m`'s first gate (or plain W1) row and first up row (nil when plain). Within
+        /// one matrix the R gate rows are contiguous, and so are the R up rows, in every layout.
+        package func rows(of m: Int, gated: Bool, rows r: Int, rowBytes: Int) -> (gate: UInt64, up: UInt64?) {
+            switch self {
+            case .fused(let base):
+                guard gated else { return (base + UInt64(m * r * rowBytes), nil) }
+                let first = base + UInt64(m * 2 * r * rowBytes)
+                return (first, first + UInt64(r * rowBytes))
+            case .separate(let gate, let up):
+                let offset = UInt64(m * r * rowBytes)
+                return (gate + offset, gated ? up.map { $0 + offset } : nil)
+            }
+        }
+    }
+
+    /// [E, H].
+    package var router: UInt64
+    /// [E] float32, with the sigmoid router's selection bias.
+    package var selectionBias: UInt64?
+    /// Experts' first layer: M = E, R = I, C = H.
+    package var firstLayer: FirstLayer
+    /// W2 [E, H, I].
+    package var down: UInt64
+    /// [E, I] and [E, H] float32 (plain FFN with bias).
+    package var b1: UInt64?
+    package var b2: UInt64?
+    /// The shared expert's first layer (M = 1, R = IS, C = H), W2 [H, IS] and sigmoid gate row [H].
+    package var sharedFirstLayer: FirstLayer?
+    package var sharedDown: UInt64?
+    package var sharedGate: UInt64?
+
+    package init(
+        router: UInt64, selectionBias: UInt64?, firstLayer: FirstLayer, down: UInt64, b1: UInt64?, b2: UInt64?,
+        sharedFirstLayer: FirstLayer?, sharedDown: UInt64?, sharedGate: UInt64?
+    ) {
+        self.router = router
+        self.selectionBias = selectionBias
+        self.firstLayer = firstLayer
+        self.down = down
+        self.b1 = b1
+        self.b2 = b2
+        self.sharedFirstLayer = sharedFirstLayer
+        self.sharedDown = sharedDown
+        self.sharedGate = sharedGate
+    }
+}
+
+extension FusedOperator {
+    /// Builds the operator from the caller's device weights (`pointers`, device addresses on
+    /// `options.deviceOrdinal`, in one of the layouts `WeightPointers` describes), copied into memory the operator
+    /// owns: the caller may free its weights once this returns. See `FusedDeviceWeights.init(config:pointers:…)`
+    /// for what the copies cost.
+    ///
+    /// - Parameter maxTokens: the most tokens one forward may pass (the workspace is allocated for it now).
+    package convenience init(config: MoEConfig, pointers: WeightPointers, options: FusedOptions, maxTokens: Int)
+        throws
+    {
+        try self.init(config: config, options: options, maxTokens: maxTokens) { kernel in
+            try FusedDeviceWeights(config: config, pointers: pointers, device: kernel.device, packRows: kernel.packRows)
+        }
+    }
+}
+
+extension FusedDeviceWeights {
+    /// Builds the kernel's weights from the caller's device memory (`pointers`, on `device`), leaving the result
+    /// identical, byte for byte, to `init(layer:device:packRows:)` on the same values.
+    ///
+    /// Everything is copied into buffers the operator owns, so the caller may free its weights as soon as this
+    /// returns (include/flashmoe.h promises that); nothing of the caller's memory is used in place. All copies are
+    /// device to device (TF32 layers too: the kernel rounds its operands itself):
+    /// - router (+ the shared expert's gate row), selection bias, biases, W2 and a plain W1: one `cuMemcpyDtoD`
+    ///   per tensor, at device bandwidth (about 1 ms per 2 GB on an H200);
+    /// - gated first layers, from either layout: packed into the kernel's interleaved blocks with two
+    ///   `cuMemcpyDtoD` per block of `packRows` rows per expert (E·⌈I/packRows⌉·2 copies of a few µs each: tens
+    ///   of ms for Qwen3-30B-A3B's 128 experts), after one `cuMemsetD8` of the padding.
+    /// - Device memory: exactly the packed copy (`byteCount`: the gated first layer padded to a multiple of
+    ///   `packRows` rows), as for host weights; nothing temporary, no host memory.
+    /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
+    ///   have landed) and after them (so the copies are done when this returns).
+    init(config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int) throws {
+        let element = c.precision.storage.byteSize
+        let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
+        let gated = c.ffn == .gated
+        let copier = DeviceCopier(device: device)
+        try device.synchronize()
+
+        let gateRow = c.sharedExpert?.gated == true ? p.sharedGate : nil
+        let router = try copier.buffer(bytes: (e + (gateRow == nil ? 0 : 1)) * h * element)
+        try copier.copy(to: router, at: 0, from: p.router, bytes: e * h * element, field: "router")
+        if let gateRow {
+            try copier.copy(to: router, at: e * h * element, from: gateRow, bytes: h * element, field: "shared_gate")
+        }
+        var sharedW1: DeviceBuffer<UInt8>?, sharedW2: DeviceBuffer<UInt8>?
+        if let s = c.sharedExpert, let first = p.sharedFirstLayer, let down = p.sharedDown {
+            sharedW1 = try copier.firstLayer(
+                first, gated: gated, matrices: 1, rows: s.intermediateSize, rowBytes: h * element, packRows: packRows,
+                names: .shared)
+            sharedW2 = try copier.whole(from: down, bytes: h * s.intermediateSize * element, field: "shared_down")
+        }
+        self.init(
+            router: router,
+            selectionBias: try p.selectionBias.map { try copier.whole(from: $0, bytes: e * 4, field: "selection_bias") },
+            w1: try copier.firstLayer(
+                p.firstLayer, gated: gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
+                names: .experts),
+            w2: try copier.whole(from: p.down, bytes: e * h * i * element, field: "down"),
+            b1: try p.b1.map { try copier.whole(from: $0, bytes: e * i * 4, field: "b1") },
+            b2: try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, field: "b2") }, sharedW1: sharedW1,
+            sharedW2: sharedW2)
+        try device.synchronize()
+    }
+}
+
+/// Device-to-device copies from the caller's memory into new buffers.
+private struct DeviceCopier {
+    let device: CUDADevice
+
+    /// The C ABI's fields of a first layer: the fused tensor, and the separate gate and up tensors.
+    struct FieldNames {
+        let fused: String, gate: String, up: String
+        static let experts = FieldNames(fused: "gate_up", gate: "gate", up: "up")
+        static let shared = FieldNames(fused: "shared_gate_up", gate: "shared_gate_up", up: "shared_up")
+    }
+
+    func buffer(bytes: Int) throws -> DeviceBuffer<UInt8> {
+        try DeviceBuffer<UInt8>(device: device, count: max(bytes, 1))
+    }
+
+    /// A new buffer holding `bytes` bytes copied from `source` (the weight `field`).
+    func whole(from source: UInt64, bytes: Int, field: String) throws -> DeviceBuffer<UInt8> {
+        let b = try buffer(bytes: bytes)
+        try copy(to: b, at: 0, from: source, bytes: bytes, field: field)
+        return b
+    }
+
+    /// A first layer as the kernel reads it: plain W1 as is; gated, gate and up rows interleaved in blocks of
+    /// `packRows` (see `FusedDeviceWeights.packGated`), the padding rows of a partial last block zero. `names`
+    /// gives the C fields, for error messages.
+    func firstLayer(
+        _ layer: WeightPointers.FirstLayer, gated: Bool, matrices: Int, rows: Int, rowBytes: Int, packRows: Int,
+        names: FieldNames
+    ) throws -> DeviceBuffer<UInt8> {
+        let (gateName, upName) =
+            switch layer {
+            case .fused: (names.fused, names.fused)
+            case .separate: (names.gate, names.up)
+            }
+        guard gated else {
+            let (start, _) = layer.rows(of: 0, gated: false, rows: rows, rowBytes: rowBytes)
+            return try whole(from: start, bytes: matrices * rows * rowBytes, field: gateName)
+        }
+        let blocks = (rows + packRows - 1) / packRows
+        let packedMatrixBytes = blocks * 2 * packRows * rowBytes
+        let b = try buffer(bytes: matrices * packedMatrixBytes)
+        try b.fill(byte: 0)
+        for m in 0..<matrices {
+            let (gate, upRows) = layer.rows(of: m, gated: true, rows: rows, rowBytes: rowBytes)
+            guard let up = upRows else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
+            for block in 0..<blocks {
+                let first = block * packRows, bytes = min(packRows, rows - first) * rowBytes
+                let destination = m * packedMatrixBytes + block * 2 * packRows * rowBytes
+                let offset = UInt64(first * rowBytes)
+                try copy(to: b, at: destination, from: gate + offset, bytes: bytes, field: gateName)
+                try copy(to: b, at: destination + packRows * rowBytes, from: up + offset, bytes: bytes, field: upName)
+            }
+        }
+        return b
+    }
+
+    /// Copies `bytes` from device address `source` (the weight `field`) into `buffer` at byte `offset`
+    /// (`cuMemcpyDtoD`). A failed copy names the field: the usual cause is a pointer that is not device memory of
+    /// this GPU.
+    func copy(to buffer: DeviceBuffer<UInt8>, at offset: Int, from source: UInt64, bytes: Int, field: String) throws {
+        guard bytes > 0 else { return }
+        guard offset >= 0, bytes <= buffer.byteCount - offset else {
+            throw CUDAError.invalidArgument(
+                "copy of \(bytes) bytes at \(offset) overruns a \(buffer.byteCount)-byte weight buffer")
+        }
+        try device.makeCurrent()
+        let result = device.driver.memcpyDtoD(buffer.address + UInt64(offset), source, bytes, nil)
+        guard result == CUDA_SUCCESS else {
+            let cause = device.driver.error(for: result, call: "cuMemcpyDtoD_v2")
+            throw CUDAError.invalidArgument(
+                "weights->\(field) (0x\(String(source, radix: 16))) could not be copied as device memory of GPU "
+                    + "\(device.properties.ordinal) (\(cause)): pass a device pointer of that GPU holding the whole tensor")
+        }
+    }
+}

@@ -1,0 +1,253 @@
+import CCUDA
+import Synchronization
+
+/// The GPU operator core: one persistent, cooperative kernel launch per forward over device memory, on the
+/// caller's stream.
+///
+/// Created once per layer: it compiles (or loads from the cubin cache) the kernel specialised for the config, takes
+/// the weights in the kernel's layout, sizes the persistent grid from the occupancy API and, when `maxTokens` is
+/// given, allocates the workspace (one device arena) for that many tokens. Then each `forward(_:)`:
+/// - makes the device's context current, checks the arguments and the error mirror (no device call),
+/// - enqueues exactly one kernel launch on the caller's stream: no host synchronisation, no allocation, no copy,
+///   no memset. The epoch lives on the device (the kernel advances it), so a CUDA graph that captured the launch
+///   replays correctly any number of times, with new input values each time.
+/// A fault the kernel records (a wait that expired) is copied by the launch's last block into host-mapped memory:
+/// it is thrown on the next forward or `checkErrors()`, or at once with `FusedOptions.synchronousErrors`; the
+/// device state is reset then. Calls are serialised (one at a time per operator), and the launches of one
+/// operator must run one after another on the device: enqueue them on one stream (or order the streams with
+/// events). They share the operator's workspace and counters; two operators may run side by side.
+///
+/// `FusedMoE` wraps it with the host-array `MoEBackend` API.
+public final class FusedOperator: @unchecked Sendable {
+    // @unchecked: the immutable properties are thread-safe handles; mutable state lives in `state`, a Mutex.
+
+    /// The layer's configuration.
+    public let config: MoEConfig
+    /// The kernel's compile-time constants.
+    public let specialization: FusedSpecialization
+    /// The options it was built with.
+    public let options: FusedOptions
+    /// The most tokens one forward may pass, when fixed at creation (nil: the workspace grows on demand).
+    public let maxTokens: Int?
+    /// Device bytes held by the weights.
+    public let weightBytes: Int
+    /// The device the operator runs on.
+    public var device: CUDADevice { kernel.device }
+    /// The compiled kernel (cubin, resources, whether it came from the cache, compile time).
+    public var compiledKernel: CompiledKernel { kernel.compiled }
+    /// Blocks of the persistent grid (blocks per SM from the occupancy API × SMs).
+    public var gridBlocks: Int { kernel.gridLimit }
+    /// Dynamic shared memory per block.
+    public var dynamicSharedBytes: Int { kernel.dynamicSharedBytes }
+    /// Rows per gate/up block of the gated W1/W3 packing (`FusedDeviceWeights`), read from the kernel.
+    public var packRows: Int { kernel.packRows }
+
+    let kernel: FusedKernel
+    let weights: FusedDeviceWeights
+    /// Tracing builds: where the kernel records its timeline (`FusedMoE.recordedTrace()`).
+    let traceBuffer: FusedTraceBuffer?
+    /// The kernel's `Sync` counters (first 256 bytes, the device epoch among them) and its error record (at byte
+    /// 256): reset only after an error.
+    let control: DeviceBuffer<UInt8>
+    /// Host-mapped copy of the error record, written by a launch's last block when the record holds an error.
+    let mirror: HostMappedBuffer
+
+    struct State {
+        var workspace: FusedWorkspace?
+        var arena: DeviceBuffer<UInt8>?
+    }
+    let state = Mutex(State())
+
+    static let controlBytes = 512
+    static let errorRecordOffset = 256
+    static let errorRecordBytes = 40
+
+    /// Builds the operator for `layer` (weights uploaded and packed once) on `options.deviceOrdinal`.
+    ///
+    /// - Parameter maxTokens: the most tokens one forward may pass; the workspace is allocated for it now. nil sizes
+    ///   it on the first forward and regrows it for a larger one (an allocation inside that forward).
+    public convenience init(layer: MoELayer, options: FusedOptions = FusedOptions(), maxTokens: Int? = nil) throws {
+        try self.init(config: layer.config, options: options, maxTokens: maxTokens) { kernel in
+            try FusedDeviceWeights(layer: layer, device: kernel.device, packRows: kernel.packRows)
+        }
+    }
+
+    /// Compiles and loads the kernel for `config`, then takes the weights from `makeWeights`, which receives the
+    /// loaded kernel (its device and `packRows`, which gated packing needs): operators built from the caller's
+    /// device weights start here.
+    convenience init(
+        config: MoEConfig, options: FusedOptions, maxTokens: Int?,
+        makeWeights: (FusedKernel) throws -> FusedDeviceWeights
+    ) throws {
+        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
+        let specialization = try FusedSpecialization(
+            config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
+            injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
+            trace: options.traceEventsPerBlock > 0)
+        let kernel = try FusedKernel(
+            specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
+        try self.init(
+            specialization: specialization, options: options, maxTokens: maxTokens, kernel: kernel,
+            weights: try makeWeights(kernel))
+    }
+
+    /// The designated initializer: an already loaded kernel and weights (tests build both over a fake driver).
+    init(
+        specialization: FusedSpecialization, options: FusedOptions, maxTokens: Int?, kernel: FusedKernel,
+        weights: FusedDeviceWeights
+    ) throws {
+        if let maxTokens, maxTokens < 0 {
+            throw MoEError(.invalidConfig, "maxTokens must be at least 0, not \(maxTokens)")
+        }
+        config = specialization.config
+        self.specialization = specialization
+        self.options = options
+        self.maxTokens = maxTokens
+        self.kernel = kernel
+        self.weights = weights
+        traceBuffer = try specialization.trace
+            ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: max(options.traceEventsPerBlock, 1))
+            : nil
+        weightBytes = weights.byteCount
+        control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
+        try control.fill(byte: 0)
+        mirror = try HostMappedBuffer(device: kernel.device, byteCount: 64)
+        if let maxTokens {
+            try state.withLock { st in _ = try prepare(&st, tokens: max(maxTokens, 1)) }
+        }
+    }
+
+    /// Device bytes of the workspace currently allocated (0 before the first call when sized lazily).
+    public var workspaceBytes: Int { state.withLock { $0.workspace?.byteCount ?? 0 } }
+
+    // MARK: - The device forward
+
+    /// Enqueues one forward over the caller's device memory on `call.stream` (see `DeviceForward`): exactly one
+    /// kernel launch, nothing else. Throws, before launching anything, `MoEError` for a bad argument (token count
+    /// out of range, a null or misaligned pointer, a stream of another device) and the `FusedKernelError` an
+    /// earlier launch recorded (the device state is reset then; call again to run).
+    public func forward(_ call: DeviceForward) throws {
+        try state.withLock { st in try forward(call, &st) }
+    }
+
+    /// Throws the error a finished launch recorded, if any (then resets the device state), without synchronising:
+    /// launches still running are seen by a later check.
+    public func checkErrors() throws {
+        try state.withLock { st in
+            try device.makeCurrent()
+            try takeMirroredError(&st)
+        }
+    }
+
+    /// Waits for the work queued on `stream` (nil: the legacy default stream), then throws the error any launch
+    /// recorded — for a point where the caller waits anyway.
+    public func checkErrors(synchronizing stream: CUstream?) throws {
+        try state.withLock { st in
+            try device.makeCurrent()
+            try device.driver.check(device.driver.streamSynchronize(stream), "cuStreamSynchronize")
+            try takeMirroredError(&st)
+        }
+    }
+
+    func forward(_ call: DeviceForward, _ st: inout State) throws {
+        try device.makeCurrent()
+        try validate(call)
+        try takeMirroredError(&st)
+        guard call.tokens > 0 else { return }
+        let (ws, arena) = try prepare(&st, tokens: call.tokens)
+        let s = call.tokens
+        let c = config
+        let capacity = c.capacity.perExpert(tokens: s, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
+        let split = options.gateSplit ?? kernel.gateSplit(tokens: s, blocks: gridBlocks)
+        guard ws.holdsGateSplit(split, tokens: s) else {
+            throw MoEError(
+                .unsupported,
+                "gate split \(split) over \(s) tokens needs more partial-logit rows than the workspace holds "
+                    + "(\(ws.partTokens) per slice): use a smaller FusedOptions.gateSplit")
+        }
+        let pointers = ws.pointers(
+            base: arena.address, x: call.input, weights: weights, control: control.address,
+            errorRecord: control.address + UInt64(Self.errorRecordOffset), peers: 0, y: call.output,
+            ids: call.topKIDs, routingWeights: call.topKWeights, errorMirror: mirror.deviceAddress)
+        let bytes = FusedParams.encode(
+            pointers: pointers,
+            FusedParams.Scalars(
+                tokens: s, capacity: capacity, rank: 0, gateSplit: split, rowBlocks: ws.rowBlocks,
+                maxTokens: ws.maxTokens, partRows: ws.partTokens, yStorage: call.outputType == .storage,
+                injectFault: call.injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget),
+                epochWrap: options.epochWrap))
+        try kernel.function.launchCooperative(
+            grid: Dim3(gridBlocks), block: Dim3(FusedKernel.threadsPerBlock), sharedBytes: dynamicSharedBytes,
+            streamHandle: call.stream, arguments: [KernelArgument(rawBytes: bytes, alignment: 8)],
+            gridSizedByCaller: true)
+        if options.synchronousErrors {
+            try device.driver.check(device.driver.streamSynchronize(call.stream), "cuStreamSynchronize")
+            try takeMirroredError(&st)
+        }
+    }
+
+    /// Checks a call's arguments against the operator; every failure names the argument and what it expects.
+    func validate(_ call: DeviceForward) throws {
+        func bad(_ m: String) -> MoEError { MoEError(.invalidInput, m) }
+        let s = call.tokens
+        guard s >= 0 else { throw bad("tokens must be at least 0, not \(s)") }
+        if let maxTokens, s > maxTokens {
+            throw bad("tokens = \(s) exceeds the operator's maxTokens = \(maxTokens): create it with a larger maxTokens")
+        }
+        if call.injectFault && !options.injectFault {
+            throw bad("injectFault needs an operator built with FusedOptions(injectFault: true) (a test build)")
+        }
+        var context: CUcontext?
+        let found = device.driver.streamGetContext(call.stream, &context)
+        guard found == CUDA_SUCCESS else {
+            throw bad("stream is not a valid CUDA stream (cuStreamGetCtx: \(device.driver.errorName(found) ?? "\(found.rawValue)"))")
+        }
+        guard context == device.context else {
+            throw bad("stream belongs to another CUDA context than GPU \(device.properties.ordinal)'s primary context: "
+                + "pass a stream of that device")
+        }
+        guard s > 0 else { return }
+        guard call.input != 0 else { throw bad("input is a null pointer: pass x [\(s), \(config.hiddenSize)]") }
+        guard call.output != 0 else { throw bad("output is a null pointer: pass y [\(s), \(config.hiddenSize)]") }
+        guard call.input % 16 == 0 else { throw bad("input must be 16-byte aligned (address \(call.input))") }
+        guard call.output % 16 == 0 else { throw bad("output must be 16-byte aligned (address \(call.output))") }
+        for (name, p) in [("topKIDs", call.topKIDs), ("topKWeights", call.topKWeights)] {
+            if let p {
+                guard p != 0 else { throw bad("\(name) is a null pointer: pass nil to keep it in the workspace") }
+                guard p % 4 == 0 else { throw bad("\(name) must be 4-byte aligned (address \(p))") }
+            }
+        }
+    }
+
+    // MARK: - Machinery
+
+    /// The arena for `tokens` tokens: the one allocated at creation, or (sized lazily) the current one, regrown
+    /// for a larger count.
+    func prepare(_ st: inout State, tokens s: Int) throws -> (FusedWorkspace, DeviceBuffer<UInt8>) {
+        if let ws = st.workspace, let arena = st.arena, ws.maxTokens >= s { return (ws, arena) }
+        st.arena = nil  // free the old arena before allocating the larger one
+        st.workspace = nil
+        let ws = FusedWorkspace(
+            spec: specialization, tokens: s, rowCapacity: s * config.topK,
+            partTokens: FusedWorkspace.partialLogitsTokens(
+                tokens: s, splitBlocks: gridBlocks, fixedSplit: options.gateSplit != nil))
+        let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
+        try arena.fill(byte: 0)
+        st.workspace = ws
+        st.arena = arena
+        return (ws, arena)
+    }
+
+    /// The error record a launch mirrored to the host, if any: then waits for the device (queued launches exit at
+    /// once: the abort flag is raised), zeroes the counters, the arena and the mirror (the epoch restarts at 1)
+    /// and throws the decoded record.
+    func takeMirroredError(_ st: inout State) throws {
+        guard mirror.code != 0 else { return }
+        try device.synchronize()
+        let record = mirror.bytes(count: Self.errorRecordBytes)
+        try control.fill(byte: 0)
+        if let arena = st.arena { try arena.fill(byte: 0) }
+        mirror.zero()
+        if let error = FusedKernelError.decode(record) { throw error }
+    }
+}

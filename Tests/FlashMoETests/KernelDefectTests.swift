@@ -1,0 +1,59 @@
+import Testing
+
+@testable import FlashMoE
+
+/// Issue 12's kernel defects, where the host side shows them without a GPU.
+@Suite struct KernelDefectTests {
+    static let spec = try! FusedSpecialization(config: MoEConfig(hiddenSize: 64, intermediateSize: 64, experts: 64, topK: 2))
+
+    /// Defect 1: the gate's split is chosen over all ranks' tokens and blocks, so each rank's partial logits must
+    /// hold split · S_r rows however the tokens are spread. Sized for one rank's blocks (the old rule), a rank with
+    /// 2100 of 4096 tokens over 8 × 16 blocks (split 4) overflowed its region.
+    @Test(arguments: [512, 1000, 2048, 4096, 8000])
+    func everyRankHoldsTheGlobalGateSplit(total: Int) {
+        let (ranks, perRank) = (8, 16)
+        let split = FusedKernel.gateSplit(tokens: total, blocks: ranks * perRank, gateTiles: 1)
+        for s in Set([0, 1, total / ranks, 2100, total / 2, total - 1, total]) where s <= total {
+            let ws = DistributedMoE.rankWorkspace(
+                spec: Self.spec, tokens: max(s, 1), totalTokens: total, localExperts: 8, blocksPerRank: perRank,
+                ranks: ranks, fixedSplit: false)
+            #expect(ws.holdsGateSplit(split, tokens: s), "split \(split), rank tokens \(s) of \(total)")
+        }
+    }
+
+    @Test func theOneRankSplitFitsTooAndAFixedSplitHoldsEveryToken() {
+        for s in [1, 127, 1024, 4096, 70_000] {
+            let split = FusedKernel.gateSplit(tokens: s, blocks: 132, gateTiles: 1)
+            let auto = FusedWorkspace(
+                spec: Self.spec, tokens: s, rowCapacity: s * 2,
+                partTokens: FusedWorkspace.partialLogitsTokens(tokens: s, splitBlocks: 132, fixedSplit: false))
+            #expect(auto.holdsGateSplit(split, tokens: s))
+            // A caller's fixed split of 4 applies at any S: the region holds every token per slice.
+            let fixed = FusedWorkspace(
+                spec: Self.spec, tokens: s, rowCapacity: s * 2,
+                partTokens: FusedWorkspace.partialLogitsTokens(tokens: s, splitBlocks: 132, fixedSplit: true))
+            #expect(fixed.holdsGateSplit(4, tokens: s))
+        }
+        // The check itself refuses what does not fit.
+        let small = FusedWorkspace(spec: Self.spec, tokens: 4096, rowCapacity: 8192, partTokens: 2048)
+        #expect(!small.holdsGateSplit(4, tokens: 4096) && small.holdsGateSplit(2, tokens: 4096))
+    }
+
+    /// Defect 5: a received row's origin packs the source rank above its pair index; the pair field is no longer a
+    /// fixed 24 bits but what the rank count leaves, and a rank past it is a typed error naming the rank.
+    @Test func pairLimitGrowsWithFewerRanksAndIsATypedError() throws {
+        #expect(DistributedMoE.pairLimit(ranks: 1) == 1 << 31)
+        #expect(DistributedMoE.pairLimit(ranks: 2) == 1 << 30)
+        #expect(DistributedMoE.pairLimit(ranks: 8) == 1 << 28)
+        #expect(DistributedMoE.pairLimit(ranks: 9) == 1 << 27)
+        #expect(DistributedMoE.pairLimit(ranks: 64) == 1 << 25)
+        // 2^24 pairs on a rank: refused by the old 24-bit packing, fine now.
+        try DistributedMoE.checkPairs(tokens: [1 << 21, 5], topK: 8, ranks: 2)
+        #expect {
+            try DistributedMoE.checkPairs(tokens: [3, 1 << 27], topK: 8, ranks: 2)
+        } throws: { error in
+            (error as? MoEError)?.kind == .unsupported && "\(error)".contains("rank 1")
+        }
+        #expect(throws: MoEError.self) { try DistributedMoE.checkPairs(tokens: [Int.max], topK: 16, ranks: 4) }
+    }
+}
