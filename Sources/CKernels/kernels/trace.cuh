@@ -1,7 +1,7 @@
 // Tracing builds of the fused kernel (FMOE_TRACE=1, `flashmoe bench --trace`): every block records %globaltimer at
 // the begin and end of its phases and of each gate, GEMM0, GEMM1 and combine task into a device buffer, which the
 // host decodes into a Chrome-trace timeline (Sources/FlashMoE/Fused/FusedTrace.swift). Without FMOE_TRACE every macro
-// below compiles to nothing, so the hooks in moe.cu cost the normal build nothing.
+// below compiles to nothing, so the one-line hooks in the phase headers cost the normal build nothing.
 //
 // Buffer (address and capacity in the module globals below, written by the host after loading the module, so Params
 // does not change): per block (blockIdx.x), 4 header words then `fmoe_trace_capacity` events of 4 words each.

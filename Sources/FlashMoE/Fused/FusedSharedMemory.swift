@@ -1,7 +1,7 @@
 /// The fused kernel's shared memory for one specialisation, computed on the host with the kernel's own formulas,
 /// and the choice of pipeline stages that makes it fit a GPU.
 ///
-/// The formulas are those of `moe.cu` (`DYNAMIC_SMEM`, `ROUTE_CHUNK`) and `gemm_tile.cuh` (`stage_bytes`,
+/// The formulas are those of `moe_params.cuh` (`DYNAMIC_SMEM`, `ROUTE_CHUNK`) and `gemm_tile.cuh` (`stage_bytes`,
 /// `c_bytes`): the larger of the two engines' rings (stages × (128 + BN) rows of 128 bytes) and staged FP32 tiles
 /// (128 × (BN + 4) floats), plus 1 KiB to align the stages. The host passes its value to NVRTC as
 /// `FMOE_DYNAMIC_SMEM` and the kernel `static_assert`s that its own formula gives the same bytes
@@ -9,7 +9,7 @@
 /// the scan's per-expert counts, a ranks launch's `Params` copy) is bounded from above here and reported exactly
 /// by ptxas; a test compiles specialisations and checks the bound.
 public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
-    /// The kernel's tile engine for the experts, which the target decides (`FMOE_WGMMA` in moe.cu).
+    /// The kernel's tile engine for the experts, which the target decides (`FMOE_WGMMA` in moe_params.cuh).
     public enum Engine: String, Sendable, Hashable {
         /// Hopper warpgroup MMA, 128×256 tiles (`sm_90a` only).
         case wgmma
