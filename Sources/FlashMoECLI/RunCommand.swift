@@ -50,9 +50,13 @@ struct RunCommand: ReportingCommand {
     @Option(help: "Write y [S, H] F32, topk_ids [S, k] I32 and topk_weights [S, k] F32 to this safetensors file.")
     var output: String?
 
+    @OptionGroup(title: "Ranks in separate processes")
+    var ranks: RankProcessOptions
+
     /// Runs the command on `context`, passing each report line to `emit`; returns the forward pass's result.
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> MoEOutput {
+        if ranks.isActive { return try executeRanks(context: context, emit: emit) }
         let progress = common.progress
         let source = try layerSource()
         let config = source.config
@@ -74,6 +78,7 @@ struct RunCommand: ReportingCommand {
         emit(LoadSummary(result.routing).text)
         emit("time: \(formatDecimal(elapsed.milliseconds, 2)) ms for the forward pass (wall clock)")
         emit(OutputNorms(result.output.floats()).text)
+        emit(NonFiniteSummary(input: x, output: result).text)
         if let output {
             try write(result, to: output)
             emit("wrote \(output) (y, topk_ids, topk_weights)")
@@ -82,7 +87,7 @@ struct RunCommand: ReportingCommand {
     }
 
     /// The layer source after checking that the options describe exactly one.
-    private func layerSource() throws -> LayerSource {
+    func layerSource() throws -> LayerSource {
         if let checkpoint {
             guard preset == nil else {
                 throw CLIError(
@@ -108,7 +113,7 @@ struct RunCommand: ReportingCommand {
     }
 
     /// The token count of a random input.
-    private func randomTokenCount(_ source: LayerSource) throws(CLIError) -> Int {
+    func randomTokenCount(_ source: LayerSource) throws(CLIError) -> Int {
         if let tokens {
             guard tokens >= 0 else { throw CLIError(.invalidValue, "--tokens must be 0 or more (got \(tokens))") }
             return tokens
@@ -121,7 +126,7 @@ struct RunCommand: ReportingCommand {
     }
 
     /// The `--input` tensor, checked against the layer's hidden size; nil without `--input`.
-    private func readInput(hidden: Int) throws(CLIError) -> HostTensor? {
+    func readInput(hidden: Int) throws(CLIError) -> HostTensor? {
         guard let path = input else { return nil }
         guard tokens == nil else {
             throw CLIError(.conflictingOptions, "give --input FILE or --tokens S, not both: the file fixes S")

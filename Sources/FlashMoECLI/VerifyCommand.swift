@@ -50,7 +50,9 @@ struct VerifyCommand: ParsableCommand {
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
         let limit = gpu.properties.sharedMemoryPerBlockOptIn
-        try Self.precompile(cases.map { ($0.config, 1) }, arch: gpu.properties.architecture, sharedMemoryPerBlock: limit)
+        try Self.precompile(
+            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)).map { ($0, 1) },
+            arch: gpu.properties.architecture, sharedMemoryPerBlock: limit)
         try Self.precompile(
             rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture,
             sharedMemoryPerBlock: limit)

@@ -173,6 +173,22 @@ def make_weights(pointers, layout):
     return w
 
 
+def layer_pair(lib, shape, precision, max_tokens, host, dev, layout, fields, cpu_fields=None):
+    """The same layer on the GPU (device copies `dev`) and on the CPU backend (host arrays `host`)."""
+    gpu = Layer(lib, make_config(shape, precision, CUDA, max_tokens, **fields),
+                make_weights({k: C.c_void_p(v) for k, v in dev.items()}, layout))
+    cpu = Layer(lib, make_config(shape, precision, CPU, max_tokens, **(cpu_fields or fields)),
+                make_weights({k: v.ctypes.data_as(C.c_void_p) for k, v in host.items()}, layout))
+    return gpu, cpu
+
+
+def release(drv, dev, *layers):
+    for p in dev.values():
+        drv.free(p)
+    for layer in layers:
+        layer.destroy()
+
+
 def gated_arrays(rng, H, I, E, IS):
     u = lambda shape, fan: rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(fan)
     return dict(router=u((E, H), H), gate=u((E, I, H), H), up=u((E, I, H), H), down=u((E, H, I), I),
@@ -248,14 +264,10 @@ def gated_case(lib, drv, precision, layout, out_float32, rng):
     host, dev = host_and_device_pointers(drv, arrays, precision, layout)
     name = f"gated {['fp32', 'tf32', 'bf16'][precision]} {['fused', 'separate'][layout]}" + \
         ("" if precision != BF16 else (" float32 y" if out_float32 else " bf16 y"))
-    gpu = Layer(lib, make_config((H, I, E, k), precision, CUDA, 128, **fields),
-                make_weights({k_: C.c_void_p(v) for k_, v in dev.items()}, layout))
+    gpu, cpu = layer_pair(lib, (H, I, E, k), precision, 128, host, dev, layout, fields)
     check(gpu.status == SUCCESS, f"{name}: GPU create ({gpu.message})")
-    for p in dev.values():  # the layer holds its own copy
-        drv.free(p)
-    cpu = Layer(lib, make_config((H, I, E, k), precision, CPU, 128, **fields),
-                make_weights({k_: v.ctypes.data_as(C.c_void_p) for k_, v in host.items()}, layout))
     check(cpu.status == SUCCESS, f"{name}: CPU create ({cpu.message})")
+    release(drv, dev)  # the GPU layer holds its own copy: its forwards below run after the caller's memory is gone
     if gpu.status == SUCCESS and cpu.status == SUCCESS:
         stream = drv.stream() if layout == 0 else None
         compare(name, run_layer(lib, drv, gpu, x, S, H, k, precision, out_float32, stream),
@@ -272,18 +284,12 @@ def plain_sigmoid_case(lib, drv, rng):
                   output=1)
     host, dev = host_and_device_pointers(drv, arrays, FP32, 0, float32_fields=("b1", "b2", "selection_bias"))
     x = rng.standard_normal((S, H)).astype(np.float32)
-    gpu = Layer(lib, make_config((H, I, E, k), FP32, CUDA, S, **fields),
-                make_weights({k_: C.c_void_p(v) for k_, v in dev.items()}, 0))
-    cpu = Layer(lib, make_config((H, I, E, k), FP32, CPU, S, **fields),
-                make_weights({k_: v.ctypes.data_as(C.c_void_p) for k_, v in host.items()}, 0))
+    gpu, cpu = layer_pair(lib, (H, I, E, k), FP32, S, host, dev, 0, fields)
     check(gpu.status == SUCCESS and cpu.status == SUCCESS, f"plain sigmoid: create ({gpu.message}{cpu.message})")
     if gpu.status == SUCCESS and cpu.status == SUCCESS:
         compare("plain sigmoid fp32", run_layer(lib, drv, gpu, x, S, H, k, FP32, True),
                 cpu_forward(lib, cpu, x, S, H, k, FP32), FP32)
-    for p in dev.values():
-        drv.free(p)
-    gpu.destroy()
-    cpu.destroy()
+    release(drv, dev, gpu, cpu)
 
 
 def argument_and_info_checks(lib, drv, gpu):
@@ -345,26 +351,19 @@ def fault_check(lib, drv, rng):
     H, I, E, k, IS, S = 256, 160, 8, 2, 96, 32
     host, dev = host_and_device_pointers(drv, gated_arrays(rng, H, I, E, IS), FP32, 0)
     fields = dict(shared_intermediate=IS, shared_gated=1, output=1, flags=FLAG_INJECT_FAULT, wait_budget_ms=200)
-    gpu = Layer(lib, make_config((H, I, E, k), FP32, CUDA, S, **fields),
-                make_weights({k_: C.c_void_p(v) for k_, v in dev.items()}, 0))
+    gpu, cpu = layer_pair(lib, (H, I, E, k), FP32, S, host, dev, 0, fields, cpu_fields={**fields, "flags": 0})
     check(gpu.status == SUCCESS, f"create with FLASHMOE_FLAG_INJECT_FAULT ({gpu.message})")
     if gpu.status != SUCCESS:
-        return
+        return release(drv, dev, gpu, cpu)
     x = rng.standard_normal((S, H)).astype(np.float32)
     st = run_layer(lib, drv, gpu, x, S, H, k, FP32, True)[0]
     check(st == SUCCESS, "the faulting forward is enqueued")
     st = lib.flashmoe_layer_check(gpu.handle, 1, None)
     msg = lib.flashmoe_last_error().decode()
     check(st == KERNEL and "gave up waiting" in msg, f"check reports the injected fault: status {st}, '{msg}'")
-    fields["flags"] = 0
-    cpu = Layer(lib, make_config((H, I, E, k), FP32, CPU, S, **fields),
-                make_weights({k_: v.ctypes.data_as(C.c_void_p) for k_, v in host.items()}, 0))
     compare("the forward after a fault", run_layer(lib, drv, gpu, x, S, H, k, FP32, True),
             cpu_forward(lib, cpu, x, S, H, k, FP32), FP32)
-    for p in dev.values():
-        drv.free(p)
-    gpu.destroy()
-    cpu.destroy()
+    release(drv, dev, gpu, cpu)
 
 
 def main():

@@ -39,6 +39,7 @@ typedef enum cudaError_enum {
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704,
     CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE = 720,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
     CUDA_ERROR_UNKNOWN = 999
 } CUresult;
 
@@ -174,6 +175,20 @@ typedef CUresult (*PFN_cuMemHostAlloc)(void **pp, size_t bytesize, unsigned int 
 typedef CUresult (*PFN_cuMemHostGetDevicePointer_v2)(CUdeviceptr *pdptr, void *p, unsigned int Flags);
 typedef CUresult (*PFN_cuMemFreeHost)(void *p);
 typedef CUresult (*PFN_cuStreamGetCtx)(CUstream hStream, CUcontext *pctx);
+
+// MARK: - Inter-process memory (IPC): one process per GPU (h7; keep this block together, other additions go above)
+
+/// An opaque handle naming a cuMemAlloc allocation of another process (cuda.h: CUipcMemHandle, 64 bytes).
+typedef struct CUipcMemHandle_st {
+    char reserved[64];
+} CUipcMemHandle;
+
+/// cuIpcOpenMemHandle flags (cuda.h: enum CUipcMem_flags_enum): enable peer access to the exporter's GPU lazily.
+enum { CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1 };
+
+typedef CUresult (*PFN_cuIpcGetMemHandle)(CUipcMemHandle *pHandle, CUdeviceptr dptr);
+typedef CUresult (*PFN_cuIpcOpenMemHandle_v2)(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags);
+typedef CUresult (*PFN_cuIpcCloseMemHandle)(CUdeviceptr dptr);
 
 // MARK: - NVRTC
 

@@ -14,6 +14,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
     /// How the entry points were resolved: "cuGetProcAddress_v2 (CUDA 12.0 ABI)" or "dlsym".
     public let resolution: String
     private let fn: Functions
+    private let ipc: IPCFunctions
 
     /// The process-wide driver, loaded and initialized on first use; the error says why there is none.
     public static let shared: Result<CUDADriver, CUDAError> = Result { () throws(CUDAError) in try load() }
@@ -37,6 +38,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         let resolver = try Resolver(library)
         resolution = resolver.viaProcAddress ? "cuGetProcAddress_v2 (CUDA 12.0 ABI)" : "dlsym"
         fn = try Functions(resolver)
+        ipc = try IPCFunctions(resolver)
     }
 
     // MARK: CUDADriverAPI
@@ -361,5 +363,34 @@ private struct Functions {
             "cuMemHostGetDevicePointer", "cuMemHostGetDevicePointer_v2", as: PFN_cuMemHostGetDevicePointer_v2.self)
         cuMemFreeHost = try r.resolve("cuMemFreeHost", "cuMemFreeHost", as: PFN_cuMemFreeHost.self)
         cuStreamGetCtx = try r.resolve("cuStreamGetCtx", "cuStreamGetCtx", as: PFN_cuStreamGetCtx.self)
+    }
+}
+
+// MARK: - Inter-process memory (one process per GPU; h7's block, keep it together)
+
+extension CUDADriver {
+    public func ipcGetMemHandle(_ handle: inout CUipcMemHandle, _ address: CUdeviceptr) -> CUresult {
+        ipc.cuIpcGetMemHandle(&handle, address)
+    }
+
+    public func ipcOpenMemHandle(_ address: inout CUdeviceptr, _ handle: CUipcMemHandle, _ flags: UInt32) -> CUresult {
+        ipc.cuIpcOpenMemHandle_v2(&address, handle, flags)
+    }
+
+    public func ipcCloseMemHandle(_ address: CUdeviceptr) -> CUresult { ipc.cuIpcCloseMemHandle(address) }
+}
+
+/// The IPC entry points (exported as `cuIpcGetMemHandle`, `cuIpcOpenMemHandle_v2`, `cuIpcCloseMemHandle`).
+private struct IPCFunctions {
+    let cuIpcGetMemHandle: PFN_cuIpcGetMemHandle
+    let cuIpcOpenMemHandle_v2: PFN_cuIpcOpenMemHandle_v2
+    let cuIpcCloseMemHandle: PFN_cuIpcCloseMemHandle
+
+    init(_ r: Resolver) throws(CUDAError) {
+        cuIpcGetMemHandle = try r.resolve("cuIpcGetMemHandle", "cuIpcGetMemHandle", as: PFN_cuIpcGetMemHandle.self)
+        cuIpcOpenMemHandle_v2 = try r.resolve(
+            "cuIpcOpenMemHandle", "cuIpcOpenMemHandle_v2", as: PFN_cuIpcOpenMemHandle_v2.self)
+        cuIpcCloseMemHandle = try r.resolve(
+            "cuIpcCloseMemHandle", "cuIpcCloseMemHandle", as: PFN_cuIpcCloseMemHandle.self)
     }
 }

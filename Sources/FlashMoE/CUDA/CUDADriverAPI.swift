@@ -138,6 +138,15 @@ public protocol CUDADriverAPI: AnyObject, Sendable {
     func memFreeHost(_ pointer: UnsafeMutableRawPointer) -> CUresult
     /// `cuStreamGetCtx`: the context a stream belongs to (nil: the legacy default stream of the current context).
     func streamGetContext(_ stream: CUstream?, _ context: inout CUcontext?) -> CUresult
+
+    // MARK: Inter-process memory (one process per GPU; h7's block, keep it together)
+
+    /// `cuIpcGetMemHandle`: a handle another process can open to map the `cuMemAlloc` allocation at `address`.
+    func ipcGetMemHandle(_ handle: inout CUipcMemHandle, _ address: CUdeviceptr) -> CUresult
+    /// `cuIpcOpenMemHandle_v2`: maps another process's allocation into the current context.
+    func ipcOpenMemHandle(_ address: inout CUdeviceptr, _ handle: CUipcMemHandle, _ flags: UInt32) -> CUresult
+    /// `cuIpcCloseMemHandle`: unmaps memory mapped by `ipcOpenMemHandle`.
+    func ipcCloseMemHandle(_ address: CUdeviceptr) -> CUresult
 }
 
 extension CUDADriverAPI {

@@ -70,6 +70,7 @@ public final class DistributedMoE: @unchecked Sendable {
     ///   - options: as for `FusedMoE` (`injectFault`: from the second call on, the last rank never flags its rows
     ///     for expert 0).
     public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
@@ -255,10 +256,9 @@ public final class DistributedMoE: @unchecked Sendable {
         if grew {
             st.arenas = []
             st.workspaces = (0..<placement.ranks).map { r in
-                Self.rankWorkspace(
-                    spec: specialization, tokens: max(tokens[r], 1), totalTokens: max(total, 1),
-                    localExperts: placement.experts(of: r).count, blocksPerRank: blocksPerRank,
-                    ranks: placement.ranks, fixedSplit: options.gateSplit != nil)
+                RankParts.workspace(
+                    specialization, placement: placement, rank: r, tokens: tokens[r], totalTokens: total,
+                    blocksPerRank: blocksPerRank, fixedSplit: options.gateSplit != nil)
             }
             st.arenas = try (0..<placement.ranks).map { r in
                 let a = try DeviceBuffer<UInt8>(device: device(ofRank: r), count: st.workspaces[r].byteCount)
@@ -268,12 +268,9 @@ public final class DistributedMoE: @unchecked Sendable {
             // Every rank's exchange buffers, as the kernel's Peer table (the same addresses on every GPU: UVA).
             var peerBytes: [UInt8] = []
             for r in 0..<placement.ranks {
-                let ws = st.workspaces[r], base = st.arenas[r].address
-                func at(_ region: FusedWorkspace.Region) -> UInt64 { base + UInt64(ws.offset(region)) }
-                peerBytes += FusedParams.encodePeer([
-                    at(.recv), at(.rowOrigin), at(.rowFlags), at(.allCounts), at(.countFlags), at(.ret),
-                    at(.pending), at(.target), at(.combineList), launches[plan.launch(of: r)].syncAddress(rank: r),
-                ])
+                peerBytes += RankParts.peerEntry(
+                    base: st.arenas[r].address, offsets: RankParts.peerOffsets(st.workspaces[r]),
+                    sync: launches[plan.launch(of: r)].syncAddress(rank: r))
             }
             for l in launches {
                 try l.peers.upload(peerBytes)
@@ -312,7 +309,7 @@ public final class DistributedMoE: @unchecked Sendable {
     private func writeTables(_ st: State, tokens: [Int]) throws {
         let c = layer.config
         let total = tokens.reduce(0, +)
-        let capacity = c.capacity.perExpert(tokens: total, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
+        let capacity = RankParts.capacity(c, totalTokens: total)
         let split = gateSplit(totalTokens: total)
         for r in 0..<placement.ranks where !st.workspaces[r].holdsGateSplit(split, tokens: tokens[r]) {
             throw MoEError(
@@ -324,16 +321,11 @@ public final class DistributedMoE: @unchecked Sendable {
         for l in launches {
             var bytes: [UInt8] = []
             for r in l.ranks {
-                let ws = st.workspaces[r], base = st.arenas[r].address
-                let pointers = ws.pointers(
-                    base: base, x: base + UInt64(ws.offset(.x)), weights: weights[r], control: l.syncAddress(rank: r),
-                    errorRecord: errorRecord, peers: l.peers.address)
-                bytes += FusedParams.encode(
-                    pointers: pointers,
-                    FusedParams.Scalars(
-                        tokens: tokens[r], capacity: capacity, rank: r, gateSplit: split, rowBlocks: ws.rowBlocks,
-                        maxTokens: ws.maxTokens, partRows: ws.partTokens, injectFault: options.injectFault, epoch: 0,
-                        budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget)))
+                bytes += RankParts.params(
+                    workspace: st.workspaces[r], base: st.arenas[r].address, weights: weights[r],
+                    sync: l.syncAddress(rank: r), errorRecord: errorRecord, peers: l.peers.address, tokens: tokens[r],
+                    capacity: capacity, rank: r, gateSplit: split, budget: options.waitBudget,
+                    injectFault: options.injectFault)
             }
             try l.table.upload(bytes)
         }
@@ -352,17 +344,9 @@ public final class DistributedMoE: @unchecked Sendable {
         st.epoch += 1
         for l in launches {
             if timed { try l.start.record(on: l.stream) }
-            let arguments: [KernelArgument] = [.pointer(l.table.address), .int32(Int32(blocksPerRank)), .uint64(st.epoch)]
-            let (grid, block) = (Dim3(blocksPerRank * l.ranks.count), Dim3(FusedKernel.threadsPerBlock))
-            if l.cooperative {
-                try l.kernel.function.launchCooperative(
-                    grid: grid, block: block, sharedBytes: l.kernel.dynamicSharedBytes, stream: l.stream,
-                    arguments: arguments, gridSizedByCaller: true)
-            } else {
-                try l.kernel.function.launch(
-                    grid: grid, block: block, sharedBytes: l.kernel.dynamicSharedBytes, stream: l.stream,
-                    arguments: arguments)
-            }
+            try RankParts.launch(
+                l.kernel, table: l.table.address, ranks: l.ranks.count, blocksPerRank: blocksPerRank, epoch: st.epoch,
+                cooperative: l.cooperative, stream: l.stream)
             if timed { try l.stop.record(on: l.stream) }
         }
     }
@@ -378,29 +362,9 @@ public final class DistributedMoE: @unchecked Sendable {
     }
 
     private func readOutput(_ st: State, rank r: Int) throws -> MoEOutput {
-        let c = layer.config
-        let (s, h, k, e) = (st.tokens[r], c.hiddenSize, c.topK, c.experts)
-        guard s > 0 else {
-            return MoEOutput(
-                output: .zeros(shape: [0, h]),
-                routing: Routing(tokens: 0, topK: k, expertIDs: [], weights: [], slots: [],
-                                 expertLoad: [Int](repeating: 0, count: e)))
-        }
-        let ws = st.workspaces[r], arena = st.arenas[r]
-        let y: [Float] = try FusedIO.read(arena, ws.offset(.y), count: s * h)
-        let ids: [Int32] = try FusedIO.read(arena, ws.offset(.ids), count: s * k)
-        let w: [Float] = try FusedIO.read(arena, ws.offset(.weights), count: s * k)
-        var slots: [Int32] = try FusedIO.read(arena, ws.offset(.slotRow), count: s * k)
-        let load: [Int32] = try FusedIO.read(arena, ws.offset(.expertLoad), count: e)
-        if placement.ranks == 1 {
-            // One rank runs the single-GPU path, which reports a pair's row; its slot is the row minus the
-            // expert's first row (with ranks the kernel reports the global slot itself).
-            let rowStart: [Int32] = try FusedIO.read(arena, ws.offset(.rowStart), count: e + 1)
-            for i in slots.indices where slots[i] >= 0 && ids[i] >= 0 { slots[i] -= rowStart[Int(ids[i])] }
-        }
-        return MoEOutput(
-            output: try HostTensor(shape: [s, h], float32: y),
-            routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: load.map(Int.init)))
+        try RankParts.readOutput(
+            layer.config, arena: st.arenas[r], workspace: st.workspaces[r], tokens: st.tokens[r],
+            singleRank: placement.ranks == 1)
     }
 }
 

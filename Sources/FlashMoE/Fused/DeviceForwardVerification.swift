@@ -23,6 +23,17 @@ extension Verifier {
     /// - a faulted launch (test build, `DeviceForward.injectFault`) surfacing as a `FusedKernelError` on the next
     ///   call, and (with a launch queued behind it) on `checkErrors(synchronizing:)`, each followed by a clean call
     ///   with the right bits.
+    /// The layers `deviceForwardChecks` runs (bf16 gated, fp32 E = 256 k = 2, tf32 gated), to compile ahead.
+    public static let deviceForwardConfigs: [MoEConfig] = {
+        let gated = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 16, topK: 4, ffn: .gated, activation: .silu,
+                              precision: .bf16)
+        let defect7 = MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
+                                router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32)
+        var tf32 = gated
+        tf32.precision = .tf32
+        return [gated, defect7, tf32]
+    }()
+
     public static func deviceForwardChecks(deviceOrdinal: Int, seed: UInt64 = 1) -> [DeviceForwardCheck] {
         var checks: [DeviceForwardCheck] = []
         func check(_ name: String, _ body: () throws -> (String?, String)) {
@@ -33,12 +44,7 @@ extension Verifier {
                 checks.append(DeviceForwardCheck(name: name, failure: "\(error)", detail: "error"))
             }
         }
-        let gated = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 16, topK: 4, ffn: .gated, activation: .silu,
-                              precision: .bf16)
-        let defect7 = MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
-                                router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32)
-        var tf32 = gated
-        tf32.precision = .tf32
+        let (gated, defect7, tf32) = (deviceForwardConfigs[0], deviceForwardConfigs[1], deviceForwardConfigs[2])
         for (name, config, tokens) in [("bf16 gated", gated, 200), ("fp32 E=256 k=2 S=700", defect7, 700),
                                        ("tf32 gated", tf32, 130)] {
             check("device forward = host forward (\(name))") {

@@ -3,9 +3,9 @@ import CCUDA
 /// The addresses of a layer's weights as the C ABI (include/flashmoe.h) passes them: matrices in the precision's
 /// storage type, biases and the selection bias in float32, row-major [out, in]. Device addresses for GPU layers,
 /// host addresses for CPU layers; the caller checked presence, shapes and alignment against the config.
-package struct WeightPointers: Sendable {
+public struct WeightPointers: Sendable {
     /// Where an FFN's first-layer matrices are (M matrices of R rows of C columns each).
-    package enum FirstLayer: Sendable {
+    public enum FirstLayer: Sendable {
         /// One tensor: gated, [M, 2R, C] with each matrix's R gate rows first and its R up rows next (transformers'
         /// fused `gate_up_proj`); plain, W1 [M, R, C].
         case fused(UInt64)
@@ -14,7 +14,7 @@ package struct WeightPointers: Sendable {
 
         /// The address of matrix `m`'s first gate (or plain W1) row and first up row (nil when plain). Within
         /// one matrix the R gate rows are contiguous, and so are the R up rows, in every layout.
-        package func rows(of m: Int, gated: Bool, rows r: Int, rowBytes: Int) -> (gate: UInt64, up: UInt64?) {
+        public func rows(of m: Int, gated: Bool, rows r: Int, rowBytes: Int) -> (gate: UInt64, up: UInt64?) {
             switch self {
             case .fused(let base):
                 guard gated else { return (base + UInt64(m * r * rowBytes), nil) }
@@ -28,22 +28,26 @@ package struct WeightPointers: Sendable {
     }
 
     /// [E, H].
-    package var router: UInt64
+    public var router: UInt64
     /// [E] float32, with the sigmoid router's selection bias.
-    package var selectionBias: UInt64?
+    public var selectionBias: UInt64?
     /// Experts' first layer: M = E, R = I, C = H.
-    package var firstLayer: FirstLayer
+    public var firstLayer: FirstLayer
     /// W2 [E, H, I].
-    package var down: UInt64
-    /// [E, I] and [E, H] float32 (plain FFN with bias).
-    package var b1: UInt64?
-    package var b2: UInt64?
-    /// The shared expert's first layer (M = 1, R = IS, C = H), W2 [H, IS] and sigmoid gate row [H].
-    package var sharedFirstLayer: FirstLayer?
-    package var sharedDown: UInt64?
-    package var sharedGate: UInt64?
+    public var down: UInt64
+    /// [E, I] float32 (plain FFN with bias).
+    public var b1: UInt64?
+    /// [E, H] float32 (plain FFN with bias).
+    public var b2: UInt64?
+    /// The shared expert's first layer (M = 1, R = IS, C = H).
+    public var sharedFirstLayer: FirstLayer?
+    /// The shared expert's W2 [H, IS].
+    public var sharedDown: UInt64?
+    /// The shared expert's sigmoid gate row [H] (a gated shared expert).
+    public var sharedGate: UInt64?
 
-    package init(
+    /// Addresses as described on each property; nil where the layer has no such tensor.
+    public init(
         router: UInt64, selectionBias: UInt64?, firstLayer: FirstLayer, down: UInt64, b1: UInt64?, b2: UInt64?,
         sharedFirstLayer: FirstLayer?, sharedDown: UInt64?, sharedGate: UInt64?
     ) {
@@ -66,7 +70,7 @@ extension FusedOperator {
     /// for what the copies cost.
     ///
     /// - Parameter maxTokens: the most tokens one forward may pass (the workspace is allocated for it now).
-    package convenience init(config: MoEConfig, pointers: WeightPointers, options: FusedOptions, maxTokens: Int)
+    public convenience init(config: MoEConfig, pointers: WeightPointers, options: FusedOptions, maxTokens: Int)
         throws
     {
         try self.init(config: config, options: options, maxTokens: maxTokens) { kernel in
@@ -122,6 +126,10 @@ extension FusedDeviceWeights {
             b2: try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, field: "b2") }, sharedW1: sharedW1,
             sharedW2: sharedW2)
         try device.synchronize()
+        // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
+        if let bias = self.selectionBias {
+            _ = try Router.checkedBias(try bias.download(as: Float.self, count: e), config: c)
+        }
     }
 }
 

@@ -57,6 +57,13 @@ final class FakeDriver: CUDADriverAPI {
         var hostMemory: [UInt: Int] = [:]
         /// The context each stream was created in.
         var streamContexts: [UInt: UInt] = [:]
+
+        /// IPC (h7): the fake processes this one can exchange handles with, its number among them, and the
+        /// mappings it opened (mapped address → the exporter's handle).
+        var ipcWorld: FakeIPCWorld?
+        var ipcProcess = 0
+        var ipcImports: [CUdeviceptr: CUipcMemHandle] = [:]
+        var nextImport: CUdeviceptr = 0x9000_0000
     }
 
     let state = Mutex(State())
@@ -139,7 +146,7 @@ final class FakeDriver: CUDADriverAPI {
     // MARK: Plumbing
 
     /// The injected failure for `method`, or, when `needsContext`, INVALID_CONTEXT if none is current here.
-    private func gate(_ method: String, needsContext: Bool = true) -> CUresult? {
+    fileprivate func gate(_ method: String, needsContext: Bool = true) -> CUresult? {
         state.withLock { s in
             s.calls.append(method)
             if let code = s.failures[method] { return code }
@@ -522,3 +529,87 @@ final class FakeDriver: CUDADriverAPI {
         }
     }
 }
+
+// MARK: - Inter-process memory (h7's block, keep it together)
+
+/// Fake processes that can open each other's IPC handles: each `FakeDriver` that joins is one process; a handle
+/// names its exporter's process and allocation, and opening it in another member maps it at a fresh address.
+final class FakeIPCWorld: Sendable {
+    private let members = Mutex<[FakeDriver]>([])
+
+    /// Makes `driver` a process of this world.
+    func join(_ driver: FakeDriver) {
+        let number = members.withLock {
+            $0.append(driver)
+            return $0.count
+        }
+        driver.state.withLock {
+            $0.ipcWorld = self
+            $0.ipcProcess = number
+        }
+    }
+
+    /// The member numbered `number` (from 1).
+    func member(_ number: Int) -> FakeDriver? {
+        members.withLock { number >= 1 && number <= $0.count ? $0[number - 1] : nil }
+    }
+}
+
+extension FakeDriver {
+    /// Mappings opened and not yet closed.
+    var liveImports: Int { state.withLock { $0.ipcImports.count } }
+
+    /// Whether `address` is the base of a live allocation.
+    func isLiveAllocation(_ address: CUdeviceptr) -> Bool { state.withLock { $0.memory[address] != nil } }
+
+    /// The handle's bytes: the allocation's address, then the exporting process's number.
+    static func decode(_ handle: CUipcMemHandle) -> (address: CUdeviceptr, process: Int) {
+        withUnsafeBytes(of: handle) { raw in
+            (raw.loadUnaligned(fromByteOffset: 0, as: UInt64.self), Int(raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
+        }
+    }
+
+    /// Like the driver: only the base of a live allocation has a handle; a driver outside any world has no IPC.
+    func ipcGetMemHandle(_ handle: inout CUipcMemHandle, _ address: CUdeviceptr) -> CUresult {
+        if let code = gate("ipcGetMemHandle") { return code }
+        let (process, live) = state.withLock { ($0.ipcProcess, $0.memory[address] != nil) }
+        guard process > 0 else { return CUDA_ERROR_NOT_SUPPORTED }
+        guard live else { return CUDA_ERROR_INVALID_VALUE }
+        handle = CUipcMemHandle()
+        withUnsafeMutableBytes(of: &handle) { raw in
+            raw.storeBytes(of: address, toByteOffset: 0, as: UInt64.self)
+            raw.storeBytes(of: UInt64(process), toByteOffset: 8, as: UInt64.self)
+        }
+        return CUDA_SUCCESS
+    }
+
+    /// Maps another member's live allocation at a fresh address; the exporter's own handle cannot be opened in the
+    /// exporting process (INVALID_CONTEXT, as the driver), an unknown or freed one is INVALID_VALUE.
+    func ipcOpenMemHandle(_ address: inout CUdeviceptr, _ handle: CUipcMemHandle, _ flags: UInt32) -> CUresult {
+        if let code = gate("ipcOpenMemHandle") { return code }
+        guard flags == CUDA_IPC_LAZY_FLAG else { return CUDA_ERROR_INVALID_VALUE }
+        let (exported, process) = Self.decode(handle)
+        let (world, mine) = state.withLock { ($0.ipcWorld, $0.ipcProcess) }
+        guard let world else { return CUDA_ERROR_NOT_SUPPORTED }
+        guard process != mine else { return CUDA_ERROR_INVALID_CONTEXT }
+        guard let exporter = world.member(process), exporter.isLiveAllocation(exported) else {
+            return CUDA_ERROR_INVALID_VALUE
+        }
+        address = state.withLock { s in
+            let a = s.nextImport
+            s.nextImport += 0x10_0000
+            s.ipcImports[a] = handle
+            return a
+        }
+        return CUDA_SUCCESS
+    }
+
+    func ipcCloseMemHandle(_ address: CUdeviceptr) -> CUresult {
+        if let code = gate("ipcCloseMemHandle") { return code }
+        return state.withLock { $0.ipcImports.removeValue(forKey: address) } == nil
+            ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS
+    }
+}
+
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`, the only flag the fake accepts (the one FlashMoE passes).
+private let CUDA_IPC_LAZY_FLAG = UInt32(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)

@@ -1,0 +1,94 @@
+import CCUDA
+
+/// The pieces a rank's launch is made of, shared by `DistributedMoE` (every rank in one process) and
+/// `RankProcessMoE` (one rank per process): its workspace, its entry of the kernel's `Peer` table, its `Params`,
+/// the launch, and reading its output back.
+enum RankParts {
+    /// The workspace of rank `r` for `tokens` own tokens and `totalTokens` over all ranks.
+    static func workspace(
+        _ spec: FusedSpecialization, placement: ExpertPlacement, rank r: Int, tokens: Int, totalTokens: Int,
+        blocksPerRank: Int, fixedSplit: Bool
+    ) -> FusedWorkspace {
+        DistributedMoE.rankWorkspace(
+            spec: spec, tokens: max(tokens, 1), totalTokens: max(totalTokens, 1),
+            localExperts: placement.experts(of: r).count, blocksPerRank: blocksPerRank, ranks: placement.ranks,
+            fixedSplit: fixedSplit)
+    }
+
+    /// The arena regions a rank's peers access, in the order of the kernel's `Peer` struct (its `sync` follows).
+    static let peerRegions: [FusedWorkspace.Region] = [
+        .recv, .rowOrigin, .rowFlags, .allCounts, .countFlags, .ret, .pending, .target, .combineList,
+    ]
+
+    /// The byte offsets of `peerRegions` in `workspace`.
+    static func peerOffsets(_ workspace: FusedWorkspace) -> [Int] { peerRegions.map(workspace.offset) }
+
+    /// A rank's `Peer` entry: its arena at `base` (region offsets `offsets`), its `Sync` at `sync`.
+    static func peerEntry(base: UInt64, offsets: [Int], sync: UInt64) -> [UInt8] {
+        FusedParams.encodePeer(offsets.map { base + UInt64($0) } + [sync])
+    }
+
+    /// A rank's `Params` (the epoch is the launch argument).
+    static func params(
+        workspace ws: FusedWorkspace, base: UInt64, weights: FusedDeviceWeights, sync: UInt64, errorRecord: UInt64,
+        peers: UInt64, tokens: Int, capacity: Int, rank: Int, gateSplit: Int, budget: Duration, injectFault: Bool = false
+    ) -> [UInt8] {
+        let pointers = ws.pointers(
+            base: base, x: base + UInt64(ws.offset(.x)), weights: weights, control: sync, errorRecord: errorRecord,
+            peers: peers)
+        return FusedParams.encode(
+            pointers: pointers,
+            FusedParams.Scalars(
+                tokens: tokens, capacity: capacity, rank: rank, gateSplit: gateSplit, rowBlocks: ws.rowBlocks,
+                maxTokens: ws.maxTokens, partRows: ws.partTokens, injectFault: injectFault, epoch: 0,
+                budgetNanoseconds: FusedParams.nanoseconds(budget)))
+    }
+
+    /// The per-expert capacity over `totalTokens` global tokens (Int32.max when dropless).
+    static func capacity(_ c: MoEConfig, totalTokens: Int) -> Int {
+        c.capacity.perExpert(tokens: totalTokens, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
+    }
+
+    /// Queues `fmoe_forward_ranks` for the `ranks` ranks of `table` in epoch `epoch`.
+    static func launch(
+        _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, epoch: UInt64, cooperative: Bool,
+        stream: CUDAStream
+    ) throws {
+        let arguments: [KernelArgument] = [.pointer(table), .int32(Int32(blocksPerRank)), .uint64(epoch)]
+        let (grid, block) = (Dim3(blocksPerRank * ranks), Dim3(FusedKernel.threadsPerBlock))
+        if cooperative {
+            try kernel.function.launchCooperative(
+                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, stream: stream,
+                arguments: arguments, gridSizedByCaller: true)
+        } else {
+            try kernel.function.launch(
+                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, stream: stream, arguments: arguments)
+        }
+    }
+
+    /// Rank output of `tokens` tokens from its arena. `singleRank`: the one-rank path reports a pair's row, which
+    /// becomes its slot here (with ranks the kernel reports the global slot itself).
+    static func readOutput(
+        _ c: MoEConfig, arena: DeviceBuffer<UInt8>, workspace ws: FusedWorkspace, tokens s: Int, singleRank: Bool
+    ) throws -> MoEOutput {
+        let (h, k, e) = (c.hiddenSize, c.topK, c.experts)
+        guard s > 0 else {
+            return MoEOutput(
+                output: .zeros(shape: [0, h]),
+                routing: Routing(tokens: 0, topK: k, expertIDs: [], weights: [], slots: [],
+                                 expertLoad: [Int](repeating: 0, count: e)))
+        }
+        let y: [Float] = try FusedIO.read(arena, ws.offset(.y), count: s * h)
+        let ids: [Int32] = try FusedIO.read(arena, ws.offset(.ids), count: s * k)
+        let w: [Float] = try FusedIO.read(arena, ws.offset(.weights), count: s * k)
+        var slots: [Int32] = try FusedIO.read(arena, ws.offset(.slotRow), count: s * k)
+        let load: [Int32] = try FusedIO.read(arena, ws.offset(.expertLoad), count: e)
+        if singleRank {
+            let rowStart: [Int32] = try FusedIO.read(arena, ws.offset(.rowStart), count: e + 1)
+            for i in slots.indices where slots[i] >= 0 && ids[i] >= 0 { slots[i] -= rowStart[Int(ids[i])] }
+        }
+        return MoEOutput(
+            output: try HostTensor(shape: [s, h], float32: y),
+            routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: load.map(Int.init)))
+    }
+}

@@ -1,0 +1,279 @@
+import CCUDA
+import Synchronization
+
+/// One rank of an expert-parallel layer whose ranks run in separate processes on one node, one process per GPU
+/// (or several processes sharing a GPU, whose contexts then time-slice): the way torchrun, vLLM or Megatron run.
+///
+/// Each process owns its rank: its GPU, its experts' weights, its receive and return buffers, flags and counters.
+/// `create` meets the other ranks through a `Rendezvous`, checks that every rank has the same layer, driver, node
+/// and token limit (`RankGroupCheck`), allocates this rank's buffers for `maxTokens` tokens per rank, and maps
+/// every peer's with CUDA IPC (`IPCPeerTable`); any mismatch or mapping failure is a typed error on every rank
+/// before any launch. `forward` then launches this rank's share of the same kernel `DistributedMoE` runs (one rank
+/// per launch, the peer table built from the mapped addresses); ranks meet on the device through the epoch-tagged
+/// flags, so every process calls `forward` once per step with its own tokens. With the same global tokens the
+/// outputs are bitwise those of a single-rank `FusedMoE` given `gateSplit(totalTokens:)`.
+///
+/// After a kernel error (a peer died or stopped calling), this rank is unusable: the shared error record and the
+/// flags are mid-protocol on every rank, so the group must be created again.
+public final class RankProcessMoE: @unchecked Sendable {
+    // @unchecked: immutable handles plus `state`, a Mutex.
+
+    /// The layer (all experts are described; this rank uploads its own).
+    public let layer: MoELayer
+    /// How this process meets the others (a `Rendezvous`, or a framework's all-gather).
+    public let rendezvous: any RankExchange
+    /// Where each expert lives.
+    public let placement: ExpertPlacement
+    /// The operator's options (`deviceOrdinal` is this rank's GPU).
+    public let options: FusedOptions
+    /// The most tokens any rank may pass to one call.
+    public let maxTokens: Int
+    /// Blocks of this rank's launch (the smallest cooperative grid among the ranks, so all ranks split alike).
+    public let blocksPerRank: Int
+    /// This rank.
+    public var rank: Int { rendezvous.rank }
+    /// The GPU of this rank.
+    public var device: CUDADevice { kernel.device }
+
+    private let specialization: FusedSpecialization
+    private let kernel: FusedKernel
+    private let stream: CUDAStream
+    private let weights: FusedDeviceWeights
+    private let workspace: FusedWorkspace
+    /// The workspace, then (at `controlOffset`) this rank's `Sync` (256 bytes) and 256 bytes of error record (the
+    /// group's, on rank 0): one allocation, so a peer maps one handle.
+    private let arena: DeviceBuffer<UInt8>
+    private var controlOffset: Int { workspace.byteCount }
+    private var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
+    private let table: DeviceBuffer<UInt8>
+    private let peers: DeviceBuffer<UInt8>
+    private let peerTable: IPCPeerTable
+
+    private struct State {
+        var tokens: [Int] = []
+        var epoch: UInt64 = 0
+        var failure: String?
+        var closed = false
+    }
+    private let state = Mutex(State())
+
+    /// Creates this process's rank of the group that `rendezvous` joined.
+    ///
+    /// - Parameters:
+    ///   - maxTokens: the most tokens one call may pass on any rank (the receive buffers are sized for every rank
+    ///     sending this many); the same on every rank.
+    ///   - options: `deviceOrdinal` is this rank's GPU; `waitBudget` bounds every device wait (raise it when
+    ///     processes share a GPU); `injectFault` builds the test kernel in which, from the second call on, the last
+    ///     rank never flags its rows for expert 0.
+    /// - Throws: `RendezvousError` (a rank out of range, duplicate, missing, another world size, layer, driver or
+    ///   node, E < ranks), `PeerMappingError`, `MoEError`, `CUDAError`. When this rank fails before the others
+    ///   know, it posts why, so they fail with its reason instead of waiting out the rendezvous timeout.
+    public static func create(
+        rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions()
+    ) throws -> RankProcessMoE {
+        do {
+            return try RankProcessMoE(rendezvous: rendezvous, layer: layer, maxTokens: maxTokens, options: options)
+        } catch let error as RendezvousError {
+            if case .aborted = error.kind {} else { rendezvous.abort(error.message) }
+            throw error
+        } catch {
+            rendezvous.abort("rank \(rendezvous.rank) could not start: \(error)")
+            throw error
+        }
+    }
+
+    private init(rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions) throws {
+        let world = rendezvous.worldSize, me = rendezvous.rank
+        guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
+        guard layer.config.experts >= world else {
+            throw RendezvousError(
+                .invalidWorld,
+                "\(world) ranks need at least \(world) experts to place, the layer has \(layer.config.experts): "
+                    + "use at most \(layer.config.experts) ranks")
+        }
+        self.layer = layer
+        self.rendezvous = rendezvous
+        self.options = options
+        self.maxTokens = maxTokens
+        let placement = try ExpertPlacement(experts: layer.config.experts, ranks: world)
+        self.placement = placement
+        // Cheap checks first: a mismatched rank costs nobody a kernel compile.
+        let driver = try CUDADriver.shared.get()
+        var version: Int32 = 0
+        try driver.check(driver.driverGetVersion(&version), "cuDriverGetVersion")
+        _ = try RankGroupCheck(
+            layer: layer, driverVersion: Int(version), host: Rendezvous.hostName(), maxTokens: maxTokens
+        ).exchange(rendezvous)
+
+        let spec = try FusedSpecialization(
+            config: layer.config, stages: options.stages, ranks: world, injectFault: options.injectFault ? 2 : 0,
+            phaseTimes: options.recordPhaseTimes)
+        specialization = spec
+        let k = try FusedKernel(
+            specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)
+        kernel = k
+        // Every rank sizes its grid to the smallest rank's, so the gate splits alike everywhere.
+        let grids = try rendezvous.allGather("grid", Array("\(k.gridLimit)".utf8)).map {
+            Int(String(decoding: $0, as: UTF8.self)) ?? 0
+        }
+        blocksPerRank = grids.min() ?? 0
+        guard blocksPerRank >= 1 else { throw MoEError(.unsupported, "a rank's GPU cannot hold one block of the kernel") }
+
+        stream = try CUDAStream(device: k.device, nonBlocking: false)
+        weights = try FusedDeviceWeights(
+            layer: layer, experts: placement.experts(of: me), device: k.device, packRows: k.packRows)
+        workspace = RankParts.workspace(
+            spec, placement: placement, rank: me, tokens: maxTokens, totalTokens: maxTokens * world,
+            blocksPerRank: k.gridLimit, fixedSplit: options.gateSplit != nil)
+        arena = try DeviceBuffer<UInt8>(device: k.device, count: workspace.byteCount + 512)
+        try arena.fill(byte: 0)
+        try k.device.synchronize()  // zeroed before any peer can map and write into it
+        peerTable = try IPCPeerTable(
+            rendezvous: rendezvous, device: k.device, arena: arena, controlOffset: workspace.byteCount,
+            offsets: RankParts.peerOffsets(workspace))
+        table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
+        peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
+        try peers.upload(peerTable.peerTable)
+    }
+
+    /// The gate's K split for `totalTokens` global tokens (pass it to a single-rank `FusedMoE` for a bitwise
+    /// comparison).
+    public func gateSplit(totalTokens: Int) -> Int {
+        options.gateSplit ?? kernel.gateSplit(tokens: totalTokens, blocks: blocksPerRank * placement.ranks)
+    }
+
+    /// One forward of this rank's tokens `x` [S_r, H] (S_r may be 0); every rank must call it once per step.
+    ///
+    /// - Parameter tokensPerRank: every rank's token count this step, when the caller knows them (the global
+    ///   capacity and gate split depend on the total); nil all-gathers them through the rendezvous store (one
+    ///   host round trip per call).
+    /// - Returns: this rank's output and routing (slots are global, over all ranks' tokens in rank order).
+    /// - Throws: `DistributedError` when a device wait expired (a peer died or stopped calling); the rank is then
+    ///   unusable. `MoEError` for bad input, `RendezvousError` from the count all-gather.
+    public func forward(_ x: HostTensor, tokensPerRank: [Int]? = nil) throws -> MoEOutput {
+        try layer.checkInput(x)
+        let s = x.shape[0]
+        guard s <= maxTokens else {
+            throw MoEError(.invalidInput, "rank \(rank) got \(s) tokens; this group was created for at most \(maxTokens)")
+        }
+        return try state.withLock { st in
+            if st.closed { throw MoEError(.invalidConfig, "rank \(rank) was closed") }
+            if let failure = st.failure {
+                throw MoEError(.invalidConfig, "rank \(rank) is unusable after an earlier failure (\(failure)): create the group again")
+            }
+            let counts = try tokensPerRank ?? gatherCounts(s)
+            try check(counts, own: s)
+            let c = layer.config
+            if counts != st.tokens {
+                let total = counts.reduce(0, +)
+                try table.upload(RankParts.params(
+                    workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
+                    errorRecord: peerTable.errorRecordAddress, peers: peers.address, tokens: s,
+                    capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
+                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
+                st.tokens = counts
+            }
+            if st.epoch >= options.epochWrap {  // before the upload: the wrap clears the arena past x
+                try wrapEpoch()
+                st.epoch = 0
+            }
+            if s > 0 {
+                try x.converted(to: c.precision.storage).withUnsafeBytes { try arena.upload($0, at: workspace.offset(.x)) }
+                if options.poisonOutput {
+                    try FusedIO.poison(arena, offset: workspace.offset(.y), floats: s * c.hiddenSize, device: device)
+                }
+            }
+            st.epoch += 1
+            try RankParts.launch(
+                kernel, table: table.address, ranks: 1, blocksPerRank: blocksPerRank, epoch: st.epoch,
+                cooperative: true, stream: stream)
+            try stream.synchronize()
+            if let error = try readErrorRecord() {
+                let failure = DistributedError(kernel: error, placement: placement)
+                st.failure = "\(failure)"
+                throw failure
+            }
+            return try RankParts.readOutput(c, arena: arena, workspace: workspace, tokens: s, singleRank: false)
+        }
+    }
+
+    /// Leaves the group: waits (within the rendezvous timeout) until every rank is idle, unmaps the peers, and
+    /// waits until every rank has unmapped, so no rank frees memory another still maps (this rank's buffers are
+    /// freed when the object goes away). After a failure it only unmaps and closes the store: the peers may be
+    /// gone. A second call does nothing.
+    public func close() throws {
+        let (failed, closed) = state.withLock { st in
+            defer { st.closed = true }
+            return (st.failure != nil, st.closed)
+        }
+        guard !closed else { return }
+        defer {
+            peerTable.unmap()
+            rendezvous.close()
+        }
+        guard !failed else { return }
+        try stream.synchronize()
+        try rendezvous.barrier("close: every rank idle")
+        peerTable.unmap()
+        try rendezvous.barrier("close: every rank unmapped")
+    }
+
+    // MARK: - Machinery
+
+    private func gatherCounts(_ s: Int) throws -> [Int] {
+        try rendezvous.allGather("token counts", Array("\(s)".utf8)).map { Int(String(decoding: $0, as: UTF8.self)) ?? -1 }
+    }
+
+    private func check(_ counts: [Int], own s: Int) throws {
+        guard counts.count == placement.ranks else {
+            throw MoEError(.invalidInput, "give one token count per rank: \(placement.ranks) ranks, \(counts.count) counts")
+        }
+        guard counts[rank] == s else {
+            throw MoEError(.invalidInput, "tokensPerRank[\(rank)] is \(counts[rank]) but this rank's input has \(s) tokens")
+        }
+        if let (q, n) = counts.enumerated().first(where: { $0.element < 0 || $0.element > maxTokens }) {
+            throw MoEError(.invalidInput, "rank \(q) has \(n) tokens; this group allows 0...\(maxTokens) per rank")
+        }
+        guard counts.reduce(0, +) * layer.config.topK < 1 << 24 else {
+            throw MoEError(.unsupported, "the ranks' kernel addresses at most 2^24 (token, expert) pairs per rank")
+        }
+    }
+
+    /// The flags carry a 32-bit epoch: before it would overflow, every rank stops, zeroes its counters and flags
+    /// and starts again from 1, with barriers on both sides so no peer writes into memory being cleared.
+    private func wrapEpoch() throws {
+        try stream.synchronize()
+        try rendezvous.barrier("epoch wrap: all idle")
+        try arena.fill(byte: 0, at: controlOffset, count: 512)
+        try workspace.clearState(of: arena)
+        try device.synchronize()
+        try rendezvous.barrier("epoch wrap: all cleared")
+    }
+
+    /// The group's error record (rank 0's, mapped here), or nil when no rank reported an error.
+    private func readErrorRecord() throws -> FusedKernelError? {
+        var bytes = [UInt8](repeating: 0, count: 40)
+        try device.makeCurrent()
+        let driver = device.driver, address = peerTable.errorRecordAddress
+        let result = bytes.withUnsafeMutableBytes { driver.memcpyDtoH($0.baseAddress!, address, 40, nil) }
+        try driver.check(result, "cuMemcpyDtoH_v2(error record of rank 0)")
+        return FusedKernelError.decode(bytes)
+    }
+}
+
+extension RankProcessMoE {
+    /// Whether two outputs have the same bits: y, expert ids, weights and slots (the ranks' contract with one rank).
+    public static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool { Verifier.sameBits(a, b) }
+
+    /// Tokens `range` of `output` (a single-rank run over the global tokens), to compare with one rank's part.
+    public static func rows(of output: MoEOutput, _ range: Range<Int>) throws -> MoEOutput {
+        let (k, r) = (output.routing.topK, output.routing)
+        let pairs = range.lowerBound * k..<range.upperBound * k
+        return MoEOutput(
+            output: try output.output.slice(range),
+            routing: Routing(
+                tokens: range.count, topK: k, expertIDs: Array(r.expertIDs[pairs]), weights: Array(r.weights[pairs]),
+                slots: Array(r.slots[pairs]), expertLoad: r.expertLoad))
+    }
+}
