@@ -31,15 +31,20 @@ public enum KernelCatalog {
     /// the driver work before any MoE kernel is built.
     ///
     /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
-    /// router. A config the GPU kernel does not support (see `FusedSpecialization`) contributes no MoE kernel.
-    public static func specializations(for config: MoEConfig) -> [KernelSpec] {
-        [selfTest] + ((try? FusedSpecialization(config: config)).map { [$0.kernelSpec] } ?? [])
+    /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`). A config the GPU
+    /// kernel does not support there (see `FusedSpecialization`) contributes no MoE kernel.
+    public static func specializations(
+        for config: MoEConfig, arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
+        [selfTest] + ((try? FusedSpecialization(config: config, arch: arch)).map { [$0.kernelSpec] } ?? [])
     }
 
-    /// The union of the specializations of `configs`, each once, in first-seen order.
-    public static func specializations(for configs: [MoEConfig]) -> [KernelSpec] {
+    /// The union of the specializations of `configs` for `arch`, each once, in first-seen order.
+    public static func specializations(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
         var result: [KernelSpec] = []
-        for spec in configs.flatMap(specializations(for:)) where !result.contains(spec) {
+        for spec in configs.flatMap({ specializations(for: $0, arch: arch) }) where !result.contains(spec) {
             result.append(spec)
         }
         return result

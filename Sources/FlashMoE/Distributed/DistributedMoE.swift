@@ -76,8 +76,10 @@ public final class DistributedMoE: @unchecked Sendable {
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
         let p = try RankLaunchPlan(ranks: ranks, devices: devices ?? [options.deviceOrdinal])
         plan = p
+        let target = try FusedDeviceTarget(ordinals: p.devices)
         let spec = try FusedSpecialization(
-            config: layer.config, stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
+            config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
+            stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
             phaseTimes: options.recordPhaseTimes)
         specialization = spec
         let kernels = try p.devices.map {

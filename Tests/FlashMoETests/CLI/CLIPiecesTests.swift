@@ -88,7 +88,7 @@ import Testing
         }
     }
 
-    /// The floors DESIGN.md §6 lists, from the same method and rates.
+    /// The floors docs/performance.md lists, from the same method and rates.
     @Test func rooflineMatchesTheDesignTable() {
         var e64 = Preset.paperE64.config
         e64.precision = .tf32
