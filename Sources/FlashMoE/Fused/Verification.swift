@@ -79,6 +79,14 @@ public enum Verifier {
         -> VerificationResult
     {
         let (layer, x) = try makeProblem(c)
+        return try run(c, layer: layer, input: x, makeOperator: makeOperator)
+    }
+
+    /// Runs a case on a layer and input the caller made (the fuzzer's tie cases edit `makeProblem`'s router):
+    /// two forwards of the operator, the oracle, and `compare`.
+    public static func run(
+        _ c: VerificationCase, layer: MoELayer, input x: HostTensor, makeOperator: (MoELayer) throws -> any MoEBackend
+    ) throws -> VerificationResult {
         let gpu = try makeOperator(layer)
         let clock = ContinuousClock()
         let t0 = clock.now

@@ -1,0 +1,179 @@
+import ArgumentParser
+import FlashMoE
+
+/// `flashmoe fuzz`: random layers (every router, FFN, activation, precision, capacity, shared expert, E, k, H, I,
+/// token counts leaning to the edges, ranks with and without empty ones) against the Float64 oracle with
+/// `flashmoe verify`'s checks. Each case is a pure function of (seed, index); failures print the line that replays
+/// them.
+struct FuzzCommand: ReportingCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fuzz",
+        abstract: "Random layers against the Float64 oracle (exits non-zero on any failure).",
+        discussion: """
+            Case I of seed S is a pure function of (S, I): `flashmoe fuzz --seed S --case I` replays it. Shapes come \
+            from a pool of \(FuzzShape.poolSize) per seed (the GPU compiles one kernel per shape, in parallel, into \
+            the cubin cache); token counts, capacity, ties, rank splits, weights and inputs are fresh per case, and \
+            each case's size is budgeted so the CPU oracle stays fast. A failing case prints \
+            `case I seed S: <layer>: <why>`; the last line is `fuzz: N passed, M failed`.
+
+            --backend cpu checks the fast FP32 CPU path (shapes with ranks run as one rank there); --backend cuda the \
+            fused GPU operator, and the shapes with ranks through DistributedMoE on one GPU.
+            """)
+
+    /// The backend under test.
+    enum Backend: String, CaseIterable, ExpressibleByArgument {
+        /// CUDA when a GPU is usable, else the CPU.
+        case auto
+        /// The fast FP32 CPU path.
+        case cpu
+        /// The fused GPU operator (and DistributedMoE for shapes with ranks).
+        case cuda
+    }
+
+    @Option(help: "Cases to run (indices 0..<N).")
+    var cases = 200
+
+    @Option(help: "The run seed: case I of seed S is always the same case.")
+    var seed: UInt64 = 1
+
+    @Option(help: "auto: CUDA when a GPU is usable, else the CPU.")
+    var backend: Backend = .auto
+
+    @Option(help: "Stop starting cases after this many seconds (the cases run so far are reported).")
+    var maxSeconds: Double?
+
+    @Option(name: .customLong("case"), help: "Run only case I (replays a failure).")
+    var caseIndex: Int?
+
+    @Option(help: "The GPU to run on.")
+    var device = 0
+
+    @Flag(help: "Print every case, not only the failures.")
+    var verbose = false
+
+    /// What a run counted.
+    struct Summary: Equatable {
+        var passed = 0
+        var failed = 0
+        var notRun = 0
+    }
+
+    @discardableResult
+    func execute(context: MachineContext, emit: (String) -> Void) throws -> Summary {
+        let indices = try selectedIndices()
+        let list = indices.map { FuzzCase(seed: seed, index: $0) }
+        let target = try FuzzTarget.make(backend, device: device, context: context, cases: list, emit: emit)
+        emit("fuzz: \(list.count) case\(list.count == 1 ? "" : "s") of seed \(seed) on \(target.description)")
+
+        let clock = ContinuousClock()
+        let start = clock.now
+        var summary = Summary()
+        for (n, c) in list.enumerated() {
+            if let maxSeconds, (clock.now - start).milliseconds > maxSeconds * 1000 {
+                summary.notRun = list.count - n
+                emit("fuzz: stopped after \(formatSeconds(clock.now - start)) (--max-seconds \(maxSeconds)): "
+                    + "\(n) of \(list.count) cases ran")
+                break
+            }
+            var failure: String?
+            var lost = false
+            do {
+                let outcome = try target.run(c)
+                failure = outcome.failure
+                if verbose && outcome.passed {
+                    emit("case \(c.index) seed \(seed): \(c.summary): passed, rel.err \(VerifyTable.sci(outcome.relativeError))")
+                }
+            } catch {
+                failure = "error: \(error)"
+                lost = FuzzTarget.contextLost(error)
+            }
+            if let failure {
+                summary.failed += 1
+                emit("case \(c.index) seed \(seed): \(c.summary): \(failure)")
+            } else {
+                summary.passed += 1
+            }
+            if lost {
+                summary.notRun = list.count - n - 1
+                emit("fuzz: the CUDA context is lost after case \(c.index); the \(summary.notRun) later cases cannot run "
+                    + "in this process: replay this one with --seed \(seed) --case \(c.index), then rerun")
+                break
+            }
+            if (n + 1) % 250 == 0 {
+                Progress(logger: .commandLine(verbose: false)).logger.notice(
+                    "fuzz: \(n + 1) of \(list.count) cases, \(summary.failed) failed, \(formatSeconds(clock.now - start))")
+            }
+        }
+        let ran = summary.passed + summary.failed
+        let elapsed = (clock.now - start).milliseconds / 1000
+        emit("fuzz: \(ran) cases in \(formatDecimal(elapsed, 1)) s (\(formatDecimal(Double(ran) / max(elapsed, 1e-9), 1)) "
+            + "cases/s)")
+        emit("fuzz: \(summary.passed) passed, \(summary.failed) failed")
+        if summary.failed > 0 { throw ExitCode.failure }
+        return summary
+    }
+
+    private func selectedIndices() throws(CLIError) -> [Int] {
+        if let caseIndex {
+            guard caseIndex >= 0 else { throw CLIError(.invalidValue, "--case must be 0 or more (got \(caseIndex))") }
+            return [caseIndex]
+        }
+        guard cases >= 0 else { throw CLIError(.invalidValue, "--cases must be 0 or more (got \(cases))") }
+        if let maxSeconds, !(maxSeconds > 0) {
+            throw CLIError(.invalidValue, "--max-seconds must be positive (got \(maxSeconds))")
+        }
+        return Array(0..<cases)
+    }
+}
+
+/// Where the fuzz cases run: the fast CPU path, or the GPU operators on one device.
+struct FuzzTarget {
+    let description: String
+    let makeOperator: (MoELayer) throws -> any MoEBackend
+    let runRanks: ((RankVerificationCase) throws -> RankVerificationResult)?
+
+    func run(_ c: FuzzCase) throws -> FuzzOutcome {
+        try c.run(makeOperator: makeOperator, runRanks: runRanks)
+    }
+
+    /// The target for `backend`; on CUDA, first compiles every kernel the cases need (in parallel, cached).
+    static func make(
+        _ backend: FuzzCommand.Backend, device: Int, context: MachineContext, cases: [FuzzCase], emit: (String) -> Void
+    ) throws -> FuzzTarget {
+        var useCUDA = backend == .cuda
+        if backend == .auto {
+            let status = context.gpu()
+            useCUDA = status.unusableReason == nil && status.deviceNames.indices.contains(device)
+            if !useCUDA { emit("fuzz: CUDA not usable (\(status.unusableReason ?? "no GPU \(device)")): the CPU backend") }
+        }
+        guard useCUDA else {
+            return FuzzTarget(
+                description: "the cpu backend (fast FP32; shapes with ranks run as one rank)",
+                makeOperator: { try CPUBackend(layer: $0, mode: .fast) }, runRanks: nil)
+        }
+        let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
+        var specs: [(MoEConfig, Int)] = []
+        for c in cases {
+            specs.append((c.config, 1))
+            if let r = c.shape.ranks { specs.append((c.config, r)) }
+        }
+        try VerifyCommand.precompile(specs, arch: gpu.properties.architecture)
+        var options = cudaOptions(deviceOrdinal: device)
+        options.poisonOutput = true
+        return FuzzTarget(
+            description: "cuda (GPU \(device): \(gpu.properties.name); shapes with ranks through DistributedMoE)",
+            makeOperator: { [options] in try FusedMoE(layer: $0, options: options) },
+            runRanks: { try Verifier.runRanks($0, deviceOrdinal: device) })
+    }
+
+    /// Whether `error` leaves the CUDA context unusable (a fault inside a kernel): later cases cannot run.
+    static func contextLost(_ error: any Error) -> Bool {
+        guard case .driver(_, _, let name, _, _)? = error as? CUDAError else { return false }
+        return [
+            "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_ILLEGAL_INSTRUCTION", "CUDA_ERROR_LAUNCH_FAILED",
+            "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC",
+            "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_ASSERT", "CUDA_ERROR_LAUNCH_TIMEOUT",
+            "CUDA_ERROR_ECC_UNCORRECTABLE",
+        ].contains(name)
+    }
+}
