@@ -69,6 +69,7 @@ public final class DistributedMoE: @unchecked Sendable {
     ///   - options: as for `FusedMoE` (`injectFault`: from the second call on, the last rank never flags its rows
     ///     for expert 0).
     public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
+        try FusedMemoryCheck.check(layer: layer, options: options, ranks: ranks, devices: devices)
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
@@ -239,6 +240,7 @@ public final class DistributedMoE: @unchecked Sendable {
                     rowCapacity: max(total, 1) * min(c.topK, placement.experts(of: r).count),
                     gridBlocks: blocksPerRank, ranks: placement.ranks, localExperts: placement.experts(of: r).count)
             }
+            try FusedMemoryCheck.checkArenas(st.workspaces, on: (0..<placement.ranks).map(device(ofRank:)), tokens: total)
             st.arenas = try (0..<placement.ranks).map { r in
                 let a = try DeviceBuffer<UInt8>(device: device(ofRank: r), count: st.workspaces[r].byteCount)
                 try a.fill(byte: 0)

@@ -89,6 +89,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     /// Throws `MoEError` for shapes the kernel does not support, `CUDAError` when the driver, NVRTC or the device
     /// fails (no GPU, no NVRTC, out of memory, a compile error with its log).
     public init(layer: MoELayer, options: FusedOptions = FusedOptions()) throws {
+        try FusedMemoryCheck.check(layer: layer, options: options)
         self.layer = layer
         self.options = options
         specialization = try FusedSpecialization(
@@ -157,6 +158,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
         st.arena = nil  // free the old arena before allocating the larger one
         let ws = FusedWorkspace(
             spec: specialization, tokens: s, rowCapacity: s * layer.config.topK, gridBlocks: gridBlocks)
+        try FusedMemoryCheck.checkArenas([ws], on: [device], tokens: s)
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
         st.workspace = ws
