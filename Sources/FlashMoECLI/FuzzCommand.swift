@@ -78,10 +78,12 @@ struct FuzzCommand: ReportingCommand {
             var failure: String?
             var lost = false
             do {
+                let caseStart = clock.now
                 let outcome = try target.run(c)
                 failure = outcome.failure
                 if verbose && outcome.passed {
-                    emit("case \(c.index) seed \(seed): \(c.summary): passed, rel.err \(VerifyTable.sci(outcome.relativeError))")
+                    emit("case \(c.index) seed \(seed): \(c.summary): passed, rel.err \(VerifyTable.sci(outcome.relativeError)), "
+                        + formatSeconds(clock.now - caseStart))
                 }
             } catch {
                 failure = "error: \(error)"

@@ -165,6 +165,8 @@ public enum Verifier {
     /// Two choice lists differ only by experts whose scores are within 1e-3 (relative to max(1, |score|)).
     static func isNearTie(gpu: [Int32], oracle: [Int32], scores: [Double]?) -> Bool {
         guard let scores else { return false }
+        // A tie swaps one expert for another; it never leaves a rank unrouted that the other side routed.
+        guard gpu.filter({ $0 >= 0 }).count == oracle.filter({ $0 >= 0 }).count else { return false }
         let only = Set(gpu).symmetricDifference(Set(oracle)).filter { $0 >= 0 }.map { scores[Int($0)] }
         guard let lo = only.min(), let hi = only.max() else {
             // Same experts in another order: ranks swapped by a tie.

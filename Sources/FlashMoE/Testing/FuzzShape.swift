@@ -27,8 +27,12 @@ public struct FuzzShape: Sendable, Hashable {
     /// Shape `index` (0..<poolSize) of run `seed`: a pure function of the two.
     public init(seed: UInt64, index: Int) {
         var r = FuzzRandom(seed, UInt64(index), 0x5A_A9E)
-        let draw = r.unit()
-        size = draw < 0.15 ? .tiny : draw < 0.85 ? .small : .wide
+        // The pool is stratified by index so every seed has every kind: of each 8 shapes, one with a real H, one
+        // with a real I, two tiny ones (one with ranks) and four small ones (two with ranks, R cycling 1…8).
+        let kind = index % 8
+        size = kind == 0 || kind == 4 ? .wide : kind == 2 || kind == 6 ? .tiny : .small
+        let wantedRanks: Int? =
+            kind == 1 || kind == 5 ? 1 + (index / 4) % 8 : kind == 6 ? 2 + (index / 8) % 7 : nil
         let precision = r.pick(Precision.allCases)
         let ffn: FFNKind = r.chance(0.5) ? .gated : .plain
         let bias = ffn == .plain && r.chance(0.4)
@@ -41,7 +45,7 @@ public struct FuzzShape: Sendable, Hashable {
         case .tiny: (h, i) = (r.multipleOf8(upTo: 64), r.multipleOf8(upTo: 64))
         case .small: (h, i) = (r.multipleOf8(upTo: 512), r.multipleOf8(upTo: 512))
         case .wide:
-            if r.chance(0.5) {
+            if kind == 0 {
                 h = r.chance(0.5) ? r.pick([1024, 2048, 4096, 5120, 7168]) : r.multipleOf8(upTo: 7168)
                 i = r.multipleOf8(upTo: 2048)
             } else {
@@ -53,7 +57,8 @@ public struct FuzzShape: Sendable, Hashable {
         if h * i * matrices > budget { i = max(8, budget / (h * matrices) / 8 * 8) }
         let maxExperts = min(size == .tiny ? 16 : 512, max(1, budget / (h * i * matrices)))
         let edges = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512].filter { $0 <= maxExperts }
-        let e = r.chance(0.3) ? r.pick(edges) : r.logUniform(1...maxExperts)
+        // Shapes with ranks need at least R experts (budget permitting; R is lowered otherwise).
+        let e = max(r.chance(0.3) ? r.pick(edges) : r.logUniform(1...maxExperts), min(wantedRanks ?? 1, maxExperts))
 
         var router: RouterConfig
         switch r.int(0...19) {
@@ -79,7 +84,7 @@ public struct FuzzShape: Sendable, Hashable {
         config = MoEConfig(
             hiddenSize: h, intermediateSize: i, experts: e, topK: k, ffn: ffn, bias: bias, activation: activation,
             router: router, sharedExpert: shared, precision: precision)
-        ranks = r.chance(0.3) ? r.int(1...min(8, e)) : nil
+        ranks = wantedRanks.map { min($0, e) }
     }
 
     /// Floating-point operations per token the case costs on the CPU: the forward (`MoEConfig.flops`) plus the
