@@ -39,7 +39,7 @@ struct FuzzCommand: ReportingCommand {
     @Option(help: "auto: CUDA when a GPU is usable, else the CPU.")
     var backend: Backend = .auto
 
-    @Option(help: "Stop starting cases after this many seconds (the cases run so far are reported).")
+    @Option(help: "Start no case after this many seconds from the start, kernel compilation included (the cases run so far are reported).")
     var maxSeconds: Double?
 
     @Option(name: .customLong("case"), help: "Run only case I (replays a failure).")
@@ -51,6 +51,9 @@ struct FuzzCommand: ReportingCommand {
     @Flag(help: "Print every case, not only the failures.")
     var verbose = false
 
+    @Flag(help: "Run only the cheap cases among the selected ones (those the CPU test suite runs; see FuzzBudget.quick).")
+    var quick = false
+
     /// What a run counted.
     struct Summary: Equatable {
         var passed = 0
@@ -60,13 +63,15 @@ struct FuzzCommand: ReportingCommand {
 
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> Summary {
-        let indices = try selectedIndices()
-        let list = indices.map { FuzzCase(seed: seed, index: $0) }
-        let target = try FuzzTarget.make(backend, device: device, context: context, cases: list, emit: emit)
-        emit("fuzz: \(list.count) case\(list.count == 1 ? "" : "s") of seed \(seed) on \(target.description)")
-
         let clock = ContinuousClock()
-        let start = clock.now
+        let start = clock.now  // --max-seconds counts the kernel compilation too
+        let indices = try selectedIndices()
+        let all = indices.map { FuzzCase(seed: seed, index: $0) }
+        let list = quick ? all.filter(\.isQuick) : all
+        let target = try FuzzTarget.make(backend, device: device, context: context, cases: list, emit: emit)
+        emit("fuzz: \(list.count) case\(list.count == 1 ? "" : "s") of seed \(seed) on \(target.description)"
+            + (quick ? " (--quick: \(all.count - list.count) larger cases left out)" : ""))
+
         var summary = Summary()
         for (n, c) in list.enumerated() {
             if let maxSeconds, (clock.now - start).milliseconds > maxSeconds * 1000 {

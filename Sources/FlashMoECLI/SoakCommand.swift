@@ -35,6 +35,9 @@ struct SoakCommand: ReportingCommand {
     @Option(help: "How far free device memory may move after the warm-up, in MiB.")
     var memoryToleranceMib = 2
 
+    @Option(help: "Make no call after this many seconds (the summary says how many were made).")
+    var maxSeconds: Double?
+
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> SoakReport {
         guard calls >= 0 else { throw CLIError(.invalidValue, "--calls must be 0 or more (got \(calls))") }
@@ -70,8 +73,11 @@ struct SoakCommand: ReportingCommand {
         var soak = Soak(layers: soakLayers, tokenCounts: Soak.standardTokenCounts, seed: seed)
         soak.memoryTolerance = memoryToleranceMib << 20
         let logger = Progress(logger: .commandLine(verbose: false)).logger
-        let report = soak.run(calls: calls, freeMemory: freeMemory) { n, r in
+        let report = soak.run(calls: calls, maxSeconds: maxSeconds, freeMemory: freeMemory) { n, r in
             logger.notice("soak: \(n) of \(calls) calls, \(r.mismatches) mismatches")
+        }
+        if report.stoppedEarly {
+            emit("soak: stopped by --max-seconds after \(report.calls) of \(calls) calls")
         }
         emit(Self.summary(report, layers: soakLayers.count))
         if !report.passed { throw ExitCode.failure }

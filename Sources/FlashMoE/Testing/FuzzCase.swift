@@ -109,6 +109,21 @@ public struct FuzzCase: Sendable, Hashable {
     /// All tokens.
     public var tokens: Int { tokensPerRank.reduce(0, +) }
 
+    /// The oracle's floating-point operations for this case (`FuzzShape.flopsPerToken` per token).
+    public var oracleFlops: Double { Double(tokens) * shape.flopsPerToken }
+
+    /// Elements of the layer's weight matrices (routed experts, router, shared expert).
+    public var weightElements: Int {
+        let c = config, matrices = c.ffn == .gated ? 3 : 2
+        let shared = c.sharedExpert.map { $0.intermediateSize * c.hiddenSize * matrices } ?? 0
+        return c.experts * c.hiddenSize * (1 + c.intermediateSize * matrices) + shared
+    }
+
+    /// Whether the case fits `FuzzBudget.quick`: what the debug-built test suite runs.
+    public var isQuick: Bool {
+        oracleFlops <= FuzzBudget.quick.flops && weightElements <= FuzzBudget.quick.weightElements
+    }
+
     /// The expert every token is sent to first, for `.forced`.
     public var forcedExpert: Int? {
         if case .forced(let e) = ties { e } else { nil }

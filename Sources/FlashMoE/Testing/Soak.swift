@@ -45,6 +45,8 @@ public struct SoakReport: Sendable {
     public var freeHighest: Int?
     /// Wall time of all calls, seconds.
     public var seconds = 0.0
+    /// Whether the time limit ended the soak before all calls were made.
+    public var stoppedEarly = false
 
     /// Largest change of free memory after the warm-up (0 when not probed).
     public var memoryDrift: Int {
@@ -81,11 +83,12 @@ public struct Soak: Sendable {
         return (i % layers.count, i / layers.count)
     }
 
-    /// Makes `calls` calls. `freeMemory` reads the device's free bytes (nil: memory is not checked); `progress`
-    /// is called every 10,000 calls.
-    public func run(calls: Int, freeMemory: (() throws -> Int)?, progress: (Int, SoakReport) -> Void = { _, _ in })
-        -> SoakReport
-    {
+    /// Makes `calls` calls, or as many as `maxSeconds` allows (`SoakReport.stoppedEarly`). `freeMemory` reads the
+    /// device's free bytes (nil: memory is not checked); `progress` is called every 10,000 calls.
+    public func run(
+        calls: Int, maxSeconds: Double? = nil, freeMemory: (() throws -> Int)?,
+        progress: (Int, SoakReport) -> Void = { _, _ in }
+    ) -> SoakReport {
         var report = SoakReport()
         let shapeCount = layers.count * tokenCounts.count
         report.shapes = min(shapeCount, calls)
@@ -106,6 +109,10 @@ public struct Soak: Sendable {
         }
         do {
             for n in 0..<calls {
+                if let maxSeconds, n % 100 == 0, (clock.now - start).milliseconds > maxSeconds * 1000 {
+                    report.stoppedEarly = true
+                    break
+                }
                 let (l, t) = shape(ofCall: n)
                 let s = tokenCounts[t], h = layers[l].layer.config.hiddenSize
                 let x = try inputs[l][t] ?? Self.input(tokens: s, hidden: h, seed: seed &+ UInt64(n))
@@ -136,7 +143,7 @@ public struct Soak: Sendable {
                 }
                 if (n + 1) % 10_000 == 0 { progress(n + 1, report) }
             }
-            if calls > shapeCount { try probe() }
+            if report.calls > shapeCount { try probe() }
         } catch {
             report.failure = "call \(report.calls): \(error)"
         }

@@ -6,17 +6,22 @@ import Testing
 /// `flashmoe fuzz` and `flashmoe soak` in-process on the CPU backend: the lines the lead's GPU runs are read by.
 @Suite struct FuzzSoakCommandTests {
     @Test func fuzzEndsWithTheCountLine() throws {
-        let run = try flashmoe(FuzzCommand.self, ["--cases", "12", "--seed", "5", "--backend", "cpu"], context: .noGPU())
-        #expect(run.result == FuzzCommand.Summary(passed: 12, failed: 0, notRun: 0))
-        #expect(run.lines.last == "fuzz: 12 passed, 0 failed")
-        #expect(run.lines.first?.hasPrefix("fuzz: 12 cases of seed 5 on the cpu backend") == true)
+        let quick = (0..<30).filter { FuzzCase(seed: 5, index: $0).isQuick }.count
+        let run = try flashmoe(FuzzCommand.self, ["--cases", "30", "--seed", "5", "--backend", "cpu", "--quick"],
+                               context: .noGPU())
+        #expect(quick > 10)
+        #expect(run.result == FuzzCommand.Summary(passed: quick, failed: 0, notRun: 0))
+        #expect(run.lines.last == "fuzz: \(quick) passed, 0 failed")
+        #expect(run.lines.first == "fuzz: \(quick) cases of seed 5 on the cpu backend (fast FP32; shapes with ranks run "
+            + "as one rank) (--quick: \(30 - quick) larger cases left out)")
     }
 
     @Test func fuzzReplaysOneCase() throws {
-        let run = try flashmoe(FuzzCommand.self, ["--seed", "5", "--case", "7", "--backend", "cpu", "--verbose"],
+        let index = try #require((0..<100).first { FuzzCase(seed: 5, index: $0).isQuick && $0 > 5 })
+        let run = try flashmoe(FuzzCommand.self, ["--seed", "5", "--case", "\(index)", "--backend", "cpu", "--verbose"],
                                context: .noGPU())
         #expect(run.lines.last == "fuzz: 1 passed, 0 failed")
-        #expect(run.text.contains("case 7 seed 5: \(FuzzCase(seed: 5, index: 7).summary): passed"))
+        #expect(run.text.contains("case \(index) seed 5: \(FuzzCase(seed: 5, index: index).summary): passed"))
     }
 
     @Test func fuzzAutoRunsOnTheCPUWithoutAGPUAndStopsAtTheTimeLimit() throws {
