@@ -17,7 +17,9 @@ struct FuzzCommand: ReportingCommand {
             `case I seed S: <layer>: <why>`; the last line is `fuzz: N passed, M failed`.
 
             --backend cpu checks the fast FP32 CPU path (shapes with ranks run as one rank there); --backend cuda the \
-            fused GPU operator, and the shapes with ranks through DistributedMoE on one GPU.
+            fused GPU operator, and the shapes with ranks through DistributedMoE on one GPU. A kernel fault that loses \
+            the CUDA context is reported with its case, and the run continues from the next case in a new process \
+            (this binary again, --first-case), whose counts are added to the last line.
             """)
 
     /// The backend under test.
@@ -47,6 +49,9 @@ struct FuzzCommand: ReportingCommand {
 
     @Option(help: "The GPU to run on.")
     var device = 0
+
+    @Option(help: "Start at this case index (how a run continues in a new process after a kernel fault).")
+    var firstCase = 0
 
     @Flag(help: "Print every case, not only the failures.")
     var verbose = false
@@ -101,9 +106,20 @@ struct FuzzCommand: ReportingCommand {
                 summary.passed += 1
             }
             if lost {
-                summary.notRun = list.count - n - 1
-                emit("fuzz: the CUDA context is lost after case \(c.index); the \(summary.notRun) later cases cannot run "
-                    + "in this process: replay this one with --seed \(seed) --case \(c.index), then rerun")
+                let elapsed = (clock.now - start).milliseconds / 1000
+                emit("fuzz: the CUDA context is lost after case \(c.index) (replay it with --seed \(seed) --case "
+                    + "\(c.index)); the later cases cannot run in this process")
+                let remaining = list.count - n - 1
+                let timeLeft = maxSeconds.map { $0 - elapsed }
+                if caseIndex == nil, remaining > 0, (timeLeft ?? 1) > 0,
+                    let counts = FuzzContinuation.run(arguments: continuation(after: c.index, seconds: timeLeft), emit: emit)
+                {
+                    summary.passed += counts.passed
+                    summary.failed += counts.failed
+                } else {
+                    summary.notRun = remaining
+                    if remaining > 0 { emit("fuzz: \(remaining) cases not run") }
+                }
                 break
             }
             if (n + 1) % 250 == 0 {
@@ -120,6 +136,16 @@ struct FuzzCommand: ReportingCommand {
         return summary
     }
 
+    /// The arguments of a process that continues this run from the case after `index`, within `seconds`.
+    func continuation(after index: Int, seconds: Double?) -> [String] {
+        var arguments = ["fuzz", "--cases", "\(cases)", "--seed", "\(seed)", "--backend", "cuda", "--device", "\(device)",
+                         "--first-case", "\(index + 1)"]
+        if let seconds { arguments += ["--max-seconds", "\(seconds)"] }
+        if verbose { arguments.append("--verbose") }
+        if quick { arguments.append("--quick") }
+        return arguments
+    }
+
     private func selectedIndices() throws(CLIError) -> [Int] {
         if let caseIndex {
             guard caseIndex >= 0 else { throw CLIError(.invalidValue, "--case must be 0 or more (got \(caseIndex))") }
@@ -129,7 +155,10 @@ struct FuzzCommand: ReportingCommand {
         if let maxSeconds, !(maxSeconds > 0) {
             throw CLIError(.invalidValue, "--max-seconds must be positive (got \(maxSeconds))")
         }
-        return Array(0..<cases)
+        guard (0...max(cases, 0)).contains(firstCase) else {
+            throw CLIError(.invalidValue, "--first-case must be between 0 and --cases (got \(firstCase))")
+        }
+        return Array(firstCase..<cases)
     }
 }
 

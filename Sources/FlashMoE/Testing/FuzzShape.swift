@@ -103,9 +103,9 @@ public enum FuzzBudget {
     /// Weight elements of a wide shape (48 Mi).
     public static let wideWeightElements = 48 << 20
     /// Oracle FLOPs of an ordinary case.
-    public static let flops = 400e6
+    public static let flops = 1.5e9
     /// Oracle FLOPs of a large case (`largeShare` of the cases; tiny shapes more often).
-    public static let largeFlops = 4e9
+    public static let largeFlops = 8e9
     public static let largeShare = 0.04
     /// The most tokens a case has.
     public static let maxTokens = 65_536

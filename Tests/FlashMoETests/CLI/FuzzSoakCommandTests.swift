@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+    import Glibc
+#endif
 import Testing
 
 @testable import FlashMoE
@@ -53,5 +56,50 @@ import Testing
         #expect(last.hasPrefix("soak: 40 calls, 32 shapes on 4 layers"))
         #expect(last.hasSuffix("same bits per shape: passed"))
         #expect(run.result.passed)
+    }
+}
+
+/// How a fuzz run continues in a new process after a kernel fault lost the CUDA context.
+@Suite struct FuzzContinuationTests {
+    /// The `flashmoe` binary built next to this test bundle, if there is one.
+    static let binary: String? = {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard n > 0 else { return nil }
+        var dir = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        while let slash = dir.lastIndex(of: "/"), slash != dir.startIndex {
+            dir = String(dir[..<slash])
+            if access(dir + "/flashmoe", X_OK) == 0 { return dir + "/flashmoe" }
+        }
+        return nil
+    }()
+
+    @Test func theCountLineIsParsed() {
+        #expect(FuzzContinuation.parseCounts("fuzz: 1990 passed, 3 failed")! == (1990, 3))
+        #expect(FuzzContinuation.parseCounts("fuzz: 12 cases in 3.0 s (4.0 cases/s)") == nil)
+        #expect(FuzzContinuation.parseCounts("case 3 seed 1: fuzz: 1 passed, 2 failed") == nil)
+    }
+
+    @Test func theContinuationStartsAfterTheFaultWithTheTimeLeft() throws {
+        let command = try #require(
+            try FlashMoECommand.parseAsRoot(["fuzz", "--cases", "2000", "--seed", "9", "--backend", "cuda", "--quick",
+                                             "--max-seconds", "230"]) as? FuzzCommand)
+        #expect(command.continuation(after: 417, seconds: 100) == [
+            "fuzz", "--cases", "2000", "--seed", "9", "--backend", "cuda", "--device", "0", "--first-case", "418",
+            "--max-seconds", "100.0", "--quick",
+        ])
+    }
+
+    @Test(.enabled(if: binary != nil, "needs the flashmoe binary built next to the tests"))
+    func aContinuingProcessPassesItsLinesAndCounts() throws {
+        var lines: [String] = []
+        let counts = FuzzContinuation.run(
+            executable: try #require(Self.binary),
+            arguments: ["fuzz", "--cases", "40", "--first-case", "30", "--seed", "5", "--backend", "cpu", "--quick"]
+        ) { lines.append($0) }
+        let quick = (30..<40).filter { FuzzCase(seed: 5, index: $0).isQuick }.count
+        #expect(counts.map { [$0.passed, $0.failed] } == [quick, 0])
+        #expect(lines.first?.hasPrefix("fuzz: \(quick) cases of seed 5 on the cpu backend") == true)
+        #expect(!lines.contains { $0.hasSuffix("passed, 0 failed") })
     }
 }
