@@ -55,7 +55,8 @@ struct SoakCommand: ReportingCommand {
         if useCUDA {
             let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
             emit("soak: \(calls) calls on cuda (GPU \(device): \(gpu.properties.name))")
-            let options = cudaOptions(deviceOrdinal: device)
+            var options = cudaOptions(deviceOrdinal: device)
+            options.poisonOutput = true  // an element a call fails to write cannot keep the last call's bits
             for (name, layer) in zip(names, layers) {
                 soakLayers.append(SoakLayer(name: name, backend: try FusedMoE(layer: layer, options: options)))
             }

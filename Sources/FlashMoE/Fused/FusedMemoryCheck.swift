@@ -10,7 +10,8 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
     public let weightBytes: Int
     /// Device bytes of the per-call arenas at `tokens` tokens.
     public let workspaceBytes: Int
-    /// The kernel's counters, error record and parameter tables.
+    /// The kernel's counters, error record and parameter tables, and on one GPU the second input buffer that
+    /// `FusedMoE.benchmark` alternates with (S·H elements).
     public let controlBytes: Int
     /// The token count the workspace is sized for (with ranks: over all ranks).
     public let tokens: Int
@@ -53,7 +54,8 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
         weightBytes = weights
         workspaceBytes = workspace
         let launchTables = ranks == 1 ? 0 : 256 * tokensPerRank.count + 256 + (FusedParams.byteCount + FusedParams.peerByteCount * ranks) * tokensPerRank.count
-        controlBytes = Self.rounded(FusedMoE.controlBytes + launchTables)
+        let benchmarkInput = ranks == 1 ? Self.rounded(total * c.hiddenSize * c.precision.storage.byteSize) : 0
+        controlBytes = Self.rounded(FusedMoE.controlBytes + launchTables) + benchmarkInput
         self.tokens = total
     }
 
