@@ -53,6 +53,11 @@ struct FuzzCommand: ReportingCommand {
     @Option(help: "Start at this case index (how a run continues in a new process after a kernel fault).")
     var firstCase = 0
 
+    @Option(help: ArgumentHelp(
+        "Only compile the kernels the selected cases need for these architectures with NVRTC (no GPU needed), "
+            + "e.g. sm_90a or sm_80,sm_90a.", valueName: "archs"))
+    var compileOnly: String?
+
     @Flag(help: "Print every case, not only the failures.")
     var verbose = false
 
@@ -73,6 +78,12 @@ struct FuzzCommand: ReportingCommand {
         let indices = try selectedIndices()
         let all = indices.map { FuzzCase(seed: seed, index: $0) }
         let list = quick ? all.filter(\.isQuick) : all
+        if let compileOnly {
+            for arch in try GPUArchitecture.parseList(compileOnly) {
+                try VerifyCommand.precompile(FuzzTarget.kernels(of: list), arch: arch)
+            }
+            return Summary()
+        }
         let target = try FuzzTarget.make(backend, device: device, context: context, cases: list, emit: emit)
         emit("fuzz: \(list.count) case\(list.count == 1 ? "" : "s") of seed \(seed) on \(target.description)"
             + (quick ? " (--quick: \(all.count - list.count) larger cases left out)" : ""))
@@ -188,18 +199,19 @@ struct FuzzTarget {
                 makeOperator: { try CPUBackend(layer: $0, mode: .fast) }, runRanks: nil)
         }
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
-        var specs: [(MoEConfig, Int)] = []
-        for c in cases {
-            specs.append((c.config, 1))
-            if let r = c.shape.ranks { specs.append((c.config, r)) }
-        }
-        try VerifyCommand.precompile(specs, arch: gpu.properties.architecture)
+        try VerifyCommand.precompile(kernels(of: cases), arch: gpu.properties.architecture)
         var options = cudaOptions(deviceOrdinal: device)
         options.poisonOutput = true
         return FuzzTarget(
             description: "cuda (GPU \(device): \(gpu.properties.name); shapes with ranks through DistributedMoE)",
             makeOperator: { [options] in try FusedMoE(layer: $0, options: options) },
             runRanks: { try Verifier.runRanks($0, deviceOrdinal: device) })
+    }
+
+    /// The (layer, ranks) of every kernel the cases launch: the single-GPU operator, and for a shape with ranks
+    /// the ranks kernel too (`Verifier.runRanks` compares it with one rank).
+    static func kernels(of cases: [FuzzCase]) -> [(MoEConfig, Int)] {
+        cases.flatMap { c in [(c.config, 1)] + (c.shape.ranks.map { [(c.config, $0)] } ?? []) }
     }
 
     /// Whether `error` leaves the CUDA context unusable (a fault inside a kernel): later cases cannot run.

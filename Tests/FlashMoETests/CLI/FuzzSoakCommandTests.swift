@@ -43,6 +43,14 @@ import Testing
         }
     }
 
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason))
+    func compileOnlyBuildsACasesKernelsWithoutAGPU() throws {
+        let index = try #require((0..<50).first { FuzzCase(seed: 3, index: $0).shape.ranks ?? 0 > 1 })
+        let run = try flashmoe(
+            FuzzCommand.self, ["--seed", "3", "--case", "\(index)", "--compile-only", "sm_80"], context: .noGPU())
+        #expect(run.result == FuzzCommand.Summary() && run.lines.isEmpty)
+    }
+
     @Test func aLostContextIsTold() {
         let lost = CUDAError.driver(call: "cuCtxSynchronize", code: 700, name: "CUDA_ERROR_ILLEGAL_ADDRESS", text: "",
                                     hint: nil)
