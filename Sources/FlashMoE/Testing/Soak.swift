@@ -115,7 +115,10 @@ public struct Soak: Sendable {
                 }
                 let (l, t) = shape(ofCall: n)
                 let s = tokenCounts[t], h = layers[l].layer.config.hiddenSize
-                let x = try inputs[l][t] ?? Self.input(tokens: s, hidden: h, seed: seed &+ UInt64(n))
+                // Stored as the layer's storage type once, so no call spends its time converting it.
+                let x = try inputs[l][t]
+                    ?? Self.input(tokens: s, hidden: h, seed: seed &+ UInt64(n))
+                    .converted(to: layers[l].layer.config.precision.storage)
                 inputs[l][t] = x
                 let out = try layers[l].forward(x)
                 report.calls += 1
