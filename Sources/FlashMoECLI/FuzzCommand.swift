@@ -178,6 +178,9 @@ struct FuzzTarget {
     let description: String
     let makeOperator: (MoELayer) throws -> any MoEBackend
     let runRanks: ((RankVerificationCase) throws -> RankVerificationResult)?
+    /// The GPU, held for the whole run: it retains the primary context, which would otherwise be torn down and
+    /// created again (hundreds of milliseconds) between cases, when each case's operators are released.
+    var gpu: CUDADevice? = nil
 
     func run(_ c: FuzzCase) throws -> FuzzOutcome {
         try c.run(makeOperator: makeOperator, runRanks: runRanks)
@@ -205,7 +208,7 @@ struct FuzzTarget {
         return FuzzTarget(
             description: "cuda (GPU \(device): \(gpu.properties.name); shapes with ranks through DistributedMoE)",
             makeOperator: { [options] in try FusedMoE(layer: $0, options: options) },
-            runRanks: { try Verifier.runRanks($0, deviceOrdinal: device) })
+            runRanks: { try Verifier.runRanks($0, deviceOrdinal: device) }, gpu: gpu)
     }
 
     /// The (layer, ranks) of every kernel the cases launch: the single-GPU operator, and for a shape with ranks
