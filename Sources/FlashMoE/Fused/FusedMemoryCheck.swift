@@ -163,8 +163,9 @@ public enum FusedMemoryCheck {
         for (_, entry) in perDevice.sorted(by: { $0.key < $1.key }) {
             guard let (free, total) = try? entry.device.memoryInfo() else { continue }
             guard entry.bytes + FusedMemoryEstimate.headroom > free else { continue }
-            // The arenas grow linearly with the tokens: scale down to what fits.
-            let fit = max(0, Int(Double(tokens) * Double(free - FusedMemoryEstimate.headroom) / Double(entry.bytes)))
+            // The arenas grow about linearly with the tokens (a few regions are capped): scale down to what fits,
+            // less 10 % for the capped ones. A suggestion, not a promise: the next call checks again.
+            let fit = max(0, Int(0.9 * Double(tokens) * Double(free - FusedMemoryEstimate.headroom) / Double(entry.bytes)))
             let estimate = FusedMemoryEstimate(weightBytes: 0, workspaceBytes: entry.bytes, controlBytes: 0, tokens: tokens)
             throw DeviceMemoryError(
                 deviceOrdinal: entry.device.properties.ordinal, deviceName: entry.device.properties.name,

@@ -66,6 +66,26 @@ import Testing
         }
     }
 
+    @Test func anArenaThatWouldNotFitIsRefusedWithTheTokensThatFit() throws {
+        let fake = FakeDriver()
+        let device = try CUDADevice(driver: fake)
+        let spec = try FusedSpecialization(config: Self.small)
+        func arena(_ s: Int) -> FusedWorkspace {
+            FusedWorkspace(spec: spec, tokens: s, rowCapacity: s * Self.small.topK, gridBlocks: 132)
+        }
+        try FusedMemoryCheck.checkArenas([arena(10_000)], on: [device], tokens: 10_000)
+        let tokens = 1 << 20
+        do {
+            try FusedMemoryCheck.checkArenas([arena(tokens)], on: [device], tokens: tokens)
+            Issue.record("a million tokens' arena should not fit in 1 GiB")
+        } catch let error as DeviceMemoryError {
+            let fit = try #require(error.tokensThatFit)
+            #expect(arena(fit).byteCount + FusedMemoryEstimate.headroom <= fake.freeMemory)
+            #expect(fit > tokens / 2 / 10 && error.description.contains("about \(fit) tokens per call fit"))
+        }
+        #expect(fake.liveAllocations == 0)
+    }
+
     @Test func withoutADriverOrForAnUnsupportedLayerNothingIsChecked() throws {
         // The operator's own checks report these (a missing driver, an H the kernel cannot tile).
         try FusedMemoryCheck.check(config: Self.tooLarge, tokens: 128, ranks: 1, devices: [0], driver: { nil })
