@@ -47,13 +47,16 @@ struct MachineContext: Sendable {
     var availableMemory: @Sendable () -> Int?
     /// The CPU's model name, or nil when unknown.
     var cpuModel: @Sendable () -> String?
+    /// Throws a `DeviceMemoryError` when a layer at a token count would not fit on a GPU (config, tokens, GPU).
+    var checkDeviceMemory: @Sendable (MoEConfig, Int, Int) throws -> Void = { _, _, _ in }
 
     /// This machine.
     static let live = MachineContext(
         gpu: { GPUStatus(GPUAvailability.probe()) },
         makeCUDA: { try makeCUDABackend(layer: $0, deviceOrdinal: $1) },
         availableMemory: { HostMachine.availableMemoryBytes() },
-        cpuModel: { HostMachine.cpuModelName() })
+        cpuModel: { HostMachine.cpuModelName() },
+        checkDeviceMemory: { try FusedMemoryCheck.check(config: $0, tokens: $1, devices: [$2]) })
 }
 
 /// The backend a command will build, decided before the weights exist (so memory can be checked first).

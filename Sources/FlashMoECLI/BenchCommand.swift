@@ -129,6 +129,7 @@ struct BenchCommand: ReportingCommand {
                     + "\(config.experts) experts touched); median / floor = \(formatDecimal(median / floor, 2))")
         }
         if let bytes = record.workspaceBytes { emit("workspace: \(formatByteCount(bytes))") }
+        if let gpu = engine as? FusedMoE { emit("weights on the GPU: \(formatByteCount(gpu.weightBytes))") }
         var records = [record]
         if let ranks, ranks > 1 {
             guard onGPU else { throw CLIError(.invalidValue, "--ranks needs the CUDA backend") }

@@ -58,9 +58,12 @@ struct CommonOptions: ParsableArguments {
         let planned = try BackendPlan.decide(backend, device: device, gpu: context.gpu)
         progress.logger.debug("backend plan: \(planned.kind) (\(planned.reason))")
         try checkMemory(planned)
+        let plan = try planned.checkingDeviceMemory(
+            config: config, tokens: tokens, device: device, context: context, progress: progress,
+            beforeCPUFallback: checkMemory)
         let layer = try source.build(progress: progress)
         progress.logger.debug("layer weights: \(formatByteCount(layer.weights.byteCount))")
-        return try planned.build(
+        return try plan.build(
             layer: layer, device: device, context: context, progress: progress, beforeCPUFallback: checkMemory)
     }
 }

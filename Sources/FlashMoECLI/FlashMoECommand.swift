@@ -8,7 +8,7 @@ public struct FlashMoECommand: ParsableCommand {
         abstract: "FlashMoE: a whole Mixture-of-Experts layer in one GPU kernel, with a CPU oracle.",
         subcommands: [
             RunCommand.self, VerifyCommand.self, BenchCommand.self, InfoCommand.self, CompileCommand.self,
-            SelfTestCommand.self,
+            SelfTestCommand.self, FuzzCommand.self, SoakCommand.self,
         ])
 
     public init() {}

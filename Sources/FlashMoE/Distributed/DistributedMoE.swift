@@ -71,6 +71,7 @@ public final class DistributedMoE: @unchecked Sendable {
     ///     for expert 0).
     public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
         _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
+        try FusedMemoryCheck.check(layer: layer, options: options, ranks: ranks, devices: devices)
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
@@ -260,6 +261,7 @@ public final class DistributedMoE: @unchecked Sendable {
                     specialization, placement: placement, rank: r, tokens: tokens[r], totalTokens: total,
                     blocksPerRank: blocksPerRank, fixedSplit: options.gateSplit != nil)
             }
+            try FusedMemoryCheck.checkArenas(st.workspaces, on: (0..<placement.ranks).map(device(ofRank:)), tokens: total)
             st.arenas = try (0..<placement.ranks).map { r in
                 let a = try DeviceBuffer<UInt8>(device: device(ofRank: r), count: st.workspaces[r].byteCount)
                 try a.fill(byte: 0)

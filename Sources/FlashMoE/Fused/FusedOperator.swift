@@ -79,6 +79,10 @@ public final class FusedOperator: @unchecked Sendable {
         config: MoEConfig, options: FusedOptions, maxTokens: Int?,
         makeWeights: (FusedKernel) throws -> FusedDeviceWeights
     ) throws {
+        // Weights and the workspace must fit in the GPU's free memory: refuse with a suggestion before allocating.
+        try FusedMemoryCheck.check(
+            config: config, tokens: max(maxTokens ?? FusedMemoryCheck.tokensAtCreation, 1),
+            devices: [options.deviceOrdinal])
         let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
         let specialization = try FusedSpecialization(
             config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
@@ -231,6 +235,7 @@ public final class FusedOperator: @unchecked Sendable {
             spec: specialization, tokens: s, rowCapacity: s * config.topK,
             partTokens: FusedWorkspace.partialLogitsTokens(
                 tokens: s, splitBlocks: gridBlocks, fixedSplit: options.gateSplit != nil))
+        try FusedMemoryCheck.checkArenas([ws], on: [device], tokens: s)
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
         st.workspace = ws

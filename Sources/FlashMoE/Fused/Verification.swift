@@ -79,6 +79,14 @@ public enum Verifier {
         -> VerificationResult
     {
         let (layer, x) = try makeProblem(c)
+        return try run(c, layer: layer, input: x, makeOperator: makeOperator)
+    }
+
+    /// Runs a case on a layer and input the caller made (the fuzzer's tie cases edit `makeProblem`'s router):
+    /// two forwards of the operator, the oracle, and `compare`.
+    public static func run(
+        _ c: VerificationCase, layer: MoELayer, input x: HostTensor, makeOperator: (MoELayer) throws -> any MoEBackend
+    ) throws -> VerificationResult {
         let gpu = try makeOperator(layer)
         let clock = ContinuousClock()
         let t0 = clock.now
@@ -157,6 +165,8 @@ public enum Verifier {
     /// Two choice lists differ only by experts whose scores are within 1e-3 (relative to max(1, |score|)).
     static func isNearTie(gpu: [Int32], oracle: [Int32], scores: [Double]?) -> Bool {
         guard let scores else { return false }
+        // A tie swaps one expert for another; it never leaves a rank unrouted that the other side routed.
+        guard gpu.filter({ $0 >= 0 }).count == oracle.filter({ $0 >= 0 }).count else { return false }
         let only = Set(gpu).symmetricDifference(Set(oracle)).filter { $0 >= 0 }.map { scores[Int($0)] }
         guard let lo = only.min(), let hi = only.max() else {
             // Same experts in another order: ranks swapped by a tie.
