@@ -41,6 +41,8 @@ struct Problem {
     int ntasks0, ntasks1;
     const Task *pairs0, *pairs1;  // clusters of 2: tiles 2i and 2i + 1 share B (row block m + 1 may be empty)
     int npairs0, npairs1;
+    const Task *apairs1;  // GEMM1 tiles 2i and 2i + 1 share A (column tiles n, n + 1; H / 256 must be even)
+    int napairs1;
     unsigned short *h;  // [R, I]
     float *y;           // [R, H]
     const unsigned short *h_in;  // GEMM1's input (the old engine's H, so both engines multiply the same bits)
@@ -187,18 +189,21 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
     }
 }
 
-// Clusters of 2 sharing B by TMA multicast (TmaEngine CLUSTER = 2): pair i is run by cluster i (strided), CTA rank
-// r of the cluster takes tile 2i + r. Launched with a cluster-dimension attribute; map_b has a box of 128 rows.
-template <int GEMM>
+// Clusters of 2 sharing an operand by TMA multicast (TmaEngine CLUSTER = 2): pair i is run by cluster i (strided),
+// CTA rank r of the cluster takes tile 2i + r. Launched with a cluster-dimension attribute. SHARE_B: map_b has a box
+// of 128 rows, GEMM0 gathers A; SHARE_A (GEMM1 only): map_a has a box of 64 rows. CREL: cluster-scope release on the
+// remote empty arrives.
+template <int GEMM, int SHARE, bool CREL>
 __global__ void __launch_bounds__(TMA_THREADS, 1)
     k_pair(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b) {
+    static_assert(SHARE == SHARE_B || GEMM == 1, "A is shared by TMA only (GEMM1)");
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    using Eng = TmaEngine<MMA_BF16, STAGES_T, 2>;
+    using Eng = TmaEngine<MMA_BF16, STAGES_T, 2, SHARE, CREL>;
     Eng eng;
     eng.init(smem);
-    const int npairs = GEMM == 0 ? p.npairs0 : p.npairs1;
-    const Task *pairs = GEMM == 0 ? p.pairs0 : p.pairs1;
+    const int npairs = SHARE == SHARE_A ? p.napairs1 : (GEMM == 0 ? p.npairs0 : p.npairs1);
+    const Task *pairs = SHARE == SHARE_A ? p.apairs1 : (GEMM == 0 ? p.pairs0 : p.pairs1);
     const int first = (int)cluster_id_x(), step = (int)cluster_count_x();
     if (Eng::is_producer()) {
         regs_dealloc<TMA_PRODUCER_REGS>();
@@ -294,7 +299,7 @@ int main(int argc, char **argv) {
     const int I = argc > 4 ? atoi(argv[4]) : 2048;
     const int K = argc > 5 ? atoi(argv[5]) : 2;
     const int reps = 20;
-    if (H % 256 || I % 256) { fprintf(stderr, "H and I must be multiples of 256\n"); return 2; }
+    if (H % 512 || I % 256) { fprintf(stderr, "H must be a multiple of 512 and I of 256\n"); return 2; }
     cuInit(0);
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -313,7 +318,7 @@ int main(int argc, char **argv) {
         for (int e : picked) by_expert[e].push_back(s);
     }
     std::vector<int> row_start(E + 1, 0), row_token, row_expert;
-    std::vector<Task> t0, t1, q0, q1;
+    std::vector<Task> t0, t1, q0, q1, a1;
     for (int e = 0; e < E; ++e) {
         row_start[e + 1] = row_start[e] + (int)by_expert[e].size();
         for (int s : by_expert[e]) { row_token.push_back(s); row_expert.push_back(e); }
@@ -326,6 +331,8 @@ int main(int argc, char **argv) {
             for (int m = 0; m < mt; m += 2) { q0.push_back({e, m, n}); q0.push_back({e, m + 1, n}); }
         for (int n = 0; n < H / 256; ++n)
             for (int m = 0; m < mt; m += 2) { q1.push_back({e, m, n}); q1.push_back({e, m + 1, n}); }
+        for (int n = 0; n + 1 < H / 256; n += 2)
+            for (int m = 0; m < mt; ++m) { a1.push_back({e, m, n}); a1.push_back({e, m, n + 1}); }
     }
     const int R = row_start[E];
     std::vector<unsigned short> hx((size_t)S * H), hw1((size_t)E * I * H), hw2((size_t)E * H * I), hxg((size_t)R * H);
@@ -357,6 +364,8 @@ int main(int argc, char **argv) {
     p.pairs1 = (Task *)up(q1.data(), q1.size() * sizeof(Task));
     p.npairs0 = (int)q0.size() / 2;
     p.npairs1 = (int)q1.size() / 2;
+    p.apairs1 = (Task *)up(a1.data(), a1.size() * sizeof(Task));
+    p.napairs1 = (int)a1.size() / 2;
     unsigned short *h_old, *h_new;
     float *y_old, *y_new, *ref;
     CK(cudaMalloc(&h_old, (size_t)R * I * 2));
@@ -368,6 +377,7 @@ int main(int argc, char **argv) {
     const CUtensorMap m_w1 = make_map(p.w1, H, E * I, 256), m_w2 = make_map(p.w2, I, E * H, 256);
     const CUtensorMap m_xg = make_map(p.xg, H, R, 128), m_h = make_map(h_old, I, R, 128);
     const CUtensorMap m_w1h = make_map(p.w1, H, E * I, 128), m_w2h = make_map(p.w2, I, E * H, 128);
+    const CUtensorMap m_h64 = make_map(h_old, I, R, 64);
 
     const int smem_old = STAGES_T * stage_bytes<256>() + 1024;
     const int smem_new = tma_smem_bytes<STAGES_T>() + 1024;
@@ -376,8 +386,9 @@ int main(int argc, char **argv) {
 #define SET_NEW(G, GA, SY, CR) CK(cudaFuncSetAttribute(k_new<G, GA, SY, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_NEW(0, true, false, 0); SET_NEW(0, false, false, 0); SET_NEW(1, false, false, 0);
     SET_NEW(0, true, true, 0); SET_NEW(1, false, true, 0); SET_NEW(0, true, false, TMA_CONSUMER_REGS); SET_NEW(1, false, false, TMA_CONSUMER_REGS);
-    CK(cudaFuncSetAttribute(k_pair<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
-    CK(cudaFuncSetAttribute(k_pair<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
+#define SET_PAIR(G, SH, CR) CK(cudaFuncSetAttribute(k_pair<G, SH, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
+    SET_PAIR(0, SHARE_B, true); SET_PAIR(0, SHARE_B, false); SET_PAIR(1, SHARE_B, true); SET_PAIR(1, SHARE_B, false);
+    SET_PAIR(1, SHARE_A, false);
     cudaLaunchAttribute cl_attr[1];
     cl_attr[0].id = cudaLaunchAttributeClusterDimension;
     cl_attr[0].val.clusterDim.x = 2;
@@ -390,10 +401,11 @@ int main(int argc, char **argv) {
     cl_cfg.attrs = cl_attr;
     cl_cfg.numAttrs = 1;
     int clusters = 0;
-    CK(cudaOccupancyMaxActiveClusters(&clusters, (void *)k_pair<0>, &cl_cfg));
+    CK(cudaOccupancyMaxActiveClusters(&clusters, (void *)k_pair<0, SHARE_B, false>, &cl_cfg));
     cl_cfg.gridDim = dim3(2 * clusters);
-    printf("clusters of 2: %d co-resident; pairs0=%d (%d empty tiles) pairs1=%d (%d empty)\n", clusters, p.npairs0,
-           2 * p.npairs0 - p.ntasks0, p.npairs1, 2 * p.npairs1 - p.ntasks1);
+    printf("clusters of 2: %d co-resident; B-sharing pairs0=%d (%d empty tiles) pairs1=%d (%d empty); A-sharing "
+           "pairs1=%d\n", clusters, p.npairs0, 2 * p.npairs0 - p.ntasks0, p.npairs1, 2 * p.npairs1 - p.ntasks1,
+           p.napairs1);
     cudaFuncAttributes fa;
     CK(cudaFuncGetAttributes(&fa, k_new<0, true, false, TMA_CONSUMER_REGS>));
     const int pool = 384 * ((fa.numRegs + 7) / 8 * 8);
@@ -457,7 +469,11 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma (gather A, sync per tile)", h_new, ho.data(), ho.size() * 2);
     poison(h_new, (size_t)R * I * 2);
-    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0>, pn, m_xg, m_w1h));
+    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, true>, pn, m_xg, m_w1h));
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM0 tma cluster 2 (B multicast, gather A, cluster-scope release)", h_new, ho.data(), ho.size() * 2);
+    poison(h_new, (size_t)R * I * 2);
+    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false>, pn, m_xg, m_w1h));
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma cluster 2 (B multicast, gather A)", h_new, ho.data(), ho.size() * 2);
     if (creg_ok) {
@@ -499,28 +515,39 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma (sync per tile)", y_new, yo.data(), yo.size() * 4);
     poison(y_new, (size_t)R * H * 4);
-    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1>, pn, m_h, m_w2h));
+    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, true>, pn, m_h, m_w2h));
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM1 tma cluster 2 (B multicast, cluster-scope release)", y_new, yo.data(), yo.size() * 4);
+    poison(y_new, (size_t)R * H * 4);
+    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, false>, pn, m_h, m_w2h));
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma cluster 2 (B multicast)", y_new, yo.data(), yo.size() * 4);
+    poison(y_new, (size_t)R * H * 4);
+    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false>, pn, m_h64, m_w2));
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM1 tma cluster 2 (A multicast)", y_new, yo.data(), yo.size() * 4);
 
     // Timing ----------------------------------------------------------------------------------------------------
     struct Row { const char *name; float ms; double flops; };
     std::vector<Row> rows;
     rows.push_back({"GEMM0 old cp.async wgmma", time_ms([&] { k_old<0><<<sms, 256, smem_old>>>(po); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A", time_ms([&] { k_new<0, true, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
-    rows.push_back({"GEMM0 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0>, pn, m_xg, m_w1h)); }, reps), flops0});
+    rows.push_back({"GEMM0 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, true>, pn, m_xg, m_w1h)); }, reps), flops0});
+    rows.push_back({"GEMM0 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false>, pn, m_xg, m_w1h)); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A, sync/tile", time_ms([&] { k_new<0, true, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, TMA A (pre-gathered)", time_ms([&] { k_new<0, false, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     if (creg_ok) rows.push_back({"GEMM0 tma, gather A, setmaxnreg", time_ms([&] { k_new<0, true, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM1 old cp.async wgmma", time_ms([&] { k_old<1><<<sms, 256, smem_old>>>(po); }, reps), flops1});
     rows.push_back({"GEMM1 tma", time_ms([&] { k_new<1, false, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
-    rows.push_back({"GEMM1 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1>, pn, m_h, m_w2h)); }, reps), flops1});
+    rows.push_back({"GEMM1 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, true>, pn, m_h, m_w2h)); }, reps), flops1});
+    rows.push_back({"GEMM1 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, false>, pn, m_h, m_w2h)); }, reps), flops1});
+    rows.push_back({"GEMM1 tma cluster 2, A multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false>, pn, m_h64, m_w2)); }, reps), flops1});
     rows.push_back({"GEMM1 tma, sync/tile", time_ms([&] { k_new<1, false, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     if (creg_ok) rows.push_back({"GEMM1 tma, setmaxnreg", time_ms([&] { k_new<1, false, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     for (auto &r : rows) printf("%-34s %8.4f ms  %6.1f TFLOP/s\n", r.name, r.ms, r.flops / r.ms / 1e9);
-    const int checks = 9 + (creg_ok ? 1 : 0);
+    const int checks = 12 + (creg_ok ? 1 : 0);
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }

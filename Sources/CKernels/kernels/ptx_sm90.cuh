@@ -117,14 +117,26 @@ FMOE_DEVICE u32 cluster_count_x() {
 FMOE_DEVICE void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
-// Release-arrive on the barrier at `bar`'s offset in CTA `cta` of the cluster, by the threads for which `pred` holds.
-FMOE_DEVICE void mbar_arrive_cluster_if(u64 *bar, u32 cta, bool pred) {
-    asm volatile(
-        "{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"
-        " mapa.shared::cluster.u32 remote, %0, %1;\n"
-        " @p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
-        "r"(cta), "r"((u32)pred)
-        : "memory");
+// Arrive on the barrier at `bar`'s offset in CTA `cta` of the cluster, by the threads for which `pred` holds.
+// CLUSTER_SCOPE: release at cluster scope (orders this thread's earlier writes for the peer). Otherwise the default
+// (release at CTA scope), enough where the arrive only says "my reads of this stage are done" (wgmma.wait_group
+// already returned), which is the ring's empty barriers' case.
+template <bool CLUSTER_SCOPE> FMOE_DEVICE void mbar_arrive_cluster_if(u64 *bar, u32 cta, bool pred) {
+    if (CLUSTER_SCOPE) {
+        asm volatile(
+            "{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"
+            " mapa.shared::cluster.u32 remote, %0, %1;\n"
+            " @p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+            "r"(cta), "r"((u32)pred)
+            : "memory");
+    } else {
+        asm volatile(
+            "{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"
+            " mapa.shared::cluster.u32 remote, %0, %1;\n"
+            " @p mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+            "r"(cta), "r"((u32)pred)
+            : "memory");
+    }
 }
 
 // ---- Register reallocation and named barriers --------------------------------------------------------------------

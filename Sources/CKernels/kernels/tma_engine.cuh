@@ -24,9 +24,11 @@
 //             GATHER_LAG + 1 slices of gathers stay in flight).
 //   consumers: wait full[s], issue the slice's 4 wgmma as one group, wait until only that group is in flight, then
 //             one lane per warp arrives on empty[s − 1] (count 8): the previous slice's reads are done.
-// Clusters of 2 (CLUSTER = 2, the kernel launched with cluster dims 2): the two CTAs run tiles with the same B rows
-// (one expert's column tile, two row blocks) in lockstep; each loads half of B (box 64 × 128, map_b built so) and
-// multicasts it to both, halving the B bytes each SM pulls from L2. A stage is refilled only when the consumers of
+// Clusters of 2 (CLUSTER = 2, the kernel launched with cluster dims 2), two ways (SHARE):
+//   SHARE_B: the two CTAs run tiles with the same B rows (one expert's column tile, two row blocks) in lockstep;
+//            each loads half of B (box 64 × 128, map_b built so) and multicasts it to both;
+//   SHARE_A: the two CTAs run tiles with the same A rows (one row block, two column tiles); each loads half of A
+//            by TMA (box 64 × 64, map_a built so; no gather) and multicasts it, and loads its own B. A stage is refilled only when the consumers of
 // both CTAs released it: each consumer warp arrives on both CTAs' empty barriers (count 16).
 // Only bf16/fp16: TF32 operands must be rounded in shared memory before wgmma reads them (gemm_tile.cuh), which a
 // TMA-filled stage gives no thread the chance to do; tf32 keeps the cp.async engine.
@@ -67,7 +69,11 @@ struct TmaTile {
     int k_bytes;  // K × element size (a multiple of 16)
 };
 
-template <int KIND, int STAGES, int CLUSTER = 1> struct TmaEngine {
+enum TmaShare { SHARE_B = 0, SHARE_A = 1 };
+
+// CLUSTER_RELEASE: the consumers' arrives on the peer's empty barriers release at cluster scope (run 3 of
+// docs/engine-notes.md measured that form) instead of the default CTA scope.
+template <int KIND, int STAGES, int CLUSTER = 1, int SHARE = SHARE_B, bool CLUSTER_RELEASE = false> struct TmaEngine {
     static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
     static_assert(KIND == MMA_BF16 || KIND == MMA_F16, "the TMA engine runs 16-bit operands only (see header)");
     static_assert(STAGES >= 3, "the TMA ring needs at least 3 stages");
@@ -135,14 +141,20 @@ template <int KIND, int STAGES, int CLUSTER = 1> struct TmaEngine {
             char *st = ring + s * TMA_STAGE_BYTES;
             if (pt == 0) {
                 mbar_arrive_expect_tx(&full[s], tx);
-                if (CLUSTER == 1) {
+                if (CLUSTER == 1 || SHARE == SHARE_A) {
                     tma_load_2d(smem_addr(st + TMA_A_BYTES), t.map_b, &full[s], kt * 64, t.b_row0);
                 } else {
                     const int half = TMA_BN / 2;
                     tma_load_2d_multicast(smem_addr(st + TMA_A_BYTES + crank * half * ROW_BYTES), t.map_b, &full[s],
                                           kt * 64, t.b_row0 + (int)crank * half, (unsigned short)3);
                 }
-                if (!gather) tma_load_2d(smem_addr(st), t.map_a, &full[s], kt * 64, t.a_row0);
+                if (CLUSTER == 2 && SHARE == SHARE_A) {
+                    const int half = BM / 2;
+                    tma_load_2d_multicast(smem_addr(st + crank * half * ROW_BYTES), t.map_a, &full[s], kt * 64,
+                                          t.a_row0 + (int)crank * half, (unsigned short)3);
+                } else if (!gather) {
+                    tma_load_2d(smem_addr(st), t.map_a, &full[s], kt * 64, t.a_row0);
+                }
             }
             if (gather) {
                 const int off = kt * ROW_BYTES + chunk * 16;
@@ -203,8 +215,8 @@ template <int KIND, int STAGES, int CLUSTER = 1> struct TmaEngine {
         if (CLUSTER == 1) {
             mbar_arrive_if(bar, pred);
         } else {
-            mbar_arrive_cluster_if(bar, 0, pred);
-            mbar_arrive_cluster_if(bar, 1, pred);
+            mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, 0, pred);
+            mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, 1, pred);
         }
     }
 
