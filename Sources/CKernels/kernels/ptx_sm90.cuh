@@ -1,5 +1,5 @@
 // Raw PTX wrappers for Hopper (sm_90a) features used by the TMA engine (tma_engine.cuh): mbarriers, tensor-map
-// (TMA) bulk copies, cp.async completion into an mbarrier, register reallocation and named barriers.
+// (TMA) bulk copies and multicast, clusters, register reallocation.
 // Compiled by NVRTC and nvcc alike: no CUDA headers. Only included where the target is sm_90a.
 #pragma once
 #include "common.cuh"
@@ -121,30 +121,20 @@ FMOE_DEVICE void cluster_sync() {
 // CLUSTER_SCOPE: release at cluster scope (orders this thread's earlier writes for the peer). Otherwise the default
 // (release at CTA scope), enough where the arrive only says "my reads of this stage are done" (wgmma.wait_group
 // already returned), which is the ring's empty barriers' case.
+#define FMOE_REMOTE_ARRIVE(SEM)                                                                              \
+    asm volatile("{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"                       \
+                 " mapa.shared::cluster.u32 remote, %0, %1;\n"                                             \
+                 " @p mbarrier.arrive" SEM ".shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)), \
+                 "r"(cta), "r"((u32)pred)                                                                   \
+                 : "memory")
 template <bool CLUSTER_SCOPE> FMOE_DEVICE void mbar_arrive_cluster_if(u64 *bar, u32 cta, bool pred) {
-    if (CLUSTER_SCOPE) {
-        asm volatile(
-            "{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"
-            " mapa.shared::cluster.u32 remote, %0, %1;\n"
-            " @p mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
-            "r"(cta), "r"((u32)pred)
-            : "memory");
-    } else {
-        asm volatile(
-            "{\n .reg .pred p;\n .reg .b32 remote;\n setp.ne.u32 p, %2, 0;\n"
-            " mapa.shared::cluster.u32 remote, %0, %1;\n"
-            " @p mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
-            "r"(cta), "r"((u32)pred)
-            : "memory");
-    }
+    if (CLUSTER_SCOPE) FMOE_REMOTE_ARRIVE(".release.cluster");
+    else FMOE_REMOTE_ARRIVE("");
 }
+#undef FMOE_REMOTE_ARRIVE
 
-// ---- Register reallocation and named barriers --------------------------------------------------------------------
+// ---- Register reallocation ------------------------------------------------------------------------------------------
 template <int N> FMOE_DEVICE void regs_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N> FMOE_DEVICE void regs_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
-// Barrier `id` (1–15; 0 is __syncthreads) among `threads` threads (a multiple of 32).
-FMOE_DEVICE void named_barrier(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 
 }  // namespace fmoe
