@@ -28,8 +28,9 @@
 //   SHARE_B: the two CTAs run tiles with the same B rows (one expert's column tile, two row blocks) in lockstep;
 //            each loads half of B (box 64 × 128, map_b built so) and multicasts it to both;
 //   SHARE_A: the two CTAs run tiles with the same A rows (one row block, two column tiles); each loads half of A
-//            by TMA (box 64 × 64, map_a built so; no gather) and multicasts it, and loads its own B. A stage is refilled only when the consumers of
-// both CTAs released it: each consumer warp arrives on both CTAs' empty barriers (count 16).
+//            by TMA (box 64 × 64, map_a built so; no gather) and multicasts it, and loads its own B.
+// Either way a stage is refilled only when the consumers of both CTAs released it: each consumer warp arrives on
+// both CTAs' empty barriers (count 16).
 // Only bf16/fp16: TF32 operands must be rounded in shared memory before wgmma reads them (gemm_tile.cuh), which a
 // TMA-filled stage gives no thread the chance to do; tf32 keeps the cp.async engine.
 #pragma once

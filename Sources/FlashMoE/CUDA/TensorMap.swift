@@ -43,12 +43,18 @@ public struct TensorMap2D: Sendable, Hashable {
         throws(CUDAError)
     {
         func fail(_ m: String) -> CUDAError { .invalidArgument("tensor map: \(m)") }
-        guard address % 16 == 0 else { throw fail("address must be 16-byte aligned; got 0x\(String(address, radix: 16))") }
+        guard address % 16 == 0 else {
+            throw fail("address must be 16-byte aligned; got 0x\(String(address, radix: 16))")
+        }
         guard rows >= 1 && rows <= Int(UInt32.max) else { throw fail("rows must be 1 … 2³²; got \(rows)") }
-        guard columns >= 1 && columns <= Int(UInt32.max) else { throw fail("columns must be 1 … 2³²; got \(columns)") }
+        guard columns >= 1 && columns <= Int(UInt32.max) else {
+            throw fail("columns must be 1 … 2³²; got \(columns)")
+        }
         guard rowStride >= columns else { throw fail("rowStride (\(rowStride)) must be at least columns (\(columns))") }
         guard (rowStride * 2) % 16 == 0 && rowStride * 2 < (1 << 40) else {
-            throw fail("a row must be a multiple of 16 bytes and under 2⁴⁰ bytes; rowStride \(rowStride) is \(rowStride * 2) bytes")
+            throw fail(
+                "a row must be a multiple of 16 bytes and under 2⁴⁰ bytes; rowStride \(rowStride) is "
+                    + "\(rowStride * 2) bytes")
         }
         guard (1...256).contains(boxRows) else { throw fail("boxRows must be 1 … 256; got \(boxRows)") }
     }
