@@ -133,30 +133,53 @@ __device__ __forceinline__ TmaTile make_tile(const Problem &p, const Task &tk, c
 
 // The epilogue from the accumulators (TmaEngine's register layout): relu + bf16 for GEMM0, fp32 for GEMM1. Row masks
 // are predicates on the stores only: no branch around reads of the accumulators (ptxas would serialise the wgmma).
-template <int GEMM> __device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, const float *acc) {
+// WIDE (GEMM0): 16-byte stores after TmaEngine::quad_transpose instead of one 4-byte pair per lane.
+template <int GEMM, bool WIDE = false>
+__device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, const float *acc) {
     const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
     const int start = p.row_start[tk.e];
     const int r0 = TmaEngine<MMA_BF16, STAGES_T>::acc_row(), c0 = TmaEngine<MMA_BF16, STAGES_T>::acc_col();
+    if constexpr (GEMM == 0 && WIDE) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = r0 + 8 * h;
-        const bool ok = row0 + r < rows;
-        const size_t grow = (size_t)start + (ok ? row0 + r : 0);
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 8 * h;
+            const bool ok = row0 + r < rows;
+            const size_t grow = (size_t)start + (ok ? row0 + r : 0);
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            const int col = tk.n * 256 + 8 * j + c0;
-            const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-            if (GEMM == 0) {
-                const u32 v = pack_bf16(relu(v0), relu(v1));
-                if (ok) *(u32 *)&p.h[grow * p.I + col] = v;
-            } else {
-                if (ok) *(float2 *)&p.y[grow * p.H + col] = make_float2(v0, v1);
+            for (int jg = 0; jg < 8; ++jg) {
+                u32 w[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int j = 4 * jg + i;
+                    w[i] = pack_bf16(relu(acc[4 * j + 2 * h]), relu(acc[4 * j + 2 * h + 1]));
+                }
+                const uint4 v = TmaEngine<MMA_BF16, STAGES_T>::quad_transpose(w);
+                const int col = tk.n * 256 + 8 * (4 * jg + (int)(threadIdx.x & 3));
+                if (ok) *(uint4 *)&p.h[grow * p.I + col] = v;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 8 * h;
+            const bool ok = row0 + r < rows;
+            const size_t grow = (size_t)start + (ok ? row0 + r : 0);
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                const int col = tk.n * 256 + 8 * j + c0;
+                const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                if (GEMM == 0) {
+                    const u32 v = pack_bf16(relu(v0), relu(v1));
+                    if (ok) *(u32 *)&p.h[grow * p.I + col] = v;
+                } else {
+                    if (ok) *(float2 *)&p.y[grow * p.H + col] = make_float2(v0, v1);
+                }
             }
         }
     }
 }
 
-template <int GEMM, bool GATHER, bool SYNC, int CREGS>
+template <int GEMM, bool GATHER, bool SYNC, int CREGS, bool WIDE = false>
 __global__ void __launch_bounds__(TMA_THREADS, 1)
     k_new(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b) {
     extern __shared__ __align__(1024) char smem_raw[];
@@ -183,7 +206,7 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
             const Task tk = GEMM == 0 ? p.tasks0[ti] : p.tasks1[ti];
             float acc[128];
             eng.consume(make_tile<GEMM, GATHER>(p, tk, &map_a, &map_b), acc);
-            store_tile<GEMM>(p, tk, acc);
+            store_tile<GEMM, WIDE>(p, tk, acc);
             if (SYNC) __syncthreads();
         }
     }
@@ -385,7 +408,9 @@ int main(int argc, char **argv) {
     CK(cudaFuncSetAttribute(k_old<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_old));
 #define SET_NEW(G, GA, SY, CR) CK(cudaFuncSetAttribute(k_new<G, GA, SY, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_NEW(0, true, false, 0); SET_NEW(0, false, false, 0); SET_NEW(1, false, false, 0);
-    SET_NEW(0, true, true, 0); SET_NEW(1, false, true, 0); SET_NEW(0, true, false, TMA_CONSUMER_REGS); SET_NEW(1, false, false, TMA_CONSUMER_REGS);
+    SET_NEW(0, true, true, 0); SET_NEW(1, false, true, 0);
+    CK(cudaFuncSetAttribute(k_new<0, true, false, 0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
+    CK(cudaFuncSetAttribute(k_new<0, false, false, 0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new)); SET_NEW(0, true, false, TMA_CONSUMER_REGS); SET_NEW(1, false, false, TMA_CONSUMER_REGS);
 #define SET_PAIR(G, SH, CR) CK(cudaFuncSetAttribute(k_pair<G, SH, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_PAIR(0, SHARE_B, true); SET_PAIR(0, SHARE_B, false); SET_PAIR(1, SHARE_B, true); SET_PAIR(1, SHARE_B, false);
     SET_PAIR(1, SHARE_A, false);
@@ -469,6 +494,14 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma (gather A, sync per tile)", h_new, ho.data(), ho.size() * 2);
     poison(h_new, (size_t)R * I * 2);
+    k_new<0, true, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1);
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM0 tma (gather A, 16-byte stores)", h_new, ho.data(), ho.size() * 2);
+    poison(h_new, (size_t)R * I * 2);
+    k_new<0, false, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1);
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM0 tma (TMA A, 16-byte stores)", h_new, ho.data(), ho.size() * 2);
+    poison(h_new, (size_t)R * I * 2);
     CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, true>, pn, m_xg, m_w1h));
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma cluster 2 (B multicast, gather A, cluster-scope release)", h_new, ho.data(), ho.size() * 2);
@@ -535,6 +568,8 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM0 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, true>, pn, m_xg, m_w1h)); }, reps), flops0});
     rows.push_back({"GEMM0 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false>, pn, m_xg, m_w1h)); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A, sync/tile", time_ms([&] { k_new<0, true, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
+    rows.push_back({"GEMM0 tma, gather A, 16B stores", time_ms([&] { k_new<0, true, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
+    rows.push_back({"GEMM0 tma, TMA A, 16B stores", time_ms([&] { k_new<0, false, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, TMA A (pre-gathered)", time_ms([&] { k_new<0, false, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     if (creg_ok) rows.push_back({"GEMM0 tma, gather A, setmaxnreg", time_ms([&] { k_new<0, true, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM1 old cp.async wgmma", time_ms([&] { k_old<1><<<sms, 256, smem_old>>>(po); }, reps), flops1});
@@ -547,7 +582,7 @@ int main(int argc, char **argv) {
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     for (auto &r : rows) printf("%-34s %8.4f ms  %6.1f TFLOP/s\n", r.name, r.ms, r.flops / r.ms / 1e9);
-    const int checks = 12 + (creg_ok ? 1 : 0);
+    const int checks = 14 + (creg_ok ? 1 : 0);
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }
