@@ -139,12 +139,12 @@ __device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, con
     const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
     const int start = p.row_start[tk.e];
     const int r0 = TmaEngine<MMA_BF16, STAGES_T>::acc_row(), c0 = TmaEngine<MMA_BF16, STAGES_T>::acc_col();
-    if constexpr (GEMM == 0 && WIDE) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + 8 * h;
-            const bool ok = row0 + r < rows;
-            const size_t grow = (size_t)start + (ok ? row0 + r : 0);
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        const bool ok = row0 + r < rows;
+        const size_t grow = (size_t)start + (ok ? row0 + r : 0);
+        if constexpr (GEMM == 0 && WIDE) {
 #pragma unroll
             for (int jg = 0; jg < 8; ++jg) {
                 u32 w[4];
@@ -157,13 +157,7 @@ __device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, con
                 const int col = tk.n * 256 + 8 * (4 * jg + (int)(threadIdx.x & 3));
                 if (ok) *(uint4 *)&p.h[grow * p.I + col] = v;
             }
-        }
-    } else {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + 8 * h;
-            const bool ok = row0 + r < rows;
-            const size_t grow = (size_t)start + (ok ? row0 + r : 0);
+        } else {
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
                 const int col = tk.n * 256 + 8 * j + c0;
