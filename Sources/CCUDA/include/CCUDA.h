@@ -190,6 +190,54 @@ typedef CUresult (*PFN_cuIpcGetMemHandle)(CUipcMemHandle *pHandle, CUdeviceptr d
 typedef CUresult (*PFN_cuIpcOpenMemHandle_v2)(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags);
 typedef CUresult (*PFN_cuIpcCloseMemHandle)(CUdeviceptr dptr);
 
+// MARK: - Tensor maps for TMA (sm_90a engine; h9's block, keep it together)
+
+/// cuda.h: cuuint32_t.
+typedef unsigned int cuuint32_t;
+
+/// A TMA descriptor (cuda.h: CUtensorMap): 128 opaque bytes. cuda.h also makes it 64-byte aligned, which Swift does
+/// not import; CUDADriver encodes through a 64-byte aligned buffer, and kernels read it from device memory
+/// (cuMemAlloc addresses are aligned) or a __grid_constant__ parameter.
+typedef struct CUtensorMap_st {
+    cuuint64_t opaque[16];
+} CUtensorMap;
+
+/// Element types of a tensor map (cuda.h: enum CUtensorMapDataType_enum; only the ones FlashMoE uses).
+typedef enum CUtensorMapDataType_enum {
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT16 = 6,
+    CU_TENSOR_MAP_DATA_TYPE_FLOAT32 = 7,
+    CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 = 9
+} CUtensorMapDataType;
+
+/// cuda.h: enum CUtensorMapInterleave_enum.
+typedef enum CUtensorMapInterleave_enum { CU_TENSOR_MAP_INTERLEAVE_NONE = 0 } CUtensorMapInterleave;
+
+/// Shared-memory swizzle of a box (cuda.h: enum CUtensorMapSwizzle_enum).
+typedef enum CUtensorMapSwizzle_enum {
+    CU_TENSOR_MAP_SWIZZLE_NONE = 0,
+    CU_TENSOR_MAP_SWIZZLE_32B = 1,
+    CU_TENSOR_MAP_SWIZZLE_64B = 2,
+    CU_TENSOR_MAP_SWIZZLE_128B = 3
+} CUtensorMapSwizzle;
+
+/// cuda.h: enum CUtensorMapL2promotion_enum.
+typedef enum CUtensorMapL2promotion_enum {
+    CU_TENSOR_MAP_L2_PROMOTION_NONE = 0,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_64B = 1,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_128B = 2,
+    CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3
+} CUtensorMapL2promotion;
+
+/// cuda.h: enum CUtensorMapFloatOOBfill_enum. NONE fills elements outside the tensor with zeros.
+typedef enum CUtensorMapFloatOOBfill_enum { CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0 } CUtensorMapFloatOOBfill;
+
+typedef CUresult (*PFN_cuTensorMapEncodeTiled)(CUtensorMap *tensorMap, CUtensorMapDataType tensorDataType,
+                                               cuuint32_t tensorRank, void *globalAddress,
+                                               const cuuint64_t *globalDim, const cuuint64_t *globalStrides,
+                                               const cuuint32_t *boxDim, const cuuint32_t *elementStrides,
+                                               CUtensorMapInterleave interleave, CUtensorMapSwizzle swizzle,
+                                               CUtensorMapL2promotion l2Promotion, CUtensorMapFloatOOBfill oobFill);
+
 // MARK: - NVRTC
 
 /// NVRTC result codes (nvrtc.h: nvrtcResult).

@@ -15,6 +15,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
     public let resolution: String
     private let fn: Functions
     private let ipc: IPCFunctions
+    private let tensorMaps: TensorMapFunctions
 
     /// The process-wide driver, loaded and initialized on first use; the error says why there is none.
     public static let shared: Result<CUDADriver, CUDAError> = Result { () throws(CUDAError) in try load() }
@@ -39,6 +40,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         resolution = resolver.viaProcAddress ? "cuGetProcAddress_v2 (CUDA 12.0 ABI)" : "dlsym"
         fn = try Functions(resolver)
         ipc = try IPCFunctions(resolver)
+        tensorMaps = TensorMapFunctions(resolver)
     }
 
     // MARK: CUDADriverAPI
@@ -392,5 +394,41 @@ private struct IPCFunctions {
             "cuIpcOpenMemHandle", "cuIpcOpenMemHandle_v2", as: PFN_cuIpcOpenMemHandle_v2.self)
         cuIpcCloseMemHandle = try r.resolve(
             "cuIpcCloseMemHandle", "cuIpcCloseMemHandle", as: PFN_cuIpcCloseMemHandle.self)
+    }
+}
+
+// MARK: - Tensor maps for TMA (sm_90a engine; h9's block, keep it together)
+
+extension CUDADriver {
+    public func tensorMapEncodeTiled(
+        _ map: inout CUtensorMap, _ dataType: CUtensorMapDataType, _ address: CUdeviceptr, _ dims: [UInt64],
+        _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion
+    ) -> CUresult {
+        guard !dims.isEmpty, strides.count == dims.count - 1, box.count == dims.count else {
+            return CUDA_ERROR_INVALID_VALUE
+        }
+        // The driver writes the descriptor through a 64-byte aligned pointer; Swift's inout storage promises less.
+        let out = UnsafeMutableRawPointer.allocate(
+            byteCount: MemoryLayout<CUtensorMap>.size, alignment: 64)
+        defer { out.deallocate() }
+        let elementStrides = [UInt32](repeating: 1, count: dims.count)
+        guard let encode = tensorMaps.cuTensorMapEncodeTiled else { return CUDA_ERROR_NOT_SUPPORTED }
+        let result = encode(
+            out.assumingMemoryBound(to: CUtensorMap.self), dataType, UInt32(dims.count),
+            UnsafeMutableRawPointer(bitPattern: UInt(address)), dims, strides, box, elementStrides,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, l2Promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+        if result == CUDA_SUCCESS { map = out.load(as: CUtensorMap.self) }
+        return result
+    }
+}
+
+/// The tensor-map entry point (exported as `cuTensorMapEncodeTiled`, CUDA 12.0). Optional: a driver without it
+/// still runs every other path, and encoding reports CUDA_ERROR_NOT_SUPPORTED.
+private struct TensorMapFunctions {
+    let cuTensorMapEncodeTiled: PFN_cuTensorMapEncodeTiled?
+
+    init(_ r: Resolver) {
+        cuTensorMapEncodeTiled = try? r.resolve(
+            "cuTensorMapEncodeTiled", "cuTensorMapEncodeTiled", as: PFN_cuTensorMapEncodeTiled.self)
     }
 }

@@ -147,6 +147,16 @@ public protocol CUDADriverAPI: AnyObject, Sendable {
     func ipcOpenMemHandle(_ address: inout CUdeviceptr, _ handle: CUipcMemHandle, _ flags: UInt32) -> CUresult
     /// `cuIpcCloseMemHandle`: unmaps memory mapped by `ipcOpenMemHandle`.
     func ipcCloseMemHandle(_ address: CUdeviceptr) -> CUresult
+
+    // MARK: Tensor maps for TMA (sm_90a engine; h9's block, keep it together)
+
+    /// `cuTensorMapEncodeTiled`: encodes into `map` a descriptor of the `dims.count`-dimensional tensor at `address`
+    /// (`dims` innermost first, `strides`: the byte strides of dimensions 1 …, so one fewer), read in boxes of
+    /// `box` elements. `TensorMap2D` is the checked way in.
+    func tensorMapEncodeTiled(
+        _ map: inout CUtensorMap, _ dataType: CUtensorMapDataType, _ address: CUdeviceptr, _ dims: [UInt64],
+        _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion
+    ) -> CUresult
 }
 
 extension CUDADriverAPI {

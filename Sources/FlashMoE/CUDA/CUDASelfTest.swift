@@ -1,3 +1,5 @@
+import CCUDA
+
 /// One self-test check: what it tested, whether it passed, and what it measured or why it failed.
 public struct SelfTestStep: Sendable, CustomStringConvertible {
     public let name: String
@@ -90,7 +92,28 @@ public enum CUDASelfTest {
         steps.append(step("axpy round trip") { () throws(CUDAError) in try axpy(module, device) })
         steps.append(step("memset and device-to-device copy") { () throws(CUDAError) in try fillAndCopy(device) })
         steps.append(step("cooperative launch") { () throws(CUDAError) in try cooperative(module, device) })
+        if arch.computeCapability.major >= 9 {
+            steps.append(step("tensor map (TMA) encode") { () throws(CUDAError) in try tensorMap(device) })
+        }
         return steps
+    }
+
+    /// The sm_90a engine's descriptor (TensorMap2D) encodes for a real allocation, and the driver itself refuses a
+    /// box TMA cannot copy (so the call reached cuTensorMapEncodeTiled, not a stand-in).
+    private static func tensorMap(_ device: CUDADevice) throws(CUDAError) -> (Bool, String) {
+        let buffer = try DeviceBuffer<UInt16>(device: device, count: 256 * 128)
+        let map = try TensorMap2D(
+            driver: device.driver, element: .bf16, address: buffer.address, rows: 256, columns: 128, rowStride: 128,
+            boxRows: 256)
+        var raw = CUtensorMap()
+        let refused = device.driver.tensorMapEncodeTiled(
+            &raw, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, buffer.address, [128, 256], [256], [128, 256],
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE)
+        let encoded = map.words.contains { $0 != 0 }
+        return (
+            encoded && refused != CUDA_SUCCESS,
+            "256×128 bf16, box 256×64: \(encoded ? "encoded" : "all zero"); a 256-byte swizzled box row: "
+                + (refused == CUDA_SUCCESS ? "accepted (expected a refusal)" : "refused (\(refused.rawValue))"))
     }
 
     private static func axpy(_ module: CUDAModule, _ device: CUDADevice) throws(CUDAError) -> (Bool, String) {

@@ -613,3 +613,30 @@ extension FakeDriver {
 
 /// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`, the only flag the fake accepts (the one FlashMoE passes).
 private let CUDA_IPC_LAZY_FLAG = UInt32(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+
+// MARK: - Tensor maps for TMA (h9's block, keep it together)
+
+extension FakeDriver {
+    /// Checks what the real driver checks for a 16-bit tiled map, then writes the arguments into the descriptor
+    /// (words 0 … 7: address, dims[0], dims[1], strides[0], box[0], box[1], data type, swizzle) so tests can read
+    /// them back. Needs no context, like the driver (encoding is host-only).
+    func tensorMapEncodeTiled(
+        _ map: inout CUtensorMap, _ dataType: CUtensorMapDataType, _ address: CUdeviceptr, _ dims: [UInt64],
+        _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion
+    ) -> CUresult {
+        if let code = gate("tensorMapEncodeTiled", needsContext: false) { return code }
+        let elementBytes: UInt32 = dataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2
+        guard (1...5).contains(dims.count), strides.count == dims.count - 1, box.count == dims.count,
+            address % 16 == 0, strides.allSatisfy({ $0 % 16 == 0 }), box.allSatisfy({ (1...256).contains($0) }),
+            swizzle != CU_TENSOR_MAP_SWIZZLE_128B || box[0] * elementBytes <= 128
+        else { return CUDA_ERROR_INVALID_VALUE }
+        let fields: [UInt64] = [
+            address, dims[0], dims.count > 1 ? dims[1] : 0, strides.first ?? 0, UInt64(box[0]),
+            box.count > 1 ? UInt64(box[1]) : 0, UInt64(dataType.rawValue), UInt64(swizzle.rawValue),
+        ]
+        withUnsafeMutableBytes(of: &map) { raw in
+            for (i, v) in fields.enumerated() { raw.storeBytes(of: v, toByteOffset: i * 8, as: UInt64.self) }
+        }
+        return CUDA_SUCCESS
+    }
+}

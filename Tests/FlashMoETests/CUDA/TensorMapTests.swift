@@ -1,0 +1,71 @@
+import CCUDA
+import Testing
+
+@testable import FlashMoE
+
+/// `TensorMap2D` against the fake driver: what reaches `cuTensorMapEncodeTiled`, the argument checks and the error
+/// mapping. No GPU needed (the descriptor's use by the sm_90a engine is checked by scripts/gpu-engine-test).
+@Suite struct TensorMapTests {
+    @Test(arguments: [(TensorMap2D.Element.bf16, 9 as UInt64), (.fp16, 6)])
+    func encodesTheEngineLayout(element: TensorMap2D.Element, type: UInt64) throws {
+        let fake = FakeDriver()
+        let map = try TensorMap2D(
+            driver: fake, element: element, address: 0x7000_0400, rows: 64 * 2048, columns: 2048, rowStride: 2048,
+            boxRows: 256)
+        // The fake writes back: address, dims (K innermost, then rows), row stride in bytes, box, type, swizzle.
+        #expect(Array(map.words[0..<8]) == [0x7000_0400, 2048, 64 * 2048, 4096, 64, 256, type, 3])
+        #expect(map.words.count == 16)
+        #expect(TensorMap2D.boxColumns * 2 == 128)  // one box row = one 128-byte swizzle span
+    }
+
+    @Test func aRowStrideLongerThanTheRowIsKept() throws {
+        let map = try TensorMap2D(
+            driver: FakeDriver(), element: .bf16, address: 0x1000, rows: 10, columns: 24, rowStride: 40, boxRows: 128)
+        #expect(map.words[1] == 24 && map.words[3] == 80)
+    }
+
+    @Test(arguments: [
+        (0x1008 as CUdeviceptr, 10, 64, 64, 128, "address"),
+        (0x1000, 0, 64, 64, 128, "rows"),
+        (0x1000, 10, 0, 64, 128, "columns"),
+        (0x1000, 10, 64, 32, 128, "rowStride"),
+        (0x1000, 10, 100, 100, 128, "multiple of 16 bytes"),
+        (0x1000, 10, 64, 64, 0, "boxRows"),
+        (0x1000, 10, 64, 64, 257, "boxRows"),
+    ])
+    func rejectsWhatTMACannotDescribe(
+        address: CUdeviceptr, rows: Int, columns: Int, stride: Int, boxRows: Int, names: String
+    ) {
+        let fake = FakeDriver()
+        do throws(CUDAError) {
+            _ = try TensorMap2D(
+                driver: fake, element: .bf16, address: address, rows: rows, columns: columns, rowStride: stride,
+                boxRows: boxRows)
+            Issue.record("expected an invalid-argument error")
+        } catch {
+            guard case .invalidArgument(let message) = error else {
+                Issue.record("expected invalidArgument, got \(error)")
+                return
+            }
+            #expect(message.contains(names))
+        }
+        #expect(!fake.calls.contains("tensorMapEncodeTiled"))  // checked before the driver is asked
+    }
+
+    @Test func aDriverFailureNamesTheCall() {
+        let fake = FakeDriver()
+        fake.fail("tensorMapEncodeTiled", with: CUDA_ERROR_NOT_SUPPORTED)
+        do throws(CUDAError) {
+            _ = try TensorMap2D(
+                driver: fake, element: .bf16, address: 0x1000, rows: 128, columns: 64, rowStride: 64, boxRows: 128)
+            Issue.record("encoding should fail")
+        } catch {
+            guard case .driver(let call, _, _, _, let hint) = error else {
+                Issue.record("expected a driver error, got \(error)")
+                return
+            }
+            #expect(call.hasPrefix("cuTensorMapEncodeTiled"))
+            #expect(hint?.contains("sm_90") == true)
+        }
+    }
+}
