@@ -95,6 +95,10 @@ typedef enum {
 #define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
                                           kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
                                           forward or check); later forwards run normally */
+#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* groups of bf16/fp16 layers (since 0.4): expert outputs travel back to
+                                          the token's rank in the storage type instead of float32, halving those
+                                          bytes; y then differs from one layer's by one rounding of each expert
+                                          output (flashmoe verify measures it against float32 returns) */
 
 #define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
 

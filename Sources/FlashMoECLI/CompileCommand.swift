@@ -23,6 +23,9 @@ struct CompileCommand: ParsableCommand {
     @Flag(help: "Compile without reading or writing the cubin cache.")
     var noCache = false
 
+    @Flag(help: "Also compile each preset as 4 expert-parallel ranks (bf16/fp16 also with storage returns).")
+    var ranks = false
+
     func run() throws {
         let environment = ProcessEnvironment.current()
         let archs = try GPUArchitecture.parseList(arch)
@@ -48,7 +51,8 @@ struct CompileCommand: ParsableCommand {
         print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor) (\(nvrtc.path)); cache: "
             + (compiler.cache?.directory ?? compiler.cacheDisabledReason))
         let ok = CompileReport.run(
-            specs: KernelCatalog.specializations(for: configs), archs: archs, compiler: compiler,
+            specs: KernelCatalog.specializations(for: configs) + (ranks ? KernelCatalog.expertParallel(for: configs) : []),
+            archs: archs, compiler: compiler,
             sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) }
         if !ok { throw ExitCode.failure }
     }

@@ -1030,6 +1030,11 @@ static void test_group_errors(void) {
                  "group_create without down");
     check(group == NULL, "failed group_creates leave *group NULL");
 
+    /* FLASHMOE_FLAG_STORAGE_RETURNS is a group option: a layer refuses it. */
+    cc = small_config();
+    cc.flags = FLASHMOE_FLAG_STORAGE_RETURNS;
+    create_fails(cc, small_weights(), "FLASHMOE_FLAG_STORAGE_RETURNS", "create a layer with storage returns");
+
     /* The calls on handles. */
     expect_error(flashmoe_group_forward(NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT,
                  "group is NULL", "group_forward on NULL");

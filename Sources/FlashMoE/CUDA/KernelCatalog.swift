@@ -36,6 +36,24 @@ public enum KernelCatalog {
         [selfTest] + ((try? FusedSpecialization(config: config)).map { [$0.kernelSpec] } ?? [])
     }
 
+    /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that
+    /// single-GPU builds leave out): each 16-bit config as 4 ranks with FP32 and with storage returns
+    /// (`FusedOptions.storageReturns`), each other one as 4 ranks; configs with fewer than 4 experts are left out.
+    public static func expertParallel(for configs: [MoEConfig]) -> [KernelSpec] {
+        var result: [KernelSpec] = []
+        for c in configs {
+            let variants = c.precision.storage.byteSize == 2 ? [false, true] : [false]
+            for storage in variants {
+                if let spec = try? FusedSpecialization(config: c, ranks: 4, returnStorage: storage).kernelSpec,
+                    !result.contains(spec)
+                {
+                    result.append(spec)
+                }
+            }
+        }
+        return result
+    }
+
     /// The union of the specializations of `configs`, each once, in first-seen order.
     public static func specializations(for configs: [MoEConfig]) -> [KernelSpec] {
         var result: [KernelSpec] = []

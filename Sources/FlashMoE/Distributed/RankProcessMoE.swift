@@ -140,7 +140,7 @@ public final class RankProcessMoE: @unchecked Sendable {
 
         let spec = try FusedSpecialization(
             config: config, stages: options.stages, ranks: world, injectFault: options.injectFault ? 2 : 0,
-            phaseTimes: options.recordPhaseTimes)
+            phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns)
         specialization = spec
         let k = try FusedKernel(
             specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)
