@@ -175,6 +175,9 @@ public final class RankProcessMoE: @unchecked Sendable {
         table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
         peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
         try peers.upload(peerTable.peerTable)
+        // The last step of creation: a rank that failed after the mappings aborts here, so no rank leaves create
+        // believing in a group another rank has left.
+        try rendezvous.barrier("created")
     }
 
     /// The gate's K split for `totalTokens` global tokens (pass it to a single-rank `FusedMoE` for a bitwise
