@@ -7,8 +7,9 @@ GEMM, which changes the logits' rounding; reported and then compared within the 
 
 Cases: bf16 gated softmax from each rank's shard; fp32 plain FFN with biases from full weights and E not divisible
 by the ranks; float32 output; an empty rank; capacity drops by global token order; bf16 returns (same routing, y
-within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; a rank with another
-config (every rank gets FLASHMOE_ERROR_INVALID_ARGUMENT).
+within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; a rank that stops
+calling (every rank gets FlashMoEKernelError "gave up waiting" within the wait budget + 30 s, then closes); a rank
+with another config (every rank gets FLASHMOE_ERROR_INVALID_ARGUMENT).
 
 Ranks may share one GPU (contexts time-slice; torch.distributed must then be gloo, as NCCL refuses two ranks on one
 GPU). Prints one line per check and "gpu_dist_check rank R: N passed, M failed"; exits 1 on any failure.
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -137,6 +139,35 @@ def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, tot
         layer.close()
 
 
+def rank_stops_calling(checks: Checks, config: MoEConfig, device) -> None:
+    """The last rank skips the second step: every other rank's launch waits for its counts until the wait budget
+    ends, then every rank (the last one after a barrier) reads the typed error; the group is unusable, closed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = make_weights(config, torch.bfloat16, device, 1)
+    x = torch.randn(64, config.hidden, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(device)
+    counts = [64] * world
+    layer = fd.MoEGroupLayer(config, fd.shard_weights(config, weights))
+    try:
+        layer(x, tokens_per_rank=counts)
+        layer.check(synchronize=True)
+        if rank != world - 1:
+            layer(x, tokens_per_rank=counts)
+        started = time.monotonic()
+        if rank == world - 1:
+            dist.barrier()  # after the others have seen their launch fail
+        try:
+            layer.check(synchronize=True)
+            checks.record("a rank stops calling: typed error", False, "no error was reported")
+        except _lib.FlashMoEKernelError as e:
+            waited = time.monotonic() - started
+            checks.record("a rank stops calling: typed error", "gave up waiting" in e.message
+                          and waited < config.wait_budget_ms / 1000 + 30, f"after {waited:.1f} s: {e.message[:160]}")
+        if rank != world - 1:
+            dist.barrier()
+    finally:
+        layer.close()
+
+
 def config_mismatch(checks: Checks, device) -> None:
     rank = dist.get_rank()
     config = MoEConfig(hidden=256, intermediate=128, experts=4, top_k=2 if rank == 0 else 1, precision="bf16",
@@ -183,6 +214,11 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - a failed case is a failed check; the others still run
             checks.record(name, False, f"{type(e).__name__}: {e}")
             traceback.print_exc()
+    try:
+        rank_stops_calling(checks, cases[0][1], device)
+    except Exception as e:  # noqa: BLE001
+        checks.record("a rank stops calling", False, f"{type(e).__name__}: {e}")
+        traceback.print_exc()
     try:
         config_mismatch(checks, device)
     except Exception as e:  # noqa: BLE001
