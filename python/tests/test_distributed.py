@@ -13,6 +13,7 @@ the GPU side is scripts/gpu-dist-python.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -265,6 +266,32 @@ class TorchDistributedTest(unittest.TestCase):
         for status, message in self.run_case("mismatch"):
             self.assertEqual(int(status), _lib.ERROR_INVALID_ARGUMENT, message)
             self.assertIn("rank 1's layer differs", message)
+
+
+@unittest.skipIf(torch is None, TORCH_MISSING)
+class ShardWeightsTest(unittest.TestCase):
+    def test_per_expert_tensors_are_cut_to_the_ranks_experts(self):
+        from flashmoe import distributed as fd
+
+        config = CONFIG.replace(experts=5, ffn="plain", bias=True)
+        w = {"router": torch.randn(5, 16), "gate_up": torch.randn(5, 8, 16), "down": torch.randn(5, 16, 8),
+             "b1": torch.randn(5, 8), "b2": torch.randn(5, 16)}
+        mine = fd.shard_weights(config, w, rank=1, world_size=2)  # experts 3 and 4 ([0, 3) and [3, 5))
+        self.assertIs(mine["router"], w["router"])
+        for name in ("gate_up", "down", "b1", "b2"):
+            self.assertTrue(torch.equal(mine[name], w[name][3:5]), name)
+            self.assertTrue(mine[name].is_contiguous(), name)
+        with self.assertRaisesRegex(ValueError, r"weights\['down'\] must have 5 experts"):
+            fd.shard_weights(config, dict(w, down=w["down"][:2]), rank=0, world_size=2)
+
+
+class GpuDistPythonScriptTest(unittest.TestCase):
+    def test_refuses_without_library(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([str(HERE.parent.parent / "scripts" / "gpu-dist-python"), tmp], capture_output=True,
+                                  text=True, env=dict(os.environ, FLASHMOE_LIB=str(Path(tmp) / "missing.so")))
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("scripts/build-lib", proc.stderr)
 
 
 if __name__ == "__main__":
