@@ -259,7 +259,7 @@ def render(folder: RunFolder, commit: str, date: str, gpu: str, allow_fake: bool
 
     lines += ["", "### FlashMoE against PyTorch", "",
               "Speed-up = the faster torch implementation at the same precision / FlashMoE. Floor: FlashMoE's (the "
-              "H200 reference rates of DESIGN.md §6) where it reports one, else torch's (rates measured at startup).",
+              "H200 reference rates of docs/performance.md) where it reports one, else torch's (rates measured at startup).",
               ""]
     if flashmoe or torch:
         lines.append(side_by_side(flashmoe, torch))

@@ -39,7 +39,7 @@ class FormulaTests(unittest.TestCase):
         self.assertEqual(benchlib.layer_flops(spec, 64), routed + 2 * 64 * 7168 * 256 + 2 * 64 * 7168 * 2048 * 3)
 
     def test_bytes_deepseek_decode_matches_design_note(self):
-        # DESIGN.md §6: about 222 experts touched at S=64, 19.5 GB of weights.
+        # docs/performance.md: about 222 experts touched at S=64 (uniform estimate), 19.5 GB of weights.
         spec = benchlib.PRESETS["deepseek-v3"]
         b = benchlib.layer_bytes(spec, 64, 222, 2)
         experts = 222 * 3 * 7168 * 2048 * 2

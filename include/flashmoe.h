@@ -20,6 +20,10 @@
  *     on flashmoe_layer_check(), or at once with FLASHMOE_FLAG_SYNC_ERRORS.
  *   - CPU layers: pointers are host pointers; the forward runs before it returns; `stream` must be NULL.
  *   - A layer may be used from several threads, one call at a time (calls are serialised internally).
+ *   - Non-finite input (docs/nonfinite.md) is data, not an error: a NaN logit never selects an expert, so a token
+ *     with a NaN in x gets topk_ids = -1 and topk_weights = 0 for every rank and y = 0 (NaN with a shared expert);
+ *     ids are always in [0, E) or -1. Every other token is bit-identical to a run without the fault. A non-finite
+ *     selection bias is refused at create (FLASHMOE_ERROR_INVALID_ARGUMENT).
  */
 #ifndef FLASHMOE_H
 #define FLASHMOE_H

@@ -46,7 +46,7 @@ OPTIONS = {
     "bench": {"--preset", "--tokens", "--warmup", "--iterations", "--backend", "--device", "--precision",
               "--capacity-factor", "--seed", "--json", "--hidden", "--intermediate", "--experts", "--top-k",
               "--ffn", "--activation", "--router", "--groups", "--groups-kept", "--scaling",
-              "--shared-intermediate", "--ranks", "--rank-devices"},
+              "--shared-intermediate", "--ranks", "--rank-devices", "--trace", "--trace-events"},
 }
 FLAGS = {"compile": {"--lineinfo", "--no-cache"}, "selftest": {"--compiler-only"},
          "verify": {"--skip-fault-check"}, "run": {"--verbose", "--bias", "--no-bias"},
@@ -133,6 +133,15 @@ def fake_flashmoe(args: list[str]) -> int:
             with open(opts["--json"], "w") as f:
                 json.dump([entry], f)
             print(f"wrote {opts['--json']}")
+        if "--trace" in opts:
+            # The shape of KernelTrace.chromeJSON: one process per block, complete ("X") events in microseconds.
+            events = [{"name": "GEMM0 e0 rb0 n0", "cat": "GEMM0", "ph": "X", "ts": 1.0, "dur": 2.5, "pid": 0,
+                       "tid": 0, "args": {"expert": 0, "row_block": 0, "column_tile": 0}}]
+            with open(opts["--trace"], "w") as f:
+                json.dump({"traceEvents": events, "displayTimeUnit": "ns", "otherData": {"fake": True}}, f)
+            print("timeline: 1 events over 1 blocks, 2.5 µs from the first begin to the last end")
+            print("  GEMM0: 1 × mean 2.5 µs = 2.5 µs of block time, from 0.0 to 2.5 µs")
+            print(f"wrote {opts['--trace']} (open it in ui.perfetto.dev)")
         if "--ranks" in opts:
             print(f"ranks: {opts['--ranks']} on one GPU: median {ms * 1.05:.3f} ms vs one rank {ms:.3f} ms "
                   "(5.0 % protocol overhead)")

@@ -49,6 +49,14 @@ static const char sched_launch_cuh[] = {
 #embed "kernels/sched_launch.cuh"
     , 0};
 
+static const char launch_limits_cuh[] = {
+#embed "kernels/launch_limits.cuh"
+    , 0};
+
+static const char trace_cuh[] = {
+#embed "kernels/trace.cuh"
+    , 0};
+
 static const char moe_cu[] = {
 #embed "kernels/moe.cu"
     , 0};
@@ -73,6 +81,8 @@ static const struct {
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
+    {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
+    {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };

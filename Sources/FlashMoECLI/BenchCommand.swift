@@ -13,7 +13,7 @@ struct BenchCommand: ReportingCommand {
             Timed runs: \(Defaults.cudaIterations) after \(Defaults.cudaWarmup) warm-ups on the GPU (CUDA events), \
             \(Defaults.cpuIterations) after \(Defaults.cpuWarmup) on the CPU (wall clock). The floor is \
             max(FLOPs / matmul rate, bytes / copy bandwidth) with the \(Roofline.referenceDevice)'s measured rates \
-            (DESIGN.md §6): bf16/fp16 773, tf32 415, fp32 50 TFLOP/s, 4.2 TB/s; the bytes are the weights of the \
+            (docs/performance.md): bf16/fp16 773, tf32 415, fp32 50 TFLOP/s, 4.2 TB/s; the bytes are the weights of the \
             experts the input touches, the router, the shared expert, the input and the FP32 output. \
             It is reported for the GPU only.
 
@@ -69,6 +69,15 @@ struct BenchCommand: ReportingCommand {
     @Flag(help: "With --ranks (bf16/fp16): expert outputs travel back in the storage type instead of FP32.")
     var storageReturns = false
 
+    @Option(help: ArgumentHelp(
+        "Also run one launch of a tracing build of the kernel and write each block's timeline (phases, gate, GEMM0, "
+            + "GEMM1 and combine tasks) to this file as Chrome-trace JSON (open it in ui.perfetto.dev).",
+        valueName: "file.json"))
+    var trace: String?
+
+    @Option(help: "With --trace: events each block can record (more are counted as dropped).")
+    var traceEvents = 4096
+
     /// Runs the benchmark on `context`, passing each report line to `emit`; returns the record `--json` writes.
     @discardableResult
     func execute(context: MachineContext, emit: (String) -> Void) throws -> BenchmarkRecord {
@@ -82,6 +91,10 @@ struct BenchCommand: ReportingCommand {
         }
         let (engine, plan) = try common.prepare(source, tokens: tokens, context: context, progress: progress)
         let onGPU = plan.kind == .cuda
+        if trace != nil {
+            guard onGPU else { throw CLIError(.invalidValue, "--trace needs the CUDA backend (a tracing build of the kernel)") }
+            guard traceEvents >= 1 else { throw CLIError(.invalidValue, "--trace-events must be 1 or more (got \(traceEvents))") }
+        }
         let x = randomInput(tokens: tokens, hidden: config.hiddenSize, seed: common.seed)
         let warm = warmup ?? (onGPU ? Defaults.cudaWarmup : Defaults.cpuWarmup)
         let runs = iterations ?? (onGPU ? Defaults.cudaIterations : Defaults.cpuIterations)
@@ -107,6 +120,7 @@ struct BenchCommand: ReportingCommand {
             workspaceBytes: result.workspaceBytes, date: HostMachine.utcTimestamp(), device: device,
             method: result.method, config: LayerReport.describe(config))
         emit("device: \(device)")
+        if let fused = engine as? FusedMoE { emit("kernel: \(fused.specialization.arch), \(fused.specialization.sharedMemory)") }
         emit(
             "runs: \(warm) warm-up, \(runs) timed (\(result.method)), \(tokens) tokens, "
                 + "\(formatNumber(record.flops / 1e9)) GFLOP per forward pass")
@@ -123,6 +137,11 @@ struct BenchCommand: ReportingCommand {
             guard onGPU else { throw CLIError(.invalidValue, "--ranks needs the CUDA backend") }
             records.append(
                 try benchRanks(ranks, layer: engine.layer, input: x, single: record, warmup: warm, runs: runs, emit: emit))
+        }
+        if let trace {
+            try BenchTrace.run(
+                layer: engine.layer, input: x, deviceOrdinal: common.device, eventsPerBlock: traceEvents, path: trace,
+                emit: emit)
         }
         if let json {
             try HostMachine.writeTextFile(BenchmarkRecord.json(records), to: json)

@@ -8,7 +8,7 @@ struct CompileCommand: ParsableCommand {
         commandName: "compile",
         abstract: "Compile the kernels the presets use, with NVRTC only (no GPU needed).")
 
-    @Option(help: "Comma-separated targets, e.g. sm_80,sm_90a.")
+    @Option(help: "Comma-separated targets, e.g. sm_80,sm_90a or sm_86,sm_89,sm_120 (99 KiB of shared memory per block).")
     var arch = "sm_80,sm_90a"
 
     @Option(help: "A preset whose kernels to compile (repeatable; default: every preset).")
@@ -50,10 +50,24 @@ struct CompileCommand: ParsableCommand {
             ? KernelCompiler(backend: nvrtc, cache: nil) : KernelCompiler(backend: nvrtc, environment: environment)
         print("NVRTC \(nvrtc.version.major).\(nvrtc.version.minor) (\(nvrtc.path)); cache: "
             + (compiler.cache?.directory ?? compiler.cacheDisabledReason))
-        let ok = CompileReport.run(
-            specs: KernelCatalog.specializations(for: configs) + (ranks ? KernelCatalog.expertParallel(for: configs) : []),
-            archs: archs, compiler: compiler,
-            sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) }
+        var ok = true
+        for arch in archs {
+            // Stages follow each target's shared memory per block, so each target has its own specialisations; a
+            // configuration that fits none of them is a failure here, not a silent omission.
+            for c in configs {
+                do throws(MoEError) {
+                    _ = try FusedSpecialization(config: c, arch: arch)
+                } catch {
+                    ok = false
+                    print("\(LayerReport.describe(c)) \(arch): FAIL: \(error)")
+                }
+            }
+            ok = CompileReport.run(
+                specs: KernelCatalog.specializations(for: configs, arch: arch)
+                    + (ranks ? KernelCatalog.expertParallel(for: configs, arch: arch) : []),
+                archs: [arch], compiler: compiler,
+                sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) } && ok
+        }
         if !ok { throw ExitCode.failure }
     }
 }
@@ -72,10 +86,21 @@ enum CompileReport {
                     print("\(spec) \(arch): \(formatByteCount(kernel.cubin.count)) cubin, "
                         + "\(formatDecimal(kernel.time.milliseconds, 1)) ms, cache \(kernel.cache)"
                         + (kernel.cacheWriteFailure.map { " (not stored: \($0))" } ?? ""))
+                    let dynamic = spec.defines["FMOE_DYNAMIC_SMEM"].flatMap { Int($0) }
+                    let limit = try? ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn
                     for usage in kernel.resources {
+                        var shared = "shared \(usage.sharedBytes) B"
+                        var overLimit = false
+                        if let dynamic, let limit {
+                            // What a launch needs per block against what the architecture allows.
+                            shared += " + \(dynamic) B dynamic (stages \(spec.defines["FMOE_STAGES"] ?? "?")) of \(limit) B"
+                            overLimit = usage.sharedBytes + dynamic > limit
+                        }
+                        if overLimit { ok = false }
                         print("  \(usage.name): \(usage.registers) registers, spills \(usage.spillStoreBytes) B "
                             + "stored / \(usage.spillLoadBytes) B loaded, stack \(usage.stackFrameBytes) B, "
-                            + "shared \(usage.sharedBytes) B" + (usage.spills ? "  <-- SPILLS" : ""))
+                            + shared + (usage.spills ? "  <-- SPILLS" : "")
+                            + (overLimit ? "  FAIL: more shared memory than \(arch) allows" : ""))
                     }
                     let missing = spec.kernels.filter { name in !kernel.resources.contains { $0.name == name } }
                     if kernel.resources.isEmpty {

@@ -42,8 +42,10 @@ struct LoadSummary: Sendable, Equatable {
     var experts: Int
     /// Routed (token, expert) pairs dropped by capacity.
     var dropped: Int
-    /// (token, rank) slots left without an expert (NaN logits).
+    /// (token, rank) slots left without an expert (fewer than k experts with a non-NaN logit).
     var unrouted: Int
+    /// Tokens with no expert at all (every logit NaN, e.g. a NaN in x): y is the shared expert's output or 0.
+    var unroutedTokens: Int
     /// All (token, rank) slots: S·k.
     var pairs: Int
 
@@ -56,6 +58,10 @@ struct LoadSummary: Sendable, Equatable {
         experts = load.count
         dropped = routing.dropped
         unrouted = routing.expertIDs.filter { $0 < 0 }.count
+        let k = max(1, routing.topK)
+        unroutedTokens = (0..<routing.tokens).filter { t in
+            routing.expertIDs[(t * k)..<(t * k + k)].allSatisfy { $0 < 0 }
+        }.count
         pairs = routing.expertIDs.count
     }
 
@@ -63,8 +69,48 @@ struct LoadSummary: Sendable, Equatable {
         var s =
             "expert load: min \(minimum) / mean \(formatDecimal(mean, 1)) / max \(maximum) tokens over "
             + "\(experts) experts (\(expertsUsed) used); dropped \(dropped) of \(pairs) (token, expert) pairs"
-        if unrouted > 0 { s += "; \(unrouted) unrouted (NaN logits)" }
+        if unrouted > 0 {
+            let tokens = unroutedTokens == 1 ? "1 token" : "\(unroutedTokens) tokens"
+            s += "; \(unrouted) unrouted (NaN logits), \(tokens) with no expert"
+        }
         return s
+    }
+}
+
+/// NaN and ±∞ in one forward pass (the rules: docs/nonfinite.md): tokens of x holding one, tokens left without an
+/// expert, and tokens of y holding one.
+struct NonFiniteSummary: Sendable, Equatable {
+    /// Rows of x with a NaN or ±∞.
+    var inputTokens: Int
+    /// Tokens with no expert (every logit NaN).
+    var unroutedTokens: Int
+    /// Rows of y with a NaN or ±∞, and their non-finite elements.
+    var outputTokens: Int
+    var outputValues: Int
+
+    init(input: HostTensor, output: MoEOutput) {
+        let h = max(1, input.shape.count == 2 ? input.shape[1] : 1)
+        inputTokens = Self.rows(input.floats(), width: h).rows
+        unroutedTokens = LoadSummary(output.routing).unroutedTokens
+        (outputTokens, outputValues) = Self.rows(output.output.floats(), width: h)
+    }
+
+    /// Rows of `values` (row-major, `width` wide) with a non-finite element, and the non-finite elements.
+    static func rows(_ values: [Float], width: Int) -> (rows: Int, values: Int) {
+        var rows = 0, count = 0
+        for start in stride(from: 0, to: values.count, by: width) {
+            let n = values[start..<min(values.count, start + width)].reduce(0) { $0 + ($1.isFinite ? 0 : 1) }
+            count += n
+            rows += n > 0 ? 1 : 0
+        }
+        return (rows, count)
+    }
+
+    var text: String {
+        func tokens(_ n: Int) -> String { n == 1 ? "1 token" : "\(n) tokens" }
+        return "non-finite: NaN/±Inf in \(tokens(inputTokens)) of x; \(tokens(unroutedTokens)) with no expert "
+            + "(all logits NaN); NaN/±Inf in \(tokens(outputTokens)) of y (\(outputValues) values)"
+            + (inputTokens + unroutedTokens + outputTokens > 0 ? " (rules: docs/nonfinite.md)" : "")
     }
 }
 

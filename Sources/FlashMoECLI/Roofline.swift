@@ -1,11 +1,11 @@
 import FlashMoE
 
-/// The roofline floor of one forward pass on the reference GPU, by DESIGN.md §6's method:
+/// The roofline floor of one forward pass on the reference GPU, by the method of docs/performance.md:
 /// max(FLOPs / matmul rate, bytes / copy bandwidth), where the bytes are those a forward must move at least once:
 /// the weights of the experts it touches, the router (and selection bias), the shared expert, the input in the
 /// storage type and the FP32 output.
 ///
-/// The rates are the H200's, measured with torch 2.11 (DESIGN.md §6): dense matmul 773 TFLOP/s in BF16 (FP16 is
+/// The rates are the H200's, measured with torch 2.11 (docs/performance.md, "Reference rates"): dense matmul 773 TFLOP/s in BF16 (FP16 is
 /// taken to be the same), 415 in TF32, 50 in FP32; device copy 4.2 TB/s.
 enum Roofline {
     /// The GPU the rates were measured on.

@@ -78,6 +78,7 @@ struct RunCommand: ReportingCommand {
         emit(LoadSummary(result.routing).text)
         emit("time: \(formatDecimal(elapsed.milliseconds, 2)) ms for the forward pass (wall clock)")
         emit(OutputNorms(result.output.floats()).text)
+        emit(NonFiniteSummary(input: x, output: result).text)
         if let output {
             try write(result, to: output)
             emit("wrote \(output) (y, topk_ids, topk_weights)")

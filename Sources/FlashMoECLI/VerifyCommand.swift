@@ -49,10 +49,13 @@ struct VerifyCommand: ParsableCommand {
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
+        let limit = gpu.properties.sharedMemoryPerBlockOptIn
         try Self.precompile(
-            cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs), arch: gpu.properties.architecture)
+            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)).map { ($0, 1) },
+            arch: gpu.properties.architecture, sharedMemoryPerBlock: limit)
         try Self.precompile(
-            rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture)
+            rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture,
+            sharedMemoryPerBlock: limit)
 
         print(VerifyTable.header)
         var failures = 0
@@ -122,13 +125,20 @@ struct VerifyCommand: ParsableCommand {
         try precompile(configs.map { ($0, 1) }, arch: arch)
     }
 
-    static func precompile(_ configs: [(MoEConfig, Int)], arch: GPUArchitecture) throws {
+    /// `sharedMemoryPerBlock`: the GPU's opt-in limit (nil: the architecture's, from `ArchitectureLimits`).
+    static func precompile(_ configs: [(MoEConfig, Int)], arch: GPUArchitecture, sharedMemoryPerBlock: Int? = nil) throws {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let sources = KernelSources.current(environment: environment)
+        // The target the operators will build for (FLASHMOE_EMULATE_ARCH included), so the cases find their cubins.
+        let target = try FusedDeviceTarget(
+            arch: arch, sharedMemoryPerBlock: try sharedMemoryPerBlock ?? ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn,
+            emulating: environment[FusedDeviceTarget.emulateVariable])
         var unique: [KernelSpec] = []
         for (c, ranks) in configs {
-            if let spec = try? FusedSpecialization(config: c, ranks: ranks).kernelSpec, !unique.contains(spec) {
+            if let spec = try? FusedSpecialization(
+                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks
+            ).kernelSpec, !unique.contains(spec) {
                 unique.append(spec)
             }
         }

@@ -85,8 +85,9 @@ import Testing
             MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 320, topK: 3, precision: .tf32),
         ]
         for c in configs {
-            let spec = try FusedSpecialization(config: c, ranks: ranks)
-            let k = try compiler.compile(spec.kernelSpec, arch: try GPUArchitecture(parsing: arch), sources: .embedded)
+            let target = try GPUArchitecture(parsing: arch)
+            let spec = try FusedSpecialization(config: c, arch: target, ranks: ranks)
+            let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
             for name in [FusedSpecialization.kernelName, FusedSpecialization.ranksKernelName] {
                 let usage = try #require(k.resources.first { $0.name == name })
                 #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "\(name) spills on \(arch)")

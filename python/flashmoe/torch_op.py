@@ -12,6 +12,10 @@ from the registered layer, so the op traces without a graph break. There is no b
     torch.ops.flashmoe.moe_forward_out(x, layer_id, y, topk_ids, topk_weights)
 
 is the same call into outputs the caller keeps (checked like x), for loops that should not allocate.
+
+Non-finite input (docs/nonfinite.md) raises nothing: a token whose x holds a NaN gets topk_ids = -1 and
+topk_weights = 0 and y = 0 (NaN with a shared expert); ids are always in [0, E) or -1, so index experts with ids >= 0
+only. Every other token is bit-identical to the run without it.
 """
 
 from __future__ import annotations

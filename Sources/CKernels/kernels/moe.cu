@@ -2,7 +2,8 @@
 //
 // Roles: every CTA is a worker; work comes from device-side counters, never from the host.
 //
-// Phases of one launch (epoch = the host's call number, never reset):
+// Phases of one launch (epoch = the launch number: on one GPU the device keeps and advances it, see
+// finish_launch in sched_launch.cuh; ranks take it from the host):
 //   1. Gate. Tasks (token tile of 128, expert tile of 128) from a ticket counter: logits = x·Wgᵀ in FP32. The CTA
 //      that finishes a token tile's last expert tile routes the tile (a warp per token, router.cuh), writes ids,
 //      weights, each pair's rank among the tile's tokens routed to the same expert, and the tile's per-expert

@@ -6,6 +6,8 @@
 #include "gemm_tile.cuh"
 #include "wgmma.cuh"
 #include "router.cuh"
+#include "launch_limits.cuh"
+#include "trace.cuh"
 
 // ---- Specialisation (defined by the host as -D options) ---------------------------------------------------------
 #ifndef FMOE_H
@@ -114,6 +116,7 @@ static_assert(ROUTE_CHUNK_FIT >= 32, "route_tile needs room for at least 32 rows
 static_assert(BT % ROUTE_CHUNK == 0 && ROUTE_CHUNK <= THREADS, "route_tile's chunks must tile the 128 tokens exactly");
 static_assert(E * 16 + BT * K * 4 + ROUTE_CHUNK * (EG + 1) * 4 <= DYNAMIC_SMEM - 1024,
               "route_tile's masks, ids and staged logits exceed the dynamic shared memory");
+FMOE_CHECK_DYNAMIC_SMEM(DYNAMIC_SMEM);
 constexpr int XS = E + 1;  // task-space experts, at most: the routed ones + the shared one (empty when absent)
 constexpr int RANKS = FMOE_RANKS;
 // Expert placement over ranks: contiguous blocks, the first E mod R ranks one expert larger.

@@ -6,6 +6,7 @@ namespace fmoe {
 
 // y[t] = Σ_j w[t,j] · ybuf[slot_row[t,j]] in rank order, plus the (gated) shared expert. One warp per token.
 FMOE_DEVICE void combine_token(const Params &p, int t) {
+    FMOE_TRACE_WARP_SCOPE(FMOE_EV_COMBINE, t);
     const int lane = threadIdx.x & 31;
     int rows[K];
     float w[K];

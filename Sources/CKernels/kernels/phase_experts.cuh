@@ -10,6 +10,7 @@ namespace fmoe {
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
     const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
@@ -58,6 +59,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
 }
 
 FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
     const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
     const int row0 = m * BM;
@@ -93,6 +95,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 }
 
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
     const int t0_total = L.task0_start[L.xs];
     const int rbs = L.rb_start[L.xs];
@@ -170,6 +173,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int rb = s_rb;
             const int x = find_segment(L.rb_start, L.xs, rb);
             const int m = rb - L.rb_start[x];
+            FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
             gemm1_task(p, L, x, m, n, smem);
             __threadfence();
             __syncthreads();

@@ -13,6 +13,7 @@ namespace fmoe {
 // fit: read from global memory, each thread's row would miss the small L1 that the GEMM ring leaves. With a split
 // gate, staging also sums the K-slice partials, in slice order.
 FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
     typedef ThreadRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
     u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
     int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
@@ -106,6 +107,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
 // The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
 // the scan with the epoch: every block of the rank waits for it before placing or dispatching tokens.
 FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
+    FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, tiles, 0);
     stamp(p, 6, true);
     scan_counts(p, tiles);
     if (RANKS > 1) {
@@ -133,6 +135,7 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
 }
 
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
     __shared__ int s_task, s_last;
     const int tiles = (p.tokens + BT - 1) / BT;
     const int ks_count = gate_k_split(p);
@@ -147,6 +150,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         const int task = s_task;
         if (task >= tasks) break;
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
+        FMOE_TRACE_SCOPE(FMOE_EV_GATE, nt, tile, ks);
         const int k0 = ks * slices_per * ROW_BYTES;  // this slice's first byte of K
         const int k1 = min((ks + 1) * slices_per * ROW_BYTES, H * (int)sizeof(T));
         TileSource src;
@@ -194,6 +198,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
     for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;

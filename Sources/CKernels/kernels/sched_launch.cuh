@@ -12,6 +12,7 @@ namespace fmoe {
 FMOE_DEVICE void forward(const Params &p, char *smem) {
     __shared__ Layout L;
     stamp(p, 0);
+    FMOE_TRACE_START();
     if (!gate_phase(p, smem)) return;
     if (RANKS == 1) {
         L.xs = XS;
@@ -25,6 +26,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
         stamp(p, 3);
         if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
+        FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
         // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
         if (cta() == 0 && threadIdx.x == 0) {
             p.sync->gate_ticket = 0;

@@ -31,20 +31,27 @@ public enum KernelCatalog {
     /// the driver work before any MoE kernel is built.
     ///
     /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
-    /// router. A config the GPU kernel does not support (see `FusedSpecialization`) contributes no MoE kernel.
-    public static func specializations(for config: MoEConfig) -> [KernelSpec] {
-        [selfTest] + ((try? FusedSpecialization(config: config)).map { [$0.kernelSpec] } ?? [])
+    /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`). A config the GPU
+    /// kernel does not support there (see `FusedSpecialization`) contributes no MoE kernel.
+    public static func specializations(
+        for config: MoEConfig, arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
+        [selfTest] + ((try? FusedSpecialization(config: config, arch: arch)).map { [$0.kernelSpec] } ?? [])
     }
 
     /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that
     /// single-GPU builds leave out): each 16-bit config as 4 ranks with FP32 and with storage returns
     /// (`FusedOptions.storageReturns`), each other one as 4 ranks; configs with fewer than 4 experts are left out.
-    public static func expertParallel(for configs: [MoEConfig]) -> [KernelSpec] {
+    public static func expertParallel(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
         var result: [KernelSpec] = []
         for c in configs {
             let variants = c.precision.storage.byteSize == 2 ? [false, true] : [false]
             for storage in variants {
-                if let spec = try? FusedSpecialization(config: c, ranks: 4, returnStorage: storage).kernelSpec,
+                if let spec = try? FusedSpecialization(
+                    config: c, arch: arch, ranks: 4, returnStorage: storage
+                ).kernelSpec,
                     !result.contains(spec)
                 {
                     result.append(spec)
@@ -54,10 +61,12 @@ public enum KernelCatalog {
         return result
     }
 
-    /// The union of the specializations of `configs`, each once, in first-seen order.
-    public static func specializations(for configs: [MoEConfig]) -> [KernelSpec] {
+    /// The union of the specializations of `configs` for `arch`, each once, in first-seen order.
+    public static func specializations(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
         var result: [KernelSpec] = []
-        for spec in configs.flatMap(specializations(for:)) where !result.contains(spec) {
+        for spec in configs.flatMap({ specializations(for: $0, arch: arch) }) where !result.contains(spec) {
             result.append(spec)
         }
         return result

@@ -70,13 +70,16 @@ public final class DistributedMoE: @unchecked Sendable {
     ///   - options: as for `FusedMoE` (`injectFault`: from the second call on, the last rank never flags its rows
     ///     for expert 0).
     public init(layer: MoELayer, ranks: Int, devices: [Int]? = nil, options: FusedOptions = FusedOptions()) throws {
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
         self.layer = layer
         self.options = options
         placement = try ExpertPlacement(experts: layer.config.experts, ranks: ranks)
         let p = try RankLaunchPlan(ranks: ranks, devices: devices ?? [options.deviceOrdinal])
         plan = p
+        let target = try FusedDeviceTarget(ordinals: p.devices)
         let spec = try FusedSpecialization(
-            config: layer.config, stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
+            config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
+            stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
             phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns)
         specialization = spec
         let kernels = try p.devices.map {

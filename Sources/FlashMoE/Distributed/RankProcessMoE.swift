@@ -121,6 +121,9 @@ public final class RankProcessMoE: @unchecked Sendable {
     ) throws {
         let world = rendezvous.worldSize, me = rendezvous.rank
         guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
+        if case .host(let layer) = source {  // docs/nonfinite.md (device weights: checked as they are copied)
+            _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: config)
+        }
         guard config.experts >= world else {
             throw RendezvousError(
                 .invalidWorld,
@@ -138,9 +141,11 @@ public final class RankProcessMoE: @unchecked Sendable {
         _ = try RankGroupCheck.local(config: config, weights: source, maxTokens: maxTokens, options: options)
             .exchange(rendezvous)
 
+        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
         let spec = try FusedSpecialization(
-            config: config, stages: options.stages, ranks: world, injectFault: options.injectFault ? 2 : 0,
-            phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns)
+            config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
+            ranks: world, injectFault: options.injectFault ? 2 : 0, phaseTimes: options.recordPhaseTimes,
+            returnStorage: options.storageReturns)
         specialization = spec
         let k = try FusedKernel(
             specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)

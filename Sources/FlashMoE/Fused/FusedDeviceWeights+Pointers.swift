@@ -139,6 +139,10 @@ extension FusedDeviceWeights {
             sharedW1: sharedW1,
             sharedW2: sharedW2)
         try device.synchronize()
+        // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
+        if let bias = self.selectionBias {
+            _ = try Router.checkedBias(try bias.download(as: Float.self, count: e), config: c)
+        }
     }
 }
 

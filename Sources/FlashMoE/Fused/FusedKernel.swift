@@ -42,7 +42,7 @@ extension FusedKernel {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let compiled = try compiler.compile(
-            specialization.kernelSpec, arch: device.properties.architecture,
+            specialization.kernelSpec, arch: specialization.arch,
             sources: KernelSources.current(environment: environment))
         let module = try CUDAModule(device: device, cubin: compiled.cubin)
         let function = try module.function(named: entry)
@@ -58,6 +58,14 @@ extension FusedKernel {
                     + "kernel sources and binary disagree")
         }
         let dynamicSharedBytes = Int(try Self.readGlobal(module, "fmoe_dynamic_smem"))
+        // Static + dynamic shared memory must fit the block's opt-in limit; say which numbers when they do not.
+        let staticBytes = compiled.resources.first { $0.name == entry }?.sharedBytes ?? 0
+        let limit = device.properties.sharedMemoryPerBlockOptIn
+        guard staticBytes + dynamicSharedBytes <= limit else {
+            throw CUDAError.invalidArgument(
+                "\(entry) needs \(staticBytes) B static + \(dynamicSharedBytes) B dynamic shared memory per block; "
+                    + "\(device.properties.name) allows \(limit) B: use fewer pipeline stages (FusedOptions.stages)")
+        }
         try function.setMaxDynamicSharedMemory(dynamicSharedBytes)
         self.init(
             device: device, compiled: compiled, module: module, function: function,

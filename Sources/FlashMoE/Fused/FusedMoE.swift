@@ -47,6 +47,8 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     /// Throws `MoEError` for shapes the kernel does not support, `CUDAError` when the driver, NVRTC or the device
     /// fails (no GPU, no NVRTC, out of memory, a compile error with its log).
     public init(layer: MoELayer, options: FusedOptions = FusedOptions(), maxTokens: Int? = nil) throws {
+        // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
+        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)
         self.layer = layer
         core = try FusedOperator(layer: layer, options: options, maxTokens: maxTokens)
     }

@@ -44,6 +44,8 @@ public final class FusedOperator: @unchecked Sendable {
 
     let kernel: FusedKernel
     let weights: FusedDeviceWeights
+    /// Tracing builds: where the kernel records its timeline (`FusedMoE.recordedTrace()`).
+    let traceBuffer: FusedTraceBuffer?
     /// The kernel's `Sync` counters (first 256 bytes, the device epoch among them) and its error record (at byte
     /// 256): reset only after an error.
     let control: DeviceBuffer<UInt8>
@@ -77,9 +79,11 @@ public final class FusedOperator: @unchecked Sendable {
         config: MoEConfig, options: FusedOptions, maxTokens: Int?,
         makeWeights: (FusedKernel) throws -> FusedDeviceWeights
     ) throws {
+        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
         let specialization = try FusedSpecialization(
-            config: config, stages: options.stages, injectFault: options.injectFault ? 1 : 0,
-            stopAfterPhase: options.stopAfterPhase)
+            config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
+            injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
+            trace: options.traceEventsPerBlock > 0)
         let kernel = try FusedKernel(
             specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
         try self.init(
@@ -101,6 +105,9 @@ public final class FusedOperator: @unchecked Sendable {
         self.maxTokens = maxTokens
         self.kernel = kernel
         self.weights = weights
+        traceBuffer = try specialization.trace
+            ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: max(options.traceEventsPerBlock, 1))
+            : nil
         weightBytes = weights.byteCount
         control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
         try control.fill(byte: 0)

@@ -5,8 +5,9 @@ public struct FusedOptions: Sendable, Hashable {
     /// The time budget of every device-side wait. A wait that expires ends the launch with a `FusedKernelError`
     /// instead of a hung GPU. Generous by default: legitimate waits last microseconds to milliseconds.
     public var waitBudget: Duration
-    /// Shared-memory pipeline stages (3 to 6; 4 fits the 128×256 wgmma tiles in 227 KiB).
-    public var stages: Int
+    /// Shared-memory pipeline stages (nil: the most, up to 4, that fit the GPU's shared memory per block; see
+    /// `FusedSharedMemory.choose`).
+    public var stages: Int?
     /// Fill the output with NaN before every launch of the host-array forward, so an element the kernel fails to
     /// write cannot pass a check.
     public var poisonOutput: Bool
@@ -33,9 +34,11 @@ public struct FusedOptions: Sendable, Hashable {
     /// of FP32, halving the return bytes. y then differs from one rank's by one rounding of each expert row
     /// (`flashmoe verify` measures it against FP32 returns); routing, drops and slots are unchanged.
     public var storageReturns: Bool = false
+    /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
+    public var traceEventsPerBlock: Int = 0
 
     public init(
-        deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int = 4, poisonOutput: Bool = false,
+        deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,
         epochWrap: UInt64 = UInt64(UInt32.max), recordPhaseTimes: Bool = false, synchronousErrors: Bool = false
     ) {

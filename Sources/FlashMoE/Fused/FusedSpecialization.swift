@@ -3,12 +3,18 @@
 /// Shapes, precision, FFN, activation, router and shared expert are baked in by NVRTC as `-D` defines, so every
 /// loop bound is a constant; the token count and the capacity are launch arguments, so a new S never recompiles.
 /// The tile engine follows the architecture: wgmma (128×256 tiles) where the cubin targets `sm_90a`, mma.sync
-/// (128×128) elsewhere, exact FFMA in fp32 mode; the kernel picks it from the target's feature macro.
+/// (128×128) elsewhere, exact FFMA in fp32 mode; the kernel picks it from the target's feature macro. The pipeline
+/// stages are chosen for the target's shared memory per block (`FusedSharedMemory.choose`): 4 on Hopper and A100,
+/// fewer on the GPUs with 99 KiB per block (sm_86, sm_89, sm_120).
 public struct FusedSpecialization: Sendable, Hashable {
     /// The layer configuration.
     public let config: MoEConfig
+    /// The target the specialisation is for (its engine and shared-memory budget follow from it).
+    public let arch: GPUArchitecture
+    /// The kernel's shared memory: engine, stages, dynamic bytes (checked against the kernel's own formula).
+    public let sharedMemory: FusedSharedMemory
     /// Pipeline stages of the shared-memory ring.
-    public let stages: Int
+    public var stages: Int { sharedMemory.stages }
     /// Ranks sharing a launch (expert parallelism); 1 is the single-GPU operator.
     public let ranks: Int
     /// Test builds only: 1 never publishes GEMM1 row block 0; 2 makes the last rank never deliver its rows for
@@ -25,6 +31,9 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// Bytes of one element of a source's return buffer.
     public var returnElementBytes: Int { returnStorage ? config.precision.storage.byteSize : 4 }
 
+    /// Tracing builds: every block records its phases and tasks into a buffer (`FMOE_TRACE`, `KernelTrace`).
+    public let trace: Bool
+
     /// The kernel's entry point on one GPU.
     public static let kernelName = "fmoe_forward"
     /// The entry point for ranks: blocks split into rank groups, parameters from a device-side table.
@@ -32,10 +41,17 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// The kernel file.
     public static let file = "moe.cu"
 
+    /// The target `flashmoe compile` and the tests assume when none is given: the H200's.
+    public static let defaultArch = GPUArchitecture(major: 9, minor: 0)
+
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
+    ///
+    /// `sharedMemoryPerBlock` is the GPU's opt-in limit (nil: `ArchitectureLimits`' value for `arch`); `stages`
+    /// nil chooses the most that fit (at most `FusedSharedMemory.preferredStages`).
     public init(
-        config: MoEConfig, stages: Int = 4, ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0,
-        phaseTimes: Bool = false, returnStorage: Bool = false
+        config: MoEConfig, arch: GPUArchitecture = defaultArch, sharedMemoryPerBlock: Int? = nil, stages: Int? = nil,
+        ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false,
+        returnStorage: Bool = false
     ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
@@ -55,7 +71,6 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard config.router.groups <= 128 else {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
         }
-        guard (3...6).contains(stages) else { throw fail("pipeline stages must be 3 to 6; got \(stages)") }
         guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
         guard ranks <= config.experts else {
             throw fail("\(ranks) ranks need at least \(ranks) experts to place (got E = \(config.experts))")
@@ -67,12 +82,21 @@ public struct FusedSpecialization: Sendable, Hashable {
             }
         }
         self.returnStorage = returnStorage
+        let limit: Int
+        if let sharedMemoryPerBlock {
+            limit = sharedMemoryPerBlock
+        } else {
+            do { limit = try ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn } catch { throw fail(error.description) }
+        }
+        sharedMemory = try FusedSharedMemory.choose(
+            config: config, arch: arch, limit: limit, ranks: ranks, stages: stages)
+        self.arch = arch
         self.ranks = ranks
         self.config = config
-        self.stages = stages
         self.injectFault = injectFault
         self.stopAfterPhase = stopAfterPhase
         self.phaseTimes = phaseTimes
+        self.trace = trace
     }
 
     /// The `-D` defines of this specialisation.
@@ -103,12 +127,15 @@ public struct FusedSpecialization: Sendable, Hashable {
             "FMOE_SHARED_I": "\(c.sharedExpert?.intermediateSize ?? 0)",
             "FMOE_SHARED_GATED": c.sharedExpert?.gated == true ? "1" : "0",
             "FMOE_STAGES": "\(stages)",
+            // The host's value of the kernel's DYNAMIC_SMEM: the kernel static_asserts they agree.
+            "FMOE_DYNAMIC_SMEM": "\(sharedMemory.dynamicBytes)",
         ]
         if ranks > 1 { d["FMOE_RANKS"] = "\(ranks)" }
         if injectFault != 0 { d["FMOE_INJECT_FAULT"] = "\(injectFault)" }
         if stopAfterPhase != 0 { d["FMOE_STOP_AFTER"] = "\(stopAfterPhase)" }
         if phaseTimes { d["FMOE_TIMING"] = "1" }
         if returnStorage { d["FMOE_RET_STORAGE"] = "1" }
+        if trace { d["FMOE_TRACE"] = "1" }
         return d
     }
 

@@ -176,7 +176,8 @@ public struct CheckpointConfig: Sendable, Equatable {
             activation: activation, router: router, sharedExpert: shared)
     }
 
-    /// A short list of the MoE layers for messages: "1, 3, 5–9".
+    /// A short list of the MoE layers for messages: "1, 3, 5–9"; past 16 runs, "… (N MoE layers)", so that a
+    /// config with tens of thousands of alternating layers does not put them all into one message.
     var moeLayerSummary: String {
         let layers = moeLayers
         guard !layers.isEmpty else { return "none" }
@@ -186,6 +187,10 @@ public struct CheckpointConfig: Sendable, Equatable {
             if l == prev + 1 {
                 prev = l
                 continue
+            }
+            if parts.count == 16 {
+                parts.append("… (\(layers.count) MoE layers)")
+                break
             }
             parts.append(start == prev ? "\(start)" : "\(start)–\(prev)")
             start = l
@@ -199,7 +204,9 @@ public struct CheckpointConfig: Sendable, Equatable {
         switch sparseLayers {
         case .all: return "it is dense"
         case .qwen(let step, let mlpOnly):
-            return "a layer l is MoE when l is not in mlp_only_layers \(mlpOnly.sorted()) and (l + 1) is a multiple of decoder_sparse_step (\(step))"
+            let listed = mlpOnly.sorted()
+            let shown = listed.count > 16 ? "\(listed.prefix(16)) … (\(listed.count) layers)" : "\(listed)"
+            return "a layer l is MoE when l is not in mlp_only_layers \(shown) and (l + 1) is a multiple of decoder_sparse_step (\(step))"
         case .firstDense(let k): return "the first first_k_dense_replace = \(k) layers are dense"
         case .none: return "the config has no routed experts"
         }

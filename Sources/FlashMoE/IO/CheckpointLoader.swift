@@ -86,7 +86,8 @@ private struct LayerReader {
             router: try read(names.router, [e, h]), w1: .zeros(shape: [0]), w2: .zeros(shape: [0]))
         if checkpoint.contains(names.fusedGateUp) {
             let gateUp = try raw(names.fusedGateUp, [e, 2 * i, h])
-            var w1 = try stack(capacity: e * i * h), w3 = try stack(capacity: e * i * h)
+            var w1 = try stack(capacity: e * i * h, backing: gateUp.count)
+            var w3 = try stack(capacity: e * i * h, backing: gateUp.count)
             for x in 0..<e {
                 try append(gateUp, (2 * x * i * h)..<((2 * x + 1) * i * h), to: &w1, names.fusedGateUp)
                 try append(gateUp, ((2 * x + 1) * i * h)..<((2 * x + 2) * i * h), to: &w3, names.fusedGateUp)
@@ -109,7 +110,7 @@ private struct LayerReader {
         }
         if config.router.selectionBias {
             let bias = try raw(names.selectionBias, [e])
-            var s = try stack(capacity: e, as: .float32)
+            var s = try stack(capacity: e, backing: bias.count, as: .float32)
             try append(bias, 0..<e, to: &s, names.selectionBias)
             weights.selectionBias = try finish(s, [e])
         }
@@ -125,12 +126,18 @@ private struct LayerReader {
         return weights
     }
 
-    /// Stacks `experts.{e}.{projection}.weight` for every expert into [E, rows, cols].
+    /// Stacks `experts.{e}.{projection}.weight` for every expert into [E, rows, cols]. Every expert's header entry
+    /// is checked first, so the stack (sized from config.json) is allocated only once the files hold its elements.
     private func stackExperts(_ names: MoETensorNames, _ projection: String, _ shape: [Int]) throws(CheckpointError)
         -> HostTensor
     {
         let per = shape[0] * shape[1]
-        var s = try stack(capacity: config.experts * per)
+        var backing = 0  // elements the experts' validated header entries hold in the files
+        for x in 0..<config.experts {
+            let entry = try info(names.expert(x, projection), shape)
+            backing = min(Int.max / 2, backing + entry.dataOffsets.count / entry.dtype.byteSize)
+        }
+        var s = try stack(capacity: config.experts * per, backing: backing)
         for x in 0..<config.experts {
             let name = names.expert(x, projection)
             try append(try raw(name, shape), 0..<per, to: &s, name)
@@ -140,13 +147,23 @@ private struct LayerReader {
 
     private func read(_ name: String, _ shape: [Int]) throws(CheckpointError) -> HostTensor {
         let t = try raw(name, shape)
-        var s = try stack(capacity: t.count)
+        var s = try stack(capacity: t.count, backing: t.count)
         try append(t, 0..<t.count, to: &s, name)
         return try finish(s, shape)
     }
 
     /// Reads a tensor after checking that it exists and has `shape`.
     private func raw(_ name: String, _ shape: [Int]) throws(CheckpointError) -> SafetensorsTensor {
+        _ = try info(name, shape)
+        do {
+            return try checkpoint.tensor(named: name)
+        } catch {
+            throw CheckpointError(error)
+        }
+    }
+
+    /// The header entry of a tensor after checking that it exists and has `shape` (no tensor bytes are read).
+    private func info(_ name: String, _ shape: [Int]) throws(CheckpointError) -> SafetensorsTensorInfo {
         guard checkpoint.contains(name) else {
             throw CheckpointError(
                 .missingTensor,
@@ -161,7 +178,7 @@ private struct LayerReader {
                     "tensor '\(name)' has shape \(info.shape) but config.json (\(spec.shapeFields)) needs \(shape): the checkpoint and its config.json disagree"
                 )
             }
-            return try checkpoint.tensor(named: name)
+            return info
         } catch let error as SafetensorsError {
             throw CheckpointError(error)
         } catch let error as CheckpointError {
@@ -171,9 +188,11 @@ private struct LayerReader {
         }
     }
 
-    private func stack(capacity: Int, as type: ElementType? = nil) throws(CheckpointError) -> ElementStack {
+    private func stack(capacity: Int, backing: Int, as type: ElementType? = nil) throws(CheckpointError)
+        -> ElementStack
+    {
         do {
-            return try ElementStack(elementType: type ?? storage, capacity: capacity)
+            return try ElementStack(elementType: type ?? storage, capacity: capacity, backing: backing)
         } catch {
             throw CheckpointError(error)
         }

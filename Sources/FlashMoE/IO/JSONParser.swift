@@ -25,7 +25,9 @@ struct JSONParser {
     /// Deepest array/object nesting accepted; far beyond any real header or config, far below stack limits.
     static let maximumDepth = 128
 
-    private let bytes: [UInt8]
+    // A buffer, not an array: every byte access on an array property retains and releases it in debug builds,
+    // which made parsing (and the IO fuzzer, Tests/FlashMoETests/MutationFuzzTests.swift) several times slower.
+    private let bytes: UnsafeBufferPointer<UInt8>
     private var index = 0
 
     /// Parses one complete document.
@@ -33,12 +35,19 @@ struct JSONParser {
         guard String(validating: bytes, as: UTF8.self) != nil else {
             throw JSONError(offset: 0, reason: "the text is not valid UTF-8")
         }
-        var parser = JSONParser(bytes: bytes)
-        parser.skipWhitespace()
-        let value = try parser.parseValue(depth: 0)
-        parser.skipWhitespace()
-        guard parser.index == bytes.count else { throw parser.error("unexpected text after the JSON value") }
-        return value
+        let result: Result<JSONValue, JSONError> = bytes.withUnsafeBufferPointer { buffer in
+            var parser = JSONParser(bytes: buffer)
+            do throws(JSONError) {
+                parser.skipWhitespace()
+                let value = try parser.parseValue(depth: 0)
+                parser.skipWhitespace()
+                guard parser.index == buffer.count else { throw parser.error("unexpected text after the JSON value") }
+                return .success(value)
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try result.get()
     }
 
     /// Parses a document that must be an object whose keys are all distinct.
@@ -54,7 +63,7 @@ struct JSONParser {
         return object
     }
 
-    private init(bytes: [UInt8]) { self.bytes = bytes }
+    private init(bytes: UnsafeBufferPointer<UInt8>) { self.bytes = bytes }
 
     private func error(_ reason: String) -> JSONError { JSONError(offset: index, reason: reason) }
 

@@ -56,7 +56,9 @@ final class ReadOnlyFile {
 
     /// Reads exactly `count` bytes at `offset`; throws if the file ends first.
     func read(offset: Int, count: Int) throws(FileFailure) -> [UInt8] {
-        guard offset >= 0, count >= 0, offset <= size, count <= size - offset else {
+        // The buffer is sized by the caller (often from a header): never allocate more than the file holds.
+        guard offset >= 0, offset <= size, ReadAllocation.allows(.bytes, requested: count, available: size - offset)
+        else {
             throw FileFailure(path, "read", reason: "\(count) bytes at offset \(offset) lie past the end (\(size) bytes)")
         }
         var buffer = [UInt8](repeating: 0, count: count)

@@ -35,6 +35,11 @@ public enum Safetensors {
         var out: [String: SafetensorsTensor] = [:]
         for t in header.tensors {
             let start = 8 + n + t.dataOffsets.lowerBound
+            // The header was validated against the buffer's size; the guard restates it where the copy is made.
+            guard ReadAllocation.allows(.bytes, requested: t.dataOffsets.count, available: bytes.count - start) else {
+                throw SafetensorsError(
+                    .invalidOffsets, "tensor '\(t.name)' \(t.dataOffsets) lies past the buffer's end")
+            }
             out[t.name] = try SafetensorsTensor(
                 dtype: t.dtype, shape: t.shape, data: Array(bytes[start..<(start + t.dataOffsets.count)]))
         }

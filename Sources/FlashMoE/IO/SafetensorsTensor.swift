@@ -112,7 +112,7 @@ extension SafetensorsTensor {
     /// The tensor converted to a `HostTensor` of `elementType`, rounding to nearest even where it narrows.
     /// Throws for integer, BOOL and FP8 tensors.
     public func hostTensor(as elementType: ElementType) throws(SafetensorsError) -> HostTensor {
-        var stack = try ElementStack(elementType: elementType, capacity: count)
+        var stack = try ElementStack(elementType: elementType, capacity: count, backing: count)
         try stack.append(self, elements: 0..<count)
         return try stack.tensor(shape: shape)
     }
@@ -123,8 +123,15 @@ extension SafetensorsTensor {
 struct ElementStack {
     private var storage: HostTensor.Storage
 
-    /// An empty stack of `elementType`, with room for `capacity` elements.
-    init(elementType: ElementType, capacity: Int) throws(SafetensorsError) {
+    /// An empty stack of `elementType`, with room for `capacity` elements; throws unless the tensors it will be
+    /// filled from hold at least that many (`backing`, counted from their validated headers), so a size taken from
+    /// config.json is never allocated before the file is known to hold it.
+    init(elementType: ElementType, capacity: Int, backing: Int) throws(SafetensorsError) {
+        guard ReadAllocation.allows(.elements, requested: capacity, available: backing) else {
+            throw SafetensorsError(
+                .sizeMismatch,
+                "\(capacity) elements were asked for but the file's tensors hold \(backing): the sizes disagree")
+        }
         switch elementType {
         case .float32:
             var v: [Float] = []

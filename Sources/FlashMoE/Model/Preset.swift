@@ -1,4 +1,5 @@
-/// Named layer shapes from real models and the FlashDMoE paper (DESIGN.md §6), each with a default token count.
+/// Named layer shapes from real models and the FlashDMoE paper (docs/performance.md lists their floors), each with a
+/// default token count.
 public struct Preset: Sendable, Hashable {
     /// The name used on the command line.
     public let name: String

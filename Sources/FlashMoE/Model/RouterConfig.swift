@@ -15,7 +15,7 @@
 /// - a NaN logit never selects an expert: its expert is ineligible (softmax probability 0, never chosen). If fewer
 ///   than k experts are eligible, the remaining slots are *unrouted* (id −1, weight 0) and contribute nothing;
 /// - softmax over infinite logits takes the limit: when the largest eligible logit is ±∞, the probability is split
-///   equally among the experts holding it.
+///   equally among the experts holding it (all the non-finite rules: docs/nonfinite.md).
 public struct RouterConfig: Sendable, Hashable, Codable {
     /// The scoring function applied to the gate logits.
     public enum Scoring: String, Sendable, Hashable, Codable, CaseIterable {

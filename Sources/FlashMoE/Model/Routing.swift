@@ -5,6 +5,11 @@
 /// `expertIDs[t·k + j]` is the expert (−1 when unrouted, see `RouterConfig`), `weights[t·k + j]` its combine
 /// weight, and `slots[t·k + j]` the token's row in that expert's buffer: its rank among lower-index tokens
 /// routed to the same expert, or −1 when dropped by capacity or unrouted.
+///
+/// Non-finite input (docs/nonfinite.md): an id is always in 0..<E or −1. A rank is unrouted (id −1, weight 0,
+/// slot −1) when fewer than k experts have a non-NaN logit; a token with a NaN anywhere in its x has every rank
+/// unrouted. An unrouted rank never precedes a routed one and is in no expert's load. Index experts with ids ≥ 0
+/// only.
 public struct Routing: Sendable, Equatable {
     /// Tokens S.
     public let tokens: Int
@@ -42,6 +47,13 @@ public struct Routing: Sendable, Equatable {
 }
 
 /// The result of a forward pass: y [S, H] in FP32 and the routing that produced it.
+///
+/// Non-finite input (docs/nonfinite.md): y[t] sums w·o over the token's kept pairs (unrouted and dropped ranks
+/// add nothing, a kept pair adds w·o even at w = 0) plus the shared expert's term. So a token with a NaN in x has
+/// y = 0 without a shared expert and NaN with one; a NaN in an expert's weights reaches exactly the tokens with a
+/// kept pair on it; an FFN that overflows gives ±∞ or NaN (which one may differ by backend). Every other token's
+/// ids, weights and y are bit-identical to the run without the fault (dropless; with a capacity, pairs kept
+/// without the fault stay kept).
 public struct MoEOutput: Sendable {
     /// The layer output [S, H], FP32.
     public var output: HostTensor
@@ -61,5 +73,8 @@ public protocol MoEBackend: Sendable {
     /// The layer this backend was built for.
     var layer: MoELayer { get }
     /// Runs the layer on `input` [S, H] (any storage type; it is rounded to the layer's precision first).
+    ///
+    /// NaN and ±∞ in `input` or in the weights are data, not errors: no backend throws or traps for them, and all
+    /// follow the same rules (docs/nonfinite.md, summarised on `Routing` and `MoEOutput`).
     func forward(_ input: HostTensor) throws -> MoEOutput
 }

@@ -16,6 +16,10 @@
 ///    expert (same FFN kind and activation, no biases) is added, multiplied by sigmoid(x·gateᵀ) when gated.
 ///
 /// TF32 is computed as FP32 here (the oracle is the exact reference; TF32's tolerance covers the difference).
+///
+/// NaN and ±∞ follow docs/nonfinite.md in both modes: every token is computed from its own row only (GEMM rows are
+/// independent, and an unrouted token is gathered into no expert), so a fault in one token leaves every other
+/// token's ids, weights and y bits unchanged.
 public struct CPUBackend: MoEBackend {
     /// Which arithmetic the backend runs in.
     public enum Mode: String, Sendable, Hashable, CaseIterable {
@@ -62,7 +66,8 @@ public struct CPUBackend: MoEBackend {
 
     /// Runs the layer on x [S, H] (any element type; rounded to the precision's storage type first).
     ///
-    /// S = 0 gives an empty [0, H] output and an empty routing. Throws `MoEError` for a wrong shape.
+    /// S = 0 gives an empty [0, H] output and an empty routing. Throws `MoEError` for a wrong shape, never for
+    /// NaN or ±∞ values (docs/nonfinite.md).
     public func forward(_ input: HostTensor) throws(MoEError) -> MoEOutput {
         try layer.checkInput(input)
         let (s, h, k, e) = (input.shape[0], layer.config.hiddenSize, layer.config.topK, layer.config.experts)

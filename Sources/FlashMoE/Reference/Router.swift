@@ -28,6 +28,11 @@
 ///    weights are not renormalised). `expertLoad[e]` counts the pairs routed to e before capacity.
 ///
 /// The selection bias must be finite and is defined for the sigmoid router only.
+///
+/// Non-finite logits (docs/nonfinite.md): a NaN logit makes its expert ineligible (rule 1), so a token whose x
+/// holds a NaN has every logit NaN and every rank unrouted (rule 4); ±∞ logits are ordinary values when compared,
+/// with the softmax limit of rule 2 and sigmoid(±∞) = 1 / 0. The rules apply to the logits in each backend's own
+/// arithmetic (FP32, or Float64 in the oracle), so logits that overflow FP32 but not Float64 may route differently.
 public enum Router {
     /// Router logits in Float64: l[t, e] = Σ_h x[t, h]·router[e, h], accumulated in Float64 (the oracle's
     /// arithmetic), from the values as stored (round them to the precision's storage type first).

@@ -88,7 +88,7 @@ import Testing
         }
     }
 
-    /// The floors DESIGN.md §6 lists, from the same method and rates.
+    /// The floors docs/performance.md lists, from the same method and rates.
     @Test func rooflineMatchesTheDesignTable() {
         var e64 = Preset.paperE64.config
         e64.precision = .tf32
@@ -160,6 +160,10 @@ import Testing
         let load = LoadSummary(routing)
         #expect(
             load.text == "expert load: min 0 / mean 1.0 / max 2 tokens over 3 experts (2 used); "
-                + "dropped 1 of 4 (token, expert) pairs; 1 unrouted (NaN logits)")
+                + "dropped 1 of 4 (token, expert) pairs; 1 unrouted (NaN logits), 0 tokens with no expert")
+        let none = Routing(
+            tokens: 2, topK: 2, expertIDs: [-1, -1, 1, -1], weights: [0, 0, 1, 0], slots: [-1, -1, 0, -1],
+            expertLoad: [0, 1, 0])
+        #expect(LoadSummary(none).text.hasSuffix("; 3 unrouted (NaN logits), 1 token with no expert"))
     }
 }

@@ -1,0 +1,102 @@
+// Tracing builds of the fused kernel (FMOE_TRACE=1, `flashmoe bench --trace`): every block records %globaltimer at
+// the begin and end of its phases and of each gate, GEMM0, GEMM1 and combine task into a device buffer, which the
+// host decodes into a Chrome-trace timeline (Sources/FlashMoE/Fused/FusedTrace.swift). Without FMOE_TRACE every macro
+// below compiles to nothing, so the one-line hooks in the phase headers cost the normal build nothing.
+//
+// Buffer (address and capacity in the module globals below, written by the host after loading the module, so Params
+// does not change): per block (blockIdx.x), 4 header words then `fmoe_trace_capacity` events of 4 words each.
+//   header[0]  events the block tried to record (those past the capacity are counted, not stored)
+//   event[0]   begin (ns, %globaltimer)          event[1]  end (ns)
+//   event[2]   kind << 56 | warp << 48 | expert << 32 (16 bits each, 0xffff / 0xff = none)
+//   event[3]   a << 32 | b (the task's indices: row block and column tile, token tile and K slice, token)
+// Block-level events are recorded by thread 0 and nest in time (a phase holds its tasks); combines are recorded by
+// lane 0 of the warp that ran them (warp = its index in the block).
+#pragma once
+#include "common.cuh"
+
+#ifndef FMOE_TRACE
+#define FMOE_TRACE 0
+#endif
+
+// Event kinds (the host's FusedTrace.Kind has the same numbers).
+#define FMOE_EV_GATE_PHASE 1    // gate tasks, routing, scan, until the scan is seen
+#define FMOE_EV_GATE 2          // one gate task: expert tile `expert`, token tile a, K slice b (routing nests in it)
+#define FMOE_EV_ROUTE 3         // routing token tile a
+#define FMOE_EV_SCAN 4          // the scan of a token tiles' counts
+#define FMOE_EV_PLACE 5         // placing the tokens' rows
+#define FMOE_EV_BARRIER 6       // from the block's previous event to passing the grid barrier
+#define FMOE_EV_EXPERT_PHASE 7  // expert tasks and combines until the block runs out of work
+#define FMOE_EV_GEMM0 8         // GEMM0 of expert, row block a, column tile b
+#define FMOE_EV_GEMM1 9         // GEMM1 of expert, row block a, column tile b
+#define FMOE_EV_TASK_WAIT 10    // from the block's previous event to starting a GEMM1 (ticket and ring wait)
+#define FMOE_EV_COMBINE 11      // one warp combining token a
+
+#if FMOE_TRACE
+extern "C" __device__ u64 *fmoe_trace_buffer = nullptr;  // set by the host; null records nothing
+extern "C" __device__ int fmoe_trace_capacity = 0;       // events per block
+__shared__ u64 s_trace_last;                             // end of the block's last block-level event
+
+namespace fmoe {
+
+FMOE_DEVICE void trace_record(u64 t0, u64 t1, int kind, int warp, int expert, int a, int b) {
+    u64 *base = fmoe_trace_buffer;
+    if (base == nullptr) return;
+    u64 *block = base + (size_t)blockIdx.x * (4 + 4 * (size_t)fmoe_trace_capacity);
+    const u64 i = atomicAdd(block, 1ull);
+    if (i < (u64)fmoe_trace_capacity) {
+        u64 *e = block + 4 + 4 * i;
+        e[0] = t0;
+        e[1] = t1;
+        e[2] = ((u64)(kind & 0xff) << 56) | ((u64)(warp & 0xff) << 48) | ((u64)(expert & 0xffff) << 32);
+        e[3] = ((u64)(u32)a << 32) | (u64)(u32)b;
+    }
+}
+
+// Records [construction, destruction] for one recorder thread: thread 0 of the block, or lane 0 of each warp.
+struct TraceScope {
+    u64 t0;
+    int kind, expert, a, b;
+    bool warp_level, recorder;
+    FMOE_DEVICE TraceScope(int kind_, int expert_, int a_, int b_, bool warp_level_)
+        : t0(0), kind(kind_), expert(expert_), a(a_), b(b_), warp_level(warp_level_),
+          recorder(warp_level_ ? (threadIdx.x & 31) == 0 : threadIdx.x == 0) {
+        if (recorder) t0 = globaltimer_ns();
+    }
+    FMOE_DEVICE ~TraceScope() {
+        if (!recorder) return;
+        const u64 t1 = globaltimer_ns();
+        trace_record(t0, t1, kind, warp_level ? (int)(threadIdx.x >> 5) : 0xff, expert, a, b);
+        if (!warp_level) s_trace_last = t1;
+    }
+};
+
+// A block-level event from the end of the block's previous one (or the block's first event) until now.
+FMOE_DEVICE void trace_wait(int kind) {
+    if (threadIdx.x != 0) return;
+    const u64 t1 = globaltimer_ns();
+    trace_record(s_trace_last != 0 ? s_trace_last : t1, t1, kind, 0xff, 0xffff, 0, 0);
+    s_trace_last = t1;
+}
+
+FMOE_DEVICE void trace_block_start() {
+    if (threadIdx.x == 0) s_trace_last = 0;
+}
+
+}  // namespace fmoe
+
+#define FMOE_TRACE_CAT2(a, b) a##b
+#define FMOE_TRACE_CAT(a, b) FMOE_TRACE_CAT2(a, b)
+// One hook line each: a scope from here to the end of the enclosing block (C++ scope), recorded by thread 0.
+#define FMOE_TRACE_SCOPE(kind, expert, a, b) \
+    fmoe::TraceScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), (expert), (a), (b), false)
+// The same, recorded by lane 0 of every warp that runs it (warp-level tasks).
+#define FMOE_TRACE_WARP_SCOPE(kind, a) \
+    fmoe::TraceScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), 0xffff, (a), 0, true)
+#define FMOE_TRACE_WAIT(kind) fmoe::trace_wait(kind)
+#define FMOE_TRACE_START() fmoe::trace_block_start()
+#else
+#define FMOE_TRACE_SCOPE(kind, expert, a, b)
+#define FMOE_TRACE_WARP_SCOPE(kind, a)
+#define FMOE_TRACE_WAIT(kind)
+#define FMOE_TRACE_START()
+#endif

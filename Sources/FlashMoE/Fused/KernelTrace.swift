@@ -1,0 +1,196 @@
+/// The per-block timeline of one launch of a tracing build of the fused kernel (`FMOE_TRACE`, `trace.cuh`): each
+/// block's phases and tasks with their `%globaltimer` begin and end, decoded from the device buffer, and written as
+/// Chrome-trace JSON that Perfetto (ui.perfetto.dev) and chrome://tracing open.
+public struct KernelTrace: Sendable, Equatable {
+    /// What an event is; the raw values are `trace.cuh`'s `FMOE_EV_*`.
+    public enum Kind: Int, Sendable, CaseIterable {
+        case gatePhase = 1, gate, route, scan, place, barrier, expertPhase, gemm0, gemm1, taskWait, combine
+
+        /// The event's name in the timeline.
+        public var name: String {
+            switch self {
+            case .gatePhase: "gate phase"
+            case .gate: "gate"
+            case .route: "route"
+            case .scan: "scan"
+            case .place: "place"
+            case .barrier: "grid barrier"
+            case .expertPhase: "expert phase"
+            case .gemm0: "GEMM0"
+            case .gemm1: "GEMM1"
+            case .taskWait: "wait for GEMM1 rows"
+            case .combine: "combine"
+            }
+        }
+
+        /// Whether the event spans a whole phase (the tasks nest inside it).
+        public var isPhase: Bool { self == .gatePhase || self == .expertPhase }
+
+        /// The names of the event's indices `a` and `b` (nil: unused).
+        var argumentNames: (String?, String?) {
+            switch self {
+            case .gate: ("token_tile", "k_slice")
+            case .route: ("token_tile", nil)
+            case .scan: ("token_tiles", nil)
+            case .gemm0, .gemm1: ("row_block", "column_tile")
+            case .combine: ("token", nil)
+            default: (nil, nil)
+            }
+        }
+    }
+
+    /// One recorded interval.
+    public struct Event: Sendable, Equatable {
+        public var block: Int
+        /// The warp that recorded it, or nil for block-level events (recorded by thread 0).
+        public var warp: Int?
+        public var kind: Kind
+        /// The expert (GEMM tasks: the task-space expert, the shared expert last), or the gate's expert tile.
+        public var expert: Int?
+        public var a: Int
+        public var b: Int
+        /// `%globaltimer` nanoseconds.
+        public var begin: UInt64
+        public var end: UInt64
+
+        public init(block: Int, warp: Int?, kind: Kind, expert: Int?, a: Int, b: Int, begin: UInt64, end: UInt64) {
+            self.block = block
+            self.warp = warp
+            self.kind = kind
+            self.expert = expert
+            self.a = a
+            self.b = b
+            self.begin = begin
+            self.end = end
+        }
+
+        /// The label of the event in the timeline: kind, expert and indices.
+        public var label: String {
+            switch kind {
+            case .gemm0, .gemm1: "\(kind.name) e\(expert ?? -1) rb\(a) n\(b)"
+            case .gate: "gate tile \(a) et\(expert ?? 0) ks\(b)"
+            case .route: "route tile \(a)"
+            case .combine: "combine t\(a)"
+            default: kind.name
+            }
+        }
+    }
+
+    /// The decoded events, block by block in recording order.
+    public var events: [Event]
+    /// Blocks of the launch.
+    public var blocks: Int
+    /// Events each block could store.
+    public var capacity: Int
+    /// Per block, the events it recorded past `capacity` (counted, not stored).
+    public var overflow: [Int]
+
+    /// Words per block in the device buffer: 4 header words, then 4 per event.
+    public static func wordsPerBlock(capacity: Int) -> Int { 4 + 4 * capacity }
+
+    /// Decodes the device buffer of `blocks` blocks of `capacity` events (see `trace.cuh` for the layout).
+    public init(words: [UInt64], blocks: Int, capacity: Int) throws(MoEError) {
+        let stride = Self.wordsPerBlock(capacity: capacity)
+        guard blocks >= 0, capacity >= 0, words.count >= blocks * stride else {
+            throw MoEError(.invalidConfig, "a trace buffer of \(words.count) words cannot hold \(blocks) blocks of \(capacity) events")
+        }
+        self.blocks = blocks
+        self.capacity = capacity
+        events = []
+        overflow = []
+        for block in 0..<blocks {
+            let base = block * stride
+            let recorded = Int(clamping: words[base])
+            overflow.append(max(0, recorded - capacity))
+            for i in 0..<min(recorded, capacity) {
+                let w = base + 4 + 4 * i
+                let meta = words[w + 2], indices = words[w + 3]
+                guard let kind = Kind(rawValue: Int(meta >> 56)) else {
+                    throw MoEError(.invalidConfig, "block \(block) event \(i) has unknown kind \(meta >> 56): kernel and host disagree")
+                }
+                let warp = Int((meta >> 48) & 0xff), expert = Int((meta >> 32) & 0xffff)
+                events.append(
+                    Event(
+                        block: block, warp: warp == 0xff ? nil : warp, kind: kind, expert: expert == 0xffff ? nil : expert,
+                        a: Int(Int32(truncatingIfNeeded: indices >> 32)), b: Int(Int32(truncatingIfNeeded: indices)),
+                        begin: words[w], end: max(words[w], words[w + 1])))
+            }
+        }
+    }
+
+    /// Events dropped because a block's buffer was full.
+    public var droppedEvents: Int { overflow.reduce(0, +) }
+
+    /// The earliest begin of any event (the timeline's zero).
+    public var origin: UInt64 { events.map(\.begin).min() ?? 0 }
+
+    /// The Chrome-trace JSON ("JSON Object Format"): one process per block (named "block N"), its block-level events on
+    /// thread 0 and each warp's combines on thread warp + 1; times in microseconds from the first event.
+    public func chromeJSON(metadata: [(String, String)] = []) -> String {
+        let zero = origin
+        func micros(_ ns: UInt64) -> JSONValue { .double(Double(ns - zero) / 1000) }
+        var out: [JSONValue] = []
+        var named = Set<[Int]>()
+        for e in events {
+            let tid = (e.warp ?? -1) + 1
+            if named.insert([e.block]).inserted {
+                out.append(
+                    .object([
+                        ("name", .string("process_name")), ("ph", .string("M")), ("pid", .int(e.block)),
+                        ("args", .object([("name", .string("block \(e.block)"))])),
+                    ]))
+                out.append(
+                    .object([
+                        ("name", .string("process_sort_index")), ("ph", .string("M")), ("pid", .int(e.block)),
+                        ("args", .object([("sort_index", .int(e.block))])),
+                    ]))
+            }
+            if named.insert([e.block, tid]).inserted {
+                out.append(
+                    .object([
+                        ("name", .string("thread_name")), ("ph", .string("M")), ("pid", .int(e.block)), ("tid", .int(tid)),
+                        ("args", .object([("name", .string(e.warp.map { "warp \($0)" } ?? "block"))])),
+                    ]))
+            }
+            var args: [(String, JSONValue)] = []
+            if let expert = e.expert { args.append((e.kind == .gate ? "expert_tile" : "expert", .int(expert))) }
+            let (an, bn) = e.kind.argumentNames
+            if let an { args.append((an, .int(e.a))) }
+            if let bn { args.append((bn, .int(e.b))) }
+            args.append(("ns", .int(Int(e.end - e.begin))))
+            out.append(
+                .object([
+                    ("name", .string(e.label)), ("cat", .string(e.kind.name)), ("ph", .string("X")),
+                    ("ts", micros(e.begin)), ("dur", .double(Double(e.end - e.begin) / 1000)), ("pid", .int(e.block)),
+                    ("tid", .int(tid)), ("args", .object(args)),
+                ]))
+        }
+        var other: [(String, JSONValue)] = metadata.map { ($0.0, .string($0.1)) }
+        other += [
+            ("blocks", .int(blocks)), ("events_per_block", .int(capacity)), ("events", .int(events.count)),
+            ("dropped_events", .int(droppedEvents)),
+        ]
+        return JSONValue.object([
+            ("traceEvents", .array(out)), ("displayTimeUnit", .string("ns")), ("otherData", .object(other)),
+        ]).serialized + "\n"
+    }
+
+    /// Per kind: events, total and mean microseconds, and the span from the first begin to the last end; then the
+    /// launch span and the dropped events. What `flashmoe bench --trace` prints.
+    public func summary() -> [String] {
+        guard let first = events.map(\.begin).min(), let last = events.map(\.end).max() else {
+            return ["no events recorded"]
+        }
+        var lines = ["timeline: \(events.count) events over \(blocks) blocks, \(formatDecimal(Double(last - first) / 1000, 1)) µs "
+            + "from the first begin to the last end" + (droppedEvents > 0 ? "; \(droppedEvents) events dropped (buffer full)" : "")]
+        for kind in Kind.allCases {
+            let mine = events.filter { $0.kind == kind }
+            guard let b = mine.map(\.begin).min(), let e = mine.map(\.end).max() else { continue }
+            let total = mine.reduce(0.0) { $0 + Double($1.end - $1.begin) } / 1000
+            lines.append("  \(kind.name): \(mine.count) × mean \(formatDecimal(total / Double(mine.count), 1)) µs = "
+                + "\(formatDecimal(total, 1)) µs of block time, from \(formatDecimal(Double(b - first) / 1000, 1)) to "
+                + "\(formatDecimal(Double(e - first) / 1000, 1)) µs")
+        }
+        return lines
+    }
+}

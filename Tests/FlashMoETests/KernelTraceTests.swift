@@ -1,0 +1,99 @@
+import Testing
+
+@testable import FlashMoE
+
+/// The tracing build's host side on a synthetic buffer (no GPU): decoding, overflow, the Chrome-trace JSON; and
+/// (with NVRTC) that the tracing build compiles, while the normal build carries none of it.
+@Suite struct KernelTraceTests {
+    /// One event in the kernel's encoding (trace.cuh).
+    static func event(_ kind: KernelTrace.Kind, warp: Int = 0xff, expert: Int = 0xffff, a: Int = 0, b: Int = 0,
+                      begin: UInt64, end: UInt64) -> [UInt64] {
+        [begin, end,
+         UInt64(kind.rawValue) << 56 | UInt64(warp) << 48 | UInt64(expert) << 32,
+         UInt64(UInt32(truncatingIfNeeded: a)) << 32 | UInt64(UInt32(truncatingIfNeeded: b))]
+    }
+
+    /// Two blocks of capacity 3: block 0 recorded 4 events (one dropped), block 1 two (one a warp's combine).
+    static func buffer() -> [UInt64] {
+        let origin: UInt64 = 1_000_000_000
+        var words: [UInt64] = [4, 0, 0, 0]
+        words += event(.gemm0, expert: 3, a: 2, b: 5, begin: origin + 1000, end: origin + 3500)
+        words += event(.expertPhase, begin: origin + 500, end: origin + 9000)
+        words += event(.barrier, begin: origin, end: origin + 500)
+        words += [2, 0, 0, 0]
+        words += event(.combine, warp: 7, a: 4095, begin: origin + 2000, end: origin + 2250)
+        words += event(.gemm1, expert: 64, a: 0, b: 1, begin: origin + 1500, end: origin + 2000)
+        words += [UInt64](repeating: 0, count: 4)
+        return words
+    }
+
+    @Test func decodesEventsAndCountsOverflow() throws {
+        let t = try KernelTrace(words: Self.buffer(), blocks: 2, capacity: 3)
+        #expect(t.events.count == 5 && t.overflow == [1, 0] && t.droppedEvents == 1)
+        let g0 = try #require(t.events.first)
+        #expect(g0.kind == .gemm0 && g0.block == 0 && g0.warp == nil && g0.expert == 3 && g0.a == 2 && g0.b == 5)
+        #expect(g0.label == "GEMM0 e3 rb2 n5")
+        let combine = try #require(t.events.first { $0.kind == .combine })
+        #expect(combine.block == 1 && combine.warp == 7 && combine.expert == nil && combine.a == 4095)
+        #expect(t.origin == 1_000_000_000)
+        #expect(t.summary().first?.contains("1 events dropped") == true)
+    }
+
+    @Test func rejectsABufferThatDoesNotMatch() {
+        #expect(throws: MoEError.self) { try KernelTrace(words: [0, 0], blocks: 2, capacity: 3) }
+        var words = Self.buffer()
+        words[4 + 2] = 99 << 56  // an unknown kind
+        #expect(throws: MoEError.self) { try KernelTrace(words: words, blocks: 2, capacity: 3) }
+    }
+
+    @Test func writesChromeTraceJSONThatParses() throws {
+        let t = try KernelTrace(words: Self.buffer(), blocks: 2, capacity: 3)
+        let text = t.chromeJSON(metadata: [("preset", "paper-e64")])
+        let root = try JSONParser.parse(Array(text.utf8))
+        guard case .object(let o) = root, case .array(let events)? = o["traceEvents"] else {
+            Issue.record("no traceEvents array")
+            return
+        }
+        let complete = events.filter { if case .object(let e) = $0 { return e["ph"] == .string("X") } else { return false } }
+        #expect(complete.count == 5)
+        // Each block is a process named "block N"; block-level events on thread 0, warp 7's combine on thread 8.
+        let names = events.compactMap { v -> String? in
+            guard case .object(let e) = v, e["ph"] == .string("M"), case .object(let args)? = e["args"],
+                  case .string(let n)? = args["name"] else { return nil }
+            return n
+        }
+        #expect(names.contains("block 0") && names.contains("block 1") && names.contains("warp 7"))
+        let gemm0 = try #require(complete.first { if case .object(let e) = $0 { return e["name"] == .string("GEMM0 e3 rb2 n5") } else { return false } })
+        guard case .object(let g) = gemm0, case .object(let args)? = g["args"] else { Issue.record("no args"); return }
+        #expect(g["ts"] == .double(1.0) && g["dur"] == .double(2.5) && g["pid"] == .int(0) && g["tid"] == .int(0))
+        #expect(args["expert"] == .int(3) && args["row_block"] == .int(2) && args["column_tile"] == .int(5))
+        let combine = try #require(complete.first { if case .object(let e) = $0 { return e["cat"] == .string("combine") } else { return false } })
+        guard case .object(let c) = combine else { return }
+        #expect(c["pid"] == .int(1) && c["tid"] == .int(8))
+        guard case .object(let other)? = o["otherData"] else { Issue.record("no otherData"); return }
+        #expect(other["dropped_events"] == .int(1) && other["preset"] == .string("paper-e64"))
+    }
+
+    @Test func theTracingBuildIsOnlyADefine() throws {
+        let plain = try FusedSpecialization(config: Preset.paperE32.config)
+        let traced = try FusedSpecialization(config: Preset.paperE32.config, trace: true)
+        #expect(plain.defines["FMOE_TRACE"] == nil && traced.defines["FMOE_TRACE"] == "1")
+        var d = traced.defines
+        d["FMOE_TRACE"] = nil
+        #expect(d == plain.defines)
+    }
+
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_90a", "sm_86"])
+    func theTracingBuildCompiles(arch name: String) throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let arch = try GPUArchitecture(parsing: name)
+        var c = Preset.qwen3_30bA3b.config
+        c.precision = .bf16
+        c.hiddenSize = 256
+        let spec = try FusedSpecialization(config: c, arch: arch, trace: true)
+        let k = try compiler.compile(spec.kernelSpec, arch: arch, sources: .embedded)
+        let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+        // The stamps must not perturb the timeline they record by spilling registers.
+        #expect(!usage.spills, "the tracing build spills on \(name): \(usage)")
+    }
+}
