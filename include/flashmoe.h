@@ -36,7 +36,7 @@ extern "C" {
 #endif
 
 #define FLASHMOE_VERSION_MAJOR 0
-#define FLASHMOE_VERSION_MINOR 3
+#define FLASHMOE_VERSION_MINOR 4
 #define FLASHMOE_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH: compare with flashmoe_version() to catch a header/library mismatch. */
 #define FLASHMOE_VERSION (FLASHMOE_VERSION_MAJOR * 10000 + FLASHMOE_VERSION_MINOR * 100 + FLASHMOE_VERSION_PATCH)
@@ -50,7 +50,8 @@ typedef enum {
     FLASHMOE_ERROR_OUT_OF_MEMORY = 4,    /* device or host memory does not suffice */
     FLASHMOE_ERROR_KERNEL = 5,           /* the kernel reported a fault (a timed-out wait); the layer is reset */
     FLASHMOE_ERROR_INTERNAL = 6,         /* a bug: please report the message */
-    FLASHMOE_NUM_STATUS = 7
+    FLASHMOE_ERROR_GROUP = 7,            /* groups: another rank gave up or left, or the caller's all-gather failed */
+    FLASHMOE_NUM_STATUS = 8
 } flashmoe_status_t;
 
 /** Where the layer runs. */
@@ -98,6 +99,10 @@ typedef enum {
 #define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
                                           kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
                                           forward or check); later forwards run normally */
+#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* groups of bf16/fp16 layers (since 0.4): expert outputs travel back to
+                                          the token's rank in the storage type instead of float32, halving those
+                                          bytes; y then differs from one layer's by one rounding of each expert
+                                          output (flashmoe verify measures it against float32 returns) */
 
 #define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
 
@@ -213,6 +218,110 @@ flashmoe_status_t flashmoe_layer_info(flashmoe_layer_t layer, flashmoe_layer_inf
 
 /** Frees the layer. The caller must make sure no work of the layer is still running on the GPU. NULL is a no-op. */
 flashmoe_status_t flashmoe_layer_destroy(flashmoe_layer_t layer);
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Expert-parallel groups: one process per GPU (since 0.4)
+ *
+ * Each of world_size processes (torchrun, MPI, ...) creates one rank of the group on its GPU, with its share of
+ * the experts (E experts in contiguous blocks, the first E mod world_size ranks one larger: flashmoe_expert_range).
+ * The ranks meet through the caller's all-gather (flashmoe_allgather_fn), exchange CUDA IPC handles of their
+ * buffers, and then every forward is one kernel launch per rank: each rank routes its own tokens, stores the rows
+ * for other ranks' experts straight into their buffers and combines its own tokens' results. With the same global
+ * tokens, y, topk_ids and topk_weights are bitwise those of one layer over all tokens given the same gate split
+ * (flashmoe_group_info_t.gate_split). All ranks must be on one node (IPC); between nodes is not built.
+ *
+ * Collective calls: flashmoe_group_create, flashmoe_group_destroy, and flashmoe_group_forward with
+ * tokens_per_rank == NULL (it all-gathers the token counts). Every rank makes the same collective calls in the
+ * same order; every rank calls flashmoe_group_forward once per step. A rank whose create fails tells the others
+ * through the all-gather, so every rank returns an error (FLASHMOE_ERROR_GROUP where another rank gave up).
+ *
+ * Unlike a layer, a group's forward is NOT capturable in a CUDA graph: the epoch that tags the device flags is
+ * counted by the host and passed to each launch. A forward whose token counts or pointers differ from the previous
+ * one's writes the rank's parameters with one copy ordered on `stream`; otherwise it only launches. Errors the
+ * kernel finds (a rank died or stopped calling: a device wait expired within config->wait_budget_ms) surface on
+ * flashmoe_group_check, or at once with FLASHMOE_FLAG_SYNC_ERRORS; after one the group is unusable: destroy it on
+ * every rank and create it again.
+ * ------------------------------------------------------------------------------------------------------------- */
+
+/** The caller's all-gather of equal-sized blocks: every rank passes `bytes` bytes at `send` (bytes >= 1, the same
+ *  count on every rank in one call) and receives every rank's block in rank order at `recv` (world_size * bytes).
+ *  Returns 0 on success, anything else on failure. Called only from within the group's collective calls, on the
+ *  calling thread. It must span exactly the group's world_size processes, with each process's `rank` its position
+ *  in it; the library checks both on every step and reports a mismatch on every rank. It is as bounded as the
+ *  caller's collective (e.g. torch.distributed's process-group timeout). */
+typedef int (*flashmoe_allgather_fn)(void *ctx, const void *send, size_t bytes, void *recv);
+
+/** What flashmoe_weights_t's per-expert tensors (gate_up or gate + up, down, b1, b2) hold for a group. */
+typedef enum {
+    FLASHMOE_GROUP_WEIGHTS_ALL = 0,  /* every expert ([E, ...]); the rank copies its share */
+    FLASHMOE_GROUP_WEIGHTS_SHARD = 1 /* only this rank's experts ([local experts, ...], flashmoe_expert_range) */
+} flashmoe_group_weights_t;
+
+/** A rank's place in its group. Initialise with FLASHMOE_GROUP_CONFIG_INIT, then set fields. */
+typedef struct {
+    size_t size;      /* sizeof(flashmoe_group_config_t) */
+    uint32_t version; /* FLASHMOE_VERSION */
+    int32_t world_size;  /* ranks in the group, 1 <= world_size <= config->experts */
+    int32_t rank;        /* this process's rank, 0 <= rank < world_size (its position in the all-gather) */
+    int32_t weights;     /* flashmoe_group_weights_t */
+    flashmoe_allgather_fn allgather; /* required */
+    void *ctx;                       /* passed to allgather */
+} flashmoe_group_config_t;
+
+#define FLASHMOE_GROUP_CONFIG_INIT                                                                                  \
+    { sizeof(flashmoe_group_config_t), FLASHMOE_VERSION, 0, 0, FLASHMOE_GROUP_WEIGHTS_ALL, NULL, NULL }
+
+/** What a rank holds. */
+typedef struct {
+    size_t size;             /* sizeof(flashmoe_group_info_t), set by the caller */
+    int64_t max_tokens;      /* the most tokens one rank may pass to one forward (config->max_tokens) */
+    int64_t weight_bytes;    /* device bytes of this rank's weights (its experts, the router, the shared expert) */
+    int64_t workspace_bytes; /* device bytes of its buffers (workspace, receive and return rows, control block) */
+    int32_t world_size;
+    int32_t rank;
+    int32_t first_expert;    /* this rank's experts: [first_expert, first_expert + local_experts) */
+    int32_t local_experts;
+    int32_t device;          /* CUDA device ordinal */
+    int32_t grid_blocks;     /* blocks of each rank's launch (the smallest among the ranks) */
+    int32_t gate_split;      /* the gate's K split of the last forward (0 before the first) */
+    int32_t reserved;
+} flashmoe_group_info_t;
+
+/** Opaque group (rank) handle. */
+typedef struct flashmoe_group_s *flashmoe_group_t;
+
+/** The experts rank `rank` of `world_size` owns for `experts` experts: [*first, *first + *count). */
+flashmoe_status_t flashmoe_expert_range(int32_t experts, int32_t world_size, int32_t rank, int32_t *first,
+                                        int32_t *count);
+
+/** Collective. Creates this process's rank: checks the config (config->backend must be FLASHMOE_BACKEND_CUDA),
+ *  the weights (device pointers on config->device, as flashmoe_weights_t describes, per-expert tensors as
+ *  group_config->weights says) and group_config; then, through the all-gather, checks that every rank has the
+ *  same world size, a distinct rank, the same config and router values, driver, node and max_tokens; compiles the
+ *  kernel, copies this rank's weights, allocates its buffers for max_tokens tokens on every rank and maps every
+ *  peer's. Writes the handle to *group. */
+flashmoe_status_t flashmoe_group_create(const flashmoe_config_t *config, const flashmoe_weights_t *weights,
+                                        const flashmoe_group_config_t *group_config, flashmoe_group_t *group);
+
+/** One forward of this rank's `tokens` rows (0 <= tokens <= max_tokens; 0 still takes part) of x [tokens, H]
+ *  into y [tokens, H] (storage type or float32, see config->output), topk_ids / topk_weights optional, enqueued on
+ *  `stream` (a CUstream of the rank's device; NULL = the legacy default stream). `tokens_per_rank`: every rank's
+ *  token count this step (world_size entries, entry `rank` == tokens), or NULL to all-gather them (a collective
+ *  and a host round trip per call). x and y may be NULL when tokens == 0. */
+flashmoe_status_t flashmoe_group_forward(flashmoe_group_t group, const void *x, void *y, int64_t tokens,
+                                         const int64_t *tokens_per_rank, int32_t *topk_ids, float *topk_weights,
+                                         void *stream);
+
+/** Reports a kernel error recorded by the group (FLASHMOE_ERROR_KERNEL; the group is then unusable), without
+ *  waiting for queued work; with `synchronize` != 0 it first waits for `stream`. */
+flashmoe_status_t flashmoe_group_check(flashmoe_group_t group, int synchronize, void *stream);
+
+/** Fills *info (set info->size first). */
+flashmoe_status_t flashmoe_group_info(flashmoe_group_t group, flashmoe_group_info_t *info);
+
+/** Collective (unless the group failed). Waits for the rank's device, then for every rank to be idle, unmaps the
+ *  peers, waits for every rank to have unmapped, and frees the rank. NULL is a no-op. */
+flashmoe_status_t flashmoe_group_destroy(flashmoe_group_t group);
 
 #ifdef __cplusplus
 }

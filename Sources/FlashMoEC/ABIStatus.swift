@@ -32,6 +32,8 @@ enum ABIStatus {
     /// - `CUDAError.invalidArgument` (e.g. a device ordinal the machine does not have): INVALID_ARGUMENT.
     /// - every other `CUDAError` (no driver, no GPU, a failed driver call, an NVRTC failure): CUDA.
     /// - `FusedKernelError` (the kernel gave up on a wait; the operator has reset itself): KERNEL.
+    /// - `DistributedError` (a rank's wait expired; the group is unusable): KERNEL. `PeerMappingError`: CUDA.
+    /// - `RendezvousError`: `status(of:)`.
     /// - anything else: INTERNAL, with the error's type in the message.
     static func classify(_ error: any Error) -> (status: flashmoe_status_t, message: String) {
         switch error {
@@ -49,8 +51,26 @@ enum ABIStatus {
             }
         case let e as FusedKernelError:
             return (FLASHMOE_ERROR_KERNEL, e.description + " The layer was reset; the next forward runs normally.")
+        case let e as DistributedError:
+            return (
+                FLASHMOE_ERROR_KERNEL,
+                e.description + ". The group is unusable: destroy it on every rank and create it again.")
+        case let e as PeerMappingError: return (FLASHMOE_ERROR_CUDA, e.description)
+        case let e as RendezvousError: return (status(of: e.kind), e.message)
         default:
             return (FLASHMOE_ERROR_INTERNAL, "unexpected \(type(of: error)): \(error) (a FlashMoE bug: please report it)")
+        }
+    }
+
+    /// The status of a group error: the caller's mistake (ranks, world size, configs: INVALID_ARGUMENT), this
+    /// machine (no driver: CUDA; several drivers or nodes: UNSUPPORTED), or another rank or the all-gather (GROUP).
+    static func status(of kind: RendezvousError.Kind) -> flashmoe_status_t {
+        switch kind {
+        case .rankOutOfRange, .duplicateRank, .worldSizeMismatch, .configMismatch, .invalidWorld, .outOfStep:
+            FLASHMOE_ERROR_INVALID_ARGUMENT
+        case .noDriver: FLASHMOE_ERROR_CUDA
+        case .driverMismatch, .differentNodes: FLASHMOE_ERROR_UNSUPPORTED
+        case .timeout, .badAddress, .unreachable, .aborted: FLASHMOE_ERROR_GROUP
         }
     }
 
@@ -64,6 +84,7 @@ enum ABIStatus {
         case FLASHMOE_ERROR_OUT_OF_MEMORY: StaticText.pointer("out of memory")
         case FLASHMOE_ERROR_KERNEL: StaticText.pointer("kernel error")
         case FLASHMOE_ERROR_INTERNAL: StaticText.pointer("internal error")
+        case FLASHMOE_ERROR_GROUP: StaticText.pointer("group error")
         default: StaticText.pointer("unknown status")
         }
     }

@@ -27,6 +27,32 @@ enum Check {
             "\(name) (0x\(String(address, radix: 16))) is misaligned: it must be a multiple of \(alignment) bytes\(of)")
     }
 
+    /// The address of a forward's per-token array `name` (`what` describes it): with `tokens` > 0 it must be
+    /// non-NULL and aligned to `alignment`; with none it may be anything (nothing is read or written).
+    static func rows(_ p: UnsafeRawPointer?, _ name: String, tokens: Int64, alignment: Int, _ what: String)
+        throws(ArgumentError) -> UInt64
+    {
+        guard tokens > 0 else { return UInt64(UInt(bitPattern: p)) }
+        guard let p else { throw ArgumentError("\(name) is NULL: pass \(what) (tokens = \(tokens))") }
+        try aligned(UInt(bitPattern: p), name, alignment, what)
+        return UInt64(UInt(bitPattern: p))
+    }
+
+    /// An output struct whose first field, `size`, the caller set to `sizeof(type)`: checked like `output`, then
+    /// its size against this library's struct `T` (`type` names it in the message).
+    static func sizedOutput<T>(_ pointer: UnsafeMutablePointer<T>?, _ name: String, type: String) throws(ArgumentError)
+        -> UnsafeMutablePointer<T>
+    {
+        let out = try output(pointer, name)
+        let size = UnsafeRawPointer(out).load(as: Int.self)
+        guard size == MemoryLayout<T>.size else {
+            throw ArgumentError(
+                "\(name)->size is \(size) but this library's \(type) has \(MemoryLayout<T>.size) bytes: set "
+                    + "\(name)->size = sizeof(\(type))")
+        }
+        return out
+    }
+
     /// A versioned struct (`size` first): the pointer checked, its `size` equal to this library's struct and
     /// `version` of the library's major and at most its minor. `initMacro` names the macro that fills it.
     static func versionedStruct<T>(

@@ -27,12 +27,16 @@ public func flashmoe_layer_create(
         let out = try Check.output(layer, "layer")
         out.pointee = nil
         let settings = try LayerSettings(config)
+        if settings.storageReturns {
+            throw ArgumentError(
+                "config->flags: FLASHMOE_FLAG_STORAGE_RETURNS is for groups (flashmoe_group_create); a layer returns nothing")
+        }
         let engine: any LayerEngine
         switch settings.backend {
         case .cpu: engine = try CPULayer(settings: settings, weights: weights)
         case .cuda: engine = try GPULayer(settings: settings, weights: weights)
         }
-        out.pointee = LayerRegistry.register(LayerHandle(engine: engine))
+        out.pointee = Handles.layers.register(LayerHandle(engine: engine))
     }
 }
 
@@ -44,7 +48,7 @@ public func flashmoe_layer_forward(
     _ stream: UnsafeMutableRawPointer?
 ) -> flashmoe_status_t {
     ABIStatus.run {
-        let handle = try LayerRegistry.lookup(layer)
+        let handle = try Handles.layers.lookup(layer)
         try handle.serialized { engine in
             let s = engine.settings
             guard tokens >= 0, tokens <= Int64(s.maxTokens) else {
@@ -54,12 +58,7 @@ public func flashmoe_layer_forward(
             let storage = s.config.precision.storage
             func address(_ p: UnsafeRawPointer?, _ name: String, _ alignment: Int, _ what: String) throws(ArgumentError)
                 -> UInt64
-            {
-                guard tokens > 0 else { return UInt64(UInt(bitPattern: p)) }
-                guard let p else { throw ArgumentError("\(name) is NULL: pass \(what) (tokens = \(tokens))") }
-                try Check.aligned(UInt(bitPattern: p), name, alignment, what)
-                return UInt64(UInt(bitPattern: p))
-            }
+            { try Check.rows(p, name, tokens: tokens, alignment: alignment, what) }
             let h = s.config.hiddenSize
             let xAddress = try address(
                 x, "x", max(storage.byteSize, engine.rowAlignment), "[tokens, \(h)] \(storage)")
@@ -81,7 +80,7 @@ public func flashmoe_layer_check(_ layer: flashmoe_layer_t?, _ synchronize: Int3
     -> flashmoe_status_t
 {
     ABIStatus.run {
-        let handle = try LayerRegistry.lookup(layer)
+        let handle = try Handles.layers.lookup(layer)
         try handle.serialized { try $0.check(synchronize: synchronize != 0, stream: stream) }
     }
 }
@@ -92,14 +91,8 @@ public func flashmoe_layer_info(_ layer: flashmoe_layer_t?, _ info: UnsafeMutabl
     -> flashmoe_status_t
 {
     ABIStatus.run {
-        let handle = try LayerRegistry.lookup(layer)
-        let out = try Check.output(info, "info")
-        let size = UnsafeRawPointer(out).load(as: Int.self)
-        guard size == MemoryLayout<flashmoe_layer_info_t>.size else {
-            throw ArgumentError(
-                "info->size is \(size) but this library's flashmoe_layer_info_t has "
-                    + "\(MemoryLayout<flashmoe_layer_info_t>.size) bytes: set info->size = sizeof(flashmoe_layer_info_t)")
-        }
+        let handle = try Handles.layers.lookup(layer)
+        let out = try Check.sizedOutput(info, "info", type: "flashmoe_layer_info_t")
         try handle.serialized { engine in engine.describe(&out.pointee) }
     }
 }
@@ -107,12 +100,5 @@ public func flashmoe_layer_info(_ layer: flashmoe_layer_t?, _ info: UnsafeMutabl
 /// `flashmoe_layer_destroy`: frees the layer; NULL is a no-op.
 @_cdecl("flashmoe_layer_destroy")
 public func flashmoe_layer_destroy(_ layer: flashmoe_layer_t?) -> flashmoe_status_t {
-    ABIStatus.run {
-        guard let layer else { return }
-        guard LayerRegistry.remove(layer) else {
-            throw ArgumentError(
-                "layer (0x\(String(UInt(bitPattern: UnsafeRawPointer(layer)), radix: 16))) is not a live handle: "
-                    + "it was destroyed already or never created")
-        }
-    }
+    ABIStatus.run { try Handles.layers.destroy(layer) }
 }

@@ -41,38 +41,65 @@ final class LayerHandle: Sendable {
     }
 }
 
-/// The live handles. A handle is an `Unmanaged` retain of its `LayerHandle`; every call looks it up here first, so
-/// a NULL, destroyed or made-up handle is an argument error instead of a crash. (An address freed by destroy may
-/// be reused by a later create; a stale handle then names the new layer, as with any allocator-backed handle.)
-enum LayerRegistry {
-    private static let live = Mutex<Set<UInt>>([])
+/// The live handles of one kind (layers, groups). A handle is an `Unmanaged` retain of its object; every call
+/// looks it up here first, so a NULL, destroyed or made-up handle is an argument error instead of a crash. (An
+/// address freed by destroy may be reused by a later create; a stale handle then names the new object, as with
+/// any allocator-backed handle.)
+final class HandleRegistry<Handle: AnyObject & Sendable>: Sendable {
+    private let live = Mutex<Set<UInt>>([])
+    /// The argument's name ("layer", "group") and the function that creates one, for messages.
+    let name: String
+    let creator: String
+
+    init(name: String, creator: String) {
+        self.name = name
+        self.creator = creator
+    }
 
     /// Registers `handle` and returns the opaque pointer the caller holds.
-    static func register(_ handle: LayerHandle) -> OpaquePointer {
+    func register(_ handle: Handle) -> OpaquePointer {
         let opaque = Unmanaged.passRetained(handle).toOpaque()
         _ = live.withLock { $0.insert(UInt(bitPattern: opaque)) }
         return OpaquePointer(opaque)
     }
 
-    /// The layer behind `pointer` (a strong reference: a concurrent destroy cannot free it while in use).
-    static func lookup(_ pointer: OpaquePointer?) throws(ArgumentError) -> LayerHandle {
-        guard let pointer else { throw ArgumentError("layer is NULL: pass a handle from flashmoe_layer_create") }
+    /// The object behind `pointer` (a strong reference: a concurrent destroy cannot free it while in use).
+    func lookup(_ pointer: OpaquePointer?) throws(ArgumentError) -> Handle {
+        guard let pointer else { throw ArgumentError("\(name) is NULL: pass a handle from \(creator)") }
         let bits = UInt(bitPattern: UnsafeRawPointer(pointer))
-        let handle: LayerHandle? = live.withLock { set in
-            set.contains(bits) ? Unmanaged<LayerHandle>.fromOpaque(UnsafeRawPointer(pointer)).takeUnretainedValue() : nil
+        let handle: Handle? = live.withLock { set in
+            set.contains(bits) ? Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(pointer)).takeUnretainedValue() : nil
         }
         guard let handle else {
             throw ArgumentError(
-                "layer (0x\(String(bits, radix: 16))) is not a live handle: it was destroyed or never created")
+                "\(name) (0x\(String(bits, radix: 16))) is not a live handle: it was destroyed or never created")
         }
         return handle
     }
 
     /// Unregisters `pointer` and drops the registry's reference; false when it was not live.
-    static func remove(_ pointer: OpaquePointer) -> Bool {
+    func remove(_ pointer: OpaquePointer) -> Bool {
         let bits = UInt(bitPattern: UnsafeRawPointer(pointer))
         guard live.withLock({ $0.remove(bits) != nil }) else { return false }
-        Unmanaged<LayerHandle>.fromOpaque(UnsafeRawPointer(pointer)).release()
+        Unmanaged<Handle>.fromOpaque(UnsafeRawPointer(pointer)).release()
         return true
     }
+
+    /// Destroy's check: unregisters `pointer` (NULL is a no-op) or throws naming the stale handle.
+    func destroy(_ pointer: OpaquePointer?) throws(ArgumentError) {
+        guard let pointer else { return }
+        guard remove(pointer) else {
+            throw ArgumentError(
+                "\(name) (0x\(String(UInt(bitPattern: UnsafeRawPointer(pointer)), radix: 16))) is not a live handle: "
+                    + "it was destroyed already or never created")
+        }
+    }
+}
+
+/// The registries of live handles.
+enum Handles {
+    /// Layers (`flashmoe_layer_t`).
+    static let layers = HandleRegistry<LayerHandle>(name: "layer", creator: "flashmoe_layer_create")
+    /// Group ranks (`flashmoe_group_t`).
+    static let groups = HandleRegistry<GroupHandle>(name: "group", creator: "flashmoe_group_create")
 }

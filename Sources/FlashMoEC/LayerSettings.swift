@@ -15,9 +15,11 @@ struct LayerSettings {
     let maxTokens: Int
     let syncErrors: Bool
     let injectFault: Bool
+    /// Groups: expert outputs travel back in the storage type (FLASHMOE_FLAG_STORAGE_RETURNS).
+    let storageReturns: Bool
     let waitBudget: Duration
 
-    static let knownFlags = FLASHMOE_FLAG_SYNC_ERRORS | FLASHMOE_FLAG_INJECT_FAULT
+    static let knownFlags = FLASHMOE_FLAG_SYNC_ERRORS | FLASHMOE_FLAG_INJECT_FAULT | FLASHMOE_FLAG_STORAGE_RETURNS
 
     init(_ pointer: UnsafePointer<flashmoe_config_t>?) throws(ArgumentError) {
         let c = try Check.versionedStruct(
@@ -91,10 +93,11 @@ struct LayerSettings {
         guard c.flags & ~Self.knownFlags == 0 else {
             throw ArgumentError(
                 "config->flags has unknown bits 0x\(String(c.flags & ~Self.knownFlags, radix: 16)): use "
-                    + "FLASHMOE_FLAG_SYNC_ERRORS (1) and FLASHMOE_FLAG_INJECT_FAULT (2) only")
+                    + "FLASHMOE_FLAG_SYNC_ERRORS (1), FLASHMOE_FLAG_INJECT_FAULT (2) and FLASHMOE_FLAG_STORAGE_RETURNS (4) only")
         }
         syncErrors = c.flags & FLASHMOE_FLAG_SYNC_ERRORS != 0
         injectFault = c.flags & FLASHMOE_FLAG_INJECT_FAULT != 0
+        storageReturns = c.flags & FLASHMOE_FLAG_STORAGE_RETURNS != 0
         waitBudget = .milliseconds(c.wait_budget_ms == 0 ? 5000 : Int(c.wait_budget_ms))
 
         let router = RouterConfig(

@@ -66,6 +66,9 @@ struct BenchCommand: ReportingCommand {
     @Flag(help: "With --ranks: also time each rank's phases in one launch (a timing build of the kernel).")
     var phaseTimes = false
 
+    @Flag(help: "With --ranks (bf16/fp16): expert outputs travel back in the storage type instead of FP32.")
+    var storageReturns = false
+
     @Option(help: ArgumentHelp(
         "Also run one launch of a tracing build of the kernel and write each block's timeline (phases, gate, GEMM0, "
             + "GEMM1 and combine tasks) to this file as Chrome-trace JSON (open it in ui.perfetto.dev).",
@@ -156,8 +159,9 @@ struct BenchCommand: ReportingCommand {
         emit: (String) -> Void
     ) throws -> BenchmarkRecord {
         let devices = try rankDevices.map(RankDevices.parse) ?? [common.device]
-        let dist = try DistributedMoE(
-            layer: layer, ranks: ranks, devices: devices, options: cudaOptions(deviceOrdinal: common.device))
+        var options = cudaOptions(deviceOrdinal: common.device)
+        options.storageReturns = storageReturns
+        let dist = try DistributedMoE(layer: layer, ranks: ranks, devices: devices, options: options)
         let s = x.shape[0]
         var parts: [HostTensor] = []
         for r in 0..<ranks {
@@ -181,9 +185,13 @@ struct BenchCommand: ReportingCommand {
             + "\(formatDecimal(m1, 3)) ms " + (Set(devices).count == 1
                 ? "(\(formatDecimal((m / m1 - 1) * 100, 1)) % protocol overhead)"
                 : "on GPU \(common.device) alone (\(formatDecimal(m1 / m, 2))× faster on \(Set(devices).count) GPUs)"))
+        let h = layer.config.hiddenSize, half = layer.config.precision.storage.byteSize
+        emit("bytes per rank" + (storageReturns ? " (storage returns: expert outputs sent back as \(layer.config.precision.storage))" : "")
+            + "; return bytes with FP32 / storage-type returns alongside")
         for t in traffic {
             emit("  rank \(t.rank): \(t.remoteRows) remote rows, dispatch \(t.dispatchBytes) B + return \(t.returnBytes) B "
-                + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes))")
+                + "+ signals \(t.signalBytes) B = \(formatByteCount(t.totalBytes)) (return: FP32 \(t.remoteRows * h * 4) B, "
+                + (half == 2 ? "storage \(t.remoteRows * h * half) B)" : "storage returns need bf16/fp16)"))
         }
         if phaseTimes {
             var options = cudaOptions(deviceOrdinal: common.device)

@@ -23,6 +23,9 @@ struct CompileCommand: ParsableCommand {
     @Flag(help: "Compile without reading or writing the cubin cache.")
     var noCache = false
 
+    @Flag(help: "Also compile each preset as 4 expert-parallel ranks (bf16/fp16 also with storage returns).")
+    var ranks = false
+
     func run() throws {
         let environment = ProcessEnvironment.current()
         let archs = try GPUArchitecture.parseList(arch)
@@ -60,7 +63,9 @@ struct CompileCommand: ParsableCommand {
                 }
             }
             ok = CompileReport.run(
-                specs: KernelCatalog.specializations(for: configs, arch: arch), archs: [arch], compiler: compiler,
+                specs: KernelCatalog.specializations(for: configs, arch: arch)
+                    + (ranks ? KernelCatalog.expertParallel(for: configs, arch: arch) : []),
+                archs: [arch], compiler: compiler,
                 sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) } && ok
         }
         if !ok { throw ExitCode.failure }

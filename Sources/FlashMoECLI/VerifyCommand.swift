@@ -96,7 +96,9 @@ struct VerifyCommand: ParsableCommand {
                     + "\(r.oracle.routingMismatches == 0 ? "same" : "\(r.oracle.routingMismatches) differ") drops "
                     + "\(r.oracle.droppedGPU)/\(r.oracle.droppedOracle), one rank: "
                     + "\(r.bitwiseEqualSingleRank ? "same bits" : "DIFFERENT"), repeats \(c.repeats): "
-                    + "\(r.repeatsIdentical ? "same" : "DIFFERENT"), bytes \(moved)" + (r.failure.map { "  ← \($0)" } ?? ""))
+                    + "\(r.repeatsIdentical ? "same" : "DIFFERENT"), bytes \(moved)"
+                    + (r.storageReturnError.map { ", vs FP32 returns \(VerifyTable.sci($0))" } ?? "")
+                    + (r.failure.map { "  ← \($0)" } ?? ""))
             } catch {
                 failures += 1
                 print("FAIL  " + VerifyTable.pad(c.name, 30) + "error: \(error)")

@@ -7,10 +7,15 @@
  *    sigmoid layer with groups, selection bias, biases and scaling.
  * 2. Every argument error: its status code, and that the message names the argument or field.
  * 3. Handles, info, status strings, version and the per-thread last error.
+ * 4. Expert-parallel groups: flashmoe_expert_range, every argument error of flashmoe_group_create, and groups of
+ *    ranks on threads meeting through a C all-gather (a barrier and a shared table): duplicate ranks, another
+ *    config, a rank failing its own checks and a failing all-gather end every rank with the same kind of error;
+ *    without a GPU a valid group ends on every rank with FLASHMOE_ERROR_CUDA naming the ranks without a driver.
  *
  * Prints one line per failed check and "N passed, M failed"; exits 1 on any failure.
  * Build: cc -std=c11 -Iinclude Tests/CABI/abi_test.c -Llib -lflashmoe -lm -lpthread (see Tests/CABI/run.sh).
  */
+#define _POSIX_C_SOURCE 200809L /* pthread_barrier_t */
 #include "flashmoe.h"
 
 #include <math.h>
@@ -842,6 +847,257 @@ static void test_misc(void) {
     }
 }
 
+
+/* MARK: expert-parallel groups */
+
+/* Whether a GPU layer can be created here. */
+static int gpu_usable(void) {
+    flashmoe_config_t c = small_config();
+    c.backend = FLASHMOE_BACKEND_CUDA;
+    flashmoe_weights_t w = small_weights();
+    flashmoe_layer_t layer = NULL;
+    if (flashmoe_layer_create(&c, &w, &layer) != FLASHMOE_SUCCESS) return 0;
+    flashmoe_layer_destroy(layer);
+    return 1;
+}
+
+static void test_expert_range(void) {
+    int32_t first = -1, count = -1, ok = 1, next = 0;
+    /* E = 10 over 4 ranks: 3, 3, 2, 2 (the first E mod R ranks one larger), contiguous. */
+    const int32_t want[4] = {3, 3, 2, 2};
+    for (int r = 0; r < 4; r++) {
+        ok &= flashmoe_expert_range(10, 4, r, &first, &count) == FLASHMOE_SUCCESS && first == next && count == want[r];
+        next += count;
+    }
+    check(ok && next == 10, "flashmoe_expert_range: 10 experts over 4 ranks are [0,3) [3,6) [6,8) [8,10)");
+    expect_error(flashmoe_expert_range(4, 5, 0, &first, &count), FLASHMOE_ERROR_INVALID_ARGUMENT, "world_size",
+                 "expert_range with more ranks than experts");
+    expect_error(flashmoe_expert_range(4, 2, 2, &first, &count), FLASHMOE_ERROR_INVALID_ARGUMENT, "rank",
+                 "expert_range with rank = world_size");
+    expect_error(flashmoe_expert_range(4, 0, 0, &first, &count), FLASHMOE_ERROR_INVALID_ARGUMENT, "world_size",
+                 "expert_range with world_size 0");
+    expect_error(flashmoe_expert_range(4, 2, 0, NULL, &count), FLASHMOE_ERROR_INVALID_ARGUMENT, "first",
+                 "expert_range with first NULL");
+}
+
+/* An all-gather between threads: each step, every thread writes its block at its position of a shared table,
+ * waits for all, copies the table out and waits again (so no thread overwrites a block another still reads). */
+#define GATHER_MAX_RANKS 4
+#define GATHER_MAX_BYTES 65536
+typedef struct {
+    pthread_barrier_t barrier;
+    unsigned char table[GATHER_MAX_RANKS * GATHER_MAX_BYTES];
+    int world;
+    int fail; /* the all-gather reports failure */
+} gather_world;
+
+typedef struct {
+    gather_world *world;
+    int position;                 /* where this thread's block goes (its true rank) */
+    int rank;                     /* the rank it tells the library */
+    flashmoe_config_t config;
+    flashmoe_weights_t weights;
+    flashmoe_status_t status;
+    char message[1024];
+    flashmoe_group_t group;
+} group_thread;
+
+static int thread_allgather(void *ctx, const void *send, size_t bytes, void *recv) {
+    group_thread *t = ctx;
+    gather_world *w = t->world;
+    if (w->fail || bytes == 0 || bytes > GATHER_MAX_BYTES) return 1;
+    memcpy(w->table + (size_t)t->position * bytes, send, bytes);
+    pthread_barrier_wait(&w->barrier);
+    memcpy(recv, w->table, bytes * (size_t)w->world);
+    pthread_barrier_wait(&w->barrier);
+    return 0;
+}
+
+static void *group_create_thread(void *arg) {
+    group_thread *t = arg;
+    flashmoe_group_config_t g = FLASHMOE_GROUP_CONFIG_INIT;
+    g.world_size = t->world->world;
+    g.rank = t->rank;
+    g.allgather = thread_allgather;
+    g.ctx = t;
+    t->group = NULL;
+    t->status = flashmoe_group_create(&t->config, &t->weights, &g, &t->group);
+    snprintf(t->message, sizeof t->message, "%s", flashmoe_last_error());
+    if (t->status == FLASHMOE_SUCCESS) flashmoe_group_destroy(t->group);
+    return NULL;
+}
+
+/* Runs `world` ranks on threads (thread i at position i, told rank ranks[i]), each with the config and weights
+ * preset in its entry of `threads`, or `base` and `weights` where none is. */
+static void run_group(group_thread *threads, int world, const int *ranks, int fail, flashmoe_config_t base,
+                      flashmoe_weights_t weights) {
+    static gather_world w;
+    memset(&w, 0, sizeof w);
+    w.world = world;
+    w.fail = fail;
+    pthread_barrier_init(&w.barrier, NULL, (unsigned)world);
+    pthread_t tid[GATHER_MAX_RANKS];
+    for (int i = 0; i < world; i++) {
+        threads[i].world = &w;
+        threads[i].position = i;
+        threads[i].rank = ranks[i];
+        if (threads[i].config.size == 0) threads[i].config = base;
+        if (threads[i].weights.size == 0) threads[i].weights = weights;
+        pthread_create(&tid[i], NULL, group_create_thread, &threads[i]);
+    }
+    for (int i = 0; i < world; i++) pthread_join(tid[i], NULL);
+    pthread_barrier_destroy(&w.barrier);
+}
+
+/* Every thread of `threads` ended with `status` and a message containing `needle`. */
+static void expect_all(group_thread *threads, int world, flashmoe_status_t status, const char *needle,
+                       const char *what) {
+    for (int i = 0; i < world; i++) {
+        int ok = threads[i].status == status && strstr(threads[i].message, needle) != NULL && threads[i].group == NULL;
+        check(ok, what);
+        if (!ok)
+            printf("  rank %d: status %d, expected %d; message \"%s\" should contain \"%s\"\n", i,
+                   (int)threads[i].status, (int)status, threads[i].message, needle);
+    }
+}
+
+static int loopback_allgather(void *ctx, const void *send, size_t bytes, void *recv) {
+    (void)ctx;
+    memcpy(recv, send, bytes);
+    return 0;
+}
+
+static void test_group_errors(void) {
+    flashmoe_config_t c = small_config();
+    c.backend = FLASHMOE_BACKEND_CUDA;
+    flashmoe_weights_t w = small_weights();
+    flashmoe_group_config_t g = FLASHMOE_GROUP_CONFIG_INIT;
+    g.world_size = 2;
+    g.rank = 0;
+    g.allgather = loopback_allgather;
+    flashmoe_group_t group = (flashmoe_group_t)(uintptr_t)0x1234;
+
+    /* Checks of the group config: no all-gather call is made. */
+    expect_error(flashmoe_group_create(&c, &w, &g, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT, "group",
+                 "group_create with group NULL");
+    expect_error(flashmoe_group_create(&c, &w, NULL, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "group_config",
+                 "group_create with group_config NULL");
+    check(group == NULL, "a failed group_create writes NULL to *group");
+    flashmoe_group_config_t bad = g;
+    bad.size = 8;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "group_config->size",
+                 "group_create with a wrong group_config->size");
+    bad = g;
+    bad.world_size = 0;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT,
+                 "group_config->world_size", "group_create with world_size 0");
+    bad = g;
+    bad.rank = 2;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "group_config->rank",
+                 "group_create with rank = world_size");
+    bad = g;
+    bad.rank = -1;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "group_config->rank",
+                 "group_create with rank -1");
+    bad = g;
+    bad.allgather = NULL;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT,
+                 "group_config->allgather", "group_create without an all-gather");
+    bad = g;
+    bad.weights = 7;
+    expect_error(flashmoe_group_create(&c, &w, &bad, &group), FLASHMOE_ERROR_INVALID_ARGUMENT,
+                 "group_config->weights", "group_create with weights = 7");
+
+    /* A rank's own checks, on a group of one (its all-gather copies its block): the config, E < ranks, the CPU
+     * backend, the weights. The rank takes part in one more step to say why, then fails. */
+    flashmoe_group_config_t one = g;
+    one.world_size = 1;
+    flashmoe_config_t cc = c;
+    cc.top_k = 9;
+    expect_error(flashmoe_group_create(&cc, &w, &one, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "config->top_k",
+                 "group_create with top_k > experts");
+    flashmoe_group_config_t five = g;
+    five.world_size = 5;
+    expect_error(flashmoe_group_create(&c, &w, &five, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "config->experts",
+                 "group_create with 5 ranks for 4 experts");
+    cc = c;
+    cc.backend = FLASHMOE_BACKEND_CPU;
+    expect_error(flashmoe_group_create(&cc, &w, &one, &group), FLASHMOE_ERROR_UNSUPPORTED, "FLASHMOE_BACKEND_CUDA",
+                 "group_create on the CPU backend");
+    flashmoe_weights_t ww = w;
+    ww.down = NULL;
+    expect_error(flashmoe_group_create(&c, &ww, &one, &group), FLASHMOE_ERROR_INVALID_ARGUMENT, "weights->down",
+                 "group_create without down");
+    check(group == NULL, "failed group_creates leave *group NULL");
+
+    /* FLASHMOE_FLAG_STORAGE_RETURNS is a group option: a layer refuses it. */
+    cc = small_config();
+    cc.flags = FLASHMOE_FLAG_STORAGE_RETURNS;
+    create_fails(cc, small_weights(), "FLASHMOE_FLAG_STORAGE_RETURNS", "create a layer with storage returns");
+
+    /* The calls on handles. */
+    expect_error(flashmoe_group_forward(NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT,
+                 "group is NULL", "group_forward on NULL");
+    expect_error(flashmoe_group_forward((flashmoe_group_t)(uintptr_t)0x1230, NULL, NULL, 0, NULL, NULL, NULL, NULL),
+                 FLASHMOE_ERROR_INVALID_ARGUMENT, "not a live handle", "group_forward on a made-up handle");
+    expect_error(flashmoe_group_check(NULL, 0, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT, "group", "group_check on NULL");
+    flashmoe_group_info_t info;
+    info.size = sizeof info;
+    expect_error(flashmoe_group_info(NULL, &info), FLASHMOE_ERROR_INVALID_ARGUMENT, "group", "group_info on NULL");
+    check(flashmoe_group_destroy(NULL) == FLASHMOE_SUCCESS, "group_destroy(NULL) is a no-op");
+    expect_error(flashmoe_group_destroy((flashmoe_group_t)(uintptr_t)0x1230), FLASHMOE_ERROR_INVALID_ARGUMENT,
+                 "not a live handle", "group_destroy on a made-up handle");
+}
+
+/* Ranks on threads. Host arrays stand in for device weights: without a GPU nothing reads them. */
+static void test_group_ranks(int gpu) {
+    if (gpu) {
+        printf("note: a GPU is usable here; groups on threads are checked without one (and on the GPU by "
+               "scripts/gpu-dist-python)\n");
+        return;
+    }
+    flashmoe_config_t c = small_config();
+    c.backend = FLASHMOE_BACKEND_CUDA;
+    flashmoe_weights_t w = small_weights();
+    group_thread t[GATHER_MAX_RANKS];
+    const int ranks[3] = {0, 1, 2};
+
+    memset(t, 0, sizeof t);
+    run_group(t, 3, ranks, 0, c, w);
+    expect_all(t, 3, FLASHMOE_ERROR_CUDA, "ranks 0, 1, 2 of the group have no usable CUDA driver",
+               "3 ranks without a GPU: every rank reports the ranks without a driver");
+
+    memset(t, 0, sizeof t);
+    t[2].config = c;
+    t[2].config.top_k = 1;
+    run_group(t, 3, ranks, 0, c, w);
+    expect_all(t, 3, FLASHMOE_ERROR_INVALID_ARGUMENT, "rank 2's layer differs",
+               "a rank with another config: every rank names it");
+
+    memset(t, 0, sizeof t);
+    const int twice[3] = {0, 0, 2};
+    run_group(t, 3, twice, 0, c, w);
+    expect_all(t, 3, FLASHMOE_ERROR_INVALID_ARGUMENT, "were all given rank 0",
+               "two processes given rank 0: every rank names them");
+
+    memset(t, 0, sizeof t);
+    t[1].weights = w;
+    t[1].weights.router = NULL;
+    run_group(t, 3, ranks, 0, c, w);
+    check(t[1].status == FLASHMOE_ERROR_INVALID_ARGUMENT && strstr(t[1].message, "weights->router") != NULL,
+          "the rank without a router names weights->router");
+    for (int i = 0; i < 3; i += 2) {
+        int ok = t[i].status == FLASHMOE_ERROR_GROUP && strstr(t[i].message, "rank 1 gave up") != NULL &&
+                 strstr(t[i].message, "weights->router") != NULL;
+        check(ok, "the other ranks fail at once with FLASHMOE_ERROR_GROUP and rank 1's reason");
+        if (!ok) printf("  rank %d: status %d, message \"%s\"\n", i, (int)t[i].status, t[i].message);
+    }
+
+    memset(t, 0, sizeof t);
+    run_group(t, 2, ranks, 1, c, w);
+    expect_all(t, 2, FLASHMOE_ERROR_GROUP, "all-gather returned 1", "a failing all-gather: FLASHMOE_ERROR_GROUP");
+}
+
 int main(void) {
     check(strcmp(flashmoe_last_error(), "") == 0, "no message before the first failure");
     test_misc();
@@ -851,6 +1107,9 @@ int main(void) {
     test_create_errors();
     test_forward_errors();
     test_threads();
+    test_expert_range();
+    test_group_errors();
+    test_group_ranks(gpu_usable());
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }

@@ -6,6 +6,7 @@ in the repository's lib/ (built by scripts/build-lib).
 - numpy, CPU backend: `flashmoe.Layer(config, weights).forward(x)` (no torch needed).
 - torch: `flashmoe.MoELayer` (an nn.Module; CUDA or CPU), the custom op `torch.ops.flashmoe.moe_forward`, and
   `flashmoe.patch(model)` to swap the MoE blocks of a transformers model (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3).
+- torchrun, one process per GPU: `flashmoe.distributed.MoEGroupLayer` (expert parallelism; import it explicitly).
 
 See docs/pytorch.md.
 """

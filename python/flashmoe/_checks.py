@@ -61,13 +61,17 @@ class WeightSpec:
     float32: bool = False
 
 
-def weight_specs(config: MoEConfig, layout: int, selection_bias: bool) -> dict[str, WeightSpec]:
-    """The weights a layer of `config` takes (include/flashmoe.h, flashmoe_weights_t), by field name."""
-    h, i, e, s = config.hidden, config.intermediate, config.experts, config.shared_intermediate
+def weight_specs(config: MoEConfig, layout: int, selection_bias: bool,
+                 local_experts: int | None = None) -> dict[str, WeightSpec]:
+    """The weights a layer of `config` takes (include/flashmoe.h, flashmoe_weights_t), by field name.
+    `local_experts`: the per-expert tensors hold only this many experts (a group rank's shard); the router and the
+    selection bias always cover all E."""
+    h, i, s = config.hidden, config.intermediate, config.shared_intermediate
+    e = config.experts if local_experts is None else local_experts
     gated = config.ffn == "gated"
-    specs = {"router": WeightSpec((e, h)), "down": WeightSpec((e, h, i))}
+    specs = {"router": WeightSpec((config.experts, h)), "down": WeightSpec((e, h, i))}
     if selection_bias:
-        specs["selection_bias"] = WeightSpec((e,), float32=True)
+        specs["selection_bias"] = WeightSpec((config.experts,), float32=True)
     if layout == _lib.LAYOUT_FUSED:
         specs["gate_up"] = WeightSpec((e, 2 * i if gated else i, h))
     else:
@@ -103,16 +107,18 @@ def layout_of(names: set[str]) -> int:
                      "'up' ([E, I, H] each)")
 
 
-def check_weights(config: MoEConfig, arrays: dict[str, ArrayInfo], precision: str, device: str) -> int:
+def check_weights(config: MoEConfig, arrays: dict[str, ArrayInfo], precision: str, device: str,
+                  local_experts: int | None = None) -> int:
     """Checks the weight arrays against the config; returns the layout. Unknown or superfluous names, missing ones,
-    and any dtype, shape, device, contiguity or alignment problem raise, naming the weight."""
+    and any dtype, shape, device, contiguity or alignment problem raise, naming the weight. `local_experts`: see
+    `weight_specs`."""
     unknown = sorted(set(arrays) - set(_lib.Weights.POINTERS))
     if unknown:
         raise ValueError(f"weights: unknown name(s) {unknown}; the names are {list(_lib.Weights.POINTERS)}")
     if "selection_bias" in arrays and config.router != "sigmoid":
         raise ValueError("weights['selection_bias'] is for router='sigmoid' only")
     layout = layout_of(set(arrays))
-    specs = weight_specs(config, layout, "selection_bias" in arrays)
+    specs = weight_specs(config, layout, "selection_bias" in arrays, local_experts)
     extra = sorted(set(arrays) - set(specs))
     if extra:
         raise ValueError(f"weights: {extra} not used by this config (ffn={config.ffn!r}, bias={config.bias}, "

@@ -17,7 +17,7 @@ from pathlib import Path
 # Constants (include/flashmoe.h)
 
 #: The header version this module mirrors: MAJOR * 10000 + MINOR * 100 + PATCH.
-VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH = 0, 3, 0
+VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH = 0, 4, 0
 VERSION = VERSION_MAJOR * 10000 + VERSION_MINOR * 100 + VERSION_PATCH
 
 SUCCESS = 0
@@ -27,7 +27,8 @@ ERROR_CUDA = 3
 ERROR_OUT_OF_MEMORY = 4
 ERROR_KERNEL = 5
 ERROR_INTERNAL = 6
-NUM_STATUS = 7
+ERROR_GROUP = 7
+NUM_STATUS = 8
 #: Status code -> its C name, for messages.
 STATUS_NAMES = {
     SUCCESS: "FLASHMOE_SUCCESS",
@@ -37,6 +38,7 @@ STATUS_NAMES = {
     ERROR_OUT_OF_MEMORY: "FLASHMOE_ERROR_OUT_OF_MEMORY",
     ERROR_KERNEL: "FLASHMOE_ERROR_KERNEL",
     ERROR_INTERNAL: "FLASHMOE_ERROR_INTERNAL",
+    ERROR_GROUP: "FLASHMOE_ERROR_GROUP",
 }
 
 BACKEND_CUDA, BACKEND_CPU = 0, 1
@@ -48,7 +50,9 @@ LAYOUT_FUSED, LAYOUT_SEPARATE = 0, 1
 OUTPUT_STORAGE, OUTPUT_FLOAT32 = 0, 1
 FLAG_SYNC_ERRORS = 1
 FLAG_INJECT_FAULT = 2
+FLAG_STORAGE_RETURNS = 4
 CONFIG_MAGIC = 0x464D4F45
+GROUP_WEIGHTS_ALL, GROUP_WEIGHTS_SHARD = 0, 1
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Structs (same field order and C types as the header; ctypes applies the C alignment rules)
@@ -127,6 +131,48 @@ class LayerInfo(ctypes.Structure):
     ]
 
 
+#: flashmoe_allgather_fn: int (*)(void *ctx, const void *send, size_t bytes, void *recv).
+ALLGATHER_FN = ctypes.CFUNCTYPE(ctypes.c_int, _ptr, _ptr, _c_size_t, _ptr)
+
+
+class GroupConfig(ctypes.Structure):
+    """flashmoe_group_config_t. Build it with `GroupConfig.init()` (FLASHMOE_GROUP_CONFIG_INIT)."""
+
+    _fields_ = [
+        ("size", _c_size_t),
+        ("version", ctypes.c_uint32),
+        ("world_size", ctypes.c_int32),
+        ("rank", ctypes.c_int32),
+        ("weights", ctypes.c_int32),
+        ("allgather", ALLGATHER_FN),
+        ("ctx", _ptr),
+    ]
+
+    @classmethod
+    def init(cls) -> "GroupConfig":
+        """FLASHMOE_GROUP_CONFIG_INIT."""
+        return cls(ctypes.sizeof(cls), VERSION, 0, 0, GROUP_WEIGHTS_ALL, ALLGATHER_FN(), None)
+
+
+class GroupInfo(ctypes.Structure):
+    """flashmoe_group_info_t."""
+
+    _fields_ = [
+        ("size", _c_size_t),
+        ("max_tokens", ctypes.c_int64),
+        ("weight_bytes", ctypes.c_int64),
+        ("workspace_bytes", ctypes.c_int64),
+        ("world_size", ctypes.c_int32),
+        ("rank", ctypes.c_int32),
+        ("first_expert", ctypes.c_int32),
+        ("local_experts", ctypes.c_int32),
+        ("device", ctypes.c_int32),
+        ("grid_blocks", ctypes.c_int32),
+        ("gate_split", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors
 
@@ -189,6 +235,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "flashmoe_layer_check": (status, [_ptr, ctypes.c_int, _ptr]),
         "flashmoe_layer_info": (status, [_ptr, ctypes.POINTER(LayerInfo)]),
         "flashmoe_layer_destroy": (status, [_ptr]),
+        "flashmoe_expert_range": (status, [ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                           ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)]),
+        "flashmoe_group_create": (status, [ctypes.POINTER(Config), ctypes.POINTER(Weights),
+                                           ctypes.POINTER(GroupConfig), ctypes.POINTER(_ptr)]),
+        "flashmoe_group_forward": (status, [_ptr, _ptr, _ptr, ctypes.c_int64, _ptr, _ptr, _ptr, _ptr]),
+        "flashmoe_group_check": (status, [_ptr, ctypes.c_int, _ptr]),
+        "flashmoe_group_info": (status, [_ptr, ctypes.POINTER(GroupInfo)]),
+        "flashmoe_group_destroy": (status, [_ptr]),
     }
     for name, (restype, argtypes) in protos.items():
         try:

@@ -70,6 +70,8 @@ class MoEConfig:
     inject_fault: bool = False
     #: budget of every device-side wait in ms (0 = the library's default, 5000)
     wait_budget_ms: int = 0
+    #: expert-parallel groups of bf16/fp16 layers: expert outputs travel back in the storage type, not float32
+    storage_returns: bool = False
 
     def replace(self, **changes) -> "MoEConfig":
         """A copy with some fields changed."""
@@ -136,7 +138,8 @@ class MoEConfig:
         c.precision, c.backend, c.device = PRECISIONS[precision], backend, device
         c.output = OUTPUTS[self.output]
         c.max_tokens = self.max_tokens
-        c.flags = (_lib.FLAG_SYNC_ERRORS if self.sync_errors else 0) | (
-            _lib.FLAG_INJECT_FAULT if self.inject_fault else 0)
+        c.flags = ((_lib.FLAG_SYNC_ERRORS if self.sync_errors else 0)
+                   | (_lib.FLAG_INJECT_FAULT if self.inject_fault else 0)
+                   | (_lib.FLAG_STORAGE_RETURNS if self.storage_returns else 0))
         c.wait_budget_ms = self.wait_budget_ms
         return c

@@ -106,7 +106,8 @@ class HeaderLayoutTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         structs = {"flashmoe_config_t": _lib.Config, "flashmoe_weights_t": _lib.Weights,
-                   "flashmoe_layer_info_t": _lib.LayerInfo}
+                   "flashmoe_layer_info_t": _lib.LayerInfo, "flashmoe_group_config_t": _lib.GroupConfig,
+                   "flashmoe_group_info_t": _lib.GroupInfo}
         lines = ['#include "flashmoe.h"', "#include <stdio.h>", "#include <stddef.h>", "int main(void) {"]
         for cname, py in structs.items():
             lines.append(f'printf("sizeof {cname} %zu\\n", sizeof({cname}));')
@@ -116,6 +117,7 @@ class HeaderLayoutTest(unittest.TestCase):
             "FLASHMOE_VERSION", "FLASHMOE_CONFIG_MAGIC", "FLASHMOE_FLAG_SYNC_ERRORS", "FLASHMOE_FLAG_INJECT_FAULT",
             "FLASHMOE_SUCCESS", "FLASHMOE_ERROR_INVALID_ARGUMENT", "FLASHMOE_ERROR_UNSUPPORTED", "FLASHMOE_ERROR_CUDA",
             "FLASHMOE_ERROR_OUT_OF_MEMORY", "FLASHMOE_ERROR_KERNEL", "FLASHMOE_ERROR_INTERNAL", "FLASHMOE_NUM_STATUS",
+            "FLASHMOE_ERROR_GROUP", "FLASHMOE_FLAG_STORAGE_RETURNS", "FLASHMOE_GROUP_WEIGHTS_ALL", "FLASHMOE_GROUP_WEIGHTS_SHARD",
             "FLASHMOE_BACKEND_CUDA", "FLASHMOE_BACKEND_CPU", "FLASHMOE_PRECISION_FP32", "FLASHMOE_PRECISION_TF32",
             "FLASHMOE_PRECISION_BF16", "FLASHMOE_PRECISION_FP16", "FLASHMOE_FFN_PLAIN", "FLASHMOE_FFN_GATED",
             "FLASHMOE_ACT_RELU", "FLASHMOE_ACT_GELU", "FLASHMOE_ACT_GELU_TANH", "FLASHMOE_ACT_SILU",
@@ -129,6 +131,10 @@ class HeaderLayoutTest(unittest.TestCase):
             lines.append(f'printf("init config.{field} %.17g\\n", (double)c.{field});')
         lines.append('printf("init weights.size %zu\\ninit weights.version %u\\ninit weights.layout %d\\n", '
                      "w.size, w.version, w.layout);")
+        lines.append("flashmoe_group_config_t g = FLASHMOE_GROUP_CONFIG_INIT;")
+        for field in ("size", "version", "world_size", "rank", "weights"):
+            lines.append(f'printf("init group.{field} %.17g\\n", (double)g.{field});')
+        lines.append('printf("init group.callbacks %d\\n", g.allgather == NULL && g.ctx == NULL);')
         lines.append("return 0; }")
         with tempfile.TemporaryDirectory() as tmp:
             src, exe = Path(tmp) / "layout.c", Path(tmp) / "layout"
@@ -143,7 +149,8 @@ class HeaderLayoutTest(unittest.TestCase):
 
     def test_struct_sizes_and_offsets(self):
         for cname, py in (("flashmoe_config_t", _lib.Config), ("flashmoe_weights_t", _lib.Weights),
-                          ("flashmoe_layer_info_t", _lib.LayerInfo)):
+                          ("flashmoe_layer_info_t", _lib.LayerInfo), ("flashmoe_group_config_t", _lib.GroupConfig),
+                          ("flashmoe_group_info_t", _lib.GroupInfo)):
             self.assertEqual(ctypes.sizeof(py), self.c_values[("sizeof", cname)], cname)
             for field, _ in py._fields_:
                 self.assertEqual(getattr(py, field).offset, self.c_values[("offsetof", f"{cname}.{field}")],
@@ -159,6 +166,12 @@ class HeaderLayoutTest(unittest.TestCase):
             self.assertAlmostEqual(float(getattr(c, field)), self.c_values[("init", f"config.{field}")], 6, field)
         for field in ("size", "version", "layout"):
             self.assertEqual(getattr(w, field), self.c_values[("init", f"weights.{field}")], field)
+        g = _lib.GroupConfig.init()
+        for field in ("size", "version", "world_size", "rank", "weights"):
+            self.assertEqual(getattr(g, field), self.c_values[("init", f"group.{field}")], field)
+        self.assertEqual(self.c_values[("init", "group.callbacks")], 1)
+        self.assertFalse(g.allgather)
+        self.assertIsNone(g.ctx)
 
 
 class ForwardTest(unittest.TestCase):

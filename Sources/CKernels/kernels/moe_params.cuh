@@ -37,6 +37,9 @@
 #ifndef FMOE_INJECT_FAULT
 #define FMOE_INJECT_FAULT 0
 #endif
+#ifndef FMOE_RET_STORAGE  // ranks: expert outputs travel back to the source as T (bf16/fp16), not FP32
+#define FMOE_RET_STORAGE 0
+#endif
 
 namespace fmoe {
 
@@ -57,6 +60,15 @@ constexpr int MMA = MMA_F16;
 #else
 typedef float T;
 [[maybe_unused]] constexpr int MMA = MMA_TF32;  // tf32 mode only; fp32 mode runs the exact FFMA engine
+#endif
+// The element of a source's return buffer: FP32, or (FMOE_RET_STORAGE, 16-bit layers) the storage type, which
+// halves the bytes sent back at the cost of one rounding of each expert row before the combine.
+#if FMOE_RET_STORAGE && FMOE_PREC >= 2
+#define FMOE_RET_T 1
+typedef T RetT;
+#else
+#define FMOE_RET_T 0
+typedef float RetT;
 #endif
 
 // The engines: exact FFMA in fp32 mode, otherwise tensor cores (wgmma on sm_90a, mma.sync elsewhere). The gate's
@@ -149,7 +161,7 @@ struct Peer {
     u64 *row_flags;       // [RANKS, E_LOCAL_MAX] (epoch << 32 | rows) from each source for each local expert
     int *all_counts;      // [RANKS, E] every rank's per-expert token counts (the all-gather)
     u64 *count_flags;     // [RANKS] epoch once a rank's counts are in all_counts
-    float *ret;           // [S·K, H] the source's return buffer: expert outputs of its (token, j) pairs
+    RetT *ret;            // [S·K, H] the source's return buffer: expert outputs of its (token, j) pairs
     int *pending;         // [S] contributions arrived, per token of the source
     int *target;          // [S] contributions expected
     u64 *list;            // [S] the source's combine list
@@ -251,6 +263,29 @@ FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
     *(uint2 *)dst = v;
 #else
     *(float4 *)dst = make_float4(a, b, c, d);
+#endif
+}
+
+// 4 consecutive return-buffer values as FP32 (RetT is FP32, or T for storage returns).
+FMOE_DEVICE float4 load_ret4(const RetT *src) {
+#if FMOE_RET_T
+    const uint2 v = *(const uint2 *)src;
+    RetT e[4];
+    e[0].bits = (unsigned short)(v.x & 0xFFFF); e[1].bits = (unsigned short)(v.x >> 16);
+    e[2].bits = (unsigned short)(v.y & 0xFFFF); e[3].bits = (unsigned short)(v.y >> 16);
+    return make_float4(Storage<RetT>::load(e[0]), Storage<RetT>::load(e[1]), Storage<RetT>::load(e[2]),
+                       Storage<RetT>::load(e[3]));
+#else
+    return *(const float4 *)src;
+#endif
+}
+
+// Stores 4 consecutive FP32 values into the return buffer as RetT.
+FMOE_DEVICE void store_ret4(RetT *dst, float4 v) {
+#if FMOE_RET_T
+    store4(dst, v.x, v.y, v.z, v.w);
+#else
+    *(float4 *)dst = v;
 #endif
 }
 

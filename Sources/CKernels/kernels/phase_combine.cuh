@@ -22,7 +22,7 @@ FMOE_DEVICE void combine_token(const Params &p, int t) {
         for (int j = 0; j < K; ++j) {
             if (rows[j] < 0) continue;
             // One GPU: the expert output row; ranks: the pair's row of the return buffer.
-            const float4 v = RANKS > 1 ? *(const float4 *)&p.peers[p.rank].ret[((size_t)t * K + j) * H + h]
+            const float4 v = RANKS > 1 ? load_ret4(&p.peers[p.rank].ret[((size_t)t * K + j) * H + h])
                                        : *(const float4 *)&p.ybuf[(size_t)rows[j] * H + h];
             acc.x = fmaf(w[j], v.x, acc.x); acc.y = fmaf(w[j], v.y, acc.y);
             acc.z = fmaf(w[j], v.z, acc.z); acc.w = fmaf(w[j], v.w, acc.w);

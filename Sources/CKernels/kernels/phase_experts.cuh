@@ -86,7 +86,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         if (RANKS > 1 && !shared) {
             // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
             const int o = p.peers[p.rank].row_origin[L.row_start[x] + row0 + r];
-            *(float4 *)&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col] = v;
+            store_ret4(&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col], v);
         } else {
             *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
         }

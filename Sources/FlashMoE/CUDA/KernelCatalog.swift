@@ -39,6 +39,28 @@ public enum KernelCatalog {
         [selfTest] + ((try? FusedSpecialization(config: config, arch: arch)).map { [$0.kernelSpec] } ?? [])
     }
 
+    /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that
+    /// single-GPU builds leave out): each 16-bit config as 4 ranks with FP32 and with storage returns
+    /// (`FusedOptions.storageReturns`), each other one as 4 ranks; configs with fewer than 4 experts are left out.
+    public static func expertParallel(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
+    ) -> [KernelSpec] {
+        var result: [KernelSpec] = []
+        for c in configs {
+            let variants = c.precision.storage.byteSize == 2 ? [false, true] : [false]
+            for storage in variants {
+                if let spec = try? FusedSpecialization(
+                    config: c, arch: arch, ranks: 4, returnStorage: storage
+                ).kernelSpec,
+                    !result.contains(spec)
+                {
+                    result.append(spec)
+                }
+            }
+        }
+        return result
+    }
+
     /// The union of the specializations of `configs` for `arch`, each once, in first-seen order.
     public static func specializations(
         for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch

@@ -81,7 +81,7 @@ public final class DistributedMoE: @unchecked Sendable {
         let spec = try FusedSpecialization(
             config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
             stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
-            phaseTimes: options.recordPhaseTimes)
+            phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns)
         specialization = spec
         let kernels = try p.devices.map {
             try FusedKernel(specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: $0)
@@ -175,7 +175,8 @@ public final class DistributedMoE: @unchecked Sendable {
             let gather = (placement.ranks - 1) * (c.experts * 4 + 8)
             return RankTraffic(
                 rank: r, remoteRows: remote, dispatchBytes: remote * c.hiddenSize * element,
-                returnBytes: remote * c.hiddenSize * 4, signalBytes: remoteExperts * 8 + gather + remote * 4)
+                returnBytes: remote * c.hiddenSize * specialization.returnElementBytes,
+                signalBytes: remoteExperts * 8 + gather + remote * 4)
         }
     }
 

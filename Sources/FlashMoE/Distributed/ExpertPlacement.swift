@@ -38,7 +38,8 @@ public struct RankTraffic: Sendable, Hashable {
     public let remoteRows: Int
     /// remoteRows × H × element size: the dispatch payload.
     public let dispatchBytes: Int
-    /// remoteRows × H × 4: the FP32 results written back into this rank's return buffer.
+    /// remoteRows × H × 4: the FP32 results written back into this rank's return buffer (× 2 with storage returns,
+    /// `FusedOptions.storageReturns`).
     public let returnBytes: Int
     /// Flags and counters: one 8-byte row flag per expert of another rank (empty ones included), the count
     /// all-gather (E counts of 4 bytes and an 8-byte flag to every other rank), and one 4-byte pending increment

@@ -28,20 +28,22 @@ enum RankParts {
         FusedParams.encodePeer(offsets.map { base + UInt64($0) } + [sync])
     }
 
-    /// A rank's `Params` (the epoch is the launch argument).
+    /// A rank's `Params` (the epoch is the launch argument). `io`: the caller's device memory for x, y and the
+    /// routing (a device forward); nil keeps them in the arena.
     static func params(
         workspace ws: FusedWorkspace, base: UInt64, weights: FusedDeviceWeights, sync: UInt64, errorRecord: UInt64,
-        peers: UInt64, tokens: Int, capacity: Int, rank: Int, gateSplit: Int, budget: Duration, injectFault: Bool = false
+        peers: UInt64, tokens: Int, capacity: Int, rank: Int, gateSplit: Int, budget: Duration, injectFault: Bool = false,
+        io: DeviceForward? = nil
     ) -> [UInt8] {
         let pointers = ws.pointers(
-            base: base, x: base + UInt64(ws.offset(.x)), weights: weights, control: sync, errorRecord: errorRecord,
-            peers: peers)
+            base: base, x: io?.input ?? base + UInt64(ws.offset(.x)), weights: weights, control: sync,
+            errorRecord: errorRecord, peers: peers, y: io?.output, ids: io?.topKIDs, routingWeights: io?.topKWeights)
         return FusedParams.encode(
             pointers: pointers,
             FusedParams.Scalars(
                 tokens: tokens, capacity: capacity, rank: rank, gateSplit: gateSplit, rowBlocks: ws.rowBlocks,
-                maxTokens: ws.maxTokens, partRows: ws.partTokens, injectFault: injectFault, epoch: 0,
-                budgetNanoseconds: FusedParams.nanoseconds(budget)))
+                maxTokens: ws.maxTokens, partRows: ws.partTokens, yStorage: io?.outputType == .storage,
+                injectFault: injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(budget)))
     }
 
     /// The per-expert capacity over `totalTokens` global tokens (Int32.max when dropless).
@@ -54,11 +56,29 @@ enum RankParts {
         _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, epoch: UInt64, cooperative: Bool,
         stream: CUDAStream
     ) throws {
+        try launch(
+            kernel, table: table, ranks: ranks, blocksPerRank: blocksPerRank, epoch: epoch, cooperative: cooperative,
+            stream: stream, streamHandle: stream.handle)
+    }
+
+    /// As above on a raw `CUstream` (a framework's; nil: the legacy default stream); cooperative only.
+    static func launch(
+        _ kernel: FusedKernel, table: UInt64, blocksPerRank: Int, epoch: UInt64, streamHandle: CUstream?
+    ) throws {
+        try launch(
+            kernel, table: table, ranks: 1, blocksPerRank: blocksPerRank, epoch: epoch, cooperative: true, stream: nil,
+            streamHandle: streamHandle)
+    }
+
+    private static func launch(
+        _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, epoch: UInt64, cooperative: Bool,
+        stream: CUDAStream?, streamHandle: CUstream?
+    ) throws {
         let arguments: [KernelArgument] = [.pointer(table), .int32(Int32(blocksPerRank)), .uint64(epoch)]
         let (grid, block) = (Dim3(blocksPerRank * ranks), Dim3(FusedKernel.threadsPerBlock))
         if cooperative {
             try kernel.function.launchCooperative(
-                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, stream: stream,
+                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, streamHandle: streamHandle,
                 arguments: arguments, gridSizedByCaller: true)
         } else {
             try kernel.function.launch(

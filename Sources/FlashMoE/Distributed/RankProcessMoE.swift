@@ -18,8 +18,11 @@ import Synchronization
 public final class RankProcessMoE: @unchecked Sendable {
     // @unchecked: immutable handles plus `state`, a Mutex.
 
-    /// The layer (all experts are described; this rank uploads its own).
-    public let layer: MoELayer
+    /// The layer's configuration.
+    public let config: MoEConfig
+    /// The layer, for a group made from host weights (all experts are described; this rank uploads its own); nil
+    /// for one made from device weights.
+    public let layer: MoELayer?
     /// How this process meets the others (a `Rendezvous`, or a framework's all-gather).
     public let rendezvous: any RankExchange
     /// Where each expert lives.
@@ -35,27 +38,46 @@ public final class RankProcessMoE: @unchecked Sendable {
     /// The GPU of this rank.
     public var device: CUDADevice { kernel.device }
 
-    private let specialization: FusedSpecialization
-    private let kernel: FusedKernel
-    private let stream: CUDAStream
-    private let weights: FusedDeviceWeights
-    private let workspace: FusedWorkspace
+    /// Device bytes of this rank's weights (its experts, the router and the shared expert).
+    public var weightBytes: Int { weights.byteCount }
+    /// Device bytes of this rank's arena (workspace, receive and return buffers, control block).
+    public var arenaBytes: Int { arena.byteCount }
+
+    let specialization: FusedSpecialization
+    let kernel: FusedKernel
+    let stream: CUDAStream
+    /// A non-blocking stream for reading the group's error record without waiting for the caller's work.
+    let probe: CUDAStream
+    let weights: FusedDeviceWeights
+    let workspace: FusedWorkspace
     /// The workspace, then (at `controlOffset`) this rank's `Sync` (256 bytes) and 256 bytes of error record (the
     /// group's, on rank 0): one allocation, so a peer maps one handle.
-    private let arena: DeviceBuffer<UInt8>
-    private var controlOffset: Int { workspace.byteCount }
-    private var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
-    private let table: DeviceBuffer<UInt8>
-    private let peers: DeviceBuffer<UInt8>
-    private let peerTable: IPCPeerTable
+    let arena: DeviceBuffer<UInt8>
+    var controlOffset: Int { workspace.byteCount }
+    var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
+    let table: DeviceBuffer<UInt8>
+    let peers: DeviceBuffer<UInt8>
+    let peerTable: IPCPeerTable
 
-    private struct State {
+    struct State {
+        /// The token counts, and (device forwards) the caller's pointers, the table was last written for.
         var tokens: [Int] = []
+        var pointers: [UInt64] = []
         var epoch: UInt64 = 0
         var failure: String?
         var closed = false
     }
-    private let state = Mutex(State())
+    let state = Mutex(State())
+
+    /// Where a rank's weights come from.
+    public enum Weights {
+        /// Host weights of every expert (this rank uploads its own).
+        case host(MoELayer)
+        /// Device weights on the rank's GPU, in a layout `WeightPointers` describes: the router (and selection bias,
+        /// shared expert) whole; the per-expert tensors of every expert (`allExperts`) or of this rank's experts
+        /// only. Copied into memory the rank owns at creation.
+        case device(WeightPointers, allExperts: Bool)
+    }
 
     /// Creates this process's rank of the group that `rendezvous` joined.
     ///
@@ -71,8 +93,20 @@ public final class RankProcessMoE: @unchecked Sendable {
     public static func create(
         rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions()
     ) throws -> RankProcessMoE {
+        try create(rendezvous: rendezvous, config: layer.config, weights: .host(layer), maxTokens: maxTokens,
+                   options: options)
+    }
+
+    /// Creates this process's rank from `weights` (host or device), as `create(rendezvous:layer:maxTokens:options:)`.
+    /// With device weights the group check hashes the router as read from the device, and a rank without a usable
+    /// driver makes every rank fail alike (`RendezvousError.noDriver`) after the config check.
+    public static func create(
+        rendezvous: any RankExchange, config: MoEConfig, weights: Weights, maxTokens: Int,
+        options: FusedOptions = FusedOptions()
+    ) throws -> RankProcessMoE {
         do {
-            return try RankProcessMoE(rendezvous: rendezvous, layer: layer, maxTokens: maxTokens, options: options)
+            return try RankProcessMoE(
+                rendezvous: rendezvous, config: config, weights: weights, maxTokens: maxTokens, options: options)
         } catch let error as RendezvousError {
             if case .aborted = error.kind {} else { rendezvous.abort(error.message) }
             throw error
@@ -82,33 +116,36 @@ public final class RankProcessMoE: @unchecked Sendable {
         }
     }
 
-    private init(rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions) throws {
+    private init(
+        rendezvous: any RankExchange, config: MoEConfig, weights source: Weights, maxTokens: Int, options: FusedOptions
+    ) throws {
         let world = rendezvous.worldSize, me = rendezvous.rank
         guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
-        _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)  // docs/nonfinite.md
-        guard layer.config.experts >= world else {
+        if case .host(let layer) = source {  // docs/nonfinite.md (device weights: checked as they are copied)
+            _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: config)
+        }
+        guard config.experts >= world else {
             throw RendezvousError(
                 .invalidWorld,
-                "\(world) ranks need at least \(world) experts to place, the layer has \(layer.config.experts): "
-                    + "use at most \(layer.config.experts) ranks")
+                "\(world) ranks need at least \(world) experts to place, the layer has \(config.experts): "
+                    + "use at most \(config.experts) ranks")
         }
-        self.layer = layer
+        self.config = config
+        if case .host(let layer) = source { self.layer = layer } else { layer = nil }
         self.rendezvous = rendezvous
         self.options = options
         self.maxTokens = maxTokens
-        let placement = try ExpertPlacement(experts: layer.config.experts, ranks: world)
+        let placement = try ExpertPlacement(experts: config.experts, ranks: world)
         self.placement = placement
         // Cheap checks first: a mismatched rank costs nobody a kernel compile.
-        let driver = try CUDADriver.shared.get()
-        var version: Int32 = 0
-        try driver.check(driver.driverGetVersion(&version), "cuDriverGetVersion")
-        _ = try RankGroupCheck(
-            layer: layer, driverVersion: Int(version), host: Rendezvous.hostName(), maxTokens: maxTokens
-        ).exchange(rendezvous)
+        _ = try RankGroupCheck.local(config: config, weights: source, maxTokens: maxTokens, options: options)
+            .exchange(rendezvous)
 
+        let target = try FusedDeviceTarget(ordinals: [options.deviceOrdinal])
         let spec = try FusedSpecialization(
-            config: layer.config, stages: options.stages, ranks: world, injectFault: options.injectFault ? 2 : 0,
-            phaseTimes: options.recordPhaseTimes)
+            config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
+            ranks: world, injectFault: options.injectFault ? 2 : 0, phaseTimes: options.recordPhaseTimes,
+            returnStorage: options.storageReturns)
         specialization = spec
         let k = try FusedKernel(
             specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)
@@ -121,8 +158,16 @@ public final class RankProcessMoE: @unchecked Sendable {
         guard blocksPerRank >= 1 else { throw MoEError(.unsupported, "a rank's GPU cannot hold one block of the kernel") }
 
         stream = try CUDAStream(device: k.device, nonBlocking: false)
-        weights = try FusedDeviceWeights(
-            layer: layer, experts: placement.experts(of: me), device: k.device, packRows: k.packRows)
+        probe = try CUDAStream(device: k.device, nonBlocking: true)
+        let mine = placement.experts(of: me)
+        switch source {
+        case .host(let layer):
+            weights = try FusedDeviceWeights(layer: layer, experts: mine, device: k.device, packRows: k.packRows)
+        case .device(let pointers, let all):
+            weights = try FusedDeviceWeights(
+                config: config, pointers: pointers, device: k.device, packRows: k.packRows, experts: mine,
+                pointersStart: all ? 0 : mine.lowerBound)
+        }
         workspace = RankParts.workspace(
             spec, placement: placement, rank: me, tokens: maxTokens, totalTokens: maxTokens * world,
             blocksPerRank: k.gridLimit, fixedSplit: options.gateSplit != nil)
@@ -135,6 +180,9 @@ public final class RankProcessMoE: @unchecked Sendable {
         table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
         peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
         try peers.upload(peerTable.peerTable)
+        // The last step of creation: a rank that failed after the mappings aborts here, so no rank leaves create
+        // believing in a group another rank has left.
+        try rendezvous.barrier("created")
     }
 
     /// The gate's K split for `totalTokens` global tokens (pass it to a single-rank `FusedMoE` for a bitwise
@@ -152,20 +200,20 @@ public final class RankProcessMoE: @unchecked Sendable {
     /// - Throws: `DistributedError` when a device wait expired (a peer died or stopped calling); the rank is then
     ///   unusable. `MoEError` for bad input, `RendezvousError` from the count all-gather.
     public func forward(_ x: HostTensor, tokensPerRank: [Int]? = nil) throws -> MoEOutput {
-        try layer.checkInput(x)
+        guard x.shape.count == 2, x.shape[1] == config.hiddenSize else {
+            throw MoEError(
+                .shapeMismatch, "the input must have shape [tokens, \(config.hiddenSize)] (H of the layer), got \(x.shape)")
+        }
         let s = x.shape[0]
         guard s <= maxTokens else {
             throw MoEError(.invalidInput, "rank \(rank) got \(s) tokens; this group was created for at most \(maxTokens)")
         }
         return try state.withLock { st in
-            if st.closed { throw MoEError(.invalidConfig, "rank \(rank) was closed") }
-            if let failure = st.failure {
-                throw MoEError(.invalidConfig, "rank \(rank) is unusable after an earlier failure (\(failure)): create the group again")
-            }
+            try checkUsable(st)
             let counts = try tokensPerRank ?? gatherCounts(s)
             try check(counts, own: s)
-            let c = layer.config
-            if counts != st.tokens {
+            let c = config
+            if counts != st.tokens || !st.pointers.isEmpty {
                 let total = counts.reduce(0, +)
                 try table.upload(RankParts.params(
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
@@ -173,6 +221,7 @@ public final class RankProcessMoE: @unchecked Sendable {
                     capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
                     gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
                 st.tokens = counts
+                st.pointers = []
             }
             if st.epoch >= options.epochWrap {  // before the upload: the wrap clears the arena past x
                 try wrapEpoch()
@@ -213,7 +262,11 @@ public final class RankProcessMoE: @unchecked Sendable {
             rendezvous.close()
         }
         guard !failed else { return }
-        try stream.synchronize()
+        try device.synchronize()  // the caller's streams too (device forwards)
+        // Every rank reads the same record (rank 0's): after a kernel error all of them skip the barriers.
+        let clean: Bool
+        do { clean = try readErrorRecord() == nil } catch { clean = false }
+        guard clean else { return }
         try rendezvous.barrier("close: every rank idle")
         peerTable.unmap()
         try rendezvous.barrier("close: every rank unmapped")
@@ -221,11 +274,18 @@ public final class RankProcessMoE: @unchecked Sendable {
 
     // MARK: - Machinery
 
-    private func gatherCounts(_ s: Int) throws -> [Int] {
+    func checkUsable(_ st: State) throws {
+        if st.closed { throw MoEError(.invalidConfig, "rank \(rank) was closed") }
+        if let failure = st.failure {
+            throw MoEError(.invalidConfig, "rank \(rank) is unusable after an earlier failure (\(failure)): create the group again")
+        }
+    }
+
+    func gatherCounts(_ s: Int) throws -> [Int] {
         try rendezvous.allGather("token counts", Array("\(s)".utf8)).map { Int(String(decoding: $0, as: UTF8.self)) ?? -1 }
     }
 
-    private func check(_ counts: [Int], own s: Int) throws {
+    func check(_ counts: [Int], own s: Int) throws {
         guard counts.count == placement.ranks else {
             throw MoEError(.invalidInput, "give one token count per rank: \(placement.ranks) ranks, \(counts.count) counts")
         }
@@ -235,14 +295,14 @@ public final class RankProcessMoE: @unchecked Sendable {
         if let (q, n) = counts.enumerated().first(where: { $0.element < 0 || $0.element > maxTokens }) {
             throw MoEError(.invalidInput, "rank \(q) has \(n) tokens; this group allows 0...\(maxTokens) per rank")
         }
-        guard counts.reduce(0, +) * layer.config.topK < 1 << 24 else {
+        guard counts.reduce(0, +) * config.topK < 1 << 24 else {
             throw MoEError(.unsupported, "the ranks' kernel addresses at most 2^24 (token, expert) pairs per rank")
         }
     }
 
     /// The flags carry a 32-bit epoch: before it would overflow, every rank stops, zeroes its counters and flags
     /// and starts again from 1, with barriers on both sides so no peer writes into memory being cleared.
-    private func wrapEpoch() throws {
+    func wrapEpoch() throws {
         try stream.synchronize()
         try rendezvous.barrier("epoch wrap: all idle")
         try arena.fill(byte: 0, at: controlOffset, count: 512)
@@ -252,12 +312,14 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     /// The group's error record (rank 0's, mapped here), or nil when no rank reported an error.
-    private func readErrorRecord() throws -> FusedKernelError? {
+    func readErrorRecord() throws -> FusedKernelError? {
         var bytes = [UInt8](repeating: 0, count: 40)
         try device.makeCurrent()
         let driver = device.driver, address = peerTable.errorRecordAddress
-        let result = bytes.withUnsafeMutableBytes { driver.memcpyDtoH($0.baseAddress!, address, 40, nil) }
-        try driver.check(result, "cuMemcpyDtoH_v2(error record of rank 0)")
+        // On the non-blocking probe stream: the read does not wait for launches still queued on other streams.
+        let result = bytes.withUnsafeMutableBytes { driver.memcpyDtoH($0.baseAddress!, address, 40, probe.handle) }
+        try driver.check(result, "cuMemcpyDtoHAsync_v2(error record of rank 0)")
+        try probe.synchronize()
         return FusedKernelError.decode(bytes)
     }
 }

@@ -14,10 +14,16 @@ public struct RankVerificationCase: Sendable, Hashable {
     public var launches: Int
     /// Launches after which the epoch wraps (`FusedOptions.epochWrap`); small values exercise the wrap.
     public var epochWrap: UInt64
+    /// Expert outputs travel back in the storage type (`FusedOptions.storageReturns`): y is then compared with
+    /// the same ranks returning FP32 (its error measured and held to the precision's tolerance) instead of bit
+    /// for bit with one rank; routing, drops and slots must still equal one rank's.
+    public var storageReturns: Bool
 
     public init(name: String, config: MoEConfig, tokensPerRank: [Int], seed: UInt64, forcedExpert: Int? = nil,
-                repeats: Int = 1, launches: Int = 1, epochWrap: UInt64 = UInt64(UInt32.max))
+                repeats: Int = 1, launches: Int = 1, epochWrap: UInt64 = UInt64(UInt32.max),
+                storageReturns: Bool = false)
     {
+        self.storageReturns = storageReturns
         self.name = name
         self.config = config
         self.tokensPerRank = tokensPerRank
@@ -42,6 +48,8 @@ public struct RankVerificationResult: Sendable {
     public let repeatsIdentical: Bool
     /// Per rank bytes moved.
     public let traffic: [RankTraffic]
+    /// Storage returns: ‖y − y_fp32 returns‖ / ‖y_fp32 returns‖ (nil otherwise).
+    public let storageReturnError: Double?
     public let failure: String?
 
     public var passed: Bool { failure == nil }
@@ -92,6 +100,11 @@ extension Verifier {
                                  tokensPerRank: [100, 80, 60, 60], seed: seed &+ 4, launches: 4),
             RankVerificationCase(name: "100 calls, 2 launches, wrap at 37", config: small, tokensPerRank: [90, 77],
                                  seed: seed &+ 6, repeats: 100, launches: 2, epochWrap: 37),
+            // Issue 13, item 5: bf16 returns halve the bytes sent back; their error against FP32 returns.
+            RankVerificationCase(name: "paper-e64 R=4, bf16 returns", config: paper, tokensPerRank: [120, 0, 129, 51],
+                                 seed: seed &+ 1, storageReturns: true),
+            RankVerificationCase(name: "sigmoid+shared R=4, bf16 returns, 2 launches", config: deepseekish,
+                                 tokensPerRank: [70, 64, 0, 123], seed: seed &+ 3, launches: 2, storageReturns: true),
             // Issue 12, defect 1: 4096 tokens over 8 ranks split the gate 4 ways (on a 132-SM GPU); one rank holds
             // 2100 of them, more than 128 per block of its own, so its partial logits must be sized globally.
             RankVerificationCase(name: "one rank 2100 of 4096 tokens, R=8", config: bigRank,
@@ -139,16 +152,27 @@ extension Verifier {
             parts.append(try x.slice(start..<start + n))
             start += n
         }
-        let dist = try DistributedMoE(
-            layer: layer, ranks: c.ranks, devices: devices,
-            options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, epochWrap: c.epochWrap))
+        var options = FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, epochWrap: c.epochWrap)
+        options.storageReturns = c.storageReturns
+        let dist = try DistributedMoE(layer: layer, ranks: c.ranks, devices: devices, options: options)
         let outs = try dist.forward(parts)
         let joined = try concatenate(outs, hidden: c.config.hiddenSize)
         let single = try FusedMoE(
             layer: layer,
             options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, gateSplit: dist.gateSplit(totalTokens: total)))
         let one = try single.forward(x)
-        let bitwise = sameBits(joined, one)
+        var bitwise = sameBits(joined, one)
+        var storageError: Double?
+        if c.storageReturns {
+            // The same ranks with FP32 returns give one rank's bits; storage returns must match their routing and
+            // stay within the precision's tolerance of their y.
+            options.storageReturns = false
+            let fp32 = try concatenate(
+                try DistributedMoE(layer: layer, ranks: c.ranks, devices: devices, options: options).forward(parts),
+                hidden: c.config.hiddenSize)
+            storageError = FlashMoE.relativeError(joined.output.floats(), fp32.output.floats())
+            bitwise = sameBits(fp32, one) && sameRouting(joined, one)
+        }
         var repeatsOK = true
         for _ in 1..<max(c.repeats, 1) where repeatsOK {
             repeatsOK = sameBits(try concatenate(try dist.forward(parts), hidden: c.config.hiddenSize), joined)
@@ -158,10 +182,13 @@ extension Verifier {
         let oracle = compare(whole, joined, again, reference, layer: layer, input: x, gpuMilliseconds: 0)
         var failure = oracle.failure
         if failure == nil && !bitwise { failure = "ranks differ from one rank in some bits" }
+        if failure == nil, let e = storageError, !(e <= c.config.precision.tolerance) {
+            failure = "storage returns are \(e) from FP32 returns, above the tolerance \(c.config.precision.tolerance)"
+        }
         if failure == nil && !repeatsOK { failure = "a repeated call gave different bits" }
         return RankVerificationResult(
             verificationCase: c, oracle: oracle, bitwiseEqualSingleRank: bitwise, repeatsIdentical: repeatsOK,
-            traffic: dist.traffic(of: outs), failure: failure)
+            traffic: dist.traffic(of: outs), storageReturnError: storageError, failure: failure)
     }
 
     /// The ranks' outputs as one output over the concatenated tokens.
@@ -183,9 +210,13 @@ extension Verifier {
             routing: Routing(tokens: s, topK: k, expertIDs: ids, weights: w, slots: slots, expertLoad: loads))
     }
 
-    static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool {
-        a.output.floats().elementsEqual(b.output.floats()) { $0.bitPattern == $1.bitPattern }
-            && a.routing.expertIDs == b.routing.expertIDs && a.routing.slots == b.routing.slots
+    /// Whether ids, weights and slots are the same bits (y aside).
+    static func sameRouting(_ a: MoEOutput, _ b: MoEOutput) -> Bool {
+        a.routing.expertIDs == b.routing.expertIDs && a.routing.slots == b.routing.slots
             && a.routing.weights.elementsEqual(b.routing.weights) { $0.bitPattern == $1.bitPattern }
+    }
+
+    static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool {
+        a.output.floats().elementsEqual(b.output.floats()) { $0.bitPattern == $1.bitPattern } && sameRouting(a, b)
     }
 }

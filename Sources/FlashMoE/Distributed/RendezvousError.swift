@@ -25,6 +25,10 @@ public struct RendezvousError: Error, Sendable, Hashable, CustomStringConvertibl
         case invalidWorld
         /// Another rank gave up and posted why.
         case aborted(by: Int)
+        /// These ranks have no usable CUDA driver (an expert-parallel group runs on GPUs only).
+        case noDriver(ranks: [Int])
+        /// The ranks called different collective steps (a framework's all-gather matches calls by order).
+        case outOfStep
     }
 
     /// What went wrong.

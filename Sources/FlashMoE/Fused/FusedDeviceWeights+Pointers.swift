@@ -95,18 +95,28 @@ extension FusedDeviceWeights {
     ///   `packRows` rows), as for host weights; nothing temporary, no host memory.
     /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
     ///   have landed) and after them (so the copies are done when this returns).
-    init(config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int) throws {
+    /// - `experts`: the routed experts to copy (a rank's share; all by default); `pointersStart`: the expert the
+    ///   per-expert tensors of `p` start at (0 when they hold every expert, `experts.lowerBound` when they hold
+    ///   only the share). The router and the shared expert are always copied whole.
+    init(
+        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int,
+        experts: Range<Int>? = nil, pointersStart: Int = 0
+    ) throws {
         let element = c.precision.storage.byteSize
-        let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
+        let (h, i) = (c.hiddenSize, c.intermediateSize)
+        let range = experts ?? 0..<c.experts
+        let (e, first) = (range.count, range.lowerBound - pointersStart)
         let gated = c.ffn == .gated
         let copier = DeviceCopier(device: device)
         try device.synchronize()
 
         let gateRow = c.sharedExpert?.gated == true ? p.sharedGate : nil
-        let router = try copier.buffer(bytes: (e + (gateRow == nil ? 0 : 1)) * h * element)
-        try copier.copy(to: router, at: 0, from: p.router, bytes: e * h * element, field: "router")
+        let routerRows = c.experts
+        let router = try copier.buffer(bytes: (routerRows + (gateRow == nil ? 0 : 1)) * h * element)
+        try copier.copy(to: router, at: 0, from: p.router, bytes: routerRows * h * element, field: "router")
         if let gateRow {
-            try copier.copy(to: router, at: e * h * element, from: gateRow, bytes: h * element, field: "shared_gate")
+            try copier.copy(
+                to: router, at: routerRows * h * element, from: gateRow, bytes: h * element, field: "shared_gate")
         }
         var sharedW1: DeviceBuffer<UInt8>?, sharedW2: DeviceBuffer<UInt8>?
         if let s = c.sharedExpert, let first = p.sharedFirstLayer, let down = p.sharedDown {
@@ -117,13 +127,16 @@ extension FusedDeviceWeights {
         }
         self.init(
             router: router,
-            selectionBias: try p.selectionBias.map { try copier.whole(from: $0, bytes: e * 4, field: "selection_bias") },
+            selectionBias: try p.selectionBias.map {
+                try copier.whole(from: $0, bytes: c.experts * 4, field: "selection_bias")
+            },
             w1: try copier.firstLayer(
                 p.firstLayer, gated: gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
-                names: .experts),
-            w2: try copier.whole(from: p.down, bytes: e * h * i * element, field: "down"),
-            b1: try p.b1.map { try copier.whole(from: $0, bytes: e * i * 4, field: "b1") },
-            b2: try p.b2.map { try copier.whole(from: $0, bytes: e * h * 4, field: "b2") }, sharedW1: sharedW1,
+                names: .experts, firstMatrix: first),
+            w2: try copier.whole(from: p.down + UInt64(first * h * i * element), bytes: e * h * i * element, field: "down"),
+            b1: try p.b1.map { try copier.whole(from: $0 + UInt64(first * i * 4), bytes: e * i * 4, field: "b1") },
+            b2: try p.b2.map { try copier.whole(from: $0 + UInt64(first * h * 4), bytes: e * h * 4, field: "b2") },
+            sharedW1: sharedW1,
             sharedW2: sharedW2)
         try device.synchronize()
         // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
@@ -157,10 +170,10 @@ private struct DeviceCopier {
 
     /// A first layer as the kernel reads it: plain W1 as is; gated, gate and up rows interleaved in blocks of
     /// `packRows` (see `FusedDeviceWeights.packGated`), the padding rows of a partial last block zero. `names`
-    /// gives the C fields, for error messages.
+    /// gives the C fields, for error messages; the copy starts at matrix `firstMatrix` of `layer`.
     func firstLayer(
         _ layer: WeightPointers.FirstLayer, gated: Bool, matrices: Int, rows: Int, rowBytes: Int, packRows: Int,
-        names: FieldNames
+        names: FieldNames, firstMatrix: Int = 0
     ) throws -> DeviceBuffer<UInt8> {
         let (gateName, upName) =
             switch layer {
@@ -168,7 +181,7 @@ private struct DeviceCopier {
             case .separate: (names.gate, names.up)
             }
         guard gated else {
-            let (start, _) = layer.rows(of: 0, gated: false, rows: rows, rowBytes: rowBytes)
+            let (start, _) = layer.rows(of: firstMatrix, gated: false, rows: rows, rowBytes: rowBytes)
             return try whole(from: start, bytes: matrices * rows * rowBytes, field: gateName)
         }
         let blocks = (rows + packRows - 1) / packRows
@@ -176,7 +189,7 @@ private struct DeviceCopier {
         let b = try buffer(bytes: matrices * packedMatrixBytes)
         try b.fill(byte: 0)
         for m in 0..<matrices {
-            let (gate, upRows) = layer.rows(of: m, gated: true, rows: rows, rowBytes: rowBytes)
+            let (gate, upRows) = layer.rows(of: firstMatrix + m, gated: true, rows: rows, rowBytes: rowBytes)
             guard let up = upRows else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
             for block in 0..<blocks {
                 let first = block * packRows, bytes = min(packRows, rows - first) * rowBytes

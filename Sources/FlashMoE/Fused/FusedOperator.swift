@@ -192,35 +192,9 @@ public final class FusedOperator: @unchecked Sendable {
 
     /// Checks a call's arguments against the operator; every failure names the argument and what it expects.
     func validate(_ call: DeviceForward) throws {
-        func bad(_ m: String) -> MoEError { MoEError(.invalidInput, m) }
-        let s = call.tokens
-        guard s >= 0 else { throw bad("tokens must be at least 0, not \(s)") }
-        if let maxTokens, s > maxTokens {
-            throw bad("tokens = \(s) exceeds the operator's maxTokens = \(maxTokens): create it with a larger maxTokens")
-        }
-        if call.injectFault && !options.injectFault {
-            throw bad("injectFault needs an operator built with FusedOptions(injectFault: true) (a test build)")
-        }
-        var context: CUcontext?
-        let found = device.driver.streamGetContext(call.stream, &context)
-        guard found == CUDA_SUCCESS else {
-            throw bad("stream is not a valid CUDA stream (cuStreamGetCtx: \(device.driver.errorName(found) ?? "\(found.rawValue)"))")
-        }
-        guard context == device.context else {
-            throw bad("stream belongs to another CUDA context than GPU \(device.properties.ordinal)'s primary context: "
-                + "pass a stream of that device")
-        }
-        guard s > 0 else { return }
-        guard call.input != 0 else { throw bad("input is a null pointer: pass x [\(s), \(config.hiddenSize)]") }
-        guard call.output != 0 else { throw bad("output is a null pointer: pass y [\(s), \(config.hiddenSize)]") }
-        guard call.input % 16 == 0 else { throw bad("input must be 16-byte aligned (address \(call.input))") }
-        guard call.output % 16 == 0 else { throw bad("output must be 16-byte aligned (address \(call.output))") }
-        for (name, p) in [("topKIDs", call.topKIDs), ("topKWeights", call.topKWeights)] {
-            if let p {
-                guard p != 0 else { throw bad("\(name) is a null pointer: pass nil to keep it in the workspace") }
-                guard p % 4 == 0 else { throw bad("\(name) must be 4-byte aligned (address \(p))") }
-            }
-        }
+        try call.check(
+            device: device, hiddenSize: config.hiddenSize, maxTokens: maxTokens, faultBuild: options.injectFault,
+            owner: "operator")
     }
 
     // MARK: - Machinery

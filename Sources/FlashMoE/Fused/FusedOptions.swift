@@ -30,6 +30,10 @@ public struct FusedOptions: Sendable, Hashable {
     /// Debug: after every device forward, wait for the stream and report a kernel error at once (instead of on
     /// the next call or `checkErrors`). The host-array forward always synchronises.
     public var synchronousErrors: Bool
+    /// Ranks of 16-bit layers: expert outputs travel back to the source in the storage type (bf16/fp16) instead
+    /// of FP32, halving the return bytes. y then differs from one rank's by one rounding of each expert row
+    /// (`flashmoe verify` measures it against FP32 returns); routing, drops and slots are unchanged.
+    public var storageReturns: Bool = false
     /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0
 

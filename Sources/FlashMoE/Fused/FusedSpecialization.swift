@@ -24,6 +24,13 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let stopAfterPhase: Int
     /// Timing builds: the kernel records %globaltimer at its phase boundaries (`FMOE_TIMING`); results unchanged.
     public let phaseTimes: Bool
+    /// Ranks, 16-bit layers: expert outputs travel back to the source in the storage type instead of FP32
+    /// (`FMOE_RET_STORAGE`), halving the return bytes; y then differs from one rank's by that rounding.
+    public let returnStorage: Bool
+
+    /// Bytes of one element of a source's return buffer.
+    public var returnElementBytes: Int { returnStorage ? config.precision.storage.byteSize : 4 }
+
     /// Tracing builds: every block records its phases and tasks into a buffer (`FMOE_TRACE`, `KernelTrace`).
     public let trace: Bool
 
@@ -43,7 +50,8 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// nil chooses the most that fit (at most `FusedSharedMemory.preferredStages`).
     public init(
         config: MoEConfig, arch: GPUArchitecture = defaultArch, sharedMemoryPerBlock: Int? = nil, stages: Int? = nil,
-        ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false
+        ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false,
+        returnStorage: Bool = false
     ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
@@ -67,6 +75,13 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard ranks <= config.experts else {
             throw fail("\(ranks) ranks need at least \(ranks) experts to place (got E = \(config.experts))")
         }
+        if returnStorage {
+            guard ranks > 1 else { throw fail("storage returns are for ranks (expert parallelism); one rank has none") }
+            guard config.precision.storage.byteSize == 2 else {
+                throw fail("storage returns need a 16-bit layer (bf16 or fp16); this one stores \(config.precision)")
+            }
+        }
+        self.returnStorage = returnStorage
         let limit: Int
         if let sharedMemoryPerBlock {
             limit = sharedMemoryPerBlock
@@ -119,6 +134,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         if injectFault != 0 { d["FMOE_INJECT_FAULT"] = "\(injectFault)" }
         if stopAfterPhase != 0 { d["FMOE_STOP_AFTER"] = "\(stopAfterPhase)" }
         if phaseTimes { d["FMOE_TIMING"] = "1" }
+        if returnStorage { d["FMOE_RET_STORAGE"] = "1" }
         if trace { d["FMOE_TRACE"] = "1" }
         return d
     }

@@ -74,7 +74,7 @@ struct FusedWorkspace: Sendable {
             case .rowFlags: multi ? ranks * eLocalMax * 8 : 0
             case .allCounts: multi ? ranks * e * 4 : 0
             case .countFlags: multi ? ranks * 8 : 0
-            case .ret: multi ? s * k * h * 4 : 0
+            case .ret: multi ? s * k * h * spec.returnElementBytes : 0
             case .tileDispatched: multi ? tiles * 8 : 0
             case .rowsSent: multi ? e * 4 : 0
             }

@@ -1,0 +1,235 @@
+"""flashmoe.distributed on a GPU host, one process per rank (run by scripts/gpu-dist-python under torchrun).
+
+Every rank builds the same layers and global tokens from fixed seeds, takes its share of the tokens (uneven on
+purpose), runs its MoEGroupLayer and compares its rows, bit for bit, with one flashmoe.MoELayer over all the
+tokens on its GPU (y, topk_ids, topk_weights), when the two use the same gate split (the K split of the router
+GEMM, which changes the logits' rounding; reported and then compared within the precision's tolerance otherwise).
+
+Cases: bf16 gated softmax from each rank's shard; fp32 plain FFN with biases from full weights and E not divisible
+by the ranks; float32 output; an empty rank; capacity drops by global token order; bf16 returns (same routing, y
+within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; a rank that stops
+calling (every rank gets FlashMoEKernelError "gave up waiting" within the wait budget + 30 s, then closes); a rank
+with another config (every rank gets FLASHMOE_ERROR_INVALID_ARGUMENT).
+
+Ranks may share one GPU (contexts time-slice; torch.distributed must then be gloo, as NCCL refuses two ranks on one
+GPU). Prints one line per check and "gpu_dist_check rank R: N passed, M failed"; exits 1 on any failure.
+
+    torchrun --nproc-per-node 2 python/tests/gpu_dist_check.py [--device 0] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import flashmoe  # noqa: E402
+from flashmoe import _lib  # noqa: E402
+from flashmoe import distributed as fd  # noqa: E402
+from flashmoe.config import MoEConfig  # noqa: E402
+
+TOLERANCE = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
+WAIT_BUDGET_MS = 20000  # time-sliced contexts wait for each other's slices
+
+
+class Checks:
+    def __init__(self, rank: int):
+        self.rank, self.passed, self.failed, self.rows = rank, 0, 0, []
+
+    def record(self, name: str, ok: bool, detail: str = "") -> None:
+        self.passed += ok
+        self.failed += not ok
+        self.rows.append({"name": name, "ok": bool(ok), "detail": detail})
+        print(f"rank {self.rank}: {'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+
+
+def make_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """The same random weights on every rank (CPU generator, then moved)."""
+    g = torch.Generator().manual_seed(seed)
+    h, i, e = config.hidden, config.intermediate, config.experts
+
+    def rand(*shape, scale=1.0, as_type=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(as_type).to(device).contiguous()
+
+    first = 2 * i if config.ffn == "gated" else i
+    w = {"router": rand(e, h, scale=h ** -0.5), "gate_up": rand(e, first, h, scale=h ** -0.5),
+         "down": rand(e, h, i, scale=i ** -0.5)}
+    if config.bias:
+        w["b1"] = rand(e, i, scale=0.1, as_type=torch.float32)
+        w["b2"] = rand(e, h, scale=0.1, as_type=torch.float32)
+    return w
+
+
+def split(total: int, world: int, empty_rank: int | None) -> list[int]:
+    """Uneven counts summing to total: rank r gets a share ∝ r + 1 (or none, for `empty_rank`)."""
+    shares = [0 if r == empty_rank else r + 1 for r in range(world)]
+    counts = [total * s // sum(shares) for s in shares]
+    counts[max(range(world), key=lambda r: shares[r])] += total - sum(counts)
+    return counts
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖y − ref‖ / ‖ref‖ in float32."""
+    ref = ref.float()
+    return float((y.float() - ref).norm() / max(float(ref.norm()), 1e-30))
+
+
+def gate_split(grid_blocks: int, tokens: int, config: MoEConfig) -> int:
+    """The single-rank operator's automatic gate split (FusedKernel.gateSplit)."""
+    tiles = max(1, math.ceil(tokens / 128))
+    gate_tiles = math.ceil((config.experts + (1 if config.shared_gated else 0)) / 128)
+    return max(1, min(4, grid_blocks // (tiles * gate_tiles)))
+
+
+def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, total: int, shard: bool, calls: int = 2,
+             empty_rank: int | None = None, seed: int = 1) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = make_weights(config, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    x_all = torch.randn(total, config.hidden, generator=g).to(dtype).to(device)
+    counts = split(total, world, empty_rank)
+    start = sum(counts[:rank])
+    x = x_all[start:start + counts[rank]].contiguous()
+    layer = fd.MoEGroupLayer(config, fd.shard_weights(config, weights) if shard else weights)
+    try:
+        outs = []
+        for c in range(calls):  # even calls pass the counts, odd calls all-gather them
+            outs.append(layer(x, tokens_per_rank=counts if c % 2 == 0 else None, return_routing=True))
+        layer.check(synchronize=True)
+        info = layer.info()
+        same = all(all(torch.equal(a, b) for a, b in zip(o, outs[0])) for o in outs[1:])
+        checks.record(f"{name}: {calls} calls bitwise equal", same)
+        single = flashmoe.MoELayer(config.replace(max_tokens=max(total, 1), wait_budget_ms=0, storage_returns=False),
+                                 weights)
+        y_ref, ids_ref, w_ref = single(x_all, return_routing=True)
+        torch.cuda.synchronize(device)
+        rows = slice(start, start + counts[rank])
+        y, ids, w = outs[0]
+        ref_split = gate_split(single.info()["grid_blocks"], total, config)
+        detail = (f"tokens {counts[rank]} of {total} (split {counts}), experts [{layer.experts.start}, "
+                  f"{layer.experts.stop}), gate split {info['gate_split']} (single {ref_split}), "
+                  f"weight_bytes {info['weight_bytes']}, workspace_bytes {info['workspace_bytes']}")
+        if config.storage_returns:
+            # Expert outputs came back in bf16: the routing is one rank's, y within the tolerance of it.
+            err = relative_error(y, y_ref[rows])
+            routing = torch.equal(ids, ids_ref[rows]) and torch.equal(w, w_ref[rows])
+            tol = TOLERANCE[config.precision]
+            checks.record(f"{name}: same routing, y within {tol} of the single-GPU op", routing and err < tol,
+                          f"{detail}, relative error {err:.3e} (bf16 returns)")
+        elif info["gate_split"] == ref_split:
+            ok = torch.equal(y, y_ref[rows]) and torch.equal(ids, ids_ref[rows]) and torch.equal(w, w_ref[rows])
+            checks.record(f"{name}: bitwise equal to the single-GPU op", ok, detail)
+        else:
+            err = relative_error(y, y_ref[rows])
+            tol = TOLERANCE[config.precision]
+            checks.record(f"{name}: within {tol} of the single-GPU op (gate splits differ)", err < tol,
+                          f"{detail}, relative error {err:.3e}")
+        single.close()
+    finally:
+        layer.close()
+
+
+def rank_stops_calling(checks: Checks, config: MoEConfig, device) -> None:
+    """The last rank skips the second step: every other rank's launch waits for its counts until the wait budget
+    ends, then every rank (the last one after a barrier) reads the typed error; the group is unusable, closed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = make_weights(config, torch.bfloat16, device, 1)
+    x = torch.randn(64, config.hidden, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(device)
+    counts = [64] * world
+    layer = fd.MoEGroupLayer(config, fd.shard_weights(config, weights))
+    try:
+        layer(x, tokens_per_rank=counts)
+        layer.check(synchronize=True)
+        if rank != world - 1:
+            layer(x, tokens_per_rank=counts)
+        started = time.monotonic()
+        if rank == world - 1:
+            dist.barrier()  # after the others have seen their launch fail
+        try:
+            layer.check(synchronize=True)
+            checks.record("a rank stops calling: typed error", False, "no error was reported")
+        except _lib.FlashMoEKernelError as e:
+            waited = time.monotonic() - started
+            checks.record("a rank stops calling: typed error", "gave up waiting" in e.message
+                          and waited < config.wait_budget_ms / 1000 + 30, f"after {waited:.1f} s: {e.message[:160]}")
+        if rank != world - 1:
+            dist.barrier()
+    finally:
+        layer.close()
+
+
+def config_mismatch(checks: Checks, device) -> None:
+    rank = dist.get_rank()
+    config = MoEConfig(hidden=256, intermediate=128, experts=4, top_k=2 if rank == 0 else 1, precision="bf16",
+                       max_tokens=64, wait_budget_ms=WAIT_BUDGET_MS)
+    try:
+        fd.MoEGroupLayer(config, make_weights(config, torch.bfloat16, device, 3)).close()
+        checks.record("another config on rank 1: refused", False, "the group was created")
+    except _lib.FlashMoEError as e:
+        checks.record("another config on rank 1: refused", e.status == _lib.ERROR_INVALID_ARGUMENT
+                      and "rank 1's layer differs" in e.message, e.message[:200])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", type=int, default=None, help="GPU of every rank (default: LOCAL_RANK mod GPUs)")
+    parser.add_argument("--json", type=Path, help="write the checks of rank 0 here")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    index = args.device if args.device is not None else fd.local_rank() % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
+    checks = Checks(rank)
+    base = dict(max_tokens=512, wait_budget_ms=WAIT_BUDGET_MS)
+    cases = [
+        ("bf16 gated softmax, shards", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=2, precision="bf16",
+                                                 **base), torch.bfloat16, dict(total=300, shard=True)),
+        ("fp32 plain relu + biases, full weights, E=5", MoEConfig(
+            hidden=512, intermediate=256, experts=5, top_k=2, ffn="plain", activation="relu", bias=True,
+            precision="fp32", **base), torch.float32, dict(total=257, shard=False)),
+        ("bf16, float32 output, an empty rank", MoEConfig(hidden=512, intermediate=256, experts=8, top_k=2,
+                                                          precision="bf16", output="float32", **base),
+         torch.bfloat16, dict(total=130, shard=True, empty_rank=0)),
+        ("bf16 capacity 1.0", MoEConfig(hidden=512, intermediate=256, experts=8, top_k=2, precision="bf16",
+                                        capacity_factor=1.0, **base), torch.bfloat16, dict(total=400, shard=True)),
+        ("bf16 returns", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=2, precision="bf16",
+                                   storage_returns=True, **base), torch.bfloat16, dict(total=300, shard=True)),
+        ("bf16 20 calls", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=4, precision="bf16", **base),
+         torch.bfloat16, dict(total=256, shard=True, calls=20)),
+    ]
+    for name, config, dtype, options in cases:
+        try:
+            run_case(checks, name, config, dtype=dtype, device=device, **options)
+        except Exception as e:  # noqa: BLE001 - a failed case is a failed check; the others still run
+            checks.record(name, False, f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+    try:
+        rank_stops_calling(checks, cases[0][1], device)
+    except Exception as e:  # noqa: BLE001
+        checks.record("a rank stops calling", False, f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    try:
+        config_mismatch(checks, device)
+    except Exception as e:  # noqa: BLE001
+        checks.record("another config on rank 1", False, f"{type(e).__name__}: {e}")
+    print(f"gpu_dist_check rank {rank}: {checks.passed} passed, {checks.failed} failed", flush=True)
+    if args.json and rank == 0:
+        args.json.write_text(json.dumps(checks.rows, indent=1))
+    dist.destroy_process_group()
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
