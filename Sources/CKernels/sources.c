@@ -49,6 +49,10 @@ static const char sched_launch_cuh[] = {
 #embed "kernels/sched_launch.cuh"
     , 0};
 
+static const char transport_nvshmem_cuh[] = {
+#embed "kernels/transport_nvshmem.cuh"
+    , 0};
+
 static const char moe_cu[] = {
 #embed "kernels/moe.cu"
     , 0};
@@ -73,6 +77,7 @@ static const struct {
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
+    {"transport_nvshmem.cuh", transport_nvshmem_cuh, sizeof(transport_nvshmem_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };

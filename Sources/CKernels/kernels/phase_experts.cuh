@@ -84,11 +84,23 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         if (RANKS > 1 && !shared) {
             // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
             const int o = p.peers[p.rank].row_origin[L.row_start[x] + row0 + r];
+#if FMOE_NVSHMEM
+            if (nv_remote(p.peers[p.rank].sync, o >> PAIR_BITS)) {
+                // A remote source: four single-float puts, completed below before the tile is counted done.
+                float *d = &p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col];
+                nvshmem_float_p(d, v.x, o >> PAIR_BITS); nvshmem_float_p(d + 1, v.y, o >> PAIR_BITS);
+                nvshmem_float_p(d + 2, v.z, o >> PAIR_BITS); nvshmem_float_p(d + 3, v.w, o >> PAIR_BITS);
+                continue;
+            }
+#endif
             *(float4 *)&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col] = v;
         } else {
             *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
         }
     }
+#if FMOE_NVSHMEM
+    if (RANKS > 1) nv_complete_puts();  // returns to remote sources delivered before this tile counts as done
+#endif
     __syncthreads();
 }
 
