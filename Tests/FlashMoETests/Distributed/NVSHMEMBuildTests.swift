@@ -3,6 +3,7 @@ import Synchronization
 import Testing
 
 @testable import FlashMoE
+@testable import FlashMoECLI
 
 /// nvJitLink standing in for the library: records every call and fails the one it is told to.
 final class FakeJitLink: JitLinkAPI, @unchecked Sendable {
@@ -242,5 +243,41 @@ struct NVSHMEMLinkTests {
         #expect(throws: JitLinkError.self) {
             _ = try builder.linker.link(options: ["-arch=sm_90a", "-lto"], inputs: [.file(.ltoir, path: lib)])
         }
+    }
+}
+
+@Suite struct NVSHMEMPeerTableTests {
+    static let offsets = [[0, 8, 16, 24, 32, 40, 48, 56, 64], [0, 16, 32, 48, 64, 80, 96, 112, 128], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
+
+    @Test func mappedPeersGetTheirMappingAndOthersTheSymmetricAddress() {
+        let arena: UInt64 = 0x7000_0000
+        let table = NVSHMEMPeerTable(me: 1, arena: arena, controls: [1000, 2000, 3000], offsets: Self.offsets) { _, pe in
+            pe == 0 ? 0xA000_0000 : nil  // PE 0 on this node, PE 2 on another
+        }
+        #expect(table.mapped == [true, true, false])
+        #expect(table.arenaBases == [0xA000_0000, arena, arena])
+        #expect(table.controlBases == [0xA000_0000 + 1000, arena + 2000, arena + 3000])
+        #expect(table.errorRecordAddress == 0xA000_0000 + 1000 + 256)  // rank 0's record, mapped
+        let bytes = table.peerTable
+        #expect(bytes.count == 3 * FusedParams.peerByteCount)
+        // PE 2's receive buffer: this PE's arena plus PE 2's offset (the symmetric address NVSHMEM calls take).
+        let recv2 = bytes[2 * 80..<2 * 80 + 8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+        #expect(recv2 == arena + 0)
+        let rowOrigin2 = bytes[2 * 80 + 8..<2 * 80 + 16].enumerated().reduce(UInt64(0)) {
+            $0 | UInt64($1.element) << (8 * $1.offset)
+        }
+        #expect(rowOrigin2 == arena + 1)
+    }
+
+    @Test func anUnmappedRankZeroLeavesEachRankItsOwnErrorRecord() {
+        let table = NVSHMEMPeerTable(me: 2, arena: 0x5000, controls: [10, 20, 30], offsets: Self.offsets) { _, _ in nil }
+        #expect(table.mapped == [false, false, true])
+        #expect(table.errorRecordAddress == 0x5000 + 30 + 256)
+    }
+
+    @Test func theCompileCommandTakesTheTransportAndChecksTheRankCount() throws {
+        var command = try FlashMoECommand.parseAsRoot(["compile", "--transport", "nvshmem", "--ranks", "1"])
+        #expect { try command.run() } throws: { "\($0)".contains("--ranks must be at least 2") }
+        #expect(throws: (any Error).self) { _ = try FlashMoECommand.parseAsRoot(["compile", "--transport", "nccl"]) }
     }
 }
