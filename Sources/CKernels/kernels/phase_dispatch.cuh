@@ -219,6 +219,9 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             expert[threadIdx.x] = e;
         }
         __syncthreads();
+#if FMOE_NVSHMEM
+        bool sent_remote = false;  // this thread issued puts to remote owners in this chunk
+#endif
         for (int k = warp; k < DISPATCH_CHUNK; k += THREADS / 32) {
             const int row = dest[k];
             if (row < 0) continue;
@@ -230,6 +233,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
                 const int q = owner_of(expert[k]);
                 nv_put_row_warp(o.recv + (size_t)row * H, p.x + (size_t)(pair / K) * H, (size_t)H * sizeof(T), q);
                 if (lane == 0) nvshmem_int_p(&o.row_origin[row], (p.rank << PAIR_BITS) | pair, q);
+                sent_remote = true;
                 continue;
             }
 #endif
@@ -237,7 +241,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             if (lane == 0) o.row_origin[row] = (p.rank << PAIR_BITS) | pair;
         }
 #if FMOE_NVSHMEM
-        nv_complete_puts();  // this thread's puts of the chunk are delivered before the chunk's rows are counted
+        if (sent_remote) nv_complete_puts();  // delivered before the chunk's rows are counted (and flagged)
 #endif
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += THREADS) {

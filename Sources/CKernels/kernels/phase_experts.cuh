@@ -72,6 +72,9 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;
+#if FMOE_NVSHMEM
+    bool sent_remote = false;  // this thread put returns to a remote source
+#endif
     for (int u = threadIdx.x; u < BM * EBN / 4; u += THREADS) {
         const int r = u / (EBN / 4), c4 = (u % (EBN / 4)) * 4;
         const int col = n * EBN + c4;
@@ -90,6 +93,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
                 float *d = &p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col];
                 nvshmem_float_p(d, v.x, o >> PAIR_BITS); nvshmem_float_p(d + 1, v.y, o >> PAIR_BITS);
                 nvshmem_float_p(d + 2, v.z, o >> PAIR_BITS); nvshmem_float_p(d + 3, v.w, o >> PAIR_BITS);
+                sent_remote = true;
                 continue;
             }
 #endif
@@ -99,7 +103,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         }
     }
 #if FMOE_NVSHMEM
-    if (RANKS > 1) nv_complete_puts();  // returns to remote sources delivered before this tile counts as done
+    if (sent_remote) nv_complete_puts();  // returns to remote sources delivered before this tile counts as done
 #endif
     __syncthreads();
 }
