@@ -65,6 +65,10 @@ static const char trace_cuh[] = {
 #embed "kernels/trace.cuh"
     , 0};
 
+static const char transport_nvshmem_cuh[] = {
+#embed "kernels/transport_nvshmem.cuh"
+    , 0};
+
 static const char moe_cu[] = {
 #embed "kernels/moe.cu"
     , 0};
@@ -93,6 +97,7 @@ static const struct {
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},
+    {"transport_nvshmem.cuh", transport_nvshmem_cuh, sizeof(transport_nvshmem_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
 };

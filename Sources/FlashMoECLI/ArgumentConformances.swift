@@ -6,3 +6,4 @@ import FlashMoE
 extension Precision: ExpressibleByArgument {}
 extension FFNKind: ExpressibleByArgument {}
 extension Activation: ExpressibleByArgument {}
+extension RankTransport: ExpressibleByArgument {}

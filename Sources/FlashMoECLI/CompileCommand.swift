@@ -26,6 +26,12 @@ struct CompileCommand: ParsableCommand {
     @Flag(help: "Also compile each preset as 4 expert-parallel ranks (bf16/fp16 also with storage returns).")
     var ranks = false
 
+    @Option(help: "ipc: the NVRTC cubins every operator loads. nvshmem: the ranks kernel with the NVSHMEM transport, compiled to LTO-IR and linked with NVSHMEM's device library by nvJitLink (docs/multinode.md).")
+    var transport: RankTransport = .ipc
+
+    @Option(help: "With --transport nvshmem: the rank count the ranks kernel is built for.")
+    var nvshmemRanks = 2
+
     func run() throws {
         let environment = ProcessEnvironment.current()
         let archs = try GPUArchitecture.parseList(arch)
@@ -44,6 +50,7 @@ struct CompileCommand: ParsableCommand {
                 return c
             }
         }
+        if transport == .nvshmem { return try runNVSHMEM(configs: configs, archs: archs, environment: environment) }
         let nvrtc = try NVRTC.shared.get()
         let compiler =
             noCache
@@ -72,17 +79,51 @@ struct CompileCommand: ParsableCommand {
     }
 }
 
+extension CompileCommand {
+    /// `--transport nvshmem`: every preset × precision's ranks kernel for `--nvshmem-ranks` ranks, built and linked.
+    func runNVSHMEM(configs: [MoEConfig], archs: [GPUArchitecture], environment: [String: String]) throws {
+        guard nvshmemRanks >= 2 else { throw CLIError(.invalidValue, "--nvshmem-ranks must be at least 2 (got \(nvshmemRanks))") }
+        var builder = try NVSHMEMKernelBuilder.fromEnvironment(environment)
+        if noCache {
+            builder = NVSHMEMKernelBuilder(compiler: builder.compiler, linker: builder.linker, kit: builder.kit, cache: nil)
+        }
+        print("NVSHMEM transport: \(builder.compiler.identity), \(builder.linker.api.identity); \(builder.kit)")
+        var specs: [KernelSpec] = []
+        for config in configs {
+            guard let spec = try? FusedSpecialization(config: config, ranks: nvshmemRanks).kernelSpec, !specs.contains(spec) else {
+                continue
+            }
+            specs.append(spec)
+        }
+        let sources = KernelSources.current(environment: environment)
+        let ok = CompileReport.run(specs: specs, archs: archs, print: { print($0) }) { spec, arch in
+            try builder.build(spec, arch: arch, sources: sources)
+        }
+        if !ok { throw ExitCode.failure }
+    }
+}
+
 /// Compiles specs × archs and prints one line per cubin and one per kernel; returns false if anything failed.
 enum CompileReport {
     static func run(
         specs: [KernelSpec], archs: [GPUArchitecture], compiler: KernelCompiler, sources: KernelSources,
         lineInfo: Bool, print: (String) -> Void
     ) -> Bool {
+        run(specs: specs, archs: archs, print: print) { spec, arch in
+            try compiler.compile(spec, arch: arch, sources: sources, lineInfo: lineInfo)
+        }
+    }
+
+    /// The same over any `build` (NVRTC's cubins, or the NVSHMEM link).
+    static func run(
+        specs: [KernelSpec], archs: [GPUArchitecture], print: (String) -> Void,
+        build: (KernelSpec, GPUArchitecture) throws -> CompiledKernel
+    ) -> Bool {
         var ok = true
         for spec in specs {
             for arch in archs {
-                do throws(CUDAError) {
-                    let kernel = try compiler.compile(spec, arch: arch, sources: sources, lineInfo: lineInfo)
+                do {
+                    let kernel = try build(spec, arch)
                     print("\(spec) \(arch): \(formatByteCount(kernel.cubin.count)) cubin, "
                         + "\(formatDecimal(kernel.time.milliseconds, 1)) ms, cache \(kernel.cache)"
                         + (kernel.cacheWriteFailure.map { " (not stored: \($0))" } ?? ""))

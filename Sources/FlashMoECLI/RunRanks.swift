@@ -25,6 +25,9 @@ struct RankProcessOptions: ParsableArguments {
     @Option(help: "Forward calls back to back (ranks: every rank must give the same); each must give the first one's bits.")
     var calls = 1
 
+    @Option(help: "Ranks: how peers' buffers are reached: ipc (CUDA IPC, one node) or nvshmem (NVSHMEM's symmetric heap; needs nvJitLink and the nvidia-nvshmem-cu13 wheel, see docs/multinode.md).")
+    var transport: RankTransport = .ipc
+
     @Flag(help: "Ranks: compare this rank's part with the single-rank operator on the same global tokens, bit for bit.")
     var verify = false
 
@@ -105,7 +108,8 @@ extension RunCommand {
         do {
             op = try progress.step("creating rank \(me)") {
                 try RankProcessMoE.create(
-                    rendezvous: rendezvous, layer: layer, maxTokens: max(split.max() ?? 1, 1), options: options)
+                    rendezvous: rendezvous, layer: layer, maxTokens: max(split.max() ?? 1, 1), options: options,
+                    transport: opts.transport)
             }
         } catch {
             rendezvous.close()
@@ -114,7 +118,8 @@ extension RunCommand {
         defer { try? op.close() }
         let experts = op.placement.experts(of: me)
         emit("tokens: [\(start), \(start + split[me])) of \(total) global tokens (split \(split)); experts "
-            + "[\(experts.lowerBound), \(experts.upperBound)) of \(config.experts); \(op.blocksPerRank) blocks")
+            + "[\(experts.lowerBound), \(experts.upperBound)) of \(config.experts); \(op.blocksPerRank) blocks; "
+            + "transport \(op.transport)")
         emit("ready: \(world) ranks joined")
         let clock = ContinuousClock()
         var times: [Double] = []

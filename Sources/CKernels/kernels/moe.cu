@@ -97,7 +97,14 @@ extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);
 // Params' size, then each field's byte offset in declaration order, written by fmoe_params_probe (NVRTC has no
 // constant offsetof): the host runs the probe once at load and compares its own encoding field by field
 // (FusedParams.checkLayout), so a field added on one side only is caught before any forward.
+#if FMOE_NVSHMEM
+// Relocatable (LTO) builds read `extern` as a declaration: a linkage block makes it the definition.
+extern "C" {
+__device__ int fmoe_params_layout[55];
+}
+#else
 extern "C" __device__ int fmoe_params_layout[55];
+#endif
 extern "C" __global__ void fmoe_params_probe() {
     Params q;
     const char *b = (const char *)&q;

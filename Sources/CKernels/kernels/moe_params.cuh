@@ -343,3 +343,5 @@ FMOE_DEVICE int find_segment(const int *table, int n, int v) {
 }
 
 }  // namespace fmoe
+
+#include "transport_nvshmem.cuh"  // FMOE_NVSHMEM builds: the NVSHMEM transport of the ranks protocol

@@ -58,6 +58,18 @@ FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int
         // Release this block's rows (and everything this CTA acquired) before counting. Ranks: the source may be
         // another GPU, so the fences and the atomics on its counters are system-scoped.
         constexpr bool SYS = RANKS > 1;
+#if FMOE_NVSHMEM
+        if (SYS && nv_remote(p.peers[p.rank].sync, q)) {
+            // A remote source: its counters through NVSHMEM atomics (the returns were completed by their writers
+            // before this row block was counted done).
+            fence_sys();
+            if (nvshmem_int_atomic_fetch_add(&pending[t], 1, q) + 1 == nvshmem_int_g(&target[t], q)) {
+                const int pos = nvshmem_int_atomic_fetch_add(&sync->list_tail, 1, q);
+                nv_set_flag(&list[pos], (p.epoch << 32) | (u64)t, q);
+            }
+            continue;
+        }
+#endif
         fence_at<SYS>();
         if ((SYS ? atom_add_sys_i32(&pending[t], 1) : atomicAdd(&pending[t], 1)) + 1 == target[t]) {
             fence_at<SYS>();  // acquire the other contributions, then publish

@@ -21,11 +21,22 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     }
     for (int i = threadIdx.x; i < RANKS * E; i += THREADS) {
         const int q = i / E, e = i % E;
+#if FMOE_NVSHMEM
+        if (nv_remote(p.peers[p.rank].sync, q)) continue;  // sent below as one put-with-signal
+#endif
         p.peers[q].all_counts[p.rank * E + e] = p.expert_load[e];
     }
     __threadfence_system();
     __syncthreads();
     if (threadIdx.x < RANKS) {
+#if FMOE_NVSHMEM
+        const int q = threadIdx.x;
+        if (nv_remote(p.peers[p.rank].sync, q)) {
+            nv_put_counts(&p.peers[q].all_counts[p.rank * E], p.expert_load, E, &p.peers[q].count_flags[p.rank],
+                          p.epoch, q);
+            return;
+        }
+#endif
         fence_sys();
         st_relaxed_sys_u64(&p.peers[threadIdx.x].count_flags[p.rank], p.epoch);
     }
@@ -102,6 +113,12 @@ FMOE_DEVICE void publish_rows(const Params &p, int e, int rows) {
     // Test builds: from the second launch on, the last rank never flags expert 0, so the owner still sees the
     // previous epoch's flag (with its row count) and must not take it for this one.
     if (p.inject_fault && p.rank == RANKS - 1 && e == 0 && p.epoch >= 2) return;
+#endif
+#if FMOE_NVSHMEM
+    if (nv_remote(p.peers[p.rank].sync, q)) {
+        nv_set_flag(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows, q);
+        return;
+    }
 #endif
     st_relaxed_sys_u64(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows);
 }
@@ -202,14 +219,30 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             expert[threadIdx.x] = e;
         }
         __syncthreads();
+#if FMOE_NVSHMEM
+        bool sent_remote = false;  // this thread issued puts to remote owners in this chunk
+#endif
         for (int k = warp; k < DISPATCH_CHUNK; k += THREADS / 32) {
             const int row = dest[k];
             if (row < 0) continue;
             const int pair = c * DISPATCH_CHUNK + k;
             const Peer &o = p.peers[owner_of(expert[k])];
+#if FMOE_NVSHMEM
+            if (nv_remote(p.peers[p.rank].sync, owner_of(expert[k]))) {
+                // A remote owner: the row and its origin as puts, completed below before the chunk is counted.
+                const int q = owner_of(expert[k]);
+                nv_put_row_warp(o.recv + (size_t)row * H, p.x + (size_t)(pair / K) * H, (size_t)H * sizeof(T), q);
+                if (lane == 0) nvshmem_int_p(&o.row_origin[row], (p.rank << PAIR_BITS) | pair, q);
+                sent_remote = true;
+                continue;
+            }
+#endif
             copy_row((uint4 *)(o.recv + (size_t)row * H), (const uint4 *)(p.x + (size_t)(pair / K) * H), lane);
             if (lane == 0) o.row_origin[row] = (p.rank << PAIR_BITS) | pair;
         }
+#if FMOE_NVSHMEM
+        if (sent_remote) nv_complete_puts();  // delivered before the chunk's rows are counted (and flagged)
+#endif
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += THREADS) {
             const int n = rows[e];
@@ -285,6 +318,13 @@ FMOE_DEVICE bool wait_peers_done(const Params &p) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
     __syncthreads();
+#if FMOE_NVSHMEM
+    if (threadIdx.x < RANKS && nv_remote(p.peers[p.rank].sync, threadIdx.x)) {
+        if (!nv_wait_remote_at_least(&p.peers[threadIdx.x].sync->done_epoch, threadIdx.x, p.epoch - 1, p.err,
+                                     p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
+            ok = 0;
+    } else
+#endif
     if (threadIdx.x < RANKS && !wait_at_least<true>(&p.peers[threadIdx.x].sync->done_epoch, p.epoch - 1, p.err,
                                                     p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
         ok = 0;

@@ -74,6 +74,9 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;
+#if FMOE_NVSHMEM
+    bool sent_remote = false;  // this thread put returns to a remote source
+#endif
     for (int u = threadIdx.x; u < BM * EBN / 4; u += THREADS) {
         const int r = u / (EBN / 4), c4 = (u % (EBN / 4)) * 4;
         const int col = n * EBN + c4;
@@ -86,11 +89,25 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         if (RANKS > 1 && !shared) {
             // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
             const int o = p.peers[p.rank].row_origin[L.row_start[x] + row0 + r];
+#if FMOE_NVSHMEM
+            static_assert(!FMOE_RET_STORAGE, "the NVSHMEM transport returns FP32 rows only (no storage returns)");
+            if (nv_remote(p.peers[p.rank].sync, o >> PAIR_BITS)) {
+                // A remote source: four single-float puts, completed below before the tile is counted done.
+                float *d = &p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col];
+                nvshmem_float_p(d, v.x, o >> PAIR_BITS); nvshmem_float_p(d + 1, v.y, o >> PAIR_BITS);
+                nvshmem_float_p(d + 2, v.z, o >> PAIR_BITS); nvshmem_float_p(d + 3, v.w, o >> PAIR_BITS);
+                sent_remote = true;
+                continue;
+            }
+#endif
             store_ret4(&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col], v);
         } else {
             *(float4 *)&out[(size_t)(row0 + r) * H + col] = v;
         }
     }
+#if FMOE_NVSHMEM
+    if (sent_remote) nv_complete_puts();  // returns to remote sources delivered before this tile counts as done
+#endif
     __syncthreads();
 }
 

@@ -19,6 +19,8 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
     public let count: Int
     /// The device address of element 0 (0 for an empty buffer, which allocates nothing).
     public let address: CUdeviceptr
+    /// Whether `deinit` frees the memory (false for a borrowed view).
+    private let owned: Bool
 
     /// Bytes the buffer spans.
     public var byteCount: Int { count * MemoryLayout<Element>.stride }
@@ -36,6 +38,16 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
         self.device = device
         self.count = count
         self.address = address
+        owned = true
+    }
+
+    /// A view of `count` elements at `address` that someone else allocated (e.g. NVSHMEM's symmetric heap) and
+    /// frees: this object never frees it.
+    public init(device: CUDADevice, borrowing address: CUdeviceptr, count: Int) {
+        self.device = device
+        self.count = count
+        self.address = address
+        owned = false
     }
 
     /// Allocates a buffer and uploads `values` into it.
@@ -45,7 +57,7 @@ public final class DeviceBuffer<Element: BitwiseCopyable>: @unchecked Sendable {
     }
 
     deinit {
-        guard address != 0 else { return }
+        guard owned, address != 0 else { return }
         _ = try? device.makeCurrent()
         _ = device.driver.memFree(address)
     }

@@ -37,6 +37,27 @@ struct DynamicLibrary: @unchecked Sendable {  // the handle is immutable; dlsym 
         return (nil, attempts)
     }
 
+    /// Opens `candidates` in order and returns the first that `make` accepts (it gets the failures before it);
+    /// nil and every failure when none does.
+    static func loadFirst<T>(
+        _ candidates: [String], _ make: (DynamicLibrary, [LibraryAttempt]) throws(CUDAError) -> T
+    ) -> (value: T?, attempts: [LibraryAttempt]) {
+        var attempts: [LibraryAttempt] = []
+        for candidate in candidates {
+            switch open(candidate) {
+            case .failure(let attempt):
+                attempts.append(attempt)
+            case .success(let library):
+                do throws(CUDAError) {
+                    return (try make(library, attempts), attempts)
+                } catch {
+                    attempts.append(LibraryAttempt(place: candidate, failure: error.description))
+                }
+            }
+        }
+        return (nil, attempts)
+    }
+
     /// The address of `symbol`, or nil.
     func address(of symbol: String) -> UnsafeMutableRawPointer? { dlsym(handle, symbol) }
 

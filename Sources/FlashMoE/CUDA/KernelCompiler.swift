@@ -139,25 +139,38 @@ public struct KernelCompiler: Sendable {
 
     /// Compiles `request`, or loads its cubin from the cache.
     public func compile(_ request: CompileRequest) throws(CUDAError) -> CompiledKernel {
+        try Self.cached(
+            request, key: request.cacheKey(compilerIdentity: backend.identity), cache: cache,
+            disabledReason: cacheDisabledReason
+        ) { () throws(CUDAError) in
+            try backend.compile(
+                source: request.source, name: request.name, headers: request.headers, options: request.options)
+        }
+    }
+
+    /// The cubin under `key` in `cache` when a verified entry is there; otherwise `build`'s, stored under `key`.
+    /// Shared by every build that produces cubins (NVRTC's, and the NVSHMEM link).
+    static func cached<E: Error>(
+        _ request: CompileRequest, key: [UInt8], cache: CubinCache?, disabledReason: String,
+        build: () throws(E) -> (cubin: [UInt8], log: String)
+    ) throws(E) -> CompiledKernel {
         let clock = ContinuousClock()
         let start = clock.now
-        let key = request.cacheKey(compilerIdentity: backend.identity)
-        var outcome: CacheOutcome = .disabled(cacheDisabledReason)
+        var outcome: CacheOutcome = .disabled(disabledReason)
         if let cache {
             switch cache.load(key: key) {
             case .hit(let cubin, let log):
-                return result(request, cubin, log, .hit, nil, clock.now - start, key)
+                return compiled(request, cubin, log, .hit, nil, clock.now - start, key)
             case .absent: outcome = .miss
             case .corrupt(let why): outcome = .replacedCorrupt(why)
             }
         }
-        let (cubin, log) = try backend.compile(
-            source: request.source, name: request.name, headers: request.headers, options: request.options)
+        let (cubin, log) = try build()
         var writeFailure: String?
         if let cache, case .failure(let error) = cache.store(key: key, cubin: cubin, log: log) {
             writeFailure = error.description
         }
-        return result(request, cubin, log, outcome, writeFailure, clock.now - start, key)
+        return compiled(request, cubin, log, outcome, writeFailure, clock.now - start, key)
     }
 
     /// Compiles one catalog entry for `arch`, with every other kernel file as a header.
@@ -174,7 +187,7 @@ public struct KernelCompiler: Sendable {
                 lineInfo: lineInfo))
     }
 
-    private func result(
+    private static func compiled(
         _ request: CompileRequest, _ cubin: [UInt8], _ log: String, _ outcome: CacheOutcome, _ writeFailure: String?,
         _ time: Duration, _ key: [UInt8]
     ) -> CompiledKernel {

@@ -46,19 +46,10 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
 
     /// Searches the places `NVRTCLocator` lists for `environment` and loads the first NVRTC that works.
     public static func load(environment: [String: String]) throws(CUDAError) -> NVRTC {
-        var attempts: [LibraryAttempt] = []
-        for candidate in NVRTCLocator.candidates(environment: environment) {
-            switch DynamicLibrary.open(candidate) {
-            case .failure(let attempt):
-                attempts.append(attempt)
-            case .success(let library):
-                do throws(CUDAError) {
-                    return try NVRTC(library, attempts: attempts)
-                } catch {
-                    attempts.append(LibraryAttempt(place: candidate, failure: error.description))
-                }
-            }
+        let (found, attempts) = DynamicLibrary.loadFirst(NVRTCLocator.candidates(environment: environment)) {
+            (library, earlier) throws(CUDAError) in try NVRTC(library, attempts: earlier)
         }
+        if let found { return found }
         let variable = NVRTCLocator.overrideVariable
         let hint =
             environment[variable].flatMap { $0.isEmpty ? nil : "\(variable)=\($0) is set, so only it was tried" }
@@ -101,6 +92,50 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
     public func compile(source: String, name: String, headers: [String: String], options: [String])
         throws(CUDAError) -> (cubin: [UInt8], log: String)
     {
+        try withProgram(source: source, name: name, headers: headers, options: options) {
+            (program, log) throws(CUDAError) in
+            var size = 0
+            try check(fn.nvrtcGetCUBINSize(program, &size), "nvrtcGetCUBINSize", log: log)
+            guard size > 0 else {
+                throw .nvrtc(
+                    call: "nvrtcGetCUBIN", code: 0, name: "empty cubin", log: log,
+                    hint: "pass a real architecture (--gpu-architecture=sm_XX), not a virtual compute_XX one")
+            }
+            var cubin = [UInt8](repeating: 0, count: size)
+            let got = cubin.withUnsafeMutableBytes {
+                fn.nvrtcGetCUBIN(program, $0.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            try check(got, "nvrtcGetCUBIN", log: log)
+            return (cubin, log)
+        }
+    }
+
+    /// Compiles `source` to LTO-IR for nvJitLink (`options` must hold `-dlto`): `nvrtcGetLTOIR` after the compile.
+    public func compileToLTOIR(source: String, name: String, headers: [String: String], options: [String])
+        throws(CUDAError) -> (ltoir: [UInt8], log: String)
+    {
+        guard let getSize = fn.nvrtcGetLTOIRSize, let get = fn.nvrtcGetLTOIR else {
+            throw .missingSymbol(library: "NVRTC (\(path))", symbol: "nvrtcGetLTOIR (NVRTC 12.0 or newer)")
+        }
+        return try withProgram(source: source, name: name, headers: headers, options: options) {
+            (program, log) throws(CUDAError) in
+            var size = 0
+            try check(getSize(program, &size), "nvrtcGetLTOIRSize", log: log)
+            guard size > 0 else {
+                throw .nvrtc(call: "nvrtcGetLTOIR", code: 0, name: "empty LTO-IR", log: log, hint: "pass -dlto")
+            }
+            var ir = [UInt8](repeating: 0, count: size)
+            let got = ir.withUnsafeMutableBytes { get(program, $0.baseAddress!) }
+            try check(got, "nvrtcGetLTOIR", log: log)
+            return (ir, log)
+        }
+    }
+
+    /// Creates and compiles a program, hands it and its log to `extract`, and destroys it on every path.
+    private func withProgram<R>(
+        source: String, name: String, headers: [String: String], options: [String],
+        _ extract: (nvrtcProgram, String) throws(CUDAError) -> R
+    ) throws(CUDAError) -> R {
         let headerNames = headers.keys.sorted()
         var program: nvrtcProgram?
         let created = withCStrings(headerNames.map { headers[$0]! }) { texts in
@@ -121,18 +156,7 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
             throw .compileFailed(program: name, arch: arch.map(String.init) ?? "?", log: log)
         }
         try check(compiled, "nvrtcCompileProgram", log: log)
-
-        var size = 0
-        try check(fn.nvrtcGetCUBINSize(program, &size), "nvrtcGetCUBINSize", log: log)
-        guard size > 0 else {
-            throw .nvrtc(
-                call: "nvrtcGetCUBIN", code: 0, name: "empty cubin", log: log,
-                hint: "pass a real architecture (--gpu-architecture=sm_XX), not a virtual compute_XX one")
-        }
-        var cubin = [UInt8](repeating: 0, count: size)
-        let got = cubin.withUnsafeMutableBytes { fn.nvrtcGetCUBIN(program, $0.baseAddress!.assumingMemoryBound(to: CChar.self)) }
-        try check(got, "nvrtcGetCUBIN", log: log)
-        return (cubin, log)
+        return try extract(program, log)
     }
 
     private func programLog(_ program: nvrtcProgram) -> String {
@@ -160,7 +184,7 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
 }
 
 /// Calls `body` with a C array of C strings that lives for the call.
-private func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
+func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
     let copies = strings.map { strdup($0) }
     defer { copies.forEach { free($0) } }
     let pointers = copies.map { UnsafePointer($0) }
@@ -180,6 +204,9 @@ private struct Functions {
     let nvrtcGetProgramLog: PFN_nvrtcGetProgramLog
     let nvrtcGetCUBINSize: PFN_nvrtcGetCUBINSize
     let nvrtcGetCUBIN: PFN_nvrtcGetCUBIN
+    /// LTO-IR output (NVRTC 12.0+); nil in an older NVRTC, which then cannot build for nvJitLink.
+    let nvrtcGetLTOIRSize: (@convention(c) (nvrtcProgram?, UnsafeMutablePointer<Int>?) -> nvrtcResult)?
+    let nvrtcGetLTOIR: (@convention(c) (nvrtcProgram?, UnsafeMutableRawPointer?) -> nvrtcResult)?
 
     init(_ library: DynamicLibrary, _ name: String) throws(CUDAError) {
         func f<T>(_ symbol: String, _ type: T.Type) throws(CUDAError) -> T {
@@ -196,5 +223,7 @@ private struct Functions {
         nvrtcGetProgramLog = try f("nvrtcGetProgramLog", PFN_nvrtcGetProgramLog.self)
         nvrtcGetCUBINSize = try f("nvrtcGetCUBINSize", PFN_nvrtcGetCUBINSize.self)
         nvrtcGetCUBIN = try f("nvrtcGetCUBIN", PFN_nvrtcGetCUBIN.self)
+        nvrtcGetLTOIRSize = try? f("nvrtcGetLTOIRSize", (@convention(c) (nvrtcProgram?, UnsafeMutablePointer<Int>?) -> nvrtcResult).self)
+        nvrtcGetLTOIR = try? f("nvrtcGetLTOIR", (@convention(c) (nvrtcProgram?, UnsafeMutableRawPointer?) -> nvrtcResult).self)
     }
 }

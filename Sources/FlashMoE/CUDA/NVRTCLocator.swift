@@ -29,6 +29,11 @@ public enum NVRTCLocator {
             patterns.append("\(site)/nvidia/cu13/lib/libnvrtc.so.13")
             patterns.append("\(site)/nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
         }
+        return expand(patterns, glob: glob)
+    }
+
+    /// `patterns` with every glob expanded (newest first), each path once; a glob that matched nothing stays.
+    static func expand(_ patterns: [String], glob: (String) -> [String]) -> [String] {
         var result: [String] = []
         for pattern in patterns {
             let expanded = pattern.contains("*") ? glob(pattern).sorted(by: >) : [pattern]
@@ -41,9 +46,14 @@ public enum NVRTCLocator {
 
     /// The places `FLASHMOE_NVRTC` names: the file itself, or the sonames inside a folder.
     static func explicitCandidates(_ value: String) -> [String] {
+        explicitCandidates(value, prefix: "libnvrtc", sonames: sonames)
+    }
+
+    /// The places an override names: the file itself (its name starts with `prefix`), or `sonames` in a folder.
+    static func explicitCandidates(_ value: String, prefix: String, sonames: [String]) -> [String] {
         let path = value.hasSuffix("/") ? String(value.dropLast()) : value
         let last = path.split(separator: "/").last.map(String.init) ?? path
-        if last.hasPrefix("libnvrtc") && last.contains(".so") { return [path] }
+        if last.hasPrefix(prefix) && last.contains(".so") { return [path] }
         return sonames.map { "\(path)/\($0)" }
     }
 

@@ -45,7 +45,7 @@ extension RankProcessMoE {
                 let total = counts.reduce(0, +)
                 let bytes = RankParts.params(
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
-                    errorRecord: peerTable.errorRecordAddress, peers: peers.address, tokens: s,
+                    errorRecord: memory.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(config, totalTokens: total), rank: rank,
                     gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, io: io)
                 let driver = device.driver, address = table.address

@@ -13,6 +13,10 @@ import Synchronization
 /// flags, so every process calls `forward` once per step with its own tokens. With the same global tokens the
 /// outputs are bitwise those of a single-rank `FusedMoE` given `gateSplit(totalTokens:)`.
 ///
+/// The transport (`RankTransport`) says how peers' buffers are reached: CUDA IPC (one node), or NVSHMEM's symmetric
+/// heap (`NVSHMEMPeerTable`: mapped peers keep the plain stores, others get NVSHMEM puts and atomics from the
+/// kernel built by `NVSHMEMKernelBuilder`).
+///
 /// After a kernel error (a peer died or stopped calling), this rank is unusable: the shared error record and the
 /// flags are mid-protocol on every rank, so the group must be created again.
 public final class RankProcessMoE: @unchecked Sendable {
@@ -33,6 +37,8 @@ public final class RankProcessMoE: @unchecked Sendable {
     public let maxTokens: Int
     /// Blocks of this rank's launch (the smallest cooperative grid among the ranks, so all ranks split alike).
     public let blocksPerRank: Int
+    /// How peers' buffers are reached.
+    public let transport: RankTransport
     /// This rank.
     public var rank: Int { rendezvous.rank }
     /// The GPU of this rank.
@@ -57,7 +63,22 @@ public final class RankProcessMoE: @unchecked Sendable {
     var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
     let table: DeviceBuffer<UInt8>
     let peers: DeviceBuffer<UInt8>
-    let peerTable: IPCPeerTable
+    let memory: Memory
+
+    /// Where the peers' buffers come from.
+    enum Memory {
+        /// CUDA IPC mappings.
+        case ipc(IPCPeerTable)
+        /// NVSHMEM: the library, the table, and the symmetric arena (freed at `close`).
+        case nvshmem(NVSHMEMLibrary, NVSHMEMPeerTable, UInt64)
+
+        var errorRecordAddress: UInt64 {
+            switch self {
+            case .ipc(let table): table.errorRecordAddress
+            case .nvshmem(_, let table, _): table.errorRecordAddress
+            }
+        }
+    }
 
     struct State {
         /// The token counts, and (device forwards) the caller's pointers, the table was last written for.
@@ -87,14 +108,17 @@ public final class RankProcessMoE: @unchecked Sendable {
     ///   - options: `deviceOrdinal` is this rank's GPU; `waitBudget` bounds every device wait (raise it when
     ///     processes share a GPU); `injectFault` builds the test kernel in which, from the second call on, the last
     ///     rank never flags its rows for expert 0.
+    ///   - transport: `.ipc` (CUDA IPC, one node) or `.nvshmem` (NVSHMEM bootstrapped through `rendezvous`; one
+    ///     NVSHMEM group per process, finalized by `close`).
     /// - Throws: `RendezvousError` (a rank out of range, duplicate, missing, another world size, layer, driver or
     ///   node, E < ranks), `PeerMappingError`, `MoEError`, `CUDAError`. When this rank fails before the others
     ///   know, it posts why, so they fail with its reason instead of waiting out the rendezvous timeout.
     public static func create(
-        rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions()
+        rendezvous: any RankExchange, layer: MoELayer, maxTokens: Int, options: FusedOptions = FusedOptions(),
+        transport: RankTransport = .ipc
     ) throws -> RankProcessMoE {
         try create(rendezvous: rendezvous, config: layer.config, weights: .host(layer), maxTokens: maxTokens,
-                   options: options)
+                   options: options, transport: transport)
     }
 
     /// Creates this process's rank from `weights` (host or device), as `create(rendezvous:layer:maxTokens:options:)`.
@@ -102,11 +126,12 @@ public final class RankProcessMoE: @unchecked Sendable {
     /// driver makes every rank fail alike (`RendezvousError.noDriver`) after the config check.
     public static func create(
         rendezvous: any RankExchange, config: MoEConfig, weights: Weights, maxTokens: Int,
-        options: FusedOptions = FusedOptions()
+        options: FusedOptions = FusedOptions(), transport: RankTransport = .ipc
     ) throws -> RankProcessMoE {
         do {
             return try RankProcessMoE(
-                rendezvous: rendezvous, config: config, weights: weights, maxTokens: maxTokens, options: options)
+                rendezvous: rendezvous, config: config, weights: weights, maxTokens: maxTokens, options: options,
+                transport: transport)
         } catch let error as RendezvousError {
             if case .aborted = error.kind {} else { rendezvous.abort(error.message) }
             throw error
@@ -117,7 +142,8 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     private init(
-        rendezvous: any RankExchange, config: MoEConfig, weights source: Weights, maxTokens: Int, options: FusedOptions
+        rendezvous: any RankExchange, config: MoEConfig, weights source: Weights, maxTokens: Int, options: FusedOptions,
+        transport: RankTransport
     ) throws {
         let world = rendezvous.worldSize, me = rendezvous.rank
         guard maxTokens >= 1 else { throw MoEError(.invalidConfig, "maxTokens must be at least 1 (got \(maxTokens))") }
@@ -135,6 +161,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         self.rendezvous = rendezvous
         self.options = options
         self.maxTokens = maxTokens
+        self.transport = transport
         let placement = try ExpertPlacement(experts: config.experts, ranks: world)
         self.placement = placement
         // Cheap checks first: a mismatched rank costs nobody a kernel compile.
@@ -147,8 +174,21 @@ public final class RankProcessMoE: @unchecked Sendable {
             ranks: world, injectFault: options.injectFault ? 2 : 0, phaseTimes: options.recordPhaseTimes,
             returnStorage: options.storageReturns)
         specialization = spec
-        let k = try FusedKernel(
-            specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)
+        let shmem: NVSHMEMLibrary?
+        let k: FusedKernel
+        switch transport {
+        case .ipc:
+            shmem = nil
+            k = try FusedKernel(
+                specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: options.deviceOrdinal)
+        case .nvshmem:
+            guard !options.storageReturns else {
+                throw MoEError(.unsupported, "the NVSHMEM transport returns FP32 rows only: drop storageReturns")
+            }
+            let (library, built) = try Self.nvshmemKernel(
+                spec, rendezvous: rendezvous, driver: try CUDADriver.shared.get(), options: options)
+            (shmem, k) = (library, built)
+        }
         kernel = k
         // Every rank sizes its grid to the smallest rank's, so the gate splits alike everywhere.
         let grids = try rendezvous.allGather("grid", Array("\(k.gridLimit)".utf8)).map {
@@ -171,18 +211,73 @@ public final class RankProcessMoE: @unchecked Sendable {
         workspace = RankParts.workspace(
             spec, placement: placement, rank: me, tokens: maxTokens, totalTokens: maxTokens * world,
             blocksPerRank: k.gridLimit, fixedSplit: options.gateSplit != nil)
-        arena = try DeviceBuffer<UInt8>(device: k.device, count: workspace.byteCount + 512)
-        try arena.fill(byte: 0)
-        try k.device.synchronize()  // zeroed before any peer can map and write into it
-        peerTable = try IPCPeerTable(
-            rendezvous: rendezvous, device: k.device, arena: arena, controlOffset: workspace.byteCount,
-            offsets: RankParts.peerOffsets(workspace))
+        if let shmem {
+            let (buffer, memory) = try Self.symmetricArena(
+                shmem, rendezvous: rendezvous, device: k.device, workspace: workspace)
+            arena = buffer
+            self.memory = memory
+        } else {
+            arena = try DeviceBuffer<UInt8>(device: k.device, count: workspace.byteCount + 512)
+            try arena.fill(byte: 0)
+            try k.device.synchronize()  // zeroed before any peer can map and write into it
+            memory = .ipc(try IPCPeerTable(
+                rendezvous: rendezvous, device: k.device, arena: arena, controlOffset: workspace.byteCount,
+                offsets: RankParts.peerOffsets(workspace)))
+        }
+        let peerBytes: [UInt8]
+        switch memory {
+        case .ipc(let t): peerBytes = t.peerTable
+        case .nvshmem(_, let t, _): peerBytes = t.peerTable
+        }
         table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
         peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
-        try peers.upload(peerTable.peerTable)
+        try peers.upload(peerBytes)
         // The last step of creation: a rank that failed after the mappings aborts here, so no rank leaves create
         // believing in a group another rank has left.
         try rendezvous.barrier("created")
+    }
+
+    /// NVSHMEM: this rank's GPU current, the library bootstrapped through `rendezvous` (PE = rank), and the
+    /// NVSHMEM build of the kernel loaded and initialised for the library (`nvshmemx_cumodule_init`).
+    private static func nvshmemKernel(
+        _ spec: FusedSpecialization, rendezvous: any RankExchange, driver: CUDADriver, options: FusedOptions
+    ) throws -> (NVSHMEMLibrary, FusedKernel) {
+        let device = try CUDADevice(ordinal: options.deviceOrdinal, driver: driver)
+        try device.makeCurrent()
+        let environment = ProcessEnvironment.current()
+        let builder = try NVSHMEMKernelBuilder.fromEnvironment(environment)  // before the collective init
+        let shmem = try NVSHMEMLibrary.load(environment: environment)
+        try shmem.bootstrap(rendezvous)
+        let kernel = try FusedKernel(
+            specialization: spec, entry: FusedSpecialization.ranksKernelName, device: device,
+            build: { s, arch in try builder.build(s, arch: arch, sources: KernelSources.current(environment: environment)) },
+            prepare: { module in try shmem.initializeModule(module.handle) })
+        return (shmem, kernel)
+    }
+
+    /// NVSHMEM: one symmetric arena of the largest size any rank needs (`nvshmem_malloc` is collective and the
+    /// same on every PE), zeroed on every PE before any PE can write into another's, and the peer table.
+    private static func symmetricArena(
+        _ shmem: NVSHMEMLibrary, rendezvous: any RankExchange, device: CUDADevice, workspace: FusedWorkspace
+    ) throws -> (DeviceBuffer<UInt8>, Memory) {
+        let sizes = try rendezvous.allGather("nvshmem arena bytes", Array("\(workspace.byteCount + 512)".utf8)).map {
+            Int(String(decoding: $0, as: UTF8.self)) ?? 0
+        }
+        let bytes = sizes.max() ?? 0
+        guard let symmetric = shmem.allocate(bytes: bytes) else {
+            throw MoEError(
+                .unsupported,
+                "nvshmem_malloc(\(bytes) bytes) failed on rank \(rendezvous.rank): the symmetric heap is too small; "
+                    + "set NVSHMEM_SYMMETRIC_SIZE above \(bytes) on every rank")
+        }
+        let arena = DeviceBuffer<UInt8>(device: device, borrowing: symmetric, count: bytes)
+        try arena.fill(byte: 0)
+        try device.synchronize()
+        shmem.barrierAll()  // every PE's arena zeroed before any kernel writes into it
+        let table = try NVSHMEMPeerTable(
+            rendezvous: rendezvous, shmem: shmem, arena: symmetric, controlOffset: workspace.byteCount,
+            offsets: RankParts.peerOffsets(workspace))
+        return (arena, .nvshmem(shmem, table, symmetric))
     }
 
     /// The gate's K split for `totalTokens` global tokens (pass it to a single-rank `FusedMoE` for a bitwise
@@ -217,7 +312,7 @@ public final class RankProcessMoE: @unchecked Sendable {
                 let total = counts.reduce(0, +)
                 try table.upload(RankParts.params(
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
-                    errorRecord: peerTable.errorRecordAddress, peers: peers.address, tokens: s,
+                    errorRecord: memory.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
                     gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
                 st.tokens = counts
@@ -258,7 +353,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         }
         guard !closed else { return }
         defer {
-            peerTable.unmap()
+            if case .ipc(let table) = memory { table.unmap() }
             rendezvous.close()
         }
         guard !failed else { return }
@@ -268,8 +363,14 @@ public final class RankProcessMoE: @unchecked Sendable {
         do { clean = try readErrorRecord() == nil } catch { clean = false }
         guard clean else { return }
         try rendezvous.barrier("close: every rank idle")
-        peerTable.unmap()
-        try rendezvous.barrier("close: every rank unmapped")
+        switch memory {
+        case .ipc(let table):
+            table.unmap()
+            try rendezvous.barrier("close: every rank unmapped")
+        case .nvshmem(let shmem, _, let symmetric):
+            shmem.free(symmetric)  // collective, like the finalize
+            shmem.finalize()
+        }
     }
 
     // MARK: - Machinery
@@ -315,7 +416,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     func readErrorRecord() throws -> FusedKernelError? {
         var bytes = [UInt8](repeating: 0, count: 40)
         try device.makeCurrent()
-        let driver = device.driver, address = peerTable.errorRecordAddress
+        let driver = device.driver, address = memory.errorRecordAddress
         // On the non-blocking probe stream: the read does not wait for launches still queued on other streams.
         let result = bytes.withUnsafeMutableBytes { driver.memcpyDtoH($0.baseAddress!, address, 40, probe.handle) }
         try driver.check(result, "cuMemcpyDtoHAsync_v2(error record of rank 0)")
@@ -338,4 +439,15 @@ extension RankProcessMoE {
                 tokens: range.count, topK: k, expertIDs: Array(r.expertIDs[pairs]), weights: Array(r.weights[pairs]),
                 slots: Array(r.slots[pairs]), expertLoad: r.expertLoad))
     }
+}
+
+/// How the ranks of a `RankProcessMoE` reach each other's buffers.
+public enum RankTransport: String, Sendable, CaseIterable, CustomStringConvertible {
+    /// CUDA IPC (`cuIpcGetMemHandle` / `cuIpcOpenMemHandle`): the ranks of one node.
+    case ipc
+    /// NVSHMEM's symmetric heap: plain stores where `nvshmem_ptr` maps a peer, NVSHMEM puts, signals and atomics
+    /// where it does not (other nodes). Needs the NVSHMEM build of the kernel (`NVSHMEMKernelBuilder`).
+    case nvshmem
+
+    public var description: String { rawValue }
 }

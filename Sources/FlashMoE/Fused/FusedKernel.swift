@@ -38,13 +38,26 @@ extension FusedKernel {
     /// contract; throws when the kernel's `Params` or `Peer` layout differs from the host's encoding.
     init(specialization: FusedSpecialization, entry: String, deviceOrdinal: Int) throws {
         let driver = try CUDADriver.shared.get()
-        let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
-        let compiled = try compiler.compile(
-            specialization.kernelSpec, arch: specialization.arch,
-            sources: KernelSources.current(environment: environment))
+        try self.init(
+            specialization: specialization, entry: entry, device: try CUDADevice(ordinal: deviceOrdinal, driver: driver),
+            build: { spec, arch in
+                try compiler.compile(spec, arch: arch, sources: KernelSources.current(environment: environment))
+            },
+            prepare: { _ in })
+    }
+
+    /// The same, with the cubin from `build` (e.g. the NVSHMEM link) and `prepare` run on the module right after it
+    /// loads, before any launch (e.g. `nvshmemx_cumodule_init`).
+    init(
+        specialization: FusedSpecialization, entry: String, device: CUDADevice,
+        build: (KernelSpec, GPUArchitecture) throws -> CompiledKernel, prepare: (CUDAModule) throws -> Void
+    ) throws {
+        // The specialization's target, not always the device's own (FLASHMOE_EMULATE_ARCH runs a smaller GPU's build).
+        let compiled = try build(specialization.kernelSpec, specialization.arch)
         let module = try CUDAModule(device: device, cubin: compiled.cubin)
+        try prepare(module)
         let function = try module.function(named: entry)
         // The probe writes Params' size and field offsets into a module global (one launch at load, never again).
         try module.function(named: "fmoe_params_probe").launch(grid: Dim3(1), block: Dim3(1), arguments: [])
