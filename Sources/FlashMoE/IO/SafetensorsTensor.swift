@@ -97,7 +97,8 @@ extension SafetensorsTensor {
 }
 
 extension SafetensorsTensor {
-    /// The tensor's bytes in its own element type: F32, F16 or BF16.
+    /// The tensor's bytes in its own element type: F32, F16, BF16, or F8_E4M3 codes (an FP8 tensor's block
+    /// scales are a tensor of their own: `SafetensorsTensor(fp8ScalesOf:)`).
     public init(_ tensor: HostTensor) {
         dtype = SafetensorsDType(tensor.elementType)
         shape = tensor.shape
@@ -145,6 +146,9 @@ struct ElementStack {
             var v: [BFloat16] = []
             v.reserveCapacity(capacity)
             storage = .bfloat16(v)
+        case .float8E4M3:
+            throw SafetensorsError(
+                .dtypeMismatch, "FP8 tensors are read with their block scales (FP8CheckpointTensors), not stacked")
         }
     }
 
@@ -154,6 +158,7 @@ struct ElementStack {
         case .float32(let v): v.count
         case .float16(let v): v.count
         case .bfloat16(let v): v.count
+        case .float8E4M3(let b): b.codes.count
         }
     }
 
@@ -182,6 +187,8 @@ struct ElementStack {
                 storage = .bfloat16([])
                 Self.append(raw, tensor.dtype, elements, into: &v) { BFloat16($0) }
                 storage = .bfloat16(v)
+            case .float8E4M3:
+                break  // never built: init throws for FP8
             }
         }
     }
@@ -226,6 +233,7 @@ struct ElementStack {
             case .float32(let v): return try HostTensor(shape: shape, float32: v)
             case .float16(let v): return try HostTensor(shape: shape, float16: v)
             case .bfloat16(let v): return try HostTensor(shape: shape, bfloat16: v)
+            case .float8E4M3(let b): return try HostTensor(shape: shape, fp8: b)
             }
         } catch {
             throw SafetensorsError(.sizeMismatch, error.message)

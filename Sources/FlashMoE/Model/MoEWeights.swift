@@ -41,6 +41,17 @@ public struct MoEWeights: Sendable, Equatable {
             shared: shared?.converted(to: type))
     }
 
+    /// The weights as `precision` runs them: the router and the shared expert in its storage type, the routed
+    /// experts' w1, w3 and w2 in `precision.expertWeights` (for fp8: quantized once in 128×128 blocks, a no-op
+    /// for matrices already in FP8). The biases and the selection bias stay FP32.
+    public func prepared(for precision: Precision) -> MoEWeights {
+        let (type, experts) = (precision.storage, precision.expertWeights)
+        return MoEWeights(
+            router: router.converted(to: type), selectionBias: selectionBias, w1: w1.converted(to: experts),
+            w3: w3?.converted(to: experts), w2: w2.converted(to: experts), b1: b1, b2: b2,
+            shared: shared?.converted(to: type))
+    }
+
     /// Total bytes of all tensors.
     public var byteCount: Int {
         [router, selectionBias, w1, w3, w2, b1, b2, shared?.w1, shared?.w3, shared?.w2, shared?.gate]
@@ -74,6 +85,7 @@ public struct SharedExpertWeights: Sendable, Equatable {
 extension MoEWeights {
     /// Random weights for `config`, stored in the config's precision, like a freshly initialised `nn.Linear`:
     /// uniform in ±1/√fan_in. The selection bias (if any) is uniform in ±0.1 and biases in ±1/√fan_in.
+    /// For fp8 the same BF16 values are drawn and the experts' matrices quantized (`prepared(for:)`).
     /// Deterministic in `seed`, whatever the thread count.
     public static func random(config: MoEConfig, seed: UInt64) throws(MoEError) -> MoEWeights {
         try config.validate()
@@ -105,6 +117,6 @@ extension MoEWeights {
                 w2: make([h, si], 10, fanIn: si, as: type),
                 gate: s.gated ? make([1, h], 11, fanIn: h, as: type) : nil)
         }
-        return w
+        return w.prepared(for: config.precision)
     }
 }
