@@ -42,14 +42,18 @@ public struct MoEWeights: Sendable, Equatable {
     }
 
     /// The weights as `precision` runs them: the router and the shared expert in its storage type, the routed
-    /// experts' w1, w3 and w2 in `precision.expertWeights` (for fp8: quantized once in 128×128 blocks, a no-op
-    /// for matrices already in FP8). The biases and the selection bias stay FP32.
+    /// experts' w1, w3 and w2 in `precision.expertWeights` (for fp8: rounded to BF16, then quantized once in
+    /// 128×128 blocks; matrices already in FP8 are kept as they are). The biases and the selection bias stay FP32.
     public func prepared(for precision: Precision) -> MoEWeights {
         let (type, experts) = (precision.storage, precision.expertWeights)
+        // FP8 is quantized from the storage type's values (BF16), so a layer quantizes the same whatever type
+        // its weights came in; matrices already in FP8 are kept.
+        func expert(_ t: HostTensor) -> HostTensor {
+            t.elementType == experts ? t : t.converted(to: type).converted(to: experts)
+        }
         return MoEWeights(
-            router: router.converted(to: type), selectionBias: selectionBias, w1: w1.converted(to: experts),
-            w3: w3?.converted(to: experts), w2: w2.converted(to: experts), b1: b1, b2: b2,
-            shared: shared?.converted(to: type))
+            router: router.converted(to: type), selectionBias: selectionBias, w1: expert(w1), w3: w3.map(expert),
+            w2: expert(w2), b1: b1, b2: b2, shared: shared?.converted(to: type))
     }
 
     /// Total bytes of all tensors.
