@@ -58,6 +58,10 @@ struct VerifyCommand: ParsableCommand {
         var failures = 0
         var deviceChecks = 0
         for c in cases {
+            if c.config.precision == .fp8 && !FusedSpecialization.supportsFP8 {
+                print("SKIP  " + VerifyTable.pad(c.name, 34) + "fp8    the kernel's FP8 path is not written yet (docs/fp8.md)")
+                continue
+            }
             do {
                 let r = try Verifier.run(c) { layer in
                     try FusedMoE(layer: layer, options: FusedOptions(deviceOrdinal: device, poisonOutput: true))

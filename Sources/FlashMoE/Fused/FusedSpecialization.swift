@@ -25,6 +25,9 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
+    /// Whether the kernel has its FP8 path (docs/fp8.md); until it does, `init` refuses precision fp8 and
+    /// `flashmoe verify` reports its fp8 cases as skipped.
+    public static let supportsFP8 = false
 
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
     public init(
@@ -51,7 +54,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         }
         // FP8 (docs/fp8.md) is defined and checked on the CPU backends; the kernel's FP8 path (e4m3 wgmma with
         // per-K-block scale promotion on sm_90a, mma.sync e4m3 on sm_89) is not written yet.
-        guard config.precision != .fp8 else {
+        guard config.precision != .fp8 || Self.supportsFP8 else {
             throw fail(
                 "precision fp8 is not ready on the GPU yet: the fused kernel has no FP8 tensor-core path (planned: sm_90a wgmma, sm_89 mma.sync; docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
         }
