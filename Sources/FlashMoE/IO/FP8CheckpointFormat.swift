@@ -3,7 +3,8 @@
 ///
 /// Anything else that config.json says there is refused with a `CheckpointError` naming the field: another
 /// `quant_method`, another `fmt`, a block size other than [128, 128] (the kernels' K block), static activation
-/// scales. A config without `quantization_config` is unquantized (FP8 tensors in it still load with their scales).
+/// scales. A missing `quant_method` is taken as fp8 (some published configs omit it). A config without
+/// `quantization_config` is unquantized (FP8 tensors in it still load with their scales).
 public struct FP8QuantizationConfig: Sendable, Equatable {
     /// The weight block [rows, columns]; always [128, 128] once parsed.
     public let weightBlockSize: [Int]
@@ -24,10 +25,10 @@ public struct FP8QuantizationConfig: Sendable, Equatable {
             }
             return s
         }
-        let method = try string("quant_method")
-        guard method == "fp8" else {
+        // Absent means fp8: the block-scaled FP8 configs are the ones that describe a weight_block_size.
+        if let method = try string("quant_method"), method != "fp8" {
             throw fail(
-                "quant_method '\(method ?? "(missing)")' is not supported: FlashMoE loads block-scaled FP8 checkpoints (quant_method fp8) and unquantized ones")
+                "quant_method '\(method)' is not supported: FlashMoE loads block-scaled FP8 checkpoints (quant_method fp8) and unquantized ones")
         }
         if let fmt = try string("fmt"), fmt != "e4m3" {
             throw fail("fmt '\(fmt)' is not supported: only e4m3 weights are (F8_E4M3)")

@@ -110,9 +110,10 @@ extension SafetensorsTensor {
         try hostTensor(as: dtype.hostElementType ?? .float32)
     }
 
-    /// The tensor converted to a `HostTensor` of `elementType`, rounding to nearest even where it narrows.
-    /// Throws for integer, BOOL and FP8 tensors.
+    /// The tensor converted to a `HostTensor` of `elementType`, rounding to nearest even where it narrows (to FP8:
+    /// quantized in 128×128 blocks). Throws for integer, BOOL and FP8 tensors (an FP8 tensor needs its scales).
     public func hostTensor(as elementType: ElementType) throws(SafetensorsError) -> HostTensor {
+        if elementType == .float8E4M3 { return try hostTensor(as: .float32).converted(to: .float8E4M3) }
         var stack = try ElementStack(elementType: elementType, capacity: count, backing: count)
         try stack.append(self, elements: 0..<count)
         return try stack.tensor(shape: shape)
