@@ -21,6 +21,10 @@ static const char wgmma_cuh[] = {
 #embed "kernels/wgmma.cuh"
     , 0};
 
+static const char wgmma_fp8_cuh[] = {
+#embed "kernels/wgmma_fp8.cuh"
+    , 0};
+
 static const char router_cuh[] = {
 #embed "kernels/router.cuh"
     , 0};
@@ -66,6 +70,7 @@ static const struct {
     {"sync.cuh", sync_cuh, sizeof(sync_cuh) - 1},
     {"gemm_tile.cuh", gemm_tile_cuh, sizeof(gemm_tile_cuh) - 1},
     {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},
+    {"wgmma_fp8.cuh", wgmma_fp8_cuh, sizeof(wgmma_fp8_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
     {"moe_params.cuh", moe_params_cuh, sizeof(moe_params_cuh) - 1},
     {"phase_gate.cuh", phase_gate_cuh, sizeof(phase_gate_cuh) - 1},

@@ -9,6 +9,27 @@ namespace fmoe {
 
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
+#if FMOE_PREC == 4
+// One fp8 tile of a routed expert: the BF16 A rows of `src` (k = kdim), E4M3 B rows n·128… of `codes` ([rows, kdim]
+// bytes) and their granule scales ([granules][kb]).
+FMOE_DEVICE void fp8_tile(char *smem, const TileSource &src, const unsigned char *codes, const float *scales, int n,
+                          int rows, int granules, int kdim, int kb) {
+    Fp8Source f;
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) {
+        f.a[i] = src.a[i];
+        f.a_valid[i] = src.a_valid[i];
+    }
+    point_rows<FP8_BN>(f.b, f.b_valid, codes, n * FP8_BN, rows, (size_t)kdim);
+    f.k_bytes_a = kdim * 2;
+    f.k_bytes_b = kdim;
+    f.b_scale = scales + (size_t)(2 * n) * kb;
+    f.kb_count = kb;
+    f.granule1 = 2 * n + 1 < granules;
+    gemm_tile_fp8<STAGES>(smem, f);
+}
+#endif
+
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     const bool shared = is_shared(L, x);
     const int rows = shared ? p.tokens : rows_of(L, x);
@@ -31,7 +52,17 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
         }
     }
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
+#if FMOE_PREC == 4
+    if (!shared) {
+        // E4M3 codes and block scales of expert x (layout: moe_params.cuh); x rows quantized in the mainloop.
+        const unsigned char *wq = (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
+        fp8_tile(smem, src, wq, (const float *)(wq + W1_CODES), n, N0, G0, H, KB_H);
+    } else {
+        run_tile<SharedEngine>(smem, src);
+    }
+#else
     run_tile<ExpertEngine>(smem, src);
+#endif
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     const int inter = shared ? IS : I;
@@ -68,7 +99,16 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     src.k_bytes = inter * (int)sizeof(T);
     point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+#if FMOE_PREC == 4
+    if (!shared) {
+        const unsigned char *wq = (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
+        fp8_tile(smem, src, wq, (const float *)(wq + W2_CODES), n, H, G1, I, KB_I);
+    } else {
+        run_tile<SharedEngine>(smem, src);
+    }
+#else
     run_tile<ExpertEngine>(smem, src);
+#endif
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;

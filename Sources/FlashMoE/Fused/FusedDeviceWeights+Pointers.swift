@@ -96,6 +96,9 @@ extension FusedDeviceWeights {
     /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
     ///   have landed) and after them (so the copies are done when this returns).
     init(config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int) throws {
+        guard c.precision != .fp8 else {
+            throw MoEError(.unsupported, "device weight pointers carry no FP8 block scales: build fp8 layers from host weights")
+        }
         let element = c.precision.storage.byteSize
         let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated

@@ -39,6 +39,12 @@ extension FusedKernel {
     init(specialization: FusedSpecialization, entry: String, deviceOrdinal: Int) throws {
         let driver = try CUDADriver.shared.get()
         let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
+        let arch = device.properties.architecture
+        if specialization.config.precision == .fp8 && !(arch.number == 90 && arch.architectureSpecific) {
+            throw MoEError(
+                .unsupported,
+                "precision fp8 needs E4M3 tensor cores with the kernel's FP8 path, which exists for sm_90a (Hopper) only; GPU \(deviceOrdinal) is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
+        }
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let compiled = try compiler.compile(

@@ -25,9 +25,10 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
-    /// Whether the kernel has its FP8 path (docs/fp8.md); until it does, `init` refuses precision fp8 and
-    /// `flashmoe verify` reports its fp8 cases as skipped.
-    public static let supportsFP8 = false
+    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a only) is enabled. It is written and compiles but has not
+    /// run on a GPU yet, so it is off unless `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8
+    /// and `flashmoe verify` reports its fp8 cases as skipped.
+    public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
     public init(
@@ -54,9 +55,17 @@ public struct FusedSpecialization: Sendable, Hashable {
         }
         // FP8 (docs/fp8.md) is defined and checked on the CPU backends; the kernel's FP8 path (e4m3 wgmma with
         // per-K-block scale promotion on sm_90a, mma.sync e4m3 on sm_89) is not written yet.
-        guard config.precision != .fp8 || Self.supportsFP8 else {
-            throw fail(
-                "precision fp8 is not ready on the GPU yet: the fused kernel has no FP8 tensor-core path (planned: sm_90a wgmma, sm_89 mma.sync; docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
+        if config.precision == .fp8 {
+            guard Self.supportsFP8 else {
+                throw fail(
+                    "precision fp8 is not ready on the GPU yet: the kernel's FP8 path (sm_90a) has not been checked on a GPU, so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
+            }
+            for (name, v) in [("H", config.hiddenSize), ("I", config.intermediateSize)] where v % 16 != 0 {
+                throw fail("precision fp8 on the GPU needs \(name) to be a multiple of 16 (16-byte rows of E4M3); got \(name) = \(v)")
+            }
+            guard stages <= 4 else {
+                throw fail("precision fp8 on the GPU runs at most 4 pipeline stages (48 KiB each); got \(stages)")
+            }
         }
         guard (3...6).contains(stages) else { throw fail("pipeline stages must be 3 to 6; got \(stages)") }
         guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
