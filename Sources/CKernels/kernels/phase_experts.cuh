@@ -10,10 +10,18 @@ namespace fmoe {
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
 #if FMOE_PREC == 4
-// One fp8 tile of a routed expert: the BF16 A rows of `src` (k = kdim), E4M3 B rows n·128… of `codes` ([rows, kdim]
-// bytes) and their granule scales ([granules][kb]).
-FMOE_DEVICE void fp8_tile(char *smem, const TileSource &src, const unsigned char *codes, const float *scales, int n,
-                          int rows, int granules, int kdim, int kb) {
+// One tile of precision fp8: the shared expert (BF16) on SharedEngine; a routed expert x on the E4M3 engine, from
+// the BF16 A rows of `src` (k = kdim) and expert x's weight image in `w` (image_bytes each, layout in
+// moe_params.cuh): B rows n·128… of its codes ([rows, kdim] bytes) and their granule scales ([granules][kb]).
+FMOE_DEVICE void expert_tile_fp8(char *smem, const TileSource &src, bool shared, const void *w, int x,
+                                 size_t image_bytes, size_t code_bytes, int n, int rows, int granules, int kdim,
+                                 int kb) {
+    if (shared) {
+        run_tile<SharedEngine>(smem, src);
+        return;
+    }
+    const unsigned char *codes = (const unsigned char *)w + (size_t)x * image_bytes;
+    const float *scales = (const float *)(codes + code_bytes);
     Fp8Source f;
 #pragma unroll
     for (int i = 0; i < BM / 32; ++i) {
@@ -53,13 +61,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     }
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
 #if FMOE_PREC == 4
-    if (!shared) {
-        // E4M3 codes and block scales of expert x (layout: moe_params.cuh); x rows quantized in the mainloop.
-        const unsigned char *wq = (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
-        fp8_tile(smem, src, wq, (const float *)(wq + W1_CODES), n, N0, G0, H, KB_H);
-    } else {
-        run_tile<SharedEngine>(smem, src);
-    }
+    expert_tile_fp8(smem, src, shared, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
 #else
     run_tile<ExpertEngine>(smem, src);
 #endif
@@ -100,12 +102,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
 #if FMOE_PREC == 4
-    if (!shared) {
-        const unsigned char *wq = (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
-        fp8_tile(smem, src, wq, (const float *)(wq + W2_CODES), n, H, G1, I, KB_I);
-    } else {
-        run_tile<SharedEngine>(smem, src);
-    }
+    expert_tile_fp8(smem, src, shared, p.w2, x, W2_EXPERT_BYTES, W2_CODES, n, H, G1, I, KB_I);
 #else
     run_tile<ExpertEngine>(smem, src);
 #endif
