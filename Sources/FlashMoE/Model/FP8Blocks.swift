@@ -58,33 +58,51 @@ public struct FP8Blocks: Sendable, Equatable {
     /// Quantizes FP32 values of a tensor of `shape` block by block: each 128×128 block's scale is
     /// `FP8Scaling.scale(amax:)` of its finite values and each value is `FP8Scaling.encode`d with it.
     public init(shape: [Int], quantizing values: [Float]) {
+        self.init(shape: shape) { matrix, out in
+            let per = out.count
+            values.withUnsafeBufferPointer { out.baseAddress!.update(from: $0.baseAddress! + matrix * per, count: per) }
+        }
+    }
+
+    /// Quantizes a tensor of any element type, one matrix at a time (no FP32 copy of the whole stack).
+    public init(quantizing tensor: HostTensor) {
+        self.init(shape: tensor.shape) { matrix, out in
+            tensor.copyFloats(offset: matrix * out.count, count: out.count, into: out.baseAddress!)
+        }
+    }
+
+    /// Quantizes matrix by matrix; `load(m, buffer)` writes matrix m's FP32 values into `buffer` (rows × cols).
+    private init(shape: [Int], load: @Sendable (Int, UnsafeMutableBufferPointer<Float>) -> Void) {
         let (m, r, c) = Self.layout(shape)
         let b = FP8Scaling.blockSize
         let (br, bc) = ((r + b - 1) / b, (c + b - 1) / b)
-        var codes = [FP8E4M3](repeating: FP8E4M3(bitPattern: 0), count: values.count)
+        var codes = [FP8E4M3](repeating: FP8E4M3(bitPattern: 0), count: m * r * c)
         var scales = [Float](repeating: 1, count: m * br * bc)
-        values.withUnsafeBufferPointer { vb in
-            codes.withUnsafeMutableBufferPointer { cb in
-                scales.withUnsafeMutableBufferPointer { sb in
-                    // Each chunk owns whole matrices: disjoint ranges of codes and scales.
-                    guard let v0 = vb.baseAddress, let c0 = cb.baseAddress, let s0 = sb.baseAddress else { return }
-                    nonisolated(unsafe) let (v, cp, sp) = (v0, c0, s0)
-                    parallelChunks(count: m) { matrices in
-                        for mi in matrices {
-                            for (bi, bj) in (0..<br).flatMap({ i in (0..<bc).map { (i, $0) } }) {
+        codes.withUnsafeMutableBufferPointer { cb in
+            scales.withUnsafeMutableBufferPointer { sb in
+                // Each chunk owns whole matrices: disjoint ranges of codes and scales.
+                guard let c0 = cb.baseAddress, let s0 = sb.baseAddress else { return }
+                nonisolated(unsafe) let (cp, sp) = (c0, s0)
+                parallelChunks(count: m) { matrices in
+                    let scratch = UnsafeMutableBufferPointer<Float>.allocate(capacity: max(1, r * c))
+                    defer { scratch.deallocate() }
+                    let v = scratch.baseAddress!  // the current matrix, [r, c]
+                    for mi in matrices {
+                        load(mi, UnsafeMutableBufferPointer(rebasing: scratch[0..<(r * c)]))
+                        for bi in 0..<br {
+                            for bj in 0..<bc {
                                 let rowsRange = (bi * b)..<min(r, bi * b + b)
                                 let colsRange = (bj * b)..<min(c, bj * b + b)
                                 var amax: Float = 0
                                 for row in rowsRange {
-                                    let base = v + (mi * r + row) * c + colsRange.lowerBound
-                                    amax = max(amax, FP8Scaling.amax(base, count: colsRange.count))
+                                    amax = max(
+                                        amax, FP8Scaling.amax(v + row * c + colsRange.lowerBound, count: colsRange.count))
                                 }
                                 let s = FP8Scaling.scale(amax: amax)
                                 sp[(mi * br + bi) * bc + bj] = s
                                 for row in rowsRange {
                                     for col in colsRange {
-                                        let i = (mi * r + row) * c + col
-                                        cp[i] = FP8Scaling.encode(v[i], scale: s)
+                                        cp[(mi * r + row) * c + col] = FP8Scaling.encode(v[row * c + col], scale: s)
                                     }
                                 }
                             }

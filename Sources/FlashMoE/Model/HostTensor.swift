@@ -140,6 +140,10 @@ public struct HostTensor: Sendable, Equatable {
     /// The same values rounded to another element type.
     public func converted(to type: ElementType) -> HostTensor {
         if type == elementType { return self }
+        if type == .float8E4M3 {
+            // Matrix by matrix, without an FP32 copy of the whole stack; the shape is unchanged.
+            return try! HostTensor(shape: shape, fp8: FP8Blocks(quantizing: self))
+        }
         // Cannot fail: the shape is unchanged.
         return try! HostTensor(shape: shape, values: floats(), as: type)
     }
