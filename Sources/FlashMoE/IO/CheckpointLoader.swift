@@ -16,7 +16,8 @@ public enum CheckpointLoader {
     /// Throws `CheckpointError`: `.invalidConfig` / `.unknownFamily` / `.unsupported` for config.json problems,
     /// `.layerOutOfRange` when `layer` is not below `num_hidden_layers`, `.denseLayer` (listing the MoE layers)
     /// when the layer has a dense MLP, `.missingTensor` and `.shapeMismatch` naming the tensor and the config
-    /// fields it disagrees with, `.safetensors` for unreadable files or non-float tensors.
+    /// fields it disagrees with, `.safetensors` for unreadable files or non-float tensors, `.invalidScale` for a
+    /// NaN or ±∞ FP8 block scale (docs/fp8.md lists every FP8 refusal).
     public static func loadMoELayer(
         directory: String, layer: Int, precision: Precision, capacity: Capacity = .dropless
     ) throws(CheckpointError) -> MoELayer {
