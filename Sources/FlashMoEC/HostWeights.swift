@@ -75,6 +75,9 @@ enum HostCopy {
         case .float32: return try HostTensor(shape: shape, float32: gather(Float.self))
         case .bfloat16: return try HostTensor(shape: shape, bfloat16: gather(BFloat16.self))
         case .float16: return try HostTensor(shape: shape, float16: gather(Float16.self))
+        case .float8E4M3:
+            // No C precision stores FP8 (the C ABI has no block scales yet).
+            throw MoEError(.unsupported, "the C ABI does not take FP8 weights")
         }
     }
 

@@ -14,7 +14,7 @@ struct CompileCommand: ParsableCommand {
     @Option(help: "A preset whose kernels to compile (repeatable; default: every preset).")
     var preset: [String] = []
 
-    @Option(help: "Comma-separated precisions to compile each preset in.")
+    @Option(help: "Comma-separated precisions to compile each preset in (fp8: sm_90a, with FLASHMOE_EXPERIMENTAL_FP8=1).")
     var precision = "fp32,tf32,bf16,fp16"
 
     @Flag(help: "Keep line information for profilers (-lineinfo).")
@@ -39,7 +39,7 @@ struct CompileCommand: ParsableCommand {
         let precisions = try precision.split(separator: ",").map { name throws(MoEError) -> Precision in
             let trimmed = String(name.filter { !$0.isWhitespace })
             guard let p = Precision(rawValue: trimmed) else {
-                throw MoEError(.invalidConfig, "unknown precision '\(trimmed)': choose from fp32, tf32, bf16, fp16")
+                throw MoEError(.invalidConfig, "unknown precision '\(trimmed)': choose from fp32, tf32, bf16, fp16, fp8")
             }
             return p
         }

@@ -48,7 +48,9 @@ struct MemoryEstimate: Sendable, Equatable {
         wideStorage = storageBytes == 4
         onHost = backend != .cuda
         weights = Self.bytes(elements * storageBytes + fp32Extras * 4)
-        scratch = Self.bytes(randomWeights && storageBytes != 4 ? expertElements * 4 : 0)
+        // fp8 quantizes the BF16 experts once: both copies exist while it does (docs/fp8.md).
+        let fp8Copy = c.precision == .fp8 ? expertElements * matrices : 0
+        scratch = Self.bytes((randomWeights && storageBytes != 4 ? expertElements * 4 : 0) + fp8Copy)
         backendCopy = Self.bytes(copy)
         activations = Self.bytes(work)
     }

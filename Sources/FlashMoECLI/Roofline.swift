@@ -19,6 +19,7 @@ enum Roofline {
         case .bf16, .fp16: 773e12
         case .tf32: 415e12
         case .fp32: 50e12
+        case .fp8: 2 * 773e12  // not measured: FP8 tensor cores run at twice the BF16 rate
         }
     }
 
@@ -27,7 +28,8 @@ enum Roofline {
         let storage = Double(c.precision.storage.byteSize)
         let (h, i) = (Double(c.hiddenSize), Double(c.intermediateSize))
         let matrices: Double = c.ffn == .gated ? 3 : 2
-        var b = Double(expertsTouched) * matrices * h * i * storage
+        let expert = Double(c.precision.expertWeights.byteSize)  // fp8: one byte (block scales are 1/16384 of it)
+        var b = Double(expertsTouched) * matrices * h * i * expert
         b += Double(c.experts) * h * storage + (c.router.selectionBias ? Double(c.experts) * 4 : 0)
         if let s = c.sharedExpert { b += matrices * h * Double(s.intermediateSize) * storage }
         if c.bias { b += Double(expertsTouched) * (i + h) * 4 }

@@ -78,6 +78,11 @@ import Testing
             let host = try HostTensor(shape: [2, 3], values: values, as: type)
             let st = SafetensorsTensor(host)
             #expect(st.dtype == SafetensorsDType(type))
+            if type == .float8E4M3 {
+                // F8_E4M3 bytes are codes only: without their block scales they are no values (docs/fp8.md).
+                #expect(throws: SafetensorsError.self) { try st.hostTensor() }
+                continue
+            }
             #expect(try st.hostTensor() == host)
             for target in ElementType.allCases {
                 #expect(try st.hostTensor(as: target) == host.converted(to: target))

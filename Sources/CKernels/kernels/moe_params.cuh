@@ -8,6 +8,12 @@
 #include "router.cuh"
 #include "launch_limits.cuh"
 #include "trace.cuh"
+#if defined(FMOE_PREC) && FMOE_PREC == 4
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "precision fp8 needs sm_90a (E4M3 wgmma); the host refuses other architectures before compiling"
+#endif
+#include "wgmma_fp8.cuh"
+#endif
 
 // ---- Specialisation (defined by the host as -D options) ---------------------------------------------------------
 #ifndef FMOE_H
@@ -51,7 +57,7 @@ constexpr int EG = E + (HAS_SHARED && FMOE_SHARED_GATED ? 1 : 0);  // router row
 constexpr int STAGES = FMOE_STAGES;
 constexpr int BT = 128;  // tokens per routing tile (= BM)
 
-#if FMOE_PREC == 2
+#if FMOE_PREC == 2 || FMOE_PREC == 4  // fp8 (4): x, h, the router and the shared expert are BF16 (docs/fp8.md)
 typedef bf16_t T;
 constexpr int MMA = MMA_BF16;
 #elif FMOE_PREC == 3
@@ -74,15 +80,25 @@ typedef float RetT;
 // The engines: exact FFMA in fp32 mode, otherwise tensor cores (wgmma on sm_90a, mma.sync elsewhere). The gate's
 // routing math stays FP32: 16-bit modes multiply exactly on tensor cores (products of bf16/fp16 are exact in FP32);
 // fp32 and tf32 modes use exact FFMA so no TF32 rounding can flip a routing decision.
-#if FMOE_PREC == 0
+#if FMOE_PREC == 4
+// Routed experts: E4M3 wgmma with block-scale promotion; the shared expert (BF16) runs mma.sync tiles of the same
+// width, so both fill the same task space.
+typedef Fp8WgmmaEngine ExpertEngine;
+typedef MmaEngine<MMA_BF16> SharedEngine;
+#elif FMOE_PREC == 0
 typedef FfmaEngine ExpertEngine;
 #elif FMOE_WGMMA
 typedef WgmmaEngine<MMA> ExpertEngine;
 #else
 typedef MmaEngine<MMA> ExpertEngine;
 #endif
+#if FMOE_PREC != 4
+typedef ExpertEngine SharedEngine;
+#endif
 #if FMOE_PREC <= 1
 typedef FfmaEngine GateEngine;
+#elif FMOE_PREC == 4
+typedef MmaEngine<MMA_BF16> GateEngine;  // the BF16 router: mma.sync keeps the kernel under 255 registers
 #else
 typedef ExpertEngine GateEngine;
 #endif
@@ -100,12 +116,28 @@ constexpr int n0_cols(int inter) { return GATED ? ((inter + EBN / 2 - 1) / (EBN 
 constexpr int N0 = n0_cols(I), N0S = n0_cols(IS > 0 ? IS : 1);
 constexpr int NT0 = (N0 + EBN - 1) / EBN, NT0S = (N0S + EBN - 1) / EBN;
 constexpr int NT1 = (H + EBN - 1) / EBN;
+#if FMOE_PREC == 4
+// fp8 expert weights, per expert: E4M3 codes [rows, K] (rows N0 for W1, H for W2), then the FP32 scales
+// [⌈rows/64⌉][⌈K/128⌉] of each 64-row granule and K block, each part padded to 16 bytes
+// (FusedDeviceWeights+FP8.swift writes this layout).
+constexpr size_t round16(size_t v) { return (v + 15) / 16 * 16; }
+constexpr int KB_H = (H + 127) / 128, KB_I = (I + 127) / 128;
+constexpr int G0 = (N0 + 63) / 64, G1 = (H + 63) / 64;
+constexpr size_t W1_CODES = round16((size_t)N0 * H), W1_EXPERT_BYTES = round16(W1_CODES + (size_t)G0 * KB_H * 4);
+constexpr size_t W2_CODES = round16((size_t)H * I), W2_EXPERT_BYTES = round16(W2_CODES + (size_t)G1 * KB_I * 4);
+static_assert(EBN == 128, "the fp8 weight layout has two 64-row granules per tile");
+#endif
 constexpr int NTE = (EG + GBN - 1) / GBN;
 constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see expert_phase)
 constexpr int GATE_KSPLIT_MAX = 4;  // the gate's K is split at most this many ways
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
-constexpr int DYNAMIC_SMEM = cmax(cmax(STAGES * stage_bytes<EBN>(), STAGES * stage_bytes<GBN>()),
+#if FMOE_PREC == 4
+constexpr int EXPERT_RING_BYTES = fp8_smem_bytes(STAGES);
+#else
+constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();
+#endif
+constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
 // Tokens whose logits route_tile stages in shared memory at once: the largest of 128, 64 and 32 that fits beside
 // the masks and ids. It must divide the tile: a chunk of 96 (fp32's smaller ring at E = 256) once ran its second

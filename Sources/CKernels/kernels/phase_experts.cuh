@@ -9,6 +9,35 @@ namespace fmoe {
 
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
 
+#if FMOE_PREC == 4
+// One tile of precision fp8: the shared expert (BF16) on SharedEngine; a routed expert x on the E4M3 engine, from
+// the BF16 A rows of `src` (k = kdim) and expert x's weight image in `w` (image_bytes each, layout in
+// moe_params.cuh): B rows n·128… of its codes ([rows, kdim] bytes) and their granule scales ([granules][kb]).
+FMOE_DEVICE void expert_tile_fp8(char *smem, const TileSource &src, bool shared, const void *w, int x,
+                                 size_t image_bytes, size_t code_bytes, int n, int rows, int granules, int kdim,
+                                 int kb) {
+    if (shared) {
+        run_tile<SharedEngine>(smem, src);
+        return;
+    }
+    const unsigned char *codes = (const unsigned char *)w + (size_t)x * image_bytes;
+    const float *scales = (const float *)(codes + code_bytes);
+    Fp8Source f;
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) {
+        f.a[i] = src.a[i];
+        f.a_valid[i] = src.a_valid[i];
+    }
+    point_rows<FP8_BN>(f.b, f.b_valid, codes, n * FP8_BN, rows, (size_t)kdim);
+    f.k_bytes_a = kdim * 2;
+    f.k_bytes_b = kdim;
+    f.b_scale = scales + (size_t)(2 * n) * kb;
+    f.kb_count = kb;
+    f.granule1 = 2 * n + 1 < granules;
+    gemm_tile_fp8<STAGES>(smem, f);
+}
+#endif
+
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
     const bool shared = is_shared(L, x);
@@ -32,7 +61,11 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
         }
     }
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
+#if FMOE_PREC == 4
+    expert_tile_fp8(smem, src, shared, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
+#else
     run_tile<ExpertEngine>(smem, src);
+#endif
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     const int inter = shared ? IS : I;
@@ -70,7 +103,11 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     src.k_bytes = inter * (int)sizeof(T);
     point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
     point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+#if FMOE_PREC == 4
+    expert_tile_fp8(smem, src, shared, p.w2, x, W2_EXPERT_BYTES, W2_CODES, n, H, G1, I, KB_I);
+#else
     run_tile<ExpertEngine>(smem, src);
+#endif
     const float *c = (const float *)smem;
     constexpr int C_STRIDE = c_stride<EBN>();
     float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;

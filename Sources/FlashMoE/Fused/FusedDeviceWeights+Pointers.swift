@@ -102,6 +102,9 @@ extension FusedDeviceWeights {
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int,
         experts: Range<Int>? = nil, pointersStart: Int = 0
     ) throws {
+        guard c.precision != .fp8 else {
+            throw MoEError(.unsupported, "device weight pointers carry no FP8 block scales: build fp8 layers from host weights")
+        }
         let element = c.precision.storage.byteSize
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let range = experts ?? 0..<c.experts

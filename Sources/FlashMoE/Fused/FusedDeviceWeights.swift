@@ -71,15 +71,25 @@ struct FusedDeviceWeights {
         selectionBias = try w.selectionBias.map { try upload($0.converted(to: .float32)) }
         b1 = try w.b1.map { try upload($0.converted(to: .float32)) }
         b2 = try w.b2.map { try upload($0.converted(to: .float32)) }
-        w2 = try upload(prepared(w.w2))
-
-        let w1 = prepared(w.w1)
-        if c.ffn == .gated, let w3raw = w.w3 {
+        if c.precision == .fp8 {
+            // E4M3 codes and block scales (FusedDeviceWeights+FP8.swift); the shared expert below stays BF16.
+            let q = w.prepared(for: .fp8)
+            guard let g = q.w1.fp8Blocks, let d = q.w2.fp8Blocks else {
+                throw MoEError(.unsupported, "fp8 expert weights must be FP8 blocks")
+            }
+            w2 = try Self.uploadFP8Second(
+                down: d, matrices: range.count, hidden: c.hiddenSize, k: c.intermediateSize, device: device)
+            self.w1 = try Self.uploadFP8First(
+                gate: g, up: q.w3?.fp8Blocks, matrices: range.count, inner: c.intermediateSize, k: c.hiddenSize,
+                packRows: packRows, device: device)
+        } else if c.ffn == .gated, let w3raw = w.w3 {
+            w2 = try upload(prepared(w.w2))
             self.w1 = try Self.packGated(
-                gate: w1, up: prepared(w3raw), matrices: range.count, rows: c.intermediateSize,
+                gate: prepared(w.w1), up: prepared(w3raw), matrices: range.count, rows: c.intermediateSize,
                 columns: c.hiddenSize, packRows: packRows, device: device)
         } else {
-            self.w1 = try upload(w1)
+            w2 = try upload(prepared(w.w2))
+            self.w1 = try upload(prepared(w.w1))
         }
         if let s = w.shared, let sc = c.sharedExpert {
             let sw1 = prepared(s.w1)

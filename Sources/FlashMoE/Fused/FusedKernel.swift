@@ -54,6 +54,12 @@ extension FusedKernel {
         specialization: FusedSpecialization, entry: String, device: CUDADevice,
         build: (KernelSpec, GPUArchitecture) throws -> CompiledKernel, prepare: (CUDAModule) throws -> Void
     ) throws {
+        let arch = device.properties.architecture
+        if specialization.config.precision == .fp8 && !(arch.number == 90 && arch.architectureSpecific) {
+            throw MoEError(
+                .unsupported,
+                "precision fp8 needs E4M3 tensor cores with the kernel's FP8 path, which exists for sm_90a (Hopper) only; \(device.properties.name) is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
+        }
         // The specialization's target, not always the device's own (FLASHMOE_EMULATE_ARCH runs a smaller GPU's build).
         let compiled = try build(specialization.kernelSpec, specialization.arch)
         let module = try CUDAModule(device: device, cubin: compiled.cubin)

@@ -55,14 +55,19 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     /// The shared memory of `config` on `arch` with `stages` stages (any count; `fits` says whether it runs).
     public init(config: MoEConfig, arch: GPUArchitecture, stages: Int, ranks: Int = 1) {
         engine = Self.engine(for: config, arch: arch)
-        expertTileWidth = engine == .wgmma ? 256 : 128
+        let fp8 = config.precision == .fp8
+        // fp8 (wgmma_fp8.cuh): 128-wide E4M3 expert tiles, a BF16 mma.sync gate and shared expert of the same width.
+        expertTileWidth = engine == .wgmma && !fp8 ? 256 : 128
         gateTileWidth = config.precision.storage.byteSize == 2 ? expertTileWidth : 128
         self.stages = stages
         func stageBytes(_ bn: Int) -> Int { (Self.tileRows + bn) * Self.rowBytes }
         func stagedTileBytes(_ bn: Int) -> Int { Self.tileRows * (bn + 4) * 4 }
+        // fp8_smem_bytes: per stage a K block of BF16 A rows (256 B a row) and E4M3 B rows (128 B), then one
+        // quantized A block and a scale per row.
+        let fp8Ring = fp8 ? stages * Self.tileRows * (256 + Self.rowBytes) + Self.tileRows * (Self.rowBytes + 4) : 0
         dynamicBytes =
             max(stages * stageBytes(expertTileWidth), stages * stageBytes(gateTileWidth),
-                stagedTileBytes(expertTileWidth), stagedTileBytes(gateTileWidth)) + 1024
+                stagedTileBytes(expertTileWidth), stagedTileBytes(gateTileWidth), fp8Ring) + 1024
         let e = config.experts, k = config.topK
         let routerRows = e + (config.sharedExpert?.gated == true ? 1 : 0)
         // The largest of 128, 64 and 32 rows that fits beside the masks and ids, as the kernel chooses it; below 32

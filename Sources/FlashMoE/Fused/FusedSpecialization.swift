@@ -40,6 +40,10 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
+    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a only) is enabled. It is written and compiles but has not
+    /// run on a GPU yet, so it is off unless `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8
+    /// and `flashmoe verify` reports its fp8 cases as skipped.
+    public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
     /// The target `flashmoe compile` and the tests assume when none is given: the H200's.
     public static let defaultArch = GPUArchitecture(major: 9, minor: 0)
@@ -70,6 +74,20 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard config.topK <= 16 else { throw fail("the GPU kernel supports top-k up to 16; got k = \(config.topK)") }
         guard config.router.groups <= 128 else {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
+        }
+        // FP8 (docs/fp8.md): the kernel's FP8 path (E4M3 wgmma with per-K-block scale promotion, sm_90a) is off
+        // unless FLASHMOE_EXPERIMENTAL_FP8=1 until it has run on a GPU.
+        if config.precision == .fp8 {
+            guard Self.supportsFP8 else {
+                throw fail(
+                    "precision fp8 is not ready on the GPU yet: the kernel's FP8 path (sm_90a) has not been checked on a GPU, so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
+            }
+            for (name, v) in [("H", config.hiddenSize), ("I", config.intermediateSize)] where v % 16 != 0 {
+                throw fail("precision fp8 on the GPU needs \(name) to be a multiple of 16 (16-byte rows of E4M3); got \(name) = \(v)")
+            }
+            if let stages, stages > 4 {
+                throw fail("precision fp8 on the GPU runs at most 4 pipeline stages (48 KiB each); got \(stages)")
+            }
         }
         guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
         guard ranks <= config.experts else {
@@ -108,6 +126,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         case .tf32: precision = 1
         case .bf16: precision = 2
         case .fp16: precision = 3
+        case .fp8: precision = 4  // reserved for the kernel's FP8 path; init refuses fp8 until it exists
         }
         let activation: Int
         switch c.activation {

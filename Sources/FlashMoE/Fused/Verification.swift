@@ -254,6 +254,15 @@ extension Verifier {
         add("fp32 E=256 k=2 S=700 softmax", cfg(h: 616, i: 120, e: 256, k: 2, act: .gelu, .fp32), 700)
         add("fp32 E=320 k=3 S=300", cfg(h: 512, i: 128, e: 320, k: 3, .fp32), 300)
         add("tf32 E=256 k=2 S=400", cfg(h: 256, i: 128, e: 256, k: 2, .tf32), 400)
+        // fp8 (docs/fp8.md) against the fp8 oracle: presets, K blocks that end short of 128 (H = 320, I = 208),
+        // the DeepSeek router with a shared expert, capacity drops, a plain FFN with biases, one token.
+        add("fp8 deepseek-v3", with(Preset.deepSeekV3.config, .fp8), 16)
+        add("fp8 qwen3-30b-a3b", with(Preset.qwen3_30bA3b.config, .fp8), 129)
+        add("fp8 H=320 I=208 gated", cfg(h: 320, i: 208, ffn: .gated, act: .silu, .fp8), 257)
+        add("fp8 sigmoid groups + shared", cfg(h: 256, i: 128, e: 32, k: 4, ffn: .gated, act: .silu, router: deepseek,
+            shared: SharedExpertConfig(intermediateSize: 256), .fp8), 129)
+        add("fp8 capacity 1.0 plain bias", cfg(h: 128, i: 256, bias: true, act: .gelu, capacity: .factor(1.0), .fp8), 300)
+        add("fp8 S=1", cfg(h: 256, i: 256, ffn: .gated, act: .silu, .fp8), 1)
         return cases
     }
 }

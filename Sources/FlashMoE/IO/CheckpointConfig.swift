@@ -29,6 +29,8 @@ public struct CheckpointConfig: Sendable, Equatable {
     let sparseLayers: SparseLayers
     /// The config.json fields that gave H, I and E (for error messages), e.g. "hidden_size = 64, …".
     let shapeFields: String
+    /// `quantization_config` when the checkpoint is block-scaled FP8 (docs/fp8.md); nil when unquantized.
+    public let fp8Quantization: FP8QuantizationConfig?
 
     /// Whether decoder layer `layer` has an MoE block (false outside 0..<hiddenLayers).
     public func isMoE(layer: Int) -> Bool {
@@ -79,6 +81,7 @@ public struct CheckpointConfig: Sendable, Equatable {
             )
         }
         self.family = family
+        fp8Quantization = try FP8QuantizationConfig(object["quantization_config"])
 
         let actName = try f.string("hidden_act", default: "silu")
         guard let activation = Activation(huggingFace: actName) else {

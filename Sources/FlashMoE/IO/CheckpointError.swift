@@ -19,6 +19,8 @@ public struct CheckpointError: Error, Sendable, Hashable, CustomStringConvertibl
         case shapeMismatch
         /// A safetensors file or index could not be read, or a tensor has a dtype that is not floating point.
         case safetensors
+        /// An FP8 block scale (`weight_scale_inv`) is NaN or ±∞.
+        case invalidScale
     }
 
     /// The category of the problem.

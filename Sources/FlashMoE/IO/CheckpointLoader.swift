@@ -5,13 +5,19 @@
 /// writes) or fused as transformers 5.x holds them in memory (`experts.gate_up_proj` [E, 2I, H] with the gate rows
 /// first, `experts.down_proj` [E, H, I]). Matrices are converted from the file's float dtype (F64, F32, F16, BF16)
 /// to the precision's storage type, rounding to nearest even; DeepSeek's selection bias stays FP32.
+///
+/// FP8 checkpoints (DeepSeek-V3, Qwen3 FP8; docs/fp8.md): `F8_E4M3` weights with `<name>_scale_inv` block scales and
+/// config.json's `quantization_config`. At precision fp8 the experts' codes and scales are kept as they are (and a
+/// float checkpoint's experts are quantized once); at other precisions FP8 matrices are dequantized. The router
+/// and the shared expert always run in the storage type (FP8 ones are dequantized).
 public enum CheckpointLoader {
     /// Loads MoE layer `layer` (0-based decoder layer index) from the checkpoint in `directory`.
     ///
     /// Throws `CheckpointError`: `.invalidConfig` / `.unknownFamily` / `.unsupported` for config.json problems,
     /// `.layerOutOfRange` when `layer` is not below `num_hidden_layers`, `.denseLayer` (listing the MoE layers)
     /// when the layer has a dense MLP, `.missingTensor` and `.shapeMismatch` naming the tensor and the config
-    /// fields it disagrees with, `.safetensors` for unreadable files or non-float tensors.
+    /// fields it disagrees with, `.safetensors` for unreadable files or non-float tensors, `.invalidScale` for a
+    /// NaN or ±∞ FP8 block scale (docs/fp8.md lists every FP8 refusal).
     public static func loadMoELayer(
         directory: String, layer: Int, precision: Precision, capacity: Capacity = .dropless
     ) throws(CheckpointError) -> MoELayer {
@@ -85,6 +91,13 @@ private struct LayerReader {
         var weights = MoEWeights(
             router: try read(names.router, [e, h]), w1: .zeros(shape: [0]), w2: .zeros(shape: [0]))
         if checkpoint.contains(names.fusedGateUp) {
+            for name in [names.fusedGateUp, names.fusedDown] where checkpoint.contains(name) {
+                if try info(name, nil).dtype == .float8E4M3 {
+                    throw CheckpointError(
+                        .unsupported,
+                        "tensor '\(name)' is FP8 in the fused expert layout, which has no standard block scales: save the experts one tensor per expert (the hub format)")
+                }
+            }
             let gateUp = try raw(names.fusedGateUp, [e, 2 * i, h])
             var w1 = try stack(capacity: e * i * h, backing: gateUp.count)
             var w3 = try stack(capacity: e * i * h, backing: gateUp.count)
@@ -131,6 +144,11 @@ private struct LayerReader {
     private func stackExperts(_ names: MoETensorNames, _ projection: String, _ shape: [Int]) throws(CheckpointError)
         -> HostTensor
     {
+        var fp8 = config.precision == .fp8
+        for x in 0..<config.experts where !fp8 {
+            fp8 = try info(names.expert(x, projection), shape).dtype == .float8E4M3
+        }
+        if fp8 { return try stackExpertMatrices(names, projection, shape) }
         let per = shape[0] * shape[1]
         var backing = 0  // elements the experts' validated header entries hold in the files
         for x in 0..<config.experts {
@@ -145,7 +163,49 @@ private struct LayerReader {
         return try finish(s, [config.experts] + shape)
     }
 
+    /// Stacks the experts' matrices when FP8 is involved (docs/fp8.md): for precision fp8, FP8 matrices keep their
+    /// codes and block scales and float ones are quantized once (from their BF16 values); for any other precision,
+    /// FP8 matrices are dequantized (code × scale) to the storage type.
+    private func stackExpertMatrices(_ names: MoETensorNames, _ projection: String, _ shape: [Int])
+        throws(CheckpointError) -> HostTensor
+    {
+        var codes: [FP8E4M3] = [], scales: [Float] = [], values: [Float] = []
+        for x in 0..<config.experts {
+            let name = names.expert(x, projection)
+            let blocks: FP8Blocks
+            if try info(name, shape).dtype == .float8E4M3 {
+                blocks = try FP8CheckpointTensor(name, shape: shape, checkpoint: checkpoint).blocks
+            } else {
+                blocks = FP8Blocks(shape: shape, quantizing: try read(name, shape).floats())
+            }
+            if config.precision == .fp8 {
+                codes += blocks.codes
+                scales += blocks.scales
+            } else {
+                values += blocks.codes.indices.map { blocks.float(at: $0) }
+            }
+        }
+        let stacked = [config.experts] + shape
+        do {
+            if config.precision == .fp8 {
+                return try HostTensor(shape: stacked, fp8: FP8Blocks(shape: stacked, codes: codes, scales: scales))
+            }
+            return try HostTensor(shape: stacked, values: values, as: storage)
+        } catch {
+            throw CheckpointError(.shapeMismatch, "the experts' '\(projection)' matrices: \(error.message)")
+        }
+    }
+
+    /// Reads a float tensor of `shape` in the storage type; an FP8 one (with its scales) is dequantized.
     private func read(_ name: String, _ shape: [Int]) throws(CheckpointError) -> HostTensor {
+        if try info(name, shape).dtype == .float8E4M3 {
+            let blocks = try FP8CheckpointTensor(name, shape: shape, checkpoint: checkpoint).blocks
+            do {
+                return try HostTensor(shape: shape, fp8: blocks).converted(to: storage)
+            } catch {
+                throw CheckpointError(.shapeMismatch, "'\(name)': \(error.message)")
+            }
+        }
         let t = try raw(name, shape)
         var s = try stack(capacity: t.count, backing: t.count)
         try append(t, 0..<t.count, to: &s, name)
@@ -162,20 +222,21 @@ private struct LayerReader {
         }
     }
 
-    /// The header entry of a tensor after checking that it exists and has `shape` (no tensor bytes are read).
-    private func info(_ name: String, _ shape: [Int]) throws(CheckpointError) -> SafetensorsTensorInfo {
+    /// The header entry of a tensor after checking that it exists and has `shape` when one is given (no tensor
+    /// bytes are read).
+    private func info(_ name: String, _ shape: [Int]?) throws(CheckpointError) -> SafetensorsTensorInfo {
         guard checkpoint.contains(name) else {
             throw CheckpointError(
                 .missingTensor,
-                "the checkpoint lacks '\(name)' (shape \(shape)), which a \(spec.family) MoE layer needs: the checkpoint is incomplete or not of this family"
+                "the checkpoint lacks '\(name)' (shape \(shape ?? [])), which a \(spec.family) MoE layer needs: the checkpoint is incomplete or not of this family"
             )
         }
         do {
             let info = try checkpoint.info(named: name)
-            guard info.shape == shape else {
+            guard shape == nil || info.shape == shape else {
                 throw CheckpointError(
                     .shapeMismatch,
-                    "tensor '\(name)' has shape \(info.shape) but config.json (\(spec.shapeFields)) needs \(shape): the checkpoint and its config.json disagree"
+                    "tensor '\(name)' has shape \(info.shape) but config.json (\(spec.shapeFields)) needs \(shape ?? []): the checkpoint and its config.json disagree"
                 )
             }
             return info

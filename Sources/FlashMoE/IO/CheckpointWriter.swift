@@ -15,6 +15,8 @@ public enum CheckpointWriter {
     /// of a `family` checkpoint with `hiddenLayers` layers (default `layerIndex + 1`).
     ///
     /// Matrices are stored in `dtype` (default: each tensor's own element type); the selection bias stays F32.
+    /// FP8 matrices are written as DeepSeek-V3 and Qwen3 FP8 store them (docs/fp8.md): `F8_E4M3` codes, the block
+    /// scales as `<name>_scale_inv` F32, and `quantization_config` in config.json.
     /// The config makes `layerIndex` an MoE layer (DeepSeek: `first_k_dense_replace = layerIndex`).
     /// Throws `.unsupported` when the layer cannot be expressed in the family (e.g. a plain FFN, a softmax router
     /// for deepseek_v3, a Qwen2-MoE layer without a gated shared expert).
@@ -27,9 +29,23 @@ public enum CheckpointWriter {
             throw CheckpointError(
                 .layerOutOfRange, "layer index \(layerIndex) must lie in 0..<hiddenLayers (\(layers))")
         }
-        let config = try configJSON(layer.config, family: family, layerIndex: layerIndex, hiddenLayers: layers)
+        var config = try configJSON(layer.config, family: family, layerIndex: layerIndex, hiddenLayers: layers)
         let names = MoETensorNames(family: family, prefix: "model.layers.\(layerIndex).\(family.blockNames[0])")
         let tensors = try tensors(layer, names: names, dtype: dtype, layout: expertLayout)
+        if tensors.values.contains(where: { $0.dtype == .float8E4M3 }), case .object(let fields) = config {
+            // The block-scaled FP8 format of DeepSeek-V3 and Qwen3 FP8 (docs/fp8.md).
+            config = .object(
+                fields.members.map { ($0.key, $0.value) } + [
+                    (
+                        "quantization_config",
+                        .object([
+                            ("activation_scheme", .string("dynamic")), ("fmt", .string("e4m3")),
+                            ("quant_method", .string("fp8")),
+                            ("weight_block_size", .array([.int(FP8Scaling.blockSize), .int(FP8Scaling.blockSize)])),
+                        ])
+                    )
+                ])
+        }
         do {
             try FileSystem.makeDirectory(directory)
             try FileSystem.writeFile(directory + "/config.json", chunks: [Array(config.serialized.utf8)])
@@ -122,29 +138,44 @@ public enum CheckpointWriter {
     {
         let w = layer.weights, c = layer.config
         let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
-        func store(_ t: HostTensor) -> SafetensorsTensor { SafetensorsTensor(t.converted(to: dtype ?? t.elementType)) }
+        var out: [String: SafetensorsTensor] = [:]
+        /// Writes `t` as `name`; an FP8 tensor also gets its block scales as `<name>_scale_inv` (F32).
+        func store(_ name: String, _ t: HostTensor) throws(CheckpointError) {
+            let stored = t.converted(to: dtype ?? t.elementType)
+            out[name] = SafetensorsTensor(stored)
+            if let b = stored.fp8Blocks {
+                do {
+                    out[FP8CheckpointTensor.scaleName(name)] = try SafetensorsTensor(
+                        shape: FP8Blocks.scaleShape(stored.shape), values: b.scales)
+                } catch {
+                    throw CheckpointError(error)
+                }
+            }
+        }
         func slices(_ t: HostTensor, _ shape: [Int]) throws(CheckpointError) -> [HostTensor] {
-            let per = shape.reduce(1, *)
-            let v = t.floats()
             var out: [HostTensor] = []
             for x in 0..<e {
                 do {
-                    out.append(try HostTensor(shape: shape, values: Array(v[(x * per)..<((x + 1) * per)]), as: t.elementType))
+                    out.append(try t.slice(x..<(x + 1)).reshaped(shape))  // FP8 keeps each matrix's blocks
                 } catch {
                     throw CheckpointError(.shapeMismatch, error.message)
                 }
             }
             return out
         }
-        var out: [String: SafetensorsTensor] = [names.router: store(w.router)]
+        try store(names.router, w.router)
         guard let w3 = w.w3 else { throw CheckpointError(.unsupported, "a gated layer needs w3 (the up projection)") }
         switch layout {
         case .perExpert:
             let p = names.family.projectionNames
             for (tensor, proj, shape) in [(w.w1, p.gate, [i, h]), (w3, p.up, [i, h]), (w.w2, p.down, [h, i])] {
-                for (x, slice) in try slices(tensor, shape).enumerated() { out[names.expert(x, proj)] = store(slice) }
+                for (x, slice) in try slices(tensor, shape).enumerated() { try store(names.expert(x, proj), slice) }
             }
         case .fused:
+            if [w.w1, w3, w.w2].contains(where: { $0.elementType == .float8E4M3 }) || dtype == .float8E4M3 {
+                throw CheckpointError(
+                    .unsupported, "FP8 experts are written one tensor per expert (with their scales), not fused")
+            }
             let g = w.w1.floats(), u = w3.floats()
             var fused: [Float] = []
             fused.reserveCapacity(2 * e * i * h)
@@ -153,21 +184,23 @@ public enum CheckpointWriter {
                 fused += u[(x * i * h)..<((x + 1) * i * h)]
             }
             do {
-                out[names.fusedGateUp] = store(try HostTensor(shape: [e, 2 * i, h], values: fused, as: w.w1.elementType))
+                try store(names.fusedGateUp, try HostTensor(shape: [e, 2 * i, h], values: fused, as: w.w1.elementType))
+            } catch let error as CheckpointError {
+                throw error
             } catch {
-                throw CheckpointError(.shapeMismatch, error.message)
+                throw CheckpointError(.shapeMismatch, "\(error)")
             }
-            out[names.fusedDown] = store(w.w2)
+            try store(names.fusedDown, w.w2)
         }
         if let bias = w.selectionBias { out[names.selectionBias] = SafetensorsTensor(bias.converted(to: .float32)) }
         if let s = w.shared {
             let p = names.family.projectionNames
             guard let g = names.shared(p.gate), let u = names.shared(p.up), let d = names.shared(p.down), let s3 = s.w3
             else { throw CheckpointError(.unsupported, "\(names.family) has no gated shared expert") }
-            out[g] = store(s.w1)
-            out[u] = store(s3)
-            out[d] = store(s.w2)
-            if let gate = s.gate { out[names.sharedGate] = store(gate) }
+            try store(g, s.w1)
+            try store(u, s3)
+            try store(d, s.w2)
+            if let gate = s.gate { try store(names.sharedGate, gate) }
         }
         return out
     }

@@ -66,6 +66,7 @@ public enum SafetensorsDType: String, Sendable, Hashable, CaseIterable, CustomSt
         case .float32: self = .float32
         case .float16: self = .float16
         case .bfloat16: self = .bfloat16
+        case .float8E4M3: self = .float8E4M3
         }
     }
 

@@ -97,7 +97,8 @@ extension SafetensorsTensor {
 }
 
 extension SafetensorsTensor {
-    /// The tensor's bytes in its own element type: F32, F16 or BF16.
+    /// The tensor's bytes in its own element type: F32, F16, BF16, or F8_E4M3 codes (an FP8 tensor's block
+    /// scales are a tensor of their own: `SafetensorsTensor(fp8ScalesOf:)`).
     public init(_ tensor: HostTensor) {
         dtype = SafetensorsDType(tensor.elementType)
         shape = tensor.shape
@@ -109,9 +110,10 @@ extension SafetensorsTensor {
         try hostTensor(as: dtype.hostElementType ?? .float32)
     }
 
-    /// The tensor converted to a `HostTensor` of `elementType`, rounding to nearest even where it narrows.
-    /// Throws for integer, BOOL and FP8 tensors.
+    /// The tensor converted to a `HostTensor` of `elementType`, rounding to nearest even where it narrows (to FP8:
+    /// quantized in 128×128 blocks). Throws for integer, BOOL and FP8 tensors (an FP8 tensor needs its scales).
     public func hostTensor(as elementType: ElementType) throws(SafetensorsError) -> HostTensor {
+        if elementType == .float8E4M3 { return try hostTensor(as: .float32).converted(to: .float8E4M3) }
         var stack = try ElementStack(elementType: elementType, capacity: count, backing: count)
         try stack.append(self, elements: 0..<count)
         return try stack.tensor(shape: shape)
@@ -145,6 +147,9 @@ struct ElementStack {
             var v: [BFloat16] = []
             v.reserveCapacity(capacity)
             storage = .bfloat16(v)
+        case .float8E4M3:
+            throw SafetensorsError(
+                .dtypeMismatch, "FP8 tensors are read with their block scales (FP8CheckpointTensors), not stacked")
         }
     }
 
@@ -154,6 +159,7 @@ struct ElementStack {
         case .float32(let v): v.count
         case .float16(let v): v.count
         case .bfloat16(let v): v.count
+        case .float8E4M3(let b): b.codes.count
         }
     }
 
@@ -182,6 +188,8 @@ struct ElementStack {
                 storage = .bfloat16([])
                 Self.append(raw, tensor.dtype, elements, into: &v) { BFloat16($0) }
                 storage = .bfloat16(v)
+            case .float8E4M3:
+                break  // never built: init throws for FP8
             }
         }
     }
@@ -226,6 +234,7 @@ struct ElementStack {
             case .float32(let v): return try HostTensor(shape: shape, float32: v)
             case .float16(let v): return try HostTensor(shape: shape, float16: v)
             case .bfloat16(let v): return try HostTensor(shape: shape, bfloat16: v)
+            case .float8E4M3(let b): return try HostTensor(shape: shape, fp8: b)
             }
         } catch {
             throw SafetensorsError(.sizeMismatch, error.message)

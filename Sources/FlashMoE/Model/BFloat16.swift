@@ -44,13 +44,15 @@ extension Float {
 }
 
 extension ElementType {
-    /// Rounds a value to this element type and back (the value the GPU would hold in storage).
+    /// Rounds a value to this element type and back (the value the GPU would hold in storage; FP8 with scale 1,
+    /// since a lone value has no block).
     @inlinable
     public func round(_ x: Float) -> Float {
         switch self {
         case .float32: x
         case .bfloat16: BFloat16(x).float
         case .float16: Float(Float16(x))
+        case .float8E4M3: FP8E4M3(saturating: x).float
         }
     }
 }

@@ -41,6 +41,21 @@ public struct MoEWeights: Sendable, Equatable {
             shared: shared?.converted(to: type))
     }
 
+    /// The weights as `precision` runs them: the router and the shared expert in its storage type, the routed
+    /// experts' w1, w3 and w2 in `precision.expertWeights` (for fp8: rounded to BF16, then quantized once in
+    /// 128×128 blocks; matrices already in FP8 are kept as they are). The biases and the selection bias stay FP32.
+    public func prepared(for precision: Precision) -> MoEWeights {
+        let (type, experts) = (precision.storage, precision.expertWeights)
+        // FP8 is quantized from the storage type's values (BF16), so a layer quantizes the same whatever type
+        // its weights came in; matrices already in FP8 are kept.
+        func expert(_ t: HostTensor) -> HostTensor {
+            t.elementType == experts ? t : t.converted(to: type).converted(to: experts)
+        }
+        return MoEWeights(
+            router: router.converted(to: type), selectionBias: selectionBias, w1: expert(w1), w3: w3.map(expert),
+            w2: expert(w2), b1: b1, b2: b2, shared: shared?.converted(to: type))
+    }
+
     /// Total bytes of all tensors.
     public var byteCount: Int {
         [router, selectionBias, w1, w3, w2, b1, b2, shared?.w1, shared?.w3, shared?.w2, shared?.gate]
@@ -74,6 +89,7 @@ public struct SharedExpertWeights: Sendable, Equatable {
 extension MoEWeights {
     /// Random weights for `config`, stored in the config's precision, like a freshly initialised `nn.Linear`:
     /// uniform in ±1/√fan_in. The selection bias (if any) is uniform in ±0.1 and biases in ±1/√fan_in.
+    /// For fp8 the same BF16 values are drawn and the experts' matrices quantized (`prepared(for:)`).
     /// Deterministic in `seed`, whatever the thread count.
     public static func random(config: MoEConfig, seed: UInt64) throws(MoEError) -> MoEWeights {
         try config.validate()
@@ -105,6 +121,6 @@ extension MoEWeights {
                 w2: make([h, si], 10, fanIn: si, as: type),
                 gate: s.gated ? make([1, h], 11, fanIn: h, as: type) : nil)
         }
-        return w
+        return w.prepared(for: config.precision)
     }
 }

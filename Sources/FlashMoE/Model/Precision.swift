@@ -11,22 +11,35 @@ public enum Precision: String, Sendable, Hashable, Codable, CaseIterable, Custom
     case bf16
     /// FP16 storage and tensor-core products, FP32 accumulation. ~1e-2.
     case fp16
+    /// Block-scaled FP8 experts (docs/fp8.md): expert weights E4M3 with one FP32 scale per 128×128 block,
+    /// activations quantized to E4M3 per token and 128-channel group before each expert GEMM, FP32 accumulation
+    /// with the scales applied per 128-wide K block. The router, the shared expert, x and h between the GEMMs
+    /// are BF16. The oracle runs the same quantization (tolerance against it: 5e-3); against the BF16 oracle the
+    /// error is that of E4M3 itself, a few percent.
+    case fp8
 
     /// The element type that activations and weights are stored in for this precision.
+
     public var storage: ElementType {
         switch self {
         case .fp32, .tf32: .float32
-        case .bf16: .bfloat16
+        case .bf16, .fp8: .bfloat16
         case .fp16: .float16
         }
     }
 
-    /// The relative error (‖out − ref‖ / ‖ref‖) a correct implementation stays under, against the Float64 oracle.
+    /// The element type the routed experts' matrices (w1, w3, w2) are stored in: FP8 for `fp8`, else `storage`.
+    public var expertWeights: ElementType { self == .fp8 ? .float8E4M3 : storage }
+
+    /// The relative error (‖out − ref‖ / ‖ref‖) a correct implementation stays under, against the Float64 oracle
+    /// of the same precision (for fp8 the oracle quantizes exactly as the precision says, so the bound covers
+    /// FP32 accumulation and the rare E4M3 code that flips when h is computed in FP32 rather than Float64).
     public var tolerance: Double {
         switch self {
         case .fp32: 1e-5
         case .tf32: 2e-3
         case .bf16, .fp16: 1e-2
+        case .fp8: 5e-3
         }
     }
 
@@ -38,12 +51,15 @@ public enum ElementType: String, Sendable, Hashable, Codable, CaseIterable, Cust
     case float32
     case float16
     case bfloat16
+    /// FP8 E4M3 codes with one FP32 scale per 128×128 block (`FP8Blocks`).
+    case float8E4M3
 
-    /// Bytes per element.
+    /// Bytes per element (FP8: the code; its block scale adds 4/16384 bytes per element).
     public var byteSize: Int {
         switch self {
         case .float32: 4
         case .float16, .bfloat16: 2
+        case .float8E4M3: 1
         }
     }
 

@@ -7,6 +7,11 @@ import Dispatch
 /// the shared expert. GEMM work is split into (expert, column-panel range) tasks of similar cost that the
 /// threads take dynamically; every output element is computed by exactly one task in a fixed order, so results
 /// do not depend on the thread count.
+///
+/// fp8 (docs/fp8.md): the experts' FP8 matrices are packed as FP32 values (code × block scale), the gathered rows
+/// and the activated h are replaced by their quantized values (same codes and scales as the oracle, per token and
+/// 128-channel group), and the GEMMs run in FP32 over the whole K: the same products as the oracle's, summed in
+/// FP32 rather than per K block in Float64.
 struct FastEngine: Sendable {
     let config: MoEConfig
     let kernel: GemmKernel
@@ -29,15 +34,17 @@ struct FastEngine: Sendable {
     }
 
     init(layer: MoELayer, kernel: GemmKernel) {
-        let c = layer.config, w = layer.weights
+        let c = layer.config, w = layer.weights.prepared(for: layer.config.precision)
         let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
         let st = c.precision.storage
+        // FP8 experts are packed as their FP32 values (code × scale), not rounded again.
+        let est = c.precision == .fp8 ? ElementType.float32 : st
         config = c
         self.kernel = kernel
         router = PackedMatrices(w.router, count: 1, rows: e, cols: h, storage: st, kernel: kernel)
-        w1 = PackedMatrices(w.w1, count: e, rows: i, cols: h, storage: st, kernel: kernel)
-        w3 = w.w3.map { PackedMatrices($0, count: e, rows: i, cols: h, storage: st, kernel: kernel) }
-        w2 = PackedMatrices(w.w2, count: e, rows: h, cols: i, storage: st, kernel: kernel)
+        w1 = PackedMatrices(w.w1, count: e, rows: i, cols: h, storage: est, kernel: kernel)
+        w3 = w.w3.map { PackedMatrices($0, count: e, rows: i, cols: h, storage: est, kernel: kernel) }
+        w2 = PackedMatrices(w.w2, count: e, rows: h, cols: i, storage: est, kernel: kernel)
         b1 = w.b1?.floats()
         b2 = w.b2?.floats()
         selectionBias = w.selectionBias?.floats()
@@ -67,6 +74,8 @@ struct FastEngine: Sendable {
         let b1: UnsafePointer<Float>?  // [inner] of this expert
         let b2: UnsafePointer<Float>?  // [H] of this expert
         let inner: Int
+        /// fp8 routed experts: quantize a (per row, 128-channel groups) between the GEMMs.
+        var fp8 = false
     }
 
     func forward(_ input: HostTensor) throws(MoEError) -> MoEOutput {
@@ -107,6 +116,7 @@ struct FastEngine: Sendable {
         x.withUnsafeBufferPointer { xb in
             let xp = xb.baseAddress!
             gather(routing, offset: offset, x: xp, into: gathered)
+            if config.precision == .fp8 { Self.quantizeRows(gathered, rows: routedRows, width: h, stride: h) }
             var jobs: [Job] = []
             b1.withOptionalPointer { b1p in
                 b2.withOptionalPointer { b2p in
@@ -117,7 +127,7 @@ struct FastEngine: Sendable {
                                 a: gathered + row * h, rows: routing.expertRows[ex], hidden: hidden + row * ldh,
                                 ldh: ldh, out: out + row * h, w1: w1, w3: w3, w2: w2, index: ex,
                                 b1: b1p.map { $0 + ex * config.intermediateSize }, b2: b2p.map { $0 + ex * h },
-                                inner: config.intermediateSize))
+                                inner: config.intermediateSize, fp8: config.precision == .fp8))
                     }
                     if let sp = shared {
                         jobs.append(
@@ -163,10 +173,21 @@ struct FastEngine: Sendable {
             let (j, panels) = first[t]
             firstLayer(jobs[j], panels: panels)
         }
+        for job in jobs where job.fp8 {
+            Self.quantizeRows(job.hidden, rows: job.rows, width: job.inner, stride: job.ldh)
+        }
         let second = tasks(jobs, panels: { $0.w2.panels }, depth: { $0.inner })
         DispatchQueue.concurrentPerform(iterations: second.count) { t in
             let (j, panels) = second[t]
             secondLayer(jobs[j], panels: panels)
+        }
+    }
+
+    /// Replaces each row's first `width` values by their FP8 values (`FP8Scaling.fakeQuantizeRow`), in parallel.
+    private static func quantizeRows(_ base: UnsafeMutablePointer<Float>, rows: Int, width: Int, stride: Int) {
+        nonisolated(unsafe) let p = base
+        parallelChunks(count: rows, minimumChunk: max(1, 1 << 14 / max(1, width))) { chunk in
+            for r in chunk { FP8Scaling.fakeQuantizeRow(p + r * stride, count: width) }
         }
     }
 

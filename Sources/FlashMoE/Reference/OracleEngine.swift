@@ -22,13 +22,13 @@ struct FFNMatrices: Sendable {
 /// the thread count.
 struct OracleEngine: Sendable {
     let config: MoEConfig
-    /// Every matrix rounded to the precision's storage type, once.
+    /// Every matrix rounded to the precision's storage type, once (fp8: the experts' matrices quantized instead).
     let weights: MoEWeights
     let selectionBias: [Float]?
 
     init(layer: MoELayer) {
         config = layer.config
-        weights = layer.weights.converted(to: layer.config.precision.storage)
+        weights = layer.weights.prepared(for: layer.config.precision)
         selectionBias = layer.weights.selectionBias?.floats()
     }
 
@@ -48,7 +48,8 @@ struct OracleEngine: Sendable {
             let m = FFNMatrices(
                 w1: weights.w1, w3: weights.w3, w2: weights.w2, b1: weights.b1, b2: weights.b2, index: ex,
                 inner: config.intermediateSize)
-            let out = ffn(m, tokens: pairsOf[ex].map { $0 / k }, x: x)
+            let rows = pairsOf[ex].map { $0 / k }
+            let out = config.precision == .fp8 ? ffnFP8(m, tokens: rows, x: x) : ffn(m, tokens: rows, x: x)
             for (r, p) in pairsOf[ex].enumerated() {
                 for c in 0..<h { pairOut[p * h + c] = out[r * h + c] }
             }

@@ -209,7 +209,7 @@ import Testing
                     ])
                 }) == .backendUnavailable)
         // Values ArgumentParser rejects while parsing.
-        expectCommandFailure(mentioning: ["fp8", "'fp32'", "'fp16'"]) { try flashmoeRun(["--precision", "fp8"]) }
+        expectCommandFailure(mentioning: ["fp4", "'fp32'", "'fp8'"]) { try flashmoeRun(["--precision", "fp4"]) }
         expectCommandFailure(mentioning: ["--router"]) { try flashmoeRun(["--router", "argmax"]) }
         expectCommandFailure(mentioning: ["plain FFN only"]) { try flashmoeRun(["--ffn", "gated", "--bias"]) }
     }

@@ -1,0 +1,92 @@
+/// The routed experts' FP8 weights in the layout the kernel's fp8 path reads (docs/fp8.md; `W1_EXPERT_BYTES` and
+/// `W2_EXPERT_BYTES` in Sources/CKernels/kernels/moe_params.cuh): per expert, the E4M3 codes [rows, K] (W1 gated:
+/// gate and up rows interleaved in blocks of `packRows` = 64), then one FP32 scale per 64-row granule of those
+/// rows and 128-wide K block, [⌈rows/64⌉][⌈K/128⌉]; each part padded to 16 bytes.
+extension FusedDeviceWeights {
+    /// Rows per scale granule: half the fp8 kernel's 128-wide expert tile.
+    static let fp8Granule = 64
+
+    /// The bytes of one expert of an FP8 stack: codes of `rows` packed rows of `k` columns, then the scales.
+    static func fp8ExpertBytes(rows: Int, k: Int) -> (codes: Int, total: Int) {
+        func round16(_ v: Int) -> Int { (v + 15) / 16 * 16 }
+        let codes = round16(rows * k)
+        let scales = (rows + fp8Granule - 1) / fp8Granule * ((k + 127) / 128) * 4
+        return (codes, round16(codes + scales))
+    }
+
+    /// Packed row r of W1's fp8 image → (matrix, source row) of `gate` / `up`: the gated FFN interleaves blocks of
+    /// `packRows` gate rows and the matching up rows; padding rows (past `inner`) have no source.
+    static func fp8FirstSource(gate: FP8Blocks, up: FP8Blocks?, inner: Int, packRows: Int) -> (Int) -> (FP8Blocks, Int)? {
+        { r in
+            guard let up else { return r < inner ? (gate, r) : nil }
+            let (block, within) = r.quotientAndRemainder(dividingBy: 2 * packRows)
+            let row = block * packRows + within % packRows
+            return row < inner ? (within < packRows ? gate : up, row) : nil
+        }
+    }
+
+    /// Rows of W1's fp8 image: `inner`, or for the gated FFN ⌈inner/packRows⌉ blocks of 2·packRows rows.
+    static func fp8FirstRows(inner: Int, gated: Bool, packRows: Int) -> Int {
+        gated ? (inner + packRows - 1) / packRows * 2 * packRows : inner
+    }
+
+    /// Uploads W1 (and W3 for the gated FFN) of `matrices` experts, FP8 blocks of [matrices, inner, k].
+    static func uploadFP8First(
+        gate: FP8Blocks, up: FP8Blocks?, matrices: Int, inner: Int, k: Int, packRows: Int, device: CUDADevice
+    ) throws -> DeviceBuffer<UInt8> {
+        guard packRows == fp8Granule else {
+            throw MoEError(
+                .unsupported, "the fp8 kernel packs gate/up rows in blocks of \(fp8Granule), but this module packs \(packRows)")
+        }
+        let rows = fp8FirstRows(inner: inner, gated: up != nil, packRows: packRows)
+        let source = fp8FirstSource(gate: gate, up: up, inner: inner, packRows: packRows)
+        return try uploadFP8(matrices: matrices, rows: rows, k: k, device: device, source: source)
+    }
+
+    /// Uploads W2 of `matrices` experts, FP8 blocks of [matrices, H, I].
+    static func uploadFP8Second(down: FP8Blocks, matrices: Int, hidden: Int, k: Int, device: CUDADevice) throws
+        -> DeviceBuffer<UInt8>
+    {
+        try uploadFP8(matrices: matrices, rows: hidden, k: k, device: device) { $0 < hidden ? (down, $0) : nil }
+    }
+
+    /// Copies each expert's image (`fp8Image`) to the device, one expert at a time.
+    private static func uploadFP8(
+        matrices: Int, rows: Int, k: Int, device: CUDADevice, source: (Int) -> (FP8Blocks, Int)?
+    ) throws -> DeviceBuffer<UInt8> {
+        let expertBytes = fp8ExpertBytes(rows: rows, k: k).total
+        let buffer = try DeviceBuffer<UInt8>(device: device, count: max(1, matrices * expertBytes))
+        for m in 0..<matrices {
+            try buffer.upload(fp8Image(matrix: m, rows: rows, k: k, source: source), at: m * expertBytes)
+        }
+        return buffer
+    }
+
+    /// The bytes of expert `m`: its packed rows' codes, then the scale of each 64-row granule and K block.
+    static func fp8Image(matrix m: Int, rows: Int, k: Int, source: (Int) -> (FP8Blocks, Int)?) -> [UInt8] {
+        let (codeBytes, expertBytes) = fp8ExpertBytes(rows: rows, k: k)
+        let kb = (k + 127) / 128
+        let granules = (rows + fp8Granule - 1) / fp8Granule
+        var bytes = [UInt8](repeating: 0, count: expertBytes)
+        bytes.withUnsafeMutableBytes { raw in
+            for r in 0..<rows {
+                guard let (blocks, row) = source(r) else { continue }
+                let from = (m * blocks.rows + row) * k
+                blocks.codes.withUnsafeBytes { codes in
+                    (raw.baseAddress! + r * k).copyMemory(from: codes.baseAddress! + from, byteCount: k)
+                }
+            }
+            let scales = (raw.baseAddress! + codeBytes).bindMemory(to: Float.self, capacity: granules * kb)
+            for g in 0..<granules {
+                // A granule's rows come from one matrix and one 128-row scale block (64 divides 128).
+                guard let (blocks, row) = source(g * fp8Granule) else {
+                    for j in 0..<kb { scales[g * kb + j] = 0 }
+                    continue
+                }
+                let base = (m * blocks.blockRows + row / 128) * blocks.blockCols
+                for j in 0..<kb { scales[g * kb + j] = blocks.scales[base + j] }
+            }
+        }
+        return bytes
+    }
+}
