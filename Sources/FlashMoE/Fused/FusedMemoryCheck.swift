@@ -40,7 +40,10 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
     init(config c: MoEConfig, ranks: Int, tokensPerRank: [Int], experts: [Range<Int>], totalTokens: Int? = nil)
         throws(MoEError)
     {
-        let spec = try FusedSpecialization(config: c, ranks: ranks)
+        // fp8's workspace is bf16's (x, h and the outputs are BF16); its weights are counted by weightBytes.
+        var layout = c
+        if c.precision == .fp8 { layout.precision = .bf16 }
+        let spec = try FusedSpecialization(config: layout, ranks: ranks)
         let total = totalTokens ?? tokensPerRank.reduce(0, +)
         var weights = 0, workspace = 0
         for (s, mine) in zip(tokensPerRank, experts) {

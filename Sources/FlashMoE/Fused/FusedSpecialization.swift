@@ -82,6 +82,10 @@ public struct FusedSpecialization: Sendable, Hashable {
                 throw fail(
                     "precision fp8 is not ready on the GPU yet: the kernel's FP8 path (sm_90a) has not been checked on a GPU, so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
             }
+            guard arch.architectureSpecific && arch.computeCapability == ComputeCapability(major: 9, minor: 0) else {
+                throw fail(
+                    "precision fp8 needs the kernel's E4M3 wgmma path, which exists for sm_90a (Hopper) only; the target is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
+            }
             for (name, v) in [("H", config.hiddenSize), ("I", config.intermediateSize)] where v % 16 != 0 {
                 throw fail("precision fp8 on the GPU needs \(name) to be a multiple of 16 (16-byte rows of E4M3); got \(name) = \(v)")
             }

@@ -8,12 +8,30 @@ import Testing
 @Suite struct SharedMemoryFitTests {
     static let archs = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120", "sm_120a"]
 
+    /// Every preset in every precision but fp8, whose GPU path exists for sm_90a only (checked below).
     static var presetConfigs: [MoEConfig] {
         Preset.all.flatMap { p in
-            Precision.allCases.map { precision in
+            Precision.allCases.filter { $0 != .fp8 }.map { precision in
                 var c = p.config
                 c.precision = precision
                 return c
+            }
+        }
+    }
+
+    /// fp8 (wgmma_fp8.cuh: 128-wide tiles, a ring of BF16 A and E4M3 B K blocks) fits the H200 at 4 stages, alone
+    /// and as 8 ranks.
+    @Test func fp8PresetsFitTheH200AtFourStages() throws {
+        let arch = try GPUArchitecture(parsing: "sm_90a")
+        let limit = try ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn
+        for p in Preset.all {
+            var c = p.config
+            c.precision = .fp8
+            for ranks in [1, 8] {
+                let m = FusedSharedMemory(config: c, arch: arch, stages: 4, ranks: ranks)
+                #expect(m.expertTileWidth == 128)
+                #expect(m.dynamicBytes == 4 * 128 * (256 + 128) + 128 * (128 + 4) + 1024)
+                #expect(m.fits(limit: limit), "\(p.name) fp8, \(ranks) ranks")
             }
         }
     }

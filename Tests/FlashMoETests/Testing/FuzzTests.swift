@@ -32,7 +32,7 @@ import Testing
     @Test func theGeneratorCoversEveryRouterFFNPrecisionAndEdge() {
         let all = Self.generated
         let configs = all.map(\.config)
-        #expect(Set(configs.map(\.precision)) == Set(Precision.allCases))
+        #expect(Set(configs.map(\.precision)) == Set(Precision.allCases.filter { $0 != .fp8 }))  // fp8: its own verify cases
         #expect(Set(configs.map(\.activation)) == Set(Activation.allCases))
         #expect(configs.contains { $0.ffn == .gated })
         #expect(configs.contains { $0.ffn == .plain && $0.bias })
