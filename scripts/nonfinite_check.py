@@ -80,7 +80,7 @@ def poke(path, name, index, value):
 
 class Checker:
     def __init__(self):
-        self.failures, self.checks = [], 0
+        self.failures, self.checks, self.skipped = [], 0, 0
 
     def expect(self, ok, what):
         self.checks += 1
@@ -89,13 +89,18 @@ class Checker:
             print("  FAIL " + what)
 
 
+class Unsupported(RuntimeError):
+    """The backend refused the layer with a typed error (e.g. a shape the GPU kernel does not take)."""
+
+
 def run(args, layer_args, x_path, y_path, backend, precision):
     cmd = [args.bin, "run", *layer_args, "--input", x_path, "--backend", backend, "--output", y_path]
     if precision:
         cmd += ["--precision", precision]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-800:]}")
+        kind = Unsupported if "the GPU kernel needs" in p.stderr or "supports up to" in p.stderr else RuntimeError
+        raise kind(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-800:]}")
     out, _ = read_safetensors(y_path)
     return out["y"], out["topk_ids"], out["topk_weights"], p.stdout
 
@@ -199,7 +204,12 @@ def weight_faults(args, c):
             print(label)
             with open(model, "wb") as f:
                 f.write(original)
-            clean = run(args, layer, x_path, y_path, args.backend, precision)[:3]
+            try:
+                clean = run(args, layer, x_path, y_path, args.backend, precision)[:3]
+            except Unsupported as e:  # a fixture shape the backend refuses, with its typed error: nothing to check
+                print(f"  skipped: {str(e).split(': ')[-1]}")
+                c.skipped += 1
+                continue
             bad = int(clean[1][0, 0])
             poke(model, f"model.layers.1.{block}.experts.{bad}.{gate}.weight", 3, np.nan)
             y, ids, w, _ = run(args, layer, x_path, y_path, args.backend, precision)
@@ -234,7 +244,8 @@ def main():
     c = Checker()
     x_faults(args, c)
     weight_faults(args, c)
-    print(f"nonfinite_check: {args.backend} against {args.reference}: {c.checks} checks, {len(c.failures)} failed")
+    print(f"nonfinite_check: {args.backend} against {args.reference}: {c.checks} checks, {len(c.failures)} failed"
+          + (f" ({c.skipped} layers refused by the backend, skipped)" if c.skipped else ""))
     return 1 if c.failures else 0
 
 

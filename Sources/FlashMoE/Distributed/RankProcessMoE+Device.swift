@@ -30,6 +30,8 @@ extension RankProcessMoE {
             let s = call.tokens
             let counts = try tokensPerRank ?? gatherCounts(s)
             try check(counts, own: s)
+            // No token on any rank (every rank sees the same counts, so all skip alike): no launch, no epoch.
+            if counts.allSatisfy({ $0 == 0 }) { return }
             if st.epoch >= options.epochWrap {
                 try synchronize(call.stream)
                 try wrapEpoch()

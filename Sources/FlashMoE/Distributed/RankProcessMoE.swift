@@ -307,6 +307,8 @@ public final class RankProcessMoE: @unchecked Sendable {
             try checkUsable(st)
             let counts = try tokensPerRank ?? gatherCounts(s)
             try check(counts, own: s)
+            // No token on any rank (every rank sees the same counts, so all skip alike): no launch, no epoch.
+            if counts.allSatisfy({ $0 == 0 }) { return DistributedMoE.noTokens(config) }
             let c = config
             if counts != st.tokens || !st.pointers.isEmpty {
                 let total = counts.reduce(0, +)

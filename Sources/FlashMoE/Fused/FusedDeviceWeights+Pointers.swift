@@ -85,7 +85,7 @@ extension FusedDeviceWeights {
     ///
     /// Everything is copied into buffers the operator owns, so the caller may free its weights as soon as this
     /// returns (include/flashmoe.h promises that); nothing of the caller's memory is used in place. All copies are
-    /// device to device (TF32 layers too: the kernel rounds its operands itself):
+    /// device to device (TF32 layers then round the expert matrices once, through host memory in 64 MiB pieces):
     /// - router (+ the shared expert's gate row), selection bias, biases, W2 and a plain W1: one `cuMemcpyDtoD`
     ///   per tensor, at device bandwidth (about 1 ms per 2 GB on an H200);
     /// - gated first layers, from either layout: packed into the kernel's interleaved blocks with two
@@ -142,6 +142,12 @@ extension FusedDeviceWeights {
             sharedW1: sharedW1,
             sharedW2: sharedW2)
         try device.synchronize()
+        // TF32: the expert matrices rounded to TF32 once, as the host path does (gemm_tile.cuh states the rule).
+        if c.precision == .tf32 {
+            for buffer in [self.w1, self.w2, self.sharedW1, self.sharedW2].compactMap({ $0 }) {
+                try Self.roundToTF32(buffer)
+            }
+        }
         // The non-finite rules of docs/nonfinite.md: a NaN or infinite selection bias is refused, as on the CPU.
         if let bias = self.selectionBias {
             _ = try Router.checkedBias(try bias.download(as: Float.self, count: e), config: c)

@@ -6,8 +6,9 @@
 ///   matching up rows (I padded with zero rows to a multiple of `packRows`), so one GEMM0 tile holds matching gate
 ///   and up columns and its epilogue emits act(g)·u. `packRows` is half the kernel's expert tile width, read from
 ///   the compiled module so host and kernel cannot disagree. Packing happens once, when the layer is created.
-/// - TF32 mode stores FP32 as is: the kernel rounds every tensor-core operand (x, h and these weights) to the
-///   nearest TF32 in shared memory (gemm_tile.cuh), the same on every architecture; the router is exact FP32 FFMA.
+/// - TF32 mode rounds the expert matrices to the nearest TF32 value (ties away from zero, as `cvt.rna`) once here;
+///   the kernel rounds x and h itself (gemm_tile.cuh states the rule), the same on every architecture. The router
+///   keeps FP32 (routing is exact FP32 FFMA).
 struct FusedDeviceWeights {
     let router: DeviceBuffer<UInt8>
     let selectionBias: DeviceBuffer<UInt8>?
@@ -54,7 +55,11 @@ struct FusedDeviceWeights {
             w.b1 = try w.b1?.slice(range)
             w.b2 = try w.b2?.slice(range)
         }
-        func prepared(_ t: HostTensor) -> HostTensor { t.converted(to: type) }
+        func prepared(_ t: HostTensor) -> HostTensor {
+            let converted = t.converted(to: type)
+            guard c.precision == .tf32, case .float32(let v) = converted.storage else { return converted }
+            return try! HostTensor(shape: converted.shape, float32: v.map(Self.roundedToTF32))  // same shape: cannot fail
+        }
         func upload(_ t: HostTensor) throws -> DeviceBuffer<UInt8> {
             let buffer = try DeviceBuffer<UInt8>(device: device, count: max(t.byteCount, 1))
             try t.withUnsafeBytes { try buffer.upload($0) }
@@ -134,5 +139,27 @@ struct FusedDeviceWeights {
             }
         }
         return buffer
+    }
+
+    /// Rounds an FP32 value to the nearest TF32 (10-bit mantissa), ties away from zero like `cvt.rna.tf32.f32`;
+    /// NaN and ±∞ are returned unchanged, and values that round past the largest finite become ±∞ as IEEE does.
+    static func roundedToTF32(_ x: Float) -> Float {
+        guard x.isFinite else { return x }
+        return Float(bitPattern: (x.bitPattern &+ 0x1000) & ~0x1FFF)
+    }
+
+    /// Rounds the FP32 values of `buffer` to TF32 in place (`roundedToTF32`), through host memory in 64 MiB pieces:
+    /// for TF32 weights copied from the caller's device memory, once when the layer is created.
+    static func roundToTF32(_ buffer: DeviceBuffer<UInt8>) throws {
+        let piece = 64 << 20
+        var offset = 0
+        while offset < buffer.byteCount {
+            let n = min(piece, buffer.byteCount - offset) / 4
+            guard n > 0 else { break }
+            var v: [Float] = try buffer.download(as: Float.self, count: n, from: offset)
+            for i in v.indices { v[i] = roundedToTF32(v[i]) }
+            try v.withUnsafeBytes { try buffer.upload($0, at: offset) }
+            offset += n * 4
+        }
     }
 }
