@@ -12,6 +12,28 @@
 // linked by nvJitLink with the wheel's static device library for the library's device state.
 #pragma once
 #if FMOE_NVSHMEM
+// NVSHMEM 3.4's build options define NVSHMEM_IBGDA_SUPPORT unconditionally, so its transfer_device.cuh includes
+// ibgda_device.cuh and <infiniband/mlx5dv.h> (the NIC's queue layouts), which NVRTC cannot compile; 3.8's options
+// drop IBGDA (and GPUNetIO) themselves under NVRTC with NVSHMEM_ENABLE_ALL_DEVICE_INLINING. Include the options
+// first (#pragma once: nvshmem.h then reuses them) and drop IBGDA here the same way for every version, so remote
+// PEs go through the host proxy transport (docs/multinode.md, "NVSHMEM versions").
+#include <non_abi/nvshmem_build_options.h>
+#include <non_abi/nvshmem_version.h>
+#if defined(__CUDACC_RTC__)
+#undef NVSHMEM_IBGDA_SUPPORT
+#undef NVSHMEM_IBGDA_SUPPORT_GPUMEM_ONLY
+#undef NVSHMEM_GPUNETIO_SUPPORT
+#if NVSHMEM_VENDOR_MAJOR_VERSION == 3 && NVSHMEM_VENDOR_MINOR_VERSION < 8
+// 3.4's collectives (coll/reduce.cuh) name std::is_integral, is_signed and is_unsigned without a header NVRTC has;
+// CCCL's are the same traits.
+#include <cuda/std/type_traits>
+namespace std {
+using cuda::std::is_integral;
+using cuda::std::is_signed;
+using cuda::std::is_unsigned;
+}  // namespace std
+#endif
+#endif
 #include <nvshmem.h>
 #include <nvshmemx.h>
 

@@ -1,4 +1,5 @@
 import CCUDA
+import Synchronization
 
 /// NVSHMEM's host library (`libnvshmem_host.so.3`, shipped in the `nvidia-nvshmem-cu13` / `-cu12` wheels) opened
 /// with dlopen, and the unique-id bootstrap through a `Rendezvous`: the host half of the transport between nodes
@@ -7,16 +8,22 @@ import CCUDA
 ///
 /// Only entry points the library exports are used: `nvshmemx_init_attr` is a `static inline` in the headers that
 /// calls a function of the static device library, so the host-only init is `nvshmemx_hostlib_init_attr`, and each
-/// loaded module then needs `nvshmemx_cumodule_init`. Struct layouts are those of NVSHMEM 3.x's headers
-/// (`nvshmemx_init_attr_v2`: 144 bytes; `nvshmemx_uniqueid_v1`: 128 bytes; both are static-asserted there).
+/// loaded module then needs `nvshmemx_cumodule_init`. The structs passed in (`nvshmemx_uniqueid_v1`, 128 bytes;
+/// the init attributes, 144 bytes) were checked against the headers of the versions in `checkedVersions` only, so
+/// `load` refuses any other version (`NVSHMEMVersionCheck`).
 ///
-/// `@unchecked Sendable`: the function table is immutable; NVSHMEM's host calls are made from one thread per PE.
+/// `@unchecked Sendable`: the function table is immutable and `state` is a Mutex; NVSHMEM's host calls are made
+/// from one thread per PE.
 public final class NVSHMEMLibrary: @unchecked Sendable {
     /// The file that was opened.
     public let path: String
     /// `nvshmem_info_get_version`: the OpenSHMEM spec version the library implements (e.g. 1.3).
     public let specVersion: (major: Int, minor: Int)
+    /// `nvshmemx_vendor_get_version_info`: the library's own release (e.g. 3.4.5).
+    public let version: NVSHMEMVersion
     private let fn: Functions
+    /// Whether `nvshmemx_hostlib_init_attr` succeeded and `finalize` has not run yet.
+    private let initialized = Mutex(false)
 
     /// The environment variable naming the library file, or a folder holding `libnvshmem_host.so.3`.
     public static let overrideVariable = "FLASHMOE_NVSHMEM"
@@ -45,10 +52,11 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         return result
     }
 
-    /// Opens the first candidate that loads and resolves every entry point.
+    /// Opens the first candidate that loads and resolves every entry point, and checks its version.
     ///
-    /// - Throws: `CUDAError.libraryNotFound` listing every place tried and how to install it, or
-    ///   `.missingSymbol` for a library without an entry point used here.
+    /// - Throws: `CUDAError.libraryNotFound` listing every place tried and how to install it,
+    ///   `.missingSymbol` for a library without an entry point used here, or `.invalidArgument` for a version
+    ///   whose struct layouts were not checked (`NVSHMEMVersionCheck`).
     public static func load(environment: [String: String] = ProcessEnvironment.current()) throws(CUDAError)
         -> NVSHMEMLibrary
     {
@@ -56,7 +64,7 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         var attempts: [LibraryAttempt] = []
         for candidate in candidates(environment: environment) {
             switch DynamicLibrary.open(candidate, global: true) {
-            case .success(let library): return try NVSHMEMLibrary(library, path: candidate)
+            case .success(let library): return try NVSHMEMLibrary(library, path: candidate, environment: environment)
             case .failure(let attempt): attempts.append(attempt)
             }
         }
@@ -65,12 +73,16 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
             hint: "pip install nvidia-nvshmem-cu13 (or -cu12), or point \(overrideVariable) at its nvidia/nvshmem/lib")
     }
 
-    private init(_ library: DynamicLibrary, path: String) throws(CUDAError) {
+    private init(_ library: DynamicLibrary, path: String, environment: [String: String]) throws(CUDAError) {
         self.path = path
         fn = try Functions(library)
         var major: Int32 = 0, minor: Int32 = 0
         fn.infoGetVersion(&major, &minor)
         specVersion = (Int(major), Int(minor))
+        var patch: Int32 = 0
+        fn.vendorGetVersionInfo(&major, &minor, &patch)
+        version = NVSHMEMVersion(major: Int(major), minor: Int(minor), patch: Int(patch))
+        try NVSHMEMVersionCheck.check(version, path: path, environment: environment)
     }
 
     // MARK: - Bootstrap
@@ -93,7 +105,7 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
             throw NVSHMEMError(call: "initialize", status: -1, detail: "a unique id has \(Self.uniqueIDBytes) bytes, not \(uniqueID.count)")
         }
         var id = uniqueID
-        var attr = Self.initialAttributes()
+        var attr = Self.initialAttributes(layout: NVSHMEMVersionCheck.layout(of: version) ?? .v2)
         let status: Int32 = id.withUnsafeMutableBytes { idBytes in
             attr.withUnsafeMutableBytes { attrBytes in
                 let set = fn.setAttrUniqueIDArgs(Int32(rank), Int32(ranks), idBytes.baseAddress!, attrBytes.baseAddress!)
@@ -103,7 +115,11 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         }
         if status <= -1000 { try NVSHMEMError.check(status + 1000, "nvshmemx_set_attr_uniqueid_args") }
         try NVSHMEMError.check(status, "nvshmemx_hostlib_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID)")
+        initialized.withLock { $0 = true }
     }
+
+    /// Whether this process is an initialized PE (init succeeded, `finalize` not yet run).
+    public var isInitialized: Bool { initialized.withLock { $0 } }
 
     /// Rank 0 makes the unique id and posts it; every rank reads it and initializes (the rendezvous's rank and
     /// world size become the PE and PE count).
@@ -113,16 +129,19 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         try initialize(rank: rendezvous.rank, ranks: rendezvous.worldSize, uniqueID: posted[0])
     }
 
-    /// `nvshmemx_init_attr_t` as NVSHMEMX_INIT_ATTR_INITIALIZER leaves it (v2): versions set, no MPI communicator,
-    /// unique-id arguments and device unset (-1).
-    static func initialAttributes() -> [UInt8] {
+    /// `nvshmemx_init_attr_t` as the library's own NVSHMEMX_INIT_ATTR_INITIALIZER leaves it: versions set, no MPI
+    /// communicator, unique-id arguments unset (-1); v2 (3.8) also has the device unset (-1) where v1 (3.4) has
+    /// padding. Offsets (both layouts): attr.version 0, mpi_comm 8, args.version 16, uid_args.version 24, id 32,
+    /// myrank 40, nranks 44, v2's cuda_device_id 48.
+    static func initialAttributes(layout: NVSHMEMInitAttrLayout = .v2) -> [UInt8] {
         var a = [UInt8](repeating: 0, count: initAttrBytes)
-        store(Int32((2 << 16) + initAttrBytes), in: &a, at: 0)  // attr.version
-        store(Int32((2 << 16) + 128), in: &a, at: 16)  // args.version (nvshmemx_init_args_v2, 128 bytes)
+        let v = Int32(layout.rawValue) << 16
+        store(v + Int32(initAttrBytes), in: &a, at: 0)  // attr.version
+        store(v + 128, in: &a, at: 16)  // args.version (nvshmemx_init_args_v1/v2, 128 bytes)
         store(Int32((1 << 16) + 24), in: &a, at: 24)  // args.uid_args.version (24 bytes)
         store(Int32(-1), in: &a, at: 40)  // args.uid_args.myrank
         store(Int32(-1), in: &a, at: 44)  // args.uid_args.nranks
-        store(Int32(-1), in: &a, at: 48)  // args.cuda_device_id
+        if layout == .v2 { store(Int32(-1), in: &a, at: 48) }  // args.cuda_device_id
         return a
     }
 
@@ -159,8 +178,16 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         try NVSHMEMError.check(fn.cumoduleInit(module), "nvshmemx_cumodule_init")
     }
 
-    /// `nvshmemx_hostlib_finalize` (collective).
-    public func finalize() { fn.hostlibFinalize() }
+    /// `nvshmemx_hostlib_finalize` (collective), once, and only after a successful `initialize`: a failed or
+    /// repeated call does nothing. Call it with this PE's CUDA context current, before the process exits: a PE
+    /// left initialized at exit has NVSHMEM's proxy thread running while the CUDA driver tears down.
+    public func finalize() {
+        let wasInitialized = initialized.withLock { was in
+            defer { was = false }
+            return was
+        }
+        if wasInitialized { fn.hostlibFinalize() }
+    }
 
     // MARK: - Entry points
 
@@ -175,6 +202,9 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         typealias Ptr = @convention(c) (UnsafeRawPointer?, Int32) -> UnsafeMutableRawPointer?
         typealias ModuleInit = @convention(c) (CUmodule) -> Int32
         typealias InfoGetVersion = @convention(c) (UnsafeMutablePointer<Int32>, UnsafeMutablePointer<Int32>) -> Void
+        typealias VendorVersion = @convention(c) (
+            UnsafeMutablePointer<Int32>, UnsafeMutablePointer<Int32>, UnsafeMutablePointer<Int32>
+        ) -> Void
 
         let getUniqueID: GetUniqueID
         let setAttrUniqueIDArgs: SetAttrUniqueIDArgs
@@ -188,6 +218,7 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
         let barrierAll: Void0
         let cumoduleInit: ModuleInit
         let infoGetVersion: InfoGetVersion
+        let vendorGetVersionInfo: VendorVersion
 
         init(_ l: DynamicLibrary) throws(CUDAError) {
             let name = "NVSHMEM (\(NVSHMEMLibrary.soname))"
@@ -204,6 +235,8 @@ public final class NVSHMEMLibrary: @unchecked Sendable {
             barrierAll = try l.function("nvshmem_barrier_all", as: Void0.self, library: name)
             cumoduleInit = try l.function("nvshmemx_cumodule_init", as: ModuleInit.self, library: name)
             infoGetVersion = try l.function("nvshmem_info_get_version", as: InfoGetVersion.self, library: name)
+            vendorGetVersionInfo = try l.function(
+                "nvshmemx_vendor_get_version_info", as: VendorVersion.self, library: name)
         }
     }
 }

@@ -176,6 +176,12 @@ public final class RankProcessMoE: @unchecked Sendable {
         specialization = spec
         let shmem: NVSHMEMLibrary?
         let k: FusedKernel
+        // A creation that fails after NVSHMEM's init finalizes it before the error leaves: a PE left initialized
+        // crashed the process at exit (its proxy thread outlived the CUDA teardown). Every rank fails creation
+        // alike (a rank that stops answering fails the others' next rendezvous step), so the collective finalize
+        // meets its peers.
+        var finalizeOnFailure: NVSHMEMLibrary?
+        defer { finalizeOnFailure?.finalize() }
         switch transport {
         case .ipc:
             shmem = nil
@@ -188,6 +194,7 @@ public final class RankProcessMoE: @unchecked Sendable {
             let (library, built) = try Self.nvshmemKernel(
                 spec, rendezvous: rendezvous, driver: try CUDADriver.shared.get(), options: options)
             (shmem, k) = (library, built)
+            finalizeOnFailure = library
         }
         kernel = k
         // Every rank sizes its grid to the smallest rank's, so the gate splits alike everywhere.
@@ -235,6 +242,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         // The last step of creation: a rank that failed after the mappings aborts here, so no rank leaves create
         // believing in a group another rank has left.
         try rendezvous.barrier("created")
+        finalizeOnFailure = nil  // created: `close` finalizes
     }
 
     /// NVSHMEM: this rank's GPU current, the library bootstrapped through `rendezvous` (PE = rank), and the
@@ -248,11 +256,16 @@ public final class RankProcessMoE: @unchecked Sendable {
         let builder = try NVSHMEMKernelBuilder.fromEnvironment(environment)  // before the collective init
         let shmem = try NVSHMEMLibrary.load(environment: environment)
         try shmem.bootstrap(rendezvous)
-        let kernel = try FusedKernel(
-            specialization: spec, entry: FusedSpecialization.ranksKernelName, device: device,
-            build: { s, arch in try builder.build(s, arch: arch, sources: KernelSources.current(environment: environment)) },
-            prepare: { module in try shmem.initializeModule(module.handle) })
-        return (shmem, kernel)
+        do {
+            let kernel = try FusedKernel(
+                specialization: spec, entry: FusedSpecialization.ranksKernelName, device: device,
+                build: { s, arch in try builder.build(s, arch: arch, sources: KernelSources.current(environment: environment)) },
+                prepare: { module in try shmem.initializeModule(module.handle) })
+            return (shmem, kernel)
+        } catch {
+            shmem.finalize()  // on this thread, with this PE's context current (see init)
+            throw error
+        }
     }
 
     /// NVSHMEM: one symmetric arena of the largest size any rank needs (`nvshmem_malloc` is collective and the
