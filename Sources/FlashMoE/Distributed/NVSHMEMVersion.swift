@@ -1,14 +1,11 @@
 /// An NVSHMEM release (`nvshmemx_vendor_get_version_info`), e.g. 3.4.5.
 public struct NVSHMEMVersion: Sendable, Hashable, Comparable, CustomStringConvertible {
+    /// The release's numbers.
     public let major: Int
     public let minor: Int
     public let patch: Int
 
-    public init(major: Int, minor: Int, patch: Int) {
-        self.major = major
-        self.minor = minor
-        self.patch = patch
-    }
+    public init(major: Int, minor: Int, patch: Int) { (self.major, self.minor, self.patch) = (major, minor, patch) }
 
     public static func < (a: Self, b: Self) -> Bool { (a.major, a.minor, a.patch) < (b.major, b.minor, b.patch) }
     public var description: String { "\(major).\(minor).\(patch)" }
