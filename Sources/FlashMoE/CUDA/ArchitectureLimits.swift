@@ -23,6 +23,7 @@ public struct ArchitectureLimits: Sendable, Hashable, CustomStringConvertible {
     /// Products of this architecture and their SM counts, for the reader ("RTX 4090: 128 SMs").
     public let examples: String
 
+    /// Limits given field by field (bytes for shared memory); the register defaults are every targeted architecture's.
     public init(
         computeCapability: ComputeCapability, sharedMemoryPerBlockOptIn: Int, sharedMemoryPerMultiprocessor: Int,
         registersPerMultiprocessor: Int = 65536, maxRegistersPerThread: Int = 255, maxThreadsPerMultiprocessor: Int,

@@ -101,6 +101,7 @@ public struct JitLinker: Sendable {
     /// The calls (the real library or a fake).
     public let api: any JitLinkAPI
 
+    /// A linker making its calls through `api`.
     public init(api: any JitLinkAPI) { self.api = api }
 
     /// Links `inputs` with `options` into one cubin.
@@ -155,6 +156,7 @@ public final class NVJitLink: JitLinkAPI, @unchecked Sendable {
     public let version: (major: Int, minor: Int)
     private let fn: Functions
 
+    /// "nvJitLink MAJOR.MINOR FILE SIZE bytes": the version, the library's file name and its size.
     public var identity: String {
         "nvJitLink \(version.major).\(version.minor) \(path.split(separator: "/").last ?? "") "
             + "\(SystemFiles.fileSize(path).map(String.init) ?? "?") bytes"

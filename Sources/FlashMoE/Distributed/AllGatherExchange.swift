@@ -54,6 +54,8 @@ public final class AllGatherExchange: RankExchange, @unchecked Sendable {
         gather = allGather
     }
 
+    /// Step `name`: two calls of the caller's all-gather (headers, then payloads padded to the longest); every
+    /// rank's `bytes`, indexed by rank. Throws `RendezvousError` for a mismatched group, an abort or a failed call.
     public func allGather(_ name: String, _ bytes: [UInt8]) throws -> [[UInt8]] {
         try step(name, bytes, abort: false)
     }
@@ -65,6 +67,7 @@ public final class AllGatherExchange: RankExchange, @unchecked Sendable {
         breakExchange("rank \(rank) gave up: \(reason)")
     }
 
+    /// Breaks the exchange (later steps throw at once); the caller's collective is the caller's to release.
     public func close() { breakExchange("the exchange was closed") }
 
     // MARK: - Machinery

@@ -20,6 +20,7 @@ public struct NVSHMEMDeviceKit: Sendable, Hashable, CustomStringConvertible {
     /// A folder holding `cuda_runtime.h` (a toolkit's `include`, or the nvidia-cuda-runtime wheel's).
     public static let cudaIncludeVariable = "FLASHMOE_CUDA_INCLUDE"
 
+    /// A kit of the given folders and library, as found (no checks; `locate` searches for them).
     public init(includeDirectory: String, deviceLibrary: String, cudaIncludeDirectory: String, cccl: String?) {
         self.includeDirectory = includeDirectory
         self.deviceLibrary = deviceLibrary

@@ -28,6 +28,7 @@ public struct NVSHMEMKernelBuilder: Sendable {
     /// The define that selects the NVSHMEM transport in the kernel sources.
     public static let define = "FMOE_NVSHMEM"
 
+    /// A builder of the given parts (`fromEnvironment` finds the real ones).
     public init(compiler: any LTOCompiling, linker: JitLinker, kit: NVSHMEMDeviceKit, cache: CubinCache?) {
         self.compiler = compiler
         self.linker = linker

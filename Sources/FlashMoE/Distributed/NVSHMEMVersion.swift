@@ -1,12 +1,16 @@
 /// An NVSHMEM release (`nvshmemx_vendor_get_version_info`), e.g. 3.4.5.
 public struct NVSHMEMVersion: Sendable, Hashable, Comparable, CustomStringConvertible {
-    /// The release's numbers.
+    /// The release's major number (3 in 3.4.5).
     public let major: Int
+    /// The release's minor number (4 in 3.4.5).
     public let minor: Int
+    /// The release's patch number (5 in 3.4.5).
     public let patch: Int
 
+    /// The release major.minor.patch.
     public init(major: Int, minor: Int, patch: Int) { (self.major, self.minor, self.patch) = (major, minor, patch) }
 
+    /// Release order: major, then minor, then patch.
     public static func < (a: Self, b: Self) -> Bool { (a.major, a.minor, a.patch) < (b.major, b.minor, b.patch) }
     public var description: String { "\(major).\(minor).\(patch)" }
 }

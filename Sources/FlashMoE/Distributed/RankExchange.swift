@@ -21,5 +21,6 @@ extension RankExchange {
 }
 
 extension Rendezvous: RankExchange {
+    /// Closes the store (rank 0's TCP store stops serving). Idempotent.
     public func close() { store.close() }
 }

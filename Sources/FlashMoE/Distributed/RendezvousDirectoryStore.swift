@@ -10,6 +10,7 @@ public final class RendezvousDirectoryStore: RendezvousStore, @unchecked Sendabl
 
     /// The directory.
     public let path: String
+    /// `dir:PATH`.
     public var location: String { "dir:\(path)" }
 
     /// Uses (and creates, if needed) the directory at `path`.

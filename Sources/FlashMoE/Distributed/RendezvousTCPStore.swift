@@ -15,6 +15,7 @@ public final class RendezvousTCPStore: RendezvousStore, @unchecked Sendable {
     public let host: String
     /// The port (the one the system chose when serving on port 0).
     public let port: Int
+    /// `tcp://HOST:PORT`.
     public var location: String { "tcp://\(host):\(port)" }
     private let server: Server?
     private let connection: Connection?

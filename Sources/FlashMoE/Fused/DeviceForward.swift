@@ -37,6 +37,7 @@ public struct DeviceForward {
     /// fault surfaces as a `FusedKernelError` on the next call or `checkErrors`.
     public var injectFault: Bool
 
+    /// A forward of `tokens` rows from `input` to `output`; the routing buffers, stream and output type are optional.
     public init(
         input: CUdeviceptr, output: CUdeviceptr, tokens: Int, topKIDs: CUdeviceptr? = nil,
         topKWeights: CUdeviceptr? = nil, stream: CUstream? = nil, outputType: FusedOutputType = .float32,

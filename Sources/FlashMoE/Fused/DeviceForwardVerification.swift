@@ -7,10 +7,22 @@ public struct DeviceForwardCheck: Sendable {
     /// What was measured, for the table.
     public let detail: String
 
+    /// Whether the check passed (no `failure`).
     public var passed: Bool { failure == nil }
 }
 
 extension Verifier {
+    /// The layers `deviceForwardChecks` runs (bf16 gated, fp32 E = 256 k = 2, tf32 gated), to compile ahead.
+    public static let deviceForwardConfigs: [MoEConfig] = {
+        let gated = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 16, topK: 4, ffn: .gated, activation: .silu,
+                              precision: .bf16)
+        let defect7 = MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
+                                router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32)
+        var tf32 = gated
+        tf32.precision = .tf32
+        return [gated, defect7, tf32]
+    }()
+
     /// The device forward on a GPU (`FusedOperator.forward(_:)` through `FusedMoE`), on caller buffers and a
     /// non-blocking stream:
     /// - against the host-array forward (same bits, same routing through the caller's id and weight buffers) and
@@ -23,17 +35,6 @@ extension Verifier {
     /// - a faulted launch (test build, `DeviceForward.injectFault`) surfacing as a `FusedKernelError` on the next
     ///   call, and (with a launch queued behind it) on `checkErrors(synchronizing:)`, each followed by a clean call
     ///   with the right bits.
-    /// The layers `deviceForwardChecks` runs (bf16 gated, fp32 E = 256 k = 2, tf32 gated), to compile ahead.
-    public static let deviceForwardConfigs: [MoEConfig] = {
-        let gated = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 16, topK: 4, ffn: .gated, activation: .silu,
-                              precision: .bf16)
-        let defect7 = MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
-                                router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32)
-        var tf32 = gated
-        tf32.precision = .tf32
-        return [gated, defect7, tf32]
-    }()
-
     public static func deviceForwardChecks(deviceOrdinal: Int, seed: UInt64 = 1) -> [DeviceForwardCheck] {
         var checks: [DeviceForwardCheck] = []
         func check(_ name: String, _ body: () throws -> (String?, String)) {

@@ -85,13 +85,15 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
 
 /// The fused operators refused to allocate: the layer and its workspace would not fit in the GPU's free memory.
 public struct DeviceMemoryError: Error, Sendable, Hashable, CustomStringConvertible {
-    /// The GPU and its name.
+    /// The GPU's ordinal.
     public let deviceOrdinal: Int
+    /// The GPU's name, as the driver reports it.
     public let deviceName: String
     /// What the operator would need there (before `FusedMemoryEstimate.headroom`).
     public let estimate: FusedMemoryEstimate
-    /// Free and total device memory as the driver reported them.
+    /// Free device memory as the driver reported it, bytes.
     public let freeBytes: Int
+    /// Total device memory as the driver reported it, bytes.
     public let totalBytes: Int
     /// The most tokens per call that fit with these weights (nil when the weights alone do not fit).
     public let tokensThatFit: Int?

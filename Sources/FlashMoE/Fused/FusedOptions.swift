@@ -37,6 +37,8 @@ public struct FusedOptions: Sendable, Hashable {
     /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0
 
+    /// Options with the given values (defaults: device 0, 5 s waits, automatic stages and gate split, a normal
+    /// build); `epochWrap` is raised to at least 1. `storageReturns` and `traceEventsPerBlock` are set afterwards.
     public init(
         deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,

@@ -41,18 +41,24 @@ public struct KernelTrace: Sendable, Equatable {
 
     /// One recorded interval.
     public struct Event: Sendable, Equatable {
+        /// The block (CTA index in the grid) that recorded it.
         public var block: Int
         /// The warp that recorded it, or nil for block-level events (recorded by thread 0).
         public var warp: Int?
+        /// What the interval was.
         public var kind: Kind
         /// The expert (GEMM tasks: the task-space expert, the shared expert last), or the gate's expert tile.
         public var expert: Int?
+        /// The event's first index (its meaning per kind: `Kind.argumentNames`, e.g. the token tile or row block).
         public var a: Int
+        /// The event's second index (e.g. the gate's K slice or a GEMM's column tile).
         public var b: Int
-        /// `%globaltimer` nanoseconds.
+        /// Start, `%globaltimer` nanoseconds.
         public var begin: UInt64
+        /// End, `%globaltimer` nanoseconds.
         public var end: UInt64
 
+        /// An event with the given fields (`KernelTrace(words:blocks:capacity:)` decodes them from the device buffer).
         public init(block: Int, warp: Int?, kind: Kind, expert: Int?, a: Int, b: Int, begin: UInt64, end: UInt64) {
             self.block = block
             self.warp = warp

@@ -23,6 +23,7 @@ public struct FuzzCase: Sendable, Hashable {
     public let index: Int
     /// Which shape of the run's pool (`FuzzShape(seed:index:)`).
     public let shapeIndex: Int
+    /// That shape (`FuzzShape(seed: seed, index: shapeIndex)`).
     public let shape: FuzzShape
     /// The shape's layer with this case's capacity rule.
     public let config: MoEConfig
@@ -30,6 +31,7 @@ public struct FuzzCase: Sendable, Hashable {
     public let tokensPerRank: [Int]
     /// With ranks: kernel launches the ranks are split over, side by side on one GPU (1 or 2).
     public let launches: Int
+    /// How the case's router makes exact ties.
     public let ties: Ties
     /// The seed of the weights and the input (`Verifier.makeProblem`).
     public let problemSeed: UInt64
@@ -188,12 +190,14 @@ public struct FuzzCase: Sendable, Hashable {
 
 /// The outcome of one fuzz case.
 public struct FuzzOutcome: Sendable {
+    /// The case that ran.
     public let fuzzCase: FuzzCase
     /// ‖y − y_oracle‖ / ‖y_oracle‖ (see `VerificationResult.relativeError`).
     public let relativeError: Double
     /// Why it failed, or nil.
     public let failure: String?
 
+    /// Whether the case passed (no `failure`).
     public var passed: Bool { failure == nil }
 }
 

@@ -19,6 +19,7 @@ public struct FuzzShape: Sendable, Hashable {
     public let config: MoEConfig
     /// nil: the single-GPU operator (`FusedMoE`); R: `DistributedMoE` with R ranks (1…8, ≤ E) on one GPU.
     public let ranks: Int?
+    /// The shape's size class (bounds on H, I and E).
     public let size: Size
 
     /// Shapes per run seed.
@@ -108,6 +109,7 @@ public enum FuzzBudget {
     public static let flops = 1.5e9
     /// Oracle FLOPs of a large case (`largeShare` of the cases; tiny shapes more often).
     public static let largeFlops = 8e9
+    /// The chance that a case of a small or wide shape gets `largeFlops` (tiny shapes: 0.15).
     public static let largeShare = 0.04
     /// The most tokens a case has.
     public static let maxTokens = 65_536

@@ -2,10 +2,12 @@
 public struct SoakLayer: Sendable {
     /// A short label ("bf16 plain", "ranks R=2").
     public let name: String
+    /// The layer's config and weights (for the oracle check).
     public let layer: MoELayer
     /// One forward over all tokens.
     public let forward: @Sendable (HostTensor) throws -> MoEOutput
 
+    /// A layer run by `forward`, which takes all tokens [S, H] and returns the whole output.
     public init(name: String, layer: MoELayer, forward: @escaping @Sendable (HostTensor) throws -> MoEOutput) {
         self.name = name
         self.layer = layer
@@ -39,9 +41,11 @@ public struct SoakReport: Sendable {
     public var mismatches = 0
     /// The first problem: an error, a failed oracle check, a bit mismatch or memory that moved.
     public var failure: String?
-    /// Free device memory after the warm-up, and its lowest and highest value afterwards (nil: not probed).
+    /// Free device memory after the warm-up, bytes (nil: not probed).
     public var freeAfterWarmUp: Int?
+    /// The lowest free device memory seen after the warm-up, bytes (nil: not probed).
     public var freeLowest: Int?
+    /// The highest free device memory seen after the warm-up, bytes (nil: not probed).
     public var freeHighest: Int?
     /// Wall time of all calls, seconds.
     public var seconds = 0.0
@@ -54,6 +58,7 @@ public struct SoakReport: Sendable {
         return max(w - lo, hi - w)
     }
 
+    /// Whether the soak found nothing (no `failure`).
     public var passed: Bool { failure == nil }
 }
 
@@ -62,15 +67,18 @@ public struct SoakReport: Sendable {
 /// the same bits as that first one, and the device's free memory must stay flat after the warm-up (one pass over
 /// every shape, by which time every arena has reached its largest size).
 public struct Soak: Sendable {
+    /// The layers, alternating call by call.
     public let layers: [SoakLayer]
     /// The token counts, in the order they cycle (each with every layer).
     public let tokenCounts: [Int]
+    /// The seed of the inputs (call n's input: seed + n) and of the oracle checks.
     public let seed: UInt64
     /// How far free device memory may move after the warm-up, in bytes.
     public var memoryTolerance = 2 << 20
     /// Probe free memory every this many calls.
     public var probeInterval = 1000
 
+    /// A soak of `layers` at `tokenCounts`, inputs from `seed`.
     public init(layers: [SoakLayer], tokenCounts: [Int], seed: UInt64) {
         self.layers = layers
         self.tokenCounts = tokenCounts
