@@ -31,15 +31,13 @@ final class GPULayer: LayerEngine {
     }
 
     func forward(_ a: ForwardArguments) throws {
-        let inject = faultArmed.withLock { armed in
-            defer { armed = false }
-            return armed && a.tokens > 0
-        }
+        let inject = faultArmed.withLock { $0 } && a.tokens > 0
         try op.forward(
             DeviceForward(
                 input: a.x, output: a.y, tokens: a.tokens, topKIDs: a.ids.map { UInt64(UInt(bitPattern: $0)) },
                 topKWeights: a.weights.map { UInt64(UInt(bitPattern: $0)) }, stream: a.stream.map(OpaquePointer.init),
                 outputType: settings.floatOutput ? .float32 : .storage, injectFault: inject))
+        if inject { faultArmed.withLock { $0 = false } }  // disarmed once a faulting launch was enqueued
     }
 
     func check(synchronize: Bool, stream: UnsafeMutableRawPointer?) throws {

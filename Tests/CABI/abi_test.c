@@ -811,6 +811,21 @@ static void test_misc(void) {
     pthread_join(t, NULL);
     check(empty, "the last error is per thread (another thread's is \"\")");
 
+    /* GPU layers check their config and weight pointers before touching the driver, so these fail the same way
+     * with or without a GPU. */
+    {
+        flashmoe_config_t cg = small_config();
+        cg.backend = FLASHMOE_BACKEND_CUDA;
+        flashmoe_weights_t wg = small_weights();
+        wg.router = NULL;
+        create_fails(cg, wg, "weights->router", "create a GPU layer without a router");
+        wg = small_weights();
+        wg.gate = zeros;
+        create_fails(cg, wg, "weights->gate", "create a GPU layer with gate given in the fused layout");
+        cg.device = -3;
+        create_fails(cg, small_weights(), "config->device", "create a GPU layer on device -3");
+    }
+
     /* The GPU backend on a machine without a usable GPU: a CUDA (or unsupported) status, never a crash. */
     flashmoe_config_t c = small_config();
     c.backend = FLASHMOE_BACKEND_CUDA;

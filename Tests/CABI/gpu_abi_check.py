@@ -82,6 +82,7 @@ class Driver:
         p = C.c_uint64()
         self.call("cuMemAlloc_v2", C.byref(p), C.c_size_t(max(a.nbytes, 1)))
         self.call("cuMemcpyHtoD_v2", p, a.ctypes.data_as(C.c_void_p), C.c_size_t(a.nbytes))
+        self.call("cuCtxSynchronize")  # a pageable copy may still be in flight; later work runs on other streams
         return p.value
 
     def alloc(self, nbytes):
@@ -92,6 +93,7 @@ class Driver:
     def copy_in(self, device, array):
         a = np.ascontiguousarray(array)
         self.call("cuMemcpyHtoD_v2", C.c_uint64(device), a.ctypes.data_as(C.c_void_p), C.c_size_t(a.nbytes))
+        self.call("cuCtxSynchronize")
 
     def download(self, device, dtype, count):
         out = np.empty(count, dtype=dtype)
@@ -216,8 +218,7 @@ def cpu_forward(lib, layer, x_host, S, H, k, precision):
     ids = np.empty(S * k, np.int32)
     w = np.empty(S * k, np.float32)
     st = lib.flashmoe_layer_forward(layer.handle, xs.ctypes.data_as(C.c_void_p), y.ctypes.data_as(C.c_void_p), S,
-                                    ids.ctypes.data_as(C.POINTER(C.c_int32)), w.ctypes.data_as(C.POINTER(C.c_float)),
-                                    None)
+                                    ids.ctypes.data_as(C.c_void_p), w.ctypes.data_as(C.c_void_p), None)
     return st, y, ids, w
 
 
