@@ -262,6 +262,20 @@ class PatchTest(unittest.TestCase):
         with torch.no_grad():
             y = patched(x)
         self.assertLess(relative_error(y.numpy(), run_block(block, x[0])[None].numpy()), FP32_TOL)
+        # inputs the original block accepts: non-contiguous, misaligned, another float dtype
+        ref = run_block(block, x[0])[None]
+        with torch.no_grad():
+            wide = torch.cat([x, x], dim=-1)[..., : model.config.hidden_size]
+            self.assertFalse(wide.is_contiguous())
+            self.assertLess(relative_error(patched(wide).numpy(), ref.numpy()), FP32_TOL)
+            buf = torch.empty(x.numel() + 1)
+            shifted = buf[1:].view(x.shape)
+            shifted.copy_(x)
+            self.assertNotEqual(shifted.data_ptr() % 16, 0)
+            self.assertLess(relative_error(patched(shifted).numpy(), ref.numpy()), FP32_TOL)
+            y64 = patched(x.double())
+            self.assertEqual(y64.dtype, torch.float64)
+            self.assertLess(relative_error(y64.numpy(), ref.numpy()), FP32_TOL)
         model.train()
         with self.assertRaises(RuntimeError):
             patched(x)
