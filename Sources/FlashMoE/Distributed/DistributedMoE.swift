@@ -126,7 +126,7 @@ public final class DistributedMoE: @unchecked Sendable {
         // No token on any rank: nothing to route, so no launch (the kernel's scan is published by the block that
         // routes the last token tile, and there is none; a launch would wait out its budget).
         if inputs.allSatisfy({ $0.shape[0] == 0 }) {
-            return inputs.map { _ in Self.noTokens(layer.config) }
+            return inputs.map { _ in .noTokens(layer.config) }
         }
         return try state.withLock { st in
             try prepare(&st, inputs)
@@ -135,14 +135,6 @@ public final class DistributedMoE: @unchecked Sendable {
             try checkError(&st)
             return try (0..<placement.ranks).map { try readOutput(st, rank: $0) }
         }
-    }
-
-    /// The output of a rank with no tokens.
-    static func noTokens(_ c: MoEConfig) -> MoEOutput {
-        MoEOutput(
-            output: .zeros(shape: [0, c.hiddenSize]),
-            routing: Routing(tokens: 0, topK: c.topK, expertIDs: [], weights: [], slots: [],
-                             expertLoad: [Int](repeating: 0, count: c.experts)))
     }
 
     /// Times `iterations` forwards (after `warmup`) on the same inputs: CUDA events around each launch on its own

@@ -92,12 +92,7 @@ enum RankParts {
         _ c: MoEConfig, arena: DeviceBuffer<UInt8>, workspace ws: FusedWorkspace, tokens s: Int, singleRank: Bool
     ) throws -> MoEOutput {
         let (h, k, e) = (c.hiddenSize, c.topK, c.experts)
-        guard s > 0 else {
-            return MoEOutput(
-                output: .zeros(shape: [0, h]),
-                routing: Routing(tokens: 0, topK: k, expertIDs: [], weights: [], slots: [],
-                                 expertLoad: [Int](repeating: 0, count: e)))
-        }
+        guard s > 0 else { return .noTokens(c) }
         let y: [Float] = try FusedIO.read(arena, ws.offset(.y), count: s * h)
         let ids: [Int32] = try FusedIO.read(arena, ws.offset(.ids), count: s * k)
         let w: [Float] = try FusedIO.read(arena, ws.offset(.weights), count: s * k)

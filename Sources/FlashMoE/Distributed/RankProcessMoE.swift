@@ -321,7 +321,7 @@ public final class RankProcessMoE: @unchecked Sendable {
             let counts = try tokensPerRank ?? gatherCounts(s)
             try check(counts, own: s)
             // No token on any rank (every rank sees the same counts, so all skip alike): no launch, no epoch.
-            if counts.allSatisfy({ $0 == 0 }) { return DistributedMoE.noTokens(config) }
+            if counts.allSatisfy({ $0 == 0 }) { return .noTokens(config) }
             let c = config
             if counts != st.tokens || !st.pointers.isEmpty {
                 let total = counts.reduce(0, +)

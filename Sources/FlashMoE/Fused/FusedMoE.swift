@@ -63,14 +63,10 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     /// then a synchronisation and the read-back.
     public func forward(_ input: HostTensor) throws -> MoEOutput {
         try layer.checkInput(input)
-        let s = input.shape[0], (h, k) = (layer.config.hiddenSize, layer.config.topK)
+        let s = input.shape[0], h = layer.config.hiddenSize
         if s == 0 {
             try core.checkErrors()
-            return MoEOutput(
-                output: .zeros(shape: [0, h]),
-                routing: Routing(
-                    tokens: 0, topK: k, expertIDs: [], weights: [], slots: [],
-                    expertLoad: [Int](repeating: 0, count: layer.config.experts)))
+            return .noTokens(layer.config)
         }
         return try core.state.withLock { st in
             let (ws, arena) = try core.prepare(&st, tokens: s)

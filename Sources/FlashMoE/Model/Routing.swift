@@ -64,6 +64,15 @@ public struct MoEOutput: Sendable {
         self.output = output
         self.routing = routing
     }
+
+    /// The output of a call with no tokens: y [0, H], no routing, every expert's load 0.
+    public static func noTokens(_ c: MoEConfig) -> MoEOutput {
+        MoEOutput(
+            output: .zeros(shape: [0, c.hiddenSize]),
+            routing: Routing(
+                tokens: 0, topK: c.topK, expertIDs: [], weights: [], slots: [],
+                expertLoad: [Int](repeating: 0, count: c.experts)))
+    }
 }
 
 /// Something that runs an MoE layer forward: the CPU backends and the CUDA operator.
