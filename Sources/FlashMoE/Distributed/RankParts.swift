@@ -9,10 +9,24 @@ enum RankParts {
         _ spec: FusedSpecialization, placement: ExpertPlacement, rank r: Int, tokens: Int, totalTokens: Int,
         blocksPerRank: Int, fixedSplit: Bool
     ) -> FusedWorkspace {
-        DistributedMoE.rankWorkspace(
+        rankWorkspace(
             spec: spec, tokens: max(tokens, 1), totalTokens: max(totalTokens, 1),
             localExperts: placement.experts(of: r).count, blocksPerRank: blocksPerRank, ranks: placement.ranks,
             fixedSplit: fixedSplit)
+    }
+
+    /// Rank r's workspace. The gate's split is chosen over all ranks' tokens and blocks (`gateSplit(totalTokens:)`),
+    /// so the partial logits are sized over all ranks' blocks too: sizing them for one rank's blocks let a rank with
+    /// more tokens than 128 per block of its own write past them (issue 12, defect 1).
+    static func rankWorkspace(
+        spec: FusedSpecialization, tokens: Int, totalTokens: Int, localExperts: Int, blocksPerRank: Int, ranks: Int,
+        fixedSplit: Bool
+    ) -> FusedWorkspace {
+        FusedWorkspace(
+            spec: spec, tokens: tokens, rowCapacity: totalTokens * min(spec.config.topK, localExperts),
+            partTokens: FusedWorkspace.partialLogitsTokens(
+                tokens: tokens, splitBlocks: blocksPerRank * ranks, fixedSplit: fixedSplit),
+            ranks: ranks, localExperts: localExperts)
     }
 
     /// The arena regions a rank's peers access, in the order of the kernel's `Peer` struct (its `sync` follows).
