@@ -42,6 +42,11 @@ enum RankParts {
         FusedParams.encodePeer(offsets.map { base + UInt64($0) } + [sync])
     }
 
+    /// The kernel's `Peer` table: every rank's entry, in rank order (index = rank in each array).
+    static func peerTable(arenaBases: [UInt64], offsets: [[Int]], controlBases: [UInt64]) -> [UInt8] {
+        arenaBases.indices.flatMap { peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0]) }
+    }
+
     /// A rank's `Params` (the epoch is the launch argument). `io`: the caller's device memory for x, y and the
     /// routing (a device forward); nil keeps them in the arena.
     static func params(
