@@ -14,7 +14,7 @@ import Testing
         let (ranks, perRank) = (8, 16)
         let split = FusedKernel.gateSplit(tokens: total, blocks: ranks * perRank, gateTiles: 1)
         for s in Set([0, 1, total / ranks, 2100, total / 2, total - 1, total]) where s <= total {
-            let ws = DistributedMoE.rankWorkspace(
+            let ws = RankParts.rankWorkspace(
                 spec: Self.spec, tokens: max(s, 1), totalTokens: total, localExperts: 8, blocksPerRank: perRank,
                 ranks: ranks, fixedSplit: false)
             #expect(ws.holdsGateSplit(split, tokens: s), "split \(split), rank tokens \(s) of \(total)")

@@ -298,20 +298,6 @@ public final class DistributedMoE: @unchecked Sendable {
         st.tokens = tokens
     }
 
-    /// Rank r's workspace. The gate's split is chosen over all ranks' tokens and blocks (`gateSplit(totalTokens:)`),
-    /// so the partial logits are sized over all ranks' blocks too: sizing them for one rank's blocks let a rank with
-    /// more tokens than 128 per block of its own write past them (issue 12, defect 1).
-    static func rankWorkspace(
-        spec: FusedSpecialization, tokens: Int, totalTokens: Int, localExperts: Int, blocksPerRank: Int, ranks: Int,
-        fixedSplit: Bool
-    ) -> FusedWorkspace {
-        FusedWorkspace(
-            spec: spec, tokens: tokens, rowCapacity: totalTokens * min(spec.config.topK, localExperts),
-            partTokens: FusedWorkspace.partialLogitsTokens(
-                tokens: tokens, splitBlocks: blocksPerRank * ranks, fixedSplit: fixedSplit),
-            ranks: ranks, localExperts: localExperts)
-    }
-
     /// Each launch's `Params` table for these token counts. The epoch is a launch argument, so the tables stay
     /// valid for every launch until the token counts change.
     private func writeTables(_ st: State, tokens: [Int]) throws {

@@ -25,9 +25,7 @@ public final class IPCPeerTable: @unchecked Sendable {
 
     /// The kernel's `Peer` table (every rank's entry, in rank order).
     public var peerTable: [UInt8] {
-        (0..<arenaBases.count).flatMap {
-            RankParts.peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0])
-        }
+        RankParts.peerTable(arenaBases: arenaBases, offsets: offsets, controlBases: controlBases)
     }
 
     /// Exports `arena` (on `device`), all-gathers every rank's handle through `rendezvous`, maps every peer's,

@@ -21,9 +21,7 @@ public struct NVSHMEMPeerTable: Sendable, Hashable {
 
     /// The kernel's `Peer` table (every rank's entry, in rank order).
     public var peerTable: [UInt8] {
-        (0..<arenaBases.count).flatMap {
-            RankParts.peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0])
-        }
+        RankParts.peerTable(arenaBases: arenaBases, offsets: offsets, controlBases: controlBases)
     }
 
     /// The table for rank `me`, whose arena is the symmetric address `arena`, from every rank's control offset and

@@ -18,6 +18,11 @@ public protocol RankExchange: AnyObject, Sendable {
 extension RankExchange {
     /// Waits until every rank reached step `name`.
     public func barrier(_ name: String) throws { _ = try allGather(name, []) }
+
+    /// Every rank's `value` for step `name`, indexed by rank (nil where a rank's text is not an integer).
+    func allGather(_ name: String, int value: Int) throws -> [Int?] {
+        try allGather(name, Array("\(value)".utf8)).map { Int(String(decoding: $0, as: UTF8.self)) }
+    }
 }
 
 extension Rendezvous: RankExchange {

@@ -9,10 +9,24 @@ enum RankParts {
         _ spec: FusedSpecialization, placement: ExpertPlacement, rank r: Int, tokens: Int, totalTokens: Int,
         blocksPerRank: Int, fixedSplit: Bool
     ) -> FusedWorkspace {
-        DistributedMoE.rankWorkspace(
+        rankWorkspace(
             spec: spec, tokens: max(tokens, 1), totalTokens: max(totalTokens, 1),
             localExperts: placement.experts(of: r).count, blocksPerRank: blocksPerRank, ranks: placement.ranks,
             fixedSplit: fixedSplit)
+    }
+
+    /// Rank r's workspace. The gate's split is chosen over all ranks' tokens and blocks (`gateSplit(totalTokens:)`),
+    /// so the partial logits are sized over all ranks' blocks too: sizing them for one rank's blocks let a rank with
+    /// more tokens than 128 per block of its own write past them (issue 12, defect 1).
+    static func rankWorkspace(
+        spec: FusedSpecialization, tokens: Int, totalTokens: Int, localExperts: Int, blocksPerRank: Int, ranks: Int,
+        fixedSplit: Bool
+    ) -> FusedWorkspace {
+        FusedWorkspace(
+            spec: spec, tokens: tokens, rowCapacity: totalTokens * min(spec.config.topK, localExperts),
+            partTokens: FusedWorkspace.partialLogitsTokens(
+                tokens: tokens, splitBlocks: blocksPerRank * ranks, fixedSplit: fixedSplit),
+            ranks: ranks, localExperts: localExperts)
     }
 
     /// The arena regions a rank's peers access, in the order of the kernel's `Peer` struct (its `sync` follows).
@@ -26,6 +40,11 @@ enum RankParts {
     /// A rank's `Peer` entry: its arena at `base` (region offsets `offsets`), its `Sync` at `sync`.
     static func peerEntry(base: UInt64, offsets: [Int], sync: UInt64) -> [UInt8] {
         FusedParams.encodePeer(offsets.map { base + UInt64($0) } + [sync])
+    }
+
+    /// The kernel's `Peer` table: every rank's entry, in rank order (index = rank in each array).
+    static func peerTable(arenaBases: [UInt64], offsets: [[Int]], controlBases: [UInt64]) -> [UInt8] {
+        arenaBases.indices.flatMap { peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0]) }
     }
 
     /// A rank's `Params` (the epoch is the launch argument). `io`: the caller's device memory for x, y and the

@@ -198,9 +198,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         }
         kernel = k
         // Every rank sizes its grid to the smallest rank's, so the gate splits alike everywhere.
-        let grids = try rendezvous.allGather("grid", Array("\(k.gridLimit)".utf8)).map {
-            Int(String(decoding: $0, as: UTF8.self)) ?? 0
-        }
+        let grids = try rendezvous.allGather("grid", int: k.gridLimit).map { $0 ?? 0 }
         blocksPerRank = grids.min() ?? 0
         guard blocksPerRank >= 1 else { throw MoEError(.unsupported, "a rank's GPU cannot hold one block of the kernel") }
 
@@ -273,9 +271,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     private static func symmetricArena(
         _ shmem: NVSHMEMLibrary, rendezvous: any RankExchange, device: CUDADevice, workspace: FusedWorkspace
     ) throws -> (DeviceBuffer<UInt8>, Memory) {
-        let sizes = try rendezvous.allGather("nvshmem arena bytes", Array("\(workspace.byteCount + 512)".utf8)).map {
-            Int(String(decoding: $0, as: UTF8.self)) ?? 0
-        }
+        let sizes = try rendezvous.allGather("nvshmem arena bytes", int: workspace.byteCount + 512).map { $0 ?? 0 }
         let bytes = sizes.max() ?? 0
         guard let symmetric = shmem.allocate(bytes: bytes) else {
             throw MoEError(
@@ -398,7 +394,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     func gatherCounts(_ s: Int) throws -> [Int] {
-        try rendezvous.allGather("token counts", Array("\(s)".utf8)).map { Int(String(decoding: $0, as: UTF8.self)) ?? -1 }
+        try rendezvous.allGather("token counts", int: s).map { $0 ?? -1 }
     }
 
     func check(_ counts: [Int], own s: Int) throws {
