@@ -407,9 +407,8 @@ public final class RankProcessMoE: @unchecked Sendable {
         if let (q, n) = counts.enumerated().first(where: { $0.element < 0 || $0.element > maxTokens }) {
             throw MoEError(.invalidInput, "rank \(q) has \(n) tokens; this group allows 0...\(maxTokens) per rank")
         }
-        guard counts.reduce(0, +) * config.topK < 1 << 24 else {
-            throw MoEError(.unsupported, "the ranks' kernel addresses at most 2^24 (token, expert) pairs per rank")
-        }
+        // The kernel's (rank, pair) packing, as for every ranks launch (issue 12, defect 5).
+        try DistributedMoE.checkPairs(tokens: counts, topK: config.topK, ranks: placement.ranks)
     }
 
     /// The flags carry a 32-bit epoch: before it would overflow, every rank stops, zeroes its counters and flags
