@@ -33,11 +33,13 @@ extension DeviceForward {
         guard output != 0 else { throw bad("output is a null pointer: pass y [\(s), \(h)]") }
         guard input % 16 == 0 else { throw bad("input must be 16-byte aligned (address \(input))") }
         guard output % 16 == 0 else { throw bad("output must be 16-byte aligned (address \(output))") }
-        for (name, p) in [("topKIDs", topKIDs), ("topKWeights", topKWeights)] {
-            if let p {
-                guard p != 0 else { throw bad("\(name) is a null pointer: pass nil to keep it in the workspace") }
-                guard p % 4 == 0 else { throw bad("\(name) must be 4-byte aligned (address \(p))") }
-            }
+        // One routing buffer at a time, without building an array on every call.
+        func checkRouting(_ name: String, _ p: CUdeviceptr?) throws {
+            guard let p else { return }
+            guard p != 0 else { throw bad("\(name) is a null pointer: pass nil to keep it in the workspace") }
+            guard p % 4 == 0 else { throw bad("\(name) must be 4-byte aligned (address \(p))") }
         }
+        try checkRouting("topKIDs", topKIDs)
+        try checkRouting("topKWeights", topKWeights)
     }
 }

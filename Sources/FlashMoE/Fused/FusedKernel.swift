@@ -12,8 +12,6 @@ struct FusedKernel {
     let function: CUDAFunction
     let dynamicSharedBytes: Int
     let packRows: Int
-    let paramsBytes: Int
-    let peerBytes: Int
     let gateTiles: Int
     /// Blocks of a cooperative launch: blocks per SM from the occupancy API × SMs.
     let gridLimit: Int
@@ -89,7 +87,6 @@ extension FusedKernel {
         self.init(
             device: device, compiled: compiled, module: module, function: function,
             dynamicSharedBytes: dynamicSharedBytes, packRows: Int(try Self.readGlobal(module, "fmoe_gated_pack_rows")),
-            paramsBytes: FusedParams.byteCount, peerBytes: peerBytes,
             gateTiles: Int(try Self.readGlobal(module, "fmoe_gate_tiles")),
             gridLimit: try function.cooperativeGridLimit(
                 blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes))

@@ -164,7 +164,7 @@ public enum FusedMemoryCheck {
     static func checkArenas(_ workspaces: [FusedWorkspace], on devices: [CUDADevice], tokens: Int) throws {
         var perDevice: [Int: (device: CUDADevice, bytes: Int)] = [:]
         for (ws, d) in zip(workspaces, devices) {
-            perDevice[d.properties.ordinal, default: (d, 0)].bytes += rounded(ws.byteCount)
+            perDevice[d.properties.ordinal, default: (d, 0)].bytes += FusedMemoryEstimate.rounded(ws.byteCount)
         }
         for (_, entry) in perDevice.sorted(by: { $0.key < $1.key }) {
             guard let (free, total) = try? entry.device.memoryInfo() else { continue }
@@ -183,8 +183,6 @@ public enum FusedMemoryCheck {
                 ])
         }
     }
-
-    private static func rounded(_ b: Int) -> Int { FusedMemoryEstimate.rounded(b) }
 
     /// The error for an estimate that does not fit, with what to change.
     static func refusal(
