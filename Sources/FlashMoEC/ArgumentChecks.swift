@@ -3,16 +3,14 @@ import FlashMoE
 
 /// The argument checks every entry point runs before it reads or writes through a caller's pointer.
 enum Check {
-    /// `pointer`, or an error naming `name` when it is NULL or not aligned to `alignment` bytes.
-    static func pointer<T>(_ pointer: UnsafePointer<T>?, _ name: String, alignment: Int = MemoryLayout<T>.alignment)
-        throws(ArgumentError) -> UnsafePointer<T>
-    {
+    /// `pointer`, or an error naming `name` when it is NULL or not aligned to `T`'s alignment.
+    static func pointer<T>(_ pointer: UnsafePointer<T>?, _ name: String) throws(ArgumentError) -> UnsafePointer<T> {
         guard let pointer else { throw ArgumentError("\(name) is NULL: pass a valid pointer") }
-        try aligned(UInt(bitPattern: pointer), name, alignment)
+        try aligned(UInt(bitPattern: pointer), name, MemoryLayout<T>.alignment)
         return pointer
     }
 
-    /// As `pointer(_:_:alignment:)` for a pointer the library writes through.
+    /// As `pointer(_:_:)` for a pointer the library writes through.
     static func output<T>(_ pointer: UnsafeMutablePointer<T>?, _ name: String) throws(ArgumentError)
         -> UnsafeMutablePointer<T>
     {

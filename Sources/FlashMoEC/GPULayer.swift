@@ -17,12 +17,10 @@ final class GPULayer: LayerEngine {
 
     init(settings: LayerSettings, weights: UnsafePointer<flashmoe_weights_t>?) throws {
         let pointers = try WeightPointers(checking: weights, config: settings.config)
-        let options = FusedOptions(
-            deviceOrdinal: settings.device, waitBudget: settings.waitBudget, injectFault: settings.injectFault,
-            synchronousErrors: settings.syncErrors)
         do {
             op = try FusedOperator(
-                config: settings.config, pointers: pointers, options: options, maxTokens: settings.maxTokens)
+                config: settings.config, pointers: pointers, options: settings.fusedOptions,
+                maxTokens: settings.maxTokens)
         } catch CUDAError.invalidArgument(let message) where message.hasPrefix("there is no GPU") {
             throw ArgumentError("config->device is \(settings.device): \(message)")
         }

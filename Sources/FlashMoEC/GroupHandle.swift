@@ -35,13 +35,9 @@ final class GroupHandle: Sendable {
             exchange.abort("rank \(group.rank): \(ABIStatus.classify(error).message)")
             throw error
         }
-        var options = FusedOptions(
-            deviceOrdinal: settings.device, waitBudget: settings.waitBudget, injectFault: settings.injectFault,
-            synchronousErrors: settings.syncErrors)
-        options.storageReturns = settings.storageReturns
         rank = try RankProcessMoE.create(
             rendezvous: exchange, config: settings.config, weights: .device(pointers, allExperts: group.allExperts),
-            maxTokens: settings.maxTokens, options: options)
+            maxTokens: settings.maxTokens, options: settings.fusedOptions)
         self.settings = settings
         self.group = group
     }

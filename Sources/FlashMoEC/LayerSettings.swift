@@ -19,6 +19,14 @@ struct LayerSettings {
     let storageReturns: Bool
     let waitBudget: Duration
 
+    /// The operator options these settings ask for (device, wait budget, fault injection, error mode, returns).
+    var fusedOptions: FusedOptions {
+        var options = FusedOptions(
+            deviceOrdinal: device, waitBudget: waitBudget, injectFault: injectFault, synchronousErrors: syncErrors)
+        options.storageReturns = storageReturns
+        return options
+    }
+
     static let knownFlags = FLASHMOE_FLAG_SYNC_ERRORS | FLASHMOE_FLAG_INJECT_FAULT | FLASHMOE_FLAG_STORAGE_RETURNS
 
     init(_ pointer: UnsafePointer<flashmoe_config_t>?) throws(ArgumentError) {

@@ -115,6 +115,15 @@ class Weights(ctypes.Structure):
         """FLASHMOE_WEIGHTS_INIT."""
         return cls(ctypes.sizeof(cls), VERSION, LAYOUT_FUSED)
 
+    @classmethod
+    def of(cls, layout: int, pointers: dict[str, int]) -> "Weights":
+        """`init()` with `layout` and the given pointer fields set (the rest 0)."""
+        w = cls.init()
+        w.layout = layout
+        for name, ptr in pointers.items():
+            setattr(w, name, ptr)
+        return w
+
 
 class LayerInfo(ctypes.Structure):
     """flashmoe_layer_info_t."""

@@ -26,10 +26,7 @@ class NativeLayer:
         layout = check_weights(config, weights, precision, where)
         struct = config.to_struct(precision=precision, backend=backend, device=device,
                                   selection_bias="selection_bias" in weights)
-        w = _lib.Weights.init()
-        w.layout = layout
-        for name, array in weights.items():
-            setattr(w, name, array.ptr)
+        w = _lib.Weights.of(layout, {name: array.ptr for name, array in weights.items()})
         lib = _lib.lib()
         handle = ctypes.c_void_p()
         status = lib.flashmoe_layer_create(ctypes.byref(struct), ctypes.byref(w), ctypes.byref(handle))

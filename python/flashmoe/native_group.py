@@ -83,10 +83,7 @@ class NativeGroup:
                                local_experts=len(experts) if shard else None)
         struct = config.to_struct(precision=precision, backend=_lib.BACKEND_CUDA, device=device,
                                   selection_bias="selection_bias" in weights)
-        w = _lib.Weights.init()
-        w.layout = layout
-        for name, array in weights.items():
-            setattr(w, name, array.ptr)
+        w = _lib.Weights.of(layout, {name: array.ptr for name, array in weights.items()})
         return struct, w, experts
 
     def _gather(self, _ctx, send, nbytes, recv) -> int:

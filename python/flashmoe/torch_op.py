@@ -43,7 +43,7 @@ class BoundLayer:
     """A NativeLayer with the torch facts the hot path needs precomputed (dtypes, device)."""
 
     __slots__ = ("native", "hidden", "top_k", "max_tokens", "storage", "output", "device", "device_index",
-                 "is_cuda", "forward_raw")
+                 "is_cuda", "forward_raw", "storage_name", "output_name", "device_name")
 
     def __init__(self, native: NativeLayer):
         self.native = native
@@ -53,6 +53,8 @@ class BoundLayer:
         self.is_cuda = native.backend == _lib.BACKEND_CUDA
         self.device = torch.device("cuda", native.device) if self.is_cuda else torch.device("cpu")
         self.device_index = native.device
+        self.storage_name, self.output_name = native.storage_dtype, native.output_dtype
+        self.device_name = str(self.device)
         self.forward_raw = native.forward_raw
 
 
@@ -99,7 +101,7 @@ def tensor_info(t, name: str) -> ArrayInfo:
 def _explain(bound: BoundLayer, x) -> None:
     """Raises the precise error for an x the fast path refused."""
     check_forward(tensor_info(x, "x"), [], hidden=bound.hidden, max_tokens=bound.max_tokens,
-                  storage=str(bound.storage).removeprefix("torch."), device=str(bound.device))
+                  storage=bound.storage_name, device=bound.device_name)
     raise ValueError(f"x: refused ({x.shape}, {x.dtype}, {x.device})")  # unreachable unless the checks disagree
 
 
@@ -127,11 +129,10 @@ def run_out(bound: BoundLayer, x: torch.Tensor, y: torch.Tensor, ids: torch.Tens
     """Like `run`, into the caller's outputs (checked: shape, dtype, device, contiguous, aligned)."""
     _check_x(bound, x)
     tokens = x.shape[0]
-    device = str(bound.device)
-    for t, name, shape, dtype in ((y, "y", (tokens, bound.hidden), bound.output),
-                                  (ids, "topk_ids", (tokens, bound.top_k), torch.int32),
-                                  (weights, "topk_weights", (tokens, bound.top_k), torch.float32)):
-        check_array(tensor_info(t, name), shape, str(dtype).removeprefix("torch."), device, output=True)
+    for t, name, shape, dtype in ((y, "y", (tokens, bound.hidden), bound.output_name),
+                                  (ids, "topk_ids", (tokens, bound.top_k), "int32"),
+                                  (weights, "topk_weights", (tokens, bound.top_k), "float32")):
+        check_array(tensor_info(t, name), shape, dtype, bound.device_name, output=True)
     stream = _raw_stream(bound.device_index) if bound.is_cuda else 0
     bound.forward_raw(x.data_ptr(), y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), stream)
 
