@@ -151,11 +151,11 @@ extension RunCommand {
                 try FusedMoE(layer: layer, options: single).forward(x)
             }
             let part = try RankProcessMoE.rows(of: reference, start..<start + split[me])
-            guard RankProcessMoE.sameBits(result, part) else {
+            if let difference = Verifier.firstBitDifference(result, part) {
                 throw CLIError(
                     .invalidValue,
                     "verify: rank \(me)'s output differs from the single-rank operator's rows [\(start), "
-                        + "\(start + split[me])) in some bits")
+                        + "\(start + split[me])) (gate split \(single.gateSplit ?? 0)): \(difference)")
             }
             emit("verify: bitwise equal to the single-rank operator on the same \(total) tokens (y, ids, weights, slots)")
         }

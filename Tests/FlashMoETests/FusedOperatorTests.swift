@@ -75,6 +75,27 @@ import Testing
         #expect(Self.field(l, "epoch_wrap") == UInt64(UInt32.max))
     }
 
+    /// Setup copies and fills go to the legacy stream, which a caller's non-blocking stream does not wait for: the
+    /// device must be synchronized after the last of them and before the first launch (a fill once landed after
+    /// the kernel and erased its output), at creation and when a lazily sized workspace is allocated.
+    @Test func setupCopiesAndFillsAreCompleteBeforeTheFirstLaunch() throws {
+        let setup: Set<String> = ["memcpyHtoD", "memcpyDtoD", "memsetD8", "memsetD32"]
+        func check(_ calls: [String]) {
+            let lastSetup = calls.lastIndex { setup.contains($0) }
+            let launch = calls.firstIndex(of: "launchCooperativeKernel")
+            let sync = calls.lastIndex { $0 == "contextSynchronize" }
+            #expect(lastSetup != nil && launch != nil && sync != nil, "\(calls)")
+            if let lastSetup, let launch, let sync { #expect(lastSetup < sync && sync < launch, "\(calls)") }
+        }
+        let sized = try Self.rig()
+        try sized.op.forward(DeviceForward(input: sized.x.address, output: sized.y.address, tokens: 10, stream: sized.stream.handle))
+        check(sized.fake.calls)
+        let lazy = try Self.rig(maxTokens: nil)
+        lazy.fake.clearCalls()
+        try lazy.op.forward(DeviceForward(input: lazy.x.address, output: lazy.y.address, tokens: 10, stream: lazy.stream.handle))
+        check(lazy.fake.calls)
+    }
+
     @Test func callerRoutingBuffersAndOutputTypeReachTheKernel() throws {
         let r = try Self.rig()
         let ids = try DeviceBuffer<Int32>(device: r.device, count: 256 * 2)

@@ -76,3 +76,28 @@ private struct SwappedRanks: MoEBackend {
         return out
     }
 }
+
+/// `Verifier.firstBitDifference`: what a failed bitwise comparison of two outputs prints.
+@Suite struct BitDifferenceTests {
+    static func output(y: [Float], slots: [Int32]) throws -> MoEOutput {
+        MoEOutput(
+            output: try HostTensor(shape: [2, 2], float32: y),
+            routing: Routing(tokens: 2, topK: 2, expertIDs: [0, 1, 1, 0], weights: [0.5, 0.5, 0.5, 0.5], slots: slots,
+                             expertLoad: [2, 2]))
+    }
+
+    @Test func equalOutputsHaveNoDifference() throws {
+        let a = try Self.output(y: [1, 2, 3, 4], slots: [0, 0, 1, 1])
+        #expect(Verifier.firstBitDifference(a, a) == nil)
+    }
+
+    @Test func namesTheFieldTheTokenAndBothValues() throws {
+        let a = try Self.output(y: [1, 2, 3, 4], slots: [0, 0, 1, 1])
+        let b = try Self.output(y: [1, 2, 3, 4], slots: [0, 0, 180, 1])
+        #expect(Verifier.firstBitDifference(a, b) == "slots: 1 of 4 differ, first at token 1 (element 2): 1 vs 180")
+        // Bits, not values: +0 and -0 differ.
+        let c = try Self.output(y: [1, 0, 3, 4], slots: [0, 0, 1, 1])
+        let d = try Self.output(y: [1, -0.0, 3, 4], slots: [0, 0, 1, 1])
+        #expect(Verifier.firstBitDifference(c, d) == "y: 1 of 4 differ, first at token 0 (element 1): 0.0 vs -0.0")
+    }
+}

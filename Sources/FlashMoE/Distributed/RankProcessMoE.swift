@@ -349,7 +349,9 @@ public final class RankProcessMoE: @unchecked Sendable {
                 st.failure = "\(failure)"
                 throw failure
             }
-            return try RankParts.readOutput(c, arena: arena, workspace: workspace, tokens: s, singleRank: false)
+            // A group of one runs the one-GPU kernel, which reports rows rather than slots (as DistributedMoE).
+            return try RankParts.readOutput(
+                c, arena: arena, workspace: workspace, tokens: s, singleRank: placement.ranks == 1)
         }
     }
 

@@ -219,4 +219,23 @@ extension Verifier {
     static func sameBits(_ a: MoEOutput, _ b: MoEOutput) -> Bool {
         a.output.floats().elementsEqual(b.output.floats()) { $0.bitPattern == $1.bitPattern } && sameRouting(a, b)
     }
+
+    /// Where two outputs of the same shape first differ in bits (y, ids, weights or slots, with the token and both
+    /// values) and how many elements of each differ, or nil when they are equal: what a failed bitwise check prints.
+    public static func firstBitDifference(_ a: MoEOutput, _ b: MoEOutput) -> String? {
+        let k = max(a.routing.topK, 1), h = a.output.shape.count == 2 ? max(a.output.shape[1], 1) : 1
+        var notes: [String] = []
+        func scan<V>(_ name: String, _ x: [V], _ y: [V], per: Int, same: (V, V) -> Bool) {
+            guard x.count == y.count else { notes.append("\(name): \(x.count) vs \(y.count) elements"); return }
+            let differing = x.indices.filter { !same(x[$0], y[$0]) }
+            guard let first = differing.first else { return }
+            notes.append("\(name): \(differing.count) of \(x.count) differ, first at token \(first / per) "
+                + "(element \(first)): \(x[first]) vs \(y[first])")
+        }
+        scan("y", a.output.floats(), b.output.floats(), per: h) { $0.bitPattern == $1.bitPattern }
+        scan("ids", a.routing.expertIDs, b.routing.expertIDs, per: k, same: ==)
+        scan("weights", a.routing.weights, b.routing.weights, per: k) { $0.bitPattern == $1.bitPattern }
+        scan("slots", a.routing.slots, b.routing.slots, per: k, same: ==)
+        return notes.isEmpty ? nil : notes.joined(separator: "; ")
+    }
 }

@@ -67,18 +67,26 @@ extension Verifier {
         return checks
     }
 
-    /// Device buffers and a stream for device forwards of one operator.
+    /// Device buffers and a stream for device forwards of one operator. The stream is non-blocking: it does not
+    /// wait for the legacy stream, so every copy and fill that a launch reads or overwrites is ordered before it
+    /// explicitly (a `cuMemsetD8` queued on the legacy stream once landed after the kernel's output and erased it).
     private struct DeviceIO {
         let stream: CUDAStream
         let device: CUDADevice
 
+        /// `x` as `type` in a new device buffer; the copy is complete on return (the device is synchronized: a
+        /// pageable upload may still be in flight when `cuMemcpyHtoD` returns).
         func upload(_ x: HostTensor, as type: ElementType) throws -> DeviceBuffer<UInt8> {
-            try FusedIO.upload(x.converted(to: type), device: device)
+            let b = try FusedIO.upload(x.converted(to: type), device: device)
+            try device.synchronize()
+            return b
         }
 
+        /// A new buffer filled with 0xFF on the launch stream (NaN in FP32 and BF16, id -1: an element never
+        /// written cannot match).
         func buffer(bytes: Int) throws -> DeviceBuffer<UInt8> {
             let b = try DeviceBuffer<UInt8>(device: device, count: max(bytes, 1))
-            try b.fill(byte: 0xFF)  // NaN in FP32 and BF16: an element never written cannot match
+            try b.fill(byte: 0xFF, stream: stream)
             return b
         }
     }

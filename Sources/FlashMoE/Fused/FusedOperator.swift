@@ -119,6 +119,9 @@ public final class FusedOperator: @unchecked Sendable {
         if let maxTokens {
             try state.withLock { st in _ = try prepare(&st, tokens: max(maxTokens, 1)) }
         }
+        // The weight copies and fills above are queued on the legacy stream, which a caller's non-blocking stream
+        // does not wait for: they must be complete before the first launch.
+        try kernel.device.synchronize()
     }
 
     /// Device bytes of the workspace currently allocated (0 before the first call when sized lazily).
@@ -212,6 +215,7 @@ public final class FusedOperator: @unchecked Sendable {
         try FusedMemoryCheck.checkArenas([ws], on: [device], tokens: s)
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
+        try device.synchronize()  // the legacy-stream memset lands before a launch on a non-blocking stream
         st.workspace = ws
         st.arena = arena
         return (ws, arena)
@@ -226,6 +230,7 @@ public final class FusedOperator: @unchecked Sendable {
         let record = mirror.bytes(count: Self.errorRecordBytes)
         try control.fill(byte: 0)
         if let arena = st.arena { try arena.fill(byte: 0) }
+        try device.synchronize()  // cleared before the next launch, whatever stream it is queued on
         mirror.zero()
         if let error = FusedKernelError.decode(record) { throw error }
     }
