@@ -7,48 +7,73 @@ namespace fmoe {
 
 // ---- Phase 1: gate, routing, scan --------------------------------------------------------------------------------
 
-// Routes the 128 tokens of a tile (one thread per token, ThreadRouter) and records, per pair, its rank among the
-// tile's earlier tokens routed to the same expert, and per expert the tile's count. The logits are staged in shared
-// memory first (rows padded to EG + 1 floats: consecutive threads read different banks) in chunks of tokens that
-// fit: read from global memory, each thread's row would miss the small L1 that the GEMM ring leaves. With a split
-// gate, staging also sums the K-slice partials, in slice order.
+// Routes the 128 tokens of a tile (a warp per token, WarpRouter) and records, per pair, its rank among the tile's
+// earlier tokens routed to the same expert, and per expert the tile's count. The logits are staged in shared memory
+// first (rows padded to EG + 1 floats) in chunks of tokens that fit. With a split gate, staging also sums the
+// K-slice partials, in slice order, ROUTE_BATCH elements a thread at a time so that many loads are in flight (one
+// dependent load after another cost decode tens of microseconds).
+constexpr int ROUTE_BATCH = 8;
 FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
-    typedef ThreadRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
+    typedef WarpRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
     u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
     int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
     float *rows = (float *)(tile_ids + BT * K);   // [ROUTE_CHUNK][EG + 1]
+    u32 *elig = (u32 *)(rows + ROUTE_CHUNK * (EG + 1));  // [warps][ROUTE_ELIG_WORDS]: WarpRouter's eligible masks
     for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
     const int t0 = tile * BT;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int c0 = 0; c0 < BT; c0 += ROUTE_CHUNK) {
+        const int chunk_tokens = min(ROUTE_CHUNK, p.tokens - (t0 + c0));
+        if (chunk_tokens <= 0) break;  // block-uniform
         __syncthreads();  // the previous chunk's rows are consumed (and the masks are cleared)
-        for (int i = threadIdx.x; i < ROUTE_CHUNK * EG; i += THREADS) {
-            const int lt = c0 + i / EG, n = i % EG, t = t0 + lt;
-            if (lt >= BT || t >= p.tokens) continue;  // (lt < BT by the static_assert; kept as the bound)
-            float v;
-            if (ks_count == 1) {
-                v = p.logits[(size_t)t * EG + n];
-            } else {
-                v = 0.f;
-                for (int q = 0; q < ks_count; ++q) v += p.logits_part[((size_t)q * p.tokens + t) * EG + n];
+        const int n_elems = chunk_tokens * EG;
+        for (int b0 = 0; b0 < n_elems; b0 += THREADS * ROUTE_BATCH) {
+            size_t src[ROUTE_BATCH];
+            float acc[ROUTE_BATCH];
+#pragma unroll
+            for (int b = 0; b < ROUTE_BATCH; ++b) {
+                const int i = b0 + b * THREADS + threadIdx.x;
+                src[b] = i < n_elems ? (size_t)(t0 + c0 + i / EG) * EG + i % EG : 0;
+                acc[b] = 0.f;
             }
-            rows[(i / EG) * (EG + 1) + n] = v;
+            if (ks_count == 1) {
+#pragma unroll
+                for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] = p.logits[src[b]];
+            } else {
+                for (int q = 0; q < ks_count; ++q) {
+                    const float *part = p.logits_part + (size_t)q * p.tokens * EG;
+                    float v[ROUTE_BATCH];
+#pragma unroll
+                    for (int b = 0; b < ROUTE_BATCH; ++b) v[b] = part[src[b]];  // independent: all in flight
+#pragma unroll
+                    for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] += v[b];    // slice order, as before
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < ROUTE_BATCH; ++b) {
+                const int i = b0 + b * THREADS + threadIdx.x;
+                if (i < n_elems) rows[(i / EG) * (EG + 1) + i % EG] = acc[b];
+            }
         }
         __syncthreads();
-        const int lt = c0 + threadIdx.x, t = t0 + lt;
-        if (threadIdx.x < ROUTE_CHUNK && lt < BT && t < p.tokens) {
-            const float *l = rows + threadIdx.x * (EG + 1);
+        for (int j = warp; j < chunk_tokens; j += THREADS / 32) {
+            const int lt = c0 + j, t = t0 + lt;
+            float *l = rows + j * (EG + 1);
             int ids[K];
             float w[K];
-            R::route(l, p.sel_bias, ids, w);
+            // The router uses entries [0, E) of the row as scratch; the shared gate's logit (entry E) stays.
+            R::route(l, p.sel_bias, elig + warp * ROUTE_ELIG_WORDS, lane, ids, w);
+            if (lane == 0) {
 #pragma unroll
-            for (int j = 0; j < K; ++j) {
-                p.ids[(size_t)t * K + j] = ids[j];
-                p.weights[(size_t)t * K + j] = w[j];
-                tile_ids[lt * K + j] = ids[j];
-                if (ids[j] >= 0) atomicOr(&masks[ids[j] * 4 + (lt >> 5)], 1u << (lt & 31));
+                for (int q = 0; q < K; ++q) {
+                    p.ids[(size_t)t * K + q] = ids[q];
+                    p.weights[(size_t)t * K + q] = w[q];
+                    tile_ids[lt * K + q] = ids[q];
+                    if (ids[q] >= 0) atomicOr(&masks[ids[q] * 4 + (lt >> 5)], 1u << (lt & 31));
+                }
+                if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
             }
-            if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
         }
     }
     __syncthreads();
