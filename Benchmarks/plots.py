@@ -268,7 +268,8 @@ def floor_chart(records: list[dict], precision: str, source: str) -> str:
 
 #: Fill colours of the timeline's event kinds (the `cat` of KernelTrace.chromeJSON); phases are drawn as a band.
 TRACE_COLORS = {"gate": "#009E73", "route": "#CC79A7", "scan": "#000000", "place": "#56B4E9", "grid barrier": "#999999",
-                "GEMM0": "#0072B2", "GEMM1": "#E69F00", "wait for GEMM1 rows": "#BBBBBB", "combine": "#D55E00"}
+                "GEMM0": "#0072B2", "GEMM1": "#E69F00", "wait for GEMM1 rows": "#BBBBBB", "combine": "#D55E00",
+                "route token": "#E7A9CF"}
 TRACE_PHASES = {"gate phase": "#E8F5EF", "expert phase": "#EAF1F8"}
 
 

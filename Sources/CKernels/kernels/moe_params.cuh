@@ -178,7 +178,7 @@ struct Sync {
     int ticket;      // phase 3 task counter
     int ring_tail;   // published GEMM1 row blocks
     int list_tail;   // tokens pushed to the combine list
-    int combine_ticket;  // combine list positions claimed
+    int combine_ticket;  // combine list slices claimed (combine_slices per position)
     int tiles1_done; // GEMM1 tiles whose completion (and pushes) are finished
     int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
     int dispatch_done;  // ranks: this rank's token tiles dispatched

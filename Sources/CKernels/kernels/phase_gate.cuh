@@ -60,6 +60,7 @@ FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem)
         for (int j = warp; j < chunk_tokens; j += THREADS / 32) {
             const int lt = c0 + j, t = t0 + lt;
             float *l = rows + j * (EG + 1);
+            FMOE_TRACE_WARP_SCOPE(FMOE_EV_ROUTE_TOKEN, t);
             int ids[K];
             float w[K];
             // The router uses entries [0, E) of the row as scratch; the shared gate's logit (entry E) stays.

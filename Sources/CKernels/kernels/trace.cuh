@@ -1,5 +1,5 @@
 // Tracing builds of the fused kernel (FMOE_TRACE=1, `flashmoe bench --trace`): every block records %globaltimer at
-// the begin and end of its phases and of each gate, GEMM0, GEMM1 and combine task into a device buffer, which the
+// the begin and end of its phases and of each gate, GEMM0, GEMM1, routed token and combine task into a device buffer, which the
 // host decodes into a Chrome-trace timeline (Sources/FlashMoE/Fused/FusedTrace.swift). Without FMOE_TRACE every macro
 // below compiles to nothing, so the one-line hooks in the phase headers cost the normal build nothing.
 //
@@ -9,8 +9,8 @@
 //   event[0]   begin (ns, %globaltimer)          event[1]  end (ns)
 //   event[2]   kind << 56 | warp << 48 | expert << 32 (16 bits each, 0xffff / 0xff = none)
 //   event[3]   a << 32 | b (the task's indices: row block and column tile, token tile and K slice, token)
-// Block-level events are recorded by thread 0 and nest in time (a phase holds its tasks); combines are recorded by
-// lane 0 of the warp that ran them (warp = its index in the block).
+// Block-level events are recorded by thread 0 and nest in time (a phase holds its tasks); combines and routed tokens
+// are recorded by lane 0 of the warp that ran them (warp = its index in the block).
 #pragma once
 #include "common.cuh"
 
@@ -29,7 +29,8 @@
 #define FMOE_EV_GEMM0 8         // GEMM0 of expert, row block a, column tile b
 #define FMOE_EV_GEMM1 9         // GEMM1 of expert, row block a, column tile b
 #define FMOE_EV_TASK_WAIT 10    // from the block's previous event to starting a GEMM1 (ticket and ring wait)
-#define FMOE_EV_COMBINE 11      // one warp combining token a
+#define FMOE_EV_COMBINE 11      // one warp combining (a slice of) token a
+#define FMOE_EV_ROUTE_TOKEN 12  // one warp routing token a (inside route: the rest of route is staging the logits)
 
 #if FMOE_TRACE
 extern "C" __device__ u64 *fmoe_trace_buffer = nullptr;  // set by the host; null records nothing

@@ -4,7 +4,7 @@
 public struct KernelTrace: Sendable, Equatable {
     /// What an event is; the raw values are `trace.cuh`'s `FMOE_EV_*`.
     public enum Kind: Int, Sendable, CaseIterable {
-        case gatePhase = 1, gate, route, scan, place, barrier, expertPhase, gemm0, gemm1, taskWait, combine
+        case gatePhase = 1, gate, route, scan, place, barrier, expertPhase, gemm0, gemm1, taskWait, combine, routeToken
 
         /// The event's name in the timeline.
         public var name: String {
@@ -20,6 +20,7 @@ public struct KernelTrace: Sendable, Equatable {
             case .gemm1: "GEMM1"
             case .taskWait: "wait for GEMM1 rows"
             case .combine: "combine"
+            case .routeToken: "route token"
             }
         }
 
@@ -33,7 +34,7 @@ public struct KernelTrace: Sendable, Equatable {
             case .route: ("token_tile", nil)
             case .scan: ("token_tiles", nil)
             case .gemm0, .gemm1: ("row_block", "column_tile")
-            case .combine: ("token", nil)
+            case .combine, .routeToken: ("token", nil)
             default: (nil, nil)
             }
         }
