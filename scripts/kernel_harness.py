@@ -228,7 +228,7 @@ class Runner:
         f32 = lambda n: torch.zeros(max(n, 1), dtype=torch.float32, device='cuda')
         dt = DT[c.prec]
         self.ws = dict(
-            logits=f32(S * EG), logits_part=f32(4 * min(S, 128 * self.grid) * EG), rank=i32(S * c.K), sgate=f32(S), tile_done=i32(tiles), counts=i32(tiles * c.E),
+            logits=f32(S * EG), logits_part=f32(min(4 * S, 128 * self.grid) * EG), rank=i32(S * c.K), sgate=f32(S), tile_done=i32(tiles), counts=i32(tiles * c.E),
             base=i32(tiles * c.E), load=i32(c.E), row_start=i32(c.E + 2), rb_start=i32(c.E + 2), t0=i32(c.E + 2),
             row_token=i32(R), target=i32(S), pending=i32(S), done0=i32(RB), done1=i32(RB),
             ring=torch.zeros(RB, dtype=torch.int64, device='cuda'),
@@ -249,7 +249,7 @@ class Runner:
                 None]  # err_mirror: none (error() reads the record itself)
         S = x.shape[0]
         gate_split = max(1, min(4, self.grid // (max(1, (S + 127) // 128) * self.gate_tiles)))
-        part_rows = min(self.max_tokens, 128 * self.grid)  # logits_part holds 4 · part_rows rows (alloc)
+        part_rows = min(4 * self.max_tokens, 128 * self.grid)  # rows logits_part holds, all K slices (alloc)
         # The epoch lives on the device (the kernel reads sync->epoch and advances it); the field is unused here.
         blob = struct.pack('<41Q', *[ptr(t) for t in ptrs]) + struct.pack(
             '<10i', S, capacity, 0, gate_split, self.row_blocks, self.max_tokens, part_rows, 0, 0, 0) + struct.pack(

@@ -10,11 +10,17 @@ func makeCUDABackend(layer: MoELayer, deviceOrdinal: Int) throws -> any Benchmar
     try FusedMoE(layer: layer, options: cudaOptions(deviceOrdinal: deviceOrdinal))
 }
 
-/// The GPU operators' options for the commands: GPU `deviceOrdinal`, and `FLASHMOE_WAIT_BUDGET_MS` when set.
+/// The GPU operators' options for the commands: GPU `deviceOrdinal`, `FLASHMOE_WAIT_BUDGET_MS` when set, and
+/// `FLASHMOE_GATE_SPLIT` (1 ... 16, for experiments: the gate's K split instead of the automatic choice, e.g. to
+/// compare the bits of two builds that choose differently).
 func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     var options = FusedOptions(deviceOrdinal: deviceOrdinal)
-    if let text = ProcessEnvironment.current()["FLASHMOE_WAIT_BUDGET_MS"], let ms = Int(text), ms > 0 {
+    let environment = ProcessEnvironment.current()
+    if let text = environment["FLASHMOE_WAIT_BUDGET_MS"], let ms = Int(text), ms > 0 {
         options.waitBudget = .milliseconds(ms)
+    }
+    if let text = environment["FLASHMOE_GATE_SPLIT"], let split = Int(text), (1...16).contains(split) {
+        options.gateSplit = split
     }
     return options
 }

@@ -29,7 +29,7 @@ import Testing
         let kernel = FusedKernel(
             device: device, compiled: compiled, module: module,
             function: try module.function(named: FusedSpecialization.kernelName), dynamicSharedBytes: 1024,
-            packRows: 64, gateTiles: 1,
+            packRows: 64, gateTiles: 1, routerRows: 8,
             gridLimit: 8)
         let spec = try FusedSpecialization(config: config, injectFault: options.injectFault ? 1 : 0)
         let layer = try MoELayer(config: config, weights: MoEWeights.random(config: config, seed: 3))

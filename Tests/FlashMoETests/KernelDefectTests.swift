@@ -9,10 +9,10 @@ import Testing
     /// Defect 1: the gate's split is chosen over all ranks' tokens and blocks, so each rank's partial logits must
     /// hold split · S_r rows however the tokens are spread. Sized for one rank's blocks (the old rule), a rank with
     /// 2100 of 4096 tokens over 8 × 16 blocks (split 4) overflowed its region.
-    @Test(arguments: [512, 1000, 2048, 4096, 8000])
+    @Test(arguments: [1, 16, 100, 512, 1000, 2048, 4096, 8000])
     func everyRankHoldsTheGlobalGateSplit(total: Int) {
         let (ranks, perRank) = (8, 16)
-        let split = FusedKernel.gateSplit(tokens: total, blocks: ranks * perRank, gateTiles: 1)
+        let split = FusedKernel.gateSplit(tokens: total, blocks: ranks * perRank, gateTiles: 1, routerRows: 64)
         for s in Set([0, 1, total / ranks, 2100, total / 2, total - 1, total]) where s <= total {
             let ws = RankParts.rankWorkspace(
                 spec: Self.spec, tokens: max(s, 1), totalTokens: total, localExperts: 8, blocksPerRank: perRank,
@@ -22,21 +22,37 @@ import Testing
     }
 
     @Test func theOneRankSplitFitsTooAndAFixedSplitHoldsEveryToken() {
-        for s in [1, 127, 1024, 4096, 70_000] {
-            let split = FusedKernel.gateSplit(tokens: s, blocks: 132, gateTiles: 1)
-            let auto = FusedWorkspace(
-                spec: Self.spec, tokens: s, rowCapacity: s * 2,
-                partTokens: FusedWorkspace.partialLogitsTokens(tokens: s, splitBlocks: 132, fixedSplit: false))
-            #expect(auto.holdsGateSplit(split, tokens: s))
-            // A caller's fixed split of 4 applies at any S: the region holds every token per slice.
+        for s in [1, 16, 127, 1024, 4096, 70_000] {
+            for routerRows in [8, 64, 257, 512] {
+                let split = FusedKernel.gateSplit(tokens: s, blocks: 132, gateTiles: 1, routerRows: routerRows)
+                let auto = FusedWorkspace(
+                    spec: Self.spec, tokens: s, rowCapacity: s * 2,
+                    partRows: FusedWorkspace.partialLogitsRows(tokens: s, splitBlocks: 132, fixedSplit: false))
+                #expect(auto.holdsGateSplit(split, tokens: s))
+            }
+            // A caller's fixed split applies at any S: the region holds gateSplitMax rows a token.
             let fixed = FusedWorkspace(
                 spec: Self.spec, tokens: s, rowCapacity: s * 2,
-                partTokens: FusedWorkspace.partialLogitsTokens(tokens: s, splitBlocks: 132, fixedSplit: true))
-            #expect(fixed.holdsGateSplit(4, tokens: s))
+                partRows: FusedWorkspace.partialLogitsRows(tokens: s, splitBlocks: 132, fixedSplit: true))
+            #expect(fixed.holdsGateSplit(FusedWorkspace.gateSplitMax, tokens: s))
         }
         // The check itself refuses what does not fit.
-        let small = FusedWorkspace(spec: Self.spec, tokens: 4096, rowCapacity: 8192, partTokens: 2048)
+        let small = FusedWorkspace(spec: Self.spec, tokens: 4096, rowCapacity: 8192, partRows: 8192)
         #expect(!small.holdsGateSplit(4, tokens: 4096) && small.holdsGateSplit(2, tokens: 4096))
+    }
+
+    /// The gate's split: up to 16 slices for one small token tile (decode), at most 4 once a tile's partials would
+    /// take the routing block more than 16 batches of loads, and never more tasks than blocks.
+    @Test func decodeGetsAWideGateSplitAndFullTilesKeepFour() {
+        #expect(FusedKernel.gateSplit(tokens: 1, blocks: 132, gateTiles: 1, routerRows: 128) == 16)
+        #expect(FusedKernel.gateSplit(tokens: 16, blocks: 132, gateTiles: 1, routerRows: 128) == 16)
+        #expect(FusedKernel.gateSplit(tokens: 64, blocks: 132, gateTiles: 1, routerRows: 128) == 4)
+        #expect(FusedKernel.gateSplit(tokens: 1, blocks: 132, gateTiles: 2, routerRows: 512) == 16)
+        #expect(FusedKernel.gateSplit(tokens: 64, blocks: 132, gateTiles: 1, routerRows: 256) == 4)
+        #expect(FusedKernel.gateSplit(tokens: 4096, blocks: 132, gateTiles: 1, routerRows: 128) == 4)
+        #expect(FusedKernel.gateSplit(tokens: 8192, blocks: 132, gateTiles: 1, routerRows: 64) == 2)
+        #expect(FusedKernel.gateSplit(tokens: 1, blocks: 8, gateTiles: 1, routerRows: 64) == 8)
+        #expect(FusedKernel.gateSplit(tokens: 1 << 20, blocks: 132, gateTiles: 1, routerRows: 64) == 1)
     }
 
     /// Defect 5: a received row's origin packs the source rank above its pair index; the pair field is no longer a

@@ -20,7 +20,7 @@ import Testing
     @Test func theyHalveTheReturnBuffer() throws {
         func retBytes(_ storage: Bool) throws -> Int {
             let spec = try FusedSpecialization(config: Self.bf16, ranks: 4, returnStorage: storage)
-            let ws = FusedWorkspace(spec: spec, tokens: 1000, rowCapacity: 4000, partTokens: 1000, ranks: 4, localExperts: 2)
+            let ws = FusedWorkspace(spec: spec, tokens: 1000, rowCapacity: 4000, partRows: 4000, ranks: 4, localExperts: 2)
             return ws.offset(.tileDispatched) - ws.offset(.ret)
         }
         #expect(try retBytes(false) == 1000 * 2 * 256 * 4)

@@ -93,6 +93,7 @@ extern "C" __device__ const int fmoe_dynamic_smem = DYNAMIC_SMEM;
 extern "C" __device__ const int fmoe_gated_pack_rows = EBN / 2;
 extern "C" __device__ const int fmoe_params_bytes = (int)sizeof(Params);
 extern "C" __device__ const int fmoe_gate_tiles = NTE;  // expert tiles of the gate GEMM (for the host's K split)
+extern "C" __device__ const int fmoe_router_rows = EG;  // rows of the gate GEMM (for the host's K split)
 extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);
 // Params' size, then each field's byte offset in declaration order, written by fmoe_params_probe (NVRTC has no
 // constant offsetof): the host runs the probe once at load and compares its own encoding field by field

@@ -129,7 +129,7 @@ static_assert(EBN == 128, "the fp8 weight layout has two 64-row granules per til
 #endif
 constexpr int NTE = (EG + GBN - 1) / GBN;
 constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see expert_phase)
-constexpr int GATE_KSPLIT_MAX = 4;  // the gate's K is split at most this many ways
+constexpr int GATE_KSPLIT_MAX = 16;  // the gate's K is split at most this many ways (FusedWorkspace.gateSplitMax)
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
 #if FMOE_PREC == 4
@@ -217,7 +217,7 @@ struct Params {
     float *weights;        // [S, K]
     int *slot_row;         // [S, K] global row of the pair, −1 when dropped or unrouted
     float *logits;         // [S, EG]
-    float *logits_part;    // [k split · S, EG] partial gate logits, within GATE_KSPLIT_MAX · part_rows rows
+    float *logits_part;    // [k split · S, EG] partial gate logits, within part_rows rows
     int *rank_in_tile;     // [S, K]
     float *shared_gate;    // [S]
     int *tile_done;        // [tiles] gate tiles finished per token tile
@@ -250,7 +250,7 @@ struct Params {
     int gate_ksplit;       // the gate's K split (chosen by the host so every rank split alike)
     int row_blocks;        // capacity of done0 / done1 / ring
     int max_tokens;        // capacity of the token arrays (combine_list: cleared at the epoch wrap)
-    int part_rows;         // logits_part holds GATE_KSPLIT_MAX · part_rows rows of EG floats
+    int part_rows;         // logits_part holds part_rows rows of EG floats (all K slices)
     int y_storage;         // 1: y is T (the storage type), 0: FP32
     int inject_fault;      // FMOE_INJECT_FAULT builds: fault this launch only when set
     int pad;

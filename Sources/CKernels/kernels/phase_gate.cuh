@@ -41,7 +41,8 @@ FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem)
 #pragma unroll
                 for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] = p.logits[src[b]];
             } else {
-                for (int q = 0; q < ks_count; ++q) {
+#pragma unroll 4
+                for (int q = 0; q < ks_count; ++q) {  // unrolled: the next slices' loads issue before these adds
                     const float *part = p.logits_part + (size_t)q * p.tokens * EG;
                     float v[ROUTE_BATCH];
 #pragma unroll
@@ -155,8 +156,8 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
     int ks = p.gate_ksplit < 1 ? 1 : (p.gate_ksplit > GATE_KSPLIT_MAX ? GATE_KSPLIT_MAX : p.gate_ksplit);
     ks = ks < KSLICES ? ks : KSLICES;
     // The partials of a split gate need ks · S rows: a split the region cannot hold runs unsplit instead of
-    // writing past it (the host sizes the region so it never does: FusedWorkspace.partialLogitsTokens).
-    if (ks > 1 && (long long)ks * p.tokens > (long long)GATE_KSPLIT_MAX * p.part_rows) ks = 1;
+    // writing past it (the host sizes the region so it never does: FusedWorkspace.partialLogitsRows).
+    if (ks > 1 && (long long)ks * p.tokens > (long long)p.part_rows) ks = 1;
     return ks;
 }
 

@@ -24,7 +24,7 @@ enum RankParts {
     ) -> FusedWorkspace {
         FusedWorkspace(
             spec: spec, tokens: tokens, rowCapacity: totalTokens * min(spec.config.topK, localExperts),
-            partTokens: FusedWorkspace.partialLogitsTokens(
+            partRows: FusedWorkspace.partialLogitsRows(
                 tokens: tokens, splitBlocks: blocksPerRank * ranks, fixedSplit: fixedSplit),
             ranks: ranks, localExperts: localExperts)
     }
@@ -61,7 +61,7 @@ enum RankParts {
             pointers: pointers,
             FusedParams.Scalars(
                 tokens: tokens, capacity: capacity, rank: rank, gateSplit: gateSplit, rowBlocks: ws.rowBlocks,
-                maxTokens: ws.maxTokens, partRows: ws.partTokens, yStorage: io?.outputType == .storage,
+                maxTokens: ws.maxTokens, partRows: ws.partRows, yStorage: io?.outputType == .storage,
                 injectFault: injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(budget)))
     }
 

@@ -13,21 +13,29 @@ struct FusedKernel {
     let dynamicSharedBytes: Int
     let packRows: Int
     let gateTiles: Int
+    /// Rows of the router GEMM (`EG`: E, plus the shared expert's gate when it has one).
+    let routerRows: Int
     /// Blocks of a cooperative launch: blocks per SM from the occupancy API × SMs.
     let gridLimit: Int
 
     static let threadsPerBlock = 256
 
-    /// The gate's K split for `tokens` tokens on `blocks` blocks: enough (token tile, expert tile, K slice) tasks to
-    /// occupy the grid when token tiles are few, at most 4 (the kernel clamps to its K slices).
+    /// The gate's K split for `tokens` tokens on `blocks` blocks (the kernel clamps it to its K slices).
     func gateSplit(tokens: Int, blocks: Int) -> Int {
-        Self.gateSplit(tokens: tokens, blocks: blocks, gateTiles: gateTiles)
+        Self.gateSplit(tokens: tokens, blocks: blocks, gateTiles: gateTiles, routerRows: routerRows)
     }
 
-    /// `gateSplit(tokens:blocks:)` for a kernel with `gateTiles` expert tiles in its gate.
-    static func gateSplit(tokens: Int, blocks: Int, gateTiles: Int) -> Int {
+    /// The gate's K split: enough (token tile, expert tile, K slice) tasks to occupy the blocks when token tiles are
+    /// few, at most `FusedWorkspace.gateSplitMax`. Above 4 only while the block that routes a tile sums at most 16
+    /// batches of partials (`route_tile` reads split · min(S, 128) · routerRows floats, 2048 at a time): decode's
+    /// one small token tile gets up to 16 slices (the gate was 18 of qwen3-30b-a3b's 97 µs at S = 1 with 4 slices,
+    /// H200), fuller tiles keep at most 4. Every split keeps split · S ≤ 128 · blocks (it is at most blocks / tiles).
+    static func gateSplit(tokens: Int, blocks: Int, gateTiles: Int, routerRows: Int) -> Int {
         let tiles = max(1, (tokens + 127) / 128)
-        return max(1, min(FusedWorkspace.gateSplitMax, blocks / (tiles * max(gateTiles, 1))))
+        let occupancy = blocks / (tiles * max(gateTiles, 1))
+        let batches = (min(max(tokens, 1), 128) * max(routerRows, 1) + 2047) / 2048
+        let reduction = max(4, 16 / batches)
+        return max(1, min(FusedWorkspace.gateSplitMax, occupancy, reduction))
     }
 }
 
@@ -88,6 +96,7 @@ extension FusedKernel {
             device: device, compiled: compiled, module: module, function: function,
             dynamicSharedBytes: dynamicSharedBytes, packRows: Int(try Self.readGlobal(module, "fmoe_gated_pack_rows")),
             gateTiles: Int(try Self.readGlobal(module, "fmoe_gate_tiles")),
+            routerRows: Int(try Self.readGlobal(module, "fmoe_router_rows")),
             gridLimit: try function.cooperativeGridLimit(
                 blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes))
     }

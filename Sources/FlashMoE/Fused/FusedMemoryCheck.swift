@@ -51,7 +51,8 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
             let rows = ranks == 1 ? s * c.topK : max(total, 1) * min(c.topK, mine.count)
             let ws = FusedWorkspace(
                 spec: spec, tokens: ranks == 1 ? s : max(s, 1), rowCapacity: rows,
-                partTokens: ranks == 1 ? s : max(s, 1),  // the bound of any grid: one partial-logit row a token
+                // The bound of any grid: gateSplitMax partial-logit rows a token.
+                partRows: FusedWorkspace.gateSplitMax * (ranks == 1 ? s : max(s, 1)),
                 ranks: ranks, localExperts: mine.count)
             workspace += Self.rounded(ws.byteCount)
         }

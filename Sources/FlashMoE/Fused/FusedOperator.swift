@@ -170,7 +170,7 @@ public final class FusedOperator: @unchecked Sendable {
             throw MoEError(
                 .unsupported,
                 "gate split \(split) over \(s) tokens needs more partial-logit rows than the workspace holds "
-                    + "(\(ws.partTokens) per slice): use a smaller FusedOptions.gateSplit")
+                    + "(\(ws.partRows) rows): use a smaller FusedOptions.gateSplit")
         }
         let pointers = ws.pointers(
             base: arena.address, x: call.input, weights: weights, control: control.address,
@@ -180,7 +180,7 @@ public final class FusedOperator: @unchecked Sendable {
             pointers: pointers,
             FusedParams.Scalars(
                 tokens: s, capacity: capacity, rank: 0, gateSplit: split, rowBlocks: ws.rowBlocks,
-                maxTokens: ws.maxTokens, partRows: ws.partTokens, yStorage: call.outputType == .storage,
+                maxTokens: ws.maxTokens, partRows: ws.partRows, yStorage: call.outputType == .storage,
                 injectFault: call.injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget),
                 epochWrap: options.epochWrap))
         try kernel.function.launchCooperative(
@@ -210,7 +210,7 @@ public final class FusedOperator: @unchecked Sendable {
         st.workspace = nil
         let ws = FusedWorkspace(
             spec: specialization, tokens: s, rowCapacity: s * config.topK,
-            partTokens: FusedWorkspace.partialLogitsTokens(
+            partRows: FusedWorkspace.partialLogitsRows(
                 tokens: s, splitBlocks: gridBlocks, fixedSplit: options.gateSplit != nil))
         try FusedMemoryCheck.checkArenas([ws], on: [device], tokens: s)
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)

@@ -14,8 +14,8 @@ struct FusedWorkspace: Sendable {
         case recv, rowOrigin, rowFlags, allCounts, countFlags, ret, tileDispatched, rowsSent
     }
 
-    /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe.cu).
-    static let gateSplitMax = 4
+    /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe_params.cuh).
+    static let gateSplitMax = 16
 
     /// The largest token count the arena holds.
     let maxTokens: Int
@@ -23,8 +23,8 @@ struct FusedWorkspace: Sendable {
     let rowCapacity: Int
     /// Row blocks the per-block arrays hold.
     let rowBlocks: Int
-    /// Token rows per K slice the partial-logits region holds (`partialLogitsTokens`).
-    let partTokens: Int
+    /// Rows of partial logits the region holds, all K slices together (`partialLogitsRows`).
+    let partRows: Int
     /// Byte offset of each region.
     let offsets: [Int]
     /// Total bytes.
@@ -34,9 +34,9 @@ struct FusedWorkspace: Sendable {
     ///   - tokens: this rank's (or the only) token count S.
     ///   - rowCapacity: the routed rows this rank's experts may hold (S·k on one GPU; with ranks, all ranks' tokens ×
     ///     min(k, local experts)).
-    ///   - partTokens: token rows per K slice of the gate's partial logits (`partialLogitsTokens`).
+    ///   - partRows: rows of the gate's partial logits, all K slices together (`partialLogitsRows`).
     ///   - ranks: rank count R (1 on one GPU).
-    init(spec: FusedSpecialization, tokens s: Int, rowCapacity rows: Int, partTokens: Int, ranks: Int = 1,
+    init(spec: FusedSpecialization, tokens s: Int, rowCapacity rows: Int, partRows: Int, ranks: Int = 1,
          localExperts: Int? = nil)
     {
         let c = spec.config
@@ -55,7 +55,7 @@ struct FusedWorkspace: Sendable {
             case .y: s * h * 4
             case .ids, .weights, .slotRow, .rankInTile: s * k * 4
             case .logits: s * spec.routerRows * 4
-            case .logitsPart: Self.gateSplitMax * partTokens * spec.routerRows * 4
+            case .logitsPart: partRows * spec.routerRows * 4
             case .sharedGate, .target, .pending: s * 4
             case .tileDone: tiles * 4
             case .counts, .base: tiles * e * 4
@@ -88,25 +88,25 @@ struct FusedWorkspace: Sendable {
         self.maxTokens = s
         self.rowCapacity = rows
         self.rowBlocks = rowBlocks
-        self.partTokens = partTokens
+        self.partRows = partRows
         self.offsets = offsets
         self.byteCount = cursor
     }
 
-    /// Token rows per K slice the partial logits need so that every split the host can choose fits: the kernel
-    /// writes split · S rows. A split chosen automatically (`FusedKernel.gateSplit`) over `splitBlocks` blocks is
-    /// above 1 only while the token tiles of all tokens the split was chosen for are fewer than the blocks, so
-    /// S ≤ 128 · splitBlocks then; `splitBlocks` must be the blocks the split is computed over — for ranks, all
-    /// ranks' blocks, not one rank's (issue 12, defect 1). A split fixed by the caller (`FusedOptions.gateSplit`)
-    /// may apply to any S: the region then holds all S rows per slice.
-    static func partialLogitsTokens(tokens s: Int, splitBlocks: Int, fixedSplit: Bool) -> Int {
-        fixedSplit ? s : min(s, 128 * max(splitBlocks, 1))
+    /// Rows of partial logits (all K slices) that every split the host can choose needs: the kernel writes
+    /// split · S rows. A split chosen automatically (`FusedKernel.gateSplit`) over `splitBlocks` blocks is at most
+    /// `gateSplitMax` and at most splitBlocks / token tiles, so split · S ≤ min(gateSplitMax · S, 128 · splitBlocks);
+    /// `splitBlocks` must be the blocks the split is computed over — for ranks, all ranks' blocks, not one rank's
+    /// (issue 12, defect 1). A split fixed by the caller (`FusedOptions.gateSplit`) may apply to any S: the region
+    /// then holds `gateSplitMax` rows per token.
+    static func partialLogitsRows(tokens s: Int, splitBlocks: Int, fixedSplit: Bool) -> Int {
+        fixedSplit ? gateSplitMax * s : min(gateSplitMax * s, 128 * max(splitBlocks, 1))
     }
 
     /// Whether the partial logits hold a gate split `split` over `tokens` tokens (the kernel runs an oversized
     /// split unsplit instead of writing past the region; the host checks first).
     func holdsGateSplit(_ split: Int, tokens: Int) -> Bool {
-        split <= 1 || min(split, Self.gateSplitMax) * tokens <= Self.gateSplitMax * partTokens
+        split <= 1 || min(split, Self.gateSplitMax) * tokens <= partRows
     }
 
     /// Byte offset of a region.

@@ -71,7 +71,9 @@ import Testing
         let device = try CUDADevice(driver: fake)
         let spec = try FusedSpecialization(config: Self.small)
         func arena(_ s: Int) -> FusedWorkspace {
-            FusedWorkspace(spec: spec, tokens: s, rowCapacity: s * Self.small.topK, partTokens: min(s, 128 * 132))
+            FusedWorkspace(
+                spec: spec, tokens: s, rowCapacity: s * Self.small.topK,
+                partRows: FusedWorkspace.partialLogitsRows(tokens: s, splitBlocks: 132, fixedSplit: false))
         }
         try FusedMemoryCheck.checkArenas([arena(10_000)], on: [device], tokens: 10_000)
         let tokens = 1 << 20
@@ -99,7 +101,9 @@ import Testing
             let s = 1000
             let estimate = try FusedMemoryEstimate(config: config, tokens: s)
             let spec = try FusedSpecialization(config: config)
-            let ws = FusedWorkspace(spec: spec, tokens: s, rowCapacity: s * config.topK, partTokens: min(s, 128 * 132))
+            let ws = FusedWorkspace(
+                spec: spec, tokens: s, rowCapacity: s * config.topK,
+                partRows: FusedWorkspace.partialLogitsRows(tokens: s, splitBlocks: 132, fixedSplit: false))
             #expect(estimate.workspaceBytes >= ws.byteCount)
             #expect(estimate.workspaceBytes <= ws.byteCount + (2 << 20))
             // Weights: at least the layer's tensors in the storage type, at most a few MiB and the padding more.
