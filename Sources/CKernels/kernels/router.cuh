@@ -16,7 +16,8 @@ namespace fmoe {
 
 constexpr int NONE = 0x7fffffff;
 
-// Total order used by every top-k: larger value first, then lower index; NONE loses to everything.
+// The order of every top-k: larger value first, then lower index; NONE loses to everything. (WarpRouter computes
+// it with order_key and warp_best; this form is the definition.)
 FMOE_DEVICE bool better(float v, int i, float bv, int bi) {
     if (i == NONE) return false;
     if (bi == NONE) return true;
@@ -26,10 +27,11 @@ FMOE_DEVICE bool better(float v, int i, float bv, int bi) {
 // One warp routes one token whose logits route_tile staged in shared memory (row l, E floats; entry E is the
 // shared expert's gate logit when there is one). Lane q owns experts q, q + 32, q + 64, ... Every rule and every
 // rounding is the sequential one's (the CPU oracle's order): the top-k is the unique sorted top-k of the `better`
-// order, found in k rounds of a warp arg-max instead of an insertion sort; group scores are each group's two best
-// choice scores; the softmax denominator is summed by lane 0 in expert order. So the ids and weights have the bits
-// a one-thread-per-token router gave, in a few microseconds instead of tens (E = 256, k = 8: ~190 µs for one token
-// on an H200, commit 38496f6), which decode paid on its critical path.
+// order, found in k rounds of a warp arg-max (redux.sync on order-preserving keys) instead of an insertion sort;
+// group scores are each group's two best choice scores; the softmax denominator is summed by lane 0 in expert
+// order. So the ids and weights have the bits a one-thread-per-token router gave, whose serial chain decode paid
+// on its critical path (H200, commit 38496f6: 57 µs to route qwen3-30b-a3b's one token, 188 µs for DeepSeek-V3's
+// tile of 64).
 template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> struct WarpRouter {
     static constexpr int NPL = (E + 31) / 32;          // experts per lane
     static constexpr int GS = E / GROUPS;              // experts per group
@@ -37,15 +39,32 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
 
     static FMOE_DEVICE float sigmoid(float l) { return 1.f / (1.f + expf(-l)); }
 
-    // Warp arg-max of (v, i) under `better`; every lane returns the winner. A total order, so the result does not
-    // depend on the reduction's shape.
-    static FMOE_DEVICE void warp_best(float &v, int &i) {
-#pragma unroll
-        for (int d = 16; d >= 1; d >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, d);
-            const int oi = __shfl_xor_sync(0xffffffffu, i, d);
-            if (better(ov, oi, v, i)) { v = ov; i = oi; }
-        }
+    // A float's order as an unsigned key (a larger value, a larger key), for the warp's redux.sync: -0 counts as
+    // +0 (the `better` order compares values, so they tie) and NaN maps to 0, the key of "no candidate" (a NaN is
+    // never eligible; a NaN choice score could only come from a non-finite selection bias, which the non-finite
+    // rules exclude, docs/nonfinite.md).
+    static FMOE_DEVICE u32 order_key(float v) {
+        if (v != v) return 0u;
+        const u32 u = __float_as_uint(v + 0.f);
+        return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    }
+    static FMOE_DEVICE u32 warp_max(u32 v) {
+        u32 r;
+        asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+        return r;
+    }
+    static FMOE_DEVICE u32 warp_min(u32 v) {
+        u32 r;
+        asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(v));
+        return r;
+    }
+
+    // The warp's arg-max under `better` from each lane's best (key, index) (key 0: none): the largest key, then
+    // the lowest index holding it. Every lane returns the winner's index, or NONE when no lane has a candidate.
+    static FMOE_DEVICE int warp_best(u32 key, int i) {
+        const u32 top = warp_max(key);
+        if (top == 0u) return NONE;
+        return (int)warp_min(key == top ? (u32)i : 0xffffffffu);
     }
 
     // l: the token's row (shared memory; entries [0, E) are overwritten as scratch); bias: DeepSeek's selection
@@ -80,7 +99,8 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
             }
             __syncwarp();
             if (lane == 0) {
-                for (int e = 0; e < E; ++e) norm += l[e];
+#pragma unroll 16
+                for (int e = 0; e < E; ++e) norm += l[e];  // unrolled: the loads issue ahead of the serial adds
             }
             norm = __shfl_sync(0xffffffffu, norm, 0);
         } else {
@@ -121,15 +141,16 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
                 // The kept groups: GROUPS_KEPT rounds of arg-max over the group scores (ties to the lower group).
                 unsigned long long kept_lo = 0, kept_hi = 0;
                 for (int r = 0; r < GROUPS_KEPT; ++r) {
-                    float best = 0.f;
+                    u32 best = 0u;
                     int bg = NONE;
 #pragma unroll
-                    for (int q = 0; q < GPL; ++q) {
+                    for (int q = 0; q < GPL; ++q) {  // groups ascending: strictly larger keys win ties to the lower
                         const int g = lane + 32 * q;
                         const bool done = g >= GROUPS || (g < 64 ? (kept_lo >> g & 1) : (kept_hi >> (g - 64) & 1));
-                        if (!done && better(gscore[q], g, best, bg)) { best = gscore[q]; bg = g; }
+                        const u32 key = done ? 0u : order_key(gscore[q]);
+                        if (key > best) { best = key; bg = g; }
                     }
-                    warp_best(best, bg);
+                    bg = warp_best(best, bg);
                     if (bg == NONE) break;
                     if (bg < 64) kept_lo |= 1ull << bg; else kept_hi |= 1ull << (bg - 64);
                 }
@@ -142,21 +163,24 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
             }
         }
         // The top k: k rounds of a warp arg-max over the lanes' best remaining candidates; the owner retires it.
+        u32 key[NPL];
+#pragma unroll
+        for (int j = 0; j < NPL; ++j) key[j] = cand[j] ? order_key(score[j]) : 0u;
         int bi[K];
         float bv_raw[K];
 #pragma unroll
         for (int r = 0; r < K; ++r) {
-            float v = 0.f;
+            u32 best = 0u;
             int i = NONE;
 #pragma unroll
-            for (int j = 0; j < NPL; ++j)
-                if (cand[j] && better(score[j], lane + 32 * j, v, i)) { v = score[j]; i = lane + 32 * j; }
-            warp_best(v, i);
+            for (int j = 0; j < NPL; ++j)  // experts ascending: strictly larger keys win ties to the lower index
+                if (key[j] > best) { best = key[j]; i = lane + 32 * j; }
+            i = warp_best(best, i);
             bi[r] = i;
             float mine = 0.f;
 #pragma unroll
             for (int j = 0; j < NPL; ++j)
-                if (i == lane + 32 * j) { cand[j] = false; mine = raw[j]; }
+                if (i == lane + 32 * j) { key[j] = 0u; mine = raw[j]; }
             bv_raw[r] = __shfl_sync(0xffffffffu, mine, i == NONE ? 0 : (i & 31));
         }
         const bool inf = m == FMOE_INF || m == -FMOE_INF;
