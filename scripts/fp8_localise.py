@@ -13,18 +13,23 @@ block in GEMM1 and three 64-row granules per gated matrix; E = 8, k = 2) and an 
 taken from the wrong block, granule, matrix (gate/up) or row changes the output by percent, not per mille:
 
   narrow   every E4M3 code of x and of the weights lies in [256, 448] (one binade): each product is a multiple of
-           2^10 below 2^17.7 and every partial sum of a 128-wide K block stays below 2^24, so the tensor cores sum
-           GEMM0 exactly whatever their accumulator width. h, and so GEMM1's codes, are generic.
+           2^10 below 2^17.7, and with random signs every partial sum of a 128-wide K block stays far below 2^24
+           (14 significant bits), so the tensor cores sum GEMM0 exactly even with a 13-bit accumulator. h, and so
+           GEMM1's codes, are generic: GEMM1's own truncation (~1e-4) remains.
   generic  the values spread over the whole E4M3 range as in `verify` (uniform within each block).
 
 For each it runs `flashmoe run --precision fp8` on --backend cuda (and oracle, cpu), compares y over the tokens whose
 routing agrees, and prints next to the measurements what a NumPy model of the same arithmetic predicts with FP32
 accumulation (the CPU fast path) and with 13-bit truncating accumulation per k32 instruction (promotion per 128 K).
 
-Reading the result: narrow at the 1e-4 level and generic near its prediction → the kernel computes the oracle's
-arithmetic and the gap is the tensor cores' accumulation; narrow at 1e-2 or above → a scale or code is misplaced.
+With --promote-steps 1 it also runs cuda on a copy of the kernel sources built with FMOE_FP8_PROMOTE_STEPS = 1
+(FLASHMOE_KERNEL_DIR): a promotion after every k32 instruction, which changes the accumulation but no layout.
 
-    python3 scripts/fp8_localise.py --bin bin/flashmoe --out DIR [--backends cuda,oracle]
+Reading the result: narrow at the 1e-4 level, generic near its prediction and smaller with --promote-steps 1 → the
+kernel computes the oracle's arithmetic and the gap is the tensor cores' accumulation; narrow at 1e-2 or above →
+a scale or code is misplaced (a misplaced scale gives 0.4 to 0.9 on these checkpoints).
+
+    python3 scripts/fp8_localise.py --bin bin/flashmoe --out DIR [--backends cuda,cpu] [--promote-steps 1]
 
 Needs numpy. FLASHMOE_EXPERIMENTAL_FP8=1 must be set for --backend cuda (scripts/gpu-fp8-localise sets it).
 Exit status: 0 when every run completed (the numbers are for a person to read), 1 otherwise.
@@ -33,6 +38,7 @@ Exit status: 0 when every run completed (the numbers are for a person to read), 
 import argparse
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -124,7 +130,8 @@ def truncated_sum(terms, bits):
 
 def gemm(a, sa, w_codes, w_scales, mode):
     """out[r, n] = Σ_j (Σ_{k in block j} a·w) · sa[r, j] · sw[n/128, j]; mode exact (Float64), fp32 (FP32 block
-    sums and FP32 promotion) or tc13 (13-bit truncating accumulation per k32 instruction, FP32 promotion)."""
+    sums and FP32 promotion), tc13 (13-bit truncating accumulation per k32 instruction, the running block sum
+    aligned with each instruction's products, FP32 promotion per K block) or tc13k32 (promotion after every k32)."""
     w = e4m3_values(w_codes)
     rows, kdim = a.shape
     n = w.shape[0]
@@ -137,6 +144,12 @@ def gemm(a, sa, w_codes, w_scales, mode):
             continue
         if mode == "fp32":
             tmp = (A @ W.T).astype(np.float32)
+        elif mode == "tc13k32":  # promoted after every k32 instruction (FMOE_FP8_PROMOTE_STEPS = 1)
+            f = (sa[:, j:j + 1] * sw[None, :]).astype(np.float64)
+            for ks in range(0, A.shape[1], 32):
+                t = truncated_sum(A[:, None, ks:ks + 32] * W[None, :, ks:ks + 32], 13).astype(np.float32)
+                acc = (acc + t.astype(np.float64) * f.astype(np.float32)).astype(np.float32).astype(np.float64)
+            continue
         else:
             tmp = np.zeros((rows, n))
             for ks in range(0, A.shape[1], 32):
@@ -251,11 +264,25 @@ def write_checkpoint(directory, x, router, experts):
     write_safetensors(os.path.join(directory, "x.safetensors"), {"x": ("F32", x.shape, x.astype(np.float32).tobytes())})
 
 
-def run(args, directory, backend):
-    out = os.path.join(directory, f"y-{backend}.safetensors")
+def kernel_copy(args, steps):
+    """A copy of the kernel sources built with FMOE_FP8_PROMOTE_STEPS = steps (for FLASHMOE_KERNEL_DIR)."""
+    target = os.path.join(args.out, f"kernels-promote{steps}")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(args.kernels, target)
+    path = os.path.join(target, "wgmma_fp8.cuh")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("#pragma once\n", f"#pragma once\n#define FMOE_FP8_PROMOTE_STEPS {steps}\n", 1))
+    return target
+
+
+def run(args, directory, backend, kernels=None):
+    out = os.path.join(directory, f"y-{backend}{'-' + os.path.basename(kernels) if kernels else ''}.safetensors")
     cmd = [args.bin, "run", "--checkpoint", directory, "--layer", "0", "--input",
            os.path.join(directory, "x.safetensors"), "--precision", "fp8", "--backend", backend, "--output", out]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ, **({"FLASHMOE_KERNEL_DIR": kernels} if kernels else {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-600:]}")
     return read_safetensors(out)
@@ -272,6 +299,9 @@ def main():
     ap.add_argument("--backends", default="cuda,cpu", help="compared with the oracle (comma-separated)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--timeout", type=int, default=120)
+    ap.add_argument("--promote-steps", type=int, default=0, choices=[0, 1, 2],
+                    help="also run cuda with the kernel promoting every N k32 steps (0: skip)")
+    ap.add_argument("--kernels", default="Sources/CKernels/kernels", help="kernel sources to copy for --promote-steps")
     args = ap.parse_args()
     ok = True
     for variant in ("narrow", "generic"):
@@ -291,16 +321,21 @@ def main():
               "(should be ~1e-7: the script reproduces the oracle)")
         print(f"{variant}: model, FP32 accumulation vs exact:           {rel(layer(x, experts, ids, w, 'fp32'), exact):.2e}")
         print(f"{variant}: model, 13-bit tensor-core accumulation:      {rel(layer(x, experts, ids, w, 'tc13'), exact):.2e}")
-        for backend in args.backends.split(","):
+        print(f"{variant}: model, the same promoted after every k32:    {rel(layer(x, experts, ids, w, 'tc13k32'), exact):.2e}")
+        runs = [(b, None) for b in args.backends.split(",")]
+        if args.promote_steps and "cuda" in args.backends.split(","):
+            runs.append(("cuda", kernel_copy(args, args.promote_steps)))
+        for backend, kernels in runs:
+            label = backend + (f" (FMOE_FP8_PROMOTE_STEPS={args.promote_steps})" if kernels else "")
             try:
-                y = run(args, directory, backend)
+                y = run(args, directory, backend, kernels)
             except RuntimeError as e:
-                print(f"{variant}: {backend} failed: {e}")
+                print(f"{variant}: {label} failed: {e}")
                 ok = False
                 continue
             same = np.all(y["topk_ids"] == ids, axis=1)
             err = rel(y["y"][same].astype(np.float64), oracle["y"][same].astype(np.float64))
-            print(f"{variant}: measured {backend} vs oracle:  {err:.2e}  ({int(same.sum())} of {S} tokens routed alike)")
+            print(f"{variant}: measured {label} vs oracle:  {err:.2e}  ({int(same.sum())} of {S} tokens routed alike)")
     return 0 if ok else 1
 
 
