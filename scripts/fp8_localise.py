@@ -10,7 +10,7 @@ BF16 rounding of the largest |h| of a 128-channel group changes that group's sca
 This script tells them apart. It writes two Qwen3-MoE FP8 checkpoints (H = 384: three K blocks; I = 192: a short K
 block in GEMM1 and three 64-row granules per gated matrix; E = 8, k = 2) and an input of S = 256 tokens, where every
 128x128 weight block and every (token, 128-channel group) of x has its own scale (factors 2^-1 … 2^1), so a scale
-taken from the wrong block, granule, matrix (gate/up) or row changes the output by percent, not per mille:
+taken from the wrong block, granule, matrix (gate/up) or row changes the output by tens of percent:
 
   narrow   every E4M3 code of x and of the weights lies in [256, 448] (one binade): each product is a multiple of
            2^10 below 2^17.7, and with random signs every partial sum of a 128-wide K block stays far below 2^24
@@ -20,7 +20,8 @@ taken from the wrong block, granule, matrix (gate/up) or row changes the output 
 
 For each it runs `flashmoe run --precision fp8` on --backend cuda (and oracle, cpu), compares y over the tokens whose
 routing agrees, and prints next to the measurements what a NumPy model of the same arithmetic predicts with FP32
-accumulation (the CPU fast path) and with 13-bit truncating accumulation per k32 instruction (promotion per 128 K).
+accumulation (the CPU fast path) and with the FP8 MMA's published behaviour (13-bit alignment and truncation,
+e8m13 results; `tensor_core_k32`), promoted per 128 K or per instruction.
 
 With --promote-steps 1 it also runs cuda on a copy of the kernel sources built with FMOE_FP8_PROMOTE_STEPS = 1
 (FLASHMOE_KERNEL_DIR): a promotion after every k32 instruction, which changes the accumulation but no layout.
@@ -119,19 +120,35 @@ def quantize_rows(x):
 
 # ---- The arithmetic, three ways -----------------------------------------------------------------------------------
 
-def truncated_sum(terms, bits):
-    """Σ terms after aligning each to the largest |term| and truncating it toward zero to `bits` bits below that
-    term's leading bit: a model of an FP8 tensor-core accumulator of `bits` fraction bits."""
-    mx = np.abs(terms).max(axis=-1, keepdims=True)
-    _, e = np.frexp(np.where(mx == 0, 1.0, mx))
-    ulp = 2.0 ** (e - 1 - bits)
-    return (np.trunc(terms / ulp) * ulp).sum(axis=-1)
+def exponent(v, lowest):
+    """floor(log2 |v|), `lowest` for subnormals (the format's smallest normal exponent), -999 for zero."""
+    _, e = np.frexp(np.where(v == 0, 1.0, np.abs(v)))
+    return np.where(v == 0, -999, np.maximum(e - 1, lowest))
+
+
+def tensor_core_k32(a, w, c):
+    """One FP8 MMA instruction d = Σ_k a·w + c per output, as published bit-level measurements of Hopper's FP8
+    wgmma describe it: every product (exact, exponent ea + eb) and the addend c are aligned to the largest of their
+    exponents and truncated toward zero 13 bits below it, summed exactly, and the sum is truncated toward zero to 13
+    fraction bits (e8m13). a [R, 1, 32] and w [1, N, 32] hold E4M3 values, c [R, N] FP32 values or None."""
+    pe = exponent(a, -6) + exponent(w, -6)
+    p = a * w
+    pe = np.where(p == 0, -999, pe)
+    top = pe.max(axis=-1)
+    if c is not None:
+        top = np.maximum(top, exponent(c, -126))
+    ulp = 2.0 ** (top - 13)
+    s = (np.trunc(p / ulp[..., None]) * ulp[..., None]).sum(axis=-1)
+    if c is not None:
+        s += np.trunc(c / ulp) * ulp
+    out_ulp = 2.0 ** (exponent(s, -126) - 13)
+    return np.trunc(s / out_ulp) * out_ulp
 
 
 def gemm(a, sa, w_codes, w_scales, mode):
     """out[r, n] = Σ_j (Σ_{k in block j} a·w) · sa[r, j] · sw[n/128, j]; mode exact (Float64), fp32 (FP32 block
-    sums and FP32 promotion), tc13 (13-bit truncating accumulation per k32 instruction, the running block sum
-    aligned with each instruction's products, FP32 promotion per K block) or tc13k32 (promotion after every k32)."""
+    sums and FP32 promotion), tc13 (`tensor_core_k32` per instruction, the block's running sum as its addend, FP32
+    promotion per K block) or tc13k32 (each instruction promoted on its own)."""
     w = e4m3_values(w_codes)
     rows, kdim = a.shape
     n = w.shape[0]
@@ -147,14 +164,13 @@ def gemm(a, sa, w_codes, w_scales, mode):
         elif mode == "tc13k32":  # promoted after every k32 instruction (FMOE_FP8_PROMOTE_STEPS = 1)
             f = (sa[:, j:j + 1] * sw[None, :]).astype(np.float64)
             for ks in range(0, A.shape[1], 32):
-                t = truncated_sum(A[:, None, ks:ks + 32] * W[None, :, ks:ks + 32], 13).astype(np.float32)
+                t = tensor_core_k32(A[:, None, ks:ks + 32], W[None, :, ks:ks + 32], None).astype(np.float32)
                 acc = (acc + t.astype(np.float64) * f.astype(np.float32)).astype(np.float32).astype(np.float64)
             continue
         else:
-            tmp = np.zeros((rows, n))
+            tmp = None
             for ks in range(0, A.shape[1], 32):
-                p = A[:, None, ks:ks + 32] * W[None, :, ks:ks + 32]
-                tmp = truncated_sum(np.concatenate([p, tmp[:, :, None]], axis=-1) if ks else p, 13)
+                tmp = tensor_core_k32(A[:, None, ks:ks + 32], W[None, :, ks:ks + 32], tmp)
             tmp = tmp.astype(np.float32)
         f = (sa[:, j:j + 1] * sw[None, :]).astype(np.float32)
         acc = (acc + tmp.astype(np.float64) * f.astype(np.float64)).astype(np.float32).astype(np.float64)

@@ -19,9 +19,10 @@
 namespace fmoe {
 
 // k32 steps summed on the tensor cores between promotions: 4 (once per K block, DeepGEMM's choice) by default.
-// The FP8 MMA accumulates with about 13 bits and truncates, and the partial sum it carries takes part in each
-// step's alignment; 1 promotes every step, closer to the oracle's exact block sums at more waits (an experiment:
-// scripts/fp8_localise.py --promote-steps builds it through FLASHMOE_KERNEL_DIR).
+// The FP8 MMA aligns its products and the partial sum it carries to 13 fraction bits and truncates; 1 promotes
+// every step, so the partial sum leaves the alignment (docs/fp8.md: 1.5-2.4x closer to the oracle in a model, at
+// three more waits per K block). An experiment: scripts/fp8_localise.py --promote-steps builds it through
+// FLASHMOE_KERNEL_DIR.
 #ifndef FMOE_FP8_PROMOTE_STEPS
 #define FMOE_FP8_PROMOTE_STEPS 4
 #endif
