@@ -7,9 +7,10 @@
 // Per K block: the block quantizes A (two threads per row: amax over the row's finite values, scale = amax / 448
 // or 1, codes = satfinite E4M3 of value / scale, both divisions IEEE) into one shared E4M3 A buffer and a scale
 // per row, issues 4 m64n128k32 instructions into a temporary accumulator (the first with scale-d = 0), waits, and
-// promotes: acc += tmp · (a_scale[row] · b_scale[granule]). B scales come per 64-row granule of the packed weight
-// rows (gated: 64 gate rows, then 64 up rows) and K block, from the expert's weight block (host layout:
-// FusedDeviceWeights+FP8.swift). 64 + 64 accumulator registers per thread.
+// promotes: acc += tmp · (a_scale[row] · b_scale[granule]) (or every FMOE_FP8_PROMOTE_STEPS instructions). B
+// scales come per 64-row granule of the packed weight rows (gated: 64 gate rows, then 64 up rows) and K block,
+// from the expert's weight block (host layout: FusedDeviceWeights+FP8.swift). 64 + 64 accumulator registers per
+// thread.
 #pragma once
 #include "common.cuh"
 #include "gemm_tile.cuh"
@@ -17,6 +18,17 @@
 
 namespace fmoe {
 
+// k32 steps summed on the tensor cores between promotions: 4 (once per K block, DeepGEMM's choice) by default.
+// The FP8 MMA aligns its products and the partial sum it carries to 13 fraction bits and truncates; 1 promotes
+// every step, so the partial sum leaves the alignment (docs/fp8.md: 1.5-2.4x closer to the oracle in a model, at
+// three more waits per K block). An experiment: scripts/fp8_localise.py --promote-steps builds it through
+// FLASHMOE_KERNEL_DIR.
+#ifndef FMOE_FP8_PROMOTE_STEPS
+#define FMOE_FP8_PROMOTE_STEPS 4
+#endif
+constexpr int FP8_PROMOTE_STEPS = FMOE_FP8_PROMOTE_STEPS;
+static_assert(FP8_PROMOTE_STEPS == 1 || FP8_PROMOTE_STEPS == 2 || FP8_PROMOTE_STEPS == 4,
+              "FMOE_FP8_PROMOTE_STEPS divides the 4 k32 steps of a K block");
 constexpr int FP8_BN = 128;
 constexpr int FP8_A_RAW_BYTES = BM * 256;           // one K block of BF16 A rows
 constexpr int FP8_B_BYTES = FP8_BN * ROW_BYTES;     // one K block of E4M3 B rows
@@ -133,14 +145,15 @@ struct Fp8WgmmaEngine {
         for (int i = 0; i < 64; ++i) acc[i] = 0.f;
     }
 
-    FMOE_DEVICE void issue(const char *qa, const char *stage) {
+    // tmp = the k32 steps [first, first + count) of the K block (the first with scale-d = 0).
+    FMOE_DEVICE void issue(const char *qa, const char *stage, int first, int count) {
         const int wg = threadIdx.x >> 7;
         const u32 a = smem_addr(qa) + wg * 64 * ROW_BYTES;
         const u32 b = smem_addr(stage) + FP8_A_RAW_BYTES;
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks)
-            wgmma_m64n128k32_e4m3(tmp, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32), ks);
+        for (int ks = first; ks < first + count; ++ks)
+            wgmma_m64n128k32_e4m3(tmp, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32), ks - first);
         wgmma_commit();
     }
 
@@ -194,9 +207,12 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8(char *smem, const Fp8Source
         const float b1 = src.granule1 ? src.b_scale[src.kb_count + kt] : 0.f;
         fence_proxy_async();
         __syncthreads();  // the quantized block and its scales are visible to both warpgroups (and wgmma)
-        eng.issue(qa, stage);
-        wgmma_wait<0>();
-        eng.promote(sa, b0, b1);
+#pragma unroll
+        for (int part = 0; part < 4; part += FP8_PROMOTE_STEPS) {
+            eng.issue(qa, stage, part, FP8_PROMOTE_STEPS);
+            wgmma_wait<0>();
+            eng.promote(sa, b0, b1);
+        }
         __syncthreads();  // both warpgroups are done with qa, sa and stage kt
         const int next = kt + P;
         if (next < ktiles) fp8_load_stage(smem + (next % STAGES) * FP8_STAGE_BYTES, src, next);

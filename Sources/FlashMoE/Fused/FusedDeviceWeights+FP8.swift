@@ -47,7 +47,13 @@ extension FusedDeviceWeights {
     static func uploadFP8Second(down: FP8Blocks, matrices: Int, hidden: Int, k: Int, device: CUDADevice) throws
         -> DeviceBuffer<UInt8>
     {
-        try uploadFP8(matrices: matrices, rows: hidden, k: k, device: device) { $0 < hidden ? (down, $0) : nil }
+        try uploadFP8(
+            matrices: matrices, rows: hidden, k: k, device: device, source: fp8SecondSource(down: down, hidden: hidden))
+    }
+
+    /// Row r of W2's fp8 image → (matrix, source row): the rows as they are, `hidden` of them.
+    static func fp8SecondSource(down: FP8Blocks, hidden: Int) -> (Int) -> (FP8Blocks, Int)? {
+        { r in r < hidden ? (down, r) : nil }
     }
 
     /// Copies each expert's image (`fp8Image`) to the device, one expert at a time.
