@@ -15,7 +15,8 @@ torch and transformers:
   after a fault runs and equals a healthy layer's result, which is unchanged by the faults.
 - bad-inputs: wrong device, dtype, shape, alignment, contiguity, too many tokens, a stream of another device (or,
   with one GPU, a CUDA stream for a CPU layer), a closed layer: each raises TypeError/ValueError naming the argument.
-- opcheck: torch.library.opcheck of flashmoe::moe_forward on CUDA.
+- opcheck: torch.library.opcheck of flashmoe::moe_forward, moe_forward_y and moe_forward_out on CUDA; y of
+  moe_forward_y and the outputs of moe_forward_out equal (bitwise) moe_forward's.
 
 Usage: PYTHONPATH=python python3 python/tests/gpu_checks.py [--json FILE] [--only NAME,...]
 Prints one line per check as it ends, then a table; exit status 1 when a check fails.
@@ -370,8 +371,21 @@ def bad_inputs() -> dict:
 def opcheck() -> dict:
     layer = random_layer(40)
     x = torch.randn(32, 512, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(torch_op.moe_forward, (x, layer.layer_id))
-    return {"op": "flashmoe::moe_forward", "device": "cuda"}
+    lid = layer.layer_id
+    torch.library.opcheck(torch_op.moe_forward, (x, lid))
+    torch.library.opcheck(torch_op.moe_forward_y, (x, lid))
+    y, ids, w = torch_op.moe_forward(x, lid)
+    outs = (torch.full_like(y, float("nan")), torch.full_like(ids, -7), torch.full_like(w, float("nan")))
+    torch.library.opcheck(torch_op.moe_forward_out, (x, lid, *outs))
+    torch_op.moe_forward_out(x, lid, *outs)
+    y_only = torch_op.moe_forward_y(x, lid)
+    torch.cuda.synchronize()
+    expect(torch.equal(y_only, y), "moe_forward_y's y differs from moe_forward's", {"rel": rel(y_only, y)})
+    for name, got, want in zip(("y", "topk_ids", "topk_weights"), outs, (y, ids, w)):
+        expect(torch.equal(got, want), f"moe_forward_out's {name} differs from moe_forward's")
+    layer.close()
+    return {"ops": "flashmoe::moe_forward, moe_forward_y, moe_forward_out", "device": "cuda",
+            "y_only_equal": True, "out_equal": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
