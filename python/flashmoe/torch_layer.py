@@ -90,7 +90,7 @@ class MoELayer(torch.nn.Module):
         self.layer_id = torch_op.new_layer_id()
         self._holder: list = [None]  # the NativeLayer, in a list the finalizer can see without seeing self
         self._tracked: list = []  # the source's tensors when the native layer was built
-        self._signature: tuple = ()
+        self._signature: tuple[list[int], list[int]] = ([], [])  # (versions, addresses) of _tracked
         self._finalizer = weakref.finalize(self, _close_native, self.layer_id, self._holder)
         self.refresh()
 
