@@ -11,7 +11,8 @@
    (S = 1, where the host dominates) and qwen3-30b-a3b decode (S = 64).
    `breakdown`: the same layers and paths, where the host time goes: perf_counter from the call to its
    flashmoe_layer_forward call (the host work that delays the launch, GPU idle before each call), the output
-   allocations alone, and the op with the C call stubbed (its own Python/torch work).
+   allocations alone, the op with the C call stubbed (its own Python/torch work), and each path's idle overhead
+   over `bare` with the two called alternately (so a drift of the kernel's own time cancels).
 2. `decode`: qwen3-30b-a3b (H 2048, I 768, E 128, k 8, bf16), S = 64, through the op: back-to-back CUDA-event
    time per call against the bare kernel's and, when bin/flashmoe is present, against `flashmoe bench`.
 3. `model`: a Qwen3-MoE model with Qwen3-30B-A3B's layer shapes (2 decoder layers, random weights, bf16, vocab
@@ -210,6 +211,25 @@ def prelaunch_us(torch, fn, target, attr: str, iters: int) -> float:
     return statistics.median(per) * 1e6
 
 
+def idle_event_us(torch, fn) -> float:
+    """µs of CUDA events around one call of `fn`, the GPU idle before it (one sample of idle_events_ms)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def interleaved_overhead_us(torch, fn, bare, iters: int) -> float:
+    """Median over `iters` of (idle-GPU event time of `fn` − that of `bare`), the two called alternately, so that a
+    drift of the kernel's own time (clocks, temperature) over the run cancels instead of landing in the difference."""
+    fn()
+    bare()
+    return statistics.median(idle_event_us(torch, fn) - idle_event_us(torch, bare) for _ in range(iters))
+
+
 def breakdown_case(torch, flashmoe, layer, tokens: int, args) -> dict:
     """Where the op's host time goes, for one layer and S: the pre-launch host time of each path, the cost of the
     output allocations, and the op's host time with the C call replaced by a stub (pure Python/torch work)."""
@@ -229,9 +249,11 @@ def breakdown_case(torch, flashmoe, layer, tokens: int, args) -> dict:
     out = {"tokens": tokens, "shape": f"H{c.hidden} I{c.intermediate} E{c.experts} k{c.top_k}",
            "bare_prelaunch_us": prelaunch_us(torch, lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream),
                                              native, "forward_function", iters)}
+    bare = lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream)  # noqa: E731
     for name, fn in {"op": lambda: op(x, lid), "op_y": lambda: op_y(x, lid),
                      "op_out": lambda: op_out(x, lid, y, ids, w), "module": lambda: layer(x)}.items():
         out[f"{name}_prelaunch_us"] = prelaunch_us(torch, fn, bound, "call", iters)
+        out[f"{name}_interleaved_overhead_us"] = interleaved_overhead_us(torch, fn, bare, iters)
     dev, k = torch.device("cuda", torch.cuda.current_device()), c.top_k
     out["alloc_y_us"] = host_us(torch, lambda: torch.empty(tokens, c.hidden, dtype=layer.output_dtype, device=dev),
                                 args.loop)
@@ -266,6 +288,9 @@ def section_breakdown(torch, flashmoe, args) -> list[dict]:
             f"{r[f'{n}_prelaunch_us']:>5.1f}µs" for n in ("bare", "op", "op_y", "op_out", "module")) +
             f" {r['alloc_y_us']:>6.1f}µs {r['alloc_outputs_us']:>6.1f}µs {r['op_stub_host_us']:>6.1f}µs "
             f"{r['op_y_stub_host_us']:>8.1f}µs")
+    log("   over the bare call, called alternately with it (GPU idle before each call, events around it): " +
+        "; ".join(f"S={r['tokens']}: " + ", ".join(f"{n} {r[f'{n}_interleaved_overhead_us']:+.1f}µs"
+                                                   for n in ("op", "op_y", "op_out", "module")) for r in rows))
     return rows
 
 

@@ -83,10 +83,11 @@ def main(argv: list[str]) -> int:
               "stubbed (µs)\n")
         paths = ("bare", "op", "op_y", "op_out", "module")
         print(table(["shape", "S"] + [f"{p} pre-launch" for p in paths] + ["alloc y", "alloc 3 outputs", "op stub",
-                                                                          "op_y stub"],
+                                                                          "op_y stub", "op − bare alternating"],
                     [[r["shape"], r["tokens"]] + [f"{r[f'{p}_prelaunch_us']:.1f}" for p in paths] +
                      [f"{r[k]:.1f}" for k in ("alloc_y_us", "alloc_outputs_us", "op_stub_host_us",
-                                              "op_y_stub_host_us")] for r in breakdown]))
+                                              "op_y_stub_host_us")] +
+                     [f"{r.get('op_interleaved_overhead_us', float('nan')):.1f}"] for r in breakdown]))
     elif breakdown:
         print(f"\nbreakdown: {breakdown}")
 
