@@ -73,20 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Timing
 
 
+def idle_event_ms(torch, fn) -> float:
+    """ms of CUDA events around one call of `fn`, the GPU idle before it (host work before the launch included)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def idle_events_ms(torch, fn, warmup: int, iters: int) -> float:
     """Median ms of one call with the GPU idle before it (CUDA events around the call, host work included)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(idle_event_ms(torch, fn) for _ in range(iters))
 
 
 def loop_events_ms(torch, fn, calls: int, repeats: int = 5) -> float:
@@ -211,23 +213,12 @@ def prelaunch_us(torch, fn, target, attr: str, iters: int) -> float:
     return statistics.median(per) * 1e6
 
 
-def idle_event_us(torch, fn) -> float:
-    """µs of CUDA events around one call of `fn`, the GPU idle before it (one sample of idle_events_ms)."""
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3
-
-
 def interleaved_overhead_us(torch, fn, bare, iters: int) -> float:
     """Median over `iters` of (idle-GPU event time of `fn` − that of `bare`), the two called alternately, so that a
     drift of the kernel's own time (clocks, temperature) over the run cancels instead of landing in the difference."""
     fn()
     bare()
-    return statistics.median(idle_event_us(torch, fn) - idle_event_us(torch, bare) for _ in range(iters))
+    return statistics.median((idle_event_ms(torch, fn) - idle_event_ms(torch, bare)) * 1e3 for _ in range(iters))
 
 
 def breakdown_case(torch, flashmoe, layer, tokens: int, args) -> dict:
