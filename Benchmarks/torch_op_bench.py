@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Speed of FlashMoE from PyTorch (issue 10, item 6), on one GPU:
 
-1. `overhead`: the cost of the Python layers over the bare kernel. Three ways to run the same layer: `bare` (the
+1. `overhead`: the cost of the Python layers over the bare kernel. Five ways to run the same layer: `bare` (the
    ctypes call flashmoe_layer_forward with preallocated outputs), `op` (torch.ops.flashmoe.moe_forward: checks,
-   three output allocations, the current stream), `op_out` (torch.ops.flashmoe.moe_forward_out into kept
-   outputs: no allocation), `module` (MoELayer.__call__: the op plus the weight-version check). Two measures each: the GPU idle before every call and CUDA events around the one call (so the host
-   work before the launch is in the number; the op's overhead = op − bare), and the host time per call of many
-   back-to-back calls (perf_counter). Shapes: a tiny layer (S = 1, where the host dominates) and qwen3-30b-a3b
-   decode (S = 64).
+   three output allocations, the current stream), `op_y` (torch.ops.flashmoe.moe_forward_y: y only, one
+   allocation), `op_out` (torch.ops.flashmoe.moe_forward_out into kept outputs: no allocation), `module`
+   (MoELayer.__call__: the weight-version check, then op_y). Two measures each: the GPU idle before every call and
+   CUDA events around the one call (so the host work before the launch is in the number; the op's overhead =
+   op − bare), and the host time per call of many back-to-back calls (perf_counter). Shapes: a tiny layer
+   (S = 1, where the host dominates) and qwen3-30b-a3b decode (S = 64).
+   `breakdown`: the same layers and paths, where the host time goes: perf_counter from the call to its
+   flashmoe_layer_forward call (the host work that delays the launch, GPU idle before each call), the output
+   allocations alone, the op with the C call stubbed (its own Python/torch work), and each path's idle overhead
+   over `bare` with the two called alternately (so a drift of the kernel's own time cancels).
 2. `decode`: qwen3-30b-a3b (H 2048, I 768, E 128, k 8, bf16), S = 64, through the op: back-to-back CUDA-event
    time per call against the bare kernel's and, when bin/flashmoe is present, against `flashmoe bench`.
 3. `model`: a Qwen3-MoE model with Qwen3-30B-A3B's layer shapes (2 decoder layers, random weights, bf16, vocab
@@ -37,7 +42,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, HERE)
 
-SECTIONS = ("overhead", "decode", "model")
+SECTIONS = ("overhead", "breakdown", "decode", "model")
 QWEN3 = dict(hidden=2048, intermediate=768, experts=128, top_k=8)
 
 
@@ -68,20 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Timing
 
 
+def idle_event_ms(torch, fn) -> float:
+    """ms of CUDA events around one call of `fn`, the GPU idle before it (host work before the launch included)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def idle_events_ms(torch, fn, warmup: int, iters: int) -> float:
     """Median ms of one call with the GPU idle before it (CUDA events around the call, host work included)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(idle_event_ms(torch, fn) for _ in range(iters))
 
 
 def loop_events_ms(torch, fn, calls: int, repeats: int = 5) -> float:
@@ -142,9 +149,11 @@ def overhead_case(torch, layer, tokens: int, args) -> dict:
     xp, yp, ip, wp = x.data_ptr(), y.data_ptr(), ids.data_ptr(), w.data_ptr()
     op, op_out = torch.ops.flashmoe.moe_forward, torch.ops.flashmoe.moe_forward_out
     lid = layer.layer_id
+    op_y = torch.ops.flashmoe.moe_forward_y
     runs = {
         "bare": lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream),
         "op": lambda: op(x, lid),
+        "op_y": lambda: op_y(x, lid),
         "op_out": lambda: op_out(x, lid, y, ids, w),
         "module": lambda: layer(x),
     }
@@ -154,9 +163,8 @@ def overhead_case(torch, layer, tokens: int, args) -> dict:
         out[f"{name}_idle_ms"] = idle_events_ms(torch, fn, args.warmup, args.iters * 3)
         out[f"{name}_loop_ms"] = loop_events_ms(torch, fn, args.loop)
         out[f"{name}_host_us"] = host_us(torch, fn, args.loop)
-    out["op_overhead_us"] = (out["op_idle_ms"] - out["bare_idle_ms"]) * 1e3
-    out["op_out_overhead_us"] = (out["op_out_idle_ms"] - out["bare_idle_ms"]) * 1e3
-    out["module_overhead_us"] = (out["module_idle_ms"] - out["bare_idle_ms"]) * 1e3
+    for name in ("op", "op_y", "op_out", "module"):
+        out[f"{name}_overhead_us"] = (out[f"{name}_idle_ms"] - out["bare_idle_ms"]) * 1e3
     return out
 
 
@@ -169,12 +177,111 @@ def section_overhead(torch, flashmoe, args) -> list[dict]:
     rows.append(overhead_case(torch, qwen, 64, args))
     qwen.close()
     log("\n## overhead of the Python layers (bf16; idle = GPU idle before each call, events around it)")
-    log(f"{'shape':<22} {'S':>3} {'bare idle':>10} {'op-bare':>8} {'op_out-bare':>12} {'module-bare':>12} "
-        f"{'host bare':>10} {'host op':>8} {'host op_out':>12} {'host module':>12}")
+    log(f"{'shape':<22} {'S':>3} {'bare idle':>10} {'op-bare':>8} {'op_y-bare':>10} {'op_out-bare':>12} "
+        f"{'module-bare':>12} {'host bare':>10} {'host op':>8} {'host op_y':>10} {'host op_out':>12} "
+        f"{'host module':>12}")
     for r in rows:
         log(f"{r['shape']:<22} {r['tokens']:>3} {r['bare_idle_ms'] * 1e3:>8.1f}µs {r['op_overhead_us']:>6.1f}µs "
-            f"{r['op_out_overhead_us']:>10.1f}µs {r['module_overhead_us']:>10.1f}µs {r['bare_host_us']:>8.1f}µs "
-            f"{r['op_host_us']:>6.1f}µs {r['op_out_host_us']:>10.1f}µs {r['module_host_us']:>10.1f}µs")
+            f"{r['op_y_overhead_us']:>8.1f}µs {r['op_out_overhead_us']:>10.1f}µs {r['module_overhead_us']:>10.1f}µs "
+            f"{r['bare_host_us']:>8.1f}µs {r['op_host_us']:>6.1f}µs {r['op_y_host_us']:>8.1f}µs "
+            f"{r['op_out_host_us']:>10.1f}µs {r['module_host_us']:>10.1f}µs")
+    return rows
+
+
+def prelaunch_us(torch, fn, target, attr: str, iters: int) -> float:
+    """Median µs from calling `fn` to its call of the C function `target.attr` (flashmoe_layer_forward, which
+    launches the kernel), the GPU idle before each call: the host work that delays the kernel, measured directly."""
+    real = getattr(target, attr)
+    mark = [0.0]
+
+    def probe(*a):
+        mark[0] = time.perf_counter()
+        return real(*a)
+
+    setattr(target, attr, probe)
+    try:
+        fn()
+        per = []
+        for _ in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            per.append(mark[0] - t0)
+    finally:
+        setattr(target, attr, real)
+    torch.cuda.synchronize()
+    return statistics.median(per) * 1e6
+
+
+def interleaved_overhead_us(torch, fn, bare, iters: int) -> float:
+    """Median over `iters` of (idle-GPU event time of `fn` − that of `bare`), the two called alternately, so that a
+    drift of the kernel's own time (clocks, temperature) over the run cancels instead of landing in the difference."""
+    fn()
+    bare()
+    return statistics.median((idle_event_ms(torch, fn) - idle_event_ms(torch, bare)) * 1e3 for _ in range(iters))
+
+
+def breakdown_case(torch, flashmoe, layer, tokens: int, args) -> dict:
+    """Where the op's host time goes, for one layer and S: the pre-launch host time of each path, the cost of the
+    output allocations, and the op's host time with the C call replaced by a stub (pure Python/torch work)."""
+    from flashmoe import torch_op
+
+    c = layer.config
+    x = torch.randn(tokens, c.hidden, device="cuda").to(layer.storage_dtype)
+    native, bound = layer.native, torch_op.lookup(layer.layer_id)
+    y = torch.empty(tokens, c.hidden, device="cuda", dtype=layer.output_dtype)
+    ids = torch.empty(tokens, c.top_k, device="cuda", dtype=torch.int32)
+    w = torch.empty(tokens, c.top_k, device="cuda", dtype=torch.float32)
+    stream = torch.cuda.current_stream().cuda_stream
+    xp, yp, ip, wp = x.data_ptr(), y.data_ptr(), ids.data_ptr(), w.data_ptr()
+    op, op_y, op_out = (torch.ops.flashmoe.moe_forward, torch.ops.flashmoe.moe_forward_y,
+                        torch.ops.flashmoe.moe_forward_out)
+    lid, iters = layer.layer_id, args.iters * 3
+    out = {"tokens": tokens, "shape": f"H{c.hidden} I{c.intermediate} E{c.experts} k{c.top_k}",
+           "bare_prelaunch_us": prelaunch_us(torch, lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream),
+                                             native, "forward_function", iters)}
+    bare = lambda: native.forward_raw(xp, yp, tokens, ip, wp, stream)  # noqa: E731
+    for name, fn in {"op": lambda: op(x, lid), "op_y": lambda: op_y(x, lid),
+                     "op_out": lambda: op_out(x, lid, y, ids, w), "module": lambda: layer(x)}.items():
+        out[f"{name}_prelaunch_us"] = prelaunch_us(torch, fn, bound, "call", iters)
+        out[f"{name}_interleaved_overhead_us"] = interleaved_overhead_us(torch, fn, bare, iters)
+    dev, k = torch.device("cuda", torch.cuda.current_device()), c.top_k
+    out["alloc_y_us"] = host_us(torch, lambda: torch.empty(tokens, c.hidden, dtype=layer.output_dtype, device=dev),
+                                args.loop)
+    out["alloc_outputs_us"] = host_us(torch, lambda: (
+        torch.empty(tokens, c.hidden, dtype=layer.output_dtype, device=dev),
+        torch.empty(tokens, k, dtype=torch.int32, device=dev), torch.empty(tokens, k, dtype=torch.float32, device=dev)),
+        args.loop)
+    real = bound.call
+    bound.call = lambda *a: 0  # the C call stubbed: what is left is the op's own Python/torch work
+    try:
+        out["op_stub_host_us"] = host_us(torch, lambda: op(x, lid), args.loop)
+        out["op_y_stub_host_us"] = host_us(torch, lambda: op_y(x, lid), args.loop)
+    finally:
+        bound.call = real
+    return out
+
+
+def section_breakdown(torch, flashmoe, args) -> list[dict]:
+    rows = []
+    tiny = random_layer(torch, flashmoe, 256, 128, 8, 2, 64, torch.bfloat16, seed=1)
+    rows.append(breakdown_case(torch, flashmoe, tiny, 1, args))
+    tiny.close()
+    qwen = random_layer(torch, flashmoe, **QWEN3, max_tokens=64, dtype=torch.bfloat16, seed=2)
+    rows.append(breakdown_case(torch, flashmoe, qwen, 64, args))
+    qwen.close()
+    log("\n## host time before the launch (GPU idle before each call; perf_counter from the call to "
+        "flashmoe_layer_forward), allocations, and the op with the C call stubbed")
+    log(f"{'shape':<22} {'S':>3} {'bare':>7} {'op':>7} {'op_y':>7} {'op_out':>7} {'module':>7} {'alloc y':>8} "
+        f"{'alloc 3':>8} {'op stub':>8} {'op_y stub':>10}")
+    for r in rows:
+        log(f"{r['shape']:<22} {r['tokens']:>3} " + " ".join(
+            f"{r[f'{n}_prelaunch_us']:>5.1f}µs" for n in ("bare", "op", "op_y", "op_out", "module")) +
+            f" {r['alloc_y_us']:>6.1f}µs {r['alloc_outputs_us']:>6.1f}µs {r['op_stub_host_us']:>6.1f}µs "
+            f"{r['op_y_stub_host_us']:>8.1f}µs")
+    log("   over the bare call, called alternately with it (GPU idle before each call, events around it): " +
+        "; ".join(f"S={r['tokens']}: " + ", ".join(f"{n} {r[f'{n}_interleaved_overhead_us']:+.1f}µs"
+                                                   for n in ("op", "op_y", "op_out", "module")) for r in rows))
     return rows
 
 
@@ -308,7 +415,8 @@ def main(argv=None) -> int:
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, flashmoe lib {flashmoe.library_path()}")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime(
         "%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    sections = {"overhead": section_overhead, "decode": section_decode, "model": section_model}
+    sections = {"overhead": section_overhead, "breakdown": section_breakdown, "decode": section_decode,
+                "model": section_model}
     failed = 0
     for name in args.sections:
         t0 = time.time()

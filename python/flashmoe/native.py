@@ -46,7 +46,8 @@ class NativeLayer:
         self.storage_dtype = STORAGE_DTYPE[precision]
         self.output_dtype = (
             "float32" if backend == _lib.BACKEND_CPU or config.output == "float32" else self.storage_dtype)
-        self._forward = lib.flashmoe_layer_forward
+        #: The ctypes function flashmoe_layer_forward (argtypes set), for callers that do their own checks.
+        self.forward_function = lib.flashmoe_layer_forward
         self._close_lock = threading.Lock()
 
     @property
@@ -61,7 +62,7 @@ class NativeLayer:
     def forward_raw(self, x: int, y: int, tokens: int, topk_ids: int = 0, topk_weights: int = 0,
                     stream: int = 0) -> None:
         """flashmoe_layer_forward with addresses as ints (0 = NULL). The caller has checked every argument."""
-        status = self._forward(self._live(), x, y, tokens, topk_ids, topk_weights, stream)
+        status = self.forward_function(self._live(), x, y, tokens, topk_ids, topk_weights, stream)
         if status:
             _lib.raise_for(status, "flashmoe_layer_forward")
 

@@ -13,6 +13,7 @@ moved) or a swap of its storage. Under `torch.compile` and during CUDA graph cap
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 
@@ -23,6 +24,10 @@ from .config import MoEConfig
 from .native import NativeLayer
 from . import torch_op
 from .torch_op import tensor_info
+
+
+_version_of = operator.attrgetter("_version")
+_address_of = torch.Tensor.data_ptr
 
 
 class WeightSource:
@@ -85,7 +90,7 @@ class MoELayer(torch.nn.Module):
         self.layer_id = torch_op.new_layer_id()
         self._holder: list = [None]  # the NativeLayer, in a list the finalizer can see without seeing self
         self._tracked: list = []  # the source's tensors when the native layer was built
-        self._signature: tuple = ()
+        self._signature: tuple[list[int], list[int]] = ([], [])  # (versions, addresses) of _tracked
         self._finalizer = weakref.finalize(self, _close_native, self.layer_id, self._holder)
         self.refresh()
 
@@ -100,8 +105,9 @@ class MoELayer(torch.nn.Module):
         return native
 
     @staticmethod
-    def _signature_of(tensors) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+    def _signature_of(tensors) -> tuple[list[int], list[int]]:
+        # map() over C-level getters: about half the cost of a per-tensor Python loop (read on every eager call).
+        return [*map(_version_of, tensors)], [*map(_address_of, tensors)]
 
     def _source_changed(self) -> bool:
         """Whether the source's tensors differ (other objects, storage or version) from those the layer was built
@@ -161,7 +167,8 @@ class MoELayer(torch.nn.Module):
         native = self._holder[0]
         if native is None or native.closed:
             raise ValueError("layer: this MoELayer has been closed")
-        if self._signature_of(self._tracked) == self._signature:
+        tracked, (versions, addresses) = self._tracked, self._signature
+        if [*map(_version_of, tracked)] == versions and [*map(_address_of, tracked)] == addresses:
             return
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("MoELayer: the weights changed since the layer was built and a CUDA graph is being "
@@ -195,20 +202,25 @@ class MoELayer(torch.nn.Module):
         hidden = self.config.hidden
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != hidden:
-            raise ValueError(f"x must have shape [..., {hidden}], got {list(x.shape)}")
+        shape = x.shape
+        if not shape or shape[-1] != hidden:
+            raise ValueError(f"x must have shape [..., {hidden}], got {list(shape)}")
         if not x.is_contiguous():
             raise ValueError("x must be contiguous (row-major); pass x.contiguous()")
-        flat = x if x.dim() == 2 else x.view(-1, hidden)
+        flat = x if len(shape) == 2 else x.view(-1, hidden)
+        # Without return_routing the op that returns y alone: the routing stays in the library's workspace, which
+        # saves two output allocations per call.
+        op = torch_op.moe_forward if return_routing else torch_op.moe_forward_y
         if stream is None:
-            y, ids, weights = torch_op.moe_forward(flat, self.layer_id)
+            out = op(flat, self.layer_id)
         else:
             self._check_stream(stream)
             with torch.cuda.stream(stream):
-                y, ids, weights = torch_op.moe_forward(flat, self.layer_id)
-        if x.dim() != 2:
-            y = y.view(*x.shape[:-1], hidden)
-        return (y, ids, weights) if return_routing else y
+                out = op(flat, self.layer_id)
+        y = out[0] if return_routing else out
+        if len(shape) != 2:
+            y = y.view(shape)
+        return (y, out[1], out[2]) if return_routing else y
 
     def _check_stream(self, stream) -> None:
         device = self.device

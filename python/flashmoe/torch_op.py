@@ -11,7 +11,11 @@ from the registered layer, so the op traces without a graph break. There is no b
 
     torch.ops.flashmoe.moe_forward_out(x, layer_id, y, topk_ids, topk_weights)
 
-is the same call into outputs the caller keeps (checked like x), for loops that should not allocate.
+is the same call into outputs the caller keeps (checked like x), for loops that should not allocate, and
+
+    y = torch.ops.flashmoe.moe_forward_y(x, layer_id)
+
+returns y alone (the routing stays in the library's workspace): one allocation per call instead of three.
 
 Non-finite input (docs/nonfinite.md) raises nothing: a token whose x holds a NaN gets topk_ids = -1 and
 topk_weights = 0 and y = 0 (NaN with a shared expert); ids are always in [0, E) or -1, so index experts with ids >= 0
@@ -40,10 +44,11 @@ _next_id = itertools.count(1)
 
 
 class BoundLayer:
-    """A NativeLayer with the torch facts the hot path needs precomputed (dtypes, device)."""
+    """A NativeLayer with what the hot path needs precomputed (torch dtypes, device, the ctypes entry point), so a
+    call does no lookups beyond the registry's."""
 
     __slots__ = ("native", "hidden", "top_k", "max_tokens", "storage", "output", "device", "device_index",
-                 "is_cuda", "forward_raw", "storage_name", "output_name", "device_name")
+                 "is_cuda", "call", "storage_name", "output_name", "device_name")
 
     def __init__(self, native: NativeLayer):
         self.native = native
@@ -55,7 +60,18 @@ class BoundLayer:
         self.device_index = native.device
         self.storage_name, self.output_name = native.storage_dtype, native.output_dtype
         self.device_name = str(self.device)
-        self.forward_raw = native.forward_raw
+        self.call = native.forward_function  # flashmoe_layer_forward (ctypes, argtypes set)
+
+    def forward(self, x: int, y: int, tokens: int, ids: int, weights: int) -> None:
+        """flashmoe_layer_forward on the current stream of the layer's device (0 for CPU layers). The handle is read
+        on every call, so a layer closed behind the registry's back raises ValueError instead of being called."""
+        handle = self.native.handle
+        if not handle:
+            self.native._live()  # raises the closed layer's ValueError
+        status = self.call(handle, x, y, tokens, ids, weights,
+                           _raw_stream(self.device_index) if self.is_cuda else 0)
+        if status:
+            _lib.raise_for(status, "flashmoe_layer_forward")
 
 
 def new_layer_id() -> int:
@@ -105,36 +121,60 @@ def _explain(bound: BoundLayer, x) -> None:
     raise ValueError(f"x: refused ({x.shape}, {x.dtype}, {x.device})")  # unreachable unless the checks disagree
 
 
-def _check_x(bound: BoundLayer, x) -> None:
-    # The fast path: one condition per rule; any failure goes to _explain for the message.
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype == bound.storage and x.device == bound.device
-            and x.shape[1] == bound.hidden and x.shape[0] <= bound.max_tokens and x.is_contiguous()
-            and (x.data_ptr() % ALIGNMENT == 0 or x.numel() == 0)):
-        _explain(bound, x)
+def _accept_x(bound: BoundLayer, x) -> tuple[int, int]:
+    """(S, x's address) for an x that passes every rule of `check_forward`; anything else goes to `_explain`, which
+    raises the rule's own error. One expression per rule, shape read once: this runs on every call."""
+    if isinstance(x, torch.Tensor) and x.dtype == bound.storage and x.device == bound.device and x.is_contiguous():
+        shape = x.shape
+        if len(shape) == 2 and shape[1] == bound.hidden and shape[0] <= bound.max_tokens:
+            ptr = x.data_ptr()
+            if ptr % ALIGNMENT == 0 or shape[0] == 0:  # H >= 1 (MoEConfig.validate): no elements iff S == 0
+                return shape[0], ptr
+    _explain(bound, x)
+    raise AssertionError("unreachable")  # _explain always raises
+
+
+def _accept_out(t, name: str, rows: int, cols: int, dtype: torch.dtype, dtype_name: str, bound: BoundLayer) -> int:
+    """An output's address when it is a contiguous, aligned [rows, cols] tensor of `dtype` on the layer's device;
+    else the precise error of `check_array`, naming `name`."""
+    if isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == bound.device and t.is_contiguous():
+        shape = t.shape
+        if len(shape) == 2 and shape[0] == rows and shape[1] == cols:
+            ptr = t.data_ptr()
+            if ptr % ALIGNMENT == 0 or rows == 0 or cols == 0:
+                return ptr
+    check_array(tensor_info(t, name), (rows, cols), dtype_name, bound.device_name, output=True)
+    raise AssertionError("unreachable")  # check_array raised
 
 
 def run(bound: BoundLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checks x, allocates the outputs and calls the library (on the current stream of x's device for CUDA)."""
-    _check_x(bound, x)
-    tokens = x.shape[0]
-    y = torch.empty((tokens, bound.hidden), dtype=bound.output, device=bound.device)
-    ids = torch.empty((tokens, bound.top_k), dtype=torch.int32, device=bound.device)
-    weights = torch.empty((tokens, bound.top_k), dtype=torch.float32, device=bound.device)
-    stream = _raw_stream(bound.device_index) if bound.is_cuda else 0
-    bound.forward_raw(x.data_ptr(), y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), stream)
+    tokens, xp = _accept_x(bound, x)
+    device = bound.device
+    # torch.empty(rows, cols, ...) parses faster than torch.empty((rows, cols), ...).
+    y = torch.empty(tokens, bound.hidden, dtype=bound.output, device=device)
+    ids = torch.empty(tokens, bound.top_k, dtype=torch.int32, device=device)
+    weights = torch.empty(tokens, bound.top_k, dtype=torch.float32, device=device)
+    bound.forward(xp, y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr())
     return y, ids, weights
 
 
+def run_y(bound: BoundLayer, x: torch.Tensor) -> torch.Tensor:
+    """Like `run` without the routing outputs (the library keeps them in its workspace): one allocation."""
+    tokens, xp = _accept_x(bound, x)
+    y = torch.empty(tokens, bound.hidden, dtype=bound.output, device=bound.device)
+    bound.forward(xp, y.data_ptr(), tokens, 0, 0)
+    return y
+
+
 def run_out(bound: BoundLayer, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
-    """Like `run`, into the caller's outputs (checked: shape, dtype, device, contiguous, aligned)."""
-    _check_x(bound, x)
-    tokens = x.shape[0]
-    for t, name, shape, dtype in ((y, "y", (tokens, bound.hidden), bound.output_name),
-                                  (ids, "topk_ids", (tokens, bound.top_k), "int32"),
-                                  (weights, "topk_weights", (tokens, bound.top_k), "float32")):
-        check_array(tensor_info(t, name), shape, dtype, bound.device_name, output=True)
-    stream = _raw_stream(bound.device_index) if bound.is_cuda else 0
-    bound.forward_raw(x.data_ptr(), y.data_ptr(), tokens, ids.data_ptr(), weights.data_ptr(), stream)
+    """Like `run`, into the caller's outputs (checked: dtype, shape, device, contiguous, aligned)."""
+    tokens, xp = _accept_x(bound, x)
+    k = bound.top_k
+    yp = _accept_out(y, "y", tokens, bound.hidden, bound.output, bound.output_name, bound)
+    ip = _accept_out(ids, "topk_ids", tokens, k, torch.int32, "int32", bound)
+    wp = _accept_out(weights, "topk_weights", tokens, k, torch.float32, "float32", bound)
+    bound.forward(xp, yp, tokens, ip, wp)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,15 +187,16 @@ _lib_def.define("moe_forward(Tensor x, int layer) -> (Tensor, Tensor, Tensor)")
 
 def _moe_forward_kernel(x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One MoE layer forward: (y [S, H], topk_ids [S, k] int32, topk_weights [S, k] float32) for x [S, H]."""
-    return run(lookup(layer), x)
+    bound = _registry.get(layer)  # lookup() inlined: this is the hot path
+    return run(bound if bound is not None else lookup(layer), x)
 
 
 for _key in ("CUDA", "CPU"):
     _lib_def.impl("moe_forward", _moe_forward_kernel, _key)
 
 
-@torch.library.register_fake("flashmoe::moe_forward")
-def _moe_forward_fake(x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fake_bound(x: torch.Tensor, layer: int) -> BoundLayer:
+    """The layer, after the checks a fake (meta) tensor allows: shape, dtype, device."""
     bound = lookup(layer)
     if x.dim() != 2 or x.shape[1] != bound.hidden:
         raise ValueError(f"x must have shape [S, {bound.hidden}], got {list(x.shape)}")
@@ -163,10 +204,37 @@ def _moe_forward_fake(x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.
         raise TypeError(f"x must have dtype {bound.storage}, got {x.dtype}")
     if x.device != bound.device:
         raise ValueError(f"x must be on {bound.device} (the layer's device), got {x.device}")
+    return bound
+
+
+@torch.library.register_fake("flashmoe::moe_forward")
+def _moe_forward_fake(x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bound = _fake_bound(x, layer)
     tokens = x.shape[0]
     return (x.new_empty((tokens, bound.hidden), dtype=bound.output),
             x.new_empty((tokens, bound.top_k), dtype=torch.int32),
             x.new_empty((tokens, bound.top_k), dtype=torch.float32))
+
+
+# The variant without the routing outputs, for callers that want y only (MoELayer without return_routing): one
+# output allocation per call instead of three. y is the same as moe_forward's.
+_lib_def.define("moe_forward_y(Tensor x, int layer) -> Tensor")
+
+
+def _moe_forward_y_kernel(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """y [S, H] of one MoE layer forward for x [S, H]."""
+    bound = _registry.get(layer)
+    return run_y(bound if bound is not None else lookup(layer), x)
+
+
+for _key in ("CUDA", "CPU"):
+    _lib_def.impl("moe_forward_y", _moe_forward_y_kernel, _key)
+
+
+@torch.library.register_fake("flashmoe::moe_forward_y")
+def _moe_forward_y_fake(x: torch.Tensor, layer: int) -> torch.Tensor:
+    bound = _fake_bound(x, layer)
+    return x.new_empty((x.shape[0], bound.hidden), dtype=bound.output)
 
 
 # The out variant, for callers that keep their output buffers (no allocation per call): writes y, topk_ids and
@@ -176,7 +244,8 @@ _lib_def.define("moe_forward_out(Tensor x, int layer, Tensor(a!) y, Tensor(b!) t
 
 
 def _moe_forward_out_kernel(x, layer, y, topk_ids, topk_weights) -> None:
-    run_out(lookup(layer), x, y, topk_ids, topk_weights)
+    bound = _registry.get(layer)
+    run_out(bound if bound is not None else lookup(layer), x, y, topk_ids, topk_weights)
 
 
 for _key in ("CUDA", "CPU"):
@@ -185,9 +254,18 @@ for _key in ("CUDA", "CPU"):
 
 @torch.library.register_fake("flashmoe::moe_forward_out")
 def _moe_forward_out_fake(x, layer, y, topk_ids, topk_weights) -> None:
-    _moe_forward_fake(x, layer)
+    # The outputs' rules that need no address (dtype, shape, device, contiguity), with check_array's messages. This
+    # also runs for a call whose outputs are on the meta device while x is not (the dispatcher picks Meta).
+    bound = _fake_bound(x, layer)
+    tokens, k = x.shape[0], bound.top_k
+    for t, name, shape, dtype in ((y, "y", (tokens, bound.hidden), bound.output_name),
+                                  (topk_ids, "topk_ids", (tokens, k), "int32"),
+                                  (topk_weights, "topk_weights", (tokens, k), "float32")):
+        info = ArrayInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.is_contiguous(), 0, str(t.device))
+        check_array(info, shape, dtype, bound.device_name, output=True)
 
 
-#: The ops' default overloads (what torch.ops.flashmoe.moe_forward / moe_forward_out resolve to).
+#: The ops' default overloads (what torch.ops.flashmoe.moe_forward / moe_forward_y / moe_forward_out resolve to).
 moe_forward = torch.ops.flashmoe.moe_forward.default
+moe_forward_y = torch.ops.flashmoe.moe_forward_y.default
 moe_forward_out = torch.ops.flashmoe.moe_forward_out.default

@@ -5,7 +5,8 @@ torch and transformers:
 - families-fp32: tiny random models of each family (python/tests/hf_models.py), fp32 on the GPU: patched vs
   original logits within 1e-5 (relative, Frobenius), and greedy generate of 32 tokens identical.
 - families-bf16: the same models in bf16: patched vs original logits within 2e-2.
-- graph-replays: a MoELayer captured in a CUDA graph, replayed 100 times with new inputs: equal (bitwise) to eager.
+- graph-replays: a MoELayer captured in a CUDA graph (with and without the routing outputs), replayed 100 times
+  with new inputs: equal (bitwise) to eager.
 - compile-fullgraph / compile-cudagraphs / compile-model: torch.compile(fullgraph=True) of a function around a
   MoELayer (inductor, S = 7, 64, 200; then mode="reduce-overhead"), and of a patched tiny model's forward
   (aot_eager); equal to eager.
@@ -15,7 +16,8 @@ torch and transformers:
   after a fault runs and equals a healthy layer's result, which is unchanged by the faults.
 - bad-inputs: wrong device, dtype, shape, alignment, contiguity, too many tokens, a stream of another device (or,
   with one GPU, a CUDA stream for a CPU layer), a closed layer: each raises TypeError/ValueError naming the argument.
-- opcheck: torch.library.opcheck of flashmoe::moe_forward on CUDA.
+- opcheck: torch.library.opcheck of flashmoe::moe_forward, moe_forward_y and moe_forward_out on CUDA; y of
+  moe_forward_y and the outputs of moe_forward_out equal (bitwise) moe_forward's.
 
 Usage: PYTHONPATH=python python3 python/tests/gpu_checks.py [--json FILE] [--only NAME,...]
 Prints one line per check as it ends, then a table; exit status 1 when a check fails.
@@ -156,19 +158,23 @@ def graph_replays() -> dict:
         for _ in range(3):
             layer(static_x)
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    graph, graph_y = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y, static_ids, static_w = layer(static_x, return_routing=True)
+    with torch.cuda.graph(graph_y):  # the y-only op (moe_forward_y), what layer(x) runs
+        static_y_only = layer(static_x)
     mismatches, worst = 0, 0.0
     gen = torch.Generator("cuda").manual_seed(2)
     for _ in range(100):
         x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
         static_x.copy_(x)
         graph.replay()
+        graph_y.replay()
         y, ids, w = layer(x, return_routing=True)
-        if not (torch.equal(static_y, y) and torch.equal(static_ids, ids) and torch.equal(static_w, w)):
+        if not (torch.equal(static_y, y) and torch.equal(static_ids, ids) and torch.equal(static_w, w)
+                and torch.equal(static_y_only, y)):
             mismatches += 1
-            worst = max(worst, rel(static_y, y))
+            worst = max(worst, rel(static_y, y), rel(static_y_only, y))
     torch.cuda.synchronize()
     layer.check()
     expect(mismatches == 0, f"{mismatches} of 100 replays differ from eager (worst relative error {worst:.2e})")
@@ -370,8 +376,21 @@ def bad_inputs() -> dict:
 def opcheck() -> dict:
     layer = random_layer(40)
     x = torch.randn(32, 512, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(torch_op.moe_forward, (x, layer.layer_id))
-    return {"op": "flashmoe::moe_forward", "device": "cuda"}
+    lid = layer.layer_id
+    torch.library.opcheck(torch_op.moe_forward, (x, lid))
+    torch.library.opcheck(torch_op.moe_forward_y, (x, lid))
+    y, ids, w = torch_op.moe_forward(x, lid)
+    outs = (torch.full_like(y, float("nan")), torch.full_like(ids, -7), torch.full_like(w, float("nan")))
+    torch.library.opcheck(torch_op.moe_forward_out, (x, lid, *outs))
+    torch_op.moe_forward_out(x, lid, *outs)
+    y_only = torch_op.moe_forward_y(x, lid)
+    torch.cuda.synchronize()
+    expect(torch.equal(y_only, y), "moe_forward_y's y differs from moe_forward's", {"rel": rel(y_only, y)})
+    for name, got, want in zip(("y", "topk_ids", "topk_weights"), outs, (y, ids, w)):
+        expect(torch.equal(got, want), f"moe_forward_out's {name} differs from moe_forward's")
+    layer.close()
+    return {"ops": "flashmoe::moe_forward, moe_forward_y, moe_forward_out", "device": "cuda",
+            "y_only_equal": True, "out_equal": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -67,13 +67,29 @@ def main(argv: list[str]) -> int:
         rows = []
         for r in overhead:
             rows.append([r["shape"], r["tokens"], f"{r['bare_idle_ms'] * 1e3:.1f}", f"{r['op_idle_ms'] * 1e3:.1f}",
-                         f"{r['op_overhead_us']:.1f}", f"{r.get('op_out_overhead_us', float('nan')):.1f}",
+                         f"{r['op_overhead_us']:.1f}", f"{r.get('op_y_overhead_us', float('nan')):.1f}",
+                         f"{r.get('op_out_overhead_us', float('nan')):.1f}",
                          f"{r['module_overhead_us']:.1f}", f"{r['bare_host_us']:.1f}", f"{r['op_host_us']:.1f}",
                          "yes" if r["op_overhead_us"] <= OVERHEAD_TARGET_US else "NO"])
-        print(table(["shape", "S", "bare µs", "op µs", "op − bare µs", "op_out − bare µs", "module − bare µs",
-                     "bare host µs/call", "op host µs/call", f"op ≤ {OVERHEAD_TARGET_US:g} µs"], rows))
+        print(table(["shape", "S", "bare µs", "op µs", "op − bare µs", "op_y − bare µs", "op_out − bare µs",
+                     "module − bare µs", "bare host µs/call", "op host µs/call", f"op ≤ {OVERHEAD_TARGET_US:g} µs"],
+                    rows))
     elif overhead:
         print(f"\noverhead: {overhead}")
+
+    breakdown = bench.get("breakdown")
+    if isinstance(breakdown, list):
+        print("\n## Host time before the launch (GPU idle before each call), allocations, the op with the C call "
+              "stubbed (µs)\n")
+        paths = ("bare", "op", "op_y", "op_out", "module")
+        print(table(["shape", "S"] + [f"{p} pre-launch" for p in paths] + ["alloc y", "alloc 3 outputs", "op stub",
+                                                                          "op_y stub", "op − bare alternating"],
+                    [[r["shape"], r["tokens"]] + [f"{r[f'{p}_prelaunch_us']:.1f}" for p in paths] +
+                     [f"{r[k]:.1f}" for k in ("alloc_y_us", "alloc_outputs_us", "op_stub_host_us",
+                                              "op_y_stub_host_us")] +
+                     [f"{r.get('op_interleaved_overhead_us', float('nan')):.1f}"] for r in breakdown]))
+    elif breakdown:
+        print(f"\nbreakdown: {breakdown}")
 
     decode = bench.get("decode")
     if isinstance(decode, dict) and "op_idle_ms" in decode:

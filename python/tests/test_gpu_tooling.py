@@ -35,7 +35,11 @@ BENCH = {
     "overhead": [{"tokens": 1, "shape": "H256 I128 E8 k2", "bare_idle_ms": 0.02, "op_idle_ms": 0.026,
                   "module_idle_ms": 0.029, "bare_loop_ms": 0.01, "op_loop_ms": 0.01, "module_loop_ms": 0.01,
                   "bare_host_us": 3.0, "op_host_us": 9.0, "module_host_us": 12.0, "op_overhead_us": 6.0,
-                  "module_overhead_us": 9.0, "op_out_overhead_us": 2.0}],
+                  "module_overhead_us": 9.0, "op_out_overhead_us": 2.0, "op_y_overhead_us": 4.0}],
+    "breakdown": [{"tokens": 1, "shape": "H256 I128 E8 k2", "bare_prelaunch_us": 0.5, "op_prelaunch_us": 7.0,
+                   "op_y_prelaunch_us": 5.0, "op_out_prelaunch_us": 4.0, "module_prelaunch_us": 6.0,
+                   "alloc_y_us": 2.0, "alloc_outputs_us": 6.0, "op_stub_host_us": 8.0, "op_y_stub_host_us": 5.5,
+                   "op_interleaved_overhead_us": 6.5}],
     "decode": {"op_loop_ms": 0.44, "bare_loop_ms": 0.435, "op_idle_ms": 0.45, "bare_idle_ms": 0.44,
                "flashmoe_bench_ms": None, "op_vs_reference": 1.02, "reference": "bare ctypes call",
                "within_5_percent": True},
@@ -65,7 +69,8 @@ class SummaryTest(unittest.TestCase):
         text = self.run_summary(CHECKS, BENCH)
         self.assertIn("| families-fp32 | PASS | 12.0 | mixtral 3.0e-07 gen = |", text)
         self.assertIn("| kernel-fault | FAIL | 1.0 | CheckFailed: status 3 |", text)
-        self.assertIn("| H256 I128 E8 k2 | 1 | 20.0 | 26.0 | 6.0 | 2.0 | 9.0 | 3.0 | 9.0 | yes |", text)
+        self.assertIn("| H256 I128 E8 k2 | 1 | 20.0 | 26.0 | 6.0 | 4.0 | 2.0 | 9.0 | 3.0 | 9.0 | yes |", text)
+        self.assertIn("| H256 I128 E8 k2 | 1 | 0.5 | 7.0 | 5.0 | 4.0 | 6.0 | 2.0 | 6.0 | 8.0 | 5.5 | 6.5 |", text)
         self.assertIn("1.020 (bare ctypes call)", text)
         self.assertIn("| decode-b1 | block | 2.000 | 1.000 (grouped_mm) | 0.500 | 4.00× | 2.00× |", text)
         self.assertIn("4 passed, 1 failed ['kernel-fault']", text)

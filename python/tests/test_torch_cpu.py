@@ -41,6 +41,11 @@ else:
 import flashmoe  # noqa: E402
 from flashmoe.config import MoEConfig  # noqa: E402
 
+if torch is not None:
+    # the ops' Python kernels, called directly: arguments the dispatcher's schema check would refuse first
+    from flashmoe.torch_op import _moe_forward_kernel as _op_kernel  # noqa: E402
+    from flashmoe.torch_op import _moe_forward_out_kernel as _op_out_kernel  # noqa: E402
+
 FP32_TOL = 1e-5
 
 
@@ -88,6 +93,17 @@ class MoELayerTest(unittest.TestCase):
             self.assertTrue(torch.equal(s, t))
         torch.library.opcheck(torch.ops.flashmoe.moe_forward.default, (x, self.layer.layer_id))
 
+    def test_y_only_op_matches_and_passes_opcheck(self):
+        x = self.x.reshape(-1, 32)
+        y, _, _ = torch.ops.flashmoe.moe_forward(x, self.layer.layer_id)
+        y_only = torch.ops.flashmoe.moe_forward_y(x, self.layer.layer_id)
+        self.assertEqual((y_only.shape, y_only.dtype), (y.shape, y.dtype))
+        self.assertTrue(torch.equal(y_only, y))
+        self.assertTrue(torch.equal(self.layer(self.x), y.view(self.x.shape)))  # the module's y-only path
+        torch.library.opcheck(torch.ops.flashmoe.moe_forward_y.default, (x, self.layer.layer_id))
+        empty = torch.ops.flashmoe.moe_forward_y(x[:0], self.layer.layer_id)
+        self.assertEqual(empty.shape, (0, 32))
+
     def test_out_variant(self):
         x = self.x.reshape(-1, 32)
         y, ids, w = torch.ops.flashmoe.moe_forward(x, self.layer.layer_id)
@@ -102,6 +118,28 @@ class MoELayerTest(unittest.TestCase):
         with self.assertRaises(ValueError) as ctx:
             torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, outs[0], outs[1][:, :1], outs[2])
         self.assertIn("topk_ids", str(ctx.exception))
+        # each rule of check_array, for each output, with the output's name in the message
+        buf = torch.empty(y.numel() + 1)
+        bad = {
+            "dtype": (TypeError, ["topk_weights", "float32", "float64"], (outs[0], outs[1], outs[2].double())),
+            "device": (ValueError, ["y", "cpu", "meta"], (outs[0].to("meta"), outs[1], outs[2])),
+            "contiguous": (ValueError, ["topk_weights", "contiguous"],
+                           (outs[0], outs[1], outs[2].t().contiguous().t())),
+            "aligned": (ValueError, ["y", "aligned"], (buf[1:].view(y.shape), outs[1], outs[2])),
+            "shape": (ValueError, ["y", "shape"], (outs[0][:-1], outs[1], outs[2])),
+        }
+        for rule, (exc, words, args) in bad.items():
+            with self.subTest(rule=rule):
+                with self.assertRaises(exc) as ctx:
+                    torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, *args)
+                for word in words:
+                    self.assertIn(word, str(ctx.exception))
+        with self.assertRaises(TypeError) as ctx:
+            _op_out_kernel(x, self.layer.layer_id, outs[0], outs[1].numpy(), outs[2])
+        self.assertIn("topk_ids", str(ctx.exception))
+        with self.assertRaises(ValueError) as ctx:  # the kernel's own device check (the dispatcher picks Meta above)
+            _op_out_kernel(x, self.layer.layer_id, outs[0], outs[1], outs[2].to("meta"))
+        self.assertIn("topk_weights", str(ctx.exception))
 
         def f(x, y, ids, w):
             torch.ops.flashmoe.moe_forward_out(x, self.layer.layer_id, y, ids, w)
@@ -168,6 +206,12 @@ class MoELayerTest(unittest.TestCase):
         raises(TypeError, ["x", "float32"], torch.ops.flashmoe.moe_forward, x.reshape(-1, 32).double(),
                layer.layer_id)
         raises(ValueError, ["x", "aligned"], torch.ops.flashmoe.moe_forward, buf[1:].view(6, 32), layer.layer_id)
+        raises(TypeError, ["x", "float32"], torch.ops.flashmoe.moe_forward_y, x.reshape(-1, 32).double(),
+               layer.layer_id)
+        raises(ValueError, ["x", "max_tokens"], torch.ops.flashmoe.moe_forward_y, torch.zeros(65, 32),
+               layer.layer_id)
+        raises(ValueError, ["layer", "id"], torch.ops.flashmoe.moe_forward_y, x.reshape(-1, 32), 10**9)
+        raises(TypeError, ["x", "torch.Tensor"], _op_kernel, x.numpy(), layer.layer_id)
         # creation
         raises(ValueError, ["exactly one"], flashmoe.MoELayer, self.cfg)
         raises(ValueError, ["weights", "unknown", "w13"], flashmoe.MoELayer, self.cfg, dict(self.w, w13=self.w["down"]))
@@ -186,6 +230,17 @@ class MoELayerTest(unittest.TestCase):
         layer.close()
         with self.assertRaises(ValueError):
             layer(self.x)
+
+    def test_native_closed_behind_the_op(self):
+        layer = flashmoe.MoELayer(self.cfg, self.w)
+        x = self.x.reshape(-1, 32)
+        layer.native.close()  # the id stays bound: the op must still refuse the closed handle
+        for call in (lambda: torch.ops.flashmoe.moe_forward(x, layer.layer_id),
+                     lambda: torch.ops.flashmoe.moe_forward_y(x, layer.layer_id)):
+            with self.assertRaises(ValueError) as ctx:
+                call()
+            self.assertIn("closed", str(ctx.exception))
+        layer.close()
 
 
 @unittest.skipIf(torch is None, TORCH_MISSING)
