@@ -7,95 +7,133 @@ namespace fmoe {
 
 // ---- Phase 1: gate, routing, scan --------------------------------------------------------------------------------
 
-// Routes the 128 tokens of a tile (a warp per token, WarpRouter) and records, per pair, its rank among the tile's
-// earlier tokens routed to the same expert, and per expert the tile's count. The logits are staged in shared memory
-// first (rows padded to EG + 1 floats) in chunks of tokens that fit. With a split gate, staging also sums the
-// K-slice partials, in slice order, ROUTE_BATCH elements a thread at a time so that many loads are in flight (one
-// dependent load after another cost decode tens of microseconds).
+// Routing. A token tile's logits are staged in shared memory (rows padded to EG + 1 floats), summing the K-slice
+// partials of a split gate in slice order, ROUTE_BATCH elements a thread at a time so that many loads are in
+// flight; then a warp routes each token (WarpRouter) and writes its ids, weights and shared gate. Once all of a
+// tile's tokens are routed, rank_tile turns the tile's ids into each pair's rank among the tile's earlier tokens
+// routed to the same expert, and the tile's per-expert counts. With FMOE_ROUTE_SPREAD (the default) every block
+// routes: a tile's tokens are route tasks of ROUTE_TASK_TOKENS (a warp each) on the gate's ticket counter after
+// the gate tasks; without it the block that finishes a tile's last gate task routes the whole tile (qwen3-30b-a3b
+// at S = 64: 60 µs of routing on one block, on the critical path; H200, commit f92c173).
+#ifndef FMOE_ROUTE_SPREAD
+#define FMOE_ROUTE_SPREAD 1
+#endif
 constexpr int ROUTE_BATCH = 8;
-FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
-    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
-    typedef WarpRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
-    u32 *masks = (u32 *)smem;                     // [E][4]: bit t of expert e = token t of the tile chose e
-    int *tile_ids = (int *)(masks + E * 4);       // [BT][K]
-    float *rows = (float *)(tile_ids + BT * K);   // [ROUTE_CHUNK][EG + 1]
-    u32 *elig = (u32 *)(rows + ROUTE_CHUNK * (EG + 1));  // [warps][ROUTE_ELIG_WORDS]: WarpRouter's eligible masks
-    for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
-    const int t0 = tile * BT;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int c0 = 0; c0 < BT; c0 += ROUTE_CHUNK) {
-        const int chunk_tokens = min(ROUTE_CHUNK, p.tokens - (t0 + c0));
-        if (chunk_tokens <= 0) break;  // block-uniform
-        __syncthreads();  // the previous chunk's rows are consumed (and the masks are cleared)
-        const int n_elems = chunk_tokens * EG;
-        for (int b0 = 0; b0 < n_elems; b0 += THREADS * ROUTE_BATCH) {
-            size_t src[ROUTE_BATCH];
-            float acc[ROUTE_BATCH];
+constexpr int ROUTE_TASK_TOKENS = THREADS / 32;             // a route task: one token per warp
+constexpr int ROUTE_TASKS_PER_TILE = BT / ROUTE_TASK_TOKENS;
+static_assert(ROUTE_TASK_TOKENS <= ROUTE_CHUNK, "a route task's rows must fit the staging area");
+
+// route_tile's shared memory: masks [E][4] (bit t of expert e: token t of the tile chose e), the tile's ids
+// [BT][K], staged logit rows [ROUTE_CHUNK][EG + 1], the router warps' eligible masks.
+FMOE_DEVICE u32 *route_masks(char *smem) { return (u32 *)smem; }
+FMOE_DEVICE int *route_tile_ids(char *smem) { return (int *)(route_masks(smem) + E * 4); }
+FMOE_DEVICE float *route_rows(char *smem) { return (float *)(route_tile_ids(smem) + BT * K); }
+FMOE_DEVICE u32 *route_elig(char *smem) { return (u32 *)(route_rows(smem) + ROUTE_CHUNK * (EG + 1)); }
+
+// Tokens [t0, t0 + n) (n ≤ ROUTE_CHUNK): their logits, summed over the gate's K slices, into rows.
+FMOE_DEVICE void stage_logits(const Params &p, int t0, int n, int ks_count, float *rows) {
+    const int n_elems = n * EG;
+    for (int b0 = 0; b0 < n_elems; b0 += THREADS * ROUTE_BATCH) {
+        size_t src[ROUTE_BATCH];
+        float acc[ROUTE_BATCH];
 #pragma unroll
-            for (int b = 0; b < ROUTE_BATCH; ++b) {
-                const int i = b0 + b * THREADS + threadIdx.x;
-                src[b] = i < n_elems ? (size_t)(t0 + c0 + i / EG) * EG + i % EG : 0;
-                acc[b] = 0.f;
-            }
-            if (ks_count == 1) {
+        for (int b = 0; b < ROUTE_BATCH; ++b) {
+            const int i = b0 + b * THREADS + threadIdx.x;
+            src[b] = i < n_elems ? (size_t)(t0 + i / EG) * EG + i % EG : 0;
+            acc[b] = 0.f;
+        }
+        if (ks_count == 1) {
 #pragma unroll
-                for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] = p.logits[src[b]];
-            } else {
+            for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] = p.logits[src[b]];
+        } else {
 #pragma unroll 4
-                for (int q = 0; q < ks_count; ++q) {  // unrolled: the next slices' loads issue before these adds
-                    const float *part = p.logits_part + (size_t)q * p.tokens * EG;
-                    float v[ROUTE_BATCH];
+            for (int q = 0; q < ks_count; ++q) {  // unrolled: the next slices' loads issue before these adds
+                const float *part = p.logits_part + (size_t)q * p.tokens * EG;
+                float v[ROUTE_BATCH];
 #pragma unroll
-                    for (int b = 0; b < ROUTE_BATCH; ++b) v[b] = part[src[b]];  // independent: all in flight
+                for (int b = 0; b < ROUTE_BATCH; ++b) v[b] = part[src[b]];  // independent: all in flight
 #pragma unroll
-                    for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] += v[b];    // slice order, as before
-                }
-            }
-#pragma unroll
-            for (int b = 0; b < ROUTE_BATCH; ++b) {
-                const int i = b0 + b * THREADS + threadIdx.x;
-                if (i < n_elems) rows[(i / EG) * (EG + 1) + i % EG] = acc[b];
+                for (int b = 0; b < ROUTE_BATCH; ++b) acc[b] += v[b];    // slice order
             }
         }
-        __syncthreads();
-        for (int j = warp; j < chunk_tokens; j += THREADS / 32) {
-            const int lt = c0 + j, t = t0 + lt;
-            float *l = rows + j * (EG + 1);
-            FMOE_TRACE_WARP_SCOPE(FMOE_EV_ROUTE_TOKEN, t);
-            int ids[K];
-            float w[K];
-            // The router uses entries [0, E) of the row as scratch; the shared gate's logit (entry E) stays.
-            R::route(l, p.sel_bias, elig + warp * ROUTE_ELIG_WORDS, lane, ids, w);
-            if (lane == 0) {
 #pragma unroll
-                for (int q = 0; q < K; ++q) {
-                    p.ids[(size_t)t * K + q] = ids[q];
-                    p.weights[(size_t)t * K + q] = w[q];
-                    tile_ids[lt * K + q] = ids[q];
-                    if (ids[q] >= 0) atomicOr(&masks[ids[q] * 4 + (lt >> 5)], 1u << (lt & 31));
-                }
-                if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
-            }
+        for (int b = 0; b < ROUTE_BATCH; ++b) {
+            const int i = b0 + b * THREADS + threadIdx.x;
+            if (i < n_elems) rows[(i / EG) * (EG + 1) + i % EG] = acc[b];
         }
     }
+}
+
+// Routes the staged tokens [t0, t0 + n), a warp per token: ids, weights and the shared gate to global memory.
+FMOE_DEVICE void route_staged(const Params &p, int t0, int n, char *smem) {
+    typedef WarpRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j = warp; j < n; j += THREADS / 32) {
+        const int t = t0 + j;
+        FMOE_TRACE_WARP_SCOPE(FMOE_EV_ROUTE_TOKEN, t);
+        float *l = route_rows(smem) + j * (EG + 1);
+        int ids[K];
+        float w[K];
+        // The router uses entries [0, E) of the row as scratch; the shared gate's logit (entry E) stays.
+        R::route(l, p.sel_bias, route_elig(smem) + warp * ROUTE_ELIG_WORDS, lane, ids, w);
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < K; ++q) {
+                p.ids[(size_t)t * K + q] = ids[q];
+                p.weights[(size_t)t * K + q] = w[q];
+            }
+            if (HAS_SHARED) p.shared_gate[t] = EG > E ? 1.f / (1.f + expf(-l[E])) : 1.f;
+        }
+    }
+}
+
+// A routed tile (its ids in global memory, written before a release this block acquired, or by this block before
+// a __syncthreads): per pair, its rank among the tile's earlier tokens routed to the same expert (a popcount of
+// the expert's mask), and per expert the tile's count.
+FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
+    u32 *masks = route_masks(smem);
+    int *tile_ids = route_tile_ids(smem);
+    const int t0 = tile * BT;
+    const int n = min(BT, p.tokens - t0);
+    __syncthreads();  // the staging area and masks are free
+    for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
     __syncthreads();
-    // Rank of each pair among the tile's earlier tokens routed to the same expert: a popcount of the mask.
-    for (int i = threadIdx.x; i < BT * K; i += THREADS) {
-        const int lt2 = i / K, t2 = t0 + lt2;
-        if (t2 >= p.tokens) continue;
+    for (int i = threadIdx.x; i < n * K; i += THREADS) {
+        const int e = p.ids[(size_t)t0 * K + i];
+        tile_ids[i] = e;
+        const int lt = i / K;
+        if (e >= 0) atomicOr(&masks[e * 4 + (lt >> 5)], 1u << (lt & 31));
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * K; i += THREADS) {
+        const int lt = i / K;
         const int e = tile_ids[i];
         int rank = 0;
         if (e >= 0) {
             const u32 *m = masks + e * 4;
-            for (int wd = 0; wd < (lt2 >> 5); ++wd) rank += __popc(m[wd]);
-            rank += __popc(m[lt2 >> 5] & ((1u << (lt2 & 31)) - 1u));
+            for (int wd = 0; wd < (lt >> 5); ++wd) rank += __popc(m[wd]);
+            rank += __popc(m[lt >> 5] & ((1u << (lt & 31)) - 1u));
         }
-        p.rank_in_tile[(size_t)t2 * K + (i % K)] = rank;
+        p.rank_in_tile[(size_t)t0 * K + i] = rank;
     }
     for (int e = threadIdx.x; e < E; e += THREADS) {
         const u32 *m = masks + e * 4;
         p.counts[(size_t)tile * E + e] = __popc(m[0]) + __popc(m[1]) + __popc(m[2]) + __popc(m[3]);
     }
+}
+
+// One block routes a whole tile (FMOE_ROUTE_SPREAD == 0), ROUTE_CHUNK tokens at a time, then ranks it.
+FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
+    const int t0 = tile * BT, n = min(BT, p.tokens - t0);
+    for (int c0 = 0; c0 < n; c0 += ROUTE_CHUNK) {
+        __syncthreads();  // the previous chunk's rows are consumed
+        stage_logits(p, t0 + c0, min(ROUTE_CHUNK, n - c0), ks_count, route_rows(smem));
+        __syncthreads();
+        route_staged(p, t0 + c0, min(ROUTE_CHUNK, n - c0), smem);
+    }
+    __syncthreads();  // this block's ids are written (CTA scope suffices: rank_tile runs on this block)
+    rank_tile(p, tile, smem);
 }
 
 // Exclusive scans that turn per-tile counts into slots, rows, row blocks and GEMM0 tickets. Run by the one CTA
@@ -161,21 +199,73 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
     return ks;
 }
 
+// The tile's last router work is done: count the tile routed; the last tile's block runs the scan.
+FMOE_DEVICE void tile_routed(const Params &p, int tiles) {
+    __shared__ int s_last_tile;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last_tile = atomicAdd(&p.sync->tiles_done, 1) == tiles - 1;
+        if (s_last_tile) fence_gpu();
+    }
+    __syncthreads();
+    if (s_last_tile) finish_scan(p, tiles);
+}
+
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
-    __shared__ int s_task, s_last;
+    __shared__ int s_task, s_last, s_ok;
     const int tiles = (p.tokens + BT - 1) / BT;
     const int ks_count = gate_k_split(p);
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
     const int slices_per = (KSLICES + ks_count - 1) / ks_count;
-    const int tasks = tiles * NTE * ks_count;
+    const int gate_tasks = tiles * NTE * ks_count;
+    // tile_done[tile] counts the tile's gate tasks, then (spread routing) its route tasks.
+    const int gate_done = NTE * ks_count;
+    const int tasks = gate_tasks + (FMOE_ROUTE_SPREAD ? tiles * ROUTE_TASKS_PER_TILE : 0);
     // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
+    if (threadIdx.x == 0) s_ok = 1;
     for (;;) {
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         __syncthreads();
         const int task = s_task;
         if (task >= tasks) break;
+        if (FMOE_ROUTE_SPREAD && task >= gate_tasks) {
+            // A route task: ROUTE_TASK_TOKENS tokens of a tile whose gate tasks have all finished (every gate
+            // ticket was taken before this one, by blocks that are running, so the wait ends).
+            const int tile = (task - gate_tasks) / ROUTE_TASKS_PER_TILE;
+            const int chunk = (task - gate_tasks) % ROUTE_TASKS_PER_TILE;
+            const int in_tile = min(BT, p.tokens - tile * BT);
+            const int chunks = (in_tile + ROUTE_TASK_TOKENS - 1) / ROUTE_TASK_TOKENS;
+            if (chunk >= chunks) continue;  // block-uniform: past the tile's last token
+            FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, chunk);
+            const int t0 = tile * BT + chunk * ROUTE_TASK_TOKENS;
+            const int n = min(ROUTE_TASK_TOKENS, in_tile - chunk * ROUTE_TASK_TOKENS);
+            if (threadIdx.x == 0) {
+                // Acquire the tile's logits (wait_at_least fences after the load).
+                s_ok = wait_at_least(&p.tile_done[tile], gate_done, p.err, p.budget_ns, FMOE_PHASE_GATE, tile, p.rank);
+            }
+            __syncthreads();
+            if (!s_ok) break;  // recorded; the scan wait below sees the abort
+            if (tile == 0 && chunk == 0) stamp(p, 8, true);
+            stage_logits(p, t0, n, ks_count, route_rows(smem));
+            __syncthreads();
+            route_staged(p, t0, n, smem);
+            // Release the ids, then count the task; the tile's last one acquires every other's and ranks the tile.
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                s_last = atomicAdd(&p.tile_done[tile], 1) == gate_done + chunks - 1;
+                if (s_last) fence_gpu();
+            }
+            __syncthreads();
+            if (!s_last) continue;
+            rank_tile(p, tile, smem);
+            if (tile == 0) stamp(p, 9, true);
+            tile_routed(p, tiles);
+            continue;
+        }
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
         FMOE_TRACE_SCOPE(FMOE_EV_GATE, nt, tile, ks);
         const int k0 = ks * slices_per * ROW_BYTES;  // this slice's first byte of K
@@ -186,33 +276,27 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         point_rows<GBN>(src.b, src.b_valid, p.wg, nt * GBN, EG, H, k0);
         run_tile<GateEngine>(smem, src);
         const float *c = (const float *)smem;
-        // One slice writes the logits; several write partials [slice][token][EG] for the last task to sum.
+        // One slice writes the logits; several write partials [slice][token][EG] for routing to sum.
         float *dst = ks_count == 1 ? p.logits : p.logits_part + (size_t)ks * p.tokens * EG;
         for (int i = threadIdx.x; i < BM * GBN; i += THREADS) {
             const int r = i / GBN, col = i % GBN;
             const int t = tile * BT + r, n = nt * GBN + col;
             if (t < p.tokens && n < EG) dst[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
         }
-        // Last-arriver: every thread fences its logits, then one increment decides who routes the tile.
+        // Release the logits, then count the task (the tile's route tasks wait for the count).
         __threadfence();
         __syncthreads();
         if (threadIdx.x == 0) {
-            s_last = atomicAdd(&p.tile_done[tile], 1) == NTE * ks_count - 1;
+            s_last = atomicAdd(&p.tile_done[tile], 1) == gate_done - 1;
             if (s_last) fence_gpu();
         }
         __syncthreads();
-        if (!s_last) continue;
+        if (FMOE_ROUTE_SPREAD || !s_last) continue;
+        // One block routes the tile: the one that finished its last gate task.
         if (tile == 0) stamp(p, 8, true);
         route_tile(p, tile, ks_count, smem);
         if (tile == 0) stamp(p, 9, true);
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            s_last = atomicAdd(&p.sync->tiles_done, 1) == tiles - 1;
-            if (s_last) fence_gpu();
-        }
-        __syncthreads();
-        if (s_last) finish_scan(p, tiles);
+        tile_routed(p, tiles);
     }
     stamp(p, 1);
     // Everyone needs the scan before placing tokens.

@@ -33,6 +33,7 @@ struct ErrorRecord {
 #define FMOE_PHASE_COUNTS 7u     // waiting for a rank's per-expert counts (index = that rank)
 #define FMOE_PHASE_PEER_DONE 8u  // waiting for a peer to finish the previous launch (index = that rank)
 #define FMOE_PHASE_TILES 9u      // waiting for this rank's token tiles to be prepared (index = tile, or tile count)
+#define FMOE_PHASE_GATE 10u      // a route task waiting for its token tile's gate tasks (index = tile)
 
 // The abort flag may be raised by a rank on another GPU: a volatile load (relaxed, system scope) sees it.
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {

@@ -5,7 +5,7 @@
 public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Where the wait was.
     public enum Phase: UInt32, Sendable, Hashable {
-        case scan = 1, barrier = 2, task = 3, dispatch = 4, combine = 6, counts = 7, peerDone = 8, tiles = 9
+        case scan = 1, barrier = 2, task = 3, dispatch = 4, combine = 6, counts = 7, peerDone = 8, tiles = 9, gate = 10
 
         var what: String {
             switch self {
@@ -17,6 +17,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
             case .counts: "a rank's per-expert counts"
             case .peerDone: "a peer rank to finish the previous launch"
             case .tiles: "this rank's token tiles to be prepared for dispatch"
+            case .gate: "a token tile's router logits (every gate task of the tile), to route it"
             }
         }
     }

@@ -31,7 +31,7 @@ public struct KernelTrace: Sendable, Equatable {
         var argumentNames: (String?, String?) {
             switch self {
             case .gate: ("token_tile", "k_slice")
-            case .route: ("token_tile", nil)
+            case .route: ("token_tile", "chunk")
             case .scan: ("token_tiles", nil)
             case .gemm0, .gemm1: ("row_block", "column_tile")
             case .combine, .routeToken: ("token", nil)
