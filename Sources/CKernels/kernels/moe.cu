@@ -4,11 +4,11 @@
 //
 // Phases of one launch (epoch = the launch number: on one GPU the device keeps and advances it, see
 // finish_launch in sched_launch.cuh; ranks take it from the host):
-//   1. Gate. Tasks (token tile of 128, expert tile of 128) from a ticket counter: logits = x·Wgᵀ in FP32. The CTA
-//      that finishes a token tile's last expert tile routes the tile (a warp per token, router.cuh), writes ids,
-//      weights, each pair's rank among the tile's tokens routed to the same expert, and the tile's per-expert
-//      counts. The CTA that finishes the last tile scans the counts (per expert over tiles) and publishes the scan
-//      with the epoch.
+//   1. Gate. Tasks (token tile of 128, expert tile, K slice) from a ticket counter: logits = x·Wgᵀ in FP32. Then,
+//      on the same counter, route tasks of 8 tokens wait for their tile's gate tasks and route a token per warp
+//      (router.cuh), writing ids and weights; the tile's last route task ranks the tile (each pair's rank among the
+//      tile's tokens routed to the same expert, and the tile's per-expert counts). The CTA that ranks the last tile
+//      scans the counts (per expert over tiles) and publishes the scan with the epoch (phase_gate.cuh).
 //   2. Place. After the scan, a pair's slot in its expert is base[tile][e] + rank: the number of lower-index tokens
 //      routed there, so slots and capacity drops never depend on timing. Kept pairs get a global row; each token
 //      learns how many contributions it waits for. Grid barrier.
@@ -17,8 +17,9 @@
 //      tile completes a row block's GEMM0 publishes the row block into a ring; GEMM1 tickets map to ring slots in
 //      publication order, so every ticket ahead of a waiting one belongs to work that needs no wait: no deadlock.
 //   4. Combine. The CTA whose GEMM1 tile completes a row block counts one contribution for each token in it; the
-//      contribution that completes a token makes that CTA sum the token's k expert rows in rank order (plus the
-//      shared expert) and write y once. No float atomics: the same bits every run.
+//      contribution that completes a token puts it on a combine list; idle warps sum each listed token's k expert
+//      rows in rank order (plus the shared expert) and write y once (a few tokens split over several warps by
+//      columns). No float atomics: the same bits every run.
 // The shared expert is the last expert of the task space: every token is a row of it, and its gate, when present,
 // is an extra row of the router weight.
 //
