@@ -63,7 +63,7 @@ struct VerifyCommand: ParsableCommand {
         for c in cases {
             if c.config.precision == .fp8 && !FusedSpecialization.supportsFP8 {
                 print("SKIP  " + VerifyTable.pad(c.name, 34)
-                    + "fp8    the kernel's FP8 path has not run on a GPU yet: FLASHMOE_EXPERIMENTAL_FP8=1 runs it (docs/fp8.md)")
+                    + "fp8    the kernel's FP8 path is experimental: FLASHMOE_EXPERIMENTAL_FP8=1 runs it (docs/fp8.md)")
                 continue
             }
             do {
