@@ -84,9 +84,16 @@ import Testing
                       router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32),
             MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 320, topK: 3, precision: .tf32),
         ]
-        for c in configs {
-            let target = try GPUArchitecture(parsing: arch)
-            let spec = try FusedSpecialization(config: c, arch: target, ranks: ranks)
+        let target = try GPUArchitecture(parsing: arch)
+        var specs = try configs.map { try FusedSpecialization(config: $0, arch: target, ranks: ranks) }
+        // The instrumented builds compile the same phase code with their hooks: the timing stamps, the per-block
+        // trace and the fault injection (ranks: a source that stops sending).
+        specs += [
+            try FusedSpecialization(config: configs[1], arch: target, ranks: ranks, phaseTimes: true),
+            try FusedSpecialization(config: configs[1], arch: target, ranks: ranks, trace: true),
+            try FusedSpecialization(config: configs[1], arch: target, ranks: ranks, injectFault: ranks > 1 ? 2 : 1),
+        ]
+        for spec in specs {
             let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
             for name in [FusedSpecialization.kernelName, FusedSpecialization.ranksKernelName] {
                 let usage = try #require(k.resources.first { $0.name == name })
