@@ -139,17 +139,16 @@ constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();
 #endif
 constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
-// Tokens whose logits route_tile stages in shared memory at once: the largest of 128, 64 and 32 that fits beside
-// the masks, ids and the router warps' eligible masks. It must divide the tile: a chunk of 96 (fp32's smaller ring at E = 256) once ran its second
-// chunk past token 127, into the next tile's tokens and past the masks and ids (issue 12, defect 7).
-constexpr int ROUTE_ELIG_WORDS = (E + 31) / 32;  // a warp's eligible-expert masks (WarpRouter, grouped routing)
-constexpr int ROUTE_ELIG_BYTES = (THREADS / 32) * ROUTE_ELIG_WORDS * 4;
-constexpr int ROUTE_CHUNK_FIT = (DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4 - ROUTE_ELIG_BYTES) / ((EG + 1) * 4);
+// Rows of logits routing's staging area holds (phase_gate.cuh): the largest of 128, 64 and 32 that fits beside
+// the masks and ids; a route task stages ROUTE_TASK_TOKENS of them. It must divide the tile: a chunk of 96 (fp32's
+// smaller ring at E = 256) once ran its second chunk past token 127, into the next tile's tokens and past the masks
+// and ids (issue 12, defect 7).
+constexpr int ROUTE_CHUNK_FIT = (DYNAMIC_SMEM - 1024 - E * 16 - BT * K * 4) / ((EG + 1) * 4);
 constexpr int ROUTE_CHUNK = ROUTE_CHUNK_FIT >= 128 ? 128 : (ROUTE_CHUNK_FIT >= 64 ? 64 : 32);
-static_assert(ROUTE_CHUNK_FIT >= 32, "route_tile needs room for at least 32 rows of logits");
-static_assert(BT % ROUTE_CHUNK == 0 && ROUTE_CHUNK <= THREADS, "route_tile's chunks must tile the 128 tokens exactly");
-static_assert(E * 16 + BT * K * 4 + ROUTE_CHUNK * (EG + 1) * 4 + ROUTE_ELIG_BYTES <= DYNAMIC_SMEM - 1024,
-              "route_tile's masks, ids, staged logits and eligible masks exceed the dynamic shared memory");
+static_assert(ROUTE_CHUNK_FIT >= 32, "routing needs room for at least 32 rows of logits");
+static_assert(BT % ROUTE_CHUNK == 0 && ROUTE_CHUNK <= THREADS, "routing's chunks must tile the 128 tokens exactly");
+static_assert(E * 16 + BT * K * 4 + ROUTE_CHUNK * (EG + 1) * 4 <= DYNAMIC_SMEM - 1024,
+              "routing's masks, ids and staged logits exceed the dynamic shared memory");
 FMOE_CHECK_DYNAMIC_SMEM(DYNAMIC_SMEM);
 constexpr int XS = E + 1;  // task-space experts, at most: the routed ones + the shared one (empty when absent)
 constexpr int RANKS = FMOE_RANKS;

@@ -229,14 +229,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int m = rb - L.rb_start[x];
             FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
             gemm1_task(p, L, x, m, n, smem);
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                s_last = atomicAdd(&p.done1[rb], 1) == NT1 - 1;
-                if (s_last) fence_gpu();
-            }
-            __syncthreads();
-            if (s_last) complete_row_block(p, L, x, m);
+            if (last_arrival(&p.done1[rb], NT1)) complete_row_block(p, L, x, m);
             __syncthreads();
             // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final
             // end only after every tile is counted.

@@ -11,24 +11,20 @@ namespace fmoe {
 // partials of a split gate in slice order, ROUTE_BATCH elements a thread at a time so that many loads are in
 // flight; then a warp routes each token (WarpRouter) and writes its ids, weights and shared gate. Once all of a
 // tile's tokens are routed, rank_tile turns the tile's ids into each pair's rank among the tile's earlier tokens
-// routed to the same expert, and the tile's per-expert counts. With FMOE_ROUTE_SPREAD (the default) every block
-// routes: a tile's tokens are route tasks of ROUTE_TASK_TOKENS (a warp each) on the gate's ticket counter after
-// the gate tasks; without it the block that finishes a tile's last gate task routes the whole tile (qwen3-30b-a3b
-// at S = 64: 60 µs of routing on one block, on the critical path; H200, commit f92c173).
-#ifndef FMOE_ROUTE_SPREAD
-#define FMOE_ROUTE_SPREAD 1
-#endif
+// routed to the same expert, and the tile's per-expert counts. Every block routes: a tile's tokens are route tasks
+// of ROUTE_TASK_TOKENS (a warp each) on the gate's ticket counter after the gate tasks. (When the block that
+// finished a tile's last gate task routed the whole tile, qwen3-30b-a3b at S = 64 spent 60 µs routing on one block,
+// on the critical path, and ran 24 µs slower than with route tasks; H200, commits f92c173 and 764fc97.)
 constexpr int ROUTE_BATCH = 8;
 constexpr int ROUTE_TASK_TOKENS = THREADS / 32;             // a route task: one token per warp
 constexpr int ROUTE_TASKS_PER_TILE = BT / ROUTE_TASK_TOKENS;
 static_assert(ROUTE_TASK_TOKENS <= ROUTE_CHUNK, "a route task's rows must fit the staging area");
 
-// route_tile's shared memory: masks [E][4] (bit t of expert e: token t of the tile chose e), the tile's ids
-// [BT][K], staged logit rows [ROUTE_CHUNK][EG + 1], the router warps' eligible masks.
+// Routing's shared memory: masks [E][4] (bit t of expert e: token t of the tile chose e), the tile's ids [BT][K],
+// staged logit rows [ROUTE_CHUNK][EG + 1] (a route task uses ROUTE_TASK_TOKENS of them).
 FMOE_DEVICE u32 *route_masks(char *smem) { return (u32 *)smem; }
 FMOE_DEVICE int *route_tile_ids(char *smem) { return (int *)(route_masks(smem) + E * 4); }
 FMOE_DEVICE float *route_rows(char *smem) { return (float *)(route_tile_ids(smem) + BT * K); }
-FMOE_DEVICE u32 *route_elig(char *smem) { return (u32 *)(route_rows(smem) + ROUTE_CHUNK * (EG + 1)); }
 
 // Tokens [t0, t0 + n) (n ≤ ROUTE_CHUNK): their logits, summed over the gate's K slices, into rows.
 FMOE_DEVICE void stage_logits(const Params &p, int t0, int n, int ks_count, float *rows) {
@@ -75,7 +71,7 @@ FMOE_DEVICE void route_staged(const Params &p, int t0, int n, char *smem) {
         int ids[K];
         float w[K];
         // The router uses entries [0, E) of the row as scratch; the shared gate's logit (entry E) stays.
-        R::route(l, p.sel_bias, route_elig(smem) + warp * ROUTE_ELIG_WORDS, lane, ids, w);
+        R::route(l, p.sel_bias, lane, ids, w);
         if (lane == 0) {
 #pragma unroll
             for (int q = 0; q < K; ++q) {
@@ -120,20 +116,6 @@ FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
         const u32 *m = masks + e * 4;
         p.counts[(size_t)tile * E + e] = __popc(m[0]) + __popc(m[1]) + __popc(m[2]) + __popc(m[3]);
     }
-}
-
-// One block routes a whole tile (FMOE_ROUTE_SPREAD == 0), ROUTE_CHUNK tokens at a time, then ranks it.
-FMOE_DEVICE void route_tile(const Params &p, int tile, int ks_count, char *smem) {
-    FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, 0);
-    const int t0 = tile * BT, n = min(BT, p.tokens - t0);
-    for (int c0 = 0; c0 < n; c0 += ROUTE_CHUNK) {
-        __syncthreads();  // the previous chunk's rows are consumed
-        stage_logits(p, t0 + c0, min(ROUTE_CHUNK, n - c0), ks_count, route_rows(smem));
-        __syncthreads();
-        route_staged(p, t0 + c0, min(ROUTE_CHUNK, n - c0), smem);
-    }
-    __syncthreads();  // this block's ids are written (CTA scope suffices: rank_tile runs on this block)
-    rank_tile(p, tile, smem);
 }
 
 // Exclusive scans that turn per-tile counts into slots, rows, row blocks and GEMM0 tickets. Run by the one CTA
@@ -199,30 +181,17 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
     return ks;
 }
 
-// The tile's last router work is done: count the tile routed; the last tile's block runs the scan.
-FMOE_DEVICE void tile_routed(const Params &p, int tiles) {
-    __shared__ int s_last_tile;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        s_last_tile = atomicAdd(&p.sync->tiles_done, 1) == tiles - 1;
-        if (s_last_tile) fence_gpu();
-    }
-    __syncthreads();
-    if (s_last_tile) finish_scan(p, tiles);
-}
-
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
-    __shared__ int s_task, s_last, s_ok;
+    __shared__ int s_task, s_ok;
     const int tiles = (p.tokens + BT - 1) / BT;
     const int ks_count = gate_k_split(p);
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
     const int slices_per = (KSLICES + ks_count - 1) / ks_count;
     const int gate_tasks = tiles * NTE * ks_count;
-    // tile_done[tile] counts the tile's gate tasks, then (spread routing) its route tasks.
+    // tile_done[tile] counts the tile's gate tasks, then its route tasks.
     const int gate_done = NTE * ks_count;
-    const int tasks = gate_tasks + (FMOE_ROUTE_SPREAD ? tiles * ROUTE_TASKS_PER_TILE : 0);
+    const int tasks = gate_tasks + tiles * ROUTE_TASKS_PER_TILE;
     // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
     if (threadIdx.x == 0) s_ok = 1;
@@ -231,7 +200,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         __syncthreads();
         const int task = s_task;
         if (task >= tasks) break;
-        if (FMOE_ROUTE_SPREAD && task >= gate_tasks) {
+        if (task >= gate_tasks) {
             // A route task: ROUTE_TASK_TOKENS tokens of a tile whose gate tasks have all finished (every gate
             // ticket was taken before this one, by blocks that are running, so the wait ends).
             const int tile = (task - gate_tasks) / ROUTE_TASKS_PER_TILE;
@@ -252,18 +221,11 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
             stage_logits(p, t0, n, ks_count, route_rows(smem));
             __syncthreads();
             route_staged(p, t0, n, smem);
-            // Release the ids, then count the task; the tile's last one acquires every other's and ranks the tile.
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                s_last = atomicAdd(&p.tile_done[tile], 1) == gate_done + chunks - 1;
-                if (s_last) fence_gpu();
-            }
-            __syncthreads();
-            if (!s_last) continue;
+            // The tile's last route task ranks it; the last tile's block runs the scan.
+            if (!last_arrival(&p.tile_done[tile], gate_done + chunks)) continue;
             rank_tile(p, tile, smem);
             if (tile == 0) stamp(p, 9, true);
-            tile_routed(p, tiles);
+            if (last_arrival(&p.sync->tiles_done, tiles)) finish_scan(p, tiles);
             continue;
         }
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
@@ -286,17 +248,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         // Release the logits, then count the task (the tile's route tasks wait for the count).
         __threadfence();
         __syncthreads();
-        if (threadIdx.x == 0) {
-            s_last = atomicAdd(&p.tile_done[tile], 1) == gate_done - 1;
-            if (s_last) fence_gpu();
-        }
-        __syncthreads();
-        if (FMOE_ROUTE_SPREAD || !s_last) continue;
-        // One block routes the tile: the one that finished its last gate task.
-        if (tile == 0) stamp(p, 8, true);
-        route_tile(p, tile, ks_count, smem);
-        if (tile == 0) stamp(p, 9, true);
-        tile_routed(p, tiles);
+        if (threadIdx.x == 0) atomicAdd(&p.tile_done[tile], 1);
     }
     stamp(p, 1);
     // Everyone needs the scan before placing tokens.

@@ -14,20 +14,12 @@
 
 namespace fmoe {
 
-constexpr int NONE = 0x7fffffff;
+constexpr int NONE = 0x7fffffff;  // no expert (or group)
 
-// The order of every top-k: larger value first, then lower index; NONE loses to everything. (WarpRouter computes
-// it with order_key and warp_best; this form is the definition.)
-FMOE_DEVICE bool better(float v, int i, float bv, int bi) {
-    if (i == NONE) return false;
-    if (bi == NONE) return true;
-    return v > bv || (v == bv && i < bi);
-}
-
-// One warp routes one token whose logits route_tile staged in shared memory (row l, E floats; entry E is the
+// One warp routes one token whose logits phase_gate.cuh staged in shared memory (row l, E floats; entry E is the
 // shared expert's gate logit when there is one). Lane q owns experts q, q + 32, q + 64, ... Every rule and every
-// rounding is the sequential one's (the CPU oracle's order): the top-k is the unique sorted top-k of the `better`
-// order, found in k rounds of a warp arg-max (redux.sync on order-preserving keys) instead of an insertion sort;
+// rounding is the sequential one's (the CPU oracle's order): the top-k is the unique sorted top-k of the order
+// "larger value first, then lower index", found in k rounds of a warp arg-max (redux.sync on order-preserving keys) instead of an insertion sort;
 // group scores are each group's two best choice scores; the softmax denominator is summed by lane 0 in expert
 // order. So the ids and weights have the bits a one-thread-per-token router gave, whose serial chain decode paid
 // on its critical path (H200, commit 38496f6: 57 µs to route qwen3-30b-a3b's one token, 188 µs for DeepSeek-V3's
@@ -40,9 +32,9 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
     static FMOE_DEVICE float sigmoid(float l) { return 1.f / (1.f + expf(-l)); }
 
     // A float's order as an unsigned key (a larger value, a larger key), for the warp's redux.sync: -0 counts as
-    // +0 (the `better` order compares values, so they tie) and NaN maps to 0, the key of "no candidate" (a NaN is
-    // never eligible; a NaN choice score could only come from a non-finite selection bias, which the non-finite
-    // rules exclude, docs/nonfinite.md).
+    // +0 (the order compares values, so they tie) and NaN maps to 0, the key of "no candidate" (a NaN is never
+    // eligible; a NaN choice score could only come from a non-finite selection bias, which the non-finite rules
+    // exclude, docs/nonfinite.md).
     static FMOE_DEVICE u32 order_key(float v) {
         if (v != v) return 0u;
         const u32 u = __float_as_uint(v + 0.f);
@@ -59,7 +51,7 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
         return r;
     }
 
-    // The warp's arg-max under `better` from each lane's best (key, index) (key 0: none): the largest key, then
+    // The warp's arg-max from each lane's best (key, index) (key 0: none): the largest key, then
     // the lowest index holding it. Every lane returns the winner's index, or NONE when no lane has a candidate.
     static FMOE_DEVICE int warp_best(u32 key, int i) {
         const u32 top = warp_max(key);
@@ -68,10 +60,8 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
     }
 
     // l: the token's row (shared memory; entries [0, E) are overwritten as scratch); bias: DeepSeek's selection
-    // bias or null; elig: NPL words of shared memory for this warp (group-limited routing). Every lane returns the
-    // same ids and weights.
-    static FMOE_DEVICE void route(float *l, const float *bias, u32 *elig, int lane, int (&ids)[K],
-                                  float (&weights)[K]) {
+    // bias or null. Every lane returns the same ids and weights.
+    static FMOE_DEVICE void route(float *l, const float *bias, int lane, int (&ids)[K], float (&weights)[K]) {
         float raw[NPL], score[NPL];
         bool cand[NPL];
 #pragma unroll
@@ -110,15 +100,13 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
                 if (cand[j]) score[j] = bias != nullptr ? sigmoid(raw[j]) + bias[e] : sigmoid(raw[j]);
             }
             if (GROUPS > 1) {
-                // Choice scores to the row and the eligible experts as bit masks (a choice score may be NaN, from
-                // a NaN bias, and still count), then each lane scores its groups in expert order, the sequential
-                // rule: the sum of the two best, the best alone if only one is eligible.
+                // Choice scores to the row, NaN for the ineligible (with a finite bias, the only NaN), then each
+                // lane scores its groups in expert order, the sequential rule: the sum of the two best eligible
+                // scores, the best alone if only one is eligible.
 #pragma unroll
                 for (int j = 0; j < NPL; ++j) {
                     const int e = lane + 32 * j;
-                    if (e < E) l[e] = score[j];
-                    const u32 mask = __ballot_sync(0xffffffffu, cand[j]);
-                    if (lane == 0) elig[j] = mask;
+                    if (e < E) l[e] = cand[j] ? score[j] : __int_as_float(0x7fc00000);
                 }
                 __syncwarp();
                 float gscore[GPL];
@@ -129,9 +117,8 @@ template <int E, int K, int SCORING, int GROUPS, int GROUPS_KEPT, bool RENORM> s
                     int n = 0;
                     if (g < GROUPS) {
                         for (int i = 0; i < GS; ++i) {
-                            const int e = g * GS + i;
-                            if (!(elig[e >> 5] >> (e & 31) & 1u)) continue;
-                            const float c = l[e];
+                            const float c = l[g * GS + i];
+                            if (c != c) continue;
                             ++n;
                             if (c > t1) { t2 = t1; t1 = c; } else if (c > t2) { t2 = c; }
                         }

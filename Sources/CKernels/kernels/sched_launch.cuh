@@ -7,20 +7,6 @@
 
 namespace fmoe {
 
-// Counts this block out of `blocks` on `counter`; true (block-uniform) in the last block out. The fence before the
-// count releases this block's work; the last block's fence after it acquires every other block's.
-FMOE_DEVICE bool last_block_out(int *counter, int blocks) {
-    __shared__ int s_last_out;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        fence_gpu();
-        s_last_out = atomicAdd(counter, 1) == blocks - 1;
-        if (s_last_out) fence_gpu();
-    }
-    __syncthreads();
-    return s_last_out != 0;
-}
-
 // One launch, all phases. One GPU: gate → scan → place → grid barrier → experts + combine. Ranks: gate → scan →
 // count all-gather → dispatch → experts (starting per row block as its rows land) → the source combines.
 FMOE_DEVICE void forward(const Params &p, char *smem) {
@@ -60,7 +46,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
         // The rank's last block out checks every flag it received, resets the gate counters for the next launch
         // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
-        if (last_block_out(&p.sync->exit_count, ctas()) && check_row_flags(p) && threadIdx.x == 0) {
+        if (last_arrival(&p.sync->exit_count, ctas()) && check_row_flags(p) && threadIdx.x == 0) {
             stamp(p, 13, true);
             p.sync->gate_ticket = 0;
             p.sync->tiles_done = 0;
@@ -79,7 +65,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
 // clears every epoch-tagged word (ring, combine list, scan flag, barrier counter) and stores 0: the 32-bit epoch
 // tags restart from 1 with no host involvement.
 FMOE_DEVICE void finish_launch(const Params &p) {
-    if (!last_block_out(&p.sync->exit_count, (int)gridDim.x)) return;
+    if (!last_arrival(&p.sync->exit_count, (int)gridDim.x)) return;
     const bool wrap = p.epoch >= p.epoch_wrap;
     if (wrap) {
         for (int i = threadIdx.x; i < p.row_blocks; i += THREADS) p.ring[i] = 0;

@@ -97,6 +97,22 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
     return true;
 }
 
+// Counts this block's task on `counter`, which `arrivals` tasks reach in all (a token tile's route tasks, a row
+// block's GEMM1 tiles, a launch's blocks); true, block-uniform, in the block whose count is the last. Release: every
+// thread fences its writes before the count; acquire: the last block fences after it, so it reads every counted
+// task's writes.
+FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
+    __shared__ int s_last_arrival;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last_arrival = atomicAdd(counter, 1) == arrivals - 1;
+        if (s_last_arrival) fence_gpu();
+    }
+    __syncthreads();
+    return s_last_arrival != 0;
+}
+
 // Grid barrier on a monotone 64-bit counter that is never reset: barrier number `n` of launch epoch `epoch`
 // completes when the counter reaches ((epoch − 1) · barriers_per_launch + n) · gridDim.x. Arrival is a release
 // (fence, then atomicAdd); waiting is an acquire (wait_at_least fences after the load).

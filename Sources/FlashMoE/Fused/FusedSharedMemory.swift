@@ -73,8 +73,7 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
         // The largest of 128, 64 and 32 rows that fits beside the masks and ids, as the kernel chooses it; below 32
         // nothing fits (routeChunk is then the fit, which `fits` rejects). Integer division truncates toward zero in
         // C and Swift alike.
-        let eligibleMasks = 8 * ((e + 31) / 32) * 4  // ROUTE_ELIG_BYTES: 8 router warps' eligible-expert masks
-        let fit = (dynamicBytes - 1024 - e * 16 - Self.tileRows * k * 4 - eligibleMasks) / ((routerRows + 1) * 4)
+        let fit = (dynamicBytes - 1024 - e * 16 - Self.tileRows * k * 4) / ((routerRows + 1) * 4)
         routeChunk = fit >= 128 ? 128 : fit >= 64 ? 64 : fit >= 32 ? 32 : fit
         // Layout (xs + three [E + 2] tables, three more [E] with ranks), the scan's kept[E], a ranks launch's
         // Params copy (compiled into every cubin), block indices and the phase-local flags (256 B of slack); ptxas
