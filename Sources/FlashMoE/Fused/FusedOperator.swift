@@ -116,12 +116,13 @@ public final class FusedOperator: @unchecked Sendable {
         control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
         try control.fill(byte: 0)
         mirror = try HostMappedBuffer(device: kernel.device, byteCount: 64)
+        // The weight copies and fills above are queued on the legacy stream, which a caller's non-blocking stream
+        // does not wait for: they must be complete before the first launch (prepare synchronizes after its memset).
         if let maxTokens {
             try state.withLock { st in _ = try prepare(&st, tokens: max(maxTokens, 1)) }
+        } else {
+            try kernel.device.synchronize()
         }
-        // The weight copies and fills above are queued on the legacy stream, which a caller's non-blocking stream
-        // does not wait for: they must be complete before the first launch.
-        try kernel.device.synchronize()
     }
 
     /// Device bytes of the workspace currently allocated (0 before the first call when sized lazily).
