@@ -144,7 +144,7 @@ public struct RankGroupCheck: Sendable, Hashable {
                 throw RendezvousError(
                     .differentNodes(rank: 0, other: q),
                     "rank \(q) runs on \(other.host), rank 0 on \(first.host): one process per GPU maps its peers' "
-                        + "memory with CUDA IPC, which needs every rank on one node (between nodes: NVSHMEM, not built yet)")
+                        + "memory with CUDA IPC, which needs every rank on one node (between nodes: --transport nvshmem, docs/multinode.md)")
             }
             if other.maxTokens != first.maxTokens {
                 throw RendezvousError(

@@ -40,10 +40,10 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
-    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a only) is enabled. It runs on the H200 but is 5–100× slower
-    /// than bf16 and 2e-3 to 8e-3 from the exact fp8 oracle (the FP8 tensor cores' accumulation), so it is off unless
-    /// `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports its fp8
-    /// cases as skipped.
+    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a only) is enabled. It runs on the H200 but is 2.7–12× slower
+    /// than bf16 where it was timed and 2e-3 to 8e-3 from the exact fp8 oracle (the FP8 tensor cores' accumulation),
+    /// so it is off unless `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe
+    /// verify` reports its fp8 cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
     /// The target `flashmoe compile` and the tests assume when none is given: the H200's.
