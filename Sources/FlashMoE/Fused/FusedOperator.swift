@@ -30,7 +30,7 @@ public final class FusedOperator: @unchecked Sendable {
     /// The most tokens one forward may pass, when fixed at creation (nil: the workspace grows on demand).
     public let maxTokens: Int?
     /// Device bytes held by the weights.
-    public let weightBytes: Int
+    public var weightBytes: Int { weights.byteCount }
     /// The device the operator runs on.
     public var device: CUDADevice { kernel.device }
     /// The compiled kernel (cubin, resources, whether it came from the cache, compile time).
@@ -112,7 +112,6 @@ public final class FusedOperator: @unchecked Sendable {
         traceBuffer = try specialization.trace
             ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: max(options.traceEventsPerBlock, 1))
             : nil
-        weightBytes = weights.byteCount
         control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
         try control.fill(byte: 0)
         mirror = try HostMappedBuffer(device: kernel.device, byteCount: 64)
