@@ -26,10 +26,11 @@ struct FusedKernel {
     }
 
     /// The gate's K split: enough (token tile, expert tile, K slice) tasks to occupy the blocks when token tiles are
-    /// few, at most `FusedWorkspace.gateSplitMax`. Above 4 only while the block that routes a tile sums at most 16
-    /// batches of partials (`route_tile` reads split · min(S, 128) · routerRows floats, 2048 at a time): decode's
-    /// one small token tile gets up to 16 slices (the gate was 18 of qwen3-30b-a3b's 97 µs at S = 1 with 4 slices,
-    /// H200), fuller tiles keep at most 4. Every split keeps split · S ≤ 128 · blocks (it is at most blocks / tiles).
+    /// few, at most `FusedWorkspace.gateSplitMax`. Above 4 only while a token tile's partials stay within 16
+    /// batches of loads (routing reads split · min(S, 128) · routerRows floats a tile, 2048 a batch, over the
+    /// tile's route tasks): decode's one small token tile gets up to 16 slices (the gate was 18 of qwen3-30b-a3b's
+    /// 97 µs at S = 1 with 4 slices, H200), fuller tiles keep at most 4. Every split keeps split · S ≤ 128 · blocks
+    /// (it is at most blocks / tiles).
     static func gateSplit(tokens: Int, blocks: Int, gateTiles: Int, routerRows: Int) -> Int {
         let tiles = max(1, (tokens + 127) / 128)
         let occupancy = blocks / (tiles * max(gateTiles, 1))
