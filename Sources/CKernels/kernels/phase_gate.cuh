@@ -196,6 +196,9 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
     if (threadIdx.x == 0) s_ok = 1;
     for (;;) {
+        // Every thread has read the previous task before thread 0 overwrites it (a task past its tile's last token
+        // continues right after the read; without this barrier a slow warp could read the next task instead).
+        __syncthreads();
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         __syncthreads();
         const int task = s_task;
