@@ -47,10 +47,13 @@ extension FusedKernel {
         let driver = try CUDADriver.shared.get()
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
+        // FLASHMOE_LINEINFO=1: keep source lines in the cubin, so compute-sanitizer and ncu name kernel lines.
+        let lineInfo = environment["FLASHMOE_LINEINFO"] == "1"
         try self.init(
             specialization: specialization, entry: entry, device: try CUDADevice(ordinal: deviceOrdinal, driver: driver),
             build: { spec, arch in
-                try compiler.compile(spec, arch: arch, sources: KernelSources.current(environment: environment))
+                try compiler.compile(
+                    spec, arch: arch, sources: KernelSources.current(environment: environment), lineInfo: lineInfo)
             },
             prepare: { _ in })
     }
