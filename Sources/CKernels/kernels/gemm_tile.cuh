@@ -54,14 +54,15 @@ FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int fi
     }
 }
 
-template <int TBN> FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
+// One k-slice of a tile's TBM A rows and TBN B rows (the decode tiles of wgmma.cuh have TBM = 64).
+template <int TBN, int TBM = BM> FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     const int chunk = threadIdx.x & 7;
     const int off = kt * ROW_BYTES + chunk * 16;
     const bool k_in = off < src.k_bytes;
     const u32 base_a = smem_addr(stage);
-    const u32 base_b = base_a + BM * ROW_BYTES;
+    const u32 base_b = base_a + TBM * ROW_BYTES;
 #pragma unroll
-    for (int i = 0; i < BM / 32; ++i) {
+    for (int i = 0; i < TBM / 32; ++i) {
         const int row = loader_row(i);
         const bool va = src.a_valid[i] && k_in;
         cp_async16(base_a + swizzle(row, chunk), va ? src.a[i] + off : src.a[i], va);
@@ -87,10 +88,10 @@ FMOE_DEVICE void round4_tf32(char *p) {
     v.x = to_tf32(v.x); v.y = to_tf32(v.y); v.z = to_tf32(v.z); v.w = to_tf32(v.w);
     *(uint4 *)p = v;
 }
-template <int TBN> FMOE_DEVICE void round_stage_tf32(char *stage) {
+template <int TBN, int TBM = BM> FMOE_DEVICE void round_stage_tf32(char *stage) {
     const int chunk = threadIdx.x & 7;
 #pragma unroll
-    for (int i = 0; i < BM / 32; ++i) round4_tf32(stage + swizzle(loader_row(i), chunk));
+    for (int i = 0; i < TBM / 32; ++i) round4_tf32(stage + swizzle(loader_row(i), chunk));
 }
 
 // ---- Tensor-core engine -----------------------------------------------------------------------------------------

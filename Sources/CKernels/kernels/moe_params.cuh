@@ -106,7 +106,7 @@ constexpr int EBN = ExpertEngine::BN;  // expert tile width
 constexpr int GBN = GateEngine::BN;    // gate tile width
 
 template <class Engine> FMOE_DEVICE void run_tile(char *smem, const TileSource &src) {
-    if constexpr (Engine::WGMMA) gemm_tile_wgmma<Engine::KIND, STAGES>(smem, src);
+    if constexpr (Engine::WGMMA) gemm_tile_wgmma<Engine, STAGES>(smem, src);
     else gemm_tile<Engine, STAGES>(smem, src);
 }
 

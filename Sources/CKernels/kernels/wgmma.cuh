@@ -50,9 +50,28 @@ template <> FMOE_DEVICE void wgmma_m64n256<MMA_TF32>(float *d, u64 da, u64 db) {
                  : FMOE_ACC128 : "l"(da), "l"(db));
 }
 
+// The 16 accumulator operands %0 … %15 of an m64n32 instruction, then the descriptors %16 and %17.
+#define FMOE_ACC16 FMOE_ACC8(0), FMOE_ACC8(8)
+#define FMOE_REGS16 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}"
+
+template <int KIND> FMOE_DEVICE void wgmma_m64n32(float *d, u64 da, u64 db);
+template <> FMOE_DEVICE void wgmma_m64n32<MMA_BF16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 " FMOE_REGS16 ", %16, %17, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC16 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n32<MMA_F16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 " FMOE_REGS16 ", %16, %17, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC16 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n32<MMA_TF32>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 " FMOE_REGS16 ", %16, %17, 1, 1, 1;\n"
+                 : FMOE_ACC16 : "l"(da), "l"(db));
+}
+
 template <int KIND_> struct WgmmaEngine {
     static constexpr bool WGMMA = true;
     static constexpr int KIND = KIND_;
+    static constexpr int BM = fmoe::BM;
     static constexpr int BN = 256;
     static constexpr int C_STRIDE = c_stride<BN>();
     float acc[128];
@@ -86,33 +105,75 @@ template <int KIND_> struct WgmmaEngine {
     }
 };
 
+// Decode tiles (phase_experts.cuh): 64 rows × 64 weight rows, each warpgroup m64n32 on its own 32 weight rows of
+// the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256 tile spends its tensor
+// time on zero rows and a launch has fewer such tiles than SMs. Each output element is the wide engine's: the same
+// k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero.
+template <int KIND_> struct WgmmaDecodeEngine {
+    static constexpr int KIND = KIND_;
+    static constexpr int BM = 64;
+    static constexpr int BN = 64;
+    static constexpr int C_STRIDE = BN + 4;
+    float acc[16];
+
+    FMOE_DEVICE void zero() {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+    }
+
+    FMOE_DEVICE void issue(const char *stage) {
+        const int wg = threadIdx.x >> 7;
+        const u32 a = smem_addr(stage);
+        const u32 b = smem_addr(stage) + (BM + wg * 32) * ROW_BYTES;  // 4 swizzle atoms per warpgroup
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) wgmma_m64n32<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        wgmma_commit();
+    }
+
+    // The m64nN layout (see WgmmaEngine::stage_out); warpgroup w's 32 columns are columns 32w … 32w + 31.
+    FMOE_DEVICE void stage_out(float *c) const {
+        const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        const int row = w * 16 + (lane >> 2), col = wg * 32 + 2 * (lane & 3);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            *(float2 *)&c[row * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j], acc[4 * j + 1]);
+            *(float2 *)&c[(row + 8) * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+        }
+    }
+};
+
 // The wgmma mainloop: loads run STAGES − 1 k-slices ahead, and one wgmma group stays in flight. Per k-slice: wait
 // for its stage, issue its group, wait until only that group is in flight (the previous one is done), then a
 // barrier (both warpgroups are past the previous group) and refill the previous group's stage. The second barrier
 // buys one more slice of loads in flight than refilling before the issue; the GEMMs are bound by how fast L2
 // feeds the tiles (measured 2–5 % faster on paper-e64, paper-e32 and qwen3, 2026-11-29).
-template <int KIND, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+// Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64,
+// a[0..1], b[0..1]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
+template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
     static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
     constexpr int P = STAGES - 1;
-    constexpr int BN = WgmmaEngine<KIND>::BN, STAGE_BYTES = stage_bytes<BN>();
-    WgmmaEngine<KIND> eng;
+    constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
+    Engine eng;
     eng.zero();
     const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-#pragma unroll
+    // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
+    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
+#pragma unroll (P > 4 ? 1 : P)
     for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<BN>(smem + s * STAGE_BYTES, src, s);
+        if (s < ktiles) load_stage<TBN, TBM>(smem + s * STAGE_BYTES, src, s);
         cp_async_commit();
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
-        if (KIND == MMA_TF32) round_stage_tf32<BN>(smem + (kt % STAGES) * STAGE_BYTES);  // see gemm_tile.cuh
+        if (Engine::KIND == MMA_TF32) round_stage_tf32<TBN, TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
         fence_proxy_async();
         __syncthreads();
         eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
         wgmma_wait<1>();
         __syncthreads();
         const int next = kt + P;
-        if (next < ktiles) load_stage<BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
+        if (next < ktiles) load_stage<TBN, TBM>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
     }
     wgmma_wait<0>();
