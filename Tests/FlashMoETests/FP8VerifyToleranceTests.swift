@@ -8,7 +8,7 @@ import Testing
 
     @Test func theChooserGivesTheDocumentedValues() {
         #expect(Precision.fp8.tolerance(for: .cpu) == 5e-3)
-        #expect(Precision.fp8.tolerance(for: .tensorCores) == 3e-2)
+        #expect(Precision.fp8.tolerance(for: .tensorCores) == 5e-2)
         for p in Precision.allCases where p != .fp8 {
             for a in ExpertArithmetic.allCases { #expect(p.tolerance(for: a) == p.tolerance, "\(p) \(a)") }
         }
@@ -17,7 +17,7 @@ import Testing
         // A case's own tolerance replaces the precision's on every backend.
         #expect(Self.sharp.tolerance(for: .tensorCores) == 1e-3 && Self.sharp.tolerance(for: .cpu) == 1e-3)
         let plain = Verifier.standardCases().first { $0.name == "fp8 S=1" }!
-        #expect(plain.tolerance(for: .tensorCores) == 3e-2 && plain.tolerance(for: .cpu) == 5e-3)
+        #expect(plain.tolerance(for: .tensorCores) == 5e-2 && plain.tolerance(for: .cpu) == 5e-3)
     }
 
     @Test func theSharpCaseIsInTheFP8Filter() {

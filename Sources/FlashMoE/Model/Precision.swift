@@ -14,7 +14,7 @@ public enum Precision: String, Sendable, Hashable, Codable, CaseIterable, Custom
     /// Block-scaled FP8 experts (docs/fp8.md): expert weights E4M3 with one FP32 scale per 128×128 block,
     /// activations quantized to E4M3 per token and 128-channel group before each expert GEMM, FP32 accumulation
     /// with the scales applied per 128-wide K block. The router, the shared expert, x and h between the GEMMs
-    /// are BF16. The oracle runs the same quantization (tolerance against it: 5e-3 on the CPU, 3e-2 on the GPU's
+    /// are BF16. The oracle runs the same quantization (tolerance against it: 5e-3 on the CPU, 5e-2 on the GPU's
     /// tensor cores, `tolerance(for:)`); against the BF16 oracle the error is that of E4M3 itself, a few percent.
     case fp8
 
@@ -46,15 +46,15 @@ public enum Precision: String, Sendable, Hashable, Codable, CaseIterable, Custom
     /// The relative error against the Float64 oracle of the same precision that a correct backend computing
     /// with `arithmetic` stays under: `tolerance`, except fp8 on the GPU's tensor cores.
     ///
-    /// fp8 on `.tensorCores`: 3e-2. The FP8 MMA keeps about 13 bits of each block sum (~1e-4), and the quantization
+    /// fp8 on `.tensorCores`: 5e-2. The FP8 MMA keeps about 13 bits of each block sum (~1e-4), and the quantization
     /// of h amplifies that when it moves a group's largest |h| across a BF16 rounding boundary: the group's scale
-    /// changes. The bit-level model of the MMA (`scripts/fp8_tolerance.py`, 2,000 random verify-like layers at
-    /// S = 1) puts the error's median at 7e-4 but its largest at 2.1e-2, and ~4e-3 at S ≥ 16 (docs/fp8.md,
-    /// "Tolerances"). A scale read from the wrong block is held to the tight tolerance of the one-binade case
-    /// (`VerificationCase.Values.fp8OneBinade`) instead.
+    /// changes and the group's codes are rounded anew. The bit-level model of the MMA (`scripts/fp8_tolerance.py`,
+    /// 2,000 random verify-like layers at S = 1) puts the error's median at 5.2e-4, its 99th percentile at 1.7e-2
+    /// and its largest at 3.0e-2; with more tokens it settles near 4e-3 (docs/fp8.md, "Tolerances"). A scale read
+    /// from the wrong block is caught by the one-binade case's 1e-3 (`VerificationCase.Values.fp8OneBinade`).
     public func tolerance(for arithmetic: ExpertArithmetic) -> Double {
         switch (self, arithmetic) {
-        case (.fp8, .tensorCores): 3e-2
+        case (.fp8, .tensorCores): 5e-2
         default: tolerance
         }
     }
