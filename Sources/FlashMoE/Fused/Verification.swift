@@ -318,8 +318,8 @@ extension Verifier {
         add("fp8 capacity 1.0 plain bias", cfg(h: 128, i: 256, bias: true, act: .gelu, capacity: .factor(1.0), .fp8), 300)
         add("fp8 S=1", cfg(h: 256, i: 256, ffn: .gated, act: .silu, .fp8), 1)
         // Sharp: one binade of E4M3 codes and a scale of its own for every block and group, so the tensor cores
-        // sum GEMM0 exactly and a scale taken from the wrong block, granule, matrix or token errs by tens of
-        // percent; H = 384 (three K blocks), I = 192 (a short K block, three 64-row granules per matrix).
+        // sum GEMM0 exactly and a scale taken from the wrong block, granule, matrix or token errs by 20× the
+        // tolerance or more; H = 384 (three K blocks), I = 192 (a short K block, three 64-row granules per matrix).
         add("fp8 one binade, own scales", cfg(h: 384, i: 192, ffn: .gated, act: .silu, .fp8), 64, values: .fp8OneBinade,
             tolerance: oneBinadeTolerance)
         return cases
