@@ -17,13 +17,37 @@ public struct VerificationCase: Sendable, Hashable {
     /// When set, the router weights send every token to this expert first (the other router rows are zero, so
     /// later ranks are exact ties that the lower index must win), and the input is made non-negative.
     public var forcedExpert: Int?
+    /// How the experts' weights and the input are drawn.
+    public var values: Values
+    /// A tolerance for every backend in place of the precision's (`Precision.tolerance(for:)`), for a case built
+    /// so that a correct backend lands far below it; nil: the precision's.
+    public var tolerance: Double?
 
-    public init(name: String, config: MoEConfig, tokens: Int, seed: UInt64, forcedExpert: Int? = nil) {
+    /// How a case's experts' weights and input are drawn.
+    public enum Values: Sendable, Hashable {
+        /// `MoEWeights.random` and x uniform in ±1.7.
+        case uniform
+        /// fp8 only: every E4M3 code of the experts' weights and of x in one binade (256 to 448), each 128×128
+        /// weight block and each (token, 128-channel group) of x with its own scale (`Verifier.oneBinadeFP8`).
+        case fp8OneBinade
+    }
+
+    public init(
+        name: String, config: MoEConfig, tokens: Int, seed: UInt64, forcedExpert: Int? = nil,
+        values: Values = .uniform, tolerance: Double? = nil
+    ) {
         self.name = name
         self.config = config
         self.tokens = tokens
         self.seed = seed
         self.forcedExpert = forcedExpert
+        self.values = values
+        self.tolerance = tolerance
+    }
+
+    /// The tolerance a backend computing with `arithmetic` is held to: `tolerance`, else the precision's.
+    public func tolerance(for arithmetic: ExpertArithmetic) -> Double {
+        tolerance ?? config.precision.tolerance(for: arithmetic)
     }
 }
 
@@ -33,7 +57,7 @@ public struct VerificationResult: Sendable {
     /// ‖y_gpu − y_oracle‖ / ‖y_oracle‖ over the tokens whose routing both sides agree on (NaN if any output
     /// element is NaN where the oracle's is finite, e.g. never written).
     public let relativeError: Double
-    /// The precision's tolerance (`Precision.tolerance`).
+    /// The tolerance the backend was held to (`VerificationCase.tolerance(for:)`).
     public let tolerance: Double
     /// Tokens whose expert choices differ from the oracle's.
     public let routingMismatches: Int
@@ -60,6 +84,7 @@ public enum Verifier {
     /// Builds the layer and input of a case: random weights and input from the case's seed, the router forced
     /// when the case asks.
     public static func makeProblem(_ c: VerificationCase) throws -> (MoELayer, HostTensor) {
+        if c.values == .fp8OneBinade { return try oneBinadeFP8(c) }
         var weights = try MoEWeights.random(config: c.config, seed: c.seed)
         let (e, h) = (c.config.experts, c.config.hiddenSize)
         var x = SeededRandom(seed: c.seed ^ 0x5EED).uniformArray(count: c.tokens * h, stream: 99, scale: 1.7)
@@ -94,12 +119,16 @@ public enum Verifier {
         let gpuMs = (clock.now - t0).milliseconds
         let second = try gpu.forward(x)
         let reference = try CPUBackend(layer: layer, mode: .oracle).forward(x)
-        return compare(c, first, second, reference, layer: layer, input: x, gpuMilliseconds: gpuMs)
+        return compare(
+            c, first, second, reference, layer: layer, input: x, gpuMilliseconds: gpuMs,
+            arithmetic: ExpertArithmetic(backendName: gpu.name))
     }
 
+    /// `arithmetic`: how the outputs were computed, which picks the tolerance (`VerificationCase.tolerance(for:)`);
+    /// the callers that pass none compare GPU outputs.
     static func compare(
         _ c: VerificationCase, _ first: MoEOutput, _ second: MoEOutput, _ reference: MoEOutput, layer: MoELayer,
-        input: HostTensor, gpuMilliseconds: Double
+        input: HostTensor, gpuMilliseconds: Double, arithmetic: ExpertArithmetic = .tensorCores
     ) -> VerificationResult {
         let (s, k, h) = (c.tokens, c.config.topK, c.config.hiddenSize)
         let g = first.routing, r = reference.routing
@@ -130,7 +159,7 @@ public enum Verifier {
         let bitwise = first.output.floats().elementsEqual(second.output.floats()) { $0.bitPattern == $1.bitPattern }
             && g == second.routing
         var failure: String?
-        let tol = c.config.precision.tolerance
+        let tol = c.tolerance(for: arithmetic)
         if !(rel <= tol) {
             failure = rel.isNaN ? "output has NaN (unwritten or invalid) elements" : "relative error \(rel) > \(tol)"
         } else if mismatched.count > nearTies {
@@ -205,9 +234,14 @@ extension Verifier {
     public static func standardCases(seed: UInt64 = 1) -> [VerificationCase] {
         var cases: [VerificationCase] = []
         var n: UInt64 = 0
-        func add(_ name: String, _ c: MoEConfig, _ s: Int, forced: Int? = nil) {
+        func add(
+            _ name: String, _ c: MoEConfig, _ s: Int, forced: Int? = nil, values: VerificationCase.Values = .uniform,
+            tolerance: Double? = nil
+        ) {
             n += 1
-            cases.append(VerificationCase(name: name, config: c, tokens: s, seed: seed &* 1000 &+ n, forcedExpert: forced))
+            cases.append(VerificationCase(
+                name: name, config: c, tokens: s, seed: seed &* 1000 &+ n, forcedExpert: forced, values: values,
+                tolerance: tolerance))
         }
         func with(_ c: MoEConfig, _ p: Precision) -> MoEConfig {
             var c = c
@@ -283,6 +317,11 @@ extension Verifier {
             shared: SharedExpertConfig(intermediateSize: 256), .fp8), 129)
         add("fp8 capacity 1.0 plain bias", cfg(h: 128, i: 256, bias: true, act: .gelu, capacity: .factor(1.0), .fp8), 300)
         add("fp8 S=1", cfg(h: 256, i: 256, ffn: .gated, act: .silu, .fp8), 1)
+        // Sharp: one binade of E4M3 codes and a scale of its own for every block and group, so the tensor cores
+        // sum GEMM0 exactly and a scale taken from the wrong block, granule, matrix or token errs by 20× the
+        // tolerance or more; H = 384 (three K blocks), I = 192 (a short K block, three 64-row granules per matrix).
+        add("fp8 one binade, own scales", cfg(h: 384, i: 192, ffn: .gated, act: .silu, .fp8), 64, values: .fp8OneBinade,
+            tolerance: oneBinadeTolerance)
         return cases
     }
 }
