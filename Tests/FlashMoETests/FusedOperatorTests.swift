@@ -22,15 +22,7 @@ import Testing
         let fake = FakeDriver(
             devices: devices, kernels: [FusedSpecialization.kernelName], parameterSizes: [FusedParams.byteCount])
         let device = try CUDADevice(ordinal: 0, driver: fake)
-        let module = try CUDAModule(device: device, cubin: [0x7F])
-        let compiled = CompiledKernel(
-            name: "moe.cu", arch: GPUArchitecture(major: 9, minor: 0), cubin: [0x7F], log: "", resources: [],
-            cache: .miss, cacheWriteFailure: nil, time: .zero, key: [])
-        let kernel = FusedKernel(
-            device: device, compiled: compiled, module: module,
-            function: try module.function(named: FusedSpecialization.kernelName), dynamicSharedBytes: 1024,
-            packRows: 64, gateTiles: 1, routerRows: 8,
-            gridLimit: 8)
+        let kernel = try FusedKernel.loaded(on: device, entry: FusedSpecialization.kernelName)
         let spec = try FusedSpecialization(config: config, injectFault: options.injectFault ? 1 : 0)
         let layer = try MoELayer(config: config, weights: MoEWeights.random(config: config, seed: 3))
         let weights = try FusedDeviceWeights(layer: layer, device: device, packRows: kernel.packRows)

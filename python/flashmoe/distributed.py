@@ -15,8 +15,9 @@ combines its own tokens' results. With the same global tokens the outputs are bi
 
 Collective: creating the layer, `close()`, and every forward (every rank calls it once per step, its own token
 count possibly 0). A forward without `tokens_per_rank` all-gathers the token counts through torch.distributed (a
-host round trip per call); pass them (or fix them at creation) to avoid it. Not capturable in a CUDA graph (the
-group's epoch is counted by the host), and not traced by torch.compile (eager only).
+host round trip per call); pass them (or fix them at creation) to avoid it. Capturable in a CUDA graph on every
+rank alike (each rank replays its graph once per step; the kernel reads the group's epoch on the device), not
+traced by torch.compile.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ GEMM, which changes the logits' rounding; reported and then compared within the 
 
 Cases: bf16 gated softmax from each rank's shard; fp32 plain FFN with biases from full weights and E not divisible
 by the ranks; float32 output; an empty rank; capacity drops by global token order; bf16 returns (same routing, y
-within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; a rank that stops
+within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; the forward captured
+in a torch.cuda.CUDAGraph and replayed with new inputs, each replay bitwise equal to an eager call; a rank that stops
 calling (every rank gets FlashMoEKernelError "gave up waiting" within the wait budget + 30 s, then closes); a rank
 with another config (every rank gets FLASHMOE_ERROR_INVALID_ARGUMENT).
 
@@ -139,6 +140,52 @@ def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, tot
         layer.close()
 
 
+def graph_replays(checks: Checks, config: MoEConfig, device, replays: int = 8) -> None:
+    """The group's forward captured in a CUDA graph on every rank, replayed `replays` times with new inputs copied
+    into the static input; after each replay the same input through an eager call must give the same bits (y,
+    topk_ids, topk_weights), and each replay must differ from the previous one (the replay really ran on the new
+    input). Replays and eager calls alternate on every rank alike, so the ranks stay in step: the kernel reads each
+    rank's epoch from the device, so a replay runs the next epoch, not the captured one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = make_weights(config, torch.bfloat16, device, 7)
+    counts = split(300, world, None)
+    layer = fd.MoEGroupLayer(config, fd.shard_weights(config, weights), tokens_per_rank=counts)
+    gen = torch.Generator().manual_seed(100 + rank)
+
+    def fresh() -> torch.Tensor:
+        return torch.randn(counts[rank], config.hidden, generator=gen).to(torch.bfloat16).to(device)
+
+    try:
+        static_x = fresh()
+        side = torch.cuda.Stream(device)  # warm-up on a side stream before capture, as torch asks
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = layer(static_x, return_routing=True)
+        mismatches, stale, previous = 0, 0, None
+        for _ in range(replays):
+            x = fresh()
+            static_x.copy_(x)
+            graph.replay()
+            eager = layer(x, return_routing=True)
+            if not all(torch.equal(a, b) for a, b in zip(static_out, eager)):
+                mismatches += 1
+            if previous is not None and torch.equal(previous, static_out[0]):
+                stale += 1
+            previous = static_out[0].clone()
+        torch.cuda.synchronize(device)
+        layer.check(synchronize=True)
+        checks.record(f"graph: {replays} replays bitwise equal to eager calls", mismatches == 0 and stale == 0,
+                      f"tokens {counts[rank]} of 300, {mismatches} replays differ from eager, {stale} replays "
+                      f"repeated the previous output")
+    finally:
+        layer.close()
+
+
 def rank_stops_calling(checks: Checks, config: MoEConfig, device) -> None:
     """The last rank skips the second step: every other rank's launch waits for its counts until the wait budget
     ends, then every rank (the last one after a barrier) reads the typed error; the group is unusable, closed."""
@@ -214,6 +261,11 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - a failed case is a failed check; the others still run
             checks.record(name, False, f"{type(e).__name__}: {e}")
             traceback.print_exc()
+    try:
+        graph_replays(checks, cases[0][1], device)
+    except Exception as e:  # noqa: BLE001
+        checks.record("graph replays", False, f"{type(e).__name__}: {e}")
+        traceback.print_exc()
     try:
         rank_stops_calling(checks, cases[0][1], device)
     except Exception as e:  # noqa: BLE001

@@ -2,8 +2,8 @@
 //
 // Roles: every CTA is a worker; work comes from device-side counters, never from the host.
 //
-// Phases of one launch (epoch = the launch number: on one GPU the device keeps and advances it, see
-// finish_launch in sched_launch.cuh; ranks take it from the host):
+// Phases of one launch (epoch = the launch number, kept and advanced by the device: on one GPU by finish_launch,
+// for ranks by each rank's last block out, both in sched_launch.cuh):
 //   1. Gate. Tasks (token tile of 128, expert tile, K slice) from a ticket counter: logits = x·Wgᵀ in FP32. Then,
 //      on the same counter, route tasks of 8 tokens wait for their tile's gate tasks and route a token per warp
 //      (router.cuh), writing ids and weights; the tile's last route task ranks the tile (each pair's rank among the
@@ -66,26 +66,45 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
     finish_launch(sp);
 }
 
-// The ranks this launch runs (all R on one GPU, or this GPU's share): blocks [i·blocks_per_rank,
-// (i+1)·blocks_per_rank) run the i-th rank of the table with its parameters. The epoch is an argument, so the
-// table is written once per input shape and launches can be queued back to back. Co-residency: a cooperative
-// launch per GPU guarantees it. Several launches sharing one GPU are plain launches whose grids fit on it
-// together; CUDA does not guarantee that they run at once (another process, MPS or a full GPU can serialise
-// them). Every wait is bounded, so a launch that never became resident ends the others with a typed timeout
-// (FusedKernelError / DistributedError), never a hang.
+// The ranks this launch runs: with `table` (all R on one GPU, or this GPU's share), blocks [i·blocks_per_rank,
+// (i+1)·blocks_per_rank) run the i-th rank of the table with its parameters; with a null table, the one rank
+// `one`, passed by value as on one GPU (a process's rank on the caller's stream: a CUDA graph captures the
+// parameters with the launch, no copy into a table that a replay would have to repeat). As on one GPU, the epoch
+// is not an argument: each rank's blocks read it from the rank's own Sync, so the same launch can be queued back
+// to back or replayed from a CUDA graph. With R > 1 the rank's epoch is its done_epoch + 1: done_epoch is stored
+// only by the rank's last block out (sched_launch.cuh), after every block of the rank has arrived there, so every
+// block of this launch read the same value before any block could advance it, and the rank's next launch (same
+// stream) starts after that store. Every rank runs every forward, so all ranks hold the same epoch in the same
+// launch. A group of one runs the one-GPU path, whose epoch is sync->epoch, kept and wrapped by finish_launch
+// exactly as fmoe_forward's.
 extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
-                                                                           int blocks_per_rank, u64 epoch) {
+                                                                           int blocks_per_rank,
+                                                                           const __grid_constant__ Params one) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
+    __shared__ int s_run;
     if (threadIdx.x == 0) {
-        sp = table[blockIdx.x / blocks_per_rank];
-        sp.epoch = epoch;
+        sp = table != nullptr ? table[blockIdx.x / blocks_per_rank] : one;
         s_cta = blockIdx.x % blocks_per_rank;
         s_ctas = blocks_per_rank;
+        sp.epoch = ld_relaxed_u64(RANKS == 1 ? &sp.sync->epoch : &sp.sync->done_epoch) + 1;
+        // A launch queued after a fault (a graph replay, launches queued back to back) runs nothing: the group is
+        // unusable until it is created again (the host resets nothing in place). The record is rank 0's, shared.
+        s_run = !aborted(sp.err);
+        // Ranks cannot wrap the 32-bit epoch tags on the device: a peer of the launch after a wrap would wait for
+        // done_epoch >= 0 and write into this rank before it cleared its flags. The host wraps between eager
+        // calls (every rank idle, barriers on both sides); a launch past epoch_wrap that the host never saw (graph
+        // replays) refuses to run with FMOE_ERR_EPOCH_LIMIT. Every rank is at the same epoch, so every rank
+        // refuses in the same launch and none waits for another.
+        if (RANKS > 1 && s_run && sp.epoch > sp.epoch_wrap) {
+            report_error(sp.err, FMOE_ERR_EPOCH_LIMIT, 0u, 0u, (u32)sp.rank, sp.epoch_wrap, sp.epoch);
+            s_run = 0;
+        }
     }
     __syncthreads();
-    forward(sp, smem);
+    if (s_run) forward(sp, smem);
+    if (RANKS == 1) finish_launch(sp);  // every block gets here (exits are block-uniform); one rank per launch
 }
 
 // Read by the host through cuModuleGetGlobal: the dynamic shared memory to launch with, and the row-block size of

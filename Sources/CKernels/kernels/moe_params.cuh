@@ -182,7 +182,8 @@ struct Sync {
     int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
     int dispatch_done;  // ranks: this rank's token tiles dispatched
     int exit_count;  // blocks (of this rank) that finished the launch; the last one out resets it
-    u64 done_epoch;  // ranks: = epoch once every block of this rank finished the launch (read by peers)
+    u64 done_epoch;  // ranks: = epoch once every block of this rank finished the launch (read by peers; the
+                     // rank's device epoch: its next launch runs epoch done_epoch + 1)
     u64 epoch;       // one GPU: the last finished launch's epoch (the device epoch; 0 after a wrap)
 };
 static_assert(sizeof(Sync) <= 256, "the host reserves 256 bytes of control memory per Sync");
@@ -253,9 +254,10 @@ struct Params {
     int y_storage;         // 1: y is T (the storage type), 0: FP32
     int inject_fault;      // FMOE_INJECT_FAULT builds: fault this launch only when set
     int pad;
-    u64 epoch;             // launch number, from 1 (one GPU: read from sync->epoch at entry, not from the host)
+    u64 epoch;             // launch number, from 1: read from the device at entry (sync->epoch, ranks: done_epoch)
     u64 budget_ns;         // every wait's time budget
-    u64 epoch_wrap;        // one GPU: the launch with this epoch clears the epoch-tagged state and restarts at 0
+    u64 epoch_wrap;        // one GPU: the launch with this epoch clears the epoch-tagged state and restarts at 0;
+                           // ranks: a launch past it refuses to run (the host wraps; see fmoe_forward_ranks)
 };
 
 // This block's index and the block count within its rank (the whole grid when RANKS == 1).

@@ -45,7 +45,10 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         stamp(p, 11);
         if (FMOE_STOP_AFTER == 0 && !expert_phase(p, L, smem)) return;
         // The rank's last block out checks every flag it received, resets the gate counters for the next launch
-        // (every block of the rank has left the gate phase by then) and tells the peers this rank is done.
+        // (every block of the rank has left the gate phase by then) and tells the peers this rank is done. The
+        // same done_epoch is the rank's device epoch: the next launch starts from it (fmoe_forward_ranks), and
+        // every block of this launch read it at entry, before arriving here. The fence orders the resets before
+        // it, for the next launch and for peers that wait on it before writing into this rank.
         if (last_arrival(&p.sync->exit_count, ctas()) && check_row_flags(p) && threadIdx.x == 0) {
             stamp(p, 13, true);
             p.sync->gate_ticket = 0;

@@ -23,6 +23,7 @@ struct ErrorRecord {
 #define FMOE_ERR_ABORTED 2u
 #define FMOE_ERR_BAD_EXPERT 3u
 #define FMOE_ERR_BAD_FLAG 4u     // a (source, expert) flag of this epoch carried the wrong row count
+#define FMOE_ERR_EPOCH_LIMIT 5u  // ranks: a launch past epoch_wrap (expected = epoch_wrap, seen = its epoch) ran nothing
 
 #define FMOE_PHASE_SCAN 1u       // waiting for the routing scan to be published
 #define FMOE_PHASE_BARRIER 2u    // grid barrier

@@ -60,6 +60,8 @@ public final class DistributedMoE: @unchecked Sendable {
         var tokens: [Int] = []
         var workspaces: [FusedWorkspace] = []
         var arenas: [DeviceBuffer<UInt8>] = []
+        /// Forwards queued since the last reset: the host mirror of every rank's device epoch (`done_epoch`; the
+        /// launches carry none), exact because this type queues every launch itself. It decides the wrap.
         var epoch: UInt64 = 0
     }
     private let state = Mutex(State())
@@ -298,8 +300,8 @@ public final class DistributedMoE: @unchecked Sendable {
         st.tokens = tokens
     }
 
-    /// Each launch's `Params` table for these token counts. The epoch is a launch argument, so the tables stay
-    /// valid for every launch until the token counts change.
+    /// Each launch's `Params` table for these token counts. The kernel reads the epoch from the device, so the
+    /// tables stay valid for every launch until the token counts change.
     private func writeTables(_ st: State, tokens: [Int]) throws {
         let c = layer.config
         let total = tokens.reduce(0, +)
@@ -319,7 +321,7 @@ public final class DistributedMoE: @unchecked Sendable {
                     workspace: st.workspaces[r], base: st.arenas[r].address, weights: weights[r],
                     sync: l.syncAddress(rank: r), errorRecord: errorRecord, peers: l.peers.address, tokens: tokens[r],
                     capacity: capacity, rank: r, gateSplit: split, budget: options.waitBudget,
-                    injectFault: options.injectFault)
+                    injectFault: options.injectFault, epochWrap: options.epochWrap)
             }
             try l.table.upload(bytes)
         }
@@ -329,7 +331,8 @@ public final class DistributedMoE: @unchecked Sendable {
     /// on the device for its peers to finish the previous epoch before it writes into them.
     private func launchAll(_ st: inout State, timed: Bool = false) throws {
         if st.epoch >= options.epochWrap {
-            // The flags hold a 32-bit epoch: restart from zeroed counters and flags rather than overflow it.
+            // The flags hold a 32-bit epoch: restart from zeroed counters and flags rather than overflow it (the
+            // zeroed control blocks reset every rank's device epoch, done_epoch, to 0 with the mirror).
             try synchronizeAll()
             for l in launches { try l.control.fill(byte: 0) }
             for (ws, arena) in zip(st.workspaces, st.arenas) { try ws.clearState(of: arena) }
@@ -339,7 +342,7 @@ public final class DistributedMoE: @unchecked Sendable {
         for l in launches {
             if timed { try l.start.record(on: l.stream) }
             try RankParts.launch(
-                l.kernel, table: l.table.address, ranks: l.ranks.count, blocksPerRank: blocksPerRank, epoch: st.epoch,
+                l.kernel, table: l.table.address, ranks: l.ranks.count, blocksPerRank: blocksPerRank,
                 cooperative: l.cooperative, stream: l.stream)
             if timed { try l.stop.record(on: l.stream) }
         }
@@ -399,8 +402,18 @@ public struct DistributedError: Error, Sendable, CustomStringConvertible {
     }
     /// The launch epoch the waiting rank was in (row-flag waits).
     public var epoch: UInt64 { kernel.expected >> 32 }
+    /// `FMOE_ERR_EPOCH_LIMIT` in sync.cuh: a launch past `FusedOptions.epochWrap` that the host never saw (a
+    /// CUDA graph replayed that often) refused to run on every rank.
+    public static let epochLimitCode: UInt32 = 5
+    /// Whether this is the epoch limit rather than a fault.
+    public var epochLimit: Bool { kernel.code == Self.epochLimitCode }
 
     public var description: String {
+        if epochLimit {
+            return "rank \(waitingRank) refused launch epoch \(kernel.seen): the flags' 32-bit epoch allows "
+                + "\(kernel.expected) launches between host wraps, and graph replays the host never saw reached it; "
+                + "create the group again (eager forwards wrap by themselves)"
+        }
         if let m = missingSource {
             let (wantRows, seenEpoch, seenRows) = (kernel.expected & 0xFFFF_FFFF, kernel.seen >> 32, kernel.seen & 0xFFFF_FFFF)
             if kernel.code == FusedKernelError.badFlagCode {

@@ -47,12 +47,14 @@ enum RankParts {
         arenaBases.indices.flatMap { peerEntry(base: arenaBases[$0], offsets: offsets[$0], sync: controlBases[$0]) }
     }
 
-    /// A rank's `Params` (the epoch is the launch argument). `io`: the caller's device memory for x, y and the
+    /// A rank's `Params`. The kernel reads the epoch from the rank's `Sync` (its `done_epoch`), so `Params` holds
+    /// none; `epochWrap` (`FusedOptions.epochWrap`) is the last epoch a launch may run before the host wraps: past
+    /// it the kernel refuses (`DistributedError.epochLimit`). `io`: the caller's device memory for x, y and the
     /// routing (a device forward); nil keeps them in the arena.
     static func params(
         workspace ws: FusedWorkspace, base: UInt64, weights: FusedDeviceWeights, sync: UInt64, errorRecord: UInt64,
         peers: UInt64, tokens: Int, capacity: Int, rank: Int, gateSplit: Int, budget: Duration, injectFault: Bool = false,
-        io: DeviceForward? = nil
+        epochWrap: UInt64, io: DeviceForward? = nil
     ) -> [UInt8] {
         let pointers = ws.pointers(
             base: base, x: io?.input ?? base + UInt64(ws.offset(.x)), weights: weights, control: sync,
@@ -62,7 +64,7 @@ enum RankParts {
             FusedParams.Scalars(
                 tokens: tokens, capacity: capacity, rank: rank, gateSplit: gateSplit, rowBlocks: ws.rowBlocks,
                 maxTokens: ws.maxTokens, partRows: ws.partRows, yStorage: io?.outputType == .storage,
-                injectFault: injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(budget)))
+                injectFault: injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(budget), epochWrap: epochWrap))
     }
 
     /// The per-expert capacity over `totalTokens` global tokens (Int32.max when dropless).
@@ -70,40 +72,40 @@ enum RankParts {
         c.capacity.perExpert(tokens: totalTokens, experts: c.experts, topK: c.topK) ?? Int(Int32.max)
     }
 
-    /// Queues `fmoe_forward_ranks` for the `ranks` ranks of `table` in epoch `epoch`.
+    /// Queues `fmoe_forward_ranks` for the `ranks` ranks of `table`. No epoch: each rank's blocks read it from the
+    /// device, so the launch is the same every time.
     static func launch(
-        _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, epoch: UInt64, cooperative: Bool,
-        stream: CUDAStream
+        _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, cooperative: Bool, stream: CUDAStream
     ) throws {
-        try launch(
-            kernel, table: table, ranks: ranks, blocksPerRank: blocksPerRank, epoch: epoch, cooperative: cooperative,
-            stream: stream, streamHandle: stream.handle)
-    }
-
-    /// As above on a raw `CUstream` (a framework's; nil: the legacy default stream); cooperative only.
-    static func launch(
-        _ kernel: FusedKernel, table: UInt64, blocksPerRank: Int, epoch: UInt64, streamHandle: CUstream?
-    ) throws {
-        try launch(
-            kernel, table: table, ranks: 1, blocksPerRank: blocksPerRank, epoch: epoch, cooperative: true, stream: nil,
-            streamHandle: streamHandle)
-    }
-
-    private static func launch(
-        _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, epoch: UInt64, cooperative: Bool,
-        stream: CUDAStream?, streamHandle: CUstream?
-    ) throws {
-        let arguments: [KernelArgument] = [.pointer(table), .int32(Int32(blocksPerRank)), .uint64(epoch)]
+        let arguments = [KernelArgument.pointer(table), .int32(Int32(blocksPerRank)), unusedParams]
         let (grid, block) = (Dim3(blocksPerRank * ranks), Dim3(FusedKernel.threadsPerBlock))
         if cooperative {
             try kernel.function.launchCooperative(
-                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, streamHandle: streamHandle,
+                grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, streamHandle: stream.handle,
                 arguments: arguments, gridSizedByCaller: true)
         } else {
             try kernel.function.launch(
                 grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, stream: stream, arguments: arguments)
         }
     }
+
+    /// Queues `fmoe_forward_ranks` for one rank whose `Params` (`params`, from `params(…)`) travel in the launch
+    /// itself, as the single-GPU operator's do, on a raw `CUstream` (a framework's; nil: the legacy default
+    /// stream); cooperative. Nothing is copied before the launch and no epoch is passed, so a CUDA graph that
+    /// captures it replays the same launch correctly.
+    static func launch(
+        _ kernel: FusedKernel, params: [UInt8], blocksPerRank: Int, streamHandle: CUstream?
+    ) throws {
+        try kernel.function.launchCooperative(
+            grid: Dim3(blocksPerRank), block: Dim3(FusedKernel.threadsPerBlock),
+            sharedBytes: kernel.dynamicSharedBytes, streamHandle: streamHandle,
+            arguments: [.pointer(0), .int32(Int32(blocksPerRank)), KernelArgument(rawBytes: params, alignment: 8)],
+            gridSizedByCaller: true)
+    }
+
+    /// The by-value `Params` argument of a launch that reads its ranks from a table (the kernel ignores it).
+    private static let unusedParams = KernelArgument(
+        rawBytes: [UInt8](repeating: 0, count: FusedParams.byteCount), alignment: 8)
 
     /// Rank output of `tokens` tokens from its arena. `singleRank`: the one-rank path reports a pair's row, which
     /// becomes its slot here (with ranks the kernel reports the global slot itself).

@@ -8,11 +8,13 @@ extension RankProcessMoE {
     /// - Parameter tokensPerRank: every rank's token count this step, when the caller knows them; nil all-gathers
     ///   them through the exchange (a host round trip per call, and a collective every rank must make).
     ///
-    /// Per call the host writes the rank's `Params` only when the token counts or the caller's pointers differ
-    /// from the previous call's, with a copy ordered on `call.stream` (launches queued before it still read the
-    /// previous parameters). Not capturable in a CUDA graph: the epoch that tags the flags is a launch argument
-    /// counted here, so a replayed launch would repeat an epoch. An S_r = 0 rank still launches (its experts
-    /// receive the other ranks' rows); its x and y may then be null.
+    /// The rank's `Params` travel in the launch itself (encoded again only when the token counts or the caller's
+    /// pointers differ from the previous call's). Capturable in a CUDA graph on every rank alike (the same rules as the single-GPU
+    /// operator): the launch carries no epoch, each rank's blocks read it from the rank's `done_epoch`, so a replay
+    /// runs the next epoch; replays must keep every rank in step (each rank replays its graph once per step), the
+    /// captured token counts and pointers stay fixed, and after `FusedOptions.epochWrap` launches the host never
+    /// saw (replays) the kernel refuses with `DistributedError.epochLimit` (create the group again). An S_r = 0
+    /// rank still launches (its experts receive the other ranks' rows); its x and y may then be null.
     ///
     /// - Throws: before any launch, `MoEError` for a bad argument (see `DeviceForward`), `RendezvousError` from the
     ///   count all-gather, and the `DistributedError` an earlier launch left when `FusedOptions.synchronousErrors`
@@ -32,6 +34,7 @@ extension RankProcessMoE {
             try check(counts, own: s)
             // No token on any rank (every rank sees the same counts, so all skip alike): no launch, no epoch.
             if counts.allSatisfy({ $0 == 0 }) { return }
+            // Only after epochWrap forwards (2^32 - 1 by default): the wait is not allowed while a graph captures.
             if st.epoch >= options.epochWrap {
                 try synchronize(call.stream)
                 try wrapEpoch()
@@ -43,22 +46,22 @@ extension RankProcessMoE {
                 let storage: UInt64 = io.outputType == .storage ? 1 : 0
                 key = [io.input, io.output, io.topKIDs ?? 0, io.topKWeights ?? 0, storage]
             }
-            if counts != st.tokens || key != st.pointers {
+            // The parameters travel in the launch (by value, as the single-GPU operator's), so nothing is copied
+            // to the device before it and a CUDA graph captures them with it; they are encoded again only when
+            // the token counts or the caller's pointers change.
+            if counts != st.tokens || key != st.pointers || st.params.isEmpty {
                 let total = counts.reduce(0, +)
-                let bytes = RankParts.params(
+                st.params = RankParts.params(
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
                     errorRecord: memory.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(config, totalTokens: total), rank: rank,
-                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, io: io)
-                let driver = device.driver, address = table.address
-                let result = bytes.withUnsafeBytes { driver.memcpyHtoD(address, $0.baseAddress!, $0.count, call.stream) }
-                try driver.check(result, "cuMemcpyHtoDAsync_v2(rank parameters)")
+                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, epochWrap: options.epochWrap,
+                    io: io)
                 st.tokens = counts
                 st.pointers = key
             }
             st.epoch += 1
-            try RankParts.launch(
-                kernel, table: table.address, blocksPerRank: blocksPerRank, epoch: st.epoch, streamHandle: call.stream)
+            try RankParts.launch(kernel, params: st.params, blocksPerRank: blocksPerRank, streamHandle: call.stream)
             if options.synchronousErrors {
                 try synchronize(call.stream)
                 try throwRecordedError(&st)

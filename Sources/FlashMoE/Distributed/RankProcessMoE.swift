@@ -81,9 +81,17 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     struct State {
-        /// The token counts, and (device forwards) the caller's pointers, the table was last written for.
+        /// The token counts, and (device forwards) the caller's pointers, the table (host forwards) or `params`
+        /// (device forwards) were last encoded for; host forwards leave `pointers` empty.
         var tokens: [Int] = []
         var pointers: [UInt64] = []
+        /// The device forward's `Params`, passed by value in each launch.
+        var params: [UInt8] = []
+        /// Launches this object queued since the group was created or last wrapped: a host mirror of the device's
+        /// epoch (this rank's `done_epoch`) as long as every launch went through `forward`. The launch itself
+        /// needs no epoch (the kernel reads the device's); the mirror only decides when to wrap. Launches the host
+        /// never sees (CUDA graph replays) leave it behind the device, and a capture leaves it ahead: the kernel
+        /// refuses a launch past `epochWrap` (`DistributedError.epochLimit`), so neither can break the flags.
         var epoch: UInt64 = 0
         var failure: String?
         var closed = false
@@ -325,7 +333,7 @@ public final class RankProcessMoE: @unchecked Sendable {
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
                     errorRecord: memory.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
-                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget))
+                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, epochWrap: options.epochWrap))
                 st.tokens = counts
                 st.pointers = []
             }
@@ -341,8 +349,7 @@ public final class RankProcessMoE: @unchecked Sendable {
             }
             st.epoch += 1
             try RankParts.launch(
-                kernel, table: table.address, ranks: 1, blocksPerRank: blocksPerRank, epoch: st.epoch,
-                cooperative: true, stream: stream)
+                kernel, table: table.address, ranks: 1, blocksPerRank: blocksPerRank, cooperative: true, stream: stream)
             try stream.synchronize()
             if let error = try readErrorRecord() {
                 let failure = DistributedError(kernel: error, placement: placement)
@@ -414,7 +421,9 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     /// The flags carry a 32-bit epoch: before it would overflow, every rank stops, zeroes its counters and flags
-    /// and starts again from 1, with barriers on both sides so no peer writes into memory being cleared.
+    /// and starts again from 1, with barriers on both sides so no peer writes into memory being cleared. The
+    /// control block's zeroes include `done_epoch`, the device epoch the next launch starts from. (The device
+    /// cannot do this for ranks: see `fmoe_forward_ranks` in moe.cu.)
     func wrapEpoch() throws {
         try stream.synchronize()
         try rendezvous.barrier("epoch wrap: all idle")
