@@ -77,18 +77,18 @@ template <int TBN, int TBM = BM> FMOE_DEVICE void load_stage(char *stage, const 
 
 // TF32, one rule for both tensor-core engines: every operand element is rounded to the nearest TF32 value, ties
 // away from zero (cvt.rna), before a tensor core reads it (mma.sync and wgmma would otherwise truncate). The weights
-// are rounded once by the host when the layer is created (FusedDeviceWeights), h when GEMM0's epilogue stores it
-// (store4), and the A operand of a tile (the caller's x rows, or a rank's received rows) in shared memory as its
-// stage lands, by the thread that copied it (its own cp.async group is complete, so no barrier is needed before):
-// the stage is the one place both engines read, so sm_80 and sm_90a round identically. Only the A half of a stage
-// is rounded there (4 of a thread's 12 chunks at BN = 256): a pass over the whole stage cost paper-e64 TF32 60 %
-// (2.15 vs 1.32 ms, H200, 2026-12-01). Rounding an already rounded value changes nothing.
+// (every tile's B operand) are rounded once by the host when the layer is created (FusedDeviceWeights), and the A
+// operand of a tile (x rows, a rank's received rows, or h) in shared memory as its stage lands, by the thread that
+// copied it (its own cp.async group is complete, so no barrier is needed before): the stage is the one place both
+// engines read, so sm_80 and sm_90a round identically. Only the A half of a stage is rounded there (4 of a thread's
+// 12 chunks at BN = 256): a pass over the whole stage cost paper-e64 TF32 60 % (2.15 vs 1.32 ms, H200,
+// 2026-12-01).
 FMOE_DEVICE void round4_tf32(char *p) {
     uint4 v = *(uint4 *)p;
     v.x = to_tf32(v.x); v.y = to_tf32(v.y); v.z = to_tf32(v.z); v.w = to_tf32(v.w);
     *(uint4 *)p = v;
 }
-template <int TBN, int TBM = BM> FMOE_DEVICE void round_stage_tf32(char *stage) {
+template <int TBM = BM> FMOE_DEVICE void round_stage_tf32(char *stage) {
     const int chunk = threadIdx.x & 7;
 #pragma unroll
     for (int i = 0; i < TBM / 32; ++i) round4_tf32(stage + swizzle(loader_row(i), chunk));
@@ -239,7 +239,7 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile(char *smem, const
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<STAGES - 2>();
-        if (Engine::TF32_ROUND) round_stage_tf32<Engine::BN>(smem + (kt % STAGES) * STAGE_BYTES);
+        if (Engine::TF32_ROUND) round_stage_tf32(smem + (kt % STAGES) * STAGE_BYTES);
         __syncthreads();  // stage kt landed (and is rounded) for everyone; everyone is done reading stage kt − 1
         const int next = kt + STAGES - 1;
         if (next < ktiles) load_stage<Engine::BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);

@@ -288,14 +288,9 @@ FMOE_DEVICE float activation(float v) {
 #endif
 }
 
-// Stores 4 consecutive FP32 values as T (one 8- or 16-byte store). TF32 mode stores FP32 as is: the GEMM that
-// reads h rounds its operands to TF32 in shared memory (gemm_tile.cuh, round_stage_tf32).
+// Stores 4 consecutive FP32 values as T (one 8- or 16-byte store). TF32 mode stores FP32 as is: h is GEMM1's A
+// operand, which the GEMM rounds to TF32 in shared memory as its stage lands (gemm_tile.cuh, round_stage_tf32).
 FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
-#if FMOE_PREC == 1
-    // TF32 mode: h is GEMM1's tensor-core operand; store it rounded to the nearest TF32 (gemm_tile.cuh's rule).
-    a = __uint_as_float(to_tf32(__float_as_uint(a))); b = __uint_as_float(to_tf32(__float_as_uint(b)));
-    c = __uint_as_float(to_tf32(__float_as_uint(c))); d = __uint_as_float(to_tf32(__float_as_uint(d)));
-#endif
 #if FMOE_PREC >= 2
     uint2 v;
     v.x = (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);

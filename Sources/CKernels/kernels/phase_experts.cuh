@@ -175,8 +175,8 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
-// every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time: four times the
-// tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles' (every output
+// every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time:
+// four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles' (every output
 // element is the same instructions in the same K order). The choice is per launch and block-uniform (every block
 // holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B runs).
 #ifndef FMOE_DECODE_TILES

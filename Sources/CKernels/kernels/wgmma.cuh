@@ -166,7 +166,7 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
-        if (Engine::KIND == MMA_TF32) round_stage_tf32<TBN, TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
+        if (Engine::KIND == MMA_TF32) round_stage_tf32<TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
         fence_proxy_async();
         __syncthreads();
         eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
