@@ -57,6 +57,10 @@ static const char phase_combine_cuh[] = {
 #embed "kernels/phase_combine.cuh"
     , 0};
 
+static const char phase_fp8_cuh[] = {
+#embed "kernels/phase_fp8.cuh"
+    , 0};
+
 static const char sched_launch_cuh[] = {
 #embed "kernels/sched_launch.cuh"
     , 0};
@@ -99,6 +103,7 @@ static const struct {
     {"phase_dispatch.cuh", phase_dispatch_cuh, sizeof(phase_dispatch_cuh) - 1},
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
+    {"phase_fp8.cuh", phase_fp8_cuh, sizeof(phase_fp8_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},

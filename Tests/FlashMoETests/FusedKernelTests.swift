@@ -15,6 +15,18 @@ import Testing
         #expect(throws: Never.self) { try FusedSpecialization(config: c, ranks: 8) }
     }
 
+    /// fp8 runs on one GPU: the ranks' receive buffers hold BF16 rows, and its kernel quantizes x per token in the
+    /// gate phase (phase_fp8.cuh). Refused with or without FLASHMOE_EXPERIMENTAL_FP8.
+    @Test func fp8WithRanksIsRefused() throws {
+        let c = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, precision: .fp8)
+        let arch = try GPUArchitecture(parsing: "sm_90a")
+        #expect {
+            try FusedSpecialization(config: c, arch: arch, ranks: 2)
+        } throws: { error in
+            "\(error)".contains("one GPU only") && "\(error)".contains("ranks = 1")
+        }
+    }
+
     @Test func definesCarryTheShapeAndRanks() throws {
         let spec = try FusedSpecialization(config: Preset.deepSeekV3.config, ranks: 4)
         let d = spec.defines
@@ -44,13 +56,13 @@ import Testing
     }
 
     @Test func paramsLayoutMatchesTheKernelStructs() throws {
-        // 41 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
+        // 45 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
         // and every offset at load time.
-        #expect(FusedParams.byteCount == 392)
+        #expect(FusedParams.byteCount == 424)
         #expect(FusedParams.peerByteCount == 80)
-        #expect(FusedParams.layout.count == 55)
+        #expect(FusedParams.layout.count == 59)
         let bytes = FusedParams.encode(
-            pointers: [UInt64](repeating: 7, count: 41),
+            pointers: [UInt64](repeating: 7, count: 45),
             FusedParams.Scalars(tokens: 5, capacity: 9, rank: 2, gateSplit: 3, rowBlocks: 4, maxTokens: 6, partRows: 8,
                                 yStorage: true, injectFault: true, epoch: 11, budgetNanoseconds: 13, epochWrap: 17))
         #expect(bytes.count == FusedParams.byteCount)

@@ -126,17 +126,14 @@ constexpr int G0 = (N0 + 63) / 64, G1 = (H + 63) / 64;
 constexpr size_t W1_CODES = round16((size_t)N0 * H), W1_EXPERT_BYTES = round16(W1_CODES + (size_t)G0 * KB_H * 4);
 constexpr size_t W2_CODES = round16((size_t)H * I), W2_EXPERT_BYTES = round16(W2_CODES + (size_t)G1 * KB_I * 4);
 static_assert(EBN == 128, "the fp8 weight layout has two 64-row granules per tile");
+static_assert(FMOE_RANKS == 1, "precision fp8 runs on one GPU: the ranks' receive buffers hold BF16 rows, not E4M3 codes");
 #endif
 constexpr int NTE = (EG + GBN - 1) / GBN;
 constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see expert_phase)
 constexpr int GATE_KSPLIT_MAX = 16;  // the gate's K is split at most this many ways (FusedWorkspace.gateSplitMax)
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
-#if FMOE_PREC == 4
-constexpr int EXPERT_RING_BYTES = fp8_smem_bytes(STAGES);
-#else
-constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();
-#endif
+constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();  // fp8: E4M3 A and B rows, 128 bytes each
 constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
 // Rows of logits routing's staging area holds (phase_gate.cuh): the largest of 128, 64 and 32 that fits beside
@@ -244,6 +241,10 @@ struct Params {
     u64 *tile_dispatched;  // ranks: [tiles] epoch once a token tile's rows and targets are out
     int *rows_sent;        // ranks: [E] this rank's rows stored into their owners so far (per launch)
     ErrorRecord *err_mirror;  // one GPU: host-mapped copy of a nonzero error record (the last block out), or null
+    unsigned char *xq;     // fp8: [S, H] E4M3 codes of x (phase_fp8.cuh); null otherwise
+    float *xq_scale;       // fp8: [S, ⌈H/128⌉] their scales
+    unsigned char *hq;     // fp8: [R, I] E4M3 codes of h
+    float *hq_scale;       // fp8: [R, ⌈I/128⌉] their scales
     int tokens;            // S (this rank's tokens)
     int capacity;          // per-expert capacity over all ranks' tokens (INT_MAX when dropless)
     int rank;              // this rank

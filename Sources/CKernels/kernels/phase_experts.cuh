@@ -4,39 +4,11 @@
 #include "moe_params.cuh"
 #include "phase_dispatch.cuh"
 #include "phase_combine.cuh"
+#include "phase_fp8.cuh"
 
 namespace fmoe {
 
 // ---- Phase 3: expert GEMMs and combine ---------------------------------------------------------------------------
-
-#if FMOE_PREC == 4
-// One tile of precision fp8: the shared expert (BF16) on SharedEngine; a routed expert x on the E4M3 engine, from
-// the BF16 A rows of `src` (k = kdim) and expert x's weight image in `w` (image_bytes each, layout in
-// moe_params.cuh): B rows n·128… of its codes ([rows, kdim] bytes) and their granule scales ([granules][kb]).
-FMOE_DEVICE void expert_tile_fp8(char *smem, const TileSource &src, bool shared, const void *w, int x,
-                                 size_t image_bytes, size_t code_bytes, int n, int rows, int granules, int kdim,
-                                 int kb) {
-    if (shared) {
-        run_tile<SharedEngine>(smem, src);
-        return;
-    }
-    const unsigned char *codes = (const unsigned char *)w + (size_t)x * image_bytes;
-    const float *scales = (const float *)(codes + code_bytes);
-    Fp8Source f;
-#pragma unroll
-    for (int i = 0; i < BM / 32; ++i) {
-        f.a[i] = src.a[i];
-        f.a_valid[i] = src.a_valid[i];
-    }
-    point_rows<FP8_BN>(f.b, f.b_valid, codes, n * FP8_BN, rows, (size_t)kdim);
-    f.k_bytes_a = kdim * 2;
-    f.k_bytes_b = kdim;
-    f.b_scale = scales + (size_t)(2 * n) * kb;
-    f.kb_count = kb;
-    f.granule1 = 2 * n + 1 < granules;
-    gemm_tile_fp8<STAGES>(smem, f);
-}
-#endif
 
 // The A rows first … first + NR − 1 of expert x's GEMM0 (rows past `rows` read nothing): the token's x row, or
 // (ranks, a routed expert) the row this rank received, in row order.
@@ -98,13 +70,15 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     TileSource src;
     src.k_bytes = H * (int)sizeof(T);
     const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
-    gemm0_a_rows<BM>(p, L, x, shared, rows, row0, src);
-    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
 #if FMOE_PREC == 4
-    expert_tile_fp8(smem, src, shared, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
-#else
-    run_tile<ExpertEngine>(smem, src);
+    if (!shared) gemm0_tile_fp8(p, L, x, rows, m, n, smem);  // phase_fp8.cuh
+    else
 #endif
+    {
+        gemm0_a_rows<BM>(p, L, x, shared, rows, row0, src);
+        point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
+        run_tile<SharedEngine>(smem, src);
+    }
     constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
     gemm0_store<BM, c_stride<EBN>(), OUT_COLS>(p, L, x, rows, row0, n * OUT_COLS, (const float *)smem);
     __syncthreads();
@@ -162,13 +136,15 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
     TileSource src;
     src.k_bytes = inter * (int)sizeof(T);
-    point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
-    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
 #if FMOE_PREC == 4
-    expert_tile_fp8(smem, src, shared, p.w2, x, W2_EXPERT_BYTES, W2_CODES, n, H, G1, I, KB_I);
-#else
-    run_tile<ExpertEngine>(smem, src);
+    if (!shared) gemm1_tile_fp8(p, L, x, rows, m, n, smem);  // phase_fp8.cuh
+    else
 #endif
+    {
+        point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
+        point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+        run_tile<SharedEngine>(smem, src);
+    }
     gemm1_store<BM, c_stride<EBN>(), EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);
     __syncthreads();
 }
@@ -254,6 +230,17 @@ FMOE_DEVICE int expert_split(int gemm0_tiles) {
     return FMOE_DECODE_TILES == 2 || 2 * gemm0_tiles <= ctas() ? DECODE_SPLIT : 1;
 }
 
+// Puts row block rb on the GEMM1 ring (thread 0, after acquiring every GEMM0 tile of the block).
+FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
+#if FMOE_INJECT_FAULT == 1
+    // Test builds: a launch asked to fault never publishes row block 0, so a GEMM1 wait expires.
+    if (rb == 0 && p.inject_fault) return;
+#endif
+    const int pos = atomicAdd(&p.sync->ring_tail, 1);
+    fence_gpu();
+    st_relaxed_u64(&p.ring[pos], (p.epoch << 32) | (u64)rb);
+}
+
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
@@ -295,23 +282,26 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             }
             if (split > 1) gemm0_decode(p, L, x, m, n, q, smem);
             else gemm0_task(p, L, x, m, n, smem);
+            const int rb = L.rb_start[x] + m;
+#if FMOE_PREC == 4
+            // fp8: the block that completes a routed row block's GEMM0 quantizes its h (last_arrival acquired the
+            // other tiles' h), then releases the codes with the ring entry.
+            if (last_arrival(&p.done0[rb], nt)) {
+                if (!is_shared(L, x)) {
+                    quantize_h_fp8(p, L, x, m);
+                    __threadfence();
+                    __syncthreads();
+                }
+                if (threadIdx.x == 0) publish_row_block(p, rb);
+            }
+#else
             __threadfence();
             __syncthreads();
-            if (threadIdx.x == 0) {
-                const int rb = L.rb_start[x] + m;
-                if (atomicAdd(&p.done0[rb], 1) == nt - 1) {
-                    fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
-#if FMOE_INJECT_FAULT == 1
-                    // Test builds: a launch asked to fault never publishes row block 0, so a GEMM1 wait expires.
-                    if (rb != 0 || !p.inject_fault)
-#endif
-                    {
-                        const int pos = atomicAdd(&p.sync->ring_tail, 1);
-                        fence_gpu();
-                        st_relaxed_u64(&p.ring[pos], (p.epoch << 32) | (u64)rb);
-                    }
-                }
+            if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
+                fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
+                publish_row_block(p, rb);
             }
+#endif
         } else {
             // GEMM1 tickets walk the ring in groups of RING_GROUP row blocks, column tile outer: blocks published
             // together (usually one expert's) share each W2 slab while it is in L2.

@@ -2,6 +2,7 @@
 #pragma once
 #include "moe_params.cuh"
 #include "phase_dispatch.cuh"
+#include "phase_fp8.cuh"
 
 namespace fmoe {
 
@@ -254,6 +255,9 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
         if (threadIdx.x == 0) atomicAdd(&p.tile_done[tile], 1);
     }
     stamp(p, 1);
+#if FMOE_PREC == 4
+    quantize_x_fp8(p);  // every block, while the last route tasks and the scan finish (GEMM0 reads it after the barrier)
+#endif
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;
     if (threadIdx.x == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);

@@ -133,7 +133,8 @@ enum FusedParams {
         "x", "wg", "sel_bias", "w1", "w2", "b1", "b2", "ws1", "ws2", "y", "ids", "weights", "slot_row", "logits",
         "logits_part", "rank_in_tile", "shared_gate", "tile_done", "counts", "base", "expert_load", "row_start",
         "rb_start", "task0_start", "row_token", "target", "pending", "done0", "done1", "ring", "combine_list", "hbuf",
-        "hs", "ybuf", "ys", "sync", "err", "peers", "tile_dispatched", "rows_sent", "err_mirror",
+        "hs", "ybuf", "ys", "sync", "err", "peers", "tile_dispatched", "rows_sent", "err_mirror", "xq", "xq_scale", "hq",
+        "hq_scale",
     ]
     /// Then the 32-bit ints, then the 64-bit ones.
     static let intFields = [
@@ -149,7 +150,7 @@ enum FusedParams {
         return pointerFields.indices.map { $0 * 8 } + intFields.indices.map { ints + $0 * 4 }
             + wideFields.indices.map { wides + $0 * 8 }
     }
-    /// 41 pointers, ten 32-bit ints, three 64-bit ints.
+    /// 45 pointers, ten 32-bit ints, three 64-bit ints.
     static var byteCount: Int { pointerFields.count * 8 + intFields.count * 4 + wideFields.count * 8 }
     /// What `fmoe_params_layout` holds: the size, then every field's offset.
     static var layout: [Int] { [byteCount] + offsets }

@@ -40,7 +40,8 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
     init(config c: MoEConfig, ranks: Int, tokensPerRank: [Int], experts: [Range<Int>], totalTokens: Int? = nil)
         throws(MoEError)
     {
-        // fp8's workspace is bf16's (x, h and the outputs are BF16); its weights are counted by weightBytes.
+        // fp8's workspace is bf16's (x, h and the outputs are BF16) plus the activations' E4M3 codes and scales;
+        // its weights are counted by weightBytes.
         var layout = c
         if c.precision == .fp8 { layout.precision = .bf16 }
         let spec = try FusedSpecialization(config: layout, ranks: ranks)
@@ -54,7 +55,13 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
                 // The bound of any grid: gateSplitMax partial-logit rows a token.
                 partRows: FusedWorkspace.gateSplitMax * (ranks == 1 ? s : max(s, 1)),
                 ranks: ranks, localExperts: mine.count)
-            workspace += Self.rounded(ws.byteCount)
+            var bytes = ws.byteCount
+            if c.precision == .fp8 {
+                for r in [FusedWorkspace.Region.xq, .xqScale, .hq, .hqScale] {
+                    bytes += (FusedWorkspace.fp8Bytes(r, config: c, tokens: s, rows: rows) + 255) / 256 * 256
+                }
+            }
+            workspace += Self.rounded(bytes)
         }
         weightBytes = weights
         workspaceBytes = workspace

@@ -62,12 +62,11 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
         self.stages = stages
         func stageBytes(_ bn: Int) -> Int { (Self.tileRows + bn) * Self.rowBytes }
         func stagedTileBytes(_ bn: Int) -> Int { Self.tileRows * (bn + 4) * 4 }
-        // fp8_smem_bytes: per stage a K block of BF16 A rows (256 B a row) and E4M3 B rows (128 B), then one
-        // quantized A block and a scale per row.
-        let fp8Ring = fp8 ? stages * Self.tileRows * (256 + Self.rowBytes) + Self.tileRows * (Self.rowBytes + 4) : 0
+        // fp8's stages are the 128-wide tiles' (wgmma_fp8.cuh): a 128-wide K block of E4M3 A and B rows is 128 bytes
+        // a row, as a k-slice of BF16 rows.
         dynamicBytes =
             max(stages * stageBytes(expertTileWidth), stages * stageBytes(gateTileWidth),
-                stagedTileBytes(expertTileWidth), stagedTileBytes(gateTileWidth), fp8Ring) + 1024
+                stagedTileBytes(expertTileWidth), stagedTileBytes(gateTileWidth)) + 1024
         let e = config.experts, k = config.topK
         let routerRows = e + (config.sharedExpert?.gated == true ? 1 : 0)
         // The largest of 128, 64 and 32 rows that fits beside the masks and ids, as the kernel chooses it; below 32

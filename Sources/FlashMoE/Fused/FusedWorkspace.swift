@@ -12,6 +12,8 @@ struct FusedWorkspace: Sendable {
         case hbuf, hs, ybuf, ys
         // Ranks only (one byte otherwise).
         case recv, rowOrigin, rowFlags, allCounts, countFlags, ret, tileDispatched, rowsSent
+        // Precision fp8 only (one byte otherwise): the activations' E4M3 codes and scales (phase_fp8.cuh).
+        case xq, xqScale, hq, hqScale
     }
 
     /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe_params.cuh).
@@ -49,6 +51,7 @@ struct FusedWorkspace: Sendable {
         let rowBlocks = rows / 128 + local + tiles + 2
         let eLocalMax = (e + ranks - 1) / ranks
         let multi = ranks > 1
+        let fp8 = c.precision == .fp8
         func bytes(_ r: Region) -> Int {
             switch r {
             case .x: s * h * t
@@ -77,6 +80,7 @@ struct FusedWorkspace: Sendable {
             case .ret: multi ? s * k * h * spec.returnElementBytes : 0
             case .tileDispatched: multi ? tiles * 8 : 0
             case .rowsSent: multi ? e * 4 : 0
+            case .xq, .xqScale, .hq, .hqScale: fp8 ? Self.fp8Bytes(r, config: c, tokens: s, rows: rows) : 0
             }
         }
         var offsets: [Int] = []
@@ -91,6 +95,19 @@ struct FusedWorkspace: Sendable {
         self.partRows = partRows
         self.offsets = offsets
         self.byteCount = cursor
+    }
+
+    /// Bytes of an fp8 activation region (`xq`, `xqScale`, `hq`, `hqScale`; 0 for any other) for `tokens` tokens and
+    /// `rows` routed rows: one E4M3 code a value, one FP32 scale per row and 128-channel group.
+    static func fp8Bytes(_ r: Region, config c: MoEConfig, tokens s: Int, rows: Int) -> Int {
+        let (h, i) = (c.hiddenSize, c.intermediateSize)
+        switch r {
+        case .xq: return s * h
+        case .xqScale: return s * ((h + 127) / 128) * 4
+        case .hq: return rows * i
+        case .hqScale: return rows * ((i + 127) / 128) * 4
+        default: return 0
+        }
     }
 
     /// Rows of partial logits (all K slices) that every split the host can choose needs: the kernel writes
@@ -119,7 +136,7 @@ struct FusedWorkspace: Sendable {
         try arena.fill(byte: 0, at: keep, count: byteCount - keep)
     }
 
-    /// The 41 pointers of `Params`, for an arena at `base`. x, y, the routing ids and weights may live elsewhere
+    /// The 45 pointers of `Params`, for an arena at `base`. x, y, the routing ids and weights may live elsewhere
     /// (the caller's memory of a device forward); nil places them in the arena.
     func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
                   peers: UInt64, y: UInt64? = nil, ids: UInt64? = nil, routingWeights: UInt64? = nil,
@@ -134,7 +151,7 @@ struct FusedWorkspace: Sendable {
             at(.sharedGate), at(.tileDone), at(.counts), at(.base), at(.expertLoad), at(.rowStart), at(.rbStart),
             at(.task0Start), at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring),
             at(.combineList), at(.hbuf), at(.hs), at(.ybuf), at(.ys), control, errorRecord, peers,
-            at(.tileDispatched), at(.rowsSent), errorMirror,
+            at(.tileDispatched), at(.rowsSent), errorMirror, at(.xq), at(.xqScale), at(.hq), at(.hqScale),
         ]
     }
 }

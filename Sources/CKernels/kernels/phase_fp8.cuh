@@ -1,0 +1,100 @@
+// Precision fp8: the activations' E4M3 codes and scales, and the routed experts' fp8 tiles (docs/fp8.md). x is
+// quantized once per launch, per token and 128-channel group, before the grid barrier; h per row block, by the
+// block whose GEMM0 tile completes it, before the row block is published to GEMM1. The mainloop (wgmma_fp8.cuh)
+// reads codes only: quantizing in the mainloop repeated each row's divisions for every column tile of the GEMM.
+// See moe.cu.
+#pragma once
+#include "moe_params.cuh"
+
+namespace fmoe {
+
+#if FMOE_PREC == 4
+constexpr int WARPS = THREADS / 32;
+
+// Quantizes groups [g0, g0 + count · step) of `rows_of_groups` rows of BF16 values `src` (row stride `cols`, KB =
+// ⌈cols/128⌉ groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row
+// g / KB, K block g % KB. One warp per group; cols is a multiple of 16 (the host checks H and I), so a lane holds
+// 4 values or none.
+template <int COLS>
+FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
+                                 int step) {
+    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP;
+    const int lane = threadIdx.x & 31;
+    for (int g = first; g < groups; g += step) {
+        const int row = g / KB, kb = g % KB;
+        const int c = kb * FP8_GROUP + 4 * lane;
+        const bool in = c < COLS;
+        const size_t at = (size_t)row * COLS + c;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (in) load_bf16x4(src + at, v);
+        float s;
+        const u32 codes = quantize_group4(v, s);
+        if (in) *(u32 *)(dst + at) = codes;
+        if (lane == 0) scale[(size_t)row * KB + kb] = s;
+    }
+}
+
+// Every token's x as E4M3 codes and scales (p.xq, p.xq_scale), all warps of the grid striding over the groups.
+// GEMM0 reads them after the grid barrier, which orders these writes before it.
+FMOE_DEVICE void quantize_x_fp8(const Params &p) {
+    const int warp = cta() * WARPS + (int)(threadIdx.x >> 5);
+    quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, ctas() * WARPS);
+}
+
+// Rows m·BM … of routed expert x's h as E4M3 codes and scales (p.hq, p.hq_scale), by the whole block. The caller
+// acquired the row block's GEMM0 tiles (last_arrival) and publishes the row block after a release.
+FMOE_DEVICE void quantize_h_fp8(const Params &p, const Layout &L, int x, int m) {
+    const int first = m * BM, n = min(BM, rows_of(L, x) - first);
+    const size_t row0 = (size_t)L.row_start[x] + first;
+    quantize_groups<I>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n * KB_I,
+                       (int)(threadIdx.x >> 5), WARPS);
+}
+
+// A routed expert's fp8 tile: A from E4M3 rows (`src.a`, K = kdim bytes each, scales `sc.a0`/`sc.a1` set by the
+// caller), B from weight tile n of expert x's image in `w` (image_bytes each, layout in moe_params.cuh): rows
+// n·128… of its codes ([rows, kdim] bytes) and their granule scales ([granules][kb]).
+FMOE_DEVICE void expert_tile_fp8(char *smem, TileSource &src, Fp8Scales &sc, const void *w, int x,
+                                 size_t image_bytes, size_t code_bytes, int n, int rows, int granules, int kdim,
+                                 int kb) {
+    const unsigned char *codes = (const unsigned char *)w + (size_t)x * image_bytes;
+    const float *scales = (const float *)(codes + code_bytes);
+    point_rows<FP8_BN>(src.b, src.b_valid, codes, n * FP8_BN, rows, (size_t)kdim);
+    src.k_bytes = kdim;
+    sc.b = scales + (size_t)(2 * n) * kb;
+    sc.kb_count = kb;
+    sc.granule1 = 2 * n + 1 < granules;
+    gemm_tile_fp8<STAGES>(smem, src, sc);
+}
+
+// GEMM0 tile (m, n) of routed expert x: its rows' tokens' x codes and scales.
+FMOE_DEVICE void gemm0_tile_fp8(const Params &p, const Layout &L, int x, int rows, int m, int n, char *smem) {
+    const int first = m * BM, base = L.row_start[x] + first;
+    TileSource src;
+    Fp8Scales sc;
+#pragma unroll
+    for (int i = 0; i < BM / 32; ++i) {
+        const int r = loader_row(i);
+        src.a_valid[i] = first + r < rows;
+        src.a[i] = (const char *)(p.xq + (size_t)(src.a_valid[i] ? p.row_token[base + r] : 0) * H);
+    }
+    const int r0 = fp8_acc_row();
+    sc.a0 = first + r0 < rows ? p.xq_scale + (size_t)p.row_token[base + r0] * KB_H : nullptr;
+    sc.a1 = first + r0 + 8 < rows ? p.xq_scale + (size_t)p.row_token[base + r0 + 8] * KB_H : nullptr;
+    expert_tile_fp8(smem, src, sc, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
+}
+
+// GEMM1 tile (m, n) of routed expert x: its rows' h codes and scales.
+FMOE_DEVICE void gemm1_tile_fp8(const Params &p, const Layout &L, int x, int rows, int m, int n, char *smem) {
+    const int first = m * BM;
+    const size_t base = (size_t)L.row_start[x] + first;
+    TileSource src;
+    Fp8Scales sc;
+    point_rows<BM>(src.a, src.a_valid, p.hq + base * I, 0, rows - first, (size_t)I);
+    const int r0 = fp8_acc_row();
+    sc.a0 = first + r0 < rows ? p.hq_scale + (base + r0) * KB_I : nullptr;
+    sc.a1 = first + r0 + 8 < rows ? p.hq_scale + (base + r0 + 8) * KB_I : nullptr;
+    expert_tile_fp8(smem, src, sc, p.w2, x, W2_EXPERT_BYTES, W2_CODES, n, H, G1, I, KB_I);
+}
+#endif
+
+}  // namespace fmoe
