@@ -12,7 +12,8 @@ func makeCUDABackend(layer: MoELayer, deviceOrdinal: Int) throws -> any Benchmar
 
 /// The GPU operators' options for the commands: GPU `deviceOrdinal`, `FLASHMOE_WAIT_BUDGET_MS` when set, and
 /// `FLASHMOE_GATE_SPLIT` (1 ... 16, for experiments: the gate's K split instead of the automatic choice, e.g. to
-/// compare the bits of two builds that choose differently).
+/// compare the bits of two builds that choose differently) and `FLASHMOE_STAGES` (the pipeline stages instead of
+/// the automatic choice, for A/B timing; a count that does not fit is a typed error at setup).
 func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     var options = FusedOptions(deviceOrdinal: deviceOrdinal)
     let environment = ProcessEnvironment.current()
@@ -21,6 +22,9 @@ func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     }
     if let text = environment["FLASHMOE_GATE_SPLIT"], let split = Int(text), (1...16).contains(split) {
         options.gateSplit = split
+    }
+    if let text = environment["FLASHMOE_STAGES"], let stages = Int(text) {
+        options.stages = stages
     }
     return options
 }
