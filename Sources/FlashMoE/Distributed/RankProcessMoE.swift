@@ -61,6 +61,7 @@ public final class RankProcessMoE: @unchecked Sendable {
     let arena: DeviceBuffer<UInt8>
     var controlOffset: Int { workspace.byteCount }
     var controlAddress: UInt64 { arena.address + UInt64(controlOffset) }
+    let table: DeviceBuffer<UInt8>
     let peers: DeviceBuffer<UInt8>
     let memory: Memory
 
@@ -80,11 +81,11 @@ public final class RankProcessMoE: @unchecked Sendable {
     }
 
     struct State {
-        /// The token counts, and (device forwards) the caller's pointers, `params` were last encoded for; host
-        /// forwards leave `pointers` empty.
+        /// The token counts, and (device forwards) the caller's pointers, the table (host forwards) or `params`
+        /// (device forwards) were last encoded for; host forwards leave `pointers` empty.
         var tokens: [Int] = []
         var pointers: [UInt64] = []
-        /// The rank's `Params`, passed by value in each launch (host and device forwards alike).
+        /// The device forward's `Params`, passed by value in each launch.
         var params: [UInt8] = []
         /// Launches this object queued since the group was created or last wrapped: a host mirror of the device's
         /// epoch (this rank's `done_epoch`) as long as every launch went through `forward`. The launch itself
@@ -241,6 +242,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         case .ipc(let t): peerBytes = t.peerTable
         case .nvshmem(_, let t, _): peerBytes = t.peerTable
         }
+        table = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.byteCount)
         peers = try DeviceBuffer<UInt8>(device: k.device, count: FusedParams.peerByteCount * world)
         try peers.upload(peerBytes)
         // The last step of creation: a rank that failed after the mappings aborts here, so no rank leaves create
@@ -325,13 +327,13 @@ public final class RankProcessMoE: @unchecked Sendable {
             // No token on any rank (every rank sees the same counts, so all skip alike): no launch, no epoch.
             if counts.allSatisfy({ $0 == 0 }) { return .noTokens(config) }
             let c = config
-            if counts != st.tokens || !st.pointers.isEmpty || st.params.isEmpty {
+            if counts != st.tokens || !st.pointers.isEmpty {
                 let total = counts.reduce(0, +)
-                st.params = RankParts.params(
+                try table.upload(RankParts.params(
                     workspace: workspace, base: arena.address, weights: weights, sync: controlAddress,
                     errorRecord: memory.errorRecordAddress, peers: peers.address, tokens: s,
                     capacity: RankParts.capacity(c, totalTokens: total), rank: rank,
-                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, epochWrap: options.epochWrap)
+                    gateSplit: gateSplit(totalTokens: total), budget: options.waitBudget, epochWrap: options.epochWrap))
                 st.tokens = counts
                 st.pointers = []
             }
@@ -346,7 +348,8 @@ public final class RankProcessMoE: @unchecked Sendable {
                 }
             }
             st.epoch += 1
-            try RankParts.launch(kernel, params: st.params, blocksPerRank: blocksPerRank, streamHandle: stream.handle)
+            try RankParts.launch(
+                kernel, table: table.address, ranks: 1, blocksPerRank: blocksPerRank, cooperative: true, stream: stream)
             try stream.synchronize()
             if let error = try readErrorRecord() {
                 let failure = DistributedError(kernel: error, placement: placement)
