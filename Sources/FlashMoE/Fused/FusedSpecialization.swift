@@ -40,10 +40,11 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let ranksKernelName = "fmoe_forward_ranks"
     /// The kernel file.
     public static let file = "moe.cu"
-    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a only) is enabled. It runs on the H200 but is 2.7–12× slower
-    /// than bf16 where it was timed and 2e-3 to 8e-3 from the exact fp8 oracle (the FP8 tensor cores' accumulation),
-    /// so it is off unless `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe
-    /// verify` reports its fp8 cases as skipped.
+    /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a, one GPU) is enabled. On the H200 it passes its verify
+    /// cases (2e-3 to 8e-3 from the exact fp8 oracle: the FP8 tensor cores' accumulation) and is faster than bf16 at
+    /// decode but 1.2–1.5× slower at prefill, short of its speed targets, so it is off unless
+    /// `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports its fp8
+    /// cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
     /// The target `flashmoe compile` and the tests assume when none is given: the H200's.
@@ -77,7 +78,8 @@ public struct FusedSpecialization: Sendable, Hashable {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
         }
         // FP8 (docs/fp8.md): the kernel's FP8 path (E4M3 wgmma with per-K-block scale promotion, sm_90a) is off
-        // unless FLASHMOE_EXPERIMENTAL_FP8=1 until it is fast (it meets its GPU tolerance: docs/fp8.md, Tolerances).
+        // unless FLASHMOE_EXPERIMENTAL_FP8=1 until it is fast (it meets its GPU tolerance: docs/fp8.md, Tolerances);
+        // with ranks it is refused either way (the owners' receive buffers carry BF16 rows, not E4M3 codes).
         if config.precision == .fp8 {
             guard ranks == 1 else {
                 throw fail(
@@ -85,7 +87,7 @@ public struct FusedSpecialization: Sendable, Hashable {
             }
             guard Self.supportsFP8 else {
                 throw fail(
-                    "precision fp8 is not ready on the GPU yet: the kernel's FP8 path (sm_90a) is experimental (correct within its tolerance, but 2.7–12× slower than bf16 where measured), so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
+                    "precision fp8 is experimental on the GPU: the kernel's FP8 path (sm_90a) is correct within its tolerance and faster than bf16 at decode, but still 1.2–1.5× slower than bf16 at prefill, so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
             }
             guard arch.architectureSpecific && arch.computeCapability == ComputeCapability(major: 9, minor: 0) else {
                 throw fail(
