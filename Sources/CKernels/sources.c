@@ -57,6 +57,14 @@ static const char phase_combine_cuh[] = {
 #embed "kernels/phase_combine.cuh"
     , 0};
 
+static const char fp8_cuh[] = {
+#embed "kernels/fp8.cuh"
+    , 0};
+
+static const char mma_fp8_cuh[] = {
+#embed "kernels/mma_fp8.cuh"
+    , 0};
+
 static const char phase_fp8_cuh[] = {
 #embed "kernels/phase_fp8.cuh"
     , 0};
@@ -103,6 +111,8 @@ static const struct {
     {"phase_dispatch.cuh", phase_dispatch_cuh, sizeof(phase_dispatch_cuh) - 1},
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
+    {"fp8.cuh", fp8_cuh, sizeof(fp8_cuh) - 1},
+    {"mma_fp8.cuh", mma_fp8_cuh, sizeof(mma_fp8_cuh) - 1},
     {"phase_fp8.cuh", phase_fp8_cuh, sizeof(phase_fp8_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},

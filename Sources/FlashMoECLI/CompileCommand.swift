@@ -14,7 +14,7 @@ struct CompileCommand: ParsableCommand {
     @Option(help: "A preset whose kernels to compile (repeatable; default: every preset).")
     var preset: [String] = []
 
-    @Option(help: "Comma-separated precisions to compile each preset in (fp8: sm_90a, with FLASHMOE_EXPERIMENTAL_FP8=1).")
+    @Option(help: "Comma-separated precisions to compile each preset in (fp8: sm_90a and sm_89, with FLASHMOE_EXPERIMENTAL_FP8=1).")
     var precision = "fp32,tf32,bf16,fp16"
 
     @Flag(help: "Keep line information for profilers (-lineinfo).")

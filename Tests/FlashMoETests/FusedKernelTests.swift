@@ -27,6 +27,29 @@ import Testing
         }
     }
 
+    /// fp8 has an engine on sm_90a (wgmma) and sm_89 (mma.sync, also plain sm_90 for FLASHMOE_EMULATE_ARCH=sm_89);
+    /// other targets get a typed error naming both, before the experimental switch is asked.
+    @Test func fp8TargetsAreSm90aAndSm89() throws {
+        let c = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, precision: .fp8)
+        for name in ["sm_80", "sm_86", "sm_120", "sm_100a"] {
+            let arch = try GPUArchitecture(parsing: name)
+            #expect {
+                try FusedSpecialization(config: c, arch: arch)
+            } throws: { error in
+                "\(error)".contains("sm_90a (Hopper, wgmma) and sm_89 (Ada, mma.sync) only") && "\(error)".contains(name)
+            }
+        }
+        for name in ["sm_89", "sm_90", "sm_90a"] {
+            let arch = try GPUArchitecture(parsing: name)
+            do {
+                _ = try FusedSpecialization(config: c, arch: arch)
+                #expect(FusedSpecialization.supportsFP8, "\(name): built without FLASHMOE_EXPERIMENTAL_FP8")
+            } catch {
+                #expect(!FusedSpecialization.supportsFP8 && "\(error)".contains("FLASHMOE_EXPERIMENTAL_FP8"), "\(name): \(error)")
+            }
+        }
+    }
+
     @Test func definesCarryTheShapeAndRanks() throws {
         let spec = try FusedSpecialization(config: Preset.deepSeekV3.config, ranks: 4)
         let d = spec.defines
@@ -78,6 +101,28 @@ import Testing
             try FusedParams.checkLayout(kernel: shifted)
         } throws: { error in
             "\(error)".contains("max_tokens")
+        }
+    }
+
+    /// fp8 (experimental) where it has an engine, wgmma on sm_90a and mma.sync on sm_89 (one GPU only), plain and
+    /// traced, with no spills.
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_89", "sm_90a"])
+    func fp8CompilesWithoutSpills(arch: String) throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: arch)
+        let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
+                              activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
+        let plain = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true,
+                              activation: .gelu, precision: .fp8)
+        let specs = [
+            try FusedSpecialization(config: gated, arch: target, experimentalFP8: true),
+            try FusedSpecialization(config: plain, arch: target, experimentalFP8: true),
+            try FusedSpecialization(config: gated, arch: target, trace: true, experimentalFP8: true),
+        ]
+        for spec in specs {
+            let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
+            let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+            #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "fp8 spills on \(arch)")
         }
     }
 

@@ -135,8 +135,10 @@ template <int KIND> struct MmaEngine {
         }
     }
 
-    // One stage: 4 k-steps of two 16-byte chunks each (k16 for 16-bit types, k8 for TF32).
-    FMOE_DEVICE void compute(const char *stage) {
+    // d += one stage into the warp's 64 × 32 accumulators d: 4 k-steps of two 16-byte chunks each (k16 for 16-bit
+    // types, k8 for TF32, k32 for E4M3: the fragments hold the same bytes), each an `mma_op(d_tile, a, b)` per m16 ×
+    // n8 tile. MmaEngine's and Fp8MmaEngine's (mma_fp8.cuh) mainloop step.
+    template <class MmaOp> FMOE_DEVICE static void compute_into(const char *stage, float (&d)[4][4][4], MmaOp mma_op) {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
         const u32 base_a = smem_addr(stage), base_b = base_a + BM * ROW_BYTES;
@@ -157,8 +159,13 @@ template <int KIND> struct MmaEngine {
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < 4; ++ni) mma_op(d[mi][ni], a[mi], b[ni]);
         }
+    }
+
+    // One stage into acc.
+    FMOE_DEVICE void compute(const char *stage) {
+        compute_into(stage, acc, [](float *d, const u32 *a, const u32 *b) { mma(d, a, b); });
     }
 
     // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1), g = lane/4, t = lane%4.

@@ -9,10 +9,11 @@
 #include "launch_limits.cuh"
 #include "trace.cuh"
 #if defined(FMOE_PREC) && FMOE_PREC == 4
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "precision fp8 needs sm_90a (E4M3 wgmma); the host refuses other architectures before compiling"
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+#error "precision fp8 needs E4M3 tensor cores (sm_89 or newer); the host refuses other architectures before compiling"
 #endif
 #include "wgmma_fp8.cuh"
+#include "mma_fp8.cuh"
 #endif
 
 // ---- Specialisation (defined by the host as -D options) ---------------------------------------------------------
@@ -81,9 +82,13 @@ typedef float RetT;
 // routing math stays FP32: 16-bit modes multiply exactly on tensor cores (products of bf16/fp16 are exact in FP32);
 // fp32 and tf32 modes use exact FFMA so no TF32 rounding can flip a routing decision.
 #if FMOE_PREC == 4
-// Routed experts: E4M3 wgmma with block-scale promotion; the shared expert (BF16) runs mma.sync tiles of the same
-// width, so both fill the same task space.
+// Routed experts: E4M3 wgmma (sm_90a) or mma.sync (sm_89, plain sm_90 and later) with block-scale promotion; the
+// shared expert (BF16) runs mma.sync tiles of the same width, so both fill the same task space.
+#if FMOE_WGMMA
 typedef Fp8WgmmaEngine ExpertEngine;
+#else
+typedef Fp8MmaEngine ExpertEngine;
+#endif
 typedef MmaEngine<MMA_BF16> SharedEngine;
 #elif FMOE_PREC == 0
 typedef FfmaEngine ExpertEngine;

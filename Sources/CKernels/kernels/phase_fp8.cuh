@@ -63,7 +63,21 @@ FMOE_DEVICE void expert_tile_fp8(char *smem, TileSource &src, Fp8Scales &sc, con
     sc.b = scales + (size_t)(2 * n) * kb;
     sc.kb_count = kb;
     sc.granule1 = 2 * n + 1 < granules;
+#if FMOE_WGMMA
     gemm_tile_fp8<STAGES>(smem, src, sc);
+#else
+    gemm_tile_fp8_mma<STAGES>(smem, src, sc);
+#endif
+}
+
+// This thread's tile row whose A scales it passes to the engine (Fp8Scales): the wgmma engine's first accumulator
+// row (its second is 8 further), the mma.sync engine's row threadIdx.x (threads 0 … 127; a1 unused).
+FMOE_DEVICE int fp8_scale_row() {
+#if FMOE_WGMMA
+    return fp8_acc_row();
+#else
+    return threadIdx.x < BM ? (int)threadIdx.x : 1 << 30;  // threads 128 …: a row past any tile's (a0 = null)
+#endif
 }
 
 // GEMM0 tile (m, n) of routed expert x: its rows' tokens' x codes and scales.
@@ -77,9 +91,10 @@ FMOE_DEVICE void gemm0_tile_fp8(const Params &p, const Layout &L, int x, int row
         src.a_valid[i] = first + r < rows;
         src.a[i] = (const char *)(p.xq + (size_t)(src.a_valid[i] ? p.row_token[base + r] : 0) * H);
     }
-    const int r0 = fp8_acc_row();
+    const int r0 = fp8_scale_row();
     sc.a0 = first + r0 < rows ? p.xq_scale + (size_t)p.row_token[base + r0] * KB_H : nullptr;
-    sc.a1 = first + r0 + 8 < rows ? p.xq_scale + (size_t)p.row_token[base + r0 + 8] * KB_H : nullptr;
+    sc.a1 = FMOE_WGMMA && first + r0 + 8 < rows ? p.xq_scale + (size_t)p.row_token[base + r0 + 8] * KB_H
+                                                  : nullptr;
     expert_tile_fp8(smem, src, sc, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
 }
 
@@ -90,9 +105,9 @@ FMOE_DEVICE void gemm1_tile_fp8(const Params &p, const Layout &L, int x, int row
     TileSource src;
     Fp8Scales sc;
     point_rows<BM>(src.a, src.a_valid, p.hq + base * I, 0, rows - first, (size_t)I);
-    const int r0 = fp8_acc_row();
+    const int r0 = fp8_scale_row();
     sc.a0 = first + r0 < rows ? p.hq_scale + (base + r0) * KB_I : nullptr;
-    sc.a1 = first + r0 + 8 < rows ? p.hq_scale + (base + r0 + 8) * KB_I : nullptr;
+    sc.a1 = FMOE_WGMMA && first + r0 + 8 < rows ? p.hq_scale + (base + r0 + 8) * KB_I : nullptr;
     expert_tile_fp8(smem, src, sc, p.w2, x, W2_EXPERT_BYTES, W2_CODES, n, H, G1, I, KB_I);
 }
 #endif

@@ -65,10 +65,10 @@ extension FusedKernel {
         build: (KernelSpec, GPUArchitecture) throws -> CompiledKernel, prepare: (CUDAModule) throws -> Void
     ) throws {
         let arch = device.properties.architecture
-        if specialization.config.precision == .fp8 && !(arch.number == 90 && arch.architectureSpecific) {
+        if specialization.config.precision == .fp8 && arch.number != 89 && arch.number != 90 {
             throw MoEError(
                 .unsupported,
-                "precision fp8 needs E4M3 tensor cores with the kernel's FP8 path, which exists for sm_90a (Hopper) only; \(device.properties.name) is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
+                "precision fp8 runs on sm_90a (Hopper) and sm_89 (Ada) GPUs only; \(device.properties.name) is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
         }
         // The specialization's target, not always the device's own (FLASHMOE_EMULATE_ARCH runs a smaller GPU's build).
         let compiled = try build(specialization.kernelSpec, specialization.arch)

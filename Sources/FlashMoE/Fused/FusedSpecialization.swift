@@ -53,11 +53,12 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// Checks the GPU kernel's limits on top of `MoEConfig.validate()`; the error says what to change.
     ///
     /// `sharedMemoryPerBlock` is the GPU's opt-in limit (nil: `ArchitectureLimits`' value for `arch`); `stages`
-    /// nil chooses the most that fit (at most `FusedSharedMemory.preferredStages`).
+    /// nil chooses the most that fit (at most `FusedSharedMemory.preferredStages`); `experimentalFP8`: whether the
+    /// experimental fp8 path may be built (default: `supportsFP8`, the environment's switch).
     public init(
         config: MoEConfig, arch: GPUArchitecture = defaultArch, sharedMemoryPerBlock: Int? = nil, stages: Int? = nil,
         ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false,
-        returnStorage: Bool = false
+        returnStorage: Bool = false, experimentalFP8: Bool = FusedSpecialization.supportsFP8
     ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
@@ -77,24 +78,28 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard config.router.groups <= 128 else {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
         }
-        // FP8 (docs/fp8.md): the kernel's FP8 path (E4M3 wgmma with per-K-block scale promotion, sm_90a) is off
-        // unless FLASHMOE_EXPERIMENTAL_FP8=1 until it is fast (it meets its GPU tolerance: docs/fp8.md, Tolerances);
-        // with ranks it is refused either way (the owners' receive buffers carry BF16 rows, not E4M3 codes).
+        // FP8 (docs/fp8.md): refused with ranks (the owners' receive buffers carry BF16 rows, not E4M3 codes) and on
+        // targets without an fp8 engine, then off unless FLASHMOE_EXPERIMENTAL_FP8=1 until it is fast (it meets its
+        // GPU tolerance: docs/fp8.md, Tolerances).
         if config.precision == .fp8 {
             guard ranks == 1 else {
                 throw fail(
                     "precision fp8 on the GPU runs on one GPU only: expert parallelism sends BF16 rows, not E4M3 codes (docs/fp8.md); use ranks = 1, or --precision bf16 with ranks")
             }
-            guard Self.supportsFP8 else {
+            // sm_90a: E4M3 wgmma (wgmma_fp8.cuh); sm_89: E4M3 mma.sync (mma_fp8.cuh). Plain sm_90 runs the mma.sync
+            // kernel too, which is how FLASHMOE_EMULATE_ARCH=sm_89 checks sm_89's path on a Hopper GPU (it spills
+            // there: a check of the arithmetic, not of the speed). Blackwell's targets would also run mma.sync, but
+            // that build spills and has never run, so it is refused.
+            guard arch.number == 89 || arch.number == 90 else {
                 throw fail(
-                    "precision fp8 is experimental on the GPU: the kernel's FP8 path (sm_90a) is correct within its tolerance and faster than bf16 at decode, but still 1.2–1.5× slower than bf16 at prefill, so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
-            }
-            guard arch.architectureSpecific && arch.computeCapability == ComputeCapability(major: 9, minor: 0) else {
-                throw fail(
-                    "precision fp8 needs the kernel's E4M3 wgmma path, which exists for sm_90a (Hopper) only; the target is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
+                    "precision fp8 runs on sm_90a (Hopper, wgmma) and sm_89 (Ada, mma.sync) only; the target is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
             }
             for (name, v) in [("H", config.hiddenSize), ("I", config.intermediateSize)] where v % 16 != 0 {
                 throw fail("precision fp8 on the GPU needs \(name) to be a multiple of 16 (16-byte rows of E4M3); got \(name) = \(v)")
+            }
+            guard experimentalFP8 else {
+                throw fail(
+                    "precision fp8 is experimental on the GPU: the kernel's FP8 path is correct within its tolerance on sm_90a and faster than bf16 at decode, but still 1.2–1.5× slower than bf16 at prefill (sm_89's path has not run on a GPU), so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
             }
         }
         guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
