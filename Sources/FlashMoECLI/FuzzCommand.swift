@@ -10,10 +10,11 @@ struct FuzzCommand: ReportingCommand {
         commandName: "fuzz",
         abstract: "Random layers against the Float64 oracle (exits non-zero on any failure).",
         discussion: """
-            Case I of seed S is a pure function of (S, I): `flashmoe fuzz --seed S --case I` replays it. Shapes come \
-            from a pool of \(FuzzShape.poolSize) per seed (the GPU compiles one kernel per shape, in parallel, into \
-            the cubin cache); token counts, capacity, ties, rank splits, weights and inputs are fresh per case, and \
-            each case's size is budgeted so the CPU oracle stays fast. A failing case prints \
+            Case I of seed S is a pure function of (S, I) and --fp8: `flashmoe fuzz --seed S --case I` (with --fp8 \
+            when the run had it) replays it. Shapes come from a pool of \(FuzzShape.poolSize) per seed (the GPU \
+            compiles one kernel per shape, in parallel, into the cubin cache); token counts, capacity, ties, rank \
+            splits, weights and inputs are fresh per case, and each case's size is budgeted so the CPU oracle stays \
+            fast. A failing case prints \
             `case I seed S: <layer>: <why>`; the last line is `fuzz: N passed, M failed`.
 
             --backend cpu checks the fast FP32 CPU path (shapes with ranks run as one rank there); --backend cuda the \
@@ -58,6 +59,11 @@ struct FuzzCommand: ReportingCommand {
             + "e.g. sm_90a or sm_80,sm_90a.", valueName: "archs"))
     var compileOnly: String?
 
+    @Flag(help: ArgumentHelp(
+        "Also draw fp8 layers (half of the shapes without ranks; the other cases stay those of the seed without it). "
+            + "On the GPU it needs FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md)."))
+    var fp8 = false
+
     @Flag(help: "Print every case, not only the failures.")
     var verbose = false
 
@@ -76,7 +82,11 @@ struct FuzzCommand: ReportingCommand {
         let clock = ContinuousClock()
         let start = clock.now  // --max-seconds counts the kernel compilation too
         let indices = try selectedIndices()
-        let all = indices.map { FuzzCase(seed: seed, index: $0) }
+        let all = indices.map { FuzzCase(seed: seed, index: $0, fp8: fp8) }
+        if fp8 && backend == .cuda && !FusedSpecialization.supportsFP8 {
+            throw CLIError(.invalidValue, "--fp8 on the GPU needs FLASHMOE_EXPERIMENTAL_FP8=1: the kernel's fp8 path is "
+                + "experimental (docs/fp8.md); run it with --backend cpu, or set the variable")
+        }
         let list = quick ? all.filter(\.isQuick) : all
         if let compileOnly {
             for arch in try GPUArchitecture.parseList(compileOnly) {
@@ -119,7 +129,7 @@ struct FuzzCommand: ReportingCommand {
             if lost {
                 let elapsed = (clock.now - start).milliseconds / 1000
                 emit("fuzz: the CUDA context is lost after case \(c.index) (replay it with --seed \(seed) --case "
-                    + "\(c.index)); the later cases cannot run in this process")
+                    + "\(c.index)\(fp8 ? " --fp8" : "")); the later cases cannot run in this process")
                 let remaining = list.count - n - 1
                 let timeLeft = maxSeconds.map { $0 - elapsed }
                 if caseIndex == nil, remaining > 0, (timeLeft ?? 1) > 0,
@@ -154,6 +164,7 @@ struct FuzzCommand: ReportingCommand {
         if let seconds { arguments += ["--max-seconds", "\(seconds)"] }
         if verbose { arguments.append("--verbose") }
         if quick { arguments.append("--quick") }
+        if fp8 { arguments.append("--fp8") }
         return arguments
     }
 

@@ -38,13 +38,13 @@ public struct FuzzCase: Sendable, Hashable {
     /// Whether the case had the large FLOP budget.
     public let large: Bool
 
-    /// Case `index` of run `seed`.
-    public init(seed: UInt64, index: Int) {
+    /// Case `index` of run `seed`; `fp8`: the run's shape pool has fp8 shapes (`FuzzShape(seed:index:fp8:)`).
+    public init(seed: UInt64, index: Int, fp8: Bool = false) {
         var r = FuzzRandom(seed, UInt64(index), 0xCA5E)
         self.seed = seed
         self.index = index
         shapeIndex = r.int(0...FuzzShape.poolSize - 1)
-        shape = FuzzShape(seed: seed, index: shapeIndex)
+        shape = FuzzShape(seed: seed, index: shapeIndex, fp8: fp8)
         // Tiny shapes are the only ones that reach tens of thousands of tokens: give them the large budget more.
         large = r.chance(shape.size == .tiny ? 0.15 : FuzzBudget.largeShare)
         let budget = large ? FuzzBudget.largeFlops : FuzzBudget.flops

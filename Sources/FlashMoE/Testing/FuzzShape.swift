@@ -25,8 +25,12 @@ public struct FuzzShape: Sendable, Hashable {
     /// Shapes per run seed.
     public static let poolSize = 96
 
-    /// Shape `index` (0..<poolSize) of run `seed`: a pure function of the two.
-    public init(seed: UInt64, index: Int) {
+    /// Shape `index` (0..<poolSize) of run `seed`: a pure function of the three.
+    ///
+    /// - Parameter fp8: also draw fp8 shapes (docs/fp8.md): half of the shapes without ranks, on a random stream of
+    ///   their own, become precision fp8 with H and I multiples of 16 (the GPU's E4M3 rows); fp8 runs on one GPU.
+    ///   Without it every shape is the one earlier runs of the seed drew.
+    public init(seed: UInt64, index: Int, fp8: Bool = false) {
         var r = FuzzRandom(seed, UInt64(index), 0x5A_A9E)
         // The pool is stratified by index so every seed has every kind: of each 8 shapes, one with a real H, one
         // with a real I, two tiny ones (one with ranks) and four small ones (two with ranks, R cycling 1…8).
@@ -34,9 +38,11 @@ public struct FuzzShape: Sendable, Hashable {
         size = kind == 0 || kind == 4 ? .wide : kind == 2 || kind == 6 ? .tiny : .small
         let wantedRanks: Int? =
             kind == 1 || kind == 5 ? 1 + (index / 4) % 8 : kind == 6 ? 2 + (index / 8) % 7 : nil
-        // The GPU kernel's precisions (fp8 has its own verify cases until its GPU path is on by default), named so
-        // that a seed's cases stay the same when precisions are added.
-        let precision = r.pick([Precision.fp32, .tf32, .bf16, .fp16])
+        // The GPU kernel's precisions; fp8 only when asked (its GPU path is experimental), drawn on its own stream
+        // so a seed's other cases stay the same either way.
+        var precision = r.pick([Precision.fp32, .tf32, .bf16, .fp16])
+        var q = FuzzRandom(seed, UInt64(index), 0xF8)
+        if fp8 && wantedRanks == nil && q.chance(0.5) { precision = .fp8 }
         let ffn: FFNKind = r.chance(0.5) ? .gated : .plain
         let bias = ffn == .plain && r.chance(0.4)
         let activation = r.pick(Activation.allCases)
@@ -58,6 +64,7 @@ public struct FuzzShape: Sendable, Hashable {
         }
         // One expert must fit the weight budget: shrink I first.
         if h * i * matrices > budget { i = max(8, budget / (h * matrices) / 8 * 8) }
+        if precision == .fp8 { (h, i) = ((h + 15) / 16 * 16, max(16, i / 16 * 16)) }
         let maxExperts = min(size == .tiny ? 16 : 512, max(1, budget / (h * i * matrices)))
         let edges = [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512].filter { $0 <= maxExperts }
         // Shapes with ranks need at least R experts (budget permitting; R is lowered otherwise).

@@ -34,12 +34,32 @@ import Testing
         #expect(run.result.notRun == 50 && run.lines.last == "fuzz: 0 passed, 0 failed")
     }
 
+    @Test func fuzzFP8DrawsFP8LayersAndReplaysThem() throws {
+        let index = try #require((0..<200).first {
+            let c = FuzzCase(seed: 6, index: $0, fp8: true)
+            return c.isQuick && c.config.precision == .fp8 && c.tokens > 0
+        })
+        let c = FuzzCase(seed: 6, index: index, fp8: true)
+        let run = try flashmoe(
+            FuzzCommand.self, ["--seed", "6", "--case", "\(index)", "--fp8", "--backend", "cpu", "--verbose"],
+            context: .noGPU())
+        #expect(run.lines.last == "fuzz: 1 passed, 0 failed")
+        #expect(run.text.contains("case \(index) seed 6: \(c.summary): passed") && c.summary.contains("fp8"))
+        // Without --fp8 the same index is another (non-fp8) layer.
+        #expect(FuzzCase(seed: 6, index: index).config.precision != .fp8)
+    }
+
     @Test func fuzzRejectsBadOptions() {
         expectCommandFailure(mentioning: ["--case"]) {
             _ = try flashmoe(FuzzCommand.self, ["--case", "-1", "--backend", "cpu"], context: .noGPU())
         }
         expectCommandFailure(mentioning: ["--max-seconds"]) {
             _ = try flashmoe(FuzzCommand.self, ["--max-seconds", "0", "--backend", "cpu"], context: .noGPU())
+        }
+        if !FusedSpecialization.supportsFP8 {
+            expectCommandFailure(mentioning: ["--fp8", "FLASHMOE_EXPERIMENTAL_FP8=1"]) {
+                _ = try flashmoe(FuzzCommand.self, ["--fp8", "--cases", "1", "--backend", "cuda"], context: .noGPU())
+            }
         }
     }
 

@@ -26,13 +26,40 @@ import Testing
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
     }
 
+    /// The CPU fuzz's fp8 layers (`--fp8`): the fast path's codes and scales against the fp8 oracle.
+    @Test func theFastCPUPathMatchesTheOracleOnFP8Layers() throws {
+        let cases = Array((0..<4000).lazy.map { FuzzCase(seed: 14, index: $0, fp8: true) }
+            .filter { $0.isQuick && $0.config.precision == .fp8 }.prefix(40))
+        #expect(cases.count == 40)
+        var failures: [String] = []
+        for c in cases {
+            let outcome = try c.run(makeOperator: { try CPUBackend(layer: $0, mode: .fast) })
+            if let f = outcome.failure { failures.append("case \(c.index) seed 14 --fp8: \(c.summary): \(f)") }
+        }
+        #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
+    }
+
+    /// `--fp8` turns half of the shapes without ranks into fp8 ones the GPU can run (H and I multiples of 16, one
+    /// GPU) and leaves every other case of the seed as it was.
+    @Test func fp8ShapesComeOnlyWhenAskedAndLeaveTheOthers() throws {
+        let withFP8 = (0..<3000).map { FuzzCase(seed: 1, index: $0, fp8: true) }
+        let fp8 = withFP8.filter { $0.config.precision == .fp8 }
+        #expect(fp8.count > 300)
+        #expect(fp8.allSatisfy { $0.shape.ranks == nil && $0.config.hiddenSize % 16 == 0 && $0.config.intermediateSize % 16 == 0 })
+        #expect(Set(fp8.map(\.shape.size)) == Set(FuzzShape.Size.allCases))
+        #expect(fp8.contains { $0.config.ffn == .gated } && fp8.contains { $0.config.ffn == .plain })
+        #expect(fp8.contains { $0.config.sharedExpert != nil })
+        for (a, b) in zip(withFP8, Self.generated) where a.config.precision != .fp8 { #expect(a == b) }
+        #expect(Self.generated.allSatisfy { $0.config.precision != .fp8 })
+    }
+
     /// The first 3,000 cases of a seed, generated only (no weights).
     static let generated = (0..<3000).map { FuzzCase(seed: 1, index: $0) }
 
     @Test func theGeneratorCoversEveryRouterFFNPrecisionAndEdge() {
         let all = Self.generated
         let configs = all.map(\.config)
-        #expect(Set(configs.map(\.precision)) == Set(Precision.allCases.filter { $0 != .fp8 }))  // fp8: its own verify cases
+        #expect(Set(configs.map(\.precision)) == Set(Precision.allCases.filter { $0 != .fp8 }))  // fp8: with --fp8 only
         #expect(Set(configs.map(\.activation)) == Set(Activation.allCases))
         #expect(configs.contains { $0.ffn == .gated })
         #expect(configs.contains { $0.ffn == .plain && $0.bias })
