@@ -75,10 +75,12 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
         let fit = (dynamicBytes - 1024 - e * 16 - Self.tileRows * k * 4) / ((routerRows + 1) * 4)
         routeChunk = fit >= 128 ? 128 : fit >= 64 ? 64 : fit >= 32 ? 32 : fit
         // Layout (xs + three [E + 2] tables, three more [E] with ranks), the scan's kept[E], a ranks launch's
-        // Params copy (compiled into every cubin), block indices and the phase-local flags (256 B of slack); ptxas
-        // pads static shared memory to whole KiB so the 1024-aligned dynamic array starts aligned.
+        // Params copy (compiled into every cubin), fp8's row scales without wgmma (two K blocks', mma_fp8.cuh), block
+        // indices and the phase-local flags (256 B of slack); ptxas pads static shared memory to whole KiB so the
+        // 1024-aligned dynamic array starts aligned.
         let layout = 4 + 3 * (e + 2) * 4 + 3 * (ranks > 1 ? e : 1) * 4
-        staticBytesBound = (layout + e * 4 + FusedParams.byteCount + 256 + 1023) / 1024 * 1024
+        let fp8RowScales = fp8 && engine == .mmaSync ? 2 * Self.tileRows * 4 : 0
+        staticBytesBound = (layout + e * 4 + FusedParams.byteCount + fp8RowScales + 256 + 1023) / 1024 * 1024
     }
 
     /// Static bound plus dynamic bytes: what must fit the GPU's opt-in limit per block.
