@@ -12,6 +12,21 @@ import Testing
     /// A small layer whose weights fit easily.
     static let small = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, precision: .bf16)
 
+    /// fp8's workspace is bf16's plus the activations' E4M3 codes and scales (phase_fp8.cuh): S·H + R·I bytes and a
+    /// scale per row and 128-channel group.
+    @Test func fp8CountsItsActivationCodes() throws {
+        var c = Preset.qwen3_30bA3b.config
+        c.precision = .bf16
+        let s = 16_384, rows = s * c.topK
+        let bf16 = try FusedMemoryEstimate(config: c, tokens: s)
+        c.precision = .fp8
+        let fp8 = try FusedMemoryEstimate(config: c, tokens: s)
+        let codes = s * c.hiddenSize + rows * c.intermediateSize
+        let scales = (s * ((c.hiddenSize + 127) / 128) + rows * ((c.intermediateSize + 127) / 128)) * 4
+        #expect(fp8.workspaceBytes - bf16.workspaceBytes >= codes + scales)
+        #expect(fp8.workspaceBytes - bf16.workspaceBytes < codes + scales + (4 << 20))  // 2 MiB rounding, 256 B regions
+    }
+
     @Test func weightsThatDoNotFitAreRefusedBeforeAnyAllocation() throws {
         let fake = FakeDriver()
         // Any allocation would fail differently: the refusal must come first, from the estimate alone.
