@@ -30,20 +30,25 @@ import Testing
 
     @Test func aWrongOutputFails() throws {
         let c = Self.smallCases.first { $0.tokens > 10 }!
-        let r = try Verifier.run(c) { Perturbed(inner: try CPUBackend(layer: $0, mode: .fast), scale: 1.01) }
+        let r = try Verifier.run(c) { try Tampered.scaled($0, by: 1.01) }
         #expect(!r.passed)
     }
 
     @Test func anUnwrittenOutputFails() throws {
         let c = Self.smallCases.first { $0.tokens > 10 }!
-        let r = try Verifier.run(c) { Perturbed(inner: try CPUBackend(layer: $0, mode: .fast), scale: .nan) }
+        let r = try Verifier.run(c) { try Tampered.scaled($0, by: .nan) }
         #expect(!r.passed)
         #expect(r.relativeError.isNaN)
     }
 
     @Test func aDifferentRoutingFails() throws {
         let c = Self.smallCases.first { $0.tokens > 10 && $0.config.topK > 1 }!
-        let r = try Verifier.run(c) { SwappedRanks(inner: try CPUBackend(layer: $0, mode: .fast)) }
+        let r = try Verifier.run(c) {
+            try Tampered.fast($0) { out in  // the same experts in the wrong order: every token's ranks reversed
+                let k = out.routing.topK
+                for t in 0..<out.routing.tokens { out.routing.expertIDs[t * k..<(t + 1) * k].reverse() }
+            }
+        }
         #expect(!r.passed)
         #expect(r.routingMismatches > 0)
     }
@@ -65,49 +70,11 @@ import Testing
         let c = FuzzCase(seed: 20261211, index: 348)
         let (layer, x) = try c.makeProblem()
         let r = try Verifier.run(c.verificationCase, layer: layer, input: x) {
-            DroppedPair(inner: try CPUBackend(layer: $0, mode: .fast))
+            try Tampered.fast($0) { out in  // the first kept pair reported dropped, the output unchanged
+                if let p = out.routing.slots.firstIndex(where: { $0 >= 0 }) { out.routing.slots[p] = -1 }
+            }
         }
         #expect(!r.passed)
-    }
-}
-
-/// Reports the first kept pair as dropped (slot −1) without changing the output.
-private struct DroppedPair: MoEBackend {
-    let inner: CPUBackend
-    var name: String { "dropped-pair" }
-    var layer: MoELayer { inner.layer }
-    func forward(_ input: HostTensor) throws -> MoEOutput {
-        var out = try inner.forward(input)
-        if let p = out.routing.slots.firstIndex(where: { $0 >= 0 }) { out.routing.slots[p] = -1 }
-        return out
-    }
-}
-
-/// Multiplies every output element (a wrong result; NaN models an element the kernel never wrote).
-private struct Perturbed: MoEBackend {
-    let inner: CPUBackend
-    let scale: Float
-    var name: String { "perturbed" }
-    var layer: MoELayer { inner.layer }
-    func forward(_ input: HostTensor) throws -> MoEOutput {
-        var out = try inner.forward(input)
-        out.output = try HostTensor(shape: out.output.shape, float32: out.output.floats().map { $0 * scale })
-        return out
-    }
-}
-
-/// Reverses every token's ranks (the same experts, the wrong order).
-private struct SwappedRanks: MoEBackend {
-    let inner: CPUBackend
-    var name: String { "swapped" }
-    var layer: MoELayer { inner.layer }
-    func forward(_ input: HostTensor) throws -> MoEOutput {
-        var out = try inner.forward(input)
-        let k = out.routing.topK
-        for t in 0..<out.routing.tokens {
-            out.routing.expertIDs[t * k..<(t + 1) * k].reverse()
-        }
-        return out
     }
 }
 

@@ -18,7 +18,6 @@ namespace fmoe {
 // MmaEngine's accumulators, stage step (compute_into), zero() and stage_out(); its own MMA, K-block temporary and
 // promotion.
 struct Fp8MmaEngine : MmaEngine<MMA_BF16> {
-    static constexpr bool FP8 = true;
     float tmp[4][4][4];  // the current K block's sums
 
     // MmaEngine's BF16 step would read E4M3 stages as BF16: hidden.

@@ -36,7 +36,6 @@ FMOE_DEVICE void wgmma_m64n128k32_e4m3(float *d, u64 da, u64 db, int scale_d) {
 
 struct Fp8WgmmaEngine {
     static constexpr bool WGMMA = true;
-    static constexpr bool FP8 = true;
     static constexpr int BN = FP8_BN;
     static constexpr int C_STRIDE = c_stride<BN>();
     float acc[64];

@@ -158,33 +158,3 @@ import Testing
         }
     }
 }
-
-/// The fast CPU backend with a planted bug: `edit` changes every result before it is returned.
-private struct Tampered: MoEBackend {
-    let inner: CPUBackend
-    let edit: @Sendable (inout MoEOutput) throws -> Void
-    var name: String { "tampered" }
-    var layer: MoELayer { inner.layer }
-    func forward(_ input: HostTensor) throws -> MoEOutput {
-        var out = try inner.forward(input)
-        try edit(&out)
-        return out
-    }
-
-    /// Every output element 5 % too large.
-    static func scaled(_ layer: MoELayer) throws -> Tampered {
-        Tampered(inner: try CPUBackend(layer: layer, mode: .fast)) { out in
-            out.output = try HostTensor(shape: out.output.shape, float32: out.output.floats().map { $0 * 1.05 })
-        }
-    }
-
-    /// Every token's last rank reported unrouted, as a kernel that lost it would.
-    static func lastRankDropped(_ layer: MoELayer) throws -> Tampered {
-        Tampered(inner: try CPUBackend(layer: layer, mode: .fast)) { out in
-            let k = out.routing.topK
-            for t in 0..<out.routing.tokens {
-                (out.routing.expertIDs[t * k + k - 1], out.routing.slots[t * k + k - 1]) = (-1, -1)
-            }
-        }
-    }
-}
