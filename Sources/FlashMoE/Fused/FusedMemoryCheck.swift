@@ -40,11 +40,9 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
     init(config c: MoEConfig, ranks: Int, tokensPerRank: [Int], experts: [Range<Int>], totalTokens: Int? = nil)
         throws(MoEError)
     {
-        // fp8's workspace is bf16's (x, h and the outputs are BF16) plus the activations' E4M3 codes and scales;
-        // its weights are counted by weightBytes.
-        var layout = c
-        if c.precision == .fp8 { layout.precision = .bf16 }
-        let spec = try FusedSpecialization(config: layout, ranks: ranks)
+        // The workspace as the operator lays it out (fp8's includes the activations' E4M3 codes and scales; its
+        // weights are counted by weightBytes). The estimate does not ask for the experimental switch: the operator does.
+        let spec = try FusedSpecialization(config: c, ranks: ranks, experimentalFP8: true)
         let total = totalTokens ?? tokensPerRank.reduce(0, +)
         var weights = 0, workspace = 0
         for (s, mine) in zip(tokensPerRank, experts) {
@@ -55,13 +53,7 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
                 // The bound of any grid: gateSplitMax partial-logit rows a token.
                 partRows: FusedWorkspace.gateSplitMax * (ranks == 1 ? s : max(s, 1)),
                 ranks: ranks, localExperts: mine.count)
-            var bytes = ws.byteCount
-            if c.precision == .fp8 {
-                for r in [FusedWorkspace.Region.xq, .xqScale, .hq, .hqScale] {
-                    bytes += (FusedWorkspace.fp8Bytes(r, config: c, tokens: s, rows: rows) + 255) / 256 * 256
-                }
-            }
-            workspace += Self.rounded(bytes)
+            workspace += Self.rounded(ws.byteCount)
         }
         weightBytes = weights
         workspaceBytes = workspace
