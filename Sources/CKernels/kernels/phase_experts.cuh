@@ -152,8 +152,8 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
 // every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time:
-// four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles' (every output
-// element is the same instructions in the same K order). The choice is per launch and block-uniform (every block
+// four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
+// (every output element is the same instructions in the same K order). The choice is per launch and block-uniform (every block
 // holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B runs).
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
@@ -223,8 +223,9 @@ FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int
 
 // How many tiles each expert tile runs as in this launch: DECODE_SPLIT when the wide GEMM0 tiles would leave at
 // least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly than a wide one,
-// so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 → 0.062 ms, qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but
-// qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144) 0.113 → 0.134 and 0.301 → 0.337 ms (H200, 2026-12-01).
+// so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 → 0.062 ms,
+// qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144)
+// 0.113 → 0.134 and 0.301 → 0.337 ms (H200, 2026-12-01).
 FMOE_DEVICE int expert_split(int gemm0_tiles) {
     if (DECODE_SPLIT == 1 || FMOE_DECODE_TILES == 0) return 1;
     return FMOE_DECODE_TILES == 2 || 2 * gemm0_tiles <= ctas() ? DECODE_SPLIT : 1;

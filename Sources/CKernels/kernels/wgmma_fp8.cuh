@@ -11,8 +11,8 @@
 // per 64-row granule of the packed weight rows (gated: 64 gate rows, then 64 up rows) and K block, from the
 // expert's weight image (host layout: FusedDeviceWeights+FP8.swift). 64 + 64 accumulator registers per thread.
 // Overlapping one half of the weight rows' promotion with the other half's MMA (two m64n64 groups per K block,
-// loads one block less ahead) gave the same bits but was 5–11 % slower on the H200 (252 registers against 211;
-// Benchmarks/RESULTS.md, round 6): the per-block wait is not what bounds this loop.
+// loads one block less ahead) gave the same bits but was 5–12 % slower on the H200 (246–254 registers against
+// 208–216; Benchmarks/RESULTS.md, round 6): the per-block wait is not what bounds this loop.
 #pragma once
 #include "common.cuh"
 #include "fp8.cuh"
