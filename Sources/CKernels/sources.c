@@ -65,6 +65,10 @@ static const char mma_fp8_cuh[] = {
 #embed "kernels/mma_fp8.cuh"
     , 0};
 
+static const char gemv_cuh[] = {
+#embed "kernels/gemv.cuh"
+    , 0};
+
 static const char phase_fp8_cuh[] = {
 #embed "kernels/phase_fp8.cuh"
     , 0};
@@ -114,6 +118,7 @@ static const struct {
     {"fp8.cuh", fp8_cuh, sizeof(fp8_cuh) - 1},
     {"mma_fp8.cuh", mma_fp8_cuh, sizeof(mma_fp8_cuh) - 1},
     {"phase_fp8.cuh", phase_fp8_cuh, sizeof(phase_fp8_cuh) - 1},
+    {"gemv.cuh", gemv_cuh, sizeof(gemv_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},

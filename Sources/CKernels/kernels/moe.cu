@@ -36,7 +36,8 @@
 // its own tokens. No grid barrier: every dependency is a flag or a counter with a bounded wait.
 //
 // Files: moe_params.cuh (specialisation, shapes, Params/Peer/Sync), phase_gate.cuh (phases 1–2),
-// phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3), phase_combine.cuh
+// phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3; gemv.cuh runs the tiles of
+// experts with at most 8 rows as weight-streaming GEMVs, fp8 by default), phase_combine.cuh
 // (phase 4), sched_launch.cuh (the phases in order, the last block out); this file holds the entry points.
 #include "moe_params.cuh"
 #include "sched_launch.cuh"

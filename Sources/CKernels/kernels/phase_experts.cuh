@@ -5,6 +5,7 @@
 #include "phase_dispatch.cuh"
 #include "phase_combine.cuh"
 #include "phase_fp8.cuh"
+#include "gemv.cuh"
 
 namespace fmoe {
 
@@ -221,6 +222,42 @@ FMOE_DEVICE void gemm0_decode(const Params &, const Layout &, int, int, int, int
 FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int, char *) {}
 #endif
 
+#if FMOE_PREC >= 2
+// Tile n (or its decode part q of `split`) of GEMM `gemm` (0 or 1) of routed expert x, which has a few rows
+// (gemv_expert), as a GEMV (gemv.cuh): the same weight rows and output columns as the tile it stands for, staged
+// with stride GEMV_CS for the tile's own epilogue. Not inlined: one copy for both GEMMs, with registers of its own
+// (inlined twice into a bf16 kernel it took paper-e64's with ranks from 236 registers to 255 and 4 bytes of spills
+// on sm_90a).
+__device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gemm, int x, int n, int q, int split, char *smem) {
+    FMOE_TRACE_SCOPE(gemm == 0 ? FMOE_EV_GEMM0 : FMOE_EV_GEMM1, x, 0, n * split + q);
+    const int rows = rows_of(L, x), tile_rows = EBN / split;
+    const float *c = (const float *)smem;
+    constexpr int WIDE_COLS = GATED ? EBN / 2 : EBN;  // GEMM0: h columns of a wide tile
+    const int out_cols = WIDE_COLS / split;
+    const int col0 = gemm == 0 ? n * WIDE_COLS + q * out_cols : n * EBN + q * tile_rows;
+    if (col0 >= (gemm == 0 ? I : H)) return;  // block-uniform: a decode part past the last column
+    // Weight rows: GEMM0 gated, the tile's gate rows, then the up rows that pair with them (EBN / 2 further in the
+    // packing); otherwise the tile's rows in order.
+    GemvRows wr{n * EBN + q * tile_rows, 0, tile_rows};
+    if (gemm == 0 && GATED) wr = GemvRows{n * EBN + q * out_cols, n * EBN + EBN / 2 + q * out_cols, out_cols};
+    else if (gemm == 1) wr.lo0 = col0;
+    __shared__ GemvOperands op;
+    gemv_operands(p, L, gemm, x, op);
+    __syncthreads();
+    gemv_tile(smem, op, tile_rows, wr);
+    if (gemm == 0) {
+        if (split == 1) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS>(p, L, x, rows, 0, col0, c);
+        else gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS / DECODE_SPLIT>(p, L, x, rows, 0, col0, c);
+    } else {
+        if (split == 1) gemm1_store<GEMV_TOKENS, GEMV_CS, EBN>(p, L, x, false, rows, 0, col0, c);
+        else gemm1_store<GEMV_TOKENS, GEMV_CS, EBN / DECODE_SPLIT>(p, L, x, false, rows, 0, col0, c);
+    }
+    __syncthreads();
+}
+#else
+FMOE_DEVICE void gemv_task(const Params &, const Layout &, int, int, int, int, int, char *) {}
+#endif
+
 // How many tiles each expert tile runs as in this launch: DECODE_SPLIT when the wide GEMM0 tiles would leave at
 // least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly than a wide one,
 // so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 → 0.062 ms,
@@ -281,7 +318,8 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 if (!s_last) return false;
                 if (ticket == 0) stamp(p, 12, true);
             }
-            if (split > 1) gemm0_decode(p, L, x, m, n, q, smem);
+            if (gemv_expert(L, x)) gemv_task(p, L, 0, x, n, q, split, smem);  // decode: a few rows
+            else if (split > 1) gemm0_decode(p, L, x, m, n, q, smem);
             else gemm0_task(p, L, x, m, n, smem);
             const int rb = L.rb_start[x] + m;
 #if FMOE_PREC == 4
@@ -330,7 +368,8 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int x = find_segment(L.rb_start, L.xs, rb);
             const int m = rb - L.rb_start[x];
             FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
-            if (split > 1) gemm1_decode(p, L, x, m, n, q, smem);
+            if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, q, split, smem);
+            else if (split > 1) gemm1_decode(p, L, x, m, n, q, smem);
             else gemm1_task(p, L, x, m, n, smem);
             if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
             __syncthreads();

@@ -317,11 +317,17 @@ extension Verifier {
             shared: SharedExpertConfig(intermediateSize: 256), .fp8), 129)
         add("fp8 capacity 1.0 plain bias", cfg(h: 128, i: 256, bias: true, act: .gelu, capacity: .factor(1.0), .fp8), 300)
         add("fp8 S=1", cfg(h: 256, i: 256, ffn: .gated, act: .silu, .fp8), 1)
+        // Decode: at most 8 rows an expert (S·k spread over E, or S ≤ 8), so the GPU runs every expert tile as a
+        // GEMV (gemv.cuh), with K blocks that end short of 128 and a plain FFN with biases.
+        add("fp8 decode GEMV H=320 I=208", cfg(h: 320, i: 208, e: 16, k: 4, ffn: .gated, act: .silu, .fp8), 5)
+        add("fp8 decode GEMV plain bias", cfg(h: 144, i: 272, e: 8, k: 2, bias: true, act: .gelu, .fp8), 7)
         // Sharp: one binade of E4M3 codes and a scale of its own for every block and group, so the tensor cores
         // sum GEMM0 exactly and a scale taken from the wrong block, granule, matrix or token errs by 20× the
         // tolerance or more; H = 384 (three K blocks), I = 192 (a short K block, three 64-row granules per matrix).
         add("fp8 one binade, own scales", cfg(h: 384, i: 192, ffn: .gated, act: .silu, .fp8), 64, values: .fp8OneBinade,
             tolerance: oneBinadeTolerance)
+        add("fp8 one binade, own scales, decode GEMV", cfg(h: 384, i: 192, ffn: .gated, act: .silu, .fp8), 6,
+            values: .fp8OneBinade, tolerance: oneBinadeTolerance)
         return cases
     }
 }

@@ -1,0 +1,246 @@
+// Decode GEMV: a routed expert with at most GEMV_TOKENS rows (decode: a token or a few per expert) runs each of its
+// GEMM0 and GEMM1 tiles as a weight-streaming GEMV on mma.sync, instead of a 128-row tensor-core tile that is
+// almost all zero rows. See moe.cu and phase_experts.cuh.
+//
+// The weights are the MMA's A operand (16 weight rows a warp), the expert's ≤ 8 rows its B operand (the n8
+// columns), so no zero rows are multiplied and nothing is staged in shared memory: each lane loads 16 bytes of
+// weight row g, 16 bytes of row g + 8 and 16 bytes of token row g at the same K offset straight into registers
+// and feeds them to two MMAs. A dot product may take its K terms in any order as long as both operands take the
+// same one, so the 16 bytes a lane holds stand for the (non-contiguous) K positions that the fragment layout
+// assigns to it; the sum is the same set of products, in the MMA's own order.
+//
+// A tile's weight rows (the same rows and output columns as the tile it replaces, so tickets, counters and
+// epilogues are unchanged) are cut into 16-row slabs, and each slab's K into KP parts, so the block's 8 warps all
+// stream; the parts' sums meet in shared memory and are added in part order, and the result is staged as the
+// tile's [row][column] FP32 block for the tile's own epilogue. Every sum has one fixed order: the same bits every
+// run. fp8 (e4m3 m16n8k32) promotes each 128-wide K block with its two scales like the tile engines (fp8.cuh).
+//
+// The choice depends on the expert's global row count only, which ranks and one rank share (rows of an expert
+// are the same in both), so ranks keep one rank's bits. The shared expert (its rows are a rank's tokens) never
+// takes this path.
+#pragma once
+#include "moe_params.cuh"
+#include "fp8.cuh"
+
+namespace fmoe {
+
+// FMOE_GEMV: 0 never, 1 fp8 (the default), 2 fp8, bf16 and fp16 (fp32 and tf32 keep their exact tiles). bf16's
+// GEMV streams about 2 TB/s, its tiles 3.2 (qwen3-30b-a3b S = 64: 0.585 against 0.377 ms; H200, 2026-12-02), so
+// only fp8, whose 128 × 128 tiles are slower still (0.362 ms there, 0.308 as GEMVs), takes it by default.
+#ifndef FMOE_GEMV
+#define FMOE_GEMV 1
+#endif
+constexpr int GEMV_TOKENS = 8;  // the MMA's n8: rows of an expert this path takes
+constexpr bool GEMV_ON = FMOE_PREC == 4 ? FMOE_GEMV >= 1 : FMOE_PREC >= 2 && FMOE_GEMV >= 2;
+constexpr int GEMV_WARPS = THREADS / 32;
+// 64-byte chunks (fp8: 128-byte K blocks of two chunks) a lane loads before it multiplies: 8 chunks of 1 KiB a warp,
+// 64 KiB a block in flight. 4 and 8 measured the same (bf16 qwen3-30b-a3b S = 64: 0.567 and 0.585 ms), so bytes in
+// flight are not what holds the GEMV at 2 TB/s; 16 spills.
+#ifndef FMOE_GEMV_UNROLL
+#define FMOE_GEMV_UNROLL 8
+#endif
+constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UNROLL;
+
+// Whether routed expert x's tiles run as GEMVs: at most GEMV_TOKENS rows (block-uniform).
+FMOE_DEVICE bool gemv_expert(const Layout &L, int x) {
+    return GEMV_ON && !is_shared(L, x) && rows_of(L, x) <= GEMV_TOKENS;
+}
+
+#if FMOE_PREC >= 2
+// Weights are read once per launch and never written: the read-only path, not kept in L1.
+FMOE_DEVICE uint4 ld_weights16(const char *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// d += W(16 × k) · A(k × 8) over the 16 bytes each lane holds of W's rows g and g + 8 (w0, w1) and of A's row g
+// (a): two MMAs (m16n8k16 for 16-bit types, m16n8k32 for E4M3), registers in the fragments' order.
+FMOE_DEVICE void gemv_mma2(float d[4], const uint4 &w0, const uint4 &w1, const uint4 &a) {
+    const u32 fa0[4] = {w0.x, w1.x, w0.y, w1.y}, fb0[2] = {a.x, a.y};
+    const u32 fa1[4] = {w0.z, w1.z, w0.w, w1.w}, fb1[2] = {a.z, a.w};
+#if FMOE_PREC == 4
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        const u32 *fa = s ? fa1 : fa0, *fb = s ? fb1 : fb0;
+        asm volatile(
+            "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(fa[0]), "r"(fa[1]), "r"(fa[2]), "r"(fa[3]), "r"(fb[0]), "r"(fb[1]));
+    }
+#else
+    MmaEngine<MMA>::mma(d, fa0, fb0);
+    MmaEngine<MMA>::mma(d, fa1, fb1);
+#endif
+}
+
+// A GEMV's operands, set up by the block (shared memory) before the slabs run. Row pointers are bytes; a null row
+// reads as zeros.
+struct GemvOperands {
+    const char *a[GEMV_TOKENS];         // the expert's rows (x, received rows, h or their E4M3 codes)
+    const float *a_scale[GEMV_TOKENS];  // fp8: each row's K-block scales
+    const char *w;                      // the tile's weight matrix (codes for fp8)
+    const float *w_scale;               // fp8: [64-row granule][K block] scales
+    int rows;                           // weight rows of the matrix (rows past it read as zeros)
+    int k_bytes;                        // bytes of a weight row and of an A row (a multiple of 16)
+};
+
+// One warp: acc (rows g, g + 8 of the slab × columns 2t, 2t + 1) = the slab's weight rows wrow0 … + 15 times the
+// A rows over K bytes [kb0, kb1). fp8: kb0, kb1 are whole 128-byte K blocks, each promoted on its own.
+FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, float acc[4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bool v0 = wrow0 + g < op.rows, v1 = wrow0 + g + 8 < op.rows;
+    const char *w0 = op.w + (size_t)(v0 ? wrow0 + g : 0) * op.k_bytes;
+    const char *w1 = op.w + (size_t)(v1 ? wrow0 + g + 8 : 0) * op.k_bytes;
+    const char *a = op.a[g];
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[c] = 0.f;
+#if FMOE_PREC == 4
+    // Scales: the slab's granule (its 16 rows share one) and this lane's two columns' rows.
+    const float *ws = op.w_scale + (size_t)((wrow0 < op.rows ? wrow0 : 0) / 64) * ((op.k_bytes + 127) / 128);
+    const float *s0 = op.a[2 * t] ? op.a_scale[2 * t] : nullptr;
+    const float *s1 = op.a[2 * t + 1] ? op.a_scale[2 * t + 1] : nullptr;
+    for (int kb = kb0; kb < kb1; kb += 128 * GEMV_UNROLL) {
+        uint4 q0[2 * GEMV_UNROLL], q1[2 * GEMV_UNROLL], qa[2 * GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < 2 * GEMV_UNROLL; ++u) {  // two 64-byte chunks a K block
+            const int at = kb + 64 * u + 16 * t;
+            const bool in = at < kb1 && at < op.k_bytes;
+            q0[u] = in && v0 ? ld_weights16(w0 + at) : zero;
+            q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
+            qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int blk = kb / 128 + u;
+            if (kb + 128 * u >= kb1) break;  // warp-uniform
+            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+            gemv_mma2(tmp, q0[2 * u], q1[2 * u], qa[2 * u]);
+            gemv_mma2(tmp, q0[2 * u + 1], q1[2 * u + 1], qa[2 * u + 1]);
+            // acc += tmp · (a_scale(column) · w_scale): the tile engines' promotion (wgmma_fp8.cuh); a column
+            // past the expert's rows has scale 0.
+            const float b = v0 || v1 ? ws[blk] : 0.f;
+            const float sa0 = s0 ? s0[blk] : 0.f, sa1 = s1 ? s1[blk] : 0.f;
+            acc[0] = fmaf(tmp[0], sa0 * b, acc[0]);
+            acc[1] = fmaf(tmp[1], sa1 * b, acc[1]);
+            acc[2] = fmaf(tmp[2], sa0 * b, acc[2]);
+            acc[3] = fmaf(tmp[3], sa1 * b, acc[3]);
+        }
+    }
+#else
+    for (int kb = kb0; kb < kb1; kb += 64 * GEMV_UNROLL) {
+        uint4 q0[GEMV_UNROLL], q1[GEMV_UNROLL], qa[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int at = kb + 64 * u + 16 * t;
+            const bool in = at < kb1;
+            q0[u] = in && v0 ? ld_weights16(w0 + at) : zero;
+            q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
+            qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) gemv_mma2(acc, q0[u], q1[u], qa[u]);
+    }
+#endif
+}
+
+// A tile's weight rows: tile row r is weight row r < half ? lo0 + r : lo1 + (r − half) (gated GEMM0: the gate
+// rows, then the up rows that pair with them; otherwise lo0 + r). half is a multiple of 16, so slabs never straddle.
+struct GemvRows {
+    int lo0, lo1, half;
+};
+constexpr int GEMV_CS = c_stride<EBN>();  // row stride of the staged result (the wide tile's)
+
+// The block: c[column j][tile row r] (stride GEMV_CS, the tiles' staged layout) for `tile_rows` tile rows (a
+// multiple of 16, at most EBN) of `op` (in shared memory, set by the caller). Work items (slab, K part) go round the
+// warps; a slab has KP = 8 / slabs parts when slabs < 8, whose sums are added in part order. Leaves c in shared
+// memory for the caller's epilogue (after a barrier).
+FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, GemvRows wr) {
+    constexpr int UNIT = FMOE_PREC == 4 ? 128 : 64;  // K parts are whole units (fp8: K blocks)
+    const int slabs = tile_rows / 16, kp_count = slabs >= GEMV_WARPS ? 1 : GEMV_WARPS / slabs;
+    float *c = (float *)smem;
+    float *part = c + GEMV_TOKENS * GEMV_CS;  // [item][16 rows][8 columns]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int units = (op.k_bytes + UNIT - 1) / UNIT;
+    for (int item = warp; item < slabs * kp_count; item += GEMV_WARPS) {
+        const int slab = item / kp_count, kp = item % kp_count;
+        const int u0 = units * kp / kp_count, u1 = units * (kp + 1) / kp_count;
+        const int r = slab * 16, w0 = r < wr.half ? wr.lo0 + r : wr.lo1 + r - wr.half;
+        float acc[4];
+        gemv_slab(op, w0, u0 * UNIT, min(u1 * UNIT, op.k_bytes), acc);
+        float *d = part + item * 128;
+        d[g * 8 + 2 * t] = acc[0];
+        d[g * 8 + 2 * t + 1] = acc[1];
+        d[(g + 8) * 8 + 2 * t] = acc[2];
+        d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+    }
+    __syncthreads();
+    for (int u = threadIdx.x; u < tile_rows * GEMV_TOKENS; u += THREADS) {
+        const int r = u / GEMV_TOKENS, j = u % GEMV_TOKENS;
+        const float *d = part + (r / 16) * kp_count * 128 + (r % 16) * 8 + j;
+        float v = d[0];
+        for (int kp = 1; kp < kp_count; ++kp) v += d[kp * 128];
+        c[j * GEMV_CS + r] = v;
+    }
+    __syncthreads();
+}
+
+// Sets `op` (threads 0 … 7; the caller synchronises) for GEMM `gemm` of routed expert x (gemv_expert). GEMM0: its
+// W1 (or fp8 image) times its rows' x (one GPU: the tokens' rows; ranks: the received rows; fp8: x's codes and
+// scales). GEMM1: its W2 times its rows' h (fp8: h's codes and scales).
+FMOE_DEVICE void gemv_operands(const Params &p, const Layout &L, int gemm, int x, GemvOperands &op) {
+    if (gemm == 0 && threadIdx.x < GEMV_TOKENS) {
+        const int r = threadIdx.x, row = L.row_start[x] + r;
+        const bool in = r < rows_of(L, x);
+#if FMOE_PREC == 4
+        const int token = in ? p.row_token[row] : 0;
+        op.a[r] = in ? (const char *)(p.xq + (size_t)token * H) : nullptr;
+        op.a_scale[r] = in ? p.xq_scale + (size_t)token * KB_H : nullptr;
+        if (r == 0) {
+            op.w = (const char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
+            op.w_scale = (const float *)(op.w + W1_CODES);
+            op.k_bytes = H;
+        }
+#else
+        if (RANKS > 1) op.a[r] = in ? (const char *)(p.peers[p.rank].recv + (size_t)row * H) : nullptr;
+        else op.a[r] = in ? (const char *)(p.x + (size_t)p.row_token[row] * H) : nullptr;
+        op.a_scale[r] = nullptr;
+        if (r == 0) {
+            op.w = (const char *)(p.w1 + (size_t)x * N0 * H);
+            op.w_scale = nullptr;
+            op.k_bytes = H * (int)sizeof(T);
+        }
+#endif
+        if (r == 0) op.rows = N0;
+    }
+    if (gemm == 1 && threadIdx.x < GEMV_TOKENS) {
+        const int r = threadIdx.x;
+        const size_t row = (size_t)L.row_start[x] + r;
+        const bool in = r < rows_of(L, x);
+#if FMOE_PREC == 4
+        op.a[r] = in ? (const char *)(p.hq + row * I) : nullptr;
+        op.a_scale[r] = in ? p.hq_scale + row * KB_I : nullptr;
+        if (r == 0) {
+            op.w = (const char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
+            op.w_scale = (const float *)(op.w + W2_CODES);
+            op.k_bytes = I;
+        }
+#else
+        op.a[r] = in ? (const char *)(p.hbuf + row * I) : nullptr;
+        op.a_scale[r] = nullptr;
+        if (r == 0) {
+            op.w = (const char *)(p.w2 + (size_t)x * H * I);
+            op.w_scale = nullptr;
+            op.k_bytes = I * (int)sizeof(T);
+        }
+#endif
+        if (r == 0) op.rows = H;
+    }
+}
+#endif
+
+}  // namespace fmoe
