@@ -49,6 +49,19 @@ import Testing
         #expect(Set(scales).count == scales.count)
     }
 
+    /// The decode cases reach the GPU's GEMV path (gemv.cuh: experts with at most 8 rows) whatever the routing,
+    /// since no expert can have more rows than there are tokens; on the CPU they pass like any fp8 case.
+    @Test func theDecodeGEMVCasesHaveAtMostEightRowsAnExpertAndPass() throws {
+        let decode = Verifier.standardCases().filter { $0.name.contains("decode GEMV") }
+        #expect(decode.count == 3)
+        #expect(decode.contains { $0.values == .fp8OneBinade })
+        for c in decode {
+            #expect(c.config.precision == .fp8 && c.tokens <= 8, "\(c.name)")
+            let r = try Verifier.run(c) { try CPUBackend(layer: $0, mode: .fast) }
+            #expect(r.passed, "\(c.name): \(r.failure ?? "")")
+        }
+    }
+
     @Test func theFastBackendPassesTheSharpCase() throws {
         let r = try Verifier.run(Self.sharp) { try CPUBackend(layer: $0, mode: .fast) }
         print("fp8 one binade: fast CPU vs fp8 oracle \(r.relativeError) (tolerance \(r.tolerance))")
