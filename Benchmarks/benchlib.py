@@ -50,8 +50,13 @@ PRESETS: dict[str, PresetSpec] = {
     )
 }
 
-#: Bytes per element of the stored tensors for each benchmarked precision (TF32 runs on fp32 tensors).
-ELEMENT_BYTES = {"tf32": 4, "fp32": 4, "bf16": 2, "fp16": 2}
+#: Bytes per element of the stored tensors for each benchmarked precision (TF32 runs on fp32 tensors). For fp8 it
+#: is the routed experts' weights (E4M3 codes; their fp32 128x128 block scales add 1/4096 of a byte per element):
+#: its router, shared expert and activations stay bf16, which STORAGE_BYTES says.
+ELEMENT_BYTES = {"tf32": 4, "fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+#: Bytes per element of everything but the routed experts' weights (router, shared expert, input and output), as
+#: FlashMoE's Roofline.swift counts them: the storage type, bf16 for fp8.
+STORAGE_BYTES = {**ELEMENT_BYTES, "fp8": 2}
 
 
 def layer_flops(spec: PresetSpec, tokens: int) -> int:
@@ -62,10 +67,12 @@ def layer_flops(spec: PresetSpec, tokens: int) -> int:
     return routed + gate + shared
 
 
-def layer_bytes(spec: PresetSpec, tokens: int, experts_touched: float, element_bytes: int) -> int:
+def layer_bytes(spec: PresetSpec, tokens: int, experts_touched: float, element_bytes: int,
+                expert_bytes: int | None = None) -> int:
     """Bytes a layer call must move at least once: the weights of the experts it touches, the gate (and the
-    fp32 selection bias when there is one), the shared expert, the input activations and the output."""
-    expert = spec.ffn_mats * spec.hidden * spec.inter * element_bytes
+    fp32 selection bias when there is one), the shared expert, the input activations and the output.
+    `expert_bytes` is the routed experts' element size where it differs from `element_bytes` (fp8: 1 and 2)."""
+    expert = spec.ffn_mats * spec.hidden * spec.inter * (element_bytes if expert_bytes is None else expert_bytes)
     gate = spec.experts * spec.hidden * element_bytes + (spec.experts * 4 if spec.router == "deepseek" else 0)
     shared = 3 * spec.hidden * spec.shared_inter * element_bytes
     activations = 2 * tokens * spec.hidden * element_bytes

@@ -91,9 +91,9 @@ class ParseTests(unittest.TestCase):
         self.assertGreaterEqual(a.input_sets, 2)
 
     def test_torch_cli_rejects_bad_input(self):
-        for argv in (["--presets", "nope"], ["--impls", "fast"], ["--precisions", "fp8"], ["--tokens", "0"],
+        for argv in (["--presets", "nope"], ["--impls", "fast"], ["--precisions", "fp16"], ["--tokens", "0"],
                      ["--repeats", "0"], ["--group-align", "0"], ["--skip", "nomatch"], ["--skip", "a:b:c:d"],
-                     ["--json", "/nonexistent-dir/x.json"]):
+                     ["--json", "/nonexistent-dir/x.json"], ["--fp8-row-align", "0"]):
             with self.subTest(argv=argv), contextlib.redirect_stderr(io.StringIO()):
                 with self.assertRaises(SystemExit):
                     tmb.parse_args(argv)
