@@ -1,7 +1,7 @@
 """Tests of scripts/check_transformers.py's fp8 case that need no torch: the E4M3 and block-scale rules it writes
-FP8 checkpoints by (FlashMoE's, docs/fp8.md), which tensors it stores in FP8, the quantization_config it writes,
-its limits and its command line. Where torch is importable (the GPU host) the torch implementations are held to the
-same rules too.
+FP8 checkpoints by (FlashMoE's, docs/fp8.md), which tensors it stores in FP8, the quantization_config it writes and
+its limits (all in scripts/transformers_fp8.py), and its command line (check_transformers.py). Where torch is
+importable (the GPU host) the torch implementations are held to the same rules too.
 
     python3 -m unittest discover -s Benchmarks -p 'test_*.py'
 """
@@ -22,78 +22,79 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
 sys.path.insert(0, SCRIPTS)
 import check_transformers as ct  # noqa: E402  (imports torch only inside its functions)
+import transformers_fp8 as tf8  # noqa: E402  (the same)
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def finite_values() -> list[float]:
     """Every finite non-negative E4M3 value, ascending."""
-    return sorted({ct.e4m3_value(c) for c in range(128) if not math.isnan(ct.e4m3_value(c))})
+    return sorted({tf8.e4m3_value(c) for c in range(128) if not math.isnan(tf8.e4m3_value(c))})
 
 
 class E4M3Tests(unittest.TestCase):
     def test_codes_decode_to_the_format(self):
-        values = [ct.e4m3_value(c) for c in range(256)]
+        values = [tf8.e4m3_value(c) for c in range(256)]
         self.assertEqual([c for c, v in enumerate(values) if math.isnan(v)], [0x7F, 0xFF])
         self.assertEqual(max(v for v in values if not math.isnan(v)), 448.0)
-        self.assertEqual(ct.e4m3_value(0x7E), 448.0)
-        self.assertEqual(ct.e4m3_value(0x01), 2.0 ** -9)  # smallest subnormal
-        self.assertEqual(ct.e4m3_value(0x08), 2.0 ** -6)  # smallest normal
-        self.assertEqual(ct.e4m3_value(0x38), 1.0)
-        self.assertEqual(ct.e4m3_value(0xB8), -1.0)
-        self.assertEqual(math.copysign(1, ct.e4m3_value(0x80)), -1.0)
+        self.assertEqual(tf8.e4m3_value(0x7E), 448.0)
+        self.assertEqual(tf8.e4m3_value(0x01), 2.0 ** -9)  # smallest subnormal
+        self.assertEqual(tf8.e4m3_value(0x08), 2.0 ** -6)  # smallest normal
+        self.assertEqual(tf8.e4m3_value(0x38), 1.0)
+        self.assertEqual(tf8.e4m3_value(0xB8), -1.0)
+        self.assertEqual(math.copysign(1, tf8.e4m3_value(0x80)), -1.0)
         self.assertEqual(len(finite_values()), 127)  # 0 and 126 positive values
 
     def test_rounding_is_to_nearest_even_and_saturates(self):
         vals = finite_values()
         for v in vals:
-            self.assertEqual(ct.e4m3_round(v), v)
-            self.assertEqual(ct.e4m3_round(-v), -v)
+            self.assertEqual(tf8.e4m3_round(v), v)
+            self.assertEqual(tf8.e4m3_round(-v), -v)
         for i, (a, b) in enumerate(zip(vals, vals[1:])):
             mid = (a + b) / 2  # exact: both have few bits
             even = a if i % 2 == 0 else b  # codes 0, 1, 2...: the even code is the lower one at even i
-            self.assertEqual(ct.e4m3_round(mid), even, (a, b))
-            self.assertEqual(ct.e4m3_round(math.nextafter(mid, 0)), a)
-            self.assertEqual(ct.e4m3_round(math.nextafter(mid, math.inf)), b)
-        self.assertEqual(ct.e4m3_round(2.0 ** -10), 0.0)  # the tie between 0 and 2^-9 goes to 0
-        self.assertEqual(ct.e4m3_round(3 * 2.0 ** -10), 2.0 ** -8)  # between 1 and 2 x 2^-9: to 2 (even)
+            self.assertEqual(tf8.e4m3_round(mid), even, (a, b))
+            self.assertEqual(tf8.e4m3_round(math.nextafter(mid, 0)), a)
+            self.assertEqual(tf8.e4m3_round(math.nextafter(mid, math.inf)), b)
+        self.assertEqual(tf8.e4m3_round(2.0 ** -10), 0.0)  # the tie between 0 and 2^-9 goes to 0
+        self.assertEqual(tf8.e4m3_round(3 * 2.0 ** -10), 2.0 ** -8)  # between 1 and 2 x 2^-9: to 2 (even)
         for big in (448.0, 460.0, 464.0, 470.0, 1e6, math.inf):
-            self.assertEqual(ct.e4m3_round(big), 448.0)
-            self.assertEqual(ct.e4m3_round(-big), -448.0)
-        self.assertTrue(math.isnan(ct.e4m3_round(math.nan)))
-        self.assertEqual(math.copysign(1, ct.e4m3_round(-1e-9)), -1.0)  # the sign of zero is kept
+            self.assertEqual(tf8.e4m3_round(big), 448.0)
+            self.assertEqual(tf8.e4m3_round(-big), -448.0)
+        self.assertTrue(math.isnan(tf8.e4m3_round(math.nan)))
+        self.assertEqual(math.copysign(1, tf8.e4m3_round(-1e-9)), -1.0)  # the sign of zero is kept
 
     def test_relative_error_is_at_most_a_sixteenth_in_the_normal_range(self):
         rng = random.Random(3)
         for _ in range(2000):
-            v = ct.f32(rng.uniform(2.0 ** -6, 448.0) * rng.choice((-1, 1)))
-            self.assertLessEqual(abs(ct.e4m3_round(v) - v), abs(v) / 16 + 1e-12)
+            v = tf8.f32(rng.uniform(2.0 ** -6, 448.0) * rng.choice((-1, 1)))
+            self.assertLessEqual(abs(tf8.e4m3_round(v) - v), abs(v) / 16 + 1e-12)
 
 
 class ScaleTests(unittest.TestCase):
     def test_scale_is_amax_over_448_in_float32_or_one(self):
-        self.assertEqual(ct.fp8_scale(448.0), 1.0)
-        self.assertEqual(ct.fp8_scale(0.0), 1.0)
-        self.assertEqual(ct.fp8_scale(1e-45), 1.0)  # the quotient underflows to 0
-        self.assertEqual(ct.fp8_scale(1.0), ct.f32(1 / 448))
-        self.assertEqual(ct.fp8_scale(3.0), ct.f32(3 / 448))
-        self.assertNotEqual(ct.fp8_scale(3.0), 3 / 448)  # float32, not float64
+        self.assertEqual(tf8.fp8_scale(448.0), 1.0)
+        self.assertEqual(tf8.fp8_scale(0.0), 1.0)
+        self.assertEqual(tf8.fp8_scale(1e-45), 1.0)  # the quotient underflows to 0
+        self.assertEqual(tf8.fp8_scale(1.0), tf8.f32(1 / 448))
+        self.assertEqual(tf8.fp8_scale(3.0), tf8.f32(3 / 448))
+        self.assertNotEqual(tf8.fp8_scale(3.0), 3 / 448)  # float32, not float64
 
     def test_scale_shapes(self):
-        self.assertEqual(ct.fp8_scale_shape([384, 256]), [3, 2])
-        self.assertEqual(ct.fp8_scale_shape([256, 384]), [2, 3])
-        self.assertEqual(ct.fp8_scale_shape([8, 768, 256]), [8, 6, 2])
-        self.assertEqual(ct.fp8_scale_shape([24, 256]), [1, 2])  # DeepSeek's kv_a_proj_with_mqa: a short block
-        self.assertEqual(ct.fp8_scale_shape([129, 1]), [2, 1])
+        self.assertEqual(tf8.fp8_scale_shape([384, 256]), [3, 2])
+        self.assertEqual(tf8.fp8_scale_shape([256, 384]), [2, 3])
+        self.assertEqual(tf8.fp8_scale_shape([8, 768, 256]), [8, 6, 2])
+        self.assertEqual(tf8.fp8_scale_shape([24, 256]), [1, 2])  # DeepSeek's kv_a_proj_with_mqa: a short block
+        self.assertEqual(tf8.fp8_scale_shape([129, 1]), [2, 1])
         with self.assertRaises(ValueError):
-            ct.fp8_scale_shape([256])
+            tf8.fp8_scale_shape([256])
 
     def test_block_quantizer_gives_every_block_its_scale(self):
         rng = random.Random(7)
         factors = [[0.25, 3.0], [1.0, 0.0]]  # the last block all zeros
-        m = [[ct.f32(rng.uniform(-1, 1) * factors[r // 128][c // 128]) for c in range(200)] for r in range(130)]
-        codes, scales = ct.quantize_blocks_reference(m)
-        self.assertEqual([len(scales), len(scales[0])], ct.fp8_scale_shape([130, 200]))
+        m = [[tf8.f32(rng.uniform(-1, 1) * factors[r // 128][c // 128]) for c in range(200)] for r in range(130)]
+        codes, scales = tf8.quantize_blocks_reference(m)
+        self.assertEqual([len(scales), len(scales[0])], tf8.fp8_scale_shape([130, 200]))
         self.assertEqual(scales[1][1], 1.0)
         for bi in range(2):
             for bj in range(2):
@@ -103,7 +104,7 @@ class ScaleTests(unittest.TestCase):
                 if amax == 0:
                     self.assertTrue(all(codes[r][c] == 0 for r in rows for c in cols))
                     continue
-                self.assertEqual(scales[bi][bj], ct.fp8_scale(amax))
+                self.assertEqual(scales[bi][bj], tf8.fp8_scale(amax))
                 self.assertEqual(max(abs(codes[r][c]) for r in rows for c in cols), 448.0)  # amax -> +-448
                 for r in rows:
                     for c in cols:
@@ -113,16 +114,16 @@ class ScaleTests(unittest.TestCase):
 
     def test_activation_groups_of_128(self):
         rng = random.Random(11)
-        row = [ct.f32(rng.gauss(0, 1) * (100.0 if i >= 256 else 1.0)) for i in range(300)]
-        q = ct.fake_quantize_row_reference(row)
+        row = [tf8.f32(rng.gauss(0, 1) * (100.0 if i >= 256 else 1.0)) for i in range(300)]
+        q = tf8.fake_quantize_row_reference(row)
         self.assertEqual(len(q), 300)
         for start in (0, 128, 256):
             group = row[start:start + 128]
-            s = ct.fp8_scale(max(abs(v) for v in group))
+            s = tf8.fp8_scale(max(abs(v) for v in group))
             i = max(range(len(group)), key=lambda j: abs(group[j]))
             self.assertEqual(abs(q[start + i]), 448.0 * s)
             for v, w in zip(group, q[start:start + 128]):
-                self.assertEqual(w / s, ct.e4m3_round(ct.f32(v / s)))
+                self.assertEqual(w / s, tf8.e4m3_round(tf8.f32(v / s)))
 
 
 class CheckpointFormatTests(unittest.TestCase):
@@ -136,43 +137,43 @@ class CheckpointFormatTests(unittest.TestCase):
                 "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.1.self_attn.q_norm.weight",
                 "model.layers.0.self_attn.kv_a_layernorm.weight"]
         for name in fp8:
-            self.assertTrue(ct.fp8_quantized(name, 2), name)
-            self.assertFalse(ct.fp8_quantized(name, 3), name)  # fused stacks are split first
+            self.assertTrue(tf8.fp8_quantized(name, 2), name)
+            self.assertFalse(tf8.fp8_quantized(name, 3), name)  # fused stacks are split first
         for name in kept:
-            self.assertFalse(ct.fp8_quantized(name, 2 if "norm" not in name and "bias" not in name else 1), name)
-            self.assertFalse(ct.fp8_quantized(name, 2), name)
+            self.assertFalse(tf8.fp8_quantized(name, 2 if "norm" not in name and "bias" not in name else 1), name)
+            self.assertFalse(tf8.fp8_quantized(name, 2), name)
 
     def test_quantization_config_is_the_hubs(self):
-        ds = ct.fp8_quantization_config("deepseek_v3", [1])
+        ds = tf8.fp8_quantization_config("deepseek_v3", [1])
         self.assertEqual(ds, {"activation_scheme": "dynamic", "quant_method": "fp8", "fmt": "e4m3",
                               "weight_block_size": [128, 128]})
-        qw = ct.fp8_quantization_config("qwen3_moe", [1, 3])
+        qw = tf8.fp8_quantization_config("qwen3_moe", [1, 3])
         self.assertNotIn("fmt", qw)  # Qwen3's FP8 releases omit it; FlashMoE takes e4m3 then
         self.assertEqual(qw["modules_to_not_convert"],
                          ["lm_head", "model.layers.1.mlp.gate", "model.layers.3.mlp.gate"])
         self.assertEqual(qw["weight_block_size"], [128, 128])  # the only block size FlashMoE accepts
 
     def test_fp8_sizes_fit_both_loaders(self):
-        ct.check_fp8_sizes(ct.FP8_SIZES)
-        self.assertNotEqual(ct.FP8_SIZES["hidden"], ct.FP8_SIZES["inter"])  # non-square scale grids
+        tf8.check_fp8_sizes(tf8.FP8_SIZES)
+        self.assertNotEqual(tf8.FP8_SIZES["hidden"], tf8.FP8_SIZES["inter"])  # non-square scale grids
         for key in ("hidden", "inter", "shared"):
-            self.assertEqual(ct.FP8_SIZES[key] % 16, 0)  # FlashMoE's GPU fp8 path
+            self.assertEqual(tf8.FP8_SIZES[key] % 16, 0)  # FlashMoE's GPU fp8 path
             with self.assertRaises(ValueError):
-                ct.check_fp8_sizes(dict(ct.FP8_SIZES, **{key: 192}))
+                tf8.check_fp8_sizes(dict(tf8.FP8_SIZES, **{key: 192}))
 
     def test_limits(self):
         loose, tight = 0.08, 1e-5
-        self.assertEqual(ct.fp8_limit("emulated", "cpu", loose, tight), 5e-3)
-        self.assertEqual(ct.fp8_limit("emulated", "oracle", loose, tight), 5e-3)
-        self.assertEqual(ct.fp8_limit("emulated", "cuda", loose, tight), 5e-2)
-        self.assertEqual(ct.fp8_limit("emulated", "auto", loose, tight), 5e-2)
-        self.assertEqual(ct.fp8_limit("cuda-vs-cpu", None, loose, tight), 5e-2)
-        self.assertEqual(ct.fp8_limit("transformers-emulated", None, loose, tight), 5e-2)
-        self.assertEqual(ct.fp8_limit("dequantized", "cpu", loose, tight), loose)
-        self.assertEqual(ct.fp8_limit("transformers", "cuda", loose, tight), loose)
-        self.assertEqual(ct.fp8_limit("transformers-dequantized", None, loose, tight), tight)
+        self.assertEqual(tf8.fp8_limit("emulated", "cpu", loose, tight), 5e-3)
+        self.assertEqual(tf8.fp8_limit("emulated", "oracle", loose, tight), 5e-3)
+        self.assertEqual(tf8.fp8_limit("emulated", "cuda", loose, tight), 5e-2)
+        self.assertEqual(tf8.fp8_limit("emulated", "auto", loose, tight), 5e-2)
+        self.assertEqual(tf8.fp8_limit("cuda-vs-cpu", None, loose, tight), 5e-2)
+        self.assertEqual(tf8.fp8_limit("transformers-emulated", None, loose, tight), 5e-2)
+        self.assertEqual(tf8.fp8_limit("dequantized", "cpu", loose, tight), loose)
+        self.assertEqual(tf8.fp8_limit("transformers", "cuda", loose, tight), loose)
+        self.assertEqual(tf8.fp8_limit("transformers-dequantized", None, loose, tight), tight)
         with self.assertRaises(ValueError):
-            ct.fp8_limit("bogus", None, loose, tight)
+            tf8.fp8_limit("bogus", None, loose, tight)
 
 
 class ArgsTests(unittest.TestCase):
@@ -207,18 +208,18 @@ class ArgsTests(unittest.TestCase):
 @unittest.skipUnless(HAVE_TORCH, "needs torch (the GPU host has it)")
 class TorchRulesTests(unittest.TestCase):
     def test_torch_follows_the_rules(self):
-        self.assertIsNone(ct.check_torch_fp8_rules())
+        self.assertIsNone(tf8.check_torch_fp8_rules())
 
     def test_block_quantizer_round_trip(self):
         import torch
 
         w = torch.randn(2, 384, 256, generator=torch.Generator().manual_seed(1))
-        codes, scale = ct.quantize_fp8_blocks(w)
+        codes, scale = tf8.quantize_fp8_blocks(w)
         self.assertEqual(codes.dtype, torch.float8_e4m3fn)
-        self.assertEqual(list(scale.shape), ct.fp8_scale_shape(w.shape))
-        deq = ct.dequantize_fp8_blocks(codes, scale)
+        self.assertEqual(list(scale.shape), tf8.fp8_scale_shape(w.shape))
+        deq = tf8.dequantize_fp8_blocks(codes, scale)
         self.assertLess(float((deq - w.double()).abs().max() / w.abs().max()), 1 / 16)
-        split = ct.split_fused_experts({"m.experts.gate_up_proj": w.reshape(2, 384, 256)[:, :384].repeat(1, 2, 1),
+        split = tf8.split_fused_experts({"m.experts.gate_up_proj": w.reshape(2, 384, 256)[:, :384].repeat(1, 2, 1),
                                         "m.experts.down_proj": w.transpose(1, 2).contiguous()})
         self.assertEqual(sorted(split), ["m.experts.0.down_proj.weight", "m.experts.0.gate_proj.weight",
                                          "m.experts.0.up_proj.weight", "m.experts.1.down_proj.weight",
