@@ -34,8 +34,9 @@ constexpr int GEMV_TOKENS = 8;  // the MMA's n8: rows of an expert this path tak
 constexpr bool GEMV_ON = FMOE_PREC == 4 ? FMOE_GEMV >= 1 : FMOE_PREC >= 2 && FMOE_GEMV >= 2;
 constexpr int GEMV_WARPS = THREADS / 32;
 // 64-byte chunks (fp8: 128-byte K blocks of two chunks) a lane loads before it multiplies: 8 chunks of 1 KiB a warp,
-// 64 KiB a block in flight. 4 and 8 measured the same (bf16 qwen3-30b-a3b S = 64: 0.567 and 0.585 ms), so bytes in
-// flight are not what holds the GEMV at 2 TB/s; 16 spills.
+// 64 KiB a block in flight (16-bit types: two batches of 4, the next in flight while this one multiplies). With one
+// batch, 4 and 8 measured the same (bf16 qwen3-30b-a3b S = 64: 0.567 and 0.585 ms), so bytes in flight were not
+// what held the GEMV at 2 TB/s; 16 spills.
 #ifndef FMOE_GEMV_UNROLL
 #define FMOE_GEMV_UNROLL 8
 #endif
@@ -132,19 +133,33 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
         }
     }
 #else
-    for (int kb = kb0; kb < kb1; kb += 64 * GEMV_UNROLL) {
-        uint4 q0[GEMV_UNROLL], q1[GEMV_UNROLL], qa[GEMV_UNROLL];
+    // 16-bit types (FMOE_GEMV 2 only): batches of B chunks, the next batch's loads issued before this batch's MMAs
+    // (their SASS, one loop of loads then one chain of 16 MMAs on one accumulator, left no loads in flight while
+    // the chain ran), and the chunks alternating between two accumulators, added once at the end.
+    constexpr int B = GEMV_UNROLL / 2;
+    auto load = [&](int kb, uint4 *q0, uint4 *q1, uint4 *qa) {
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
+        for (int u = 0; u < B; ++u) {
             const int at = kb + 64 * u + 16 * t;
             const bool in = at < kb1;
             q0[u] = in && v0 ? ld_weights16(w0 + at) : zero;
             q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
             qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
         }
+    };
+    float acc2[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 q0[B], q1[B], qa[B];
+    load(kb0, q0, q1, qa);
+    for (int kb = kb0; kb < kb1; kb += 64 * B) {
+        uint4 n0[B], n1[B], na[B];
+        load(kb + 64 * B, n0, n1, na);  // past kb1: predicated off, zeros
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) gemv_mma2(acc, q0[u], q1[u], qa[u]);
+        for (int u = 0; u < B; ++u) gemv_mma2(u % 2 ? acc2 : acc, q0[u], q1[u], qa[u]);
+#pragma unroll
+        for (int u = 0; u < B; ++u) { q0[u] = n0[u]; q1[u] = n1[u]; qa[u] = na[u]; }
     }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[c] += acc2[c];
 #endif
 }
 
