@@ -104,14 +104,16 @@ template <int KIND> struct MmaEngine {
     static constexpr int C_STRIDE = c_stride<BN>();
     float acc[4][4][4];  // [m16 tile][n8 tile][c0..c3]
 
-    FMOE_DEVICE void zero() {
+    // d = 0 for a warp's 64 × 32 accumulators (acc, or Fp8MmaEngine's K-block temporary).
+    FMOE_DEVICE static void zero_tile(float (&d)[4][4][4]) {
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+                for (int c = 0; c < 4; ++c) d[i][j][c] = 0.f;
     }
+    FMOE_DEVICE void zero() { zero_tile(acc); }
 
     FMOE_DEVICE static void mma(float *d, const u32 *a, const u32 *b) {
         if (KIND == MMA_BF16) {

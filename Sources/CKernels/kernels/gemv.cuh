@@ -63,15 +63,8 @@ FMOE_DEVICE void gemv_mma2(float d[4], const uint4 &w0, const uint4 &w1, const u
     const u32 fa0[4] = {w0.x, w1.x, w0.y, w1.y}, fb0[2] = {a.x, a.y};
     const u32 fa1[4] = {w0.z, w1.z, w0.w, w1.w}, fb1[2] = {a.z, a.w};
 #if FMOE_PREC == 4
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        const u32 *fa = s ? fa1 : fa0, *fb = s ? fb1 : fb0;
-        asm volatile(
-            "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(fa[0]), "r"(fa[1]), "r"(fa[2]), "r"(fa[3]), "r"(fb[0]), "r"(fb[1]));
-    }
+    Fp8MmaEngine::mma_e4m3(d, fa0, fb0);
+    Fp8MmaEngine::mma_e4m3(d, fa1, fb1);
 #else
     MmaEngine<MMA>::mma(d, fa0, fb0);
     MmaEngine<MMA>::mma(d, fa1, fb1);
@@ -110,7 +103,7 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
 #pragma unroll
         for (int u = 0; u < 2 * GEMV_UNROLL; ++u) {  // two 64-byte chunks a K block
             const int at = kb + 64 * u + 16 * t;
-            const bool in = at < kb1 && at < op.k_bytes;
+            const bool in = at < kb1;  // kb1 ≤ k_bytes (gemv_tile)
             q0[u] = in && v0 ? ld_weights16(w0 + at) : zero;
             q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
             qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
@@ -208,53 +201,34 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
 // W1 (or fp8 image) times its rows' x (one GPU: the tokens' rows; ranks: the received rows; fp8: x's codes and
 // scales). GEMM1: its W2 times its rows' h (fp8: h's codes and scales).
 FMOE_DEVICE void gemv_operands(const Params &p, const Layout &L, int gemm, int x, GemvOperands &op) {
-    if (gemm == 0 && threadIdx.x < GEMV_TOKENS) {
-        const int r = threadIdx.x, row = L.row_start[x] + r;
-        const bool in = r < rows_of(L, x);
+    if (threadIdx.x >= GEMV_TOKENS) return;
+    const int r = threadIdx.x;
+    const size_t row = (size_t)L.row_start[x] + r;  // the expert's row r (h's row; GEMM0: its token's x row)
+    const bool in = r < rows_of(L, x);
+    if (r == 0) op.rows = gemm == 0 ? N0 : H;
 #if FMOE_PREC == 4
-        const int token = in ? p.row_token[row] : 0;
-        op.a[r] = in ? (const char *)(p.xq + (size_t)token * H) : nullptr;
-        op.a_scale[r] = in ? p.xq_scale + (size_t)token * KB_H : nullptr;
-        if (r == 0) {
-            op.w = (const char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
-            op.w_scale = (const float *)(op.w + W1_CODES);
-            op.k_bytes = H;
-        }
-#else
-        if (RANKS > 1) op.a[r] = in ? (const char *)(p.peers[p.rank].recv + (size_t)row * H) : nullptr;
-        else op.a[r] = in ? (const char *)(p.x + (size_t)p.row_token[row] * H) : nullptr;
-        op.a_scale[r] = nullptr;
-        if (r == 0) {
-            op.w = (const char *)(p.w1 + (size_t)x * N0 * H);
-            op.w_scale = nullptr;
-            op.k_bytes = H * (int)sizeof(T);
-        }
-#endif
-        if (r == 0) op.rows = N0;
+    // E4M3 codes and scales: x's by token, h's by row; the expert's image of W1 or W2 (codes, then scales).
+    const size_t a_row = gemm == 0 ? (size_t)(in ? p.row_token[row] : 0) : row;
+    op.a[r] = in ? (const char *)((gemm == 0 ? p.xq : p.hq) + a_row * (gemm == 0 ? H : I)) : nullptr;
+    op.a_scale[r] = in ? (gemm == 0 ? p.xq_scale : p.hq_scale) + a_row * (gemm == 0 ? KB_H : KB_I) : nullptr;
+    if (r == 0) {  // the matrix: one writer
+        op.w = gemm == 0 ? (const char *)p.w1 + (size_t)x * W1_EXPERT_BYTES
+                         : (const char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
+        op.w_scale = (const float *)(op.w + (gemm == 0 ? W1_CODES : W2_CODES));
+        op.k_bytes = gemm == 0 ? H : I;
     }
-    if (gemm == 1 && threadIdx.x < GEMV_TOKENS) {
-        const int r = threadIdx.x;
-        const size_t row = (size_t)L.row_start[x] + r;
-        const bool in = r < rows_of(L, x);
-#if FMOE_PREC == 4
-        op.a[r] = in ? (const char *)(p.hq + row * I) : nullptr;
-        op.a_scale[r] = in ? p.hq_scale + row * KB_I : nullptr;
-        if (r == 0) {
-            op.w = (const char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
-            op.w_scale = (const float *)(op.w + W2_CODES);
-            op.k_bytes = I;
-        }
 #else
-        op.a[r] = in ? (const char *)(p.hbuf + row * I) : nullptr;
-        op.a_scale[r] = nullptr;
-        if (r == 0) {
-            op.w = (const char *)(p.w2 + (size_t)x * H * I);
-            op.w_scale = nullptr;
-            op.k_bytes = I * (int)sizeof(T);
-        }
-#endif
-        if (r == 0) op.rows = H;
+    const T *a = gemm == 1 ? p.hbuf + row * I
+                 : RANKS > 1 ? p.peers[p.rank].recv + row * H
+                             : p.x + (size_t)(in ? p.row_token[row] : 0) * H;
+    op.a[r] = in ? (const char *)a : nullptr;
+    op.a_scale[r] = nullptr;
+    if (r == 0) {
+        op.w = (const char *)(gemm == 0 ? p.w1 + (size_t)x * N0 * H : p.w2 + (size_t)x * H * I);
+        op.w_scale = nullptr;
+        op.k_bytes = (gemm == 0 ? H : I) * (int)sizeof(T);
     }
+#endif
 }
 #endif
 

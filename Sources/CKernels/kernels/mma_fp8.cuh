@@ -15,7 +15,7 @@
 
 namespace fmoe {
 
-// MmaEngine's accumulators, stage step (compute_into), zero() and stage_out(); its own MMA, K-block temporary and
+// MmaEngine's accumulators, stage step (compute_into), zero_tile() and stage_out(); its own MMA, K-block temporary and
 // promotion.
 struct Fp8MmaEngine : MmaEngine<MMA_BF16> {
     float tmp[4][4][4];  // the current K block's sums
@@ -34,12 +34,7 @@ struct Fp8MmaEngine : MmaEngine<MMA_BF16> {
 
     // tmp = the stage's K block (its 4 k32 steps), from zero.
     FMOE_DEVICE void compute_block(const char *stage) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) tmp[i][j][c] = 0.f;
+        zero_tile(tmp);
         compute_into(stage, tmp, [](float *d, const u32 *a, const u32 *b) { mma_e4m3(d, a, b); });
     }
 

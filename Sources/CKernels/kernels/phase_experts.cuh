@@ -154,8 +154,9 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
 // every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time:
 // four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
-// (every output element is the same instructions in the same K order). The choice is per launch and block-uniform (every block
-// holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B runs).
+// (every output element is the same instructions in the same K order). The choice is per launch and block-uniform
+// (every block holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B
+// runs).
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
 #endif
@@ -228,7 +229,8 @@ FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int
 // with stride GEMV_CS for the tile's own epilogue. Not inlined: one copy for both GEMMs, with registers of its own
 // (inlined twice into a bf16 kernel it took paper-e64's with ranks from 236 registers to 255 and 4 bytes of spills
 // on sm_90a).
-__device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gemm, int x, int n, int q, int split, char *smem) {
+__device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gemm, int x, int n, int q, int split,
+                                       char *smem) {
     FMOE_TRACE_SCOPE(gemm == 0 ? FMOE_EV_GEMM0 : FMOE_EV_GEMM1, x, 0, n * split + q);
     const int rows = rows_of(L, x), tile_rows = EBN / split;
     const float *c = (const float *)smem;
@@ -237,10 +239,9 @@ __device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gem
     const int col0 = gemm == 0 ? n * WIDE_COLS + q * out_cols : n * EBN + q * tile_rows;
     if (col0 >= (gemm == 0 ? I : H)) return;  // block-uniform: a decode part past the last column
     // Weight rows: GEMM0 gated, the tile's gate rows, then the up rows that pair with them (EBN / 2 further in the
-    // packing); otherwise the tile's rows in order.
+    // packing); otherwise the tile's rows in order (GEMM1: W2's rows are the output columns, from col0).
     GemvRows wr{n * EBN + q * tile_rows, 0, tile_rows};
     if (gemm == 0 && GATED) wr = GemvRows{n * EBN + q * out_cols, n * EBN + EBN / 2 + q * out_cols, out_cols};
-    else if (gemm == 1) wr.lo0 = col0;
     __shared__ GemvOperands op;
     gemv_operands(p, L, gemm, x, op);
     __syncthreads();
