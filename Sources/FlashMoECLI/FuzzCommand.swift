@@ -81,12 +81,12 @@ struct FuzzCommand: ReportingCommand {
     func execute(context: MachineContext, emit: (String) -> Void) throws -> Summary {
         let clock = ContinuousClock()
         let start = clock.now  // --max-seconds counts the kernel compilation too
-        let indices = try selectedIndices()
-        let all = indices.map { FuzzCase(seed: seed, index: $0, fp8: fp8) }
         if fp8 && backend == .cuda && !FusedSpecialization.supportsFP8 {
             throw CLIError(.invalidValue, "--fp8 on the GPU needs FLASHMOE_EXPERIMENTAL_FP8=1: the kernel's fp8 path is "
                 + "experimental (docs/fp8.md); run it with --backend cpu, or set the variable")
         }
+        let indices = try selectedIndices()
+        let all = indices.map { FuzzCase(seed: seed, index: $0, fp8: fp8) }
         let list = quick ? all.filter(\.isQuick) : all
         if let compileOnly {
             for arch in try GPUArchitecture.parseList(compileOnly) {

@@ -65,7 +65,7 @@ extension FusedKernel {
         build: (KernelSpec, GPUArchitecture) throws -> CompiledKernel, prepare: (CUDAModule) throws -> Void
     ) throws {
         let arch = device.properties.architecture
-        if specialization.config.precision == .fp8 && arch.number != 89 && arch.number != 90 {
+        if specialization.config.precision == .fp8 && !FusedSpecialization.hasFP8Engine(arch) {
             throw MoEError(
                 .unsupported,
                 "precision fp8 runs on sm_90a (Hopper) and sm_89 (Ada) GPUs only; \(device.properties.name) is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")

@@ -47,6 +47,11 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
+    /// Whether the kernel has an fp8 engine for `arch`: sm_90a (E4M3 wgmma, wgmma_fp8.cuh) and sm_89 (E4M3 mma.sync,
+    /// mma_fp8.cuh), which plain sm_90 also runs (how FLASHMOE_EMULATE_ARCH=sm_89 checks sm_89's path on a Hopper
+    /// GPU). Blackwell's targets would run mma.sync too, but that build has never run, so they have none.
+    static func hasFP8Engine(_ arch: GPUArchitecture) -> Bool { arch.number == 89 || arch.number == 90 }
+
     /// The target `flashmoe compile` and the tests assume when none is given: the H200's.
     public static let defaultArch = GPUArchitecture(major: 9, minor: 0)
 
@@ -86,11 +91,7 @@ public struct FusedSpecialization: Sendable, Hashable {
                 throw fail(
                     "precision fp8 on the GPU runs on one GPU only: expert parallelism sends BF16 rows, not E4M3 codes (docs/fp8.md); use ranks = 1, or --precision bf16 with ranks")
             }
-            // sm_90a: E4M3 wgmma (wgmma_fp8.cuh); sm_89: E4M3 mma.sync (mma_fp8.cuh). Plain sm_90 runs the mma.sync
-            // kernel too, which is how FLASHMOE_EMULATE_ARCH=sm_89 checks sm_89's path on a Hopper GPU (it spills
-            // there: a check of the arithmetic, not of the speed). Blackwell's targets would also run mma.sync, but
-            // that build spills and has never run, so it is refused.
-            guard arch.number == 89 || arch.number == 90 else {
+            guard Self.hasFP8Engine(arch) else {
                 throw fail(
                     "precision fp8 runs on sm_90a (Hopper, wgmma) and sm_89 (Ada, mma.sync) only; the target is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")
             }
