@@ -470,23 +470,30 @@ def combine_slots(y, order, w):
     return yk.view(S, k, y.shape[1]).mul_(w.to(y.dtype).unsqueeze(-1)).sum(dim=1)
 
 
-def forward_loop(layer: Layer, x):
-    """Per-expert loop: one sort, one host sync for the counts, then index_select / FFN / weighted index_add_."""
-    spec = layer.spec
-    S = x.shape[0]
+def expert_counts(flat, experts: int) -> list[int]:
+    """Rows of each expert, on the host (the loop's one sync)."""
+    return torch.bincount(flat, minlength=experts).tolist()
+
+
+def routed_batches(layer: Layer, x):
+    """The per-expert loops' routing: one sort by expert and one host sync for the counts; yields, per expert with
+    rows, (expert, its rows' token indices, their combine weights [c, 1])."""
     ids, w = route(layer, x)
     flat, order, tok = sort_by_expert(ids)
     w_sorted = w.reshape(-1)[order]
-    counts = torch.bincount(flat, minlength=spec.experts).tolist()  # the loop's one host sync
-    out = torch.zeros(S, spec.hidden, dtype=torch.float32, device=x.device)
     start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        idx = tok[start:start + c]
-        ye = expert_ffn(layer, e, x.index_select(0, idx))
-        out.index_add_(0, idx, ye.float() * w_sorted[start:start + c].unsqueeze(1))
+    for e, c in enumerate(expert_counts(flat, layer.spec.experts)):
+        if c:
+            yield e, tok[start:start + c], w_sorted[start:start + c].unsqueeze(1)
         start += c
+
+
+def forward_loop(layer: Layer, x):
+    """Per-expert loop: one sort, one host sync for the counts, then index_select / FFN / weighted index_add_."""
+    out = torch.zeros(x.shape[0], layer.spec.hidden, dtype=torch.float32, device=x.device)
+    for e, idx, we in routed_batches(layer, x):
+        ye = expert_ffn(layer, e, x.index_select(0, idx))
+        out.index_add_(0, idx, ye.float() * we)
     if layer.ws_in is not None:
         out += shared_ffn(layer, x).float()
     return out.to(x.dtype)
@@ -691,33 +698,19 @@ def outer_dim_major(s):
     return torch.empty_strided((M, G), (1, M), dtype=s.dtype, device=s.device).copy_(s)
 
 
-def expert_counts(flat, experts: int) -> list[int]:
-    """Rows of each expert, on the host (the loop's one sync)."""
-    return torch.bincount(flat, minlength=experts).tolist()
-
-
 def forward_loop_fp8(layer: Fp8Layer, x, row_align: int = 4):
     """The per-expert loop at fp8, blockwise (DeepSeek-V3's scaling, and FlashMoE's arithmetic): x quantized once
     per token and 128-channel group, then per expert its rows' codes and scales gathered (and padded to `row_align`
     rows), GEMM0 with fp32 output, the activation in fp32, h rounded to bf16 and quantized per row and group, GEMM1
     (bf16 out), and the weighted index_add_ into fp32. (GEMM0's output in bf16 would move ~3 % of h's codes by one
     step, which the unit tests measure as 1.6e-2 against the float64 layer on the same codes, 1.7e-3 this way.)"""
-    spec = layer.spec
-    S = x.shape[0]
     w_in_q, w_in_s, w_out_q, w_out_s = layer.q["blockwise"]
-    ids, w = route(layer, x)
-    flat, order, tok = sort_by_expert(ids)
-    w_sorted = w.reshape(-1)[order]
-    counts = expert_counts(flat, spec.experts)  # the loop's one host sync
     xq, xs = quantize_groups(x)
     xq8 = as_u8(xq)
     xs_t = xs.t().contiguous()  # [H/128, S]: an expert's columns of it, transposed, are outer-dim-major
-    out = torch.zeros(S, spec.hidden, dtype=torch.float32, device=x.device)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        idx = tok[start:start + c]
+    out = torch.zeros(x.shape[0], layer.spec.hidden, dtype=torch.float32, device=x.device)
+    for e, idx, we in routed_batches(layer, x):
+        c = idx.numel()
         a, sa = xq8.index_select(0, idx), xs_t.index_select(1, idx)
         pad = (-c) % row_align
         if pad:
@@ -725,8 +718,7 @@ def forward_loop_fp8(layer: Fp8Layer, x, row_align: int = 4):
         h = activation(layer, SCALED_MM(as_e4m3(a), sa.t(), w_in_q[e], w_in_s[e], torch.float32))
         hq, hs = quantize_groups(h.to(torch.bfloat16))
         ye = SCALED_MM(hq, outer_dim_major(hs), w_out_q[e], w_out_s[e])
-        out.index_add_(0, idx, ye[:c].float() * w_sorted[start:start + c].unsqueeze(1))
-        start += c
+        out.index_add_(0, idx, ye[:c].float() * we)
     if layer.ws_in is not None:
         out += shared_ffn(layer, x).float()
     return out.to(x.dtype)
