@@ -25,7 +25,7 @@
 namespace fmoe {
 
 // FMOE_GEMV: 0 never, 1 fp8 (the default), 2 fp8, bf16 and fp16 (fp32 and tf32 keep their exact tiles). bf16's
-// GEMV streams about 2 TB/s, its tiles 3.2 (qwen3-30b-a3b S = 64: 0.585 against 0.377 ms; H200, 2026-12-02), so
+// GEMV streams about 2 TB/s, its tiles 3.1 (qwen3-30b-a3b S = 64: 0.585 against 0.377 ms; H200, 2026-12-02), so
 // only fp8, whose 128 × 128 tiles are slower still (0.362 ms there, 0.308 as GEMVs), takes it by default.
 #ifndef FMOE_GEMV
 #define FMOE_GEMV 1
