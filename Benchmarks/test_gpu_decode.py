@@ -3,15 +3,10 @@ sources (FMOE_GEMV 0, 1 or 2), nothing leaks from the caller's FLASHMOE_KERNEL_D
 per case with every variant's median."""
 
 import os
-import shutil
-import stat
-import subprocess
-import tempfile
 import textwrap
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "gpu-decode")
+import stand_in
 
 # Prints a median that names the FMOE_GEMV default of the kernel folder it was given ("none" without one).
 FAKE = textwrap.dedent("""\
@@ -30,24 +25,12 @@ FAKE = textwrap.dedent("""\
 
 class GpuDecodeTests(unittest.TestCase):
     def run_script(self, *args, env_extra=None):
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp, True)
-        for name in ("fake", "base"):
-            path = os.path.join(tmp, name)
-            with open(path, "w") as f:
-                f.write(FAKE)
-            os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
-        env = dict(os.environ, FLASHMOE_BIN=os.path.join(tmp, "fake"), FLASHMOE_KERNEL_DIR="/nonexistent",
-                   TMPDIR=tmp, **(env_extra or {}))
-        out = os.path.join(tmp, "out")
-        args = [a.replace("BASE", os.path.join(tmp, "base")) for a in args]
-        p = subprocess.run([SCRIPT, out, *args], env=env, capture_output=True, text=True, timeout=120)
-        return p, out
+        return stand_in.run_script(self, "gpu-decode", FAKE, args, env_extra)
 
     def test_variants_see_their_own_kernels_and_the_summary_has_every_case(self):
         p, out = self.run_script("--quick", "--base", "BASE")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        summary = open(os.path.join(out, "summary.txt")).read()
+        summary = stand_in.read(os.path.join(out, "summary.txt"))
         self.assertIn("qwen3-30b-a3b S=1 bf16: gemv0 median 0.05 ms; gemv2 median 0.25 ms; base median 9.99 ms;",
                       summary)
         self.assertIn("qwen3-30b-a3b S=64 fp8: gemv0 median 0.05 ms; gemv1 median 0.15 ms; base median 9.99 ms;",
@@ -55,13 +38,14 @@ class GpuDecodeTests(unittest.TestCase):
         self.assertEqual(summary.count(" S="), 6 + 2)  # six cases and two traces (--quick)
         self.assertIn("verify decode GEMV: all 3 cases passed", summary)
         self.assertIn("gpu-decode: 0 command(s) failed", summary)
-        self.assertTrue(os.path.exists(os.path.join(out, "trace-qwen3-1-fp8.json")))
+        self.assertTrue(os.path.exists(os.path.join(out, "fp8", "trace-qwen3-30b-a3b-1-fp8-gemv1.json")))
+        self.assertTrue(os.path.exists(os.path.join(out, "bf16", "trace-qwen3-30b-a3b-1-bf16-gemv0.json")))
 
     def test_a_failing_command_is_counted_and_named(self):
         p, out = self.run_script("--quick", env_extra={"FAKE_FAIL": "verify"})
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
-        self.assertIn("verify-decode: exit 4", open(os.path.join(out, "failures.txt")).read())
-        self.assertIn("gpu-decode: 1 command(s) failed", open(os.path.join(out, "summary.txt")).read())
+        self.assertIn("verify-decode: exit 4", stand_in.read(os.path.join(out, "failures.txt")))
+        self.assertIn("gpu-decode: 1 command(s) failed", stand_in.read(os.path.join(out, "summary.txt")))
 
     def test_a_bad_base_is_a_usage_error_before_any_step(self):
         p, out = self.run_script("--base", "/nonexistent/flashmoe")
@@ -70,12 +54,7 @@ class GpuDecodeTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(out, "summary.txt")))
 
     def test_usage(self):
-        p = subprocess.run([SCRIPT], capture_output=True, text=True)
-        self.assertEqual(p.returncode, 2)
-        self.assertIn("usage", p.stderr)
-        p = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True)
-        self.assertEqual(p.returncode, 0)
-        self.assertIn("FMOE_GEMV", p.stdout)
+        stand_in.check_usage(self, "gpu-decode", "FMOE_GEMV")
 
 
 if __name__ == "__main__":

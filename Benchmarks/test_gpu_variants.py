@@ -1,0 +1,59 @@
+"""scripts/gpu-variants with a stand-in flashmoe binary: each variant's commands see their own copy of the kernel
+sources with the one default it sets, the caller's FLASHMOE_KERNEL_DIR never leaks in, a macro that is not in the
+named file is a usage error before anything runs, and failures are counted and named."""
+
+import os
+import textwrap
+import unittest
+
+import stand_in
+
+# A bench prints a median naming the FMOE_GATE_GEMV default of its kernel folder ("9.99" without one); the
+# preset "broken" fails.
+FAKE = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    g=none
+    [ -n "${FLASHMOE_KERNEL_DIR:-}" ] && g=$(sed -n 's/^#define FMOE_GATE_GEMV \\([0-9]\\)$/\\1/p' "$FLASHMOE_KERNEL_DIR/gate_gemv.cuh")
+    [ "$1" = bench ] || exit 3
+    [ "$5" = broken ] && exit 5
+    [ "$g" = none ] && echo "median 9.99 ms" || echo "median 0.${g}5 ms"
+    prev=''; for a in "$@"; do [ "$prev" = --trace ] && echo '{}' >"$a"; prev=$a; done
+    echo "timeline: 3 events over 1 blocks"
+    """)
+
+
+class GpuVariantsTests(unittest.TestCase):
+    def run_script(self, *args):
+        return stand_in.run_script(self, "gpu-variants", FAKE, args)
+
+    def test_each_variant_runs_its_own_kernels_next_to_the_base(self):
+        p, out = self.run_script(
+            "--variant", "off=gate_gemv.cuh:FMOE_GATE_GEMV=0", "--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+            "--base", "BASE", "--case", "qwen3-30b-a3b 1 bf16", "--case", "paper-e64 8 fp8",
+            "--trace", "qwen3-30b-a3b 1 bf16 on")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        summary = stand_in.read(os.path.join(out, "summary.txt"))
+        self.assertIn("qwen3-30b-a3b S=1 bf16: off median 0.05 ms; on median 0.15 ms; base median 9.99 ms;", summary)
+        self.assertIn("paper-e64 S=8 fp8: off median 0.05 ms;", summary)
+        self.assertIn("trace qwen3-30b-a3b S=1 bf16 (on):", summary)
+        self.assertTrue(os.path.exists(os.path.join(out, "trace-qwen3-30b-a3b-1-bf16-on.json")))
+        self.assertIn("gpu-variants: 0 command(s) failed", summary)
+
+    def test_a_failing_bench_is_counted_and_named(self):
+        p, out = self.run_script("--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--case", "broken 1 bf16")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("bench-broken-1-bf16-on.log: exit 5", stand_in.read(os.path.join(out, "failures.txt")))
+        self.assertIn("(no median: see bench-broken-1-bf16-on.log)", stand_in.read(os.path.join(out, "summary.txt")))
+
+    def test_a_macro_missing_from_its_file_is_a_usage_error(self):
+        p, out = self.run_script("--variant", "x=gemv.cuh:FMOE_NO_SUCH=1", "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("FMOE_NO_SUCH", p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(out, "summary.txt")))
+
+    def test_usage(self):
+        stand_in.check_usage(self, "gpu-variants", "--variant")
+
+
+if __name__ == "__main__":
+    unittest.main()
