@@ -69,6 +69,10 @@ static const char gemv_cuh[] = {
 #embed "kernels/gemv.cuh"
     , 0};
 
+static const char gate_gemv_cuh[] = {
+#embed "kernels/gate_gemv.cuh"
+    , 0};
+
 static const char phase_fp8_cuh[] = {
 #embed "kernels/phase_fp8.cuh"
     , 0};
@@ -119,6 +123,7 @@ static const struct {
     {"mma_fp8.cuh", mma_fp8_cuh, sizeof(mma_fp8_cuh) - 1},
     {"phase_fp8.cuh", phase_fp8_cuh, sizeof(phase_fp8_cuh) - 1},
     {"gemv.cuh", gemv_cuh, sizeof(gemv_cuh) - 1},
+    {"gate_gemv.cuh", gate_gemv_cuh, sizeof(gate_gemv_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},

@@ -55,6 +55,25 @@ import Testing
         #expect(FusedKernel.gateSplit(tokens: 1 << 20, blocks: 132, gateTiles: 1, routerRows: 64) == 1)
     }
 
+    /// A kernel with the decode gate (`gate_gemv.cuh`, reported through `fmoe_gate_gemv_tokens`) is asked for it
+    /// (split 0) for 1 … 8 tokens over all ranks and gets the K split above that; one without it never gets 0.
+    /// Split 0 needs no partial-logit rows, so every workspace holds it.
+    @Test func decodeLaunchesAskForTheGateGemvWhenTheKernelHasIt() throws {
+        let device = try CUDADevice(ordinal: 0, driver: FakeDriver(kernels: [FusedSpecialization.kernelName]))
+        var kernel = try FusedKernel.loaded(on: device, entry: FusedSpecialization.kernelName)
+        #expect((1...8).allSatisfy { kernel.gateSplit(tokens: $0, blocks: 132) != 0 })  // no decode gate reported
+        kernel.gateGemvTokens = 8
+        for s in 1...8 { #expect(kernel.gateSplit(tokens: s, blocks: 132) == 0, "\(s) tokens") }
+        #expect(kernel.gateSplit(tokens: 0, blocks: 132) != 0)
+        for s in [9, 64, 4096] {
+            #expect(
+                kernel.gateSplit(tokens: s, blocks: 132)
+                    == FusedKernel.gateSplit(tokens: s, blocks: 132, gateTiles: 1, routerRows: 8))
+        }
+        let ws = FusedWorkspace(spec: Self.spec, tokens: 8, rowCapacity: 16, partRows: 0)
+        #expect(ws.holdsGateSplit(0, tokens: 8))
+    }
+
     /// Defect 5: a received row's origin packs the source rank above its pair index; the pair field is no longer a
     /// fixed 24 bits but what the rank count leaves, and a rank past it is a typed error naming the rank.
     @Test func pairLimitGrowsWithFewerRanksAndIsATypedError() throws {

@@ -115,6 +115,8 @@ extern "C" __device__ const int fmoe_gated_pack_rows = EBN / 2;
 extern "C" __device__ const int fmoe_params_bytes = (int)sizeof(Params);
 extern "C" __device__ const int fmoe_gate_tiles = NTE;  // expert tiles of the gate GEMM (for the host's K split)
 extern "C" __device__ const int fmoe_router_rows = EG;  // rows of the gate GEMM (for the host's K split)
+// The most tokens of a launch whose gate the host may ask to run as gate_gemv.cuh's dot products (0: never).
+extern "C" __device__ const int fmoe_gate_gemv_tokens = GATE_GEMV_ON ? GATE_GEMV_TOKENS : 0;
 extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);
 // Params' size, then each field's byte offset in declaration order, written by fmoe_params_probe (NVRTC has no
 // constant offsetof): the host runs the probe once at load and compares its own encoding field by field

@@ -3,6 +3,7 @@
 #include "moe_params.cuh"
 #include "phase_dispatch.cuh"
 #include "phase_fp8.cuh"
+#include "gate_gemv.cuh"
 
 namespace fmoe {
 
@@ -147,9 +148,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     }
     __syncthreads();
     if (RANKS > 1) return;  // ranks: capacity and rows follow the global counts (publish_counts, rank_layout)
-    if (threadIdx.x == 0) {
-        task_space(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
-    }
+    task_space_block(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
 }
 
 // The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases
@@ -186,12 +185,14 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
     __shared__ int s_task, s_ok;
     const int tiles = (p.tokens + BT - 1) / BT;
-    const int ks_count = gate_k_split(p);
+    // Decode: a task per router row (gate_gemv.cuh), one token tile, logits written whole (no K slices).
+    const bool gemv = gate_gemv(p);
+    const int ks_count = gemv ? 1 : gate_k_split(p);
     constexpr int KSLICES = (H * (int)sizeof(T) + ROW_BYTES - 1) / ROW_BYTES;
     const int slices_per = (KSLICES + ks_count - 1) / ks_count;
-    const int gate_tasks = tiles * NTE * ks_count;
+    const int gate_tasks = gemv ? tiles * EG : tiles * NTE * ks_count;
     // tile_done[tile] counts the tile's gate tasks, then its route tasks.
-    const int gate_done = NTE * ks_count;
+    const int gate_done = gemv ? EG : NTE * ks_count;
     const int tasks = gate_tasks + tiles * ROUTE_TASKS_PER_TILE;
     // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
@@ -230,6 +231,14 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
             rank_tile(p, tile, smem);
             if (tile == 0) stamp(p, 9, true);
             if (last_arrival(&p.sync->tiles_done, tiles)) finish_scan(p, tiles);
+            continue;
+        }
+        if (gemv) {
+            FMOE_TRACE_SCOPE(FMOE_EV_GATE, task, 0, 0);
+            gate_gemv_task(p, task, smem);  // router row `task` of the one token tile
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(&p.tile_done[0], 1);
             continue;
         }
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;

@@ -15,14 +15,18 @@ struct FusedKernel {
     let gateTiles: Int
     /// Rows of the router GEMM (`EG`: E, plus the shared expert's gate when it has one).
     let routerRows: Int
+    /// The most tokens a launch may have for its gate to run as dot products (`gate_gemv.cuh`; 0: never).
+    var gateGemvTokens: Int = 0
     /// Blocks of a cooperative launch: blocks per SM from the occupancy API × SMs.
     let gridLimit: Int
 
     static let threadsPerBlock = 256
 
-    /// The gate's K split for `tokens` tokens on `blocks` blocks (the kernel clamps it to its K slices).
+    /// The gate's K split for `tokens` tokens (over all ranks) on `blocks` blocks (the kernel clamps it to its K
+    /// slices); 0 asks for the decode gate (`gate_gemv.cuh`) when the kernel has one and the tokens are few enough.
     func gateSplit(tokens: Int, blocks: Int) -> Int {
-        Self.gateSplit(tokens: tokens, blocks: blocks, gateTiles: gateTiles, routerRows: routerRows)
+        if tokens >= 1 && tokens <= gateGemvTokens { return 0 }
+        return Self.gateSplit(tokens: tokens, blocks: blocks, gateTiles: gateTiles, routerRows: routerRows)
     }
 
     /// The gate's K split: enough (token tile, expert tile, K slice) tasks to occupy the blocks when token tiles are
@@ -101,6 +105,7 @@ extension FusedKernel {
             dynamicSharedBytes: dynamicSharedBytes, packRows: Int(try Self.readGlobal(module, "fmoe_gated_pack_rows")),
             gateTiles: Int(try Self.readGlobal(module, "fmoe_gate_tiles")),
             routerRows: Int(try Self.readGlobal(module, "fmoe_router_rows")),
+            gateGemvTokens: Int(try Self.readGlobal(module, "fmoe_gate_gemv_tokens")),
             gridLimit: try function.cooperativeGridLimit(
                 blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes))
     }

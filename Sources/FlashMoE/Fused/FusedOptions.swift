@@ -18,7 +18,9 @@ public struct FusedOptions: Sendable, Hashable {
     /// Timing builds only: stop after routing (1) or placement (2). The output is not valid.
     public var stopAfterPhase: Int
     /// The gate's K split (nil: chosen from the token count and the grid). Fixing it makes runs with different
-    /// grids (for example ranks on one GPU) sum the gate's partial products alike, for bitwise comparisons.
+    /// grids (for example ranks on one GPU) sum the gate's partial products alike, for bitwise comparisons. 0 asks
+    /// for the decode gate, a dot-product task per router row (`gate_gemv.cuh`), which bf16, fp16 and fp8 kernels
+    /// run for launches of at most 8 tokens (the automatic choice there); other launches take 0 as 1.
     public var gateSplit: Int?
     /// Ranks: build the kernel that records each rank's phase boundaries (`DistributedMoE.phaseTimes()`).
     public var recordPhaseTimes: Bool
