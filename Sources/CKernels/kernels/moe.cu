@@ -4,7 +4,8 @@
 //
 // Phases of one launch (epoch = the launch number, kept and advanced by the device: on one GPU by finish_launch,
 // for ranks by each rank's last block out, both in sched_launch.cuh):
-//   1. Gate. Tasks (token tile of 128, expert tile, K slice) from a ticket counter: logits = x·Wgᵀ in FP32. Then,
+//   1. Gate. Tasks (token tile of 128, expert tile, K slice) from a ticket counter: logits = x·Wgᵀ in FP32 (a
+//      launch of at most 8 tokens, 16-bit router: a task per router row, gate_gemv.cuh). Then,
 //      on the same counter, route tasks of 8 tokens wait for their tile's gate tasks and route a token per warp
 //      (router.cuh), writing ids and weights; the tile's last route task ranks the tile (each pair's rank among the
 //      tile's tokens routed to the same expert, and the tile's per-expert counts). The CTA that ranks the last tile
