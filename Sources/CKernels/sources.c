@@ -69,6 +69,10 @@ static const char gemv_cuh[] = {
 #embed "kernels/gemv.cuh"
     , 0};
 
+static const char task_space_cuh[] = {
+#embed "kernels/task_space.cuh"
+    , 0};
+
 static const char gate_gemv_cuh[] = {
 #embed "kernels/gate_gemv.cuh"
     , 0};
@@ -124,6 +128,7 @@ static const struct {
     {"phase_fp8.cuh", phase_fp8_cuh, sizeof(phase_fp8_cuh) - 1},
     {"gemv.cuh", gemv_cuh, sizeof(gemv_cuh) - 1},
     {"gate_gemv.cuh", gate_gemv_cuh, sizeof(gate_gemv_cuh) - 1},
+    {"task_space.cuh", task_space_cuh, sizeof(task_space_cuh) - 1},
     {"sched_launch.cuh", sched_launch_cuh, sizeof(sched_launch_cuh) - 1},
     {"launch_limits.cuh", launch_limits_cuh, sizeof(launch_limits_cuh) - 1},
     {"trace.cuh", trace_cuh, sizeof(trace_cuh) - 1},
