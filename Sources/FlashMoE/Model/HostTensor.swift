@@ -54,8 +54,8 @@ public struct HostTensor: Sendable, Equatable {
     public init(shape: [Int], values: [Float], as elementType: ElementType) throws(MoEError) {
         switch elementType {
         case .float32: try self.init(shape: shape, float32: values)
-        case .float16: try self.init(shape: shape, float16: values.map { Float16($0) })
-        case .bfloat16: try self.init(shape: shape, bfloat16: values.map { BFloat16($0) })
+        case .float16: try self.init(shape: shape, float16: parallelMap(values) { Float16($0) })
+        case .bfloat16: try self.init(shape: shape, bfloat16: parallelMap(values) { BFloat16($0) })
         case .float8E4M3:
             try Self.check(shape, values.count)
             try self.init(shape: shape, fp8: FP8Blocks(shape: shape, quantizing: values))
@@ -105,8 +105,8 @@ public struct HostTensor: Sendable, Equatable {
     public func floats() -> [Float] {
         switch storage {
         case .float32(let v): v
-        case .float16(let v): v.map { Float($0) }
-        case .bfloat16(let v): v.map(\.float)
+        case .float16(let v): parallelMap(v) { Float($0) }
+        case .bfloat16(let v): parallelMap(v) { $0.float }
         case .float8E4M3(let b): (0..<b.codes.count).map { b.float(at: $0) }
         }
     }

@@ -31,3 +31,21 @@ public func parallelChunks(count: Int, minimumChunk: Int = 1, _ body: @Sendable 
         if lo < hi { body(lo..<hi) }
     }
 }
+
+/// `values.map(transform)`, in chunks of at least `minimumChunk` on the CPU workers; the result is in input order.
+/// For element conversions of whole weight stacks (DeepSeek-V3's experts are 11 G values, one thread's minutes).
+public func parallelMap<T: Sendable, U>(
+    _ values: [T], minimumChunk: Int = 1 << 16, _ transform: @Sendable (T) -> U
+) -> [U] {
+    [U](unsafeUninitializedCapacity: values.count) { buffer, initialized in
+        // Each chunk initializes a disjoint range of the buffer.
+        nonisolated(unsafe) let base = buffer.baseAddress
+        values.withUnsafeBufferPointer { source in
+            nonisolated(unsafe) let input = source.baseAddress
+            parallelChunks(count: values.count, minimumChunk: minimumChunk) { range in
+                for i in range { (base! + i).initialize(to: transform(input![i])) }
+            }
+        }
+        initialized = values.count
+    }
+}
