@@ -91,8 +91,8 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
         const u64 start = globaltimer_ns();
         u32 spins = 0;
         while ((seen = ld_flag<SYS>(flag)) < target) {
-            // The abort flag and the clock every 16th spin: a spin is then one load, not two in a row, so a
-            // wait ends sooner after its flag is written (decode's routing is a chain of such waits).
+            // The abort flag every 16th spin, the clock every 64th: a spin is then one load, not two in a row, so
+            // a wait ends sooner after its flag is written (decode's routing is a chain of such waits).
             if ((++spins & 15u) == 0) {
                 if (aborted(err)) return false;
                 if ((spins & 63u) == 0 && globaltimer_ns() - start > budget_ns) {

@@ -33,7 +33,8 @@ public func parallelChunks(count: Int, minimumChunk: Int = 1, _ body: @Sendable 
 }
 
 /// `values.map(transform)`, in chunks of at least `minimumChunk` on the CPU workers; the result is in input order.
-/// For element conversions of whole weight stacks (DeepSeek-V3's experts are 11 G values, one thread's minutes).
+/// For element conversions of whole weight stacks (DeepSeek-V3's experts are 11 G values: tens of seconds on one
+/// thread).
 public func parallelMap<T: Sendable, U>(
     _ values: [T], minimumChunk: Int = 1 << 16, _ transform: @Sendable (T) -> U
 ) -> [U] {
