@@ -1,0 +1,70 @@
+"""scripts/gpu-ncu with stand-in flashmoe and ncu: each case profiles the fifth launch of a bench with the clocks
+left alone, writes its report where it says, and summary.txt keeps the details-page lines that say what bounds it;
+a failing case is counted."""
+
+import os
+import shutil
+import tempfile
+import textwrap
+import unittest
+
+import stand_in
+
+# Records its arguments and prints a details page (fails for the preset "broken").
+FAKE_NCU = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    echo "$*" >>"$(dirname "$0")/ncu-args"
+    case "$*" in *"--preset broken"*) echo "==ERROR== failed"; exit 1 ;; esac
+    cat <<'PAGE'
+      Section: GPU Speed Of Light Throughput
+        Memory Throughput                 %        71.20
+        DRAM Throughput                   %        68.05
+        Duration                         us        66.43
+        Compute (SM) Throughput           %        12.11
+        Block Limit Registers         block            1
+      Section: Warp State Statistics
+        Warp Cycles Per Issued Instruction  cycle  41.2
+    PAGE
+    """)
+
+
+class GpuNcuTests(unittest.TestCase):
+    def run_ncu(self, *args):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        ncu = os.path.join(tmp, "ncu")
+        with open(ncu, "w") as f:
+            f.write(FAKE_NCU)
+        os.chmod(ncu, 0o755)
+        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", args, {"NCU": ncu})
+        log = os.path.join(tmp, "ncu-args")
+        return p, out, stand_in.read(log) if os.path.exists(log) else ""
+
+    def test_profiles_the_fifth_launch_and_keeps_the_bounding_lines(self):
+        p, out, seen = self.run_ncu("--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("--clock-control none --kernel-name fmoe_forward --launch-skip 4 --launch-count 1", seen)
+        self.assertIn(f"--export {out}/ncu-qwen3-30b-a3b-1-bf16", seen)
+        self.assertIn("bench --backend cuda --preset qwen3-30b-a3b --tokens 1 --precision bf16 --iterations 1 "
+                      "--warmup 3", seen)
+        summary = stand_in.read(os.path.join(out, "summary.txt"))
+        self.assertIn("qwen3-30b-a3b S=1 bf16: ncu exit 0", summary)
+        self.assertIn(" DRAM Throughput % 68.05", summary)
+        self.assertIn(" Warp Cycles Per Issued Instruction cycle 41.2", summary)
+        self.assertNotIn("Block Limit", summary)
+        self.assertIn("gpu-ncu: 0 case(s) failed", summary)
+
+    def test_default_cases_and_a_failing_case(self):
+        p, out, seen = self.run_ncu("--case", "broken 1 bf16", "--case", "paper-e64 1 bf16")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("broken S=1 bf16: ncu exit 1", stand_in.read(os.path.join(out, "summary.txt")))
+        p, out, seen = self.run_ncu()
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(seen.count("--launch-skip 4"), 3)
+
+    def test_usage(self):
+        stand_in.check_usage(self, "gpu-ncu", "--clock-control none")
+
+
+if __name__ == "__main__":
+    unittest.main()
