@@ -36,7 +36,7 @@ class GpuNcuTests(unittest.TestCase):
         with open(ncu, "w") as f:
             f.write(FAKE_NCU)
         os.chmod(ncu, 0o755)
-        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", args, {"NCU": ncu})
+        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", args, {"NCU": ncu, "NVCC": "/nonexistent/nvcc"})
         log = os.path.join(tmp, "ncu-args")
         return p, out, stand_in.read(log) if os.path.exists(log) else ""
 
@@ -52,7 +52,8 @@ class GpuNcuTests(unittest.TestCase):
         self.assertIn(" DRAM Throughput % 68.05", summary)
         self.assertIn(" Warp Cycles Per Issued Instruction cycle 41.2", summary)
         self.assertNotIn("Block Limit", summary)
-        self.assertIn("gpu-ncu: 0 case(s) failed", summary)
+        self.assertIn("stream_bench: skipped (/nonexistent/nvcc is not on PATH)", summary)
+        self.assertIn("gpu-ncu: 0 step(s) failed", summary)
 
     def test_default_cases_and_a_failing_case(self):
         p, out, seen = self.run_ncu("--case", "broken 1 bf16", "--case", "paper-e64 1 bf16")
@@ -61,6 +62,25 @@ class GpuNcuTests(unittest.TestCase):
         p, out, seen = self.run_ncu()
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(seen.count("--launch-skip 4"), 3)
+
+    def test_the_stream_bench_runs_first_when_nvcc_is_there(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        nvcc = os.path.join(tmp, "nvcc")  # writes a program that prints one rate
+        with open(nvcc, "w") as f:
+            f.write('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'
+                    'printf \'#!/bin/sh\\necho "contiguous U=4: 4100 GB/s"\\n\' >"$2"; chmod +x "$2"\n')
+        os.chmod(nvcc, 0o755)
+        ncu = os.path.join(tmp, "ncu")
+        with open(ncu, "w") as f:
+            f.write(FAKE_NCU)
+        os.chmod(ncu, 0o755)
+        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", ["--case", "paper-e64 1 bf16"],
+                                     {"NCU": ncu, "NVCC": nvcc})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        summary = stand_in.read(os.path.join(out, "summary.txt"))
+        self.assertLess(summary.index("contiguous U=4: 4100 GB/s"), summary.index("paper-e64 S=1 bf16"))
+        self.assertFalse(os.path.exists(os.path.join(out, "stream_bench")))  # only its output is kept
 
     def test_usage(self):
         stand_in.check_usage(self, "gpu-ncu", "--clock-control none")

@@ -1,0 +1,140 @@
+// HBM streaming rate of one block per SM reading its own weight slab, by access order: what a decode tile could
+// reach (docs/performance.md: qwen3-30b-a3b's S = 1 tiles stream 256 KB at about 24 GB/s an SM, 3.1 TB/s in all).
+//
+//   nvcc -O3 -arch=sm_90a -o /tmp/stream_bench Benchmarks/stream_bench.cu && /tmp/stream_bench [SLAB_KB] [BLOCKS]
+//
+// Each of BLOCKS blocks (default: one per SM) reads a slab of SLAB_KB KiB (default 256) laid out as weight rows of
+// 4 KiB (qwen3-30b-a3b's H = 2048 in bf16), once, from a fresh part of a buffer far larger than L2, so every byte
+// comes from HBM. Orders:
+//   contiguous   256 threads read the slab front to back, 16 bytes each, U loads in flight a thread
+//   k-slices     the tiles' order (256 KiB slabs: 64 rows): step k reads bytes [128k, 128k + 128) of every row
+//                (8 threads a row), U steps in flight; the rows are 4 KiB apart, so each step touches every row
+// The rate is total bytes over the kernel's time (CUDA events, median of 20 runs after 3). Prints one line per
+// order and U. A launch's bytes: BLOCKS × SLAB_KB KiB.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                                                   \
+    do {                                                                                                           \
+        cudaError_t e_ = (x);                                                                                      \
+        if (e_ != cudaSuccess) {                                                                                   \
+            std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                                          \
+            std::exit(1);                                                                                          \
+        }                                                                                                          \
+    } while (0)
+
+constexpr int THREADS = 256;
+constexpr int ROW_BYTES = 4096;
+
+__device__ __forceinline__ uint4 ld_stream(const char *p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Front to back: iteration i reads 16 bytes at (i · THREADS + threadIdx.x) · 16, U iterations' loads issued first.
+template <int U> __global__ void contiguous(const char *base, size_t slab, unsigned *sink) {
+    const char *s = base + blockIdx.x * slab;
+    unsigned acc = 0;
+    const size_t step = (size_t)THREADS * 16;
+    for (size_t o = threadIdx.x * 16; o < slab; o += step * U) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = o + u * step < slab ? ld_stream(s + o + u * step) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads
+}
+
+// The tiles' order over a 64-row slab: k-step j reads 128 bytes of every row (thread t: rows t / 8 and t / 8 + 32,
+// 16 bytes at 16 · (t % 8)), U steps' loads (2U a thread) issued before any is used.
+template <int U> __global__ void kslices(const char *base, size_t slab, unsigned *sink) {
+    const char *s = base + blockIdx.x * slab;
+    unsigned acc = 0;
+    const char *p0 = s + (size_t)(threadIdx.x / 8) * ROW_BYTES + (threadIdx.x % 8) * 16;
+    const char *p1 = p0 + (size_t)32 * ROW_BYTES;
+    for (int j0 = 0; j0 < ROW_BYTES / 128; j0 += U) {
+        uint4 v[U][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const bool in = j0 + u < ROW_BYTES / 128;
+            v[u][0] = in ? ld_stream(p0 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
+            v[u][1] = in ? ld_stream(p1 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc ^= v[u][0].x ^ v[u][0].y ^ v[u][1].z ^ v[u][1].w;
+    }
+    if (acc == 0x12345678u) sink[0] = acc;
+}
+
+template <class Kernel>
+static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int blocks, unsigned *sink) {
+    const size_t launch = slab * blocks;
+    const int regions = (int)(buf_bytes / launch);
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    std::vector<float> ms;
+    for (int it = 0; it < 23; ++it) {
+        const char *region = buf + (size_t)(it % regions) * launch;  // a fresh region each run: nothing in L2
+        CHECK(cudaEventRecord(a));
+        k<<<blocks, THREADS>>>(region, slab, sink);
+        CHECK(cudaEventRecord(b));
+        CHECK(cudaEventSynchronize(b));
+        float t = 0;
+        CHECK(cudaEventElapsedTime(&t, a, b));
+        if (it >= 3) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    CHECK(cudaEventDestroy(a));
+    CHECK(cudaEventDestroy(b));
+    return launch / (ms[ms.size() / 2] * 1e-3) / 1e9;  // GB/s
+}
+
+int main(int argc, char **argv) {
+    cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    const size_t slab = (size_t)(argc > 1 ? std::atoi(argv[1]) : 256) * 1024;
+    const int blocks = argc > 2 ? std::atoi(argv[2]) : prop.multiProcessorCount;
+    if (slab < ROW_BYTES || slab % ROW_BYTES != 0 || blocks < 1) {
+        std::fprintf(stderr, "usage: stream_bench [SLAB_KB (a multiple of 4)] [BLOCKS]\n");
+        return 2;
+    }
+    const size_t buf_bytes = std::max<size_t>((size_t)8 << 30, slab * blocks * 4);
+    char *buf;
+    unsigned *sink;
+    CHECK(cudaMalloc(&buf, buf_bytes));
+    CHECK(cudaMalloc(&sink, 4));
+    CHECK(cudaMemset(buf, 1, buf_bytes));
+    std::printf("%s, %d SMs, L2 %d MiB: %d blocks x %zu KiB slabs (rows of %d B), %.1f MiB a launch\n", prop.name,
+                prop.multiProcessorCount, prop.l2CacheSize >> 20, blocks, slab >> 10, ROW_BYTES,
+                slab * blocks / 1048576.0);
+    const double per = 1.0 / blocks;
+    double r;
+    r = rate(contiguous<4>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("contiguous U=4:  %7.0f GB/s (%.1f a block)\n", r, r * per);
+    r = rate(contiguous<8>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("contiguous U=8:  %7.0f GB/s (%.1f a block)\n", r, r * per);
+    r = rate(contiguous<16>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("contiguous U=16: %7.0f GB/s (%.1f a block)\n", r, r * per);
+    if (slab != (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
+        std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+        return 0;
+    }
+    r = rate(kslices<1>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("k-slices U=1:    %7.0f GB/s (%.1f a block)\n", r, r * per);
+    r = rate(kslices<4>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("k-slices U=4:    %7.0f GB/s (%.1f a block)\n", r, r * per);
+    r = rate(kslices<12>, buf, buf_bytes, slab, blocks, sink);
+    std::printf("k-slices U=12:   %7.0f GB/s (%.1f a block)\n", r, r * per);
+    CHECK(cudaFree(buf));
+    CHECK(cudaFree(sink));
+    return 0;
+}
