@@ -116,24 +116,20 @@ int main(int argc, char **argv) {
     std::printf("%s, %d SMs, L2 %d MiB: %d blocks x %zu KiB slabs (rows of %d B), %.1f MiB a launch\n", prop.name,
                 prop.multiProcessorCount, prop.l2CacheSize >> 20, blocks, slab >> 10, ROW_BYTES,
                 slab * blocks / 1048576.0);
-    const double per = 1.0 / blocks;
-    double r;
-    r = rate(contiguous<4>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("contiguous U=4:  %7.0f GB/s (%.1f a block)\n", r, r * per);
-    r = rate(contiguous<8>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("contiguous U=8:  %7.0f GB/s (%.1f a block)\n", r, r * per);
-    r = rate(contiguous<16>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("contiguous U=16: %7.0f GB/s (%.1f a block)\n", r, r * per);
-    if (slab != (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
+    auto report = [&](const char *label, auto kernel) {
+        const double r = rate(kernel, buf, buf_bytes, slab, blocks, sink);
+        std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
+    };
+    report("contiguous U=4:", contiguous<4>);
+    report("contiguous U=8:", contiguous<8>);
+    report("contiguous U=16:", contiguous<16>);
+    if (slab == (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
+        report("k-slices U=1:", kslices<1>);
+        report("k-slices U=4:", kslices<4>);
+        report("k-slices U=12:", kslices<12>);
+    } else {
         std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
-        return 0;
     }
-    r = rate(kslices<1>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("k-slices U=1:    %7.0f GB/s (%.1f a block)\n", r, r * per);
-    r = rate(kslices<4>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("k-slices U=4:    %7.0f GB/s (%.1f a block)\n", r, r * per);
-    r = rate(kslices<12>, buf, buf_bytes, slab, blocks, sink);
-    std::printf("k-slices U=12:   %7.0f GB/s (%.1f a block)\n", r, r * per);
     CHECK(cudaFree(buf));
     CHECK(cudaFree(sink));
     return 0;
