@@ -283,7 +283,8 @@ typedef struct {
     int32_t local_experts;
     int32_t device;          /* CUDA device ordinal */
     int32_t grid_blocks;     /* blocks of each rank's launch (the smallest among the ranks) */
-    int32_t gate_split;      /* the gate's K split of the last forward (0 before the first) */
+    int32_t gate_split;      /* the gate's K split of the last forward (0 before the first, and for the decode
+                                gate of a forward of at most 8 tokens, as a single-rank layer uses then too) */
     int32_t reserved;
 } flashmoe_group_info_t;
 

@@ -7,10 +7,11 @@ GEMM, which changes the logits' rounding; reported and then compared within the 
 
 Cases: bf16 gated softmax from each rank's shard; fp32 plain FFN with biases from full weights and E not divisible
 by the ranks; float32 output; an empty rank; capacity drops by global token order; bf16 returns (same routing, y
-within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; the forward captured
-in a torch.cuda.CUDAGraph and replayed with new inputs, each replay bitwise equal to an eager call; a rank that stops
-calling (every rank gets FlashMoEKernelError "gave up waiting" within the wait budget + 30 s, then closes); a rank
-with another config (every rank gets FLASHMOE_ERROR_INVALID_ARGUMENT).
+within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; 5 tokens (the decode
+gate: gate split 0); the forward captured in a torch.cuda.CUDAGraph and replayed with new inputs, each replay
+bitwise equal to an eager call; a rank that stops calling (every rank gets FlashMoEKernelError "gave up waiting"
+within the wait budget + 30 s, then closes); a rank with another config (every rank gets
+FLASHMOE_ERROR_INVALID_ARGUMENT).
 
 Ranks may share one GPU (contexts time-slice; torch.distributed must then be gloo, as NCCL refuses two ranks on one
 GPU). Prints one line per check and "gpu_dist_check rank R: N passed, M failed"; exits 1 on any failure.
@@ -86,10 +87,17 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def gate_split(grid_blocks: int, tokens: int, config: MoEConfig) -> int:
-    """The single-rank operator's automatic gate split (FusedKernel.gateSplit)."""
+    """The single-rank operator's automatic gate split (FusedKernel.gateSplit): 0, the decode gate
+    (gate_gemv.cuh), for 1 … 8 tokens of a 16-bit layer; else enough K slices to occupy the blocks, up to 16 while
+    a token tile's partial logits stay within 16 batches of 2048 loads, 4 beyond (expert tiles of 128 router rows
+    assumed: exact for these cases' 16 experts or fewer)."""
+    if 1 <= tokens <= 8 and config.precision in ("bf16", "fp16"):
+        return 0
+    router_rows = config.experts + (1 if config.shared_gated else 0)
     tiles = max(1, math.ceil(tokens / 128))
-    gate_tiles = math.ceil((config.experts + (1 if config.shared_gated else 0)) / 128)
-    return max(1, min(4, grid_blocks // (tiles * gate_tiles)))
+    gate_tiles = math.ceil(router_rows / 128)
+    batches = math.ceil(min(max(tokens, 1), 128) * router_rows / 2048)
+    return max(1, min(16, grid_blocks // (tiles * gate_tiles), max(4, 16 // batches)))
 
 
 def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, total: int, shard: bool, calls: int = 2,
@@ -254,6 +262,9 @@ def main() -> int:
                                    storage_returns=True, **base), torch.bfloat16, dict(total=300, shard=True)),
         ("bf16 20 calls", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=4, precision="bf16", **base),
          torch.bfloat16, dict(total=256, shard=True, calls=20)),
+        ("bf16 decode, 5 tokens (the decode gate)", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=2,
+                                                              precision="bf16", **base),
+         torch.bfloat16, dict(total=5, shard=True)),
     ]
     for name, config, dtype, options in cases:
         try:

@@ -87,7 +87,8 @@ extension RankProcessMoE {
         }
     }
 
-    /// The gate split the last forward used (0 before the first), for comparisons with a single-rank operator.
+    /// The gate split the last forward used, for comparisons with a single-rank operator (0 before the first, and
+    /// for the decode gate of a forward of at most 8 tokens, which the single-rank operator then uses too).
     public var lastGateSplit: Int {
         state.withLock { st in st.tokens.isEmpty ? 0 : gateSplit(totalTokens: st.tokens.reduce(0, +)) }
     }
