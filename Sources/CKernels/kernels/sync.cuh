@@ -73,11 +73,6 @@ FMOE_DEVICE void mirror_error(const ErrorRecord *err, ErrorRecord *mirror) {
     __threadfence_system();
 }
 
-// FMOE_SPIN_NS: how long a spinning thread sleeps between polls (0: it does not; A/B runs).
-#ifndef FMOE_SPIN_NS
-#define FMOE_SPIN_NS 64
-#endif
-
 // Spins until *flag >= target (a monotone 64-bit counter or epoch-tagged flag, or a rank's own 32-bit counter of
 // this launch). Returns false when the budget expired or another thread aborted; the caller must then leave the
 // kernel. Acquire: the fence after the successful load orders the caller's later reads after the writer's
@@ -100,7 +95,7 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
                     return false;
                 }
             }
-            if (FMOE_SPIN_NS > 0) __nanosleep(FMOE_SPIN_NS);
+            __nanosleep(64);  // no sleep measured the same (Benchmarks/RESULTS.md, round 8)
         }
     }
     fence_at<SYS>();
