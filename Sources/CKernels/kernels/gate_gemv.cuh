@@ -50,40 +50,38 @@ FMOE_DEVICE float dot8(const uint4 &a, const uint4 &b, float acc) {
 // Router row n's logit for every token of the launch, into p.logits ([S][EG]; the caller releases and counts it).
 // `smem` holds the warps' partial sums. Every thread of the block calls it.
 FMOE_DEVICE void gate_gemv_task(const Params &p, int n, char *smem) {
-    {
-        float *part = (float *)smem;  // [warp][token]
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = p.tokens;
-        const uint4 *w = (const uint4 *)(p.wg + (size_t)n * H);
-        float acc[GATE_GEMV_TOKENS];
+    float *part = (float *)smem;  // [warp][token]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = p.tokens;
+    const uint4 *w = (const uint4 *)(p.wg + (size_t)n * H);
+    float acc[GATE_GEMV_TOKENS];
 #pragma unroll
-        for (int t = 0; t < GATE_GEMV_TOKENS; ++t) acc[t] = 0.f;
-        const int c1 = min((warp + 1) * GATE_GEMV_WARP_CHUNKS, GATE_GEMV_CHUNKS);
-        for (int c = warp * GATE_GEMV_WARP_CHUNKS + lane; c < c1; c += 32) {
-            // The row's chunk and every token's, issued together: one round trip.
-            const uint4 wv = *(const uint4 *)&w[c];
-            uint4 xv[GATE_GEMV_TOKENS];
-#pragma unroll
-            for (int t = 0; t < GATE_GEMV_TOKENS; ++t) {
-                xv[t] = t < S ? ((const uint4 *)(p.x + (size_t)t * H))[c] : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int t = 0; t < GATE_GEMV_TOKENS; ++t) acc[t] = dot8(wv, xv[t], acc[t]);
-        }
+    for (int t = 0; t < GATE_GEMV_TOKENS; ++t) acc[t] = 0.f;
+    const int c1 = min((warp + 1) * GATE_GEMV_WARP_CHUNKS, GATE_GEMV_CHUNKS);
+    for (int c = warp * GATE_GEMV_WARP_CHUNKS + lane; c < c1; c += 32) {
+        // The row's chunk and every token's, issued together: one round trip.
+        const uint4 wv = *(const uint4 *)&w[c];
+        uint4 xv[GATE_GEMV_TOKENS];
 #pragma unroll
         for (int t = 0; t < GATE_GEMV_TOKENS; ++t) {
+            xv[t] = t < S ? ((const uint4 *)(p.x + (size_t)t * H))[c] : make_uint4(0u, 0u, 0u, 0u);
+        }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(~0u, acc[t], o);
-        }
-        if (lane == 0) {
+        for (int t = 0; t < GATE_GEMV_TOKENS; ++t) acc[t] = dot8(wv, xv[t], acc[t]);
+    }
 #pragma unroll
-            for (int t = 0; t < GATE_GEMV_TOKENS; ++t) part[warp * GATE_GEMV_TOKENS + t] = acc[t];
-        }
-        __syncthreads();
-        if (threadIdx.x < S) {
-            float sum = 0.f;
-            for (int q = 0; q < THREADS / 32; ++q) sum += part[q * GATE_GEMV_TOKENS + threadIdx.x];  // warp order
-            p.logits[(size_t)threadIdx.x * EG + n] = sum;
-        }
+    for (int t = 0; t < GATE_GEMV_TOKENS; ++t) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(~0u, acc[t], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int t = 0; t < GATE_GEMV_TOKENS; ++t) part[warp * GATE_GEMV_TOKENS + t] = acc[t];
+    }
+    __syncthreads();
+    if (threadIdx.x < S) {
+        float sum = 0.f;
+        for (int q = 0; q < THREADS / 32; ++q) sum += part[q * GATE_GEMV_TOKENS + threadIdx.x];  // warp order
+        p.logits[(size_t)threadIdx.x * EG + n] = sum;
     }
 }
 #else
