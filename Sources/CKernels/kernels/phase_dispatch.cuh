@@ -70,6 +70,7 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
         L.kept_total[e] = total < p.capacity ? total : p.capacity;
     }
     __syncthreads();
+    const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
     if (threadIdx.x == 0) {
         for (int q = 0; q < RANKS; ++q) {
             int row = 0;
@@ -78,11 +79,10 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
                 row += L.kept_total[e];
             }
         }
-        const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
         L.xs = local + 1;
-        task_space(local, p.tokens, [&](int x) { return L.kept_total[first + x]; }, L.row_start, L.rb_start,
-                   L.task0_start);
     }
+    task_space(local, p.tokens, [&](int x) { return L.kept_total[first + x]; }, L.row_start, L.rb_start,
+               L.task0_start);
     // One read of the abort flag for the block, so every thread returns the same answer (block-uniform exits).
     if (threadIdx.x == 0 && aborted(p.err)) ok = 0;
     __syncthreads();

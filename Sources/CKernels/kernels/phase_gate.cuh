@@ -148,7 +148,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     }
     __syncthreads();
     if (RANKS > 1) return;  // ranks: capacity and rows follow the global counts (publish_counts, rank_layout)
-    task_space_block(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
+    task_space(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
 }
 
 // The block that finishes the routing scans the tile counts (ranks also publish them to every rank), then releases

@@ -23,31 +23,12 @@ FMOE_DEVICE int rows_of(const Layout &L, int x) { return is_shared(L, x) ? 0 : L
 
 // The task space's exclusive scans: for `routed` routed experts (kept(x) rows each) and then the shared expert
 // (every token when present, else empty), each one's first row, first row block and first GEMM0 ticket; entry
-// routed + 1 holds the totals. Run by one thread.
+// routed + 1 holds the totals. By the whole block (every thread calls it): warp scans of THREADS entries at a time
+// plus a carry (one thread's loop over qwen3-30b-a3b's 129 entries was most of the 3.7 µs scan on decode's
+// critical path; H200 trace, 2026-12-02).
 template <class Kept>
-FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, int *rb_start, int *task0_start) {
-    int row = 0, rb = 0, t0 = 0;
-    for (int x = 0; x <= routed; ++x) {
-        const int rows = x < routed ? kept(x) : (HAS_SHARED ? tokens : 0);
-        const int mt = (rows + BM - 1) / BM;
-        row_start[x] = row;
-        rb_start[x] = rb;
-        task0_start[x] = t0;
-        if (x < routed) row += rows;
-        rb += mt;
-        t0 += mt * (x < routed ? NT0 : NT0S);
-    }
-    row_start[routed + 1] = row;
-    rb_start[routed + 1] = rb;
-    task0_start[routed + 1] = t0;
-}
-
-// task_space by a whole block (every thread calls it): the three scans as warp scans of THREADS entries at a time
-// plus a carry. Same values as task_space (integer sums); at S = 1 one thread's loop over qwen3-30b-a3b's 129
-// entries was most of the 3.7 µs scan on the routing's critical path (H200 trace, 2026-12-02).
-template <class Kept>
-FMOE_DEVICE void task_space_block(int routed, int tokens, Kept kept, int *row_start, int *rb_start,
-                                  int *task0_start) {
+FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, int *rb_start,
+                            int *task0_start) {
     __shared__ int warp_sum[3][THREADS / 32];
     __shared__ int carry[3];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
