@@ -60,9 +60,9 @@ import Testing
     /// Split 0 needs no partial-logit rows, so every workspace holds it.
     @Test func decodeLaunchesAskForTheGateGemvWhenTheKernelHasIt() throws {
         let device = try CUDADevice(ordinal: 0, driver: FakeDriver(kernels: [FusedSpecialization.kernelName]))
-        var kernel = try FusedKernel.loaded(on: device, entry: FusedSpecialization.kernelName)
-        #expect((1...8).allSatisfy { kernel.gateSplit(tokens: $0, blocks: 132) != 0 })  // no decode gate reported
-        kernel.gateGemvTokens = 8
+        let plain = try FusedKernel.loaded(on: device, entry: FusedSpecialization.kernelName)
+        #expect((1...8).allSatisfy { plain.gateSplit(tokens: $0, blocks: 132) != 0 })  // no decode gate reported
+        let kernel = try FusedKernel.loaded(on: device, entry: FusedSpecialization.kernelName, gateGemvTokens: 8)
         for s in 1...8 { #expect(kernel.gateSplit(tokens: s, blocks: 132) == 0, "\(s) tokens") }
         #expect(kernel.gateSplit(tokens: 0, blocks: 132) != 0)
         for s in [9, 64, 4096] {

@@ -16,7 +16,7 @@ struct FusedKernel {
     /// Rows of the router GEMM (`EG`: E, plus the shared expert's gate when it has one).
     let routerRows: Int
     /// The most tokens a launch may have for its gate to run as dot products (`gate_gemv.cuh`; 0: never).
-    var gateGemvTokens: Int = 0
+    let gateGemvTokens: Int
     /// Blocks of a cooperative launch: blocks per SM from the occupancy API × SMs.
     let gridLimit: Int
 

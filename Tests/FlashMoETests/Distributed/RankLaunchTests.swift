@@ -99,14 +99,16 @@ import Testing
 
 extension FusedKernel {
     /// A kernel "loaded" on a fake driver's device (no NVRTC): a 1-byte module with `entry`, 1 KiB of dynamic
-    /// shared memory, 64 packing rows, one gate tile of 8 router rows, a grid limit of 8 blocks.
-    static func loaded(on device: CUDADevice, entry: String) throws -> FusedKernel {
+    /// shared memory, 64 packing rows, one gate tile of 8 router rows, the decode gate up to `gateGemvTokens`
+    /// tokens (none by default), a grid limit of 8 blocks.
+    static func loaded(on device: CUDADevice, entry: String, gateGemvTokens: Int = 0) throws -> FusedKernel {
         let module = try CUDAModule(device: device, cubin: [0x7F])
         let compiled = CompiledKernel(
             name: "moe.cu", arch: GPUArchitecture(major: 9, minor: 0), cubin: [0x7F], log: "", resources: [],
             cache: .miss, cacheWriteFailure: nil, time: .zero, key: [])
         return FusedKernel(
             device: device, compiled: compiled, module: module, function: try module.function(named: entry),
-            dynamicSharedBytes: 1024, packRows: 64, gateTiles: 1, routerRows: 8, gridLimit: 8)
+            dynamicSharedBytes: 1024, packRows: 64, gateTiles: 1, routerRows: 8, gateGemvTokens: gateGemvTokens,
+            gridLimit: 8)
     }
 }
