@@ -29,14 +29,21 @@ FAKE_NCU = textwrap.dedent("""\
 
 
 class GpuNcuTests(unittest.TestCase):
-    def run_ncu(self, *args):
+    def run_ncu(self, *args, nvcc=None):
+        """gpu-ncu ARGS with the stand-in ncu (and nvcc: the text of a stand-in, or none on PATH); returns the
+        process, OUTPUT_DIR and every argument list ncu got."""
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp, True)
-        ncu = os.path.join(tmp, "ncu")
-        with open(ncu, "w") as f:
-            f.write(FAKE_NCU)
-        os.chmod(ncu, 0o755)
-        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", args, {"NCU": ncu, "NVCC": "/nonexistent/nvcc"})
+        tools = {"NCU": FAKE_NCU, "NVCC": nvcc}
+        env = {"NVCC": "/nonexistent/nvcc"}
+        for name, text in tools.items():
+            if text is None:
+                continue
+            env[name] = os.path.join(tmp, name.lower())
+            with open(env[name], "w") as f:
+                f.write(text)
+            os.chmod(env[name], 0o755)
+        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", args, env)
         log = os.path.join(tmp, "ncu-args")
         return p, out, stand_in.read(log) if os.path.exists(log) else ""
 
@@ -64,19 +71,9 @@ class GpuNcuTests(unittest.TestCase):
         self.assertEqual(seen.count("--launch-skip 4"), 3)
 
     def test_the_stream_bench_runs_first_when_nvcc_is_there(self):
-        tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, tmp, True)
-        nvcc = os.path.join(tmp, "nvcc")  # writes a program that prints one rate
-        with open(nvcc, "w") as f:
-            f.write('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'
-                    'printf \'#!/bin/sh\\necho "contiguous U=4: 4100 GB/s"\\n\' >"$2"; chmod +x "$2"\n')
-        os.chmod(nvcc, 0o755)
-        ncu = os.path.join(tmp, "ncu")
-        with open(ncu, "w") as f:
-            f.write(FAKE_NCU)
-        os.chmod(ncu, 0o755)
-        p, out = stand_in.run_script(self, "gpu-ncu", "#!/bin/sh\nexit 0\n", ["--case", "paper-e64 1 bf16"],
-                                     {"NCU": ncu, "NVCC": nvcc})
+        nvcc = ('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'  # writes a program that prints one rate
+                'printf \'#!/bin/sh\\necho "contiguous U=4: 4100 GB/s"\\n\' >"$2"; chmod +x "$2"\n')
+        p, out, _ = self.run_ncu("--case", "paper-e64 1 bf16", nvcc=nvcc)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         summary = stand_in.read(os.path.join(out, "summary.txt"))
         self.assertLess(summary.index("contiguous U=4: 4100 GB/s"), summary.index("paper-e64 S=1 bf16"))
