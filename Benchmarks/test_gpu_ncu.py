@@ -10,11 +10,16 @@ import unittest
 
 import stand_in
 
-# Records its arguments and prints a details page (fails for the preset "broken").
+# Records its arguments; a profiling run (fails for the preset "broken") writes its report and prints no results,
+# as ncu does with --export; --import prints the report's details page.
 FAKE_NCU = textwrap.dedent("""\
     #!/usr/bin/env bash
     echo "$*" >>"$(dirname "$0")/ncu-args"
     case "$*" in *"--preset broken"*) echo "==ERROR== failed"; exit 1 ;; esac
+    if [ "$1" != --import ]; then
+        while [ "$1" != --export ]; do shift; done
+        echo "report" >"$2.ncu-rep"; echo "==PROF== Report: $2.ncu-rep"; exit 0
+    fi
     cat <<'PAGE'
       Section: GPU Speed Of Light Throughput
         Memory Throughput                 %        71.20
@@ -54,6 +59,7 @@ class GpuNcuTests(unittest.TestCase):
         self.assertIn(f"--export {out}/ncu-qwen3-30b-a3b-1-bf16", seen)
         self.assertIn("bench --backend cuda --preset qwen3-30b-a3b --tokens 1 --precision bf16 --iterations 1 "
                       "--warmup 3", seen)
+        self.assertIn(f"--import {out}/ncu-qwen3-30b-a3b-1-bf16.ncu-rep --page details", seen)
         summary = stand_in.read(os.path.join(out, "summary.txt"))
         self.assertIn("qwen3-30b-a3b S=1 bf16: ncu exit 0", summary)
         self.assertIn(" DRAM Throughput % 68.05", summary)
