@@ -153,13 +153,13 @@ struct VerifyCommand: ParsableCommand {
         let start = clock.now
         DispatchQueue.concurrentPerform(iterations: specs.count) { i in
             do {
-                _ = try compiler.compile(specs[i], arch: arch, sources: sources)
+                _ = try compiler.compile(specs[i], arch: target.arch, sources: sources)
             } catch {
                 failures.withLock { $0.append("\(specs[i]): \(error)") }
             }
         }
         let failed = failures.withLock { $0 }
-        print("compiled \(specs.count) kernel specialisations for \(arch) in "
+        print("compiled \(specs.count) kernel specialisations for \(target.arch) in "
             + "\(Int((clock.now - start).milliseconds)) ms (cached ones load instantly)")
         if let first = failed.first { throw CUDAError.invalidArgument("kernel compilation failed: \(first)") }
     }
