@@ -164,7 +164,15 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 constexpr int DECODE_SPLIT = EBN / 64;
 typedef WgmmaDecodeEngine<MMA> DecodeEngine;
 constexpr int DECODE_STAGE_BYTES = (DecodeEngine::BM + DecodeEngine::BN) * ROW_BYTES;
-constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < 16 ? EXPERT_RING_BYTES / DECODE_STAGE_BYTES : 16;
+// The ring's depth: as many stages as fit (12 in bf16), at most FMOE_DECODE_STAGES_MAX (16; lower for A/B runs).
+// Bytes in flight matter: qwen3-30b-a3b S = 1 bf16 took 0.063 ms with 12 stages, 0.067 with 6, 0.069 with 4 (H200,
+// 2026-12-02).
+#ifndef FMOE_DECODE_STAGES_MAX
+#define FMOE_DECODE_STAGES_MAX 16
+#endif
+constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < FMOE_DECODE_STAGES_MAX
+                                  ? EXPERT_RING_BYTES / DECODE_STAGE_BYTES
+                                  : FMOE_DECODE_STAGES_MAX;
 static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
               "the decode tiles' ring and staged tile live in the expert ring");
 
@@ -280,6 +288,14 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
     st_relaxed_u64(&p.ring[pos], (p.epoch << 32) | (u64)rb);
 }
 
+// GEMM1 tickets at decode (split > 1: an expert has one row block, so grouped row blocks share no W2 slab) walk the
+// ring one row block at a time, in publication order (FMOE_DECODE_RING 1, default; 0 keeps RING_GROUP). With
+// groups of 8, the first GEMM1 tickets after qwen3-30b-a3b S = 1's first GEMM0 wave mapped to row blocks whose
+// GEMM0 was still in its second wave: 24 blocks waited up to 16 µs (trace, H200, 2026-12-02).
+#ifndef FMOE_DECODE_RING
+#define FMOE_DECODE_RING 1
+#endif
+
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
@@ -289,6 +305,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     const int rbs = L.rb_start[L.xs];
     const int nt1 = NT1 * split;
     const int total = t0_total + rbs * nt1;
+    const int group = FMOE_DECODE_RING && split > 1 ? 1 : RING_GROUP;
     for (;;) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
         __syncthreads();
@@ -343,25 +360,26 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             }
 #endif
         } else {
-            // GEMM1 tickets walk the ring in groups of RING_GROUP row blocks, column tile outer: blocks published
-            // together (usually one expert's) share each W2 slab while it is in L2.
+            // GEMM1 tickets walk the ring in groups of `group` row blocks (RING_GROUP; one at decode, above),
+            // column tile outer: blocks published together (usually one expert's) share each W2 slab in L2.
             const int j = (ticket - t0_total) / split, q = (ticket - t0_total) % split;
-            const int full = rbs / RING_GROUP, span = RING_GROUP * NT1;
+            const int full = rbs / group, span = group * NT1;
             int pos, n;
             if (j < full * span) {
-                pos = (j / span) * RING_GROUP + j % RING_GROUP;
-                n = (j % span) / RING_GROUP;
+                pos = (j / span) * group + j % group;
+                n = (j % span) / group;
             } else {
-                const int rest = rbs - full * RING_GROUP, k = j - full * span;
-                pos = full * RING_GROUP + k % rest;
+                const int rest = rbs - full * group, k = j - full * span;
+                pos = full * group + k % rest;
                 n = k / rest;
             }
             if (threadIdx.x == 0) {
                 // A ring entry waits on GEMM0 work that may itself wait for rows: twice the budget, so the upstream
                 // wait (the root cause) is the one that expires and gets reported.
+                u64 entry = 0;
                 s_last = wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos,
-                                       p.rank);
-                s_rb = (int)(ld_relaxed_u64(&p.ring[pos]) & 0xffffffffull);
+                                       p.rank, &entry);
+                s_rb = (int)(entry & 0xffffffffull);
             }
             __syncthreads();
             if (!s_last) return false;

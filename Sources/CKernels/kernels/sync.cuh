@@ -77,10 +77,11 @@ FMOE_DEVICE void mirror_error(const ErrorRecord *err, ErrorRecord *mirror) {
 // this launch). Returns false when the budget expired or another thread aborted; the caller must then leave the
 // kernel. Acquire: the fence after the successful load orders the caller's later reads after the writer's
 // release. SYS: the flag is written by another rank (maybe another GPU), so the load and the fence are
-// system-scoped.
+// system-scoped. `seen_out`, when given, receives the value that ended the wait (a ring entry's row block), so the
+// caller needs no second load of the flag.
 template <bool SYS = false, class W>
 FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 budget_ns, u32 phase, u32 index,
-                               u32 rank) {
+                               u32 rank, W *seen_out = nullptr) {
     W seen = ld_flag<SYS>(flag);
     if (seen < target) {
         const u64 start = globaltimer_ns();
@@ -99,6 +100,7 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
         }
     }
     fence_at<SYS>();
+    if (seen_out != nullptr) *seen_out = seen;
     return true;
 }
 
