@@ -34,11 +34,12 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
     }
 }
 
-// Every token's x as E4M3 codes and scales (p.xq, p.xq_scale), all warps of the grid striding over the groups.
-// GEMM0 reads them after the grid barrier, which orders these writes before it.
-FMOE_DEVICE void quantize_x_fp8(const Params &p) {
-    const int warp = cta() * WARPS + (int)(threadIdx.x >> 5);
-    quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, ctas() * WARPS);
+// Every token's x as E4M3 codes and scales (p.xq, p.xq_scale), the warps of `workers` blocks (the grid, or the
+// decode prefix's one block) striding over the groups. GEMM0 reads them after the grid barrier (decode prefix:
+// after acquiring the scan flag), which orders these writes before it.
+FMOE_DEVICE void quantize_x_fp8(const Params &p, int worker, int workers) {
+    const int warp = worker * WARPS + (int)(threadIdx.x >> 5);
+    quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, workers * WARPS);
 }
 
 // Rows m·BM … of routed expert x's h as E4M3 codes and scales (p.hq, p.hq_scale), by the whole block. The caller

@@ -181,7 +181,42 @@ FMOE_DEVICE int gate_k_split(const Params &p) {
     return ks;
 }
 
-FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
+// Decode prefix (FMOE_DECODE_PREFIX 1, default; 0 for A/B runs): one GPU and a launch of at most one route task's
+// tokens. The block that routes them also ranks, scans, places every pair and resets the expert phase's counters,
+// then releases all of it with the scan flag; the other blocks skip placement and the grid barrier. The general
+// path hands the work between blocks four times (route → rank → scan → place → barrier), each hand-off a fence and
+// a counter round trip: 12 µs from the route's end to the first expert task of qwen3-30b-a3b at S = 1 (H200 trace,
+// 2026-12-02). Block-uniform and launch-uniform: every block computes it from the token count.
+#ifndef FMOE_DECODE_PREFIX
+#define FMOE_DECODE_PREFIX 1
+#endif
+FMOE_DEVICE bool decode_prefix(const Params &p) {
+    return FMOE_DECODE_PREFIX && RANKS == 1 && p.tokens >= 1 && p.tokens <= ROUTE_TASK_TOKENS;
+}
+
+FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers);
+
+// The decode prefix's block, after routing the launch's tokens (route_staged): rank the one tile, scan, fill L from
+// the scan, place, then release (the scan flag). Every step reads only this block's own writes, ordered by the
+// block's barriers; the release covers them all for the blocks that acquire the flag. Not inlined: a second
+// inlined copy of ranking, scan and placement changed the register allocation of the whole kernel (sm_90a SASS)
+// and cost qwen3-30b-a3b S = 64, which never runs it, 7 µs (0.372 → 0.379 ms, H200, 2026-12-02).
+__device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *smem) {
+    rank_tile(p, 0, smem);  // starts with a barrier: every warp's ids are written
+    __syncthreads();        // the tile's counts, for the scan
+    {
+        FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
+        scan_counts(p, 1);
+        __syncthreads();
+    }
+    load_layout(p, L);
+    if (FMOE_STOP_AFTER != 1) place_phase(p, L, 0, 1);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+}
+
+FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
     __shared__ int s_task, s_ok;
     const int tiles = (p.tokens + BT - 1) / BT;
@@ -216,6 +251,11 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
             FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, chunk);
             const int t0 = tile * BT + chunk * ROUTE_TASK_TOKENS;
             const int n = min(ROUTE_TASK_TOKENS, in_tile - chunk * ROUTE_TASK_TOKENS);
+#if FMOE_PREC == 4
+            // Decode prefix: this block quantizes x (a few rows) while the gate tasks finish; the scan flag
+            // releases the codes with the placement.
+            if (decode_prefix(p)) quantize_x_fp8(p, 0, 1);
+#endif
             if (threadIdx.x == 0) {
                 // Acquire the tile's logits (wait_at_least fences after the load).
                 s_ok = wait_at_least(&p.tile_done[tile], gate_done, p.err, p.budget_ns, FMOE_PHASE_GATE, tile, p.rank);
@@ -226,6 +266,10 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
             stage_logits(p, t0, n, ks_count, route_rows(smem));
             __syncthreads();
             route_staged(p, t0, n, smem);
+            if (decode_prefix(p)) {
+                decode_finish(p, L, smem);
+                continue;
+            }
             // The tile's last route task ranks it; the last tile's block runs the scan.
             if (!last_arrival(&p.tile_done[tile], gate_done + chunks)) continue;
             rank_tile(p, tile, smem);
@@ -265,7 +309,9 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
     }
     stamp(p, 1);
 #if FMOE_PREC == 4
-    quantize_x_fp8(p);  // every block, while the last route tasks and the scan finish (GEMM0 reads it after the barrier)
+    // Every block, while the last route tasks and the scan finish (GEMM0 reads it after the barrier); the decode
+    // prefix's routing block quantized it already.
+    if (!decode_prefix(p)) quantize_x_fp8(p, cta(), ctas());
 #endif
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;
@@ -276,9 +322,11 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem) {
 
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
-FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
+// Worker `worker` of `workers` blocks (every block of the launch, or the decode prefix's one block): the tokens'
+// rows and contribution counts, the row blocks' GEMM counters, and (worker 0) the expert phase's counters.
+FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
-    for (int t = cta() * THREADS + threadIdx.x; t < p.tokens; t += ctas() * THREADS) {
+    for (int t = worker * THREADS + threadIdx.x; t < p.tokens; t += workers * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;
 #pragma unroll
@@ -302,11 +350,11 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L) {
         }
     }
     const int rbs = L.rb_start[XS];
-    for (int i = cta() * THREADS + threadIdx.x; i < rbs; i += ctas() * THREADS) {
+    for (int i = worker * THREADS + threadIdx.x; i < rbs; i += workers * THREADS) {
         p.done0[i] = 0;
         p.done1[i] = 0;
     }
-    if (cta() == 0 && threadIdx.x == 0) {
+    if (worker == 0 && threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
         p.sync->list_tail = 0;

@@ -13,27 +13,20 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
     __shared__ Layout L;
     stamp(p, 0);
     FMOE_TRACE_START();
-    if (!gate_phase(p, smem)) return;
+    if (!gate_phase(p, smem, L)) return;
     if (RANKS == 1) {
-        L.xs = XS;
-        for (int i = threadIdx.x; i <= XS; i += THREADS) {
-            L.row_start[i] = p.row_start[i];
-            L.rb_start[i] = p.rb_start[i];
-            L.task0_start[i] = p.task0_start[i];
-        }
-        __syncthreads();
+        load_layout(p, L);
         stamp(p, 2);
-        if (FMOE_STOP_AFTER != 1) place_phase(p, L);  // timing variant 1 skips placement
-        stamp(p, 3);
-        if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
-        FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
-        // Phase-1 counters are free again: reset them for the next launch (nobody reads them before that).
-        if (cta() == 0 && threadIdx.x == 0) {
-            p.sync->gate_ticket = 0;
-            p.sync->tiles_done = 0;
+        if (!decode_prefix(p)) {
+            if (FMOE_STOP_AFTER != 1) place_phase(p, L, cta(), ctas());  // timing variant 1 skips placement
+            stamp(p, 3);
+            if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
+            FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
+        } else if (threadIdx.x == 0) {
+            // The decode prefix placed everything before the scan flag, so there is no barrier to wait for; the
+            // block still arrives, so the monotone barrier counter keeps its count for the launches after this.
+            atomicAdd(&p.sync->barrier, 1ull);
         }
-        const int tiles = (p.tokens + BT - 1) / BT;
-        for (int i = cta() * THREADS + threadIdx.x; i < tiles; i += ctas() * THREADS) p.tile_done[i] = 0;
         stamp(p, 4);
         if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
         stamp(p, 5);
@@ -74,8 +67,13 @@ FMOE_DEVICE void finish_launch(const Params &p) {
         for (int i = threadIdx.x; i < p.row_blocks; i += THREADS) p.ring[i] = 0;
         for (int i = threadIdx.x; i < p.max_tokens; i += THREADS) p.combine_list[i] = 0;
     }
+    // Phase-1 counters, for the next launch: every block has left the gate phase (the decode prefix has no grid
+    // barrier after which one block could reset them while another still takes a gate ticket).
+    for (int i = threadIdx.x; i < (p.tokens + BT - 1) / BT; i += THREADS) p.tile_done[i] = 0;
     __syncthreads();
     if (threadIdx.x == 0) {
+        p.sync->gate_ticket = 0;
+        p.sync->tiles_done = 0;
         if (p.err_mirror != nullptr) mirror_error(p.err, p.err_mirror);
         if (wrap) {
             p.sync->barrier = 0;

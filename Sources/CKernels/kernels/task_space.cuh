@@ -81,6 +81,18 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
     }
 }
 
+// One GPU: the block's copy of the task space, from the scan's global arrays (after acquiring the scan flag, or
+// written by this block before a barrier). Ends with a barrier.
+FMOE_DEVICE void load_layout(const Params &p, Layout &L) {
+    L.xs = XS;
+    for (int i = threadIdx.x; i <= XS; i += THREADS) {
+        L.row_start[i] = p.row_start[i];
+        L.rb_start[i] = p.rb_start[i];
+        L.task0_start[i] = p.task0_start[i];
+    }
+    __syncthreads();
+}
+
 // Largest x with table[x] <= v (table ascending, table[0] = 0).
 FMOE_DEVICE int find_segment(const int *table, int n, int v) {
     int lo = 0, hi = n - 1;

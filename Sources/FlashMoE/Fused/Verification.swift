@@ -328,6 +328,9 @@ extension Verifier {
             tolerance: oneBinadeTolerance)
         add("fp8 one binade, own scales, decode GEMV", cfg(h: 384, i: 192, ffn: .gated, act: .silu, .fp8), 6,
             values: .fp8OneBinade, tolerance: oneBinadeTolerance)
+        // Decode at a preset's shape: one token and a full decode route task (8 tokens): the decode gate, the decode
+        // prefix (one block routes, scans and places) and the decode tiles, with the preset's 128 experts.
+        for s in [1, 8] { add("qwen3-30b-a3b decode S=\(s)", with(Preset.qwen3_30bA3b.config, .bf16), s) }
         return cases
     }
 }
