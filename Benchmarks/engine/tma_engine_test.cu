@@ -1,6 +1,6 @@
 // Standalone check and timing of the sm_90a TMA engine (Sources/CKernels/kernels/tma_engine.cuh) against the
 // cp.async wgmma engine (wgmma.cuh) on the fused kernel's expert GEMMs, paper-e64 bf16 shapes by default:
-//   GEMM0: H[r] = relu(x[row_token[r]] · W1[e]ᵀ) (bf16 out), rows gathered per expert as in phase_experts.cuh;
+//   GEMM0: H[r] = relu(x[row_token[r]] · W1[e]ᵀ) (bf16 out), rows gathered per expert as in expert_tiles.cuh;
 //   GEMM1: Y[r] = H[r] · W2[e]ᵀ (fp32 out), rows contiguous per expert.
 // Every variant runs the same tiles (expert, row block, column tile) in the fused kernel's order over a persistent
 // grid of one block per SM. Checks: outputs poisoned (NaN) before each run, every element written, the new engine
@@ -53,7 +53,7 @@ __device__ __forceinline__ u32 pack_bf16(float a, float b) {
     return (u32)f32_to_bf16_bits(a) | ((u32)f32_to_bf16_bits(b) << 16);
 }
 
-// ---- the cp.async engine, as phase_experts.cuh runs it -------------------------------------------------------
+// ---- the cp.async engine, as expert_tiles.cuh runs it -------------------------------------------------------
 template <int GEMM>
 __global__ void __launch_bounds__(256, 1) k_old(const Problem p) {
     extern __shared__ __align__(1024) char smem_raw[];

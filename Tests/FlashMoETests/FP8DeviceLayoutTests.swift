@@ -50,7 +50,7 @@ import Testing
 }
 
 /// The fp8 kernel's reads of one expert image, mirrored from Sources/CKernels/kernels (moe_params.cuh's sizes,
-/// `expert_tile_fp8` in phase_experts.cuh, `fp8_load_stage` and `Fp8WgmmaEngine::promote` in wgmma_fp8.cuh), so a
+/// `expert_tile_fp8` in phase_fp8.cuh, `fp8_load_stage` and `Fp8WgmmaEngine::promote` in wgmma_fp8.cuh), so a
 /// test can check that each (tile column, K index) meets the weight and scale the oracle uses for it.
 struct FP8KernelReads {
     /// The image of one expert (`FusedDeviceWeights.fp8Image`).

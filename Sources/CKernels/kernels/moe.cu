@@ -38,8 +38,9 @@
 //
 // Files: moe_params.cuh (specialisation, shapes, Params/Peer/Sync), task_space.cuh (the Layout and its scans),
 // phase_gate.cuh (phases 1–2; gate_gemv.cuh the decode gate),
-// phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3; gemv.cuh runs the tiles of
-// experts with at most 8 rows as weight-streaming GEMVs, fp8 by default), phase_combine.cuh
+// phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3's scheduler; its tiles in
+// expert_tiles.cuh, where gemv.cuh runs the tiles of experts with at most 8 rows as weight-streaming GEMVs, fp8 by
+// default), phase_combine.cuh
 // (phase 4), sched_launch.cuh (the phases in order, the last block out); this file holds the entry points.
 #include "moe_params.cuh"
 #include "sched_launch.cuh"

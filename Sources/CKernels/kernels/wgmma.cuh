@@ -105,7 +105,7 @@ template <int KIND_> struct WgmmaEngine {
     }
 };
 
-// Decode tiles (phase_experts.cuh): 64 rows × 64 weight rows, each warpgroup m64n32 on its own 32 weight rows of
+// Decode tiles (expert_tiles.cuh): 64 rows × 64 weight rows, each warpgroup m64n32 on its own 32 weight rows of
 // the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256 tile spends its tensor
 // time on zero rows and a launch has fewer such tiles than SMs. Each output element is the wide engine's: the same
 // k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero.

@@ -1,0 +1,268 @@
+// The expert tasks' tiles: GEMM0 and GEMM1 of a 128 × 256 tile (gemm0_task, gemm1_task), the decode tiles of 64
+// weight rows (gemm0_decode, gemm1_decode) and the decode GEMV (gemv_task), each with its epilogue. The scheduler
+// that hands them out is phase_experts.cuh. See moe.cu (phase 3).
+#pragma once
+#include "moe_params.cuh"
+#include "phase_dispatch.cuh"
+#include "phase_fp8.cuh"
+#include "gemv.cuh"
+
+namespace fmoe {
+
+// The A rows first … first + NR − 1 of expert x's GEMM0 (rows past `rows` read nothing): the token's x row, or
+// (ranks, a routed expert) the row this rank received, in row order.
+template <int NR>
+FMOE_DEVICE void gemm0_a_rows(const Params &p, const Layout &L, int x, bool shared, int rows, int first,
+                              TileSource &src) {
+#pragma unroll
+    for (int i = 0; i < NR / 32; ++i) {
+        const int r = loader_row(i);
+        src.a_valid[i] = first + r < rows;
+        if (RANKS > 1 && !shared) {
+            src.a[i] = (const char *)(p.peers[p.rank].recv +
+                                      (size_t)(L.row_start[x] + (src.a_valid[i] ? first + r : 0)) * H);
+        } else {
+            int token = 0;
+            if (src.a_valid[i]) token = shared ? first + r : p.row_token[L.row_start[x] + first + r];
+            src.a[i] = (const char *)(p.x + (size_t)token * H);
+        }
+    }
+}
+
+// The first h row of expert x (task-space index): the shared expert's own buffer, or x's rows of hbuf.
+FMOE_DEVICE T *h_rows(const Params &p, const Layout &L, int x) {
+    return is_shared(L, x) ? p.hs : p.hbuf + (size_t)L.row_start[x] * I;
+}
+
+// GEMM0's epilogue for a staged tile c (NR rows, stride CS): h columns col0 … col0 + OUT_COLS − 1 of expert x's rows
+// first … (of `rows`), activated (gated: activation(gate) · up, the up half OUT_COLS columns after the gate half;
+// plain: with b1).
+template <int NR, int CS, int OUT_COLS>
+FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, int first, int col0, const float *c) {
+    const bool shared = is_shared(L, x);
+    const int inter = shared ? IS : I;
+    T *out = h_rows(p, L, x);
+    for (int u = threadIdx.x; u < NR * OUT_COLS / 4; u += THREADS) {
+        const int r = u / (OUT_COLS / 4), c4 = (u % (OUT_COLS / 4)) * 4;
+        const int col = col0 + c4;
+        if (first + r >= rows || col >= inter) continue;
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (GATED) {
+                v[q] = activation(c[r * CS + c4 + q]) * c[r * CS + OUT_COLS + c4 + q];
+            } else {
+                const float b = (!shared && p.b1 != nullptr) ? p.b1[(size_t)x * I + col + q] : 0.f;
+                v[q] = activation(c[r * CS + c4 + q] + b);
+            }
+        }
+        store4(out + (size_t)(first + r) * inter + col, v[0], v[1], v[2], v[3]);
+    }
+}
+
+FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
+    const bool shared = is_shared(L, x);
+    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int row0 = m * BM;
+    const int n0 = shared ? N0S : N0;
+    TileSource src;
+    src.k_bytes = H * (int)sizeof(T);
+    const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
+#if FMOE_PREC == 4
+    if (!shared) gemm0_tile_fp8(p, L, x, rows, m, n, smem);  // phase_fp8.cuh
+    else
+#endif
+    {
+        gemm0_a_rows<BM>(p, L, x, shared, rows, row0, src);
+        point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
+        run_tile<SharedEngine>(smem, src);
+    }
+    constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
+    gemm0_store<BM, c_stride<EBN>(), OUT_COLS>(p, L, x, rows, row0, n * OUT_COLS, (const float *)smem);
+    __syncthreads();
+}
+
+// GEMM1's epilogue for a staged tile c (NR rows, stride CS): columns col0 … col0 + NC − 1 of rows first … of expert
+// x, plus b2, into its FP32 rows (one GPU) or the source rank's return buffer (ranks).
+template <int NR, int CS, int NC>
+FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool shared, int rows, int first, int col0,
+                             const float *c) {
+    float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;
+#if FMOE_NVSHMEM
+    bool sent_remote = false;  // this thread put returns to a remote source
+#endif
+    for (int u = threadIdx.x; u < NR * NC / 4; u += THREADS) {
+        const int r = u / (NC / 4), c4 = (u % (NC / 4)) * 4;
+        const int col = col0 + c4;
+        if (first + r >= rows || col >= H) continue;
+        float4 v = *(const float4 *)&c[r * CS + c4];
+        if (!shared && p.b2 != nullptr) {
+            const float *b = p.b2 + (size_t)x * H + col;
+            v.x += b[0]; v.y += b[1]; v.z += b[2]; v.w += b[3];
+        }
+        if (RANKS > 1 && !shared) {
+            // Ranks: straight into the source's return buffer, at the (token, j) pair the row came from.
+            const int o = p.peers[p.rank].row_origin[L.row_start[x] + first + r];
+#if FMOE_NVSHMEM
+            static_assert(!FMOE_RET_STORAGE, "the NVSHMEM transport returns FP32 rows only (no storage returns)");
+            if (nv_remote(p.peers[p.rank].sync, o >> PAIR_BITS)) {
+                // A remote source: four single-float puts, completed below before the tile is counted done.
+                float *d = &p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col];
+                nvshmem_float_p(d, v.x, o >> PAIR_BITS); nvshmem_float_p(d + 1, v.y, o >> PAIR_BITS);
+                nvshmem_float_p(d + 2, v.z, o >> PAIR_BITS); nvshmem_float_p(d + 3, v.w, o >> PAIR_BITS);
+                sent_remote = true;
+                continue;
+            }
+#endif
+            store_ret4(&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col], v);
+        } else {
+            *(float4 *)&out[(size_t)(first + r) * H + col] = v;
+        }
+    }
+#if FMOE_NVSHMEM
+    if (sent_remote) nv_complete_puts();  // returns to remote sources delivered before this tile counts as done
+#endif
+}
+
+FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
+    const bool shared = is_shared(L, x);
+    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int row0 = m * BM;
+    const int inter = shared ? IS : I;
+    const T *a = h_rows(p, L, x);
+    const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
+    TileSource src;
+    src.k_bytes = inter * (int)sizeof(T);
+#if FMOE_PREC == 4
+    if (!shared) gemm1_tile_fp8(p, L, x, rows, m, n, smem);  // phase_fp8.cuh
+    else
+#endif
+    {
+        point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
+        point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+        run_tile<SharedEngine>(smem, src);
+    }
+    gemm1_store<BM, c_stride<EBN>(), EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);
+    __syncthreads();
+}
+
+// ---- Decode tiles ------------------------------------------------------------------------------------------------
+// A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
+// every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time:
+// four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
+// (every output element is the same instructions in the same K order). The choice is per launch and block-uniform
+// (every block holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B
+// runs).
+#ifndef FMOE_DECODE_TILES
+#define FMOE_DECODE_TILES 1
+#endif
+#if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3
+constexpr int DECODE_SPLIT = EBN / 64;
+typedef WgmmaDecodeEngine<MMA> DecodeEngine;
+constexpr int DECODE_STAGE_BYTES = (DecodeEngine::BM + DecodeEngine::BN) * ROW_BYTES;
+// The ring's depth: as many stages as fit (12 in bf16), at most FMOE_DECODE_STAGES_MAX (16; lower for A/B runs).
+// Bytes in flight matter: qwen3-30b-a3b S = 1 bf16 took 0.063 ms with 12 stages, 0.067 with 6, 0.069 with 4 (H200,
+// 2026-12-02).
+#ifndef FMOE_DECODE_STAGES_MAX
+#define FMOE_DECODE_STAGES_MAX 16
+#endif
+constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < FMOE_DECODE_STAGES_MAX
+                                  ? EXPERT_RING_BYTES / DECODE_STAGE_BYTES
+                                  : FMOE_DECODE_STAGES_MAX;
+static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
+              "the decode tiles' ring and staged tile live in the expert ring");
+
+// GEMM0 decode tile q of expert tile n: weight rows n·EBN + … (gated: the 32 gate rows q·32 … and the 32 up rows
+// that pair with them, EBN/2 further in the packing; plain: the 64 rows q·64 …), over row block m in passes of 64.
+FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DECODE_SPLIT + q);
+    const bool shared = is_shared(L, x);
+    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int n0 = shared ? N0S : N0;
+    const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
+    constexpr int OUT_COLS = GATED ? 32 : 64;
+    const int col0 = n * (GATED ? EBN / 2 : EBN) + q * OUT_COLS;
+    if (col0 >= (shared ? IS : I)) return;  // block-uniform: past the last column
+    for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
+        TileSource src;
+        src.k_bytes = H * (int)sizeof(T);
+        gemm0_a_rows<DecodeEngine::BM>(p, L, x, shared, rows, r0, src);
+#pragma unroll
+        for (int i = 0; i < DecodeEngine::BN / 32; ++i) {
+            const int r = loader_row(i);
+            const int wrow = GATED ? n * EBN + (r < 32 ? q * 32 + r : EBN / 2 + q * 32 + r - 32) : n * EBN + q * 64 + r;
+            src.b_valid[i] = wrow < n0;
+            src.b[i] = (const char *)(w + (size_t)(src.b_valid[i] ? wrow : 0) * H);
+        }
+        gemm_tile_wgmma<DecodeEngine, DECODE_STAGES>(smem, src);
+        gemm0_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, OUT_COLS>(p, L, x, rows, r0, col0, (const float *)smem);
+        __syncthreads();  // the staged tile is read before the next pass loads into the ring
+    }
+}
+
+// GEMM1 decode tile q of expert tile n: output columns n·EBN + q·64 …, over row block m in passes of 64.
+FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DECODE_SPLIT + q);
+    const bool shared = is_shared(L, x);
+    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int inter = shared ? IS : I;
+    const T *a = h_rows(p, L, x);
+    const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
+    const int col0 = n * EBN + q * DecodeEngine::BN;
+    if (col0 >= H) return;  // block-uniform: past the last column
+    for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
+        TileSource src;
+        src.k_bytes = inter * (int)sizeof(T);
+        point_rows<DecodeEngine::BM>(src.a, src.a_valid, a, r0, rows, inter);
+        point_rows<DecodeEngine::BN>(src.b, src.b_valid, w, col0, H, inter);
+        gemm_tile_wgmma<DecodeEngine, DECODE_STAGES>(smem, src);
+        gemm1_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, DecodeEngine::BN>(p, L, x, shared, rows, r0, col0,
+                                                                                (const float *)smem);
+        __syncthreads();
+    }
+}
+#else
+constexpr int DECODE_SPLIT = 1;
+FMOE_DEVICE void gemm0_decode(const Params &, const Layout &, int, int, int, int, char *) {}
+FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int, char *) {}
+#endif
+
+#if FMOE_PREC >= 2
+// Tile n (or its decode part q of `split`) of GEMM `gemm` (0 or 1) of routed expert x, which has a few rows
+// (gemv_expert), as a GEMV (gemv.cuh): the same weight rows and output columns as the tile it stands for, staged
+// with stride GEMV_CS for the tile's own epilogue. Not inlined: one copy for both GEMMs, with registers of its own
+// (inlined twice into a bf16 kernel it took paper-e64's with ranks from 236 registers to 255 and 4 bytes of spills
+// on sm_90a).
+__device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gemm, int x, int n, int q, int split,
+                                       char *smem) {
+    FMOE_TRACE_SCOPE(gemm == 0 ? FMOE_EV_GEMM0 : FMOE_EV_GEMM1, x, 0, n * split + q);
+    const int rows = rows_of(L, x), tile_rows = EBN / split;
+    const float *c = (const float *)smem;
+    constexpr int WIDE_COLS = GATED ? EBN / 2 : EBN;  // GEMM0: h columns of a wide tile
+    const int out_cols = WIDE_COLS / split;
+    const int col0 = gemm == 0 ? n * WIDE_COLS + q * out_cols : n * EBN + q * tile_rows;
+    if (col0 >= (gemm == 0 ? I : H)) return;  // block-uniform: a decode part past the last column
+    // Weight rows: GEMM0 gated, the tile's gate rows, then the up rows that pair with them (EBN / 2 further in the
+    // packing); otherwise the tile's rows in order (GEMM1: W2's rows are the output columns, from col0).
+    GemvRows wr{n * EBN + q * tile_rows, 0, tile_rows};
+    if (gemm == 0 && GATED) wr = GemvRows{n * EBN + q * out_cols, n * EBN + EBN / 2 + q * out_cols, out_cols};
+    __shared__ GemvOperands op;
+    gemv_operands(p, L, gemm, x, op);
+    __syncthreads();
+    gemv_tile(smem, op, tile_rows, wr);
+    if (gemm == 0) {
+        if (split == 1) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS>(p, L, x, rows, 0, col0, c);
+        else gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS / DECODE_SPLIT>(p, L, x, rows, 0, col0, c);
+    } else {
+        if (split == 1) gemm1_store<GEMV_TOKENS, GEMV_CS, EBN>(p, L, x, false, rows, 0, col0, c);
+        else gemm1_store<GEMV_TOKENS, GEMV_CS, EBN / DECODE_SPLIT>(p, L, x, false, rows, 0, col0, c);
+    }
+    __syncthreads();
+}
+#else
+FMOE_DEVICE void gemv_task(const Params &, const Layout &, int, int, int, int, int, char *) {}
+#endif
+
+}  // namespace fmoe
