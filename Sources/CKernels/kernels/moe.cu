@@ -12,7 +12,9 @@
 //      scans the counts (per expert over tiles) and publishes the scan with the epoch (phase_gate.cuh).
 //   2. Place. After the scan, a pair's slot in its expert is base[tile][e] + rank: the number of lower-index tokens
 //      routed there, so slots and capacity drops never depend on timing. Kept pairs get a global row; each token
-//      learns how many contributions it waits for. Grid barrier.
+//      learns how many contributions it waits for. Grid barrier. (Decode prefix, one GPU and at most 8 tokens: the
+//      block that routes them also ranks, scans and places them and releases it all with the scan flag; no grid
+//      barrier, phase_gate.cuh.)
 //   3. Experts. One ticket counter hands out GEMM0 tasks (x, m, n) in (expert, row block, column tile) order,
 //      then GEMM1 tasks. A GEMM0 tile computes act(x·W1ᵀ + b1) (or act(g)·u) for 128 gathered rows. The CTA whose
 //      tile completes a row block's GEMM0 publishes the row block into a ring; GEMM1 tickets map to ring slots in
