@@ -17,6 +17,7 @@ FAKE = textwrap.dedent("""\
     [ "$1" = bench ] || exit 3
     [ "$5" = broken ] && exit 5
     [ "$g" = none ] && echo "median 9.99 ms" || echo "median 0.${g}5 ms"
+    [ "$g" = none ] || echo "ring $(sed -n 's/^#define FMOE_DECODE_RING \\([0-9]\\)$/\\1/p' "$FLASHMOE_KERNEL_DIR/phase_experts.cuh")"
     prev=''; for a in "$@"; do [ "$prev" = --trace ] && echo '{}' >"$a"; prev=$a; done
     echo "timeline: 3 events over 1 blocks"
     """)
@@ -38,6 +39,19 @@ class GpuVariantsTests(unittest.TestCase):
         self.assertIn("trace qwen3-30b-a3b S=1 bf16 (on):", summary)
         self.assertTrue(os.path.exists(os.path.join(out, "trace-qwen3-30b-a3b-1-bf16-on.json")))
         self.assertIn("gpu-variants: 0 command(s) failed", summary)
+
+    def test_a_variant_may_set_several_defaults(self):
+        p, out = self.run_script(
+            "--variant", "both=gate_gemv.cuh:FMOE_GATE_GEMV=0+phase_experts.cuh:FMOE_DECODE_RING=0",
+            "--variant", "one=gate_gemv.cuh:FMOE_GATE_GEMV=0", "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("both median 0.05 ms; one median 0.05 ms;", stand_in.read(os.path.join(out, "summary.txt")))
+        self.assertIn("ring 0", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-1-bf16-both.log")))
+        self.assertIn("ring 1", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-1-bf16-one.log")))
+        p, out = self.run_script("--variant", "x=gate_gemv.cuh:FMOE_GATE_GEMV=0+gemv.cuh:FMOE_NO_SUCH=1",
+                                 "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("FMOE_NO_SUCH", p.stderr)
 
     def test_a_failing_bench_is_counted_and_named(self):
         p, out = self.run_script("--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--case", "broken 1 bf16")
