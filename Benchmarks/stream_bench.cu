@@ -3,14 +3,15 @@
 //
 //   nvcc -O3 -arch=sm_90a -o /tmp/stream_bench Benchmarks/stream_bench.cu && /tmp/stream_bench [SLAB_KB] [BLOCKS]
 //
-// Each of BLOCKS blocks (default: one per SM) reads a slab of SLAB_KB KiB (default 256) laid out as weight rows of
-// 4 KiB (qwen3-30b-a3b's H = 2048 in bf16), once, from a fresh part of a buffer far larger than L2, so every byte
-// comes from HBM. Orders:
+// Each of BLOCKS blocks (default: one per SM) reads slabs of SLAB_KB KiB (default 256) laid out as weight rows of
+// 4 KiB (qwen3-30b-a3b's H = 2048 in bf16), from a fresh part of a buffer far larger than L2, so every byte comes
+// from HBM: one slab (a decode tile's bytes, the launch's ramp included: round 9 measured 2.0 - 2.2 TB/s so, about
+// 16 µs a launch) and then 16 slabs one after the other (the rate a block sustains once streaming). Orders:
 //   contiguous   256 threads read the slab front to back, 16 bytes each, U loads in flight a thread
 //   k-slices     the tiles' order (256 KiB slabs: 64 rows): step k reads bytes [128k, 128k + 128) of every row
 //                (8 threads a row), U steps in flight; the rows are 4 KiB apart, so each step touches every row
 // The rate is total bytes over the kernel's time (CUDA events, median of 20 runs after 3). Prints one line per
-// order and U. A launch's bytes: BLOCKS × SLAB_KB KiB.
+// slab count, order and U. A launch's bytes: BLOCKS × SLAB_KB KiB × slabs.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,44 +40,49 @@ __device__ __forceinline__ uint4 ld_stream(const char *p) {
 }
 
 // Front to back: iteration i reads 16 bytes at (i · THREADS + threadIdx.x) · 16, U iterations' loads issued first.
-template <int U> __global__ void contiguous(const char *base, size_t slab, unsigned *sink) {
-    const char *s = base + blockIdx.x * slab;
+template <int U> __global__ void contiguous(const char *base, size_t slab, int slabs, unsigned *sink) {
     unsigned acc = 0;
     const size_t step = (size_t)THREADS * 16;
-    for (size_t o = threadIdx.x * 16; o < slab; o += step * U) {
-        uint4 v[U];
+    for (int q = 0; q < slabs; ++q) {
+        const char *s = base + ((size_t)blockIdx.x * slabs + q) * slab;
+        for (size_t o = threadIdx.x * 16; o < slab; o += step * U) {
+            uint4 v[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) v[u] = o + u * step < slab ? ld_stream(s + o + u * step) : make_uint4(0, 0, 0, 0);
+            for (int u = 0; u < U; ++u)
+                v[u] = o + u * step < slab ? ld_stream(s + o + u * step) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+            for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+        }
     }
     if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads
 }
 
 // The tiles' order over a 64-row slab: k-step j reads 128 bytes of every row (thread t: rows t / 8 and t / 8 + 32,
 // 16 bytes at 16 · (t % 8)), U steps' loads (2U a thread) issued before any is used.
-template <int U> __global__ void kslices(const char *base, size_t slab, unsigned *sink) {
-    const char *s = base + blockIdx.x * slab;
+template <int U> __global__ void kslices(const char *base, size_t slab, int slabs, unsigned *sink) {
     unsigned acc = 0;
-    const char *p0 = s + (size_t)(threadIdx.x / 8) * ROW_BYTES + (threadIdx.x % 8) * 16;
-    const char *p1 = p0 + (size_t)32 * ROW_BYTES;
-    for (int j0 = 0; j0 < ROW_BYTES / 128; j0 += U) {
-        uint4 v[U][2];
+    for (int q = 0; q < slabs; ++q) {
+        const char *s = base + ((size_t)blockIdx.x * slabs + q) * slab;
+        const char *p0 = s + (size_t)(threadIdx.x / 8) * ROW_BYTES + (threadIdx.x % 8) * 16;
+        const char *p1 = p0 + (size_t)32 * ROW_BYTES;
+        for (int j0 = 0; j0 < ROW_BYTES / 128; j0 += U) {
+            uint4 v[U][2];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const bool in = j0 + u < ROW_BYTES / 128;
-            v[u][0] = in ? ld_stream(p0 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
-            v[u][1] = in ? ld_stream(p1 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
+            for (int u = 0; u < U; ++u) {
+                const bool in = j0 + u < ROW_BYTES / 128;
+                v[u][0] = in ? ld_stream(p0 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
+                v[u][1] = in ? ld_stream(p1 + (j0 + u) * 128) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) acc ^= v[u][0].x ^ v[u][0].y ^ v[u][1].z ^ v[u][1].w;
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) acc ^= v[u][0].x ^ v[u][0].y ^ v[u][1].z ^ v[u][1].w;
     }
     if (acc == 0x12345678u) sink[0] = acc;
 }
 
 template <class Kernel>
-static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int blocks, unsigned *sink) {
-    const size_t launch = slab * blocks;
+static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int slabs, int blocks, unsigned *sink) {
+    const size_t launch = slab * slabs * blocks;
     const int regions = (int)(buf_bytes / launch);
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
@@ -85,7 +91,7 @@ static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int
     for (int it = 0; it < 23; ++it) {
         const char *region = buf + (size_t)(it % regions) * launch;  // a fresh region each run: nothing in L2
         CHECK(cudaEventRecord(a));
-        k<<<blocks, THREADS>>>(region, slab, sink);
+        k<<<blocks, THREADS>>>(region, slab, slabs, sink);
         CHECK(cudaEventRecord(b));
         CHECK(cudaEventSynchronize(b));
         float t = 0;
@@ -107,7 +113,8 @@ int main(int argc, char **argv) {
         std::fprintf(stderr, "usage: stream_bench [SLAB_KB (a multiple of 4)] [BLOCKS]\n");
         return 2;
     }
-    const size_t buf_bytes = std::max<size_t>((size_t)8 << 30, slab * blocks * 4);
+    constexpr int MAX_SLABS = 16;
+    const size_t buf_bytes = std::max<size_t>((size_t)8 << 30, slab * blocks * MAX_SLABS * 4);
     char *buf;
     unsigned *sink;
     CHECK(cudaMalloc(&buf, buf_bytes));
@@ -116,19 +123,22 @@ int main(int argc, char **argv) {
     std::printf("%s, %d SMs, L2 %d MiB: %d blocks x %zu KiB slabs (rows of %d B), %.1f MiB a launch\n", prop.name,
                 prop.multiProcessorCount, prop.l2CacheSize >> 20, blocks, slab >> 10, ROW_BYTES,
                 slab * blocks / 1048576.0);
-    auto report = [&](const char *label, auto kernel) {
-        const double r = rate(kernel, buf, buf_bytes, slab, blocks, sink);
-        std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
-    };
-    report("contiguous U=4:", contiguous<4>);
-    report("contiguous U=8:", contiguous<8>);
-    report("contiguous U=16:", contiguous<16>);
-    if (slab == (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
-        report("k-slices U=1:", kslices<1>);
-        report("k-slices U=4:", kslices<4>);
-        report("k-slices U=12:", kslices<12>);
-    } else {
-        std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+    for (const int slabs : {1, MAX_SLABS}) {
+        std::printf("%d slab%s a block:\n", slabs, slabs == 1 ? "" : "s");
+        auto report = [&](const char *label, auto kernel) {
+            const double r = rate(kernel, buf, buf_bytes, slab, slabs, blocks, sink);
+            std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
+        };
+        report("contiguous U=4:", contiguous<4>);
+        report("contiguous U=8:", contiguous<8>);
+        report("contiguous U=16:", contiguous<16>);
+        if (slab == (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
+            report("k-slices U=1:", kslices<1>);
+            report("k-slices U=4:", kslices<4>);
+            report("k-slices U=12:", kslices<12>);
+        } else {
+            std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+        }
     }
     CHECK(cudaFree(buf));
     CHECK(cudaFree(sink));
