@@ -126,6 +126,41 @@ import Testing
         }
     }
 
+    /// The kernel's A/B switches that the GPU measurements compare (`scripts/gpu-variants`), each away from its
+    /// default: the swapped decode tiles (off by default, not yet run on a GPU), the decode prefix and the decode
+    /// ring turned off. Each must still compile on sm_90a, one GPU and ranks, with no spills, and change the code
+    /// of the single-GPU bf16 kernel (a misspelt switch would compile the default).
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
+          arguments: ["FMOE_DECODE_SWAP=1", "FMOE_DECODE_PREFIX=0", "FMOE_DECODE_RING=0"])
+    func theDecodeSwitchesCompileWithoutSpills(setting: String) throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: "sm_90a")
+        let parts = setting.split(separator: "=").map(String.init)
+        let configs = [
+            MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 16, topK: 4, ffn: .gated, activation: .silu,
+                      sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .bf16),
+            MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 8, topK: 2, bias: true, activation: .gelu,
+                      precision: .fp16),
+        ]
+        for config in configs {
+            for ranks in [1, 4] {
+                let plain = try FusedSpecialization(config: config, arch: target, ranks: ranks).kernelSpec
+                var spec = plain
+                spec.defines[parts[0]] = parts[1]
+                let k = try compiler.compile(spec, arch: target, sources: .embedded)
+                if ranks == 1 && config.precision == .bf16 {
+                    let base = try compiler.compile(plain, arch: target, sources: .embedded)
+                    let changed = k.cubin != base.cubin  // (a Bool, so a failure does not print the cubins)
+                    #expect(changed, "\(setting) compiled the default kernel")
+                }
+                for name in [FusedSpecialization.kernelName, FusedSpecialization.ranksKernelName] {
+                    let usage = try #require(k.resources.first { $0.name == name })
+                    #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "\(name) spills with \(setting)")
+                }
+            }
+        }
+    }
+
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: ["sm_80", "sm_90a"], [1, 4])
     func everyVariantCompilesWithoutSpills(arch: String, ranks: Int) throws {
