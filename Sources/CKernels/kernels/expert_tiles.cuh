@@ -29,12 +29,6 @@ FMOE_DEVICE void gemm0_x_rows(const Params &p, const Layout &L, int x, bool shar
         }
     }
 }
-// The same as a tile's A operand (its token rows).
-template <int NR>
-FMOE_DEVICE void gemm0_a_rows(const Params &p, const Layout &L, int x, bool shared, int rows, int first,
-                              TileSource &src) {
-    gemm0_x_rows<NR>(p, L, x, shared, rows, first, src.a, src.a_valid);
-}
 
 // The first h row of expert x (task-space index): the shared expert's own buffer, or x's rows of hbuf.
 FMOE_DEVICE T *h_rows(const Params &p, const Layout &L, int x) {
@@ -81,7 +75,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     else
 #endif
     {
-        gemm0_a_rows<BM>(p, L, x, shared, rows, row0, src);
+        gemm0_x_rows<BM>(p, L, x, shared, rows, row0, src.a, src.a_valid);
         point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
         run_tile<SharedEngine>(smem, src);
     }
@@ -196,8 +190,13 @@ static_assert(SWAP_STAGES >= 3 && SwapEngine::BN * SwapEngine::C_STRIDE * 4 <= E
               "the swapped decode tiles' ring and staged tile live in the expert ring");
 #endif
 
-// GEMM0 decode tile q of expert tile n: weight rows n·EBN + … (gated: the 32 gate rows q·32 … and the 32 up rows
-// that pair with them, EBN/2 further in the packing; plain: the 64 rows q·64 …), over row block m in passes of 64.
+// Weight row of GEMM0 decode tile q of expert tile n for the tile's row r (0 … 63): gated, the 32 gate rows q·32 …
+// then the 32 up rows that pair with them, EBN/2 further in the packing; plain, the 64 rows q·64 ….
+// (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
+#define DECODE_W1_ROW(n, q, r) \
+    (GATED ? (n) * EBN + ((r) < 32 ? (q) * 32 + (r) : EBN / 2 + (q) * 32 + (r) - 32) : (n) * EBN + (q) * 64 + (r))
+
+// GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(n, q, 0 … 63), over row block m in passes of 64.
 FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DECODE_SPLIT + q);
     const bool shared = is_shared(L, x);
@@ -212,9 +211,9 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
         TileSource src;
         src.k_bytes = H * (int)sizeof(T);
 #pragma unroll
-        for (int i = 0; i < SwapEngine::BM / 32; ++i) {  // A: the tile's 64 weight rows, as B below
+        for (int i = 0; i < SwapEngine::BM / 32; ++i) {  // A: the tile's 64 weight rows
             const int r = loader_row(i);
-            const int wrow = GATED ? n * EBN + (r < 32 ? q * 32 + r : EBN / 2 + q * 32 + r - 32) : n * EBN + q * 64 + r;
+            const int wrow = DECODE_W1_ROW(n, q, r);
             src.a_valid[i] = wrow < n0;
             src.a[i] = (const char *)(w + (size_t)(src.a_valid[i] ? wrow : 0) * H);
         }
@@ -228,11 +227,11 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
     for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
         TileSource src;
         src.k_bytes = H * (int)sizeof(T);
-        gemm0_a_rows<DecodeEngine::BM>(p, L, x, shared, rows, r0, src);
+        gemm0_x_rows<DecodeEngine::BM>(p, L, x, shared, rows, r0, src.a, src.a_valid);
 #pragma unroll
         for (int i = 0; i < DecodeEngine::BN / 32; ++i) {
             const int r = loader_row(i);
-            const int wrow = GATED ? n * EBN + (r < 32 ? q * 32 + r : EBN / 2 + q * 32 + r - 32) : n * EBN + q * 64 + r;
+            const int wrow = DECODE_W1_ROW(n, q, r);
             src.b_valid[i] = wrow < n0;
             src.b[i] = (const char *)(w + (size_t)(src.b_valid[i] ? wrow : 0) * H);
         }
