@@ -127,11 +127,11 @@ import Testing
     }
 
     /// The kernel's A/B switches that the GPU measurements compare (`scripts/gpu-variants`), each away from its
-    /// default: the swapped decode tiles (off by default, not yet run on a GPU), the decode prefix and the decode
-    /// ring turned off. Each must still compile on sm_90a, one GPU and ranks, with no spills, and change the code
-    /// of the single-GPU bf16 kernel (a misspelt switch would compile the default).
+    /// default: the decode prefix and the decode ring turned off. Each must still compile on sm_90a, one GPU and
+    /// ranks, with no spills, and change the code of the single-GPU bf16 kernel (a misspelt switch would compile the
+    /// default).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["FMOE_DECODE_SWAP=1", "FMOE_DECODE_PREFIX=0", "FMOE_DECODE_RING=0"])
+          arguments: ["FMOE_DECODE_PREFIX=0", "FMOE_DECODE_RING=0"])
     func theDecodeSwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")

@@ -10,15 +10,14 @@
 namespace fmoe {
 
 // The x rows first … first + NR − 1 of expert x's GEMM0 into a TileSource operand (ptr, valid; rows past `rows`
-// read nothing): the token's x row, or (ranks, a routed expert) the row this rank received, in row order. NR = 16
-// (the swapped decode tiles' tokens): threads whose loader row is past it read nothing.
+// read nothing): the token's x row, or (ranks, a routed expert) the row this rank received, in row order.
 template <int NR>
 FMOE_DEVICE void gemm0_x_rows(const Params &p, const Layout &L, int x, bool shared, int rows, int first,
                               const char **ptr, bool *valid) {
 #pragma unroll
-    for (int i = 0; i < (NR + 31) / 32; ++i) {
+    for (int i = 0; i < NR / 32; ++i) {
         const int r = loader_row(i);
-        valid[i] = first + r < rows && (NR % 32 == 0 || r < NR);
+        valid[i] = first + r < rows;
         if (RANKS > 1 && !shared) {
             const size_t row = (size_t)(L.row_start[x] + (valid[i] ? first + r : 0));
             ptr[i] = (const char *)(p.peers[p.rank].recv + row * H);
@@ -175,21 +174,6 @@ constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < FMOE_DECO
 static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
               "the decode tiles' ring and staged tile live in the expert ring");
 
-// Swapped decode tiles (FMOE_DECODE_SWAP 1, bf16 and fp16; 0, the default, until a GPU has shown their bits and
-// their speed): a row block of at most 16 rows runs its decode tile with the weights as wgmma's A and the rows as
-// its B (WgmmaDecodeSwapEngine, wgmma.cuh), 19 stages of 10 KB in the same ring instead of 12 of 16 KB.
-#ifndef FMOE_DECODE_SWAP
-#define FMOE_DECODE_SWAP 0
-#endif
-#define FMOE_SWAP_TILES (FMOE_DECODE_SWAP && FMOE_PREC >= 2)
-#if FMOE_SWAP_TILES
-typedef WgmmaDecodeSwapEngine<MMA> SwapEngine;
-constexpr int SWAP_STAGE_BYTES = (SwapEngine::BM + SwapEngine::BN) * ROW_BYTES;
-constexpr int SWAP_STAGES = EXPERT_RING_BYTES / SWAP_STAGE_BYTES < 24 ? EXPERT_RING_BYTES / SWAP_STAGE_BYTES : 24;
-static_assert(SWAP_STAGES >= 3 && SwapEngine::BN * SwapEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
-              "the swapped decode tiles' ring and staged tile live in the expert ring");
-#endif
-
 // Weight row of GEMM0 decode tile q of expert tile n for the tile's row r (0 … 63): gated, the 32 gate rows q·32 …
 // then the 32 up rows that pair with them, EBN/2 further in the packing; plain, the 64 rows q·64 ….
 // (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
@@ -206,24 +190,6 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
     constexpr int OUT_COLS = GATED ? 32 : 64;
     const int col0 = n * (GATED ? EBN / 2 : EBN) + q * OUT_COLS;
     if (col0 >= (shared ? IS : I)) return;  // block-uniform: past the last column
-#if FMOE_SWAP_TILES
-    if (rows - m * BM <= SwapEngine::BN) {  // block-uniform: one swapped pass holds the row block
-        TileSource src;
-        src.k_bytes = H * (int)sizeof(T);
-#pragma unroll
-        for (int i = 0; i < SwapEngine::BM / 32; ++i) {  // A: the tile's 64 weight rows
-            const int r = loader_row(i);
-            const int wrow = DECODE_W1_ROW(n, q, r);
-            src.a_valid[i] = wrow < n0;
-            src.a[i] = (const char *)(w + (size_t)(src.a_valid[i] ? wrow : 0) * H);
-        }
-        gemm0_x_rows<SwapEngine::BN>(p, L, x, shared, rows, m * BM, src.b, src.b_valid);  // B: the rows
-        gemm_tile_wgmma<SwapEngine, SWAP_STAGES>(smem, src);
-        gemm0_store<SwapEngine::BN, SwapEngine::C_STRIDE, OUT_COLS>(p, L, x, rows, m * BM, col0, (const float *)smem);
-        __syncthreads();
-        return;
-    }
-#endif
     for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
         TileSource src;
         src.k_bytes = H * (int)sizeof(T);
@@ -251,19 +217,6 @@ FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, in
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
     const int col0 = n * EBN + q * DecodeEngine::BN;
     if (col0 >= H) return;  // block-uniform: past the last column
-#if FMOE_SWAP_TILES
-    if (rows - m * BM <= SwapEngine::BN) {  // block-uniform: one swapped pass holds the row block
-        TileSource src;
-        src.k_bytes = inter * (int)sizeof(T);
-        point_rows<SwapEngine::BM>(src.a, src.a_valid, w, col0, H, inter);       // A: 64 W2 rows (output columns)
-        point_rows<SwapEngine::BN>(src.b, src.b_valid, a, m * BM, rows, inter);  // B: the h rows
-        gemm_tile_wgmma<SwapEngine, SWAP_STAGES>(smem, src);
-        gemm1_store<SwapEngine::BN, SwapEngine::C_STRIDE, SwapEngine::BM>(p, L, x, shared, rows, m * BM, col0,
-                                                                          (const float *)smem);
-        __syncthreads();
-        return;
-    }
-#endif
     for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
         TileSource src;
         src.k_bytes = inter * (int)sizeof(T);

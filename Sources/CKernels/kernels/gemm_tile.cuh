@@ -42,15 +42,14 @@ FMOE_DEVICE int loader_row(int i) { return (int)(threadIdx.x >> 3) + 32 * i; }
 
 // Points this thread's loader rows of a ROWS-row operand (a or b of a TileSource) at rows first + loader_row(i) of
 // `base` (`stride` elements each), from byte k0 on; rows at or past `limit` read nothing (zero-filled) and point at
-// row 0, so no address is ever out of bounds. ROWS = 16 (the swapped decode tiles' tokens, wgmma.cuh): threads
-// whose loader row is past it read nothing.
+// row 0, so no address is ever out of bounds.
 template <int ROWS, class E>
 FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int first, int limit, size_t stride,
                             int k0 = 0) {
 #pragma unroll
-    for (int i = 0; i < (ROWS + 31) / 32; ++i) {
+    for (int i = 0; i < ROWS / 32; ++i) {
         const int r = first + loader_row(i);
-        valid[i] = r < limit && (ROWS % 32 == 0 || loader_row(i) < ROWS);
+        valid[i] = r < limit;
         ptr[i] = (const char *)(base + (size_t)(valid[i] ? r : 0) * stride) + k0;
     }
 }
@@ -69,9 +68,8 @@ template <int TBN, int TBM = BM> FMOE_DEVICE void load_stage(char *stage, const 
         cp_async16(base_a + swizzle(row, chunk), va ? src.a[i] + off : src.a[i], va);
     }
 #pragma unroll
-    for (int i = 0; i < (TBN + 31) / 32; ++i) {
+    for (int i = 0; i < TBN / 32; ++i) {
         const int row = loader_row(i);
-        if (TBN % 32 != 0 && row >= TBN) continue;  // TBN = 16: a thread past the stage's B rows stores nothing
         const bool vb = src.b_valid[i] && k_in;
         cp_async16(base_b + swizzle(row, chunk), vb ? src.b[i] + off : src.b[i], vb);
     }

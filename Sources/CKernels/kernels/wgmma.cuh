@@ -143,63 +143,6 @@ template <int KIND_> struct WgmmaDecodeEngine {
     }
 };
 
-// The 8 accumulator operands %0 … %7 of an m64n16 instruction, then the descriptors %8 and %9.
-#define FMOE_REGS8 "{%0,%1,%2,%3,%4,%5,%6,%7}"
-template <int KIND> FMOE_DEVICE void wgmma_m64n16(float *d, u64 da, u64 db);
-template <> FMOE_DEVICE void wgmma_m64n16<MMA_BF16>(float *d, u64 da, u64 db) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 " FMOE_REGS8 ", %8, %9, 1, 1, 1, 0, 0;\n"
-                 : FMOE_ACC8(0) : "l"(da), "l"(db));
-}
-template <> FMOE_DEVICE void wgmma_m64n16<MMA_F16>(float *d, u64 da, u64 db) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 " FMOE_REGS8 ", %8, %9, 1, 1, 1, 0, 0;\n"
-                 : FMOE_ACC8(0) : "l"(da), "l"(db));
-}
-
-// Decode tiles with the operands swapped (FMOE_DECODE_SWAP, expert_tiles.cuh; bf16 and fp16): the tile's 64 weight
-// rows are wgmma's A (M = 64) and at most 16 token rows its B (N = 16), so a stage is 64 weight rows then 16 token
-// rows (10 KB) instead of 64 token rows, nearly all zero at decode, and 64 weight rows (16 KB): the same ring holds
-// 19 stages instead of 12, more weight bytes in flight (the decode tiles are latency-bound: Benchmarks/RESULTS.md,
-// round 9). Warpgroup 0 issues; warpgroup 1 only loads. The result is staged transposed, [token][weight row], like
-// the other engines' [row][column]. Each output element is the same k16 products in the same K order with the
-// operands' roles exchanged; whether the tensor cores then give the unswapped engines' bits is for the GPU to show
-// (scripts/gpu-bitcompare).
-template <int KIND_> struct WgmmaDecodeSwapEngine {
-    static constexpr int KIND = KIND_;
-    static constexpr int BM = 64;  // the stage's first rows: weight rows (A)
-    static constexpr int BN = 16;  // then token rows (B)
-    static constexpr int C_STRIDE = BM + 4;  // staged [BN tokens][BM weight rows + 4]
-    float acc[8];
-
-    FMOE_DEVICE void zero() {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-    }
-
-    FMOE_DEVICE void issue(const char *stage) {
-        if (threadIdx.x >= 128) return;  // warpgroup-uniform
-        const u32 a = smem_addr(stage);
-        const u32 b = a + BM * ROW_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) wgmma_m64n16<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
-        wgmma_commit();
-    }
-
-    // The m64n16 layout (see WgmmaEngine::stage_out) with rows and columns exchanged on the way out.
-    FMOE_DEVICE void stage_out(float *c) const {
-        if (threadIdx.x >= 128) return;
-        const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        const int row = w * 16 + (lane >> 2), col = 2 * (lane & 3);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            c[(8 * j + col) * C_STRIDE + row] = acc[4 * j];
-            c[(8 * j + col + 1) * C_STRIDE + row] = acc[4 * j + 1];
-            c[(8 * j + col) * C_STRIDE + row + 8] = acc[4 * j + 2];
-            c[(8 * j + col + 1) * C_STRIDE + row + 8] = acc[4 * j + 3];
-        }
-    }
-};
-
 // The wgmma mainloop: loads run STAGES − 1 k-slices ahead, and one wgmma group stays in flight. Per k-slice: wait
 // for its stage, issue its group, wait until only that group is in flight (the previous one is done), then a
 // barrier (both warpgroups are past the previous group) and refill the previous group's stage. The second barrier
