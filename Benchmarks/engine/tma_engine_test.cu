@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(256, 1) k_old(const Problem p) {
             point_rows<BM>(src.a, src.a_valid, p.h_in + (size_t)p.row_start[tk.e] * p.I, row0, rows, p.I);
             point_rows<256>(src.b, src.b_valid, p.w2 + (size_t)tk.e * p.H * p.I, tk.n * 256, p.H, p.I);
         }
-        gemm_tile_wgmma<MMA_BF16, STAGES_T>(smem, src);
+        gemm_tile_wgmma<WgmmaEngine<MMA_BF16>, STAGES_T>(smem, src);
         const float *c = (const float *)smem;
         constexpr int CS = c_stride<256>();
         for (int u = threadIdx.x; u < BM * 256 / 4; u += 256) {
