@@ -85,6 +85,24 @@ struct Fp8WgmmaEngine {
 // This thread's first accumulator row of a 128-row tile (the second is 8 further): WgmmaEngine's layout.
 FMOE_DEVICE int fp8_acc_row() { return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2); }
 
+// A K block's four scales (the thread's two rows', the tile's two granules').
+struct Fp8BlockScales {
+    float s0, s1, b0, b1;
+    FMOE_DEVICE void load(const Fp8Scales &sc, int kt) {
+        s0 = sc.a0 != nullptr ? sc.a0[kt] : 0.f;
+        s1 = sc.a1 != nullptr ? sc.a1[kt] : 0.f;
+        b0 = sc.b[kt];
+        b1 = sc.granule1 ? sc.b[sc.kb_count + kt] : 0.f;
+    }
+};
+
+// FMOE_FP8_SCALES_AHEAD 1 (default): a K block's scales are loaded one block ahead, into registers, so the
+// promotion right after the block's MMA does not wait for four global loads (0: loaded in the block, before its
+// MMA). The same values in the same arithmetic either way.
+#ifndef FMOE_FP8_SCALES_AHEAD
+#define FMOE_FP8_SCALES_AHEAD 1
+#endif
+
 // The fp8 mainloop over E4M3 A and B rows (src.k_bytes = K): loads run STAGES − 1 K blocks ahead; per K block one
 // barrier (the block landed for everyone, and both warpgroups finished the previous block, whose stage is refilled
 // right away), the block's MMA, a wait (the promotion needs the block's sums) and the promotion. Leaves the FP32
@@ -100,6 +118,8 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8(char *smem, const TileSourc
         if (s < ktiles) load_stage<FP8_BN>(smem + s * STAGE_BYTES, src, s);
         cp_async_commit();
     }
+    Fp8BlockScales ahead;  // FMOE_FP8_SCALES_AHEAD: K block kt's scales at iteration kt
+    if (FMOE_FP8_SCALES_AHEAD && ktiles > 0) ahead.load(sc, 0);
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
         fence_proxy_async();  // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one
@@ -107,10 +127,10 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8(char *smem, const TileSourc
         const int next = kt + P;  // its slot is block kt − 1's, free after the barrier
         if (next < ktiles) load_stage<FP8_BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
-        // The scales' loads are issued before the MMA, so their latency hides behind it.
-        const float s0 = sc.a0 != nullptr ? sc.a0[kt] : 0.f, s1 = sc.a1 != nullptr ? sc.a1[kt] : 0.f;
-        const float b0 = sc.b[kt];
-        const float b1 = sc.granule1 ? sc.b[sc.kb_count + kt] : 0.f;
+        Fp8BlockScales bs = ahead;
+        if (!FMOE_FP8_SCALES_AHEAD) bs.load(sc, kt);  // issued before the MMA, so part of the latency hides
+        else if (kt + 1 < ktiles) ahead.load(sc, kt + 1);
+        const float s0 = bs.s0, s1 = bs.s1, b0 = bs.b0, b1 = bs.b1;
         const char *stage = smem + (kt % STAGES) * STAGE_BYTES;
 #pragma unroll
         for (int part = 0; part < 4; part += FP8_PROMOTE_STEPS) {
