@@ -126,13 +126,31 @@ import Testing
         }
     }
 
+    /// fp8's A/B switch (`FMOE_FP8_SCALES_AHEAD=0`: a K block's scales loaded in the block, as before round 10)
+    /// compiles on sm_90a without spills and changes the kernel's code.
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason))
+    func fp8ScalesSwitchCompilesWithoutSpills() throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: "sm_90a")
+        let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
+                              activation: .silu, precision: .fp8)
+        let plain = try FusedSpecialization(config: gated, arch: target, experimentalFP8: true).kernelSpec
+        var spec = plain
+        spec.defines["FMOE_FP8_SCALES_AHEAD"] = "0"
+        let k = try compiler.compile(spec, arch: target, sources: .embedded)
+        let base = try compiler.compile(plain, arch: target, sources: .embedded)
+        #expect(k.cubin != base.cubin, "FMOE_FP8_SCALES_AHEAD=0 compiled the default kernel")
+        let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+        #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "fp8 spills with the scales loaded in the block")
+    }
+
     /// The kernel's A/B switches that the GPU measurements compare (`scripts/gpu-variants`), each away from its
-    /// default: the decode prefix and the decode ring turned off. Each must still compile on sm_90a, one GPU and
-    /// ranks, with no spills, and change the code of the single-GPU bf16 kernel (a misspelt switch would compile the
-    /// default).
+    /// default: the decode prefix and the decode ring turned off, the combine one or four columns a lane at once.
+    /// Each must still compile on sm_90a, one GPU and ranks, with no spills, and change the code of the single-GPU
+    /// bf16 kernel (a misspelt switch would compile the default).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["FMOE_DECODE_PREFIX=0", "FMOE_DECODE_RING=0"])
-    func theDecodeSwitchesCompileWithoutSpills(setting: String) throws {
+          arguments: ["FMOE_DECODE_PREFIX=0", "FMOE_DECODE_RING=0", "FMOE_COMBINE_COLS=1", "FMOE_COMBINE_COLS=4"])
+    func theABSwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")
         let parts = setting.split(separator: "=").map(String.init)
