@@ -193,6 +193,9 @@ import Testing
             MoEConfig(hiddenSize: 616, intermediateSize: 120, experts: 256, topK: 2, activation: .gelu,
                       router: .deepSeek(groups: 2, groupsKept: 2, scalingFactor: 1), precision: .fp32),
             MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 320, topK: 3, precision: .tf32),
+            // The largest k with a shared expert: the combine holds FMOE_COMBINE_COLS × (k + 1) float4 a lane.
+            MoEConfig(hiddenSize: 512, intermediateSize: 64, experts: 16, topK: 16, ffn: .gated, activation: .silu,
+                      sharedExpert: SharedExpertConfig(intermediateSize: 64, gated: true), precision: .bf16),
         ]
         let target = try GPUArchitecture(parsing: arch)
         var specs = try configs.map { try FusedSpecialization(config: $0, arch: target, ranks: ranks) }
