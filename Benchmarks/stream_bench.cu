@@ -12,21 +12,7 @@
 //                (8 threads a row), U steps in flight; the rows are 4 KiB apart, so each step touches every row
 // The rate is total bytes over the kernel's time (CUDA events, median of 20 runs after 3). Prints one line per
 // slab count, order and U. A launch's bytes: BLOCKS × SLAB_KB KiB × slabs.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-
-#define CHECK(x)                                                                                                   \
-    do {                                                                                                           \
-        cudaError_t e_ = (x);                                                                                      \
-        if (e_ != cudaSuccess) {                                                                                   \
-            std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                                          \
-            std::exit(1);                                                                                          \
-        }                                                                                                          \
-    } while (0)
+#include "bench_util.cuh"
 
 constexpr int THREADS = 256;
 constexpr int ROW_BYTES = 4096;
@@ -84,24 +70,11 @@ template <class Kernel>
 static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int slabs, int blocks, unsigned *sink) {
     const size_t launch = slab * slabs * blocks;
     const int regions = (int)(buf_bytes / launch);
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    std::vector<float> ms;
-    for (int it = 0; it < 23; ++it) {
+    const double ms = median_launch_ms([&](int it) {
         const char *region = buf + (size_t)(it % regions) * launch;  // a fresh region each run: nothing in L2
-        CHECK(cudaEventRecord(a));
         k<<<blocks, THREADS>>>(region, slab, slabs, sink);
-        CHECK(cudaEventRecord(b));
-        CHECK(cudaEventSynchronize(b));
-        float t = 0;
-        CHECK(cudaEventElapsedTime(&t, a, b));
-        if (it >= 3) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    CHECK(cudaEventDestroy(a));
-    CHECK(cudaEventDestroy(b));
-    return launch / (ms[ms.size() / 2] * 1e-3) / 1e9;  // GB/s
+    });
+    return launch / (ms * 1e-3) / 1e9;  // GB/s
 }
 
 int main(int argc, char **argv) {
