@@ -66,6 +66,7 @@ class GpuNcuTests(unittest.TestCase):
         self.assertIn(" Warp Cycles Per Issued Instruction cycle 41.2", summary)
         self.assertNotIn("Block Limit", summary)
         self.assertIn("stream_bench: skipped (/nonexistent/nvcc is not on PATH)", summary)
+        self.assertIn("l2_feed_bench: skipped (/nonexistent/nvcc is not on PATH)", summary)
         self.assertIn("gpu-ncu: 0 step(s) failed", summary)
 
     def test_default_cases_and_a_failing_case(self):
@@ -76,14 +77,17 @@ class GpuNcuTests(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(seen.count("--launch-skip 4"), 3)
 
-    def test_the_stream_bench_runs_first_when_nvcc_is_there(self):
+    def test_the_stream_and_l2_benches_run_first_when_nvcc_is_there(self):
         nvcc = ('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\n'  # writes a program that prints one rate
                 'printf \'#!/bin/sh\\necho "contiguous U=4: 4100 GB/s"\\n\' >"$2"; chmod +x "$2"\n')
         p, out, _ = self.run_ncu("--case", "paper-e64 1 bf16", nvcc=nvcc)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         summary = stand_in.read(os.path.join(out, "summary.txt"))
         self.assertLess(summary.index("contiguous U=4: 4100 GB/s"), summary.index("paper-e64 S=1 bf16"))
-        self.assertFalse(os.path.exists(os.path.join(out, "stream_bench")))  # only its output is kept
+        self.assertLess(summary.index("stream_bench: exit 0"), summary.index("l2_feed_bench: exit 0"))
+        self.assertLess(summary.index("l2_feed_bench: exit 0"), summary.index("paper-e64 S=1 bf16"))
+        for bench in ("stream_bench", "l2_feed_bench"):  # only their output is kept
+            self.assertFalse(os.path.exists(os.path.join(out, bench)))
 
     def test_usage(self):
         stand_in.check_usage(self, "gpu-ncu", "--clock-control none")
