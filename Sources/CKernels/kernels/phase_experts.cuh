@@ -82,6 +82,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             else if (split > 1) gemm0_decode(p, L, x, m, n, q, smem);
             else gemm0_task(p, L, x, m, n, smem);
             const int rb = L.rb_start[x] + m;
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
 #if FMOE_PREC == 4
             // fp8: the block that completes a routed row block's GEMM0 quantizes its h (last_arrival acquired the
             // other tiles' h), then releases the codes with the ring entry.
@@ -132,6 +133,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, q, split, smem);
             else if (split > 1) gemm1_decode(p, L, x, m, n, q, smem);
             else gemm1_task(p, L, x, m, n, smem);
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
             __syncthreads();
             // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final

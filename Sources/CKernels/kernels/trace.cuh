@@ -31,6 +31,8 @@
 #define FMOE_EV_TASK_WAIT 10    // from the block's previous event to starting a GEMM1 (ticket and ring wait)
 #define FMOE_EV_COMBINE 11      // one warp combining (a slice of) token a
 #define FMOE_EV_ROUTE_TOKEN 12  // one warp routing token a (inside route: the rest of route is staging the logits)
+#define FMOE_EV_RELEASE 13      // after a GEMM tile of expert, row block a, column tile b: counting it done (fp8:
+                                // the h quantization by the block completing a row block; GEMM1: the combine list)
 
 #if FMOE_TRACE
 extern "C" __device__ u64 *fmoe_trace_buffer = nullptr;  // set by the host; null records nothing

@@ -4,7 +4,8 @@
 public struct KernelTrace: Sendable, Equatable {
     /// What an event is; the raw values are `trace.cuh`'s `FMOE_EV_*`.
     public enum Kind: Int, Sendable, CaseIterable {
-        case gatePhase = 1, gate, route, scan, place, barrier, expertPhase, gemm0, gemm1, taskWait, combine, routeToken
+        case gatePhase = 1, gate, route, scan, place, barrier, expertPhase, gemm0, gemm1, taskWait, combine, routeToken,
+            release
 
         /// The event's name in the timeline.
         public var name: String {
@@ -21,6 +22,7 @@ public struct KernelTrace: Sendable, Equatable {
             case .taskWait: "wait for GEMM1 rows"
             case .combine: "combine"
             case .routeToken: "route token"
+            case .release: "release"
             }
         }
 
@@ -33,7 +35,7 @@ public struct KernelTrace: Sendable, Equatable {
             case .gate: ("token_tile", "k_slice")
             case .route: ("token_tile", "chunk")
             case .scan: ("token_tiles", nil)
-            case .gemm0, .gemm1: ("row_block", "column_tile")
+            case .gemm0, .gemm1, .release: ("row_block", "column_tile")
             case .combine, .routeToken: ("token", nil)
             default: (nil, nil)
             }
