@@ -63,7 +63,7 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
     const bool shared = is_shared(L, x);
-    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int rows = task_rows(p, L, x);
     const int row0 = m * BM;
     const int n0 = shared ? N0S : N0;
     TileSource src;
@@ -128,7 +128,7 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
     const bool shared = is_shared(L, x);
-    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int rows = task_rows(p, L, x);
     const int row0 = m * BM;
     const int inter = shared ? IS : I;
     const T *a = h_rows(p, L, x);
@@ -184,7 +184,7 @@ static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 
 FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DECODE_SPLIT + q);
     const bool shared = is_shared(L, x);
-    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int rows = task_rows(p, L, x);
     const int n0 = shared ? N0S : N0;
     const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
     constexpr int OUT_COLS = GATED ? 32 : 64;
@@ -211,7 +211,7 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
 FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DECODE_SPLIT + q);
     const bool shared = is_shared(L, x);
-    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int rows = task_rows(p, L, x);
     const int inter = shared ? IS : I;
     const T *a = h_rows(p, L, x);
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;

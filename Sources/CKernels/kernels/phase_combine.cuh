@@ -78,7 +78,7 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
 // contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines).
 FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
     const bool shared = is_shared(L, x);
-    const int rows = shared ? p.tokens : rows_of(L, x);
+    const int rows = task_rows(p, L, x);
     for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
         int t, q = 0;
         if (RANKS > 1) {

@@ -20,6 +20,10 @@ struct Layout {
 
 FMOE_DEVICE bool is_shared(const Layout &L, int x) { return x == L.xs - 1; }
 FMOE_DEVICE int rows_of(const Layout &L, int x) { return is_shared(L, x) ? 0 : L.row_start[x + 1] - L.row_start[x]; }
+// The rows task-space expert x computes in this launch: every token for the shared expert, else its kept rows.
+FMOE_DEVICE int task_rows(const Params &p, const Layout &L, int x) {
+    return is_shared(L, x) ? p.tokens : rows_of(L, x);
+}
 
 // The task space's exclusive scans: for `routed` routed experts (kept(x) rows each) and then the shared expert
 // (every token when present, else empty), each one's first row, first row block and first GEMM0 ticket; entry
