@@ -158,9 +158,19 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
 #endif
+// FMOE_DECODE_ROWS: the weight rows of a decode tile, 64 (default) or 128 (m64n64 a warpgroup, half the tiles).
+// A decode tile's time is not its bytes: a k-slice costs about 560 cycles whether its weights come from HBM or,
+// prefetched, from L2 (Benchmarks/RESULTS.md, round 11), so 128 rows move about twice the bytes a slice. Same bits
+// either way. 128 wins where 64-row tiles need a second wave and 128-row ones fit in one (qwen3-30b-a3b S = 1: 192
+// tiles → 96, 0.068 → 0.058 ms) and loses where 64-row tiles already fit (paper-e64 S = 1: 64 → 32 tiles, 0.047 →
+// 0.054 ms); S = 4, 8, mixtral-8x7b S = 1 measured the same (H200, 2026-12-02). Choosing per launch needs both
+// engines in the kernel (docs/performance.md, "Decode").
+#ifndef FMOE_DECODE_ROWS
+#define FMOE_DECODE_ROWS 64
+#endif
 #if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3
-constexpr int DECODE_SPLIT = EBN / 64;
-typedef WgmmaDecodeEngine<MMA> DecodeEngine;
+constexpr int DECODE_SPLIT = EBN / FMOE_DECODE_ROWS;
+typedef WgmmaDecodeEngine<MMA, FMOE_DECODE_ROWS> DecodeEngine;
 constexpr int DECODE_STAGE_BYTES = (DecodeEngine::BM + DecodeEngine::BN) * ROW_BYTES;
 // The ring's depth: as many stages as fit (12 in bf16), at most FMOE_DECODE_STAGES_MAX (16; lower for A/B runs).
 // Bytes in flight matter: qwen3-30b-a3b S = 1 bf16 took 0.063 ms with 12 stages, 0.067 with 6, 0.069 with 4 (H200,
@@ -174,20 +184,22 @@ constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < FMOE_DECO
 static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
               "the decode tiles' ring and staged tile live in the expert ring");
 
-// Weight row of GEMM0 decode tile q of expert tile n for the tile's row r (0 … 63): gated, the 32 gate rows q·32 …
-// then the 32 up rows that pair with them, EBN/2 further in the packing; plain, the 64 rows q·64 ….
-// (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
-#define DECODE_W1_ROW(n, q, r) \
-    (GATED ? (n) * EBN + ((r) < 32 ? (q) * 32 + (r) : EBN / 2 + (q) * 32 + (r) - 32) : (n) * EBN + (q) * 64 + (r))
+// Weight row of GEMM0 decode tile q of expert tile n for the tile's row r (0 … D − 1, D = FMOE_DECODE_ROWS): gated,
+// the D/2 gate rows q·D/2 … then the D/2 up rows that pair with them, EBN/2 further in the packing; plain, the D
+// rows q·D …. (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
+#define DECODE_HALF (FMOE_DECODE_ROWS / 2)
+#define DECODE_W1_ROW(n, q, r)                                                                                  \
+    (GATED ? (n) * EBN + ((r) < DECODE_HALF ? (q) * DECODE_HALF + (r) : EBN / 2 + (q) * DECODE_HALF + (r) - DECODE_HALF) \
+           : (n) * EBN + (q) * FMOE_DECODE_ROWS + (r))
 
-// GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(n, q, 0 … 63), over row block m in passes of 64.
+// GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(n, q, 0 … D − 1), over row block m in passes of 64.
 FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DECODE_SPLIT + q);
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
     const int n0 = shared ? N0S : N0;
     const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
-    constexpr int OUT_COLS = GATED ? 32 : 64;
+    constexpr int OUT_COLS = GATED ? DecodeEngine::BN / 2 : DecodeEngine::BN;
     const int col0 = n * (GATED ? EBN / 2 : EBN) + q * OUT_COLS;
     if (col0 >= (shared ? IS : I)) return;  // block-uniform: past the last column
     for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
@@ -207,7 +219,7 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
     }
 }
 
-// GEMM1 decode tile q of expert tile n: output columns n·EBN + q·64 …, over row block m in passes of 64.
+// GEMM1 decode tile q of expert tile n: output columns n·EBN + q·D …, over row block m in passes of 64.
 FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DECODE_SPLIT + q);
     const bool shared = is_shared(L, x);

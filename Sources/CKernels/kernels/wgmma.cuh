@@ -68,6 +68,25 @@ template <> FMOE_DEVICE void wgmma_m64n32<MMA_TF32>(float *d, u64 da, u64 db) {
                  : FMOE_ACC16 : "l"(da), "l"(db));
 }
 
+// The 32 accumulator operands %0 … %31 of an m64n64 instruction, then the descriptors %32 and %33.
+#define FMOE_REGS32                                                                                          \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27," \
+    "%28,%29,%30,%31}"
+
+template <int KIND> FMOE_DEVICE void wgmma_m64n64(float *d, u64 da, u64 db);
+template <> FMOE_DEVICE void wgmma_m64n64<MMA_BF16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FMOE_REGS32 ", %32, %33, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC32(0) : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n64<MMA_F16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FMOE_REGS32 ", %32, %33, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC32(0) : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n64<MMA_TF32>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 " FMOE_REGS32 ", %32, %33, 1, 1, 1;\n"
+                 : FMOE_ACC32(0) : "l"(da), "l"(db));
+}
+
 template <int KIND_> struct WgmmaEngine {
     static constexpr bool WGMMA = true;
     static constexpr int KIND = KIND_;
@@ -105,38 +124,43 @@ template <int KIND_> struct WgmmaEngine {
     }
 };
 
-// Decode tiles (expert_tiles.cuh): 64 rows × 64 weight rows, each warpgroup m64n32 on its own 32 weight rows of
-// the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256 tile spends its tensor
-// time on zero rows and a launch has fewer such tiles than SMs. Each output element is the wide engine's: the same
-// k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero.
-template <int KIND_> struct WgmmaDecodeEngine {
+// Decode tiles (expert_tiles.cuh): 64 rows × BN weight rows (64 or 128), each warpgroup m64n(BN/2) on its own
+// BN/2 weight rows of the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256
+// tile spends its tensor time on zero rows and a launch has fewer such tiles than SMs. Each output element is the
+// wide engine's: the same k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero.
+template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
+    static_assert(BN_ == 64 || BN_ == 128, "decode tiles are 64 or 128 weight rows");
     static constexpr int KIND = KIND_;
     static constexpr int BM = 64;
-    static constexpr int BN = 64;
+    static constexpr int BN = BN_;
+    static constexpr int WN = BN / 2;  // a warpgroup's columns
     static constexpr int C_STRIDE = BN + 4;
-    float acc[16];
+    float acc[WN / 2];
 
     FMOE_DEVICE void zero() {
 #pragma unroll
-        for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+        for (int i = 0; i < WN / 2; ++i) acc[i] = 0.f;
     }
 
     FMOE_DEVICE void issue(const char *stage) {
         const int wg = threadIdx.x >> 7;
         const u32 a = smem_addr(stage);
-        const u32 b = smem_addr(stage) + (BM + wg * 32) * ROW_BYTES;  // 4 swizzle atoms per warpgroup
+        const u32 b = smem_addr(stage) + (BM + wg * WN) * ROW_BYTES;  // WN / 8 swizzle atoms per warpgroup
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) wgmma_m64n32<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        for (int ks = 0; ks < 4; ++ks) {
+            if (WN == 32) wgmma_m64n32<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+            else wgmma_m64n64<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        }
         wgmma_commit();
     }
 
-    // The m64nN layout (see WgmmaEngine::stage_out); warpgroup w's 32 columns are columns 32w … 32w + 31.
+    // The m64nN layout (see WgmmaEngine::stage_out); warpgroup w's columns are columns WN·w … WN·w + WN − 1.
     FMOE_DEVICE void stage_out(float *c) const {
         const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-        const int row = w * 16 + (lane >> 2), col = wg * 32 + 2 * (lane & 3);
+        const int row = w * 16 + (lane >> 2), col = wg * WN + 2 * (lane & 3);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < WN / 8; ++j) {
             *(float2 *)&c[row * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j], acc[4 * j + 1]);
             *(float2 *)&c[(row + 8) * C_STRIDE + 8 * j + col] = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
         }
