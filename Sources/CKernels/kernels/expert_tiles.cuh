@@ -158,43 +158,52 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
 #endif
-// FMOE_DECODE_ROWS: the weight rows of a decode tile, 64 (default) or 128 (m64n64 a warpgroup, half the tiles).
-// A decode tile's time is not its bytes: a k-slice costs about 560 cycles whether its weights come from HBM or,
-// prefetched, from L2 (Benchmarks/RESULTS.md, round 11), so 128 rows move about twice the bytes a slice. Same bits
-// either way. 128 wins where 64-row tiles need a second wave and 128-row ones fit in one (qwen3-30b-a3b S = 1: 192
-// tiles → 96, 0.068 → 0.058 ms) and loses where 64-row tiles already fit (paper-e64 S = 1: 64 → 32 tiles, 0.047 →
-// 0.054 ms); S = 4, 8, mixtral-8x7b S = 1 measured the same (H200, 2026-12-02). Choosing per launch needs both
-// engines in the kernel (docs/performance.md, "Decode").
+// FMOE_DECODE_ROWS: the weight rows of a decode tile: 64 (default), 128 (m64n64 a warpgroup, half the tiles), or 0:
+// both engines in the kernel, each launch taking 64 rows when four tiles per wide tile fit in one wave of the grid
+// and 128 otherwise (decode_split). A decode tile's time is not its bytes: a k-slice costs about 560 cycles whether
+// its weights come from HBM or, prefetched, from L2 (Benchmarks/RESULTS.md, round 11), so 128 rows move about
+// twice the bytes a slice. Same bits either way. 128 won where 64-row tiles need a second wave and 128-row ones fit
+// in one (qwen3-30b-a3b S = 1: 192 tiles → 96, 0.068 → 0.058 ms) and lost where 64-row tiles already fit (paper-e64
+// S = 1: 64 → 32 tiles, 0.047 → 0.054 ms); S = 4, 8 and mixtral-8x7b S = 1 measured the same (H200, 2026-12-02).
+// 0 is what those two runs point to; it compiles (swift test) but has not run on a GPU yet, so 64 stays the default.
 #ifndef FMOE_DECODE_ROWS
 #define FMOE_DECODE_ROWS 64
 #endif
+static_assert(FMOE_DECODE_ROWS == 0 || FMOE_DECODE_ROWS == 64 || FMOE_DECODE_ROWS == 128,
+              "FMOE_DECODE_ROWS is 64, 128 or 0 (both)");
 #if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3
-constexpr int DECODE_SPLIT = EBN / FMOE_DECODE_ROWS;
-typedef WgmmaDecodeEngine<MMA, FMOE_DECODE_ROWS> DecodeEngine;
-constexpr int DECODE_STAGE_BYTES = (DecodeEngine::BM + DecodeEngine::BN) * ROW_BYTES;
-// The ring's depth: as many stages as fit (12 in bf16), at most FMOE_DECODE_STAGES_MAX (16; lower for A/B runs).
-// Bytes in flight matter: qwen3-30b-a3b S = 1 bf16 took 0.063 ms with 12 stages, 0.067 with 6, 0.069 with 4 (H200,
-// 2026-12-02).
+// The largest split a launch may take (64-row tiles unless only 128 is built).
+constexpr int DECODE_SPLIT = EBN / (FMOE_DECODE_ROWS == 128 ? 128 : 64);
+// The ring's depth: as many stages as fit (12 in bf16 with 64 rows, 8 with 128), at most FMOE_DECODE_STAGES_MAX
+// (16; lower for A/B runs). Bytes in flight matter: qwen3-30b-a3b S = 1 bf16 took 0.063 ms with 12 stages, 0.067
+// with 6, 0.069 with 4 (H200, 2026-12-02).
 #ifndef FMOE_DECODE_STAGES_MAX
 #define FMOE_DECODE_STAGES_MAX 16
 #endif
-constexpr int DECODE_STAGES = EXPERT_RING_BYTES / DECODE_STAGE_BYTES < FMOE_DECODE_STAGES_MAX
-                                  ? EXPERT_RING_BYTES / DECODE_STAGE_BYTES
-                                  : FMOE_DECODE_STAGES_MAX;
-static_assert(DECODE_STAGES >= 3 && DecodeEngine::BM * DecodeEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
-              "the decode tiles' ring and staged tile live in the expert ring");
+// The decode tiles of D weight rows: their engine and ring.
+template <int D> struct DecodeTiles {
+    typedef WgmmaDecodeEngine<MMA, D> Engine;
+    static constexpr int SPLIT = EBN / D;
+    static constexpr int STAGE_BYTES = (Engine::BM + Engine::BN) * ROW_BYTES;
+    static constexpr int STAGES = EXPERT_RING_BYTES / STAGE_BYTES < FMOE_DECODE_STAGES_MAX
+                                      ? EXPERT_RING_BYTES / STAGE_BYTES
+                                      : FMOE_DECODE_STAGES_MAX;
+    static_assert(STAGES >= 3 && Engine::BM * Engine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
+                  "the decode tiles' ring and staged tile live in the expert ring");
+};
 
-// Weight row of GEMM0 decode tile q of expert tile n for the tile's row r (0 … D − 1, D = FMOE_DECODE_ROWS): gated,
-// the D/2 gate rows q·D/2 … then the D/2 up rows that pair with them, EBN/2 further in the packing; plain, the D
-// rows q·D …. (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
-#define DECODE_HALF (FMOE_DECODE_ROWS / 2)
-#define DECODE_W1_ROW(n, q, r)                                                                                  \
-    (GATED ? (n) * EBN + ((r) < DECODE_HALF ? (q) * DECODE_HALF + (r) : EBN / 2 + (q) * DECODE_HALF + (r) - DECODE_HALF) \
-           : (n) * EBN + (q) * FMOE_DECODE_ROWS + (r))
+// Weight row of GEMM0 decode tile q (D rows) of expert tile n for the tile's row r (0 … D − 1): gated, the D/2 gate
+// rows q·D/2 … then the D/2 up rows that pair with them, EBN/2 further in the packing; plain, the D rows q·D ….
+// (A macro: the same expression written out as a function changed the sm_90a kernels' code, NVRTC 13.0.)
+#define DECODE_W1_ROW(D, n, q, r)                                                                                   \
+    (GATED ? (n) * EBN + ((r) < (D) / 2 ? (q) * ((D) / 2) + (r) : EBN / 2 + (q) * ((D) / 2) + (r) - (D) / 2)        \
+           : (n) * EBN + (q) * (D) + (r))
 
-// GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(n, q, 0 … D − 1), over row block m in passes of 64.
-FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
-    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DECODE_SPLIT + q);
+// GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(D, n, q, 0 … D − 1), over row block m in passes
+// of 64.
+template <int D> FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+    typedef typename DecodeTiles<D>::Engine DecodeEngine;
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DecodeTiles<D>::SPLIT + q);
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
     const int n0 = shared ? N0S : N0;
@@ -209,19 +218,20 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
 #pragma unroll
         for (int i = 0; i < DecodeEngine::BN / 32; ++i) {
             const int r = loader_row(i);
-            const int wrow = DECODE_W1_ROW(n, q, r);
+            const int wrow = DECODE_W1_ROW(D, n, q, r);
             src.b_valid[i] = wrow < n0;
             src.b[i] = (const char *)(w + (size_t)(src.b_valid[i] ? wrow : 0) * H);
         }
-        gemm_tile_wgmma<DecodeEngine, DECODE_STAGES>(smem, src);
+        gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
         gemm0_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, OUT_COLS>(p, L, x, rows, r0, col0, (const float *)smem);
         __syncthreads();  // the staged tile is read before the next pass loads into the ring
     }
 }
 
 // GEMM1 decode tile q of expert tile n: output columns n·EBN + q·D …, over row block m in passes of 64.
-FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
-    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DECODE_SPLIT + q);
+template <int D> FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+    typedef typename DecodeTiles<D>::Engine DecodeEngine;
+    FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DecodeTiles<D>::SPLIT + q);
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
     const int inter = shared ? IS : I;
@@ -234,16 +244,35 @@ FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, in
         src.k_bytes = inter * (int)sizeof(T);
         point_rows<DecodeEngine::BM>(src.a, src.a_valid, a, r0, rows, inter);
         point_rows<DecodeEngine::BN>(src.b, src.b_valid, w, col0, H, inter);
-        gemm_tile_wgmma<DecodeEngine, DECODE_STAGES>(smem, src);
+        gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
         gemm1_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, DecodeEngine::BN>(p, L, x, shared, rows, r0, col0,
                                                                                 (const float *)smem);
         __syncthreads();
     }
 }
+
+// The decode tile q of `split` (EBN / 64 or EBN / 128, from decode_split) of expert tile n, GEMM0 or GEMM1. A
+// width the kernel was not built with is never asked for; its branch folds away.
+FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, int split, char *smem) {
+    if (FMOE_DECODE_ROWS != 128 && (FMOE_DECODE_ROWS == 64 || split == EBN / 64)) gemm0_decode<64>(p, L, x, m, n, q, smem);
+    else if (FMOE_DECODE_ROWS != 64) gemm0_decode<128>(p, L, x, m, n, q, smem);
+}
+FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, int split, char *smem) {
+    if (FMOE_DECODE_ROWS != 128 && (FMOE_DECODE_ROWS == 64 || split == EBN / 64)) gemm1_decode<64>(p, L, x, m, n, q, smem);
+    else if (FMOE_DECODE_ROWS != 64) gemm1_decode<128>(p, L, x, m, n, q, smem);
+}
+
+// The split of a launch that runs decode tiles: with both widths built, 64-row tiles (EBN / 64 per wide tile) when
+// they all fit in one wave of the grid, else 128-row ones (at most half the blocks have a wide tile, so those fit).
+FMOE_DEVICE int decode_split(int gemm0_tiles) {
+    if (FMOE_DECODE_ROWS != 0) return DECODE_SPLIT;
+    return (EBN / 64) * gemm0_tiles <= ctas() ? EBN / 64 : EBN / 128;
+}
 #else
 constexpr int DECODE_SPLIT = 1;
-FMOE_DEVICE void gemm0_decode(const Params &, const Layout &, int, int, int, int, char *) {}
-FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int, char *) {}
+FMOE_DEVICE void gemm0_decode(const Params &, const Layout &, int, int, int, int, int, char *) {}
+FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int, int, char *) {}
+FMOE_DEVICE int decode_split(int) { return 1; }
 #endif
 
 #if FMOE_PREC >= 2
@@ -271,9 +300,11 @@ __device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gem
     gemv_tile(smem, op, tile_rows, wr);
     if (gemm == 0) {
         if (split == 1) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS>(p, L, x, rows, 0, col0, c);
+        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS * 128 / EBN>(p, L, x, rows, 0, col0, c);
         else gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS / DECODE_SPLIT>(p, L, x, rows, 0, col0, c);
     } else {
         if (split == 1) gemm1_store<GEMV_TOKENS, GEMV_CS, EBN>(p, L, x, false, rows, 0, col0, c);
+        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128) gemm1_store<GEMV_TOKENS, GEMV_CS, 128>(p, L, x, false, rows, 0, col0, c);
         else gemm1_store<GEMV_TOKENS, GEMV_CS, EBN / DECODE_SPLIT>(p, L, x, false, rows, 0, col0, c);
     }
     __syncthreads();

@@ -9,14 +9,14 @@
 
 namespace fmoe {
 
-// How many tiles each expert tile runs as in this launch: DECODE_SPLIT when the wide GEMM0 tiles would leave at
-// least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly than a wide one,
+// How many tiles each expert tile runs as in this launch: decode_split's (expert_tiles.cuh) when the wide GEMM0
+// tiles would leave at least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly than a wide one,
 // so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 → 0.062 ms,
 // qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144)
 // 0.113 → 0.134 and 0.301 → 0.337 ms (H200, 2026-12-01).
 FMOE_DEVICE int expert_split(int gemm0_tiles) {
     if (DECODE_SPLIT == 1 || FMOE_DECODE_TILES == 0) return 1;
-    return FMOE_DECODE_TILES == 2 || 2 * gemm0_tiles <= ctas() ? DECODE_SPLIT : 1;
+    return FMOE_DECODE_TILES == 2 || 2 * gemm0_tiles <= ctas() ? decode_split(gemm0_tiles) : 1;
 }
 
 // Puts row block rb on the GEMM1 ring (thread 0, after acquiring every GEMM0 tile of the block).
@@ -79,7 +79,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 if (ticket == 0) stamp(p, 12, true);
             }
             if (gemv_expert(L, x)) gemv_task(p, L, 0, x, n, q, split, smem);  // decode: a few rows
-            else if (split > 1) gemm0_decode(p, L, x, m, n, q, smem);
+            else if (split > 1) gemm0_decode(p, L, x, m, n, q, split, smem);
             else gemm0_task(p, L, x, m, n, smem);
             const int rb = L.rb_start[x] + m;
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
@@ -131,7 +131,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int m = rb - L.rb_start[x];
             FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
             if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, q, split, smem);
-            else if (split > 1) gemm1_decode(p, L, x, m, n, q, smem);
+            else if (split > 1) gemm1_decode(p, L, x, m, n, q, split, smem);
             else gemm1_task(p, L, x, m, n, smem);
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);

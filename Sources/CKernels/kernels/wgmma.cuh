@@ -173,8 +173,8 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
 // buys one more slice of loads in flight than refilling before the issue (measured 2–5 % faster on paper-e64,
 // paper-e32 and qwen3, 2026-11-29). Not bound by the L2 feed: Benchmarks/l2_feed_bench.cu copies these slices at
 // 67 – 153 GB/s an SM, a tile's mainloop moves about 56 (docs/performance.md, "FP8 prefill").
-// Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64,
-// a[0..1], b[0..1]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
+// Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64 or
+// 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
 template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
     static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
     constexpr int P = STAGES - 1;
