@@ -1,5 +1,5 @@
-// The expert tasks' tiles: GEMM0 and GEMM1 of a 128 × 256 tile (gemm0_task, gemm1_task), the decode tiles of 64
-// weight rows (gemm0_decode, gemm1_decode) and the decode GEMV (gemv_task), each with its epilogue. The scheduler
+// The expert tasks' tiles: GEMM0 and GEMM1 of a 128 × 256 tile (gemm0_task, gemm1_task), the decode tiles of 64 or
+// 128 weight rows (gemm0_decode, gemm1_decode) and the decode GEMV (gemv_task), each with its epilogue. The scheduler
 // that hands them out is phase_experts.cuh. See moe.cu (phase 3).
 #pragma once
 #include "moe_params.cuh"
@@ -150,8 +150,8 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
-// every expert tile as DECODE_SPLIT tiles of 64 weight rows (WgmmaDecodeEngine, wgmma.cuh), 64 rows at a time:
-// four times the tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
+// every expert tile as EBN / D tiles of D weight rows (D = 64 or 128: FMOE_DECODE_ROWS below; WgmmaDecodeEngine,
+// wgmma.cuh), 64 rows at a time: more tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
 // (every output element is the same instructions in the same K order). The choice is per launch and block-uniform
 // (every block holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B
 // runs).
