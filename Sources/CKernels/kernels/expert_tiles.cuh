@@ -160,7 +160,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 #endif
 // FMOE_DECODE_ROWS: the weight rows of a decode tile: 64 (default), 128 (m64n64 a warpgroup, half the tiles), or 0:
 // both engines in the kernel, each launch taking 64 rows when four tiles per wide tile fit in one wave of the grid
-// and 128 otherwise (decode_split). A decode tile's time is not its bytes: a k-slice costs about 560 cycles whether
+// and 128 otherwise (decode_split). A decode tile's time is not its bytes: a k-slice takes about 0.32 µs whether
 // its weights come from HBM or, prefetched, from L2 (Benchmarks/RESULTS.md, round 11), so 128 rows move about
 // twice the bytes a slice. Same bits either way. 128 won where 64-row tiles need a second wave and 128-row ones fit
 // in one (qwen3-30b-a3b S = 1: 192 tiles → 96, 0.068 → 0.058 ms) and lost where 64-row tiles already fit (paper-e64
