@@ -151,10 +151,10 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
 // every expert tile as EBN / D tiles of D weight rows (D = 64 or 128: FMOE_DECODE_ROWS below; WgmmaDecodeEngine,
-// wgmma.cuh), 64 rows at a time: more tiles, so every SM streams weights, and half the zero rows per tile. The bits are the wide tiles'
-// (every output element is the same instructions in the same K order). The choice is per launch and block-uniform
-// (every block holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and 2 always split (A/B
-// runs).
+// wgmma.cuh), 64 rows at a time: more tiles, so every SM streams weights, and half the zero rows per tile. The bits
+// are the wide tiles' (every output element is the same instructions in the same K order). The choice is per launch
+// and block-uniform (every block holds the same task space). FMOE_DECODE_TILES: 1 (default) chooses; 0 never and
+// 2 always split (A/B runs).
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
 #endif
@@ -201,7 +201,8 @@ template <int D> struct DecodeTiles {
 
 // GEMM0 decode tile q of expert tile n: weight rows DECODE_W1_ROW(D, n, q, 0 … D − 1), over row block m in passes
 // of 64.
-template <int D> FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+template <int D>
+FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     typedef typename DecodeTiles<D>::Engine DecodeEngine;
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n * DecodeTiles<D>::SPLIT + q);
     const bool shared = is_shared(L, x);
@@ -229,7 +230,8 @@ template <int D> FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L,
 }
 
 // GEMM1 decode tile q of expert tile n: output columns n·EBN + q·D …, over row block m in passes of 64.
-template <int D> FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
+template <int D>
+FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     typedef typename DecodeTiles<D>::Engine DecodeEngine;
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DecodeTiles<D>::SPLIT + q);
     const bool shared = is_shared(L, x);
@@ -251,15 +253,18 @@ template <int D> FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L,
     }
 }
 
-// The decode tile q of `split` (EBN / 64 or EBN / 128, from decode_split) of expert tile n, GEMM0 or GEMM1. A
-// width the kernel was not built with is never asked for; its branch folds away.
+// Whether a launch's decode split (EBN / 64 or EBN / 128, from decode_split) runs 64-row tiles, else 128-row ones:
+// fixed by FMOE_DECODE_ROWS unless the kernel has both, so a width it was not built with is never called.
+FMOE_DEVICE bool decode_rows64(int split) { return FMOE_DECODE_ROWS == 0 ? split == EBN / 64 : FMOE_DECODE_ROWS == 64; }
+
+// The decode tile q of `split` of expert tile n, GEMM0 or GEMM1.
 FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, int n, int q, int split, char *smem) {
-    if (FMOE_DECODE_ROWS != 128 && (FMOE_DECODE_ROWS == 64 || split == EBN / 64)) gemm0_decode<64>(p, L, x, m, n, q, smem);
-    else if (FMOE_DECODE_ROWS != 64) gemm0_decode<128>(p, L, x, m, n, q, smem);
+    if (decode_rows64(split)) gemm0_decode<64>(p, L, x, m, n, q, smem);
+    else gemm0_decode<128>(p, L, x, m, n, q, smem);
 }
 FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, int split, char *smem) {
-    if (FMOE_DECODE_ROWS != 128 && (FMOE_DECODE_ROWS == 64 || split == EBN / 64)) gemm1_decode<64>(p, L, x, m, n, q, smem);
-    else if (FMOE_DECODE_ROWS != 64) gemm1_decode<128>(p, L, x, m, n, q, smem);
+    if (decode_rows64(split)) gemm1_decode<64>(p, L, x, m, n, q, smem);
+    else gemm1_decode<128>(p, L, x, m, n, q, smem);
 }
 
 // The split of a launch that runs decode tiles: with both widths built, 64-row tiles (EBN / 64 per wide tile) when
@@ -299,12 +304,15 @@ __device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gem
     __syncthreads();
     gemv_tile(smem, op, tile_rows, wr);
     if (gemm == 0) {
+        // (With both decode widths built, a launch may split a wide tile in two: 128-row parts.)
         if (split == 1) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS>(p, L, x, rows, 0, col0, c);
-        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128) gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS * 128 / EBN>(p, L, x, rows, 0, col0, c);
+        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128)
+            gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS * 128 / EBN>(p, L, x, rows, 0, col0, c);
         else gemm0_store<GEMV_TOKENS, GEMV_CS, WIDE_COLS / DECODE_SPLIT>(p, L, x, rows, 0, col0, c);
     } else {
         if (split == 1) gemm1_store<GEMV_TOKENS, GEMV_CS, EBN>(p, L, x, false, rows, 0, col0, c);
-        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128) gemm1_store<GEMV_TOKENS, GEMV_CS, 128>(p, L, x, false, rows, 0, col0, c);
+        else if (FMOE_DECODE_ROWS == 0 && split == EBN / 128)
+            gemm1_store<GEMV_TOKENS, GEMV_CS, 128>(p, L, x, false, rows, 0, col0, c);
         else gemm1_store<GEMV_TOKENS, GEMV_CS, EBN / DECODE_SPLIT>(p, L, x, false, rows, 0, col0, c);
     }
     __syncthreads();

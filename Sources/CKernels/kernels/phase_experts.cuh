@@ -10,9 +10,9 @@
 namespace fmoe {
 
 // How many tiles each expert tile runs as in this launch: decode_split's (expert_tiles.cuh) when the wide GEMM0
-// tiles would leave at least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly than a wide one,
-// so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 → 0.062 ms,
-// qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144)
+// tiles would leave at least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly
+// than a wide one, so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 →
+// 0.062 ms, qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144)
 // 0.113 → 0.134 and 0.301 → 0.337 ms (H200, 2026-12-01).
 FMOE_DEVICE int expert_split(int gemm0_tiles) {
     if (DECODE_SPLIT == 1 || FMOE_DECODE_TILES == 0) return 1;
