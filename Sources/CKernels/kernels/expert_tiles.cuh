@@ -158,16 +158,16 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 #ifndef FMOE_DECODE_TILES
 #define FMOE_DECODE_TILES 1
 #endif
-// FMOE_DECODE_ROWS: the weight rows of a decode tile: 64 (default), 128 (m64n64 a warpgroup, half the tiles), or 0:
-// both engines in the kernel, each launch taking 64 rows when four tiles per wide tile fit in one wave of the grid
-// and 128 otherwise (decode_split). A decode tile's time is not its bytes: a k-slice takes about 0.32 µs whether
-// its weights come from HBM or, prefetched, from L2 (Benchmarks/RESULTS.md, round 11), so 128 rows move about
-// twice the bytes a slice. Same bits either way. 128 won where 64-row tiles need a second wave and 128-row ones fit
-// in one (qwen3-30b-a3b S = 1: 192 tiles → 96, 0.068 → 0.058 ms) and lost where 64-row tiles already fit (paper-e64
-// S = 1: 64 → 32 tiles, 0.047 → 0.054 ms); S = 4, 8 and mixtral-8x7b S = 1 measured the same (H200, 2026-12-02).
-// 0 is what those two runs point to; it compiles (swift test) but has not run on a GPU yet, so 64 stays the default.
+// FMOE_DECODE_ROWS: the weight rows of a decode tile: 0 (default): both engines in the kernel, each launch taking
+// 64 rows when four tiles per wide tile fit in one wave of the grid and 128 (m64n64 a warpgroup, half the tiles)
+// otherwise (decode_split); 64 or 128: that width only (A/B runs). A decode tile's time is not its bytes: a k-slice
+// takes about 0.32 µs whether its weights come from HBM or, prefetched, from L2 (Benchmarks/RESULTS.md, round 11),
+// so 128 rows move about twice the bytes a slice. Same bits either way. Chosen per launch, qwen3-30b-a3b S = 1
+// takes 0.059 ms (64 rows: 0.069, 192 tiles in two waves; 128: 0.061) and paper-e64 S = 1 0.047 (64 rows: 0.050;
+// 128: 0.054, 32 tiles leave SMs idle); S = 8, 64, 4096 and mixtral-8x7b and deepseek-v3 at S = 1 measured the same
+// (H200, 2026-12-02, Benchmarks/RESULTS.md "Round 12").
 #ifndef FMOE_DECODE_ROWS
-#define FMOE_DECODE_ROWS 64
+#define FMOE_DECODE_ROWS 0
 #endif
 static_assert(FMOE_DECODE_ROWS == 0 || FMOE_DECODE_ROWS == 64 || FMOE_DECODE_ROWS == 128,
               "FMOE_DECODE_ROWS is 64, 128 or 0 (both)");
