@@ -195,6 +195,17 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
 }
 
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers);
+FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int worker, int workers);
+FMOE_DEVICE void place_pairs(const Params &p, const Layout &L);
+
+// FMOE_DECODE_PLACE_PAIRS 1 (default): the decode prefix places a thread per (token, rank) pair (place_pairs); 0
+// (A/B runs): a thread per token (place_phase), whose k pairs' loads wait behind each other's stores (the compiler
+// cannot know that a row_token store leaves the next pair's ids, base and rank alone). qwen3-30b-a3b S = 1: place
+// 3.5 → 0.7 µs and the expert phase 3.7 µs sooner (H200 traces, 2026-12-02, Benchmarks/RESULTS.md "Round 12").
+// Polling the scan flag more slowly (1 µs between loads instead of 64 ns) did not shorten the chain.
+#ifndef FMOE_DECODE_PLACE_PAIRS
+#define FMOE_DECODE_PLACE_PAIRS 1
+#endif
 
 // The decode prefix's block, after routing the launch's tokens (route_staged): rank the one tile, scan, fill L from
 // the scan, place, then release (the scan flag). Every step reads only this block's own writes, ordered by the
@@ -210,7 +221,10 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         __syncthreads();
     }
     load_layout(p, L);
-    if (FMOE_STOP_AFTER != 1) place_phase(p, L, 0, 1);
+    if (FMOE_STOP_AFTER != 1) {
+        if (FMOE_DECODE_PLACE_PAIRS) place_pairs(p, L);
+        else place_phase(p, L, 0, 1);
+    }
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
@@ -322,8 +336,9 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
 
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
-// Worker `worker` of `workers` blocks (every block of the launch, or the decode prefix's one block): the tokens'
-// rows and contribution counts, the row blocks' GEMM counters, and (worker 0) the expert phase's counters.
+// Worker `worker` of `workers` blocks (every block of the launch, or the decode prefix's one block when
+// FMOE_DECODE_PLACE_PAIRS is 0): the tokens' rows and contribution counts, the row blocks' GEMM counters, and
+// (worker 0) the expert phase's counters.
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
     for (int t = worker * THREADS + threadIdx.x; t < p.tokens; t += workers * THREADS) {
@@ -349,6 +364,43 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int w
             for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
         }
     }
+    reset_expert_counters(p, L, worker, workers);
+}
+
+// The decode prefix's placement (one token tile, its ranks and counts from rank_tile and the scan): a thread per
+// (token, rank) pair, the tokens' contribution counts summed in shared memory. The same rows, slots and counts as
+// place_phase.
+FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
+    __shared__ int contributions[ROUTE_TASK_TOKENS];
+    if (threadIdx.x < p.tokens) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.tokens * K; i += THREADS) {
+        const int t = i / K, e = p.ids[i];
+        int row = -1;
+        if (e >= 0) {
+            const int slot = p.base[e] + p.rank_in_tile[i];  // tile 0's base
+            if (slot < rows_of(L, e)) {
+                row = L.row_start[e] + slot;
+                p.row_token[row] = t;
+                atomicAdd(&contributions[t], 1);
+            }
+        }
+        p.slot_row[i] = row;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < p.tokens; t += THREADS) {
+        p.target[t] = contributions[t];
+        p.pending[t] = 0;
+        if (contributions[t] == 0) {
+            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
+        }
+    }
+    reset_expert_counters(p, L, 0, 1);
+}
+
+// The row blocks' GEMM counters and (worker 0) the expert phase's counters, zeroed for this launch.
+FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int worker, int workers) {
     const int rbs = L.rb_start[XS];
     for (int i = worker * THREADS + threadIdx.x; i < rbs; i += workers * THREADS) {
         p.done0[i] = 0;
