@@ -175,20 +175,12 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
 // 67 – 153 GB/s an SM, a tile's mainloop moves about 56 (docs/performance.md, "FP8 prefill").
 // Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64 or
 // 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
-template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
-    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
+// The pipeline after its prologue: k-slice kt waits for its stage, runs on the tensor cores, and frees the stage
+// for slice kt + P; then the accumulators are staged in shared memory (Engine::stage_out).
+template <class Engine, int STAGES>
+FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng, int ktiles) {
     constexpr int P = STAGES - 1;
     constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
-    Engine eng;
-    eng.zero();
-    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-    // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
-    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
-#pragma unroll (P > 4 ? 1 : P)
-    for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<TBN, TBM>(smem + s * STAGE_BYTES, src, s);
-        cp_async_commit();
-    }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
         if (Engine::KIND == MMA_TF32) round_stage_tf32<TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
@@ -206,6 +198,53 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
     __syncthreads();
     eng.stage_out((float *)smem);
     __syncthreads();
+}
+
+template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
+    constexpr int P = STAGES - 1;
+    constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
+    Engine eng;
+    eng.zero();
+    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+    // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
+    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
+#pragma unroll (P > 4 ? 1 : P)
+    for (int s = 0; s < P; ++s) {
+        if (s < ktiles) load_stage<TBN, TBM>(smem + s * STAGE_BYTES, src, s);
+        cp_async_commit();
+    }
+    wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
+}
+
+// The same tile with its B operand (weights) first: the prologue's B halves are issued, then rows_ready(src) waits
+// for the A rows and points src.a at them (block-uniform; false: the wait gave up, nothing is computed), then the
+// A halves. The B copies join stage 0's cp.async group (a commit takes every copy issued before it), which the
+// main loop waits for first, so every stage is complete before it is read, as in gemm_tile_wgmma.
+template <class Engine, int STAGES, class RowsReady>
+FMOE_DEVICE bool gemm_tile_wgmma_weights_first(char *smem, TileSource &src, RowsReady rows_ready) {
+    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
+    constexpr int P = STAGES - 1;
+    constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
+    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+#pragma unroll 1
+    for (int s = 0; s < P; ++s)
+        if (s < ktiles) load_stage<TBN, TBM, false, true>(smem + s * STAGE_BYTES, src, s);
+    if (!rows_ready(src)) {
+        cp_async_commit();
+        cp_async_wait<0>();  // no copy may land in a ring that the block's next task reuses
+        __syncthreads();
+        return false;
+    }
+    Engine eng;
+    eng.zero();
+#pragma unroll 1
+    for (int s = 0; s < P; ++s) {
+        if (s < ktiles) load_stage<TBN, TBM, true, false>(smem + s * STAGE_BYTES, src, s);
+        cp_async_commit();
+    }
+    wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
+    return true;
 }
 
 }  // namespace fmoe
