@@ -1,6 +1,6 @@
 // Tracing builds of the fused kernel (FMOE_TRACE=1, `flashmoe bench --trace`): every block records %globaltimer at
 // the begin and end of its phases and of each gate, GEMM0, GEMM1, routed token and combine task into a device buffer, which the
-// host decodes into a Chrome-trace timeline (Sources/FlashMoE/Fused/FusedTrace.swift). Without FMOE_TRACE every macro
+// host decodes into a Chrome-trace timeline (Sources/FlashMoE/Fused/KernelTrace.swift). Without FMOE_TRACE every macro
 // below compiles to nothing, so the one-line hooks in the phase headers cost the normal build nothing.
 //
 // Buffer (address and capacity in the module globals below, written by the host after loading the module, so Params
@@ -38,37 +38,48 @@
 extern "C" __device__ u64 *fmoe_trace_buffer = nullptr;  // set by the host; null records nothing
 extern "C" __device__ int fmoe_trace_capacity = 0;       // events per block
 __shared__ u64 s_trace_last;                             // end of the block's last block-level event
+__shared__ int s_trace_count;                            // the block's events so far (recorded or not)
 
 namespace fmoe {
 
-FMOE_DEVICE void trace_record(u64 t0, u64 t1, int kind, int warp, int expert, int a, int b) {
+// Takes the block's next record (a shared counter, so the recorder does not wait for a global atomic) and writes
+// an event's begin, kind and ids to it; the end is written by trace_end. The block's count (word 0 of its buffer)
+// follows by an atomic max nobody waits for. Returns the record's index, or −1 when there is no buffer or it is
+// full (the event is counted, not stored).
+FMOE_DEVICE int trace_begin(u64 t0, int kind, int warp, int expert, int a, int b) {
     u64 *base = fmoe_trace_buffer;
-    if (base == nullptr) return;
+    if (base == nullptr) return -1;
     u64 *block = base + (size_t)blockIdx.x * (4 + 4 * (size_t)fmoe_trace_capacity);
-    const u64 i = atomicAdd(block, 1ull);
-    if (i < (u64)fmoe_trace_capacity) {
-        u64 *e = block + 4 + 4 * i;
-        e[0] = t0;
-        e[1] = t1;
-        e[2] = ((u64)(kind & 0xff) << 56) | ((u64)(warp & 0xff) << 48) | ((u64)(expert & 0xffff) << 32);
-        e[3] = ((u64)(u32)a << 32) | (u64)(u32)b;
-    }
+    const int i = atomicAdd(&s_trace_count, 1);
+    atomicMax((unsigned long long *)block, (unsigned long long)(i + 1));
+    if (i >= fmoe_trace_capacity) return -1;
+    u64 *e = block + 4 + 4 * (size_t)i;
+    e[0] = t0;
+    e[1] = t0;
+    e[2] = ((u64)(kind & 0xff) << 56) | ((u64)(warp & 0xff) << 48) | ((u64)(expert & 0xffff) << 32);
+    e[3] = ((u64)(u32)a << 32) | (u64)(u32)b;
+    return i;
 }
 
-// Records [construction, destruction] for one recorder thread: thread 0 of the block, or lane 0 of each warp.
+FMOE_DEVICE void trace_end(int slot, u64 t1) {
+    fmoe_trace_buffer[(size_t)blockIdx.x * (4 + 4 * (size_t)fmoe_trace_capacity) + 4 + 4 * (size_t)slot + 1] = t1;
+}
+
+// Records [construction, destruction] for one recorder thread: thread 0 of the block, or lane 0 of each warp. The
+// begin and the ids go to the record at construction, so across the scope only the record's index stays in a
+// register (with the ids and the begin time held instead, the tracing build of the sm_90a kernel with both decode
+// widths spilled: 32 bytes, NVRTC 13.0).
 struct TraceScope {
-    u64 t0;
-    int kind, expert, a, b;
-    bool warp_level, recorder;
-    FMOE_DEVICE TraceScope(int kind_, int expert_, int a_, int b_, bool warp_level_)
-        : t0(0), kind(kind_), expert(expert_), a(a_), b(b_), warp_level(warp_level_),
-          recorder(warp_level_ ? (threadIdx.x & 31) == 0 : threadIdx.x == 0) {
-        if (recorder) t0 = globaltimer_ns();
+    int slot;
+    bool warp_level;
+    FMOE_DEVICE TraceScope(int kind, int expert, int a, int b, bool warp_level_) : slot(-1), warp_level(warp_level_) {
+        if (warp_level_ ? (threadIdx.x & 31) == 0 : threadIdx.x == 0)
+            slot = trace_begin(globaltimer_ns(), kind, warp_level_ ? (int)(threadIdx.x >> 5) : 0xff, expert, a, b);
     }
     FMOE_DEVICE ~TraceScope() {
-        if (!recorder) return;
+        if (warp_level ? (threadIdx.x & 31) != 0 : threadIdx.x != 0) return;
         const u64 t1 = globaltimer_ns();
-        trace_record(t0, t1, kind, warp_level ? (int)(threadIdx.x >> 5) : 0xff, expert, a, b);
+        if (slot >= 0) trace_end(slot, t1);
         if (!warp_level) s_trace_last = t1;
     }
 };
@@ -77,12 +88,17 @@ struct TraceScope {
 FMOE_DEVICE void trace_wait(int kind) {
     if (threadIdx.x != 0) return;
     const u64 t1 = globaltimer_ns();
-    trace_record(s_trace_last != 0 ? s_trace_last : t1, t1, kind, 0xff, 0xffff, 0, 0);
+    const int slot = trace_begin(s_trace_last != 0 ? s_trace_last : t1, kind, 0xff, 0xffff, 0, 0);
+    if (slot >= 0) trace_end(slot, t1);
     s_trace_last = t1;
 }
 
+// Every thread, before the block's first event; the first warp-level events come after block barriers.
 FMOE_DEVICE void trace_block_start() {
-    if (threadIdx.x == 0) s_trace_last = 0;
+    if (threadIdx.x == 0) {
+        s_trace_last = 0;
+        s_trace_count = 0;
+    }
 }
 
 }  // namespace fmoe
