@@ -45,6 +45,14 @@ static const char phase_gate_cuh[] = {
 #embed "kernels/phase_gate.cuh"
     , 0};
 
+static const char routing_tasks_cuh[] = {
+#embed "kernels/routing_tasks.cuh"
+    , 0};
+
+static const char phase_place_cuh[] = {
+#embed "kernels/phase_place.cuh"
+    , 0};
+
 static const char phase_dispatch_cuh[] = {
 #embed "kernels/phase_dispatch.cuh"
     , 0};
@@ -124,6 +132,8 @@ static const struct {
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
     {"moe_params.cuh", moe_params_cuh, sizeof(moe_params_cuh) - 1},
     {"phase_gate.cuh", phase_gate_cuh, sizeof(phase_gate_cuh) - 1},
+    {"routing_tasks.cuh", routing_tasks_cuh, sizeof(routing_tasks_cuh) - 1},
+    {"phase_place.cuh", phase_place_cuh, sizeof(phase_place_cuh) - 1},
     {"phase_dispatch.cuh", phase_dispatch_cuh, sizeof(phase_dispatch_cuh) - 1},
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"expert_tiles.cuh", expert_tiles_cuh, sizeof(expert_tiles_cuh) - 1},

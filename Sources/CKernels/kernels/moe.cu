@@ -9,12 +9,12 @@
 //      on the same counter, route tasks of 8 tokens wait for their tile's gate tasks and route a token per warp
 //      (router.cuh), writing ids and weights; the tile's last route task ranks the tile (each pair's rank among the
 //      tile's tokens routed to the same expert, and the tile's per-expert counts). The CTA that ranks the last tile
-//      scans the counts (per expert over tiles) and publishes the scan with the epoch (phase_gate.cuh).
+//      scans the counts (per expert over tiles) and publishes the scan with the epoch (routing_tasks.cuh).
 //   2. Place. After the scan, a pair's slot in its expert is base[tile][e] + rank: the number of lower-index tokens
 //      routed there, so slots and capacity drops never depend on timing. Kept pairs get a global row; each token
 //      learns how many contributions it waits for. Grid barrier. (Decode prefix, one GPU and at most 8 tokens: the
 //      block that routes them also ranks, scans and places them and releases it all with the scan flag; no grid
-//      barrier, phase_gate.cuh.)
+//      barrier, phase_place.cuh.)
 //   3. Experts. One ticket counter hands out GEMM0 tasks (x, m, n) in (expert, row block, column tile) order,
 //      then GEMM1 tasks. A GEMM0 tile computes act(x·W1ᵀ + b1) (or act(g)·u) for 128 gathered rows. The CTA whose
 //      tile completes a row block's GEMM0 publishes the row block into a ring; GEMM1 tickets map to ring slots in
@@ -39,7 +39,8 @@
 // its own tokens. No grid barrier: every dependency is a flag or a counter with a bounded wait.
 //
 // Files: moe_params.cuh (specialisation, shapes, Params/Peer/Sync), task_space.cuh (the Layout and its scans),
-// phase_gate.cuh (phases 1–2; gate_gemv.cuh the decode gate),
+// phase_gate.cuh (phase 1; routing_tasks.cuh its routing, ranking and scan, gate_gemv.cuh the decode gate),
+// phase_place.cuh (phase 2 and the decode prefix),
 // phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3's scheduler; its tiles in
 // expert_tiles.cuh, where gemv.cuh runs the tiles of experts with at most 8 rows as weight-streaming GEMVs, fp8 by
 // default), phase_combine.cuh

@@ -141,7 +141,7 @@ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();  // fp8: E4M3 A and B rows, 128 bytes each
 constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
-// Rows of logits routing's staging area holds (phase_gate.cuh): the largest of 128, 64 and 32 that fits beside
+// Rows of logits routing's staging area holds (routing_tasks.cuh): the largest of 128, 64 and 32 that fits beside
 // the masks and ids; a route task stages ROUTE_TASK_TOKENS of them. It must divide the tile: a chunk of 96 (fp32's
 // smaller ring at E = 256) once ran its second chunk past token 127, into the next tile's tokens and past the masks
 // and ids (issue 12, defect 7).

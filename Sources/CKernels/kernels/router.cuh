@@ -16,7 +16,7 @@ namespace fmoe {
 
 constexpr int NONE = 0x7fffffff;  // no expert (or group)
 
-// One warp routes one token whose logits phase_gate.cuh staged in shared memory (row l, E floats; entry E is the
+// One warp routes one token whose logits routing_tasks.cuh staged in shared memory (row l, E floats; entry E is the
 // shared expert's gate logit when there is one). Lane q owns experts q, q + 32, q + 64, ... Every rule and every
 // rounding is the sequential one's (the CPU oracle's order): the top-k is the unique sorted top-k of the order
 // "larger value first, then lower index", found in k rounds of a warp arg-max (redux.sync on order-preserving keys) instead of an insertion sort;

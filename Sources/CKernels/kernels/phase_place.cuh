@@ -1,0 +1,138 @@
+// Phase 2 of the fused kernel (place), and the decode prefix: one block routes, ranks, scans and places a launch
+// of a few tokens (phase_gate.cuh calls it). See moe.cu.
+#pragma once
+#include "moe_params.cuh"
+#include "routing_tasks.cuh"
+#include "phase_fp8.cuh"
+
+namespace fmoe {
+
+// ---- Phase 2: place ----------------------------------------------------------------------------------------------
+
+// The row blocks' GEMM counters and (worker 0) the expert phase's counters, zeroed for this launch.
+FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int worker, int workers) {
+    const int rbs = L.rb_start[XS];
+    for (int i = worker * THREADS + threadIdx.x; i < rbs; i += workers * THREADS) {
+        p.done0[i] = 0;
+        p.done1[i] = 0;
+    }
+    if (worker == 0 && threadIdx.x == 0) {
+        p.sync->ticket = 0;
+        p.sync->ring_tail = 0;
+        p.sync->list_tail = 0;
+        p.sync->combine_ticket = 0;
+        p.sync->tiles1_done = 0;
+    }
+}
+
+// Worker `worker` of `workers` blocks (every block of the launch, or the decode prefix's one block when
+// FMOE_DECODE_PLACE_PAIRS is 0): the tokens' rows and contribution counts, the row blocks' GEMM counters, and
+// (worker 0) the expert phase's counters.
+FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
+    for (int t = worker * THREADS + threadIdx.x; t < p.tokens; t += workers * THREADS) {
+        const int tile = t / BT;
+        int contributions = HAS_SHARED ? 1 : 0;
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+            const int e = p.ids[(size_t)t * K + j];
+            int row = -1;
+            if (e >= 0) {
+                const int slot = p.base[(size_t)tile * E + e] + p.rank_in_tile[(size_t)t * K + j];
+                if (slot < rows_of(L, e)) {
+                    row = L.row_start[e] + slot;
+                    p.row_token[row] = t;
+                    ++contributions;
+                }
+            }
+            p.slot_row[(size_t)t * K + j] = row;
+        }
+        p.target[t] = contributions;
+        p.pending[t] = 0;
+        if (contributions == 0) {
+            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
+        }
+    }
+    reset_expert_counters(p, L, worker, workers);
+}
+
+// The decode prefix's placement (one token tile, its ranks and counts from rank_tile and the scan): a thread per
+// (token, rank) pair, the tokens' contribution counts summed in shared memory. The same rows, slots and counts as
+// place_phase.
+FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
+    FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
+    __shared__ int contributions[ROUTE_TASK_TOKENS];
+    if (threadIdx.x < p.tokens) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.tokens * K; i += THREADS) {
+        const int t = i / K, e = p.ids[i];
+        int row = -1;
+        if (e >= 0) {
+            const int slot = p.base[e] + p.rank_in_tile[i];  // tile 0's base
+            if (slot < rows_of(L, e)) {
+                row = L.row_start[e] + slot;
+                p.row_token[row] = t;
+                atomicAdd(&contributions[t], 1);
+            }
+        }
+        p.slot_row[i] = row;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < p.tokens; t += THREADS) {
+        p.target[t] = contributions[t];
+        p.pending[t] = 0;
+        if (contributions[t] == 0) {
+            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
+        }
+    }
+    reset_expert_counters(p, L, 0, 1);
+}
+
+// ---- The decode prefix -------------------------------------------------------------------------------------------
+
+// Decode prefix (FMOE_DECODE_PREFIX 1, default; 0 for A/B runs): one GPU and a launch of at most one route task's
+// tokens. The block that routes them also ranks, scans, places every pair and resets the expert phase's counters,
+// then releases all of it with the scan flag; the other blocks skip placement and the grid barrier. The general
+// path hands the work between blocks four times (route → rank → scan → place → barrier), each hand-off a fence and
+// a counter round trip: 12 µs from the route's end to the first expert task of qwen3-30b-a3b at S = 1 (H200 trace,
+// 2026-12-02). Block-uniform and launch-uniform: every block computes it from the token count.
+#ifndef FMOE_DECODE_PREFIX
+#define FMOE_DECODE_PREFIX 1
+#endif
+FMOE_DEVICE bool decode_prefix(const Params &p) {
+    return FMOE_DECODE_PREFIX && RANKS == 1 && p.tokens >= 1 && p.tokens <= ROUTE_TASK_TOKENS;
+}
+
+// FMOE_DECODE_PLACE_PAIRS 1 (default): the decode prefix places a thread per (token, rank) pair (place_pairs); 0
+// (A/B runs): a thread per token (place_phase), whose k pairs' loads wait behind each other's stores (the compiler
+// cannot know that a row_token store leaves the next pair's ids, base and rank alone). qwen3-30b-a3b S = 1: place
+// 3.5 → 0.7 µs and the expert phase 3.7 µs sooner (H200 traces, 2026-12-02, Benchmarks/RESULTS.md "Round 12").
+// Polling the scan flag more slowly (1 µs between loads instead of 64 ns) did not shorten the chain.
+#ifndef FMOE_DECODE_PLACE_PAIRS
+#define FMOE_DECODE_PLACE_PAIRS 1
+#endif
+
+// The decode prefix's block, after routing the launch's tokens (route_staged): rank the one tile, scan, fill L from
+// the scan, place, then release (the scan flag). Every step reads only this block's own writes, ordered by the
+// block's barriers; the release covers them all for the blocks that acquire the flag. Not inlined: a second
+// inlined copy of ranking, scan and placement changed the register allocation of the whole kernel (sm_90a SASS)
+// and cost qwen3-30b-a3b S = 64, which never runs it, 7 µs (0.372 → 0.379 ms, H200, 2026-12-02).
+__device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *smem) {
+    rank_tile(p, 0, smem);  // starts with a barrier: every warp's ids are written
+    __syncthreads();        // the tile's counts, for the scan
+    {
+        FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
+        scan_counts(p, 1);
+        __syncthreads();
+    }
+    load_layout(p, L);
+    if (FMOE_STOP_AFTER != 1) {
+        if (FMOE_DECODE_PLACE_PAIRS) place_pairs(p, L);
+        else place_phase(p, L, 0, 1);
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+}
+
+}  // namespace fmoe
