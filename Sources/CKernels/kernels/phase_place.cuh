@@ -26,7 +26,7 @@ FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int wor
 }
 
 // Worker `worker` of `workers` blocks (every block of the launch, or the decode prefix's one block when
-// FMOE_DECODE_PLACE_PAIRS is 0): the tokens' rows and contribution counts, the row blocks' GEMM counters, and
+// DECODE_PLACE_PAIRS is false): the tokens' rows and contribution counts, the row blocks' GEMM counters, and
 // (worker 0) the expert phase's counters.
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
@@ -103,14 +103,17 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
     return FMOE_DECODE_PREFIX && RANKS == 1 && p.tokens >= 1 && p.tokens <= ROUTE_TASK_TOKENS;
 }
 
-// FMOE_DECODE_PLACE_PAIRS 1 (default): the decode prefix places a thread per (token, rank) pair (place_pairs); 0
-// (A/B runs): a thread per token (place_phase), whose k pairs' loads wait behind each other's stores (the compiler
-// cannot know that a row_token store leaves the next pair's ids, base and rank alone). qwen3-30b-a3b S = 1: place
-// 3.5 → 0.7 µs and the expert phase 3.7 µs sooner (H200 traces, 2026-12-02, Benchmarks/RESULTS.md "Round 12").
-// Polling the scan flag more slowly (1 µs between loads instead of 64 ns) did not shorten the chain.
+// FMOE_DECODE_PLACE_PAIRS: how the decode prefix places its pairs. 1: a thread per (token, rank) pair
+// (place_pairs); 0: a thread per token (place_phase), whose k pairs' loads wait behind each other's stores (the
+// compiler cannot know that a row_token store leaves the next pair's ids, base and rank alone); 2 (default): pairs
+// when K > 2. qwen3-30b-a3b S = 1 (k = 8): place 3.5 → 0.7 µs, the expert phase 3.7 µs sooner, 0.068 → 0.057 ms;
+// paper-e64 S = 1 (k = 2, a chain of two): 0.047 – 0.049 ms a token at a time, 0.050 in pairs in all three runs
+// (H200, 2026-12-02, Benchmarks/RESULTS.md "Round 12"). Polling the scan flag more slowly (1 µs between loads
+// instead of 64 ns) did not shorten the chain.
 #ifndef FMOE_DECODE_PLACE_PAIRS
-#define FMOE_DECODE_PLACE_PAIRS 1
+#define FMOE_DECODE_PLACE_PAIRS 2
 #endif
+constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_DECODE_PLACE_PAIRS != 0;
 
 // FMOE_DECODE_WARP_FINISH 1 (A/B switch, not yet run on a GPU; 0, default): warp 0 of the decode prefix's block
 // ranks, counts, scans and places (decode_warp_finish) between two block barriers, instead of rank_tile,
@@ -235,7 +238,7 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         }
         load_layout(p, L);
         if (FMOE_STOP_AFTER != 1) {
-            if (FMOE_DECODE_PLACE_PAIRS) place_pairs(p, L);
+            if (DECODE_PLACE_PAIRS) place_pairs(p, L);
             else place_phase(p, L, 0, 1);
         }
     }
