@@ -42,9 +42,9 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 // whose last GEMM0 tile quantizes h after its count) GEMM1 ticket j runs row block j / NT1 in layout order, the
 // order GEMM0's tickets run them in, instead of the j / NT1-th block published on the ring. The block then knows
 // its W2 slab when it takes the ticket and streams the ring's first stages while it waits for the row block's
-// GEMM0 tiles (gemm1_decode_early). Blocks without a GEMM0 tile (36 of 132 at qwen3-30b-a3b S = 1) waited 8.5 µs
-// for the ring, and GEMM1 tiles started 3 µs after the last GEMM0 tile ended (trace, Benchmarks/RESULTS.md "Round
-// 12").
+// GEMM0 tiles (gemm1_decode_early). In call 3's trace of qwen3-30b-a3b S = 1 (Benchmarks/RESULTS.md, "Round 12")
+// the 36 blocks without a GEMM0 tile waited 15 – 22 µs for the ring with empty rings, and the GEMM1 tiles ran from
+// 38.2 to 50.5 µs, after the last GEMM0 tile ended at 38.1.
 #ifndef FMOE_DECODE_W2_EARLY
 #define FMOE_DECODE_W2_EARLY 0
 #endif

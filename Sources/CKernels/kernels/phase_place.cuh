@@ -106,7 +106,8 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
 // FMOE_DECODE_PLACE_PAIRS: how the decode prefix places its pairs. 1: a thread per (token, rank) pair
 // (place_pairs); 0: a thread per token (place_phase), whose k pairs' loads wait behind each other's stores (the
 // compiler cannot know that a row_token store leaves the next pair's ids, base and rank alone); 2 (default): pairs
-// when K > 2. qwen3-30b-a3b S = 1 (k = 8): place 3.5 → 0.7 µs, the expert phase 3.7 µs sooner, 0.068 → 0.057 ms;
+// when K > 2. qwen3-30b-a3b S = 1 (k = 8): place 3.5 → 1.4 µs and the gate phase over at 17.4 µs instead of 19.3
+// (call 3's trace), 0.068 → 0.057 ms;
 // paper-e64 S = 1 (k = 2, a chain of two): 0.047 – 0.049 ms a token at a time, 0.050 in pairs in all three runs
 // (H200, 2026-12-02, Benchmarks/RESULTS.md "Round 12"). Polling the scan flag more slowly (1 µs between loads
 // instead of 64 ns) did not shorten the chain.
@@ -117,7 +118,8 @@ constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_
 
 // FMOE_DECODE_WARP_FINISH 1 (A/B switch, not yet run on a GPU; 0, default): warp 0 of the decode prefix's block
 // ranks, counts and scans (decode_warp_scan) between two block barriers, instead of rank_tile, scan_counts and
-// load_layout with seven barriers and two global read-backs between them; the placement is the same either way.
+// load_layout with about ten barriers and the tile's counts and layout read back from global memory; the placement
+// is the same either way.
 // From the routed token to the scan's end: 4.8 µs in call 3's trace of qwen3-30b-a3b S = 1 (Benchmarks/RESULTS.md,
 // "Round 12").
 #ifndef FMOE_DECODE_WARP_FINISH
