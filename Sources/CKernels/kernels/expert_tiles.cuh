@@ -148,17 +148,6 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     __syncthreads();
 }
 
-// Thread 0 waits until every GEMM0 tile of row block rb has counted itself (done0[rb] ≥ nt0, the count that
-// publishes the block on the ring), then the block goes on: an acquire of the tiles' h rows, as the ring wait is.
-// Twice the budget, as the ring wait: the upstream wait is the one that expires and gets reported.
-FMOE_DEVICE bool wait_gemm0_done(const Params &p, int rb, int nt0) {
-    __shared__ int s_done;
-    if (threadIdx.x == 0)
-        s_done = wait_at_least(&p.done0[rb], nt0, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, (u32)rb, p.rank);
-    __syncthreads();
-    return s_done != 0;
-}
-
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs
 // every expert tile as EBN / D tiles of D weight rows (D = 64 or 128: FMOE_DECODE_ROWS below; WgmmaDecodeEngine,
@@ -240,13 +229,9 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
     }
 }
 
-// GEMM1 decode tile q of expert tile n: output columns n·EBN + q·D …, over row block m in passes of 64. EARLY
-// (FMOE_DECODE_W2_EARLY, phase_experts.cuh): row block rb's first pass loads the ring's first stages of W2 while
-// the block's GEMM0 tiles (nt0 of them) finish, then its h rows (gemm_tile_wgmma_weights_first): the same stages,
-// instructions and stores, so the same bits. False when that wait gave up (recorded; the caller leaves).
-template <int D, bool EARLY = false>
-FMOE_DEVICE bool gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem, int rb = 0,
-                              int nt0 = 0) {
+// GEMM1 decode tile q of expert tile n: output columns n·EBN + q·D …, over row block m in passes of 64.
+template <int D>
+FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, int n, int q, char *smem) {
     typedef typename DecodeTiles<D>::Engine DecodeEngine;
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n * DecodeTiles<D>::SPLIT + q);
     const bool shared = is_shared(L, x);
@@ -255,29 +240,17 @@ FMOE_DEVICE bool gemm1_decode(const Params &p, const Layout &L, int x, int m, in
     const T *a = h_rows(p, L, x);
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
     const int col0 = n * EBN + q * DecodeEngine::BN;
-    if (col0 >= H) return true;  // block-uniform: past the last column
+    if (col0 >= H) return;  // block-uniform: past the last column
     for (int r0 = m * BM; r0 < rows && r0 < (m + 1) * BM; r0 += DecodeEngine::BM) {
         TileSource src;
         src.k_bytes = inter * (int)sizeof(T);
-        if (EARLY && r0 == m * BM) {
-            point_rows<DecodeEngine::BN>(src.b, src.b_valid, w, col0, H, inter);
-            auto rows_ready = [&](TileSource &s) {
-                if (!wait_gemm0_done(p, rb, nt0)) return false;
-                point_rows<DecodeEngine::BM>(s.a, s.a_valid, a, r0, rows, inter);
-                return true;
-            };
-            if (!gemm_tile_wgmma_weights_first<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src, rows_ready))
-                return false;
-        } else {
-            point_rows<DecodeEngine::BM>(src.a, src.a_valid, a, r0, rows, inter);
-            point_rows<DecodeEngine::BN>(src.b, src.b_valid, w, col0, H, inter);
-            gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
-        }
+        point_rows<DecodeEngine::BM>(src.a, src.a_valid, a, r0, rows, inter);
+        point_rows<DecodeEngine::BN>(src.b, src.b_valid, w, col0, H, inter);
+        gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
         gemm1_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, DecodeEngine::BN>(p, L, x, shared, rows, r0, col0,
                                                                                 (const float *)smem);
         __syncthreads();
     }
-    return true;
 }
 
 // Whether a launch's decode split (EBN / 64 or EBN / 128, from decode_split) runs 64-row tiles, else 128-row ones:
@@ -293,11 +266,6 @@ FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, in
     if (decode_rows64(split)) gemm1_decode<64>(p, L, x, m, n, q, smem);
     else gemm1_decode<128>(p, L, x, m, n, q, smem);
 }
-FMOE_DEVICE bool gemm1_decode_early(const Params &p, const Layout &L, int x, int m, int n, int q, int split, int rb,
-                                    int nt0, char *smem) {
-    if (decode_rows64(split)) return gemm1_decode<64, true>(p, L, x, m, n, q, smem, rb, nt0);
-    return gemm1_decode<128, true>(p, L, x, m, n, q, smem, rb, nt0);
-}
 
 // The split of a launch that runs decode tiles: with both widths built, 64-row tiles (EBN / 64 per wide tile) when
 // they all fit in one wave of the grid, else 128-row ones (at most half the blocks have a wide tile, so those fit).
@@ -309,9 +277,6 @@ FMOE_DEVICE int decode_split(int gemm0_tiles) {
 constexpr int DECODE_SPLIT = 1;
 FMOE_DEVICE void gemm0_decode(const Params &, const Layout &, int, int, int, int, int, char *) {}
 FMOE_DEVICE void gemm1_decode(const Params &, const Layout &, int, int, int, int, int, char *) {}
-FMOE_DEVICE bool gemm1_decode_early(const Params &, const Layout &, int, int, int, int, int, int, int, char *) {
-    return true;
-}
 FMOE_DEVICE int decode_split(int) { return 1; }
 #endif
 

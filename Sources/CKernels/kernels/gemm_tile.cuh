@@ -54,9 +54,8 @@ FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int fi
     }
 }
 
-// One k-slice of a tile's TBM A rows and TBN B rows (the decode tiles of wgmma.cuh have TBM = 64); LOAD_A / LOAD_B
-// false leave that operand's half of the stage alone (a decode GEMM1 tile loads its weights before its rows exist).
-template <int TBN, int TBM = BM, bool LOAD_A = true, bool LOAD_B = true>
+// One k-slice of a tile's TBM A rows and TBN B rows (the decode tiles of wgmma.cuh have TBM = 64).
+template <int TBN, int TBM = BM>
 FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     const int chunk = threadIdx.x & 7;
     const int off = kt * ROW_BYTES + chunk * 16;
@@ -64,13 +63,13 @@ FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     const u32 base_a = smem_addr(stage);
     const u32 base_b = base_a + TBM * ROW_BYTES;
 #pragma unroll
-    for (int i = 0; i < (LOAD_A ? TBM / 32 : 0); ++i) {
+    for (int i = 0; i < TBM / 32; ++i) {
         const int row = loader_row(i);
         const bool va = src.a_valid[i] && k_in;
         cp_async16(base_a + swizzle(row, chunk), va ? src.a[i] + off : src.a[i], va);
     }
 #pragma unroll
-    for (int i = 0; i < (LOAD_B ? TBN / 32 : 0); ++i) {
+    for (int i = 0; i < TBN / 32; ++i) {
         const int row = loader_row(i);
         const bool vb = src.b_valid[i] && k_in;
         cp_async16(base_b + swizzle(row, chunk), vb ? src.b[i] + off : src.b[i], vb);

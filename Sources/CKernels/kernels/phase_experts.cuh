@@ -38,17 +38,6 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 #define FMOE_DECODE_RING 1
 #endif
 
-// FMOE_DECODE_W2_EARLY 1 (A/B switch, not yet measured; 0, default, keeps the ring): at decode (split > 1, not fp8,
-// whose last GEMM0 tile quantizes h after its count) GEMM1 ticket j runs row block j / NT1 in layout order, the
-// order GEMM0's tickets run them in, instead of the j / NT1-th block published on the ring. The block then knows
-// its W2 slab when it takes the ticket and streams the ring's first stages while it waits for the row block's
-// GEMM0 tiles (gemm1_decode_early). In call 3's trace of qwen3-30b-a3b S = 1 (Benchmarks/RESULTS.md, "Round 12")
-// the 36 blocks without a GEMM0 tile waited 15 – 22 µs for the ring with empty rings, and the GEMM1 tiles ran from
-// 38.2 to 50.5 µs, after the last GEMM0 tile ended at 38.1.
-#ifndef FMOE_DECODE_W2_EARLY
-#define FMOE_DECODE_W2_EARLY 0
-#endif
-constexpr bool DECODE_W2_EARLY = FMOE_DECODE_W2_EARLY != 0 && FMOE_PREC != 4;
 
 // After GEMM1 tile n of row block rb (expert x, block m): the block's last tile completes it (its tokens' counts),
 // and the tile counts as done.
@@ -125,22 +114,6 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 publish_row_block(p, rb);
             }
 #endif
-        } else if (DECODE_W2_EARLY && split > 1) {
-            // Row block j / NT1 in layout order (launch-uniform: every GEMM1 ticket of the launch maps this way).
-            const int j = (ticket - t0_total) / split, q = (ticket - t0_total) % split;
-            const int rb = j / NT1, n = j % NT1;
-            const int x = find_segment(L.rb_start, L.xs, rb);
-            const int m = rb - L.rb_start[x];
-            const int nt0 = (is_shared(L, x) ? NT0S : NT0) * split;
-            bool ok;
-            if (gemv_expert(L, x)) {
-                ok = wait_gemm0_done(p, rb, nt0);
-                if (ok) gemv_task(p, L, 1, x, n, q, split, smem);
-            } else {
-                ok = gemm1_decode_early(p, L, x, m, n, q, split, rb, nt0, smem);
-            }
-            if (!ok) return false;
-            finish_gemm1_tile(p, L, x, m, n, rb, nt1);
         } else {
             // GEMM1 tickets walk the ring in groups of `group` row blocks (RING_GROUP; one at decode, above),
             // column tile outer: blocks published together (usually one expert's) share each W2 slab in L2.

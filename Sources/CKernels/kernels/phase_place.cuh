@@ -116,99 +116,20 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
 #endif
 constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_DECODE_PLACE_PAIRS != 0;
 
-// FMOE_DECODE_WARP_FINISH 1 (A/B switch, not yet run on a GPU; 0, default): warp 0 of the decode prefix's block
-// ranks, counts and scans (decode_warp_scan) between two block barriers, instead of rank_tile, scan_counts and
-// load_layout with about ten barriers and the tile's counts and layout read back from global memory; the placement
-// is the same either way.
-// From the routed token to the scan's end: 4.8 µs in call 3's trace of qwen3-30b-a3b S = 1 (Benchmarks/RESULTS.md,
-// "Round 12").
-#ifndef FMOE_DECODE_WARP_FINISH
-#define FMOE_DECODE_WARP_FINISH 0
-#endif
-
-// Warp 0 of the decode prefix's block, for its one tile of at most ROUTE_TASK_TOKENS tokens: what rank_tile and
-// scan_counts write (task_space's entries, task_space_entry), and L itself. masks[e] has bit t set when token t chose
-// expert e, so a pair's rank is the number of earlier tokens that chose its expert, and an expert's count the
-// popcount.
-FMOE_DEVICE void decode_warp_scan(const Params &p, Layout &L, char *smem) {
-    static_assert(ROUTE_TASK_TOKENS <= 32, "a token mask is one word");
-    FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
-    u32 *masks = route_masks(smem);
-    int *ids = route_tile_ids(smem);
-    const int lane = threadIdx.x & 31, n = p.tokens;
-    for (int e = lane; e < E; e += 32) masks[e] = 0u;
-    __syncwarp();
-    for (int i = lane; i < n * K; i += 32) {
-        const int e = p.ids[i];
-        ids[i] = e;
-        if (e >= 0) atomicOr(&masks[e], 1u << (i / K));
-    }
-    __syncwarp();
-    for (int i = lane; i < n * K; i += 32) {
-        const int e = ids[i];
-        p.rank_in_tile[i] = e >= 0 ? __popc(masks[e] & ((1u << (i / K)) - 1u)) : 0;
-    }
-    for (int e = lane; e < E; e += 32) {
-        const int count = __popc(masks[e]);
-        p.counts[e] = count;
-        p.base[e] = 0;
-        p.expert_load[e] = count;
-    }
-    // The task space's scans 32 entries at a time with a carry (entry E + 1: the totals).
-    auto kept = [&](int e) {
-        const int count = __popc(masks[e]);
-        return count < p.capacity ? count : p.capacity;
-    };
-    int carry[3] = {0, 0, 0};
-    for (int x0 = 0; x0 <= E; x0 += 32) {
-        const int x = x0 + lane;
-        int v[3] = {0, 0, 0};
-        if (x <= E) task_space_entry(x, E, n, kept, v);
-        int inc[3] = {v[0], v[1], v[2]};
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-#pragma unroll
-            for (int q = 0; q < 3; ++q) {
-                const int u = __shfl_up_sync(~0u, inc[q], o);
-                if (lane >= o) inc[q] += u;
-            }
-        }
-        if (x <= E) {
-            L.row_start[x] = p.row_start[x] = carry[0] + inc[0] - v[0];
-            L.rb_start[x] = p.rb_start[x] = carry[1] + inc[1] - v[1];
-            L.task0_start[x] = p.task0_start[x] = carry[2] + inc[2] - v[2];
-        }
-#pragma unroll
-        for (int q = 0; q < 3; ++q) carry[q] += __shfl_sync(~0u, inc[q], 31);
-    }
-    if (lane == 0) {
-        L.row_start[E + 1] = p.row_start[E + 1] = carry[0];
-        L.rb_start[E + 1] = p.rb_start[E + 1] = carry[1];
-        L.task0_start[E + 1] = p.task0_start[E + 1] = carry[2];
-        L.xs = XS;
-    }
-}
-
 // The decode prefix's block, after routing the launch's tokens (route_staged): rank the one tile, scan, fill L from
 // the scan, place, then release (the scan flag). Every step reads only this block's own writes, ordered by the
 // block's barriers; the release covers them all for the blocks that acquire the flag. Not inlined: a second
 // inlined copy of ranking, scan and placement changed the register allocation of the whole kernel (sm_90a SASS)
 // and cost qwen3-30b-a3b S = 64, which never runs it, 7 µs (0.372 → 0.379 ms, H200, 2026-12-02).
 __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *smem) {
-    if (FMOE_DECODE_WARP_FINISH) {
-        __syncthreads();  // every warp's ids are written
-        if (threadIdx.x < 32) decode_warp_scan(p, L, smem);
-        __syncthreads();  // L and the ranks, for the block
-    } else {
-        rank_tile(p, 0, smem);  // starts with a barrier: every warp's ids are written
-        __syncthreads();        // the tile's counts, for the scan
-        {
-            FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
-            scan_counts(p, 1);
-            __syncthreads();
-        }
-        load_layout(p, L);
+    rank_tile(p, 0, smem);  // starts with a barrier: every warp's ids are written
+    __syncthreads();        // the tile's counts, for the scan
+    {
+        FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
+        scan_counts(p, 1);
+        __syncthreads();
     }
+    load_layout(p, L);
     if (FMOE_STOP_AFTER != 1) {
         if (DECODE_PLACE_PAIRS) place_pairs(p, L);
         else place_phase(p, L, 0, 1);

@@ -217,34 +217,4 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
     wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
 }
 
-// The same tile with its B operand (weights) first: the prologue's B halves are issued, then rows_ready(src) waits
-// for the A rows and points src.a at them (block-uniform; false: the wait gave up, nothing is computed), then the
-// A halves. The B copies join stage 0's cp.async group (a commit takes every copy issued before it), which the
-// main loop waits for first, so every stage is complete before it is read, as in gemm_tile_wgmma.
-template <class Engine, int STAGES, class RowsReady>
-FMOE_DEVICE bool gemm_tile_wgmma_weights_first(char *smem, TileSource &src, RowsReady rows_ready) {
-    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
-    constexpr int P = STAGES - 1;
-    constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
-    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-#pragma unroll 1
-    for (int s = 0; s < P; ++s)
-        if (s < ktiles) load_stage<TBN, TBM, false, true>(smem + s * STAGE_BYTES, src, s);
-    if (!rows_ready(src)) {
-        cp_async_commit();
-        cp_async_wait<0>();  // no copy may land in a ring that the block's next task reuses
-        __syncthreads();
-        return false;
-    }
-    Engine eng;
-    eng.zero();
-#pragma unroll 1
-    for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<TBN, TBM, true, false>(smem + s * STAGE_BYTES, src, s);
-        cp_async_commit();
-    }
-    wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
-    return true;
-}
-
 }  // namespace fmoe
