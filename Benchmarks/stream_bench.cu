@@ -1,8 +1,10 @@
 // HBM streaming rate of one block per SM reading its own weight slab, by access order: what a decode tile could
 // reach (docs/performance.md: qwen3-30b-a3b's S = 1 tiles stream 256 KB at about 24 GB/s an SM, 3.1 TB/s in all).
 //
-//   nvcc -O3 -arch=sm_90a -o /tmp/stream_bench Benchmarks/stream_bench.cu && /tmp/stream_bench [SLAB_KB] [BLOCKS]
+//   nvcc -O3 -arch=sm_90a -o /tmp/stream_bench Benchmarks/stream_bench.cu && /tmp/stream_bench [SLAB_KB] [BLOCKS,...]
 //
+// BLOCKS: one block count or a comma-separated list of them, each measured in turn (e.g. 96,132: whether 96 blocks,
+// qwen3-30b-a3b S = 1's GEMM0 decode tiles, stream faster a block than 132 do, Benchmarks/RESULTS.md "Round 13").
 // Each of BLOCKS blocks (default: one per SM) reads slabs of SLAB_KB KiB (default 256) laid out as weight rows of
 // 4 KiB (qwen3-30b-a3b's H = 2048 in bf16), from a fresh part of a buffer far larger than L2, so every byte comes
 // from HBM: one slab (a decode tile's bytes, the launch's ramp included: round 9 measured 2.0 - 2.2 TB/s so, about
@@ -81,36 +83,47 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
     const size_t slab = (size_t)(argc > 1 ? std::atoi(argv[1]) : 256) * 1024;
-    const int blocks = argc > 2 ? std::atoi(argv[2]) : prop.multiProcessorCount;
-    if (slab < ROW_BYTES || slab % ROW_BYTES != 0 || blocks < 1) {
-        std::fprintf(stderr, "usage: stream_bench [SLAB_KB (a multiple of 4)] [BLOCKS]\n");
+    // The block counts: "96" or "96,132"; a part that is not a number counts as 0 and is refused below.
+    std::vector<int> counts;
+    for (const char *c = argc > 2 ? argv[2] : nullptr; c != nullptr;) {
+        char *end;
+        const long v = std::strtol(c, &end, 10);
+        counts.push_back(end == c || (*end != ',' && *end != '\0') ? 0 : (int)v);
+        c = *end == ',' ? end + 1 : nullptr;
+    }
+    if (counts.empty()) counts.push_back(prop.multiProcessorCount);
+    const int max_blocks = *std::max_element(counts.begin(), counts.end());
+    if (slab < ROW_BYTES || slab % ROW_BYTES != 0 || *std::min_element(counts.begin(), counts.end()) < 1) {
+        std::fprintf(stderr, "usage: stream_bench [SLAB_KB (a multiple of 4)] [BLOCKS[,BLOCKS...]]\n");
         return 2;
     }
     constexpr int MAX_SLABS = 16;
-    const size_t buf_bytes = std::max<size_t>((size_t)8 << 30, slab * blocks * MAX_SLABS * 4);
+    const size_t buf_bytes = std::max<size_t>((size_t)8 << 30, slab * max_blocks * MAX_SLABS * 4);
     char *buf;
     unsigned *sink;
     CHECK(cudaMalloc(&buf, buf_bytes));
     CHECK(cudaMalloc(&sink, 4));
     CHECK(cudaMemset(buf, 1, buf_bytes));
-    std::printf("%s, %d SMs, L2 %d MiB: %d blocks x %zu KiB slabs (rows of %d B), %.1f MiB a launch\n", prop.name,
-                prop.multiProcessorCount, prop.l2CacheSize >> 20, blocks, slab >> 10, ROW_BYTES,
-                slab * blocks / 1048576.0);
-    for (const int slabs : {1, MAX_SLABS}) {
-        std::printf("%d slab%s a block:\n", slabs, slabs == 1 ? "" : "s");
-        auto report = [&](const char *label, auto kernel) {
-            const double r = rate(kernel, buf, buf_bytes, slab, slabs, blocks, sink);
-            std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
-        };
-        report("contiguous U=4:", contiguous<4>);
-        report("contiguous U=8:", contiguous<8>);
-        report("contiguous U=16:", contiguous<16>);
-        if (slab == (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
-            report("k-slices U=1:", kslices<1>);
-            report("k-slices U=4:", kslices<4>);
-            report("k-slices U=12:", kslices<12>);
-        } else {
-            std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+    for (const int blocks : counts) {
+        std::printf("%s, %d SMs, L2 %d MiB: %d blocks x %zu KiB slabs (rows of %d B), %.1f MiB a launch\n",
+                    prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, blocks, slab >> 10, ROW_BYTES,
+                    slab * blocks / 1048576.0);
+        for (const int slabs : {1, MAX_SLABS}) {
+            std::printf("%d slab%s a block:\n", slabs, slabs == 1 ? "" : "s");
+            auto report = [&](const char *label, auto kernel) {
+                const double r = rate(kernel, buf, buf_bytes, slab, slabs, blocks, sink);
+                std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
+            };
+            report("contiguous U=4:", contiguous<4>);
+            report("contiguous U=8:", contiguous<8>);
+            report("contiguous U=16:", contiguous<16>);
+            if (slab == (size_t)64 * ROW_BYTES) {  // the tiles' order is written for 64-row slabs
+                report("k-slices U=1:", kslices<1>);
+                report("k-slices U=4:", kslices<4>);
+                report("k-slices U=12:", kslices<12>);
+            } else {
+                std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+            }
         }
     }
     CHECK(cudaFree(buf));
