@@ -55,6 +55,28 @@ FMOE_DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(
 FMOE_DEVICE void cp_async16(u32 dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
+// FMOE_DECODE_EVICT_FIRST 1 (A/B switch, not yet run on a GPU; 0, default): decode tiles (wgmma.cuh) and the GEMV
+// tiles (gemv.cuh) read their weights with the L2 evict-first policy. A decode launch reads each weight byte once,
+// and qwen3-30b-a3b S = 1 reads 75 MB of them through a 60 MiB L2, so the next launch may find the kernel's code, x
+// and the router's rows evicted and fetch them from HBM again. The hypothesis it tests: the decode prefix's steps
+// take 1 – 3.5 µs each whatever they do (one warp routing one token: 3.4 µs; reading shared instead of global memory
+// changed nothing, round 12), and prefetching weights into L2 during them slowed them (round 11), as a chain
+// waiting on instruction fetches from HBM would (Benchmarks/RESULTS.md, "Round 13"). Same bytes, same bits.
+#ifndef FMOE_DECODE_EVICT_FIRST
+#define FMOE_DECODE_EVICT_FIRST 0
+#endif
+// The same copy with an L2 cache policy (l2_evict_first below).
+FMOE_DEVICE void cp_async16_hint(u32 dst, const void *src, bool valid, u64 policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0), "l"(policy));
+}
+// An L2 policy for bytes read once per launch (a decode launch's weights): evicted first, so they do not push out of
+// L2 what every launch reads again (the kernel's code, x, the router's rows, the counters).
+FMOE_DEVICE u64 l2_evict_first() {
+    u64 policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));  // pure: may be hoisted
+    return policy;
+}
 FMOE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> FMOE_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 

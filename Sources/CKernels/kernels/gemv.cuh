@@ -48,12 +48,19 @@ FMOE_DEVICE bool gemv_expert(const Layout &L, int x) {
 }
 
 #if FMOE_PREC >= 2
-// Weights are read once per launch and never written: the read-only path, not kept in L1.
+// Weights are read once per launch and never written: the read-only path, not kept in L1 (and with
+// FMOE_DECODE_EVICT_FIRST, common.cuh, evicted first from L2).
 FMOE_DEVICE uint4 ld_weights16(const char *p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+    if (FMOE_DECODE_EVICT_FIRST) {
+        asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p), "l"(l2_evict_first()));
+    } else {
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+    }
     return v;
 }
 

@@ -167,6 +167,10 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
     }
 };
 
+// Whether a tile of this engine reads its weights evict-first (decode tiles only: weights read once a launch; the
+// wide tiles' weight slabs are read again by the expert's other row blocks).
+template <class Engine> constexpr bool evicts_weights() { return FMOE_DECODE_EVICT_FIRST != 0 && Engine::BM == 64; }
+
 // The wgmma mainloop: loads run STAGES − 1 k-slices ahead, and one wgmma group stays in flight. Per k-slice: wait
 // for its stage, issue its group, wait until only that group is in flight (the previous one is done), then a
 // barrier (both warpgroups are past the previous group) and refill the previous group's stage. The second barrier
@@ -190,7 +194,8 @@ FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng, 
         wgmma_wait<1>();
         __syncthreads();
         const int next = kt + P;
-        if (next < ktiles) load_stage<TBN, TBM>(smem + (next % STAGES) * STAGE_BYTES, src, next);
+        if (next < ktiles)
+            load_stage<TBN, TBM, evicts_weights<Engine>()>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
     }
     wgmma_wait<0>();
@@ -211,7 +216,7 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
     // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
 #pragma unroll (P > 4 ? 1 : P)
     for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<TBN, TBM>(smem + s * STAGE_BYTES, src, s);
+        if (s < ktiles) load_stage<TBN, TBM, evicts_weights<Engine>()>(smem + s * STAGE_BYTES, src, s);
         cp_async_commit();
     }
     wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
