@@ -43,6 +43,7 @@ struct Problem {
     int npairs0, npairs1;
     const Task *apairs1;  // GEMM1 tiles 2i and 2i + 1 share A (column tiles n, n + 1; H / 256 must be even)
     int napairs1;
+    int *ticket;        // k_tick's ticket counter (zeroed before each launch)
     unsigned short *h;  // [R, I]
     float *y;           // [R, H]
     const unsigned short *h_in;  // GEMM1's input (the old engine's H, so both engines multiply the same bits)
@@ -204,6 +205,71 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
             if (SYNC) __syncthreads();
         }
     }
+}
+
+// Tiles handed out by a ticket counter, as the fused kernel's expert phase does (phase_experts.cuh), instead of a
+// static stride: the producer's thread 0 takes each ticket and passes it to the rest of its warpgroup (a named
+// barrier) and to the consumers through a queue of TQ slots in shared memory, each with a full barrier (count 1:
+// the slot is written; the arrive releases it, the consumers' wait acquires it) and an empty barrier (one lane per
+// consumer warp: every consumer thread has read the slot). The producer thus takes ticket i + 1 and fills the ring
+// with its slices while the consumers still run tile i and its epilogue — the run-ahead across tickets that
+// docs/engine-notes.md ("What is left", item 1) asks for before the engine is wired in. A ticket past the last tile
+// is passed on as −1 and ends both roles. The ticket is made warp-uniform with a shuffle (a branch on a value read
+// from shared memory would make ptxas treat the consumers' wgmma as divergent).
+constexpr int TQ = 2;
+template <int GEMM, bool WIDE>
+__global__ void __launch_bounds__(TMA_THREADS, 1)
+    k_tick(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b) {
+    extern __shared__ __align__(1024) char smem_raw[];
+    char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __shared__ int slot[TQ];
+    __shared__ __align__(8) u64 q_full[TQ], q_empty[TQ];
+    using Eng = TmaEngine<MMA_BF16, STAGES_T>;
+    if (threadIdx.x == 0) {
+        for (int q = 0; q < TQ; ++q) {
+            mbar_init(&q_full[q], 1);
+            mbar_init(&q_empty[q], TMA_CONSUMER_THREADS / 32);
+        }
+    }
+    Eng eng;
+    eng.init(smem);  // fences the barrier inits and ends with a block barrier
+    const int ntasks = GEMM == 0 ? p.ntasks0 : p.ntasks1;
+    const Task *tasks = GEMM == 0 ? p.tasks0 : p.tasks1;
+    if (Eng::is_producer()) {
+        const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
+        if (pt == 0) {
+            tma_prefetch_map(&map_a);
+            tma_prefetch_map(&map_b);
+        }
+        for (u32 qi = 0;; ++qi) {
+            const int q = qi % TQ;
+            if (pt == 0) {
+                mbar_wait(&q_empty[q], ((qi / TQ) & 1) ^ 1);  // a fresh barrier's previous phase counts as complete
+                const int t = atomicAdd(p.ticket, 1);
+                slot[q] = t < ntasks ? t : -1;
+                mbar_arrive(&q_full[q]);
+            }
+            // The producer warpgroup reads the slot after thread 0 wrote it; thread 0 writes slot q again only
+            // TQ tickets later, after every producer thread has passed this barrier again.
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");
+            const int t = __shfl_sync(0xffffffffu, slot[q], 0);
+            if (t < 0) break;
+            eng.produce(make_tile<GEMM, GEMM == 0>(p, tasks[t], &map_a, &map_b));
+        }
+    } else {
+        for (u32 qi = 0;; ++qi) {
+            const int q = qi % TQ;
+            mbar_wait(&q_full[q], (qi / TQ) & 1);
+            const int t = __shfl_sync(0xffffffffu, slot[q], 0);
+            __syncwarp();
+            mbar_arrive_if(&q_empty[q], (threadIdx.x & 31) == 0);  // this warp has read the slot
+            if (t < 0) break;
+            float acc[128];
+            eng.consume(make_tile<GEMM, GEMM == 0>(p, tasks[t], &map_a, &map_b), acc);
+            store_tile<GEMM, WIDE>(p, tasks[t], acc);
+        }
+    }
+    eng.finish();
 }
 
 // Clusters of 2 sharing an operand by TMA multicast (TmaEngine CLUSTER = 2): pair i is run by cluster i (strided),
@@ -405,6 +471,9 @@ int main(int argc, char **argv) {
     SET_NEW(0, true, true, 0); SET_NEW(1, false, true, 0);
     CK(cudaFuncSetAttribute(k_new<0, true, false, 0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
     CK(cudaFuncSetAttribute(k_new<0, false, false, 0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new)); SET_NEW(0, true, false, TMA_CONSUMER_REGS); SET_NEW(1, false, false, TMA_CONSUMER_REGS);
+    CK(cudaFuncSetAttribute(k_tick<0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
+    CK(cudaFuncSetAttribute(k_tick<1, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
+    CK(cudaMalloc(&p.ticket, sizeof(int)));
 #define SET_PAIR(G, SH, CR) CK(cudaFuncSetAttribute(k_pair<G, SH, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_PAIR(0, SHARE_B, true); SET_PAIR(0, SHARE_B, false); SET_PAIR(1, SHARE_B, true); SET_PAIR(1, SHARE_B, false);
     SET_PAIR(1, SHARE_A, false);
@@ -503,6 +572,11 @@ int main(int argc, char **argv) {
     CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false>, pn, m_xg, m_w1h));
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma cluster 2 (B multicast, gather A)", h_new, ho.data(), ho.size() * 2);
+    poison(h_new, (size_t)R * I * 2);
+    CK(cudaMemset(pn.ticket, 0, sizeof(int)));
+    k_tick<0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1);
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM0 tma (tickets, gather A, 16-byte stores)", h_new, ho.data(), ho.size() * 2);
     if (creg_ok) {
         poison(h_new, (size_t)R * I * 2);
         k_new<0, true, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1);
@@ -542,6 +616,11 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma (sync per tile)", y_new, yo.data(), yo.size() * 4);
     poison(y_new, (size_t)R * H * 4);
+    CK(cudaMemset(pn.ticket, 0, sizeof(int)));
+    k_tick<1, false><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2);
+    CK(cudaDeviceSynchronize());
+    check_same("GEMM1 tma (tickets)", y_new, yo.data(), yo.size() * 4);
+    poison(y_new, (size_t)R * H * 4);
     CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, true>, pn, m_h, m_w2h));
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma cluster 2 (B multicast, cluster-scope release)", y_new, yo.data(), yo.size() * 4);
@@ -564,6 +643,7 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM0 tma, gather A, sync/tile", time_ms([&] { k_new<0, true, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A, 16B stores", time_ms([&] { k_new<0, true, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, TMA A, 16B stores", time_ms([&] { k_new<0, false, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
+    rows.push_back({"GEMM0 tma, tickets, 16B stores", time_ms([&] { CK(cudaMemsetAsync(pn.ticket, 0, sizeof(int))); k_tick<0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, TMA A (pre-gathered)", time_ms([&] { k_new<0, false, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     if (creg_ok) rows.push_back({"GEMM0 tma, gather A, setmaxnreg", time_ms([&] { k_new<0, true, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM1 old cp.async wgmma", time_ms([&] { k_old<1><<<sms, 256, smem_old>>>(po); }, reps), flops1});
@@ -571,12 +651,13 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM1 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, true>, pn, m_h, m_w2h)); }, reps), flops1});
     rows.push_back({"GEMM1 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, false>, pn, m_h, m_w2h)); }, reps), flops1});
     rows.push_back({"GEMM1 tma cluster 2, A multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false>, pn, m_h64, m_w2)); }, reps), flops1});
+    rows.push_back({"GEMM1 tma, tickets", time_ms([&] { CK(cudaMemsetAsync(pn.ticket, 0, sizeof(int))); k_tick<1, false><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     rows.push_back({"GEMM1 tma, sync/tile", time_ms([&] { k_new<1, false, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     if (creg_ok) rows.push_back({"GEMM1 tma, setmaxnreg", time_ms([&] { k_new<1, false, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     for (auto &r : rows) printf("%-34s %8.4f ms  %6.1f TFLOP/s\n", r.name, r.ms, r.flops / r.ms / 1e9);
-    const int checks = 14 + (creg_ok ? 1 : 0);
+    const int checks = 16 + (creg_ok ? 1 : 0);
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }
