@@ -43,7 +43,10 @@ struct Problem {
     int npairs0, npairs1;
     const Task *apairs1;  // GEMM1 tiles 2i and 2i + 1 share A (column tiles n, n + 1; H / 256 must be even)
     int napairs1;
-    int *ticket;        // k_tick's ticket counter (zeroed before each launch)
+    int *ticket;        // k_tick's and the expert phase's ticket counter (zeroed before each launch)
+    int *done0;         // the expert phase: GEMM0 tiles done per row block (zeroed before each launch)
+    const int *rb_start;  // [E + 1] each expert's first row block
+    int nrb;              // row blocks
     unsigned short *h;  // [R, I]
     float *y;           // [R, H]
     const unsigned short *h_in;  // GEMM1's input (the old engine's H, so both engines multiply the same bits)
@@ -55,49 +58,51 @@ __device__ __forceinline__ u32 pack_bf16(float a, float b) {
 }
 
 // ---- the cp.async engine, as expert_tiles.cuh runs it -------------------------------------------------------
+// One tile of GEMM `GEMM` with its epilogue, ending with a block barrier (GEMM1 reads p.h_in).
+template <int GEMM> __device__ void old_tile(const Problem &p, const Task &tk, char *smem) {
+    const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
+    TileSource src;
+    if (GEMM == 0) {
+        src.k_bytes = p.H * 2;
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const int r = loader_row(i);
+            src.a_valid[i] = row0 + r < rows;
+            const int token = src.a_valid[i] ? p.row_token[p.row_start[tk.e] + row0 + r] : 0;
+            src.a[i] = (const char *)(p.x + (size_t)token * p.H);
+        }
+        point_rows<256>(src.b, src.b_valid, p.w1 + (size_t)tk.e * p.I * p.H, tk.n * 256, p.I, p.H);
+    } else {
+        src.k_bytes = p.I * 2;
+        point_rows<BM>(src.a, src.a_valid, p.h_in + (size_t)p.row_start[tk.e] * p.I, row0, rows, p.I);
+        point_rows<256>(src.b, src.b_valid, p.w2 + (size_t)tk.e * p.H * p.I, tk.n * 256, p.H, p.I);
+    }
+    gemm_tile_wgmma<WgmmaEngine<MMA_BF16>, STAGES_T>(smem, src);
+    const float *c = (const float *)smem;
+    constexpr int CS = c_stride<256>();
+    for (int u = threadIdx.x; u < BM * 256 / 4; u += 256) {
+        const int r = u / 64, c4 = (u % 64) * 4;
+        if (row0 + r >= rows) continue;
+        const size_t grow = (size_t)p.row_start[tk.e] + row0 + r;
+        const int col = tk.n * 256 + c4;
+        if (GEMM == 0) {
+            uint2 v;
+            v.x = pack_bf16(relu(c[r * CS + c4]), relu(c[r * CS + c4 + 1]));
+            v.y = pack_bf16(relu(c[r * CS + c4 + 2]), relu(c[r * CS + c4 + 3]));
+            *(uint2 *)&p.h[grow * p.I + col] = v;
+        } else {
+            *(float4 *)&p.y[grow * p.H + col] = *(const float4 *)&c[r * CS + c4];
+        }
+    }
+    __syncthreads();
+}
+
 template <int GEMM>
 __global__ void __launch_bounds__(256, 1) k_old(const Problem p) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     const int ntasks = GEMM == 0 ? p.ntasks0 : p.ntasks1;
-    for (int ti = blockIdx.x; ti < ntasks; ti += gridDim.x) {
-        const Task tk = GEMM == 0 ? p.tasks0[ti] : p.tasks1[ti];
-        const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
-        TileSource src;
-        if (GEMM == 0) {
-            src.k_bytes = p.H * 2;
-#pragma unroll
-            for (int i = 0; i < BM / 32; ++i) {
-                const int r = loader_row(i);
-                src.a_valid[i] = row0 + r < rows;
-                const int token = src.a_valid[i] ? p.row_token[p.row_start[tk.e] + row0 + r] : 0;
-                src.a[i] = (const char *)(p.x + (size_t)token * p.H);
-            }
-            point_rows<256>(src.b, src.b_valid, p.w1 + (size_t)tk.e * p.I * p.H, tk.n * 256, p.I, p.H);
-        } else {
-            src.k_bytes = p.I * 2;
-            point_rows<BM>(src.a, src.a_valid, p.h_in + (size_t)p.row_start[tk.e] * p.I, row0, rows, p.I);
-            point_rows<256>(src.b, src.b_valid, p.w2 + (size_t)tk.e * p.H * p.I, tk.n * 256, p.H, p.I);
-        }
-        gemm_tile_wgmma<WgmmaEngine<MMA_BF16>, STAGES_T>(smem, src);
-        const float *c = (const float *)smem;
-        constexpr int CS = c_stride<256>();
-        for (int u = threadIdx.x; u < BM * 256 / 4; u += 256) {
-            const int r = u / 64, c4 = (u % 64) * 4;
-            if (row0 + r >= rows) continue;
-            const size_t grow = (size_t)p.row_start[tk.e] + row0 + r;
-            const int col = tk.n * 256 + c4;
-            if (GEMM == 0) {
-                uint2 v;
-                v.x = pack_bf16(relu(c[r * CS + c4]), relu(c[r * CS + c4 + 1]));
-                v.y = pack_bf16(relu(c[r * CS + c4 + 2]), relu(c[r * CS + c4 + 3]));
-                *(uint2 *)&p.h[grow * p.I + col] = v;
-            } else {
-                *(float4 *)&p.y[grow * p.H + col] = *(const float4 *)&c[r * CS + c4];
-            }
-        }
-        __syncthreads();
-    }
+    for (int ti = blockIdx.x; ti < ntasks; ti += gridDim.x) old_tile<GEMM>(p, GEMM == 0 ? p.tasks0[ti] : p.tasks1[ti], smem);
 }
 
 // ---- the TMA engine ----------------------------------------------------------------------------------------------
@@ -272,6 +277,132 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
     eng.finish();
 }
 
+// ---- the expert phase: both GEMMs in one launch ------------------------------------------------------------------
+// As the fused kernel's phase 3 runs them (phase_experts.cuh): one ticket counter hands out every GEMM0 tile, then
+// every GEMM1 tile; a GEMM0 tile counts itself done for its row block (done0) after its stores, and a GEMM1 tile
+// starts once all I / 256 GEMM0 tiles of its row block have (every GEMM0 ticket is taken before any GEMM1 ticket
+// and none of them waits, so the wait ends). GEMM1 multiplies this launch's h. A wait past 2 s traps.
+__device__ __forceinline__ int ld_acquire_gpu(const int *a) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+    return v;
+}
+__device__ int task_rb(const Problem &p, const Task &tk) { return p.rb_start[tk.e] + tk.m; }
+__device__ void wait_row_block(const Problem &p, int rb) {
+    const u64 t0 = globaltimer_ns();
+    while (ld_acquire_gpu(&p.done0[rb]) < p.I / 256) {
+        if (globaltimer_ns() - t0 > 2000000000ull) __trap();
+        __nanosleep(64);
+    }
+}
+
+// The cp.async engine: thread 0 takes each ticket; a GEMM0 tile is counted after old_tile's closing barrier (every
+// thread's h stores issued), with a fence (the barrier-then-fence release); a GEMM1 tile's thread 0 acquires the
+// count before the block's barrier.
+__global__ void __launch_bounds__(256, 1) k_phase_old(const Problem p) {
+    extern __shared__ __align__(1024) char smem_raw[];
+    char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __shared__ int s_t;
+    const int total = p.ntasks0 + p.ntasks1;
+    for (;;) {
+        if (threadIdx.x == 0) s_t = atomicAdd(p.ticket, 1);
+        __syncthreads();
+        const int t = s_t;  // thread 0 writes it again only after the tile's own barriers
+        if (t >= total) break;
+        if (t < p.ntasks0) {
+            const Task tk = p.tasks0[t];
+            old_tile<0>(p, tk, smem);
+            if (threadIdx.x == 0) {
+                __threadfence();
+                atomicAdd(&p.done0[task_rb(p, tk)], 1);
+            }
+        } else {
+            const Task tk = p.tasks1[t - p.ntasks0];
+            if (threadIdx.x == 0) wait_row_block(p, task_rb(p, tk));
+            __syncthreads();
+            old_tile<1>(p, tk, smem);
+        }
+    }
+}
+
+// The TMA engine with k_tick's ticket queue: the producer's thread 0 takes the ticket and, for a GEMM1 tile, waits
+// for its row block (then a proxy fence: TMA reads h through the async proxy) before handing the ticket on, so
+// the consumers run the previous tile meanwhile. The consumers count a GEMM0 tile after a barrier of their own
+// (bar 2, 256 threads; the producer warpgroup has bar 1).
+template <bool WIDE>
+__global__ void __launch_bounds__(TMA_THREADS, 1)
+    k_phase_tma(const Problem p, const __grid_constant__ CUtensorMap map_w1, const __grid_constant__ CUtensorMap map_h,
+                const __grid_constant__ CUtensorMap map_w2) {
+    extern __shared__ __align__(1024) char smem_raw[];
+    char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __shared__ int slot[TQ];
+    __shared__ __align__(8) u64 q_full[TQ], q_empty[TQ];
+    using Eng = TmaEngine<MMA_BF16, STAGES_T>;
+    if (threadIdx.x == 0) {
+        for (int q = 0; q < TQ; ++q) {
+            mbar_init(&q_full[q], 1);
+            mbar_init(&q_empty[q], TMA_CONSUMER_THREADS / 32);
+        }
+    }
+    Eng eng;
+    eng.init(smem);
+    const int total = p.ntasks0 + p.ntasks1;
+    if (Eng::is_producer()) {
+        const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
+        if (pt == 0) {
+            tma_prefetch_map(&map_w1);
+            tma_prefetch_map(&map_h);
+            tma_prefetch_map(&map_w2);
+        }
+        for (u32 qi = 0;; ++qi) {
+            const int q = qi % TQ;
+            if (pt == 0) {
+                mbar_wait(&q_empty[q], ((qi / TQ) & 1) ^ 1);
+                int t = atomicAdd(p.ticket, 1);
+                if (t >= total) {
+                    t = -1;
+                } else if (t >= p.ntasks0) {
+                    wait_row_block(p, task_rb(p, p.tasks1[t - p.ntasks0]));
+                    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                }
+                slot[q] = t;
+                mbar_arrive(&q_full[q]);
+            }
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");
+            const int t = __shfl_sync(0xffffffffu, slot[q], 0);
+            if (t < 0) break;
+            if (t < p.ntasks0) eng.produce(make_tile<0, true>(p, p.tasks0[t], &map_w1, &map_w1));
+            else eng.produce(make_tile<1, false>(p, p.tasks1[t - p.ntasks0], &map_h, &map_w2));
+        }
+    } else {
+        for (u32 qi = 0;; ++qi) {
+            const int q = qi % TQ;
+            mbar_wait(&q_full[q], (qi / TQ) & 1);
+            const int t = __shfl_sync(0xffffffffu, slot[q], 0);
+            __syncwarp();
+            mbar_arrive_if(&q_empty[q], (threadIdx.x & 31) == 0);
+            if (t < 0) break;
+            float acc[128];
+            if (t < p.ntasks0) {
+                const Task tk = p.tasks0[t];
+                eng.consume(make_tile<0, true>(p, tk, &map_w1, &map_w1), acc);
+                store_tile<0, WIDE>(p, tk, acc);
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");  // h, for GEMM1's TMA reads
+                asm volatile("bar.sync 2, 256;\n" ::: "memory");
+                if (threadIdx.x == 0) {
+                    __threadfence();
+                    atomicAdd(&p.done0[task_rb(p, tk)], 1);
+                }
+            } else {
+                const Task tk = p.tasks1[t - p.ntasks0];
+                eng.consume(make_tile<1, false>(p, tk, &map_h, &map_w2), acc);
+                store_tile<1>(p, tk, acc);
+            }
+        }
+    }
+    eng.finish();
+}
+
 // Clusters of 2 sharing an operand by TMA multicast (TmaEngine CLUSTER = 2): pair i is run by cluster i (strided),
 // CTA rank r of the cluster takes tile 2i + r. Launched with a cluster-dimension attribute. SHARE_B: map_b has a box
 // of 128 rows, GEMM0 gathers A; SHARE_A (GEMM1 only): map_a has a box of 64 rows. CREL: cluster-scope release on the
@@ -439,6 +570,11 @@ int main(int argc, char **argv) {
     p.w2 = (unsigned short *)up(hw2.data(), hw2.size() * 2);
     p.row_token = (int *)up(row_token.data(), row_token.size() * 4);
     p.row_start = (int *)up(row_start.data(), row_start.size() * 4);
+    std::vector<int> rb_start(E + 1, 0);
+    for (int e = 0; e < E; ++e) rb_start[e + 1] = rb_start[e] + (row_start[e + 1] - row_start[e] + BM - 1) / BM;
+    p.rb_start = (int *)up(rb_start.data(), rb_start.size() * 4);
+    p.nrb = rb_start[E];
+    CK(cudaMalloc(&p.done0, (size_t)(p.nrb > 0 ? p.nrb : 1) * sizeof(int)));
     int *d_row_expert = (int *)up(row_expert.data(), row_expert.size() * 4);
     p.tasks0 = (Task *)up(t0.data(), t0.size() * sizeof(Task));
     p.tasks1 = (Task *)up(t1.data(), t1.size() * sizeof(Task));
@@ -475,6 +611,8 @@ int main(int argc, char **argv) {
     CK(cudaFuncSetAttribute(k_tick<0, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
     CK(cudaFuncSetAttribute(k_tick<1, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
     CK(cudaMalloc(&p.ticket, sizeof(int)));
+    CK(cudaFuncSetAttribute(k_phase_old, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_old));
+    CK(cudaFuncSetAttribute(k_phase_tma<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
 #define SET_PAIR(G, SH, CR) CK(cudaFuncSetAttribute(k_pair<G, SH, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_PAIR(0, SHARE_B, true); SET_PAIR(0, SHARE_B, false); SET_PAIR(1, SHARE_B, true); SET_PAIR(1, SHARE_B, false);
     SET_PAIR(1, SHARE_A, false);
@@ -644,6 +782,29 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma cluster 2 (A multicast, one release a warpgroup)", y_new, yo.data(), yo.size() * 4);
 
+    // The expert phase (both GEMMs, one launch; h from this launch): the same h and y bits as the GEMMs above ------
+    Problem pp = p;
+    pp.h = h_new; pp.h_in = h_new; pp.y = y_new;
+    const CUtensorMap m_hn = make_map(h_new, I, R, 128);
+    auto reset_phase = [&] {
+        CK(cudaMemsetAsync(pp.ticket, 0, sizeof(int)));
+        CK(cudaMemsetAsync(pp.done0, 0, (size_t)(pp.nrb > 0 ? pp.nrb : 1) * sizeof(int)));
+    };
+    poison(h_new, (size_t)R * I * 2);
+    poison(y_new, (size_t)R * H * 4);
+    reset_phase();
+    k_phase_old<<<sms, 256, smem_old>>>(pp);
+    CK(cudaDeviceSynchronize());
+    check_same("expert phase, cp.async engine: h", h_new, ho.data(), ho.size() * 2);
+    check_same("expert phase, cp.async engine: y", y_new, yo.data(), yo.size() * 4);
+    poison(h_new, (size_t)R * I * 2);
+    poison(y_new, (size_t)R * H * 4);
+    reset_phase();
+    k_phase_tma<true><<<sms, TMA_THREADS, smem_new>>>(pp, m_w1, m_hn, m_w2);
+    CK(cudaDeviceSynchronize());
+    check_same("expert phase, tma (tickets, 16-byte stores): h", h_new, ho.data(), ho.size() * 2);
+    check_same("expert phase, tma (tickets, 16-byte stores): y", y_new, yo.data(), yo.size() * 4);
+
     // Timing ----------------------------------------------------------------------------------------------------
     struct Row { const char *name; float ms; double flops; };
     std::vector<Row> rows;
@@ -667,10 +828,13 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM1 tma, tickets", time_ms([&] { CK(cudaMemsetAsync(pn.ticket, 0, sizeof(int))); k_tick<1, false><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     rows.push_back({"GEMM1 tma, sync/tile", time_ms([&] { k_new<1, false, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     if (creg_ok) rows.push_back({"GEMM1 tma, setmaxnreg", time_ms([&] { k_new<1, false, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
+    // (each launch preceded by the two counters' memsets, inside the timing)
+    rows.push_back({"phase old (GEMM0 + GEMM1)", time_ms([&] { reset_phase(); k_phase_old<<<sms, 256, smem_old>>>(pp); }, reps), flops0 + flops1});
+    rows.push_back({"phase tma (GEMM0 + GEMM1)", time_ms([&] { reset_phase(); k_phase_tma<true><<<sms, TMA_THREADS, smem_new>>>(pp, m_w1, m_hn, m_w2); }, reps), flops0 + flops1});
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     for (auto &r : rows) printf("%-34s %8.4f ms  %6.1f TFLOP/s\n", r.name, r.ms, r.flops / r.ms / 1e9);
-    const int checks = 18 + (creg_ok ? 1 : 0);
+    const int checks = 22 + (creg_ok ? 1 : 0);
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }
