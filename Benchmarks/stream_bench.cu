@@ -12,6 +12,9 @@
 //   contiguous   256 threads read the slab front to back, 16 bytes each, U loads in flight a thread
 //   k-slices     the tiles' order (256 KiB slabs: 64 rows): step k reads bytes [128k, 128k + 128) of every row
 //                (8 threads a row), U steps in flight; the rows are 4 KiB apart, so each step touches every row
+//   bulk         front to back by the copy engine instead of the threads: one thread issues 16 KiB bulk copies
+//                (cp.async.bulk, sm_90) into a ring of N shared-memory stages completed through mbarriers, N in
+//                flight (what a TMA-fed decode tile could stream an SM, against the threads' loads above)
 // The rate is total bytes over the kernel's time (CUDA events, median of 20 runs after 3). Prints one line per
 // slab count, order and U. A launch's bytes: BLOCKS × SLAB_KB KiB × slabs.
 #include "bench_util.cuh"
@@ -68,13 +71,54 @@ template <int U> __global__ void kslices(const char *base, size_t slab, int slab
     if (acc == 0x12345678u) sink[0] = acc;
 }
 
+// Front to back by bulk copies: thread 0 keeps N 16 KiB copies in flight into a ring of N stages, each completing
+// on its stage's mbarrier (expect_tx of the copy's bytes), and reads one word of each landed stage before reusing
+// it. The slab must be a multiple of 16 KiB.
+constexpr unsigned BULK_CHUNK = 16384;
+template <int N> constexpr int bulk_smem() { return N * (int)BULK_CHUNK; }
+template <int N> __global__ void bulk(const char *base, size_t slab, int slabs, unsigned *sink) {
+    extern __shared__ __align__(128) char ring[];
+    __shared__ __align__(8) unsigned long long full[N];
+    if (threadIdx.x != 0) return;  // one thread issues and waits; the copy engine moves the bytes
+    for (int s = 0; s < N; ++s)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((unsigned)__cvta_generic_to_shared(&full[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const char *src = base + (size_t)blockIdx.x * slabs * slab;
+    const size_t chunks = slab * slabs / BULK_CHUNK;
+    auto issue = [&](size_t i) {
+        const unsigned bar = (unsigned)__cvta_generic_to_shared(&full[i % N]);
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(ring + (i % N) * BULK_CHUNK);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(BULK_CHUNK) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                     "l"(src + i * BULK_CHUNK), "r"(BULK_CHUNK), "r"(bar)
+                     : "memory");
+    };
+    for (size_t i = 0; i < chunks && i < (size_t)N; ++i) issue(i);
+    unsigned acc = 0;
+    for (size_t i = 0; i < chunks; ++i) {
+        const unsigned bar = (unsigned)__cvta_generic_to_shared(&full[i % N]);
+        const unsigned parity = (unsigned)(i / N) & 1u;
+        unsigned done = 0;
+        while (!done) {
+            asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                         " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+        }
+        acc ^= *(volatile unsigned *)(ring + (i % N) * BULK_CHUNK);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // that read, before the copy engine refills
+        if (i + N < chunks) issue(i + N);
+    }
+    if (acc == 0x12345678u) sink[0] = acc;
+}
+
 template <class Kernel>
-static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int slabs, int blocks, unsigned *sink) {
+static double rate(Kernel k, const char *buf, size_t buf_bytes, size_t slab, int slabs, int blocks, unsigned *sink,
+                   int smem = 0) {
     const size_t launch = slab * slabs * blocks;
     const int regions = (int)(buf_bytes / launch);
+    if (smem > 0) CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const double ms = median_launch_ms([&](int it) {
         const char *region = buf + (size_t)(it % regions) * launch;  // a fresh region each run: nothing in L2
-        k<<<blocks, THREADS>>>(region, slab, slabs, sink);
+        k<<<blocks, THREADS, smem>>>(region, slab, slabs, sink);
     });
     return launch / (ms * 1e-3) / 1e9;  // GB/s
 }
@@ -110,8 +154,8 @@ int main(int argc, char **argv) {
                     slab * blocks / 1048576.0);
         for (const int slabs : {1, MAX_SLABS}) {
             std::printf("%d slab%s a block:\n", slabs, slabs == 1 ? "" : "s");
-            auto report = [&](const char *label, auto kernel) {
-                const double r = rate(kernel, buf, buf_bytes, slab, slabs, blocks, sink);
+            auto report = [&](const char *label, auto kernel, int smem = 0) {
+                const double r = rate(kernel, buf, buf_bytes, slab, slabs, blocks, sink, smem);
                 std::printf("%-16s %7.0f GB/s (%.1f a block)\n", label, r, r / blocks);
             };
             report("contiguous U=4:", contiguous<4>);
@@ -123,6 +167,13 @@ int main(int argc, char **argv) {
                 report("k-slices U=12:", kslices<12>);
             } else {
                 std::printf("k-slices: only for 256 KiB slabs (64 rows)\n");
+            }
+            if (slab % BULK_CHUNK == 0) {
+                report("bulk N=4:", bulk<4>, bulk_smem<4>());
+                report("bulk N=8:", bulk<8>, bulk_smem<8>());
+                report("bulk N=12:", bulk<12>, bulk_smem<12>());
+            } else {
+                std::printf("bulk: only for slabs of a multiple of 16 KiB\n");
             }
         }
     }
