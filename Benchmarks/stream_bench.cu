@@ -99,9 +99,13 @@ template <int N> __global__ void bulk(const char *base, size_t slab, int slabs, 
         const unsigned bar = (unsigned)__cvta_generic_to_shared(&full[i % N]);
         const unsigned parity = (unsigned)(i / N) & 1u;
         unsigned done = 0;
+        unsigned long long t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
         while (!done) {
             asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
                          " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (!done && t - t0 > 2000000000ull) __trap();  // bounded: a copy that never lands ends the run
         }
         acc ^= *(volatile unsigned *)(ring + (i % N) * BULK_CHUNK);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // that read, before the copy engine refills
