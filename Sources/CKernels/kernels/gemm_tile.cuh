@@ -55,7 +55,7 @@ FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int fi
 }
 
 // One k-slice of a tile's TBM A rows and TBN B rows (the decode tiles of wgmma.cuh have TBM = 64); EVICT_B: the B
-// rows (weights) with the L2 evict-first policy (FMOE_DECODE_EVICT_FIRST, wgmma.cuh).
+// rows (weights) with the L2 evict-first policy (FMOE_DECODE_EVICT_FIRST, common.cuh).
 template <int TBN, int TBM = BM, bool EVICT_B = false>
 FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     const int chunk = threadIdx.x & 7;
@@ -73,8 +73,9 @@ FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
     for (int i = 0; i < TBN / 32; ++i) {
         const int row = loader_row(i);
         const bool vb = src.b_valid[i] && k_in;
-        if (EVICT_B) cp_async16_hint(base_b + swizzle(row, chunk), vb ? src.b[i] + off : src.b[i], vb, l2_evict_first());
-        else cp_async16(base_b + swizzle(row, chunk), vb ? src.b[i] + off : src.b[i], vb);
+        const char *from = vb ? src.b[i] + off : src.b[i];
+        if (EVICT_B) cp_async16_hint(base_b + swizzle(row, chunk), from, vb, l2_evict_first());
+        else cp_async16(base_b + swizzle(row, chunk), from, vb);
     }
 }
 

@@ -336,6 +336,16 @@ FMOE_DEVICE void store_y4(const Params &p, size_t i, float4 v) {
     else *(float4 *)((float *)p.y + i) = v;
 }
 
+// Token t waits for `contributions` expert rows (its kept pairs and the shared expert): its count target, its
+// arrivals reset, and y written as zeros now when nothing will contribute (placement and the ranks' dispatch).
+FMOE_DEVICE void set_token_target(const Params &p, int t, int contributions) {
+    p.target[t] = contributions;
+    p.pending[t] = 0;
+    if (contributions == 0) {
+        for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
+}
+
 }  // namespace fmoe
 
 #include "task_space.cuh"     // the Layout and its scans

@@ -163,13 +163,8 @@ FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
                 }
                 p.slot_row[(size_t)t * K + j] = slot;  // ranks: the pair's global slot in its expert
             }
-            p.target[t] = contributions;
-            p.pending[t] = 0;
-            if (contributions == 0) {
-                for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
-            } else {
-                atomicAdd(&p.sync->my_total, 1);
-            }
+            set_token_target(p, t, contributions);
+            if (contributions != 0) atomicAdd(&p.sync->my_total, 1);
         }
         __syncthreads();
         if (threadIdx.x == 0) {

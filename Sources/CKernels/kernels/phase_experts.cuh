@@ -38,18 +38,6 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 #define FMOE_DECODE_RING 1
 #endif
 
-
-// After GEMM1 tile n of row block rb (expert x, block m): the block's last tile completes it (its tokens' counts),
-// and the tile counts as done.
-FMOE_DEVICE void finish_gemm1_tile(const Params &p, const Layout &L, int x, int m, int n, int rb, int nt1) {
-    FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
-    if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
-    __syncthreads();
-    // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final end only
-    // after every tile is counted.
-    if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
-}
-
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
@@ -145,7 +133,12 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, q, split, smem);
             else if (split > 1) gemm1_decode(p, L, x, m, n, q, split, smem);
             else gemm1_task(p, L, x, m, n, smem);
-            finish_gemm1_tile(p, L, x, m, n, rb, nt1);
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
+            if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
+            __syncthreads();
+            // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final
+            // end only after every tile is counted.
+            if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
         }
     }
 }

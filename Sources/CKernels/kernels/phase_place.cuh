@@ -47,11 +47,7 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int w
             }
             p.slot_row[(size_t)t * K + j] = row;
         }
-        p.target[t] = contributions;
-        p.pending[t] = 0;
-        if (contributions == 0) {
-            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
-        }
+        set_token_target(p, t, contributions);
     }
     reset_expert_counters(p, L, worker, workers);
 }
@@ -78,6 +74,8 @@ FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
         p.slot_row[i] = row;
     }
     __syncthreads();
+    // set_token_target's stores written out: through it (one read of the count instead of two) the sm_90a code of
+    // the k > 2 kernels changed, and this is the build call 3 of round 12 measured (NVRTC 13.0).
     for (int t = threadIdx.x; t < p.tokens; t += THREADS) {
         p.target[t] = contributions[t];
         p.pending[t] = 0;

@@ -25,16 +25,6 @@ FMOE_DEVICE int task_rows(const Params &p, const Layout &L, int x) {
     return is_shared(L, x) ? p.tokens : rows_of(L, x);
 }
 
-// Entry x of the task space's scans (x ≤ routed): its rows (routed experts only: the shared expert has its own h
-// buffer), row blocks and GEMM0 tickets.
-template <class Kept> FMOE_DEVICE void task_space_entry(int x, int routed, int tokens, Kept kept, int (&v)[3]) {
-    const int rows = x < routed ? kept(x) : (HAS_SHARED ? tokens : 0);
-    const int mt = (rows + BM - 1) / BM;
-    v[0] = x < routed ? rows : 0;
-    v[1] = mt;
-    v[2] = mt * (x < routed ? NT0 : NT0S);
-}
-
 // The task space's exclusive scans: for `routed` routed experts (kept(x) rows each) and then the shared expert
 // (every token when present, else empty), each one's first row, first row block and first GEMM0 ticket; entry
 // routed + 1 holds the totals. By the whole block (every thread calls it): warp scans of THREADS entries at a time
@@ -51,7 +41,13 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
     for (int x0 = 0; x0 <= routed; x0 += THREADS) {
         const int x = x0 + threadIdx.x;
         int v[3] = {0, 0, 0};
-        if (x <= routed) task_space_entry(x, routed, tokens, kept, v);
+        if (x <= routed) {
+            const int rows = x < routed ? kept(x) : (HAS_SHARED ? tokens : 0);
+            const int mt = (rows + BM - 1) / BM;
+            v[0] = x < routed ? rows : 0;
+            v[1] = mt;
+            v[2] = mt * (x < routed ? NT0 : NT0S);
+        }
         int inc[3];
 #pragma unroll
         for (int q = 0; q < 3; ++q) {

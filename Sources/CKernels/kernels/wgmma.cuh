@@ -179,12 +179,21 @@ template <class Engine> constexpr bool evicts_weights() { return FMOE_DECODE_EVI
 // 67 – 153 GB/s an SM, a tile's mainloop moves about 56 (docs/performance.md, "FP8 prefill").
 // Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64 or
 // 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
-// The pipeline after its prologue: k-slice kt waits for its stage, runs on the tensor cores, and frees the stage
-// for slice kt + P; then the accumulators are staged in shared memory (Engine::stage_out).
-template <class Engine, int STAGES>
-FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng, int ktiles) {
+template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
     constexpr int P = STAGES - 1;
     constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
+    constexpr bool EVICT = evicts_weights<Engine>();
+    Engine eng;
+    eng.zero();
+    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+    // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
+    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
+#pragma unroll (P > 4 ? 1 : P)
+    for (int s = 0; s < P; ++s) {
+        if (s < ktiles) load_stage<TBN, TBM, EVICT>(smem + s * STAGE_BYTES, src, s);
+        cp_async_commit();
+    }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
         if (Engine::KIND == MMA_TF32) round_stage_tf32<TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
@@ -194,8 +203,7 @@ FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng, 
         wgmma_wait<1>();
         __syncthreads();
         const int next = kt + P;
-        if (next < ktiles)
-            load_stage<TBN, TBM, evicts_weights<Engine>()>(smem + (next % STAGES) * STAGE_BYTES, src, next);
+        if (next < ktiles) load_stage<TBN, TBM, EVICT>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
     }
     wgmma_wait<0>();
@@ -203,23 +211,6 @@ FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng, 
     __syncthreads();
     eng.stage_out((float *)smem);
     __syncthreads();
-}
-
-template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
-    static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
-    constexpr int P = STAGES - 1;
-    constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
-    Engine eng;
-    eng.zero();
-    const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-    // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
-    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
-#pragma unroll (P > 4 ? 1 : P)
-    for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<TBN, TBM, evicts_weights<Engine>()>(smem + s * STAGE_BYTES, src, s);
-        cp_async_commit();
-    }
-    wgmma_mainloop<Engine, STAGES>(smem, src, eng, ktiles);
 }
 
 }  // namespace fmoe
