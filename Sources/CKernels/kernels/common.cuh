@@ -55,15 +55,16 @@ FMOE_DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(
 FMOE_DEVICE void cp_async16(u32 dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
-// FMOE_DECODE_EVICT_FIRST 1 (A/B switch, not yet run on a GPU; 0, default): decode tiles (wgmma.cuh) and the GEMV
-// tiles (gemv.cuh) read their weights with the L2 evict-first policy. A decode launch reads each weight byte once,
-// and qwen3-30b-a3b S = 1 reads 75 MB of them through a 60 MiB L2, so the next launch may find the kernel's code, x
-// and the router's rows evicted and fetch them from HBM again. The hypothesis it tests: the decode prefix's steps
-// take 1 – 3.5 µs each whatever they do (one warp routing one token: 3.4 µs; reading shared instead of global memory
-// changed nothing, round 12), and prefetching weights into L2 during them slowed them (round 11), as a chain
-// waiting on instruction fetches from HBM would (Benchmarks/RESULTS.md, "Round 13"). Same bytes, same bits.
+// FMOE_DECODE_EVICT_FIRST 1 (default; 0 for A/B runs): decode tiles (wgmma.cuh) and the GEMV tiles (gemv.cuh) read
+// their weights with the L2 evict-first policy. A decode launch reads each weight byte once, and qwen3-30b-a3b S = 1
+// reads 75 MB of them through a 60 MiB L2, so with the normal policy the next launch finds the kernel's code, x and
+// the router's rows evicted and fetches them from HBM again, in the decode prefix's chain of dependent steps. Measured
+// (H200, 2026-12-02, Benchmarks/RESULTS.md "Round 14"): qwen3-30b-a3b S = 1 bf16 0.056 → 0.051 ms, paper-e64 S = 1
+// 0.049 → 0.047; in the trace the gate phase ends at 13.2 µs instead of 16.9 (the gate dot products end at 2.9 µs
+// instead of 4.7, the scan takes 1.4 instead of 2.1; routing the token still takes 3.5). S = 8, 64, fp8 and
+// deepseek-v3 S = 1 unchanged. Same bytes, same bits.
 #ifndef FMOE_DECODE_EVICT_FIRST
-#define FMOE_DECODE_EVICT_FIRST 0
+#define FMOE_DECODE_EVICT_FIRST 1
 #endif
 // The same copy with an L2 cache policy (l2_evict_first below).
 FMOE_DEVICE void cp_async16_hint(u32 dst, const void *src, bool valid, u64 policy) {
