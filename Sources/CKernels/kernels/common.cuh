@@ -47,6 +47,40 @@ template <> struct Storage<f16_t> {
     static FMOE_DEVICE f16_t store(float v) { f16_t r; r.bits = f32_to_f16_bits(v); return r; }
 };
 
+// ---- Block barriers ----------------------------------------------------------------------------------------------
+// FMOE_TMA 1 (sm_90a, 16-bit, one GPU; chosen by the host, FusedSpecialization): blocks of 384 threads, the last
+// warpgroup the TMA engine's producer (tma_engine.cuh, phase_experts_tma.cuh); it never runs the phases, so every
+// phase's block barrier is named barrier 0 over the first 256 threads (PHASE_THREADS). Otherwise blocks of 256 and
+// the plain __syncthreads. Named barrier 1 is the producer warpgroup's own, 2 the producer's hand-over from the
+// phases. The named barriers are the non-aligned `barrier.sync` form: the compiler does not reconverge a warp
+// before inline asm (after `if (threadIdx.x == 0)`), and `bar.sync` requires a converged warp (compute-sanitizer's
+// synccheck flagged it).
+#ifndef FMOE_TMA
+#define FMOE_TMA 0
+#endif
+constexpr int PHASE_THREADS = 256;
+FMOE_DEVICE void sync_block() {
+#if FMOE_TMA
+    asm volatile("barrier.sync 0, 256;\n" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+// sync_block that returns whether `v` is nonzero in every phase thread (__syncthreads_and).
+FMOE_DEVICE int sync_block_and(int v) {
+#if FMOE_TMA
+    u32 r;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n barrier.red.and.pred q, 0, 256, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(r)
+        : "r"((u32)v)
+        : "memory");
+    return (int)r;
+#else
+    return __syncthreads_and(v);
+#endif
+}
+
 // ---- Async copies (cp.async, sm_80+) --------------------------------------------------------------------------
 FMOE_DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(p); }
 

@@ -80,7 +80,7 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     }
     constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
     gemm0_store<BM, c_stride<EBN>(), OUT_COLS>(p, L, x, rows, row0, n * OUT_COLS, (const float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 // GEMM1's epilogue for a staged tile c (NR rows, stride CS): columns col0 … col0 + NC − 1 of rows first … of expert
@@ -145,7 +145,7 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
         run_tile<SharedEngine>(smem, src);
     }
     gemm1_store<BM, c_stride<EBN>(), EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ FMOE_DEVICE void gemm0_decode(const Params &p, const Layout &L, int x, int m, in
         }
         gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
         gemm0_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, OUT_COLS>(p, L, x, rows, r0, col0, (const float *)smem);
-        __syncthreads();  // the staged tile is read before the next pass loads into the ring
+        sync_block();  // the staged tile is read before the next pass loads into the ring
     }
 }
 
@@ -249,7 +249,7 @@ FMOE_DEVICE void gemm1_decode(const Params &p, const Layout &L, int x, int m, in
         gemm_tile_wgmma<DecodeEngine, DecodeTiles<D>::STAGES>(smem, src);
         gemm1_store<DecodeEngine::BM, DecodeEngine::C_STRIDE, DecodeEngine::BN>(p, L, x, shared, rows, r0, col0,
                                                                                 (const float *)smem);
-        __syncthreads();
+        sync_block();
     }
 }
 
@@ -301,7 +301,7 @@ __device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gem
     if (gemm == 0 && GATED) wr = GemvRows{n * EBN + q * out_cols, n * EBN + EBN / 2 + q * out_cols, out_cols};
     __shared__ GemvOperands op;
     gemv_operands(p, L, gemm, x, op);
-    __syncthreads();
+    sync_block();
     gemv_tile(smem, op, tile_rows, wr);
     if (gemm == 0) {
         // (With both decode widths built, a launch may split a wide tile in two: 128-row parts.)
@@ -315,7 +315,7 @@ __device__ __noinline__ void gemv_task(const Params &p, const Layout &L, int gem
             gemm1_store<GEMV_TOKENS, GEMV_CS, 128>(p, L, x, false, rows, 0, col0, c);
         else gemm1_store<GEMV_TOKENS, GEMV_CS, EBN / DECODE_SPLIT>(p, L, x, false, rows, 0, col0, c);
     }
-    __syncthreads();
+    sync_block();
 }
 #else
 FMOE_DEVICE void gemv_task(const Params &, const Layout &, int, int, int, int, int, char *) {}

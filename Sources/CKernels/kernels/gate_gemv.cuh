@@ -77,7 +77,7 @@ FMOE_DEVICE void gate_gemv_task(const Params &p, int n, char *smem) {
 #pragma unroll
         for (int t = 0; t < GATE_GEMV_TOKENS; ++t) part[warp * GATE_GEMV_TOKENS + t] = acc[t];
     }
-    __syncthreads();
+    sync_block();
     if (threadIdx.x < S) {
         float sum = 0.f;
         for (int q = 0; q < THREADS / 32; ++q) sum += part[q * GATE_GEMV_TOKENS + threadIdx.x];  // warp order

@@ -193,7 +193,7 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
         d[(g + 8) * 8 + 2 * t] = acc[2];
         d[(g + 8) * 8 + 2 * t + 1] = acc[3];
     }
-    __syncthreads();
+    sync_block();
     for (int u = threadIdx.x; u < tile_rows * GEMV_TOKENS; u += THREADS) {
         const int r = u / GEMV_TOKENS, j = u % GEMV_TOKENS;
         const float *d = part + (r / 16) * kp_count * 128 + (r % 16) * 8 + j;
@@ -201,7 +201,7 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
         for (int kp = 1; kp < kp_count; ++kp) v += d[kp * 128];
         c[j * GEMV_CS + r] = v;
     }
-    __syncthreads();
+    sync_block();
 }
 
 // Sets `op` (threads 0 … 7; the caller synchronises) for GEMM `gemm` of routed expert x (gemv_expert). GEMM0: its

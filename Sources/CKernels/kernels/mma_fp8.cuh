@@ -80,7 +80,7 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8_mma(char *smem, const TileS
     }
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // stage kt and its scales landed for everyone; everyone is done with stage kt − 1
+        sync_block();  // stage kt and its scales landed for everyone; everyone is done with stage kt − 1
         const int next = kt + STAGES - 1;
         if (next < ktiles) load_stage<FP8_BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
@@ -91,9 +91,9 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8_mma(char *smem, const TileS
         eng.promote(s_scale[kt & 1], b);
     }
     cp_async_wait<0>();
-    __syncthreads();
+    sync_block();
     eng.stage_out((float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 }  // namespace fmoe

@@ -27,7 +27,7 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
         p.peers[q].all_counts[p.rank * E + e] = p.expert_load[e];
     }
     __threadfence_system();
-    __syncthreads();
+    sync_block();
     if (threadIdx.x < RANKS) {
 #if FMOE_NVSHMEM
         const int q = threadIdx.x;
@@ -49,7 +49,7 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
 FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
+    sync_block();
     if (threadIdx.x < RANKS) {
         // Acquire (system scope: the flag may come from another GPU); the barrier below orders every thread's
         // reads of the counts after it.
@@ -58,7 +58,7 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
             ok = 0;
         fence_sys();
     }
-    __syncthreads();
+    sync_block();
     for (int e = threadIdx.x; e < E; e += THREADS) {
         int before = 0, total = 0;
         for (int q = 0; q < RANKS; ++q) {
@@ -69,7 +69,7 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
         L.before_me[e] = before;
         L.kept_total[e] = total < p.capacity ? total : p.capacity;
     }
-    __syncthreads();
+    sync_block();
     const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
     if (threadIdx.x == 0) {
         for (int q = 0; q < RANKS; ++q) {
@@ -85,9 +85,9 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
                L.task0_start);
     // One read of the abort flag for the block, so every thread returns the same answer (block-uniform exits).
     if (threadIdx.x == 0 && aborted(p.err)) ok = 0;
-    __syncthreads();
+    sync_block();
     const bool good = ok != 0;
-    __syncthreads();
+    sync_block();
     return good;
 }
 
@@ -166,7 +166,7 @@ FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
             set_token_target(p, t, contributions);
             if (contributions != 0) atomicAdd(&p.sync->my_total, 1);
         }
-        __syncthreads();
+        sync_block();
         if (threadIdx.x == 0) {
             // Release the tile's targets (to owners on other GPUs too) before counting it prepared.
             fence_sys();
@@ -197,7 +197,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
         for (int e = threadIdx.x; e < E; e += THREADS)
             if (kept_after(p, L.before_me[e], p.expert_load[e]) == 0) publish_rows(p, e, 0);
     for (int e = threadIdx.x; e < E; e += THREADS) rows[e] = 0;
-    __syncthreads();
+    sync_block();
     for (int c = cta(); c < chunks; c += ctas()) {
         const int i = c * DISPATCH_CHUNK + (int)threadIdx.x;
         if (threadIdx.x < DISPATCH_CHUNK) {
@@ -213,7 +213,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             dest[threadIdx.x] = row;
             expert[threadIdx.x] = e;
         }
-        __syncthreads();
+        sync_block();
 #if FMOE_NVSHMEM
         bool sent_remote = false;  // this thread issued puts to remote owners in this chunk
 #endif
@@ -238,7 +238,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
 #if FMOE_NVSHMEM
         if (sent_remote) nv_complete_puts();  // delivered before the chunk's rows are counted (and flagged)
 #endif
-        __syncthreads();
+        sync_block();
         for (int e = threadIdx.x; e < E; e += THREADS) {
             const int n = rows[e];
             if (n == 0) continue;
@@ -255,9 +255,9 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
                 }
             }
         }
-        __syncthreads();
+        sync_block();
     }
-    __syncthreads();
+    sync_block();
     return ok != 0;
 }
 
@@ -285,7 +285,7 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
 FMOE_DEVICE bool check_row_flags(const Params &p) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
+    sync_block();
     const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
     for (int i = threadIdx.x; i < RANKS * local; i += THREADS) {
         const int q = i / local, e = first + i % local;
@@ -302,7 +302,7 @@ FMOE_DEVICE bool check_row_flags(const Params &p) {
             break;
         }
     }
-    __syncthreads();
+    sync_block();
     return ok != 0;
 }
 
@@ -312,7 +312,7 @@ FMOE_DEVICE bool check_row_flags(const Params &p) {
 FMOE_DEVICE bool wait_peers_done(const Params &p) {
     __shared__ int ok;
     if (threadIdx.x == 0) ok = 1;
-    __syncthreads();
+    sync_block();
 #if FMOE_NVSHMEM
     if (threadIdx.x < RANKS && nv_remote(p.peers[p.rank].sync, threadIdx.x)) {
         if (!nv_wait_remote_at_least(&p.peers[threadIdx.x].sync->done_epoch, threadIdx.x, p.epoch - 1, p.err,
@@ -323,7 +323,7 @@ FMOE_DEVICE bool wait_peers_done(const Params &p) {
     if (threadIdx.x < RANKS && !wait_at_least<true>(&p.peers[threadIdx.x].sync->done_epoch, p.epoch - 1, p.err,
                                                     p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
         ok = 0;
-    __syncthreads();
+    sync_block();
     return ok != 0;
 }
 

@@ -29,9 +29,9 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     for (;;) {
         // Every thread has read the previous task before thread 0 overwrites it (a task past its tile's last token
         // continues right after the read; without this barrier a slow warp could read the next task instead).
-        __syncthreads();
+        sync_block();
         if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
-        __syncthreads();
+        sync_block();
         const int task = s_task;
         if (task >= tasks) break;
         if (task >= gate_tasks) {
@@ -54,11 +54,11 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
                 // Acquire the tile's logits (wait_at_least fences after the load).
                 s_ok = wait_at_least(&p.tile_done[tile], gate_done, p.err, p.budget_ns, FMOE_PHASE_GATE, tile, p.rank);
             }
-            __syncthreads();
+            sync_block();
             if (!s_ok) break;  // recorded; the scan wait below sees the abort
             if (tile == 0 && chunk == 0) stamp(p, 8, true);
             stage_logits(p, t0, n, ks_count, route_rows(smem));
-            __syncthreads();
+            sync_block();
             route_staged(p, t0, n, smem);
             if (decode_prefix(p)) {
                 decode_finish(p, L, smem);
@@ -75,7 +75,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
             FMOE_TRACE_SCOPE(FMOE_EV_GATE, task, 0, 0);
             gate_gemv_task(p, task, smem);  // router row `task` of the one token tile
             __threadfence();
-            __syncthreads();
+            sync_block();
             if (threadIdx.x == 0) atomicAdd(&p.tile_done[0], 1);
             continue;
         }
@@ -98,7 +98,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
         }
         // Release the logits, then count the task (the tile's route tasks wait for the count).
         __threadfence();
-        __syncthreads();
+        sync_block();
         if (threadIdx.x == 0) atomicAdd(&p.tile_done[tile], 1);
     }
     stamp(p, 1);
@@ -110,7 +110,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;
     if (threadIdx.x == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);
-    __syncthreads();
+    sync_block();
     return ok != 0;
 }
 

@@ -59,7 +59,7 @@ FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
     __shared__ int contributions[ROUTE_TASK_TOKENS];
     if (threadIdx.x < p.tokens) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
-    __syncthreads();
+    sync_block();
     for (int i = threadIdx.x; i < p.tokens * K; i += THREADS) {
         const int t = i / K, e = p.ids[i];
         int row = -1;
@@ -73,7 +73,7 @@ FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
         }
         p.slot_row[i] = row;
     }
-    __syncthreads();
+    sync_block();
     // set_token_target's stores written out: through it (one read of the count instead of two) the sm_90a code of
     // the k > 2 kernels changed, and this is the build call 3 of round 12 measured (NVRTC 13.0).
     for (int t = threadIdx.x; t < p.tokens; t += THREADS) {
@@ -121,11 +121,11 @@ constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_
 // and cost qwen3-30b-a3b S = 64, which never runs it, 7 µs (0.372 → 0.379 ms, H200, 2026-12-02).
 __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *smem) {
     rank_tile(p, 0, smem);  // starts with a barrier: every warp's ids are written
-    __syncthreads();        // the tile's counts, for the scan
+    sync_block();        // the tile's counts, for the scan
     {
         FMOE_TRACE_SCOPE(FMOE_EV_SCAN, -1, 1, 0);
         scan_counts(p, 1);
-        __syncthreads();
+        sync_block();
     }
     load_layout(p, L);
     if (FMOE_STOP_AFTER != 1) {
@@ -133,7 +133,7 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         else place_phase(p, L, 0, 1);
     }
     __threadfence();
-    __syncthreads();
+    sync_block();
     if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
 }
 

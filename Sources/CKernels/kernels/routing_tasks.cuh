@@ -90,16 +90,16 @@ FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
     int *tile_ids = route_tile_ids(smem);
     const int t0 = tile * BT;
     const int n = min(BT, p.tokens - t0);
-    __syncthreads();  // the staging area and masks are free
+    sync_block();  // the staging area and masks are free
     for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
-    __syncthreads();
+    sync_block();
     for (int i = threadIdx.x; i < n * K; i += THREADS) {
         const int e = p.ids[(size_t)t0 * K + i];
         tile_ids[i] = e;
         const int lt = i / K;
         if (e >= 0) atomicOr(&masks[e * 4 + (lt >> 5)], 1u << (lt & 31));
     }
-    __syncthreads();
+    sync_block();
     for (int i = threadIdx.x; i < n * K; i += THREADS) {
         const int lt = i / K;
         const int e = tile_ids[i];
@@ -143,7 +143,7 @@ FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
         p.expert_load[e] = run;
         kept[e] = run < p.capacity ? run : p.capacity;
     }
-    __syncthreads();
+    sync_block();
     if (RANKS > 1) return;  // ranks: capacity and rows follow the global counts (publish_counts, rank_layout)
     task_space(E, p.tokens, [&](int x) { return kept[x]; }, p.row_start, p.rb_start, p.task0_start);
 }
@@ -160,7 +160,7 @@ FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
     }
     stamp(p, 7, true);
     __threadfence();
-    __syncthreads();
+    sync_block();
     if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
 }
 

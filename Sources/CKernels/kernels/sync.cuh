@@ -111,12 +111,12 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
 FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
     __shared__ int s_last_arrival;
     __threadfence();
-    __syncthreads();
+    sync_block();
     if (threadIdx.x == 0) {
         s_last_arrival = atomicAdd(counter, 1) == arrivals - 1;
         if (s_last_arrival) fence_gpu();
     }
-    __syncthreads();
+    sync_block();
     return s_last_arrival != 0;
 }
 
@@ -125,7 +125,7 @@ FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
 // (fence, then atomicAdd); waiting is an acquire (wait_at_least fences after the load).
 FMOE_DEVICE bool grid_barrier(u64 *counter, u64 epoch, u32 barriers_per_launch, u32 n, ErrorRecord *err,
                               u64 budget_ns, u32 rank) {
-    __syncthreads();
+    sync_block();
     __shared__ int ok;
     if (threadIdx.x == 0) {
         const u64 target = ((epoch - 1) * barriers_per_launch + n) * (u64)gridDim.x;
@@ -133,6 +133,6 @@ FMOE_DEVICE bool grid_barrier(u64 *counter, u64 epoch, u32 barriers_per_launch, 
         atomicAdd(counter, 1ull);
         ok = wait_at_least(counter, target, err, budget_ns, FMOE_PHASE_BARRIER, n, rank);
     }
-    __syncthreads();
+    sync_block();
     return ok != 0;
 }

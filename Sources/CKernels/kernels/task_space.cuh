@@ -37,7 +37,7 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
     __shared__ int carry[3];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x < 3) carry[threadIdx.x] = 0;
-    __syncthreads();
+    sync_block();
     for (int x0 = 0; x0 <= routed; x0 += THREADS) {
         const int x = x0 + threadIdx.x;
         int v[3] = {0, 0, 0};
@@ -59,7 +59,7 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
             }
             if (lane == 31) warp_sum[q][warp] = inc[q];
         }
-        __syncthreads();
+        sync_block();
         int before[3];
 #pragma unroll
         for (int q = 0; q < 3; ++q) {
@@ -71,12 +71,12 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
             rb_start[x] = before[1] + inc[1] - v[1];
             task0_start[x] = before[2] + inc[2] - v[2];
         }
-        __syncthreads();  // every thread has read carry and warp_sum
+        sync_block();  // every thread has read carry and warp_sum
         if (threadIdx.x == THREADS - 1) {
 #pragma unroll
             for (int q = 0; q < 3; ++q) carry[q] = before[q] + inc[q];
         }
-        __syncthreads();
+        sync_block();
     }
     if (threadIdx.x == 0) {
         row_start[routed + 1] = carry[0];
@@ -94,7 +94,7 @@ FMOE_DEVICE void load_layout(const Params &p, Layout &L) {
         L.rb_start[i] = p.rb_start[i];
         L.task0_start[i] = p.task0_start[i];
     }
-    __syncthreads();
+    sync_block();
 }
 
 // Largest x with table[x] <= v (table ascending, table[0] = 0).

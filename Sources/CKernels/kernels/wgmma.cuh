@@ -198,19 +198,19 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
         cp_async_wait<P - 1>();
         if (Engine::KIND == MMA_TF32) round_stage_tf32<TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
         fence_proxy_async();
-        __syncthreads();
+        sync_block();
         eng.issue(smem + (kt % STAGES) * STAGE_BYTES);
         wgmma_wait<1>();
-        __syncthreads();
+        sync_block();
         const int next = kt + P;
         if (next < ktiles) load_stage<TBN, TBM, EVICT>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
     }
     wgmma_wait<0>();
     cp_async_wait<0>();
-    __syncthreads();
+    sync_block();
     eng.stage_out((float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 }  // namespace fmoe

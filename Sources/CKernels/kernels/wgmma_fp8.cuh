@@ -123,7 +123,7 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8(char *smem, const TileSourc
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
         fence_proxy_async();  // cp.async wrote the stage through the generic proxy; wgmma reads it through the async one
-        __syncthreads();      // stage kt landed for everyone; both warpgroups are past block kt − 1
+        sync_block();      // stage kt landed for everyone; both warpgroups are past block kt − 1
         const int next = kt + P;  // its slot is block kt − 1's, free after the barrier
         if (next < ktiles) load_stage<FP8_BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
@@ -140,9 +140,9 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8(char *smem, const TileSourc
         }
     }
     cp_async_wait<0>();
-    __syncthreads();
+    sync_block();
     eng.stage_out((float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 }  // namespace fmoe
