@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "tma_engine.cuh"
+#include "tma_queue.cuh"
 
 using namespace fmoe;
 
@@ -213,61 +214,21 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
 }
 
 // Tiles handed out by a ticket counter, as the fused kernel's expert phase does (phase_experts.cuh), instead of a
-// static stride. TicketQueue: the producer's thread 0 takes each ticket and passes it to the rest of its warpgroup
-// (a named barrier) and to the consumers through TQ slots in shared memory, each with a full barrier (count 1: the
-// slot is written; the arrive releases it, the consumers' wait acquires it) and an empty barrier (one lane per
-// consumer warp: every consumer thread has read the slot). The producer thus takes ticket i + 1 and fills the ring
-// with its slices while the consumers still run tile i and its epilogue — the run-ahead across tickets that
-// docs/engine-notes.md ("What is left", item 1) asks for before the engine is wired in. A ticket past the last tile
-// is passed on as −1 and ends both roles. Tickets reach each thread through a shuffle, warp-uniform to ptxas (a
-// branch on a value read from shared memory would make it treat the consumers' wgmma as divergent).
-constexpr int TQ = 2;
-// Shared memory; each thread counts the tickets its role has passed through the queue itself (qi).
-struct TicketQueue {
-    int slot[TQ];
-    u64 full[TQ], empty[TQ];
-
-    // Thread 0, before TmaEngine::init (whose fence and block barrier publish these inits).
-    __device__ void init() {
-        for (int q = 0; q < TQ; ++q) {
-            mbar_init(&full[q], 1);
-            mbar_init(&empty[q], TMA_CONSUMER_THREADS / 32);
-        }
-    }
-    // The producer warpgroup: thread 0 (pt == 0) waits for a free slot, takes a ticket with next() (which may
-    // wait for the ticket's inputs; −1: none left) and publishes it; every producer thread returns it.
-    template <class Next> __device__ int produce(u32 &qi, int pt, Next next) {
-        const int q = qi % TQ;
-        if (pt == 0) {
-            mbar_wait(&empty[q], ((qi / TQ) & 1) ^ 1);  // a fresh barrier's previous phase counts as complete
-            slot[q] = next();
-            mbar_arrive(&full[q]);
-        }
-        // Thread 0 writes slot q again only TQ tickets later, after every producer thread has passed this barrier
-        // again.
-        asm volatile("bar.sync 1, 128;\n" ::: "memory");
-        const int t = __shfl_sync(0xffffffffu, slot[q], 0);
-        ++qi;
-        return t;
-    }
-    // Every consumer thread: the next ticket; the slot is released once each warp has read it.
-    __device__ int consume(u32 &qi) {
-        const int q = qi % TQ;
-        mbar_wait(&full[q], (qi / TQ) & 1);
-        const int t = __shfl_sync(0xffffffffu, slot[q], 0);
-        __syncwarp();
-        mbar_arrive_if(&empty[q], (threadIdx.x & 31) == 0);
-        ++qi;
-        return t;
-    }
-};
+// static stride, through the fused kernel's TicketQueue (tma_queue.cuh): the producer takes ticket i + 1 and fills
+// the ring with its slices while the consumers still run tile i and its epilogue. A ticket past the last tile is
+// passed on as −1 and ends both roles. The harness's consumers wait for a ticket at most 2 s (then trap).
+__device__ __forceinline__ int next_ticket(TicketQueue &tq, u32 &qi) {
+    const int t = tq.consume(qi, 2000000000ull, make_int4(-2, 0, 0, 0)).x;
+    if (t == -2) __trap();
+    return t;
+}
 
 template <int GEMM, bool WIDE>
 __global__ void __launch_bounds__(TMA_THREADS, 1)
     k_tick(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    __shared__ __align__(8) TicketQueue tq;
+    __shared__ TicketQueue tq;
     using Eng = TmaEngine<MMA_BF16, STAGES_T>;
     if (threadIdx.x == 0) tq.init();
     u32 qi = 0;
@@ -284,14 +245,14 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
         for (;;) {
             const int t = tq.produce(qi, pt, [&] {
                 const int i = atomicAdd(p.ticket, 1);
-                return i < ntasks ? i : -1;
-            });
+                return make_int4(i < ntasks ? i : -1, 0, 0, 0);
+            }).x;
             if (t < 0) break;
             eng.produce(make_tile<GEMM, GEMM == 0>(p, tasks[t], &map_a, &map_b));
         }
     } else {
         for (;;) {
-            const int t = tq.consume(qi);
+            const int t = next_ticket(tq, qi);
             if (t < 0) break;
             float acc[128];
             eng.consume(make_tile<GEMM, GEMM == 0>(p, tasks[t], &map_a, &map_b), acc);
@@ -359,7 +320,7 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
                 const __grid_constant__ CUtensorMap map_w2) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    __shared__ __align__(8) TicketQueue tq;
+    __shared__ TicketQueue tq;
     using Eng = TmaEngine<MMA_BF16, STAGES_T>;
     if (threadIdx.x == 0) tq.init();
     u32 qi = 0;
@@ -376,20 +337,20 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
         for (;;) {
             const int t = tq.produce(qi, pt, [&] {
                 const int i = atomicAdd(p.ticket, 1);
-                if (i >= total) return -1;
+                if (i >= total) return make_int4(-1, 0, 0, 0);
                 if (i >= p.ntasks0) {
                     wait_row_block(p, task_rb(p, p.tasks1[i - p.ntasks0]));
                     asm volatile("fence.proxy.async.global;\n" ::: "memory");
                 }
-                return i;
-            });
+                return make_int4(i, 0, 0, 0);
+            }).x;
             if (t < 0) break;
             if (t < p.ntasks0) eng.produce(make_tile<0, true>(p, p.tasks0[t], &map_w1, &map_w1));
             else eng.produce(make_tile<1, false>(p, p.tasks1[t - p.ntasks0], &map_h, &map_w2));
         }
     } else {
         for (;;) {
-            const int t = tq.consume(qi);
+            const int t = next_ticket(tq, qi);
             if (t < 0) break;
             float acc[128];
             if (t < p.ntasks0) {

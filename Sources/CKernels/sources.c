@@ -29,6 +29,14 @@ static const char tma_engine_cuh[] = {
 #embed "kernels/tma_engine.cuh"
     , 0};
 
+static const char tma_queue_cuh[] = {
+#embed "kernels/tma_queue.cuh"
+    , 0};
+
+static const char phase_experts_tma_cuh[] = {
+#embed "kernels/phase_experts_tma.cuh"
+    , 0};
+
 static const char wgmma_fp8_cuh[] = {
 #embed "kernels/wgmma_fp8.cuh"
     , 0};
@@ -128,6 +136,8 @@ static const struct {
     {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},
     {"ptx_sm90.cuh", ptx_sm90_cuh, sizeof(ptx_sm90_cuh) - 1},
     {"tma_engine.cuh", tma_engine_cuh, sizeof(tma_engine_cuh) - 1},
+    {"tma_queue.cuh", tma_queue_cuh, sizeof(tma_queue_cuh) - 1},
+    {"phase_experts_tma.cuh", phase_experts_tma_cuh, sizeof(phase_experts_tma_cuh) - 1},
     {"wgmma_fp8.cuh", wgmma_fp8_cuh, sizeof(wgmma_fp8_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
     {"moe_params.cuh", moe_params_cuh, sizeof(moe_params_cuh) - 1},

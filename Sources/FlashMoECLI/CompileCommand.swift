@@ -90,7 +90,7 @@ extension CompileCommand {
         print("NVSHMEM transport: \(builder.compiler.identity), \(builder.linker.api.identity); \(builder.kit)")
         var specs: [KernelSpec] = []
         for config in configs {
-            guard let spec = try? FusedSpecialization(config: config, ranks: nvshmemRanks).kernelSpec, !specs.contains(spec) else {
+            guard let spec = try? FusedSpecialization(config: config, ranks: nvshmemRanks, tmaEngine: false).kernelSpec, !specs.contains(spec) else {
                 continue
             }
             specs.append(spec)

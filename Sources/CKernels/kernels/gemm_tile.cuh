@@ -18,7 +18,9 @@
 namespace fmoe {
 
 constexpr int BM = 128;        // tile rows (tokens), every engine
-constexpr int THREADS = 256;
+constexpr int THREADS = PHASE_THREADS;  // the threads that run the phases (common.cuh)
+// Threads per block: the phases' and, FMOE_TMA builds, the TMA producer warpgroup (phase_experts_tma.cuh).
+constexpr int BLOCK_THREADS = PHASE_THREADS + (FMOE_TMA ? 128 : 0);
 constexpr int ROW_BYTES = 128; // one k-slice row
 constexpr int MAX_BN = 256;
 
@@ -253,16 +255,16 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile(char *smem, const
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<STAGES - 2>();
         if (Engine::TF32_ROUND) round_stage_tf32(smem + (kt % STAGES) * STAGE_BYTES);
-        __syncthreads();  // stage kt landed (and is rounded) for everyone; everyone is done reading stage kt − 1
+        sync_block();  // stage kt landed (and is rounded) for everyone; everyone is done reading stage kt − 1
         const int next = kt + STAGES - 1;
         if (next < ktiles) load_stage<Engine::BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
         eng.compute(smem + (kt % STAGES) * STAGE_BYTES);
     }
     cp_async_wait<0>();
-    __syncthreads();  // the ring is free: reuse it for the staged accumulators
+    sync_block();  // the ring is free: reuse it for the staged accumulators
     eng.stage_out((float *)smem);
-    __syncthreads();
+    sync_block();
 }
 
 }  // namespace fmoe

@@ -52,24 +52,48 @@ using namespace fmoe;
 
 // One GPU. The epoch is not an argument: every block reads the device epoch (sync->epoch, advanced by the previous
 // launch's last block out) and adds one, so the same launch replays correctly from a CUDA graph.
-extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __grid_constant__ Params p) {
+// FMOE_TMA builds (common.cuh): 384 threads and a second parameter, the TMA operands' tensor maps; the last
+// warpgroup leaves for the TMA engine's producer at once (phase_experts_tma.cuh) and the first 256 threads run every
+// phase, with the registers the producer gives up.
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward(const __grid_constant__ Params p
+#if FMOE_TMA
+                                                                           , const __grid_constant__ TmaMaps maps
+#endif
+) {
     extern __shared__ __align__(1024) char smem_raw[];
     // wgmma's 128-byte swizzle atoms need 1024-byte aligned stages; the host adds 1 KiB of slack.
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
+#if FMOE_TMA
+    if (threadIdx.x >= PHASE_THREADS) {
+        tma_producer_main(p, sp, maps, smem);
+        return;
+    }
+    regs_alloc<TMA_CONSUMER_REGS_FUSED>();
+    if (threadIdx.x == 0) {
+        s_tma.maps = &maps;
+        s_tma.handed = 0;
+    }
+    tma_rendezvous();
+#endif
     static_assert(sizeof(Params) % 4 == 0, "Params is copied in 32-bit words");
     for (int i = threadIdx.x; i < (int)(sizeof(Params) / 4); i += THREADS) ((u32 *)&sp)[i] = ((const u32 *)&p)[i];
     if (threadIdx.x == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
-    __syncthreads();
+    sync_block();
     __shared__ int s_aborted;
     if (threadIdx.x == 0) {
         sp.epoch = ld_relaxed_u64(&p.sync->epoch) + 1;
         s_aborted = aborted(p.err);
     }
-    __syncthreads();
+    sync_block();
     // A launch queued after a fault the host has not seen yet (a graph replay, launches queued back to back) runs
     // nothing: the counters are mid-protocol until the host resets them. Its last block still mirrors the record.
     if (!s_aborted) forward(sp, smem);
+#if FMOE_TMA
+    // A launch that ended before the expert phase (or ran none) still releases the producer, which waits for it.
+    sync_block();
+    if (!s_tma.handed) tma_hand_over(nullptr, false);
+#endif
     finish_launch(sp);
 }
 
@@ -84,9 +108,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward(const __gr
 // stream) starts after that store. Every rank runs every forward, so all ranks hold the same epoch in the same
 // launch. A group of one runs the one-GPU path, whose epoch is sync->epoch, kept and wrapped by finish_launch
 // exactly as fmoe_forward's.
-extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
-                                                                           int blocks_per_rank,
-                                                                           const __grid_constant__ Params one) {
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward_ranks(const Params *__restrict__ table,
+                                                                                 int blocks_per_rank,
+                                                                                 const __grid_constant__ Params one) {
+#if FMOE_TMA
+    // Never launched: the host builds FMOE_TMA kernels for one-GPU operators only (FusedSpecialization).
+    __trap();
+#endif
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
@@ -109,7 +137,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fmoe_forward_ranks(cons
             s_run = 0;
         }
     }
-    __syncthreads();
+    sync_block();
     if (s_run) forward(sp, smem);
     if (RANKS == 1) finish_launch(sp);  // every block gets here (exits are block-uniform); one rank per launch
 }
@@ -124,6 +152,13 @@ extern "C" __device__ const int fmoe_router_rows = EG;  // rows of the gate GEMM
 // The most tokens of a launch whose gate the host may ask to run as gate_gemv.cuh's dot products (0: never).
 extern "C" __device__ const int fmoe_gate_gemv_tokens = GATE_GEMV_ON ? GATE_GEMV_TOKENS : 0;
 extern "C" __device__ const int fmoe_peer_bytes = (int)sizeof(Peer);
+// Threads per block (256; 384 in FMOE_TMA builds) and, FMOE_TMA builds, the bytes of the tensor-map parameter.
+extern "C" __device__ const int fmoe_block_threads = BLOCK_THREADS;
+#if FMOE_TMA
+extern "C" __device__ const int fmoe_tma_maps_bytes = (int)sizeof(TmaMaps);
+#else
+extern "C" __device__ const int fmoe_tma_maps_bytes = 0;
+#endif
 // Params' size, then each field's byte offset in declaration order, written by fmoe_params_probe (NVRTC has no
 // constant offsetof): the host runs the probe once at load and compares its own encoding field by field
 // (FusedParams.checkLayout), so a field added on one side only is caught before any forward.

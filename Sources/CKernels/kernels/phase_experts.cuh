@@ -38,6 +38,20 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 #define FMOE_DECODE_RING 1
 #endif
 
+// GEMM1 wide tile j (of rbs row blocks × NT1 column tiles) walks the ring in groups of `group` row blocks, column
+// tile outer: ring position `pos`, column tile `n`.
+FMOE_DEVICE void gemm1_ring_slot(int j, int rbs, int group, int &pos, int &n) {
+    const int full = rbs / group, span = group * NT1;
+    if (j < full * span) {
+        pos = (j / span) * group + j % group;
+        n = (j % span) / group;
+    } else {
+        const int rest = rbs - full * group, k = j - full * span;
+        pos = full * group + k % rest;
+        n = k / rest;
+    }
+}
+
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
@@ -50,12 +64,12 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     const int group = FMOE_DECODE_RING && split > 1 ? 1 : RING_GROUP;
     for (;;) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
-        __syncthreads();
+        sync_block();
         const int ticket = s_ticket;
         if (ticket >= total) {
             // Warps drain on their own; the block leaves together, with one answer (block-uniform exits).
             const bool drained = drain_combines(p, rbs * nt1);
-            return __syncthreads_and(drained) != 0;
+            return sync_block_and(drained) != 0;
         }
         if (ticket < t0_total) {
             // Column-tile-major within an expert: the CTAs running at once share one weight slab across all of the
@@ -74,7 +88,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                                                              FMOE_PHASE_TILES, m, p.rank)
                                              : wait_rows(p, L, x, m);
                 }
-                __syncthreads();
+                sync_block();
                 if (!s_last) return false;
                 if (ticket == 0) stamp(p, 12, true);
             }
@@ -90,13 +104,13 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 if (!is_shared(L, x)) {
                     quantize_h_fp8(p, L, x, m);
                     __threadfence();
-                    __syncthreads();
+                    sync_block();
                 }
                 if (threadIdx.x == 0) publish_row_block(p, rb);
             }
 #else
             __threadfence();
-            __syncthreads();
+            sync_block();
             if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
                 fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
                 publish_row_block(p, rb);
@@ -106,16 +120,8 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             // GEMM1 tickets walk the ring in groups of `group` row blocks (RING_GROUP; one at decode, above),
             // column tile outer: blocks published together (usually one expert's) share each W2 slab in L2.
             const int j = (ticket - t0_total) / split, q = (ticket - t0_total) % split;
-            const int full = rbs / group, span = group * NT1;
             int pos, n;
-            if (j < full * span) {
-                pos = (j / span) * group + j % group;
-                n = (j % span) / group;
-            } else {
-                const int rest = rbs - full * group, k = j - full * span;
-                pos = full * group + k % rest;
-                n = k / rest;
-            }
+            gemm1_ring_slot(j, rbs, group, pos, n);
             if (threadIdx.x == 0) {
                 // A ring entry waits on GEMM0 work that may itself wait for rows: twice the budget, so the upstream
                 // wait (the root cause) is the one that expires and gets reported.
@@ -124,7 +130,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                                        p.rank, &entry);
                 s_rb = (int)(entry & 0xffffffffull);
             }
-            __syncthreads();
+            sync_block();
             if (!s_last) return false;
             const int rb = s_rb;
             const int x = find_segment(L.rb_start, L.xs, rb);
@@ -135,7 +141,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             else gemm1_task(p, L, x, m, n, smem);
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
-            __syncthreads();
+            sync_block();
             // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final
             // end only after every tile is counted.
             if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }

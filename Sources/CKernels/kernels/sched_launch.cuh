@@ -4,6 +4,7 @@
 #include "moe_params.cuh"
 #include "phase_gate.cuh"
 #include "phase_experts.cuh"
+#include "phase_experts_tma.cuh"
 
 namespace fmoe {
 
@@ -28,7 +29,11 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
             atomicAdd(&p.sync->barrier, 1ull);
         }
         stamp(p, 4);
+#if FMOE_TMA
+        if (FMOE_STOP_AFTER == 0) expert_phase_tma(p, L, *s_tma.maps, smem);  // timing variants stop before
+#else
         if (FMOE_STOP_AFTER == 0) expert_phase(p, L, smem);  // timing variants stop before the experts
+#endif
         stamp(p, 5);
     } else {
         if (!rank_layout(p, L)) return;
@@ -70,7 +75,7 @@ FMOE_DEVICE void finish_launch(const Params &p) {
     // Phase-1 counters, for the next launch: every block has left the gate phase (the decode prefix has no grid
     // barrier after which one block could reset them while another still takes a gate ticket).
     for (int i = threadIdx.x; i < (p.tokens + BT - 1) / BT; i += THREADS) p.tile_done[i] = 0;
-    __syncthreads();
+    sync_block();
     if (threadIdx.x == 0) {
         p.sync->gate_ticket = 0;
         p.sync->tiles_done = 0;

@@ -93,21 +93,28 @@ struct TmaEngine {
     u32 it;  // k-slices this thread's role has passed through the ring (identical in every role)
     u32 crank;  // this CTA's rank in its cluster
 
-    // All TMA_THREADS threads: places the ring at `smem` (1024-byte aligned) and initialises the barriers. Ends with
-    // a block barrier.
-    FMOE_DEVICE void init(char *smem) {
+    // Every thread of both roles: the ring at `smem` (1024-byte aligned), the 2 · STAGES barriers at `bars`; this
+    // role has passed no k-slice yet.
+    FMOE_DEVICE void attach(char *smem, u64 *bars) {
         ring = smem;
-        full = (u64 *)(smem + STAGES * TMA_STAGE_BYTES);
-        empty = full + STAGES;
+        full = bars;
+        empty = bars + STAGES;
         it = 0;
         crank = CLUSTER > 1 ? cluster_cta_rank() : 0;
-        if (threadIdx.x == 0) {
-            for (int s = 0; s < STAGES; ++s) {
-                mbar_init(&full[s], TMA_FULL_ARRIVALS);
-                mbar_init(&empty[s], EMPTY_ARRIVALS * CLUSTER);
-            }
-            mbar_init_fence();
+    }
+    // One thread, before either role uses the ring (a block barrier must follow): the barriers' initial phases.
+    FMOE_DEVICE void init_barriers() const {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], TMA_FULL_ARRIVALS);
+            mbar_init(&empty[s], EMPTY_ARRIVALS * CLUSTER);
         }
+        mbar_init_fence();
+    }
+    // All TMA_THREADS threads: places the ring at `smem` (1024-byte aligned), the barriers right after it, and
+    // initialises them. Ends with a block barrier.
+    FMOE_DEVICE void init(char *smem) {
+        attach(smem, (u64 *)(smem + STAGES * TMA_STAGE_BYTES));
+        if (threadIdx.x == 0) init_barriers();
         if (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast or remote arrive
         else __syncthreads();
     }
@@ -131,14 +138,15 @@ struct TmaEngine {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gather = t.map_a == nullptr;
         // Gather: thread pt copies chunk pt & 7 of rows (pt >> 3) + 16·i, i < 8 (8 lanes read one 128-byte row).
+        // Rows are kept as 32-bit indices (−1: past a_rows), not pointers: the producer runs on few registers
+        // (TMA_PRODUCER_REGS; the fused kernel's FMOE_TMA_PRODUCER_REGS).
         const int chunk = pt & 7;
-        const char *rows[BM / 16];
+        int rows[BM / 16];
         if (gather) {
 #pragma unroll
             for (int i = 0; i < BM / 16; ++i) {
                 const int r = (pt >> 3) + 16 * i;
-                rows[i] = nullptr;
-                if (r < t.a_rows) rows[i] = t.a_base + (size_t)(t.a_index ? t.a_index[r] : r) * t.a_stride;
+                rows[i] = r < t.a_rows ? (t.a_index ? t.a_index[r] : r) : -1;
             }
         }
         const u32 tx = TMA_B_BYTES + (gather ? 0 : TMA_A_BYTES);
@@ -170,8 +178,9 @@ struct TmaEngine {
 #pragma unroll
                 for (int i = 0; i < BM / 16; ++i) {
                     const int r = (pt >> 3) + 16 * i;
-                    const bool v = rows[i] != nullptr && k_in;
-                    cp_async16(base + swizzle(r, chunk), v ? rows[i] + off : t.a_base, v);
+                    const bool v = rows[i] >= 0 && k_in;
+                    cp_async16(base + swizzle(r, chunk), v ? t.a_base + (size_t)rows[i] * t.a_stride + off : t.a_base,
+                               v);
                 }
                 cp_async_commit();
                 if (kt >= GATHER_LAG) {

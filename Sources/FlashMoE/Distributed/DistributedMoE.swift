@@ -83,7 +83,8 @@ public final class DistributedMoE: @unchecked Sendable {
         let spec = try FusedSpecialization(
             config: layer.config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock,
             stages: options.stages, ranks: ranks, injectFault: options.injectFault ? 2 : 0,
-            phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns)
+            phaseTimes: options.recordPhaseTimes, returnStorage: options.storageReturns,
+            tmaEngine: false)  // fmoe_forward_ranks: never FMOE_TMA
         specialization = spec
         let kernels = try p.devices.map {
             try FusedKernel(specialization: spec, entry: FusedSpecialization.ranksKernelName, deviceOrdinal: $0)

@@ -78,7 +78,7 @@ enum RankParts {
         _ kernel: FusedKernel, table: UInt64, ranks: Int, blocksPerRank: Int, cooperative: Bool, stream: CUDAStream
     ) throws {
         let arguments = [KernelArgument.pointer(table), .int32(Int32(blocksPerRank)), unusedParams]
-        let (grid, block) = (Dim3(blocksPerRank * ranks), Dim3(FusedKernel.threadsPerBlock))
+        let (grid, block) = (Dim3(blocksPerRank * ranks), Dim3(kernel.blockThreads))
         if cooperative {
             try kernel.function.launchCooperative(
                 grid: grid, block: block, sharedBytes: kernel.dynamicSharedBytes, streamHandle: stream.handle,
@@ -97,7 +97,7 @@ enum RankParts {
         _ kernel: FusedKernel, params: [UInt8], blocksPerRank: Int, streamHandle: CUstream?
     ) throws {
         try kernel.function.launchCooperative(
-            grid: Dim3(blocksPerRank), block: Dim3(FusedKernel.threadsPerBlock),
+            grid: Dim3(blocksPerRank), block: Dim3(kernel.blockThreads),
             sharedBytes: kernel.dynamicSharedBytes, streamHandle: streamHandle,
             arguments: [.pointer(0), .int32(Int32(blocksPerRank)), KernelArgument(rawBytes: params, alignment: 8)],
             gridSizedByCaller: true)

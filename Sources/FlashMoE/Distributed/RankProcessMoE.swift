@@ -180,7 +180,7 @@ public final class RankProcessMoE: @unchecked Sendable {
         let spec = try FusedSpecialization(
             config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
             ranks: world, injectFault: options.injectFault ? 2 : 0, phaseTimes: options.recordPhaseTimes,
-            returnStorage: options.storageReturns)
+            returnStorage: options.storageReturns, tmaEngine: false)  // fmoe_forward_ranks: never FMOE_TMA
         specialization = spec
         let shmem: NVSHMEMLibrary?
         let k: FusedKernel

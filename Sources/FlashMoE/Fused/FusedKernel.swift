@@ -19,7 +19,14 @@ struct FusedKernel {
     let gateGemvTokens: Int
     /// Blocks of a cooperative launch: blocks per SM from the occupancy API × SMs.
     let gridLimit: Int
+    /// Threads per block, read from the kernel (`fmoe_block_threads`): 256, or 384 with the TMA engine's producer
+    /// warpgroup (`FusedSpecialization.tmaEngine`).
+    let blockThreads: Int
+    /// Bytes of the kernel's second parameter, the TMA operands' tensor maps (`FusedTensorMaps`); 0: no such
+    /// parameter.
+    let tensorMapBytes: Int
 
+    /// The phases' threads per block (the kernel's `PHASE_THREADS`).
     static let threadsPerBlock = 256
 
     /// The gate's K split for `tokens` tokens (over all ranks) on `blocks` blocks (the kernel clamps it to its K
@@ -100,14 +107,21 @@ extension FusedKernel {
                     + "\(device.properties.name) allows \(limit) B: use fewer pipeline stages (FusedOptions.stages)")
         }
         try function.setMaxDynamicSharedMemory(dynamicSharedBytes)
+        let blockThreads = Int(try Self.readGlobal(module, "fmoe_block_threads"))
+        let tensorMapBytes = Int(try Self.readGlobal(module, "fmoe_tma_maps_bytes"))
+        guard tensorMapBytes == (specialization.tmaEngine ? FusedTensorMaps.byteCount : 0) else {
+            throw CUDAError.invalidArgument(
+                "the kernel's tensor-map parameter has \(tensorMapBytes) B, the host's \(specialization.tmaEngine ? FusedTensorMaps.byteCount : 0) B: "
+                    + "kernel sources and binary disagree")
+        }
         self.init(
             device: device, compiled: compiled, module: module, function: function,
             dynamicSharedBytes: dynamicSharedBytes, packRows: Int(try Self.readGlobal(module, "fmoe_gated_pack_rows")),
             gateTiles: Int(try Self.readGlobal(module, "fmoe_gate_tiles")),
             routerRows: Int(try Self.readGlobal(module, "fmoe_router_rows")),
             gateGemvTokens: Int(try Self.readGlobal(module, "fmoe_gate_gemv_tokens")),
-            gridLimit: try function.cooperativeGridLimit(
-                blockSize: Self.threadsPerBlock, dynamicSharedBytes: dynamicSharedBytes))
+            gridLimit: try function.cooperativeGridLimit(blockSize: blockThreads, dynamicSharedBytes: dynamicSharedBytes),
+            blockThreads: blockThreads, tensorMapBytes: tensorMapBytes)
     }
 
     static func readGlobal(_ module: CUDAModule, _ name: String) throws -> Int32 {

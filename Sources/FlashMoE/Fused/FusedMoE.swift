@@ -98,7 +98,7 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
             return BenchmarkResult(
                 samples: samples,
                 method: "CUDA events around each cooperative launch (\(gridBlocks) blocks × "
-                    + "\(FusedKernel.threadsPerBlock) threads, \(formatByteCount(dynamicSharedBytes)) shared memory each)",
+                    + "\(core.kernel.blockThreads) threads, \(formatByteCount(dynamicSharedBytes)) shared memory each)",
                 workspaceBytes: ws.byteCount)
         }
     }

@@ -55,6 +55,8 @@ public final class FusedOperator: @unchecked Sendable {
     struct State {
         var workspace: FusedWorkspace?
         var arena: DeviceBuffer<UInt8>?
+        /// TMA-engine builds: the tensor-map parameter for this arena (`FusedTensorMaps`).
+        var tensorMaps: [UInt8]?
     }
     let state = Mutex(State())
 
@@ -183,10 +185,11 @@ public final class FusedOperator: @unchecked Sendable {
                 maxTokens: ws.maxTokens, partRows: ws.partRows, yStorage: call.outputType == .storage,
                 injectFault: call.injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget),
                 epochWrap: options.epochWrap))
+        var arguments = [KernelArgument(rawBytes: bytes, alignment: 8)]
+        if let maps = st.tensorMaps { arguments.append(KernelArgument(rawBytes: maps, alignment: 64)) }
         try kernel.function.launchCooperative(
-            grid: Dim3(gridBlocks), block: Dim3(FusedKernel.threadsPerBlock), sharedBytes: dynamicSharedBytes,
-            streamHandle: call.stream, arguments: [KernelArgument(rawBytes: bytes, alignment: 8)],
-            gridSizedByCaller: true)
+            grid: Dim3(gridBlocks), block: Dim3(kernel.blockThreads), sharedBytes: dynamicSharedBytes,
+            streamHandle: call.stream, arguments: arguments, gridSizedByCaller: true)
         if options.synchronousErrors {
             try device.driver.check(device.driver.streamSynchronize(call.stream), "cuStreamSynchronize")
             try takeMirroredError(&st)
@@ -208,6 +211,7 @@ public final class FusedOperator: @unchecked Sendable {
         if let ws = st.workspace, let arena = st.arena, ws.maxTokens >= s { return (ws, arena) }
         st.arena = nil  // free the old arena before allocating the larger one
         st.workspace = nil
+        st.tensorMaps = nil
         let ws = FusedWorkspace(
             spec: specialization, tokens: s, rowCapacity: s * config.topK,
             partRows: FusedWorkspace.partialLogitsRows(
@@ -216,6 +220,10 @@ public final class FusedOperator: @unchecked Sendable {
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
         try device.synchronize()  // the legacy-stream memset lands before a launch on a non-blocking stream
+        if kernel.tensorMapBytes > 0 {
+            st.tensorMaps = try FusedTensorMaps.encode(
+                device: device, spec: specialization, weights: weights, workspace: ws, arenaBase: arena.address)
+        }
         st.workspace = ws
         st.arena = arena
         return (ws, arena)

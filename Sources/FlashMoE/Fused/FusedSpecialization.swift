@@ -34,6 +34,21 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// Tracing builds: every block records its phases and tasks into a buffer (`FMOE_TRACE`, `KernelTrace`).
     public let trace: Bool
 
+    /// Whether the expert GEMMs run on the sm_90a TMA engine (`FMOE_TMA`: 384-thread blocks, a producer warpgroup
+    /// loading weights and h by TMA, phase_experts_tma.cuh) instead of the cp.async wgmma engine. Asked for with
+    /// `tmaEngine` (default: `FLASHMOE_TMA=1`), and built only where it runs: an `sm_90a` target, bf16 or fp16, one
+    /// GPU. Same bits as the cp.async engine.
+    public let tmaEngine: Bool
+
+    /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default until it measures faster
+    /// than the cp.async engine on every preset (Benchmarks/RESULTS.md).
+    public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
+
+    /// Whether the TMA engine can be built for this target, precision and rank count.
+    static func tmaEngineFits(arch: GPUArchitecture, precision: Precision, ranks: Int) -> Bool {
+        arch.number == 90 && arch.architectureSpecific && (precision == .bf16 || precision == .fp16) && ranks == 1
+    }
+
     /// The kernel's entry point on one GPU.
     public static let kernelName = "fmoe_forward"
     /// The entry point for ranks: blocks split into rank groups, parameters from a device-side table.
@@ -63,7 +78,8 @@ public struct FusedSpecialization: Sendable, Hashable {
     public init(
         config: MoEConfig, arch: GPUArchitecture = defaultArch, sharedMemoryPerBlock: Int? = nil, stages: Int? = nil,
         ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false,
-        returnStorage: Bool = false, experimentalFP8: Bool = FusedSpecialization.supportsFP8
+        returnStorage: Bool = false, experimentalFP8: Bool = FusedSpecialization.supportsFP8,
+        tmaEngine: Bool = FusedSpecialization.tmaEngineRequested
     ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
@@ -129,6 +145,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.stopAfterPhase = stopAfterPhase
         self.phaseTimes = phaseTimes
         self.trace = trace
+        self.tmaEngine = tmaEngine && Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
     }
 
     /// The `-D` defines of this specialisation.
@@ -169,6 +186,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         if phaseTimes { d["FMOE_TIMING"] = "1" }
         if returnStorage { d["FMOE_RET_STORAGE"] = "1" }
         if trace { d["FMOE_TRACE"] = "1" }
+        if tmaEngine { d["FMOE_TMA"] = "1" }
         return d
     }
 

@@ -109,6 +109,6 @@ extension FusedKernel {
         return FusedKernel(
             device: device, compiled: compiled, module: module, function: try module.function(named: entry),
             dynamicSharedBytes: 1024, packRows: 64, gateTiles: 1, routerRows: 8, gateGemvTokens: gateGemvTokens,
-            gridLimit: 8)
+            gridLimit: 8, blockThreads: 256, tensorMapBytes: 0)
     }
 }

@@ -1,0 +1,345 @@
+// Phase 3 on the sm_90a TMA engine (FMOE_TMA builds: 16-bit, one GPU; common.cuh): the same tickets, tiles, ring
+// and counters as phase_experts.cuh, split between roles. The producer warpgroup (threads 256 … 383, which run no
+// other phase) takes each ticket, waits for a GEMM1 tile's row block, hands the tile to the consumers through the
+// ticket queue (tma_queue.cuh) and loads its k-slices by TMA (weights, h) or gathers them (x rows) into the ring,
+// running ahead into the next tile while the consumers finish this one. The consumers (the 256 phase threads) run
+// the wgmma mainloop and the epilogue straight from the accumulators, then count the tile exactly as the cp.async
+// path does. Bits are the cp.async engine's: the same wgmma instructions in the same K order, the same epilogue
+// arithmetic (Benchmarks/engine/tma_engine_test.cu checks both engines bit for bit).
+//
+// Tiles that do not fit the ring protocol run the cp.async path unchanged: a launch of decode tiles (split > 1) runs
+// phase_experts.cuh entirely (the producer leaves at once), and a ticket of an expert with at most GEMV_TOKENS rows
+// (gemv_expert) is handed over as an "own" task: the consumers run gemv_task in the ring's shared memory while the
+// producer waits for them (the own_done barrier) before it loads anything more.
+#pragma once
+#include "moe_params.cuh"
+#include "phase_experts.cuh"
+
+#if FMOE_TMA
+#include "tma_engine.cuh"
+#include "tma_queue.cuh"
+
+namespace fmoe {
+
+static_assert(FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3) && FMOE_RANKS == 1,
+              "FMOE_TMA: sm_90a, bf16 or fp16, one GPU (the host chooses it only there)");
+
+// The tensor maps of the TMA operands (a second kernel parameter, encoded by the host: FusedTensorMaps.swift):
+// weights with boxes of 256 rows, h with boxes of 128 (TmaTile). A 64-byte aligned CUtensorMap each.
+struct __align__(64) TmaMap {
+    u64 words[16];
+};
+struct TmaMaps {
+    TmaMap w1;    // [E · N0, H]
+    TmaMap w2;    // [E · H, I]
+    TmaMap ws1;   // [N0S, H] (a copy of w1's when there is no shared expert: never read)
+    TmaMap ws2;   // [H, IS]
+    TmaMap hbuf;  // [row capacity, I]
+    TmaMap hs;    // [max tokens, IS]
+};
+
+constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_STAGE_BYTES;
+typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
+// The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 56 by default); the consumers,
+// which run every phase, take the rest. 40 (consumers 232) spilled more in the producer and measured slower:
+// qwen3-30b-a3b S = 4096 0.996 against 0.946 ms, paper-e64 S = 8192 0.810 against 0.773 (H200, 2026-12-02).
+#ifndef FMOE_TMA_PRODUCER_REGS
+#define FMOE_TMA_PRODUCER_REGS 56
+#endif
+constexpr int TMA_PRODUCER_REGS_FUSED = FMOE_TMA_PRODUCER_REGS;
+constexpr int TMA_CONSUMER_REGS_FUSED = (64 * 1024 - 128 * TMA_PRODUCER_REGS_FUSED) / PHASE_THREADS / 8 * 8;
+static_assert(PHASE_THREADS * TMA_CONSUMER_REGS_FUSED + 128 * TMA_PRODUCER_REGS_FUSED <= 64 * 1024,
+              "setmaxnreg: the roles' registers fit the SM's 64 K");
+
+// A task of the queue: kind, expert (task space), row block, column tile.
+enum TmaTaskKind { TASK_GEMM0 = 0, TASK_GEMM1 = 1, TASK_OWN0 = 2, TASK_OWN1 = 3, TASK_END = -1, TASK_FAIL = -2,
+                   TASK_TIMEOUT = -3 };
+
+// What the producer and the consumers share in this block, set up by the consumers before the hand-over.
+struct TmaShared {
+    TicketQueue tq;
+    u64 ring_bars[2 * TMA_RING_STAGES];
+    u64 own_done;           // count 1: the consumers finished an own task (the ring's memory is free again)
+    u64 handover;           // count 256: the phase threads handed the expert phase over (tma_hand_over)
+    const Layout *layout;   // the phases' Layout (forward's)
+    const TmaMaps *maps;    // the kernel's tensor-map parameter
+    int go;                 // 1: run the TMA expert phase; 0: the producer leaves
+    int handed;             // the consumers have passed the hand-over (block-uniform after it)
+};
+__shared__ TmaShared s_tma;
+
+// The tile the TMA engine runs for a GEMM0 or GEMM1 task.
+FMOE_DEVICE TmaTile tma_tile(const Params &p, const Layout &L, const TmaMaps &maps, int kind, int x, int m, int n) {
+    const bool shared = is_shared(L, x);
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    TmaTile t;
+    t.map_a = nullptr;
+    t.a_row0 = 0;
+    t.a_index = nullptr;
+    t.a_stride = 0;
+    t.a_base = nullptr;
+    t.a_rows = rows - row0;
+    if (kind == TASK_GEMM0) {
+        // B: the expert's W1 rows n·EBN … (packed gate/up blocks); A: x rows gathered by token.
+        t.map_b = shared ? (const void *)&maps.ws1 : (const void *)&maps.w1;
+        t.b_row0 = (shared ? 0 : x * N0) + n * EBN;
+        t.a_base = (const char *)p.x;
+        t.a_stride = (size_t)H * sizeof(T);
+        if (shared) t.a_base += (size_t)row0 * t.a_stride;
+        else t.a_index = p.row_token + L.row_start[x] + row0;
+        t.k_bytes = H * (int)sizeof(T);
+    } else {
+        // B: the expert's W2 rows n·EBN …; A: its h rows by TMA (rows past the expert's are another expert's or
+        // zero-filled past the buffer: they reach only output rows the epilogue masks).
+        t.map_b = shared ? (const void *)&maps.ws2 : (const void *)&maps.w2;
+        t.b_row0 = (shared ? 0 : x * H) + n * EBN;
+        t.map_a = shared ? (const void *)&maps.hs : (const void *)&maps.hbuf;
+        t.a_row0 = (shared ? 0 : L.row_start[x]) + row0;
+        t.k_bytes = (shared ? IS : I) * (int)sizeof(T);
+    }
+    return t;
+}
+
+FMOE_DEVICE u32 pack_t2(float a, float b) {
+    return (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);
+}
+
+// GEMM0's epilogue from the accumulators (ExpertTma's m64n256 layout: register 4j + c holds row acc_row() +
+// 8·(c >> 1), column 8j + acc_col() + (c & 1)), the arithmetic of gemm0_store: gated, act(gate) · up with the up
+// column 128 after its gate column (j + 16); plain, act(acc + b1). Each quad of lanes transposes its packed pairs
+// so a lane stores 16 contiguous bytes (TmaEngine::quad_transpose). I is a multiple of 8, so a 16-byte column
+// block is wholly inside or outside; row masks are store predicates only.
+FMOE_DEVICE void gemm0_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
+    const bool shared = is_shared(L, x);
+    const int inter = shared ? IS : I;
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    T *out = h_rows(p, L, x);
+    constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
+    const int r0 = ExpertTma::acc_row();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        const bool ok = row0 + r < rows;
+        T *row = out + (size_t)(ok ? row0 + r : 0) * inter;
+#pragma unroll
+        for (int jg = 0; jg < OUT_COLS / 32; ++jg) {
+            u32 w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int j = 4 * jg + i, c = 4 * j + 2 * h;
+                float v0, v1;
+                if (GATED) {
+                    v0 = activation(acc[c]) * acc[c + 64];
+                    v1 = activation(acc[c + 1]) * acc[c + 65];
+                } else {
+                    const int col = n * OUT_COLS + 8 * j + ExpertTma::acc_col();
+                    const bool bias = !shared && p.b1 != nullptr && col < inter;
+                    v0 = activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f));
+                    v1 = activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f));
+                }
+                w[i] = pack_t2(v0, v1);
+            }
+            const uint4 v = ExpertTma::quad_transpose(w);
+            const int col = n * OUT_COLS + 8 * (4 * jg + (int)(threadIdx.x & 3));
+            if (ok && col < inter) *(uint4 *)(row + col) = v;
+        }
+    }
+}
+
+// GEMM1's epilogue from the accumulators, gemm1_store's arithmetic: + b2 (routed, when present), FP32 rows. The
+// bias form is a loop of its own, so the plain one holds no bias loads in registers beside the 128 accumulators.
+FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
+    const bool shared = is_shared(L, x);
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    float *out = (shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H) + n * EBN + ExpertTma::acc_col();
+    const float *bias = !shared && p.b2 != nullptr ? p.b2 + (size_t)x * H + n * EBN + ExpertTma::acc_col() : nullptr;
+    const int cols = H - n * EBN - ExpertTma::acc_col();  // this lane's columns 8j (+1) exist while 8j < cols
+    const int r0 = ExpertTma::acc_row();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        if (row0 + r >= rows) continue;
+        float *row = out + (size_t)(row0 + r) * H;
+        if (bias != nullptr) {
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                if (8 * j < cols)
+                    *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h] + bias[8 * j],
+                                                           acc[4 * j + 2 * h + 1] + bias[8 * j + 1]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                if (8 * j < cols) *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        }
+    }
+}
+
+// The producer warpgroup's expert phase: tickets in phase_experts.cuh's order (split 1), each handed over and, for
+// the engine's tasks, loaded into the ring.
+FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
+    const int pt = (int)threadIdx.x - PHASE_THREADS;
+    ExpertTma eng;
+    eng.attach(smem, s_tma.ring_bars);
+    if (pt == 0) {
+        tma_prefetch_map(&maps.w1);
+        tma_prefetch_map(&maps.w2);
+        tma_prefetch_map(&maps.hbuf);
+    }
+    const int t0_total = L.task0_start[L.xs];
+    const int rbs = L.rb_start[L.xs];
+    const int total = t0_total + rbs * NT1;
+    u32 qi = 0, owns = 0;
+    for (;;) {
+        const int4 t = s_tma.tq.produce(qi, pt, [&]() -> int4 {
+            const int ticket = atomicAdd(&p.sync->ticket, 1);
+            if (ticket >= total) return make_int4(TASK_END, 0, 0, 0);
+            if (ticket < t0_total) {
+                const int x = find_segment(L.task0_start, L.xs, ticket);
+                const int mt = L.rb_start[x + 1] - L.rb_start[x];
+                const int local = ticket - L.task0_start[x];
+                return make_int4(gemv_expert(L, x) ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
+            }
+            int pos, n;
+            gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, pos, n);
+            u64 entry = 0;
+            // As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
+            if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank,
+                               &entry))
+                return make_int4(TASK_FAIL, 0, 0, 0);
+            // The row block's h was written by the generic proxy (fenced to the async proxy by its writers before
+            // they counted it): ordered before this block's TMA reads of it.
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            const int rb = (int)(entry & 0xffffffffull);
+            const int x = find_segment(L.rb_start, L.xs, rb);
+            return make_int4(gemv_expert(L, x) ? TASK_OWN1 : TASK_GEMM1, x, rb - L.rb_start[x], n);
+        });
+        if (t.x < 0) break;
+        if (t.x >= TASK_OWN0) {
+            // The consumers run this tile in the ring's memory: load nothing until they are done.
+            mbar_wait(&s_tma.own_done, owns & 1);
+            ++owns;
+            continue;
+        }
+        eng.produce(tma_tile(p, L, maps, t.x, t.y, t.z, t.w));
+    }
+}
+
+// The consumers' expert phase (the 256 phase threads), after the hand-over; returns as expert_phase does.
+FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
+    FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
+    ExpertTma eng;
+    eng.attach(smem, s_tma.ring_bars);
+    const int rbs = L.rb_start[L.xs];
+    u32 qi = 0;
+    for (;;) {
+        // The producer hands over a task within twice the budget (its only long wait is the ring's, which reports
+        // and hands over TASK_FAIL); a consumer still waiting past that and a second means a broken protocol, and
+        // the launch traps rather than hang.
+        const int4 t = s_tma.tq.consume(qi, 2 * p.budget_ns + 1000000000ull, make_int4(TASK_TIMEOUT, 0, 0, 0));
+        if (t.x == TASK_TIMEOUT) {
+            report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_TASK, 0u, (u32)p.rank, 0ull, 0ull);
+            __trap();
+        }
+        if (t.x == TASK_FAIL) return false;
+        if (t.x == TASK_END) break;
+        const int kind = t.x, x = t.y, m = t.z, n = t.w;
+        const int rb = L.rb_start[x] + m;
+        if (kind == TASK_GEMM0 || kind == TASK_OWN0) {
+            if (kind == TASK_GEMM0) {
+                FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
+                float acc[128];
+                eng.consume(tma_tile(p, L, maps, TASK_GEMM0, x, m, n), acc);
+                gemm0_store_acc(p, L, x, m, n, acc);
+            } else {
+                gemv_task(p, L, 0, x, n, 0, 1, smem);
+            }
+            // h is read by other blocks' TMA (the async proxy): fenced to it before the tile is counted.
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
+            const int nt = is_shared(L, x) ? NT0S : NT0;
+            __threadfence();
+            sync_block();
+            if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
+                fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
+                publish_row_block(p, rb);
+            }
+        } else {
+            if (kind == TASK_GEMM1) {
+                FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
+                float acc[128];
+                eng.consume(tma_tile(p, L, maps, TASK_GEMM1, x, m, n), acc);
+                gemm1_store_acc(p, L, x, m, n, acc);
+            } else {
+                gemv_task(p, L, 1, x, n, 0, 1, smem);
+            }
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
+            if (last_arrival(&p.done1[rb], NT1)) complete_row_block(p, L, x, m);
+            sync_block();
+            if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
+        }
+        if (kind >= TASK_OWN0) {
+            // The own tile's shared-memory writes (generic proxy) before the producer's next TMA writes there.
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            sync_block();
+            if (threadIdx.x == 0) mbar_arrive(&s_tma.own_done);
+        }
+    }
+    return sync_block_and(drain_combines(p, rbs * NT1)) != 0;
+}
+
+// The launch's start, every thread of both roles: consumer thread 0 initialises the hand-over barrier, then named
+// barrier 2 (the one time the roles meet on a named barrier) makes it visible to the producer.
+FMOE_DEVICE void tma_rendezvous() {
+    if (threadIdx.x == 0) {
+        mbar_init(&s_tma.handover, PHASE_THREADS);
+        mbar_init_fence();
+    }
+    asm volatile("barrier.sync 2, 384;\n" ::: "memory");
+}
+
+// The consumers' side of the hand-over (every phase thread, once per launch, block-uniform): thread 0 initialises
+// the queue and ring barriers and writes what the producer needs; every phase thread arrives on the hand-over
+// barrier, which the producer has waited on since the launch's start (each arrive a release of that thread's
+// writes, the producer's wait an acquire). The consumers' own barrier then makes the queue's initialisation theirs. `go` false releases the producer with
+// nothing to do (a decode launch, or a launch that ends early).
+FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
+    if (threadIdx.x == 0) {
+        if (go) {
+            s_tma.tq.init();
+            for (int s = 0; s < TMA_RING_STAGES; ++s) {
+                mbar_init(&s_tma.ring_bars[s], TMA_FULL_ARRIVALS);
+                mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], ExpertTma::EMPTY_ARRIVALS);
+            }
+            mbar_init(&s_tma.own_done, 1);
+            mbar_init_fence();
+        }
+        s_tma.layout = L;
+        s_tma.go = go;
+        s_tma.handed = 1;
+    }
+    // Every phase thread releases its own writes (the Layout, placement's tables) to the producer; thread 0's
+    // arrive follows its writes above.
+    mbar_arrive(&s_tma.handover);
+    sync_block();
+}
+
+// The consumers' expert phase in a FMOE_TMA build: the hand-over, then this file's phase, or phase_experts.cuh's
+// for a launch of decode tiles.
+FMOE_DEVICE bool expert_phase_tma(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
+    const bool tma = expert_split(L.task0_start[L.xs]) == 1;
+    tma_hand_over(&L, tma);
+    return tma ? expert_consumers(p, L, maps, smem) : expert_phase(p, L, smem);
+}
+
+// The producer warpgroup's whole launch (threads 256 … 383 from the kernel's entry): wait for the hand-over, then
+// produce, or leave. The wait spans the gate phase and the grid barrier, whose own waits are bounded by the budget
+// (and report): past four budgets and a second the protocol itself is broken, and the launch traps rather than hang.
+// `p` is the kernel's parameter (its budget is readable before the consumers copy it), `sp` the phases' copy.
+FMOE_DEVICE void tma_producer_main(const Params &p, const Params &sp, const TmaMaps &maps, char *smem) {
+    regs_dealloc<TMA_PRODUCER_REGS_FUSED>();
+    tma_rendezvous();
+    if (!mbar_wait_budget(&s_tma.handover, 0, 4 * p.budget_ns + 1000000000ull)) __trap();
+    if (s_tma.go) expert_producer(sp, *s_tma.layout, maps, smem);
+}
+}  // namespace fmoe
+#endif

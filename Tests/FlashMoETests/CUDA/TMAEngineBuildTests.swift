@@ -1,0 +1,103 @@
+import CCUDA
+import Testing
+
+@testable import FlashMoE
+
+/// The TMA engine's build choice (`FusedSpecialization.tmaEngine`, `FMOE_TMA`) and its tensor-map parameter
+/// (`FusedTensorMaps`) on the fake driver, and (with NVRTC) that its kernels compile. Its results on a GPU (same bits
+/// as the cp.async engine, verify, sanitizers) are Benchmarks/RESULTS.md's, round 14.
+@Suite struct TMAEngineBuildTests {
+    static let gated = MoEConfig(
+        hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated, activation: .silu,
+        sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .bf16)
+
+    @Test func builtOnlyForSm90aSixteenBitOneGPU() throws {
+        let sm90a = try GPUArchitecture(parsing: "sm_90a")
+        let on = try FusedSpecialization(config: Self.gated, arch: sm90a, tmaEngine: true)
+        #expect(on.tmaEngine && on.defines["FMOE_TMA"] == "1")
+        var fp16 = Self.gated
+        fp16.precision = .fp16
+        #expect(try FusedSpecialization(config: fp16, arch: sm90a, tmaEngine: true).tmaEngine)
+        // Asked for where it cannot run: the cp.async engine, and no FMOE_TMA define.
+        var refused: [FusedSpecialization] = [
+            try FusedSpecialization(config: Self.gated, arch: sm90a, tmaEngine: false),
+            try FusedSpecialization(config: Self.gated, arch: GPUArchitecture(parsing: "sm_80"), tmaEngine: true),
+            try FusedSpecialization(config: Self.gated, arch: GPUArchitecture(parsing: "sm_90"), tmaEngine: true),
+            try FusedSpecialization(config: Self.gated, arch: sm90a, ranks: 4, tmaEngine: true),
+        ]
+        for precision in [Precision.fp32, .tf32] {
+            var c = Self.gated
+            c.precision = precision
+            refused.append(try FusedSpecialization(config: c, arch: sm90a, tmaEngine: true))
+        }
+        var fp8 = Self.gated
+        fp8.precision = .fp8
+        fp8.sharedExpert = nil
+        refused.append(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true))
+        for spec in refused {
+            #expect(!spec.tmaEngine && spec.defines["FMOE_TMA"] == nil, "\(spec.arch) \(spec.config.precision)")
+        }
+        // The engine is part of the specialisation: its cubin is cached apart from the default's.
+        #expect(on.kernelSpec != refused[0].kernelSpec)
+    }
+
+    /// The six maps in the kernel's order (W1, W2, Ws1, Ws2, hbuf, hs), each over the right buffer, rows, K and box;
+    /// without a shared expert its maps are copies that the kernel never reads.
+    @Test(arguments: [true, false])
+    func tensorMapsDescribeTheOperands(shared: Bool) throws {
+        var config = Self.gated
+        if !shared { config.sharedExpert = nil }
+        let spec = try FusedSpecialization(
+            config: config, arch: GPUArchitecture(parsing: "sm_90a"), tmaEngine: true)
+        let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
+        let layer = try MoELayer(config: config, weights: .random(config: config, seed: 3))
+        let weights = try FusedDeviceWeights(layer: layer, device: device, packRows: 128)  // sm_90a: EBN / 2
+        let ws = FusedWorkspace(spec: spec, tokens: 40, rowCapacity: 80, partRows: 40)
+        let base: UInt64 = 0x4000_0000
+        let bytes = try FusedTensorMaps.encode(
+            device: device, spec: spec, weights: weights, workspace: ws, arenaBase: base)
+        #expect(bytes.count == FusedTensorMaps.byteCount)
+        // The fake driver writes address, K, rows, row bytes, box K, box rows into words 0 … 5.
+        func map(_ i: Int) -> [UInt64] {
+            (0..<6).map { w in bytes.withUnsafeBytes { $0.load(fromByteOffset: i * 128 + w * 8, as: UInt64.self) } }
+        }
+        let (h, i, e) = (UInt64(config.hiddenSize), UInt64(config.intermediateSize), UInt64(config.experts))
+        let n0 = UInt64(weights.w1.byteCount) / (h * 2)  // packed gate/up rows of all experts
+        #expect(n0 == e * 2 * 256 && map(0) == [weights.w1.address, h, n0, h * 2, 64, 256])
+        #expect(map(1) == [weights.w2.address, i, e * h, i * 2, 64, 256])
+        let hbuf = [base + UInt64(ws.offset(.hbuf)), i, 80, i * 2, 64, 128]
+        #expect(map(4) == hbuf)
+        if shared {
+            let ws1 = try #require(weights.sharedW1), ws2 = try #require(weights.sharedW2)
+            #expect(map(2) == [ws1.address, h, UInt64(ws1.byteCount) / (h * 2), h * 2, 64, 256])
+            #expect(map(3) == [ws2.address, 64, h, 128, 64, 256])
+            #expect(map(5) == [base + UInt64(ws.offset(.hs)), 64, 40, 128, 64, 128])
+        } else {
+            #expect(map(2) == map(0) && map(3) == map(1) && map(5) == hbuf)
+        }
+    }
+
+    /// The FMOE_TMA kernels compile for sm_90a (gated with a shared expert, plain with biases; plain and traced):
+    /// 384 threads (168 registers at launch; the roles' setmaxnreg split is 224 / 56), both entry points present.
+    /// They spill a few hundred bytes (the phases' code, which uses up to 254 registers at 256 threads, runs in the
+    /// consumers' 224): Benchmarks/RESULTS.md, round 14; the default build stays spill-free (FusedKernelTests).
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason))
+    func tmaKernelsCompile() throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: "sm_90a")
+        let plain = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 8, topK: 2, bias: true,
+                              activation: .gelu, precision: .fp16)
+        let specs = [
+            try FusedSpecialization(config: Self.gated, arch: target, tmaEngine: true),
+            try FusedSpecialization(config: plain, arch: target, tmaEngine: true),
+            try FusedSpecialization(config: Self.gated, arch: target, trace: true, tmaEngine: true),
+        ]
+        for spec in specs {
+            #expect(spec.tmaEngine)
+            let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
+            let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+            #expect(usage.registers <= 168, "384 threads a block leave at most 168 registers at launch")
+            #expect(k.resources.contains { $0.name == FusedSpecialization.ranksKernelName })
+        }
+    }
+}
