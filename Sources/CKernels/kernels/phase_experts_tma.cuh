@@ -41,15 +41,23 @@ struct TmaMaps {
 constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_STAGE_BYTES;
 typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
 // The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 56 by default); the consumers,
-// which run every phase, take the rest. 40 (consumers 232) spilled more in the producer and measured slower:
-// qwen3-30b-a3b S = 4096 0.996 against 0.946 ms, paper-e64 S = 8192 0.810 against 0.773 (H200, 2026-12-02).
+// which run every phase, take the rest of what the launch gave the block: 168 a thread (the most 384 threads get
+// under __launch_bounds__(384, 1)) × 384. setmaxnreg.inc waits until the pool has the registers, so a split that
+// asks for more than the launch holds never returns (a producer at 80 hung that way): the static_assert.
+// Measured (H200, 2026-12-02, Benchmarks/RESULTS.md round 14): 40 (consumers 232) spilled more in the producer and
+// was slower (qwen3-30b-a3b S = 4096 0.996 against 0.946 ms, paper-e64 S = 8192 0.810 against 0.773); 72 (consumers
+// 216) removes the spills of the producer's gather loop and was faster (0.924 – 0.929 and 0.755 – 0.759 against
+// 0.946 – 0.949 and 0.770 – 0.774; default 0.901 – 0.909 and 0.735 – 0.738), timed only: its bits and verify not run.
 #ifndef FMOE_TMA_PRODUCER_REGS
 #define FMOE_TMA_PRODUCER_REGS 56
 #endif
+constexpr int TMA_LAUNCH_REGS = 168 * BLOCK_THREADS;  // the block's register pool at launch
 constexpr int TMA_PRODUCER_REGS_FUSED = FMOE_TMA_PRODUCER_REGS;
-constexpr int TMA_CONSUMER_REGS_FUSED = (64 * 1024 - 128 * TMA_PRODUCER_REGS_FUSED) / PHASE_THREADS / 8 * 8;
-static_assert(PHASE_THREADS * TMA_CONSUMER_REGS_FUSED + 128 * TMA_PRODUCER_REGS_FUSED <= 64 * 1024,
-              "setmaxnreg: the roles' registers fit the SM's 64 K");
+constexpr int TMA_CONSUMER_REGS_FUSED = (TMA_LAUNCH_REGS - 128 * TMA_PRODUCER_REGS_FUSED) / PHASE_THREADS / 8 * 8;
+static_assert(PHASE_THREADS * TMA_CONSUMER_REGS_FUSED + 128 * TMA_PRODUCER_REGS_FUSED <= TMA_LAUNCH_REGS,
+              "setmaxnreg: the roles' registers must fit the block's pool at launch, or setmaxnreg.inc never returns");
+static_assert(TMA_PRODUCER_REGS_FUSED % 8 == 0 && TMA_PRODUCER_REGS_FUSED >= 24 && TMA_CONSUMER_REGS_FUSED <= 256,
+              "setmaxnreg takes multiples of 8 in 24 … 256");
 
 // A task of the queue: kind, expert (task space), row block, column tile.
 enum TmaTaskKind { TASK_GEMM0 = 0, TASK_GEMM1 = 1, TASK_OWN0 = 2, TASK_OWN1 = 3, TASK_END = -1, TASK_FAIL = -2,
