@@ -376,15 +376,14 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
 // Clusters of 2 sharing an operand by TMA multicast (TmaEngine CLUSTER = 2): pair i is run by cluster i (strided),
 // CTA rank r of the cluster takes tile 2i + r. Launched with a cluster-dimension attribute. SHARE_B: map_b has a box
 // of 128 rows, GEMM0 gathers A; SHARE_A (GEMM1 only): map_a has a box of 64 rows. CREL: cluster-scope release on the
-// remote empty arrives. ELECTED: one release a consumer warpgroup per CTA (TmaEngine's ELECTED) instead of a lane
-// per warp to both CTAs (docs/engine-notes.md, "What is left", item 2).
-template <int GEMM, int SHARE, bool CREL, bool ELECTED = false>
+// remote empty arrives.
+template <int GEMM, int SHARE, bool CREL>
 __global__ void __launch_bounds__(TMA_THREADS, 1)
     k_pair(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b) {
     static_assert(SHARE == SHARE_B || GEMM == 1, "A is shared by TMA only (GEMM1)");
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    using Eng = TmaEngine<MMA_BF16, STAGES_T, 2, SHARE, CREL, ELECTED>;
+    using Eng = TmaEngine<MMA_BF16, STAGES_T, 2, SHARE, CREL>;
     Eng eng;
     eng.init(smem);
     const int npairs = SHARE == SHARE_A ? p.napairs1 : (GEMM == 0 ? p.npairs0 : p.npairs1);
@@ -586,8 +585,6 @@ int main(int argc, char **argv) {
 #define SET_PAIR(G, SH, CR) CK(cudaFuncSetAttribute(k_pair<G, SH, CR>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new))
     SET_PAIR(0, SHARE_B, true); SET_PAIR(0, SHARE_B, false); SET_PAIR(1, SHARE_B, true); SET_PAIR(1, SHARE_B, false);
     SET_PAIR(1, SHARE_A, false);
-    CK(cudaFuncSetAttribute(k_pair<0, SHARE_B, false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
-    CK(cudaFuncSetAttribute(k_pair<1, SHARE_A, false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_new));
     cudaLaunchAttribute cl_attr[1];
     cl_attr[0].id = cudaLaunchAttributeClusterDimension;
     cl_attr[0].val.clusterDim.x = 2;
@@ -684,10 +681,6 @@ int main(int argc, char **argv) {
     CK(cudaDeviceSynchronize());
     check_same("GEMM0 tma cluster 2 (B multicast, gather A)", h_new, ho.data(), ho.size() * 2);
     poison(h_new, (size_t)R * I * 2);
-    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false, true>, pn, m_xg, m_w1h));
-    CK(cudaDeviceSynchronize());
-    check_same("GEMM0 tma cluster 2 (B multicast, gather A, one release a warpgroup)", h_new, ho.data(), ho.size() * 2);
-    poison(h_new, (size_t)R * I * 2);
     CK(cudaMemset(pn.ticket, 0, sizeof(int)));
     k_tick<0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1);
     CK(cudaDeviceSynchronize());
@@ -747,10 +740,6 @@ int main(int argc, char **argv) {
     CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false>, pn, m_h64, m_w2));
     CK(cudaDeviceSynchronize());
     check_same("GEMM1 tma cluster 2 (A multicast)", y_new, yo.data(), yo.size() * 4);
-    poison(y_new, (size_t)R * H * 4);
-    CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false, true>, pn, m_h64, m_w2));
-    CK(cudaDeviceSynchronize());
-    check_same("GEMM1 tma cluster 2 (A multicast, one release a warpgroup)", y_new, yo.data(), yo.size() * 4);
 
     // The expert phase (both GEMMs, one launch; h from this launch): the same h and y bits as the GEMMs above ------
     Problem pp = p;
@@ -782,7 +771,6 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM0 tma, gather A", time_ms([&] { k_new<0, true, false, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, true>, pn, m_xg, m_w1h)); }, reps), flops0});
     rows.push_back({"GEMM0 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false>, pn, m_xg, m_w1h)); }, reps), flops0});
-    rows.push_back({"GEMM0 tma cluster 2, B mc, elected", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<0, SHARE_B, false, true>, pn, m_xg, m_w1h)); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A, sync/tile", time_ms([&] { k_new<0, true, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, gather A, 16B stores", time_ms([&] { k_new<0, true, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
     rows.push_back({"GEMM0 tma, TMA A, 16B stores", time_ms([&] { k_new<0, false, false, 0, true><<<sms, TMA_THREADS, smem_new>>>(pn, m_xg, m_w1); }, reps), flops0});
@@ -794,7 +782,6 @@ int main(int argc, char **argv) {
     rows.push_back({"GEMM1 tma cluster 2, B mc, cl. release", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, true>, pn, m_h, m_w2h)); }, reps), flops1});
     rows.push_back({"GEMM1 tma cluster 2, B multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_B, false>, pn, m_h, m_w2h)); }, reps), flops1});
     rows.push_back({"GEMM1 tma cluster 2, A multicast", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false>, pn, m_h64, m_w2)); }, reps), flops1});
-    rows.push_back({"GEMM1 tma cluster 2, A mc, elected", time_ms([&] { CK(cudaLaunchKernelEx(&cl_cfg, k_pair<1, SHARE_A, false, true>, pn, m_h64, m_w2)); }, reps), flops1});
     rows.push_back({"GEMM1 tma, tickets", time_ms([&] { CK(cudaMemsetAsync(pn.ticket, 0, sizeof(int))); k_tick<1, false><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     rows.push_back({"GEMM1 tma, sync/tile", time_ms([&] { k_new<1, false, true, 0><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});
     if (creg_ok) rows.push_back({"GEMM1 tma, setmaxnreg", time_ms([&] { k_new<1, false, false, TMA_CONSUMER_REGS><<<sms, TMA_THREADS, smem_new>>>(pn, m_h, m_w2); }, reps), flops1});

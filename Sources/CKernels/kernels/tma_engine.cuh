@@ -73,19 +73,16 @@ struct TmaTile {
 enum TmaShare { SHARE_B = 0, SHARE_A = 1 };
 
 // CLUSTER_RELEASE: the consumers' arrives on the peer's empty barriers release at cluster scope (run 3 of
-// docs/engine-notes.md measured that form) instead of the default CTA scope. ELECTED: one thread per consumer
-// warpgroup releases a stage (to each CTA of the cluster, from a different warp) instead of one lane per warp: a
-// wgmma group is one operation of the whole warpgroup, so any of its warps past wgmma.wait_group knows the stage's
-// reads are done; 2 · CLUSTER arrives a stage instead of 8 · CLUSTER.
-template <int KIND, int STAGES, int CLUSTER = 1, int SHARE = SHARE_B, bool CLUSTER_RELEASE = false,
-          bool ELECTED = false>
+// docs/engine-notes.md measured that form) instead of the default CTA scope. (One release a warpgroup instead of
+// one a warp measured no different in the cluster pairs, run 5, and was removed.)
+template <int KIND, int STAGES, int CLUSTER = 1, int SHARE = SHARE_B, bool CLUSTER_RELEASE = false>
 struct TmaEngine {
     static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
     static_assert(KIND == MMA_BF16 || KIND == MMA_F16, "the TMA engine runs 16-bit operands only (see header)");
     static_assert(STAGES >= 3, "the TMA ring needs at least 3 stages");
     static constexpr int BN = TMA_BN;
     static constexpr int GATHER_LAG = STAGES - 2;
-    static constexpr int EMPTY_ARRIVALS = ELECTED ? TMA_CONSUMER_THREADS / 128 : TMA_EMPTY_ARRIVALS;  // per CTA
+    static constexpr int EMPTY_ARRIVALS = TMA_EMPTY_ARRIVALS;  // per CTA
 
     char *ring;  // 1024-byte aligned
     u64 *full;
@@ -206,9 +203,7 @@ struct TmaEngine {
     FMOE_DEVICE void consume(const TmaTile &t, float *acc) {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const int wg = threadIdx.x >> 7;
-        // The releasing threads: lane 0 of every warp, or (ELECTED) of warp c of the warpgroup for CTA c.
-        const bool lane0 = ELECTED ? (threadIdx.x & 31) == 0 && ((threadIdx.x >> 5) & 3) < CLUSTER
-                                   : (threadIdx.x & 31) == 0;
+        const bool lane0 = (threadIdx.x & 31) == 0;
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.f;
         for (int kt = 0; kt < ktiles; ++kt) {
@@ -228,13 +223,10 @@ struct TmaEngine {
         release(&empty[(it - 1) % STAGES], ktiles > 0 && lane0);
     }
 
-    // A consumer warp's release of a stage: to this CTA's empty barrier and, in a cluster, to the peer's (ELECTED:
-    // warp c of the warpgroup to CTA c's only).
+    // A consumer warp's release of a stage: to this CTA's empty barrier and, in a cluster, to the peer's.
     FMOE_DEVICE void release(u64 *bar, bool pred) const {
         if (CLUSTER == 1) {
             mbar_arrive_if(bar, pred);
-        } else if (ELECTED) {
-            mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, (threadIdx.x >> 5) & 3, pred);
         } else {
             mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, 0, pred);
             mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, 1, pred);
