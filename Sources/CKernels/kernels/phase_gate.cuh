@@ -22,7 +22,8 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     const int gate_tasks = gemv ? tiles * EG : tiles * NTE * ks_count;
     // tile_done[tile] counts the tile's gate tasks, then its route tasks.
     const int gate_done = gemv ? EG : NTE * ks_count;
-    const int tasks = gate_tasks + tiles * ROUTE_TASKS_PER_TILE;
+    const int route_tokens = route_task_tokens(p), route_per_tile = BT / route_tokens;
+    const int tasks = gate_tasks + tiles * route_per_tile;
     // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
     if (threadIdx.x == 0) s_ok = 1;
@@ -35,16 +36,16 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
         const int task = s_task;
         if (task >= tasks) break;
         if (task >= gate_tasks) {
-            // A route task: ROUTE_TASK_TOKENS tokens of a tile whose gate tasks have all finished (every gate
-            // ticket was taken before this one, by blocks that are running, so the wait ends).
-            const int tile = (task - gate_tasks) / ROUTE_TASKS_PER_TILE;
-            const int chunk = (task - gate_tasks) % ROUTE_TASKS_PER_TILE;
+            // A route task: route_tokens tokens of a tile whose gate tasks have all finished (every gate ticket
+            // was taken before this one, by blocks that are running, so the wait ends).
+            const int tile = (task - gate_tasks) / route_per_tile;
+            const int chunk = (task - gate_tasks) % route_per_tile;
             const int in_tile = min(BT, p.tokens - tile * BT);
-            const int chunks = (in_tile + ROUTE_TASK_TOKENS - 1) / ROUTE_TASK_TOKENS;
+            const int chunks = (in_tile + route_tokens - 1) / route_tokens;
             if (chunk >= chunks) continue;  // block-uniform: past the tile's last token
             FMOE_TRACE_SCOPE(FMOE_EV_ROUTE, -1, tile, chunk);
-            const int t0 = tile * BT + chunk * ROUTE_TASK_TOKENS;
-            const int n = min(ROUTE_TASK_TOKENS, in_tile - chunk * ROUTE_TASK_TOKENS);
+            const int t0 = tile * BT + chunk * route_tokens;
+            const int n = min(route_tokens, in_tile - chunk * route_tokens);
 #if FMOE_PREC == 4
             // Decode prefix: this block quantizes x (a few rows) while the gate tasks finish; the scan flag
             // releases the codes with the placement.

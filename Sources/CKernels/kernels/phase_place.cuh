@@ -52,38 +52,37 @@ FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int w
     reset_expert_counters(p, L, worker, workers);
 }
 
-// The decode prefix's placement (one token tile, its ranks and counts from rank_tile and the scan): a thread per
-// (token, rank) pair, the tokens' contribution counts summed in shared memory. The same rows, slots and counts as
-// place_phase.
-FMOE_DEVICE void place_pairs(const Params &p, const Layout &L) {
+// Placement a thread per (token, rank) pair: worker `worker` of `workers` blocks takes TP tokens at a time (a
+// block's threads' worth of pairs, and at least the decode prefix's tokens), their contribution counts summed in
+// shared memory. The same rows, slots and counts as place_phase, whose thread per token waits for each pair's
+// loads behind the previous pair's stores (the compiler cannot know that a row_token store leaves the next pair's
+// ids, base and rank alone).
+FMOE_DEVICE void place_pairs(const Params &p, const Layout &L, int worker, int workers) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
-    __shared__ int contributions[ROUTE_TASK_TOKENS];
-    if (threadIdx.x < p.tokens) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
-    sync_block();
-    for (int i = threadIdx.x; i < p.tokens * K; i += THREADS) {
-        const int t = i / K, e = p.ids[i];
-        int row = -1;
-        if (e >= 0) {
-            const int slot = p.base[e] + p.rank_in_tile[i];  // tile 0's base
-            if (slot < rows_of(L, e)) {
-                row = L.row_start[e] + slot;
-                p.row_token[row] = t;
-                atomicAdd(&contributions[t], 1);
+    constexpr int TP = THREADS / K > ROUTE_TASK_TOKENS ? THREADS / K : ROUTE_TASK_TOKENS;
+    __shared__ int contributions[TP];
+    for (int t0 = worker * TP; t0 < p.tokens; t0 += workers * TP) {
+        const int n = min(TP, p.tokens - t0);
+        if (threadIdx.x < n) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
+        sync_block();
+        for (int u = threadIdx.x; u < n * K; u += THREADS) {
+            const int i = t0 * K + u, t = i / K, e = p.ids[i];
+            int row = -1;
+            if (e >= 0) {
+                const int slot = p.base[(size_t)(t / BT) * E + e] + p.rank_in_tile[i];
+                if (slot < rows_of(L, e)) {
+                    row = L.row_start[e] + slot;
+                    p.row_token[row] = t;
+                    atomicAdd(&contributions[t - t0], 1);
+                }
             }
+            p.slot_row[i] = row;
         }
-        p.slot_row[i] = row;
+        sync_block();
+        if (threadIdx.x < n) set_token_target(p, t0 + threadIdx.x, contributions[threadIdx.x]);
+        sync_block();  // every count is read before the next pass resets them
     }
-    sync_block();
-    // set_token_target's stores written out: through it (one read of the count instead of two) the sm_90a code of
-    // the k > 2 kernels changed, and this is the build call 3 of round 12 measured (NVRTC 13.0).
-    for (int t = threadIdx.x; t < p.tokens; t += THREADS) {
-        p.target[t] = contributions[t];
-        p.pending[t] = 0;
-        if (contributions[t] == 0) {
-            for (int h = 0; h < H; h += 4) store_y4(p, (size_t)t * H + h, make_float4(0.f, 0.f, 0.f, 0.f));
-        }
-    }
-    reset_expert_counters(p, L, 0, 1);
+    reset_expert_counters(p, L, worker, workers);
 }
 
 // ---- The decode prefix -------------------------------------------------------------------------------------------
@@ -113,6 +112,15 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
 #define FMOE_DECODE_PLACE_PAIRS 2
 #endif
 constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_DECODE_PLACE_PAIRS != 0;
+// FMOE_PLACE_PAIRS 1: every launch places a thread per pair (place_pairs over all blocks) when DECODE_PLACE_PAIRS
+// would; 0 keeps place_phase's thread per token outside the decode prefix. At qwen3-30b-a3b S = 4096 (k = 8) the
+// blocks that hold tokens placed them in 5.5 – 5.9 µs a token at a time, and every block waited for them at the grid
+// barrier; in pairs placement ends 1.6 µs after it starts (H200 traces, 2026-12-02, Benchmarks/RESULTS.md
+// "Round 15"). With FMOE_ROUTE_FIT: qwen3-30b-a3b S = 4096 0.921 → 0.908 ms, paper-e64 S = 8192 0.748 → 0.736.
+#ifndef FMOE_PLACE_PAIRS
+#define FMOE_PLACE_PAIRS 1
+#endif
+constexpr bool PLACE_PAIRS = FMOE_PLACE_PAIRS && DECODE_PLACE_PAIRS;
 
 // The decode prefix's block, after routing the launch's tokens (route_staged): rank the one tile, scan, fill L from
 // the scan, place, then release (the scan flag). Every step reads only this block's own writes, ordered by the
@@ -129,7 +137,7 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
     }
     load_layout(p, L);
     if (FMOE_STOP_AFTER != 1) {
-        if (DECODE_PLACE_PAIRS) place_pairs(p, L);
+        if (DECODE_PLACE_PAIRS) place_pairs(p, L, 0, 1);
         else place_phase(p, L, 0, 1);
     }
     __threadfence();

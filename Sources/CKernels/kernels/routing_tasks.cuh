@@ -16,8 +16,26 @@ namespace fmoe {
 // on the critical path, and ran 24 µs slower than with route tasks; H200, commits f92c173 and 764fc97.)
 constexpr int ROUTE_BATCH = 8;
 constexpr int ROUTE_TASK_TOKENS = THREADS / 32;             // a route task: one token per warp
-constexpr int ROUTE_TASKS_PER_TILE = BT / ROUTE_TASK_TOKENS;
 static_assert(ROUTE_TASK_TOKENS <= ROUTE_CHUNK, "a route task's rows must fit the staging area");
+
+// FMOE_ROUTE_FIT 1: a launch with more route tasks than blocks routes larger tasks (16, 32, … up to ROUTE_CHUNK
+// tokens, several a warp), the fewest that still leave one task a block, so each block pays a task's waits,
+// staging and count once instead of once per 8 tokens; 0: ROUTE_TASK_TOKENS always. Launch-uniform (from the token
+// count and the grid). Each token is routed exactly as before, so the bits do not depend on it. Measured (H200,
+// 2026-12-02, Benchmarks/RESULTS.md "Round 15"): qwen3-30b-a3b S = 4096 bf16 routes in 128 tasks of 32 tokens
+// instead of 512 of 8 and its tokens are routed by 38 µs instead of 51 (trace); alone, paper-e64 S = 8192
+// 0.744 → 0.724 ms and paper-e32 S = 8192 0.659 → 0.639.
+#ifndef FMOE_ROUTE_FIT
+#define FMOE_ROUTE_FIT 1
+#endif
+FMOE_DEVICE int route_task_tokens(const Params &p) {
+    int q = ROUTE_TASK_TOKENS;
+    if (FMOE_ROUTE_FIT) {
+        const int tiles = (p.tokens + BT - 1) / BT;
+        while (q < ROUTE_CHUNK && tiles * (BT / q) > ctas()) q *= 2;
+    }
+    return q;
+}
 
 // Routing's shared memory: masks [E][4] (bit t of expert e: token t of the tile chose e), the tile's ids [BT][K],
 // staged logit rows [ROUTE_CHUNK][EG + 1] (a route task uses ROUTE_TASK_TOKENS of them).

@@ -19,7 +19,10 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         load_layout(p, L);
         stamp(p, 2);
         if (!decode_prefix(p)) {
-            if (FMOE_STOP_AFTER != 1) place_phase(p, L, cta(), ctas());  // timing variant 1 skips placement
+            if (FMOE_STOP_AFTER != 1) {  // timing variant 1 skips placement
+                if (PLACE_PAIRS) place_pairs(p, L, cta(), ctas());
+                else place_phase(p, L, cta(), ctas());
+            }
             stamp(p, 3);
             if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
             FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
