@@ -60,6 +60,101 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
     }
 }
 
+// FMOE_REG_EPILOGUE (16-bit sm_90a builds, one GPU; ignored elsewhere): 1, the cp.async engine's wide GEMM1 tiles
+// store their FP32 rows straight from the accumulators (gemm1_store_acc) instead of staging the tile through shared
+// memory and reading it back; 2, GEMM0's too (gemm0_store_acc, 16-byte stores). 0 (default): staged. Same bits.
+// Not yet measured (Benchmarks/RESULTS.md, round 15, "Not run on a GPU"): a GEMM1 tile of one k-slice took 6.7 µs
+// (qwen3-30b-a3b at I = 64), half of a whole qwen3-30b-a3b GEMM1 tile, and the TMA engine's register epilogue
+// measured 12.8 µs a GEMM1 tile with its release against the cp.async engine's 15.0 (round 14).
+#if FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3) && FMOE_RANKS == 1
+#define FMOE_ACC_EPILOGUES 1
+#ifndef FMOE_REG_EPILOGUE
+#define FMOE_REG_EPILOGUE 0
+#endif
+#else
+#define FMOE_ACC_EPILOGUES 0
+#endif
+
+#if FMOE_ACC_EPILOGUES
+// The epilogues straight from a wide wgmma tile's accumulators (16-bit, one GPU): the TMA engine's consumers
+// (phase_experts_tma.cuh) and, with FMOE_REG_EPILOGUE, the cp.async engine's tiles below. Same arithmetic as
+// gemm0_store and gemm1_store, so the same bits.
+FMOE_DEVICE u32 pack_t2(float a, float b) {
+    return (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);
+}
+
+// GEMM0's epilogue from the accumulators (WgmmaEngine's m64n256 layout, wgmma.cuh: register 4j + c holds row
+// wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1)), the arithmetic of gemm0_store: gated,
+// act(gate) · up with the up column 128 after its gate column (j + 16); plain, act(acc + b1). Each quad of lanes
+// transposes its packed pairs so a lane stores 16 contiguous bytes (quad_transpose). I is a multiple of 8, so a
+// 16-byte column block is wholly inside or outside; row masks are store predicates only.
+FMOE_DEVICE void gemm0_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
+    const bool shared = is_shared(L, x);
+    const int inter = shared ? IS : I;
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    T *out = h_rows(p, L, x);
+    constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
+    const int r0 = wgmma_acc_row();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        const bool ok = row0 + r < rows;
+        T *row = out + (size_t)(ok ? row0 + r : 0) * inter;
+#pragma unroll
+        for (int jg = 0; jg < OUT_COLS / 32; ++jg) {
+            u32 w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int j = 4 * jg + i, c = 4 * j + 2 * h;
+                float v0, v1;
+                if (GATED) {
+                    v0 = activation(acc[c]) * acc[c + 64];
+                    v1 = activation(acc[c + 1]) * acc[c + 65];
+                } else {
+                    const int col = n * OUT_COLS + 8 * j + wgmma_acc_col();
+                    const bool bias = !shared && p.b1 != nullptr && col < inter;
+                    v0 = activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f));
+                    v1 = activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f));
+                }
+                w[i] = pack_t2(v0, v1);
+            }
+            const uint4 v = quad_transpose(w);
+            const int col = n * OUT_COLS + 8 * (4 * jg + (int)(threadIdx.x & 3));
+            if (ok && col < inter) *(uint4 *)(row + col) = v;
+        }
+    }
+}
+
+// GEMM1's epilogue from the accumulators, gemm1_store's arithmetic: + b2 (routed, when present), FP32 rows. The
+// bias form is a loop of its own, so the plain one holds no bias loads in registers beside the 128 accumulators.
+FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
+    const bool shared = is_shared(L, x);
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    float *out = (shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H) + n * EBN + wgmma_acc_col();
+    const float *bias = !shared && p.b2 != nullptr ? p.b2 + (size_t)x * H + n * EBN + wgmma_acc_col() : nullptr;
+    const int cols = H - n * EBN - wgmma_acc_col();  // this lane's columns 8j (+1) exist while 8j < cols
+    const int r0 = wgmma_acc_row();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        if (row0 + r >= rows) continue;
+        float *row = out + (size_t)(row0 + r) * H;
+        if (bias != nullptr) {
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                if (8 * j < cols)
+                    *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h] + bias[8 * j],
+                                                           acc[4 * j + 2 * h + 1] + bias[8 * j + 1]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+                if (8 * j < cols) *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        }
+    }
+}
+
+#endif
+
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n);
     const bool shared = is_shared(L, x);
@@ -76,6 +171,13 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     {
         gemm0_x_rows<BM>(p, L, x, shared, rows, row0, src.a, src.a_valid);
         point_rows<EBN>(src.b, src.b_valid, w, n * EBN, n0, H);
+#if FMOE_ACC_EPILOGUES
+        if (FMOE_REG_EPILOGUE >= 2) {
+            gemm_tile_wgmma_acc<SharedEngine, STAGES>(
+                smem, src, [&](const float *acc) { gemm0_store_acc(p, L, x, m, n, acc); });
+            return;
+        }
+#endif
         run_tile<SharedEngine>(smem, src);
     }
     constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
@@ -142,6 +244,13 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     {
         point_rows<BM>(src.a, src.a_valid, a, row0, rows, inter);
         point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+#if FMOE_ACC_EPILOGUES
+        if (FMOE_REG_EPILOGUE >= 1) {
+            gemm_tile_wgmma_acc<SharedEngine, STAGES>(
+                smem, src, [&](const float *acc) { gemm1_store_acc(p, L, x, m, n, acc); });
+            return;
+        }
+#endif
         run_tile<SharedEngine>(smem, src);
     }
     gemm1_store<BM, c_stride<EBN>(), EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);

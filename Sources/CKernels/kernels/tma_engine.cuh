@@ -233,28 +233,10 @@ struct TmaEngine {
         }
     }
 
-    // Quad transpose for 16-byte stores: lane t of each quad holds w[i] = the packed pair of columns
-    // 8(j0 + i) + 2t, +1 (i < 4) of its row; returns the 4 words of column block j0 + t (16 contiguous bytes of the
-    // row), so a warp's store covers 64 contiguous bytes per row instead of 16. Three shuffles; indices are selects,
-    // so nothing goes to local memory.
-    static FMOE_DEVICE uint4 quad_transpose(const u32 *w) {
-        const int t = threadIdx.x & 3;
-        u32 o[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int idx = t ^ r;  // the block my reader in this round (lane t ^ r) collects
-            const u32 send = idx == 0 ? w[0] : idx == 1 ? w[1] : idx == 2 ? w[2] : w[3];
-            const u32 got = r == 0 ? send : __shfl_xor_sync(0xffffffffu, send, r);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) o[q] = q == idx ? got : o[q];  // columns 2(t ^ r), +1 of my block
-        }
-        return make_uint4(o[0], o[1], o[2], o[3]);
-    }
-
-    static FMOE_DEVICE int acc_row() {
-        return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2);
-    }
-    static FMOE_DEVICE int acc_col() { return 2 * (threadIdx.x & 3); }
+    // The accumulators' layout and the quad transpose of their 16-bit packs are WgmmaEngine's (wgmma.cuh).
+    static FMOE_DEVICE uint4 quad_transpose(const u32 *w) { return fmoe::quad_transpose(w); }
+    static FMOE_DEVICE int acc_row() { return wgmma_acc_row(); }
+    static FMOE_DEVICE int acc_col() { return wgmma_acc_col(); }
 };
 
 }  // namespace fmoe

@@ -112,7 +112,7 @@ template <int KIND_> struct WgmmaEngine {
     }
 
     // m64nN accumulator layout: warp w of the warpgroup owns rows 16w..16w+15; register 4j+c holds column
-    // 8j + 2(lane%4) + (c&1) of row (lane/4) + 8(c>>1).
+    // 8j + 2(lane%4) + (c&1) of row (lane/4) + 8(c>>1) (wgmma_acc_row, wgmma_acc_col below).
     FMOE_DEVICE void stage_out(float *c) const {
         const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
         const int row = wg * 64 + w * 16 + (lane >> 2), col = 2 * (lane & 3);
@@ -123,6 +123,31 @@ template <int KIND_> struct WgmmaEngine {
         }
     }
 };
+
+// WgmmaEngine's accumulators (and the TMA engine's, tma_engine.cuh): register 4j + c of this thread holds row
+// wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) of the 128 × 256 tile.
+FMOE_DEVICE int wgmma_acc_row() {
+    return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2);
+}
+FMOE_DEVICE int wgmma_acc_col() { return 2 * (threadIdx.x & 3); }
+
+// Quad transpose for 16-byte stores from those registers: lane t of each quad holds w[i] = the packed pair of
+// columns 8(j0 + i) + 2t, +1 (i < 4) of its row; returns the 4 words of column block j0 + t (16 contiguous bytes of
+// the row), so a warp's store covers 64 contiguous bytes per row instead of 16. Three shuffles; indices are selects,
+// so nothing goes to local memory.
+FMOE_DEVICE uint4 quad_transpose(const u32 *w) {
+    const int t = threadIdx.x & 3;
+    u32 o[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int idx = t ^ r;  // the block my reader in this round (lane t ^ r) collects
+        const u32 send = idx == 0 ? w[0] : idx == 1 ? w[1] : idx == 2 ? w[2] : w[3];
+        const u32 got = r == 0 ? send : __shfl_xor_sync(0xffffffffu, send, r);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) o[q] = q == idx ? got : o[q];  // columns 2(t ^ r), +1 of my block
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
 
 // Decode tiles (expert_tiles.cuh): 64 rows × BN weight rows (64 or 128), each warpgroup m64n(BN/2) on its own
 // BN/2 weight rows of the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256
@@ -179,12 +204,13 @@ template <class Engine> constexpr bool evicts_weights() { return FMOE_DECODE_EVI
 // 67 – 153 GB/s an SM, a tile's mainloop moves about 56 (docs/performance.md, "FP8 prefill").
 // Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64 or
 // 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
-template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+// wgmma_mainloop leaves the accumulators in `eng` (every group retired, every stage free: ends with a barrier);
+// gemm_tile_wgmma stages them, gemm_tile_wgmma_acc hands them to an epilogue that stores from registers.
+template <class Engine, int STAGES> FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng) {
     static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
     constexpr int P = STAGES - 1;
     constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
     constexpr bool EVICT = evicts_weights<Engine>();
-    Engine eng;
     eng.zero();
     const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
     // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
@@ -209,8 +235,20 @@ template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem,
     wgmma_wait<0>();
     cp_async_wait<0>();
     sync_block();
+}
+template <class Engine, int STAGES> FMOE_DEVICE void gemm_tile_wgmma(char *smem, const TileSource &src) {
+    Engine eng;
+    wgmma_mainloop<Engine, STAGES>(smem, src, eng);
     eng.stage_out((float *)smem);
     sync_block();
+}
+// The wide engine's tile with its accumulators (WgmmaEngine's layout: wgmma_acc_row, wgmma_acc_col) passed to
+// `epilogue(const float *acc)`, no staging through shared memory.
+template <class Engine, int STAGES, class Epilogue>
+FMOE_DEVICE void gemm_tile_wgmma_acc(char *smem, const TileSource &src, Epilogue epilogue) {
+    Engine eng;
+    wgmma_mainloop<Engine, STAGES>(smem, src, eng);
+    epilogue((const float *)eng.acc);
 }
 
 }  // namespace fmoe
