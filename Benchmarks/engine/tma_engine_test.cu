@@ -140,12 +140,12 @@ __device__ __forceinline__ TmaTile make_tile(const Problem &p, const Task &tk, c
 
 // The epilogue from the accumulators (TmaEngine's register layout): relu + bf16 for GEMM0, fp32 for GEMM1. Row masks
 // are predicates on the stores only: no branch around reads of the accumulators (ptxas would serialise the wgmma).
-// WIDE (GEMM0): 16-byte stores after TmaEngine::quad_transpose instead of one 4-byte pair per lane.
+// WIDE (GEMM0): 16-byte stores after quad_transpose (wgmma.cuh) instead of one 4-byte pair per lane.
 template <int GEMM, bool WIDE = false>
 __device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, const float *acc) {
     const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
     const int start = p.row_start[tk.e];
-    const int r0 = TmaEngine<MMA_BF16, STAGES_T>::acc_row(), c0 = TmaEngine<MMA_BF16, STAGES_T>::acc_col();
+    const int r0 = wgmma_acc_row(), c0 = wgmma_acc_col();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = r0 + 8 * h;
@@ -160,7 +160,7 @@ __device__ __forceinline__ void store_tile(const Problem &p, const Task &tk, con
                     const int j = 4 * jg + i;
                     w[i] = pack_bf16(relu(acc[4 * j + 2 * h]), relu(acc[4 * j + 2 * h + 1]));
                 }
-                const uint4 v = TmaEngine<MMA_BF16, STAGES_T>::quad_transpose(w);
+                const uint4 v = quad_transpose(w);
                 const int col = tk.n * 256 + 8 * (4 * jg + (int)(threadIdx.x & 3));
                 if (ok) *(uint4 *)&p.h[grow * p.I + col] = v;
             }

@@ -30,6 +30,26 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
     st_relaxed_u64(&p.ring[pos], (p.epoch << 32) | (u64)rb);
 }
 
+// Counts a GEMM0 tile of row block rb done (nt tiles make the block); the block's last tile puts it on the ring.
+// Release: every thread fences its own h stores before the count.
+FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
+    __threadfence();
+    sync_block();
+    if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
+        fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
+        publish_row_block(p, rb);
+    }
+}
+
+// Counts a GEMM1 tile of expert x's row block m (row block rb of the task space) done (nt1 tiles make the block;
+// the last counts its tokens' contributions), then the launch's GEMM1 tiles: drain_combines reads the list's final end only after every tile
+// is counted, so this tile's pushes are released first.
+FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m, int rb, int nt1) {
+    if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
+    sync_block();
+    if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
+}
+
 // GEMM1 tickets at decode (split > 1: an expert has one row block, so grouped row blocks share no W2 slab) walk the
 // ring one row block at a time, in publication order (FMOE_DECODE_RING 1, default; 0 keeps RING_GROUP). With
 // groups of 8, the first GEMM1 tickets after qwen3-30b-a3b S = 1's first GEMM0 wave mapped to row blocks whose
@@ -109,12 +129,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
                 if (threadIdx.x == 0) publish_row_block(p, rb);
             }
 #else
-            __threadfence();
-            sync_block();
-            if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
-                fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
-                publish_row_block(p, rb);
-            }
+            count_gemm0_tile(p, rb, nt);
 #endif
         } else {
             // GEMM1 tickets walk the ring in groups of `group` row blocks (RING_GROUP; one at decode, above),
@@ -140,11 +155,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             else if (split > 1) gemm1_decode(p, L, x, m, n, q, split, smem);
             else gemm1_task(p, L, x, m, n, smem);
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
-            if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
-            sync_block();
-            // Release this tile's pushes (if any) before counting it done: drain_combines reads the list's final
-            // end only after every tile is counted.
-            if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
+            count_gemm1_tile(p, L, x, m, rb, nt1);
         }
     }
 }

@@ -75,7 +75,7 @@ FMOE_DEVICE void expert_tile_fp8(char *smem, TileSource &src, Fp8Scales &sc, con
 // row (its second is 8 further), the mma.sync engine's row threadIdx.x (threads 0 … 127; a1 unused).
 FMOE_DEVICE int fp8_scale_row() {
 #if FMOE_WGMMA
-    return fp8_acc_row();
+    return wgmma_acc_row();  // wgmma.cuh
 #else
     return threadIdx.x < BM ? (int)threadIdx.x : 1 << 30;  // threads 128 …: a row past any tile's (a0 = null)
 #endif

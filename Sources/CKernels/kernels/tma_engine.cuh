@@ -198,8 +198,8 @@ struct TmaEngine {
         }
     }
 
-    // Consumer warpgroups: the tile's mainloop into `acc` (zeroed here). Register 4j + c of the m64n256 layout holds
-    // row acc_row() + 8·(c >> 1), column 8j + acc_col() + (c & 1).
+    // Consumer warpgroups: the tile's mainloop into `acc` (zeroed here), in WgmmaEngine's m64n256 layout: register
+    // 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) (wgmma.cuh).
     FMOE_DEVICE void consume(const TmaTile &t, float *acc) {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const int wg = threadIdx.x >> 7;
@@ -232,11 +232,6 @@ struct TmaEngine {
             mbar_arrive_cluster_if<CLUSTER_RELEASE>(bar, 1, pred);
         }
     }
-
-    // The accumulators' layout and the quad transpose of their 16-bit packs are WgmmaEngine's (wgmma.cuh).
-    static FMOE_DEVICE uint4 quad_transpose(const u32 *w) { return fmoe::quad_transpose(w); }
-    static FMOE_DEVICE int acc_row() { return wgmma_acc_row(); }
-    static FMOE_DEVICE int acc_col() { return wgmma_acc_col(); }
 };
 
 }  // namespace fmoe

@@ -82,9 +82,6 @@ struct Fp8WgmmaEngine {
     }
 };
 
-// This thread's first accumulator row of a 128-row tile (the second is 8 further): WgmmaEngine's layout.
-FMOE_DEVICE int fp8_acc_row() { return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2); }
-
 // A K block's four scales (the thread's two rows', the tile's two granules').
 struct Fp8BlockScales {
     float s0, s1, b0, b1;
