@@ -114,8 +114,8 @@ FMOE_DEVICE bool decode_prefix(const Params &p) {
 constexpr bool DECODE_PLACE_PAIRS = FMOE_DECODE_PLACE_PAIRS == 2 ? K > 2 : FMOE_DECODE_PLACE_PAIRS != 0;
 // FMOE_PLACE_PAIRS 1: every launch places a thread per pair (place_pairs over all blocks) when DECODE_PLACE_PAIRS
 // would; 0 keeps place_phase's thread per token outside the decode prefix. At qwen3-30b-a3b S = 4096 (k = 8) the
-// blocks that hold tokens placed them in 5.5 – 5.9 µs a token at a time, and every block waited for them at the grid
-// barrier; in pairs placement ends 1.6 µs after it starts (H200 traces, 2026-12-02, Benchmarks/RESULTS.md
+// blocks that hold tokens placed them in 3 – 6.2 µs a token at a time, and every block waited for them at the grid
+// barrier; in pairs every block places in 1.2 – 1.8 µs (H200 traces, 2026-12-02, Benchmarks/RESULTS.md
 // "Round 15"). With FMOE_ROUTE_FIT: qwen3-30b-a3b S = 4096 0.921 → 0.908 ms, paper-e64 S = 8192 0.748 → 0.736.
 #ifndef FMOE_PLACE_PAIRS
 #define FMOE_PLACE_PAIRS 1
