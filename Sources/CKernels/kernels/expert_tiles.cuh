@@ -60,16 +60,16 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
     }
 }
 
-// FMOE_REG_EPILOGUE (16-bit sm_90a builds, one GPU; ignored elsewhere): 1, the cp.async engine's wide GEMM1 tiles
-// store their FP32 rows straight from the accumulators (gemm1_store_acc) instead of staging the tile through shared
-// memory and reading it back; 2, GEMM0's too (gemm0_store_acc, 16-byte stores). 0 (default): staged. Same bits.
-// Not yet measured (Benchmarks/RESULTS.md, round 15, "Not run on a GPU"): a GEMM1 tile of one k-slice took 6.7 µs
-// (qwen3-30b-a3b at I = 64), half of a whole qwen3-30b-a3b GEMM1 tile, and the TMA engine's register epilogue
-// measured 12.8 µs a GEMM1 tile with its release against the cp.async engine's 15.0 (round 14).
+// FMOE_REG_EPILOGUE (16-bit sm_90a builds, one GPU; ignored elsewhere): 1 (default), the cp.async engine's wide GEMM1
+// tiles store their FP32 rows straight from the accumulators (gemm1_store_acc) instead of staging the tile through
+// shared memory and reading it back; 2, GEMM0's too (gemm0_store_acc, 16-byte stores); 0, both staged. Same bits.
+// A GEMM1 tile took 10.8 µs instead of 13.2 (qwen3-30b-a3b S = 4096, trace) and the layer 0.902 → 0.863 ms, paper-e64
+// S = 8192 0.725 → 0.710, qwen3-30b-a3b S = 16384 3.162 → 3.108; 2 was slower (GEMM0 tiles 28.5 against 27.9 µs,
+// their counts' fences longer; qwen3-30b-a3b S = 64 0.370 → 0.425 ms) (H200, Benchmarks/RESULTS.md, round 16).
 #if FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3) && FMOE_RANKS == 1
 #define FMOE_ACC_EPILOGUES 1
 #ifndef FMOE_REG_EPILOGUE
-#define FMOE_REG_EPILOGUE 0
+#define FMOE_REG_EPILOGUE 1
 #endif
 #else
 #define FMOE_ACC_EPILOGUES 0
@@ -227,6 +227,16 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 #endif
 }
 
+// The operands of GEMM1 wide tile (x, m, n): the row block's h rows and the tile's 256 W2 rows (output columns).
+FMOE_DEVICE void gemm1_source(const Params &p, const Layout &L, int x, int m, int n, TileSource &src) {
+    const bool shared = is_shared(L, x);
+    const int inter = shared ? IS : I;
+    const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
+    src.k_bytes = inter * (int)sizeof(T);
+    point_rows<BM>(src.a, src.a_valid, h_rows(p, L, x), m * BM, task_rows(p, L, x), inter);
+    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+}
+
 FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, n);
     const bool shared = is_shared(L, x);
@@ -256,6 +266,58 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     gemm1_store<BM, c_stride<EBN>(), EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);
     sync_block();
 }
+
+// ---- Chained wide tiles --------------------------------------------------------------------------------------------
+// FMOE_CHAIN1 (16-bit sm_90a builds on one GPU, where the register epilogues exist; ignored elsewhere, and at decode):
+// the GEMM1 column tiles one ticket runs. 1 (default): one. 2 – 4: column tiles n … n + CHAIN1 − 1 of one row block
+// (one ticket, one ring wait), back to back in chain_tiles: once a tile's last wgmma has retired, the next tile's
+// first k-slices load while this one stores its rows from the accumulators and is counted. 0: 2 where a GEMM1 tile
+// is short (I ≤ 2048) and the kernel has no shared expert, else 1. Why: between GEMM1 tiles a block idles 4.4 µs
+// beside qwen3-30b-a3b S = 4096's 11 µs tiles (ticket, ring wait, count; trace, H200). Measured (round 16, a first
+// form whose every wgmma tile ran the mainloop as two functions; Benchmarks/RESULTS.md): pairs took qwen3-30b-a3b
+// S = 16384 2.947 → 2.766 and 3.126 → 2.809 ms, S = 4096 0.847 → 0.834, paper-e64 S = 8192 0.717 → 0.709; no gain on
+// deepseek-v3 (whose kernel spills 12 bytes with them) and mixtral-8x7b 5.25 → 5.36 (I = 14336: long tiles, a
+// coarser last wave); 4 no better than 2. Not the default until this form is measured and checked on a GPU.
+// Chains of GEMM0 tiles need GEMM0's register epilogue, slower than its staged one, and measured 10 – 15 % slower.
+#if FMOE_ACC_EPILOGUES
+#ifndef FMOE_CHAIN1
+#define FMOE_CHAIN1 1
+#endif
+static_assert(FMOE_CHAIN1 >= 0 && FMOE_CHAIN1 <= 4, "FMOE_CHAIN1 is 0 (chosen by the shape) or 1 to 4 tiles");
+constexpr int CHAIN1_WANTED = FMOE_CHAIN1 != 0 ? FMOE_CHAIN1 : (I <= 2048 && IS == 0 ? 2 : 1);
+constexpr int CHAIN1 = NT1 % CHAIN1_WANTED == 0 ? CHAIN1_WANTED : 1;  // a row block's column tiles in whole chains
+
+// Runs wide tiles 0 … count − 1 of GEMM `kind` (FMOE_EV_GEMM0 or FMOE_EV_GEMM1, for the trace) back to back:
+// tile(i) names tile i as (expert, row block, column tile), source(t, src) gives its operands, store(t, acc) its
+// epilogue from the accumulators, done(t) counts it (each run by every thread, block-uniform). Tile i + 1's first
+// loads (wgmma_mainloop part 1) are issued after tile i's closing barrier (the ring is free) and before store(i), so
+// they fly during the store and the count; part 2 zeroes the accumulators, after store(i) has read them.
+template <class Tile, class Source, class Store, class Done>
+FMOE_DEVICE void chain_tiles(char *smem, int kind, int count, Tile tile, Source source, Store store, Done done) {
+    SharedEngine eng;
+    TileSource src;
+    int3 t = tile(0);
+    source(t, src);
+    wgmma_mainloop<SharedEngine, STAGES, 1>(smem, src, eng);
+    for (int i = 0; i < count; ++i) {
+        const int3 next = tile(i + 1 < count ? i + 1 : i);
+        {
+            FMOE_TRACE_SCOPE(kind, t.x, t.y, t.z);
+            wgmma_mainloop<SharedEngine, STAGES, 2>(smem, src, eng);
+            if (i + 1 < count) {
+                source(next, src);
+                wgmma_mainloop<SharedEngine, STAGES, 1>(smem, src, eng);
+            }
+            store(t, (const float *)eng.acc);
+        }
+        FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, t.x, t.y, t.z);
+        done(t);
+        t = next;
+    }
+}
+#else
+constexpr int CHAIN1 = 1;
+#endif
 
 // ---- Decode tiles ------------------------------------------------------------------------------------------------
 // A launch with at most half as many 128 × 256 GEMM0 tiles as blocks (decode: a few rows of a few experts) runs

@@ -58,10 +58,10 @@ FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m
 #define FMOE_DECODE_RING 1
 #endif
 
-// GEMM1 wide tile j (of rbs row blocks × NT1 column tiles) walks the ring in groups of `group` row blocks, column
-// tile outer: ring position `pos`, column tile `n`.
-FMOE_DEVICE void gemm1_ring_slot(int j, int rbs, int group, int &pos, int &n) {
-    const int full = rbs / group, span = group * NT1;
+// GEMM1 wide tile j (of rbs row blocks × `cols` column tiles, or chains of CHAIN1 column tiles) walks the ring in
+// groups of `group` row blocks, column tile outer: ring position `pos`, column tile (chain) `n`.
+FMOE_DEVICE void gemm1_ring_slot(int j, int rbs, int group, int cols, int &pos, int &n) {
+    const int full = rbs / group, span = group * cols;
     if (j < full * span) {
         pos = (j / span) * group + j % group;
         n = (j % span) / group;
@@ -72,6 +72,25 @@ FMOE_DEVICE void gemm1_ring_slot(int j, int rbs, int group, int &pos, int &n) {
     }
 }
 
+#if FMOE_ACC_EPILOGUES
+// GEMM1 column tiles n0 … n0 + CHAIN1 − 1 of expert x's row block m (row block rb of the task space) as one chain.
+FMOE_DEVICE void gemm1_chain(const Params &p, const Layout &L, int x, int m, int rb, int n0, char *smem) {
+    if (gemv_expert(L, x)) {
+        for (int n = n0; n < n0 + CHAIN1; ++n) {
+            gemv_task(p, L, 1, x, n, 0, 1, smem);
+            FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
+            count_gemm1_tile(p, L, x, m, rb, NT1);
+        }
+        return;
+    }
+    chain_tiles(
+        smem, FMOE_EV_GEMM1, CHAIN1, [&](int j) { return make_int3(x, m, n0 + j); },
+        [&](int3 u, TileSource &src) { gemm1_source(p, L, u.x, u.y, u.z, src); },
+        [&](int3 u, const float *acc) { gemm1_store_acc(p, L, u.x, u.y, u.z, acc); },
+        [&](int3 u) { count_gemm1_tile(p, L, u.x, u.y, rb, NT1); });
+}
+#endif
+
 FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     __shared__ int s_ticket, s_last, s_rb;
@@ -80,7 +99,9 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     const int t0_total = L.task0_start[L.xs] * split;
     const int rbs = L.rb_start[L.xs];
     const int nt1 = NT1 * split;
-    const int total = t0_total + rbs * nt1;
+    // A GEMM1 ticket is CHAIN1 column tiles of wide tiles (expert_tiles.cuh, chain_tiles), one at decode.
+    const int c1 = split == 1 ? CHAIN1 : 1;
+    const int total = t0_total + rbs * nt1 / c1;
     const int group = FMOE_DECODE_RING && split > 1 ? 1 : RING_GROUP;
     for (;;) {
         if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
@@ -136,7 +157,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             // column tile outer: blocks published together (usually one expert's) share each W2 slab in L2.
             const int j = (ticket - t0_total) / split, q = (ticket - t0_total) % split;
             int pos, n;
-            gemm1_ring_slot(j, rbs, group, pos, n);
+            gemm1_ring_slot(j, rbs, group, NT1 / c1, pos, n);
             if (threadIdx.x == 0) {
                 // A ring entry waits on GEMM0 work that may itself wait for rows: twice the budget, so the upstream
                 // wait (the root cause) is the one that expires and gets reported.
@@ -151,6 +172,12 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int x = find_segment(L.rb_start, L.xs, rb);
             const int m = rb - L.rb_start[x];
             FMOE_TRACE_WAIT(FMOE_EV_TASK_WAIT);
+#if FMOE_ACC_EPILOGUES
+            if (c1 > 1) {
+                gemm1_chain(p, L, x, m, rb, n * c1, smem);
+                continue;
+            }
+#endif
             if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, q, split, smem);
             else if (split > 1) gemm1_decode(p, L, x, m, n, q, split, smem);
             else gemm1_task(p, L, x, m, n, smem);

@@ -134,7 +134,7 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
                 return make_int4(gemv_expert(L, x) ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
             }
             int pos, n;
-            gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, pos, n);
+            gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, NT1, pos, n);
             u64 entry = 0;
             // As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
             if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank,

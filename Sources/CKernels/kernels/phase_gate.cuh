@@ -10,14 +10,6 @@
 
 namespace fmoe {
 
-// FMOE_GATE_PREFETCH 1 (sm_90a builds; default 0, not yet run on a GPU): a prefill gate task first asks L2 for its
-// x rows' K range with bulk prefetches (nothing waits on them), so its k-slices find x in L2 instead of each stage
-// waiting out HBM's latency with three 16 KB stages in flight. The gate tasks took 17 – 23 µs each at 1.4 – 2.3 µs
-// a k-slice, against the expert tiles' 0.85 (H200, Benchmarks/RESULTS.md "Round 15"). Same bits.
-#ifndef FMOE_GATE_PREFETCH
-#define FMOE_GATE_PREFETCH 0
-#endif
-
 FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     FMOE_TRACE_SCOPE(FMOE_EV_GATE_PHASE, -1, 0, 0);
     __shared__ int s_task, s_ok;
@@ -96,16 +88,6 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
         src.k_bytes = k1 > k0 ? k1 - k0 : 0;
         point_rows<BM>(src.a, src.a_valid, p.x, tile * BT, p.tokens, H, k0);
         point_rows<GBN>(src.b, src.b_valid, p.wg, nt * GBN, EG, H, k0);
-#if FMOE_GATE_PREFETCH && FMOE_WGMMA
-        // A row's K range is 16-byte aligned and a multiple of 16 bytes (H is a multiple of 8, k0 of 128 bytes).
-        for (int r = threadIdx.x; r < BM; r += THREADS) {
-            const int t = tile * BT + r;
-            if (t < p.tokens && k1 > k0) {
-                const char *row = (const char *)(p.x + (size_t)t * H) + k0;
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(k1 - k0) : "memory");
-            }
-        }
-#endif
         run_tile<GateEngine>(smem, src);
         const float *c = (const float *)smem;
         // One slice writes the logits; several write partials [slice][token][EG] for routing to sum.

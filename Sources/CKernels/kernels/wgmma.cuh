@@ -206,20 +206,28 @@ template <class Engine> constexpr bool evicts_weights() { return FMOE_DECODE_EVI
 // 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
 // wgmma_mainloop leaves the accumulators in `eng` (every group retired, every stage free: ends with a barrier);
 // gemm_tile_wgmma stages them, gemm_tile_wgmma_acc hands them to an epilogue that stores from registers.
-template <class Engine, int STAGES> FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng) {
+// PARTS (chain_tiles, expert_tiles.cuh, splits a tile in two): 3, the whole tile; 1, only the first STAGES − 1
+// k-slices' loads (the accumulators untouched, so the previous tile's epilogue may still read them); 2, the rest,
+// after a PARTS 1 call with the same src, from zeroed accumulators.
+template <class Engine, int STAGES, int PARTS = 3>
+FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng) {
     static_assert(STAGES >= 3, "the wgmma pipeline needs at least 3 stages");
     constexpr int P = STAGES - 1;
     constexpr int TBM = Engine::BM, TBN = Engine::BN, STAGE_BYTES = (TBM + TBN) * ROW_BYTES;
     constexpr bool EVICT = evicts_weights<Engine>();
-    eng.zero();
+    if constexpr (PARTS == 3) eng.zero();
     const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
     // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
     // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
+    if constexpr ((PARTS & 1) != 0) {
 #pragma unroll (P > 4 ? 1 : P)
-    for (int s = 0; s < P; ++s) {
-        if (s < ktiles) load_stage<TBN, TBM, EVICT>(smem + s * STAGE_BYTES, src, s);
-        cp_async_commit();
+        for (int s = 0; s < P; ++s) {
+            if (s < ktiles) load_stage<TBN, TBM, EVICT>(smem + s * STAGE_BYTES, src, s);
+            cp_async_commit();
+        }
     }
+    if constexpr ((PARTS & 2) == 0) return;
+    if constexpr (PARTS == 2) eng.zero();
     for (int kt = 0; kt < ktiles; ++kt) {
         cp_async_wait<P - 1>();
         if (Engine::KIND == MMA_TF32) round_stage_tf32<TBM>(smem + (kt % STAGES) * STAGE_BYTES);  // gemm_tile.cuh
