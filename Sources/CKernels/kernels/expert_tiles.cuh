@@ -153,6 +153,48 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
     }
 }
 
+// FMOE_GEMM0_STAGE_H (gated 16-bit sm_90a builds on one GPU; default 0, not yet run on a GPU): 1, a wide GEMM0
+// tile's epilogue stages its h tile in shared memory as 16-bit values after the activation (gemm0_store_h, 34 KB)
+// instead of its FP32 accumulators (gemm0_store, 133 KB written and read back), then stores whole rows; it needs one
+// stage of the ring, so chained GEMM0 tiles could use it where the 16-byte stores straight from registers
+// (gemm0_store_acc) were slower than the FP32 staging (round 16).
+#ifndef FMOE_GEMM0_STAGE_H
+#define FMOE_GEMM0_STAGE_H 0
+#endif
+constexpr int H_STRIDE = EBN / 2 + 8;  // T elements a staged h row (272 bytes): conflict-free 4-byte writes
+
+// GEMM0's epilogue through `stage` (BM · H_STRIDE · 2 bytes of shared memory, free): gemm0_store_acc's arithmetic
+// (act(gate) · up, the up column 128 after its gate column), each pair rounded to T and written at its row and
+// column; then each row's 256 bytes (columns n · 128 …) go to h in 16-byte chunks, a row's 16 chunks from 16
+// consecutive threads. Gated kernels only (a plain FFN's 256 columns would not fit a stage).
+FMOE_DEVICE void gemm0_store_h(const Params &p, const Layout &L, int x, int m, int n, const float *acc, char *stage) {
+    static_assert(!GATED || BM * H_STRIDE * 2 <= stage_bytes<EBN>(), "the staged h tile fits one stage");
+    constexpr int OUT_COLS = EBN / 2, CHUNKS = OUT_COLS / 8;
+    const bool shared = is_shared(L, x);
+    const int inter = shared ? IS : I;
+    const int rows = task_rows(p, L, x), row0 = m * BM;
+    u32 *tile = (u32 *)stage;  // [BM][H_STRIDE / 2] packed pairs
+    const int r0 = wgmma_acc_row(), c0 = wgmma_acc_col();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < OUT_COLS / 8; ++j) {
+            const int c = 4 * j + 2 * h;
+            tile[(r0 + 8 * h) * (H_STRIDE / 2) + (8 * j + c0) / 2] =
+                pack_t2(activation(acc[c]) * acc[c + 64], activation(acc[c + 1]) * acc[c + 65]);
+        }
+    }
+    sync_block();
+    T *out = h_rows(p, L, x);
+    for (int u = threadIdx.x; u < BM * CHUNKS; u += THREADS) {
+        const int r = u / CHUNKS, k = u % CHUNKS, col = n * OUT_COLS + 8 * k;
+        // I is a multiple of 8, so a chunk is wholly inside or outside the row.
+        if (row0 + r < rows && col < inter)
+            *(uint4 *)(out + (size_t)(row0 + r) * inter + col) = *(const uint4 *)(stage + r * H_STRIDE * 2 + 16 * k);
+    }
+    sync_block();  // the stage is read before it is loaded again
+}
+
 #endif
 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
@@ -175,6 +217,11 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
         if (FMOE_REG_EPILOGUE >= 2) {
             gemm_tile_wgmma_acc<SharedEngine, STAGES>(
                 smem, src, [&](const float *acc) { gemm0_store_acc(p, L, x, m, n, acc); });
+            return;
+        }
+        if (FMOE_GEMM0_STAGE_H && GATED) {
+            gemm_tile_wgmma_acc<SharedEngine, STAGES>(
+                smem, src, [&](const float *acc) { gemm0_store_h(p, L, x, m, n, acc, smem); });
             return;
         }
 #endif
@@ -278,7 +325,8 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // S = 16384 2.947 → 2.766 and 3.126 → 2.809 ms, S = 4096 0.847 → 0.834, paper-e64 S = 8192 0.717 → 0.709; no gain on
 // deepseek-v3 (whose kernel spills 12 bytes with them) and mixtral-8x7b 5.25 → 5.36 (I = 14336: long tiles, a
 // coarser last wave); 4 no better than 2. Not the default until this form is measured and checked on a GPU.
-// Chains of GEMM0 tiles need GEMM0's register epilogue, slower than its staged one, and measured 10 – 15 % slower.
+// GEMM0 tiles chained with GEMM0's register epilogue measured 10 – 15 % slower (that epilogue is slower than the
+// staged one); chaining them with gemm0_store_h in the ring's last stage spilled (a small gated kernel, NVRTC 13.0).
 #if FMOE_ACC_EPILOGUES
 #ifndef FMOE_CHAIN1
 #define FMOE_CHAIN1 1
@@ -300,19 +348,22 @@ FMOE_DEVICE void chain_tiles(char *smem, int kind, int count, Tile tile, Source 
     source(t, src);
     wgmma_mainloop<SharedEngine, STAGES, 1>(smem, src, eng);
     for (int i = 0; i < count; ++i) {
-        const int3 next = tile(i + 1 < count ? i + 1 : i);
         {
             FMOE_TRACE_SCOPE(kind, t.x, t.y, t.z);
             wgmma_mainloop<SharedEngine, STAGES, 2>(smem, src, eng);
             if (i + 1 < count) {
-                source(next, src);
+                source(tile(i + 1), src);
                 wgmma_mainloop<SharedEngine, STAGES, 1>(smem, src, eng);
             }
             store(t, (const float *)eng.acc);
         }
         FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, t.x, t.y, t.z);
         done(t);
-        t = next;
+        if (i + 1 < count) {
+            // Named and formed again rather than kept: nothing of the next tile holds registers during the store.
+            t = tile(i + 1);
+            source(t, src);
+        }
     }
 }
 #else
