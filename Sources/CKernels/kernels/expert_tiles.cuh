@@ -82,6 +82,12 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
 FMOE_DEVICE u32 pack_t2(float a, float b) {
     return (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);
 }
+// The gated h pair of accumulator registers c, c + 1 (WgmmaEngine's layout: the up column 128 after its gate
+// column, register c + 64): act(gate) · up, packed as two T. Every register epilogue of a gated GEMM0 forms h here,
+// so they round alike (gemm0_store's arithmetic).
+FMOE_DEVICE u32 gated_pair(const float *acc, int c) {
+    return pack_t2(activation(acc[c]) * acc[c + 64], activation(acc[c + 1]) * acc[c + 65]);
+}
 
 // GEMM0's epilogue from the accumulators (WgmmaEngine's m64n256 layout, wgmma.cuh: register 4j + c holds row
 // wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1)), the arithmetic of gemm0_store: gated,
@@ -106,17 +112,14 @@ FMOE_DEVICE void gemm0_store_acc(const Params &p, const Layout &L, int x, int m,
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int j = 4 * jg + i, c = 4 * j + 2 * h;
-                float v0, v1;
                 if (GATED) {
-                    v0 = activation(acc[c]) * acc[c + 64];
-                    v1 = activation(acc[c + 1]) * acc[c + 65];
+                    w[i] = gated_pair(acc, c);
                 } else {
                     const int col = n * OUT_COLS + 8 * j + wgmma_acc_col();
                     const bool bias = !shared && p.b1 != nullptr && col < inter;
-                    v0 = activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f));
-                    v1 = activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f));
+                    w[i] = pack_t2(activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f)),
+                                   activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f)));
                 }
-                w[i] = pack_t2(v0, v1);
             }
             const uint4 v = quad_transpose(w);
             const int col = n * OUT_COLS + 8 * (4 * jg + (int)(threadIdx.x & 3));
@@ -163,9 +166,8 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
 #endif
 constexpr int H_STRIDE = EBN / 2 + 8;  // T elements a staged h row (272 bytes): conflict-free 4-byte writes
 
-// GEMM0's epilogue through `stage` (BM · H_STRIDE · 2 bytes of shared memory, free): gemm0_store_acc's arithmetic
-// (act(gate) · up, the up column 128 after its gate column), each pair rounded to T and written at its row and
-// column; then each row's 256 bytes (columns n · 128 …) go to h in 16-byte chunks, a row's 16 chunks from 16
+// GEMM0's epilogue through `stage` (BM · H_STRIDE · 2 bytes of shared memory, free): each gated_pair written at its
+// row and column; then each row's 256 bytes (columns n · 128 …) go to h in 16-byte chunks, a row's 16 chunks from 16
 // consecutive threads. Gated kernels only (a plain FFN's 256 columns would not fit a stage).
 FMOE_DEVICE void gemm0_store_h(const Params &p, const Layout &L, int x, int m, int n, const float *acc, char *stage) {
     static_assert(!GATED || BM * H_STRIDE * 2 <= stage_bytes<EBN>(), "the staged h tile fits one stage");
@@ -179,9 +181,7 @@ FMOE_DEVICE void gemm0_store_h(const Params &p, const Layout &L, int x, int m, i
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int j = 0; j < OUT_COLS / 8; ++j) {
-            const int c = 4 * j + 2 * h;
-            tile[(r0 + 8 * h) * (H_STRIDE / 2) + (8 * j + c0) / 2] =
-                pack_t2(activation(acc[c]) * acc[c + 64], activation(acc[c + 1]) * acc[c + 65]);
+            tile[(r0 + 8 * h) * (H_STRIDE / 2) + (8 * j + c0) / 2] = gated_pair(acc, 4 * j + 2 * h);
         }
     }
     sync_block();
@@ -274,7 +274,9 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 #endif
 }
 
-// The operands of GEMM1 wide tile (x, m, n): the row block's h rows and the tile's 256 W2 rows (output columns).
+// The operands of GEMM1 wide tile (x, m, n): the row block's h rows and the tile's 256 W2 rows (output columns), for
+// chain_tiles. gemm1_task forms the same operands inline: calling this from it changed the default kernels' code
+// (NVRTC 13.0), and the default is the measured kernel.
 FMOE_DEVICE void gemm1_source(const Params &p, const Layout &L, int x, int m, int n, TileSource &src) {
     const bool shared = is_shared(L, x);
     const int inter = shared ? IS : I;
@@ -325,8 +327,9 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // S = 16384 2.947 → 2.766 and 3.126 → 2.809 ms, S = 4096 0.847 → 0.834, paper-e64 S = 8192 0.717 → 0.709; no gain on
 // deepseek-v3 (whose kernel spills 12 bytes with them) and mixtral-8x7b 5.25 → 5.36 (I = 14336: long tiles, a
 // coarser last wave); 4 no better than 2. Not the default until this form is measured and checked on a GPU.
-// GEMM0 tiles chained with GEMM0's register epilogue measured 10 – 15 % slower (that epilogue is slower than the
-// staged one); chaining them with gemm0_store_h in the ring's last stage spilled (a small gated kernel, NVRTC 13.0).
+// GEMM0 tiles chained with GEMM0's register epilogue measured 5 – 15 % slower except at qwen3-30b-a3b S = 16384 (that
+// epilogue is slower than the staged one); chained with gemm0_store_h in the ring's last stage they spilled (a small
+// gated kernel, NVRTC 13.0).
 #if FMOE_ACC_EPILOGUES
 #ifndef FMOE_CHAIN1
 #define FMOE_CHAIN1 1
@@ -335,13 +338,13 @@ static_assert(FMOE_CHAIN1 >= 0 && FMOE_CHAIN1 <= 4, "FMOE_CHAIN1 is 0 (chosen by
 constexpr int CHAIN1_WANTED = FMOE_CHAIN1 != 0 ? FMOE_CHAIN1 : (I <= 2048 && IS == 0 ? 2 : 1);
 constexpr int CHAIN1 = NT1 % CHAIN1_WANTED == 0 ? CHAIN1_WANTED : 1;  // a row block's column tiles in whole chains
 
-// Runs wide tiles 0 … count − 1 of GEMM `kind` (FMOE_EV_GEMM0 or FMOE_EV_GEMM1, for the trace) back to back:
+// Runs wide GEMM1 tiles 0 … count − 1 back to back:
 // tile(i) names tile i as (expert, row block, column tile), source(t, src) gives its operands, store(t, acc) its
 // epilogue from the accumulators, done(t) counts it (each run by every thread, block-uniform). Tile i + 1's first
 // loads (wgmma_mainloop part 1) are issued after tile i's closing barrier (the ring is free) and before store(i), so
 // they fly during the store and the count; part 2 zeroes the accumulators, after store(i) has read them.
 template <class Tile, class Source, class Store, class Done>
-FMOE_DEVICE void chain_tiles(char *smem, int kind, int count, Tile tile, Source source, Store store, Done done) {
+FMOE_DEVICE void chain_tiles(char *smem, int count, Tile tile, Source source, Store store, Done done) {
     SharedEngine eng;
     TileSource src;
     int3 t = tile(0);
@@ -349,7 +352,7 @@ FMOE_DEVICE void chain_tiles(char *smem, int kind, int count, Tile tile, Source 
     wgmma_mainloop<SharedEngine, STAGES, 1>(smem, src, eng);
     for (int i = 0; i < count; ++i) {
         {
-            FMOE_TRACE_SCOPE(kind, t.x, t.y, t.z);
+            FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, t.x, t.y, t.z);
             wgmma_mainloop<SharedEngine, STAGES, 2>(smem, src, eng);
             if (i + 1 < count) {
                 source(tile(i + 1), src);

@@ -84,7 +84,7 @@ FMOE_DEVICE void gemm1_chain(const Params &p, const Layout &L, int x, int m, int
         return;
     }
     chain_tiles(
-        smem, FMOE_EV_GEMM1, CHAIN1, [&](int j) { return make_int3(x, m, n0 + j); },
+        smem, CHAIN1, [&](int j) { return make_int3(x, m, n0 + j); },
         [&](int3 u, TileSource &src) { gemm1_source(p, L, u.x, u.y, u.z, src); },
         [&](int3 u, const float *acc) { gemm1_store_acc(p, L, u.x, u.y, u.z, acc); },
         [&](int3 u) { count_gemm1_tile(p, L, u.x, u.y, rb, NT1); });
