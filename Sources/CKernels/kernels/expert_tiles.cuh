@@ -156,45 +156,49 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
     }
 }
 
-// FMOE_GEMM0_STAGE_H (gated 16-bit sm_90a builds on one GPU; default 0, not yet run on a GPU): 1, a wide GEMM0
-// tile's epilogue stages its h tile in shared memory as 16-bit values after the activation (gemm0_store_h, 34 KB)
-// instead of its FP32 accumulators (gemm0_store, 133 KB written and read back), then stores whole rows; it needs one
-// stage of the ring, so chained GEMM0 tiles could use it where the 16-byte stores straight from registers
-// (gemm0_store_acc) were slower than the FP32 staging (round 16).
-#ifndef FMOE_GEMM0_STAGE_H
-#define FMOE_GEMM0_STAGE_H 0
 #endif
-constexpr int H_STRIDE = EBN / 2 + 8;  // T elements a staged h row (272 bytes): conflict-free 4-byte writes
 
-// GEMM0's epilogue through `stage` (BM · H_STRIDE · 2 bytes of shared memory, free): each gated_pair written at its
-// row and column; then each row's 256 bytes (columns n · 128 …) go to h in 16-byte chunks, a row's 16 chunks from 16
-// consecutive threads. Gated kernels only (a plain FFN's 256 columns would not fit a stage).
-FMOE_DEVICE void gemm0_store_h(const Params &p, const Layout &L, int x, int m, int n, const float *acc, char *stage) {
-    static_assert(!GATED || BM * H_STRIDE * 2 <= stage_bytes<EBN>(), "the staged h tile fits one stage");
-    constexpr int OUT_COLS = EBN / 2, CHUNKS = OUT_COLS / 8;
+// ---- Half tiles ---------------------------------------------------------------------------------------------------
+// FMOE_HALF_TILES (wgmma builds in tf32, bf16 and fp16; ignored elsewhere): 1 (default), a wide tile whose row block
+// has at most 64 rows (an expert's last, partial block) runs as one 64 × 256 tile (HalfEngine: each warpgroup
+// m64n128 on its half of the tile's weight rows, both on the same 64 A rows) instead of a 128 × 256 tile whose lower
+// half is zero rows: half the tensor work, 40 instead of 48 KB loaded a k-slice. Each output element is the same
+// wgmma k-steps in the same K order as in the wide tile, so the same bits. 0: every row block runs wide tiles.
+// A half tile's time follows its loads, not its math: such a GEMM0 tile took 22.3 instead of 25.2 µs (1.28 MB in,
+// 57 GB/s an SM, the wide tiles' rate; docs/performance.md, "FP8 prefill"), a GEMM1 tile 10.1 instead of 10.2
+// (qwen3-30b-a3b S = 16384, trace). The
+// layer (H200, Benchmarks/RESULTS.md, round 17): deepseek-v3 S = 4096 (with random routing about a third of its
+// routed row blocks are such blocks) 8.99 → 8.69 and 8.98 → 8.56 ms, paper-e64 S = 8192 0.713 → 0.698, paper-e32 0.629 → 0.616,
+// qwen3-30b-a3b S = 64 0.353 → 0.345; qwen3-30b-a3b S = 4096 and 16384 and mixtral-8x7b within their spread.
+#if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3
+#ifndef FMOE_HALF_TILES
+#define FMOE_HALF_TILES 1
+#endif
+typedef WgmmaDecodeEngine<MMA, EBN> HalfEngine;
+constexpr int HALF_STAGES = EXPERT_RING_BYTES / ((HalfEngine::BM + HalfEngine::BN) * ROW_BYTES);
+static_assert(HALF_STAGES >= 3 && HalfEngine::BM * HalfEngine::C_STRIDE * 4 <= EXPERT_RING_BYTES,
+              "the half tiles' ring and staged tile live in the expert ring");
+// Whether wide tile row block m (first row row0) of an expert with `rows` rows runs as a half tile (block-uniform).
+FMOE_DEVICE bool half_tile(int rows, int row0) { return FMOE_HALF_TILES != 0 && rows - row0 <= HalfEngine::BM; }
+
+// GEMM0 wide tile (x, m, n) as a half tile: the same weight rows and epilogue (gemm0_store), 64 x rows.
+FMOE_DEVICE void gemm0_half(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     const bool shared = is_shared(L, x);
-    const int inter = shared ? IS : I;
     const int rows = task_rows(p, L, x), row0 = m * BM;
-    u32 *tile = (u32 *)stage;  // [BM][H_STRIDE / 2] packed pairs
-    const int r0 = wgmma_acc_row(), c0 = wgmma_acc_col();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int j = 0; j < OUT_COLS / 8; ++j) {
-            tile[(r0 + 8 * h) * (H_STRIDE / 2) + (8 * j + c0) / 2] = gated_pair(acc, 4 * j + 2 * h);
-        }
-    }
-    sync_block();
-    T *out = h_rows(p, L, x);
-    for (int u = threadIdx.x; u < BM * CHUNKS; u += THREADS) {
-        const int r = u / CHUNKS, k = u % CHUNKS, col = n * OUT_COLS + 8 * k;
-        // I is a multiple of 8, so a chunk is wholly inside or outside the row.
-        if (row0 + r < rows && col < inter)
-            *(uint4 *)(out + (size_t)(row0 + r) * inter + col) = *(const uint4 *)(stage + r * H_STRIDE * 2 + 16 * k);
-    }
-    sync_block();  // the stage is read before it is loaded again
+    const T *w = shared ? p.ws1 : p.w1 + (size_t)x * N0 * H;
+    TileSource src;
+    src.k_bytes = H * (int)sizeof(T);
+    gemm0_x_rows<HalfEngine::BM>(p, L, x, shared, rows, row0, src.a, src.a_valid);
+    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, shared ? N0S : N0, H);
+    gemm_tile_wgmma<HalfEngine, HALF_STAGES>(smem, src);
+    constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
+    gemm0_store<HalfEngine::BM, HalfEngine::C_STRIDE, OUT_COLS>(p, L, x, rows, row0, n * OUT_COLS,
+                                                                 (const float *)smem);
+    sync_block();  // the staged tile is read before the ring is loaded again
 }
-
+#else
+FMOE_DEVICE bool half_tile(int, int) { return false; }
+FMOE_DEVICE void gemm0_half(const Params &, const Layout &, int, int, int, char *) {}
 #endif
 
 FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
@@ -202,6 +206,10 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
     const int row0 = m * BM;
+    if (half_tile(rows, row0)) {
+        gemm0_half(p, L, x, m, n, smem);
+        return;
+    }
     const int n0 = shared ? N0S : N0;
     TileSource src;
     src.k_bytes = H * (int)sizeof(T);
@@ -217,11 +225,6 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
         if (FMOE_REG_EPILOGUE >= 2) {
             gemm_tile_wgmma_acc<SharedEngine, STAGES>(
                 smem, src, [&](const float *acc) { gemm0_store_acc(p, L, x, m, n, acc); });
-            return;
-        }
-        if (FMOE_GEMM0_STAGE_H && GATED) {
-            gemm_tile_wgmma_acc<SharedEngine, STAGES>(
-                smem, src, [&](const float *acc) { gemm0_store_h(p, L, x, m, n, acc, smem); });
             return;
         }
 #endif
@@ -274,6 +277,24 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 #endif
 }
 
+// GEMM1 wide tile (x, m, n) as a half tile (see gemm0_half): 64 h rows, the tile's 256 W2 rows, gemm1_store.
+#if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3
+FMOE_DEVICE void gemm1_half(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
+    const bool shared = is_shared(L, x);
+    const int rows = task_rows(p, L, x), row0 = m * BM, inter = shared ? IS : I;
+    const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
+    TileSource src;
+    src.k_bytes = inter * (int)sizeof(T);
+    point_rows<HalfEngine::BM>(src.a, src.a_valid, h_rows(p, L, x), row0, rows, inter);
+    point_rows<EBN>(src.b, src.b_valid, w, n * EBN, H, inter);
+    gemm_tile_wgmma<HalfEngine, HALF_STAGES>(smem, src);
+    gemm1_store<HalfEngine::BM, HalfEngine::C_STRIDE, EBN>(p, L, x, shared, rows, row0, n * EBN, (const float *)smem);
+    sync_block();
+}
+#else
+FMOE_DEVICE void gemm1_half(const Params &, const Layout &, int, int, int, char *) {}
+#endif
+
 // The operands of GEMM1 wide tile (x, m, n): the row block's h rows and the tile's 256 W2 rows (output columns), for
 // chain_tiles. gemm1_task forms the same operands inline: calling this from it changed the default kernels' code
 // (NVRTC 13.0), and the default is the measured kernel.
@@ -291,6 +312,10 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
     const int row0 = m * BM;
+    if (half_tile(rows, row0)) {
+        gemm1_half(p, L, x, m, n, smem);
+        return;
+    }
     const int inter = shared ? IS : I;
     const T *a = h_rows(p, L, x);
     const T *w = shared ? p.ws2 : p.w2 + (size_t)x * H * I;
@@ -326,10 +351,12 @@ FMOE_DEVICE void gemm1_task(const Params &p, const Layout &L, int x, int m, int 
 // form whose every wgmma tile ran the mainloop as two functions; Benchmarks/RESULTS.md): pairs took qwen3-30b-a3b
 // S = 16384 2.947 → 2.766 and 3.126 → 2.809 ms, S = 4096 0.847 → 0.834, paper-e64 S = 8192 0.717 → 0.709; no gain on
 // deepseek-v3 (whose kernel spills 12 bytes with them) and mixtral-8x7b 5.25 → 5.36 (I = 14336: long tiles, a
-// coarser last wave); 4 no better than 2. Not the default until this form is measured and checked on a GPU.
+// coarser last wave); 4 no better than 2. This form (wgmma_mainloop in parts), measured in round 17 beside the half
+// tiles: qwen3-30b-a3b S = 4096 0.853 → 0.849 and 0.854 → 0.840 ms, paper-e64 0.698 → 0.696, but S = 16384 2.912 →
+// 2.983 and 2.908 → 2.993: not the default.
 // GEMM0 tiles chained with GEMM0's register epilogue measured 5 – 15 % slower except at qwen3-30b-a3b S = 16384 (that
-// epilogue is slower than the staged one); chained with gemm0_store_h in the ring's last stage they spilled (a small
-// gated kernel, NVRTC 13.0).
+// epilogue is slower than the staged one); chained with GEMM0's h staged as 16-bit values in the ring's last stage
+// they spilled (a small gated kernel, NVRTC 13.0), and that staging unchained measured no faster (round 17, removed).
 #if FMOE_ACC_EPILOGUES
 #ifndef FMOE_CHAIN1
 #define FMOE_CHAIN1 1

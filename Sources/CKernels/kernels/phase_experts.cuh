@@ -75,9 +75,10 @@ FMOE_DEVICE void gemm1_ring_slot(int j, int rbs, int group, int cols, int &pos, 
 #if FMOE_ACC_EPILOGUES
 // GEMM1 column tiles n0 … n0 + CHAIN1 − 1 of expert x's row block m (row block rb of the task space) as one chain.
 FMOE_DEVICE void gemm1_chain(const Params &p, const Layout &L, int x, int m, int rb, int n0, char *smem) {
-    if (gemv_expert(L, x)) {
+    if (gemv_expert(L, x) || half_tile(task_rows(p, L, x), m * BM)) {
         for (int n = n0; n < n0 + CHAIN1; ++n) {
-            gemv_task(p, L, 1, x, n, 0, 1, smem);
+            if (gemv_expert(L, x)) gemv_task(p, L, 1, x, n, 0, 1, smem);
+            else gemm1_task(p, L, x, m, n, smem);  // a half tile (expert_tiles.cuh)
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             count_gemm1_tile(p, L, x, m, rb, NT1);
         }

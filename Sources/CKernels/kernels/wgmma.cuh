@@ -149,12 +149,31 @@ FMOE_DEVICE uint4 quad_transpose(const u32 *w) {
     return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
+// The 64 accumulator operands %0 … %63 of an m64n128 instruction, then the descriptors %64 and %65.
+#define FMOE_ACC64 FMOE_ACC32(0), FMOE_ACC32(32)
+#define FMOE_REGS64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9," FMOE_R8(1) FMOE_R8(2) FMOE_R8(3) FMOE_R8(4) FMOE_R8(5) "%60,%61,%62,%63}"
+
+template <int KIND> FMOE_DEVICE void wgmma_m64n128(float *d, u64 da, u64 db);
+template <> FMOE_DEVICE void wgmma_m64n128<MMA_BF16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FMOE_REGS64 ", %64, %65, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC64 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n128<MMA_F16>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FMOE_REGS64 ", %64, %65, 1, 1, 1, 0, 0;\n"
+                 : FMOE_ACC64 : "l"(da), "l"(db));
+}
+template <> FMOE_DEVICE void wgmma_m64n128<MMA_TF32>(float *d, u64 da, u64 db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 " FMOE_REGS64 ", %64, %65, 1, 1, 1;\n"
+                 : FMOE_ACC64 : "l"(da), "l"(db));
+}
+
 // Decode tiles (expert_tiles.cuh): 64 rows × BN weight rows (64 or 128), each warpgroup m64n(BN/2) on its own
 // BN/2 weight rows of the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256
 // tile spends its tensor time on zero rows and a launch has fewer such tiles than SMs. Each output element is the
-// wide engine's: the same k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero.
+// wide engine's: the same k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero. BN = 256:
+// the half tiles of expert_tiles.cuh (a wide tile's weight rows over a row block of at most 64 rows).
 template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
-    static_assert(BN_ == 64 || BN_ == 128, "decode tiles are 64 or 128 weight rows");
+    static_assert(BN_ == 64 || BN_ == 128 || BN_ == 256, "decode tiles are 64 or 128 weight rows, half tiles 256");
     static constexpr int KIND = KIND_;
     static constexpr int BM = 64;
     static constexpr int BN = BN_;
@@ -174,7 +193,8 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
-            if (WN == 32) wgmma_m64n32<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+            if constexpr (WN == 128) wgmma_m64n128<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+            else if (WN == 32) wgmma_m64n32<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
             else wgmma_m64n64<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
         }
         wgmma_commit();
@@ -193,8 +213,11 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
 };
 
 // Whether a tile of this engine reads its weights evict-first (decode tiles only: weights read once a launch; the
-// wide tiles' weight slabs are read again by the expert's other row blocks).
-template <class Engine> constexpr bool evicts_weights() { return FMOE_DECODE_EVICT_FIRST != 0 && Engine::BM == 64; }
+// wide tiles' weight slabs are read again by the expert's other row blocks, and so are the half tiles', which run
+// at prefill).
+template <class Engine> constexpr bool evicts_weights() {
+    return FMOE_DECODE_EVICT_FIRST != 0 && Engine::BM == 64 && Engine::BN <= 128;
+}
 
 // The wgmma mainloop: loads run STAGES − 1 k-slices ahead, and one wgmma group stays in flight. Per k-slice: wait
 // for its stage, issue its group, wait until only that group is in flight (the previous one is done), then a
