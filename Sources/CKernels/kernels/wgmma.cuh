@@ -151,7 +151,8 @@ FMOE_DEVICE uint4 quad_transpose(const u32 *w) {
 
 // The 64 accumulator operands %0 … %63 of an m64n128 instruction, then the descriptors %64 and %65.
 #define FMOE_ACC64 FMOE_ACC32(0), FMOE_ACC32(32)
-#define FMOE_REGS64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9," FMOE_R8(1) FMOE_R8(2) FMOE_R8(3) FMOE_R8(4) FMOE_R8(5) "%60,%61,%62,%63}"
+#define FMOE_REGS64 \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9," FMOE_R8(1) FMOE_R8(2) FMOE_R8(3) FMOE_R8(4) FMOE_R8(5) "%60,%61,%62,%63}"
 
 template <int KIND> FMOE_DEVICE void wgmma_m64n128(float *d, u64 da, u64 db);
 template <> FMOE_DEVICE void wgmma_m64n128<MMA_BF16>(float *d, u64 da, u64 db) {
