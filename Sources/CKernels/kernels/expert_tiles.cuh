@@ -170,7 +170,8 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
 // The layer (H200, Benchmarks/RESULTS.md, round 17): deepseek-v3 S = 4096 (with random routing about a third of its
 // routed row blocks are such blocks) 8.99 → 8.69 and 8.98 → 8.56 ms, paper-e64 S = 8192 0.713 → 0.698, paper-e32 0.629
 // → 0.616, qwen3-30b-a3b S = 64 0.353 → 0.345; qwen3-30b-a3b S = 4096 and 16384 and mixtral-8x7b within their spread.
-#if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3 && FMOE_RANKS == 1
+#define FMOE_HALF_TILES_BUILT (FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3 && FMOE_RANKS == 1)
+#if FMOE_HALF_TILES_BUILT
 #ifndef FMOE_HALF_TILES
 #define FMOE_HALF_TILES 1
 #endif
@@ -277,8 +278,10 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 #endif
 }
 
-// GEMM1 wide tile (x, m, n) as a half tile (see gemm0_half): 64 h rows, the tile's 256 W2 rows, gemm1_store.
-#if FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3 && FMOE_RANKS == 1
+// GEMM1 wide tile (x, m, n) as a half tile (see gemm0_half): 64 h rows, the tile's 256 W2 rows, gemm1_store. The
+// operands are gemm1_source's with 64 A rows, formed inline as in gemm1_task: calling a gemm1_source templated on
+// its rows changed the code of the measured default kernels (NVRTC 13.0, round 17).
+#if FMOE_HALF_TILES_BUILT
 FMOE_DEVICE void gemm1_half(const Params &p, const Layout &L, int x, int m, int n, char *smem) {
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x), row0 = m * BM, inter = shared ? IS : I;
