@@ -164,12 +164,12 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
 // has at most 64 rows (an expert's last, partial block) runs as one 64 × 256 tile (HalfEngine: each warpgroup m64n128
 // on its half of the tile's weight rows, both on the same 64 A rows) instead of a 128 × 256 tile whose lower half is
 // zero rows: half the tensor work, 40 instead of 48 KB loaded a k-slice. Each output element is the same wgmma k-steps
-// in the same K order as in the wide tile, so the same bits. 0: every row block runs wide tiles. A half tile's time
-// follows its loads, not its math: such a GEMM0 tile took 22.3 instead of 25.2 µs (1.28 MB in, 57 GB/s an SM, the wide
-// tiles' rate; docs/performance.md, "FP8 prefill"), a GEMM1 tile 10.1 instead of 10.2 (qwen3-30b-a3b S = 16384, trace).
-// The layer (H200, Benchmarks/RESULTS.md, round 17): deepseek-v3 S = 4096 (with random routing about a third of its
-// routed row blocks are such blocks) 8.99 → 8.69 and 8.98 → 8.56 ms, paper-e64 S = 8192 0.713 → 0.698, paper-e32 0.629
-// → 0.616, qwen3-30b-a3b S = 64 0.353 → 0.345; qwen3-30b-a3b S = 4096 and 16384 and mixtral-8x7b within their spread.
+// in the same K order as in the wide tile, so the same bits. 0: every row block runs wide tiles. Half the math is not
+// half the time, since a k-slice still loads the 256 weight rows: the experts' last blocks' GEMM0 tiles took 22.3 µs
+// on average instead of 25.2, their GEMM1 tiles 10.1 instead of 10.2 (qwen3-30b-a3b S = 16384, trace; the means
+// include last blocks of more than 64 rows). The layer (H200, Benchmarks/RESULTS.md, round 17): deepseek-v3 S = 4096
+// 8.99 → 8.69 and 8.98 → 8.56 ms, paper-e64 S = 8192 0.713 → 0.698, paper-e32 0.629 → 0.616, qwen3-30b-a3b S = 64
+// 0.353 → 0.345; qwen3-30b-a3b S = 4096 and 16384 and mixtral-8x7b within their spread.
 #define FMOE_HALF_TILES_BUILT (FMOE_WGMMA && FMOE_PREC >= 1 && FMOE_PREC <= 3 && FMOE_RANKS == 1)
 #if FMOE_HALF_TILES_BUILT
 #ifndef FMOE_HALF_TILES
