@@ -180,7 +180,7 @@ struct Sync {
     int ring_tail;   // published GEMM1 row blocks
     int list_tail;   // tokens pushed to the combine list
     int combine_ticket;  // combine list slices claimed (combine_slices per position)
-    int tiles1_done; // GEMM1 tiles whose completion (and pushes) are finished
+    int gemm1_done;  // GEMM1 row blocks (FMOE_COUNT_BLOCKS1 0: tiles) whose completion (and pushes) are finished
     int my_total;    // ranks: this rank's tokens that will be pushed to its combine list
     int dispatch_done;  // ranks: this rank's token tiles dispatched
     int exit_count;  // blocks (of this rank) that finished the launch; the last one out resets it

@@ -117,10 +117,11 @@ FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int
     }
 }
 
-// Combines listed tokens until every GEMM1 tile is done and the list is exhausted. Each warp claims one slice of a
-// list position at a time (combine_slices per position); a position not yet written is waited for (bounded) unless
-// all GEMM1 tiles have finished and the position lies past the final end of the list.
-FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
+// Combines listed tokens until the launch's GEMM1 work is counted done (gemm1_total on Sync::gemm1_done, see
+// count_gemm1_tile) and the list is exhausted. Each warp claims one slice of a list position at a time
+// (combine_slices per position); a position not yet written is waited for (bounded) unless all GEMM1 work has
+// finished and the position lies past the final end of the list.
+FMOE_DEVICE bool drain_combines(const Params &p, int gemm1_total) {
     const int lane = threadIdx.x & 31;
     const int slices = combine_slices(p);
     for (;;) {
@@ -142,7 +143,7 @@ FMOE_DEVICE bool drain_combines(const Params &p, int total_tiles1) {
                         fence_sys();
                         if (pos >= ld_relaxed_i32(&p.sync->my_total)) { token = -2; break; }
                     }
-                } else if (ld_relaxed_i32(&p.sync->tiles1_done) == total_tiles1) {
+                } else if (ld_relaxed_i32(&p.sync->gemm1_done) == gemm1_total) {
                     fence_gpu();
                     if (pos >= ld_relaxed_i32(&p.sync->list_tail)) { token = -2; break; }
                     // Otherwise the entry is being written: wait for it like any other, bounded below.

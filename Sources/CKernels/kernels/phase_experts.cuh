@@ -31,23 +31,29 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 }
 
 // Counts a GEMM0 tile of row block rb done (nt tiles make the block); the block's last tile puts it on the ring.
-// Release: every thread fences its own h stores before the count.
+// Release: release_block_writes (sync.cuh) before the count.
 FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
-    __threadfence();
-    sync_block();
+    release_block_writes();
     if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
         fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
         publish_row_block(p, rb);
     }
 }
 
-// Counts a GEMM1 tile of expert x's row block m (row block rb of the task space) done (nt1 tiles make the block;
-// the last counts its tokens' contributions), then the launch's GEMM1 tiles: drain_combines reads the list's final end only after every tile
-// is counted, so this tile's pushes are released first.
+// Counts a GEMM1 tile of expert x's row block m (row block rb of the task space) done (nt1 tiles make the block).
+// The block's last tile counts its tokens' contributions (pushing the completed ones on the combine list), then the
+// launch's completed row blocks: drain_combines reads the list's final end only after every row block is counted,
+// so the pushes are released first. Only that tile pays the second barrier and fence (FMOE_COUNT_BLOCKS1 1; 0,
+// round 17's form, counted every GEMM1 tile of the launch after a barrier and a fence).
+#ifndef FMOE_COUNT_BLOCKS1
+#define FMOE_COUNT_BLOCKS1 1
+#endif
 FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m, int rb, int nt1) {
-    if (last_arrival(&p.done1[rb], nt1)) complete_row_block(p, L, x, m);
+    const bool last = last_arrival(&p.done1[rb], nt1);
+    if (last) complete_row_block(p, L, x, m);
+    if (FMOE_COUNT_BLOCKS1 && !last) return;  // block-uniform
     sync_block();
-    if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->tiles1_done, 1); }
+    if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->gemm1_done, 1); }
 }
 
 // GEMM1 tickets at decode (split > 1: an expert has one row block, so grouped row blocks share no W2 slab) walk the
@@ -110,7 +116,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
         const int ticket = s_ticket;
         if (ticket >= total) {
             // Warps drain on their own; the block leaves together, with one answer (block-uniform exits).
-            const bool drained = drain_combines(p, rbs * nt1);
+            const bool drained = drain_combines(p, FMOE_COUNT_BLOCKS1 ? rbs : rbs * nt1);
             return sync_block_and(drained) != 0;
         }
         if (ticket < t0_total) {
@@ -145,7 +151,8 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             if (last_arrival(&p.done0[rb], nt)) {
                 if (!is_shared(L, x)) {
                     quantize_h_fp8(p, L, x, m);
-                    __threadfence();
+                    // Release: publish_row_block fences after the barrier (sync.cuh, release_block_writes).
+                    if (FMOE_RELEASE_FENCE == 0) __threadfence();
                     sync_block();
                 }
                 if (threadIdx.x == 0) publish_row_block(p, rb);

@@ -75,8 +75,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
         if (gemv) {
             FMOE_TRACE_SCOPE(FMOE_EV_GATE, task, 0, 0);
             gate_gemv_task(p, task, smem);  // router row `task` of the one token tile
-            __threadfence();
-            sync_block();
+            release_block_writes();
             if (threadIdx.x == 0) atomicAdd(&p.tile_done[0], 1);
             continue;
         }
@@ -98,8 +97,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
             if (t < p.tokens && n < EG) dst[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
         }
         // Release the logits, then count the task (the tile's route tasks wait for the count).
-        __threadfence();
-        sync_block();
+        release_block_writes();
         if (threadIdx.x == 0) atomicAdd(&p.tile_done[tile], 1);
     }
     stamp(p, 1);

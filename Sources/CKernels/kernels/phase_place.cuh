@@ -21,7 +21,7 @@ FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int wor
         p.sync->ring_tail = 0;
         p.sync->list_tail = 0;
         p.sync->combine_ticket = 0;
-        p.sync->tiles1_done = 0;
+        p.sync->gemm1_done = 0;
     }
 }
 
@@ -140,7 +140,8 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         if (DECODE_PLACE_PAIRS) place_pairs(p, L, 0, 1);
         else place_phase(p, L, 0, 1);
     }
-    __threadfence();
+    // Release: thread 0's fence after the barrier (sync.cuh, release_block_writes).
+    if (FMOE_RELEASE_FENCE == 0) __threadfence();
     sync_block();
     if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
 }

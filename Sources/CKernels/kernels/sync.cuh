@@ -104,14 +104,34 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
     return true;
 }
 
-// Counts this block's task on `counter`, which `arrivals` tasks reach in all (a token tile's route tasks, a row
-// block's GEMM1 tiles, a launch's blocks); true, block-uniform, in the block whose count is the last. Release: every
-// thread fences its writes before the count; acquire: the last block fences after it, so it reads every counted
-// task's writes.
-FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
-    __shared__ int s_last_arrival;
+// How a block releases its threads' writes before thread 0 counts or flags them (FMOE_RELEASE_FENCE). 1: the block
+// barrier, then thread 0's fence.acq_rel.gpu: each thread's writes precede the barrier, the barrier synchronizes
+// the threads with thread 0, and the fence before thread 0's count makes the count a release of all of them (the
+// PTX memory model's release pattern; cooperative groups' grid sync uses the same shape). 0, round 17's form: every
+// thread's __threadfence() before the barrier, which is fence.sc.gpu (MEMBAR.SC.GPU in the SASS), the strongest and
+// slowest fence, paid by every thread at every count.
+#ifndef FMOE_RELEASE_FENCE
+#define FMOE_RELEASE_FENCE 1
+#endif
+
+// Every thread; thread 0 then counts or flags (relaxed) what the block wrote.
+FMOE_DEVICE void release_block_writes() {
+#if FMOE_RELEASE_FENCE
+    sync_block();
+    if (threadIdx.x == 0) fence_gpu();
+#else
     __threadfence();
     sync_block();
+#endif
+}
+
+// Counts this block's task on `counter`, which `arrivals` tasks reach in all (a token tile's route tasks, a row
+// block's GEMM1 tiles, a launch's blocks); true, block-uniform, in the block whose count is the last. Release:
+// release_block_writes before the count; acquire: the last block fences after it, so it reads every counted task's
+// writes.
+FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
+    __shared__ int s_last_arrival;
+    release_block_writes();
     if (threadIdx.x == 0) {
         s_last_arrival = atomicAdd(counter, 1) == arrivals - 1;
         if (s_last_arrival) fence_gpu();
