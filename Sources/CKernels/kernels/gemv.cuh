@@ -1,6 +1,6 @@
 // Decode GEMV: a routed expert with at most GEMV_TOKENS rows (decode: a token or a few per expert) runs each of its
 // GEMM0 and GEMM1 tiles as a weight-streaming GEMV on mma.sync, instead of a 128-row tensor-core tile that is
-// almost all zero rows. See moe.cu and expert_tiles.cuh.
+// almost all zero rows. See moe.cu and decode_tiles.cuh.
 //
 // The weights are the MMA's A operand (16 weight rows a warp), the expert's ≤ 8 rows its B operand (the n8
 // columns), so no zero rows are multiplied and nothing is staged in shared memory: each lane loads 16 bytes of

@@ -42,8 +42,8 @@
 // phase_gate.cuh (phase 1; routing_tasks.cuh its routing, ranking and scan, gate_gemv.cuh the decode gate),
 // phase_place.cuh (phase 2 and the decode prefix),
 // phase_dispatch.cuh (ranks: count exchange and dispatch), phase_experts.cuh (phase 3's scheduler; its tiles in
-// expert_tiles.cuh, where gemv.cuh runs the tiles of experts with at most 8 rows as weight-streaming GEMVs, fp8 by
-// default), phase_combine.cuh
+// expert_tiles.cuh, and decode_tiles.cuh, where gemv.cuh runs the tiles of experts with at most 8 rows as
+// weight-streaming GEMVs, fp8 by default), phase_combine.cuh
 // (phase 4), sched_launch.cuh (the phases in order, the last block out); this file holds the entry points.
 #include "moe_params.cuh"
 #include "sched_launch.cuh"

@@ -1,15 +1,15 @@
-// Phase 3: the ticket scheduler that runs the expert tiles (expert_tiles.cuh), then drains the combines
+// Phase 3: the ticket scheduler that runs the expert tiles (expert_tiles.cuh, decode_tiles.cuh), then drains the combines
 // (phase_combine.cuh). See moe.cu.
 #pragma once
 #include "moe_params.cuh"
 #include "phase_dispatch.cuh"
 #include "phase_combine.cuh"
 #include "phase_fp8.cuh"
-#include "expert_tiles.cuh"
+#include "decode_tiles.cuh"
 
 namespace fmoe {
 
-// How many tiles each expert tile runs as in this launch: decode_split's (expert_tiles.cuh) when the wide GEMM0
+// How many tiles each expert tile runs as in this launch: decode_split's (decode_tiles.cuh) when the wide GEMM0
 // tiles would leave at least half of the blocks idle, else 1. Per SM a decode tile streams its weights more slowly
 // than a wide one, so splitting pays only when it brings idle SMs in: paper-e64 S = 1 (16 wide tiles) 0.090 →
 // 0.062 ms, qwen3-30b-a3b S = 1 (48) 0.084 → 0.082 ms, but qwen3-30b-a3b S = 3 (132) and deepseek-v3 S = 1 (144)

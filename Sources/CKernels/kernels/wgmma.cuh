@@ -168,7 +168,7 @@ template <> FMOE_DEVICE void wgmma_m64n128<MMA_TF32>(float *d, u64 da, u64 db) {
                  : FMOE_ACC64 : "l"(da), "l"(db));
 }
 
-// Decode tiles (expert_tiles.cuh): 64 rows × BN weight rows (64 or 128), each warpgroup m64n(BN/2) on its own
+// Decode tiles (decode_tiles.cuh): 64 rows × BN weight rows (64 or 128), each warpgroup m64n(BN/2) on its own
 // BN/2 weight rows of the stage and both on the same 64 A rows. At decode an expert has a few rows: a 128 × 256
 // tile spends its tensor time on zero rows and a launch has fewer such tiles than SMs. Each output element is the
 // wide engine's: the same k16 (tf32: k8) instructions in the same K order, FP32 accumulation from zero. BN = 256:
