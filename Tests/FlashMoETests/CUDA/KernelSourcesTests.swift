@@ -27,6 +27,17 @@ import Testing
         }
     }
 
+    /// Kernel files stay small enough to read: none passes about 400 lines (expert_tiles.cuh reached 579 in round 17
+    /// before its decode tiles moved to decode_tiles.cuh). A file that grows past the limit is split by what it holds.
+    @Test func noKernelFileOutgrowsTheLimit() throws {
+        let limit = 420
+        for name in try KernelSources.embedded.fileNames() {
+            let text = try KernelSources.embedded.text(of: name)
+            let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+            #expect(lines.count <= limit, "\(name): \(lines.count) lines (limit \(limit)); split it by what it holds")
+        }
+    }
+
     @Test func theEmbeddedCopyMatchesTheRepositoryFile() throws {
         let file = URL(fileURLWithPath: #filePath)
             .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
