@@ -39,6 +39,30 @@ import Testing
         #expect(t.summary().first?.contains("1 events dropped") == true)
     }
 
+    /// Gaps between a block's consecutive GEMM tiles, per kind pair; warp-level events and other kinds do not count.
+    @Test func measuresTheGapsBetweenTiles() throws {
+        let us: UInt64 = 1000, o: UInt64 = 5_000_000
+        var words: [UInt64] = [6, 0, 0, 0]
+        words += Self.event(.gemm0, begin: o, end: o + 10 * us)
+        words += Self.event(.release, begin: o + 10 * us, end: o + 11 * us)
+        words += Self.event(.gemm0, begin: o + 12 * us, end: o + 20 * us)
+        words += Self.event(.gemm1, begin: o + 23 * us, end: o + 30 * us)
+        words += Self.event(.combine, warp: 3, begin: o + 30 * us, end: o + 33 * us)
+        words += Self.event(.gemm1, begin: o + 34 * us, end: o + 40 * us)
+        words += [2, 0, 0, 0]
+        words += Self.event(.gemm1, begin: o, end: o + 5 * us)
+        words += Self.event(.gemm1, begin: o + 6 * us, end: o + 10 * us)
+        words += [UInt64](repeating: 0, count: 16)
+        let t = try KernelTrace(words: words, blocks: 2, capacity: 6)
+        let gaps = t.tileGaps()
+        #expect(gaps.map { "\($0.from.name)>\($0.to.name)" } == ["GEMM0>GEMM0", "GEMM0>GEMM1", "GEMM1>GEMM1"])
+        #expect(gaps[0].count == 1 && gaps[0].medianMicros == 2 && gaps[1].medianMicros == 3)
+        #expect(gaps[2].count == 2 && gaps[2].medianMicros == 2.5 && gaps[2].meanMicros == 2.5 && gaps[2].totalMicros == 5)
+        let summary = t.summary()
+        #expect(summary.contains("  between GEMM tiles (count, ticket, ring wait): 5.0 µs a block"))
+        #expect(summary.contains("    GEMM1 → GEMM1: 2 × median 2.50 µs, mean 2.50"))
+    }
+
     @Test func rejectsABufferThatDoesNotMatch() {
         #expect(throws: MoEError.self) { try KernelTrace(words: [0, 0], blocks: 2, capacity: 3) }
         var words = Self.buffer()

@@ -184,8 +184,56 @@ public struct KernelTrace: Sendable, Equatable {
         ]).serialized + "\n"
     }
 
+    /// A block's idle time between two consecutive GEMM tiles of one kind pair: from the end of one tile to the
+    /// begin of the next (the tile's count, the next ticket, for GEMM1 the ring wait; Benchmarks/RESULTS.md, round
+    /// 18, has what each costs).
+    public struct TileGaps: Sendable, Equatable {
+        /// The tile before the gap (`.gemm0` or `.gemm1`).
+        public var from: Kind
+        /// The tile after it.
+        public var to: Kind
+        /// Gaps of this pair over all blocks.
+        public var count: Int
+        /// Median gap, microseconds.
+        public var medianMicros: Double
+        /// Mean gap, microseconds.
+        public var meanMicros: Double
+        /// All gaps of this pair, microseconds, summed over the blocks.
+        public var totalMicros: Double
+    }
+
+    /// The gaps between consecutive block-level GEMM tiles of each block, per (from, to) pair in the order GEMM0 →
+    /// GEMM0, GEMM0 → GEMM1, GEMM1 → GEMM0, GEMM1 → GEMM1; pairs without gaps are left out. Tiles that overlap (a
+    /// malformed trace) make no gap.
+    public func tileGaps() -> [TileGaps] {
+        var tiles: [Int: [Event]] = [:]
+        for e in events where e.warp == nil && (e.kind == .gemm0 || e.kind == .gemm1) {
+            tiles[e.block, default: []].append(e)
+        }
+        var gaps: [Kind: [Kind: [Double]]] = [:]
+        for (_, list) in tiles {
+            let ordered = list.sorted { $0.begin < $1.begin }
+            for (a, b) in zip(ordered, ordered.dropFirst()) where b.begin >= a.end {
+                gaps[a.kind, default: [:]][b.kind, default: []].append(Double(b.begin - a.end) / 1000)
+            }
+        }
+        var out: [TileGaps] = []
+        for from in [Kind.gemm0, .gemm1] {
+            for to in [Kind.gemm0, .gemm1] {
+                guard let g = gaps[from]?[to], !g.isEmpty else { continue }
+                let sorted = g.sorted(), total = g.reduce(0, +)
+                let median = sorted.count % 2 == 1
+                    ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+                out.append(TileGaps(from: from, to: to, count: g.count, medianMicros: median,
+                                    meanMicros: total / Double(g.count), totalMicros: total))
+            }
+        }
+        return out
+    }
+
     /// Per kind: events, total and mean microseconds, and the span from the first begin to the last end; then the
-    /// launch span and the dropped events. What `flashmoe bench --trace` prints.
+    /// gaps between GEMM tiles (`tileGaps`), the launch span and the dropped events. What `flashmoe bench --trace`
+    /// prints.
     public func summary() -> [String] {
         guard let first = events.map(\.begin).min(), let last = events.map(\.end).max() else {
             return ["no events recorded"]
@@ -199,6 +247,16 @@ public struct KernelTrace: Sendable, Equatable {
             lines.append("  \(kind.name): \(mine.count) × mean \(formatDecimal(total / Double(mine.count), 1)) µs = "
                 + "\(formatDecimal(total, 1)) µs of block time, from \(formatDecimal(Double(b - first) / 1000, 1)) to "
                 + "\(formatDecimal(Double(e - first) / 1000, 1)) µs")
+        }
+        let gaps = tileGaps()
+        if !gaps.isEmpty {
+            let tileBlocks = Set(events.filter { $0.warp == nil && ($0.kind == .gemm0 || $0.kind == .gemm1) }.map(\.block))
+            let perBlock = gaps.reduce(0.0) { $0 + $1.totalMicros } / Double(max(1, tileBlocks.count))
+            lines.append("  between GEMM tiles (count, ticket, ring wait): \(formatDecimal(perBlock, 1)) µs a block")
+            for g in gaps {
+                lines.append("    \(g.from.name) → \(g.to.name): \(g.count) × median \(formatDecimal(g.medianMicros, 2)) µs, "
+                    + "mean \(formatDecimal(g.meanMicros, 2))")
+            }
         }
         return lines
     }
