@@ -48,6 +48,8 @@ FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
 #ifndef FMOE_COUNT_BLOCKS1
 #define FMOE_COUNT_BLOCKS1 1
 #endif
+// What Sync::gemm1_done reaches once a launch of `rbs` row blocks of `nt1` GEMM1 tiles each has counted them all.
+FMOE_DEVICE int gemm1_done_target(int rbs, int nt1) { return FMOE_COUNT_BLOCKS1 ? rbs : rbs * nt1; }
 FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m, int rb, int nt1) {
     const bool last = last_arrival(&p.done1[rb], nt1);
     if (last) complete_row_block(p, L, x, m);
@@ -116,7 +118,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
         const int ticket = s_ticket;
         if (ticket >= total) {
             // Warps drain on their own; the block leaves together, with one answer (block-uniform exits).
-            const bool drained = drain_combines(p, FMOE_COUNT_BLOCKS1 ? rbs : rbs * nt1);
+            const bool drained = drain_combines(p, gemm1_done_target(rbs, nt1));
             return sync_block_and(drained) != 0;
         }
         if (ticket < t0_total) {

@@ -212,7 +212,7 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
             if (threadIdx.x == 0) mbar_arrive(&s_tma.own_done);
         }
     }
-    return sync_block_and(drain_combines(p, FMOE_COUNT_BLOCKS1 ? rbs : rbs * NT1)) != 0;
+    return sync_block_and(drain_combines(p, gemm1_done_target(rbs, NT1))) != 0;
 }
 
 // The launch's start, every thread of both roles: consumer thread 0 initialises the hand-over barrier, then named

@@ -140,10 +140,8 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         if (DECODE_PLACE_PAIRS) place_pairs(p, L, 0, 1);
         else place_phase(p, L, 0, 1);
     }
-    // Release: thread 0's fence after the barrier (sync.cuh, release_block_writes).
-    if (FMOE_RELEASE_FENCE == 0) __threadfence();
-    sync_block();
-    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+    release_block_writes();
+    if (threadIdx.x == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
 }
 
 }  // namespace fmoe

@@ -177,10 +177,8 @@ FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
         publish_counts(p, p.row_blocks);
     }
     stamp(p, 7, true);
-    // Release: thread 0's fence after the barrier (sync.cuh, release_block_writes).
-    if (FMOE_RELEASE_FENCE == 0) __threadfence();
-    sync_block();
-    if (threadIdx.x == 0) { fence_gpu(); st_relaxed_u64(&p.sync->scan_done, p.epoch); }
+    release_block_writes();
+    if (threadIdx.x == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
 }
 
 // How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid
