@@ -221,10 +221,8 @@ public struct KernelTrace: Sendable, Equatable {
         for from in [Kind.gemm0, .gemm1] {
             for to in [Kind.gemm0, .gemm1] {
                 guard let g = gaps[from]?[to], !g.isEmpty else { continue }
-                let sorted = g.sorted(), total = g.reduce(0, +)
-                let median = sorted.count % 2 == 1
-                    ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
-                out.append(TileGaps(from: from, to: to, count: g.count, medianMicros: median,
+                let total = g.reduce(0, +)
+                out.append(TileGaps(from: from, to: to, count: g.count, medianMicros: median(g),
                                     meanMicros: total / Double(g.count), totalMicros: total))
             }
         }

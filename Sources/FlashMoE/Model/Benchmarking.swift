@@ -14,14 +14,17 @@ public struct BenchmarkResult: Sendable, Hashable {
     }
 
     /// The median sample (the mean of the two middle ones for an even count); 0 when there are none.
-    public var medianMilliseconds: Double {
-        let s = samples.sorted()
-        guard !s.isEmpty else { return 0 }
-        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-    }
+    public var medianMilliseconds: Double { median(samples) }
 
     /// The fastest sample; 0 when there are none.
     public var minimumMilliseconds: Double { samples.min() ?? 0 }
+}
+
+/// The median of `values` (the mean of the two middle ones for an even count); 0 when there are none.
+func median(_ values: [Double]) -> Double {
+    let s = values.sorted()
+    guard !s.isEmpty else { return 0 }
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
 }
 
 /// A backend that can time its own forward pass: warm-up runs first, then `iterations` timed runs.
