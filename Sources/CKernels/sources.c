@@ -73,6 +73,10 @@ static const char expert_tiles_cuh[] = {
 #embed "kernels/expert_tiles.cuh"
     , 0};
 
+static const char register_epilogues_cuh[] = {
+#embed "kernels/register_epilogues.cuh"
+    , 0};
+
 static const char decode_tiles_cuh[] = {
 #embed "kernels/decode_tiles.cuh"
     , 0};
@@ -151,6 +155,7 @@ static const struct {
     {"phase_dispatch.cuh", phase_dispatch_cuh, sizeof(phase_dispatch_cuh) - 1},
     {"phase_experts.cuh", phase_experts_cuh, sizeof(phase_experts_cuh) - 1},
     {"expert_tiles.cuh", expert_tiles_cuh, sizeof(expert_tiles_cuh) - 1},
+    {"register_epilogues.cuh", register_epilogues_cuh, sizeof(register_epilogues_cuh) - 1},
     {"decode_tiles.cuh", decode_tiles_cuh, sizeof(decode_tiles_cuh) - 1},
     {"phase_combine.cuh", phase_combine_cuh, sizeof(phase_combine_cuh) - 1},
     {"fp8.cuh", fp8_cuh, sizeof(fp8_cuh) - 1},

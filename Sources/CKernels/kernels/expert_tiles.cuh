@@ -1,11 +1,12 @@
 // The expert tasks' tiles: GEMM0 and GEMM1 of a 128 × 256 tile (gemm0_task, gemm1_task), of a 64 × 256 half tile
-// for a partial row block, and GEMM1 tiles chained within a row block (chain_tiles), each with its epilogue; the
-// decode tiles and the GEMV are decode_tiles.cuh. The scheduler that hands them out is phase_experts.cuh. See moe.cu
-// (phase 3).
+// for a partial row block, and GEMM1 tiles chained within a row block (chain_tiles), each with its epilogue (the
+// staged ones here, the ones from the accumulators in register_epilogues.cuh); the decode tiles and the GEMV are
+// decode_tiles.cuh. The scheduler that hands them out is phase_experts.cuh. See moe.cu (phase 3).
 #pragma once
 #include "moe_params.cuh"
 #include "phase_dispatch.cuh"
 #include "phase_fp8.cuh"
+#include "register_epilogues.cuh"
 
 namespace fmoe {
 
@@ -27,11 +28,6 @@ FMOE_DEVICE void gemm0_x_rows(const Params &p, const Layout &L, int x, bool shar
             ptr[i] = (const char *)(p.x + (size_t)token * H);
         }
     }
-}
-
-// The first h row of expert x (task-space index): the shared expert's own buffer, or x's rows of hbuf.
-FMOE_DEVICE T *h_rows(const Params &p, const Layout &L, int x) {
-    return is_shared(L, x) ? p.hs : p.hbuf + (size_t)L.row_start[x] * I;
 }
 
 // GEMM0's epilogue for a staged tile c (NR rows, stride CS): h columns col0 … col0 + OUT_COLS − 1 of expert x's rows
@@ -59,104 +55,6 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
         store4(out + (size_t)(first + r) * inter + col, v[0], v[1], v[2], v[3]);
     }
 }
-
-// FMOE_REG_EPILOGUE (16-bit sm_90a builds, one GPU; ignored elsewhere): 1 (default), the cp.async engine's wide GEMM1
-// tiles store their FP32 rows straight from the accumulators (gemm1_store_acc) instead of staging the tile through
-// shared memory and reading it back; 2, GEMM0's too (gemm0_store_acc, 16-byte stores); 0, both staged. Same bits.
-// A GEMM1 tile took 10.8 µs instead of 13.2 (qwen3-30b-a3b S = 4096, trace) and the layer 0.902 → 0.863 ms, paper-e64
-// S = 8192 0.725 → 0.710, qwen3-30b-a3b S = 16384 3.162 → 3.108; 2 was slower (GEMM0 tiles 28.5 against 27.9 µs,
-// their counts' fences longer; qwen3-30b-a3b S = 64 0.370 → 0.425 ms) (H200, Benchmarks/RESULTS.md, round 16).
-#if FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3) && FMOE_RANKS == 1
-#define FMOE_ACC_EPILOGUES 1
-#ifndef FMOE_REG_EPILOGUE
-#define FMOE_REG_EPILOGUE 1
-#endif
-#else
-#define FMOE_ACC_EPILOGUES 0
-#endif
-
-#if FMOE_ACC_EPILOGUES
-// The epilogues straight from a wide wgmma tile's accumulators (16-bit, one GPU): the TMA engine's consumers
-// (phase_experts_tma.cuh) and, with FMOE_REG_EPILOGUE, the cp.async engine's tiles below. Same arithmetic as
-// gemm0_store and gemm1_store, so the same bits.
-FMOE_DEVICE u32 pack_t2(float a, float b) {
-    return (u32)Storage<T>::store(a).bits | ((u32)Storage<T>::store(b).bits << 16);
-}
-// The gated h pair of accumulator registers c, c + 1 (WgmmaEngine's layout: the up column 128 after its gate
-// column, register c + 64): act(gate) · up, packed as two T. Every register epilogue of a gated GEMM0 forms h here,
-// so they round alike (gemm0_store's arithmetic).
-FMOE_DEVICE u32 gated_pair(const float *acc, int c) {
-    return pack_t2(activation(acc[c]) * acc[c + 64], activation(acc[c + 1]) * acc[c + 65]);
-}
-
-// GEMM0's epilogue from the accumulators (WgmmaEngine's m64n256 layout, wgmma.cuh: register 4j + c holds row
-// wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1)), the arithmetic of gemm0_store: gated,
-// act(gate) · up with the up column 128 after its gate column (j + 16); plain, act(acc + b1). Each quad of lanes
-// transposes its packed pairs so a lane stores 16 contiguous bytes (quad_transpose). I is a multiple of 8, so a
-// 16-byte column block is wholly inside or outside; row masks are store predicates only.
-FMOE_DEVICE void gemm0_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
-    const bool shared = is_shared(L, x);
-    const int inter = shared ? IS : I;
-    const int rows = task_rows(p, L, x), row0 = m * BM;
-    T *out = h_rows(p, L, x);
-    constexpr int OUT_COLS = GATED ? EBN / 2 : EBN;
-    const int r0 = wgmma_acc_row();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = r0 + 8 * h;
-        const bool ok = row0 + r < rows;
-        T *row = out + (size_t)(ok ? row0 + r : 0) * inter;
-#pragma unroll
-        for (int jg = 0; jg < OUT_COLS / 32; ++jg) {
-            u32 w[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int j = 4 * jg + i, c = 4 * j + 2 * h;
-                if (GATED) {
-                    w[i] = gated_pair(acc, c);
-                } else {
-                    const int col = n * OUT_COLS + 8 * j + wgmma_acc_col();
-                    const bool bias = !shared && p.b1 != nullptr && col < inter;
-                    w[i] = pack_t2(activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f)),
-                                   activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f)));
-                }
-            }
-            const uint4 v = quad_transpose(w);
-            const int col = n * OUT_COLS + 8 * (4 * jg + (int)(threadIdx.x & 3));
-            if (ok && col < inter) *(uint4 *)(row + col) = v;
-        }
-    }
-}
-
-// GEMM1's epilogue from the accumulators, gemm1_store's arithmetic: + b2 (routed, when present), FP32 rows. The
-// bias form is a loop of its own, so the plain one holds no bias loads in registers beside the 128 accumulators.
-FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
-    const bool shared = is_shared(L, x);
-    const int rows = task_rows(p, L, x), row0 = m * BM;
-    float *out = (shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H) + n * EBN + wgmma_acc_col();
-    const float *bias = !shared && p.b2 != nullptr ? p.b2 + (size_t)x * H + n * EBN + wgmma_acc_col() : nullptr;
-    const int cols = H - n * EBN - wgmma_acc_col();  // this lane's columns 8j (+1) exist while 8j < cols
-    const int r0 = wgmma_acc_row();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = r0 + 8 * h;
-        if (row0 + r >= rows) continue;
-        float *row = out + (size_t)(row0 + r) * H;
-        if (bias != nullptr) {
-#pragma unroll
-            for (int j = 0; j < 32; ++j)
-                if (8 * j < cols)
-                    *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h] + bias[8 * j],
-                                                           acc[4 * j + 2 * h + 1] + bias[8 * j + 1]);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 32; ++j)
-                if (8 * j < cols) *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        }
-    }
-}
-
-#endif
 
 // ---- Half tiles ---------------------------------------------------------------------------------------------------
 // FMOE_HALF_TILES (wgmma builds in tf32, bf16 and fp16 on one GPU; ignored elsewhere: the ranks kernels are at the
@@ -237,11 +135,11 @@ FMOE_DEVICE void gemm0_task(const Params &p, const Layout &L, int x, int m, int 
 }
 
 // GEMM1's epilogue for a staged tile c (NR rows, stride CS): columns col0 … col0 + NC − 1 of rows first … of expert
-// x, plus b2, into its FP32 rows (one GPU) or the source rank's return buffer (ranks).
+// x, plus b2, into its rows (one GPU: RetT; the shared expert's FP32) or the source rank's return buffer (ranks).
 template <int NR, int CS, int NC>
 FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool shared, int rows, int first, int col0,
                              const float *c) {
-    float *out = shared ? p.ys : p.ybuf + (size_t)L.row_start[x] * H;
+    float *out = f32_rows(p, L, x, shared);
 #if FMOE_NVSHMEM
     bool sent_remote = false;  // this thread put returns to a remote source
 #endif
@@ -269,6 +167,8 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
             }
 #endif
             store_ret4(&p.peers[o >> PAIR_BITS].ret[(size_t)(o & PAIR_MASK) * H + col], v);
+        } else if (FMOE_RET_T && !shared) {
+            store_ret4(&p.ybuf[(size_t)(L.row_start[x] + first + r) * H + col], v);
         } else {
             *(float4 *)&out[(size_t)(first + r) * H + col] = v;
         }

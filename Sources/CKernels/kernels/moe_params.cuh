@@ -68,8 +68,13 @@ constexpr int MMA = MMA_F16;
 typedef float T;
 [[maybe_unused]] constexpr int MMA = MMA_TF32;  // tf32 mode only; fp32 mode runs the exact FFMA engine
 #endif
-// The element of a source's return buffer: FP32, or (FMOE_RET_STORAGE, 16-bit layers) the storage type, which
-// halves the bytes sent back at the cost of one rounding of each expert row before the combine.
+// The element of the routed expert rows the combine reads (one GPU: ybuf; ranks: the source's return buffer): FP32,
+// or (FMOE_RET_STORAGE, 16-bit layers) the storage type, which halves those bytes (written by GEMM1's epilogue, read
+// by the combine; ranks: sent back) at the cost of one rounding of each expert row before the weighted sum. The same
+// rounding on one GPU and with ranks, so one rank's y equals the ranks' y with the option on either side.
+#ifndef FMOE_RET_STORAGE
+#define FMOE_RET_STORAGE 0
+#endif
 #if FMOE_RET_STORAGE && FMOE_PREC >= 2
 #define FMOE_RET_T 1
 typedef T RetT;
@@ -238,7 +243,7 @@ struct Params {
     u64 *combine_list;     // [S] (epoch << 32 | token) of tokens whose contributions are all in, in push order
     T *hbuf;               // [R, I] routed intermediate
     T *hs;                 // [S, IS] shared intermediate
-    float *ybuf;           // [R, H] routed expert outputs
+    RetT *ybuf;            // [R, H] routed expert outputs (FP32, or the storage type: RetT)
     float *ys;             // [S, H] shared expert output
     Sync *sync;
     ErrorRecord *err;
@@ -307,17 +312,25 @@ FMOE_DEVICE void store4(T *dst, float a, float b, float c, float d) {
 #endif
 }
 
-// 4 consecutive return-buffer values as FP32 (RetT is FP32, or T for storage returns).
-FMOE_DEVICE float4 load_ret4(const RetT *src) {
+// 4 consecutive RetT values as one load returns them (float4, or uint2 of four 16-bit values), and their FP32
+// values. Two steps so a reader can issue all its loads before it converts any: converting each load where it is
+// issued made the compiler wait for it before issuing the next (round 19, H200: a combine took 38 instead of
+// 20 µs a token).
 #if FMOE_RET_T
-    const uint2 v = *(const uint2 *)src;
+typedef uint2 Ret4;
+#else
+typedef float4 Ret4;
+#endif
+FMOE_DEVICE Ret4 load_ret4(const RetT *src) { return *(const Ret4 *)src; }
+FMOE_DEVICE float4 ret4_f32(Ret4 v) {
+#if FMOE_RET_T
     RetT e[4];
     e[0].bits = (unsigned short)(v.x & 0xFFFF); e[1].bits = (unsigned short)(v.x >> 16);
     e[2].bits = (unsigned short)(v.y & 0xFFFF); e[3].bits = (unsigned short)(v.y >> 16);
     return make_float4(Storage<RetT>::load(e[0]), Storage<RetT>::load(e[1]), Storage<RetT>::load(e[2]),
                        Storage<RetT>::load(e[3]));
 #else
-    return *(const float4 *)src;
+    return v;
 #endif
 }
 

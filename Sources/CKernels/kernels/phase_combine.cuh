@@ -19,9 +19,13 @@ FMOE_DEVICE int combine_slices(const Params &p) {
 // Float4 columns a lane sums at once (FMOE_COMBINE_COLS, 2 by default): all their K (+ shared) loads are issued
 // before the first FMA, so a warp keeps COLS times as many loads in flight. One column at a time, a DeepSeek-V3
 // token (7168 columns, 9 rows) took 123 µs, latency-bound, and S = 4096's combine tail 0.5 ms (fp8 trace, H200,
-// 2026-12-02). Each element is the same sum in the same order whatever COLS is.
+// 2026-12-02). Each element is the same sum in the same order whatever COLS is. Rows in a 16-bit RetT
+// (FMOE_RET_STORAGE) take half the registers a column, so twice the columns keep as many bytes in flight.
 #ifndef FMOE_COMBINE_COLS
 #define FMOE_COMBINE_COLS 2
+#endif
+#ifndef FMOE_COMBINE_COLS_T
+#define FMOE_COMBINE_COLS_T 4
 #endif
 
 // y[t] = Σ_j w[t,j] · ybuf[slot_row[t,j]] in rank order, plus the (gated) shared expert, for float4 columns
@@ -40,10 +44,12 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
         w[j] = p.weights[(size_t)t * K + j];
     }
     const float gs = HAS_SHARED ? p.shared_gate[t] : 0.f;
-    constexpr int COLS = FMOE_COMBINE_COLS, NV = K + (HAS_SHARED ? 1 : 0);
+    constexpr int COLS = FMOE_RET_T ? FMOE_COMBINE_COLS_T : FMOE_COMBINE_COLS, NV = K + (HAS_SHARED ? 1 : 0);
     for (int c = c0 + lane; c < c1; c += 32 * COLS) {
         // Loads first (a column past the slice or a row without a source reads nothing), then the sums.
-        float4 v[COLS][NV];
+        // The routed rows as loaded (RetT, converted in the sums: ret4_f32) and the shared expert's FP32 row.
+        Ret4 v[COLS][K];
+        float4 s[COLS];
 #pragma unroll
         for (int u = 0; u < COLS; ++u) {
             const int h = 4 * (c + 32 * u);
@@ -51,12 +57,13 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
 #pragma unroll
             for (int j = 0; j < K; ++j) {
                 // One GPU: the expert output row; ranks: the pair's row of the return buffer.
-                v[u][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+                v[u][j] = Ret4{};
                 if (!in || rows[j] < 0) continue;
                 v[u][j] = RANKS > 1 ? load_ret4(&p.peers[p.rank].ret[((size_t)t * K + j) * H + h])
-                                    : *(const float4 *)&p.ybuf[(size_t)rows[j] * H + h];
+                                    : load_ret4(&p.ybuf[(size_t)rows[j] * H + h]);
             }
-            if (HAS_SHARED && in) v[u][NV - 1] = *(const float4 *)&p.ys[(size_t)t * H + h];
+            s[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (HAS_SHARED && in) s[u] = *(const float4 *)&p.ys[(size_t)t * H + h];
         }
 #pragma unroll
         for (int u = 0; u < COLS; ++u) {
@@ -66,8 +73,9 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
             for (int j = 0; j < NV; ++j) {
                 if (j < K && rows[j] < 0) continue;
                 const float wj = j < K ? w[j] : gs;
-                acc.x = fmaf(wj, v[u][j].x, acc.x); acc.y = fmaf(wj, v[u][j].y, acc.y);
-                acc.z = fmaf(wj, v[u][j].z, acc.z); acc.w = fmaf(wj, v[u][j].w, acc.w);
+                const float4 e = j < K ? ret4_f32(v[u][j]) : s[u];
+                acc.x = fmaf(wj, e.x, acc.x); acc.y = fmaf(wj, e.y, acc.y);
+                acc.z = fmaf(wj, e.z, acc.z); acc.w = fmaf(wj, e.w, acc.w);
             }
             store_y4(p, (size_t)t * H + 4 * (c + 32 * u), acc);
         }
