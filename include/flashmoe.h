@@ -99,10 +99,13 @@ typedef enum {
 #define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
                                           kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
                                           forward or check); later forwards run normally */
-#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* groups of bf16/fp16 layers (since 0.4): expert outputs travel back to
-                                          the token's rank in the storage type instead of float32, halving those
-                                          bytes; y then differs from one layer's by one rounding of each expert
-                                          output (flashmoe verify measures it against float32 returns) */
+#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* bf16/fp16/fp8 layers: the routed experts' output rows are kept in the
+                                          storage type instead of float32 (groups: the rows sent back to the
+                                          token's rank; layers: the rows the combine reads), halving
+                                          those bytes; y then differs from float32 rows' by one rounding of each
+                                          expert output (flashmoe verify measures it), the same for a layer and a
+                                          group, so a group's y equals one layer's when both set it. A 32-bit layer
+                                          with it: FLASHMOE_ERROR_INVALID_ARGUMENT */
 
 #define FLASHMOE_CONFIG_MAGIC 0x464d4f45u /* "FMOE" */
 

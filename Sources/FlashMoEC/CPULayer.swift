@@ -19,7 +19,7 @@ final class CPULayer: LayerEngine {
         let pointers = try WeightPointers(checking: weights, config: c)
         try Self.checkMemory(c)
         let layer = try MoELayer(config: c, weights: try MoEWeights(copyingHost: pointers, config: c))
-        backend = try CPUBackend(layer: layer, mode: .fast)
+        backend = try CPUBackend(layer: layer, mode: .fast, storageRows: settings.storageReturns)
         weightBytes = layer.weights.byteCount
         self.settings = settings
     }

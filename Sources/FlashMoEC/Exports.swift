@@ -27,10 +27,6 @@ public func flashmoe_layer_create(
         let out = try Check.output(layer, "layer")
         out.pointee = nil
         let settings = try LayerSettings(config)
-        if settings.storageReturns {
-            throw ArgumentError(
-                "config->flags: FLASHMOE_FLAG_STORAGE_RETURNS is for groups (flashmoe_group_create); a layer returns nothing")
-        }
         let engine: any LayerEngine
         switch settings.backend {
         case .cpu: engine = try CPULayer(settings: settings, weights: weights)

@@ -15,7 +15,8 @@ struct LayerSettings {
     let maxTokens: Int
     let syncErrors: Bool
     let injectFault: Bool
-    /// Groups: expert outputs travel back in the storage type (FLASHMOE_FLAG_STORAGE_RETURNS).
+    /// The routed experts' output rows in the storage type (FLASHMOE_FLAG_STORAGE_RETURNS): a layer's rows before
+    /// the combine, a group's rows sent back (`FusedOptions.storageReturns`).
     let storageReturns: Bool
     let waitBudget: Duration
 
@@ -120,6 +121,11 @@ struct LayerSettings {
             try config.validate()
         } catch {
             throw ArgumentError("config: \(error.message)")
+        }
+        if storageReturns && precision.storage.byteSize != 2 {
+            throw ArgumentError(
+                "config->flags: FLASHMOE_FLAG_STORAGE_RETURNS needs 16-bit expert rows (bf16, fp16 or fp8 layers); "
+                    + "this layer is \(precision.rawValue): drop the flag")
         }
         // The weight tensors must be addressable too (the largest is the first layer, [E, 2I, H]).
         _ = try Check.product([e, 2 * i, h, 4], "the expert weights [E, 2I, H] × 4 bytes")

@@ -13,7 +13,9 @@ func makeCUDABackend(layer: MoELayer, deviceOrdinal: Int) throws -> any Benchmar
 /// The GPU operators' options for the commands: GPU `deviceOrdinal`, `FLASHMOE_WAIT_BUDGET_MS` when set, and
 /// `FLASHMOE_GATE_SPLIT` (1 ... 16, for experiments: the gate's K split instead of the automatic choice, e.g. to
 /// compare the bits of two builds that choose differently) and `FLASHMOE_STAGES` (the pipeline stages instead of
-/// the automatic choice, for A/B timing; a count that does not fit is a typed error at setup).
+/// the automatic choice, for A/B timing; a count that does not fit is a typed error at setup) and
+/// `FLASHMOE_STORAGE_ROWS=1` (16-bit layers keep the routed experts' output rows in the storage type:
+/// `FusedOptions.storageReturns`, for A/B timing and error measurements; a 32-bit layer refuses it at setup).
 func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     var options = FusedOptions(deviceOrdinal: deviceOrdinal)
     let environment = ProcessEnvironment.current()
@@ -25,6 +27,9 @@ func cudaOptions(deviceOrdinal: Int) -> FusedOptions {
     }
     if let text = environment["FLASHMOE_STAGES"], let stages = Int(text) {
         options.stages = stages
+    }
+    if environment["FLASHMOE_STORAGE_ROWS"] == "1" {
+        options.storageReturns = true
     }
     return options
 }

@@ -70,7 +70,8 @@ class MoEConfig:
     inject_fault: bool = False
     #: budget of every device-side wait in ms (0 = the library's default, 5000)
     wait_budget_ms: int = 0
-    #: expert-parallel groups of bf16/fp16 layers: expert outputs travel back in the storage type, not float32
+    #: bf16/fp16/fp8 layers and groups: the routed experts' output rows in the storage type, not float32 (a
+    #: layer's rows before the combine, a group's rows sent back): half those bytes, one more rounding of each
     storage_returns: bool = False
 
     def replace(self, **changes) -> "MoEConfig":

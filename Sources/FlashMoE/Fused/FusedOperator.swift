@@ -89,7 +89,7 @@ public final class FusedOperator: @unchecked Sendable {
         let specialization = try FusedSpecialization(
             config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
             injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
-            trace: options.traceEventsPerBlock > 0)
+            trace: options.traceEventsPerBlock > 0, returnStorage: options.storageReturns)
         let kernel = try FusedKernel(
             specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
         try self.init(

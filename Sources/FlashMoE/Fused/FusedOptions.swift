@@ -32,9 +32,11 @@ public struct FusedOptions: Sendable, Hashable {
     /// Debug: after every device forward, wait for the stream and report a kernel error at once (instead of on
     /// the next call or `checkErrors`). The host-array forward always synchronises.
     public var synchronousErrors: Bool
-    /// Ranks of 16-bit layers: expert outputs travel back to the source in the storage type (bf16/fp16) instead
-    /// of FP32, halving the return bytes. y then differs from one rank's by one rounding of each expert row
-    /// (`flashmoe verify` measures it against FP32 returns); routing, drops and slots are unchanged.
+    /// 16-bit layers: the routed experts' output rows are kept in the storage type (bf16/fp16) instead of FP32 —
+    /// on one GPU the rows GEMM1 writes and the combine reads, with ranks the rows sent back to the token's rank
+    /// (half those bytes either way). y then differs from FP32 rows' by one rounding of each expert output
+    /// (`flashmoe verify` measures it), the same rounding on one GPU and with ranks, so one rank with this option
+    /// gives the ranks' bits with it; routing, drops and slots are unchanged. Off by default.
     public var storageReturns: Bool = false
     /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0

@@ -24,11 +24,13 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let stopAfterPhase: Int
     /// Timing builds: the kernel records %globaltimer at its phase boundaries (`FMOE_TIMING`); results unchanged.
     public let phaseTimes: Bool
-    /// Ranks, 16-bit layers: expert outputs travel back to the source in the storage type instead of FP32
-    /// (`FMOE_RET_STORAGE`), halving the return bytes; y then differs from one rank's by that rounding.
+    /// 16-bit layers: the routed experts' output rows are stored in the storage type instead of FP32
+    /// (`FMOE_RET_STORAGE`): one GPU, the rows GEMM1 writes and the combine reads (half their bytes); ranks, the
+    /// rows sent back to the source (half the return bytes). y then differs from FP32 rows' by one rounding of each
+    /// expert output, the same on one GPU and with ranks, so one rank's y equals the ranks' with it on both sides.
     public let returnStorage: Bool
 
-    /// Bytes of one element of a source's return buffer.
+    /// Bytes of one element of the routed expert rows (one GPU) or of a source's return buffer (ranks).
     public var returnElementBytes: Int { returnStorage ? config.precision.storage.byteSize : 4 }
 
     /// Tracing builds: every block records its phases and tasks into a buffer (`FMOE_TRACE`, `KernelTrace`).
@@ -124,7 +126,6 @@ public struct FusedSpecialization: Sendable, Hashable {
             throw fail("\(ranks) ranks need at least \(ranks) experts to place (got E = \(config.experts))")
         }
         if returnStorage {
-            guard ranks > 1 else { throw fail("storage returns are for ranks (expert parallelism); one rank has none") }
             guard config.precision.storage.byteSize == 2 else {
                 throw fail("storage returns need a 16-bit layer (bf16 or fp16); this one stores \(config.precision)")
             }

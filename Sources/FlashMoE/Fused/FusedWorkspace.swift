@@ -70,7 +70,7 @@ struct FusedWorkspace: Sendable {
             case .combineList: s * 8
             case .hbuf: rows * i * t
             case .hs: s * shared * t
-            case .ybuf: multi ? 0 : rows * h * 4
+            case .ybuf: multi ? 0 : rows * h * spec.returnElementBytes
             case .ys: shared > 0 ? s * h * 4 : 0
             case .recv: multi ? rows * h * t : 0
             case .rowOrigin: multi ? rows * 4 : 0

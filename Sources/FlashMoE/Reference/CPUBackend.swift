@@ -42,22 +42,31 @@ public struct CPUBackend: MoEBackend {
 
     /// Prepares `layer` for `mode`: converts (oracle) or converts and packs (fast) the weights once.
     ///
-    /// Throws when the selection bias is not finite or is given for the softmax router.
-    public init(layer: MoELayer, mode: Mode = .fast) throws(MoEError) {
-        try self.init(layer: layer, mode: mode, kernel: .best)
+    /// `storageRows` (fast mode, 16-bit layers): each routed expert's output row is rounded to the storage type
+    /// before the combine, the arithmetic of the GPU kernel with `FusedOptions.storageReturns`. Throws when the
+    /// selection bias is not finite or is given for the softmax router, and for `storageRows` in oracle mode (the
+    /// reference keeps its rows exact).
+    public init(layer: MoELayer, mode: Mode = .fast, storageRows: Bool = false) throws(MoEError) {
+        try self.init(layer: layer, mode: mode, kernel: .best, storageRows: storageRows)
     }
 
-    /// As `init(layer:mode:)`, running fast mode on a given GEMM kernel (for tests of every kernel).
-    init(layer: MoELayer, mode: Mode, kernel: GemmKernel) throws(MoEError) {
+    /// As `init(layer:mode:storageRows:)`, running fast mode on a given GEMM kernel (for tests of every kernel).
+    init(layer: MoELayer, mode: Mode, kernel: GemmKernel, storageRows: Bool = false) throws(MoEError) {
         _ = try Router.checkedBias(layer.weights.selectionBias?.floats(), config: layer.config)
         guard kernel.isSupported else {
             throw MoEError(.unsupported, "this CPU cannot run the \(kernel) GEMM kernel")
+        }
+        guard !(storageRows && mode == .oracle) else {
+            throw MoEError(.unsupported, "storage rows are for the fast CPU mode; the oracle keeps its rows exact")
         }
         self.layer = layer
         self.mode = mode
         switch mode {
         case .oracle: engine = .oracle(OracleEngine(layer: layer))
-        case .fast: engine = .fast(FastEngine(layer: layer, kernel: kernel))
+        case .fast:
+            var fast = FastEngine(layer: layer, kernel: kernel)
+            fast.storageRows = storageRows
+            engine = .fast(fast)
         }
     }
 

@@ -15,6 +15,9 @@ import Dispatch
 struct FastEngine: Sendable {
     let config: MoEConfig
     let kernel: GemmKernel
+    /// 16-bit layers: each routed expert's output row is rounded to the storage type before the combine, as the GPU
+    /// kernel stores it with `FusedOptions.storageReturns` (a no-op for fp32 and tf32).
+    var storageRows = false
     let router: PackedMatrices
     let w1: PackedMatrices
     let w3: PackedMatrices?
@@ -138,6 +141,7 @@ struct FastEngine: Sendable {
                     run(jobs)
                 }
             }
+            if storageRows { Self.roundRows(out, count: routedRows * h, to: config.precision.storage) }
             y.withUnsafeMutableBufferPointer { yb in
                 combineRows(
                     routing, weights: combine, offset: offset, expertOut: out, sharedOut: sharedOut, x: xp,
@@ -146,6 +150,15 @@ struct FastEngine: Sendable {
         }
         let output = try HostTensor(shape: [s, h], float32: y)
         return MoEOutput(output: output, routing: routing)
+    }
+
+    /// Rounds `count` values at `p` to `storage` (nothing to do for float32).
+    private static func roundRows(_ p: UnsafeMutablePointer<Float>, count: Int, to storage: ElementType) {
+        guard storage != .float32, count > 0 else { return }
+        nonisolated(unsafe) let p = p
+        parallelChunks(count: count, minimumChunk: 1 << 16) { range in
+            for i in range { p[i] = storage.round(p[i]) }
+        }
     }
 
     /// Copies each kept pair's token row to its expert's block, at row offset[e] + slot.
