@@ -50,9 +50,10 @@ struct VerifyCommand: ParsableCommand {
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
         let limit = gpu.properties.sharedMemoryPerBlockOptIn
+        let storageRows = ranksOnly ? [] : Verifier.storageRowsCases.map(\.config)
         try Self.precompile(
-            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)).map { ($0, 1) },
-            arch: gpu.properties.architecture, sharedMemoryPerBlock: limit)
+            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs) + storageRows).map { ($0, 1) },
+            arch: gpu.properties.architecture, sharedMemoryPerBlock: limit, storageRows: storageRows)
         try Self.precompile(
             rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture,
             sharedMemoryPerBlock: limit)
@@ -80,6 +81,7 @@ struct VerifyCommand: ParsableCommand {
         if !ranksOnly && (filter == nil || "device forward".contains(filter!)) {
             // The device-resident forward (caller buffers, a stream, queued launches, epoch wrap, fault + recovery).
             let checks = Verifier.deviceForwardChecks(deviceOrdinal: device, seed: seed)
+                + Verifier.storageRowsChecks(deviceOrdinal: device, seed: seed)
             for c in checks {
                 if !c.passed { failures += 1 }
                 print((c.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 52) + c.detail
@@ -130,8 +132,12 @@ struct VerifyCommand: ParsableCommand {
         try precompile(configs.map { ($0, 1) }, arch: arch)
     }
 
-    /// `sharedMemoryPerBlock`: the GPU's opt-in limit (nil: the architecture's, from `ArchitectureLimits`).
-    static func precompile(_ configs: [(MoEConfig, Int)], arch: GPUArchitecture, sharedMemoryPerBlock: Int? = nil) throws {
+    /// `sharedMemoryPerBlock`: the GPU's opt-in limit (nil: the architecture's, from `ArchitectureLimits`);
+    /// `storageRows`: configs whose one-GPU kernel with storage rows (`FusedOptions.storageReturns`) is built too.
+    static func precompile(
+        _ configs: [(MoEConfig, Int)], arch: GPUArchitecture, sharedMemoryPerBlock: Int? = nil,
+        storageRows: [MoEConfig] = []
+    ) throws {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let sources = KernelSources.current(environment: environment)
@@ -143,6 +149,13 @@ struct VerifyCommand: ParsableCommand {
         for (c, ranks) in configs {
             if let spec = try? FusedSpecialization(
                 config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks
+            ).kernelSpec, !unique.contains(spec) {
+                unique.append(spec)
+            }
+        }
+        for c in storageRows {
+            if let spec = try? FusedSpecialization(
+                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, returnStorage: true
             ).kernelSpec, !unique.contains(spec) {
                 unique.append(spec)
             }

@@ -14,9 +14,9 @@ public struct RankVerificationCase: Sendable, Hashable {
     public var launches: Int
     /// Launches after which the epoch wraps (`FusedOptions.epochWrap`); small values exercise the wrap.
     public var epochWrap: UInt64
-    /// Expert outputs travel back in the storage type (`FusedOptions.storageReturns`): y is then compared with
-    /// the same ranks returning FP32 (its error measured and held to the precision's tolerance) instead of bit
-    /// for bit with one rank; routing, drops and slots must still equal one rank's.
+    /// Expert outputs travel back in the storage type (`FusedOptions.storageReturns`): y must equal one rank's
+    /// with storage rows bit for bit, the same ranks returning FP32 must equal one FP32 rank's, and y's error
+    /// against FP32 returns is measured and held to the precision's tolerance.
     public var storageReturns: Bool
 
     public init(name: String, config: MoEConfig, tokensPerRank: [Int], seed: UInt64, forcedExpert: Int? = nil,
@@ -157,21 +157,24 @@ extension Verifier {
         let dist = try DistributedMoE(layer: layer, ranks: c.ranks, devices: devices, options: options)
         let outs = try dist.forward(parts)
         let joined = try concatenate(outs, hidden: c.config.hiddenSize)
-        let single = try FusedMoE(
-            layer: layer,
-            options: FusedOptions(deviceOrdinal: deviceOrdinal, poisonOutput: true, gateSplit: dist.gateSplit(totalTokens: total)))
-        let one = try single.forward(x)
+        var singleOptions = FusedOptions(
+            deviceOrdinal: deviceOrdinal, poisonOutput: true, gateSplit: dist.gateSplit(totalTokens: total))
+        singleOptions.storageReturns = c.storageReturns
+        // Storage returns: one rank with storage rows rounds each expert row as the returns do, so the same bits.
+        let one = try FusedMoE(layer: layer, options: singleOptions).forward(x)
         var bitwise = sameBits(joined, one)
         var storageError: Double?
         if c.storageReturns {
-            // The same ranks with FP32 returns give one rank's bits; storage returns must match their routing and
-            // stay within the precision's tolerance of their y.
+            // And the same ranks with FP32 returns give one FP32 rank's bits; storage returns stay within the
+            // precision's tolerance of their y.
             options.storageReturns = false
+            singleOptions.storageReturns = false
             let fp32 = try concatenate(
                 try DistributedMoE(layer: layer, ranks: c.ranks, devices: devices, options: options).forward(parts),
                 hidden: c.config.hiddenSize)
             storageError = FlashMoE.relativeError(joined.output.floats(), fp32.output.floats())
-            bitwise = sameBits(fp32, one) && sameRouting(joined, one)
+            let oneFP32 = try FusedMoE(layer: layer, options: singleOptions).forward(x)
+            bitwise = bitwise && sameBits(fp32, oneFP32)
         }
         var repeatsOK = true
         for _ in 1..<max(c.repeats, 1) where repeatsOK {
