@@ -1030,10 +1030,19 @@ static void test_group_errors(void) {
                  "group_create without down");
     check(group == NULL, "failed group_creates leave *group NULL");
 
-    /* FLASHMOE_FLAG_STORAGE_RETURNS is a group option: a layer refuses it. */
+    /* FLASHMOE_FLAG_STORAGE_RETURNS keeps 16-bit expert rows: an fp32 layer refuses it, a bf16 one takes it. */
     cc = small_config();
     cc.flags = FLASHMOE_FLAG_STORAGE_RETURNS;
-    create_fails(cc, small_weights(), "FLASHMOE_FLAG_STORAGE_RETURNS", "create a layer with storage returns");
+    create_fails(cc, small_weights(), "FLASHMOE_FLAG_STORAGE_RETURNS", "create an fp32 layer with storage rows");
+    cc.precision = FLASHMOE_PRECISION_BF16;
+    {
+        flashmoe_layer_t rows = NULL;
+        flashmoe_weights_t zw = small_weights();
+        flashmoe_status_t st = flashmoe_layer_create(&cc, &zw, &rows);
+        check(st == FLASHMOE_SUCCESS && rows != NULL, "create a bf16 layer with storage rows");
+        if (st != FLASHMOE_SUCCESS) printf("  %s\n", flashmoe_last_error());
+        flashmoe_layer_destroy(rows);
+    }
 
     /* The calls on handles. */
     expect_error(flashmoe_group_forward(NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL), FLASHMOE_ERROR_INVALID_ARGUMENT,

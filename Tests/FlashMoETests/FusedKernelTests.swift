@@ -152,7 +152,8 @@ import Testing
     /// prefill placing a thread per token, the wide tiles' epilogues both staged or both stored from registers
     /// (instead of GEMM1's alone), GEMM1 tickets of two column tiles, chosen by the shape or always, and
     /// row blocks of at most 64 rows run as 128 × 256 tiles instead of 64 × 256 half tiles, every thread's fence.sc
-    /// before a count instead of the barrier and thread 0's fence, and the launch's GEMM1 work counted per tile.
+    /// before a count instead of the barrier and thread 0's fence, the launch's GEMM1 work counted per tile, and
+    /// the routed expert rows in the storage type (`FusedOptions.storageReturns`, one GPU and ranks).
     /// Each must still compile on sm_90a, one GPU and ranks, with no spills, and change the code of a single-GPU
     /// bf16 kernel (a misspelt switch would compile the default).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
@@ -160,7 +161,7 @@ import Testing
                      "FMOE_DECODE_ROWS=128", "FMOE_DECODE_ROWS=64", "FMOE_DECODE_PLACE_PAIRS=0",
                      "FMOE_DECODE_EVICT_FIRST=0", "FMOE_ROUTE_FIT=0", "FMOE_PLACE_PAIRS=0", "FMOE_REG_EPILOGUE=0",
                      "FMOE_REG_EPILOGUE=2", "FMOE_CHAIN1=0", "FMOE_CHAIN1=2", "FMOE_HALF_TILES=0",
-                     "FMOE_RELEASE_FENCE=0", "FMOE_COUNT_BLOCKS1=0"])
+                     "FMOE_RELEASE_FENCE=0", "FMOE_COUNT_BLOCKS1=0", "FMOE_RET_STORAGE=1"])
     func theABSwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")

@@ -129,12 +129,19 @@ def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, tot
                   f"{layer.experts.stop}), gate split {info['gate_split']} (single {ref_split}), "
                   f"weight_bytes {info['weight_bytes']}, workspace_bytes {info['workspace_bytes']}")
         if config.storage_returns:
-            # Expert outputs came back in bf16: the routing is one rank's, y within the tolerance of it.
+            # Expert outputs came back in bf16: the routing is one rank's, y within the tolerance of it; and a
+            # single-GPU op with storage rows rounds each expert row alike, so its bits (same gate split).
             err = relative_error(y, y_ref[rows])
             routing = torch.equal(ids, ids_ref[rows]) and torch.equal(w, w_ref[rows])
             tol = TOLERANCE[config.precision]
             checks.record(f"{name}: same routing, y within {tol} of the single-GPU op", routing and err < tol,
                           f"{detail}, relative error {err:.3e} (bf16 returns)")
+            if info["gate_split"] == ref_split:
+                rows_op = flashmoe.MoELayer(config.replace(max_tokens=max(total, 1), wait_budget_ms=0), weights)
+                y_rows = rows_op(x_all)
+                torch.cuda.synchronize(device)
+                checks.record(f"{name}: bitwise equal to the single-GPU op with storage rows",
+                              torch.equal(y, y_rows[rows]), detail)
         elif info["gate_split"] == ref_split:
             ok = torch.equal(y, y_ref[rows]) and torch.equal(ids, ids_ref[rows]) and torch.equal(w, w_ref[rows])
             checks.record(f"{name}: bitwise equal to the single-GPU op", ok, detail)

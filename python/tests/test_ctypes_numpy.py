@@ -266,6 +266,23 @@ class ForwardTest(unittest.TestCase):
             y, _, _ = layer.forward(x16)
         self.assertLess(relative_error(y, moe_reference(cfg16, w16, x16)[0]), HALF_TOL)
 
+    def test_bf16_storage_rows(self):
+        # storage_returns on a layer: each routed expert row is rounded to bf16 before the combine (the GPU kernel's
+        # arithmetic with the flag). y moves by about one bf16 rounding of the rows, the routing not at all.
+        rng = np.random.default_rng(11)
+        cfg = small_config(precision="bf16")
+        wbf = {k: to_bf16_bits(v) for k, v in random_weights(cfg, rng).items()}
+        x = to_bf16_bits(rng.standard_normal((29, cfg.hidden)).astype(np.float32))
+        with flashmoe.Layer(cfg, wbf) as plain, flashmoe.Layer(cfg.replace(storage_returns=True), wbf) as rows:
+            y0, ids0, w0 = plain.forward(x)
+            y1, ids1, w1 = rows.forward(x)
+        np.testing.assert_array_equal(ids1, ids0)
+        np.testing.assert_array_equal(w1, w0)
+        self.assertFalse(np.array_equal(y1, y0), "the rows were rounded")
+        self.assertLess(relative_error(y1, y0), 2.0 ** -7)
+        ref = moe_reference(cfg, {k: from_bf16_bits(v) for k, v in wbf.items()}, from_bf16_bits(x))[0]
+        self.assertLess(relative_error(y1, ref), HALF_TOL)
+
     def test_caller_outputs_and_no_routing(self):
         cfg = small_config()
         weights, x = make_case(cfg, 10, 9)
@@ -422,6 +439,10 @@ class ArgumentErrorTest(unittest.TestCase):
         # Checked by the library itself: a CPU layer has no kernel to inject a fault into.
         err = self.raises(flashmoe.FlashMoEError, ["flags"], flashmoe.Layer, self.cfg.replace(inject_fault=True),
                           self.weights)
+        self.assertEqual(err.status, _lib.ERROR_INVALID_ARGUMENT)
+        # Storage rows need 16-bit rows: an fp32 layer refuses them, naming the flag.
+        err = self.raises(flashmoe.FlashMoEError, ["FLASHMOE_FLAG_STORAGE_RETURNS", "16-bit"], flashmoe.Layer,
+                          self.cfg.replace(storage_returns=True), self.weights)
         self.assertEqual(err.status, _lib.ERROR_INVALID_ARGUMENT)
         # A raw call with a stream on a CPU layer: the library names the stream.
         out = np.empty((6, 32), np.float32)
