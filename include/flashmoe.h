@@ -99,7 +99,7 @@ typedef enum {
 #define FLASHMOE_FLAG_INJECT_FAULT 2u  /* tests (GPU layers): the layer's first forward skips one publication in the
                                           kernel, so a wait times out (reported as FLASHMOE_ERROR_KERNEL by the next
                                           forward or check); later forwards run normally */
-#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* bf16/fp16/fp8 layers: the routed experts' output rows are kept in the
+#define FLASHMOE_FLAG_STORAGE_RETURNS 4u /* bf16/fp16 layers and groups: the routed experts' output rows are kept in the
                                           storage type instead of float32 (groups: the rows sent back to the
                                           token's rank; layers: the rows the combine reads), halving
                                           those bytes; y then differs from float32 rows' by one rounding of each

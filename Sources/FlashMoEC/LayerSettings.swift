@@ -124,7 +124,7 @@ struct LayerSettings {
         }
         if storageReturns && precision.storage.byteSize != 2 {
             throw ArgumentError(
-                "config->flags: FLASHMOE_FLAG_STORAGE_RETURNS needs 16-bit expert rows (bf16, fp16 or fp8 layers); "
+                "config->flags: FLASHMOE_FLAG_STORAGE_RETURNS needs 16-bit expert rows (bf16 or fp16 layers); "
                     + "this layer is \(precision.rawValue): drop the flag")
         }
         // The weight tensors must be addressable too (the largest is the first layer, [E, 2I, H]).

@@ -70,7 +70,7 @@ class MoEConfig:
     inject_fault: bool = False
     #: budget of every device-side wait in ms (0 = the library's default, 5000)
     wait_budget_ms: int = 0
-    #: bf16/fp16/fp8 layers and groups: the routed experts' output rows in the storage type, not float32 (a
+    #: bf16/fp16 layers and groups: the routed experts' output rows in the storage type, not float32 (a
     #: layer's rows before the combine, a group's rows sent back): half those bytes, one more rounding of each
     storage_returns: bool = False
 
