@@ -90,7 +90,8 @@ struct FuzzCommand: ReportingCommand {
         let list = quick ? all.filter(\.isQuick) : all
         if let compileOnly {
             for arch in try GPUArchitecture.parseList(compileOnly) {
-                try VerifyCommand.precompile(FuzzTarget.kernels(of: list), arch: arch)
+                try VerifyCommand.precompile(
+                    FuzzTarget.kernels(of: list), arch: arch, storageRows: FuzzTarget.storageRowKernels(of: list))
             }
             return Summary()
         }
@@ -187,14 +188,15 @@ struct FuzzCommand: ReportingCommand {
 /// Where the fuzz cases run: the fast CPU path, or the GPU operators on one device.
 struct FuzzTarget {
     let description: String
-    let makeOperator: (MoELayer) throws -> any MoEBackend
+    /// The backend for a layer, with storage rows or not (`FuzzShape.storageRows`).
+    let makeOperator: (MoELayer, Bool) throws -> any MoEBackend
     let runRanks: ((RankVerificationCase) throws -> RankVerificationResult)?
     /// The GPU, held for the whole run: it retains the primary context, which would otherwise be torn down and
     /// created again (hundreds of milliseconds) between cases, when each case's operators are released.
     var gpu: CUDADevice? = nil
 
     func run(_ c: FuzzCase) throws -> FuzzOutcome {
-        try c.run(makeOperator: makeOperator, runRanks: runRanks)
+        try c.run(makeOperator: { try makeOperator($0, c.shape.storageRows) }, runRanks: runRanks)
     }
 
     /// The target for `backend`; on CUDA, first compiles every kernel the cases need (in parallel, cached).
@@ -210,15 +212,20 @@ struct FuzzTarget {
         guard useCUDA else {
             return FuzzTarget(
                 description: "the cpu backend (fast FP32; shapes with ranks run as one rank)",
-                makeOperator: { try CPUBackend(layer: $0, mode: .fast) }, runRanks: nil)
+                makeOperator: { try CPUBackend(layer: $0, mode: .fast, storageRows: $1) }, runRanks: nil)
         }
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
-        try VerifyCommand.precompile(kernels(of: cases), arch: gpu.properties.architecture)
+        try VerifyCommand.precompile(
+            kernels(of: cases), arch: gpu.properties.architecture, storageRows: storageRowKernels(of: cases))
         var options = cudaOptions(deviceOrdinal: device)
         options.poisonOutput = true
         return FuzzTarget(
             description: "cuda (GPU \(device): \(gpu.properties.name); shapes with ranks through DistributedMoE)",
-            makeOperator: { [options] in try FusedMoE(layer: $0, options: options) },
+            makeOperator: { [options] layer, storageRows in
+                var o = options
+                o.storageReturns = storageRows
+                return try FusedMoE(layer: layer, options: o)
+            },
             runRanks: { try Verifier.runRanks($0, deviceOrdinal: device) }, gpu: gpu)
     }
 
@@ -226,6 +233,12 @@ struct FuzzTarget {
     /// the ranks kernel too (`Verifier.runRanks` compares it with one rank).
     static func kernels(of cases: [FuzzCase]) -> [(MoEConfig, Int)] {
         cases.flatMap { c in [(c.config, 1)] + (c.shape.ranks.map { [(c.config, $0)] } ?? []) }
+    }
+
+    /// The layers whose single-GPU kernel with storage rows the cases launch (`FuzzShape.storageRows`; a shape
+    /// with ranks launches it too, as the one rank its storage returns must equal).
+    static func storageRowKernels(of cases: [FuzzCase]) -> [MoEConfig] {
+        cases.filter(\.shape.storageRows).map(\.config)
     }
 
     /// Whether `error` leaves the CUDA context unusable (a fault inside a kernel): later cases cannot run.

@@ -142,7 +142,7 @@ public struct FuzzCase: Sendable, Hashable {
         guard shape.ranks != nil else { return nil }
         return RankVerificationCase(
             name: "fuzz case \(index)", config: config, tokensPerRank: tokensPerRank, seed: problemSeed,
-            forcedExpert: forcedExpert, launches: launches)
+            forcedExpert: forcedExpert, launches: launches, storageReturns: shape.storageRows)
     }
 
     /// The layer and input: `Verifier.makeProblem`'s, with duplicated router rows for `.duplicatedRows`.
@@ -172,7 +172,7 @@ public struct FuzzCase: Sendable, Hashable {
         if c.router.scalingFactor != 1 { router += " ×\(c.router.scalingFactor)" }
         parts.append(router)
         if let s = c.sharedExpert { parts.append("shared I=\(s.intermediateSize)" + (s.gated ? " gated" : "")) }
-        parts.append(c.precision.rawValue)
+        parts.append(c.precision.rawValue + (shape.storageRows ? " (storage rows)" : ""))
         parts.append(c.capacity.description)
         if let ranks = shape.ranks {
             parts.append("S=\(tokens) over R=\(ranks) \(tokensPerRank)" + (launches > 1 ? " in \(launches) launches" : ""))
@@ -205,7 +205,8 @@ extension FuzzCase {
     /// Runs the case against the Float64 oracle with `flashmoe verify`'s checks (`Verifier.run`, `runRanks`).
     ///
     /// - Parameters:
-    ///   - makeOperator: the backend under test for one rank (the fast CPU path, the GPU operator).
+    ///   - makeOperator: the backend under test for one rank (the fast CPU path, the GPU operator), with the
+    ///     shape's storage rows (`FuzzShape.storageRows`) when it has them.
     ///   - runRanks: runs a ranks case (the GPU's `Verifier.runRanks`); without it a shape with ranks runs all
     ///     its tokens on `makeOperator`'s backend (the CPU has no ranks).
     /// - Throws: only when the case cannot run at all (a driver error, an unsupported shape); a wrong result is

@@ -21,6 +21,11 @@ public struct FuzzShape: Sendable, Hashable {
     public let ranks: Int?
     /// The shape's size class (bounds on H, I and E).
     public let size: Size
+    /// 16-bit layers (bf16, fp16, fp8): whether the routed expert rows are kept in the storage type
+    /// (`FusedOptions.storageReturns`: one GPU, the rows before the combine; ranks, the rows sent back, which must
+    /// then give one GPU's bits with storage rows). Drawn on a stream of its own, so a seed's layers are the ones
+    /// earlier runs drew.
+    public let storageRows: Bool
 
     /// Shapes per run seed.
     public static let poolSize = 96
@@ -95,6 +100,8 @@ public struct FuzzShape: Sendable, Hashable {
             hiddenSize: h, intermediateSize: i, experts: e, topK: k, ffn: ffn, bias: bias, activation: activation,
             router: router, sharedExpert: shared, precision: precision)
         ranks = wantedRanks.map { min($0, e) }
+        var t = FuzzRandom(seed, UInt64(index), 0x5707)
+        storageRows = precision.storage.byteSize == 2 && t.chance(0.3)
     }
 
     /// Floating-point operations per token the case costs on the CPU: the forward (`MoEConfig.flops`) plus the

@@ -20,7 +20,9 @@ import Testing
         #expect(cases.count == Self.casesPerSeed)
         for c in cases {
             let i = c.index
-            let outcome = try c.run(makeOperator: { try CPUBackend(layer: $0, mode: .fast) })
+            let outcome = try c.run(makeOperator: {
+                try CPUBackend(layer: $0, mode: .fast, storageRows: c.shape.storageRows)
+            })
             if let f = outcome.failure { failures.append("case \(i) seed \(seed): \(c.summary): \(f)") }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
@@ -33,7 +35,9 @@ import Testing
         #expect(cases.count == 40)
         var failures: [String] = []
         for c in cases {
-            let outcome = try c.run(makeOperator: { try CPUBackend(layer: $0, mode: .fast) })
+            let outcome = try c.run(makeOperator: {
+                try CPUBackend(layer: $0, mode: .fast, storageRows: c.shape.storageRows)
+            })
             if let f = outcome.failure { failures.append("case \(c.index) seed 14 --fp8: \(c.summary): \(f)") }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
@@ -55,6 +59,19 @@ import Testing
 
     /// The first 3,000 cases of a seed, generated only (no weights).
     static let generated = (0..<3000).map { FuzzCase(seed: 1, index: $0) }
+
+    /// About a third of the 16-bit shapes keep their expert rows in the storage type (one GPU and ranks), and no
+    /// 32-bit shape does; the CPU fuzz above runs them with `CPUBackend(storageRows:)`.
+    @Test func storageRowsComeOnlyWithSixteenBitShapes() {
+        let rows = Self.generated.filter(\.shape.storageRows)
+        #expect(rows.allSatisfy { $0.config.precision.storage.byteSize == 2 })
+        #expect(Set(rows.map(\.config.precision)) == [.bf16, .fp16])
+        #expect(rows.contains { $0.shape.ranks != nil } && rows.contains { $0.shape.ranks == nil })
+        #expect(rows.allSatisfy { $0.rankCase.map(\.storageReturns) ?? true })
+        let sixteen = Self.generated.filter { $0.config.precision.storage.byteSize == 2 }
+        #expect(rows.count * 5 > sixteen.count && rows.count * 2 < sixteen.count)
+        #expect(rows.allSatisfy { $0.summary.contains("storage rows") })
+    }
 
     @Test func theGeneratorCoversEveryRouterFFNPrecisionAndEdge() {
         let all = Self.generated
