@@ -63,10 +63,7 @@ public struct CPUBackend: MoEBackend {
         self.mode = mode
         switch mode {
         case .oracle: engine = .oracle(OracleEngine(layer: layer))
-        case .fast:
-            var fast = FastEngine(layer: layer, kernel: kernel)
-            fast.storageRows = storageRows
-            engine = .fast(fast)
+        case .fast: engine = .fast(FastEngine(layer: layer, kernel: kernel, storageRows: storageRows))
         }
     }
 

@@ -17,7 +17,7 @@ struct FastEngine: Sendable {
     let kernel: GemmKernel
     /// 16-bit layers: each routed expert's output row is rounded to the storage type before the combine, as the GPU
     /// kernel stores it with `FusedOptions.storageReturns` (a no-op for fp32 and tf32).
-    var storageRows = false
+    let storageRows: Bool
     let router: PackedMatrices
     let w1: PackedMatrices
     let w3: PackedMatrices?
@@ -36,7 +36,8 @@ struct FastEngine: Sendable {
         let inner: Int
     }
 
-    init(layer: MoELayer, kernel: GemmKernel) {
+    init(layer: MoELayer, kernel: GemmKernel, storageRows: Bool = false) {
+        self.storageRows = storageRows
         let c = layer.config, w = layer.weights.prepared(for: layer.config.precision)
         let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
         let st = c.precision.storage
