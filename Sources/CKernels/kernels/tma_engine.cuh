@@ -41,6 +41,15 @@
 
 namespace fmoe {
 
+// FMOE_TMA_ASYNC_ARRIVE 1: a gathered A's producer threads arrive on full[s] through cp.async.mbarrier.arrive (the
+// barrier counts the arrival when the thread's copies land) instead of waiting for their cp.async group GATHER_LAG
+// slices later and fencing it themselves; the consumers fence to the async proxy after the wait instead. The
+// producer then never waits on its own copies: it runs as far ahead as the ring's empty barriers let it, gathers and
+// TMA alike.
+#ifndef FMOE_TMA_ASYNC_ARRIVE
+#define FMOE_TMA_ASYNC_ARRIVE 0
+#endif
+
 constexpr int TMA_THREADS = 384;
 constexpr int TMA_BN = 256;
 constexpr int TMA_A_BYTES = BM * ROW_BYTES;      // 16 KiB
@@ -129,8 +138,12 @@ struct TmaEngine {
     FMOE_DEVICE u32 stage() const { return it % STAGES; }
     FMOE_DEVICE u32 parity() const { return (it / STAGES) & 1; }
 
-    // Producer warpgroup: fills the ring with every k-slice of one tile.
-    FMOE_DEVICE void produce(const TmaTile &t) {
+    // Producer warpgroup: fills the ring with every k-slice of one tile. `idle` runs in producer thread 0 before
+    // each wait for a free stage (the fused kernel counts finished tiles there: phase_experts_tma.cuh).
+    struct NoIdle {
+        FMOE_DEVICE void operator()() const {}
+    };
+    template <class Idle = NoIdle> FMOE_DEVICE void produce(const TmaTile &t, Idle idle = Idle()) {
         const int pt = threadIdx.x - TMA_CONSUMER_THREADS;  // 0 … 127
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gather = t.map_a == nullptr;
@@ -149,6 +162,7 @@ struct TmaEngine {
         const u32 tx = TMA_B_BYTES + (gather ? 0 : TMA_A_BYTES);
         for (int kt = 0; kt < ktiles; ++kt) {
             const u32 s = stage();
+            if (pt == 0) idle();
             mbar_wait(&empty[s], parity() ^ 1);
             char *st = ring + s * TMA_STAGE_BYTES;
             if (pt == 0) {
@@ -179,6 +193,11 @@ struct TmaEngine {
                     cp_async16(base + swizzle(r, chunk), v ? t.a_base + (size_t)rows[i] * t.a_stride + off : t.a_base,
                                v);
                 }
+                if (FMOE_TMA_ASYNC_ARRIVE) {
+                    cp_async_mbar_arrive(&full[s]);
+                    ++it;
+                    continue;
+                }
                 cp_async_commit();
                 if (kt >= GATHER_LAG) {
                     cp_async_wait<GATHER_LAG>();
@@ -190,7 +209,7 @@ struct TmaEngine {
             }
             ++it;
         }
-        if (gather) {
+        if (gather && !FMOE_TMA_ASYNC_ARRIVE) {
             cp_async_wait<0>();
             fence_proxy_async();
             const int pending = ktiles < GATHER_LAG ? ktiles : GATHER_LAG;
@@ -206,9 +225,13 @@ struct TmaEngine {
         const bool lane0 = (threadIdx.x & 31) == 0;
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+        const bool gathered = FMOE_TMA_ASYNC_ARRIVE && t.map_a == nullptr;
         for (int kt = 0; kt < ktiles; ++kt) {
             const u32 s = stage();
             mbar_wait(&full[s], parity());
+            // The gathered rows landed through the generic proxy (cp.async), observed through the barrier: ordered
+            // before this thread's wgmma reads them through the async proxy.
+            if (gathered) fence_proxy_async();
             const u32 a = smem_addr(ring + s * TMA_STAGE_BYTES) + wg * 64 * ROW_BYTES;
             const u32 b = smem_addr(ring + s * TMA_STAGE_BYTES) + TMA_A_BYTES;
             wgmma_fence();
