@@ -59,6 +59,15 @@ static_assert(PHASE_THREADS * TMA_CONSUMER_REGS_FUSED + 128 * TMA_PRODUCER_REGS_
 static_assert(TMA_PRODUCER_REGS_FUSED % 8 == 0 && TMA_PRODUCER_REGS_FUSED >= 24 && TMA_CONSUMER_REGS_FUSED <= 256,
               "setmaxnreg takes multiples of 8 in 24 … 256");
 
+// FMOE_TMA_PRODUCER_COUNT 1: a GEMM0 tile loaded by TMA is counted by the producer's thread 0, not by the consumers:
+// the consumers arrive on `stored` once their epilogue stores are issued and go straight on to the next tile; the
+// producer, between its loads, waits for that arrival (acquire), fences at GPU scope (the release of the stores it
+// acquired, as release_block_writes' barrier and fence) and counts. The count's fence, which waits for the stores
+// to drain while the next tile's loads are in flight, leaves the consumers' path (Benchmarks/RESULTS.md, round 20).
+#ifndef FMOE_TMA_PRODUCER_COUNT
+#define FMOE_TMA_PRODUCER_COUNT 0
+#endif
+
 // A task of the queue: kind, expert (task space), row block, column tile.
 enum TmaTaskKind { TASK_GEMM0 = 0, TASK_GEMM1 = 1, TASK_OWN0 = 2, TASK_OWN1 = 3, TASK_END = -1, TASK_FAIL = -2,
                    TASK_TIMEOUT = -3 };
@@ -68,6 +77,10 @@ struct TmaShared {
     TicketQueue tq;
     u64 ring_bars[2 * TMA_RING_STAGES];
     u64 own_done;           // count 1: the consumers finished an own task (the ring's memory is free again)
+    u64 stored[2];          // FMOE_TMA_PRODUCER_COUNT: count 8 (a lane a consumer warp): GEMM0 tile g's stores, g % 2
+    int pend_rb[2];         // the row blocks and tile counts of the GEMM0 tiles the producer has yet to count, g % 2
+    int pend_nt[2];
+    u32 pend_head, pend_tail;  // producer thread 0's: tiles [pend_head, pend_tail) handed over and not yet counted
     u64 handover;           // count 256: the phase threads handed the expert phase over (tma_hand_over)
     const Layout *layout;   // the phases' Layout (forward's)
     const TmaMaps *maps;    // the kernel's tensor-map parameter
@@ -108,6 +121,27 @@ FMOE_DEVICE TmaTile tma_tile(const Params &p, const Layout &L, const TmaMaps &ma
     return t;
 }
 
+// Producer thread 0 (FMOE_TMA_PRODUCER_COUNT): counts the handed-over GEMM0 tiles whose stores the consumers have
+// issued, oldest first (count_gemm0_tile's count, with the consumers' barrier arrival in place of its block barrier).
+// Waits until at most `keep` stay uncounted; with keep < 0 counts only those already stored. (Out of line, the call
+// made ptxas serialise the consumers' wgmma for want of registers, C7512.)
+FMOE_DEVICE void producer_counts(const Params &p, int keep) {
+    while (s_tma.pend_head != s_tma.pend_tail) {
+        const u32 g = s_tma.pend_head;
+        u64 *bar = &s_tma.stored[g % 2];
+        if (keep >= 0 && (int)(s_tma.pend_tail - g) > keep) mbar_wait(bar, (g / 2) & 1);
+        else if (!mbar_try_wait(bar, (g / 2) & 1)) return;
+        // The consumers' stores, acquired through the barrier, released at GPU scope before the count.
+        fence_gpu();
+        const int rb = s_tma.pend_rb[g % 2];
+        if (atomicAdd(&p.done0[rb], 1) == s_tma.pend_nt[g % 2] - 1) {
+            fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
+            publish_row_block(p, rb);
+        }
+        s_tma.pend_head = g + 1;
+    }
+}
+
 // The producer warpgroup's expert phase: tickets in phase_experts.cuh's order (split 1), each handed over and, for
 // the engine's tasks, loaded into the ring.
 FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
@@ -125,16 +159,31 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
     u32 qi = 0, owns = 0;
     for (;;) {
         const int4 t = s_tma.tq.produce(qi, pt, [&]() -> int4 {
+            // Two GEMM0 tiles at most await their count (`stored` has two barriers): the older one's stores are
+            // issued by now (the consumers have read the task after it from the queue), so this rarely waits.
+            if (FMOE_TMA_PRODUCER_COUNT) producer_counts(p, 1);
             const int ticket = atomicAdd(&p.sync->ticket, 1);
-            if (ticket >= total) return make_int4(TASK_END, 0, 0, 0);
+            if (ticket >= total) {
+                if (FMOE_TMA_PRODUCER_COUNT) producer_counts(p, 0);  // every tile counted before the producer leaves
+                return make_int4(TASK_END, 0, 0, 0);
+            }
             if (ticket < t0_total) {
                 const int x = find_segment(L.task0_start, L.xs, ticket);
                 const int mt = L.rb_start[x + 1] - L.rb_start[x];
                 const int local = ticket - L.task0_start[x];
-                return make_int4(gemv_expert(L, x) ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
+                const bool own = gemv_expert(L, x);
+                if (FMOE_TMA_PRODUCER_COUNT && !own) {
+                    const u32 g = s_tma.pend_tail;
+                    s_tma.pend_rb[g % 2] = L.rb_start[x] + local % mt;
+                    s_tma.pend_nt[g % 2] = is_shared(L, x) ? NT0S : NT0;
+                    s_tma.pend_tail = g + 1;
+                }
+                return make_int4(own ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
             }
             int pos, n;
             gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, NT1, pos, n);
+            // A row block not yet on the ring may be waiting for this block's own uncounted tiles: count them first.
+            if (FMOE_TMA_PRODUCER_COUNT && ld_relaxed_u64(&p.ring[pos]) < (p.epoch << 32)) producer_counts(p, 0);
             u64 entry = 0;
             // As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
             if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank,
@@ -154,7 +203,9 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
             ++owns;
             continue;
         }
-        eng.produce(tma_tile(p, L, maps, t.x, t.y, t.z, t.w));
+        eng.produce(tma_tile(p, L, maps, t.x, t.y, t.z, t.w), [&]() {
+            if (FMOE_TMA_PRODUCER_COUNT && s_tma.pend_head != s_tma.pend_tail) producer_counts(p, -1);
+        });
     }
 }
 
@@ -164,7 +215,7 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
     ExpertTma eng;
     eng.attach(smem, s_tma.ring_bars);
     const int rbs = L.rb_start[L.xs];
-    u32 qi = 0;
+    u32 qi = 0, g0 = 0;
     for (;;) {
         // The producer hands over a task within twice the budget (its only long wait is the ring's, which reports
         // and hands over TASK_FAIL); a consumer still waiting past that and a second means a broken protocol, and
@@ -191,6 +242,14 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
             }
             // h is read by other blocks' TMA (the async proxy): fenced to it before the tile is counted.
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            if (FMOE_TMA_PRODUCER_COUNT && kind == TASK_GEMM0) {
+                // The producer counts it (producer_counts): each warp's stores, ordered before its lane 0's
+                // release-arrive by the warp barrier.
+                __syncwarp();
+                mbar_arrive_if(&s_tma.stored[g0 % 2], (threadIdx.x & 31) == 0);
+                ++g0;
+                continue;
+            }
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             count_gemm0_tile(p, rb, is_shared(L, x) ? NT0S : NT0);
         } else {
@@ -241,6 +300,9 @@ FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
                 mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], ExpertTma::EMPTY_ARRIVALS);
             }
             mbar_init(&s_tma.own_done, 1);
+            mbar_init(&s_tma.stored[0], PHASE_THREADS / 32);
+            mbar_init(&s_tma.stored[1], PHASE_THREADS / 32);
+            s_tma.pend_head = s_tma.pend_tail = 0;
             mbar_init_fence();
         }
         s_tma.layout = L;
