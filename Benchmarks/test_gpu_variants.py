@@ -1,6 +1,7 @@
 """scripts/gpu-variants with a stand-in flashmoe binary: each variant's commands see their own copy of the kernel
 sources with the one default it sets, the caller's FLASHMOE_KERNEL_DIR never leaks in, a macro that is not in the
-named file is a usage error before anything runs, and failures are counted and named."""
+named file is a usage error before anything runs, a variant's environment reaches its commands only, and failures are
+counted and named."""
 
 import os
 import textwrap
@@ -17,6 +18,7 @@ FAKE = textwrap.dedent("""\
     [ "$1" = bench ] || exit 3
     [ "$5" = broken ] && exit 5
     [ "$g" = none ] && echo "median 9.99 ms" || echo "median 0.${g}5 ms"
+    echo "tma=${FLASHMOE_TMA:-unset}"
     [ "$g" = none ] || echo "ring $(sed -n 's/^#define FMOE_DECODE_RING \\([0-9]\\)$/\\1/p' "$FLASHMOE_KERNEL_DIR/phase_experts.cuh")"
     prev=''; for a in "$@"; do [ "$prev" = --trace ] && echo '{}' >"$a"; prev=$a; done
     echo "timeline: 3 events over 1 blocks"
@@ -52,6 +54,16 @@ class GpuVariantsTests(unittest.TestCase):
                                  "--case", "qwen3-30b-a3b 1 bf16")
         self.assertEqual(p.returncode, 2)
         self.assertIn("FMOE_NO_SUCH", p.stderr)
+
+    def test_a_variant_env_reaches_only_that_variants_commands(self):
+        p, out = self.run_script(
+            "--variant", "cp=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--variant", "tma=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+            "--variant-env", "tma=FLASHMOE_TMA=1", "--case", "qwen3-30b-a3b 4096 bf16",
+            "--trace", "qwen3-30b-a3b 4096 bf16 tma")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("tma=unset", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-4096-bf16-cp.log")))
+        self.assertIn("tma=1", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-4096-bf16-tma.log")))
+        self.assertIn("tma=1", stand_in.read(os.path.join(out, "trace-qwen3-30b-a3b-4096-bf16-tma.log")))
 
     def test_a_failing_bench_is_counted_and_named(self):
         p, out = self.run_script("--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--case", "broken 1 bf16")
