@@ -100,4 +100,25 @@ import Testing
             #expect(k.resources.contains { $0.name == FusedSpecialization.ranksKernelName })
         }
     }
+
+    /// The TMA engine's A/B switches (gathers arriving through cp.async.mbarrier.arrive, tiles counted by the
+    /// producer, the producer's registers) compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch
+    /// would compile the default) and keep the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log).
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
+          arguments: ["FMOE_TMA_ASYNC_ARRIVE=1", "FMOE_TMA_PRODUCER_COUNT=1", "FMOE_TMA_PRODUCER_COUNT=2",
+                      "FMOE_TMA_PRODUCER_REGS=72"])
+    func tmaSwitchesCompile(setting: String) throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: "sm_90a")
+        let parts = setting.split(separator: "=").map(String.init)
+        let plain = try FusedSpecialization(config: Self.gated, arch: target, tmaEngine: true).kernelSpec
+        var spec = plain
+        spec.defines[parts[0]] = parts[1]
+        let k = try compiler.compile(spec, arch: target, sources: .embedded)
+        let base = try compiler.compile(plain, arch: target, sources: .embedded)
+        #expect(k.cubin != base.cubin, "\(setting) compiled the default TMA kernel")
+        let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+        #expect(usage.registers <= 168)
+        #expect(!k.log.contains("C7512") && !k.log.contains("C7518"), "wgmma serialised with \(setting)")
+    }
 }
