@@ -83,13 +83,11 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
 }
 
 // A row block's GEMM1 is complete: count one contribution for each of its tokens; a token whose last
-// contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines). Run by
-// `nthreads` threads, this one the `tid`-th (the block's threads, or the TMA engine's producer warpgroup).
-FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m, int tid = (int)threadIdx.x,
-                                    int nthreads = THREADS) {
+// contribution this is goes on the combine list (any idle warp of the grid combines it, see drain_combines).
+FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
-    for (int r = m * BM + tid; r < rows && r < (m + 1) * BM; r += nthreads) {
+    for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
         int t, q = 0;
         if (RANKS > 1) {
             // Ranks: the source's counters; a row's origin names its rank and (token, j) pair.

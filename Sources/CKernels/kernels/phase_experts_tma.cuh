@@ -40,16 +40,17 @@ struct TmaMaps {
 
 constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_STAGE_BYTES;
 typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
-// The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 56 by default); the consumers,
+// The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 72 by default); the consumers,
 // which run every phase, take the rest of what the launch gave the block: 168 a thread (the most 384 threads get
 // under __launch_bounds__(384, 1)) × 384. setmaxnreg.inc waits until the pool has the registers, so a split that
 // asks for more than the launch holds never returns (a producer at 80 hung that way): the static_assert.
 // Measured (H200, 2026-12-02, Benchmarks/RESULTS.md round 14): 40 (consumers 232) spilled more in the producer and
 // was slower (qwen3-30b-a3b S = 4096 0.996 against 0.946 ms, paper-e64 S = 8192 0.810 against 0.773); 72 (consumers
 // 216) removes the spills of the producer's gather loop and was faster (0.924 – 0.929 and 0.755 – 0.759 against
-// 0.946 – 0.949 and 0.770 – 0.774; default 0.901 – 0.909 and 0.735 – 0.738), timed only: its bits and verify not run.
+// 0.946 – 0.949 and 0.770 – 0.774; default 0.901 – 0.909 and 0.735 – 0.738). Round 20, with the gathers' async
+// arrivals: 72 is the default, 0.905 → 0.897 ms at qwen3-30b-a3b S = 4096 (same bits, verify and the sanitizers).
 #ifndef FMOE_TMA_PRODUCER_REGS
-#define FMOE_TMA_PRODUCER_REGS 56
+#define FMOE_TMA_PRODUCER_REGS 72
 #endif
 constexpr int TMA_LAUNCH_REGS = 168 * BLOCK_THREADS;  // the block's register pool at launch
 constexpr int TMA_PRODUCER_REGS_FUSED = FMOE_TMA_PRODUCER_REGS;
@@ -58,18 +59,6 @@ static_assert(PHASE_THREADS * TMA_CONSUMER_REGS_FUSED + 128 * TMA_PRODUCER_REGS_
               "setmaxnreg: the roles' registers must fit the block's pool at launch, or setmaxnreg.inc never returns");
 static_assert(TMA_PRODUCER_REGS_FUSED % 8 == 0 && TMA_PRODUCER_REGS_FUSED >= 24 && TMA_CONSUMER_REGS_FUSED <= 256,
               "setmaxnreg takes multiples of 8 in 24 … 256");
-
-// FMOE_TMA_PRODUCER_COUNT: the tiles the TMA engine loads are counted by the producer warpgroup, not by the
-// consumers: the consumers arrive on `stored` once their epilogue stores are issued and go straight on to the next
-// tile; the producer waits for that arrival (acquire), fences at GPU scope (the release of the stores it acquired, as
-// release_block_writes' barrier and fence do) and counts. The count's fence, which waits for the stores to drain
-// while the next tile's loads are in flight, and its round trips leave the consumers' path. 1: GEMM0 tiles, counted
-// by producer thread 0 between its loads; 2: GEMM1 tiles too, counted by the whole producer warpgroup before it
-// takes a ticket (a row block's last tile pushes its tokens, a producer thread a row).
-#ifndef FMOE_TMA_PRODUCER_COUNT
-#define FMOE_TMA_PRODUCER_COUNT 0
-#endif
-static_assert(FMOE_TMA_PRODUCER_COUNT < 2 || FMOE_COUNT_BLOCKS1, "the producer counts GEMM1 row blocks, not tiles");
 
 // A task of the queue: kind, expert (task space), row block, column tile.
 enum TmaTaskKind { TASK_GEMM0 = 0, TASK_GEMM1 = 1, TASK_OWN0 = 2, TASK_OWN1 = 3, TASK_END = -1, TASK_FAIL = -2,
@@ -80,10 +69,6 @@ struct TmaShared {
     TicketQueue tq;
     u64 ring_bars[2 * TMA_RING_STAGES];
     u64 own_done;           // count 1: the consumers finished an own task (the ring's memory is free again)
-    u64 stored[2];          // FMOE_TMA_PRODUCER_COUNT: count 8 (a lane a consumer warp): counted tile g's stores, g % 2
-    int4 pend[2];           // the tiles the producer has yet to count, g % 2: kind, expert, row block m, row block rb
-    u32 pend_head, pend_tail;  // producer thread 0's: tiles [pend_head, pend_tail) handed over and not yet counted
-    int pend_go;            // producer thread 0 to its warpgroup: 0 stop, 1 a GEMM1 tile counted, 2 its row block's last
     u64 handover;           // count 256: the phase threads handed the expert phase over (tma_hand_over)
     const Layout *layout;   // the phases' Layout (forward's)
     const TmaMaps *maps;    // the kernel's tensor-map parameter
@@ -124,67 +109,6 @@ FMOE_DEVICE TmaTile tma_tile(const Params &p, const Layout &L, const TmaMaps &ma
     return t;
 }
 
-// Producer thread 0 (FMOE_TMA_PRODUCER_COUNT): counts the handed-over GEMM0 tiles whose stores the consumers have
-// issued, oldest first, up to the first GEMM1 tile (producer_counts counts those); count_gemm0_tile's count, with the
-// consumers' barrier arrival in place of its block barrier. Waits until at most `keep` tiles stay uncounted; with
-// keep < 0 counts only those already stored. (Out of line, the call made ptxas serialise the consumers' wgmma for
-// want of registers, C7512.)
-FMOE_DEVICE void producer_count0(const Params &p, int keep) {
-    while (s_tma.pend_head != s_tma.pend_tail) {
-        const u32 g = s_tma.pend_head;
-        const int4 e = s_tma.pend[g % 2];
-        if (e.x != TASK_GEMM0) return;
-        u64 *bar = &s_tma.stored[g % 2];
-        if (keep >= 0 && (int)(s_tma.pend_tail - g) > keep) mbar_wait(bar, (g / 2) & 1);
-        else if (!mbar_try_wait(bar, (g / 2) & 1)) return;
-        fence_gpu();  // the consumers' stores, acquired through the barrier, released at GPU scope before the count
-        if (atomicAdd(&p.done0[e.w], 1) == (is_shared(*s_tma.layout, e.y) ? NT0S : NT0) - 1) {
-            fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
-            publish_row_block(p, e.w);
-        }
-        s_tma.pend_head = g + 1;
-    }
-}
-
-// The whole producer warpgroup (pt: 0 … 127): counts the handed-over tiles, GEMM0 and GEMM1, oldest first, until
-// at most `keep` stay uncounted (waiting for their stores), and those already stored beyond that. A GEMM1 tile is
-// count_gemm1_tile's count: thread 0 releases and counts it; the row block's last tile has the warpgroup push its
-// tokens (a thread a row), then thread 0 counts the row block on the launch's counter.
-FMOE_DEVICE void producer_counts(const Params &p, const Layout &L, int pt, int keep) {
-    for (;;) {
-        if (pt == 0) {
-            producer_count0(p, keep);
-            int go = 0;
-            const u32 g = s_tma.pend_head;
-            if (g != s_tma.pend_tail) {
-                u64 *bar = &s_tma.stored[g % 2];
-                bool ready = true;
-                if (keep >= 0 && (int)(s_tma.pend_tail - g) > keep) mbar_wait(bar, (g / 2) & 1);
-                else ready = mbar_try_wait(bar, (g / 2) & 1);
-                if (ready) {
-                    const int4 e = s_tma.pend[g % 2];
-                    fence_gpu();
-                    go = atomicAdd(&p.done1[e.w], 1) == NT1 - 1 ? 2 : 1;
-                    if (go == 2) fence_gpu();  // acquire the row block's other tiles
-                    s_tma.pend_head = g + 1;
-                }
-            }
-            s_tma.pend_go = go;
-        }
-        asm volatile("barrier.sync 1, 128;\n" ::: "memory");
-        const int go = s_tma.pend_go;
-        if (go == 0) return;
-        if (go == 2) {
-            const int4 e = s_tma.pend[(s_tma.pend_head - 1) % 2];
-            complete_row_block(p, L, e.y, e.z, pt, 128);
-            asm volatile("barrier.sync 1, 128;\n" ::: "memory");
-            if (pt == 0) { fence_gpu(); atomicAdd(&p.sync->gemm1_done, 1); }
-        }
-        // Thread 0 rewrites pend_go and the entries only after every thread has read them.
-        asm volatile("barrier.sync 1, 128;\n" ::: "memory");
-    }
-}
-
 // The producer warpgroup's expert phase: tickets in phase_experts.cuh's order (split 1), each handed over and, for
 // the engine's tasks, loaded into the ring.
 FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
@@ -201,29 +125,17 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
     const int total = t0_total + rbs * NT1;
     u32 qi = 0, owns = 0;
     for (;;) {
-        // Two tiles at most await their count (`stored` has two barriers): the older one's stores are issued by
-        // now (the consumers have read the task after it from the queue), so this rarely waits.
-        if (FMOE_TMA_PRODUCER_COUNT == 2) producer_counts(p, L, pt, 1);
         const int4 t = s_tma.tq.produce(qi, pt, [&]() -> int4 {
-            if (FMOE_TMA_PRODUCER_COUNT == 1) producer_count0(p, 1);
             const int ticket = atomicAdd(&p.sync->ticket, 1);
             if (ticket >= total) return make_int4(TASK_END, 0, 0, 0);
             if (ticket < t0_total) {
                 const int x = find_segment(L.task0_start, L.xs, ticket);
                 const int mt = L.rb_start[x + 1] - L.rb_start[x];
                 const int local = ticket - L.task0_start[x];
-                const bool own = gemv_expert(L, x);
-                if (FMOE_TMA_PRODUCER_COUNT && !own) {
-                    s_tma.pend[s_tma.pend_tail % 2] = make_int4(TASK_GEMM0, x, local % mt, L.rb_start[x] + local % mt);
-                    ++s_tma.pend_tail;
-                }
-                return make_int4(own ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
+                return make_int4(gemv_expert(L, x) ? TASK_OWN0 : TASK_GEMM0, x, local % mt, local / mt);
             }
             int pos, n;
             gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, NT1, pos, n);
-            // A row block not yet on the ring may be waiting for this block's own uncounted GEMM0 tiles: count them
-            // first (only GEMM0 counts put row blocks on the ring, and at most one tile is uncounted here with 2).
-            if (FMOE_TMA_PRODUCER_COUNT && ld_relaxed_u64(&p.ring[pos]) < (p.epoch << 32)) producer_count0(p, 0);
             u64 entry = 0;
             // As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
             if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank,
@@ -234,28 +146,16 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
             const int rb = (int)(entry & 0xffffffffull);
             const int x = find_segment(L.rb_start, L.xs, rb);
-            const bool own = gemv_expert(L, x);
-            if (FMOE_TMA_PRODUCER_COUNT == 2 && !own) {
-                s_tma.pend[s_tma.pend_tail % 2] = make_int4(TASK_GEMM1, x, rb - L.rb_start[x], rb);
-                ++s_tma.pend_tail;
-            }
-            return make_int4(own ? TASK_OWN1 : TASK_GEMM1, x, rb - L.rb_start[x], n);
+            return make_int4(gemv_expert(L, x) ? TASK_OWN1 : TASK_GEMM1, x, rb - L.rb_start[x], n);
         });
-        if (t.x < 0) {
-            // Every tile counted before the producer leaves (the consumers store every tile handed over).
-            if (FMOE_TMA_PRODUCER_COUNT == 2) producer_counts(p, L, pt, 0);
-            else if (FMOE_TMA_PRODUCER_COUNT == 1 && pt == 0) producer_count0(p, 0);
-            break;
-        }
+        if (t.x < 0) break;
         if (t.x >= TASK_OWN0) {
             // The consumers run this tile in the ring's memory: load nothing until they are done.
             mbar_wait(&s_tma.own_done, owns & 1);
             ++owns;
             continue;
         }
-        eng.produce(tma_tile(p, L, maps, t.x, t.y, t.z, t.w), [&]() {
-            if (FMOE_TMA_PRODUCER_COUNT && s_tma.pend_head != s_tma.pend_tail) producer_count0(p, -1);
-        });
+        eng.produce(tma_tile(p, L, maps, t.x, t.y, t.z, t.w));
     }
 }
 
@@ -265,7 +165,7 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
     ExpertTma eng;
     eng.attach(smem, s_tma.ring_bars);
     const int rbs = L.rb_start[L.xs];
-    u32 qi = 0, g0 = 0;
+    u32 qi = 0;
     for (;;) {
         // The producer hands over a task within twice the budget (its only long wait is the ring's, which reports
         // and hands over TASK_FAIL); a consumer still waiting past that and a second means a broken protocol, and
@@ -292,14 +192,6 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
             }
             // h is read by other blocks' TMA (the async proxy): fenced to it before the tile is counted.
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
-            if (FMOE_TMA_PRODUCER_COUNT && kind == TASK_GEMM0) {
-                // The producer counts it (producer_counts): each warp's stores, ordered before its lane 0's
-                // release-arrive by the warp barrier.
-                __syncwarp();
-                mbar_arrive_if(&s_tma.stored[g0 % 2], (threadIdx.x & 31) == 0);
-                ++g0;
-                continue;
-            }
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             count_gemm0_tile(p, rb, is_shared(L, x) ? NT0S : NT0);
         } else {
@@ -310,12 +202,6 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
                 gemm1_store_acc(p, L, x, m, n, acc);
             } else {
                 gemv_task(p, L, 1, x, n, 0, 1, smem);
-            }
-            if (FMOE_TMA_PRODUCER_COUNT == 2 && kind == TASK_GEMM1) {
-                __syncwarp();
-                mbar_arrive_if(&s_tma.stored[g0 % 2], (threadIdx.x & 31) == 0);
-                ++g0;
-                continue;
             }
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             count_gemm1_tile(p, L, x, m, rb, NT1);
@@ -356,9 +242,6 @@ FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
                 mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], ExpertTma::EMPTY_ARRIVALS);
             }
             mbar_init(&s_tma.own_done, 1);
-            mbar_init(&s_tma.stored[0], PHASE_THREADS / 32);
-            mbar_init(&s_tma.stored[1], PHASE_THREADS / 32);
-            s_tma.pend_head = s_tma.pend_tail = 0;
             mbar_init_fence();
         }
         s_tma.layout = L;
