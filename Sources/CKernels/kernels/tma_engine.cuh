@@ -19,11 +19,12 @@
 // life so tiles chain without draining the ring:
 //   producer: wait empty[s] (parity ^ 1: a fresh barrier's "previous phase" counts as complete), then thread 0
 //             arrives on full[s] with the TMA byte count and issues the copies; all 128 producer threads also arrive
-//             on full[s] (count 1 + 128): at once for a TMA A operand, or — for a gathered A — when their own
-//             cp.async copies land (cp.async.mbarrier.arrive; FMOE_TMA_ASYNC_ARRIVE 0: after waiting for their
-//             cp.async group GATHER_LAG slices later and fencing it to the async proxy).
-//   consumers: wait full[s] (a gathered stage: then fence to the async proxy, since cp.async wrote it through the
-//             generic one), issue the slice's 4 wgmma as one group, wait until only that group is in flight, then
+//             on full[s] (count 1 + 128): at once for a TMA A operand, or — for a gathered A — after their own
+//             cp.async group has landed and been fenced to the async proxy (lagging GATHER_LAG slices behind, so
+//             GATHER_LAG + 1 slices of gathers stay in flight); FMOE_TMA_ASYNC_ARRIVE 1: when their copies land
+//             (cp.async.mbarrier.arrive), without waiting.
+//   consumers: wait full[s] (FMOE_TMA_ASYNC_ARRIVE 1, a gathered stage: then fence to the async proxy, since
+//             cp.async wrote it through the generic one), issue the slice's 4 wgmma as one group, wait until only that group is in flight, then
 //             one lane per warp arrives on empty[s − 1] (count 8): the previous slice's reads are done.
 // Clusters of 2 (CLUSTER = 2, the kernel launched with cluster dims 2), two ways (SHARE):
 //   SHARE_B: the two CTAs run tiles with the same B rows (one expert's column tile, two row blocks) in lockstep;
@@ -42,14 +43,15 @@
 
 namespace fmoe {
 
-// FMOE_TMA_ASYNC_ARRIVE 1 (default since round 20): a gathered A's producer threads arrive on full[s] through
-// cp.async.mbarrier.arrive (the barrier counts the arrival when the thread's copies land) instead of waiting for
-// their cp.async group GATHER_LAG slices later and fencing it themselves (0); the consumers fence to the async proxy
-// after the wait instead. The producer then never waits on its own copies: it runs as far ahead as the ring's empty
-// barriers let it, gathers and TMA alike. Same bits; qwen3-30b-a3b S = 4096 0.910 → 0.897 ms with 72 producer
-// registers, its GEMM0 tiles 30.3 → 28.8 µs (H200, Benchmarks/RESULTS.md, round 20).
+// FMOE_TMA_ASYNC_ARRIVE 1: a gathered A's producer threads arrive on full[s] through cp.async.mbarrier.arrive (the
+// barrier counts the arrival when the thread's copies land) instead of waiting for their cp.async group GATHER_LAG
+// slices later and fencing it themselves (0, the default); the consumers fence to the async proxy after the wait
+// instead. The producer then never waits on its own copies: it runs as far ahead as the ring's empty barriers let it,
+// gathers and TMA alike. With 72 producer registers: same bits (5 prefill layers) and verify passes, qwen3-30b-a3b
+// S = 4096 0.923 → 0.897 ms, its GEMM0 tiles 30.3 → 28.8 µs (H200, Benchmarks/RESULTS.md, round 20). Not yet the
+// default: the fuzzer and the sanitizers have not run it (the session's device time ran out).
 #ifndef FMOE_TMA_ASYNC_ARRIVE
-#define FMOE_TMA_ASYNC_ARRIVE 1
+#define FMOE_TMA_ASYNC_ARRIVE 0
 #endif
 
 constexpr int TMA_THREADS = 384;

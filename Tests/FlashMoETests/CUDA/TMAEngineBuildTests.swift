@@ -78,7 +78,7 @@ import Testing
     }
 
     /// The FMOE_TMA kernels compile for sm_90a (gated with a shared expert, plain with biases; plain and traced):
-    /// 384 threads (168 registers at launch; the roles' setmaxnreg split is 216 / 72), both entry points present.
+    /// 384 threads (168 registers at launch; the roles' setmaxnreg split is 224 / 56), both entry points present.
     /// They spill a few hundred bytes (the phases' code, which uses up to 254 registers at 256 threads, runs in the
     /// consumers' 224): Benchmarks/RESULTS.md, round 14; the default build stays spill-free (FusedKernelTests).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason))
@@ -101,11 +101,11 @@ import Testing
         }
     }
 
-    /// The TMA engine's A/B switches (gathers waited for by the producer instead of arriving through
-    /// cp.async.mbarrier.arrive, the producer's registers) compile for sm_90a, change the FMOE_TMA kernel's code (a
-    /// misspelt switch would compile the default) and keep the consumers' wgmma unserialised (ptxas C7512 / C7518).
+    /// The TMA engine's A/B switches (gathers arriving through cp.async.mbarrier.arrive, the producer's registers)
+    /// compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch would compile the default) and keep
+    /// the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56"])
+          arguments: ["FMOE_TMA_ASYNC_ARRIVE=1", "FMOE_TMA_PRODUCER_REGS=72"])
     func tmaSwitchesCompile(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")
