@@ -20,13 +20,13 @@ FMOE_DEVICE void mbar_init_fence() {
 FMOE_DEVICE void mbar_arrive(u64 *bar) {
     asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
-// Arrives once and adds `bytes` to the transaction count the phase waits for (TMA completes them).
 // Arrives on `bar` once every cp.async this thread issued before it has landed (noinc: the arrival is one of the
 // barrier's expected count, as a plain arrive would be). The thread does not wait; the copies' writes are visible to
 // the threads that observe the phase complete (in the generic proxy: a reader through the async proxy fences).
 FMOE_DEVICE void cp_async_mbar_arrive(u64 *bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
+// Arrives once and adds `bytes` to the transaction count the phase waits for (TMA completes them).
 FMOE_DEVICE void mbar_arrive_expect_tx(u64 *bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
                  "r"(bytes)

@@ -24,8 +24,9 @@
 //             GATHER_LAG + 1 slices of gathers stay in flight); FMOE_TMA_ASYNC_ARRIVE 1: when their copies land
 //             (cp.async.mbarrier.arrive), without waiting.
 //   consumers: wait full[s] (FMOE_TMA_ASYNC_ARRIVE 1, a gathered stage: then fence to the async proxy, since
-//             cp.async wrote it through the generic one), issue the slice's 4 wgmma as one group, wait until only that group is in flight, then
-//             one lane per warp arrives on empty[s − 1] (count 8): the previous slice's reads are done.
+//             cp.async wrote it through the generic one), issue the slice's 4 wgmma as one group, wait until only
+//             that group is in flight, then one lane per warp arrives on empty[s − 1] (count 8): the previous
+//             slice's reads are done.
 // Clusters of 2 (CLUSTER = 2, the kernel launched with cluster dims 2), two ways (SHARE):
 //   SHARE_B: the two CTAs run tiles with the same B rows (one expert's column tile, two row blocks) in lockstep;
 //            each loads half of B (box 64 × 128, map_b built so) and multicasts it to both;
@@ -194,14 +195,13 @@ struct TmaEngine {
                 }
                 if (FMOE_TMA_ASYNC_ARRIVE) {
                     cp_async_mbar_arrive(&full[s]);
-                    ++it;
-                    continue;
-                }
-                cp_async_commit();
-                if (kt >= GATHER_LAG) {
-                    cp_async_wait<GATHER_LAG>();
-                    fence_proxy_async();  // this thread's landed gathers, to the async proxy wgmma reads through
-                    mbar_arrive(&full[(it - GATHER_LAG) % STAGES]);
+                } else {
+                    cp_async_commit();
+                    if (kt >= GATHER_LAG) {
+                        cp_async_wait<GATHER_LAG>();
+                        fence_proxy_async();  // this thread's landed gathers, to the async proxy wgmma reads through
+                        mbar_arrive(&full[(it - GATHER_LAG) % STAGES]);
+                    }
                 }
             } else {
                 mbar_arrive(&full[s]);
