@@ -64,6 +64,10 @@ class GpuVariantsTests(unittest.TestCase):
         self.assertIn("tma=unset", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-4096-bf16-cp.log")))
         self.assertIn("tma=1", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-4096-bf16-tma.log")))
         self.assertIn("tma=1", stand_in.read(os.path.join(out, "trace-qwen3-30b-a3b-4096-bf16-tma.log")))
+        p, out = self.run_script("--variant", "cp=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--variant-env", "tmx=FLASHMOE_TMA=1",
+                                 "--case", "qwen3-30b-a3b 4096 bf16")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--variant-env tmx", p.stderr)
 
     def test_a_failing_bench_is_counted_and_named(self):
         p, out = self.run_script("--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1", "--case", "broken 1 bf16")
