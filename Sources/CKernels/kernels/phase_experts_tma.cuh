@@ -40,7 +40,7 @@ struct TmaMaps {
 
 constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_STAGE_BYTES;
 typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
-// The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 56 by default); the consumers,
+// The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 72 by default); the consumers,
 // which run every phase, take the rest of what the launch gave the block: 168 a thread (the most 384 threads get
 // under __launch_bounds__(384, 1)) × 384. setmaxnreg.inc waits until the pool has the registers, so a split that
 // asks for more than the launch holds never returns (a producer at 80 hung that way): the static_assert.
@@ -48,10 +48,10 @@ typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
 // was slower (qwen3-30b-a3b S = 4096 0.996 against 0.946 ms, paper-e64 S = 8192 0.810 against 0.773); 72 (consumers
 // 216) removes the spills of the producer's gather loop and was faster (0.924 – 0.929 and 0.755 – 0.759 against
 // 0.946 – 0.949 and 0.770 – 0.774; default 0.901 – 0.909 and 0.735 – 0.738). Round 20, with the gathers' async
-// arrivals (tma_engine.cuh): 0.905 → 0.897 ms at qwen3-30b-a3b S = 4096, same bits and verify passes; the next
-// default for both switches once the fuzzer and the sanitizers have run them.
+// arrivals (tma_engine.cuh): 0.905 → 0.897 ms at qwen3-30b-a3b S = 4096, same bits and verify passes; both switches
+// the defaults since round 21 (the fuzzer and the sanitizers clean).
 #ifndef FMOE_TMA_PRODUCER_REGS
-#define FMOE_TMA_PRODUCER_REGS 56
+#define FMOE_TMA_PRODUCER_REGS 72
 #endif
 constexpr int TMA_LAUNCH_REGS = 168 * BLOCK_THREADS;  // the block's register pool at launch
 constexpr int TMA_PRODUCER_REGS_FUSED = FMOE_TMA_PRODUCER_REGS;

@@ -46,13 +46,13 @@ namespace fmoe {
 
 // FMOE_TMA_ASYNC_ARRIVE 1: a gathered A's producer threads arrive on full[s] through cp.async.mbarrier.arrive (the
 // barrier counts the arrival when the thread's copies land) instead of waiting for their cp.async group GATHER_LAG
-// slices later and fencing it themselves (0, the default); the consumers fence to the async proxy after the wait
-// instead. The producer then never waits on its own copies: it runs as far ahead as the ring's empty barriers let it,
-// gathers and TMA alike. With 72 producer registers: same bits (5 prefill layers) and verify passes, qwen3-30b-a3b
-// S = 4096 0.923 → 0.897 ms, its GEMM0 tiles 30.3 → 28.8 µs (H200, Benchmarks/RESULTS.md, round 20). Not yet the
-// default: the fuzzer and the sanitizers have not run it (the session's device time ran out).
+// slices later and fencing it themselves (0); the consumers fence to the async proxy after the wait instead. The
+// producer then never waits on its own copies: it runs as far ahead as the ring's empty barriers let it, gathers and
+// TMA alike. With 72 producer registers: same bits (5 prefill layers), qwen3-30b-a3b S = 4096 0.923 → 0.897 ms, its
+// GEMM0 tiles 30.3 → 28.8 µs (H200, Benchmarks/RESULTS.md, round 20); the default since round 21, after verify, the
+// fuzzer and memcheck, racecheck and synccheck ran it clean (RESULTS, round 21).
 #ifndef FMOE_TMA_ASYNC_ARRIVE
-#define FMOE_TMA_ASYNC_ARRIVE 0
+#define FMOE_TMA_ASYNC_ARRIVE 1
 #endif
 
 constexpr int TMA_THREADS = 384;

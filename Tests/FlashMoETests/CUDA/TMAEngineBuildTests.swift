@@ -105,7 +105,7 @@ import Testing
     /// compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch would compile the default) and keep
     /// the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["FMOE_TMA_ASYNC_ARRIVE=1", "FMOE_TMA_PRODUCER_REGS=72"])
+          arguments: ["FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56"])
     func tmaSwitchesCompile(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")
