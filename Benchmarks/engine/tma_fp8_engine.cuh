@@ -1,0 +1,212 @@
+// A warp-specialised fp8 engine for sm_90a, measured against the fused kernel's fp8 tiles (wgmma_fp8.cuh) by
+// Benchmarks/engine/tma_fp8_test.cu before it is wired in (docs/engine-notes.md, "fp8").
+//
+// Why: the fp8 tile of wgmma_fp8.cuh computes at about the bf16 tiles' rate on tensor cores twice as fast
+// (docs/performance.md, "FP8 prefill"): its 256 threads load the stages with cp.async, meet at a block barrier every
+// K block and wait for their MMA before promoting it. Here, as in tma_engine.cuh, a producer warpgroup fills an
+// mbarrier ring (weights and contiguous A rows by TMA, GEMM0's token rows gathered with cp.async) and the two
+// consumer warpgroups only compute, each at its own pace.
+//
+// The arithmetic is wgmma_fp8.cuh's, instruction for instruction: per 128-wide K block and 128 weight rows, four
+// m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so
+// the results are bit-identical. Forms (FORM):
+//   0  one temporary; the warpgroup waits for a K block's MMA before promoting it (the other warpgroup's MMA runs
+//      meanwhile);
+//   1  two temporaries (BN = 128 only): K block kt + 1's MMA is issued before K block kt is promoted, so the tensor
+//      cores are never idle for this warpgroup's promotion (64 + 64 + 64 accumulator registers a thread).
+// BN = 256 runs the two 128-row halves of B one after the other through the one temporary (128 + 64 registers):
+// half the A traffic of two 128-row tiles.
+// Measured (H200, round 21, Benchmarks/RESULTS.md; all forms bit-identical to gemm_tile_fp8): BN = 256 is the
+// fastest on the four large shapes, 1.2 – 1.6× the fused kernel's tile (deepseek-v3 GEMM0 574 against 469 TFLOP/s,
+// qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); FORM 1 was no faster than FORM 0.
+#pragma once
+#include "tma_engine.cuh"
+#include "wgmma_fp8.cuh"
+
+namespace fmoe {
+
+// Where one fp8 tile's scales come from: the thread's two accumulator rows' A scales ([K block]; null: scale 0)
+// and the tile's weight granules' scales (granule g of the tile, K block kb at b[g · kb_count + kb]; granules at or
+// past `granules` read as 0).
+struct TmaFp8Scales {
+    const float *a0, *a1;
+    const float *b;
+    int kb_count;
+    int granules;
+};
+
+template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
+    static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
+    static_assert(FORM == 0 || (FORM == 1 && BN == 128), "two temporaries only for 128-row tiles");
+    static_assert(STAGES >= 3, "the ring needs at least 3 stages");
+    static constexpr int HALVES = BN / 128;
+    static constexpr int ACC = 64 * HALVES;
+    static constexpr int A_BYTES = BM * ROW_BYTES;
+    static constexpr int B_BYTES = BN * ROW_BYTES;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
+
+    char *ring;
+    u64 *full;
+    u64 *empty;
+    u32 it;  // K blocks this thread's role has passed through the ring (the same count in both roles)
+
+    // All threads: ring at `smem` (1024-byte aligned), barriers after it. Ends with a block barrier.
+    FMOE_DEVICE void init(char *smem) {
+        ring = smem;
+        full = (u64 *)(smem + STAGES * STAGE_BYTES);
+        empty = full + STAGES;
+        it = 0;
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < STAGES; ++s) {
+                mbar_init(&full[s], TMA_FULL_ARRIVALS);
+                mbar_init(&empty[s], TMA_EMPTY_ARRIVALS);
+            }
+            mbar_init_fence();
+        }
+        __syncthreads();
+    }
+
+    // Producer warpgroup: every K block of one tile. B: one TMA box of BN rows × 128 bytes (map_b's box); A by TMA
+    // (map_a, box 128 × 128 bytes) or gathered (TmaTile's a_base / a_index / a_stride / a_rows), its copies
+    // arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive).
+    FMOE_DEVICE void produce(const TmaTile &t) {
+        const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
+        const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+        const bool gather = t.map_a == nullptr;
+        const int chunk = pt & 7;
+        int rows[BM / 16];
+        if (gather) {
+#pragma unroll
+            for (int i = 0; i < BM / 16; ++i) {
+                const int r = (pt >> 3) + 16 * i;
+                rows[i] = r < t.a_rows ? (t.a_index ? t.a_index[r] : r) : -1;
+            }
+        }
+        const u32 tx = B_BYTES + (gather ? 0 : A_BYTES);
+        for (int kt = 0; kt < ktiles; ++kt) {
+            const u32 s = it % STAGES;
+            mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+            char *st = ring + s * STAGE_BYTES;
+            if (pt == 0) {
+                mbar_arrive_expect_tx(&full[s], tx);
+                tma_load_2d(smem_addr(st + A_BYTES), t.map_b, &full[s], kt * ROW_BYTES, t.b_row0);
+                if (!gather) tma_load_2d(smem_addr(st), t.map_a, &full[s], kt * ROW_BYTES, t.a_row0);
+            }
+            if (gather) {
+                const int off = kt * ROW_BYTES + chunk * 16;
+                const bool k_in = off < t.k_bytes;
+                const u32 base = smem_addr(st);
+#pragma unroll
+                for (int i = 0; i < BM / 16; ++i) {
+                    const int r = (pt >> 3) + 16 * i;
+                    const bool v = rows[i] >= 0 && k_in;
+                    cp_async16(base + swizzle(r, chunk), v ? t.a_base + (size_t)rows[i] * t.a_stride + off : t.a_base,
+                               v);
+                }
+                cp_async_mbar_arrive(&full[s]);
+            } else {
+                mbar_arrive(&full[s]);
+            }
+            ++it;
+        }
+    }
+
+    // This thread's A scales and half h's two granule scales of K block kb.
+    static FMOE_DEVICE void scales_of(const TmaFp8Scales &sc, int kb, float &s0, float &s1, float (&b)[2 * HALVES]) {
+        s0 = sc.a0 != nullptr ? sc.a0[kb] : 0.f;
+        s1 = sc.a1 != nullptr ? sc.a1[kb] : 0.f;
+#pragma unroll
+        for (int g = 0; g < 2 * HALVES; ++g) b[g] = g < sc.granules ? sc.b[(size_t)g * sc.kb_count + kb] : 0.f;
+    }
+
+    // The four k32 MMAs of the stage's K block against B rows 128·h … into `tmp` (scale-d = 0 first), one group.
+    FMOE_DEVICE static void issue(float *tmp, u32 a, u32 b) {
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) wgmma_m64n128k32_e4m3(tmp, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32), ks);
+        wgmma_commit();
+    }
+
+    // acc[0 … 64) += tmp · a_scale(row) · b_scale(granule): Fp8WgmmaEngine::promote's arithmetic (wgmma_fp8.cuh).
+    FMOE_DEVICE static void promote(float *acc, const float *tmp, float s0, float s1, float b0, float b1) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const float b = j < 8 ? b0 : b1;
+            acc[4 * j] = fmaf(tmp[4 * j], s0 * b, acc[4 * j]);
+            acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0 * b, acc[4 * j + 1]);
+            acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1 * b, acc[4 * j + 2]);
+            acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1 * b, acc[4 * j + 3]);
+        }
+    }
+
+    FMOE_DEVICE u32 a_of(u32 i) const { return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + (threadIdx.x >> 7) * 64 * ROW_BYTES; }
+    FMOE_DEVICE u32 b_of(u32 i) const { return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + A_BYTES; }
+    FMOE_DEVICE void wait_full(u32 i, bool gathered) {
+        mbar_wait(&full[i % STAGES], (i / STAGES) & 1);
+        if (gathered) fence_proxy_async();  // cp.async wrote the A rows through the generic proxy
+    }
+    // One lane a consumer warp: the stage's reads are done (its MMAs completed).
+    FMOE_DEVICE void release(u32 i) { mbar_arrive_if(&empty[i % STAGES], (threadIdx.x & 31) == 0); }
+
+    // Consumer warpgroups: the tile into acc (ACC registers; half h's in acc[64h …), each in wgmma_fp8.cuh's
+    // m64n128 layout: register 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 128h + 8j + wgmma_acc_col()
+    // + (c & 1)).
+    FMOE_DEVICE void consume(const TmaTile &t, const TmaFp8Scales &sc, float *acc) {
+        const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
+        const bool gathered = t.map_a == nullptr;
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+        if constexpr (FORM == 0) {
+            float tmp[64];
+            for (int kt = 0; kt < ktiles; ++kt) {
+                float s0, s1, b[2 * HALVES];
+                scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
+                wait_full(it, gathered);
+#pragma unroll
+                for (int h = 0; h < HALVES; ++h) {
+                    issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
+                    wgmma_wait<0>();
+                    if (h == HALVES - 1) release(it);
+                    promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
+                }
+                ++it;
+            }
+        } else {
+            float t0[64], t1[64];
+            float s0, s1, b[2 * HALVES];
+            if (ktiles > 0) {
+                wait_full(it, gathered);
+                issue(t0, a_of(it), b_of(it));
+            }
+            for (int kt = 0; kt < ktiles; kt += 2) {
+                // t0 holds K block kt (in flight); issue kt + 1 into t1, then promote kt.
+                scales_of(sc, kt, s0, s1, b);
+                if (kt + 1 < ktiles) {
+                    wait_full(it + 1, gathered);
+                    issue(t1, a_of(it + 1), b_of(it + 1));
+                    wgmma_wait<1>();
+                } else {
+                    wgmma_wait<0>();
+                }
+                release(it);
+                promote(acc, t0, s0, s1, b[0], b[1]);
+                ++it;
+                if (kt + 1 >= ktiles) break;
+                scales_of(sc, kt + 1, s0, s1, b);
+                if (kt + 2 < ktiles) {
+                    wait_full(it + 1, gathered);
+                    issue(t0, a_of(it + 1), b_of(it + 1));
+                    wgmma_wait<1>();
+                } else {
+                    wgmma_wait<0>();
+                }
+                release(it);
+                promote(acc, t1, s0, s1, b[0], b[1]);
+                ++it;
+            }
+        }
+    }
+};
+
+}  // namespace fmoe
