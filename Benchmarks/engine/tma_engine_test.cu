@@ -17,19 +17,12 @@
 #include <random>
 #include <vector>
 
+#include "harness.cuh"
 #include "tma_engine.cuh"
 #include "tma_queue.cuh"
 
 using namespace fmoe;
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 constexpr int STAGES_T = 4;
 struct Task { int e, m, n; };
@@ -440,40 +433,11 @@ static float from_bf16(unsigned short b) {
     return f;
 }
 
-static CUtensorMap make_map(const void *base, int k, int rows, int box_rows) {
-    CUtensorMap m;
-    cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
-    cuuint64_t strides[1] = {(cuuint64_t)k * 2};
-    cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
-    cuuint32_t estr[2] = {1, 1};
-    CUresult r = cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box,
-                                        estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
-        exit(1);
-    }
-    return m;
-}
 
-template <class F> static float time_ms(F launch, int reps) {
-    for (int i = 0; i < 2; ++i) launch();
-    CK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < reps; ++i) {
-        CK(cudaEventRecord(a));
-        launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2];
+
+// A [rows, k] tensor of bf16s in the engine's stage layout (harness.cuh).
+static CUtensorMap map_bf16(const void *base, int k, long long rows, int box_rows) {
+    return make_map(base, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, k, rows, box_rows);
 }
 
 int main(int argc, char **argv) {
@@ -563,10 +527,10 @@ int main(int argc, char **argv) {
     CK(cudaMalloc(&y_new, (size_t)R * H * 4));
     CK(cudaMalloc(&ref, (size_t)R * (H > I ? H : I) * 4));
 
-    const CUtensorMap m_w1 = make_map(p.w1, H, E * I, 256), m_w2 = make_map(p.w2, I, E * H, 256);
-    const CUtensorMap m_xg = make_map(p.xg, H, R, 128), m_h = make_map(h_old, I, R, 128);
-    const CUtensorMap m_w1h = make_map(p.w1, H, E * I, 128), m_w2h = make_map(p.w2, I, E * H, 128);
-    const CUtensorMap m_h64 = make_map(h_old, I, R, 64);
+    const CUtensorMap m_w1 = map_bf16(p.w1, H, E * I, 256), m_w2 = map_bf16(p.w2, I, E * H, 256);
+    const CUtensorMap m_xg = map_bf16(p.xg, H, R, 128), m_h = map_bf16(h_old, I, R, 128);
+    const CUtensorMap m_w1h = map_bf16(p.w1, H, E * I, 128), m_w2h = map_bf16(p.w2, I, E * H, 128);
+    const CUtensorMap m_h64 = map_bf16(h_old, I, R, 64);
 
     const int smem_old = STAGES_T * stage_bytes<256>() + 1024;
     const int smem_new = tma_smem_bytes<STAGES_T>() + 1024;
@@ -744,7 +708,7 @@ int main(int argc, char **argv) {
     // The expert phase (both GEMMs, one launch; h from this launch): the same h and y bits as the GEMMs above ------
     Problem pp = p;
     pp.h = h_new; pp.h_in = h_new; pp.y = y_new;
-    const CUtensorMap m_hn = make_map(h_new, I, R, 128);
+    const CUtensorMap m_hn = map_bf16(h_new, I, R, 128);
     auto reset_phase = [&] {
         CK(cudaMemsetAsync(pp.ticket, 0, sizeof(int)));
         CK(cudaMemsetAsync(pp.done0, 0, (size_t)(pp.nrb > 0 ? pp.nrb : 1) * sizeof(int)));

@@ -23,18 +23,11 @@
 #include <random>
 #include <vector>
 
+#include "harness.cuh"
 #include "tma_fp8_engine.cuh"
 
 using namespace fmoe;
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 
 constexpr int OLD_STAGES = 4;  // the fused kernel's ring (4 stages of 32 KiB in fp8)
 constexpr int NEW_STAGES = 6;  // 6 × 32 KiB (BN 128) or 4 × 48 KiB (BN 256) below 227 KiB
@@ -195,41 +188,7 @@ static double e4m3(unsigned char c) {
     return s ? -v : v;
 }
 
-static CUtensorMap make_map(const void *base, int k, long long rows, int box_rows) {
-    CUtensorMap m;
-    cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
-    cuuint64_t strides[1] = {(cuuint64_t)k};
-    cuuint32_t box[2] = {128, (cuuint32_t)box_rows};
-    cuuint32_t estr[2] = {1, 1};
-    CUresult r = cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)base, dims, strides, box, estr,
-                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
-        exit(1);
-    }
-    return m;
-}
 
-template <class F> static float time_ms(F launch, int reps) {
-    for (int i = 0; i < 2; ++i) launch();
-    CK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < reps; ++i) {
-        CK(cudaEventRecord(a));
-        launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2];
-}
 
 static std::vector<Task> tasks_for(const std::vector<int> &row_start, int E, int N, int bn) {
     std::vector<Task> t;
@@ -237,6 +196,11 @@ static std::vector<Task> tasks_for(const std::vector<int> &row_start, int E, int
         for (int m = 0; m * BM < row_start[e + 1] - row_start[e]; ++m)
             for (int n = 0; n * bn < N; ++n) t.push_back({e, m, n});
     return t;
+}
+
+// A [rows, k] tensor of E4M3 codes in the engine's stage layout (harness.cuh).
+static CUtensorMap map_e4m3(const void *base, int k, long long rows, int box_rows) {
+    return make_map(base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, k, rows, box_rows);
 }
 
 int main(int argc, char **argv) {
@@ -297,9 +261,9 @@ int main(int argc, char **argv) {
     p128.tasks = d_t128, p128.ntasks = (int)t128.size();
     p256.tasks = d_t256, p256.ntasks = (int)t256.size();
 
-    const CUtensorMap map_a = make_map(d_a, p.K, (long long)a_rows, 128);
-    const CUtensorMap map_w128 = make_map(d_w, p.K, (long long)p.E * p.N, 128);
-    const CUtensorMap map_w256 = make_map(d_w, p.K, (long long)p.E * p.N, 256);
+    const CUtensorMap map_a = map_e4m3(d_a, p.K, (long long)a_rows, 128);
+    const CUtensorMap map_w128 = map_e4m3(d_w, p.K, (long long)p.E * p.N, 128);
+    const CUtensorMap map_w256 = map_e4m3(d_w, p.K, (long long)p.E * p.N, 256);
 
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
