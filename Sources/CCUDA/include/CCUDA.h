@@ -204,6 +204,7 @@ typedef struct CUtensorMap_st {
 
 /// Element types of a tensor map (cuda.h: enum CUtensorMapDataType_enum; only the ones FlashMoE uses).
 typedef enum CUtensorMapDataType_enum {
+    CU_TENSOR_MAP_DATA_TYPE_UINT8 = 0,
     CU_TENSOR_MAP_DATA_TYPE_FLOAT16 = 6,
     CU_TENSOR_MAP_DATA_TYPE_FLOAT32 = 7,
     CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 = 9

@@ -152,7 +152,7 @@ public protocol CUDADriverAPI: AnyObject, Sendable {
 
     /// `cuTensorMapEncodeTiled`: encodes into `map` a descriptor of the `dims.count`-dimensional tensor at `address`
     /// (`dims` innermost first, `strides`: the byte strides of dimensions 1 …, so one fewer), read in boxes of
-    /// `box` elements. `TensorMap2D` is the checked way in.
+    /// `box` elements. `TensorMap` is the checked way in.
     func tensorMapEncodeTiled(
         _ map: inout CUtensorMap, _ dataType: CUtensorMapDataType, _ address: CUdeviceptr, _ dims: [UInt64],
         _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion

@@ -98,11 +98,11 @@ public enum CUDASelfTest {
         return steps
     }
 
-    /// The sm_90a engine's descriptor (TensorMap2D) encodes for a real allocation, and the driver itself refuses a
+    /// The sm_90a engine's descriptor (TensorMap) encodes for a real allocation, and the driver itself refuses a
     /// box TMA cannot copy (so the call reached cuTensorMapEncodeTiled, not a stand-in).
     private static func tensorMap(_ device: CUDADevice) throws(CUDAError) -> (Bool, String) {
         let buffer = try DeviceBuffer<UInt16>(device: device, count: 256 * 128)
-        let map = try TensorMap2D(
+        let map = try TensorMap(
             driver: device.driver, element: .bf16, address: buffer.address, rows: 256, columns: 128, rowStride: 128,
             boxRows: 256)
         var raw = CUtensorMap()

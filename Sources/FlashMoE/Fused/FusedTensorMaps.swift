@@ -16,11 +16,11 @@ enum FusedTensorMaps {
         arenaBase: UInt64
     ) throws -> [UInt8] {
         let c = spec.config
-        let element: TensorMap2D.Element = c.precision == .fp16 ? .fp16 : .bf16
+        let element: TensorMap.Element = c.precision == .fp16 ? .fp16 : .bf16
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let sharedI = c.sharedExpert?.intermediateSize ?? 0
-        func map(_ address: UInt64, bytes: Int, columns: Int, boxRows: Int) throws -> TensorMap2D {
-            try TensorMap2D(
+        func map(_ address: UInt64, bytes: Int, columns: Int, boxRows: Int) throws -> TensorMap {
+            try TensorMap(
                 driver: device.driver, element: element, address: address, rows: max(bytes / (columns * 2), 1),
                 columns: columns, rowStride: columns, boxRows: boxRows)
         }

@@ -625,7 +625,8 @@ extension FakeDriver {
         _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion
     ) -> CUresult {
         if let code = gate("tensorMapEncodeTiled", needsContext: false) { return code }
-        let elementBytes: UInt32 = dataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : 2
+        let elementBytes: UInt32 =
+            dataType == CU_TENSOR_MAP_DATA_TYPE_FLOAT32 ? 4 : dataType == CU_TENSOR_MAP_DATA_TYPE_UINT8 ? 1 : 2
         guard (1...5).contains(dims.count), strides.count == dims.count - 1, box.count == dims.count,
             address % 16 == 0, strides.allSatisfy({ $0 % 16 == 0 }), box.allSatisfy({ (1...256).contains($0) }),
             swizzle != CU_TENSOR_MAP_SWIZZLE_128B || box[0] * elementBytes <= 128
@@ -633,6 +634,8 @@ extension FakeDriver {
         let fields: [UInt64] = [
             address, dims[0], dims.count > 1 ? dims[1] : 0, strides.first ?? 0, UInt64(box[0]),
             box.count > 1 ? UInt64(box[1]) : 0, UInt64(dataType.rawValue), UInt64(swizzle.rawValue),
+            // 3-D maps (the fp8 weight stacks): the matrices, their byte stride and the box's depth.
+            dims.count > 2 ? dims[2] : 0, strides.count > 1 ? strides[1] : 0, box.count > 2 ? UInt64(box[2]) : 0,
         ]
         withUnsafeMutableBytes(of: &map) { raw in
             for (i, v) in fields.enumerated() { raw.storeBytes(of: v, toByteOffset: i * 8, as: UInt64.self) }

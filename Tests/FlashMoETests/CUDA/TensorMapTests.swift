@@ -3,23 +3,42 @@ import Testing
 
 @testable import FlashMoE
 
-/// `TensorMap2D` against the fake driver: what reaches `cuTensorMapEncodeTiled`, the argument checks and the error
+/// `TensorMap` against the fake driver: what reaches `cuTensorMapEncodeTiled`, the argument checks and the error
 /// mapping. No GPU needed (the descriptor's use by the sm_90a engine is checked by scripts/gpu-engine-test).
 @Suite struct TensorMapTests {
-    @Test(arguments: [(TensorMap2D.Element.bf16, 9 as UInt64), (.fp16, 6)])
-    func encodesTheEngineLayout(element: TensorMap2D.Element, type: UInt64) throws {
+    @Test(arguments: [(TensorMap.Element.bf16, 9 as UInt64), (.fp16, 6)])
+    func encodesTheEngineLayout(element: TensorMap.Element, type: UInt64) throws {
         let fake = FakeDriver()
-        let map = try TensorMap2D(
+        let map = try TensorMap(
             driver: fake, element: element, address: 0x7000_0400, rows: 64 * 2048, columns: 2048, rowStride: 2048,
             boxRows: 256)
         // The fake writes back: address, dims (K innermost, then rows), row stride in bytes, box, type, swizzle.
         #expect(Array(map.words[0..<8]) == [0x7000_0400, 2048, 64 * 2048, 4096, 64, 256, type, 3])
         #expect(map.words.count == 16)
-        #expect(TensorMap2D.boxColumns * 2 == 128)  // one box row = one 128-byte swizzle span
+        #expect(element.boxColumns * element.byteSize == TensorMap.boxBytes)  // one box row = one swizzle span
+    }
+
+    /// The fp8 weight stacks: E4M3 codes as bytes (128 a box row), one matrix a box, the images' byte stride.
+    @Test func encodesAStackOfE4M3Matrices() throws {
+        let map = try TensorMap(
+            driver: FakeDriver(), element: .e4m3, address: 0x7000_0000, rows: 1536, columns: 2048, rowStride: 2048,
+            boxRows: 256, matrices: 128, matrixStride: 3_170_304)
+        // address, K, rows, row stride (bytes), box columns, box rows, type (UINT8 = 0), swizzle, matrices, matrix
+        // stride, box depth.
+        #expect(Array(map.words[0..<11]) == [0x7000_0000, 2048, 1536, 2048, 128, 256, 0, 3, 128, 3_170_304, 1])
+    }
+
+    @Test(arguments: [(0, 4096, "matrices"), (2, 4104, "matrixStride"), (2, 4080, "matrixStride")])
+    func rejectsAStackTMACannotDescribe(matrices: Int, stride: Int, names: String) {
+        expectRefused(naming: names) { driver throws(CUDAError) in
+            _ = try TensorMap(
+                driver: driver, element: .e4m3, address: 0x1000, rows: 32, columns: 128, rowStride: 128, boxRows: 32,
+                matrices: matrices, matrixStride: stride)
+        }
     }
 
     @Test func aRowStrideLongerThanTheRowIsKept() throws {
-        let map = try TensorMap2D(
+        let map = try TensorMap(
             driver: FakeDriver(), element: .bf16, address: 0x1000, rows: 10, columns: 24, rowStride: 40, boxRows: 128)
         #expect(map.words[1] == 24 && map.words[3] == 80)
     }
@@ -36,11 +55,18 @@ import Testing
     func rejectsWhatTMACannotDescribe(
         address: CUdeviceptr, rows: Int, columns: Int, stride: Int, boxRows: Int, names: String
     ) {
+        expectRefused(naming: names) { driver throws(CUDAError) in
+            _ = try TensorMap(
+                driver: driver, element: .bf16, address: address, rows: rows, columns: columns, rowStride: stride,
+                boxRows: boxRows)
+        }
+    }
+
+    /// `encode` fails with an invalid-argument error naming `names`, before the driver is asked.
+    private func expectRefused(naming names: String, _ encode: (FakeDriver) throws(CUDAError) -> Void) {
         let fake = FakeDriver()
         do throws(CUDAError) {
-            _ = try TensorMap2D(
-                driver: fake, element: .bf16, address: address, rows: rows, columns: columns, rowStride: stride,
-                boxRows: boxRows)
+            try encode(fake)
             Issue.record("expected an invalid-argument error")
         } catch {
             guard case .invalidArgument(let message) = error else {
@@ -56,7 +82,7 @@ import Testing
         let fake = FakeDriver()
         fake.fail("tensorMapEncodeTiled", with: CUDA_ERROR_NOT_SUPPORTED)
         do throws(CUDAError) {
-            _ = try TensorMap2D(
+            _ = try TensorMap(
                 driver: fake, element: .bf16, address: 0x1000, rows: 128, columns: 64, rowStride: 64, boxRows: 128)
             Issue.record("encoding should fail")
         } catch {
