@@ -1,5 +1,5 @@
 // What the standalone engine harnesses (tma_engine_test.cu, tma_fp8_test.cu) share on the host: the CUDA error
-// check, a 2-D tensor map in the engines' stage layout, and the median time of a launch.
+// check, 2-D and 3-D tensor maps in the engines' stage layout, and the median time of a launch.
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -32,6 +32,25 @@ static CUtensorMap make_map(const void *base, CUtensorMapDataType type, int elem
                                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
         fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
+        exit(1);
+    }
+    return m;
+}
+
+// A stack of `count` [rows, k] byte matrices `image_bytes` apart (3-D: k, rows, matrix), boxes of 128 bytes × box_rows
+// × 1 matrix, 128-byte swizzle, zero fill: the fp8 engine's weight operand (tma_fp8_engine.cuh).
+static CUtensorMap make_map_3d(const void *base, int k, long long rows, long long count, long long image_bytes,
+                               int box_rows) {
+    CUtensorMap m;
+    cuuint64_t dims[3] = {(cuuint64_t)k, (cuuint64_t)rows, (cuuint64_t)count};
+    cuuint64_t strides[2] = {(cuuint64_t)k, (cuuint64_t)image_bytes};
+    cuuint32_t box[3] = {128u, (cuuint32_t)box_rows, 1u};
+    cuuint32_t estr[3] = {1, 1, 1};
+    CUresult r = cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void *)base, dims, strides, box, estr,
+                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "cuTensorMapEncodeTiled (3-D) failed: %d\n", (int)r);
         exit(1);
     }
     return m;

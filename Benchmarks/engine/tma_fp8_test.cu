@@ -94,7 +94,8 @@ __device__ __forceinline__ TmaTile make_tile(const Problem &p, const Task &tk, c
     const int rows = p.row_start[tk.e + 1] - p.row_start[tk.e], row0 = tk.m * BM;
     TmaTile t;
     t.map_b = map_w;
-    t.b_row0 = tk.e * p.N + tk.n * BN;
+    t.b_row0 = tk.n * BN;
+    t.b_image = tk.e;
     t.k_bytes = p.K;
     if (p.gather) {
         t.map_a = nullptr;
@@ -139,12 +140,12 @@ template <int BN> __device__ __forceinline__ void store_tile(const Problem &p, c
     }
 }
 
-template <int BN, int FORM, int STAGES>
+template <int BN, int STAGES>
 __global__ void __launch_bounds__(TMA_THREADS, 1)
     k_new(const Problem p, const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_w) {
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
-    using Eng = TmaFp8Engine<STAGES, BN, FORM>;
+    using Eng = TmaFp8Engine<STAGES, BN>;
     Eng eng;
     eng.init(smem);
     if (TmaEngine<MMA_BF16, 4>::is_producer()) {
@@ -262,18 +263,17 @@ int main(int argc, char **argv) {
     p256.tasks = d_t256, p256.ntasks = (int)t256.size();
 
     const CUtensorMap map_a = map_e4m3(d_a, p.K, (long long)a_rows, 128);
-    const CUtensorMap map_w128 = map_e4m3(d_w, p.K, (long long)p.E * p.N, 128);
-    const CUtensorMap map_w256 = map_e4m3(d_w, p.K, (long long)p.E * p.N, 256);
+    const CUtensorMap map_w128 = make_map_3d(d_w, p.K, p.N, p.E, (long long)p.N * p.K, 128);
+    const CUtensorMap map_w256 = make_map_3d(d_w, p.K, p.N, p.E, (long long)p.N * p.K, 256);
 
     int sms;
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     const int smem_old = OLD_STAGES * (BM + FP8_BN) * ROW_BYTES + 1024;
-    const int smem_n128 = TmaFp8Engine<NEW_STAGES, 128, 0>::SMEM_BYTES + 1024;
-    const int smem_n256 = TmaFp8Engine<4, 256, 0>::SMEM_BYTES + 1024;
+    const int smem_n128 = TmaFp8Engine<NEW_STAGES, 128>::SMEM_BYTES + 1024;
+    const int smem_n256 = TmaFp8Engine<4, 256>::SMEM_BYTES + 1024;
     CK(cudaFuncSetAttribute(k_old, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_old));
-    CK(cudaFuncSetAttribute(k_new<128, 0, NEW_STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_n128));
-    CK(cudaFuncSetAttribute(k_new<128, 1, NEW_STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_n128));
-    CK(cudaFuncSetAttribute(k_new<256, 0, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_n256));
+    CK(cudaFuncSetAttribute(k_new<128, NEW_STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_n128));
+    CK(cudaFuncSetAttribute(k_new<256, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_n256));
 
     const size_t ny = (size_t)p.R * p.N;
     auto poison = [&] { CK(cudaMemset(d_y, 0xff, ny * 4)); };
@@ -334,9 +334,8 @@ int main(int argc, char **argv) {
     }
     struct Variant { const char *name; Problem *pp; void (*launch)(const Problem &, const CUtensorMap &, const CUtensorMap &, int, int); const CUtensorMap *mw; int smem; };
     const Variant vs[] = {
-        {"tma fp8, 128 rows, one temporary", &p128, [](const Problem &q, const CUtensorMap &a, const CUtensorMap &w, int g, int s) { k_new<128, 0, NEW_STAGES><<<g, TMA_THREADS, s>>>(q, a, w); }, &map_w128, smem_n128},
-        {"tma fp8, 128 rows, two temporaries", &p128, [](const Problem &q, const CUtensorMap &a, const CUtensorMap &w, int g, int s) { k_new<128, 1, NEW_STAGES><<<g, TMA_THREADS, s>>>(q, a, w); }, &map_w128, smem_n128},
-        {"tma fp8, 256 rows", &p256, [](const Problem &q, const CUtensorMap &a, const CUtensorMap &w, int g, int s) { k_new<256, 0, 4><<<g, TMA_THREADS, s>>>(q, a, w); }, &map_w256, smem_n256},
+        {"tma fp8, 128 rows", &p128, [](const Problem &q, const CUtensorMap &a, const CUtensorMap &w, int g, int s) { k_new<128, NEW_STAGES><<<g, TMA_THREADS, s>>>(q, a, w); }, &map_w128, smem_n128},
+        {"tma fp8, 256 rows", &p256, [](const Problem &q, const CUtensorMap &a, const CUtensorMap &w, int g, int s) { k_new<256, 4><<<g, TMA_THREADS, s>>>(q, a, w); }, &map_w256, smem_n256},
     };
     for (const Variant &v : vs) {
         poison();

@@ -93,6 +93,16 @@ FMOE_DEVICE void tma_load_2d(u32 dst, const void *map, u64 *bar, int c0, int c1)
         : "memory");
 }
 
+// The 3-D form: c2 picks one matrix of a stack whose matrices lie a fixed byte stride apart (the fp8 experts'
+// weight images, tma_fp8_engine.cuh); rows past a matrix's own read as zeros, not as the next matrix's.
+FMOE_DEVICE void tma_load_3d(u32 dst, const void *map, u64 *bar, int c0, int c1, int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+            "r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+        : "memory");
+}
+
 // The same copy, written at the same shared-memory offset into every CTA of the cluster in `cta_mask`, completing
 // on the barrier at `bar`'s offset in each of them.
 FMOE_DEVICE void tma_load_2d_multicast(u32 dst, const void *map, u64 *bar, int c0, int c1, unsigned short cta_mask) {

@@ -73,6 +73,7 @@ template <int STAGES> constexpr int tma_smem_bytes() { return STAGES * TMA_STAGE
 struct TmaTile {
     const void *map_b;  // B tensor map: [rows, K] of 16-bit elements, box 64 × 256, 128-byte swizzle
     int b_row0;         // B's first row (tensor-map coordinate)
+    int b_image;        // fp8 (tma_fp8_engine.cuh): B's matrix in its 3-D map (the expert); unused here
     const void *map_a;  // A tensor map (box 64 × 128), or null: gather A rows with cp.async
     int a_row0;         // A's first row (tensor-map coordinate)
     // Gather (map_a null): tile row r < a_rows reads a_base + a_index[r] · a_stride bytes (r · a_stride when

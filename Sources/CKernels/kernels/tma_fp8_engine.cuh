@@ -1,24 +1,25 @@
-// A warp-specialised fp8 engine for sm_90a, measured against the fused kernel's fp8 tiles (wgmma_fp8.cuh) by
-// Benchmarks/engine/tma_fp8_test.cu before it is wired in (docs/engine-notes.md, "fp8").
+// The warp-specialised fp8 engine of sm_90a: the fused kernel's fp8 expert tiles in FMOE_TMA builds
+// (phase_experts_tma_fp8.cuh), and the harness Benchmarks/engine/tma_fp8_test.cu, which checks it bit
+// for bit against the cp.async fp8 tile (wgmma_fp8.cuh's gemm_tile_fp8) and times both (docs/engine-notes.md, "fp8").
 //
-// Why: the fp8 tile of wgmma_fp8.cuh computes at about the bf16 tiles' rate on tensor cores twice as fast
-// (docs/performance.md, "FP8 prefill"): its 256 threads load the stages with cp.async, meet at a block barrier every
-// K block and wait for their MMA before promoting it. Here, as in tma_engine.cuh, a producer warpgroup fills an
-// mbarrier ring (weights and contiguous A rows by TMA, GEMM0's token rows gathered with cp.async) and the two
+// Why: the cp.async fp8 tile computes at about the bf16 tiles' rate on tensor cores twice as fast (docs/performance.md,
+// "FP8 prefill"): its 256 threads load the stages, meet at a block barrier every K block and wait for their MMA
+// before promoting it. Here, as in tma_engine.cuh, a producer warpgroup fills an mbarrier ring (weights and
+// contiguous A rows by TMA, GEMM0's token rows gathered with cp.async arriving on the stage's barrier) and the two
 // consumer warpgroups only compute, each at its own pace.
 //
 // The arithmetic is wgmma_fp8.cuh's, instruction for instruction: per 128-wide K block and 128 weight rows, four
-// m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so
-// the results are bit-identical. Forms (FORM):
-//   0  one temporary; the warpgroup waits for a K block's MMA before promoting it (the other warpgroup's MMA runs
-//      meanwhile);
-//   1  two temporaries (BN = 128 only): K block kt + 1's MMA is issued before K block kt is promoted, so the tensor
-//      cores are never idle for this warpgroup's promotion (64 + 64 + 64 accumulator registers a thread).
-// BN = 256 runs the two 128-row halves of B one after the other through the one temporary (128 + 64 registers):
-// half the A traffic of two 128-row tiles.
-// Measured (H200, round 21, Benchmarks/RESULTS.md; all forms bit-identical to gemm_tile_fp8): BN = 256 is the
-// fastest on the four large shapes, 1.2 – 1.6× the fused kernel's tile (deepseek-v3 GEMM0 574 against 469 TFLOP/s,
-// qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); FORM 1 was no faster than FORM 0.
+// m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so the
+// results are bit-identical. BN = 256 (the fused kernel's) runs the two 128-row halves of B one after the other
+// through the one temporary (128 + 64 accumulator registers): half the A traffic of two 128-row tiles. Measured in the
+// harness (H200, round 21, Benchmarks/RESULTS.md): BN = 256 1.2 – 1.6× the cp.async tile on the four large shapes
+// (deepseek-v3 GEMM0 574 against 469 TFLOP/s, qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); BN = 128
+// was slower than 256 everywhere, and a second temporary (the next K block's MMA issued before this one's promotion)
+// no faster than one (that form was removed in round 22).
+//
+// Operands: B rows come from a stack of matrices (the experts' weight images: E4M3 codes [rows, K] at a fixed byte
+// stride, their scales after the codes) through a 3-D tensor map, boxes of 128 bytes × BN rows × 1 matrix; rows past
+// a matrix's own read as zeros. A rows: by TMA from a 2-D map (box 128 bytes × 128 rows) or gathered (TmaTile).
 #pragma once
 #include "tma_engine.cuh"
 #include "wgmma_fp8.cuh"
@@ -35,9 +36,8 @@ struct TmaFp8Scales {
     int granules;
 };
 
-template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
+template <int STAGES, int BN = 256> struct TmaFp8Engine {
     static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
-    static_assert(FORM == 0 || (FORM == 1 && BN == 128), "two temporaries only for 128-row tiles");
     static_assert(STAGES >= 3, "the ring needs at least 3 stages");
     static constexpr int HALVES = BN / 128;
     static constexpr int ACC = 64 * HALVES;
@@ -51,12 +51,17 @@ template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
     u64 *empty;
     u32 it;  // K blocks this thread's role has passed through the ring (the same count in both roles)
 
-    // All threads: ring at `smem` (1024-byte aligned), barriers after it. Ends with a block barrier.
-    FMOE_DEVICE void init(char *smem) {
+    // Every thread of both roles: the ring at `smem` (1024-byte aligned), the 2 · STAGES barriers at `bars`; this
+    // role has passed no K block yet.
+    FMOE_DEVICE void attach(char *smem, u64 *bars) {
         ring = smem;
-        full = (u64 *)(smem + STAGES * STAGE_BYTES);
-        empty = full + STAGES;
+        full = bars;
+        empty = bars + STAGES;
         it = 0;
+    }
+    // All threads: ring at `smem`, barriers after it, initialised (the harness). Ends with a block barrier.
+    FMOE_DEVICE void init(char *smem) {
+        attach(smem, (u64 *)(smem + STAGES * STAGE_BYTES));
         if (threadIdx.x == 0) {
             for (int s = 0; s < STAGES; ++s) {
                 mbar_init(&full[s], TMA_FULL_ARRIVALS);
@@ -67,9 +72,9 @@ template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
         __syncthreads();
     }
 
-    // Producer warpgroup: every K block of one tile. B: one TMA box of BN rows × 128 bytes (map_b's box); A by TMA
-    // (map_a, box 128 × 128 bytes) or gathered (TmaTile's a_base / a_index / a_stride / a_rows), its copies
-    // arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive).
+    // Producer warpgroup: every K block of one tile. B: one TMA box of BN rows × 128 bytes of matrix b_image (map_b,
+    // 3-D); A by TMA (map_a, box 128 × 128 bytes) or gathered (TmaTile's a_base / a_index / a_stride / a_rows), its
+    // copies arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive).
     FMOE_DEVICE void produce(const TmaTile &t) {
         const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
@@ -90,7 +95,7 @@ template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
             char *st = ring + s * STAGE_BYTES;
             if (pt == 0) {
                 mbar_arrive_expect_tx(&full[s], tx);
-                tma_load_2d(smem_addr(st + A_BYTES), t.map_b, &full[s], kt * ROW_BYTES, t.b_row0);
+                tma_load_3d(smem_addr(st + A_BYTES), t.map_b, &full[s], kt * ROW_BYTES, t.b_row0, t.b_image);
                 if (!gather) tma_load_2d(smem_addr(st), t.map_a, &full[s], kt * ROW_BYTES, t.a_row0);
             }
             if (gather) {
@@ -151,60 +156,26 @@ template <int STAGES, int BN, int FORM> struct TmaFp8Engine {
 
     // Consumer warpgroups: the tile into acc (ACC registers; half h's in acc[64h …), each in wgmma_fp8.cuh's
     // m64n128 layout: register 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 128h + 8j + wgmma_acc_col()
-    // + (c & 1)).
+    // + (c & 1)). With BN = 256 that is WgmmaEngine's m64n256 layout (register 4J + c, column 8J + …, J = 16h + j),
+    // which the register epilogues read (register_epilogues.cuh).
     FMOE_DEVICE void consume(const TmaTile &t, const TmaFp8Scales &sc, float *acc) {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gathered = t.map_a == nullptr;
 #pragma unroll
         for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
-        if constexpr (FORM == 0) {
-            float tmp[64];
-            for (int kt = 0; kt < ktiles; ++kt) {
-                float s0, s1, b[2 * HALVES];
-                scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
-                wait_full(it, gathered);
-#pragma unroll
-                for (int h = 0; h < HALVES; ++h) {
-                    issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
-                    wgmma_wait<0>();
-                    if (h == HALVES - 1) release(it);
-                    promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
-                }
-                ++it;
-            }
-        } else {
-            float t0[64], t1[64];
+        float tmp[64];
+        for (int kt = 0; kt < ktiles; ++kt) {
             float s0, s1, b[2 * HALVES];
-            if (ktiles > 0) {
-                wait_full(it, gathered);
-                issue(t0, a_of(it), b_of(it));
+            scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
+            wait_full(it, gathered);
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) {
+                issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
+                wgmma_wait<0>();
+                if (h == HALVES - 1) release(it);
+                promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
             }
-            for (int kt = 0; kt < ktiles; kt += 2) {
-                // t0 holds K block kt (in flight); issue kt + 1 into t1, then promote kt.
-                scales_of(sc, kt, s0, s1, b);
-                if (kt + 1 < ktiles) {
-                    wait_full(it + 1, gathered);
-                    issue(t1, a_of(it + 1), b_of(it + 1));
-                    wgmma_wait<1>();
-                } else {
-                    wgmma_wait<0>();
-                }
-                release(it);
-                promote(acc, t0, s0, s1, b[0], b[1]);
-                ++it;
-                if (kt + 1 >= ktiles) break;
-                scales_of(sc, kt + 1, s0, s1, b);
-                if (kt + 2 < ktiles) {
-                    wait_full(it + 1, gathered);
-                    issue(t0, a_of(it + 1), b_of(it + 1));
-                    wgmma_wait<1>();
-                } else {
-                    wgmma_wait<0>();
-                }
-                release(it);
-                promote(acc, t1, s0, s1, b[0], b[1]);
-                ++it;
-            }
+            ++it;
         }
     }
 };
