@@ -37,6 +37,14 @@ static const char phase_experts_tma_cuh[] = {
 #embed "kernels/phase_experts_tma.cuh"
     , 0};
 
+static const char tma_fp8_engine_cuh[] = {
+#embed "kernels/tma_fp8_engine.cuh"
+    , 0};
+
+static const char phase_experts_tma_fp8_cuh[] = {
+#embed "kernels/phase_experts_tma_fp8.cuh"
+    , 0};
+
 static const char wgmma_fp8_cuh[] = {
 #embed "kernels/wgmma_fp8.cuh"
     , 0};
@@ -146,6 +154,8 @@ static const struct {
     {"tma_engine.cuh", tma_engine_cuh, sizeof(tma_engine_cuh) - 1},
     {"tma_queue.cuh", tma_queue_cuh, sizeof(tma_queue_cuh) - 1},
     {"phase_experts_tma.cuh", phase_experts_tma_cuh, sizeof(phase_experts_tma_cuh) - 1},
+    {"tma_fp8_engine.cuh", tma_fp8_engine_cuh, sizeof(tma_fp8_engine_cuh) - 1},
+    {"phase_experts_tma_fp8.cuh", phase_experts_tma_fp8_cuh, sizeof(phase_experts_tma_fp8_cuh) - 1},
     {"wgmma_fp8.cuh", wgmma_fp8_cuh, sizeof(wgmma_fp8_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},
     {"moe_params.cuh", moe_params_cuh, sizeof(moe_params_cuh) - 1},

@@ -143,7 +143,10 @@ constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see
 constexpr int GATE_KSPLIT_MAX = 16;  // the gate's K is split at most this many ways (FusedWorkspace.gateSplitMax)
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
-constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<EBN>();  // fp8: E4M3 A and B rows, 128 bytes each
+// The expert ring's B rows a stage: the tile width, or the fp8 TMA engine's 256 (tma_fp8_engine.cuh); fp8's A and B
+// rows are E4M3, 128 bytes each (a 128-wide K block).
+constexpr int RING_BN = FMOE_PREC == 4 && FMOE_TMA ? 256 : EBN;
+constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<RING_BN>();
 constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;
 // Rows of logits routing's staging area holds (routing_tasks.cuh): the largest of 128, 64 and 32 that fits beside

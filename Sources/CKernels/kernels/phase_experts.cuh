@@ -50,8 +50,9 @@ FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
 #endif
 // What Sync::gemm1_done reaches once a launch of `rbs` row blocks of `nt1` GEMM1 tiles each has counted them all.
 FMOE_DEVICE int gemm1_done_target(int rbs, int nt1) { return FMOE_COUNT_BLOCKS1 ? rbs : rbs * nt1; }
-FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m, int rb, int nt1) {
-    const bool last = last_arrival(&p.done1[rb], nt1);
+// `tiles`: tiles counted at once (the fp8 TMA engine's pairs, phase_experts_tma_fp8.cuh).
+FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m, int rb, int nt1, int tiles = 1) {
+    const bool last = last_arrival(&p.done1[rb], nt1, tiles);
     if (last) complete_row_block(p, L, x, m);
     if (FMOE_COUNT_BLOCKS1 && !last) return;  // block-uniform
     sync_block();

@@ -1,11 +1,12 @@
-// Phase 3 on the sm_90a TMA engine (FMOE_TMA builds: 16-bit, one GPU; common.cuh): the same tickets, tiles, ring
-// and counters as phase_experts.cuh, split between roles. The producer warpgroup (threads 256 … 383, which run no
-// other phase) takes each ticket, waits for a GEMM1 tile's row block, hands the tile to the consumers through the
+// Phase 3 on the sm_90a TMA engine (FMOE_TMA builds: 16-bit or fp8, one GPU; common.cuh): the same tickets, tiles,
+// ring and counters as phase_experts.cuh, split between roles. The producer warpgroup (threads 256 … 383, which run
+// no other phase) takes each ticket, waits for a GEMM1 tile's row block, hands the tile to the consumers through the
 // ticket queue (tma_queue.cuh) and loads its k-slices by TMA (weights, h) or gathers them (x rows) into the ring,
 // running ahead into the next tile while the consumers finish this one. The consumers (the 256 phase threads) run
 // the wgmma mainloop and the epilogue straight from the accumulators, then count the tile exactly as the cp.async
 // path does. Bits are the cp.async engine's: the same wgmma instructions in the same K order, the same epilogue
-// arithmetic (Benchmarks/engine/tma_engine_test.cu checks both engines bit for bit).
+// arithmetic (Benchmarks/engine/tma_engine_test.cu checks both engines bit for bit). Precision fp8 runs its own
+// producer and consumer loops on these roles (phase_experts_tma_fp8.cuh: tile pairs on tma_fp8_engine.cuh).
 //
 // Tiles that do not fit the ring protocol run the cp.async path unchanged: a launch of decode tiles (split > 1) runs
 // phase_experts.cuh entirely (the producer leaves at once), and a ticket of an expert with at most GEMV_TOKENS rows
@@ -21,8 +22,8 @@
 
 namespace fmoe {
 
-static_assert(FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3) && FMOE_RANKS == 1,
-              "FMOE_TMA: sm_90a, bf16 or fp16, one GPU (the host chooses it only there)");
+static_assert(FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3 || FMOE_PREC == 4) && FMOE_RANKS == 1,
+              "FMOE_TMA: sm_90a, bf16, fp16 or fp8, one GPU (the host chooses it only there)");
 
 // The tensor maps of the TMA operands (a second kernel parameter, encoded by the host: FusedTensorMaps.swift):
 // weights with boxes of 256 rows, h with boxes of 128 (TmaTile). A 64-byte aligned CUtensorMap each.
@@ -38,7 +39,14 @@ struct TmaMaps {
     TmaMap hs;    // [max tokens, IS]
 };
 
-constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_STAGE_BYTES;
+// Precision fp8: the fp8 engine's weight rows a tile (FMOE_TMA_FP8_BN, phase_experts_tma_fp8.cuh; set by the host,
+// whose weight maps' boxes have as many rows) size the stages of the same ring bytes (moe_params.cuh's RING_BN):
+// 6 stages of 128 + 128 rows, or 4 of 128 + 256.
+#ifndef FMOE_TMA_FP8_BN
+#define FMOE_TMA_FP8_BN 128
+#endif
+constexpr int TMA_RING_STAGE_BYTES = FMOE_PREC == 4 ? (BM + FMOE_TMA_FP8_BN) * ROW_BYTES : TMA_STAGE_BYTES;
+constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_RING_STAGE_BYTES;
 typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;
 // The registers of the producer warpgroup after setmaxnreg (FMOE_TMA_PRODUCER_REGS, 72 by default); the consumers,
 // which run every phase, take the rest of what the launch gave the block: 168 a thread (the most 384 threads get
@@ -110,6 +118,38 @@ FMOE_DEVICE TmaTile tma_tile(const Params &p, const Layout &L, const TmaMaps &ma
     return t;
 }
 
+// The row block at GEMM1 ring position `pos` once published (the producer), or -1 when the wait expired (reported).
+// As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
+FMOE_DEVICE int ring_row_block(const Params &p, int pos) {
+    u64 entry = 0;
+    if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank, &entry))
+        return -1;
+    // The row block's h was written by the generic proxy (fenced to the async proxy by its writers before they
+    // counted it): ordered before this block's TMA reads of it.
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    return (int)(entry & 0xffffffffull);
+}
+
+// The consumers' next task (every phase thread). The producer hands one over within twice the budget (its only long
+// wait is the ring's, which reports and hands over TASK_FAIL); a consumer still waiting past that and a second means
+// a broken protocol, and the launch traps rather than hang.
+FMOE_DEVICE int4 next_task(const Params &p, u32 &qi) {
+    const int4 t = s_tma.tq.consume(qi, 2 * p.budget_ns + 1000000000ull, make_int4(TASK_TIMEOUT, 0, 0, 0));
+    if (t.x == TASK_TIMEOUT) {
+        report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_TASK, 0u, (u32)p.rank, 0ull, 0ull);
+        __trap();
+    }
+    return t;
+}
+
+// The consumers after an own task: its shared-memory writes (generic proxy) ordered before the producer's next TMA
+// writes there, then the producer released (own_done).
+FMOE_DEVICE void own_task_done() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    sync_block();
+    if (threadIdx.x == 0) mbar_arrive(&s_tma.own_done);
+}
+
 // The producer warpgroup's expert phase: tickets in phase_experts.cuh's order (split 1), each handed over and, for
 // the engine's tasks, loaded into the ring.
 FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
@@ -137,13 +177,12 @@ FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps
             }
             int pos, n;
             gemm1_ring_slot(ticket - t0_total, rbs, RING_GROUP, NT1, pos, n);
+            // ring_row_block's steps, inline: calling it changed this kernel's code (NVRTC 13.0, round 22), and the
+            // measured and verified kernel is this one.
             u64 entry = 0;
-            // As phase_experts.cuh: twice the budget, so an upstream wait is the one that expires and is reported.
             if (!wait_at_least(&p.ring[pos], p.epoch << 32, p.err, 2 * p.budget_ns, FMOE_PHASE_TASK, pos, p.rank,
                                &entry))
                 return make_int4(TASK_FAIL, 0, 0, 0);
-            // The row block's h was written by the generic proxy (fenced to the async proxy by its writers before
-            // they counted it): ordered before this block's TMA reads of it.
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
             const int rb = (int)(entry & 0xffffffffull);
             const int x = find_segment(L.rb_start, L.xs, rb);
@@ -168,14 +207,7 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
     const int rbs = L.rb_start[L.xs];
     u32 qi = 0;
     for (;;) {
-        // The producer hands over a task within twice the budget (its only long wait is the ring's, which reports
-        // and hands over TASK_FAIL); a consumer still waiting past that and a second means a broken protocol, and
-        // the launch traps rather than hang.
-        const int4 t = s_tma.tq.consume(qi, 2 * p.budget_ns + 1000000000ull, make_int4(TASK_TIMEOUT, 0, 0, 0));
-        if (t.x == TASK_TIMEOUT) {
-            report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_TASK, 0u, (u32)p.rank, 0ull, 0ull);
-            __trap();
-        }
+        const int4 t = next_task(p, qi);
         if (t.x == TASK_FAIL) return false;
         if (t.x == TASK_END) break;
         const int kind = t.x, x = t.y, m = t.z, n = t.w;
@@ -207,15 +239,15 @@ FMOE_DEVICE bool expert_consumers(const Params &p, const Layout &L, const TmaMap
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
             count_gemm1_tile(p, L, x, m, rb, NT1);
         }
-        if (kind >= TASK_OWN0) {
-            // The own tile's shared-memory writes (generic proxy) before the producer's next TMA writes there.
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            sync_block();
-            if (threadIdx.x == 0) mbar_arrive(&s_tma.own_done);
-        }
+        if (kind >= TASK_OWN0) own_task_done();
     }
     return sync_block_and(drain_combines(p, gemm1_done_target(rbs, NT1))) != 0;
 }
+
+}  // namespace fmoe
+// Precision fp8's producer and consumers (expert_producer_fp8, expert_consumers_fp8), on this file's roles and queue.
+#include "phase_experts_tma_fp8.cuh"
+namespace fmoe {
 
 // The launch's start, every thread of both roles: consumer thread 0 initialises the hand-over barrier, then named
 // barrier 2 (the one time the roles meet on a named barrier) makes it visible to the producer.
@@ -260,7 +292,11 @@ FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
 FMOE_DEVICE bool expert_phase_tma(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
     const bool tma = expert_split(L.task0_start[L.xs]) == 1;
     tma_hand_over(&L, tma);
+#if FMOE_PREC == 4
+    return tma ? expert_consumers_fp8(p, L, maps, smem) : expert_phase(p, L, smem);
+#else
     return tma ? expert_consumers(p, L, maps, smem) : expert_phase(p, L, smem);
+#endif
 }
 
 // The producer warpgroup's whole launch (threads 256 … 383 from the kernel's entry): wait for the hand-over, then
@@ -271,7 +307,11 @@ FMOE_DEVICE void tma_producer_main(const Params &p, const Params &sp, const TmaM
     regs_dealloc<TMA_PRODUCER_REGS_FUSED>();
     tma_rendezvous();
     if (!mbar_wait_budget(&s_tma.handover, 0, 4 * p.budget_ns + 1000000000ull)) __trap();
+#if FMOE_PREC == 4
+    if (s_tma.go) expert_producer_fp8(sp, *s_tma.layout, maps, smem);
+#else
     if (s_tma.go) expert_producer(sp, *s_tma.layout, maps, smem);
+#endif
 }
 }  // namespace fmoe
 #endif

@@ -36,8 +36,17 @@ FMOE_DEVICE float *f32_rows(const Params &p, const Layout &L, int x, bool shared
 #else
 #define FMOE_ACC_EPILOGUES 0
 #endif
+// The stores from the accumulators also serve the fp8 TMA engine's consumers (phase_experts_tma_fp8.cuh), whose
+// 128 × 256 tiles leave the same m64n256 layout; the cp.async fp8 tiles stage theirs (FMOE_ACC_EPILOGUES 0).
+#if FMOE_ACC_EPILOGUES || (FMOE_TMA && FMOE_PREC == 4)
+#define FMOE_ACC_STORES 1
+#else
+#define FMOE_ACC_STORES 0
+#endif
 
-#if FMOE_ACC_EPILOGUES
+#if FMOE_ACC_STORES
+// The columns of a wide accumulator tile (m64n256: WgmmaEngine's, or the fp8 TMA engine's two 128-row halves).
+constexpr int ACC_TILE_N = 256;
 // The epilogues straight from a wide wgmma tile's accumulators (16-bit, one GPU): the TMA engine's consumers
 // (phase_experts_tma.cuh) and, with FMOE_REG_EPILOGUE, the cp.async engine's tiles below. Same arithmetic as
 // gemm0_store and gemm1_store, so the same bits.
@@ -96,10 +105,11 @@ FMOE_DEVICE void gemm0_store_acc(const Params &p, const Layout &L, int x, int m,
 
 #if FMOE_RET_T
 // gemm1_store_acc's routed rows in the storage type (FMOE_RET_STORAGE): + b2, rounded as store_ret4 rounds.
+template <int TN = ACC_TILE_N>
 FMOE_DEVICE void gemm1_store_acc_t(const Params &p, const Layout &L, int x, int rows, int row0, int n,
                                    const float *acc) {
     const float *bias = p.b2 != nullptr ? p.b2 + (size_t)x * H : nullptr;
-    store_acc_pairs<EBN>(p.ybuf + (size_t)L.row_start[x] * H, H, H, rows, row0, n * EBN, [&](int c, int col) {
+    store_acc_pairs<TN>(p.ybuf + (size_t)L.row_start[x] * H, H, H, rows, row0, n * EBN, [&](int c, int col) {
         const bool b = bias != nullptr && col < H;
         return pack_t2(acc[c] + (b ? bias[col] : 0.f), acc[c + 1] + (b ? bias[col + 1] : 0.f));
     });
@@ -108,13 +118,15 @@ FMOE_DEVICE void gemm1_store_acc_t(const Params &p, const Layout &L, int x, int 
 
 // GEMM1's epilogue from the accumulators, gemm1_store's arithmetic: + b2 (routed, when present), FP32 rows (or
 // RetT: gemm1_store_acc_t). The bias form is a loop of its own, so the plain one holds no bias loads in registers
-// beside the 128 accumulators.
+// beside the 128 accumulators. TN: the tile's columns (the fp8 TMA engine's 128-row form: 128, 64 accumulators);
+// n counts column tiles of EBN.
+template <int TN = ACC_TILE_N>
 FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m, int n, const float *acc) {
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x), row0 = m * BM;
 #if FMOE_RET_T
     if (!shared) {
-        gemm1_store_acc_t(p, L, x, rows, row0, n, acc);
+        gemm1_store_acc_t<TN>(p, L, x, rows, row0, n, acc);
         return;
     }
 #endif
@@ -129,13 +141,13 @@ FMOE_DEVICE void gemm1_store_acc(const Params &p, const Layout &L, int x, int m,
         float *row = out + (size_t)(row0 + r) * H;
         if (bias != nullptr) {
 #pragma unroll
-            for (int j = 0; j < 32; ++j)
+            for (int j = 0; j < TN / 8; ++j)
                 if (8 * j < cols)
                     *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h] + bias[8 * j],
                                                            acc[4 * j + 2 * h + 1] + bias[8 * j + 1]);
         } else {
 #pragma unroll
-            for (int j = 0; j < 32; ++j)
+            for (int j = 0; j < TN / 8; ++j)
                 if (8 * j < cols) *(float2 *)(row + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
         }
     }

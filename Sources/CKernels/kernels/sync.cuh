@@ -125,15 +125,15 @@ FMOE_DEVICE void release_block_writes() {
 #endif
 }
 
-// Counts this block's task on `counter`, which `arrivals` tasks reach in all (a token tile's route tasks, a row
-// block's GEMM1 tiles, a launch's blocks); true, block-uniform, in the block whose count is the last. Release:
-// release_block_writes before the count; acquire: the last block fences after it, so it reads every counted task's
-// writes.
-FMOE_DEVICE bool last_arrival(int *counter, int arrivals) {
+// Counts this block's task (`tasks` of them at once: the fp8 TMA engine's tile pairs) on `counter`, which `arrivals`
+// tasks reach in all (a token tile's route tasks, a row block's GEMM1 tiles, a launch's blocks); true, block-uniform,
+// in the block whose count is the last. Release: release_block_writes before the count; acquire: the last block
+// fences after it, so it reads every counted task's writes.
+FMOE_DEVICE bool last_arrival(int *counter, int arrivals, int tasks = 1) {
     __shared__ int s_last_arrival;
     release_block_writes();
     if (threadIdx.x == 0) {
-        s_last_arrival = atomicAdd(counter, 1) == arrivals - 1;
+        s_last_arrival = atomicAdd(counter, tasks) == arrivals - tasks;
         if (s_last_arrival) fence_gpu();
     }
     sync_block();

@@ -38,9 +38,14 @@ public struct FusedSpecialization: Sendable, Hashable {
 
     /// Whether the expert GEMMs run on the sm_90a TMA engine (`FMOE_TMA`: 384-thread blocks, a producer warpgroup
     /// loading weights and h by TMA, phase_experts_tma.cuh) instead of the cp.async wgmma engine. Asked for with
-    /// `tmaEngine` (default: `FLASHMOE_TMA=1`), and built only where it runs: an `sm_90a` target, bf16 or fp16, one
-    /// GPU. Same bits as the cp.async engine.
+    /// `tmaEngine` (default: `FLASHMOE_TMA=1`), and built only where it runs: an `sm_90a` target, bf16, fp16 or fp8,
+    /// one GPU. Same bits as the cp.async engine (fp8: tma_fp8_engine.cuh, as the cp.async fp8 tiles).
     public let tmaEngine: Bool
+
+    /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, phase_experts_tma_fp8.cuh), which also size the
+    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128, or 256 with `FLASHMOE_TMA_FP8_BN=256` (faster in the
+    /// engine's harness, but ptxas spills its accumulators in the fused kernel: Benchmarks/RESULTS.md, round 22).
+    public var tmaFP8TileRows: Int { ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128 }
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default until it measures faster
     /// than the cp.async engine on every preset (Benchmarks/RESULTS.md).
@@ -48,7 +53,7 @@ public struct FusedSpecialization: Sendable, Hashable {
 
     /// Whether the TMA engine can be built for this target, precision and rank count.
     static func tmaEngineFits(arch: GPUArchitecture, precision: Precision, ranks: Int) -> Bool {
-        arch.number == 90 && arch.architectureSpecific && (precision == .bf16 || precision == .fp16) && ranks == 1
+        arch.number == 90 && arch.architectureSpecific && [.bf16, .fp16, .fp8].contains(precision) && ranks == 1
     }
 
     /// The kernel's entry point on one GPU.
@@ -137,8 +142,9 @@ public struct FusedSpecialization: Sendable, Hashable {
         } else {
             do { limit = try ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn } catch { throw fail(error.description) }
         }
+        let tma = tmaEngine && Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
         sharedMemory = try FusedSharedMemory.choose(
-            config: config, arch: arch, limit: limit, ranks: ranks, stages: stages)
+            config: config, arch: arch, limit: limit, ranks: ranks, stages: stages, tmaEngine: tma)
         self.arch = arch
         self.ranks = ranks
         self.config = config
@@ -146,7 +152,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.stopAfterPhase = stopAfterPhase
         self.phaseTimes = phaseTimes
         self.trace = trace
-        self.tmaEngine = tmaEngine && Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
+        self.tmaEngine = tma
     }
 
     /// The `-D` defines of this specialisation.
@@ -188,6 +194,7 @@ public struct FusedSpecialization: Sendable, Hashable {
         if returnStorage { d["FMOE_RET_STORAGE"] = "1" }
         if trace { d["FMOE_TRACE"] = "1" }
         if tmaEngine { d["FMOE_TMA"] = "1" }
+        if tmaEngine && c.precision == .fp8 { d["FMOE_TMA_FP8_BN"] = "\(tmaFP8TileRows)" }
         return d
     }
 

@@ -11,7 +11,7 @@ import Testing
         hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated, activation: .silu,
         sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .bf16)
 
-    @Test func builtOnlyForSm90aSixteenBitOneGPU() throws {
+    @Test func builtOnlyForSm90aOneGPUAndTensorCorePrecisions() throws {
         let sm90a = try GPUArchitecture(parsing: "sm_90a")
         let on = try FusedSpecialization(config: Self.gated, arch: sm90a, tmaEngine: true)
         #expect(on.tmaEngine && on.defines["FMOE_TMA"] == "1")
@@ -30,10 +30,12 @@ import Testing
             c.precision = precision
             refused.append(try FusedSpecialization(config: c, arch: sm90a, tmaEngine: true))
         }
+        // fp8 (phase_experts_tma_fp8.cuh): the engine's tile rows go to the kernel with the build.
         var fp8 = Self.gated
         fp8.precision = .fp8
-        fp8.sharedExpert = nil
-        refused.append(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true))
+        let fp8Spec = try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true)
+        #expect(fp8Spec.tmaEngine && fp8Spec.defines["FMOE_TMA_FP8_BN"] == "\(fp8Spec.tmaFP8TileRows)")
+        #expect(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true).defines["FMOE_TMA_FP8_BN"] == nil)
         for spec in refused {
             #expect(!spec.tmaEngine && spec.defines["FMOE_TMA"] == nil, "\(spec.arch) \(spec.config.precision)")
         }
@@ -77,7 +79,53 @@ import Testing
         }
     }
 
-    /// The FMOE_TMA kernels compile for sm_90a (gated with a shared expert, plain with biases; plain and traced):
+    /// fp8's ring on the TMA engine holds 256 weight rows a stage whatever the engine's tile rows (6 stages of 128 + 128
+    /// rows or 4 of 128 + 256 in the same bytes); the cp.async fp8 tiles' stages hold 128.
+    @Test func fp8RingOnTheTMAEngine() throws {
+        var config = Self.gated
+        config.precision = .fp8
+        let sm90a = try GPUArchitecture(parsing: "sm_90a")
+        let tma = try FusedSpecialization(config: config, arch: sm90a, experimentalFP8: true, tmaEngine: true)
+        let plain = try FusedSpecialization(config: config, arch: sm90a, experimentalFP8: true, tmaEngine: false)
+        #expect(tma.sharedMemory.ringTileWidth == 256 && plain.sharedMemory.ringTileWidth == 128)
+        #expect(tma.sharedMemory.dynamicBytes == 4 * (128 + 256) * 128 + 1024)
+        #expect(plain.sharedMemory.dynamicBytes == 4 * (128 + 128) * 128 + 1024)
+    }
+
+    /// fp8: W1 and W2 are stacks of the experts' E4M3 images (3-D maps: the image stride, one image a box, boxes of the
+    /// engine's tile rows), the routed h map is over the E4M3 codes hq, and the shared expert's maps stay BF16.
+    @Test func fp8TensorMapsDescribeTheImages() throws {
+        var config = Self.gated
+        config.precision = .fp8
+        let spec = try FusedSpecialization(
+            config: config, arch: GPUArchitecture(parsing: "sm_90a"), experimentalFP8: true, tmaEngine: true)
+        let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
+        let layer = try MoELayer(config: config, weights: .random(config: config, seed: 5))
+        let weights = try FusedDeviceWeights(layer: layer, device: device, packRows: FusedDeviceWeights.fp8Granule)
+        let ws = FusedWorkspace(spec: spec, tokens: 40, rowCapacity: 80, partRows: 40)
+        let base: UInt64 = 0x4000_0000
+        let bytes = try FusedTensorMaps.encode(
+            device: device, spec: spec, weights: weights, workspace: ws, arenaBase: base)
+        // The fake driver writes address, K, rows, row bytes, box K, box rows, type, swizzle, matrices, matrix
+        // stride, box depth into words 0 … 10.
+        func map(_ i: Int) -> [UInt64] {
+            (0..<11).map { w in bytes.withUnsafeBytes { $0.load(fromByteOffset: i * 128 + w * 8, as: UInt64.self) } }
+        }
+        let (h, i, e) = (config.hiddenSize, config.intermediateSize, UInt64(config.experts))
+        let rows = UInt64(spec.tmaFP8TileRows), e4m3 = UInt64(CU_TENSOR_MAP_DATA_TYPE_UINT8.rawValue)
+        let n0 = FusedDeviceWeights.fp8FirstRows(inner: i, gated: true, packRows: FusedDeviceWeights.fp8Granule)
+        let w1Image = UInt64(FusedDeviceWeights.fp8ExpertBytes(rows: n0, k: h).total)
+        let w2Image = UInt64(FusedDeviceWeights.fp8ExpertBytes(rows: h, k: i).total)
+        let (uh, ui) = (UInt64(h), UInt64(i))
+        #expect(map(0) == [weights.w1.address, uh, UInt64(n0), uh, 128, rows, e4m3, 3, e, w1Image, 1])
+        #expect(map(1) == [weights.w2.address, ui, uh, ui, 128, rows, e4m3, 3, e, w2Image, 1])
+        #expect(map(4) == [base + UInt64(ws.offset(.hq)), ui, 80, ui, 128, 128, e4m3, 3, 0, 0, 0])
+        let bf16 = UInt64(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16.rawValue)
+        #expect(map(5) == [base + UInt64(ws.offset(.hs)), 64, 40, 128, 64, 128, bf16, 3, 0, 0, 0])
+    }
+
+    /// The FMOE_TMA kernels compile for sm_90a (gated with a shared expert, plain with biases; plain and traced; fp8
+    /// gated with a shared expert and plain with biases, phase_experts_tma_fp8.cuh):
     /// 384 threads (168 registers at launch; the roles' setmaxnreg split is 224 / 56), both entry points present.
     /// They spill a few hundred bytes (the phases' code, which uses up to 254 registers at 256 threads, runs in the
     /// consumers' 224): Benchmarks/RESULTS.md, round 14; the default build stays spill-free (FusedKernelTests).
@@ -87,10 +135,15 @@ import Testing
         let target = try GPUArchitecture(parsing: "sm_90a")
         let plain = MoEConfig(hiddenSize: 128, intermediateSize: 96, experts: 8, topK: 2, bias: true,
                               activation: .gelu, precision: .fp16)
+        var fp8 = Self.gated, fp8Plain = plain
+        fp8.precision = .fp8
+        fp8Plain.precision = .fp8
         let specs = [
             try FusedSpecialization(config: Self.gated, arch: target, tmaEngine: true),
             try FusedSpecialization(config: plain, arch: target, tmaEngine: true),
             try FusedSpecialization(config: Self.gated, arch: target, trace: true, tmaEngine: true),
+            try FusedSpecialization(config: fp8, arch: target, experimentalFP8: true, tmaEngine: true),
+            try FusedSpecialization(config: fp8Plain, arch: target, experimentalFP8: true, tmaEngine: true),
         ]
         for spec in specs {
             #expect(spec.tmaEngine)
@@ -105,12 +158,15 @@ import Testing
     /// compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch would compile the default) and keep
     /// the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log).
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56"])
+          arguments: ["FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56", "fp8 FMOE_TMA_FP8_BN=256"])
     func tmaSwitchesCompile(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")
-        let parts = setting.split(separator: "=").map(String.init)
-        let plain = try FusedSpecialization(config: Self.gated, arch: target, tmaEngine: true).kernelSpec
+        var config = Self.gated
+        if setting.hasPrefix("fp8 ") { config.precision = .fp8 }
+        let parts = setting.split(separator: " ").last!.split(separator: "=").map(String.init)
+        let plain = try FusedSpecialization(
+            config: config, arch: target, experimentalFP8: true, tmaEngine: true).kernelSpec
         var spec = plain
         spec.defines[parts[0]] = parts[1]
         let k = try compiler.compile(spec, arch: target, sources: .embedded)
