@@ -43,9 +43,15 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let tmaEngine: Bool
 
     /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, phase_experts_tma_fp8.cuh), which also size the
-    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128, or 256 with `FLASHMOE_TMA_FP8_BN=256` (faster in the
-    /// engine's harness, but ptxas spills its accumulators in the fused kernel: Benchmarks/RESULTS.md, round 22).
-    public var tmaFP8TileRows: Int { ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128 }
+    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128, or 256 (faster in the engine's harness, but spilling in
+    /// the fused kernel: Benchmarks/RESULTS.md, round 22). Fixed with the specialisation, so the kernel it names and
+    /// the maps encoded for it agree (a box of more rows than the kernel's stage holds overruns it).
+    public let tmaFP8TileRows: Int
+
+    /// `tmaFP8TileRows` as the environment asks (`FLASHMOE_TMA_FP8_BN=256`; 128 otherwise).
+    public static var tmaFP8TileRowsRequested: Int {
+        ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
+    }
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default until it measures faster
     /// than the cp.async engine on every preset (Benchmarks/RESULTS.md).
@@ -81,12 +87,14 @@ public struct FusedSpecialization: Sendable, Hashable {
     ///
     /// `sharedMemoryPerBlock` is the GPU's opt-in limit (nil: `ArchitectureLimits`' value for `arch`); `stages`
     /// nil chooses the most that fit (at most `FusedSharedMemory.preferredStages`); `experimentalFP8`: whether the
-    /// experimental fp8 path may be built (default: `supportsFP8`, the environment's switch).
+    /// experimental fp8 path may be built (default: `supportsFP8`, the environment's switch); `tmaFP8TileRows`: the
+    /// fp8 TMA engine's tile rows, 128 or 256 (default: the environment's, `tmaFP8TileRowsRequested`).
     public init(
         config: MoEConfig, arch: GPUArchitecture = defaultArch, sharedMemoryPerBlock: Int? = nil, stages: Int? = nil,
         ranks: Int = 1, injectFault: Int = 0, stopAfterPhase: Int = 0, phaseTimes: Bool = false, trace: Bool = false,
         returnStorage: Bool = false, experimentalFP8: Bool = FusedSpecialization.supportsFP8,
-        tmaEngine: Bool = FusedSpecialization.tmaEngineRequested
+        tmaEngine: Bool = FusedSpecialization.tmaEngineRequested,
+        tmaFP8TileRows: Int = FusedSpecialization.tmaFP8TileRowsRequested
     ) throws(MoEError) {
         try config.validate()
         func fail(_ m: String) -> MoEError { MoEError(.unsupported, m) }
@@ -153,6 +161,10 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.phaseTimes = phaseTimes
         self.trace = trace
         self.tmaEngine = tma
+        guard tmaFP8TileRows == 128 || tmaFP8TileRows == 256 else {
+            throw fail("the fp8 TMA engine's tiles have 128 or 256 weight rows; got \(tmaFP8TileRows)")
+        }
+        self.tmaFP8TileRows = tmaFP8TileRows
     }
 
     /// The `-D` defines of this specialisation.

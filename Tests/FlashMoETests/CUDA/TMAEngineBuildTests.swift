@@ -36,6 +36,12 @@ import Testing
         let fp8Spec = try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true)
         #expect(fp8Spec.tmaEngine && fp8Spec.defines["FMOE_TMA_FP8_BN"] == "\(fp8Spec.tmaFP8TileRows)")
         #expect(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true).defines["FMOE_TMA_FP8_BN"] == nil)
+        let rows256 = try FusedSpecialization(
+            config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 256)
+        #expect(rows256.defines["FMOE_TMA_FP8_BN"] == "256" && rows256.kernelSpec != fp8Spec.kernelSpec)
+        #expect(throws: MoEError.self) {
+            try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 64)
+        }
         for spec in refused {
             #expect(!spec.tmaEngine && spec.defines["FMOE_TMA"] == nil, "\(spec.arch) \(spec.config.precision)")
         }
