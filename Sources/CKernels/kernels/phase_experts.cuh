@@ -40,6 +40,26 @@ FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
     }
 }
 
+#if FMOE_PREC == 4
+// fp8: counts `tiles` GEMM0 tiles of task-space expert x's row block m (row block rb; `nt` make the block). The block
+// whose count completes a routed row block quantizes its h (last_arrival acquired the other tiles' h), then releases
+// the codes with the ring entry. TMA_READS: GEMM1 reads the codes by TMA (phase_experts_tma_fp8.cuh), the async
+// proxy, so each thread first fences its own writes to it.
+template <bool TMA_READS = false>
+FMOE_DEVICE void count_gemm0_tile_fp8(const Params &p, const Layout &L, int x, int m, int rb, int nt,
+                                      int tiles = 1) {
+    if (!last_arrival(&p.done0[rb], nt, tiles)) return;
+    if (!is_shared(L, x)) {
+        quantize_h_fp8(p, L, x, m);
+        if (TMA_READS) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        // Release: publish_row_block fences after the barrier (sync.cuh, release_block_writes).
+        if (FMOE_RELEASE_FENCE == 0) __threadfence();
+        sync_block();
+    }
+    if (threadIdx.x == 0) publish_row_block(p, rb);
+}
+#endif
+
 // Counts a GEMM1 tile of expert x's row block m (row block rb of the task space) done (nt1 tiles make the block).
 // The block's last tile counts its tokens' contributions (pushing the completed ones on the combine list), then the
 // launch's completed row blocks: drain_combines reads the list's final end only after every row block is counted,
@@ -149,17 +169,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int rb = L.rb_start[x] + m;
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
 #if FMOE_PREC == 4
-            // fp8: the block that completes a routed row block's GEMM0 quantizes its h (last_arrival acquired the
-            // other tiles' h), then releases the codes with the ring entry.
-            if (last_arrival(&p.done0[rb], nt)) {
-                if (!is_shared(L, x)) {
-                    quantize_h_fp8(p, L, x, m);
-                    // Release: publish_row_block fences after the barrier (sync.cuh, release_block_writes).
-                    if (FMOE_RELEASE_FENCE == 0) __threadfence();
-                    sync_block();
-                }
-                if (threadIdx.x == 0) publish_row_block(p, rb);
-            }
+            count_gemm0_tile_fp8(p, L, x, m, rb, nt);  // quantizes the row block's h when it completes it
 #else
             count_gemm0_tile(p, rb, nt);
 #endif

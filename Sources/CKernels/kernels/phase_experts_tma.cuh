@@ -26,7 +26,7 @@ static_assert(FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3 || FMOE_PREC == 4)
               "FMOE_TMA: sm_90a, bf16, fp16 or fp8, one GPU (the host chooses it only there)");
 
 // The tensor maps of the TMA operands (a second kernel parameter, encoded by the host: FusedTensorMaps.swift):
-// weights with boxes of 256 rows, h with boxes of 128 (TmaTile). A 64-byte aligned CUtensorMap each.
+// weights with boxes of 256 rows (fp8: FMOE_TMA_FP8_BN, over the experts' images), h with boxes of 128 (TmaTile). A 64-byte aligned CUtensorMap each.
 struct __align__(64) TmaMap {
     u64 words[16];
 };
@@ -134,8 +134,8 @@ FMOE_DEVICE int ring_row_block(const Params &p, int pos) {
 // 0: it reports it and leaves the expert phase as after an expired ring wait (TASK_FAIL), its block's producer then
 // ending in its own bounded waits (mbar_wait traps after 2 s). Why 0: with the trap in the fp8 consumers' loop,
 // ptxas (CUDA 13.0) keeps that kernel's consumer code near 170 registers although setmaxnreg gives it 216, and it
-// spills (qwen3-30b-a3b fp8: 520 B; the 256-row tiles 1,408 B, in their mainloop); without it, 28 B and 356 B, up to
-// R213 like the bf16 TMA kernel (nvcc and NVRTC, round 22, Benchmarks/RESULTS.md). Not yet run on a GPU.
+// spills (NVRTC, qwen3-30b-a3b fp8: 520 B; the 256-row tiles 1,480 B, in their mainloop); without it, 56 B and 376 B,
+// up to R213 like the bf16 TMA kernel (round 22, Benchmarks/RESULTS.md). Not yet run on a GPU.
 #ifndef FMOE_TMA_CONSUMER_TRAP
 #define FMOE_TMA_CONSUMER_TRAP 1
 #endif

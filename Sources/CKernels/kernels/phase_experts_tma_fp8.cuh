@@ -22,11 +22,11 @@
 
 namespace fmoe {
 
-// FMOE_TMA_FP8_BN (phase_experts_tma.cuh): the engine's weight rows a tile, 128 (default) or 256. 256 is the faster
-// form in the harness (docs/engine-notes.md, "fp8"), but its 128 + 64 accumulators a thread need the consumers'
-// setmaxnreg budget, which ptxas (CUDA 13.0) does not give them in this kernel: it allocates at most ~180
-// registers there and spills the accumulators inside the mainloop (qwen3-30b-a3b: 1,480 bytes; the bf16 TMA build
-// uses 213); 128 (64 + 64) fits the launch's 168 (Benchmarks/RESULTS.md, round 22).
+// FMOE_TMA_FP8_BN (phase_experts_tma.cuh, set by the host): the engine's weight rows a tile, 128 (default) or 256.
+// 256 is the faster form in the harness (docs/engine-notes.md, "fp8"), but its 128 + 64 accumulators a thread need
+// the consumers' setmaxnreg budget, which ptxas (CUDA 13.0) does not give them while their task wait can trap
+// (FMOE_TMA_CONSUMER_TRAP): it spills them inside the mainloop (qwen3-30b-a3b: 1,480 bytes); 128 (64 + 64) fits the
+// launch's 168 (Benchmarks/RESULTS.md, round 22).
 static_assert(FMOE_TMA_FP8_BN == 128 || FMOE_TMA_FP8_BN == 256, "FMOE_TMA_FP8_BN is 128 or 256");
 typedef TmaFp8Engine<TMA_RING_STAGES, FMOE_TMA_FP8_BN> ExpertTmaFp8;
 static_assert(ExpertTmaFp8::STAGE_BYTES == TMA_RING_STAGE_BYTES, "the ring's stages are the fp8 engine's");
@@ -138,21 +138,6 @@ FMOE_DEVICE void gemm0_store_acc_fp8(const Params &p, const Layout &L, int x, in
     });
 }
 
-// Counts `tiles` GEMM0 tiles of row block m of expert x (row block rb) done; the block completing the row block
-// quantizes a routed expert's h (every phase thread) and publishes it. The codes are read by other blocks' TMA
-// (the async proxy): each thread fences its own to it before the release.
-FMOE_DEVICE void count_gemm0_fp8(const Params &p, const Layout &L, int x, int m, int rb, int tiles) {
-    const bool shared = is_shared(L, x);
-    if (!last_arrival(&p.done0[rb], shared ? NT0S : NT0, tiles)) return;
-    if (!shared) {
-        quantize_h_fp8(p, L, x, m);
-        asm volatile("fence.proxy.async.global;\n" ::: "memory");
-        if (FMOE_RELEASE_FENCE == 0) __threadfence();  // else publish_row_block's fence after the barrier
-        sync_block();
-    }
-    if (threadIdx.x == 0) publish_row_block(p, rb);
-}
-
 // The producer warpgroup's expert phase: pair tickets, each handed over and, for the engine's tasks, loaded.
 FMOE_DEVICE void expert_producer_fp8(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
     const int pt = (int)threadIdx.x - PHASE_THREADS;
@@ -226,7 +211,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
                 own_pair_fp8(p, L, 0, x, m, q, nt, smem);
             }
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, PAIR * q);
-            count_gemm0_fp8(p, L, x, m, rb, pair_tiles(q, nt));
+            count_gemm0_tile_fp8<true>(p, L, x, m, rb, nt, pair_tiles(q, nt));  // phase_experts.cuh
         } else {
             if (kind == TASK_GEMM1) {
                 FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, PAIR * q);
