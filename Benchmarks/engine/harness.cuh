@@ -18,42 +18,38 @@
         }                                                                                      \
     } while (0)
 
-// A [rows, k] tensor of `elem_bytes`-byte elements, boxes of 128 bytes × box_rows, 128-byte swizzle, zero fill:
-// the engines' stage layout (tma_engine.cuh).
-static CUtensorMap make_map(const void *base, CUtensorMapDataType type, int elem_bytes, int k, long long rows,
-                            int box_rows) {
+// Encodes a `rank`-dimensional map (dims innermost first, byte strides of dimensions 1 …) in the engines' stage
+// layout: boxes of 128 bytes of a row × box_rows (× 1), 128-byte swizzle, zero fill (tma_engine.cuh).
+static CUtensorMap encode_map(const void *base, CUtensorMapDataType type, int elem_bytes, cuuint32_t rank,
+                              const cuuint64_t *dims, const cuuint64_t *strides, int box_rows) {
     CUtensorMap m;
-    cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
-    cuuint64_t strides[1] = {(cuuint64_t)k * elem_bytes};
-    cuuint32_t box[2] = {(cuuint32_t)(128 / elem_bytes), (cuuint32_t)box_rows};
-    cuuint32_t estr[2] = {1, 1};
-    CUresult r = cuTensorMapEncodeTiled(&m, type, 2, (void *)base, dims, strides, box, estr,
+    const cuuint32_t box[3] = {(cuuint32_t)(128 / elem_bytes), (cuuint32_t)box_rows, 1u};
+    const cuuint32_t estr[3] = {1, 1, 1};
+    CUresult r = cuTensorMapEncodeTiled(&m, type, rank, (void *)base, dims, strides, box, estr,
                                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "cuTensorMapEncodeTiled failed: %d\n", (int)r);
+        fprintf(stderr, "cuTensorMapEncodeTiled (%u-D) failed: %d\n", rank, (int)r);
         exit(1);
     }
     return m;
 }
 
-// A stack of `count` [rows, k] byte matrices `image_bytes` apart (3-D: k, rows, matrix), boxes of 128 bytes × box_rows
-// × 1 matrix, 128-byte swizzle, zero fill: the fp8 engine's weight operand (tma_fp8_engine.cuh).
+// A [rows, k] tensor of `elem_bytes`-byte elements.
+static CUtensorMap make_map(const void *base, CUtensorMapDataType type, int elem_bytes, int k, long long rows,
+                            int box_rows) {
+    const cuuint64_t dims[2] = {(cuuint64_t)k, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)k * elem_bytes};
+    return encode_map(base, type, elem_bytes, 2, dims, strides, box_rows);
+}
+
+// A stack of `count` [rows, k] byte matrices `image_bytes` apart (3-D: k, rows, matrix), one matrix a box: the fp8
+// engine's weight operand (tma_fp8_engine.cuh).
 static CUtensorMap make_map_3d(const void *base, int k, long long rows, long long count, long long image_bytes,
                                int box_rows) {
-    CUtensorMap m;
-    cuuint64_t dims[3] = {(cuuint64_t)k, (cuuint64_t)rows, (cuuint64_t)count};
-    cuuint64_t strides[2] = {(cuuint64_t)k, (cuuint64_t)image_bytes};
-    cuuint32_t box[3] = {128u, (cuuint32_t)box_rows, 1u};
-    cuuint32_t estr[3] = {1, 1, 1};
-    CUresult r = cuTensorMapEncodeTiled(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, (void *)base, dims, strides, box, estr,
-                                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                        CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) {
-        fprintf(stderr, "cuTensorMapEncodeTiled (3-D) failed: %d\n", (int)r);
-        exit(1);
-    }
-    return m;
+    const cuuint64_t dims[3] = {(cuuint64_t)k, (cuuint64_t)rows, (cuuint64_t)count};
+    const cuuint64_t strides[2] = {(cuuint64_t)k, (cuuint64_t)image_bytes};
+    return encode_map(base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, 3, dims, strides, box_rows);
 }
 
 // The median over `reps` launches (device events around each), after two warm-up launches.
