@@ -130,19 +130,20 @@ FMOE_DEVICE int ring_row_block(const Params &p, int pos) {
     return (int)(entry & 0xffffffffull);
 }
 
-// FMOE_TMA_CONSUMER_TRAP 1 (default): a consumer whose wait for a task expires reports it and traps the launch;
-// 0: it reports it and leaves the expert phase as after an expired ring wait (TASK_FAIL), its block's producer then
-// ending in its own bounded waits (mbar_wait traps after 2 s). Why 0: with the trap in the fp8 consumers' loop,
-// ptxas (CUDA 13.0) keeps that kernel's consumer code near 170 registers although setmaxnreg gives it 216, and it
-// spills (NVRTC, qwen3-30b-a3b fp8: 520 B; the 256-row tiles 1,480 B, in their mainloop); without it, 56 B and 376 B,
-// up to R213 like the bf16 TMA kernel (round 22, Benchmarks/RESULTS.md). Not yet run on a GPU.
+// FMOE_TMA_CONSUMER_TRAP 0 (default since round 23): a consumer whose wait for a task expires reports it and leaves
+// the expert phase as after an expired ring wait (TASK_FAIL), its block's producer then ending in its own bounded
+// waits (mbar_wait traps after 2 s), so every wait stays bounded; 1: it reports it and traps the launch. Why 0: with
+// the trap in the fp8 consumers' loop, ptxas (CUDA 13.0) keeps that kernel's consumer code near 170 registers although
+// setmaxnreg gives it 216, and it spills (NVRTC, qwen3-30b-a3b fp8: 520 B; the 256-row tiles 1,480 B, in their
+// mainloop); without it, 56 B and 376 B, up to R213 like the bf16 TMA kernel, and the fp8 layer 4 – 10 % faster
+// (round 23, Benchmarks/RESULTS.md).
 #ifndef FMOE_TMA_CONSUMER_TRAP
-#define FMOE_TMA_CONSUMER_TRAP 1
+#define FMOE_TMA_CONSUMER_TRAP 0
 #endif
 
 // The consumers' next task (every phase thread). The producer hands one over within twice the budget (its only long
 // wait is the ring's, which reports and hands over TASK_FAIL); a consumer still waiting past that and a second means
-// a broken protocol: reported, then the launch traps rather than hang (FMOE_TMA_CONSUMER_TRAP).
+// a broken protocol: reported, then the consumers leave the phase (or the launch traps: FMOE_TMA_CONSUMER_TRAP).
 FMOE_DEVICE int4 next_task(const Params &p, u32 &qi) {
     const int4 t = s_tma.tq.consume(qi, 2 * p.budget_ns + 1000000000ull, make_int4(TASK_TIMEOUT, 0, 0, 0));
     if (t.x == TASK_TIMEOUT) {

@@ -24,9 +24,9 @@ namespace fmoe {
 
 // FMOE_TMA_FP8_BN (phase_experts_tma.cuh, set by the host): the engine's weight rows a tile, 128 (default) or 256.
 // 256 is the faster form in the harness (docs/engine-notes.md, "fp8"), but its 128 + 64 accumulators a thread need
-// the consumers' setmaxnreg budget, which ptxas (CUDA 13.0) does not give them while their task wait can trap
-// (FMOE_TMA_CONSUMER_TRAP): it spills them inside the mainloop (qwen3-30b-a3b: 1,480 bytes); 128 (64 + 64) fits the
-// launch's 168 (Benchmarks/RESULTS.md, round 22).
+// the consumers' whole setmaxnreg budget: with their task wait's trap (FMOE_TMA_CONSUMER_TRAP 1) ptxas (CUDA 13.0)
+// spilled them inside the mainloop (qwen3-30b-a3b: 1,480 bytes); without it 376 bytes remain, and the 256-row form
+// is still slower in the fused kernel than 128 (64 + 64) rows (Benchmarks/RESULTS.md, rounds 22 and 23).
 static_assert(FMOE_TMA_FP8_BN == 128 || FMOE_TMA_FP8_BN == 256, "FMOE_TMA_FP8_BN is 128 or 256");
 typedef TmaFp8Engine<TMA_RING_STAGES, FMOE_TMA_FP8_BN> ExpertTmaFp8;
 static_assert(ExpertTmaFp8::STAGE_BYTES == TMA_RING_STAGE_BYTES, "the ring's stages are the fp8 engine's");
