@@ -126,22 +126,26 @@ import Testing
         }
     }
 
-    /// fp8's A/B switch (`FMOE_FP8_SCALES_AHEAD=0`: a K block's scales loaded in the block, as before round 10)
-    /// compiles on sm_90a without spills and changes the kernel's code.
-    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason))
-    func fp8ScalesSwitchCompilesWithoutSpills() throws {
+    /// fp8's A/B switches (`FMOE_FP8_SCALES_AHEAD=0`: a K block's scales loaded in the block, as before round 10;
+    /// `FMOE_QUANT_GROUPS=8`: x's and h's quantization with 8 groups a warp in flight, phase_fp8.cuh) compile on
+    /// sm_90a (wgmma) and sm_89 (mma.sync) without spills and change the kernel's code.
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
+          arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=8", "sm_89 FMOE_QUANT_GROUPS=8"])
+    func fp8SwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
-        let target = try GPUArchitecture(parsing: "sm_90a")
+        let words = setting.split(separator: " ")
+        let target = try GPUArchitecture(parsing: String(words[0]))
+        let parts = words[1].split(separator: "=").map(String.init)
         let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
                               activation: .silu, precision: .fp8)
         let plain = try FusedSpecialization(config: gated, arch: target, experimentalFP8: true).kernelSpec
         var spec = plain
-        spec.defines["FMOE_FP8_SCALES_AHEAD"] = "0"
+        spec.defines[parts[0]] = parts[1]
         let k = try compiler.compile(spec, arch: target, sources: .embedded)
         let base = try compiler.compile(plain, arch: target, sources: .embedded)
-        #expect(k.cubin != base.cubin, "FMOE_FP8_SCALES_AHEAD=0 compiled the default kernel")
+        #expect(k.cubin != base.cubin, "\(setting) compiled the default kernel")
         let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
-        #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "fp8 spills with the scales loaded in the block")
+        #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "fp8 spills with \(setting)")
     }
 
     /// The kernel's A/B switches that the GPU measurements compare (`scripts/gpu-variants`), each away from its

@@ -48,14 +48,16 @@ FMOE_DEVICE u32 quantize_group4(const float v[4], float &scale) {
     return (u32)lo | ((u32)hi << 16);
 }
 
-// The 4 BF16 values at `src` (8 bytes) as FP32.
-FMOE_DEVICE void load_bf16x4(const void *src, float v[4]) {
-    const uint2 w = *(const uint2 *)src;
+// 4 BF16 values (8 bytes, as loaded) as FP32.
+FMOE_DEVICE void bf16x4_f32(uint2 w, float v[4]) {
     v[0] = __uint_as_float(w.x << 16);
     v[1] = __uint_as_float(w.x & 0xffff0000u);
     v[2] = __uint_as_float(w.y << 16);
     v[3] = __uint_as_float(w.y & 0xffff0000u);
 }
+
+// The 4 BF16 values at `src` (8 bytes) as FP32.
+FMOE_DEVICE void load_bf16x4(const void *src, float v[4]) { bf16x4_f32(*(const uint2 *)src, v); }
 
 // The scales of one fp8 tile: A scales ([K block] per row; null for a row past the tile's rows: scale 0) and the B
 // scales of the tile's two 64-row granules ([granule][K block], kb_count apart). a0 and a1 are this thread's rows'

@@ -11,15 +11,25 @@ namespace fmoe {
 #if FMOE_PREC == 4
 constexpr int WARPS = THREADS / 32;
 
-// Quantizes groups [g0, g0 + count · step) of `rows_of_groups` rows of BF16 values `src` (row stride `cols`, KB =
-// ⌈cols/128⌉ groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row
-// g / KB, K block g % KB. One warp per group; cols is a multiple of 16 (the host checks H and I), so a lane holds
-// 4 values or none.
+// Groups a warp has in flight in quantize_groups. 1 (the default, round 22's loop): every group is a dependent L2 round
+// trip, so the block completing a row block of h took 57 µs (qwen3-30b-a3b, I = 768), 320 µs (paper-e64, I = 2048)
+// and 1.38 ms (mixtral-8x7b, I = 14,336: 1,792 groups a warp) while GEMM1 waited for that row block (bench --trace,
+// round 23, Benchmarks/RESULTS.md). 8: a warp loads 8 groups, then reduces and stores each: the same bits, the loads'
+// latencies overlapped. Compiled (no spills), not yet run on a GPU: the default stays 1 until it is.
+#ifndef FMOE_QUANT_GROUPS
+#define FMOE_QUANT_GROUPS 1
+#endif
+
+// Quantizes groups first, first + step, … (below `groups`) of BF16 values `src` (row stride COLS, KB = ⌈COLS/128⌉
+// groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row g / KB,
+// K block g % KB. One warp per group; COLS is a multiple of 16 (the host checks H and I), so a lane holds 4 values
+// or none.
 template <int COLS>
 FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
                                  int step) {
-    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP;
+    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
     const int lane = threadIdx.x & 31;
+#if FMOE_QUANT_GROUPS == 1
     for (int g = first; g < groups; g += step) {
         const int row = g / KB, kb = g % KB;
         const int c = kb * FP8_GROUP + 4 * lane;
@@ -32,6 +42,31 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
         if (in) *(u32 *)(dst + at) = codes;
         if (lane == 0) scale[(size_t)row * KB + kb] = s;
     }
+#else
+    for (int g0 = first; g0 < groups; g0 += U * step) {
+        // The loads of U groups first (raw: 2 registers a group), so their latencies overlap.
+        uint2 raw[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int g = g0 + u * step, c = (g % KB) * FP8_GROUP + 4 * lane;
+            raw[u] = make_uint2(0u, 0u);
+            if (g < groups && c < COLS) raw[u] = *(const uint2 *)(src + (size_t)(g / KB) * COLS + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int g = g0 + u * step;
+            if (g >= groups) break;  // warp-uniform: quantize_group4 reduces across the warp
+            const int row = g / KB, kb = g % KB;
+            const int c = kb * FP8_GROUP + 4 * lane;
+            float v[4];
+            bf16x4_f32(raw[u], v);
+            float s;
+            const u32 codes = quantize_group4(v, s);
+            if (c < COLS) *(u32 *)(dst + (size_t)row * COLS + c) = codes;
+            if (lane == 0) scale[(size_t)row * KB + kb] = s;
+        }
+    }
+#endif
 }
 
 // Every token's x as E4M3 codes and scales (p.xq, p.xq_scale), the warps of `workers` blocks (the grid, or the
