@@ -26,7 +26,8 @@ static_assert(FMOE_WGMMA && (FMOE_PREC == 2 || FMOE_PREC == 3 || FMOE_PREC == 4)
               "FMOE_TMA: sm_90a, bf16, fp16 or fp8, one GPU (the host chooses it only there)");
 
 // The tensor maps of the TMA operands (a second kernel parameter, encoded by the host: FusedTensorMaps.swift):
-// weights with boxes of 256 rows (fp8: FMOE_TMA_FP8_BN, over the experts' images), h with boxes of 128 (TmaTile). A 64-byte aligned CUtensorMap each.
+// weights with boxes of 256 rows (fp8: FMOE_TMA_FP8_BN, over the experts' images), h with boxes of 128 (TmaTile). A
+// 64-byte aligned CUtensorMap each.
 struct __align__(64) TmaMap {
     u64 words[16];
 };
@@ -271,11 +272,11 @@ FMOE_DEVICE void tma_rendezvous() {
     asm volatile("barrier.sync 2, 384;\n" ::: "memory");
 }
 
-// The consumers' side of the hand-over (every phase thread, once per launch, block-uniform): thread 0 initialises
-// the queue and ring barriers and writes what the producer needs; every phase thread arrives on the hand-over
-// barrier, which the producer has waited on since the launch's start (each arrive a release of that thread's
-// writes, the producer's wait an acquire). The consumers' own barrier then makes the queue's initialisation theirs. `go` false releases the producer with
-// nothing to do (a decode launch, or a launch that ends early).
+// The consumers' side of the hand-over (every phase thread, once per launch, block-uniform): thread 0 initialises the
+// queue and ring barriers and writes what the producer needs; every phase thread arrives on the hand-over barrier,
+// which the producer has waited on since the launch's start (each arrive a release of that thread's writes, the
+// producer's wait an acquire). The consumers' own barrier then makes the queue's initialisation theirs. `go` false
+// releases the producer with nothing to do (a decode launch, or a launch that ends early).
 FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
     if (threadIdx.x == 0) {
         if (go) {

@@ -8,9 +8,10 @@
 // file, are unchanged; with 256-row engine tiles (FMOE_TMA_FP8_BN) a ticket is a pair of column tiles 2q, 2q + 1 of
 // one row block (the second absent past an odd count), counted together on the row block's counter. GEMM0 tickets:
 // every routed row block's NT0P tickets (column outer within an expert, as phase_experts.cuh orders tiles), then the
-// shared expert's NT0SP; GEMM1 tickets: the ring's row blocks in groups (gemm1_ring_slot) with NT1P tickets each. Tiles off the engine are "own" tasks of the
-// consumers in the ring's memory, the producer waiting (phase_experts_tma.cuh): experts of at most GEMV_TOKENS rows
-// (gemv_task) and the shared expert, whose weights are BF16 (its cp.async mma.sync tiles, expert_tiles.cuh).
+// shared expert's NT0SP; GEMM1 tickets: the ring's row blocks in groups (gemm1_ring_slot) with NT1P tickets each.
+// Tiles off the engine are "own" tasks of the consumers in the ring's memory, the producer waiting
+// (phase_experts_tma.cuh): experts of at most GEMV_TOKENS rows (gemv_task) and the shared expert, whose weights are
+// BF16 (its cp.async mma.sync tiles, expert_tiles.cuh).
 //
 // h: GEMM0's epilogue writes BF16 rows (hbuf); the block whose pair completes a row block quantizes them to E4M3
 // (quantize_h_fp8, phase_fp8.cuh) and publishes the row block, as phase_experts.cuh does; the codes are read by
@@ -122,9 +123,10 @@ FMOE_DEVICE TmaFp8Scales tma_scales_fp8(const Params &p, const Layout &L, int ki
 }
 
 // GEMM0's epilogue of routed ticket (x, m, q) from the accumulators (128-row half h's registers 64h …, together the
-// m64nBN layout): the packed weight rows are blocks of 64 gate rows and their 64 up rows (FusedDeviceWeights+FP8.swift),
-// so output column (BN/2)·q + 8j + … is half j / 8's gate register 4j + c (+ 32 for j ≥ 8) and its up register 32
-// further. Gated: act(gate) · up; plain: act(acc + b1). gemm0_store's arithmetic, so the bits of the cp.async tile.
+// m64nBN layout): the packed weight rows are blocks of 64 gate rows and their 64 up rows
+// (FusedDeviceWeights+FP8.swift), so output column (BN/2)·q + 8j + … is half j / 8's gate register 4j + c (+ 32 for
+// j ≥ 8) and its up register 32 further. Gated: act(gate) · up; plain: act(acc + b1). gemm0_store's arithmetic, so
+// the bits of the cp.async tile.
 FMOE_DEVICE void gemm0_store_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
     constexpr int OUT_COLS = GATED ? FMOE_TMA_FP8_BN / 2 : FMOE_TMA_FP8_BN;
     store_acc_pairs<OUT_COLS>(h_rows(p, L, x), I, I, rows_of(L, x), m * BM, q * OUT_COLS, [&](int c, int col) {

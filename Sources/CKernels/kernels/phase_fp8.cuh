@@ -11,11 +11,14 @@ namespace fmoe {
 #if FMOE_PREC == 4
 constexpr int WARPS = THREADS / 32;
 
-// Groups a warp has in flight in quantize_groups. 1 (the default, round 22's loop): every group is a dependent L2 round
-// trip, so the block completing a row block of h took 57 µs (qwen3-30b-a3b, I = 768), 320 µs (paper-e64, I = 2048)
-// and 1.38 ms (mixtral-8x7b, I = 14,336: 1,792 groups a warp) while GEMM1 waited for that row block, and x's took
-// about 160 µs before the placement at qwen3-30b-a3b S = 16384 (bench --trace, round 23, Benchmarks/RESULTS.md). 8: a warp loads 8 groups, then reduces and stores each: the same bits, the loads'
-// latencies overlapped. Compiled (no spills), not yet run on a GPU: the default stays 1 until it is.
+// Groups a warp has in flight in quantize_groups. 1 (the default, round 22's loop): every group is a dependent L2
+// round trip, so the block completing a row block of h took 57 µs (qwen3-30b-a3b, I = 768), 320 µs (paper-e64,
+// I = 2048) and 1.38 ms (mixtral-8x7b, I = 14,336: 1,792 groups a warp) while GEMM1 waited for that row block, and
+// x's took about 160 µs before the placement at qwen3-30b-a3b S = 16384 (bench --trace, round 23,
+// Benchmarks/RESULTS.md). 8: a warp loads 8 groups, then reduces and stores each: the same bits, the loads'
+// latencies overlapped. Compiled (no spills), not yet run on a GPU: the default stays 1 until it is. The 1 form is
+// round 22's loop as it was, not the general loop with U = 1, which ptxas compiles to other code (.text differs),
+// so the default stays the verified kernel; once 8 has run, the general loop replaces both.
 #ifndef FMOE_QUANT_GROUPS
 #define FMOE_QUANT_GROUPS 1
 #endif
