@@ -242,11 +242,14 @@ FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng) 
     if constexpr (PARTS == 3) eng.zero();
     const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
     // The decode tiles' deep ring (12 stages) fills in a loop: unrolled, its per-stage addresses took the kernel to
-    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244.
+    // 255 registers and spills (sm_90a, qwen3-30b-a3b bf16); rolled, 244. The rolled loop's copies go without the
+    // L2 hint: with it, ptxas (NVRTC 13.0.88) emitted hinted copies whose uniform stage offset overwrote the policy's
+    // uniform register, an illegal instruction at run time (tf32, H = 88, 8 stages: fuzz seed 20261205 case 118,
+    // Benchmarks/RESULTS.md round 24). The prologue is P of a tile's k-slices; decode timings unchanged.
     if constexpr ((PARTS & 1) != 0) {
 #pragma unroll (P > 4 ? 1 : P)
         for (int s = 0; s < P; ++s) {
-            if (s < ktiles) load_stage<TBN, TBM, EVICT>(smem + s * STAGE_BYTES, src, s);
+            if (s < ktiles) load_stage<TBN, TBM, EVICT && P <= 4>(smem + s * STAGE_BYTES, src, s);
             cp_async_commit();
         }
     }
