@@ -17,9 +17,10 @@ constexpr int WARPS = THREADS / 32;
 // I = 14,336: 1,792 groups a warp) while GEMM1 waited for that row block, and x's took about 160 µs before the
 // placement at qwen3-30b-a3b S = 16384. 8 gives the same bits and prefill 2 – 8 % faster on the cp.async engine,
 // 2 – 24 % on the TMA engine (mixtral-8x7b S = 4096 5.19 → 4.84 and 6.05 → 4.60 ms); 16 measures as 8 does
-// (round 24, Benchmarks/RESULTS.md).
+// (round 24, Benchmarks/RESULTS.md). sm_89's mma.sync engine keeps the one-group loop: with 8 its plain and traced
+// fp8 kernels spill (FusedKernelTests), and it has never run on a GPU.
 #ifndef FMOE_QUANT_GROUPS
-#define FMOE_QUANT_GROUPS 8
+#define FMOE_QUANT_GROUPS (FMOE_WGMMA ? 8 : 1)
 #endif
 
 // Quantizes groups first, first + step, … (below `groups`) of BF16 values `src` (row stride COLS, KB = ⌈COLS/128⌉
@@ -31,6 +32,21 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
                                  int step) {
     constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
     const int lane = threadIdx.x & 31;
+#if FMOE_QUANT_GROUPS == 1
+    // One group at a time, round 22's loop as it was (the general loop at U = 1 compiles to other code).
+    for (int g = first; g < groups; g += step) {
+        const int row = g / KB, kb = g % KB;
+        const int c = kb * FP8_GROUP + 4 * lane;
+        const bool in = c < COLS;
+        const size_t at = (size_t)row * COLS + c;
+        float v[4] = {0.f, 0.f, 0.f, 0.f};
+        if (in) load_bf16x4(src + at, v);
+        float s;
+        const u32 codes = quantize_group4(v, s);
+        if (in) *(u32 *)(dst + at) = codes;
+        if (lane == 0) scale[(size_t)row * KB + kb] = s;
+    }
+#else
     for (int g0 = first; g0 < groups; g0 += U * step) {
         // The loads of U groups first (raw: 2 registers a group), so their latencies overlap.
         uint2 raw[U];
@@ -54,6 +70,7 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
             if (lane == 0) scale[(size_t)row * KB + kb] = s;
         }
     }
+#endif
 }
 
 // Every token's x as E4M3 codes and scales (p.xq, p.xq_scale), the warps of `workers` blocks (the grid, or the
