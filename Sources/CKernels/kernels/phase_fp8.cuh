@@ -17,8 +17,8 @@ constexpr int WARPS = THREADS / 32;
 // I = 14,336: 1,792 groups a warp) while GEMM1 waited for that row block, and x's took about 160 µs before the
 // placement at qwen3-30b-a3b S = 16384. 8 gives the same bits and prefill 2 – 8 % faster on the cp.async engine,
 // 2 – 24 % on the TMA engine (mixtral-8x7b S = 4096 5.19 → 4.84 and 6.05 → 4.60 ms); 16 measures as 8 does
-// (round 24, Benchmarks/RESULTS.md). sm_89's mma.sync engine keeps the one-group loop: with 8 its plain and traced
-// fp8 kernels spill (FusedKernelTests), and it has never run on a GPU.
+// (round 24, Benchmarks/RESULTS.md). The mma.sync engine (sm_89) keeps the one-group loop: with 8 its plain and
+// traced fp8 kernels spill (FusedKernelTests), and with 1 it stays the kernel verified on the H200 as emulated sm_89.
 #ifndef FMOE_QUANT_GROUPS
 #define FMOE_QUANT_GROUPS (FMOE_WGMMA ? 8 : 1)
 #endif

@@ -246,10 +246,11 @@ FMOE_DEVICE void wgmma_mainloop(char *smem, const TileSource &src, Engine &eng) 
     // L2 hint: with it, ptxas (NVRTC 13.0.88) emitted hinted copies whose uniform stage offset overwrote the policy's
     // uniform register, an illegal instruction at run time (tf32, H = 88, 8 stages: fuzz seed 20261205 case 118,
     // Benchmarks/RESULTS.md round 24). The prologue is P of a tile's k-slices; decode timings unchanged.
+    constexpr bool ROLLED = P > 4;
     if constexpr ((PARTS & 1) != 0) {
-#pragma unroll (P > 4 ? 1 : P)
+#pragma unroll (ROLLED ? 1 : P)
         for (int s = 0; s < P; ++s) {
-            if (s < ktiles) load_stage<TBN, TBM, EVICT && P <= 4>(smem + s * STAGE_BYTES, src, s);
+            if (s < ktiles) load_stage<TBN, TBM, EVICT && !ROLLED>(smem + s * STAGE_BYTES, src, s);
             cp_async_commit();
         }
     }
