@@ -143,9 +143,15 @@ constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see
 constexpr int GATE_KSPLIT_MAX = 16;  // the gate's K is split at most this many ways (FusedWorkspace.gateSplitMax)
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
-// The expert ring's B rows a stage: the tile width, or the fp8 TMA engine's 256 (tma_fp8_engine.cuh); fp8's A and B
-// rows are E4M3, 128 bytes each (a 128-wide K block).
-constexpr int RING_BN = FMOE_PREC == 4 && FMOE_TMA ? 256 : EBN;
+// The expert ring's B rows a stage: the tile width, or the fp8 TMA engine's weight rows a tile (FMOE_TMA_FP8_BN, set
+// by the host: 128 by default, 256 for the wide form; tma_fp8_engine.cuh); fp8's A and B rows are E4M3, 128 bytes
+// each (a 128-wide K block). The ring is sized to the tiles that run, not to the widest form: 256-row stages under
+// 128-row tiles left 64 KiB of the default fp8 TMA build's shared memory unused by its decode tiles and taken from L1
+// (Benchmarks/RESULTS.md, rounds 23 – 25).
+#ifndef FMOE_TMA_FP8_BN
+#define FMOE_TMA_FP8_BN 128
+#endif
+constexpr int RING_BN = FMOE_PREC == 4 && FMOE_TMA ? FMOE_TMA_FP8_BN : EBN;
 constexpr int EXPERT_RING_BYTES = STAGES * stage_bytes<RING_BN>();
 constexpr int DYNAMIC_SMEM = cmax(cmax(EXPERT_RING_BYTES, STAGES * stage_bytes<GBN>()),
                                   cmax(c_bytes<EBN>(), c_bytes<GBN>())) + 1024;

@@ -40,12 +40,9 @@ struct TmaMaps {
     TmaMap hs;    // [max tokens, IS]
 };
 
-// Precision fp8: the fp8 engine's weight rows a tile (FMOE_TMA_FP8_BN, phase_experts_tma_fp8.cuh; set by the host,
-// whose weight maps' boxes have as many rows) size the stages of the same ring bytes (moe_params.cuh's RING_BN):
-// 6 stages of 128 + 128 rows, or 4 of 128 + 256.
-#ifndef FMOE_TMA_FP8_BN
-#define FMOE_TMA_FP8_BN 128
-#endif
+// Precision fp8: the fp8 engine's weight rows a tile (FMOE_TMA_FP8_BN, moe_params.cuh; set by the host, whose weight
+// maps' boxes have as many rows) size the ring's stages (moe_params.cuh's RING_BN): STAGES of 128 + FMOE_TMA_FP8_BN
+// rows.
 constexpr int TMA_RING_STAGE_BYTES = FMOE_PREC == 4 ? (BM + FMOE_TMA_FP8_BN) * ROW_BYTES : TMA_STAGE_BYTES;
 constexpr int TMA_RING_STAGES = EXPERT_RING_BYTES / TMA_RING_STAGE_BYTES;
 typedef TmaEngine<MMA, TMA_RING_STAGES> ExpertTma;

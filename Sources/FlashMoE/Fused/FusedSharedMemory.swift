@@ -23,8 +23,9 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     public let engine: Engine
     /// Expert tile width (`EBN`).
     public let expertTileWidth: Int
-    /// Weight rows a stage of the expert ring holds (`RING_BN`): the tile width, or 256 for fp8 on the TMA engine,
-    /// whose 128 × 256 tiles are two of the 128-wide task tiles (tma_fp8_engine.cuh).
+    /// Weight rows a stage of the expert ring holds (`RING_BN`): the tile width, or for fp8 on the TMA engine that
+    /// engine's weight rows a tile (`FusedSpecialization.tmaFP8TileRows`: 128, or 256 for its tiles of two 128-wide
+    /// task tiles, tma_fp8_engine.cuh).
     public let ringTileWidth: Int
     /// Gate tile width (`GBN`): the expert engine's in 16-bit modes, FFMA's (128) in fp32 and tf32 modes.
     public let gateTileWidth: Int
@@ -56,13 +57,17 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// The shared memory of `config` on `arch` with `stages` stages (any count; `fits` says whether it runs);
-    /// `tmaEngine`: the kernel is built for the sm_90a TMA engine (`FusedSpecialization.tmaEngine`).
-    public init(config: MoEConfig, arch: GPUArchitecture, stages: Int, ranks: Int = 1, tmaEngine: Bool = false) {
+    /// `tmaEngine`: the kernel is built for the sm_90a TMA engine (`FusedSpecialization.tmaEngine`), whose fp8 tiles
+    /// have `tmaFP8TileRows` weight rows (128 or 256).
+    public init(
+        config: MoEConfig, arch: GPUArchitecture, stages: Int, ranks: Int = 1, tmaEngine: Bool = false,
+        tmaFP8TileRows: Int = 128
+    ) {
         engine = Self.engine(for: config, arch: arch)
         let fp8 = config.precision == .fp8
         // fp8 (wgmma_fp8.cuh): 128-wide E4M3 expert tiles, a BF16 mma.sync gate and shared expert of the same width.
         expertTileWidth = engine == .wgmma && !fp8 ? 256 : 128
-        ringTileWidth = fp8 && tmaEngine ? 256 : expertTileWidth
+        ringTileWidth = fp8 && tmaEngine ? tmaFP8TileRows : expertTileWidth
         gateTileWidth = config.precision.storage.byteSize == 2 ? expertTileWidth : 128
         self.stages = stages
         func stageBytes(_ bn: Int) -> Int { (Self.tileRows + bn) * Self.rowBytes }
@@ -103,7 +108,7 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     /// when it does not fit), else the most stages up to `preferredStages` that fit.
     public static func choose(
         config: MoEConfig, arch: GPUArchitecture, limit: Int, ranks: Int = 1, stages requested: Int? = nil,
-        tmaEngine: Bool = false
+        tmaEngine: Bool = false, tmaFP8TileRows: Int = 128
     ) throws(MoEError) -> FusedSharedMemory {
         let engine = engine(for: config, arch: arch)
         let lowest = minStages(engine)
@@ -113,15 +118,21 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
                     .unsupported, "pipeline stages must be \(lowest) to \(maxStages) for the \(engine.rawValue) engine; "
                         + "got \(requested)")
             }
-            let m = FusedSharedMemory(config: config, arch: arch, stages: requested, ranks: ranks, tmaEngine: tmaEngine)
+            let m = FusedSharedMemory(
+                config: config, arch: arch, stages: requested, ranks: ranks, tmaEngine: tmaEngine,
+                tmaFP8TileRows: tmaFP8TileRows)
             guard m.fits(limit: limit) else { throw tooLarge(m, arch: arch, limit: limit, hint: "use fewer stages") }
             return m
         }
         for s in stride(from: preferredStages, through: lowest, by: -1) {
-            let m = FusedSharedMemory(config: config, arch: arch, stages: s, ranks: ranks, tmaEngine: tmaEngine)
+            let m = FusedSharedMemory(
+                config: config, arch: arch, stages: s, ranks: ranks, tmaEngine: tmaEngine,
+                tmaFP8TileRows: tmaFP8TileRows)
             if m.fits(limit: limit) { return m }
         }
-        let smallest = FusedSharedMemory(config: config, arch: arch, stages: lowest, ranks: ranks, tmaEngine: tmaEngine)
+        let smallest = FusedSharedMemory(
+            config: config, arch: arch, stages: lowest, ranks: ranks, tmaEngine: tmaEngine,
+            tmaFP8TileRows: tmaFP8TileRows)
         throw tooLarge(smallest, arch: arch, limit: limit, hint: "use fewer experts or a smaller top-k")
     }
 

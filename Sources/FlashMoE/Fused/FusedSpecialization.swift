@@ -150,9 +150,13 @@ public struct FusedSpecialization: Sendable, Hashable {
         } else {
             do { limit = try ArchitectureLimits.of(arch).sharedMemoryPerBlockOptIn } catch { throw fail(error.description) }
         }
+        guard tmaFP8TileRows == 128 || tmaFP8TileRows == 256 else {
+            throw fail("the fp8 TMA engine's tiles have 128 or 256 weight rows; got \(tmaFP8TileRows)")
+        }
         let tma = tmaEngine && Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
         sharedMemory = try FusedSharedMemory.choose(
-            config: config, arch: arch, limit: limit, ranks: ranks, stages: stages, tmaEngine: tma)
+            config: config, arch: arch, limit: limit, ranks: ranks, stages: stages, tmaEngine: tma,
+            tmaFP8TileRows: tmaFP8TileRows)
         self.arch = arch
         self.ranks = ranks
         self.config = config
@@ -161,9 +165,6 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.phaseTimes = phaseTimes
         self.trace = trace
         self.tmaEngine = tma
-        guard tmaFP8TileRows == 128 || tmaFP8TileRows == 256 else {
-            throw fail("the fp8 TMA engine's tiles have 128 or 256 weight rows; got \(tmaFP8TileRows)")
-        }
         self.tmaFP8TileRows = tmaFP8TileRows
     }
 

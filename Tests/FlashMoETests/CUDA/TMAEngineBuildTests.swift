@@ -85,17 +85,27 @@ import Testing
         }
     }
 
-    /// fp8's ring on the TMA engine holds 256 weight rows a stage whatever the engine's tile rows (6 stages of 128 + 128
-    /// rows or 4 of 128 + 256 in the same bytes); the cp.async fp8 tiles' stages hold 128.
+    /// fp8's ring on the TMA engine holds the engine's weight rows a stage (128 + 128 rows by default, 128 + 256 for the
+    /// 256-row form), so the default TMA build has the cp.async fp8 tiles' shared memory (and their L1).
     @Test func fp8RingOnTheTMAEngine() throws {
         var config = Self.gated
         config.precision = .fp8
         let sm90a = try GPUArchitecture(parsing: "sm_90a")
-        let tma = try FusedSpecialization(config: config, arch: sm90a, experimentalFP8: true, tmaEngine: true)
+        let tma = try FusedSpecialization(
+            config: config, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 128)
+        let wide = try FusedSpecialization(
+            config: config, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 256)
         let plain = try FusedSpecialization(config: config, arch: sm90a, experimentalFP8: true, tmaEngine: false)
-        #expect(tma.sharedMemory.ringTileWidth == 256 && plain.sharedMemory.ringTileWidth == 128)
-        #expect(tma.sharedMemory.dynamicBytes == 4 * (128 + 256) * 128 + 1024)
-        #expect(plain.sharedMemory.dynamicBytes == 4 * (128 + 128) * 128 + 1024)
+        #expect(tma.sharedMemory.ringTileWidth == 128 && wide.sharedMemory.ringTileWidth == 256)
+        #expect(plain.sharedMemory.ringTileWidth == 128)
+        #expect(wide.sharedMemory.dynamicBytes == 4 * (128 + 256) * 128 + 1024)
+        #expect(tma.sharedMemory.dynamicBytes == 4 * (128 + 128) * 128 + 1024)
+        #expect(plain.sharedMemory.dynamicBytes == tma.sharedMemory.dynamicBytes)
+        #expect(wide.defines["FMOE_TMA_FP8_BN"] == "256" && tma.defines["FMOE_TMA_FP8_BN"] == "128")
+        #expect(throws: MoEError.self) {
+            try FusedSpecialization(
+                config: config, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 192)
+        }
     }
 
     /// fp8: W1 and W2 are stacks of the experts' E4M3 images (3-D maps: the image stride, one image a box, boxes of the
@@ -178,7 +188,15 @@ import Testing
         let plain = try FusedSpecialization(
             config: config, arch: target, experimentalFP8: true, tmaEngine: true).kernelSpec
         var spec = plain
-        spec.defines[parts[0]] = parts[1]
+        if parts[0] == "FMOE_TMA_FP8_BN" {
+            // The tile rows also size the ring (RING_BN), so the host's shared memory follows them: the
+            // specialisation sets both.
+            spec = try FusedSpecialization(
+                config: config, arch: target, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: Int(parts[1])!
+            ).kernelSpec
+        } else {
+            spec.defines[parts[0]] = parts[1]
+        }
         let k = try compiler.compile(spec, arch: target, sources: .embedded)
         let base = try compiler.compile(plain, arch: target, sources: .embedded)
         #expect(k.cubin != base.cubin, "\(setting) compiled the default TMA kernel")
