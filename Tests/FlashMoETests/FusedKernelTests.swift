@@ -104,8 +104,8 @@ import Testing
         }
     }
 
-    /// fp8 (experimental) where it has an engine, wgmma on sm_90a and mma.sync on sm_89 (one GPU only), plain and
-    /// traced, with no spills.
+    /// fp8 (experimental) where it has an engine, wgmma on sm_90a (the cp.async tiles and the opt-in TMA engine) and
+    /// mma.sync on sm_89 (one GPU only), plain and traced, with no spills.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_89", "sm_90a"])
     func fp8CompilesWithoutSpills(arch: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
@@ -114,15 +114,23 @@ import Testing
                               activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
         let plain = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true,
                               activation: .gelu, precision: .fp8)
-        let specs = [
-            try FusedSpecialization(config: gated, arch: target, experimentalFP8: true),
-            try FusedSpecialization(config: plain, arch: target, experimentalFP8: true),
-            try FusedSpecialization(config: gated, arch: target, trace: true, experimentalFP8: true),
-        ]
-        for spec in specs {
+        // Both engines where sm_90a has two (the opt-in TMA engine, FLASHMOE_TMA=1, and the default cp.async tiles).
+        var specs: [FusedSpecialization] = []
+        for tma in [false, true] {
+            specs += [
+                try FusedSpecialization(config: gated, arch: target, experimentalFP8: true, tmaEngine: tma),
+                try FusedSpecialization(config: plain, arch: target, experimentalFP8: true, tmaEngine: tma),
+                try FusedSpecialization(config: gated, arch: target, trace: true, experimentalFP8: true, tmaEngine: tma),
+            ]
+        }
+        var compiled: [KernelSpec] = []
+        for spec in specs where !compiled.contains(spec.kernelSpec) {  // sm_89 has one engine
+            compiled.append(spec.kernelSpec)
             let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
             let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
-            #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0, "fp8 spills on \(arch)")
+            #expect(
+                usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0,
+                "fp8 spills on \(arch)\(spec.tmaEngine ? " (TMA engine)" : "")")
         }
     }
 

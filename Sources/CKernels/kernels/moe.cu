@@ -65,7 +65,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward(cons
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
 #if FMOE_TMA
-    if (threadIdx.x >= PHASE_THREADS) {
+    // The role test reads %tid.x through its own instruction: with threadIdx.x there, the compiler kept that one read
+    // for every later use, live across both roles' setmaxnreg, and ptxas spilled it to local memory and reloaded it
+    // in every phase (the fp8 TMA kernels' 28 B of spills, with the producer's; NVRTC 13.0, round 25).
+    u32 role_tid;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(role_tid));
+    if (role_tid >= PHASE_THREADS) {
         tma_producer_main(p, sp, maps, smem);
         return;
     }

@@ -150,12 +150,15 @@ FMOE_DEVICE void expert_producer_fp8(const Params &p, const Layout &L, const Tma
         tma_prefetch_map(&maps.w2);
         tma_prefetch_map(&maps.hbuf);
     }
-    const int t0_total = fp8_gemm0_tickets(L);
-    const int rbs = L.rb_start[L.xs];
-    const int total = t0_total + rbs * NT1P;
     u32 qi = 0, owns = 0;
     for (;;) {
         const int4 t = s_tma.tq.produce(qi, pt, [&]() -> int4 {
+            // The ticket space's bounds are read from the shared Layout for every ticket: held across the loop, in
+            // the producer's 72 registers, ptxas spilled them to local memory (paper-e64's plain FFN: 16 B; NVRTC
+            // 13.0, round 25).
+            const int t0_total = fp8_gemm0_tickets(L);
+            const int rbs = L.rb_start[L.xs];
+            const int total = t0_total + rbs * NT1P;
             const int ticket = atomicAdd(&p.sync->ticket, 1);
             if (ticket >= total) return make_int4(TASK_END, 0, 0, 0);
             if (ticket < t0_total) return fp8_gemm0_task(L, ticket);
