@@ -53,8 +53,10 @@ public struct FusedSpecialization: Sendable, Hashable {
         ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
     }
 
-    /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default until it measures faster
-    /// than the cp.async engine on every preset (Benchmarks/RESULTS.md).
+    /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default. bf16's TMA engine is
+    /// slower than the cp.async engine; fp8's is 3 – 16 % faster from S = 256 on and 2 – 5 % slower at S ≤ 64
+    /// (Benchmarks/RESULTS.md, round 25), but its kernel still spills at some small shapes (24 B at E = 256, H = 128,
+    /// I = 64, the shared-memory test's), so it is not yet fp8's default.
     public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
 
     /// Whether the TMA engine can be built for this target, precision and rank count.
@@ -70,7 +72,8 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let file = "moe.cu"
     /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a, one GPU) is enabled. On the H200 it passes its verify
     /// cases (2e-3 to 8e-3 from the exact fp8 oracle: the FP8 tensor cores' accumulation) and is faster than bf16 at
-    /// decode but 1.2–1.5× slower at prefill, short of its speed targets, so it is off unless
+    /// decode, but at prefill from a little faster (mixtral-8x7b) to 1.5× slower (paper-e64) and short of its speed
+    /// targets (Benchmarks/RESULTS.md, round 25), so it is off unless
     /// `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports its fp8
     /// cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
@@ -131,7 +134,7 @@ public struct FusedSpecialization: Sendable, Hashable {
             }
             guard experimentalFP8 else {
                 throw fail(
-                    "precision fp8 is experimental on the GPU: the kernel's FP8 path is correct within its tolerance on sm_90a and faster than bf16 at decode, but still 1.2–1.5× slower than bf16 at prefill (sm_89's path has not run on a GPU), so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
+                    "precision fp8 is experimental on the GPU: the kernel's FP8 path is correct within its tolerance on sm_90a and faster than bf16 at decode, but at prefill still up to 1.5× slower than bf16 (sm_89's path has not run on a GPU), so it is off unless FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md); run fp8 with --backend cpu or oracle, or use --precision bf16 on the GPU")
             }
         }
         guard ranks >= 1 && ranks <= 64 else { throw fail("ranks must be between 1 and 64; got \(ranks)") }
