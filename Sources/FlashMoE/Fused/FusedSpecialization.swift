@@ -55,8 +55,8 @@ public struct FusedSpecialization: Sendable, Hashable {
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default. bf16's TMA engine is
     /// slower than the cp.async engine; fp8's is 3 – 16 % faster from S = 256 on and 2 – 5 % slower at S ≤ 64
-    /// (Benchmarks/RESULTS.md, round 25), but its kernel still spills at some small shapes (24 B at E = 256, H = 128,
-    /// I = 64, the shared-memory test's), so it is not yet fp8's default.
+    /// (Benchmarks/RESULTS.md, round 25), but its kernel still spills at small shapes (12 – 192 B; 24 B at E = 256,
+    /// H = 128, I = 64, the shared-memory test's), so it is not yet fp8's default.
     public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
 
     /// Whether the TMA engine can be built for this target, precision and rank count.
