@@ -175,28 +175,18 @@ import Testing
             specs += try Self.fp8Configs.map { try FusedSpecialization(config: $0, arch: arch, experimentalFP8: true) }
         }
         // The opt-in TMA engine's fp8 builds (sm_90a): their static shared memory has its own term in the bound. Not
-        // checked for spills here: at E = 256, H = 128, I = 64 that kernel spills 24 B (ptxas, NVRTC 13.0), the
-        // reason it is not fp8's default; FusedKernelTests.fp8CompilesWithoutSpills holds it to none at its shapes.
-        var tmaSpecs: [FusedSpecialization] = []
-        if name == "sm_90a" {
-            tmaSpecs = try Self.fp8Configs.map {
-                try FusedSpecialization(config: $0, arch: arch, experimentalFP8: true, tmaEngine: true)
-            }
+        // checked for spills: at E = 256, H = 128, I = 64 that kernel spills 24 B (ptxas, NVRTC 13.0), the reason it
+        // is not fp8's default; FusedKernelTests.fp8CompilesWithoutSpills holds it to none at its shapes.
+        let tmaSpecs = name != "sm_90a" ? [] : try Self.fp8Configs.map {
+            try FusedSpecialization(config: $0, arch: arch, experimentalFP8: true, tmaEngine: true)
         }
-        for spec in tmaSpecs {
-            let k = try compiler.compile(spec.kernelSpec, arch: arch, sources: .embedded)
-            for usage in k.resources where usage.name.hasPrefix("fmoe_forward") {
-                #expect(usage.sharedBytes <= spec.sharedMemory.staticBytesBound, "\(usage.name) (TMA) on \(name)")
-                #expect(usage.sharedBytes + spec.sharedMemory.dynamicBytes <= limit)
-            }
-        }
-        for spec in specs {
+        for (spec, spillFree) in specs.map({ ($0, true) }) + tmaSpecs.map({ ($0, false) }) {
             // Compiling at all proves DYNAMIC_SMEM == FMOE_DYNAMIC_SMEM (launch_limits.cuh's static_assert).
             let k = try compiler.compile(spec.kernelSpec, arch: arch, sources: .embedded)
             for usage in k.resources where usage.name.hasPrefix("fmoe_forward") {
                 #expect(usage.sharedBytes <= spec.sharedMemory.staticBytesBound, "\(usage.name) on \(name)")
                 #expect(usage.sharedBytes + spec.sharedMemory.dynamicBytes <= limit)
-                #expect(!usage.spills, "\(usage.name) spills on \(name): \(spec.kernelSpec)")
+                if spillFree { #expect(!usage.spills, "\(usage.name) spills on \(name): \(spec.kernelSpec)") }
             }
         }
     }
