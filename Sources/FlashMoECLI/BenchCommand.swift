@@ -120,7 +120,10 @@ struct BenchCommand: ReportingCommand {
             workspaceBytes: result.workspaceBytes, date: HostMachine.utcTimestamp(), device: device,
             method: result.method, config: LayerReport.describe(config))
         emit("device: \(device)")
-        if let fused = engine as? FusedMoE { emit("kernel: \(fused.specialization.arch), \(fused.specialization.sharedMemory)") }
+        if let fused = engine as? FusedMoE {
+            let launched = fused.core.specialization(forTokens: tokens)
+            emit("kernel: \(launched.arch), \(launched.sharedMemory)" + Self.engineNote(fused.core, tokens: tokens))
+        }
         emit(
             "runs: \(warm) warm-up, \(runs) timed (\(result.method)), \(tokens) tokens, "
                 + "\(formatNumber(record.flops / 1e9)) GFLOP per forward pass")
@@ -149,6 +152,17 @@ struct BenchCommand: ReportingCommand {
             emit("wrote \(json)")
         }
         return record
+    }
+
+    /// What the "kernel:" line adds about the operator's two kernels (fp8 on sm_90a, `FusedPrefillEngine`): which
+    /// one this token count runs, or why there is only one.
+    static func engineNote(_ op: FusedOperator, tokens: Int) -> String {
+        if let from = op.prefillTokens {
+            return tokens >= from
+                ? " (the prefill kernel: launches of \(from) tokens or more)"
+                : " (the decode kernel; launches of \(from) tokens or more run the TMA engine's)"
+        }
+        return op.prefillSkipReason.map { " (one kernel: \($0))" } ?? ""
     }
 
     /// The same tokens split evenly over `ranks` ranks (one launch per entry of `--rank-devices`): time against the

@@ -52,7 +52,9 @@ struct VerifyCommand: ParsableCommand {
         let limit = gpu.properties.sharedMemoryPerBlockOptIn
         let storageRows = ranksOnly ? [] : Verifier.storageRowsCases.map(\.config)
         try Self.precompile(
-            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs) + storageRows).map { ($0, 1) },
+            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)
+                + (ranksOnly || !FusedSpecialization.supportsFP8 ? [] : [Verifier.fp8InTurnConfig]) + storageRows)
+                .map { ($0, 1) },
             arch: gpu.properties.architecture, sharedMemoryPerBlock: limit, storageRows: storageRows)
         try Self.precompile(
             rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture,
@@ -147,10 +149,13 @@ struct VerifyCommand: ParsableCommand {
             emulating: environment[FusedDeviceTarget.emulateVariable])
         var unique: [KernelSpec] = []
         for (c, ranks) in configs {
-            if let spec = try? FusedSpecialization(
-                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks
-            ).kernelSpec, !unique.contains(spec) {
-                unique.append(spec)
+            guard let spec = try? FusedSpecialization(
+                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks)
+            else { continue }
+            // An fp8 operator's prefill kernel too (FusedPrefillEngine).
+            let prefill = (try? spec.prefillVariant(sharedMemoryPerBlock: target.sharedMemoryPerBlock)).flatMap { $0 }
+            for s in [spec] + (prefill.map { [$0] } ?? []) where !unique.contains(s.kernelSpec) {
+                unique.append(s.kernelSpec)
             }
         }
         for c in storageRows {

@@ -31,12 +31,19 @@ public enum KernelCatalog {
     /// the driver work before any MoE kernel is built.
     ///
     /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
-    /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`). A config the GPU
-    /// kernel does not support there (see `FusedSpecialization`) contributes no MoE kernel.
+    /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`), and, for precision
+    /// fp8 on sm_90a, its prefill build on the TMA engine (`FusedSpecialization.prefillVariant`). A config the GPU
+    /// kernel does not support there (see `FusedSpecialization`; fp8 only with `experimentalFP8`, default the
+    /// environment's switch) contributes no MoE kernel.
     public static func specializations(
-        for config: MoEConfig, arch: GPUArchitecture = FusedSpecialization.defaultArch
+        for config: MoEConfig, arch: GPUArchitecture = FusedSpecialization.defaultArch,
+        experimentalFP8: Bool = FusedSpecialization.supportsFP8
     ) -> [KernelSpec] {
-        [selfTest] + ((try? FusedSpecialization(config: config, arch: arch)).map { [$0.kernelSpec] } ?? [])
+        guard let spec = try? FusedSpecialization(config: config, arch: arch, experimentalFP8: experimentalFP8) else {
+            return [selfTest]
+        }
+        let prefill = (try? spec.prefillVariant()).flatMap { $0 }
+        return [selfTest, spec.kernelSpec] + (prefill.map { [$0.kernelSpec] } ?? [])
     }
 
     /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that

@@ -34,7 +34,8 @@ extension Verifier {
     /// - the storage-type output (bf16 y = the FP32 y rounded to bf16);
     /// - a faulted launch (test build, `DeviceForward.injectFault`) surfacing as a `FusedKernelError` on the next
     ///   call, and (with a launch queued behind it) on `checkErrors(synchronizing:)`, each followed by a clean call
-    ///   with the right bits.
+    ///   with the right bits;
+    /// - with `FLASHMOE_EXPERIMENTAL_FP8=1`: an fp8 operator's decode and prefill kernels in turn (`kernelsInTurn`).
     public static func deviceForwardChecks(deviceOrdinal: Int, seed: UInt64 = 1) -> [DeviceForwardCheck] {
         var checks: [DeviceForwardCheck] = []
         func check(_ name: String, _ body: () throws -> (String?, String)) {
@@ -64,8 +65,20 @@ extension Verifier {
         check("faulted launch, then clean launches") {
             try faultThenClean(gated, tokens: 64, seed: seed, deviceOrdinal: deviceOrdinal)
         }
+        if FusedSpecialization.supportsFP8 {
+            check("fp8 decode and prefill kernels in turn on one operator") {
+                try kernelsInTurn(fp8InTurnConfig, seed: seed, deviceOrdinal: deviceOrdinal)
+            }
+        }
         return checks
     }
+
+    /// The layer of the fp8 kernels-in-turn check: DeepSeek-V3's router and shared expert at a small size whose TMA
+    /// build compiles without spills (NVRTC 13.0), so the operator keeps its prefill kernel.
+    public static let fp8InTurnConfig = MoEConfig(
+        hiddenSize: 256, intermediateSize: 128, experts: 32, topK: 8, ffn: .gated, activation: .silu,
+        router: .deepSeek(groups: 8, groupsKept: 4, scalingFactor: 2.5),
+        sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
 
     /// Device buffers and a stream for device forwards of one operator. The stream is non-blocking: it does not
     /// wait for the legacy stream, so every copy and fill that a launch reads or overwrites is ordered before it
@@ -156,6 +169,51 @@ extension Verifier {
         let wrong = try (0..<n).filter { !sameBits(try ys[$0].download(as: Float.self, count: s * h), references[$0]) }
         let detail = "\(n) launches, \(n - wrong.count) with the host forward's bits"
         return (wrong.isEmpty ? nil : "launches \(wrong) differ from their host forward", detail)
+    }
+
+    /// fp8 (`FusedPrefillEngine`): launches of decode and prefill sizes queued back to back on one operator, so its
+    /// two kernels follow each other on one stream over one workspace and device epoch; each output must have the
+    /// bits of a one-kernel operator's forward of the same input, and the largest must meet the oracle. On sm_90a
+    /// with the default engines the operator must have both kernels; elsewhere (or with FLASHMOE_TMA set) it runs
+    /// the launches on its one kernel and says so.
+    private static func kernelsInTurn(_ config: MoEConfig, seed: UInt64, deviceOrdinal: Int) throws -> (String?, String) {
+        let sizes = [300, 1, 600, 5, 256, 64, 255, 1000]
+        let (layer, _) = try makeProblem(VerificationCase(name: "in turn", config: config, tokens: 1, seed: seed &+ 606))
+        let inputs = try sizes.enumerated().map { i, s in
+            try makeProblem(VerificationCase(name: "x", config: config, tokens: s, seed: seed &+ 700 &+ UInt64(i))).1
+        }
+        var single = FusedOptions(deviceOrdinal: deviceOrdinal)
+        single.prefillEngineTokens = nil
+        let one = try FusedMoE(layer: layer, options: single, maxTokens: sizes.max()!)
+        let references = try inputs.map { try one.forward($0).output.floats() }
+        let (op, io) = try operatorAndIO(layer, FusedOptions(deviceOrdinal: deviceOrdinal), maxTokens: sizes.max()!)
+        let arch = op.device.properties.architecture
+        let expectsTwo = FusedSpecialization.tmaEngineFits(arch: arch, precision: .fp8, ranks: 1)
+            && !FusedSpecialization.tmaEngineRefused && !FusedSpecialization.tmaEngineRequested
+        guard let from = op.core.prefillTokens else {
+            let why = op.core.prefillSkipReason ?? "no prefill kernel for \(arch) with this environment"
+            return (expectsTwo ? "the operator has no prefill kernel: \(why)" : nil, "one kernel: \(why)")
+        }
+        let h = config.hiddenSize
+        let xs = try inputs.map { try io.upload($0, as: config.precision.storage) }
+        let ys = try sizes.map { try io.buffer(bytes: $0 * h * 4) }
+        for (i, s) in sizes.enumerated() {
+            try op.forward(DeviceForward(input: xs[i].address, output: ys[i].address, tokens: s, stream: io.stream.handle))
+        }
+        try op.core.checkErrors(synchronizing: io.stream.handle)
+        let outputs = try sizes.enumerated().map { i, s in try ys[i].download(as: Float.self, count: s * h) }
+        let wrong = sizes.indices.filter { !sameBits(outputs[$0], references[$0]) }
+        let last = sizes.count - 1
+        let oracle = try CPUBackend(layer: layer, mode: .oracle).forward(inputs[last])
+        let device = try op.forward(inputs[last])
+        let r = compare(
+            VerificationCase(name: "in turn", config: config, tokens: sizes[last], seed: seed), device, device, oracle,
+            layer: layer, input: inputs[last], gpuMilliseconds: 0)
+        let prefill = sizes.filter { $0 >= from }.count
+        let detail = "S = \(sizes.map(String.init).joined(separator: ", ")): \(prefill) on the prefill kernel (S ≥ \(from)), "
+            + "\(sizes.count - wrong.count) of \(sizes.count) with one kernel's bits; S = \(sizes[last]) rel.err \(r.relativeError)"
+        if !wrong.isEmpty { return ("launches with S = \(wrong.map { sizes[$0] }) differ from the one-kernel forward", detail) }
+        return (r.failure, detail)
     }
 
     private static func storageOutput(_ config: MoEConfig, tokens s: Int, seed: UInt64, deviceOrdinal: Int) throws

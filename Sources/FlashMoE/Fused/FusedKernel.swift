@@ -1,4 +1,6 @@
 import CCUDA
+import Dispatch
+import Synchronization
 
 /// A compiled, loaded specialisation of the fused kernel and the facts the host needs to launch it.
 ///
@@ -55,18 +57,31 @@ extension FusedKernel {
     /// Compiles (or loads from the cache) `specialization`, loads it on device `deviceOrdinal` and reads its launch
     /// contract; throws when the kernel's `Params` or `Peer` layout differs from the host's encoding.
     init(specialization: FusedSpecialization, entry: String, deviceOrdinal: Int) throws {
+        self = try Self.load([specialization], entry: entry, deviceOrdinal: deviceOrdinal)[0]
+    }
+
+    /// The same for several specialisations (an operator's decode and prefill kernels, `FusedPrefillEngine`): NVRTC
+    /// compiles them side by side (independent programs, one thread each), then each loads in order.
+    static func load(_ specs: [FusedSpecialization], entry: String, deviceOrdinal: Int) throws -> [FusedKernel] {
         let driver = try CUDADriver.shared.get()
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
+        let sources = KernelSources.current(environment: environment)
         // FLASHMOE_LINEINFO=1: keep source lines in the cubin, so compute-sanitizer and ncu name kernel lines.
         let lineInfo = environment["FLASHMOE_LINEINFO"] == "1"
-        try self.init(
-            specialization: specialization, entry: entry, device: try CUDADevice(ordinal: deviceOrdinal, driver: driver),
-            build: { spec, arch in
-                try compiler.compile(
-                    spec, arch: arch, sources: KernelSources.current(environment: environment), lineInfo: lineInfo)
-            },
-            prepare: { _ in })
+        let compiled = Mutex([Result<CompiledKernel, any Error>?](repeating: nil, count: specs.count))
+        DispatchQueue.concurrentPerform(iterations: specs.count) { i in
+            let result = Result { () throws -> CompiledKernel in
+                try compiler.compile(specs[i].kernelSpec, arch: specs[i].arch, sources: sources, lineInfo: lineInfo)
+            }
+            compiled.withLock { $0[i] = result }
+        }
+        let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
+        return try specs.indices.map { i in
+            try FusedKernel(
+                specialization: specs[i], entry: entry, device: device,
+                build: { _, _ in try compiled.withLock { $0[i]! }.get() }, prepare: { _ in })
+        }
     }
 
     /// The same, with the cubin from `build` (e.g. the NVSHMEM link) and `prepare` run on the module right after it

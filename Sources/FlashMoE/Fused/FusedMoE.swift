@@ -98,7 +98,8 @@ public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
             return BenchmarkResult(
                 samples: samples,
                 method: "CUDA events around each cooperative launch (\(gridBlocks) blocks × "
-                    + "\(core.kernel.blockThreads) threads, \(formatByteCount(dynamicSharedBytes)) shared memory each)",
+                    + "\(core.kernel(forTokens: s).blockThreads) threads, "
+                    + "\(formatByteCount(core.kernel(forTokens: s).dynamicSharedBytes)) shared memory each)",
                 workspaceBytes: ws.byteCount)
         }
     }

@@ -35,6 +35,16 @@ public final class FusedOperator: @unchecked Sendable {
     public var device: CUDADevice { kernel.device }
     /// The compiled kernel (cubin, resources, whether it came from the cache, compile time).
     public var compiledKernel: CompiledKernel { kernel.compiled }
+    /// fp8 on sm_90a: the TMA engine's build that launches of at least `prefillTokens` tokens run
+    /// (`FusedPrefillEngine`); nil when every launch runs `specialization`.
+    public var prefillSpecialization: FusedSpecialization? { prefill?.specialization }
+    /// The prefill kernel's compile (nil without one).
+    public var prefillCompiledKernel: CompiledKernel? { prefill?.kernel.compiled }
+    /// The fewest tokens a launch of the prefill kernel has (nil without one).
+    public var prefillTokens: Int? { prefill?.minTokens }
+    /// Why an operator that would launch a prefill kernel has none (its compile spills, or its launch facts differ
+    /// from the first kernel's); nil otherwise.
+    public let prefillSkipReason: String?
     /// Blocks of the persistent grid (blocks per SM from the occupancy API × SMs).
     public var gridBlocks: Int { kernel.gridLimit }
     /// Dynamic shared memory per block.
@@ -43,9 +53,13 @@ public final class FusedOperator: @unchecked Sendable {
     public var packRows: Int { kernel.packRows }
 
     let kernel: FusedKernel
+    /// The second kernel, for prefill launches (fp8 on sm_90a), or nil.
+    let prefill: FusedPrefillEngine?
     let weights: FusedDeviceWeights
     /// Tracing builds: where the kernel records its timeline (`FusedMoE.recordedTrace()`).
     let traceBuffer: FusedTraceBuffer?
+    /// Tracing builds with a prefill kernel: where that kernel records.
+    let prefillTraceBuffer: FusedTraceBuffer?
     /// The kernel's `Sync` counters (first 256 bytes, the device epoch among them) and its error record (at byte
     /// 256): reset only after an error.
     let control: DeviceBuffer<UInt8>
@@ -57,6 +71,8 @@ public final class FusedOperator: @unchecked Sendable {
         var arena: DeviceBuffer<UInt8>?
         /// TMA-engine builds: the tensor-map parameter for this arena (`FusedTensorMaps`).
         var tensorMaps: [UInt8]?
+        /// Whether the last launch ran the prefill kernel (whose trace `recordedTrace()` reads).
+        var lastRanPrefill = false
     }
     let state = Mutex(State())
 
@@ -90,17 +106,20 @@ public final class FusedOperator: @unchecked Sendable {
             config: config, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, stages: options.stages,
             injectFault: options.injectFault ? 1 : 0, stopAfterPhase: options.stopAfterPhase,
             trace: options.traceEventsPerBlock > 0, returnStorage: options.storageReturns)
-        let kernel = try FusedKernel(
-            specialization: specialization, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
+        let (kernel, outcome) = try FusedPrefillEngine.load(
+            baseSpec: specialization, options: options, sharedMemoryPerBlock: target.sharedMemoryPerBlock
+        ) { specs in
+            try FusedKernel.load(specs, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
+        }
         try self.init(
             specialization: specialization, options: options, maxTokens: maxTokens, kernel: kernel,
-            weights: try makeWeights(kernel))
+            weights: try makeWeights(kernel), prefill: outcome)
     }
 
     /// The designated initializer: an already loaded kernel and weights (tests build both over a fake driver).
     init(
         specialization: FusedSpecialization, options: FusedOptions, maxTokens: Int?, kernel: FusedKernel,
-        weights: FusedDeviceWeights
+        weights: FusedDeviceWeights, prefill: FusedPrefillEngine.Outcome = .notApplicable
     ) throws {
         if let maxTokens, maxTokens < 0 {
             throw MoEError(.invalidConfig, "maxTokens must be at least 0, not \(maxTokens)")
@@ -111,9 +130,24 @@ public final class FusedOperator: @unchecked Sendable {
         self.maxTokens = maxTokens
         self.kernel = kernel
         self.weights = weights
-        traceBuffer = try specialization.trace
-            ? FusedTraceBuffer(module: kernel.module, blocks: kernel.gridLimit, capacity: max(options.traceEventsPerBlock, 1))
-            : nil
+        switch prefill {
+        case .engine(let engine):
+            self.prefill = engine
+            prefillSkipReason = nil
+        case .skipped(let reason):
+            self.prefill = nil
+            prefillSkipReason = reason
+        case .notApplicable:
+            self.prefill = nil
+            prefillSkipReason = nil
+        }
+        func makeTraceBuffer(_ k: FusedKernel) throws -> FusedTraceBuffer? {
+            try specialization.trace
+                ? FusedTraceBuffer(module: k.module, blocks: k.gridLimit, capacity: max(options.traceEventsPerBlock, 1))
+                : nil
+        }
+        traceBuffer = try makeTraceBuffer(kernel)
+        prefillTraceBuffer = try self.prefill.flatMap { try makeTraceBuffer($0.kernel) }
         control = try DeviceBuffer<UInt8>(device: kernel.device, count: Self.controlBytes)
         try control.fill(byte: 0)
         mirror = try HostMappedBuffer(device: kernel.device, byteCount: 64)
@@ -124,6 +158,17 @@ public final class FusedOperator: @unchecked Sendable {
         } else {
             try kernel.device.synchronize()
         }
+    }
+
+    /// The specialisation a launch of `tokens` tokens runs: the prefill kernel's from `prefillTokens` on, else the
+    /// first kernel's.
+    public func specialization(forTokens tokens: Int) -> FusedSpecialization {
+        prefill?.runs(tokens: tokens) == true ? prefill!.specialization : specialization
+    }
+
+    /// The kernel a launch of `tokens` tokens runs.
+    func kernel(forTokens tokens: Int) -> FusedKernel {
+        prefill?.runs(tokens: tokens) == true ? prefill!.kernel : kernel
     }
 
     /// Device bytes of the workspace currently allocated (0 before the first call when sized lazily).
@@ -185,11 +230,17 @@ public final class FusedOperator: @unchecked Sendable {
                 maxTokens: ws.maxTokens, partRows: ws.partRows, yStorage: call.outputType == .storage,
                 injectFault: call.injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget),
                 epochWrap: options.epochWrap))
+        // The prefill kernel for large launches (fp8 on sm_90a): same Params, workspace and bits as the first kernel.
+        let runsPrefill = prefill?.runs(tokens: s) == true
+        let launched = kernel(forTokens: s)
         var arguments = [KernelArgument(rawBytes: bytes, alignment: 8)]
-        if let maps = st.tensorMaps { arguments.append(KernelArgument(rawBytes: maps, alignment: 64)) }
-        try kernel.function.launchCooperative(
-            grid: Dim3(gridBlocks), block: Dim3(kernel.blockThreads), sharedBytes: dynamicSharedBytes,
+        if launched.tensorMapBytes > 0, let maps = st.tensorMaps {
+            arguments.append(KernelArgument(rawBytes: maps, alignment: 64))
+        }
+        try launched.function.launchCooperative(
+            grid: Dim3(gridBlocks), block: Dim3(launched.blockThreads), sharedBytes: launched.dynamicSharedBytes,
             streamHandle: call.stream, arguments: arguments, gridSizedByCaller: true)
+        st.lastRanPrefill = runsPrefill
         if options.synchronousErrors {
             try device.driver.check(device.driver.streamSynchronize(call.stream), "cuStreamSynchronize")
             try takeMirroredError(&st)
@@ -220,9 +271,10 @@ public final class FusedOperator: @unchecked Sendable {
         let arena = try DeviceBuffer<UInt8>(device: device, count: ws.byteCount)
         try arena.fill(byte: 0)
         try device.synchronize()  // the legacy-stream memset lands before a launch on a non-blocking stream
-        if kernel.tensorMapBytes > 0 {
+        // The maps of whichever kernel takes them (the first, in FLASHMOE_TMA=1 builds, or the prefill kernel).
+        if let tma = kernel.tensorMapBytes > 0 ? specialization : prefill?.specialization {
             st.tensorMaps = try FusedTensorMaps.encode(
-                device: device, spec: specialization, weights: weights, workspace: ws, arenaBase: arena.address)
+                device: device, spec: tma, weights: weights, workspace: ws, arenaBase: arena.address)
         }
         st.workspace = ws
         st.arena = arena

@@ -40,9 +40,17 @@ public struct FusedOptions: Sendable, Hashable {
     public var storageReturns: Bool = false
     /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0
+    /// Precision fp8 on sm_90a: launches of at least this many tokens run a second kernel, the TMA engine's build
+    /// (`FusedPrefillEngine`), and smaller ones the cp.async tiles' kernel; nil: every launch runs the one kernel.
+    /// The two give the same bits. The default is where the TMA build overtakes (Benchmarks/RESULTS.md, round 26).
+    public var prefillEngineTokens: Int? = FusedOptions.defaultPrefillEngineTokens
+
+    /// `prefillEngineTokens`' default.
+    public static let defaultPrefillEngineTokens = 256
 
     /// Options with the given values (defaults: device 0, 5 s waits, automatic stages and gate split, a normal
-    /// build); `epochWrap` is raised to at least 1. `storageReturns` and `traceEventsPerBlock` are set afterwards.
+    /// build); `epochWrap` is raised to at least 1. `storageReturns`, `traceEventsPerBlock` and `prefillEngineTokens`
+    /// are set afterwards.
     public init(
         deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,

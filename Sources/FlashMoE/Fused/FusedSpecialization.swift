@@ -53,11 +53,14 @@ public struct FusedSpecialization: Sendable, Hashable {
         ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
     }
 
-    /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`): off by default. bf16's TMA engine is
-    /// slower than the cp.async engine; fp8's is 3 – 16 % faster from S = 256 on, 2 – 5 % slower at S = 64 and 2 – 6
-    /// µs at S = 1 (Benchmarks/RESULTS.md, round 25), but its kernel still spills at small shapes (12 – 192 B; 24 B at
-    /// E = 256, H = 128, I = 64, the shared-memory test's), so it is not yet fp8's default.
+    /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`: every launch on the TMA engine). Off by
+    /// default: bf16's TMA engine is slower than the cp.async engine; fp8's is 3 – 16 % faster from S = 256 on but
+    /// 2 – 13 % slower at decode (Benchmarks/RESULTS.md, round 25), so fp8 operators run it for prefill launches
+    /// only, as a second kernel (`prefillVariant`, `FusedPrefillEngine`).
     public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
+
+    /// Whether the environment refuses the TMA engine (`FLASHMOE_TMA=0`): no prefill kernel either.
+    public static var tmaEngineRefused: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "0" }
 
     /// Whether the TMA engine can be built for this target, precision and rank count.
     static func tmaEngineFits(arch: GPUArchitecture, precision: Precision, ranks: Int) -> Bool {
@@ -170,6 +173,22 @@ public struct FusedSpecialization: Sendable, Hashable {
         self.trace = trace
         self.tmaEngine = tma
         self.tmaFP8TileRows = tmaFP8TileRows
+    }
+
+    /// The TMA engine's build of this specialisation, which an operator launches for prefill (`FusedPrefillEngine`):
+    /// for precision fp8 where the engine runs (sm_90a, one GPU) and this build is not already it, unless
+    /// `refused` (default: `FLASHMOE_TMA=0`); nil otherwise. Everything else is this build's; the stages are chosen
+    /// for the TMA ring unless `stages` fixes them, within `sharedMemoryPerBlock` (nil: the architecture's).
+    public func prefillVariant(
+        sharedMemoryPerBlock: Int? = nil, stages: Int? = nil, refused: Bool = FusedSpecialization.tmaEngineRefused
+    ) throws(MoEError) -> FusedSpecialization? {
+        guard config.precision == .fp8, !tmaEngine, !refused,
+            Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
+        else { return nil }
+        return try FusedSpecialization(
+            config: config, arch: arch, sharedMemoryPerBlock: sharedMemoryPerBlock, stages: stages, ranks: ranks,
+            injectFault: injectFault, stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: trace,
+            returnStorage: returnStorage, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: tmaFP8TileRows)
     }
 
     /// The `-D` defines of this specialisation.

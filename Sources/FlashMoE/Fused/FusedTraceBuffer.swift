@@ -46,21 +46,24 @@ extension FusedOperator {
     /// Forgets what a tracing build (`FusedOptions.traceEventsPerBlock` > 0) recorded so far: call it before the
     /// launch to trace. (Launches do not clear the buffer themselves, so their timing is the normal build's.)
     public func clearTrace() throws {
-        try tracing().clear()
+        try tracing(traceBuffer).clear()
+        try prefillTraceBuffer?.clear()
     }
 
-    /// The timeline a tracing build recorded since `clearTrace()` (blocks that ran out of room count the rest).
+    /// The timeline a tracing build recorded since `clearTrace()` (blocks that ran out of room count the rest): the
+    /// prefill kernel's when the last launch ran it (`prefillTokens`), else the first kernel's.
     public func recordedTrace() throws -> KernelTrace {
-        let buffer = try tracing()
+        let ranPrefill = state.withLock { $0.lastRanPrefill }
+        let buffer = try tracing(ranPrefill ? prefillTraceBuffer : traceBuffer)
         try device.synchronize()
         return try buffer.read()
     }
 
-    private func tracing() throws -> FusedTraceBuffer {
-        guard let traceBuffer else {
+    private func tracing(_ buffer: FusedTraceBuffer?) throws -> FusedTraceBuffer {
+        guard let buffer else {
             throw MoEError(.invalidConfig, "this operator is not a tracing build: set FusedOptions.traceEventsPerBlock")
         }
-        return traceBuffer
+        return buffer
     }
 }
 

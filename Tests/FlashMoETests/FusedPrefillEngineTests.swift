@@ -1,0 +1,158 @@
+import CCUDA
+import Testing
+
+@testable import FlashMoE
+
+/// The fp8 operator's two kernels (`FusedPrefillEngine`): which layers get a prefill build, which launches run it,
+/// and when the operator keeps one kernel instead. On the fake driver: no GPU, no NVRTC. That the two builds give the
+/// same bits on a GPU is `flashmoe verify`'s device-forward check and Benchmarks/RESULTS.md's, round 26.
+@Suite struct FusedPrefillEngineTests {
+    static let sm90a = GPUArchitecture(major: 9, minor: 0)
+    static let fp8 = MoEConfig(
+        hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, ffn: .gated, activation: .silu, precision: .fp8)
+
+    static func base(_ config: MoEConfig = fp8, arch: GPUArchitecture = sm90a) throws -> FusedSpecialization {
+        try FusedSpecialization(config: config, arch: arch, experimentalFP8: true, tmaEngine: false)
+    }
+
+    @Test func onlyFP8OnSm90aGetsAPrefillBuild() throws {
+        let variant = try #require(try Self.base().prefillVariant(refused: false))
+        #expect(variant.tmaEngine && variant.defines["FMOE_TMA"] == "1")
+        #expect(variant.config == Self.fp8 && variant.arch == Self.sm90a)
+        // Everything but the engine (and the ring it sizes) is the first build's.
+        var same = variant.defines
+        var first = try Self.base().defines
+        for key in ["FMOE_TMA", "FMOE_TMA_FP8_BN", "FMOE_STAGES", "FMOE_DYNAMIC_SMEM"] {
+            same[key] = nil
+            first[key] = nil
+        }
+        #expect(same == first)
+        // FLASHMOE_TMA=0 refuses it; a build already on the TMA engine (FLASHMOE_TMA=1) needs none.
+        #expect(try Self.base().prefillVariant(refused: true) == nil)
+        let tma = try FusedSpecialization(config: Self.fp8, arch: Self.sm90a, experimentalFP8: true, tmaEngine: true)
+        #expect(try tma.prefillVariant(refused: false) == nil)
+        // Other precisions and targets: one kernel.
+        var bf16 = Self.fp8
+        bf16.precision = .bf16
+        #expect(try Self.base(bf16).prefillVariant(refused: false) == nil)
+        #expect(try Self.base(arch: GPUArchitecture(major: 8, minor: 9)).prefillVariant(refused: false) == nil)
+        #expect(try Self.base(arch: GPUArchitecture(parsing: "sm_90"))
+            .prefillVariant(refused: false) == nil)
+    }
+
+    @Test func theCatalogCompilesBothBuildsOfAnFP8Layer() throws {
+        let specs = KernelCatalog.specializations(for: Self.fp8, arch: Self.sm90a, experimentalFP8: true)
+        let bf16 = KernelCatalog.specializations(for: MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2))
+        #expect(bf16.count == 2)
+        if FusedSpecialization.tmaEngineRefused || FusedSpecialization.tmaEngineRequested {
+            // FLASHMOE_TMA=0 or 1: one build, on the engine the environment names.
+            #expect(specs.count == 2 && (specs[1].defines["FMOE_TMA"] == "1") == FusedSpecialization.tmaEngineRequested)
+        } else {
+            #expect(specs.count == 3 && specs[1].defines["FMOE_TMA"] == nil && specs[2].defines["FMOE_TMA"] == "1")
+        }
+    }
+
+    /// A fake kernel with the launch facts `FusedPrefillEngine.mismatch` compares.
+    static func kernel(
+        on device: CUDADevice, threads: Int, mapBytes: Int, sharedBytes: Int, grid: Int = 8, spills: Int = 0
+    ) throws -> FusedKernel {
+        let module = try CUDAModule(device: device, cubin: [0x7F])
+        var usage = KernelResourceUsage(name: FusedSpecialization.kernelName, arch: "sm_90a")
+        usage.spillStoreBytes = spills
+        let compiled = CompiledKernel(
+            name: "moe.cu", arch: sm90a, cubin: [0x7F], log: "", resources: [usage], cache: .miss,
+            cacheWriteFailure: nil, time: .zero, key: [])
+        return FusedKernel(
+            device: device, compiled: compiled, module: module,
+            function: try module.function(named: FusedSpecialization.kernelName), dynamicSharedBytes: sharedBytes,
+            packRows: 64, gateTiles: 1, routerRows: 8, gateGemvTokens: 8, gridLimit: grid, blockThreads: threads,
+            tensorMapBytes: mapBytes)
+    }
+
+    struct Rig {
+        let fake: FakeDriver
+        let op: FusedOperator
+        let x: DeviceBuffer<UInt8>
+        let y: DeviceBuffer<UInt8>
+    }
+
+    /// An fp8 operator on the fake driver with a first kernel (256 threads, 1 KiB) and, from `minTokens` on, a prefill
+    /// kernel (384 threads, 2 KiB, the tensor maps as its second parameter).
+    static func rig(minTokens: Int = 256) throws -> Rig {
+        let fake = FakeDriver(kernels: [FusedSpecialization.kernelName], parameterSizes: [FusedParams.byteCount])
+        let device = try CUDADevice(ordinal: 0, driver: fake)
+        let first = try kernel(on: device, threads: 256, mapBytes: 0, sharedBytes: 1024)
+        let second = try kernel(on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048)
+        let spec = try base()
+        let prefillSpec = try #require(try spec.prefillVariant(refused: false))
+        let layer = try MoELayer(config: fp8, weights: MoEWeights.random(config: fp8, seed: 5))
+        let weights = try FusedDeviceWeights(layer: layer, device: device, packRows: first.packRows)
+        let op = try FusedOperator(
+            specialization: spec, options: FusedOptions(), maxTokens: 512, kernel: first, weights: weights,
+            prefill: .engine(FusedPrefillEngine(specialization: prefillSpec, kernel: second, minTokens: minTokens)))
+        let bytes = 512 * fp8.hiddenSize * 4
+        return Rig(
+            fake: fake, op: op, x: try DeviceBuffer(device: device, count: bytes),
+            y: try DeviceBuffer(device: device, count: bytes))
+    }
+
+    @Test func launchesFromTheThresholdRunThePrefillKernel() throws {
+        let r = try Self.rig(minTokens: 256)
+        #expect(r.op.prefillTokens == 256 && r.op.prefillSpecialization?.tmaEngine == true)
+        #expect(r.op.prefillSkipReason == nil)
+        r.fake.clearCalls()
+        for s in [1, 255, 256, 512, 64] {
+            try r.op.forward(DeviceForward(input: r.x.address, output: r.y.address, tokens: s))
+            #expect(r.op.specialization(forTokens: s).tmaEngine == (s >= 256))
+        }
+        let launches = r.fake.launches
+        #expect(launches.count == 5 && launches.allSatisfy(\.cooperative))
+        #expect(launches.map { Int($0.block.0) } == [256, 256, 384, 384, 256])
+        #expect(launches.map { Int($0.sharedBytes) } == [1024, 1024, 2048, 2048, 1024])
+        // One grid and one workspace for both: the Params differ only in the token count (and the gate split).
+        func without(_ l: FakeDriver.Launch, _ names: [String]) -> [UInt8] {
+            var bytes = l.parameters[0]
+            for name in names {
+                let offset = FusedParams.offsets[FusedParams.fieldNames.firstIndex(of: name)!]
+                for i in offset..<offset + 4 { bytes[i] = 0 }
+            }
+            return bytes
+        }
+        #expect(Set(launches.map { Int($0.grid.0) }).count == 1)
+        let masked = Set(launches.map { without($0, ["tokens", "gate_ksplit"]) })
+        #expect(masked.count == 1)
+        // Nothing besides the launches: the choice is made on the host, per call.
+        #expect(r.fake.calls.filter { FusedOperatorTests.forbidden.contains($0) }.isEmpty, "\(r.fake.calls)")
+    }
+
+    @Test func aSpillingOrMismatchedPrefillKernelIsNotUsed() throws {
+        let fake = FakeDriver(kernels: [FusedSpecialization.kernelName], parameterSizes: [FusedParams.byteCount])
+        let device = try CUDADevice(ordinal: 0, driver: fake)
+        let first = try Self.kernel(on: device, threads: 256, mapBytes: 0, sharedBytes: 1024)
+        func outcome(_ second: FusedKernel, tokens: Int? = 256) throws -> FusedPrefillEngine.Outcome {
+            var options = FusedOptions()
+            options.prefillEngineTokens = tokens
+            let (base, outcome) = try FusedPrefillEngine.load(
+                baseSpec: try Self.base(), options: options, sharedMemoryPerBlock: nil
+            ) { specs in
+                #expect(specs.count == (tokens == nil ? 1 : 2) && specs.dropFirst().allSatisfy(\.tmaEngine))
+                return [first, second].prefix(specs.count).map { $0 }
+            }
+            #expect(base.blockThreads == first.blockThreads)
+            return outcome
+        }
+        let clean = try Self.kernel(on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048)
+        let spilling = try Self.kernel(
+            on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048, spills: 24)
+        let otherGrid = try Self.kernel(
+            on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048, grid: 4)
+        guard !FusedSpecialization.tmaEngineRefused else { return }  // FLASHMOE_TMA=0: no prefill build at all
+        if case .engine(let e) = try outcome(clean) { #expect(e.minTokens == 256) } else { Issue.record("no engine") }
+        if case .skipped(let why) = try outcome(spilling) { #expect(why.contains("spills") && why.contains("24 B")) }
+        else { Issue.record("a spilling kernel was kept") }
+        if case .skipped(let why) = try outcome(otherGrid) { #expect(why.contains("grid blocks")) }
+        else { Issue.record("a kernel of another grid was kept") }
+        if case .notApplicable = try outcome(clean, tokens: nil) {} else { Issue.record("nil tokens still built one") }
+        #expect(throws: MoEError.self) { _ = try outcome(clean, tokens: 0) }
+    }
+}
