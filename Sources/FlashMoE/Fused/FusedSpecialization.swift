@@ -75,9 +75,9 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let file = "moe.cu"
     /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a, one GPU) is enabled. On the H200 it passes its verify
     /// cases (2e-3 to 8e-3 from the exact fp8 oracle: the FP8 tensor cores' accumulation) and is faster than bf16 at
-    /// decode, but at prefill from 4 % faster (mixtral-8x7b S = 4096: 4.95 ms against bf16's 5.15 – 5.19) to 1.5×
-    /// slower (paper-e64 S = 8192: 1.03 against 0.69) and short of its speed targets (Benchmarks/RESULTS.md: fp8
-    /// round 25, bf16 rounds 18, 19 and 21), so it is off unless
+    /// decode, but at prefill from 9 % faster (mixtral-8x7b S = 4096: 4.72 ms against bf16's 5.15 – 5.19) to 1.5×
+    /// slower (paper-e64 S = 8192: 1.04 against 0.69) and short of its speed targets (Benchmarks/RESULTS.md: fp8
+    /// round 26, bf16 rounds 18, 19 and 21), so it is off unless
     /// `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports its fp8
     /// cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
