@@ -21,11 +21,13 @@ enum BenchTrace {
             ("layer", LayerReport.describe(layer.config)), ("tokens", "\(x.shape[0])"),
             ("device", traced.device.properties.name),
             ("launch_ms", formatDecimal(result.medianMilliseconds, 3)),
-            ("stages", "\(traced.specialization.stages)"),
+            ("stages", "\(traced.core.specialization(forTokens: x.shape[0]).stages)"),
+            ("engine", traced.core.specialization(forTokens: x.shape[0]).tmaEngine ? "tma" : "cp.async"),
         ]
         try HostMachine.writeTextFile(trace.chromeJSON(metadata: metadata), to: path)
         emit("trace: launch \(warmup + 1) of a tracing build, \(formatDecimal(result.medianMilliseconds, 3)) ms "
-            + "(stamps included; the timed runs above have none)")
+            + "(stamps included; the timed runs above have none)"
+            + BenchCommand.engineNote(traced.core, tokens: x.shape[0]))
         trace.summary().forEach(emit)
         if trace.droppedEvents > 0 {
             emit("  warning: \(trace.droppedEvents) events did not fit: raise --trace-events (now \(eventsPerBlock))")

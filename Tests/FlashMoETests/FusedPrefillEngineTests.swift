@@ -27,6 +27,12 @@ import Testing
             first[key] = nil
         }
         #expect(same == first)
+        // A tracing build's prefill kernel stands for the normal one: without the stamps, the same kernel.
+        let traced = try FusedSpecialization(
+            config: Self.fp8, arch: Self.sm90a, trace: true, experimentalFP8: true, tmaEngine: false)
+        let tracedVariant = try #require(try traced.prefillVariant(refused: false))
+        #expect(tracedVariant.trace && tracedVariant.defines["FMOE_TRACE"] == "1")
+        #expect(try tracedVariant.untraced().kernelSpec == variant.kernelSpec)
         // FLASHMOE_TMA=0 refuses it; a build already on the TMA engine (FLASHMOE_TMA=1) needs none.
         #expect(try Self.base().prefillVariant(refused: true) == nil)
         let tma = try FusedSpecialization(config: Self.fp8, arch: Self.sm90a, experimentalFP8: true, tmaEngine: true)
@@ -129,17 +135,31 @@ import Testing
         let fake = FakeDriver(kernels: [FusedSpecialization.kernelName], parameterSizes: [FusedParams.byteCount])
         let device = try CUDADevice(ordinal: 0, driver: fake)
         let first = try Self.kernel(on: device, threads: 256, mapBytes: 0, sharedBytes: 1024)
-        func outcome(_ second: FusedKernel, tokens: Int? = 256) throws -> FusedPrefillEngine.Outcome {
+        func outcome(
+            _ second: FusedKernel, tokens: Int? = 256, trace: Bool = false, twinSpills: Int = 0
+        ) throws -> FusedPrefillEngine.Outcome {
             var options = FusedOptions()
             options.prefillEngineTokens = tokens
-            let (base, outcome) = try FusedPrefillEngine.load(
-                baseSpec: try Self.base(), options: options, sharedMemoryPerBlock: nil
+            let base = try FusedSpecialization(
+                config: Self.fp8, arch: Self.sm90a, trace: trace, experimentalFP8: true, tmaEngine: false)
+            var twinAsked = false
+            let (loaded, result) = try FusedPrefillEngine.load(
+                baseSpec: base, options: options, sharedMemoryPerBlock: nil
             ) { specs in
                 #expect(specs.count == (tokens == nil ? 1 : 2) && specs.dropFirst().allSatisfy(\.tmaEngine))
+                #expect(specs.allSatisfy { $0.trace == trace })
                 return [first, second].prefix(specs.count).map { $0 }
+            } resources: { spec in
+                // Only a tracing build asks for its normal twin's compile: the TMA build without the stamps.
+                #expect(trace && spec.tmaEngine && !spec.trace && spec.defines["FMOE_TRACE"] == nil)
+                twinAsked = true
+                var usage = KernelResourceUsage(name: FusedSpecialization.kernelName, arch: "sm_90a")
+                usage.spillStoreBytes = twinSpills
+                return [usage]
             }
-            #expect(base.blockThreads == first.blockThreads)
-            return outcome
+            #expect(twinAsked == (trace && tokens != nil))
+            #expect(loaded.blockThreads == 256)
+            return result
         }
         let clean = try Self.kernel(on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048)
         let spilling = try Self.kernel(
@@ -153,6 +173,10 @@ import Testing
         if case .skipped(let why) = try outcome(otherGrid) { #expect(why.contains("grid blocks")) }
         else { Issue.record("a kernel of another grid was kept") }
         if case .notApplicable = try outcome(clean, tokens: nil) {} else { Issue.record("nil tokens still built one") }
+        // A tracing build follows its normal twin: kept though its own compile spills, left out when the twin spills.
+        if case .engine = try outcome(spilling, trace: true) {} else { Issue.record("a trace build lost its twin's kernel") }
+        if case .skipped(let why) = try outcome(clean, trace: true, twinSpills: 16) { #expect(why.contains("16 B")) }
+        else { Issue.record("a trace build kept a kernel its twin would not") }
         #expect(throws: MoEError.self) { _ = try outcome(clean, tokens: 0) }
     }
 }

@@ -61,27 +61,33 @@ extension FusedKernel {
     }
 
     /// The same for several specialisations (an operator's decode and prefill kernels, `FusedPrefillEngine`): NVRTC
-    /// compiles them side by side (independent programs, one thread each), then each loads in order.
+    /// compiles them side by side (`compile`), then each loads in order.
     static func load(_ specs: [FusedSpecialization], entry: String, deviceOrdinal: Int) throws -> [FusedKernel] {
         let driver = try CUDADriver.shared.get()
+        let compiled = try compile(specs)
+        let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
+        return try specs.indices.map { i in
+            try FusedKernel(
+                specialization: specs[i], entry: entry, device: device, build: { _, _ in compiled[i] },
+                prepare: { _ in })
+        }
+    }
+
+    /// Compiles (or finds in the cache) `specs`, side by side: independent NVRTC programs, one thread each.
+    static func compile(_ specs: [FusedSpecialization]) throws -> [CompiledKernel] {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
         let sources = KernelSources.current(environment: environment)
         // FLASHMOE_LINEINFO=1: keep source lines in the cubin, so compute-sanitizer and ncu name kernel lines.
         let lineInfo = environment["FLASHMOE_LINEINFO"] == "1"
-        let compiled = Mutex([Result<CompiledKernel, any Error>?](repeating: nil, count: specs.count))
+        let results = Mutex([Result<CompiledKernel, any Error>?](repeating: nil, count: specs.count))
         DispatchQueue.concurrentPerform(iterations: specs.count) { i in
             let result = Result { () throws -> CompiledKernel in
                 try compiler.compile(specs[i].kernelSpec, arch: specs[i].arch, sources: sources, lineInfo: lineInfo)
             }
-            compiled.withLock { $0[i] = result }
+            results.withLock { $0[i] = result }
         }
-        let device = try CUDADevice(ordinal: deviceOrdinal, driver: driver)
-        return try specs.indices.map { i in
-            try FusedKernel(
-                specialization: specs[i], entry: entry, device: device,
-                build: { _, _ in try compiled.withLock { $0[i]! }.get() }, prepare: { _ in })
-        }
+        return try results.withLock { $0 }.map { try $0!.get() }
     }
 
     /// The same, with the cubin from `build` (e.g. the NVSHMEM link) and `prepare` run on the module right after it

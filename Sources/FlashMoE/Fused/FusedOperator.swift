@@ -110,6 +110,8 @@ public final class FusedOperator: @unchecked Sendable {
             baseSpec: specialization, options: options, sharedMemoryPerBlock: target.sharedMemoryPerBlock
         ) { specs in
             try FusedKernel.load(specs, entry: FusedSpecialization.kernelName, deviceOrdinal: options.deviceOrdinal)
+        } resources: { spec in
+            try FusedKernel.compile([spec])[0].resources
         }
         try self.init(
             specialization: specialization, options: options, maxTokens: maxTokens, kernel: kernel,

@@ -35,10 +35,17 @@ struct FusedPrefillEngine {
 
     /// Loads an operator's kernels: `baseSpec`'s, and its prefill build when `options.prefillEngineTokens` asks for
     /// one and `baseSpec` has a TMA variant (within `sharedMemoryPerBlock`, nil: the architecture's). `load` compiles
-    /// and loads specialisations, all in one call so that it can compile them side by side.
+    /// and loads specialisations, all in one call so that it can compile them side by side; `resources` compiles
+    /// one without loading it and returns what ptxas reported.
+    ///
+    /// A tracing build keeps its prefill kernel exactly when the normal build would, so that a trace shows the
+    /// kernel a normal operator runs: the stamps cost registers, and the traced TMA kernel spills at shapes where the
+    /// normal one does not (qwen3-30b-a3b: 8 B; RESULTS, round 26), so the spill test reads the normal build's
+    /// compile (`resources`, from the cache after the normal operator's).
     static func load(
         baseSpec: FusedSpecialization, options: FusedOptions, sharedMemoryPerBlock: Int?,
-        load: ([FusedSpecialization]) throws -> [FusedKernel]
+        load: ([FusedSpecialization]) throws -> [FusedKernel],
+        resources: (FusedSpecialization) throws -> [KernelResourceUsage]
     ) throws -> (base: FusedKernel, prefill: Outcome) {
         let minTokens = options.prefillEngineTokens
         if let minTokens, minTokens < 1 {
@@ -48,15 +55,21 @@ struct FusedPrefillEngine {
             let spec = try baseSpec.prefillVariant(sharedMemoryPerBlock: sharedMemoryPerBlock, stages: options.stages)
         else { return (try load([baseSpec])[0], .notApplicable) }
         let kernels = try load([baseSpec, spec])
-        if let reason = mismatch(base: kernels[0], prefill: kernels[1], entry: FusedSpecialization.kernelName) {
+        let usage = spec.trace ? try resources(try spec.untraced()) : kernels[1].compiled.resources
+        if let reason = mismatch(
+            base: kernels[0], prefill: kernels[1], prefillResources: usage, entry: FusedSpecialization.kernelName)
+        {
             return (kernels[0], .skipped(reason))
         }
         return (kernels[0], .engine(FusedPrefillEngine(specialization: spec, kernel: kernels[1], minTokens: minTokens!)))
     }
 
-    /// Why `prefill` cannot stand in for `base` at launch, or nil.
-    static func mismatch(base: FusedKernel, prefill: FusedKernel, entry: String) -> String? {
-        if let usage = prefill.compiled.resources.first(where: { $0.name == entry }), usage.spills {
+    /// Why `prefill` cannot stand in for `base` at launch, or nil; `prefillResources`: ptxas' report of the build
+    /// whose spills decide (the prefill kernel's own, or a tracing build's normal twin).
+    static func mismatch(
+        base: FusedKernel, prefill: FusedKernel, prefillResources: [KernelResourceUsage], entry: String
+    ) -> String? {
+        if let usage = prefillResources.first(where: { $0.name == entry }), usage.spills {
             return "the TMA engine's kernel spills at this shape (\(usage.spillStoreBytes) B stored, "
                 + "\(usage.spillLoadBytes) B loaded): every launch runs the cp.async tiles"
         }

@@ -191,6 +191,15 @@ public struct FusedSpecialization: Sendable, Hashable {
             returnStorage: returnStorage, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: tmaFP8TileRows)
     }
 
+    /// This specialisation without the tracing build's stamps (`trace` false), everything else the same: the
+    /// kernel a tracing build stands for.
+    func untraced() throws(MoEError) -> FusedSpecialization {
+        try FusedSpecialization(
+            config: config, arch: arch, stages: stages, ranks: ranks, injectFault: injectFault,
+            stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: false, returnStorage: returnStorage,
+            experimentalFP8: true, tmaEngine: tmaEngine, tmaFP8TileRows: tmaFP8TileRows)
+    }
+
     /// The `-D` defines of this specialisation.
     public var defines: [String: String] {
         let c = config
