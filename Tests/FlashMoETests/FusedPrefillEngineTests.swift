@@ -9,7 +9,7 @@ import Testing
 @Suite struct FusedPrefillEngineTests {
     static let sm90a = GPUArchitecture(major: 9, minor: 0)
     static let fp8 = MoEConfig(
-        hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, ffn: .gated, activation: .silu, precision: .fp8)
+        hiddenSize: 256, intermediateSize: 128, experts: 128, topK: 8, ffn: .gated, activation: .silu, precision: .fp8)
 
     static func base(_ config: MoEConfig = fp8, arch: GPUArchitecture = sm90a) throws -> FusedSpecialization {
         try FusedSpecialization(config: config, arch: arch, experimentalFP8: true, tmaEngine: false)
@@ -46,10 +46,33 @@ import Testing
             .prefillVariant(refused: false) == nil)
     }
 
+    /// The operator's rule on top of the variant: a token threshold set, and enough experts (RESULTS, round 26: the
+    /// TMA build is slower up to 2,048 tokens at 8 and 32 experts).
+    @Test func onlyLayersWithManyExpertsBuildOne() throws {
+        func build(experts: Int, _ options: FusedOptions = FusedOptions()) throws -> FusedSpecialization? {
+            var c = Self.fp8
+            c.experts = experts
+            return try FusedPrefillEngine.specialization(for: try Self.base(c), options: options, refused: false)
+        }
+        #expect(try build(experts: 128)?.tmaEngine == true && build(experts: 256) != nil)
+        #expect(try build(experts: 8) == nil && build(experts: 64) == nil)
+        var lower = FusedOptions()
+        lower.prefillEngineMinExperts = 8
+        #expect(try build(experts: 8, lower) != nil)
+        var none = FusedOptions()
+        none.prefillEngineTokens = nil
+        #expect(try build(experts: 128, none) == nil)
+        none.prefillEngineTokens = 0
+        #expect(throws: MoEError.self) { _ = try build(experts: 128, none) }
+    }
+
     @Test func theCatalogCompilesBothBuildsOfAnFP8Layer() throws {
         let specs = KernelCatalog.specializations(for: Self.fp8, arch: Self.sm90a, experimentalFP8: true)
-        let bf16 = KernelCatalog.specializations(for: MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2))
-        #expect(bf16.count == 2)
+        let bf16 = KernelCatalog.specializations(for: MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 128, topK: 8))
+        var few = Self.fp8
+        few.experts = 8
+        let mixtralLike = KernelCatalog.specializations(for: few, arch: Self.sm90a, experimentalFP8: true)
+        #expect(bf16.count == 2 && mixtralLike.count == 2)
         if FusedSpecialization.tmaEngineRefused || FusedSpecialization.tmaEngineRequested {
             // FLASHMOE_TMA=0 or 1: one build, on the engine the environment names.
             #expect(specs.count == 2 && (specs[1].defines["FMOE_TMA"] == "1") == FusedSpecialization.tmaEngineRequested)

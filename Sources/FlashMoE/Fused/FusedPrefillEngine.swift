@@ -2,11 +2,13 @@
 /// launched for prefill while decode keeps the cp.async tiles' kernel.
 ///
 /// Why two kernels: the token count is a launch argument, not a compile-time constant, and neither engine wins
-/// everywhere. On the H200 the TMA build is 3 – 16 % faster from S = 256 on, but 2 – 5 % slower at S = 64 and 2 – 6
-/// µs at S = 1 (Benchmarks/RESULTS.md, rounds 25 and 26). Both builds compute the same bits (the same wgmma
-/// instructions in the same K order, `phase_experts_tma_fp8.cuh`), read and write the same `Params`, workspace and
-/// counters, and keep the device epoch the same way, so launches of either can follow each other on one stream or
-/// in one CUDA graph.
+/// everywhere. On the H200, at 128 and 256 experts (qwen3-30b-a3b, deepseek-v3) the TMA build is 4 – 15 % faster from
+/// 256 tokens on but 2 – 10 % slower at decode; at 64 experts it is level, and at 8 and 32 (mixtral-8x7b, paper-e32)
+/// slower up to 2,048 tokens by up to 35 – 47 % (Benchmarks/RESULTS.md, round 26). So layers of at least
+/// `FusedOptions.prefillEngineMinExperts` experts get the second kernel, for launches of at least
+/// `FusedOptions.prefillEngineTokens` tokens. Both builds compute the same bits (the same wgmma instructions in the
+/// same K order, `phase_experts_tma_fp8.cuh`), read and write the same `Params`, workspace and counters, and keep the
+/// device epoch the same way, so launches of either can follow each other on one stream or in one CUDA graph.
 ///
 /// The operator keeps the second kernel only where it is sound and clean; otherwise every launch runs the first, and
 /// `skipReason` says why:
@@ -33,8 +35,25 @@ struct FusedPrefillEngine {
         case notApplicable
     }
 
-    /// Loads an operator's kernels: `baseSpec`'s, and its prefill build when `options.prefillEngineTokens` asks for
-    /// one and `baseSpec` has a TMA variant (within `sharedMemoryPerBlock`, nil: the architecture's). `load` compiles
+    /// The prefill build an operator of `baseSpec` with `options` compiles, or nil: `baseSpec.prefillVariant` (fp8,
+    /// sm_90a, one GPU, not `FLASHMOE_TMA=0`) for a layer of at least `options.prefillEngineMinExperts` experts when
+    /// `options.prefillEngineTokens` is set. What the operator, the catalog and the precompile steps agree on.
+    static func specialization(
+        for baseSpec: FusedSpecialization, options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil,
+        refused: Bool = FusedSpecialization.tmaEngineRefused
+    ) throws -> FusedSpecialization? {
+        if let minTokens = options.prefillEngineTokens, minTokens < 1 {
+            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
+        }
+        guard options.prefillEngineTokens != nil, baseSpec.config.experts >= options.prefillEngineMinExperts else {
+            return nil
+        }
+        return try baseSpec.prefillVariant(
+            sharedMemoryPerBlock: sharedMemoryPerBlock, stages: options.stages, refused: refused)
+    }
+
+    /// Loads an operator's kernels: `baseSpec`'s, and its prefill build (`specialization(for:options:)`, within
+    /// `sharedMemoryPerBlock`, nil: the architecture's). `load` compiles
     /// and loads specialisations, all in one call so that it can compile them side by side; `resources` compiles
     /// one without loading it and returns what ptxas reported.
     ///
@@ -47,12 +66,8 @@ struct FusedPrefillEngine {
         load: ([FusedSpecialization]) throws -> [FusedKernel],
         resources: (FusedSpecialization) throws -> [KernelResourceUsage]
     ) throws -> (base: FusedKernel, prefill: Outcome) {
-        let minTokens = options.prefillEngineTokens
-        if let minTokens, minTokens < 1 {
-            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
-        }
-        guard minTokens != nil,
-            let spec = try baseSpec.prefillVariant(sharedMemoryPerBlock: sharedMemoryPerBlock, stages: options.stages)
+        guard let spec = try specialization(for: baseSpec, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock),
+            let minTokens = options.prefillEngineTokens
         else { return (try load([baseSpec])[0], .notApplicable) }
         let kernels = try load([baseSpec, spec])
         let usage = spec.trace ? try resources(try spec.untraced()) : kernels[1].compiled.resources
@@ -61,7 +76,7 @@ struct FusedPrefillEngine {
         {
             return (kernels[0], .skipped(reason))
         }
-        return (kernels[0], .engine(FusedPrefillEngine(specialization: spec, kernel: kernels[1], minTokens: minTokens!)))
+        return (kernels[0], .engine(FusedPrefillEngine(specialization: spec, kernel: kernels[1], minTokens: minTokens)))
     }
 
     /// Why `prefill` cannot stand in for `base` at launch, or nil; `prefillResources`: ptxas' report of the build
@@ -82,5 +97,15 @@ struct FusedPrefillEngine {
             return "the TMA engine's kernel has \(b) \(name), the cp.async kernel \(a): every launch runs the cp.async tiles"
         }
         return nil
+    }
+}
+
+extension FusedSpecialization {
+    /// The prefill build an operator of this specialisation with `options` compiles beside it
+    /// (`FusedPrefillEngine.specialization`), or nil: for the catalog and the precompile steps.
+    public func prefillBuild(options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil) throws
+        -> FusedSpecialization?
+    {
+        try FusedPrefillEngine.specialization(for: self, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock)
     }
 }

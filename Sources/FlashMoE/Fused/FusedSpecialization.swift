@@ -54,9 +54,9 @@ public struct FusedSpecialization: Sendable, Hashable {
     }
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`: every launch on the TMA engine). Off by
-    /// default: bf16's TMA engine is slower than the cp.async engine; fp8's is 3 – 16 % faster from S = 256 on but
-    /// 2 – 13 % slower at decode (Benchmarks/RESULTS.md, round 25), so fp8 operators run it for prefill launches
-    /// only, as a second kernel (`prefillVariant`, `FusedPrefillEngine`).
+    /// default: bf16's TMA engine is slower than the cp.async engine; fp8's is faster at prefill on layers of many
+    /// experts but slower at decode and on layers of few experts (Benchmarks/RESULTS.md, rounds 25 and 26), so fp8
+    /// operators of many experts run it for prefill launches only, as a second kernel (`FusedPrefillEngine`).
     public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
 
     /// Whether the environment refuses the TMA engine (`FLASHMOE_TMA=0`): no prefill kernel either.
@@ -75,11 +75,11 @@ public struct FusedSpecialization: Sendable, Hashable {
     public static let file = "moe.cu"
     /// Whether the kernel's FP8 path (docs/fp8.md; sm_90a, one GPU) is enabled. On the H200 it passes its verify
     /// cases (2e-3 to 8e-3 from the exact fp8 oracle: the FP8 tensor cores' accumulation) and is faster than bf16 at
-    /// decode, but at prefill from 9 % faster (mixtral-8x7b S = 4096: 4.72 ms against bf16's 5.15 – 5.19) to 1.5×
-    /// slower (paper-e64 S = 8192: 1.04 against 0.69) and short of its speed targets (Benchmarks/RESULTS.md: fp8
-    /// round 26, bf16 rounds 18, 19 and 21), so it is off unless
-    /// `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports its fp8
-    /// cases as skipped.
+    /// decode, but at prefill from 4 – 5 % faster (deepseek-v3 S = 4096: 8.39 ms against bf16's 8.56 – 8.78,
+    /// mixtral-8x7b 4.95 against 5.15 – 5.19) to 1.5× slower (paper-e64 S = 8192: 1.03 against 0.69) and short of
+    /// its speed targets (Benchmarks/RESULTS.md: fp8 rounds 25 and 26, bf16 rounds 18, 19 and 21), so it is off
+    /// unless `FLASHMOE_EXPERIMENTAL_FP8=1`; while off, `init` refuses precision fp8 and `flashmoe verify` reports
+    /// its fp8 cases as skipped.
     public static var supportsFP8: Bool { ProcessEnvironment.current()["FLASHMOE_EXPERIMENTAL_FP8"] == "1" }
 
     /// Whether the kernel has an fp8 engine for `arch`: sm_90a (E4M3 wgmma, wgmma_fp8.cuh) and sm_89 (E4M3 mma.sync,
