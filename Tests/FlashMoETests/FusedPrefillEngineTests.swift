@@ -196,6 +196,18 @@ import Testing
         if case .skipped(let why) = try outcome(otherGrid) { #expect(why.contains("grid blocks")) }
         else { Issue.record("a kernel of another grid was kept") }
         if case .notApplicable = try outcome(clean, tokens: nil) {} else { Issue.record("nil tokens still built one") }
+        // A TMA build that fails to compile or load costs the operator its speed, not its first kernel.
+        var calls = 0
+        let (kept, failed) = try FusedPrefillEngine.load(
+            baseSpec: try Self.base(), options: FusedOptions(), sharedMemoryPerBlock: nil
+        ) { specs in
+            calls += 1
+            if specs.count == 2 { throw CUDAError.invalidArgument("NVRTC: error in the TMA build") }
+            return [first]
+        } resources: { _ in [] }
+        #expect(calls == 2 && kept.blockThreads == 256)
+        if case .skipped(let why) = failed { #expect(why.contains("did not build") && why.contains("NVRTC")) }
+        else { Issue.record("a failed prefill build was not reported") }
         // A tracing build follows its normal twin: kept though its own compile spills, left out when the twin spills.
         if case .engine = try outcome(spilling, trace: true) {} else { Issue.record("a trace build lost its twin's kernel") }
         if case .skipped(let why) = try outcome(clean, trace: true, twinSpills: 16) { #expect(why.contains("16 B")) }

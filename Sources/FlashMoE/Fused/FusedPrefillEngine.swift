@@ -11,7 +11,8 @@
 /// device epoch the same way, so launches of either can follow each other on one stream or in one CUDA graph.
 ///
 /// The operator keeps the second kernel only where it is sound and clean; otherwise every launch runs the first, and
-/// `skipReason` says why:
+/// `FusedOperator.prefillSkipReason` says why:
+/// - it must build: a compile or load error of the TMA build leaves the operator with the first kernel;
 /// - its compile must not spill: the TMA build's consumers run every phase within the registers the producer gives
 ///   up, and at some small shapes ptxas spills there (24 B at E = 256, H = 128, I = 64; RESULTS, round 25), which the
 ///   cp.async build does not;
@@ -69,7 +70,14 @@ struct FusedPrefillEngine {
         guard let spec = try specialization(for: baseSpec, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock),
             let minTokens = options.prefillEngineTokens
         else { return (try load([baseSpec])[0], .notApplicable) }
-        let kernels = try load([baseSpec, spec])
+        let kernels: [FusedKernel]
+        do {
+            kernels = try load([baseSpec, spec])
+        } catch {
+            // The first kernel alone decides whether the operator can run: a prefill build that fails to compile or
+            // load costs its speed, not the operator (an error of the first kernel is thrown again here).
+            return (try load([baseSpec])[0], .skipped("the TMA engine's kernel did not build (\(error)): every launch runs the cp.async tiles"))
+        }
         let usage = spec.trace ? try resources(try spec.untraced()) : kernels[1].compiled.resources
         if let reason = mismatch(
             base: kernels[0], prefill: kernels[1], prefillResources: usage, entry: FusedSpecialization.kernelName)
