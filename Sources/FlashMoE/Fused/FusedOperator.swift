@@ -4,7 +4,8 @@ import Synchronization
 /// The GPU operator core: one persistent, cooperative kernel launch per forward over device memory, on the
 /// caller's stream.
 ///
-/// Created once per layer: it compiles (or loads from the cubin cache) the kernel specialised for the config, takes
+/// Created once per layer: it compiles (or loads from the cubin cache) the kernel specialised for the config (fp8
+/// layers of many experts on sm_90a: two, the second for prefill launches, `FusedPrefillEngine`), takes
 /// the weights in the kernel's layout, sizes the persistent grid from the occupancy API and, when `maxTokens` is
 /// given, allocates the workspace (one device arena) for that many tokens. Then each `forward(_:)`:
 /// - makes the device's context current, checks the arguments and the error mirror (no device call),
@@ -42,8 +43,8 @@ public final class FusedOperator: @unchecked Sendable {
     public var prefillCompiledKernel: CompiledKernel? { prefill?.kernel.compiled }
     /// The fewest tokens a launch of the prefill kernel has (nil without one).
     public var prefillTokens: Int? { prefill?.minTokens }
-    /// Why an operator that would launch a prefill kernel has none (its compile spills, or its launch facts differ
-    /// from the first kernel's); nil otherwise.
+    /// Why an operator that would launch a prefill kernel has none (it did not build, its compile spills, or its
+    /// launch facts differ from the first kernel's); nil otherwise.
     public let prefillSkipReason: String?
     /// Blocks of the persistent grid (blocks per SM from the occupancy API × SMs).
     public var gridBlocks: Int { kernel.gridLimit }
