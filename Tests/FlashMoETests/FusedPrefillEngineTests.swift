@@ -208,6 +208,18 @@ import Testing
         #expect(calls == 2 && kept.blockThreads == 256)
         if case .skipped(let why) = failed { #expect(why.contains("did not build") && why.contains("NVRTC")) }
         else { Issue.record("a failed prefill build was not reported") }
+        // A TMA build that cannot fit the block (the stages fixed, its static shared memory 1 KiB larger) is skipped.
+        let tight = try Self.base()
+        var fixed = FusedOptions()
+        fixed.stages = tight.stages
+        let limit = tight.sharedMemory.totalBytes
+        #expect(throws: MoEError.self) { _ = try tight.prefillVariant(sharedMemoryPerBlock: limit, stages: tight.stages, refused: false) }
+        let (_, unfit) = try FusedPrefillEngine.load(baseSpec: tight, options: fixed, sharedMemoryPerBlock: limit) { specs in
+            #expect(specs.count == 1)
+            return [first]
+        } resources: { _ in [] }
+        if case .skipped(let why) = unfit { #expect(why.contains("no TMA engine's kernel")) }
+        else { Issue.record("a TMA build that does not fit was not reported") }
         // A tracing build follows its normal twin: kept though its own compile spills, left out when the twin spills.
         if case .engine = try outcome(spilling, trace: true) {} else { Issue.record("a trace build lost its twin's kernel") }
         if case .skipped(let why) = try outcome(clean, trace: true, twinSpills: 16) { #expect(why.contains("16 B")) }

@@ -67,9 +67,20 @@ struct FusedPrefillEngine {
         load: ([FusedSpecialization]) throws -> [FusedKernel],
         resources: (FusedSpecialization) throws -> [KernelResourceUsage]
     ) throws -> (base: FusedKernel, prefill: Outcome) {
-        guard let spec = try specialization(for: baseSpec, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock),
-            let minTokens = options.prefillEngineTokens
-        else { return (try load([baseSpec])[0], .notApplicable) }
+        if let minTokens = options.prefillEngineTokens, minTokens < 1 {
+            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
+        }
+        let wanted: FusedSpecialization?
+        do {
+            wanted = try specialization(for: baseSpec, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock)
+        } catch {
+            // A TMA build that does not fit (e.g. stages fixed by FusedOptions.stages, with its larger static shared
+            // memory) leaves the operator its first kernel, as a failed compile does.
+            return (try load([baseSpec])[0], .skipped("no TMA engine's kernel for this layer (\(error)): every launch runs the cp.async tiles"))
+        }
+        guard let spec = wanted, let minTokens = options.prefillEngineTokens else {
+            return (try load([baseSpec])[0], .notApplicable)
+        }
         let kernels: [FusedKernel]
         do {
             kernels = try load([baseSpec, spec])
