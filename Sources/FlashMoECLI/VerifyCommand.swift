@@ -1,7 +1,5 @@
 import ArgumentParser
-import Dispatch
 import FlashMoE
-import Synchronization
 
 /// `flashmoe verify`: the fused GPU operator against the CPU oracle on fresh random inputs, output poisoned before
 /// every launch: every preset at small token counts plus the edge cases (see `Verifier.standardCases`), then the
@@ -166,17 +164,13 @@ struct VerifyCommand: ParsableCommand {
             }
         }
         let specs = unique
-        let failures = Mutex<[String]>([])
         let clock = ContinuousClock()
         let start = clock.now
-        DispatchQueue.concurrentPerform(iterations: specs.count) { i in
-            do {
-                _ = try compiler.compile(specs[i], arch: target.arch, sources: sources)
-            } catch {
-                failures.withLock { $0.append("\(specs[i]): \(error)") }
-            }
+        let results = compiler.compileAll(specs.map { ($0, target.arch) }, sources: sources)
+        let failed = zip(specs, results).compactMap { spec, result -> String? in
+            if case .failure(let error) = result { return "\(spec): \(error)" }
+            return nil
         }
-        let failed = failures.withLock { $0 }
         print("compiled \(specs.count) kernel specialisations for \(target.arch) in "
             + "\(Int((clock.now - start).milliseconds)) ms (cached ones load instantly)")
         if let first = failed.first { throw CUDAError.invalidArgument("kernel compilation failed: \(first)") }

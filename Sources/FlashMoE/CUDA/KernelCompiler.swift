@@ -1,3 +1,6 @@
+import Dispatch
+import Synchronization
+
 /// One CUDA C++ program to compile for one architecture: the source, the headers it may include, and the
 /// `-D` defines that specialize it.
 public struct CompileRequest: Sendable, Hashable {
@@ -185,6 +188,22 @@ public struct KernelCompiler: Sendable {
             CompileRequest(
                 name: spec.file, source: source, headers: headers, arch: arch, defines: spec.defines,
                 lineInfo: lineInfo))
+    }
+
+    /// Compiles every spec for its architecture side by side, one thread each (independent NVRTC programs; the
+    /// cache stores each entry with an atomic rename), or finds it in the cache: each outcome in `jobs`' order, so a
+    /// caller can stop at the first failure or report them all.
+    public func compileAll(
+        _ jobs: [(spec: KernelSpec, arch: GPUArchitecture)], sources: KernelSources, lineInfo: Bool = false
+    ) -> [Result<CompiledKernel, CUDAError>] {
+        let results = Mutex([Result<CompiledKernel, CUDAError>?](repeating: nil, count: jobs.count))
+        DispatchQueue.concurrentPerform(iterations: jobs.count) { i in
+            let result = Result { () throws(CUDAError) -> CompiledKernel in
+                try compile(jobs[i].spec, arch: jobs[i].arch, sources: sources, lineInfo: lineInfo)
+            }
+            results.withLock { $0[i] = result }
+        }
+        return results.withLock { $0 }.map { $0! }
     }
 
     private static func compiled(

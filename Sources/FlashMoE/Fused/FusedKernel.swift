@@ -1,6 +1,4 @@
 import CCUDA
-import Dispatch
-import Synchronization
 
 /// A compiled, loaded specialisation of the fused kernel and the facts the host needs to launch it.
 ///
@@ -73,21 +71,15 @@ extension FusedKernel {
         }
     }
 
-    /// Compiles (or finds in the cache) `specs`, side by side: independent NVRTC programs, one thread each.
+    /// Compiles (or finds in the cache) `specs`, side by side (`KernelCompiler.compileAll`); throws the first failure.
     static func compile(_ specs: [FusedSpecialization]) throws -> [CompiledKernel] {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
-        let sources = KernelSources.current(environment: environment)
         // FLASHMOE_LINEINFO=1: keep source lines in the cubin, so compute-sanitizer and ncu name kernel lines.
-        let lineInfo = environment["FLASHMOE_LINEINFO"] == "1"
-        let results = Mutex([Result<CompiledKernel, any Error>?](repeating: nil, count: specs.count))
-        DispatchQueue.concurrentPerform(iterations: specs.count) { i in
-            let result = Result { () throws -> CompiledKernel in
-                try compiler.compile(specs[i].kernelSpec, arch: specs[i].arch, sources: sources, lineInfo: lineInfo)
-            }
-            results.withLock { $0[i] = result }
-        }
-        return try results.withLock { $0 }.map { try $0!.get() }
+        return try compiler.compileAll(
+            specs.map { ($0.kernelSpec, $0.arch) }, sources: KernelSources.current(environment: environment),
+            lineInfo: environment["FLASHMOE_LINEINFO"] == "1"
+        ).map { try $0.get() }
     }
 
     /// The same, with the cubin from `build` (e.g. the NVSHMEM link) and `prepare` run on the module right after it
