@@ -17,12 +17,12 @@ enum BenchTrace {
         try traced.clearTrace()
         let result = try traced.benchmark(input: x, warmup: 0, iterations: 1)
         let trace = try traced.recordedTrace()
+        let launched = traced.core.specialization(forTokens: x.shape[0])
         let metadata = [
             ("layer", LayerReport.describe(layer.config)), ("tokens", "\(x.shape[0])"),
             ("device", traced.device.properties.name),
             ("launch_ms", formatDecimal(result.medianMilliseconds, 3)),
-            ("stages", "\(traced.core.specialization(forTokens: x.shape[0]).stages)"),
-            ("engine", traced.core.specialization(forTokens: x.shape[0]).tmaEngine ? "tma" : "cp.async"),
+            ("stages", "\(launched.stages)"), ("engine", launched.tmaEngine ? "tma" : "cp.async"),
         ]
         try HostMachine.writeTextFile(trace.chromeJSON(metadata: metadata), to: path)
         emit("trace: launch \(warmup + 1) of a tracing build, \(formatDecimal(result.medianMilliseconds, 3)) ms "

@@ -151,8 +151,8 @@ struct VerifyCommand: ParsableCommand {
                 config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks)
             else { continue }
             // An fp8 operator's prefill kernel too (FusedPrefillEngine).
-            let prefill = (try? spec.prefillBuild(sharedMemoryPerBlock: target.sharedMemoryPerBlock)).flatMap { $0 }
-            for s in [spec] + (prefill.map { [$0] } ?? []) where !unique.contains(s.kernelSpec) {
+            for s in spec.operatorBuilds(sharedMemoryPerBlock: target.sharedMemoryPerBlock)
+            where !unique.contains(s.kernelSpec) {
                 unique.append(s.kernelSpec)
             }
         }

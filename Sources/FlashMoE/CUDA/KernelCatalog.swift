@@ -33,7 +33,7 @@ public enum KernelCatalog {
     /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
     /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`), and, for precision
     /// fp8 on sm_90a, its prefill build on the TMA engine where an operator with the default options builds one
-    /// (`FusedSpecialization.prefillBuild`). A config the GPU
+    /// (`FusedSpecialization.operatorBuilds`). A config the GPU
     /// kernel does not support there (see `FusedSpecialization`; fp8 only with `experimentalFP8`, default the
     /// environment's switch) contributes no MoE kernel.
     public static func specializations(
@@ -43,8 +43,7 @@ public enum KernelCatalog {
         guard let spec = try? FusedSpecialization(config: config, arch: arch, experimentalFP8: experimentalFP8) else {
             return [selfTest]
         }
-        let prefill = (try? spec.prefillBuild()).flatMap { $0 }
-        return [selfTest, spec.kernelSpec] + (prefill.map { [$0.kernelSpec] } ?? [])
+        return [selfTest] + spec.operatorBuilds().map(\.kernelSpec)
     }
 
     /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that

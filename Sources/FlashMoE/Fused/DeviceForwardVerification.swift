@@ -188,11 +188,12 @@ extension Verifier {
         let one = try FusedMoE(layer: layer, options: single, maxTokens: sizes.max()!)
         let references = try inputs.map { try one.forward($0).output.floats() }
         let (op, io) = try operatorAndIO(layer, FusedOptions(deviceOrdinal: deviceOrdinal), maxTokens: sizes.max()!)
-        let arch = op.device.properties.architecture
-        let expectsTwo = FusedSpecialization.tmaEngineFits(arch: arch, precision: .fp8, ranks: 1)
-            && !FusedSpecialization.tmaEngineRefused && !FusedSpecialization.tmaEngineRequested
+        // The operator's own rule (FusedPrefillEngine) says whether this layer, target and environment get two.
+        let expectsTwo = op.specialization.operatorBuilds(
+            sharedMemoryPerBlock: op.device.properties.sharedMemoryPerBlockOptIn).count > 1
         guard let from = op.core.prefillTokens else {
-            let why = op.core.prefillSkipReason ?? "no prefill kernel for \(arch) with this environment"
+            let why = op.core.prefillSkipReason
+                ?? "no prefill kernel for \(op.specialization.arch) with this environment"
             return (expectsTwo ? "the operator has no prefill kernel: \(why)" : nil, "one kernel: \(why)")
         }
         let h = config.hiddenSize

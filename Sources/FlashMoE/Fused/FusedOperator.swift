@@ -166,12 +166,17 @@ public final class FusedOperator: @unchecked Sendable {
     /// The specialisation a launch of `tokens` tokens runs: the prefill kernel's from `prefillTokens` on, else the
     /// first kernel's.
     public func specialization(forTokens tokens: Int) -> FusedSpecialization {
-        prefill?.runs(tokens: tokens) == true ? prefill!.specialization : specialization
+        prefill(forTokens: tokens)?.specialization ?? specialization
     }
 
     /// The kernel a launch of `tokens` tokens runs.
     func kernel(forTokens tokens: Int) -> FusedKernel {
-        prefill?.runs(tokens: tokens) == true ? prefill!.kernel : kernel
+        prefill(forTokens: tokens)?.kernel ?? kernel
+    }
+
+    /// The prefill engine when a launch of `tokens` tokens runs it, else nil.
+    private func prefill(forTokens tokens: Int) -> FusedPrefillEngine? {
+        prefill.flatMap { $0.runs(tokens: tokens) ? $0 : nil }
     }
 
     /// Device bytes of the workspace currently allocated (0 before the first call when sized lazily).
@@ -234,7 +239,6 @@ public final class FusedOperator: @unchecked Sendable {
                 injectFault: call.injectFault, epoch: 0, budgetNanoseconds: FusedParams.nanoseconds(options.waitBudget),
                 epochWrap: options.epochWrap))
         // The prefill kernel for large launches (fp8 on sm_90a): same Params, workspace and bits as the first kernel.
-        let runsPrefill = prefill?.runs(tokens: s) == true
         let launched = kernel(forTokens: s)
         var arguments = [KernelArgument(rawBytes: bytes, alignment: 8)]
         if launched.tensorMapBytes > 0, let maps = st.tensorMaps {
@@ -243,7 +247,7 @@ public final class FusedOperator: @unchecked Sendable {
         try launched.function.launchCooperative(
             grid: Dim3(gridBlocks), block: Dim3(launched.blockThreads), sharedBytes: launched.dynamicSharedBytes,
             streamHandle: call.stream, arguments: arguments, gridSizedByCaller: true)
-        st.lastRanPrefill = runsPrefill
+        st.lastRanPrefill = prefill(forTokens: s) != nil
         if options.synchronousErrors {
             try device.driver.check(device.driver.streamSynchronize(call.stream), "cuStreamSynchronize")
             try takeMirroredError(&st)

@@ -29,7 +29,7 @@ struct FusedPrefillEngine {
     /// Whether a launch of `tokens` tokens runs this kernel.
     func runs(tokens: Int) -> Bool { tokens >= minTokens }
 
-    /// The outcome of `make`: the engine, or why there is none (nil when the operator never asks for one).
+    /// The outcome of `load`: the engine, why there is none, or `notApplicable` when the layer gets none.
     enum Outcome {
         case engine(FusedPrefillEngine)
         case skipped(String)
@@ -43,9 +43,7 @@ struct FusedPrefillEngine {
         for baseSpec: FusedSpecialization, options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil,
         refused: Bool = FusedSpecialization.tmaEngineRefused
     ) throws -> FusedSpecialization? {
-        if let minTokens = options.prefillEngineTokens, minTokens < 1 {
-            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
-        }
+        try checkTokens(options)
         guard options.prefillEngineTokens != nil, baseSpec.config.experts >= options.prefillEngineMinExperts else {
             return nil
         }
@@ -67,9 +65,7 @@ struct FusedPrefillEngine {
         load: ([FusedSpecialization]) throws -> [FusedKernel],
         resources: (FusedSpecialization) throws -> [KernelResourceUsage]
     ) throws -> (base: FusedKernel, prefill: Outcome) {
-        if let minTokens = options.prefillEngineTokens, minTokens < 1 {
-            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
-        }
+        try checkTokens(options)  // a bad option is the caller's error, not a reason to skip the kernel
         let wanted: FusedSpecialization?
         do {
             wanted = try specialization(for: baseSpec, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock)
@@ -98,6 +94,13 @@ struct FusedPrefillEngine {
         return (kernels[0], .engine(FusedPrefillEngine(specialization: spec, kernel: kernels[1], minTokens: minTokens)))
     }
 
+    /// Refuses a `prefillEngineTokens` below 1.
+    private static func checkTokens(_ options: FusedOptions) throws(MoEError) {
+        if let minTokens = options.prefillEngineTokens, minTokens < 1 {
+            throw MoEError(.invalidConfig, "prefillEngineTokens must be at least 1 (or nil for one kernel), not \(minTokens)")
+        }
+    }
+
     /// Why `prefill` cannot stand in for `base` at launch, or nil; `prefillResources`: ptxas' report of the build
     /// whose spills decide (the prefill kernel's own, or a tracing build's normal twin).
     static func mismatch(
@@ -120,11 +123,14 @@ struct FusedPrefillEngine {
 }
 
 extension FusedSpecialization {
-    /// The prefill build an operator of this specialisation with `options` compiles beside it
-    /// (`FusedPrefillEngine.specialization`), or nil: for the catalog and the precompile steps.
-    public func prefillBuild(options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil) throws
-        -> FusedSpecialization?
+    /// The builds an operator of this specialisation with `options` compiles: this one, then its prefill build where
+    /// the layer gets one (`FusedPrefillEngine.specialization`; one that cannot be built is left out, as the operator
+    /// leaves it out). What the catalog and the precompile steps compile.
+    public func operatorBuilds(options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil)
+        -> [FusedSpecialization]
     {
-        try FusedPrefillEngine.specialization(for: self, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock)
+        let prefill = try? FusedPrefillEngine.specialization(
+            for: self, options: options, sharedMemoryPerBlock: sharedMemoryPerBlock)
+        return [self] + (prefill.map { [$0] } ?? [])
     }
 }

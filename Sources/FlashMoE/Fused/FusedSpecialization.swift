@@ -185,19 +185,24 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard config.precision == .fp8, !tmaEngine, !refused,
             Self.tmaEngineFits(arch: arch, precision: config.precision, ranks: ranks)
         else { return nil }
-        return try FusedSpecialization(
-            config: config, arch: arch, sharedMemoryPerBlock: sharedMemoryPerBlock, stages: stages, ranks: ranks,
-            injectFault: injectFault, stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: trace,
-            returnStorage: returnStorage, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: tmaFP8TileRows)
+        return try rebuilt(tmaEngine: true, trace: trace, stages: stages, sharedMemoryPerBlock: sharedMemoryPerBlock)
     }
 
     /// This specialisation without the tracing build's stamps (`trace` false), everything else the same: the
     /// kernel a tracing build stands for.
     func untraced() throws(MoEError) -> FusedSpecialization {
+        try rebuilt(tmaEngine: tmaEngine, trace: false, stages: stages, sharedMemoryPerBlock: nil)
+    }
+
+    /// This specialisation built again with another engine, tracing or stages, everything else the same (fp8 is
+    /// allowed: this one exists).
+    private func rebuilt(tmaEngine: Bool, trace: Bool, stages: Int?, sharedMemoryPerBlock: Int?) throws(MoEError)
+        -> FusedSpecialization
+    {
         try FusedSpecialization(
-            config: config, arch: arch, stages: stages, ranks: ranks, injectFault: injectFault,
-            stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: false, returnStorage: returnStorage,
-            experimentalFP8: true, tmaEngine: tmaEngine, tmaFP8TileRows: tmaFP8TileRows)
+            config: config, arch: arch, sharedMemoryPerBlock: sharedMemoryPerBlock, stages: stages, ranks: ranks,
+            injectFault: injectFault, stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: trace,
+            returnStorage: returnStorage, experimentalFP8: true, tmaEngine: tmaEngine, tmaFP8TileRows: tmaFP8TileRows)
     }
 
     /// The `-D` defines of this specialisation.
