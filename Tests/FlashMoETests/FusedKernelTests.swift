@@ -79,13 +79,13 @@ import Testing
     }
 
     @Test func paramsLayoutMatchesTheKernelStructs() throws {
-        // 45 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
+        // 46 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
         // and every offset at load time.
-        #expect(FusedParams.byteCount == 424)
+        #expect(FusedParams.byteCount == 432)
         #expect(FusedParams.peerByteCount == 80)
-        #expect(FusedParams.layout.count == 59)
+        #expect(FusedParams.layout.count == 60)
         let bytes = FusedParams.encode(
-            pointers: [UInt64](repeating: 7, count: 45),
+            pointers: [UInt64](repeating: 7, count: 46),
             FusedParams.Scalars(tokens: 5, capacity: 9, rank: 2, gateSplit: 3, rowBlocks: 4, maxTokens: 6, partRows: 8,
                                 yStorage: true, injectFault: true, epoch: 11, budgetNanoseconds: 13, epochWrap: 17))
         #expect(bytes.count == FusedParams.byteCount)

@@ -170,16 +170,16 @@ extern "C" __device__ const int fmoe_tma_maps_bytes = 0;
 #if FMOE_NVSHMEM
 // Relocatable (LTO) builds read `extern` as a declaration: a linkage block makes it the definition.
 extern "C" {
-__device__ int fmoe_params_layout[59];
+__device__ int fmoe_params_layout[60];
 }
 #else
-extern "C" __device__ int fmoe_params_layout[59];
+extern "C" __device__ int fmoe_params_layout[60];
 #endif
 extern "C" __global__ void fmoe_params_probe() {
     Params q;
     const char *b = (const char *)&q;
 #define FMOE_OFF(f) (int)((const char *)&q.f - b)
-    const int layout[59] = {
+    const int layout[60] = {
         (int)sizeof(Params), FMOE_OFF(x), FMOE_OFF(wg), FMOE_OFF(sel_bias), FMOE_OFF(w1), FMOE_OFF(w2), FMOE_OFF(b1),
         FMOE_OFF(b2), FMOE_OFF(ws1), FMOE_OFF(ws2), FMOE_OFF(y), FMOE_OFF(ids), FMOE_OFF(weights), FMOE_OFF(slot_row),
         FMOE_OFF(logits), FMOE_OFF(logits_part), FMOE_OFF(rank_in_tile), FMOE_OFF(shared_gate), FMOE_OFF(tile_done),
@@ -187,9 +187,9 @@ extern "C" __global__ void fmoe_params_probe() {
         FMOE_OFF(task0_start), FMOE_OFF(row_token), FMOE_OFF(target), FMOE_OFF(pending), FMOE_OFF(done0),
         FMOE_OFF(done1), FMOE_OFF(ring), FMOE_OFF(combine_list), FMOE_OFF(hbuf), FMOE_OFF(hs), FMOE_OFF(ybuf),
         FMOE_OFF(ys), FMOE_OFF(sync), FMOE_OFF(err), FMOE_OFF(peers), FMOE_OFF(tile_dispatched), FMOE_OFF(rows_sent),
-        FMOE_OFF(err_mirror), FMOE_OFF(xq), FMOE_OFF(xq_scale), FMOE_OFF(hq), FMOE_OFF(hq_scale), FMOE_OFF(tokens), FMOE_OFF(capacity), FMOE_OFF(rank), FMOE_OFF(gate_ksplit),
+        FMOE_OFF(err_mirror), FMOE_OFF(xq), FMOE_OFF(xq_scale), FMOE_OFF(hq), FMOE_OFF(hq_scale), FMOE_OFF(hq_done), FMOE_OFF(tokens), FMOE_OFF(capacity), FMOE_OFF(rank), FMOE_OFF(gate_ksplit),
         FMOE_OFF(row_blocks), FMOE_OFF(max_tokens), FMOE_OFF(part_rows), FMOE_OFF(y_storage), FMOE_OFF(inject_fault),
         FMOE_OFF(pad), FMOE_OFF(epoch), FMOE_OFF(budget_ns), FMOE_OFF(epoch_wrap)};
 #undef FMOE_OFF
-    for (int i = 0; i < 59; ++i) fmoe_params_layout[i] = layout[i];
+    for (int i = 0; i < 60; ++i) fmoe_params_layout[i] = layout[i];
 }

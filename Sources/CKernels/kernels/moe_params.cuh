@@ -265,6 +265,7 @@ struct Params {
     float *xq_scale;       // fp8: [S, ⌈H/128⌉] their scales
     unsigned char *hq;     // fp8: [R, I] E4M3 codes of h
     float *hq_scale;       // fp8: [R, ⌈I/128⌉] their scales
+    int *hq_done;          // fp8: [row blocks, ⌈I/128⌉] finished GEMM0 column tiles per 128-channel group of h
     int tokens;            // S (this rank's tokens)
     int capacity;          // per-expert capacity over all ranks' tokens (INT_MAX when dropless)
     int rank;              // this rank

@@ -41,13 +41,60 @@ FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
 }
 
 #if FMOE_PREC == 4
-// fp8: counts `tiles` GEMM0 tiles of task-space expert x's row block m (row block rb; `nt` make the block). The block
-// whose count completes a routed row block quantizes its h (last_arrival acquired the other tiles' h), then releases
-// the codes with the ring entry. TMA_READS: GEMM1 reads the codes by TMA (phase_experts_tma_fp8.cuh), the async
-// proxy, so each thread first fences its own writes to it.
+// fp8 h is quantized per (row block, 128-channel group) by the block whose GEMM0 tile completes the group
+// (FMOE_H_GROUPS 1, default), so no block quantizes a whole row block while GEMM1 or its next queued tile waits: at
+// mixtral-8x7b (I = 14,336) that took one block 640 – 770 µs a row block (round 26, Benchmarks/RESULTS.md). 0 keeps
+// the whole-row-block quantization everywhere. Decode launches (split > 1: a task is a slice of a tile) and GEMV
+// experts (a few rows) always keep it.
+#ifndef FMOE_H_GROUPS
+#define FMOE_H_GROUPS 1
+#endif
+// h columns a GEMM0 column tile (EBN weight rows) writes, and the tiles that write one group: a gated tile's EBN rows
+// are EBN/2 gate and EBN/2 up rows (moe_params.cuh), so two tiles a group; a plain tile writes EBN = 128 columns.
+constexpr int H_TILE_COLS = GATED ? EBN / 2 : EBN;
+constexpr int GROUP_TILES = FP8_GROUP / H_TILE_COLS;
+static_assert(FP8_GROUP % H_TILE_COLS == 0, "a GEMM0 column tile's h columns lie in one 128-channel group");
+
+// Whether routed expert x's row blocks are quantized per group in a launch of `split` tiles an expert tile.
+FMOE_DEVICE bool h_by_group(const Layout &L, int x, int split) {
+    return FMOE_H_GROUPS && split == 1 && !is_shared(L, x) && !gemv_expert(L, x);
+}
+
+// Counts GEMM0 column tiles n0 … n0 + tiles − 1 of routed expert x's row block m (row block rb) on their groups'
+// counters (p.hq_done); the block whose count completes a group (last_arrival: it acquired the group's other tile)
+// quantizes that group's rows. Returns the groups this block completed (block-uniform). The last group has one tile
+// when NT0 is odd (gated, I not a multiple of 128).
+template <bool TMA_READS>
+FMOE_DEVICE int count_h_groups(const Params &p, const Layout &L, int x, int m, int rb, int n0, int tiles) {
+    int completed = 0;
+    for (int g = n0 / GROUP_TILES; g <= (n0 + tiles - 1) / GROUP_TILES; ++g) {
+        const int mine = min(n0 + tiles, (g + 1) * GROUP_TILES) - max(n0, g * GROUP_TILES);
+        if (!last_arrival(&p.hq_done[(size_t)rb * KB_I + g], min(GROUP_TILES, NT0 - g * GROUP_TILES), mine)) continue;
+        quantize_h_group_fp8(p, L, x, m, g);  // phase_fp8.cuh
+        // GEMM1 may read the codes by TMA (the async proxy): each thread fences its own writes to it. They are
+        // released with the block's done0 count (count_gemm0_tile_fp8's last_arrival: release_block_writes).
+        if (TMA_READS) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        ++completed;
+    }
+    return completed;
+}
+
+// fp8: counts `tiles` GEMM0 column tiles n0 … of task-space expert x's row block m (row block rb; `nt` make the
+// block) in a launch of `split` tiles an expert tile. Per group (h_by_group): the tiles count on their groups
+// (count_h_groups), and only a block that completed groups counts them on done0, which KB_I groups complete; the
+// last publishes the row block. A group's other tiles' h reaches GEMM1 through that chain of releases and acquires
+// (tile → group count → quantizing block → done0 → ring). Otherwise done0 counts tiles, and the block whose count
+// completes a routed row block quantizes its whole h (last_arrival acquired the other tiles' h), then releases the
+// codes with the ring entry. TMA_READS: GEMM1 reads the codes by TMA (phase_experts_tma_fp8.cuh), the async proxy, so
+// each thread first fences its own writes to it.
 template <bool TMA_READS = false>
-FMOE_DEVICE void count_gemm0_tile_fp8(const Params &p, const Layout &L, int x, int m, int rb, int nt,
-                                      int tiles = 1) {
+FMOE_DEVICE void count_gemm0_tile_fp8(const Params &p, const Layout &L, int x, int m, int rb, int nt, int n0,
+                                      int split, int tiles = 1) {
+    if (h_by_group(L, x, split)) {
+        const int groups = count_h_groups<TMA_READS>(p, L, x, m, rb, n0, tiles);
+        if (groups > 0 && last_arrival(&p.done0[rb], KB_I, groups) && threadIdx.x == 0) publish_row_block(p, rb);
+        return;
+    }
     if (!last_arrival(&p.done0[rb], nt, tiles)) return;
     if (!is_shared(L, x)) {
         quantize_h_fp8(p, L, x, m);
@@ -169,7 +216,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int rb = L.rb_start[x] + m;
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, n);
 #if FMOE_PREC == 4
-            count_gemm0_tile_fp8(p, L, x, m, rb, nt);  // quantizes the row block's h when it completes it
+            count_gemm0_tile_fp8(p, L, x, m, rb, nt, n, split);  // quantizes h when it completes a group or block
 #else
             count_gemm0_tile(p, rb, nt);
 #endif

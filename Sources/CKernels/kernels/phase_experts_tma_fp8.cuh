@@ -13,9 +13,10 @@
 // (phase_experts_tma.cuh): experts of at most GEMV_TOKENS rows (gemv_task) and the shared expert, whose weights are
 // BF16 (its cp.async mma.sync tiles, expert_tiles.cuh).
 //
-// h: GEMM0's epilogue writes BF16 rows (hbuf); the block whose pair completes a row block quantizes them to E4M3
-// (quantize_h_fp8, phase_fp8.cuh) and publishes the row block, as phase_experts.cuh does; the codes are read by
-// other blocks' TMA, so they are fenced to the async proxy before the release.
+// h: GEMM0's epilogue writes BF16 rows (hbuf); the block whose pair completes a 128-channel group of a row block
+// (a row block, for GEMV experts) quantizes it to E4M3 (count_gemm0_tile_fp8, phase_experts.cuh), and the block
+// completing the row block publishes it; the codes are read by other blocks' TMA, so they are fenced to the async
+// proxy before the release.
 #pragma once
 
 #if FMOE_TMA && FMOE_PREC == 4
@@ -216,7 +217,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
                 own_pair_fp8(p, L, 0, x, m, q, nt, smem);
             }
             FMOE_TRACE_SCOPE(FMOE_EV_RELEASE, x, m, PAIR * q);
-            count_gemm0_tile_fp8<true>(p, L, x, m, rb, nt, pair_tiles(q, nt));  // phase_experts.cuh
+            count_gemm0_tile_fp8<true>(p, L, x, m, rb, nt, PAIR * q, 1, pair_tiles(q, nt));  // phase_experts.cuh
         } else {
             if (kind == TASK_GEMM1) {
                 FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, PAIR * q);

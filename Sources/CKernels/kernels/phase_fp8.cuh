@@ -1,6 +1,7 @@
 // Precision fp8: the activations' E4M3 codes and scales, and the routed experts' fp8 tiles (docs/fp8.md). x is
-// quantized once per launch, per token and 128-channel group, before the grid barrier; h per row block, by the
-// block whose GEMM0 tile completes it, before the row block is published to GEMM1. The mainloop (wgmma_fp8.cuh)
+// quantized once per launch, per token and 128-channel group, before the grid barrier; h per 128-channel group of
+// a row block (whole row blocks at decode and for GEMV experts), by the block whose GEMM0 tile completes it, before
+// the row block is published to GEMM1 (phase_experts.cuh, count_gemm0_tile_fp8). The mainloop (wgmma_fp8.cuh)
 // reads codes only: quantizing in the mainloop repeated each row's divisions for every column tile of the GEMM.
 // See moe.cu.
 #pragma once
@@ -24,18 +25,19 @@ constexpr int WARPS = THREADS / 32;
 #endif
 
 // Quantizes groups first, first + step, … (below `groups`) of BF16 values `src` (row stride COLS, KB = ⌈COLS/128⌉
-// groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row g / KB,
-// K block g % KB. One warp per group; COLS is a multiple of 16 (the host checks H and I), so a lane holds 4 values
-// or none.
-template <int COLS>
+// groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row g / KBS,
+// K block kb0 + g % KBS: every group of each row (KBS = KB, kb0 = 0), or K block kb0 of each row (KBS = 1). One warp
+// per group; COLS is a multiple of 16 (the host checks H and I), so a lane holds 4 values or none.
+template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP, int U = FMOE_QUANT_GROUPS>
 FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
-                                 int step) {
-    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
+                                 int step, int kb0 = 0) {
+    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP;
     const int lane = threadIdx.x & 31;
 #if FMOE_QUANT_GROUPS == 1
+    static_assert(U == 1, "the mma.sync engine's loop quantizes one group at a time");
     // One group at a time, round 22's loop as it was (the general loop at U = 1 compiles to other code).
     for (int g = first; g < groups; g += step) {
-        const int row = g / KB, kb = g % KB;
+        const int row = g / KBS, kb = kb0 + g % KBS;
         const int c = kb * FP8_GROUP + 4 * lane;
         const bool in = c < COLS;
         const size_t at = (size_t)row * COLS + c;
@@ -52,15 +54,15 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
         uint2 raw[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int g = g0 + u * step, c = (g % KB) * FP8_GROUP + 4 * lane;
+            const int g = g0 + u * step, c = (kb0 + g % KBS) * FP8_GROUP + 4 * lane;
             raw[u] = make_uint2(0u, 0u);
-            if (g < groups && c < COLS) raw[u] = *(const uint2 *)(src + (size_t)(g / KB) * COLS + c);
+            if (g < groups && c < COLS) raw[u] = *(const uint2 *)(src + (size_t)(g / KBS) * COLS + c);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int g = g0 + u * step;
             if (g >= groups) break;  // warp-uniform: quantize_group4 reduces across the warp
-            const int row = g / KB, kb = g % KB;
+            const int row = g / KBS, kb = kb0 + g % KBS;
             const int c = kb * FP8_GROUP + 4 * lane;
             float v[4];
             bf16x4_f32(raw[u], v);
@@ -88,6 +90,20 @@ FMOE_DEVICE void quantize_h_fp8(const Params &p, const Layout &L, int x, int m) 
     const size_t row0 = (size_t)L.row_start[x] + first;
     quantize_groups<I>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n * KB_I,
                        (int)(threadIdx.x >> 5), WARPS);
+}
+
+// Groups a warp loads at once in quantize_h_group_fp8 (its 128 rows are 16 groups a warp).
+#ifndef FMOE_H_GROUP_LOADS
+#define FMOE_H_GROUP_LOADS FMOE_QUANT_GROUPS
+#endif
+// Group kb (channels 128·kb …) of rows m·BM … of routed expert x's h as E4M3 codes and scales, by the whole block:
+// quantize_h_fp8's groups of that K block, the same values and bits. The caller acquired the GEMM0 tiles that wrote
+// the group (count_h_groups, phase_experts.cuh).
+FMOE_DEVICE void quantize_h_group_fp8(const Params &p, const Layout &L, int x, int m, int kb) {
+    const int first = m * BM, n = min(BM, rows_of(L, x) - first);
+    const size_t row0 = (size_t)L.row_start[x] + first;
+    quantize_groups<I, 1, FMOE_H_GROUP_LOADS>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n,
+                          (int)(threadIdx.x >> 5), WARPS, kb);
 }
 
 // A routed expert's fp8 tile: A from E4M3 rows (`src.a`, K = kdim bytes each, scales `sc.a0`/`sc.a1` set by the

@@ -9,13 +9,17 @@ namespace fmoe {
 
 // ---- Phase 2: place ----------------------------------------------------------------------------------------------
 
-// The row blocks' GEMM counters and (worker 0) the expert phase's counters, zeroed for this launch.
+// The row blocks' GEMM counters (fp8: and their h groups') and (worker 0) the expert phase's counters, zeroed for this launch.
 FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int worker, int workers) {
     const int rbs = L.rb_start[XS];
     for (int i = worker * THREADS + threadIdx.x; i < rbs; i += workers * THREADS) {
         p.done0[i] = 0;
         p.done1[i] = 0;
     }
+#if FMOE_PREC == 4
+    // fp8: the row blocks' per-group GEMM0 counts (count_h_groups, phase_experts.cuh).
+    for (int i = worker * THREADS + threadIdx.x; i < rbs * KB_I; i += workers * THREADS) p.hq_done[i] = 0;
+#endif
     if (worker == 0 && threadIdx.x == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;

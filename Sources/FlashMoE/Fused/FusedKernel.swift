@@ -166,7 +166,7 @@ enum FusedParams {
         "logits_part", "rank_in_tile", "shared_gate", "tile_done", "counts", "base", "expert_load", "row_start",
         "rb_start", "task0_start", "row_token", "target", "pending", "done0", "done1", "ring", "combine_list", "hbuf",
         "hs", "ybuf", "ys", "sync", "err", "peers", "tile_dispatched", "rows_sent", "err_mirror", "xq", "xq_scale", "hq",
-        "hq_scale",
+        "hq_scale", "hq_done",
     ]
     /// Then the 32-bit ints, then the 64-bit ones.
     static let intFields = [
@@ -182,7 +182,7 @@ enum FusedParams {
         return pointerFields.indices.map { $0 * 8 } + intFields.indices.map { ints + $0 * 4 }
             + wideFields.indices.map { wides + $0 * 8 }
     }
-    /// 45 pointers, ten 32-bit ints, three 64-bit ints.
+    /// 46 pointers, ten 32-bit ints, three 64-bit ints.
     static var byteCount: Int { pointerFields.count * 8 + intFields.count * 4 + wideFields.count * 8 }
     /// What `fmoe_params_layout` holds: the size, then every field's offset.
     static var layout: [Int] { [byteCount] + offsets }

@@ -12,8 +12,9 @@ struct FusedWorkspace: Sendable {
         case hbuf, hs, ybuf, ys
         // Ranks only (one byte otherwise).
         case recv, rowOrigin, rowFlags, allCounts, countFlags, ret, tileDispatched, rowsSent
-        // Precision fp8 only (one byte otherwise): the activations' E4M3 codes and scales (phase_fp8.cuh).
-        case xq, xqScale, hq, hqScale
+        // Precision fp8 only (one byte otherwise): the activations' E4M3 codes and scales (phase_fp8.cuh), and the
+        // row blocks' GEMM0 counts per 128-channel group of h (phase_experts.cuh, count_h_groups).
+        case xq, xqScale, hq, hqScale, hqDone
     }
 
     /// The gate splits K at most this many ways (`GATE_KSPLIT_MAX` in moe_params.cuh).
@@ -81,6 +82,7 @@ struct FusedWorkspace: Sendable {
             case .tileDispatched: multi ? tiles * 8 : 0
             case .rowsSent: multi ? e * 4 : 0
             case .xq, .xqScale, .hq, .hqScale: fp8 ? Self.fp8Bytes(r, config: c, tokens: s, rows: rows) : 0
+            case .hqDone: fp8 ? rowBlocks * ((i + 127) / 128) * 4 : 0
             }
         }
         var offsets: [Int] = []
@@ -136,7 +138,7 @@ struct FusedWorkspace: Sendable {
         try arena.fill(byte: 0, at: keep, count: byteCount - keep)
     }
 
-    /// The 45 pointers of `Params`, for an arena at `base`. x, y, the routing ids and weights may live elsewhere
+    /// The 46 pointers of `Params`, for an arena at `base`. x, y, the routing ids and weights may live elsewhere
     /// (the caller's memory of a device forward); nil places them in the arena.
     func pointers(base: UInt64, x: UInt64, weights w: FusedDeviceWeights, control: UInt64, errorRecord: UInt64,
                   peers: UInt64, y: UInt64? = nil, ids: UInt64? = nil, routingWeights: UInt64? = nil,
@@ -152,6 +154,7 @@ struct FusedWorkspace: Sendable {
             at(.task0Start), at(.rowToken), at(.target), at(.pending), at(.done0), at(.done1), at(.ring),
             at(.combineList), at(.hbuf), at(.hs), at(.ybuf), at(.ys), control, errorRecord, peers,
             at(.tileDispatched), at(.rowsSent), errorMirror, at(.xq), at(.xqScale), at(.hq), at(.hqScale),
+            at(.hqDone),
         ]
     }
 }
