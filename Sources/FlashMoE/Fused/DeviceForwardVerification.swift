@@ -73,9 +73,9 @@ extension Verifier {
         return checks
     }
 
-    /// The layer of the fp8 kernels-in-turn check: DeepSeek-V3's router and shared expert at a small size with
-    /// enough experts for a prefill kernel (`FusedOptions.prefillEngineMinExperts`), whose TMA build compiles without
-    /// spills (NVRTC 13.0), so the operator keeps it.
+    /// The layer of the fp8 kernels-in-turn check: DeepSeek-V3's router and shared expert at a small size whose
+    /// TMA build compiles without spills (NVRTC 13.0), so the operator keeps its prefill kernel
+    /// (`FusedPrefillEngine`).
     public static let fp8InTurnConfig = MoEConfig(
         hiddenSize: 256, intermediateSize: 128, experts: 128, topK: 8, ffn: .gated, activation: .silu,
         router: .deepSeek(groups: 8, groupsKept: 4, scalingFactor: 2.5),

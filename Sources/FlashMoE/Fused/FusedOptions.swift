@@ -40,24 +40,18 @@ public struct FusedOptions: Sendable, Hashable {
     public var storageReturns: Bool = false
     /// Tracing builds: events each block can record (0: a normal build). See `FusedMoE.recordedTrace()`.
     public var traceEventsPerBlock: Int = 0
-    /// Precision fp8 on sm_90a, layers of at least `prefillEngineMinExperts` experts: launches of at least this many
-    /// tokens run a second kernel, the TMA engine's build (`FusedPrefillEngine`), and smaller ones the cp.async
-    /// tiles' kernel; nil: every launch runs the one kernel. The two give the same bits. The default is above where
-    /// the TMA build overtakes on the layers that get it (Benchmarks/RESULTS.md, round 26).
+    /// Precision fp8 on sm_90a: launches of at least this many tokens run a second kernel, the TMA engine's build
+    /// (`FusedPrefillEngine`), and smaller ones the cp.async tiles' kernel; nil: every launch runs the one kernel.
+    /// The two give the same bits. The default is at or above where the TMA build overtakes at every preset
+    /// (Benchmarks/RESULTS.md, round 27).
     public var prefillEngineTokens: Int? = FusedOptions.defaultPrefillEngineTokens
-    /// The fewest experts a layer has for `prefillEngineTokens` to apply: on the H200 the TMA build is faster from a
-    /// few hundred tokens on at 128 and 256 experts (qwen3-30b-a3b, deepseek-v3), but slower up to 2,048 tokens at 8
-    /// and 32 (mixtral-8x7b, paper-e32) and level at 64 (paper-e64) (RESULTS, round 26).
-    public var prefillEngineMinExperts: Int = FusedOptions.defaultPrefillEngineMinExperts
 
     /// `prefillEngineTokens`' default.
     public static let defaultPrefillEngineTokens = 256
-    /// `prefillEngineMinExperts`' default.
-    public static let defaultPrefillEngineMinExperts = 128
 
     /// Options with the given values (defaults: device 0, 5 s waits, automatic stages and gate split, a normal
-    /// build); `epochWrap` is raised to at least 1. `storageReturns`, `traceEventsPerBlock`, `prefillEngineTokens`
-    /// and `prefillEngineMinExperts` are set afterwards.
+    /// build); `epochWrap` is raised to at least 1. `storageReturns`, `traceEventsPerBlock` and
+    /// `prefillEngineTokens` are set afterwards.
     public init(
         deviceOrdinal: Int = 0, waitBudget: Duration = .seconds(5), stages: Int? = nil, poisonOutput: Bool = false,
         injectFault: Bool = false, stopAfterPhase: Int = 0, gateSplit: Int? = nil,

@@ -2,11 +2,10 @@
 /// launched for prefill while decode keeps the cp.async tiles' kernel.
 ///
 /// Why two kernels: the token count is a launch argument, not a compile-time constant, and neither engine wins
-/// everywhere. On the H200, at 128 and 256 experts (qwen3-30b-a3b, deepseek-v3) the TMA build is 4 – 15 % faster from
-/// 256 tokens on but 2 – 10 % slower at decode; at 64 experts it is level, and at 8 and 32 (mixtral-8x7b, paper-e32)
-/// slower up to 2,048 tokens by up to 35 – 47 % (Benchmarks/RESULTS.md, round 26). So layers of at least
-/// `FusedOptions.prefillEngineMinExperts` experts get the second kernel, for launches of at least
-/// `FusedOptions.prefillEngineTokens` tokens. Both builds compute the same bits (the same wgmma instructions in the
+/// everywhere. On the H200 the TMA build is 2 – 15 % slower at decode (qwen3-30b-a3b S = 1 and 64) and from 256
+/// tokens on faster at every preset, 4 – 17 % at 128 and 256 experts and 3 – 12 % at 8 to 64 (mixtral-8x7b S = 256
+/// alone 1.5 % slower; Benchmarks/RESULTS.md, rounds 26 and 27). So fp8 layers get the second kernel, for launches of
+/// at least `FusedOptions.prefillEngineTokens` tokens. Both builds compute the same bits (the same wgmma instructions in the
 /// same K order, `phase_experts_tma_fp8.cuh`), read and write the same `Params`, workspace and counters, and keep the
 /// device epoch the same way, so launches of either can follow each other on one stream or in one CUDA graph.
 ///
@@ -37,16 +36,13 @@ struct FusedPrefillEngine {
     }
 
     /// The prefill build an operator of `baseSpec` with `options` compiles, or nil: `baseSpec.prefillVariant` (fp8,
-    /// sm_90a, one GPU, not `FLASHMOE_TMA=0`) for a layer of at least `options.prefillEngineMinExperts` experts when
-    /// `options.prefillEngineTokens` is set. What the operator, the catalog and the precompile steps agree on.
+    /// sm_90a, one GPU, not `FLASHMOE_TMA=0`) when `options.prefillEngineTokens` is set. What the operator, the catalog and the precompile steps agree on.
     static func specialization(
         for baseSpec: FusedSpecialization, options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil,
         refused: Bool = FusedSpecialization.tmaEngineRefused
     ) throws -> FusedSpecialization? {
         try checkTokens(options)
-        guard options.prefillEngineTokens != nil, baseSpec.config.experts >= options.prefillEngineMinExperts else {
-            return nil
-        }
+        guard options.prefillEngineTokens != nil else { return nil }
         return try baseSpec.prefillVariant(
             sharedMemoryPerBlock: sharedMemoryPerBlock, stages: options.stages, refused: refused)
     }

@@ -54,9 +54,9 @@ public struct FusedSpecialization: Sendable, Hashable {
     }
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`: every launch on the TMA engine). Off by
-    /// default: bf16's TMA engine is slower than the cp.async engine; fp8's is faster at prefill on layers of many
-    /// experts but slower at decode and on layers of few experts (Benchmarks/RESULTS.md, rounds 25 and 26), so fp8
-    /// operators of many experts run it for prefill launches only, as a second kernel (`FusedPrefillEngine`).
+    /// default: bf16's TMA engine is slower than the cp.async engine; fp8's is faster at prefill but slower at decode
+    /// (Benchmarks/RESULTS.md, rounds 25 – 27), so fp8 operators run it for prefill launches only, as a second kernel
+    /// (`FusedPrefillEngine`).
     public static var tmaEngineRequested: Bool { ProcessEnvironment.current()["FLASHMOE_TMA"] == "1" }
 
     /// Whether the environment refuses the TMA engine (`FLASHMOE_TMA=0`): no prefill kernel either.
