@@ -78,6 +78,22 @@ import Testing
         #expect(throws: MoEError.self) { try ExpertPlacement(experts: 4, ranks: 0) }
     }
 
+    /// fp8 arenas hold a GEMM0 counter per row block and 128-channel group of h (`hq_done`: phase_experts.cuh's
+    /// count_h_groups), the last region and `Params`' last pointer; other precisions keep a placeholder.
+    @Test func fp8ArenasHoldTheGroupCounters() throws {
+        var c = MoEConfig(hiddenSize: 256, intermediateSize: 208, experts: 16, topK: 4, ffn: .gated, precision: .fp8)
+        let spec = try FusedSpecialization(
+            config: c, arch: GPUArchitecture(major: 9, minor: 0), experimentalFP8: true, tmaEngine: false)
+        let ws = FusedWorkspace(spec: spec, tokens: 300, rowCapacity: 1200, partRows: 300)
+        #expect(FusedWorkspace.Region.allCases.last == .hqDone && FusedParams.pointerFields.last == "hq_done")
+        // ⌈208 / 128⌉ = 2 groups a row block, 4 bytes each, up to the next 256-byte boundary.
+        let bytes = ws.byteCount - ws.offset(.hqDone)
+        #expect(bytes >= ws.rowBlocks * 2 * 4 && bytes < ws.rowBlocks * 2 * 4 + 256)
+        c.precision = .bf16
+        let bf16 = FusedWorkspace(spec: try FusedSpecialization(config: c), tokens: 300, rowCapacity: 1200, partRows: 300)
+        #expect(bf16.byteCount - bf16.offset(.hqDone) == 256)
+    }
+
     @Test func paramsLayoutMatchesTheKernelStructs() throws {
         // 46 pointers + 10 ints + 3 u64 (moe.cu Params), 10 pointers (Peer); the kernel's probe reports the size
         // and every offset at load time.
