@@ -54,6 +54,7 @@ FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
 constexpr int H_TILE_COLS = GATED ? EBN / 2 : EBN;
 constexpr int GROUP_TILES = FP8_GROUP / H_TILE_COLS;
 static_assert(FP8_GROUP % H_TILE_COLS == 0, "a GEMM0 column tile's h columns lie in one 128-channel group");
+static_assert((NT0 + GROUP_TILES - 1) / GROUP_TILES == KB_I, "done0 counts a row block's KB_I groups");
 
 // Whether routed expert x's row blocks are quantized per group in a launch of `split` tiles an expert tile.
 FMOE_DEVICE bool h_by_group(const Layout &L, int x, int split) {
