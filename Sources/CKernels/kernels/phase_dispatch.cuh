@@ -10,9 +10,6 @@ namespace fmoe {
 // other GPUs).
 FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     for (int i = threadIdx.x; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
-#if FMOE_PREC == 4
-    for (int i = threadIdx.x; i < rb_max * KB_I; i += THREADS) p.hq_done[i] = 0;  // count_h_groups's counters
-#endif
     for (int i = threadIdx.x; i < E; i += THREADS) p.rows_sent[i] = 0;
     if (threadIdx.x == 0) {
         p.sync->ticket = 0;

@@ -71,7 +71,7 @@ FMOE_DEVICE int count_h_groups(const Params &p, const Layout &L, int x, int m, i
     for (int g = n0 / GROUP_TILES; g <= (n0 + tiles - 1) / GROUP_TILES; ++g) {
         const int mine = min(n0 + tiles, (g + 1) * GROUP_TILES) - max(n0, g * GROUP_TILES);
         if (!last_arrival(&p.hq_done[(size_t)rb * KB_I + g], min(GROUP_TILES, NT0 - g * GROUP_TILES), mine)) continue;
-        quantize_h_group_fp8(p, L, x, m, g);  // phase_fp8.cuh
+        quantize_h_fp8<1>(p, L, x, m, g);  // group g of the row block (phase_fp8.cuh)
         // GEMM1 may read the codes by TMA (the async proxy): each thread fences its own writes to it. They are
         // released with the block's done0 count (count_gemm0_tile_fp8's last_arrival: release_block_writes).
         if (TMA_READS) asm volatile("fence.proxy.async.global;\n" ::: "memory");

@@ -28,13 +28,12 @@ constexpr int WARPS = THREADS / 32;
 // groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row g / KBS,
 // K block kb0 + g % KBS: every group of each row (KBS = KB, kb0 = 0), or K block kb0 of each row (KBS = 1). One warp
 // per group; COLS is a multiple of 16 (the host checks H and I), so a lane holds 4 values or none.
-template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP, int U = FMOE_QUANT_GROUPS>
+template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP>
 FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
                                  int step, int kb0 = 0) {
-    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP;
+    constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
     const int lane = threadIdx.x & 31;
 #if FMOE_QUANT_GROUPS == 1
-    static_assert(U == 1, "the mma.sync engine's loop quantizes one group at a time");
     // One group at a time, round 22's loop as it was (the general loop at U = 1 compiles to other code).
     for (int g = first; g < groups; g += step) {
         const int row = g / KBS, kb = kb0 + g % KBS;
@@ -83,27 +82,16 @@ FMOE_DEVICE void quantize_x_fp8(const Params &p, int worker, int workers) {
     quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, workers * WARPS);
 }
 
-// Rows m·BM … of routed expert x's h as E4M3 codes and scales (p.hq, p.hq_scale), by the whole block. The caller
-// acquired the row block's GEMM0 tiles (last_arrival) and publishes the row block after a release.
-FMOE_DEVICE void quantize_h_fp8(const Params &p, const Layout &L, int x, int m) {
+// Rows m·BM … of routed expert x's h as E4M3 codes and scales (p.hq, p.hq_scale), by the whole block: every group
+// of each row (KBS = KB_I), or group kb0 (channels 128·kb0 …) of each row (KBS = 1), the same values and bits either
+// way. The caller acquired the GEMM0 tiles that wrote them (last_arrival; count_gemm0_tile_fp8, phase_experts.cuh)
+// and releases the codes before the row block is published.
+template <int KBS = KB_I>
+FMOE_DEVICE void quantize_h_fp8(const Params &p, const Layout &L, int x, int m, int kb0 = 0) {
     const int first = m * BM, n = min(BM, rows_of(L, x) - first);
     const size_t row0 = (size_t)L.row_start[x] + first;
-    quantize_groups<I>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n * KB_I,
-                       (int)(threadIdx.x >> 5), WARPS);
-}
-
-// Groups a warp loads at once in quantize_h_group_fp8 (its 128 rows are 16 groups a warp).
-#ifndef FMOE_H_GROUP_LOADS
-#define FMOE_H_GROUP_LOADS FMOE_QUANT_GROUPS
-#endif
-// Group kb (channels 128·kb …) of rows m·BM … of routed expert x's h as E4M3 codes and scales, by the whole block:
-// quantize_h_fp8's groups of that K block, the same values and bits. The caller acquired the GEMM0 tiles that wrote
-// the group (count_h_groups, phase_experts.cuh).
-FMOE_DEVICE void quantize_h_group_fp8(const Params &p, const Layout &L, int x, int m, int kb) {
-    const int first = m * BM, n = min(BM, rows_of(L, x) - first);
-    const size_t row0 = (size_t)L.row_start[x] + first;
-    quantize_groups<I, 1, FMOE_H_GROUP_LOADS>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n,
-                          (int)(threadIdx.x >> 5), WARPS, kb);
+    quantize_groups<I, KBS>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n * KBS,
+                            (int)(threadIdx.x >> 5), WARPS, kb0);
 }
 
 // A routed expert's fp8 tile: A from E4M3 rows (`src.a`, K = kdim bytes each, scales `sc.a0`/`sc.a1` set by the
