@@ -2,12 +2,13 @@
 /// launched for prefill while decode keeps the cp.async tiles' kernel.
 ///
 /// Why two kernels: the token count is a launch argument, not a compile-time constant, and neither engine wins
-/// everywhere. On the H200 the TMA build is 2 – 15 % slower at decode (qwen3-30b-a3b S = 1 and 64) and from 256
-/// tokens on faster at every preset, 4 – 17 % at 128 and 256 experts and 3 – 12 % at 8 to 64 (mixtral-8x7b S = 256
+/// everywhere. On the H200 the TMA build is 5 – 10 % slower at decode (qwen3-30b-a3b S = 64 and 1) and from 256
+/// tokens on faster at every preset, 4 – 17 % at 128 and 256 experts and 2.6 – 12 % at 8 to 64 (mixtral-8x7b S = 256
 /// alone 1.5 % slower; Benchmarks/RESULTS.md, rounds 26 and 27). So fp8 layers get the second kernel, for launches of
-/// at least `FusedOptions.prefillEngineTokens` tokens. Both builds compute the same bits (the same wgmma instructions in the
-/// same K order, `phase_experts_tma_fp8.cuh`), read and write the same `Params`, workspace and counters, and keep the
-/// device epoch the same way, so launches of either can follow each other on one stream or in one CUDA graph.
+/// at least `FusedOptions.prefillEngineTokens` tokens. Both builds compute the same bits (the same wgmma instructions
+/// in the same K order, `phase_experts_tma_fp8.cuh`), read and write the same `Params`, workspace and counters, and
+/// keep the device epoch the same way, so launches of either can follow each other on one stream or in one CUDA
+/// graph.
 ///
 /// The operator keeps the second kernel only where it is sound and clean; otherwise every launch runs the first, and
 /// `FusedOperator.prefillSkipReason` says why:
@@ -36,7 +37,8 @@ struct FusedPrefillEngine {
     }
 
     /// The prefill build an operator of `baseSpec` with `options` compiles, or nil: `baseSpec.prefillVariant` (fp8,
-    /// sm_90a, one GPU, not `FLASHMOE_TMA=0`) when `options.prefillEngineTokens` is set. What the operator, the catalog and the precompile steps agree on.
+    /// sm_90a, one GPU, not `FLASHMOE_TMA=0`) when `options.prefillEngineTokens` is set. What the operator, the
+    /// catalog and the precompile steps agree on.
     static func specialization(
         for baseSpec: FusedSpecialization, options: FusedOptions = FusedOptions(), sharedMemoryPerBlock: Int? = nil,
         refused: Bool = FusedSpecialization.tmaEngineRefused
