@@ -63,6 +63,38 @@ import Testing
         #expect(summary.contains("    GEMM1 → GEMM1: 2 × median 2.50 µs, mean 2.50"))
     }
 
+    /// Each release belongs to its block's last GEMM tile before it; a release with no tile before it, and a warp's
+    /// event, count for nothing.
+    @Test func sharesTheReleasesOutByTheTileBeforeThem() throws {
+        let us: UInt64 = 1000, o: UInt64 = 7_000_000
+        var words: [UInt64] = [6, 0, 0, 0]
+        words += Self.event(.gemm0, begin: o, end: o + 10 * us)
+        words += Self.event(.release, begin: o + 10 * us, end: o + 12 * us)
+        words += Self.event(.gemm0, begin: o + 12 * us, end: o + 20 * us)
+        words += Self.event(.release, begin: o + 20 * us, end: o + 21 * us)
+        words += Self.event(.gemm1, begin: o + 23 * us, end: o + 30 * us)
+        words += Self.event(.release, begin: o + 30 * us, end: o + 34 * us)
+        words += [4, 0, 0, 0]
+        words += Self.event(.release, begin: o, end: o + 1 * us)
+        words += Self.event(.gemm1, begin: o + 1 * us, end: o + 5 * us)
+        words += Self.event(.release, begin: o + 5 * us, end: o + 6 * us)
+        words += Self.event(.release, warp: 2, begin: o + 6 * us, end: o + 9 * us)
+        words += [UInt64](repeating: 0, count: 8)
+        let t = try KernelTrace(words: words, blocks: 2, capacity: 6)
+        let shares = t.releaseShares()
+        #expect(shares.map(\.after) == [.gemm0, .gemm1])
+        #expect(shares[0].count == 2 && shares[0].totalMicros == 3 && shares[0].meanMicros == 1.5
+            && shares[0].tileMicros == 18)
+        #expect(shares[1].count == 2 && shares[1].totalMicros == 5 && shares[1].tileMicros == 11)
+        #expect(abs(shares[1].fractionOfTiles - 5.0 / 11.0) < 1e-12)
+        let summary = t.summary()
+        #expect(summary.contains("  releases after GEMM0 tiles: 2 × mean 1.5 µs = 3.0 µs, 16.7 % of those tiles' time"))
+        #expect(summary.contains("  releases after GEMM1 tiles: 2 × mean 2.5 µs = 5.0 µs, 45.5 % of those tiles' time"))
+        // No tiles, no shares.
+        let none = try KernelTrace(words: [1, 0, 0, 0] + Self.event(.release, begin: o, end: o + us), blocks: 1, capacity: 1)
+        #expect(none.releaseShares().isEmpty)
+    }
+
     @Test func rejectsABufferThatDoesNotMatch() {
         #expect(throws: MoEError.self) { try KernelTrace(words: [0, 0], blocks: 2, capacity: 3) }
         var words = Self.buffer()

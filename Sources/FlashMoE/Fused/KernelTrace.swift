@@ -230,8 +230,8 @@ public struct KernelTrace: Sendable, Equatable {
     }
 
     /// Per kind: events, total and mean microseconds, and the span from the first begin to the last end; then the
-    /// gaps between GEMM tiles (`tileGaps`), the launch span and the dropped events. What `flashmoe bench --trace`
-    /// prints.
+    /// releases after each kind of GEMM tile against those tiles' time (`releaseShares`), the gaps between GEMM tiles
+    /// (`tileGaps`), the launch span and the dropped events. What `flashmoe bench --trace` prints.
     public func summary() -> [String] {
         guard let first = events.map(\.begin).min(), let last = events.map(\.end).max() else {
             return ["no events recorded"]
@@ -245,6 +245,10 @@ public struct KernelTrace: Sendable, Equatable {
             lines.append("  \(kind.name): \(mine.count) × mean \(formatDecimal(total / Double(mine.count), 1)) µs = "
                 + "\(formatDecimal(total, 1)) µs of block time, from \(formatDecimal(Double(b - first) / 1000, 1)) to "
                 + "\(formatDecimal(Double(e - first) / 1000, 1)) µs")
+        }
+        for r in releaseShares() {
+            lines.append("  releases after \(r.after.name) tiles: \(r.count) × mean \(formatDecimal(r.meanMicros, 1)) µs = "
+                + "\(formatDecimal(r.totalMicros, 1)) µs, \(formatDecimal(100 * r.fractionOfTiles, 1)) % of those tiles' time")
         }
         let gaps = tileGaps()
         if !gaps.isEmpty {
