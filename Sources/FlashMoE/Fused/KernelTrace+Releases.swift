@@ -23,19 +23,14 @@ extension KernelTrace {
     /// S = 4096 fp8 the releases after GEMM0 tiles took 38 % of those tiles' time). A release with no GEMM tile
     /// before it in its block is left out.
     public func releaseShares() -> [ReleaseShare] {
-        var byBlock: [Int: [Event]] = [:]
-        for e in events where e.warp == nil && (e.kind == .gemm0 || e.kind == .gemm1 || e.kind == .release) {
-            byBlock[e.block, default: []].append(e)
-        }
         var releases: [Kind: [Double]] = [:]
-        for (_, list) in byBlock {
+        for timeline in blockTimelines([.gemm0, .gemm1, .release]) {
             var lastTile: Kind?
-            // Tiles before releases at equal begin times: a release starts where its tile ends.
-            for e in list.sorted(by: { ($0.begin, $0.kind == .release ? 1 : 0) < ($1.begin, $1.kind == .release ? 1 : 0) }) {
-                if e.kind == .release {
-                    if let tile = lastTile { releases[tile, default: []].append(Double(e.end - e.begin) / 1000) }
-                } else {
+            for e in timeline {
+                if e.kind != .release {
                     lastTile = e.kind
+                } else if let tile = lastTile {
+                    releases[tile, default: []].append(Double(e.end - e.begin) / 1000)
                 }
             }
         }

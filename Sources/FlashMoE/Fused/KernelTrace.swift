@@ -202,17 +202,21 @@ public struct KernelTrace: Sendable, Equatable {
         public var totalMicros: Double
     }
 
+    /// Each block's block-level events of `kinds` (warps' events left out), in the order they began; events that
+    /// begin together keep the order of `kinds` (a release begins where its tile ends, so tiles go first).
+    func blockTimelines(_ kinds: [Kind]) -> [[Event]] {
+        var byBlock: [Int: [Event]] = [:]
+        for e in events where e.warp == nil && kinds.contains(e.kind) { byBlock[e.block, default: []].append(e) }
+        let rank = { (e: Event) in kinds.firstIndex(of: e.kind) ?? kinds.count }
+        return byBlock.keys.sorted().map { block in byBlock[block]!.sorted { ($0.begin, rank($0)) < ($1.begin, rank($1)) } }
+    }
+
     /// The gaps between consecutive block-level GEMM tiles of each block, per (from, to) pair in the order GEMM0 →
     /// GEMM0, GEMM0 → GEMM1, GEMM1 → GEMM0, GEMM1 → GEMM1; pairs without gaps are left out. Tiles that overlap (a
     /// malformed trace) make no gap.
     public func tileGaps() -> [TileGaps] {
-        var tiles: [Int: [Event]] = [:]
-        for e in events where e.warp == nil && (e.kind == .gemm0 || e.kind == .gemm1) {
-            tiles[e.block, default: []].append(e)
-        }
         var gaps: [Kind: [Kind: [Double]]] = [:]
-        for (_, list) in tiles {
-            let ordered = list.sorted { $0.begin < $1.begin }
+        for ordered in blockTimelines([.gemm0, .gemm1]) {
             for (a, b) in zip(ordered, ordered.dropFirst()) where b.begin >= a.end {
                 gaps[a.kind, default: [:]][b.kind, default: []].append(Double(b.begin - a.end) / 1000)
             }
@@ -252,8 +256,8 @@ public struct KernelTrace: Sendable, Equatable {
         }
         let gaps = tileGaps()
         if !gaps.isEmpty {
-            let tileBlocks = Set(events.filter { $0.warp == nil && ($0.kind == .gemm0 || $0.kind == .gemm1) }.map(\.block))
-            let perBlock = gaps.reduce(0.0) { $0 + $1.totalMicros } / Double(max(1, tileBlocks.count))
+            let tileBlocks = blockTimelines([.gemm0, .gemm1]).count
+            let perBlock = gaps.reduce(0.0) { $0 + $1.totalMicros } / Double(max(1, tileBlocks))
             lines.append("  between GEMM tiles (count, ticket, ring wait): \(formatDecimal(perBlock, 1)) µs a block")
             for g in gaps {
                 lines.append("    \(g.from.name) → \(g.to.name): \(g.count) × median \(formatDecimal(g.medianMicros, 2)) µs, "
