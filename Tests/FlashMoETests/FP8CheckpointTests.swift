@@ -17,17 +17,20 @@ import Testing
 
     static let prefix = "model.layers.0.mlp"
 
-    /// Writes the fp8 DeepSeek fixture to `dir`, optionally its shared expert in FP8 too; returns the layer.
+    /// Writes an fp8 DeepSeek checkpoint of `config` (default: the fixture's layer) to `dir` as layer `layerIndex`
+    /// in `shards` files, optionally its shared expert in FP8 too; returns the layer.
     @discardableResult
-    static func writeDeepSeek(_ dir: String, fp8Shared: Bool = false) throws -> MoELayer {
-        var w = try MoEWeights.random(config: deepSeek, seed: 21)
+    static func writeDeepSeek(
+        _ dir: String, config: MoEConfig = deepSeek, fp8Shared: Bool = false, layerIndex: Int = 0, shards: Int = 1
+    ) throws -> MoELayer {
+        var w = try MoEWeights.random(config: config, seed: 21)
         if fp8Shared, let s = w.shared {
             w.shared = SharedExpertWeights(
                 w1: s.w1.converted(to: .float8E4M3), w3: s.w3?.converted(to: .float8E4M3),
                 w2: s.w2.converted(to: .float8E4M3))
         }
-        let layer = try MoELayer(config: deepSeek, weights: w)
-        try CheckpointWriter.saveMoELayer(layer, family: .deepSeekV3, to: dir)
+        let layer = try MoELayer(config: config, weights: w)
+        try CheckpointWriter.saveMoELayer(layer, family: .deepSeekV3, to: dir, layerIndex: layerIndex, shards: shards)
         return layer
     }
 

@@ -121,14 +121,20 @@ enum MutationEngine {
         "18446744073709551616", "99999999999999999999999999999", "100000000", "100000001",
     ]
 
-    /// config.json fields that size the layer, choose its layers or its router.
+    /// config.json fields that size the layer, choose its layers, its router or its quantization (FP8 checkpoints'
+    /// quantization_config and the fields inside it).
     static let hotKeys: Set<[UInt8]> = Set(
         [
             "hidden_size", "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts",
             "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "shared_expert_intermediate_size",
             "n_shared_experts", "num_hidden_layers", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers",
             "model_type", "norm_topk_prob", "routed_scaling_factor", "hidden_act", "weight_map",
+            "quantization_config", "weight_block_size", "quant_method", "fmt", "activation_scheme",
         ].map { Array($0.utf8) })
+
+    /// Members whose object the loader reads field by field (FP8's quantization_config): half the mutations that
+    /// pick one go inside it, with the same mutations as a top-level document.
+    static let nestedKeys: Set<[UInt8]> = [Array("quantization_config".utf8)]
 
     /// Small sizes a config field may plausibly hold, to reach the loader's later checks.
     static let smallIntegers = ["0", "1", "2", "3", "4", "8", "16", "32", "64", "-2"]
@@ -391,6 +397,10 @@ enum MutationEngine {
             // Half the time a field the loader sizes buffers or loops from, so those paths see every bad value.
             let hot = members.indices.filter { hotKeys.contains(members[$0].key) }
             if r.chance(0.5), !hot.isEmpty { i = hot[r.below(hot.count)] }
+            if nestedKeys.contains(members[i].key), r.chance(0.5), let inner = try? JSONParts(valid: members[i].value) {
+                members[i].value = mutateJSON(inner, &r)
+                continue
+            }
             switch r.below(9) {
             case 7:  // an integer scaled up: still plausible to the config's own checks, far past what the files hold
                 if let v = Int(String(decoding: members[i].value, as: UTF8.self)) {

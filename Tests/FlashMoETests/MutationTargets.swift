@@ -67,10 +67,38 @@ struct MutationCorpus: Sendable {
                         index: SafetensorsCheckpoint.indexFileName))
             }
         }
+        // FP8 checkpoints in the DeepSeek-V3 / Qwen3 FP8 format (docs/fp8.md): E4M3 experts with their
+        // weight_scale_inv blocks and config.json's quantization_config. One file with a BF16 shared expert, and
+        // three shards with an FP8 one (dequantized at load); layer 1, as the transformers fixtures.
+        for (fp8Shared, shards) in [(false, 1), (true, 3)] {
+            try withTemporaryDirectory { tmp in
+                try FP8CheckpointTests.writeDeepSeek(
+                    tmp, config: fp8Layer, fp8Shared: fp8Shared, layerIndex: 1, shards: shards)
+                // A seed that did not load would leave its mutations only the errors.
+                _ = try CheckpointLoader.loadMoELayer(directory: tmp, layer: 1, precision: .fp8)
+                var files: [String: [UInt8]] = [:]
+                for name in try FileManager.default.contentsOfDirectory(atPath: tmp) where name != "config.json" {
+                    files[name] = try readBytes(tmp + "/" + name)
+                }
+                let config = try readBytes(tmp + "/config.json")
+                c.configs.append(config)
+                if let model = files["model.safetensors"] { c.safetensors.append(model) }
+                c.checkpoints.append(
+                    try Checkpoint(
+                        config: config, files: files, index: shards > 1 ? SafetensorsCheckpoint.indexFileName : nil))
+            }
+        }
         c.safetensorsParts = try c.safetensors.map { try SafetensorsParts(valid: $0) }
         c.configParts = try c.configs.map { try JSONParts(valid: $0) }
         return c
     }
+
+    /// The FP8 checkpoints' layer: small, with partial 128 × 128 blocks in both dimensions (H = 136, I = 72) and a
+    /// shared expert.
+    static let fp8Layer = MoEConfig(
+        hiddenSize: 136, intermediateSize: 72, experts: 4, topK: 2, ffn: .gated, activation: .silu,
+        router: .deepSeek(groups: 2, groupsKept: 1, renormalize: true, scalingFactor: 2.5),
+        sharedExpert: SharedExpertConfig(intermediateSize: 72), precision: .fp8)
 
     /// Small files of every dtype, an empty file, a scalar, zero-size tensors and metadata.
     static func generatedFiles() throws -> [[UInt8]] {
