@@ -57,13 +57,9 @@ struct MutationCorpus: Sendable {
             let tensors = try Safetensors.read(path: dir + "/model.safetensors")
             try withTemporaryDirectory { tmp in
                 try SafetensorsCheckpoint.write(tensors, to: tmp, shards: 3)
-                var files: [String: [UInt8]] = [:]
-                for name in try FileManager.default.contentsOfDirectory(atPath: tmp) {
-                    files[name] = try readBytes(tmp + "/" + name)
-                }
                 c.checkpoints.append(
                     try Checkpoint(
-                        config: try readBytes(dir + "/config.json"), files: files,
+                        config: try readBytes(dir + "/config.json"), files: try filesOf(tmp),
                         index: SafetensorsCheckpoint.indexFileName))
             }
         }
@@ -76,10 +72,7 @@ struct MutationCorpus: Sendable {
                     tmp, config: fp8Layer, fp8Shared: fp8Shared, layerIndex: 1, shards: shards)
                 // A seed that did not load would leave its mutations only the errors.
                 _ = try CheckpointLoader.loadMoELayer(directory: tmp, layer: 1, precision: .fp8)
-                var files: [String: [UInt8]] = [:]
-                for name in try FileManager.default.contentsOfDirectory(atPath: tmp) where name != "config.json" {
-                    files[name] = try readBytes(tmp + "/" + name)
-                }
+                let files = try filesOf(tmp, except: "config.json")
                 let config = try readBytes(tmp + "/config.json")
                 c.configs.append(config)
                 if let model = files["model.safetensors"] { c.safetensors.append(model) }
@@ -91,6 +84,15 @@ struct MutationCorpus: Sendable {
         c.safetensorsParts = try c.safetensors.map { try SafetensorsParts(valid: $0) }
         c.configParts = try c.configs.map { try JSONParts(valid: $0) }
         return c
+    }
+
+    /// The files of directory `dir` (but `except`), name → bytes.
+    static func filesOf(_ dir: String, except: String? = nil) throws -> [String: [UInt8]] {
+        var files: [String: [UInt8]] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: dir) where name != except {
+            files[name] = try readBytes(dir + "/" + name)
+        }
+        return files
     }
 
     /// The FP8 checkpoints' layer: small, with partial 128 × 128 blocks in both dimensions (H = 136, I = 72) and a

@@ -24,22 +24,24 @@ extension KernelTrace {
     /// before it in its block is left out.
     public func releaseShares() -> [ReleaseShare] {
         var releases: [Kind: [Double]] = [:]
+        var tileMicros: [Kind: Double] = [:]
         for timeline in blockTimelines([.gemm0, .gemm1, .release]) {
             var lastTile: Kind?
             for e in timeline {
+                let micros = Double(e.end - e.begin) / 1000
                 if e.kind != .release {
                     lastTile = e.kind
+                    tileMicros[e.kind, default: 0] += micros
                 } else if let tile = lastTile {
-                    releases[tile, default: []].append(Double(e.end - e.begin) / 1000)
+                    releases[tile, default: []].append(micros)
                 }
             }
         }
         return [Kind.gemm0, .gemm1].compactMap { kind in
             guard let r = releases[kind], !r.isEmpty else { return nil }
             let total = r.reduce(0, +)
-            let tiles = events.filter { $0.warp == nil && $0.kind == kind }.reduce(0.0) { $0 + Double($1.end - $1.begin) }
             return ReleaseShare(after: kind, count: r.count, meanMicros: total / Double(r.count), totalMicros: total,
-                                tileMicros: tiles / 1000)
+                                tileMicros: tileMicros[kind] ?? 0)
         }
     }
 }
