@@ -41,6 +41,14 @@ static const char tma_fp8_engine_cuh[] = {
 #embed "kernels/tma_fp8_engine.cuh"
     , 0};
 
+static const char tma_fp8_tasks_cuh[] = {
+#embed "kernels/tma_fp8_tasks.cuh"
+    , 0};
+
+static const char tma_fp8_epilogues_cuh[] = {
+#embed "kernels/tma_fp8_epilogues.cuh"
+    , 0};
+
 static const char phase_experts_tma_fp8_cuh[] = {
 #embed "kernels/phase_experts_tma_fp8.cuh"
     , 0};
@@ -155,6 +163,8 @@ static const struct {
     {"tma_queue.cuh", tma_queue_cuh, sizeof(tma_queue_cuh) - 1},
     {"phase_experts_tma.cuh", phase_experts_tma_cuh, sizeof(phase_experts_tma_cuh) - 1},
     {"tma_fp8_engine.cuh", tma_fp8_engine_cuh, sizeof(tma_fp8_engine_cuh) - 1},
+    {"tma_fp8_tasks.cuh", tma_fp8_tasks_cuh, sizeof(tma_fp8_tasks_cuh) - 1},
+    {"tma_fp8_epilogues.cuh", tma_fp8_epilogues_cuh, sizeof(tma_fp8_epilogues_cuh) - 1},
     {"phase_experts_tma_fp8.cuh", phase_experts_tma_fp8_cuh, sizeof(phase_experts_tma_fp8_cuh) - 1},
     {"wgmma_fp8.cuh", wgmma_fp8_cuh, sizeof(wgmma_fp8_cuh) - 1},
     {"router.cuh", router_cuh, sizeof(router_cuh) - 1},

@@ -89,6 +89,10 @@ FMOE_DEVICE u32 smem_addr(const void *p) { return (u32)__cvta_generic_to_shared(
 FMOE_DEVICE void cp_async16(u32 dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
+// 4 bytes (the L1-allocating form: cg copies only 16), zero-filled when !valid.
+FMOE_DEVICE void cp_async4(u32 dst, const void *src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
 // FMOE_DECODE_EVICT_FIRST 1 (default; 0 for A/B runs): decode tiles (wgmma.cuh) and the GEMV tiles (gemv.cuh) read
 // their weights with the L2 evict-first policy. A decode launch reads each weight byte once, and qwen3-30b-a3b S = 1
 // reads 75 MB of them through a 60 MiB L2, so with the normal policy the next launch finds the kernel's code, x and

@@ -12,7 +12,7 @@
 // m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so the
 // results are bit-identical. BN = 256 runs the two 128-row halves of B one after the other through the one temporary
 // (128 + 64 accumulator registers): half the A traffic of two 128-row tiles (the fused kernel uses 128 by default,
-// FMOE_TMA_FP8_BN in phase_experts_tma_fp8.cuh, as 256 spills there). Measured in the harness (H200, round 21,
+// FMOE_TMA_FP8_BN in tma_fp8_tasks.cuh, as 256 spills there). Measured in the harness (H200, round 21,
 // Benchmarks/RESULTS.md): BN = 256 1.2 – 1.6× the cp.async tile on the four large shapes (deepseek-v3 GEMM0 574
 // against 469 TFLOP/s, qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); BN = 128 was slower than 256
 // everywhere, and a second temporary (the next K block's MMA issued before this one's promotion) no faster than one
@@ -37,7 +37,32 @@ struct TmaFp8Scales {
     int granules;
 };
 
-template <int STAGES, int BN = 256> struct TmaFp8Engine {
+// Where the producer finds a tile's scales when the ring carries them (SMEM_SCALES): its thread's tile row's A scales
+// ([K block]; null: the row has none, scale 0) and, for the first 2 · BN / 128 threads, the weight granules' as in
+// TmaFp8Scales.
+struct TmaFp8ScaleSource {
+    const float *a;
+    const float *b;
+    int kb_count;
+    int granules;
+};
+
+// FMOE_FP8_IDLE_WG 1: a consumer warpgroup with no rows in a tile skips its MMAs (consume). An expert's last row
+// block holds its rows mod 128 (deepseek-v3 S = 4096 in `flashmoe bench`: 142 rows an expert on average), and where
+// that is at most 64 the second warpgroup's MMAs, A scales and promotions were all on zero rows (or, in GEMM1, on rows
+// the epilogue masks). 0: every warpgroup computes. Default: with 256-row tiles (the form measured with it); with
+// 128-row tiles it measured −3 % to +3 % (Benchmarks/RESULTS.md, "Round 30"), so they keep the plain loop.
+#ifndef FMOE_FP8_IDLE_WG
+#define FMOE_FP8_IDLE_WG (FMOE_TMA_FP8_BN == 256)
+#endif
+
+// SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's
+// 128 rows' A scales, then its granules'), arriving on the stage's full barrier when they land, so the consumers read
+// them from shared memory instead of holding the scales' pointers and bounds across the mainloop. With BN = 256 the
+// consumers' 128 + 64 accumulators leave about 24 of their 216 registers for everything else, and the fused kernel
+// spilled accumulators in GEMM0's mainloop (deepseek-v3: 276 B, NVRTC 13.0). The same scales reach the same
+// promotions, so the bits are unchanged.
+template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engine {
     static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
     static_assert(STAGES >= 3, "the ring needs at least 3 stages");
     static constexpr int HALVES = BN / 128;
@@ -46,18 +71,21 @@ template <int STAGES, int BN = 256> struct TmaFp8Engine {
     static constexpr int B_BYTES = BN * ROW_BYTES;
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
+    static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
 
     char *ring;
     u64 *full;
     u64 *empty;
+    float *scales;  // SMEM_SCALES: STAGES × SCALES floats
     u32 it;  // K blocks this thread's role has passed through the ring (the same count in both roles)
 
-    // Every thread of both roles: the ring at `smem` (1024-byte aligned), the 2 · STAGES barriers at `bars`; this
-    // role has passed no K block yet.
-    FMOE_DEVICE void attach(char *smem, u64 *bars) {
+    // Every thread of both roles: the ring at `smem` (1024-byte aligned), the 2 · STAGES barriers at `bars`, the
+    // stages' scales at `stage_scales` (SMEM_SCALES); this role has passed no K block yet.
+    FMOE_DEVICE void attach(char *smem, u64 *bars, float *stage_scales = nullptr) {
         ring = smem;
         full = bars;
         empty = bars + STAGES;
+        scales = stage_scales;
         it = 0;
     }
     // All threads: ring at `smem`, barriers after it, initialised (the harness). Ends with a block barrier.
@@ -75,8 +103,9 @@ template <int STAGES, int BN = 256> struct TmaFp8Engine {
 
     // Producer warpgroup: every K block of one tile. B: one TMA box of BN rows × 128 bytes of matrix b_image (map_b,
     // 3-D); A by TMA (map_a, box 128 × 128 bytes) or gathered (TmaTile's a_base / a_index / a_stride / a_rows), its
-    // copies arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive).
-    FMOE_DEVICE void produce(const TmaTile &t) {
+    // copies arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive); SMEM_SCALES: the K block's
+    // scales from `ss` (this thread's row's), arriving the same way.
+    FMOE_DEVICE void produce(const TmaTile &t, const TmaFp8ScaleSource &ss = TmaFp8ScaleSource{}) {
         const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gather = t.map_a == nullptr;
@@ -110,6 +139,19 @@ template <int STAGES, int BN = 256> struct TmaFp8Engine {
                     cp_async16(base + swizzle(r, chunk), v ? t.a_base + (size_t)rows[i] * t.a_stride + off : t.a_base,
                                v);
                 }
+            }
+            if (SMEM_SCALES) {
+                // Row pt's A scale and granule pt's B scale of K block kt, zero-filled where there is none (a null
+                // source reads nothing: ss.b stands in as its address). GEMM1's h scales were published with their
+                // row block, which thread 0 acquired before the warpgroup's barrier in TicketQueue::produce: these
+                // copies follow it as the consumers' loads of them did.
+                const u32 sm = smem_addr(scales + s * SCALES);
+                cp_async4(sm + 4 * pt, ss.a != nullptr ? ss.a + kt : ss.b, ss.a != nullptr);
+                if (pt < 2 * HALVES)
+                    cp_async4(sm + 4 * (BM + pt), pt < ss.granules ? ss.b + (size_t)pt * ss.kb_count + kt : ss.b,
+                              pt < ss.granules);
+            }
+            if (gather || SMEM_SCALES) {
                 cp_async_mbar_arrive(&full[s]);
             } else {
                 mbar_arrive(&full[s]);
@@ -158,22 +200,53 @@ template <int STAGES, int BN = 256> struct TmaFp8Engine {
     // Consumer warpgroups: the tile into acc (ACC registers; half h's in acc[64h …), each in wgmma_fp8.cuh's
     // m64n128 layout: register 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 128h + 8j + wgmma_acc_col()
     // + (c & 1)). With BN = 256 that is WgmmaEngine's m64n256 layout (register 4J + c, column 8J + …, J = 16h + j),
-    // which the register epilogues read (register_epilogues.cuh).
+    // which the register epilogues read (register_epilogues.cuh). The scales from `sc`, or with SMEM_SCALES from the
+    // ring (sc unused).
     FMOE_DEVICE void consume(const TmaTile &t, const TmaFp8Scales &sc, float *acc) {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gathered = t.map_a == nullptr;
 #pragma unroll
         for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+#if FMOE_FP8_IDLE_WG
+        // A warpgroup whose 64 rows all lie past the tile's (the last, partial row block of an expert) computes
+        // nothing: its accumulators stay 0 and reach only rows the epilogues mask, so the bits are the same. It
+        // still passes every stage, full then released, so each empty barrier keeps its arrival count and no phase
+        // is arrived on before the producer has refilled it. The warpgroup index from a shuffle: warp-uniform to
+        // ptxas, which otherwise sees the MMAs below on a divergent path and serialises them (C7518).
+        const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+        if (wg * 64 >= t.a_rows) {
+            for (int kt = 0; kt < ktiles; ++kt) {
+                mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
+                release(it);
+                ++it;
+            }
+            return;
+        }
+#endif
         float tmp[64];
         for (int kt = 0; kt < ktiles; ++kt) {
             float s0, s1, b[2 * HALVES];
-            scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
+            if (!SMEM_SCALES) scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
             wait_full(it, gathered);
 #pragma unroll
             for (int h = 0; h < HALVES; ++h) {
                 issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
+                if (SMEM_SCALES && h == 0) {
+                    // Read while the MMAs run.
+                    const float *sm = scales + (it % STAGES) * SCALES;
+                    const int tid = fresh_tid(), r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+                    s0 = sm[r0];
+                    s1 = sm[r0 + 8];
+#pragma unroll
+                    for (int g = 0; g < 2 * HALVES; ++g) b[g] = sm[BM + g];
+                }
                 wgmma_wait<0>();
-                if (h == HALVES - 1) release(it);
+                if (h == HALVES - 1) {
+                    // SMEM_SCALES: the producer refills the stage's scales once it is released, and one lane a warp
+                    // releases it: the warp barrier orders every lane's reads of them before that arrival.
+                    if (SMEM_SCALES) __syncwarp();
+                    release(it);
+                }
                 promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
             }
             ++it;

@@ -134,9 +134,8 @@ FMOE_DEVICE int wgmma_acc_col() { return 2 * (threadIdx.x & 3); }
 // Quad transpose for 16-byte stores from those registers: lane t of each quad holds w[i] = the packed pair of
 // columns 8(j0 + i) + 2t, +1 (i < 4) of its row; returns the 4 words of column block j0 + t (16 contiguous bytes of
 // the row), so a warp's store covers 64 contiguous bytes per row instead of 16. Three shuffles; indices are selects,
-// so nothing goes to local memory.
-FMOE_DEVICE uint4 quad_transpose(const u32 *w) {
-    const int t = threadIdx.x & 3;
+// so nothing goes to local memory. `t`: the lane in its quad (a caller may pass its own %tid.x read).
+FMOE_DEVICE uint4 quad_transpose(const u32 *w, int t = (int)(threadIdx.x & 3)) {
     u32 o[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int r = 0; r < 4; ++r) {

@@ -94,8 +94,12 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
         // allowed; SharedMemoryFitTests checks the bound against ptxas.
         let fp8RowScales = fp8 && engine == .mmaSync ? 2 * Self.tileRows * 4 : 0
         let tmaShared = tmaEngine ? 1024 : 0
+        // The fp8 TMA engine's 256-row tiles carry their scales in the ring (FMOE_FP8_SMEM_SCALES,
+        // tma_fp8_tasks.cuh): each stage's 128 rows' A scales and 4 granule scales, as floats.
+        let ringStages = (dynamicBytes - 1024) / stageBytes(ringTileWidth)
+        let ringScales = fp8 && tmaEngine && ringTileWidth == 256 ? ringStages * (Self.tileRows + 4) * 4 : 0
         staticBytesBound =
-            (layout + e * 4 + FusedParams.byteCount + fp8RowScales + tmaShared + 256 + 1023) / 1024 * 1024
+            (layout + e * 4 + FusedParams.byteCount + fp8RowScales + tmaShared + ringScales + 256 + 1023) / 1024 * 1024
     }
 
     /// Static bound plus dynamic bytes: what must fit the GPU's opt-in limit per block.
@@ -105,7 +109,7 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     public func fits(limit: Int) -> Bool { totalBytes <= limit && routeChunk >= 32 }
 
     public var description: String {
-        "\(engine.rawValue) \(Self.tileRows)×\(expertTileWidth) tiles, \(stages) stages: \(dynamicBytes) B dynamic + "
+        "\(engine.rawValue) \(Self.tileRows)×\(ringTileWidth) tiles, \(stages) stages: \(dynamicBytes) B dynamic + "
             + "≤ \(staticBytesBound) B static shared memory per block"
     }
 

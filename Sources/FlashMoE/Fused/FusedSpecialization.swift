@@ -42,7 +42,7 @@ public struct FusedSpecialization: Sendable, Hashable {
     /// one GPU. Same bits as the cp.async engine (fp8: tma_fp8_engine.cuh, as the cp.async fp8 tiles).
     public let tmaEngine: Bool
 
-    /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, phase_experts_tma_fp8.cuh), which also size the
+    /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, tma_fp8_tasks.cuh), which also size the
     /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128, or 256 (faster in the engine's harness, but spilling in
     /// the fused kernel: Benchmarks/RESULTS.md, round 22). Fixed with the specialisation, so the kernel it names and
     /// the maps encoded for it agree (a box of more rows than the kernel's stage holds overruns it).

@@ -7,7 +7,7 @@
 /// the shared expert's `hs` (boxes of 128 rows, the workspace's capacity). Weights are the operator's own copies
 /// and h lives in its arena, so the maps change only when the arena is reallocated.
 ///
-/// Precision fp8 (phase_experts_tma_fp8.cuh): W1 and W2 are stacks of the experts' E4M3 images (3-D maps: each
+/// Precision fp8 (tma_fp8_tasks.cuh): W1 and W2 are stacks of the experts' E4M3 images (3-D maps: each
 /// image's codes are followed by its scales, FusedDeviceWeights+FP8.swift) read in boxes of the engine's tile rows
 /// (`FusedSpecialization.tmaFP8TileRows`: a box of other rows than the kernel's stage holds would overrun it), and
 /// the routed h map is over the E4M3 codes `hq` the GEMM1 tiles read; the shared expert's maps stay BF16.

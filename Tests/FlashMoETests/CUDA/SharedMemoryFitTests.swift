@@ -177,8 +177,11 @@ import Testing
         // The opt-in TMA engine's fp8 builds (sm_90a): their static shared memory has its own term in the bound. Not
         // checked for spills: at E = 256, H = 128, I = 64 that kernel spills 24 B (ptxas, NVRTC 13.0), the reason it
         // is not fp8's default; FusedKernelTests.fp8CompilesWithoutSpills holds it to none at its shapes.
-        let tmaSpecs = name != "sm_90a" ? [] : try Self.fp8Configs.map {
-            try FusedSpecialization(config: $0, arch: arch, experimentalFP8: true, tmaEngine: true)
+        // Both tile forms: the 256-row one also keeps its ring's scales in static shared memory.
+        let tmaSpecs = name != "sm_90a" ? [] : try Self.fp8Configs.flatMap { c in
+            try [128, 256].map {
+                try FusedSpecialization(config: c, arch: arch, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: $0)
+            }
         }
         for (spec, spillFree) in specs.map({ ($0, true) }) + tmaSpecs.map({ ($0, false) }) {
             // Compiling at all proves DYNAMIC_SMEM == FMOE_DYNAMIC_SMEM (launch_limits.cuh's static_assert).

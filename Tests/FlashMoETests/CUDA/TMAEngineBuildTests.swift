@@ -171,39 +171,46 @@ import Testing
     }
 
     /// The TMA engine's A/B switches (gathers arriving through cp.async.mbarrier.arrive, the producer's registers;
-    /// fp8: 256-row tiles, consumers that trap on an expired task wait) compile for sm_90a, change the FMOE_TMA
-    /// kernel's code (a misspelt switch would compile the default) and keep the consumers' wgmma unserialised (ptxas
-    /// C7512 / C7518 in the log); the trap spills more, the reason the default leaves it out.
+    /// fp8: 256-row tiles, consumers that trap on an expired task wait, h from the accumulators and a warpgroup with
+    /// no rows skipping its MMAs with 128-row tiles, h through BF16 rows and every warpgroup computing with 256, the
+    /// scales through the ring with 128-row tiles and not with 256) compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch would compile the
+    /// default) and keep the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log); the trap spills more, the
+    /// reason the default leaves it out.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: [
             "FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56", "fp8 FMOE_TMA_FP8_BN=256",
-            "fp8 FMOE_TMA_CONSUMER_TRAP=1",
+            "fp8 FMOE_TMA_CONSUMER_TRAP=1", "fp8 FMOE_H_FROM_ACC=1", "fp8 FMOE_FP8_IDLE_WG=1",
+            "fp8 FMOE_TMA_FP8_BN=256 FMOE_H_FROM_ACC=0", "fp8 FMOE_TMA_FP8_BN=256 FMOE_FP8_IDLE_WG=0",
+            "fp8 FMOE_FP8_SMEM_SCALES=1", "fp8 FMOE_TMA_FP8_BN=256 FMOE_FP8_SMEM_SCALES=0",
           ])
     func tmaSwitchesCompile(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: "sm_90a")
         var config = Self.gated
         if setting.hasPrefix("fp8 ") { config.precision = .fp8 }
-        let parts = setting.split(separator: " ").last!.split(separator: "=").map(String.init)
+        let settings = setting.split(separator: " ").filter { $0.contains("=") }.map {
+            $0.split(separator: "=").map(String.init)
+        }
         let plain = try FusedSpecialization(
             config: config, arch: target, experimentalFP8: true, tmaEngine: true).kernelSpec
-        var spec = plain
-        if parts[0] == "FMOE_TMA_FP8_BN" {
-            // The tile rows also size the ring (RING_BN), so the host's shared memory follows them: the
-            // specialisation sets both.
-            spec = try FusedSpecialization(
-                config: config, arch: target, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: Int(parts[1])!
+        // The tile rows also size the ring (RING_BN), so the host's shared memory follows them: the specialisation
+        // sets both. The other switches are compared with the kernel of the same tile rows.
+        var sized = plain
+        if let rows = settings.first(where: { $0[0] == "FMOE_TMA_FP8_BN" }).map({ Int($0[1])! }) {
+            sized = try FusedSpecialization(
+                config: config, arch: target, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: rows
             ).kernelSpec
-        } else {
-            spec.defines[parts[0]] = parts[1]
         }
+        var spec = sized
+        let switches = settings.filter { $0[0] != "FMOE_TMA_FP8_BN" }
+        for s in switches { spec.defines[s[0]] = s[1] }
+        let base = try compiler.compile(switches.isEmpty ? plain : sized, arch: target, sources: .embedded)
         let k = try compiler.compile(spec, arch: target, sources: .embedded)
-        let base = try compiler.compile(plain, arch: target, sources: .embedded)
         #expect(k.cubin != base.cubin, "\(setting) compiled the default TMA kernel")
         let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
         #expect(usage.registers <= 168)
         #expect(!k.log.contains("C7512") && !k.log.contains("C7518"), "wgmma serialised with \(setting)")
-        if parts[0] == "FMOE_TMA_CONSUMER_TRAP" {
+        if switches.contains(where: { $0[0] == "FMOE_TMA_CONSUMER_TRAP" }) {
             // With the trap in the consumers' loop ptxas caps them below setmaxnreg's registers (phase_experts_tma.cuh).
             let without = try #require(base.resources.first { $0.name == FusedSpecialization.kernelName })
             #expect(usage.spillStoreBytes > without.spillStoreBytes, "\(usage) against \(without)")

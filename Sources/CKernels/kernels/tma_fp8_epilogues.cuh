@@ -1,0 +1,147 @@
+// The fp8 TMA engine's GEMM0 epilogues (FMOE_TMA builds of FMOE_PREC 4): h from a routed tile's accumulators, as
+// BF16 rows (gemm0_store_acc_fp8, for the per-group pass of phase_experts.cuh) or, with h from the accumulators
+// (FMOE_H_FROM_ACC, tma_fp8_tasks.cuh), straight to E4M3 codes and scales: a 128-row ticket's group of column tiles
+// through hbuf (gemm0_group_fp8), a 256-row tile's groups from its registers (gemm0_quantize_acc_fp8). Either way a
+// row's 128-channel group is quantized as quantize_group4 (fp8.cuh) quantizes it from hbuf, so the bits are the same.
+#pragma once
+
+#if FMOE_TMA && FMOE_PREC == 4
+#include "tma_fp8_tasks.cuh"
+
+namespace fmoe {
+
+// The h pair of accumulator registers c, c + 1 of a routed GEMM0 tile (128-row half h's registers 64h …, together the
+// m64nBN layout) at output column col: the packed weight rows are blocks of 64 gate rows and their 64 up rows
+// (FusedDeviceWeights+FP8.swift), so output column (BN/2)·q + 8j + … is half j / 8's gate register 4j + c (+ 32 for
+// j ≥ 8) and its up register 32 further. Gated: act(gate) · up; plain: act(acc + b1). gemm0_store's arithmetic, so
+// the bits of the cp.async tile.
+FMOE_DEVICE u32 gemm0_pair_fp8(const Params &p, int x, const float *acc, int c, int col) {
+    if (GATED) {
+        const int g = c < 32 ? c : c + 32;
+        return pack_t2(activation(acc[g]) * acc[g + 32], activation(acc[g + 1]) * acc[g + 33]);
+    }
+    const bool bias = p.b1 != nullptr && col < I;
+    return pack_t2(activation(acc[c] + (bias ? p.b1[(size_t)x * I + col] : 0.f)),
+                   activation(acc[c + 1] + (bias ? p.b1[(size_t)x * I + col + 1] : 0.f)));
+}
+// GEMM0's epilogue of routed ticket (x, m, q) as BF16 rows of hbuf (FMOE_H_FROM_ACC 0), for the per-group pass.
+FMOE_DEVICE void gemm0_store_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
+    constexpr int OUT_COLS = GATED ? FMOE_TMA_FP8_BN / 2 : FMOE_TMA_FP8_BN;
+    store_acc_pairs<OUT_COLS>(h_rows(p, L, x), I, I, rows_of(L, x), m * BM, q * OUT_COLS,
+                              [&](int c, int col) { return gemm0_pair_fp8(p, x, acc, c, col); });
+}
+
+// Where lane `tid`'s pair pj of row half h of column tile n of routed expert x's row block m is held in hbuf (its
+// BF16 position: wgmma_acc_row / wgmma_acc_col's row and columns), or null for a row past the expert's or a column
+// past I.
+FMOE_DEVICE u32 *held_pair(const Params &p, const Layout &L, int x, int m, int n, int h, int pj, int tid) {
+    const int r = m * BM + (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * h;
+    const int col = n * H_TILE_COLS + 8 * pj + 2 * (tid & 3);
+    return r < rows_of(L, x) && col < I ? (u32 *)(p.hbuf + ((size_t)L.row_start[x] + r) * I + col) : nullptr;
+}
+
+// Quantizes one 128-channel group g of h in the rows of routed expert x's row block m this thread's accumulators
+// hold (wgmma_acc_row: r0 and r0 + 8): hv[h][i] is the packed BF16 pair i of row half h — the group's columns
+// 8i + 2t, +1 (t = the lane in its quad; wgmma_acc_col), 0 past I — so a row's 128 values are its quad's. Each row as
+// quantize_group4 (fp8.cuh) quantizes it from hbuf: the largest finite |v| over the quad (two shuffles), scale = that
+// / 448 (1 when not positive), codes E4M3(v / scale), IEEE divisions: the same bits. A quad transposes its code pairs
+// (quad_transpose) so a lane stores 8 contiguous bytes. Rows past the expert's store nothing. GEMM1 reads the codes
+// by TMA: the caller fences them to the async proxy and releases them.
+FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
+                                    int tid) {
+    const int rows = rows_of(L, x), first = m * BM, t = tid & 3;
+    const int r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);  // wgmma_acc_row
+    const size_t base = (size_t)L.row_start[x] + first;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mx = 0.f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const float a = fabsf(__uint_as_float(hv[h][i] << 16)), b = fabsf(__uint_as_float(hv[h][i] & 0xffff0000u));
+            if (a <= 3.402823466e38f) mx = fmaxf(mx, a);  // finite values only, as quantize_group4
+            if (b <= 3.402823466e38f) mx = fmaxf(mx, b);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float s = __fdiv_rn(mx, 448.f);
+        if (!(s > 0.f)) s = 1.f;
+        const int r = r0 + 8 * h;
+        const bool ok = first + r < rows;
+        unsigned char *row = p.hq + (base + (ok ? r : 0)) * I + (size_t)g * FP8_GROUP;
+#pragma unroll
+        for (int jb = 0; jb < 4; ++jb) {
+            u32 w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 v = hv[h][4 * jb + i];
+                w[i] = e4m3x2(__fdiv_rn(__uint_as_float(v & 0xffff0000u), s), __fdiv_rn(__uint_as_float(v << 16), s));
+            }
+            const uint4 o = quad_transpose(w, t);  // code pairs of columns 8(4jb + t) + 2i
+            const int col = 8 * (4 * jb + t);
+            if (ok && g * FP8_GROUP + col < I) *(uint2 *)(row + col) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
+        }
+        if (ok && t == 0) p.hq_scale[(base + r) * KB_I + g] = s;
+    }
+}
+
+// Routed GEMM0 ticket q of expert x's row block m with 128-row tiles (GROUP_TICKETS): group q of h, its column tiles
+// run back to back on this block. Each tile's epilogue values (gemm0_pair_fp8: hbuf's BF16 pairs) go to their hbuf
+// positions and each thread reads back only what it wrote — held in registers across the next tile's mainloop they
+// made ptxas spill the consumers' loop (deepseek-v3: 16 B) — then quantize_pairs_fp8.
+FMOE_DEVICE void gemm0_group_fp8(const Params &p, const Layout &L, const TmaMaps &maps, ExpertTmaFp8 &eng, int x,
+                                 int m, int q) {
+    constexpr int PJ = H_TILE_COLS / 8;  // pairs a tile gives a row
+    static_assert(!GROUP_TICKETS || QT * PJ == 16, "a group is 16 pairs a row");
+    const int n0 = QT * q, tiles = min(QT, NT0 - n0);
+    // One mainloop in the code (a loop, not unrolled): each tile's pairs go to their hbuf positions.
+    for (int j = 0; j < tiles; ++j) {
+        float acc[ExpertTmaFp8::ACC];
+        eng.consume(tma_tile_fp8(p, L, maps, TASK_GEMM0, x, m, n0 + j),
+                    tma_scales_fp8(p, L, TASK_GEMM0, x, m, n0 + j), acc);
+        const int tid = fresh_tid();
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int pj = 0; pj < PJ; ++pj) {
+                u32 *at = held_pair(p, L, x, m, n0 + j, h, pj, tid);
+                const int col = (n0 + j) * H_TILE_COLS + 8 * pj + 2 * (tid & 3);
+                if (at != nullptr) *at = gemm0_pair_fp8(p, x, acc, 4 * pj + 2 * h, col);
+            }
+    }
+    // Read back (this thread's own writes; 0 past I, past the group's tiles and for rows past the expert's).
+    const int tid = fresh_tid();
+    u32 hv[2][16];  // [row half][pair]
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const u32 *at = i / PJ < tiles ? held_pair(p, L, x, m, n0 + i / PJ, h, i % PJ, tid) : nullptr;
+            hv[h][i] = at != nullptr ? *at : 0u;
+        }
+    quantize_pairs_fp8(p, L, x, m, q, hv, tid);
+}
+
+// Routed GEMM0 ticket q of expert x's row block m with 256-row tiles: the tile's accumulators hold whole groups of h
+// (gated: output columns 128q …, group q; plain: 256q …, groups 2q and 2q + 1), so each group's pairs are formed
+// from them (gemm0_pair_fp8, the register order of gemm0_store_acc_fp8) and quantized; no BF16 h is written.
+FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
+    constexpr int GROUPS = GATED ? FMOE_TMA_FP8_BN / 2 / FP8_GROUP : FMOE_TMA_FP8_BN / FP8_GROUP;
+    const int tid = fresh_tid();
+#pragma unroll
+    for (int gg = 0; gg < GROUPS; ++gg) {
+        const int g = GROUPS * q + gg;
+        if (g * FP8_GROUP >= I) break;  // block-uniform: a plain FFN's last ticket of one group
+        u32 hv[2][16];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int col = g * FP8_GROUP + 8 * i + 2 * (tid & 3);
+                hv[h][i] = col < I ? gemm0_pair_fp8(p, x, acc, 4 * (16 * gg + i) + 2 * h, col) : 0u;
+            }
+        quantize_pairs_fp8(p, L, x, m, g, hv, tid);
+    }
+}
+
+}  // namespace fmoe
+#endif
