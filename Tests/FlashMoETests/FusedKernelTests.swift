@@ -120,8 +120,8 @@ import Testing
         }
     }
 
-    /// fp8 (experimental) where it has an engine, wgmma on sm_90a (the cp.async tiles and the opt-in TMA engine) and
-    /// mma.sync on sm_89 (one GPU only), plain and traced, with no spills.
+    /// fp8 (experimental) where it has an engine, wgmma on sm_90a (the cp.async tiles and the TMA engine's tiles of
+    /// 128 and 256 weight rows) and mma.sync on sm_89 (one GPU only), plain and traced, with no spills.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_89", "sm_90a"])
     func fp8CompilesWithoutSpills(arch: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
@@ -130,13 +130,20 @@ import Testing
                               activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
         let plain = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true,
                               activation: .gelu, precision: .fp8)
-        // sm_90a has two engines: the default cp.async tiles and the opt-in TMA engine (FLASHMOE_TMA=1).
+        // sm_90a has two engines: the cp.async tiles and the TMA engine (the prefill kernel), whose tiles have 128 or
+        // (FLASHMOE_TMA_FP8_BN=256) 256 weight rows.
         var specs: [FusedSpecialization] = []
-        for tma in arch == "sm_90a" ? [false, true] : [false] {
+        let forms: [(tma: Bool, rows: Int)] =
+            arch == "sm_90a" ? [(false, 128), (true, 128), (true, 256)] : [(false, 128)]
+        for (tma, rows) in forms {
             specs += [
-                try FusedSpecialization(config: gated, arch: target, experimentalFP8: true, tmaEngine: tma),
-                try FusedSpecialization(config: plain, arch: target, experimentalFP8: true, tmaEngine: tma),
-                try FusedSpecialization(config: gated, arch: target, trace: true, experimentalFP8: true, tmaEngine: tma),
+                try FusedSpecialization(
+                    config: gated, arch: target, experimentalFP8: true, tmaEngine: tma, tmaFP8TileRows: rows),
+                try FusedSpecialization(
+                    config: plain, arch: target, experimentalFP8: true, tmaEngine: tma, tmaFP8TileRows: rows),
+                try FusedSpecialization(
+                    config: gated, arch: target, trace: true, experimentalFP8: true, tmaEngine: tma,
+                    tmaFP8TileRows: rows),
             ]
         }
         for spec in specs {
@@ -144,7 +151,7 @@ import Testing
             let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
             #expect(
                 usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0,
-                "fp8 spills on \(arch)\(spec.tmaEngine ? " (TMA engine)" : "")")
+                "fp8 spills on \(arch)\(spec.tmaEngine ? " (TMA engine, \(spec.tmaFP8TileRows) rows)" : "")")
         }
     }
 

@@ -9,6 +9,32 @@ typedef long long i64;
 #define FMOE_DEVICE __device__ __forceinline__
 #define FMOE_INF __int_as_float(0x7f800000)
 
+// %tid.x read by its own instruction, where a lane's terms must not be hoisted: from threadIdx.x the compiler moved
+// the lane's row and column terms of gemm0_group_fp8 and of the fp8 engine's ring scales out of the consumers'
+// loop, live across every mainloop, and ptxas spilled the loop's state (deepseek-v3: 16 – 20 B; moe.cu's role test
+// reads it the same way).
+FMOE_DEVICE int fresh_tid() {
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+    return tid;
+}
+
+// The thread's index in its block, as every kernel file reads it. FMOE_FRESH_TID 1 (set by the host for the fp8 TMA
+// engine's 256-row tiles, FusedSpecialization.swift): each read is its own instruction (fresh_tid). From threadIdx.x
+// the compiler keeps one read, and the tests on it (thread 0's work in every phase) as predicate bits, live from the
+// kernel's start through the consumers' mainloops, where 128 + 64 accumulators leave no register for them: ptxas
+// spilled them and reloaded them after barriers and divisions in every phase (qwen3-30b-a3b's 256-row kernel: 272 B
+// of spills, 32 B with fresh reads; NVRTC 13.0). 0: threadIdx.x, the code every other build was measured with (a
+// macro: through a function returning threadIdx.x NVVM optimised some uses differently).
+#ifndef FMOE_FRESH_TID
+#define FMOE_FRESH_TID 0
+#endif
+#if FMOE_FRESH_TID
+#define FMOE_TID ((unsigned)fresh_tid())
+#else
+#define FMOE_TID (threadIdx.x)
+#endif
+
 // ---- 16-bit storage types -------------------------------------------------------------------------------------
 // Plain 16-bit wrappers: only the bits matter to the tensor cores; conversions go through PTX cvt (round to
 // nearest even, NaN preserved), the same rounding as the host's BFloat16/Float16.

@@ -38,7 +38,7 @@ FMOE_DEVICE void gemm0_store(const Params &p, const Layout &L, int x, int rows, 
     const bool shared = is_shared(L, x);
     const int inter = shared ? IS : I;
     T *out = h_rows(p, L, x);
-    for (int u = threadIdx.x; u < NR * OUT_COLS / 4; u += THREADS) {
+    for (int u = FMOE_TID; u < NR * OUT_COLS / 4; u += THREADS) {
         const int r = u / (OUT_COLS / 4), c4 = (u % (OUT_COLS / 4)) * 4;
         const int col = col0 + c4;
         if (first + r >= rows || col >= inter) continue;
@@ -143,7 +143,7 @@ FMOE_DEVICE void gemm1_store(const Params &p, const Layout &L, int x, bool share
 #if FMOE_NVSHMEM
     bool sent_remote = false;  // this thread put returns to a remote source
 #endif
-    for (int u = threadIdx.x; u < NR * NC / 4; u += THREADS) {
+    for (int u = FMOE_TID; u < NR * NC / 4; u += THREADS) {
         const int r = u / (NC / 4), c4 = (u % (NC / 4)) * 4;
         const int col = col0 + c4;
         if (first + r >= rows || col >= H) continue;

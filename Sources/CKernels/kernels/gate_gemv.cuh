@@ -51,7 +51,7 @@ FMOE_DEVICE float dot8(const uint4 &a, const uint4 &b, float acc) {
 // `smem` holds the warps' partial sums. Every thread of the block calls it.
 FMOE_DEVICE void gate_gemv_task(const Params &p, int n, char *smem) {
     float *part = (float *)smem;  // [warp][token]
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, S = p.tokens;
+    const int warp = FMOE_TID >> 5, lane = FMOE_TID & 31, S = p.tokens;
     const uint4 *w = (const uint4 *)(p.wg + (size_t)n * H);
     float acc[GATE_GEMV_TOKENS];
 #pragma unroll
@@ -78,10 +78,10 @@ FMOE_DEVICE void gate_gemv_task(const Params &p, int n, char *smem) {
         for (int t = 0; t < GATE_GEMV_TOKENS; ++t) part[warp * GATE_GEMV_TOKENS + t] = acc[t];
     }
     sync_block();
-    if (threadIdx.x < S) {
+    if (FMOE_TID < S) {
         float sum = 0.f;
-        for (int q = 0; q < THREADS / 32; ++q) sum += part[q * GATE_GEMV_TOKENS + threadIdx.x];  // warp order
-        p.logits[(size_t)threadIdx.x * EG + n] = sum;
+        for (int q = 0; q < THREADS / 32; ++q) sum += part[q * GATE_GEMV_TOKENS + FMOE_TID];  // warp order
+        p.logits[(size_t)FMOE_TID * EG + n] = sum;
     }
 }
 #else

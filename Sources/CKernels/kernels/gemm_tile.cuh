@@ -40,7 +40,7 @@ struct TileSource {
     int k_bytes;  // K × element size (a multiple of 16)
 };
 
-FMOE_DEVICE int loader_row(int i) { return (int)(threadIdx.x >> 3) + 32 * i; }
+FMOE_DEVICE int loader_row(int i) { return (int)(FMOE_TID >> 3) + 32 * i; }
 
 // Points this thread's loader rows of a ROWS-row operand (a or b of a TileSource) at rows first + loader_row(i) of
 // `base` (`stride` elements each), from byte k0 on; rows at or past `limit` read nothing (zero-filled) and point at
@@ -60,7 +60,7 @@ FMOE_DEVICE void point_rows(const char **ptr, bool *valid, const E *base, int fi
 // rows (weights) with the L2 evict-first policy (FMOE_DECODE_EVICT_FIRST, common.cuh).
 template <int TBN, int TBM = BM, bool EVICT_B = false>
 FMOE_DEVICE void load_stage(char *stage, const TileSource &src, int kt) {
-    const int chunk = threadIdx.x & 7;
+    const int chunk = FMOE_TID & 7;
     const int off = kt * ROW_BYTES + chunk * 16;
     const bool k_in = off < src.k_bytes;
     const u32 base_a = smem_addr(stage);
@@ -95,7 +95,7 @@ FMOE_DEVICE void round4_tf32(char *p) {
     *(uint4 *)p = v;
 }
 template <int TBM = BM> FMOE_DEVICE void round_stage_tf32(char *stage) {
-    const int chunk = threadIdx.x & 7;
+    const int chunk = FMOE_TID & 7;
 #pragma unroll
     for (int i = 0; i < TBM / 32; ++i) round4_tf32(stage + swizzle(loader_row(i), chunk));
 }
@@ -147,7 +147,7 @@ template <int KIND> struct MmaEngine {
     // types, k8 for TF32, k32 for E4M3: the fragments hold the same bytes), each an `mma_op(d_tile, a, b)` per m16 ×
     // n8 tile. MmaEngine's and Fp8MmaEngine's (mma_fp8.cuh) mainloop step.
     template <class MmaOp> FMOE_DEVICE static void compute_into(const char *stage, float (&d)[4][4][4], MmaOp mma_op) {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
         const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
         const u32 base_a = smem_addr(stage), base_b = base_a + BM * ROW_BYTES;
 #pragma unroll
@@ -178,7 +178,7 @@ template <int KIND> struct MmaEngine {
 
     // Accumulator layout of m16n8: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, 2t..2t+1), g = lane/4, t = lane%4.
     FMOE_DEVICE void stage_out(float *c) const {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
         const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
         const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -210,7 +210,7 @@ struct FfmaEngine {
     }
 
     FMOE_DEVICE void compute(const char *stage) {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
         const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
         const int rg = lane >> 2, cg = lane & 3;
         const char *sa = stage, *sb = stage + BM * ROW_BYTES;
@@ -230,7 +230,7 @@ struct FfmaEngine {
     }
 
     FMOE_DEVICE void stage_out(float *c) const {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
         const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
         const int rg = lane >> 2, cg = lane & 3;
 #pragma unroll

@@ -92,7 +92,7 @@ struct GemvOperands {
 // One warp: acc (rows g, g + 8 of the slab × columns 2t, 2t + 1) = the slab's weight rows wrow0 … + 15 times the
 // A rows over K bytes [kb0, kb1). fp8: kb0, kb1 are whole 128-byte K blocks, each promoted on its own.
 FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, float acc[4]) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = FMOE_TID & 31, g = lane >> 2, t = lane & 3;
     const bool v0 = wrow0 + g < op.rows, v1 = wrow0 + g + 8 < op.rows;
     const char *w0 = op.w + (size_t)(v0 ? wrow0 + g : 0) * op.k_bytes;
     const char *w1 = op.w + (size_t)(v1 ? wrow0 + g + 8 : 0) * op.k_bytes;
@@ -179,7 +179,7 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
     const int slabs = tile_rows / 16, kp_count = slabs >= GEMV_WARPS ? 1 : GEMV_WARPS / slabs;
     float *c = (float *)smem;
     float *part = c + GEMV_TOKENS * GEMV_CS;  // [item][16 rows][8 columns]
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = FMOE_TID >> 5, lane = FMOE_TID & 31, g = lane >> 2, t = lane & 3;
     const int units = (op.k_bytes + UNIT - 1) / UNIT;
     for (int item = warp; item < slabs * kp_count; item += GEMV_WARPS) {
         const int slab = item / kp_count, kp = item % kp_count;
@@ -194,7 +194,7 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
         d[(g + 8) * 8 + 2 * t + 1] = acc[3];
     }
     sync_block();
-    for (int u = threadIdx.x; u < tile_rows * GEMV_TOKENS; u += THREADS) {
+    for (int u = FMOE_TID; u < tile_rows * GEMV_TOKENS; u += THREADS) {
         const int r = u / GEMV_TOKENS, j = u % GEMV_TOKENS;
         const float *d = part + (r / 16) * kp_count * 128 + (r % 16) * 8 + j;
         float v = d[0];
@@ -208,8 +208,8 @@ FMOE_DEVICE void gemv_tile(char *smem, const GemvOperands &op, int tile_rows, Ge
 // W1 (or fp8 image) times its rows' x (one GPU: the tokens' rows; ranks: the received rows; fp8: x's codes and
 // scales). GEMM1: its W2 times its rows' h (fp8: h's codes and scales).
 FMOE_DEVICE void gemv_operands(const Params &p, const Layout &L, int gemm, int x, GemvOperands &op) {
-    if (threadIdx.x >= GEMV_TOKENS) return;
-    const int r = threadIdx.x;
+    if (FMOE_TID >= GEMV_TOKENS) return;
+    const int r = FMOE_TID;
     const size_t row = (size_t)L.row_start[x] + r;  // the expert's row r (h's row; GEMM0: its token's x row)
     const bool in = r < rows_of(L, x);
     if (r == 0) op.rows = gemm == 0 ? N0 : H;

@@ -41,7 +41,7 @@ struct Fp8MmaEngine : MmaEngine<MMA_BF16> {
     // acc += tmp · a_scale(row) · b: `sa` holds the K block's scale of every tile row, b is the B scale of this
     // warp's granule.
     FMOE_DEVICE void promote(const float *sa, float b) {
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
         const int wm = (warp >> 2) * 64, g = lane >> 2;
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
@@ -70,9 +70,9 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8_mma(char *smem, const TileS
     Fp8MmaEngine eng;
     eng.zero();
     const int ktiles = (src.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-    const bool granule1_warp = ((threadIdx.x >> 5) & 3) >= 2;  // columns 64 … 127: the tile's second granule
+    const bool granule1_warp = ((FMOE_TID >> 5) & 3) >= 2;  // columns 64 … 127: the tile's second granule
     // The previous tile's last reads of s_scale came before its final barrier; the first one below orders this.
-    if (threadIdx.x < BM && ktiles > 0) s_scale[0][threadIdx.x] = sc.a0 != nullptr ? sc.a0[0] : 0.f;
+    if (FMOE_TID < BM && ktiles > 0) s_scale[0][FMOE_TID] = sc.a0 != nullptr ? sc.a0[0] : 0.f;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < ktiles) load_stage<FP8_BN>(smem + s * STAGE_BYTES, src, s);
@@ -84,8 +84,8 @@ template <int STAGES> FMOE_DEVICE void gemm_tile_fp8_mma(char *smem, const TileS
         const int next = kt + STAGES - 1;
         if (next < ktiles) load_stage<FP8_BN>(smem + (next % STAGES) * STAGE_BYTES, src, next);
         cp_async_commit();
-        if (threadIdx.x < BM && kt + 1 < ktiles)
-            s_scale[(kt + 1) & 1][threadIdx.x] = sc.a0 != nullptr ? sc.a0[kt + 1] : 0.f;
+        if (FMOE_TID < BM && kt + 1 < ktiles)
+            s_scale[(kt + 1) & 1][FMOE_TID] = sc.a0 != nullptr ? sc.a0[kt + 1] : 0.f;
         const float b = granule1_warp ? (sc.granule1 ? sc.b[sc.kb_count + kt] : 0.f) : sc.b[kt];
         eng.compute_block(smem + (kt % STAGES) * STAGE_BYTES);
         eng.promote(s_scale[kt & 1], b);

@@ -75,18 +75,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward(cons
         return;
     }
     regs_alloc<TMA_CONSUMER_REGS_FUSED>();
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         s_tma.maps = &maps;
         s_tma.handed = 0;
     }
     tma_rendezvous();
 #endif
     static_assert(sizeof(Params) % 4 == 0, "Params is copied in 32-bit words");
-    for (int i = threadIdx.x; i < (int)(sizeof(Params) / 4); i += THREADS) ((u32 *)&sp)[i] = ((const u32 *)&p)[i];
-    if (threadIdx.x == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
+    for (int i = FMOE_TID; i < (int)(sizeof(Params) / 4); i += THREADS) ((u32 *)&sp)[i] = ((const u32 *)&p)[i];
+    if (FMOE_TID == 0) { s_cta = blockIdx.x; s_ctas = gridDim.x; }
     sync_block();
     __shared__ int s_aborted;
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         sp.epoch = ld_relaxed_u64(&p.sync->epoch) + 1;
         s_aborted = aborted(p.err);
     }
@@ -124,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward_rank
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __shared__ Params sp;
     __shared__ int s_run;
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         sp = table != nullptr ? table[blockIdx.x / blocks_per_rank] : one;
         s_cta = blockIdx.x % blocks_per_rank;
         s_ctas = blocks_per_rank;

@@ -294,7 +294,7 @@ FMOE_DEVICE int ctas() { return s_ctas; }
 // its rows arrived; its block), 13 the rank's last block out.
 FMOE_DEVICE void stamp(const Params &p, int i, bool any_block = false) {
 #if FMOE_TIMING
-    if (threadIdx.x == 0 && (any_block || cta() == 0)) p.sync->stamps[i] = globaltimer_ns();
+    if (FMOE_TID == 0 && (any_block || cta() == 0)) p.sync->stamps[i] = globaltimer_ns();
 #endif
 }
 

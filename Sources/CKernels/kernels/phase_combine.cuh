@@ -32,7 +32,7 @@ FMOE_DEVICE int combine_slices(const Params &p) {
 // [slice · ⌈H/4 / slices⌉, ...) of the token. One warp.
 FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
     FMOE_TRACE_WARP_SCOPE(FMOE_EV_COMBINE, t);
-    const int lane = threadIdx.x & 31;
+    const int lane = FMOE_TID & 31;
     constexpr int H4 = H / 4;
     const int per = (H4 + slices - 1) / slices;
     const int c0 = slice * per, c1 = min(H4, c0 + per);
@@ -87,7 +87,7 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
 FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int m) {
     const bool shared = is_shared(L, x);
     const int rows = task_rows(p, L, x);
-    for (int r = m * BM + (int)threadIdx.x; r < rows && r < (m + 1) * BM; r += THREADS) {
+    for (int r = m * BM + (int)FMOE_TID; r < rows && r < (m + 1) * BM; r += THREADS) {
         int t, q = 0;
         if (RANKS > 1) {
             // Ranks: the source's counters; a row's origin names its rank and (token, j) pair.
@@ -130,7 +130,7 @@ FMOE_DEVICE void complete_row_block(const Params &p, const Layout &L, int x, int
 // (combine_slices per position); a position not yet written is waited for (bounded) unless all GEMM1 work has
 // finished and the position lies past the final end of the list.
 FMOE_DEVICE bool drain_combines(const Params &p, int gemm1_total) {
-    const int lane = threadIdx.x & 31;
+    const int lane = FMOE_TID & 31;
     const int slices = combine_slices(p);
     for (;;) {
         int ticket = 0;

@@ -9,9 +9,9 @@ namespace fmoe {
 // this rank's per-expert counts to every rank and flag them with the epoch (system-scope release: peers may be
 // other GPUs).
 FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
-    for (int i = threadIdx.x; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
-    for (int i = threadIdx.x; i < E; i += THREADS) p.rows_sent[i] = 0;
-    if (threadIdx.x == 0) {
+    for (int i = FMOE_TID; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
+    for (int i = FMOE_TID; i < E; i += THREADS) p.rows_sent[i] = 0;
+    if (FMOE_TID == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
         p.sync->list_tail = 0;
@@ -19,7 +19,7 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
         p.sync->my_total = 0;
         p.sync->dispatch_done = 0;
     }
-    for (int i = threadIdx.x; i < RANKS * E; i += THREADS) {
+    for (int i = FMOE_TID; i < RANKS * E; i += THREADS) {
         const int q = i / E, e = i % E;
 #if FMOE_NVSHMEM
         if (nv_remote(p.peers[p.rank].sync, q)) continue;  // sent below as one put-with-signal
@@ -28,9 +28,9 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     }
     __threadfence_system();
     sync_block();
-    if (threadIdx.x < RANKS) {
+    if (FMOE_TID < RANKS) {
 #if FMOE_NVSHMEM
-        const int q = threadIdx.x;
+        const int q = FMOE_TID;
         if (nv_remote(p.peers[p.rank].sync, q)) {
             nv_put_counts(&p.peers[q].all_counts[p.rank * E], p.expert_load, E, &p.peers[q].count_flags[p.rank],
                           p.epoch, q);
@@ -38,7 +38,7 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
         }
 #endif
         fence_sys();
-        st_relaxed_sys_u64(&p.peers[threadIdx.x].count_flags[p.rank], p.epoch);
+        st_relaxed_sys_u64(&p.peers[FMOE_TID].count_flags[p.rank], p.epoch);
     }
 }
 
@@ -48,18 +48,18 @@ FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
 // order, so rows, tiles and results equal the single-rank run.
 FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     __shared__ int ok;
-    if (threadIdx.x == 0) ok = 1;
+    if (FMOE_TID == 0) ok = 1;
     sync_block();
-    if (threadIdx.x < RANKS) {
+    if (FMOE_TID < RANKS) {
         // Acquire (system scope: the flag may come from another GPU); the barrier below orders every thread's
         // reads of the counts after it.
-        if (!wait_at_least<true>(&p.peers[p.rank].count_flags[threadIdx.x], p.epoch, p.err, p.budget_ns,
-                                 FMOE_PHASE_COUNTS, threadIdx.x, p.rank))
+        if (!wait_at_least<true>(&p.peers[p.rank].count_flags[FMOE_TID], p.epoch, p.err, p.budget_ns,
+                                 FMOE_PHASE_COUNTS, FMOE_TID, p.rank))
             ok = 0;
         fence_sys();
     }
     sync_block();
-    for (int e = threadIdx.x; e < E; e += THREADS) {
+    for (int e = FMOE_TID; e < E; e += THREADS) {
         int before = 0, total = 0;
         for (int q = 0; q < RANKS; ++q) {
             const int c = p.peers[p.rank].all_counts[q * E + e];
@@ -71,7 +71,7 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     }
     sync_block();
     const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         for (int q = 0; q < RANKS; ++q) {
             int row = 0;
             for (int e = rank_first(q); e < rank_first(q + 1); ++e) {
@@ -84,7 +84,7 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     task_space(local, p.tokens, [&](int x) { return L.kept_total[first + x]; }, L.row_start, L.rb_start,
                L.task0_start);
     // One read of the abort flag for the block, so every thread returns the same answer (block-uniform exits).
-    if (threadIdx.x == 0 && aborted(p.err)) ok = 0;
+    if (FMOE_TID == 0 && aborted(p.err)) ok = 0;
     sync_block();
     const bool good = ok != 0;
     sync_block();
@@ -150,7 +150,7 @@ FMOE_DEVICE void copy_row(uint4 *dst, const uint4 *src, int lane) {
 FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
     const int tiles = (p.tokens + BT - 1) / BT;
     for (int tile = cta(); tile < tiles; tile += ctas()) {
-        const int lt = threadIdx.x, t = tile * BT + lt;
+        const int lt = FMOE_TID, t = tile * BT + lt;
         if (lt < BT && t < p.tokens) {
             int contributions = HAS_SHARED ? 1 : 0;
 #pragma unroll
@@ -167,7 +167,7 @@ FMOE_DEVICE void prepare_tiles(const Params &p, const Layout &L) {
             if (contributions != 0) atomicAdd(&p.sync->my_total, 1);
         }
         sync_block();
-        if (threadIdx.x == 0) {
+        if (FMOE_TID == 0) {
             // Release the tile's targets (to owners on other GPUs too) before counting it prepared.
             fence_sys();
             st_relaxed_u64(&p.tile_dispatched[tile], p.epoch);
@@ -191,16 +191,16 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
     __shared__ int ok;
     const int tiles = (p.tokens + BT - 1) / BT;
     const int pairs = p.tokens * K, chunks = (pairs + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (threadIdx.x == 0) ok = 1;
+    const int warp = FMOE_TID >> 5, lane = FMOE_TID & 31;
+    if (FMOE_TID == 0) ok = 1;
     if (cta() == 0)
-        for (int e = threadIdx.x; e < E; e += THREADS)
+        for (int e = FMOE_TID; e < E; e += THREADS)
             if (kept_after(p, L.before_me[e], p.expert_load[e]) == 0) publish_rows(p, e, 0);
-    for (int e = threadIdx.x; e < E; e += THREADS) rows[e] = 0;
+    for (int e = FMOE_TID; e < E; e += THREADS) rows[e] = 0;
     sync_block();
     for (int c = cta(); c < chunks; c += ctas()) {
-        const int i = c * DISPATCH_CHUNK + (int)threadIdx.x;
-        if (threadIdx.x < DISPATCH_CHUNK) {
+        const int i = c * DISPATCH_CHUNK + (int)FMOE_TID;
+        if (FMOE_TID < DISPATCH_CHUNK) {
             int row = -1, e = -1;
             if (i < pairs && (e = p.ids[i]) >= 0) {
                 const int t = i / K;
@@ -210,8 +210,8 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
                     atomicAdd(&rows[e], 1);
                 }
             }
-            dest[threadIdx.x] = row;
-            expert[threadIdx.x] = e;
+            dest[FMOE_TID] = row;
+            expert[FMOE_TID] = e;
         }
         sync_block();
 #if FMOE_NVSHMEM
@@ -239,7 +239,7 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
         if (sent_remote) nv_complete_puts();  // delivered before the chunk's rows are counted (and flagged)
 #endif
         sync_block();
-        for (int e = threadIdx.x; e < E; e += THREADS) {
+        for (int e = FMOE_TID; e < E; e += THREADS) {
             const int n = rows[e];
             if (n == 0) continue;
             rows[e] = 0;
@@ -284,10 +284,10 @@ FMOE_DEVICE bool wait_rows(const Params &p, const Layout &L, int x, int m) {
 // count the all-gather announced (empty pairs included), so a lost, stale or miscounted flag is an error.
 FMOE_DEVICE bool check_row_flags(const Params &p) {
     __shared__ int ok;
-    if (threadIdx.x == 0) ok = 1;
+    if (FMOE_TID == 0) ok = 1;
     sync_block();
     const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
-    for (int i = threadIdx.x; i < RANKS * local; i += THREADS) {
+    for (int i = FMOE_TID; i < RANKS * local; i += THREADS) {
         const int q = i / local, e = first + i % local;
         const u64 *flag = &p.peers[p.rank].row_flags[q * E_LOCAL_MAX + i % local];
         const u64 want = (p.epoch << 32) | (u64)kept_rows(p, q, e);
@@ -311,17 +311,17 @@ FMOE_DEVICE bool check_row_flags(const Params &p) {
 // overwrite counts, rows or flags a slower peer is still reading.
 FMOE_DEVICE bool wait_peers_done(const Params &p) {
     __shared__ int ok;
-    if (threadIdx.x == 0) ok = 1;
+    if (FMOE_TID == 0) ok = 1;
     sync_block();
 #if FMOE_NVSHMEM
-    if (threadIdx.x < RANKS && nv_remote(p.peers[p.rank].sync, threadIdx.x)) {
-        if (!nv_wait_remote_at_least(&p.peers[threadIdx.x].sync->done_epoch, threadIdx.x, p.epoch - 1, p.err,
-                                     p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
+    if (FMOE_TID < RANKS && nv_remote(p.peers[p.rank].sync, FMOE_TID)) {
+        if (!nv_wait_remote_at_least(&p.peers[FMOE_TID].sync->done_epoch, FMOE_TID, p.epoch - 1, p.err,
+                                     p.budget_ns, FMOE_PHASE_PEER_DONE, FMOE_TID, p.rank))
             ok = 0;
     } else
 #endif
-    if (threadIdx.x < RANKS && !wait_at_least<true>(&p.peers[threadIdx.x].sync->done_epoch, p.epoch - 1, p.err,
-                                                    p.budget_ns, FMOE_PHASE_PEER_DONE, threadIdx.x, p.rank))
+    if (FMOE_TID < RANKS && !wait_at_least<true>(&p.peers[FMOE_TID].sync->done_epoch, p.epoch - 1, p.err,
+                                                    p.budget_ns, FMOE_PHASE_PEER_DONE, FMOE_TID, p.rank))
         ok = 0;
     sync_block();
     return ok != 0;

@@ -34,7 +34,7 @@ FMOE_DEVICE void publish_row_block(const Params &p, int rb) {
 // Release: release_block_writes (sync.cuh) before the count.
 FMOE_DEVICE void count_gemm0_tile(const Params &p, int rb, int nt) {
     release_block_writes();
-    if (threadIdx.x == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
+    if (FMOE_TID == 0 && atomicAdd(&p.done0[rb], 1) == nt - 1) {
         fence_gpu();  // acquire the other tiles of the block, then release them with the ring entry
         publish_row_block(p, rb);
     }
@@ -93,7 +93,7 @@ FMOE_DEVICE void count_gemm0_tile_fp8(const Params &p, const Layout &L, int x, i
                                       int split, int tiles = 1) {
     if (h_by_group(L, x, split)) {
         const int groups = count_h_groups<TMA_READS>(p, L, x, m, rb, n0, tiles);
-        if (groups > 0 && last_arrival(&p.done0[rb], KB_I, groups) && threadIdx.x == 0) publish_row_block(p, rb);
+        if (groups > 0 && last_arrival(&p.done0[rb], KB_I, groups) && FMOE_TID == 0) publish_row_block(p, rb);
         return;
     }
     if (!last_arrival(&p.done0[rb], nt, tiles)) return;
@@ -104,7 +104,7 @@ FMOE_DEVICE void count_gemm0_tile_fp8(const Params &p, const Layout &L, int x, i
         if (FMOE_RELEASE_FENCE == 0) __threadfence();
         sync_block();
     }
-    if (threadIdx.x == 0) publish_row_block(p, rb);
+    if (FMOE_TID == 0) publish_row_block(p, rb);
 }
 #endif
 
@@ -124,7 +124,7 @@ FMOE_DEVICE void count_gemm1_tile(const Params &p, const Layout &L, int x, int m
     if (last) complete_row_block(p, L, x, m);
     if (FMOE_COUNT_BLOCKS1 && !last) return;  // block-uniform
     sync_block();
-    if (threadIdx.x == 0) { fence_gpu(); atomicAdd(&p.sync->gemm1_done, 1); }
+    if (FMOE_TID == 0) { fence_gpu(); atomicAdd(&p.sync->gemm1_done, 1); }
 }
 
 // GEMM1 tickets at decode (split > 1: an expert has one row block, so grouped row blocks share no W2 slab) walk the
@@ -182,7 +182,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
     const int total = t0_total + rbs * nt1 / c1;
     const int group = FMOE_DECODE_RING && split > 1 ? 1 : RING_GROUP;
     for (;;) {
-        if (threadIdx.x == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
+        if (FMOE_TID == 0) s_ticket = atomicAdd(&p.sync->ticket, 1);
         sync_block();
         const int ticket = s_ticket;
         if (ticket >= total) {
@@ -202,7 +202,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             if (RANKS > 1) {
                 // Ranks: start when the block's rows are in (routed: every source overlapping the block has
                 // delivered; shared: this rank dispatched the token tile, so targets are set).
-                if (threadIdx.x == 0) {
+                if (FMOE_TID == 0) {
                     s_last = is_shared(L, x) ? wait_at_least(&p.tile_dispatched[m], p.epoch, p.err, p.budget_ns,
                                                              FMOE_PHASE_TILES, m, p.rank)
                                              : wait_rows(p, L, x, m);
@@ -227,7 +227,7 @@ FMOE_DEVICE bool expert_phase(const Params &p, const Layout &L, char *smem) {
             const int j = (ticket - t0_total) / split, q = (ticket - t0_total) % split;
             int pos, n;
             gemm1_ring_slot(j, rbs, group, NT1 / c1, pos, n);
-            if (threadIdx.x == 0) {
+            if (FMOE_TID == 0) {
                 // A ring entry waits on GEMM0 work that may itself wait for rows: twice the budget, so the upstream
                 // wait (the root cause) is the one that expires and gets reported.
                 u64 entry = 0;

@@ -157,13 +157,13 @@ FMOE_DEVICE int4 next_task(const Params &p, u32 &qi) {
 FMOE_DEVICE void own_task_done() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     sync_block();
-    if (threadIdx.x == 0) mbar_arrive(&s_tma.own_done);
+    if (FMOE_TID == 0) mbar_arrive(&s_tma.own_done);
 }
 
 // The producer warpgroup's expert phase: tickets in phase_experts.cuh's order (split 1), each handed over and, for
 // the engine's tasks, loaded into the ring.
 FMOE_DEVICE void expert_producer(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
-    const int pt = (int)threadIdx.x - PHASE_THREADS;
+    const int pt = (int)FMOE_TID - PHASE_THREADS;
     ExpertTma eng;
     eng.attach(smem, s_tma.ring_bars);
     if (pt == 0) {
@@ -262,7 +262,7 @@ namespace fmoe {
 // The launch's start, every thread of both roles: consumer thread 0 initialises the hand-over barrier, then named
 // barrier 2 (the one time the roles meet on a named barrier) makes it visible to the producer.
 FMOE_DEVICE void tma_rendezvous() {
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         mbar_init(&s_tma.handover, PHASE_THREADS);
         mbar_init_fence();
     }
@@ -275,7 +275,7 @@ FMOE_DEVICE void tma_rendezvous() {
 // producer's wait an acquire). The consumers' own barrier then makes the queue's initialisation theirs. `go` false
 // releases the producer with nothing to do (a decode launch, or a launch that ends early).
 FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         if (go) {
             // The ring's barriers as TmaEngine::init_barriers sets them; calling it here (with own_done moved
             // before it) compiles to different code (nvdisasm, 2026-12-02) than the kernel measured and verified.

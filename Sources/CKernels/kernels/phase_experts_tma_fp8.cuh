@@ -24,7 +24,7 @@ __shared__ float s_fp8_scales[TMA_RING_STAGES * ExpertTmaFp8::SCALES];
 
 // The producer warpgroup's expert phase: pair tickets, each handed over and, for the engine's tasks, loaded.
 FMOE_DEVICE void expert_producer_fp8(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
-    const int pt = (int)threadIdx.x - PHASE_THREADS;
+    const int pt = (int)FMOE_TID - PHASE_THREADS;
     ExpertTmaFp8 eng;
     eng.attach(smem, s_tma.ring_bars, FMOE_FP8_RING_SCALES);
     if (pt == 0) {
@@ -64,9 +64,16 @@ FMOE_DEVICE void expert_producer_fp8(const Params &p, const Layout &L, const Tma
             for (int j = 0; j < min(QT, NT0 - QT * t.w); ++j)
                 eng.produce(tma_tile_fp8(p, L, maps, TASK_GEMM0, t.y, t.z, QT * t.w + j),
                             tma_scale_source_fp8(p, L, TASK_GEMM0, t.y, t.z, QT * t.w + j, pt));
+        } else if (!FP8_SMEM_SCALES) {
+            eng.produce(tma_tile_fp8(p, L, maps, t.x, t.y, t.z, t.w));
+        } else if (t.x == TASK_GEMM0) {
+            // One call for each GEMM: each inlined with its own constants (GEMM0 gathers, GEMM1 loads A by TMA), so
+            // the producer's loop holds only one GEMM's operands (with the ring's scales it spilled at 72 registers).
+            eng.produce(tma_tile_fp8(p, L, maps, TASK_GEMM0, t.y, t.z, t.w),
+                        tma_scale_source_fp8(p, L, TASK_GEMM0, t.y, t.z, t.w, pt));
         } else {
-            eng.produce(tma_tile_fp8(p, L, maps, t.x, t.y, t.z, t.w),
-                        tma_scale_source_fp8(p, L, t.x, t.y, t.z, t.w, pt));
+            eng.produce(tma_tile_fp8(p, L, maps, TASK_GEMM1, t.y, t.z, t.w),
+                        tma_scale_source_fp8(p, L, TASK_GEMM1, t.y, t.z, t.w, pt));
         }
     }
 }
@@ -87,7 +94,9 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
     FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
     ExpertTmaFp8 eng;
     eng.attach(smem, s_tma.ring_bars, FMOE_FP8_RING_SCALES);
-    const int rbs = L.rb_start[L.xs];
+    // The row blocks' count: 256-row tiles read it from the shared Layout after the tickets, as held through their
+    // mainloops it was spilled; 128-row tiles hold it (their code as measured).
+    const int rbs_held = FMOE_TMA_FP8_BN == 256 ? 0 : L.rb_start[L.xs];
     u32 qi = 0;
     for (;;) {
         const int4 t = next_task(p, qi);
@@ -115,7 +124,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
                 // The codes are read by other blocks' TMA (the async proxy); released with the count, whose last
                 // arrival (of the row block's NT0Q groups) publishes the row block.
                 asm volatile("fence.proxy.async.global;\n" ::: "memory");
-                if (last_arrival(&p.done0[rb], NT0Q) && threadIdx.x == 0) publish_row_block(p, rb);
+                if (last_arrival(&p.done0[rb], NT0Q) && FMOE_TID == 0) publish_row_block(p, rb);
                 continue;
             }
             if (kind == TASK_GEMM0) {
@@ -145,6 +154,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
         }
         if (kind >= TASK_OWN0) own_task_done();
     }
+    const int rbs = FMOE_TMA_FP8_BN == 256 ? L.rb_start[L.xs] : rbs_held;
     return sync_block_and(drain_combines(p, gemm1_done_target(rbs, NT1))) != 0;
 }
 

@@ -32,7 +32,7 @@ template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP>
 FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
                                  int step, int kb0 = 0) {
     constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
-    const int lane = threadIdx.x & 31;
+    const int lane = FMOE_TID & 31;
 #if FMOE_QUANT_GROUPS == 1
     // One group at a time, round 22's loop as it was (the general loop at U = 1 compiles to other code).
     for (int g = first; g < groups; g += step) {
@@ -78,7 +78,7 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
 // decode prefix's one block) striding over the groups. GEMM0 reads them after the grid barrier (decode prefix:
 // after acquiring the scan flag), which orders these writes before it.
 FMOE_DEVICE void quantize_x_fp8(const Params &p, int worker, int workers) {
-    const int warp = worker * WARPS + (int)(threadIdx.x >> 5);
+    const int warp = worker * WARPS + (int)(FMOE_TID >> 5);
     quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, workers * WARPS);
 }
 
@@ -91,7 +91,7 @@ FMOE_DEVICE void quantize_h_fp8(const Params &p, const Layout &L, int x, int m, 
     const int first = m * BM, n = min(BM, rows_of(L, x) - first);
     const size_t row0 = (size_t)L.row_start[x] + first;
     quantize_groups<I, KBS>(p.hbuf + row0 * I, p.hq + row0 * I, p.hq_scale + row0 * KB_I, n * KBS,
-                            (int)(threadIdx.x >> 5), WARPS, kb0);
+                            (int)(FMOE_TID >> 5), WARPS, kb0);
 }
 
 // A routed expert's fp8 tile: A from E4M3 rows (`src.a`, K = kdim bytes each, scales `sc.a0`/`sc.a1` set by the
@@ -120,7 +120,7 @@ FMOE_DEVICE int fp8_scale_row() {
 #if FMOE_WGMMA
     return wgmma_acc_row();  // wgmma.cuh
 #else
-    return threadIdx.x < BM ? (int)threadIdx.x : 1 << 30;  // threads 128 …: a row past any tile's (a0 = null)
+    return FMOE_TID < BM ? (int)FMOE_TID : 1 << 30;  // threads 128 …: a row past any tile's (a0 = null)
 #endif
 }
 

@@ -26,12 +26,12 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     const int tasks = gate_tasks + tiles * route_per_tile;
     // Ranks: a rank without tokens still takes part in the count exchange (all zeros).
     if (RANKS > 1 && tiles == 0 && cta() == 0) finish_scan(p, 0);
-    if (threadIdx.x == 0) s_ok = 1;
+    if (FMOE_TID == 0) s_ok = 1;
     for (;;) {
         // Every thread has read the previous task before thread 0 overwrites it (a task past its tile's last token
         // continues right after the read; without this barrier a slow warp could read the next task instead).
         sync_block();
-        if (threadIdx.x == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
+        if (FMOE_TID == 0) s_task = atomicAdd(&p.sync->gate_ticket, 1);
         sync_block();
         const int task = s_task;
         if (task >= tasks) break;
@@ -51,7 +51,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
             // releases the codes with the placement.
             if (decode_prefix(p)) quantize_x_fp8(p, 0, 1);
 #endif
-            if (threadIdx.x == 0) {
+            if (FMOE_TID == 0) {
                 // Acquire the tile's logits (wait_at_least fences after the load).
                 s_ok = wait_at_least(&p.tile_done[tile], gate_done, p.err, p.budget_ns, FMOE_PHASE_GATE, tile, p.rank);
             }
@@ -76,7 +76,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
             FMOE_TRACE_SCOPE(FMOE_EV_GATE, task, 0, 0);
             gate_gemv_task(p, task, smem);  // router row `task` of the one token tile
             release_block_writes();
-            if (threadIdx.x == 0) atomicAdd(&p.tile_done[0], 1);
+            if (FMOE_TID == 0) atomicAdd(&p.tile_done[0], 1);
             continue;
         }
         const int tile = task / (NTE * ks_count), nt = (task / ks_count) % NTE, ks = task % ks_count;
@@ -91,14 +91,14 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
         const float *c = (const float *)smem;
         // One slice writes the logits; several write partials [slice][token][EG] for routing to sum.
         float *dst = ks_count == 1 ? p.logits : p.logits_part + (size_t)ks * p.tokens * EG;
-        for (int i = threadIdx.x; i < BM * GBN; i += THREADS) {
+        for (int i = FMOE_TID; i < BM * GBN; i += THREADS) {
             const int r = i / GBN, col = i % GBN;
             const int t = tile * BT + r, n = nt * GBN + col;
             if (t < p.tokens && n < EG) dst[(size_t)t * EG + n] = c[r * c_stride<GBN>() + col];
         }
         // Release the logits, then count the task (the tile's route tasks wait for the count).
         release_block_writes();
-        if (threadIdx.x == 0) atomicAdd(&p.tile_done[tile], 1);
+        if (FMOE_TID == 0) atomicAdd(&p.tile_done[tile], 1);
     }
     stamp(p, 1);
 #if FMOE_PREC == 4
@@ -108,7 +108,7 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
 #endif
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;
-    if (threadIdx.x == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);
+    if (FMOE_TID == 0) ok = wait_at_least(&p.sync->scan_done, p.epoch, p.err, p.budget_ns, FMOE_PHASE_SCAN, 0, 0);
     sync_block();
     return ok != 0;
 }

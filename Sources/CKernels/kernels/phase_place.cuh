@@ -12,15 +12,15 @@ namespace fmoe {
 // The row blocks' GEMM counters (fp8: and their h groups') and (worker 0) the expert phase's counters, zeroed for this launch.
 FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int worker, int workers) {
     const int rbs = L.rb_start[XS];
-    for (int i = worker * THREADS + threadIdx.x; i < rbs; i += workers * THREADS) {
+    for (int i = worker * THREADS + FMOE_TID; i < rbs; i += workers * THREADS) {
         p.done0[i] = 0;
         p.done1[i] = 0;
     }
 #if FMOE_PREC == 4
     // fp8: the row blocks' per-group GEMM0 counts (count_h_groups, phase_experts.cuh).
-    for (int i = worker * THREADS + threadIdx.x; i < rbs * KB_I; i += workers * THREADS) p.hq_done[i] = 0;
+    for (int i = worker * THREADS + FMOE_TID; i < rbs * KB_I; i += workers * THREADS) p.hq_done[i] = 0;
 #endif
-    if (worker == 0 && threadIdx.x == 0) {
+    if (worker == 0 && FMOE_TID == 0) {
         p.sync->ticket = 0;
         p.sync->ring_tail = 0;
         p.sync->list_tail = 0;
@@ -34,7 +34,7 @@ FMOE_DEVICE void reset_expert_counters(const Params &p, const Layout &L, int wor
 // (worker 0) the expert phase's counters.
 FMOE_DEVICE void place_phase(const Params &p, const Layout &L, int worker, int workers) {
     FMOE_TRACE_SCOPE(FMOE_EV_PLACE, -1, 0, 0);
-    for (int t = worker * THREADS + threadIdx.x; t < p.tokens; t += workers * THREADS) {
+    for (int t = worker * THREADS + FMOE_TID; t < p.tokens; t += workers * THREADS) {
         const int tile = t / BT;
         int contributions = HAS_SHARED ? 1 : 0;
 #pragma unroll
@@ -67,9 +67,9 @@ FMOE_DEVICE void place_pairs(const Params &p, const Layout &L, int worker, int w
     __shared__ int contributions[TP];
     for (int t0 = worker * TP; t0 < p.tokens; t0 += workers * TP) {
         const int n = min(TP, p.tokens - t0);
-        if (threadIdx.x < n) contributions[threadIdx.x] = HAS_SHARED ? 1 : 0;
+        if (FMOE_TID < n) contributions[FMOE_TID] = HAS_SHARED ? 1 : 0;
         sync_block();
-        for (int u = threadIdx.x; u < n * K; u += THREADS) {
+        for (int u = FMOE_TID; u < n * K; u += THREADS) {
             const int i = t0 * K + u, t = i / K, e = p.ids[i];
             int row = -1;
             if (e >= 0) {
@@ -83,7 +83,7 @@ FMOE_DEVICE void place_pairs(const Params &p, const Layout &L, int worker, int w
             p.slot_row[i] = row;
         }
         sync_block();
-        if (threadIdx.x < n) set_token_target(p, t0 + threadIdx.x, contributions[threadIdx.x]);
+        if (FMOE_TID < n) set_token_target(p, t0 + FMOE_TID, contributions[FMOE_TID]);
         sync_block();  // every count is read before the next pass resets them
     }
     reset_expert_counters(p, L, worker, workers);
@@ -145,7 +145,7 @@ __device__ __noinline__ void decode_finish(const Params &p, Layout &L, char *sme
         else place_phase(p, L, 0, 1);
     }
     release_block_writes();
-    if (threadIdx.x == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
+    if (FMOE_TID == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
 }
 
 }  // namespace fmoe

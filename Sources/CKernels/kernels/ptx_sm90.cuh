@@ -6,16 +6,6 @@
 
 namespace fmoe {
 
-// %tid.x read by its own instruction, where a lane's terms must not be hoisted: from threadIdx.x the compiler moved
-// the lane's row and column terms of gemm0_group_fp8 and of the fp8 engine's ring scales out of the consumers'
-// loop, live across every mainloop, and ptxas spilled the loop's state (deepseek-v3: 16 – 20 B; moe.cu's role test
-// reads it the same way).
-FMOE_DEVICE int fresh_tid() {
-    int tid;
-    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
-    return tid;
-}
-
 // ---- mbarrier (shared::cta, 8 bytes) ----------------------------------------------------------------------------
 FMOE_DEVICE void mbar_init(u64 *bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");

@@ -82,7 +82,7 @@ FMOE_DEVICE void store_acc_pairs(T *out, int ld, int cols, int rows, int row0, i
                 w[i] = pair(4 * j + 2 * h, col0 + 8 * j + wgmma_acc_col());
             }
             const uint4 v = quad_transpose(w);
-            const int col = col0 + 8 * (4 * jg + (int)(threadIdx.x & 3));
+            const int col = col0 + 8 * (4 * jg + (int)(FMOE_TID & 3));
             if (ok && col < cols) *(uint4 *)(row + col) = v;
         }
     }

@@ -51,7 +51,7 @@ FMOE_DEVICE void stage_logits(const Params &p, int t0, int n, int ks_count, floa
         float acc[ROUTE_BATCH];
 #pragma unroll
         for (int b = 0; b < ROUTE_BATCH; ++b) {
-            const int i = b0 + b * THREADS + threadIdx.x;
+            const int i = b0 + b * THREADS + FMOE_TID;
             src[b] = i < n_elems ? (size_t)(t0 + i / EG) * EG + i % EG : 0;
             acc[b] = 0.f;
         }
@@ -71,7 +71,7 @@ FMOE_DEVICE void stage_logits(const Params &p, int t0, int n, int ks_count, floa
         }
 #pragma unroll
         for (int b = 0; b < ROUTE_BATCH; ++b) {
-            const int i = b0 + b * THREADS + threadIdx.x;
+            const int i = b0 + b * THREADS + FMOE_TID;
             if (i < n_elems) rows[(i / EG) * (EG + 1) + i % EG] = acc[b];
         }
     }
@@ -80,7 +80,7 @@ FMOE_DEVICE void stage_logits(const Params &p, int t0, int n, int ks_count, floa
 // Routes the staged tokens [t0, t0 + n), a warp per token: ids, weights and the shared gate to global memory.
 FMOE_DEVICE void route_staged(const Params &p, int t0, int n, char *smem) {
     typedef WarpRouter<E, K, FMOE_SCORING, FMOE_GROUPS, FMOE_GROUPS_KEPT, FMOE_RENORM != 0> R;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = FMOE_TID >> 5, lane = FMOE_TID & 31;
     for (int j = warp; j < n; j += THREADS / 32) {
         const int t = t0 + j;
         FMOE_TRACE_WARP_SCOPE(FMOE_EV_ROUTE_TOKEN, t);
@@ -109,16 +109,16 @@ FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
     const int t0 = tile * BT;
     const int n = min(BT, p.tokens - t0);
     sync_block();  // the staging area and masks are free
-    for (int i = threadIdx.x; i < E * 4; i += THREADS) masks[i] = 0;
+    for (int i = FMOE_TID; i < E * 4; i += THREADS) masks[i] = 0;
     sync_block();
-    for (int i = threadIdx.x; i < n * K; i += THREADS) {
+    for (int i = FMOE_TID; i < n * K; i += THREADS) {
         const int e = p.ids[(size_t)t0 * K + i];
         tile_ids[i] = e;
         const int lt = i / K;
         if (e >= 0) atomicOr(&masks[e * 4 + (lt >> 5)], 1u << (lt & 31));
     }
     sync_block();
-    for (int i = threadIdx.x; i < n * K; i += THREADS) {
+    for (int i = FMOE_TID; i < n * K; i += THREADS) {
         const int lt = i / K;
         const int e = tile_ids[i];
         int rank = 0;
@@ -129,7 +129,7 @@ FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
         }
         p.rank_in_tile[(size_t)t0 * K + i] = rank;
     }
-    for (int e = threadIdx.x; e < E; e += THREADS) {
+    for (int e = FMOE_TID; e < E; e += THREADS) {
         const u32 *m = masks + e * 4;
         p.counts[(size_t)tile * E + e] = __popc(m[0]) + __popc(m[1]) + __popc(m[2]) + __popc(m[3]);
     }
@@ -140,7 +140,7 @@ FMOE_DEVICE void rank_tile(const Params &p, int tile, char *smem) {
 // are in flight) and coalesced across threads.
 FMOE_DEVICE void scan_counts(const Params &p, int tiles) {
     __shared__ int kept[E];
-    for (int e = threadIdx.x; e < E; e += THREADS) {
+    for (int e = FMOE_TID; e < E; e += THREADS) {
         int run = 0;
         int tile = 0;
         for (; tile + 8 <= tiles; tile += 8) {
@@ -178,7 +178,7 @@ FMOE_DEVICE void finish_scan(const Params &p, int tiles) {
     }
     stamp(p, 7, true);
     release_block_writes();
-    if (threadIdx.x == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
+    if (FMOE_TID == 0) st_relaxed_u64(&p.sync->scan_done, p.epoch);
 }
 
 // How many slices the gate's K is split into: enough (token tile, expert tile, K slice) tasks to occupy the grid

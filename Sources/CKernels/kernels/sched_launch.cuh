@@ -26,7 +26,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
             stamp(p, 3);
             if (!grid_barrier(&p.sync->barrier, p.epoch, 1, 1, p.err, p.budget_ns, 0)) return;
             FMOE_TRACE_WAIT(FMOE_EV_BARRIER);
-        } else if (threadIdx.x == 0) {
+        } else if (FMOE_TID == 0) {
             // The decode prefix placed everything before the scan flag, so there is no barrier to wait for; the
             // block still arrives, so the monotone barrier counter keeps its count for the launches after this.
             atomicAdd(&p.sync->barrier, 1ull);
@@ -50,7 +50,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
         // same done_epoch is the rank's device epoch: the next launch starts from it (fmoe_forward_ranks), and
         // every block of this launch read it at entry, before arriving here. The fence orders the resets before
         // it, for the next launch and for peers that wait on it before writing into this rank.
-        if (last_arrival(&p.sync->exit_count, ctas()) && check_row_flags(p) && threadIdx.x == 0) {
+        if (last_arrival(&p.sync->exit_count, ctas()) && check_row_flags(p) && FMOE_TID == 0) {
             stamp(p, 13, true);
             p.sync->gate_ticket = 0;
             p.sync->tiles_done = 0;
@@ -72,14 +72,14 @@ FMOE_DEVICE void finish_launch(const Params &p) {
     if (!last_arrival(&p.sync->exit_count, (int)gridDim.x)) return;
     const bool wrap = p.epoch >= p.epoch_wrap;
     if (wrap) {
-        for (int i = threadIdx.x; i < p.row_blocks; i += THREADS) p.ring[i] = 0;
-        for (int i = threadIdx.x; i < p.max_tokens; i += THREADS) p.combine_list[i] = 0;
+        for (int i = FMOE_TID; i < p.row_blocks; i += THREADS) p.ring[i] = 0;
+        for (int i = FMOE_TID; i < p.max_tokens; i += THREADS) p.combine_list[i] = 0;
     }
     // Phase-1 counters, for the next launch: every block has left the gate phase (the decode prefix has no grid
     // barrier after which one block could reset them while another still takes a gate ticket).
-    for (int i = threadIdx.x; i < (p.tokens + BT - 1) / BT; i += THREADS) p.tile_done[i] = 0;
+    for (int i = FMOE_TID; i < (p.tokens + BT - 1) / BT; i += THREADS) p.tile_done[i] = 0;
     sync_block();
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         p.sync->gate_ticket = 0;
         p.sync->tiles_done = 0;
         if (p.err_mirror != nullptr) mirror_error(p.err, p.err_mirror);

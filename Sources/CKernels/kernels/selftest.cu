@@ -8,7 +8,7 @@ extern "C" __device__ unsigned int fmoe_selftest_marker = 0x464D4F45u;
 
 // y[i] = a * x[i] + y[i] for i < n, grid-stride so any grid size covers any n.
 extern "C" __global__ void fmoe_selftest_axpy(float a, const float* __restrict__ x, float* __restrict__ y, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    for (int i = blockIdx.x * blockDim.x + FMOE_TID; i < n; i += gridDim.x * blockDim.x) {
         y[i] = a * x[i] + y[i];
     }
 }
@@ -18,7 +18,7 @@ extern "C" __global__ void fmoe_selftest_axpy(float a, const float* __restrict__
 // short count instead of hanging). Block b writes the count it last saw to seen[b]; all must equal gridDim.x.
 extern "C" __global__ void fmoe_selftest_grid_barrier(unsigned int* arrived, unsigned int* seen,
                                                       unsigned int spin_budget) {
-    if (threadIdx.x != 0) return;
+    if (FMOE_TID != 0) return;
     atomicAdd(arrived, 1u);
     unsigned int count = 0;
     for (unsigned int poll = 0; poll < spin_budget; ++poll) {

@@ -118,7 +118,7 @@ FMOE_DEVICE bool wait_at_least(const W *flag, W target, ErrorRecord *err, u64 bu
 FMOE_DEVICE void release_block_writes() {
 #if FMOE_RELEASE_FENCE
     sync_block();
-    if (threadIdx.x == 0) fence_gpu();
+    if (FMOE_TID == 0) fence_gpu();
 #else
     __threadfence();
     sync_block();
@@ -132,7 +132,7 @@ FMOE_DEVICE void release_block_writes() {
 FMOE_DEVICE bool last_arrival(int *counter, int arrivals, int tasks = 1) {
     __shared__ int s_last_arrival;
     release_block_writes();
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         s_last_arrival = atomicAdd(counter, tasks) == arrivals - tasks;
         if (s_last_arrival) fence_gpu();
     }
@@ -147,7 +147,7 @@ FMOE_DEVICE bool grid_barrier(u64 *counter, u64 epoch, u32 barriers_per_launch, 
                               u64 budget_ns, u32 rank) {
     sync_block();
     __shared__ int ok;
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         const u64 target = ((epoch - 1) * barriers_per_launch + n) * (u64)gridDim.x;
         fence_gpu();
         atomicAdd(counter, 1ull);

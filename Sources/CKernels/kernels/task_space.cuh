@@ -35,11 +35,11 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
                             int *task0_start) {
     __shared__ int warp_sum[3][THREADS / 32];
     __shared__ int carry[3];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (threadIdx.x < 3) carry[threadIdx.x] = 0;
+    const int lane = FMOE_TID & 31, warp = FMOE_TID >> 5;
+    if (FMOE_TID < 3) carry[FMOE_TID] = 0;
     sync_block();
     for (int x0 = 0; x0 <= routed; x0 += THREADS) {
-        const int x = x0 + threadIdx.x;
+        const int x = x0 + FMOE_TID;
         int v[3] = {0, 0, 0};
         if (x <= routed) {
             const int rows = x < routed ? kept(x) : (HAS_SHARED ? tokens : 0);
@@ -72,13 +72,13 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
             task0_start[x] = before[2] + inc[2] - v[2];
         }
         sync_block();  // every thread has read carry and warp_sum
-        if (threadIdx.x == THREADS - 1) {
+        if (FMOE_TID == THREADS - 1) {
 #pragma unroll
             for (int q = 0; q < 3; ++q) carry[q] = before[q] + inc[q];
         }
         sync_block();
     }
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         row_start[routed + 1] = carry[0];
         rb_start[routed + 1] = carry[1];
         task0_start[routed + 1] = carry[2];
@@ -89,7 +89,7 @@ FMOE_DEVICE void task_space(int routed, int tokens, Kept kept, int *row_start, i
 // written by this block before a barrier). Ends with a barrier.
 FMOE_DEVICE void load_layout(const Params &p, Layout &L) {
     L.xs = XS;
-    for (int i = threadIdx.x; i <= XS; i += THREADS) {
+    for (int i = FMOE_TID; i <= XS; i += THREADS) {
         L.row_start[i] = p.row_start[i];
         L.rb_start[i] = p.rb_start[i];
         L.task0_start[i] = p.task0_start[i];

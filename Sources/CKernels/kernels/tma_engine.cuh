@@ -126,7 +126,7 @@ struct TmaEngine {
     // initialises them. Ends with a block barrier.
     FMOE_DEVICE void init(char *smem) {
         attach(smem, (u64 *)(smem + STAGES * TMA_STAGE_BYTES));
-        if (threadIdx.x == 0) init_barriers();
+        if (FMOE_TID == 0) init_barriers();
         if (CLUSTER > 1) cluster_sync();  // the peer's barriers exist before any multicast or remote arrive
         else __syncthreads();
     }
@@ -139,14 +139,14 @@ struct TmaEngine {
     // Warpgroup-uniform as far as the compiler can tell (a shuffle from lane 0), so the consumers' wgmma are not
     // treated as divergent.
     static FMOE_DEVICE bool is_producer() {
-        return __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0) == TMA_CONSUMER_THREADS / 128;
+        return __shfl_sync(0xffffffffu, (int)(FMOE_TID >> 7), 0) == TMA_CONSUMER_THREADS / 128;
     }
     FMOE_DEVICE u32 stage() const { return it % STAGES; }
     FMOE_DEVICE u32 parity() const { return (it / STAGES) & 1; }
 
     // Producer warpgroup: fills the ring with every k-slice of one tile.
     FMOE_DEVICE void produce(const TmaTile &t) {
-        const int pt = threadIdx.x - TMA_CONSUMER_THREADS;  // 0 … 127
+        const int pt = FMOE_TID - TMA_CONSUMER_THREADS;  // 0 … 127
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gather = t.map_a == nullptr;
         // Gather: thread pt copies chunk pt & 7 of rows (pt >> 3) + 16·i, i < 8 (8 lanes read one 128-byte row).
@@ -221,8 +221,8 @@ struct TmaEngine {
     // 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) (wgmma.cuh).
     FMOE_DEVICE void consume(const TmaTile &t, float *acc) {
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
-        const int wg = threadIdx.x >> 7;
-        const bool lane0 = (threadIdx.x & 31) == 0;
+        const int wg = FMOE_TID >> 7;
+        const bool lane0 = (FMOE_TID & 31) == 0;
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.f;
         const bool gathered = FMOE_TMA_ASYNC_ARRIVE && t.map_a == nullptr;

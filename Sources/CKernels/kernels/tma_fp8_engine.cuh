@@ -37,15 +37,16 @@ struct TmaFp8Scales {
     int granules;
 };
 
-// Where the producer finds a tile's scales when the ring carries them (SMEM_SCALES): its thread's tile row's A scales
-// ([K block]; null: the row has none, scale 0) and, for the first 2 · BN / 128 threads, the weight granules' as in
-// TmaFp8Scales.
+// Where a producer thread finds its scales of a tile when the ring carries them (SMEM_SCALES), indexed by K block:
+// its tile row's A scales (null: the row has none, scale 0) and, for thread g < 2 · BN / 128, weight granule g's
+// (null past the matrix's granules). Two pointers only: the producer's 72 registers also hold the gather's rows.
 struct TmaFp8ScaleSource {
     const float *a;
     const float *b;
-    int kb_count;
-    int granules;
 };
+
+// What a copy that reads nothing (a cp.async of source size 0) names as its source: a valid global address.
+__device__ float fp8_no_scale;
 
 // FMOE_FP8_IDLE_WG 1: a consumer warpgroup with no rows in a tile skips its MMAs (consume). An expert's last row
 // block holds its rows mod 128 (deepseek-v3 S = 4096 in `flashmoe bench`: 142 rows an expert on average), and where
@@ -91,7 +92,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
     // All threads: ring at `smem`, barriers after it, initialised (the harness). Ends with a block barrier.
     FMOE_DEVICE void init(char *smem) {
         attach(smem, (u64 *)(smem + STAGES * STAGE_BYTES));
-        if (threadIdx.x == 0) {
+        if (FMOE_TID == 0) {
             for (int s = 0; s < STAGES; ++s) {
                 mbar_init(&full[s], TMA_FULL_ARRIVALS);
                 mbar_init(&empty[s], TMA_EMPTY_ARRIVALS);
@@ -106,7 +107,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
     // copies arriving on the stage's full barrier as they land (cp.async.mbarrier.arrive); SMEM_SCALES: the K block's
     // scales from `ss` (this thread's row's), arriving the same way.
     FMOE_DEVICE void produce(const TmaTile &t, const TmaFp8ScaleSource &ss = TmaFp8ScaleSource{}) {
-        const int pt = threadIdx.x - TMA_CONSUMER_THREADS;
+        const int pt = FMOE_TID - TMA_CONSUMER_THREADS;
         const int ktiles = (t.k_bytes + ROW_BYTES - 1) / ROW_BYTES;
         const bool gather = t.map_a == nullptr;
         const int chunk = pt & 7;
@@ -141,15 +142,14 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                 }
             }
             if (SMEM_SCALES) {
-                // Row pt's A scale and granule pt's B scale of K block kt, zero-filled where there is none (a null
-                // source reads nothing: ss.b stands in as its address). GEMM1's h scales were published with their
-                // row block, which thread 0 acquired before the warpgroup's barrier in TicketQueue::produce: these
-                // copies follow it as the consumers' loads of them did.
+                // Row pt's A scale and granule pt's B scale of K block kt, zero-filled where there is none (that
+                // copy reads nothing; fp8_no_scale stands in as its address). GEMM1's h scales were published with
+                // their row block, which thread 0 acquired before the warpgroup's barrier in TicketQueue::produce:
+                // these copies follow it as the consumers' loads of them did.
                 const u32 sm = smem_addr(scales + s * SCALES);
-                cp_async4(sm + 4 * pt, ss.a != nullptr ? ss.a + kt : ss.b, ss.a != nullptr);
+                cp_async4(sm + 4 * pt, ss.a != nullptr ? ss.a + kt : &fp8_no_scale, ss.a != nullptr);
                 if (pt < 2 * HALVES)
-                    cp_async4(sm + 4 * (BM + pt), pt < ss.granules ? ss.b + (size_t)pt * ss.kb_count + kt : ss.b,
-                              pt < ss.granules);
+                    cp_async4(sm + 4 * (BM + pt), ss.b != nullptr ? ss.b + kt : &fp8_no_scale, ss.b != nullptr);
             }
             if (gather || SMEM_SCALES) {
                 cp_async_mbar_arrive(&full[s]);
@@ -188,14 +188,16 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         }
     }
 
-    FMOE_DEVICE u32 a_of(u32 i) const { return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + (threadIdx.x >> 7) * 64 * ROW_BYTES; }
+    FMOE_DEVICE u32 a_of(u32 i) const {
+        return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + (FMOE_TID >> 7) * 64 * ROW_BYTES;
+    }
     FMOE_DEVICE u32 b_of(u32 i) const { return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + A_BYTES; }
     FMOE_DEVICE void wait_full(u32 i, bool gathered) {
         mbar_wait(&full[i % STAGES], (i / STAGES) & 1);
         if (gathered) fence_proxy_async();  // cp.async wrote the A rows through the generic proxy
     }
     // One lane a consumer warp: the stage's reads are done (its MMAs completed).
-    FMOE_DEVICE void release(u32 i) { mbar_arrive_if(&empty[i % STAGES], (threadIdx.x & 31) == 0); }
+    FMOE_DEVICE void release(u32 i) { mbar_arrive_if(&empty[i % STAGES], (FMOE_TID & 31) == 0); }
 
     // Consumer warpgroups: the tile into acc (ACC registers; half h's in acc[64h …), each in wgmma_fp8.cuh's
     // m64n128 layout: register 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 128h + 8j + wgmma_acc_col()
@@ -213,7 +215,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         // still passes every stage, full then released, so each empty barrier keeps its arrival count and no phase
         // is arrived on before the producer has refilled it. The warpgroup index from a shuffle: warp-uniform to
         // ptxas, which otherwise sees the MMAs below on a divergent path and serialises them (C7518).
-        const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0);
+        const int wg = __shfl_sync(0xffffffffu, (int)(FMOE_TID >> 7), 0);
         if (wg * 64 >= t.a_rows) {
             for (int kt = 0; kt < ktiles; ++kt) {
                 mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
@@ -231,14 +233,17 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
 #pragma unroll
             for (int h = 0; h < HALVES; ++h) {
                 issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
-                if (SMEM_SCALES && h == 0) {
-                    // Read while the MMAs run.
+                if (SMEM_SCALES) {
+                    // Read while the MMAs run: the rows' scales with the first half, each half's granules with its
+                    // own (two registers fewer across the first promotion, which the 256-row tiles need).
                     const float *sm = scales + (it % STAGES) * SCALES;
-                    const int tid = fresh_tid(), r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
-                    s0 = sm[r0];
-                    s1 = sm[r0 + 8];
-#pragma unroll
-                    for (int g = 0; g < 2 * HALVES; ++g) b[g] = sm[BM + g];
+                    if (h == 0) {
+                        const int tid = fresh_tid(), r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+                        s0 = sm[r0];
+                        s1 = sm[r0 + 8];
+                    }
+                    b[2 * h] = sm[BM + 2 * h];
+                    b[2 * h + 1] = sm[BM + 2 * h + 1];
                 }
                 wgmma_wait<0>();
                 if (h == HALVES - 1) {

@@ -26,9 +26,10 @@ namespace fmoe {
 // slower than 128 rows in the fused kernel while it spilled 376 – 1,480 bytes (Benchmarks/RESULTS.md). With h
 // quantized from its accumulators and the scales through the ring (FMOE_FP8_SMEM_SCALES below) its mainloops keep
 // 1 – 2 values in local memory (were 6 – 12 reloads a K block) and it is the faster form: 3 – 12 % faster than
-// 128-row tiles at S = 512 – 16384 (Benchmarks/RESULTS.md, "Round 30"). It still spills 124 – 272 bytes outside the
-// mainloops (the epilogues; NVRTC 13.0), so the host launches it only when asked (FLASHMOE_TMA=1; the prefill
-// kernel refuses a spilling build, FusedPrefillEngine.swift).
+// 128-row tiles at S = 512 – 16384 (Benchmarks/RESULTS.md, "Round 30", forced while it still spilled). Since round
+// 30 it compiles without spills at the five presets (NVRTC 13.0): %tid.x read afresh (FMOE_FRESH_TID, common.cuh),
+// the producer's two GEMMs in calls of their own and two pointers of scale source, the consumers reading each half's
+// granule scales with it and the row blocks' count after the tickets. Opt-in until its bits are checked on a GPU.
 static_assert(FMOE_TMA_FP8_BN == 128 || FMOE_TMA_FP8_BN == 256, "FMOE_TMA_FP8_BN is 128 or 256");
 // FMOE_FP8_SMEM_SCALES (default: with 256-row tiles): the producer copies each K block's scales into the ring
 // (TmaFp8Engine's SMEM_SCALES; tma_scale_source_fp8) so the consumers hold no scale pointers in the mainloop, where
@@ -156,28 +157,21 @@ FMOE_DEVICE TmaFp8Scales tma_scales_fp8(const Params &p, const Layout &L, int ki
     return sc;
 }
 
-// Where producer thread pt finds the scales of routed ticket (x, m, q) with FP8_SMEM_SCALES: tile row pt's A scales
-// (as tma_scales_fp8 finds a consumer row's) and the tile's weight granules'.
+// Where producer thread pt finds its scales of routed ticket (x, m, q) with FP8_SMEM_SCALES: tile row pt's A scales
+// (as tma_scales_fp8 finds a consumer row's) and, for pt < 2 · PAIR, the tile's weight granule pt's.
 FMOE_DEVICE TmaFp8ScaleSource tma_scale_source_fp8(const Params &p, const Layout &L, int kind, int x, int m, int q,
                                                    int pt) {
     const int rows = rows_of(L, x), r = m * BM + pt;
     const int row = L.row_start[x] + r;
     const bool v = r < rows;
+    const bool g0 = kind == TASK_GEMM0;
+    const int kb = g0 ? KB_H : KB_I, granules = (g0 ? G0 : G1) - GRANULES * q;
+    const unsigned char *image = g0 ? (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES + W1_CODES
+                                    : (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES + W2_CODES;
     TmaFp8ScaleSource ss;
-    const unsigned char *image;
-    if (kind == TASK_GEMM0) {
-        ss.a = v ? p.xq_scale + (size_t)p.row_token[row] * KB_H : nullptr;
-        image = (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
-        ss.b = (const float *)(image + W1_CODES) + (size_t)(GRANULES * q) * KB_H;
-        ss.kb_count = KB_H;
-        ss.granules = G0 - GRANULES * q;
-    } else {
-        ss.a = v ? p.hq_scale + (size_t)row * KB_I : nullptr;
-        image = (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
-        ss.b = (const float *)(image + W2_CODES) + (size_t)(GRANULES * q) * KB_I;
-        ss.kb_count = KB_I;
-        ss.granules = G1 - GRANULES * q;
-    }
+    if (g0) ss.a = v ? p.xq_scale + (size_t)p.row_token[row] * KB_H : nullptr;
+    else ss.a = v ? p.hq_scale + (size_t)row * KB_I : nullptr;
+    ss.b = pt < granules ? (const float *)image + (size_t)(GRANULES * q + pt) * kb : nullptr;
     return ss;
 }
 

@@ -84,7 +84,7 @@ struct TicketQueue {
         t.z = __shfl_sync(0xffffffffu, t.z, 0);
         t.w = __shfl_sync(0xffffffffu, t.w, 0);
         __syncwarp();
-        mbar_arrive_if(&empty[q], (threadIdx.x & 31) == 0);
+        mbar_arrive_if(&empty[q], (FMOE_TID & 31) == 0);
         ++qi;
         return t;
     }

@@ -73,11 +73,11 @@ struct TraceScope {
     int slot;
     bool warp_level;
     FMOE_DEVICE TraceScope(int kind, int expert, int a, int b, bool warp_level_) : slot(-1), warp_level(warp_level_) {
-        if (warp_level_ ? (threadIdx.x & 31) == 0 : threadIdx.x == 0)
-            slot = trace_begin(globaltimer_ns(), kind, warp_level_ ? (int)(threadIdx.x >> 5) : 0xff, expert, a, b);
+        if (warp_level_ ? (FMOE_TID & 31) == 0 : FMOE_TID == 0)
+            slot = trace_begin(globaltimer_ns(), kind, warp_level_ ? (int)(FMOE_TID >> 5) : 0xff, expert, a, b);
     }
     FMOE_DEVICE ~TraceScope() {
-        if (warp_level ? (threadIdx.x & 31) != 0 : threadIdx.x != 0) return;
+        if (warp_level ? (FMOE_TID & 31) != 0 : FMOE_TID != 0) return;
         const u64 t1 = globaltimer_ns();
         if (slot >= 0) trace_end(slot, t1);
         if (!warp_level) s_trace_last = t1;
@@ -86,7 +86,7 @@ struct TraceScope {
 
 // A block-level event from the end of the block's previous one (or the block's first event) until now.
 FMOE_DEVICE void trace_wait(int kind) {
-    if (threadIdx.x != 0) return;
+    if (FMOE_TID != 0) return;
     const u64 t1 = globaltimer_ns();
     const int slot = trace_begin(s_trace_last != 0 ? s_trace_last : t1, kind, 0xff, 0xffff, 0, 0);
     if (slot >= 0) trace_end(slot, t1);
@@ -95,7 +95,7 @@ FMOE_DEVICE void trace_wait(int kind) {
 
 // Every thread, before the block's first event; the first warp-level events come after block barriers.
 FMOE_DEVICE void trace_block_start() {
-    if (threadIdx.x == 0) {
+    if (FMOE_TID == 0) {
         s_trace_last = 0;
         s_trace_count = 0;
     }

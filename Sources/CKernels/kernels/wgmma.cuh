@@ -102,7 +102,7 @@ template <int KIND_> struct WgmmaEngine {
 
     // Issues the 4 instructions of one stage (one 128-byte k-slice) as one wgmma group.
     FMOE_DEVICE void issue(const char *stage) {
-        const int wg = threadIdx.x >> 7;
+        const int wg = FMOE_TID >> 7;
         const u32 a = smem_addr(stage) + wg * 64 * ROW_BYTES;
         const u32 b = smem_addr(stage) + BM * ROW_BYTES;
         wgmma_fence();
@@ -114,7 +114,7 @@ template <int KIND_> struct WgmmaEngine {
     // m64nN accumulator layout: warp w of the warpgroup owns rows 16w..16w+15; register 4j+c holds column
     // 8j + 2(lane%4) + (c&1) of row (lane/4) + 8(c>>1) (wgmma_acc_row, wgmma_acc_col below).
     FMOE_DEVICE void stage_out(float *c) const {
-        const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        const int wg = FMOE_TID >> 7, w = (FMOE_TID >> 5) & 3, lane = FMOE_TID & 31;
         const int row = wg * 64 + w * 16 + (lane >> 2), col = 2 * (lane & 3);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
@@ -127,15 +127,15 @@ template <int KIND_> struct WgmmaEngine {
 // WgmmaEngine's accumulators (and the TMA engine's, tma_engine.cuh): register 4j + c of this thread holds row
 // wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) of the 128 × 256 tile.
 FMOE_DEVICE int wgmma_acc_row() {
-    return (threadIdx.x >> 7) * 64 + ((threadIdx.x >> 5) & 3) * 16 + ((threadIdx.x & 31) >> 2);
+    return (FMOE_TID >> 7) * 64 + ((FMOE_TID >> 5) & 3) * 16 + ((FMOE_TID & 31) >> 2);
 }
-FMOE_DEVICE int wgmma_acc_col() { return 2 * (threadIdx.x & 3); }
+FMOE_DEVICE int wgmma_acc_col() { return 2 * (FMOE_TID & 3); }
 
 // Quad transpose for 16-byte stores from those registers: lane t of each quad holds w[i] = the packed pair of
 // columns 8(j0 + i) + 2t, +1 (i < 4) of its row; returns the 4 words of column block j0 + t (16 contiguous bytes of
 // the row), so a warp's store covers 64 contiguous bytes per row instead of 16. Three shuffles; indices are selects,
 // so nothing goes to local memory. `t`: the lane in its quad (a caller may pass its own %tid.x read).
-FMOE_DEVICE uint4 quad_transpose(const u32 *w, int t = (int)(threadIdx.x & 3)) {
+FMOE_DEVICE uint4 quad_transpose(const u32 *w, int t = (int)(FMOE_TID & 3)) {
     u32 o[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -187,7 +187,7 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
     }
 
     FMOE_DEVICE void issue(const char *stage) {
-        const int wg = threadIdx.x >> 7;
+        const int wg = FMOE_TID >> 7;
         const u32 a = smem_addr(stage);
         const u32 b = smem_addr(stage) + (BM + wg * WN) * ROW_BYTES;  // WN / 8 swizzle atoms per warpgroup
         wgmma_fence();
@@ -202,7 +202,7 @@ template <int KIND_, int BN_ = 64> struct WgmmaDecodeEngine {
 
     // The m64nN layout (see WgmmaEngine::stage_out); warpgroup w's columns are columns WN·w … WN·w + WN − 1.
     FMOE_DEVICE void stage_out(float *c) const {
-        const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        const int wg = FMOE_TID >> 7, w = (FMOE_TID >> 5) & 3, lane = FMOE_TID & 31;
         const int row = w * 16 + (lane >> 2), col = wg * WN + 2 * (lane & 3);
 #pragma unroll
         for (int j = 0; j < WN / 8; ++j) {

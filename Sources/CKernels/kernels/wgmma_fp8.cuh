@@ -48,7 +48,7 @@ struct Fp8WgmmaEngine {
 
     // tmp = the k32 steps [first, first + count) of the stage's K block (the first with scale-d = 0).
     FMOE_DEVICE void issue(const char *stage, int first, int count) {
-        const int wg = threadIdx.x >> 7;
+        const int wg = FMOE_TID >> 7;
         const u32 a = smem_addr(stage) + wg * 64 * ROW_BYTES;
         const u32 b = smem_addr(stage) + BM * ROW_BYTES;
         wgmma_fence();
@@ -72,7 +72,7 @@ struct Fp8WgmmaEngine {
     }
 
     FMOE_DEVICE void stage_out(float *c) const {
-        const int wg = threadIdx.x >> 7, w = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+        const int wg = FMOE_TID >> 7, w = (FMOE_TID >> 5) & 3, lane = FMOE_TID & 31;
         const int row = wg * 64 + w * 16 + (lane >> 2), col = 2 * (lane & 3);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {

@@ -244,7 +244,12 @@ public struct FusedSpecialization: Sendable, Hashable {
         if returnStorage { d["FMOE_RET_STORAGE"] = "1" }
         if trace { d["FMOE_TRACE"] = "1" }
         if tmaEngine { d["FMOE_TMA"] = "1" }
-        if tmaEngine && c.precision == .fp8 { d["FMOE_TMA_FP8_BN"] = "\(tmaFP8TileRows)" }
+        if tmaEngine && c.precision == .fp8 {
+            d["FMOE_TMA_FP8_BN"] = "\(tmaFP8TileRows)"
+            // 256-row tiles read %tid.x afresh at each use (common.cuh's fmoe_tid): one read kept across the kernel
+            // made ptxas spill its predicates around those tiles' mainloops.
+            if tmaFP8TileRows == 256 { d["FMOE_FRESH_TID"] = "1" }
+        }
         return d
     }
 
