@@ -43,12 +43,13 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let tmaEngine: Bool
 
     /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, tma_fp8_tasks.cuh), which also size the
-    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128, or 256 (faster in the engine's harness, but spilling in
-    /// the fused kernel: Benchmarks/RESULTS.md, round 22). Fixed with the specialisation, so the kernel it names and
-    /// the maps encoded for it agree (a box of more rows than the kernel's stage holds overruns it).
+    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128 (the default), or 256 — experimental: 3 – 12 % faster
+    /// in round 30's forced runs, without spills since (docs/engine-notes.md, item 10), its bits not yet checked on a
+    /// GPU. Fixed with the specialisation, so the kernel it names and the maps encoded for it agree (a box of more
+    /// rows than the kernel's stage holds overruns it).
     public let tmaFP8TileRows: Int
 
-    /// `tmaFP8TileRows` as the environment asks (`FLASHMOE_TMA_FP8_BN=256`; 128 otherwise).
+    /// `tmaFP8TileRows` as the environment asks (`FLASHMOE_TMA_FP8_BN=256`, experimental; 128 otherwise).
     public static var tmaFP8TileRowsRequested: Int {
         ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
     }
