@@ -12,7 +12,7 @@ typedef long long i64;
 // %tid.x read by its own instruction, where a lane's terms must not be hoisted: from threadIdx.x the compiler moved
 // the lane's row and column terms of gemm0_group_fp8 and of the fp8 engine's ring scales out of the consumers'
 // loop, live across every mainloop, and ptxas spilled the loop's state (deepseek-v3: 16 – 20 B; moe.cu's role test
-// reads it the same way).
+// uses it too).
 FMOE_DEVICE int fresh_tid() {
     int tid;
     asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));

@@ -68,8 +68,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) fmoe_forward(cons
     // The role test reads %tid.x through its own instruction: with threadIdx.x there, the compiler kept that one read
     // for every later use, live across both roles' setmaxnreg, and ptxas spilled it to local memory and reloaded it
     // in every phase (the fp8 TMA kernels' 28 B of spills, with the producer's; NVRTC 13.0, round 25).
-    u32 role_tid;
-    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(role_tid));
+    const u32 role_tid = fresh_tid();
     if (role_tid >= PHASE_THREADS) {
         tma_producer_main(p, sp, maps, smem);
         return;

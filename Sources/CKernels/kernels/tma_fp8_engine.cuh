@@ -238,7 +238,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                     // own (two registers fewer across the first promotion, which the 256-row tiles need).
                     const float *sm = scales + (it % STAGES) * SCALES;
                     if (h == 0) {
-                        const int tid = fresh_tid(), r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+                        const int r0 = wgmma_acc_row(fresh_tid());
                         s0 = sm[r0];
                         s1 = sm[r0 + 8];
                     }

@@ -35,7 +35,7 @@ FMOE_DEVICE void gemm0_store_acc_fp8(const Params &p, const Layout &L, int x, in
 // BF16 position: wgmma_acc_row / wgmma_acc_col's row and columns), or null for a row past the expert's or a column
 // past I.
 FMOE_DEVICE u32 *held_pair(const Params &p, const Layout &L, int x, int m, int n, int h, int pj, int tid) {
-    const int r = m * BM + (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2) + 8 * h;
+    const int r = m * BM + wgmma_acc_row(tid) + 8 * h;
     const int col = n * H_TILE_COLS + 8 * pj + 2 * (tid & 3);
     return r < rows_of(L, x) && col < I ? (u32 *)(p.hbuf + ((size_t)L.row_start[x] + r) * I + col) : nullptr;
 }
@@ -50,7 +50,7 @@ FMOE_DEVICE u32 *held_pair(const Params &p, const Layout &L, int x, int m, int n
 FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
                                     int tid) {
     const int rows = rows_of(L, x), first = m * BM, t = tid & 3;
-    const int r0 = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);  // wgmma_acc_row
+    const int r0 = wgmma_acc_row(tid);
     const size_t base = (size_t)L.row_start[x] + first;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -132,25 +132,28 @@ FMOE_DEVICE TmaTile tma_tile_fp8(const Params &p, const Layout &L, const TmaMaps
 // The scales of routed ticket (x, m, q): this thread's two accumulator rows' A scales (x's by token for GEMM0, h's by
 // row for GEMM1; rows past the expert's: none, so 0) and the tile's 64-row weight granules from x's image.
 constexpr int GRANULES = FMOE_TMA_FP8_BN / 64;
+// Expert x's weight-granule scales of GEMM0 (w1) or GEMM1 (w2): [granule][K block] floats after the codes of its
+// image (FusedDeviceWeights+FP8.swift).
+FMOE_DEVICE const float *weight_scales_fp8(const Params &p, bool gemm0, int x) {
+    return gemm0 ? (const float *)((const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES + W1_CODES)
+                 : (const float *)((const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES + W2_CODES);
+}
 FMOE_DEVICE TmaFp8Scales tma_scales_fp8(const Params &p, const Layout &L, int kind, int x, int m, int q) {
     if (FP8_SMEM_SCALES) return TmaFp8Scales{};  // the ring carries them (tma_scale_source_fp8)
     const int rows = rows_of(L, x), first = m * BM, r0 = wgmma_acc_row();
     const int base = L.row_start[x] + first;
     const bool v0 = first + r0 < rows, v1 = first + r0 + 8 < rows;
     TmaFp8Scales sc;
-    const unsigned char *image;
     if (kind == TASK_GEMM0) {
         sc.a0 = v0 ? p.xq_scale + (size_t)p.row_token[base + r0] * KB_H : nullptr;
         sc.a1 = v1 ? p.xq_scale + (size_t)p.row_token[base + r0 + 8] * KB_H : nullptr;
-        image = (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES;
-        sc.b = (const float *)(image + W1_CODES) + (size_t)(GRANULES * q) * KB_H;
+        sc.b = weight_scales_fp8(p, true, x) + (size_t)(GRANULES * q) * KB_H;
         sc.kb_count = KB_H;
         sc.granules = G0 - GRANULES * q;
     } else {
         sc.a0 = v0 ? p.hq_scale + (size_t)(base + r0) * KB_I : nullptr;
         sc.a1 = v1 ? p.hq_scale + (size_t)(base + r0 + 8) * KB_I : nullptr;
-        image = (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;
-        sc.b = (const float *)(image + W2_CODES) + (size_t)(GRANULES * q) * KB_I;
+        sc.b = weight_scales_fp8(p, false, x) + (size_t)(GRANULES * q) * KB_I;
         sc.kb_count = KB_I;
         sc.granules = G1 - GRANULES * q;
     }
@@ -166,12 +169,10 @@ FMOE_DEVICE TmaFp8ScaleSource tma_scale_source_fp8(const Params &p, const Layout
     const bool v = r < rows;
     const bool g0 = kind == TASK_GEMM0;
     const int kb = g0 ? KB_H : KB_I, granules = (g0 ? G0 : G1) - GRANULES * q;
-    const unsigned char *image = g0 ? (const unsigned char *)p.w1 + (size_t)x * W1_EXPERT_BYTES + W1_CODES
-                                    : (const unsigned char *)p.w2 + (size_t)x * W2_EXPERT_BYTES + W2_CODES;
     TmaFp8ScaleSource ss;
     if (g0) ss.a = v ? p.xq_scale + (size_t)p.row_token[row] * KB_H : nullptr;
     else ss.a = v ? p.hq_scale + (size_t)row * KB_I : nullptr;
-    ss.b = pt < granules ? (const float *)image + (size_t)(GRANULES * q + pt) * kb : nullptr;
+    ss.b = pt < granules ? weight_scales_fp8(p, g0, x) + (size_t)(GRANULES * q + pt) * kb : nullptr;
     return ss;
 }
 

@@ -129,6 +129,8 @@ template <int KIND_> struct WgmmaEngine {
 FMOE_DEVICE int wgmma_acc_row() {
     return (FMOE_TID >> 7) * 64 + ((FMOE_TID >> 5) & 3) * 16 + ((FMOE_TID & 31) >> 2);
 }
+// The same row of thread `tid`, for callers that read %tid.x themselves (fresh_tid, common.cuh).
+FMOE_DEVICE int wgmma_acc_row(int tid) { return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2); }
 FMOE_DEVICE int wgmma_acc_col() { return 2 * (FMOE_TID & 3); }
 
 // Quad transpose for 16-byte stores from those registers: lane t of each quad holds w[i] = the packed pair of
