@@ -121,7 +121,8 @@ import Testing
     }
 
     /// fp8 (experimental) where it has an engine, wgmma on sm_90a (the cp.async tiles and the TMA engine's tiles of
-    /// 128 and 256 weight rows) and mma.sync on sm_89 (one GPU only), plain and traced, with no spills.
+    /// 128 and 256 weight rows) and mma.sync on sm_89 (one GPU only), plain and traced, and at k = 16 with a shared
+    /// expert, with no spills.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_89", "sm_90a"])
     func fp8CompilesWithoutSpills(arch: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
@@ -130,6 +131,11 @@ import Testing
                               activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
         let plain = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true,
                               activation: .gelu, precision: .fp8)
+        // The largest k with a shared expert: its combine keeps the most loads in flight (at 256 rows it spilled 8 B
+        // until phase_combine.cuh's combine_cols capped them).
+        let widest = MoEConfig(hiddenSize: 512, intermediateSize: 64, experts: 16, topK: 16, ffn: .gated,
+                               activation: .silu,
+                               sharedExpert: SharedExpertConfig(intermediateSize: 64, gated: true), precision: .fp8)
         // sm_90a has two engines: the cp.async tiles and the TMA engine (the prefill kernel), whose tiles have 128 or
         // (FLASHMOE_TMA_FP8_BN=256) 256 weight rows.
         var specs: [FusedSpecialization] = []
@@ -144,6 +150,8 @@ import Testing
                 try FusedSpecialization(
                     config: gated, arch: target, trace: true, experimentalFP8: true, tmaEngine: tma,
                     tmaFP8TileRows: rows),
+                try FusedSpecialization(
+                    config: widest, arch: target, experimentalFP8: true, tmaEngine: tma, tmaFP8TileRows: rows),
             ]
         }
         for spec in specs {

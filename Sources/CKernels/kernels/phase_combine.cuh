@@ -28,6 +28,16 @@ FMOE_DEVICE int combine_slices(const Params &p) {
 #define FMOE_COMBINE_COLS_T 4
 #endif
 
+// The columns a lane sums at once for this shape: as many as asked, as long as their loads fit in 80 registers (two
+// FP32 columns of deepseek-v3's 8 rows and shared row are 72; four 16-bit ones 80). At k = 16 two FP32 columns held
+// 128 registers of loads, and the fp8 kernel with 256-row tiles spilled 8 B around the combine (E = 16, H = 1024,
+// a shared expert). Fewer columns change neither the sums nor their order.
+FMOE_DEVICE constexpr int combine_cols() {
+    constexpr int asked = FMOE_RET_T ? FMOE_COMBINE_COLS_T : FMOE_COMBINE_COLS;
+    constexpr int regs = K * (FMOE_RET_T ? 2 : 4) + (HAS_SHARED ? 4 : 0);  // one column's loads
+    return asked * regs <= 80 ? asked : (80 / regs >= 1 ? 80 / regs : 1);
+}
+
 // y[t] = Σ_j w[t,j] · ybuf[slot_row[t,j]] in rank order, plus the (gated) shared expert, for float4 columns
 // [slice · ⌈H/4 / slices⌉, ...) of the token. One warp.
 FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
@@ -44,7 +54,7 @@ FMOE_DEVICE void combine_token(const Params &p, int t, int slice, int slices) {
         w[j] = p.weights[(size_t)t * K + j];
     }
     const float gs = HAS_SHARED ? p.shared_gate[t] : 0.f;
-    constexpr int COLS = FMOE_RET_T ? FMOE_COMBINE_COLS_T : FMOE_COMBINE_COLS, NV = K + (HAS_SHARED ? 1 : 0);
+    constexpr int COLS = combine_cols(), NV = K + (HAS_SHARED ? 1 : 0);
     for (int c = c0 + lane; c < c1; c += 32 * COLS) {
         // Loads first (a column past the slice or a row without a source reads nothing), then the sums.
         // The routed rows as loaded (RetT, converted in the sums: ret4_f32) and the shared expert's FP32 row.
