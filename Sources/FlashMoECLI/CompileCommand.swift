@@ -26,6 +26,12 @@ struct CompileCommand: ParsableCommand {
     @Flag(help: "Also compile each preset as 4 expert-parallel ranks (bf16/fp16 also with storage returns).")
     var ranks = false
 
+    @Flag(help: "Also compile each preset's one-GPU builds with the routed experts' rows in the storage type (FLASHMOE_STORAGE_ROWS=1; bf16, fp16, fp8).")
+    var storageRows = false
+
+    @Flag(help: "Also compile each preset's tracing builds (flashmoe bench --trace).")
+    var trace = false
+
     @Option(help: "ipc: the NVRTC cubins every operator loads. nvshmem: the ranks kernel with the NVSHMEM transport, compiled to LTO-IR and linked with NVSHMEM's device library by nvJitLink (docs/multinode.md).")
     var transport: RankTransport = .ipc
 
@@ -71,7 +77,9 @@ struct CompileCommand: ParsableCommand {
             }
             ok = CompileReport.run(
                 specs: KernelCatalog.specializations(for: configs, arch: arch)
-                    + (ranks ? KernelCatalog.expertParallel(for: configs, arch: arch) : []),
+                    + (ranks ? KernelCatalog.expertParallel(for: configs, arch: arch) : [])
+                    + (storageRows ? KernelCatalog.storageRows(for: configs, arch: arch) : [])
+                    + (trace ? KernelCatalog.traced(for: configs, arch: arch) : []),
                 archs: [arch], compiler: compiler,
                 sources: KernelSources.current(environment: environment), lineInfo: lineinfo) { print($0) } && ok
         }

@@ -83,4 +83,27 @@ import Testing
         #expect(specs.filter { $0.defines["FMOE_RET_STORAGE"] == "1" }.count == 1)
         #expect(specs.allSatisfy { $0.defines["FMOE_RANKS"] == "4" })
     }
+
+    /// `flashmoe compile --storage-rows`: the one-GPU builds with storage rows, an fp8 layer's prefill build
+    /// included; nothing for fp32.
+    @Test func compileBuildsOneGPUStorageRows() throws {
+        var fp32 = Self.bf16
+        fp32.precision = .fp32
+        var fp8 = Self.bf16
+        fp8.precision = .fp8
+        let sm90a = GPUArchitecture(major: 9, minor: 0)
+        let specs = KernelCatalog.storageRows(for: [Self.bf16, fp32], arch: sm90a)
+        #expect(specs.count == 1 && specs[0].defines["FMOE_RET_STORAGE"] == "1" && specs[0].defines["FMOE_RANKS"] == nil)
+        #expect(specs[0] == (try FusedSpecialization(config: Self.bf16, arch: sm90a, returnStorage: true)).kernelSpec)
+        let fp8Specs = KernelCatalog.storageRows(for: [fp8], arch: sm90a, experimentalFP8: true)
+        let builds = try FusedSpecialization(config: fp8, arch: sm90a, returnStorage: true, experimentalFP8: true)
+            .operatorBuilds()
+        #expect(fp8Specs == builds.map(\.kernelSpec) && !fp8Specs.isEmpty)
+        #expect(fp8Specs.allSatisfy { $0.defines["FMOE_RET_STORAGE"] == "1" })
+        // Both of an fp8 operator's kernels unless the environment refuses or forces the TMA engine.
+        if !FusedSpecialization.tmaEngineRefused && !FusedSpecialization.tmaEngineRequested {
+            #expect(fp8Specs.count == 2 && fp8Specs[1].defines["FMOE_TMA"] == "1")
+        }
+        #expect(KernelCatalog.storageRows(for: [fp8], arch: sm90a, experimentalFP8: false).isEmpty)
+    }
 }

@@ -68,6 +68,44 @@ public enum KernelCatalog {
         return result
     }
 
+    /// One-GPU builds of `configs` with the routed experts' output rows in the storage type
+    /// (`FusedOptions.storageReturns`, `FLASHMOE_STORAGE_ROWS=1`): each config with a 16-bit storage type (bf16,
+    /// fp16, and fp8, whose activations are BF16) with its prefill build where it gets one, as an operator with the
+    /// option compiles them; 32-bit configs are left out (their rows are already the storage type), and fp8 unless
+    /// `experimentalFP8`.
+    public static func storageRows(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch,
+        experimentalFP8: Bool = FusedSpecialization.supportsFP8
+    ) -> [KernelSpec] {
+        operatorBuilds(of: configs.filter { $0.precision.storage.byteSize == 2 }) {
+            try FusedSpecialization(config: $0, arch: arch, returnStorage: true, experimentalFP8: experimentalFP8)
+        }
+    }
+
+    /// The tracing builds of `configs` (`flashmoe bench --trace`: `FusedOptions.traceEventsPerBlock`), each with its
+    /// prefill build where it gets one, as a traced operator compiles them (fp8 unless `experimentalFP8` left out).
+    public static func traced(
+        for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch,
+        experimentalFP8: Bool = FusedSpecialization.supportsFP8
+    ) -> [KernelSpec] {
+        operatorBuilds(of: configs) {
+            try FusedSpecialization(config: $0, arch: arch, trace: true, experimentalFP8: experimentalFP8)
+        }
+    }
+
+    /// The kernels operators of `make(config)` compile (`FusedSpecialization.operatorBuilds`), each once, in
+    /// first-seen order; a config `make` refuses is left out.
+    private static func operatorBuilds(
+        of configs: [MoEConfig], _ make: (MoEConfig) throws -> FusedSpecialization
+    ) -> [KernelSpec] {
+        var result: [KernelSpec] = []
+        for c in configs {
+            guard let spec = try? make(c) else { continue }
+            for build in spec.operatorBuilds().map(\.kernelSpec) where !result.contains(build) { result.append(build) }
+        }
+        return result
+    }
+
     /// The union of the specializations of `configs` for `arch`, each once, in first-seen order.
     public static func specializations(
         for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch

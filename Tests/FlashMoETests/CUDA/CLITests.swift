@@ -24,6 +24,9 @@ import Testing
         #expect(try FlashMoECommand.parseAsRoot(["info"]) is InfoCommand)
         let compile = try #require(try FlashMoECommand.parseAsRoot(["compile", "--preset", "qwen3-30b-a3b"]) as? CompileCommand)
         #expect(compile.arch == "sm_80,sm_90a" && compile.preset == ["qwen3-30b-a3b"])
+        #expect(!compile.storageRows && !compile.trace)
+        let extra = try #require(try FlashMoECommand.parseAsRoot(["compile", "--storage-rows", "--trace"]) as? CompileCommand)
+        #expect(extra.storageRows && extra.trace)
         #expect(try FlashMoECommand.parseAsRoot(["selftest", "--compiler-only"]) is SelfTestCommand)
     }
 }

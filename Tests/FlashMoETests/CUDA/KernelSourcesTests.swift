@@ -62,4 +62,20 @@ import Testing
         #expect(KernelCatalog.selfTest.description == "selftest.cu")
         #expect(KernelSpec(file: "m.cu", defines: ["B": "2", "A": "1"], kernels: []).description == "m.cu [A=1 B=2]")
     }
+
+    /// `flashmoe compile --trace`: the tracing builds `bench --trace` loads, an fp8 layer's traced prefill build
+    /// included.
+    @Test func theCatalogHasTheTracingBuilds() throws {
+        let sm90a = GPUArchitecture(major: 9, minor: 0)
+        let bf16 = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, precision: .bf16)
+        var fp8 = bf16
+        fp8.precision = .fp8
+        let traced = KernelCatalog.traced(for: [bf16, fp8], arch: sm90a, experimentalFP8: true)
+        #expect(traced.allSatisfy { $0.defines["FMOE_TRACE"] == "1" })
+        #expect(traced.first == (try FusedSpecialization(config: bf16, arch: sm90a, trace: true)).kernelSpec)
+        let fp8Builds = try FusedSpecialization(config: fp8, arch: sm90a, trace: true, experimentalFP8: true)
+            .operatorBuilds().map(\.kernelSpec)
+        #expect(Array(traced.dropFirst()) == fp8Builds)
+        #expect(KernelCatalog.traced(for: [fp8], arch: sm90a, experimentalFP8: false).isEmpty)
+    }
 }
