@@ -52,20 +52,11 @@ public enum KernelCatalog {
     public static func expertParallel(
         for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
     ) -> [KernelSpec] {
-        var result: [KernelSpec] = []
-        for c in configs {
-            let variants = c.precision.storage.byteSize == 2 ? [false, true] : [false]
-            for storage in variants {
-                if let spec = try? FusedSpecialization(
-                    config: c, arch: arch, ranks: 4, returnStorage: storage
-                ).kernelSpec,
-                    !result.contains(spec)
-                {
-                    result.append(spec)
-                }
+        firstSeen(configs.flatMap { c in
+            (c.precision.storage.byteSize == 2 ? [false, true] : [false]).compactMap { storage in
+                try? FusedSpecialization(config: c, arch: arch, ranks: 4, returnStorage: storage).kernelSpec
             }
-        }
-        return result
+        })
     }
 
     /// One-GPU builds of `configs` with the routed experts' output rows in the storage type
@@ -98,22 +89,20 @@ public enum KernelCatalog {
     private static func operatorBuilds(
         of configs: [MoEConfig], _ make: (MoEConfig) throws -> FusedSpecialization
     ) -> [KernelSpec] {
-        var result: [KernelSpec] = []
-        for c in configs {
-            guard let spec = try? make(c) else { continue }
-            for build in spec.operatorBuilds().map(\.kernelSpec) where !result.contains(build) { result.append(build) }
-        }
-        return result
+        firstSeen(configs.flatMap { c in (try? make(c))?.operatorBuilds().map(\.kernelSpec) ?? [] })
     }
 
     /// The union of the specializations of `configs` for `arch`, each once, in first-seen order.
     public static func specializations(
         for configs: [MoEConfig], arch: GPUArchitecture = FusedSpecialization.defaultArch
     ) -> [KernelSpec] {
+        firstSeen(configs.flatMap { specializations(for: $0, arch: arch) })
+    }
+
+    /// `specs` without repeats, each where it first appears (the catalog's lists are short: a linear scan).
+    private static func firstSeen(_ specs: [KernelSpec]) -> [KernelSpec] {
         var result: [KernelSpec] = []
-        for spec in configs.flatMap({ specializations(for: $0, arch: arch) }) where !result.contains(spec) {
-            result.append(spec)
-        }
+        for spec in specs where !result.contains(spec) { result.append(spec) }
         return result
     }
 }
