@@ -158,9 +158,11 @@ struct BenchCommand: ReportingCommand {
     /// one this token count runs, or why there is only one.
     static func engineNote(_ op: FusedOperator, tokens: Int) -> String {
         if let from = op.prefillTokens {
+            let rows = op.prefillSpecialization.map { "\($0.tmaFP8TileRows)-row tiles" } ?? "tiles"
+            let narrowed = op.prefillNarrowedReason.map { "; not the 256 rows asked for: \($0)" } ?? ""
             return tokens >= from
-                ? " (the prefill kernel: launches of \(from) tokens or more)"
-                : " (the decode kernel; launches of \(from) tokens or more run the TMA engine's)"
+                ? " (the prefill kernel, \(rows): launches of \(from) tokens or more\(narrowed))"
+                : " (the decode kernel; launches of \(from) tokens or more run the TMA engine's, \(rows)\(narrowed))"
         }
         return op.prefillSkipReason.map { " (one kernel: \($0))" } ?? ""
     }

@@ -19,10 +19,11 @@ import Testing
         let variant = try #require(try Self.base().prefillVariant(refused: false))
         #expect(variant.tmaEngine && variant.defines["FMOE_TMA"] == "1")
         #expect(variant.config == Self.fp8 && variant.arch == Self.sm90a)
-        // Everything but the engine (and the ring it sizes) is the first build's.
+        // Everything but the engine (its tile rows, the ring they size, and the 256-row tiles' fresh %tid.x reads)
+        // is the first build's.
         var same = variant.defines
         var first = try Self.base().defines
-        for key in ["FMOE_TMA", "FMOE_TMA_FP8_BN", "FMOE_STAGES", "FMOE_DYNAMIC_SMEM"] {
+        for key in ["FMOE_TMA", "FMOE_TMA_FP8_BN", "FMOE_FRESH_TID", "FMOE_STAGES", "FMOE_DYNAMIC_SMEM"] {
             same[key] = nil
             first[key] = nil
         }
@@ -159,20 +160,24 @@ import Testing
         let fake = FakeDriver(kernels: [FusedSpecialization.kernelName], parameterSizes: [FusedParams.byteCount])
         let device = try CUDADevice(ordinal: 0, driver: fake)
         let first = try Self.kernel(on: device, threads: 256, mapBytes: 0, sharedBytes: 1024)
+        // `second`: the prefill build of 256-row tiles; `narrow`: that of 128 rows (default: the same kernel).
         func outcome(
-            _ second: FusedKernel, tokens: Int? = 256, trace: Bool = false, twinSpills: Int = 0
+            _ second: FusedKernel, narrow: FusedKernel? = nil, tokens: Int? = 256, trace: Bool = false,
+            twinSpills: Int = 0, rows: Int = 256
         ) throws -> FusedPrefillEngine.Outcome {
             var options = FusedOptions()
             options.prefillEngineTokens = tokens
             let base = try FusedSpecialization(
-                config: Self.fp8, arch: Self.sm90a, trace: trace, experimentalFP8: true, tmaEngine: false)
+                config: Self.fp8, arch: Self.sm90a, trace: trace, experimentalFP8: true, tmaEngine: false,
+                tmaFP8TileRows: rows)
             var twinAsked = false
+            var loads: [[Int]] = []
             let (loaded, result) = try FusedPrefillEngine.load(
                 baseSpec: base, options: options, sharedMemoryPerBlock: nil
             ) { specs in
-                #expect(specs.count == (tokens == nil ? 1 : 2) && specs.dropFirst().allSatisfy(\.tmaEngine))
                 #expect(specs.allSatisfy { $0.trace == trace })
-                return [first, second].prefix(specs.count).map { $0 }
+                loads.append(specs.map { $0.tmaEngine ? $0.tmaFP8TileRows : 0 })
+                return specs.map { !$0.tmaEngine ? first : $0.tmaFP8TileRows == 256 ? second : narrow ?? second }
             } resources: { spec in
                 // Only a tracing build asks for its normal twin's compile: the TMA build without the stamps.
                 #expect(trace && spec.tmaEngine && !spec.trace && spec.defines["FMOE_TRACE"] == nil)
@@ -181,6 +186,9 @@ import Testing
                 usage.spillStoreBytes = twinSpills
                 return [usage]
             }
+            // The first kernel compiles beside the first rung; a second rung (128 rows) only after the first failed.
+            if tokens == nil { #expect(loads == [[0]]) }
+            else { #expect(loads.first == [0, rows] && loads.dropFirst().allSatisfy { $0 == [128] } && loads.count <= 2) }
             #expect(twinAsked == (trace && tokens != nil))
             #expect(loaded.blockThreads == 256)
             return result
@@ -191,24 +199,57 @@ import Testing
         let otherGrid = try Self.kernel(
             on: device, threads: 384, mapBytes: FusedTensorMaps.byteCount, sharedBytes: 2048, grid: 4)
         guard !FusedSpecialization.tmaEngineRefused else { return }  // FLASHMOE_TMA=0: no prefill build at all
-        if case .engine(let e) = try outcome(clean) { #expect(e.minTokens == 256) } else { Issue.record("no engine") }
-        if case .skipped(let why) = try outcome(spilling) { #expect(why.contains("spills") && why.contains("24 B")) }
-        else { Issue.record("a spilling kernel was kept") }
+        if case .engine(let e) = try outcome(clean) {
+            #expect(e.minTokens == 256 && e.specialization.tmaFP8TileRows == 256 && e.narrowedBecause == nil)
+        } else { Issue.record("no engine") }
+        // A 256-row build that spills or mismatches gives way to the 128-row build, which says why.
+        if case .engine(let e) = try outcome(spilling, narrow: clean) {
+            #expect(e.specialization.tmaFP8TileRows == 128 && e.kernel.gridLimit == clean.gridLimit)
+            #expect(e.narrowedBecause?.contains("256-row kernel spills") == true)
+        } else { Issue.record("the 128-row build was not tried after a spilling 256-row one") }
+        if case .engine(let e) = try outcome(otherGrid, narrow: clean) {
+            #expect(e.specialization.tmaFP8TileRows == 128 && e.narrowedBecause?.contains("grid blocks") == true)
+        } else { Issue.record("the 128-row build was not tried after a mismatched 256-row one") }
+        // Both rungs refused: one kernel, and both reasons.
+        if case .skipped(let why) = try outcome(spilling) {
+            #expect(why.contains("256-row kernel spills") && why.contains("128-row kernel spills") && why.contains("24 B"))
+        } else { Issue.record("a spilling kernel was kept") }
         if case .skipped(let why) = try outcome(otherGrid) { #expect(why.contains("grid blocks")) }
         else { Issue.record("a kernel of another grid was kept") }
+        // Asked for 128 rows (FLASHMOE_TMA_FP8_BN=128): no narrower rung.
+        if case .skipped(let why) = try outcome(spilling, rows: 128) {
+            #expect(why.contains("128-row kernel spills") && !why.contains("256-row"))
+        } else { Issue.record("a spilling 128-row kernel was kept") }
         if case .notApplicable = try outcome(clean, tokens: nil) {} else { Issue.record("nil tokens still built one") }
         // A TMA build that fails to compile or load costs the operator its speed, not its first kernel.
-        var calls = 0
+        // Each rung's failure is tried alone after the pair (the first kernel with the 256-row build) fails: the
+        // 128-row build with the first kernel again, then the first kernel alone.
+        var calls: [Int] = []
         let (kept, failed) = try FusedPrefillEngine.load(
             baseSpec: try Self.base(), options: FusedOptions(), sharedMemoryPerBlock: nil
         ) { specs in
-            calls += 1
-            if specs.count == 2 { throw CUDAError.invalidArgument("NVRTC: error in the TMA build") }
+            calls.append(specs.count)
+            if specs.contains(where: \.tmaEngine) { throw CUDAError.invalidArgument("NVRTC: error in the TMA build") }
             return [first]
         } resources: { _ in [] }
-        #expect(calls == 2 && kept.blockThreads == 256)
+        #expect(kept.blockThreads == 256)
+        #expect(calls == (try Self.base().tmaFP8TileRows == 256 ? [2, 2, 1] : [2, 1]))
         if case .skipped(let why) = failed { #expect(why.contains("did not build") && why.contains("NVRTC")) }
         else { Issue.record("a failed prefill build was not reported") }
+        // A 256-row build that fails to compile gives way to the 128-row one.
+        let wide = try FusedSpecialization(
+            config: Self.fp8, arch: Self.sm90a, experimentalFP8: true, tmaEngine: false, tmaFP8TileRows: 256)
+        let (_, second) = try FusedPrefillEngine.load(
+            baseSpec: wide, options: FusedOptions(), sharedMemoryPerBlock: nil
+        ) { specs in
+            if specs.contains(where: { $0.tmaEngine && $0.tmaFP8TileRows == 256 }) {
+                throw CUDAError.invalidArgument("NVRTC: error in the 256-row build")
+            }
+            return specs.map { $0.tmaEngine ? clean : first }
+        } resources: { _ in [] }
+        if case .engine(let e) = second {
+            #expect(e.specialization.tmaFP8TileRows == 128 && e.narrowedBecause?.contains("did not build") == true)
+        } else { Issue.record("the 128-row build was not tried after a failed 256-row build") }
         // A TMA build that cannot fit the block (the stages fixed, its static shared memory 1 KiB larger) is skipped.
         let tight = try Self.base()
         var fixed = FusedOptions()

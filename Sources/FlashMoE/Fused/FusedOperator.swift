@@ -46,6 +46,9 @@ public final class FusedOperator: @unchecked Sendable {
     /// Why an operator that would launch a prefill kernel has none (it did not build, its compile spills, or its
     /// launch facts differ from the first kernel's); nil otherwise.
     public let prefillSkipReason: String?
+    /// Why the prefill kernel runs 128-row fp8 tiles where 256 were asked for (that build failed, spilled or did not
+    /// match the first kernel); nil when it runs the rows asked for or there is no prefill kernel.
+    public var prefillNarrowedReason: String? { prefill?.narrowedBecause }
     /// Blocks of the persistent grid (blocks per SM from the occupancy API × SMs).
     public var gridBlocks: Int { kernel.gridLimit }
     /// Dynamic shared memory per block.

@@ -18,6 +18,9 @@
 ///   cp.async build does not;
 /// - its launch facts must equal the first kernel's (grid, gate tiles and decode gate, router rows, gated packing):
 ///   the workspace, the gate split and the weights' layout are the first kernel's.
+/// An fp8 TMA build of 256-row tiles (`FusedSpecialization.tmaFP8TileRows`) that fails a rule is followed by the same
+/// build with 128-row tiles before the operator gives up the second kernel (`narrowedBecause` says why it runs 128
+/// rows).
 struct FusedPrefillEngine {
     /// The TMA build's constants.
     let specialization: FusedSpecialization
@@ -25,6 +28,9 @@ struct FusedPrefillEngine {
     let kernel: FusedKernel
     /// Launches of at least this many tokens run it.
     let minTokens: Int
+    /// Why the operator runs 128-row fp8 tiles rather than 256 (the wider build failed, spilled or did not match),
+    /// or nil when it runs the build it asked for first.
+    var narrowedBecause: String? = nil
 
     /// Whether a launch of `tokens` tokens runs this kernel.
     func runs(tokens: Int) -> Bool { tokens >= minTokens }
@@ -70,26 +76,55 @@ struct FusedPrefillEngine {
         } catch {
             // A TMA build that does not fit (e.g. stages fixed by FusedOptions.stages, with its larger static shared
             // memory) leaves the operator its first kernel, as a failed compile does.
-            return (try load([baseSpec])[0], .skipped("no TMA engine's kernel for this layer (\(error)): every launch runs the cp.async tiles"))
+            return (
+                try load([baseSpec])[0],
+                .skipped("no TMA engine's kernel for this layer (\(error)): every launch runs the cp.async tiles")
+            )
         }
         guard let spec = wanted, let minTokens = options.prefillEngineTokens else {
             return (try load([baseSpec])[0], .notApplicable)
         }
-        let kernels: [FusedKernel]
-        do {
-            kernels = try load([baseSpec, spec])
-        } catch {
-            // The first kernel alone decides whether the operator can run: a prefill build that fails to compile or
-            // load costs its speed, not the operator (an error of the first kernel is thrown again here).
-            return (try load([baseSpec])[0], .skipped("the TMA engine's kernel did not build (\(error)): every launch runs the cp.async tiles"))
-        }
-        let usage = spec.trace ? try resources(try spec.untraced()) : kernels[1].compiled.resources
-        if let reason = mismatch(
-            base: kernels[0], prefill: kernels[1], prefillResources: usage, entry: FusedSpecialization.kernelName)
+        // The builds to try, widest first: 256-row fp8 tiles where asked for, then 128 rows where those fail to
+        // build, spill or do not match the first kernel (the same bits: FusedSpecialization.tmaFP8TileRows).
+        var rungs = [spec]
+        if let narrower = try? spec.narrowerFP8Tiles(
+            sharedMemoryPerBlock: sharedMemoryPerBlock, stages: options.stages)
         {
-            return (kernels[0], .skipped(reason))
+            rungs.append(narrower)
         }
-        return (kernels[0], .engine(FusedPrefillEngine(specialization: spec, kernel: kernels[1], minTokens: minTokens)))
+        var base: FusedKernel?
+        var refusals: [String] = []
+        for rung in rungs {
+            let label = "the TMA engine's \(rung.tmaFP8TileRows)-row kernel"
+            let kernels: [FusedKernel]
+            do {
+                // The first kernel is compiled beside the first rung, so the two compile side by side.
+                kernels = try load(base == nil ? [baseSpec, rung] : [rung])
+            } catch {
+                // The first kernel alone decides whether the operator can run: a prefill build that fails to compile
+                // or load costs its speed, not the operator (an error of the first kernel is thrown again below).
+                refusals.append("\(label) did not build (\(error))")
+                continue
+            }
+            let first = base ?? kernels[0]
+            base = first
+            let usage = rung.trace ? try resources(try rung.untraced()) : kernels[kernels.count - 1].compiled.resources
+            if let reason = mismatch(
+                base: first, prefill: kernels[kernels.count - 1], prefillResources: usage,
+                entry: FusedSpecialization.kernelName, label: label)
+            {
+                refusals.append(reason)
+                continue
+            }
+            let engine = FusedPrefillEngine(
+                specialization: rung, kernel: kernels[kernels.count - 1], minTokens: minTokens,
+                narrowedBecause: refusals.isEmpty ? nil : refusals.joined(separator: "; "))
+            return (first, .engine(engine))
+        }
+        return (
+            try base ?? load([baseSpec])[0],
+            .skipped(refusals.joined(separator: "; ") + ": every launch runs the cp.async tiles")
+        )
     }
 
     /// Refuses a `prefillEngineTokens` below 1.
@@ -100,13 +135,14 @@ struct FusedPrefillEngine {
     }
 
     /// Why `prefill` cannot stand in for `base` at launch, or nil; `prefillResources`: ptxas' report of the build
-    /// whose spills decide (the prefill kernel's own, or a tracing build's normal twin).
+    /// whose spills decide (the prefill kernel's own, or a tracing build's normal twin); `label` names the prefill
+    /// build in the reason.
     static func mismatch(
-        base: FusedKernel, prefill: FusedKernel, prefillResources: [KernelResourceUsage], entry: String
+        base: FusedKernel, prefill: FusedKernel, prefillResources: [KernelResourceUsage], entry: String,
+        label: String = "the TMA engine's kernel"
     ) -> String? {
         if let usage = prefillResources.first(where: { $0.name == entry }), usage.spills {
-            return "the TMA engine's kernel spills at this shape (\(usage.spillStoreBytes) B stored, "
-                + "\(usage.spillLoadBytes) B loaded): every launch runs the cp.async tiles"
+            return "\(label) spills at this shape (\(usage.spillStoreBytes) B stored, \(usage.spillLoadBytes) B loaded)"
         }
         let facts: [(String, Int, Int)] = [
             ("grid blocks", base.gridLimit, prefill.gridLimit), ("gate tiles", base.gateTiles, prefill.gateTiles),
@@ -114,7 +150,7 @@ struct FusedPrefillEngine {
             ("router rows", base.routerRows, prefill.routerRows), ("gated packing rows", base.packRows, prefill.packRows),
         ]
         if let (name, a, b) = facts.first(where: { $0.1 != $0.2 }) {
-            return "the TMA engine's kernel has \(b) \(name), the cp.async kernel \(a): every launch runs the cp.async tiles"
+            return "\(label) has \(b) \(name), the cp.async kernel \(a)"
         }
         return nil
     }

@@ -43,13 +43,15 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let tmaEngine: Bool
 
     /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, tma_fp8_tasks.cuh), which also size the
-    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128 (the default), or 256 — experimental: 3 – 12 % faster
-    /// in round 30's forced runs, without spills since (docs/engine-notes.md, item 10), its bits not yet checked on a
-    /// GPU. Fixed with the specialisation, so the kernel it names and the maps encoded for it agree (a box of more
-    /// rows than the kernel's stage holds overruns it).
+    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128 (the default), or 256 (`FLASHMOE_TMA_FP8_BN=256`: half
+    /// the activation bytes a FLOP and h quantized straight from the tile's registers, 3 – 12 % faster in round 30's
+    /// forced runs, Benchmarks/RESULTS.md; compiled without spills since round 31, its bits not yet checked on a
+    /// GPU, so not the default). Where a 256-row build fails or spills, the operator tries the 128-row build
+    /// (`FusedPrefillEngine`). Fixed with the specialisation, so the kernel it names and the maps encoded for it
+    /// agree (a box of more rows than the kernel's stage holds overruns it).
     public let tmaFP8TileRows: Int
 
-    /// `tmaFP8TileRows` as the environment asks (`FLASHMOE_TMA_FP8_BN=256`, experimental; 128 otherwise).
+    /// `tmaFP8TileRows` as the environment asks: 256 with `FLASHMOE_TMA_FP8_BN=256`, else 128.
     public static var tmaFP8TileRowsRequested: Int {
         ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
     }
@@ -189,21 +191,33 @@ public struct FusedSpecialization: Sendable, Hashable {
         return try rebuilt(tmaEngine: true, trace: trace, stages: stages, sharedMemoryPerBlock: sharedMemoryPerBlock)
     }
 
+    /// This TMA build with 128-row fp8 tiles, when it has 256 (the operator's next try where the wider build fails,
+    /// spills or does not match the first kernel: `FusedPrefillEngine.load`); nil for any other build. Stages and
+    /// shared memory as `prefillVariant`.
+    func narrowerFP8Tiles(sharedMemoryPerBlock: Int? = nil, stages: Int? = nil) throws(MoEError)
+        -> FusedSpecialization?
+    {
+        guard tmaEngine, config.precision == .fp8, tmaFP8TileRows == 256 else { return nil }
+        return try rebuilt(
+            tmaEngine: true, trace: trace, stages: stages, sharedMemoryPerBlock: sharedMemoryPerBlock, tileRows: 128)
+    }
+
     /// This specialisation without the tracing build's stamps (`trace` false), everything else the same: the
     /// kernel a tracing build stands for.
     func untraced() throws(MoEError) -> FusedSpecialization {
         try rebuilt(tmaEngine: tmaEngine, trace: false, stages: stages, sharedMemoryPerBlock: nil)
     }
 
-    /// This specialisation built again with another engine, tracing or stages, everything else the same (fp8 is
-    /// allowed: this one exists).
-    private func rebuilt(tmaEngine: Bool, trace: Bool, stages: Int?, sharedMemoryPerBlock: Int?) throws(MoEError)
-        -> FusedSpecialization
-    {
+    /// This specialisation built again with another engine, tracing, stages or fp8 tile rows, everything else the
+    /// same (fp8 is allowed: this one exists).
+    private func rebuilt(
+        tmaEngine: Bool, trace: Bool, stages: Int?, sharedMemoryPerBlock: Int?, tileRows: Int? = nil
+    ) throws(MoEError) -> FusedSpecialization {
         try FusedSpecialization(
             config: config, arch: arch, sharedMemoryPerBlock: sharedMemoryPerBlock, stages: stages, ranks: ranks,
             injectFault: injectFault, stopAfterPhase: stopAfterPhase, phaseTimes: phaseTimes, trace: trace,
-            returnStorage: returnStorage, experimentalFP8: true, tmaEngine: tmaEngine, tmaFP8TileRows: tmaFP8TileRows)
+            returnStorage: returnStorage, experimentalFP8: true, tmaEngine: tmaEngine,
+            tmaFP8TileRows: tileRows ?? tmaFP8TileRows)
     }
 
     /// The `-D` defines of this specialisation.

@@ -38,7 +38,18 @@ import Testing
         #expect(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true).defines["FMOE_TMA_FP8_BN"] == nil)
         let rows256 = try FusedSpecialization(
             config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 256)
-        #expect(rows256.defines["FMOE_TMA_FP8_BN"] == "256" && rows256.kernelSpec != fp8Spec.kernelSpec)
+        let rows128 = try FusedSpecialization(
+            config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 128)
+        #expect(rows256.defines["FMOE_TMA_FP8_BN"] == "256" && rows128.defines["FMOE_TMA_FP8_BN"] == "128")
+        #expect(rows256.kernelSpec != rows128.kernelSpec)
+        // 128 rows unless the environment asks for 256 (FLASHMOE_TMA_FP8_BN=256); the narrower build of a 256-row
+        // one is the 128-row build, and a 128-row build has none.
+        let asked = ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
+        #expect(FusedSpecialization.tmaFP8TileRowsRequested == asked && fp8Spec.tmaFP8TileRows == asked)
+        #expect(try rows256.narrowerFP8Tiles()?.kernelSpec == rows128.kernelSpec)
+        #expect(try rows128.narrowerFP8Tiles() == nil)
+        #expect(try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: false, tmaFP8TileRows: 256)
+            .narrowerFP8Tiles() == nil)
         #expect(throws: MoEError.self) {
             try FusedSpecialization(config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 64)
         }
@@ -191,8 +202,9 @@ import Testing
         let settings = setting.split(separator: " ").filter { $0.contains("=") }.map {
             $0.split(separator: "=").map(String.init)
         }
+        // fp8's switches without tile rows are those of 128-row tiles.
         let plain = try FusedSpecialization(
-            config: config, arch: target, experimentalFP8: true, tmaEngine: true).kernelSpec
+            config: config, arch: target, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 128).kernelSpec
         // The tile rows also size the ring (RING_BN), so the host's shared memory follows them: the specialisation
         // sets both. The other switches are compared with the kernel of the same tile rows.
         var sized = plain
