@@ -24,11 +24,21 @@ constexpr int WARPS = THREADS / 32;
 #define FMOE_QUANT_GROUPS (FMOE_WGMMA ? 8 : 1)
 #endif
 
+// 1: x's quantization (quantize_x_fp8) loads the next U groups of a warp before it reduces and stores the current
+// U, so a warp's loads overlap its arithmetic as well as each other (x's E4M3 codes took about 100 µs at
+// qwen3-30b-a3b S = 16384, the 25 µs its bytes need at the copy rate: Benchmarks/RESULTS.md, round 31). Same bits:
+// every group is quantized by the same warp's lanes from the same values. 0 (the default until it is timed; it
+// compiles without spills at the fp8 presets): round 24's batches, each loaded and then quantized.
+#ifndef FMOE_QUANT_PIPE
+#define FMOE_QUANT_PIPE 0
+#endif
+
 // Quantizes groups first, first + step, … (below `groups`) of BF16 values `src` (row stride COLS, KB = ⌈COLS/128⌉
 // groups a row) into codes `dst` (same indexing, bytes) and scales `scale` ([row][KB]); group g is row g / KBS,
 // K block kb0 + g % KBS: every group of each row (KBS = KB, kb0 = 0), or K block kb0 of each row (KBS = 1). One warp
 // per group; COLS is a multiple of 16 (the host checks H and I), so a lane holds 4 values or none.
-template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP>
+// PIPE: the next batch's loads are issued before this batch is quantized (FMOE_QUANT_PIPE).
+template <int COLS, int KBS = (COLS + FP8_GROUP - 1) / FP8_GROUP, bool PIPE = false>
 FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *scale, int groups, int first,
                                  int step, int kb0 = 0) {
     constexpr int KB = (COLS + FP8_GROUP - 1) / FP8_GROUP, U = FMOE_QUANT_GROUPS;
@@ -48,15 +58,17 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
         if (lane == 0) scale[(size_t)row * KB + kb] = s;
     }
 #else
-    for (int g0 = first; g0 < groups; g0 += U * step) {
-        // The loads of U groups first (raw: 2 registers a group), so their latencies overlap.
-        uint2 raw[U];
+    // The loads of U groups from g0 (raw: 2 registers a group), issued together so their latencies overlap.
+    auto load = [&](int g0, uint2 (&raw)[U]) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int g = g0 + u * step, c = (kb0 + g % KBS) * FP8_GROUP + 4 * lane;
             raw[u] = make_uint2(0u, 0u);
             if (g < groups && c < COLS) raw[u] = *(const uint2 *)(src + (size_t)(g / KBS) * COLS + c);
         }
+    };
+    // The U groups from g0, quantized and stored.
+    auto store = [&](int g0, const uint2 (&raw)[U]) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int g = g0 + u * step;
@@ -70,6 +82,23 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
             if (c < COLS) *(u32 *)(dst + (size_t)row * COLS + c) = codes;
             if (lane == 0) scale[(size_t)row * KB + kb] = s;
         }
+    };
+    if constexpr (PIPE) {
+        uint2 raw[U], next[U];
+        if (first < groups) load(first, raw);
+        for (int g0 = first; g0 < groups; g0 += U * step) {
+            // The next batch is in flight while this one is reduced and stored (4 registers a group in all).
+            load(g0 + U * step, next);
+            store(g0, raw);
+#pragma unroll
+            for (int u = 0; u < U; ++u) raw[u] = next[u];
+        }
+    } else {
+        for (int g0 = first; g0 < groups; g0 += U * step) {
+            uint2 raw[U];
+            load(g0, raw);
+            store(g0, raw);
+        }
     }
 #endif
 }
@@ -79,7 +108,7 @@ FMOE_DEVICE void quantize_groups(const bf16_t *src, unsigned char *dst, float *s
 // after acquiring the scan flag), which orders these writes before it.
 FMOE_DEVICE void quantize_x_fp8(const Params &p, int worker, int workers) {
     const int warp = worker * WARPS + (int)(FMOE_TID >> 5);
-    quantize_groups<H>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, workers * WARPS);
+    quantize_groups<H, KB_H, FMOE_QUANT_PIPE != 0>(p.x, p.xq, p.xq_scale, p.tokens * KB_H, warp, workers * WARPS);
 }
 
 // Rows m·BM … of routed expert x's h as E4M3 codes and scales (p.hq, p.hq_scale), by the whole block: every group
