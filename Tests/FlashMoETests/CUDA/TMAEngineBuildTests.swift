@@ -184,15 +184,16 @@ import Testing
     /// The TMA engine's A/B switches (gathers arriving through cp.async.mbarrier.arrive, the producer's registers;
     /// fp8: 256-row tiles, consumers that trap on an expired task wait, h from the accumulators and a warpgroup with
     /// no rows skipping its MMAs with 128-row tiles, h through BF16 rows and every warpgroup computing with 256, the
-    /// scales through the ring with 128-row tiles and not with 256) compile for sm_90a, change the FMOE_TMA kernel's code (a misspelt switch would compile the
-    /// default) and keep the consumers' wgmma unserialised (ptxas C7512 / C7518 in the log); the trap spills more, the
-    /// reason the default leaves it out.
+    /// scales through the ring with 128-row tiles and not with 256, x's quantization pipelined) compile for sm_90a,
+    /// change the FMOE_TMA kernel's code (a misspelt switch would compile the default) and keep the consumers' wgmma
+    /// unserialised (ptxas C7512 / C7518 in the log); the trap spills more, the reason the default leaves it out.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: [
             "FMOE_TMA_ASYNC_ARRIVE=0", "FMOE_TMA_PRODUCER_REGS=56", "fp8 FMOE_TMA_FP8_BN=256",
             "fp8 FMOE_TMA_CONSUMER_TRAP=1", "fp8 FMOE_H_FROM_ACC=1", "fp8 FMOE_FP8_IDLE_WG=1",
             "fp8 FMOE_TMA_FP8_BN=256 FMOE_H_FROM_ACC=0", "fp8 FMOE_TMA_FP8_BN=256 FMOE_FP8_IDLE_WG=0",
             "fp8 FMOE_FP8_SMEM_SCALES=1", "fp8 FMOE_TMA_FP8_BN=256 FMOE_FP8_SMEM_SCALES=0",
+            "fp8 FMOE_TMA_FP8_BN=256 FMOE_QUANT_PIPE=1",
           ])
     func tmaSwitchesCompile(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
