@@ -108,16 +108,17 @@ struct FusedPrefillEngine {
             }
             let first = base ?? kernels[0]
             base = first
-            let usage = rung.trace ? try resources(try rung.untraced()) : kernels[kernels.count - 1].compiled.resources
+            let prefill = kernels[kernels.endIndex - 1]  // the rung's kernel, last of what was loaded
+            let usage = rung.trace ? try resources(try rung.untraced()) : prefill.compiled.resources
             if let reason = mismatch(
-                base: first, prefill: kernels[kernels.count - 1], prefillResources: usage,
-                entry: FusedSpecialization.kernelName, label: label)
+                base: first, prefill: prefill, prefillResources: usage, entry: FusedSpecialization.kernelName,
+                label: label)
             {
                 refusals.append(reason)
                 continue
             }
             let engine = FusedPrefillEngine(
-                specialization: rung, kernel: kernels[kernels.count - 1], minTokens: minTokens,
+                specialization: rung, kernel: prefill, minTokens: minTokens,
                 narrowedBecause: refusals.isEmpty ? nil : refusals.joined(separator: "; "))
             return (first, .engine(engine))
         }
@@ -138,8 +139,7 @@ struct FusedPrefillEngine {
     /// whose spills decide (the prefill kernel's own, or a tracing build's normal twin); `label` names the prefill
     /// build in the reason.
     static func mismatch(
-        base: FusedKernel, prefill: FusedKernel, prefillResources: [KernelResourceUsage], entry: String,
-        label: String = "the TMA engine's kernel"
+        base: FusedKernel, prefill: FusedKernel, prefillResources: [KernelResourceUsage], entry: String, label: String
     ) -> String? {
         if let usage = prefillResources.first(where: { $0.name == entry }), usage.spills {
             return "\(label) spills at this shape (\(usage.spillStoreBytes) B stored, \(usage.spillLoadBytes) B loaded)"
