@@ -269,6 +269,13 @@ FMOE_DEVICE void tma_rendezvous() {
     asm volatile("barrier.sync 2, 384;\n" ::: "memory");
 }
 
+// Arrivals that release a ring stage: the engine's that runs the expert tiles.
+#if FMOE_TMA && FMOE_PREC == 4
+constexpr int RING_EMPTY_ARRIVALS = ExpertTmaFp8::EMPTY_ARRIVALS;
+#else
+constexpr int RING_EMPTY_ARRIVALS = ExpertTma::EMPTY_ARRIVALS;
+#endif
+
 // The consumers' side of the hand-over (every phase thread, once per launch, block-uniform): thread 0 initialises the
 // queue and ring barriers and writes what the producer needs; every phase thread arrives on the hand-over barrier,
 // which the producer has waited on since the launch's start (each arrive a release of that thread's writes, the
@@ -282,7 +289,7 @@ FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
             s_tma.tq.init();
             for (int s = 0; s < TMA_RING_STAGES; ++s) {
                 mbar_init(&s_tma.ring_bars[s], TMA_FULL_ARRIVALS);
-                mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], ExpertTma::EMPTY_ARRIVALS);
+                mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], RING_EMPTY_ARRIVALS);
             }
             mbar_init(&s_tma.own_done, 1);
             mbar_init_fence();

@@ -63,6 +63,16 @@ __device__ float fp8_no_scale;
 // consumers' 128 + 64 accumulators leave about 24 of their 216 registers for everything else, and the fused kernel
 // spilled accumulators in GEMM0's mainloop (deepseek-v3: 276 B, NVRTC 13.0). The same scales reach the same
 // promotions, so the bits are unchanged.
+// FMOE_FP8_LANE_RELEASE 1 (the default; with SMEM_SCALES only): every consumer lane arrives on a stage's empty
+// barrier after its own reads of the stage's scales (256 arrivals a stage). 0: one lane a warp after a __syncwarp,
+// the same order by the memory model (the warp barrier orders the lanes' reads before lane 0's release-arrive), but
+// compute-sanitizer's racecheck does not follow the warp barrier and reports the producer's next copies into the
+// scales as WAR hazards against the other lanes' reads (22,946 at paper-e32 S = 700). With 1: racecheck clean, the
+// same bits, and no slower (H100, round 33, Benchmarks/RESULTS.md: qwen3-30b-a3b S = 16384 2.763 against 2.803 ms,
+// deepseek-v3 S = 4096 7.656 against 7.783).
+#ifndef FMOE_FP8_LANE_RELEASE
+#define FMOE_FP8_LANE_RELEASE 1
+#endif
 template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engine {
     static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
     static_assert(STAGES >= 3, "the ring needs at least 3 stages");
@@ -73,6 +83,9 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
+    static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
+    // Arrivals that release a stage: one lane of each of the 8 consumer warps, or every consumer lane.
+    static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 256 : TMA_EMPTY_ARRIVALS;
 
     char *ring;
     u64 *full;
@@ -95,7 +108,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         if (FMOE_TID == 0) {
             for (int s = 0; s < STAGES; ++s) {
                 mbar_init(&full[s], TMA_FULL_ARRIVALS);
-                mbar_init(&empty[s], TMA_EMPTY_ARRIVALS);
+                mbar_init(&empty[s], EMPTY_ARRIVALS);
             }
             mbar_init_fence();
         }
@@ -196,8 +209,8 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         mbar_wait(&full[i % STAGES], (i / STAGES) & 1);
         if (gathered) fence_proxy_async();  // cp.async wrote the A rows through the generic proxy
     }
-    // One lane a consumer warp: the stage's reads are done (its MMAs completed).
-    FMOE_DEVICE void release(u32 i) { mbar_arrive_if(&empty[i % STAGES], (FMOE_TID & 31) == 0); }
+    // One lane a consumer warp (every lane with LANE_RELEASE): the stage's reads are done (its MMAs completed).
+    FMOE_DEVICE void release(u32 i) { mbar_arrive_if(&empty[i % STAGES], LANE_RELEASE || (FMOE_TID & 31) == 0); }
 
     // Consumer warpgroups: the tile into acc (ACC registers; half h's in acc[64h …), each in wgmma_fp8.cuh's
     // m64n128 layout: register 4j + c holds row wgmma_acc_row() + 8·(c >> 1), column 128h + 8j + wgmma_acc_col()
@@ -247,9 +260,10 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                 }
                 wgmma_wait<0>();
                 if (h == HALVES - 1) {
-                    // SMEM_SCALES: the producer refills the stage's scales once it is released, and one lane a warp
-                    // releases it: the warp barrier orders every lane's reads of them before that arrival.
-                    if (SMEM_SCALES) __syncwarp();
+                    // SMEM_SCALES: the producer refills the stage's scales once it is released: each lane arrives
+                    // after its own reads (LANE_RELEASE), or one lane a warp after the warp barrier that orders
+                    // every lane's reads before its arrival.
+                    if (SMEM_SCALES && !LANE_RELEASE) __syncwarp();
                     release(it);
                 }
                 promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
