@@ -43,17 +43,17 @@ public struct FusedSpecialization: Sendable, Hashable {
     public let tmaEngine: Bool
 
     /// Weight rows of the fp8 TMA engine's tiles (`FMOE_TMA_FP8_BN`, tma_fp8_tasks.cuh), which also size the
-    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 128 (the default), or 256 (`FLASHMOE_TMA_FP8_BN=256`: half
-    /// the activation bytes a FLOP and h quantized straight from the tile's registers, 3 – 12 % faster in round 30's
-    /// forced runs, Benchmarks/RESULTS.md; compiled without spills since round 31, its bits not yet checked on a
-    /// GPU, so not the default). Where a 256-row build fails or spills, the operator tries the 128-row build
+    /// boxes of the fp8 weight maps (`FusedTensorMaps`): 256 (the default since round 33: half the activation bytes
+    /// a FLOP and h quantized straight from the tile's registers; the same bits as 128 rows and the cp.async tiles,
+    /// the fuzzer and compute-sanitizer clean, 9 – 22 % faster on an H100, Benchmarks/RESULTS.md), or 128
+    /// (`FLASHMOE_TMA_FP8_BN=128`). Where a 256-row build fails or spills, the operator tries the 128-row build
     /// (`FusedPrefillEngine`). Fixed with the specialisation, so the kernel it names and the maps encoded for it
     /// agree (a box of more rows than the kernel's stage holds overruns it).
     public let tmaFP8TileRows: Int
 
-    /// `tmaFP8TileRows` as the environment asks: 256 with `FLASHMOE_TMA_FP8_BN=256`, else 128.
+    /// `tmaFP8TileRows` as the environment asks: 128 with `FLASHMOE_TMA_FP8_BN=128`, else 256.
     public static var tmaFP8TileRowsRequested: Int {
-        ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
+        ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "128" ? 128 : 256
     }
 
     /// Whether `tmaEngine` is asked for by the environment (`FLASHMOE_TMA=1`: every launch on the TMA engine). Off by

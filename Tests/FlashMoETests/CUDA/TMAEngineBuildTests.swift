@@ -42,9 +42,9 @@ import Testing
             config: fp8, arch: sm90a, experimentalFP8: true, tmaEngine: true, tmaFP8TileRows: 128)
         #expect(rows256.defines["FMOE_TMA_FP8_BN"] == "256" && rows128.defines["FMOE_TMA_FP8_BN"] == "128")
         #expect(rows256.kernelSpec != rows128.kernelSpec)
-        // 128 rows unless the environment asks for 256 (FLASHMOE_TMA_FP8_BN=256); the narrower build of a 256-row
+        // 256 rows unless the environment asks for 128 (FLASHMOE_TMA_FP8_BN=128); the narrower build of a 256-row
         // one is the 128-row build, and a 128-row build has none.
-        let asked = ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "256" ? 256 : 128
+        let asked = ProcessEnvironment.current()["FLASHMOE_TMA_FP8_BN"] == "128" ? 128 : 256
         #expect(FusedSpecialization.tmaFP8TileRowsRequested == asked && fp8Spec.tmaFP8TileRows == asked)
         #expect(try rows256.narrowerFP8Tiles()?.kernelSpec == rows128.kernelSpec)
         #expect(try rows128.narrowerFP8Tiles() == nil)
