@@ -144,11 +144,11 @@ constexpr int GATE_KSPLIT_MAX = 16;  // the gate's K is split at most this many 
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
 // Dynamic shared memory: the larger ring or staged tile of the two engines, plus 1 KiB to align stages to 1024.
 // The expert ring's B rows a stage: the tile width, or the fp8 TMA engine's weight rows a tile (FMOE_TMA_FP8_BN, set
-// by the host: 128 by default, 256 for the wide form; tma_fp8_engine.cuh); fp8's A and B rows are E4M3, 128 bytes
-// each (a 128-wide K block). The ring is sized to the tiles that run, not to the widest form: 256-row stages under
-// the default 128-row tiles made 6 of those stages (4 measure as fast) and took 64 KiB from L1; the decode GEMV tasks
-// ran 31 – 64 % slower in that build, within 5 % of the cp.async build's in this one (Benchmarks/RESULTS.md, rounds
-// 23 – 25).
+// by the host: 256 by default since round 33, 128 for the narrow form; tma_fp8_engine.cuh); fp8's A and B rows are
+// E4M3, 128 bytes each (a 128-wide K block). The ring is sized to the tiles that run, not to the widest form:
+// 256-row stages under 128-row tiles made 6 of those stages (4 measure as fast) and took 64 KiB from L1; the decode
+// GEMV tasks ran 31 – 64 % slower in that build, within 5 % of the cp.async build's in this one
+// (Benchmarks/RESULTS.md, rounds 23 – 25).
 #ifndef FMOE_TMA_FP8_BN
 #define FMOE_TMA_FP8_BN 128
 #endif

@@ -11,12 +11,12 @@
 // The arithmetic is wgmma_fp8.cuh's, instruction for instruction: per 128-wide K block and 128 weight rows, four
 // m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so the
 // results are bit-identical. BN = 256 runs the two 128-row halves of B one after the other through the one temporary
-// (128 + 64 accumulator registers): half the A traffic of two 128-row tiles (the fused kernel uses 128 by default,
-// FMOE_TMA_FP8_BN in tma_fp8_tasks.cuh, as 256 spills there). Measured in the harness (H200, round 21,
-// Benchmarks/RESULTS.md): BN = 256 1.2 – 1.6× the cp.async tile on the four large shapes (deepseek-v3 GEMM0 574
-// against 469 TFLOP/s, qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); BN = 128 was slower than 256
-// everywhere, and a second temporary (the next K block's MMA issued before this one's promotion) no faster than one
-// (that form was removed in round 22).
+// (128 + 64 accumulator registers): half the A traffic of two 128-row tiles (the fused kernel's default since round
+// 33, FMOE_TMA_FP8_BN in tma_fp8_tasks.cuh, once it compiled without spills there). Measured in the harness (H200,
+// round 21, Benchmarks/RESULTS.md): BN = 256 1.2 – 1.6× the cp.async tile on the four large shapes (deepseek-v3
+// GEMM0 574 against 469 TFLOP/s, qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); BN = 128 was slower
+// than 256 everywhere, and a second temporary (the next K block's MMA issued before this one's promotion) no faster
+// than one (that form was removed in round 22).
 //
 // Operands: B rows come from a stack of matrices (the experts' weight images: E4M3 codes [rows, K] at a fixed byte
 // stride, their scales after the codes) through a 3-D tensor map, boxes of 128 bytes × BN rows × 1 matrix; rows past

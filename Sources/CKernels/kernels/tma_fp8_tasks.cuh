@@ -20,7 +20,8 @@
 
 namespace fmoe {
 
-// FMOE_TMA_FP8_BN (moe_params.cuh, set by the host: FLASHMOE_TMA_FP8_BN): the engine's weight rows a tile, 128 (default) or 256.
+// FMOE_TMA_FP8_BN (moe_params.cuh, set by the host: FLASHMOE_TMA_FP8_BN): the engine's weight rows a tile, 256 (the
+// host's default since round 33) or 128.
 // 256 is the faster form in the harness (docs/engine-notes.md, "fp8") and reads half the A bytes a FLOP, but its
 // 128 + 64 accumulators a thread need nearly all of the consumers' setmaxnreg budget: rounds 22 and 23 measured it
 // slower than 128 rows in the fused kernel while it spilled 376 – 1,480 bytes (Benchmarks/RESULTS.md). With h
