@@ -84,8 +84,8 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
     static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
-    // Arrivals that release a stage: one lane of each of the 8 consumer warps, or every consumer lane.
-    static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 256 : TMA_EMPTY_ARRIVALS;
+    // Arrivals that release a stage: one lane of each consumer warp (TMA_EMPTY_ARRIVALS), or every consumer lane.
+    static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 32 * TMA_EMPTY_ARRIVALS : TMA_EMPTY_ARRIVALS;
 
     char *ring;
     u64 *full;
