@@ -62,6 +62,28 @@ import Testing
         }
     }
 
+    /// The small-experts case reaches the GPU's prefill tiles for experts of at most 8 rows: its launch routes at
+    /// least the kernel's FMOE_GEMV_LAUNCH_ROWS rows (read from gemv.cuh, so a new threshold cannot leave the case
+    /// behind) and some expert gets 1 … 8 of them. (Its check against the oracle is the GPU's: `flashmoe verify`;
+    /// on the CPU the oracle of 2,400 rows takes a minute.)
+    @Test func theSmallExpertsCaseReachesThePrefillTiles() throws {
+        let c = Verifier.standardCases().first { $0.name.contains("small experts as tiles") }!
+        let source = try KernelSources.embedded.text(of: "gemv.cuh")
+        let line = try #require(source.split(separator: "\n").first { $0.hasPrefix("#define FMOE_GEMV_LAUNCH_ROWS ") })
+        let threshold = try #require(Int(line.split(separator: " ").last!))
+        #expect(c.tokens * c.config.topK >= threshold)
+        let (layer, x) = try Verifier.makeProblem(c)
+        // The oracle's routing (the GPU's is verified equal to it).
+        let router = layer.weights.router.converted(to: c.config.precision.storage)
+        let logits = try Router.logits(input: x.converted(to: c.config.precision.storage), router: router)
+        let routing = try Router.route(
+            logits: logits, selectionBias: layer.weights.selectionBias?.floats(), config: c.config, tokens: c.tokens)
+        var rows = [Int](repeating: 0, count: c.config.experts)
+        for e in routing.expertIDs { rows[Int(e)] += 1 }
+        #expect(rows.contains { (1...8).contains($0) }, "no expert with 1 … 8 rows: \(rows.sorted())")
+        #expect(rows.contains { $0 > 8 })
+    }
+
     @Test func theFastBackendPassesTheSharpCase() throws {
         let r = try Verifier.run(Self.sharp) { try CPUBackend(layer: $0, mode: .fast) }
         print("fp8 one binade: fast CPU vs fp8 oracle \(r.relativeError) (tolerance \(r.tolerance))")

@@ -42,9 +42,25 @@ constexpr int GEMV_WARPS = THREADS / 32;
 #endif
 constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UNROLL;
 
-// Whether routed expert x's tiles run as GEMVs: at most GEMV_TOKENS rows (block-uniform).
+// FMOE_GEMV_LAUNCH_ROWS: on one GPU, a launch that routes at least this many rows (every routed expert's, the task
+// space's total) runs no expert as a GEMV. There the other experts' tiles keep every SM busy, and what counts is how
+// fast a small expert's weights stream into an SM: a GEMV task loads them into registers a few K blocks at a time
+// (and in the TMA kernel, as an own task, stops the block's producer meanwhile), a tile through the stage ring.
+// deepseek-v3 fp8 S = 4096 (32,768 rows; H100 trace, Benchmarks/RESULTS.md "Round 34"): its 54 experts of at most
+// 8 rows took 18 % of the expert phase's block time as GEMVs, streaming about 13 GB/s an SM against the tiles'
+// 43. 2,048 = 256 tokens at k = 8, the prefill kernel's first launch size (FusedPrefillEngine). The rule reads
+// only the launch's routing, which every kernel of the operator shares, so the prefill kernels (TMA, 128 or 256
+// rows, and the cp.async tiles) keep one another's bits. Ranks keep the rows-only rule: a rank's task space holds
+// its own experts, and ranks keep one rank's bits.
+#ifndef FMOE_GEMV_LAUNCH_ROWS
+#define FMOE_GEMV_LAUNCH_ROWS 2048
+#endif
+
+// Whether routed expert x's tiles run as GEMVs: at most GEMV_TOKENS rows, in a launch of fewer than
+// FMOE_GEMV_LAUNCH_ROWS routed rows on one GPU (block-uniform).
 FMOE_DEVICE bool gemv_expert(const Layout &L, int x) {
-    return GEMV_ON && !is_shared(L, x) && rows_of(L, x) <= GEMV_TOKENS;
+    return GEMV_ON && !is_shared(L, x) && rows_of(L, x) <= GEMV_TOKENS &&
+           (RANKS > 1 || L.row_start[L.xs - 1] < FMOE_GEMV_LAUNCH_ROWS);
 }
 
 #if FMOE_PREC >= 2
