@@ -67,7 +67,7 @@ import Testing
     /// behind) and some expert gets 1 … 8 of them. (Its check against the oracle is the GPU's: `flashmoe verify`;
     /// on the CPU the oracle of 2,400 rows takes a minute.)
     @Test func theSmallExpertsCaseReachesThePrefillTiles() throws {
-        let c = Verifier.standardCases().first { $0.name.contains("small experts as tiles") }!
+        let c = try #require(Verifier.standardCases().first { $0.name.contains("small experts as tiles") })
         let source = try KernelSources.embedded.text(of: "gemv.cuh")
         let line = try #require(source.split(separator: "\n").first { $0.hasPrefix("#define FMOE_GEMV_LAUNCH_ROWS ") })
         let threshold = try #require(Int(line.split(separator: " ").last!))

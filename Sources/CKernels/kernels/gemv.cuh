@@ -15,9 +15,9 @@
 // tile's [row][column] FP32 block for the tile's own epilogue. Every sum has one fixed order: the same bits every
 // run. fp8 (e4m3 m16n8k32) promotes each 128-wide K block with its two scales like the tile engines (fp8.cuh).
 //
-// The choice depends on the expert's global row count only, which ranks and one rank share (rows of an expert
-// are the same in both), so ranks keep one rank's bits. The shared expert (its rows are a rank's tokens) never
-// takes this path.
+// The choice depends on the expert's global row count, which ranks and one rank share (rows of an expert are the
+// same in both), so ranks keep one rank's bits; on one GPU also on the launch's routed rows (FMOE_GEMV_LAUNCH_ROWS
+// below). The shared expert (its rows are a rank's tokens) never takes this path.
 #pragma once
 #include "moe_params.cuh"
 #include "fp8.cuh"
@@ -47,11 +47,11 @@ constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UN
 // fast a small expert's weights stream into an SM: a GEMV task loads them into registers a few K blocks at a time
 // (and in the TMA kernel, as an own task, stops the block's producer meanwhile), a tile through the stage ring.
 // deepseek-v3 fp8 S = 4096 (32,768 rows; H100 trace, Benchmarks/RESULTS.md "Round 34"): its 54 experts of at most
-// 8 rows took 18 % of the expert phase's block time as GEMVs, streaming about 13 GB/s an SM against the tiles'
-// 43. 2,048 = 256 tokens at k = 8, the prefill kernel's first launch size (FusedPrefillEngine). The rule reads
-// only the launch's routing, which every kernel of the operator shares, so the prefill kernels (TMA, 128 or 256
-// rows, and the cp.async tiles) keep one another's bits. Ranks keep the rows-only rule: a rank's task space holds
-// its own experts, and ranks keep one rank's bits.
+// 8 rows took 18.6 % of the expert phase's block time as GEMVs (about 13 GB/s an SM, from their weights' bytes and
+// the traced time, against the GEMM0 tiles' 43). 2,048 = 256 tokens at k = 8, the prefill kernel's first launch
+// size (FusedPrefillEngine). The rule reads only the launch's routing, which every kernel of the operator shares,
+// so the prefill kernels (TMA, 128 or 256 rows, and the cp.async tiles) keep one another's bits. Ranks keep the
+// rows-only rule (a rank's task space holds only its own experts; see the top of this file).
 #ifndef FMOE_GEMV_LAUNCH_ROWS
 #define FMOE_GEMV_LAUNCH_ROWS 2048
 #endif
