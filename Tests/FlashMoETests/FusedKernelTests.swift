@@ -159,23 +159,26 @@ import Testing
             let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
             #expect(
                 usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0,
-                "fp8 spills on \(arch)\(spec.tmaEngine ? " (TMA engine, \(spec.tmaFP8TileRows) rows)" : "")")
+                "fp8 spills \(usage.spillStoreBytes) B on \(arch)\(spec.tmaEngine ? " (TMA engine, \(spec.tmaFP8TileRows) rows)" : ""): \(spec.kernelSpec.defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })")
         }
     }
 
     /// fp8's A/B switches (`FMOE_FP8_SCALES_AHEAD=0`: a K block's scales loaded in the block, as before round 10;
     /// `FMOE_QUANT_GROUPS` away from the architecture's default, 1 on sm_90a and 8 on sm_89: x's and h's quantization
-    /// with that many groups a warp in flight, phase_fp8.cuh) compile on sm_90a (wgmma) and sm_89 (mma.sync) without
-    /// spills and change the kernel's code.
+    /// with that many groups a warp in flight, phase_fp8.cuh; `FMOE_FP8_SHARED_WGMMA=0`: the shared expert's BF16
+    /// tiles on mma.sync, as before round 35, moe_params.cuh) compile on sm_90a (wgmma) and sm_89 (mma.sync) without
+    /// spills and change the code of a kernel with a shared expert.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
-          arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=1", "sm_89 FMOE_QUANT_GROUPS=8"])
+          arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=1", "sm_89 FMOE_QUANT_GROUPS=8",
+                     "sm_90a FMOE_FP8_SHARED_WGMMA=0"])
     func fp8SwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let words = setting.split(separator: " ")
         let target = try GPUArchitecture(parsing: String(words[0]))
         let parts = words[1].split(separator: "=").map(String.init)
         let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
-                              activation: .silu, precision: .fp8)
+                              activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 128),
+                              precision: .fp8)
         let plain = try FusedSpecialization(config: gated, arch: target, experimentalFP8: true).kernelSpec
         var spec = plain
         spec.defines[parts[0]] = parts[1]

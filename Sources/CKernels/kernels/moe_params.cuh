@@ -88,13 +88,23 @@ typedef float RetT;
 // fp32 and tf32 modes use exact FFMA so no TF32 rounding can flip a routing decision.
 #if FMOE_PREC == 4
 // Routed experts: E4M3 wgmma (sm_90a) or mma.sync (sm_89, plain sm_90 and later) with block-scale promotion; the
-// shared expert (BF16) runs mma.sync tiles of the same width, so both fill the same task space.
+// shared expert (BF16) runs tiles of the same width (128 × 128), so both fill the same task space: BF16 wgmma on
+// sm_90a (FMOE_FP8_SHARED_WGMMA, default there; 0: mma.sync, the kernels before round 35), else mma.sync. Why: its
+// mma.sync tiles ran at 2.5 TFLOP/s a block, 14.9 % of deepseek-v3 S = 4096's expert phase (trace, round 34;
+// Benchmarks/RESULTS.md).
 #if FMOE_WGMMA
 typedef Fp8WgmmaEngine ExpertEngine;
 #else
 typedef Fp8MmaEngine ExpertEngine;
 #endif
+#ifndef FMOE_FP8_SHARED_WGMMA
+#define FMOE_FP8_SHARED_WGMMA FMOE_WGMMA
+#endif
+#if FMOE_FP8_SHARED_WGMMA && FMOE_WGMMA
+typedef WgmmaEngine<MMA_BF16, FP8_BN> SharedEngine;
+#else
 typedef MmaEngine<MMA_BF16> SharedEngine;
+#endif
 #elif FMOE_PREC == 0
 typedef FfmaEngine ExpertEngine;
 #elif FMOE_WGMMA

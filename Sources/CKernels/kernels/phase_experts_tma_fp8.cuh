@@ -91,7 +91,7 @@ FMOE_DEVICE void own_tiles_fp8(const Params &p, const Layout &L, int gemm, int x
 
 // The consumers' expert phase (the 256 phase threads), after the hand-over; returns as expert_phase does.
 FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const TmaMaps &maps, char *smem) {
-    FMOE_TRACE_SCOPE(FMOE_EV_EXPERT_PHASE, -1, 0, 0);
+    FMOE_TRACE_PHASE_SCOPE(FMOE_EV_EXPERT_PHASE);
     ExpertTmaFp8 eng;
     eng.attach(smem, s_tma.ring_bars, FMOE_FP8_RING_SCALES);
     // The row blocks' count: 256-row tiles read it from the shared Layout after the tickets, as held through their

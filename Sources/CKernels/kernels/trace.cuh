@@ -84,6 +84,22 @@ struct TraceScope {
     }
 };
 
+// TraceScope for a scope as long as a phase, recorded by thread 0, whose record index waits in shared memory
+// instead of a register: held across the fp8 TMA consumers' whole expert phase, ptxas spilled it (8 B; the tracing
+// build with a shared expert on BF16 wgmma tiles, round 35). Not nested within itself.
+__shared__ int s_trace_phase_slot;
+struct TracePhaseScope {
+    FMOE_DEVICE TracePhaseScope(int kind) {
+        if (FMOE_TID == 0) s_trace_phase_slot = trace_begin(globaltimer_ns(), kind, 0xff, 0xffff, 0, 0);
+    }
+    FMOE_DEVICE ~TracePhaseScope() {
+        if (FMOE_TID != 0) return;
+        const u64 t1 = globaltimer_ns();
+        if (s_trace_phase_slot >= 0) trace_end(s_trace_phase_slot, t1);
+        s_trace_last = t1;
+    }
+};
+
 // A block-level event from the end of the block's previous one (or the block's first event) until now.
 FMOE_DEVICE void trace_wait(int kind) {
     if (FMOE_TID != 0) return;
@@ -111,11 +127,14 @@ FMOE_DEVICE void trace_block_start() {
 // The same, recorded by lane 0 of every warp that runs it (warp-level tasks).
 #define FMOE_TRACE_WARP_SCOPE(kind, a) \
     fmoe::TraceScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), 0xffff, (a), 0, true)
+// A phase-long scope recorded by thread 0 (TracePhaseScope).
+#define FMOE_TRACE_PHASE_SCOPE(kind) fmoe::TracePhaseScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind))
 #define FMOE_TRACE_WAIT(kind) fmoe::trace_wait(kind)
 #define FMOE_TRACE_START() fmoe::trace_block_start()
 #else
 #define FMOE_TRACE_SCOPE(kind, expert, a, b)
 #define FMOE_TRACE_WARP_SCOPE(kind, a)
+#define FMOE_TRACE_PHASE_SCOPE(kind)
 #define FMOE_TRACE_WAIT(kind)
 #define FMOE_TRACE_START()
 #endif

@@ -87,17 +87,22 @@ template <> FMOE_DEVICE void wgmma_m64n64<MMA_TF32>(float *d, u64 da, u64 db) {
                  : FMOE_ACC32(0) : "l"(da), "l"(db));
 }
 
-template <int KIND_> struct WgmmaEngine {
+template <int KIND> FMOE_DEVICE void wgmma_m64n128(float *d, u64 da, u64 db);  // defined with the decode engine
+
+// BN_ = 128 (the fp8 kernels' shared expert: BF16 tiles as wide as the fp8 ones, moe_params.cuh): m64n128 each
+// warpgroup, half the accumulators.
+template <int KIND_, int BN_ = 256> struct WgmmaEngine {
+    static_assert(BN_ == 128 || BN_ == 256, "wide tiles are 128 x 256 (or 128 x 128)");
     static constexpr bool WGMMA = true;
     static constexpr int KIND = KIND_;
     static constexpr int BM = fmoe::BM;
-    static constexpr int BN = 256;
+    static constexpr int BN = BN_;
     static constexpr int C_STRIDE = c_stride<BN>();
-    float acc[128];
+    float acc[BN / 2];
 
     FMOE_DEVICE void zero() {
 #pragma unroll
-        for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+        for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
     }
 
     // Issues the 4 instructions of one stage (one 128-byte k-slice) as one wgmma group.
@@ -107,7 +112,10 @@ template <int KIND_> struct WgmmaEngine {
         const u32 b = smem_addr(stage) + BM * ROW_BYTES;
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) wgmma_m64n256<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        for (int ks = 0; ks < 4; ++ks) {
+            if constexpr (BN == 256) wgmma_m64n256<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+            else wgmma_m64n128<KIND>(acc, wgmma_desc(a + ks * 32), wgmma_desc(b + ks * 32));
+        }
         wgmma_commit();
     }
 
