@@ -157,9 +157,11 @@ import Testing
         for spec in specs {
             let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
             let usage = try #require(k.resources.first { $0.name == FusedSpecialization.kernelName })
+            let engine = spec.tmaEngine ? " (TMA engine, \(spec.tmaFP8TileRows) rows)" : ""
+            let defines = spec.kernelSpec.defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
             #expect(
                 usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0,
-                "fp8 spills \(usage.spillStoreBytes) B on \(arch)\(spec.tmaEngine ? " (TMA engine, \(spec.tmaFP8TileRows) rows)" : ""): \(spec.kernelSpec.defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" })")
+                "fp8 spills \(usage.spillStoreBytes) B on \(arch)\(engine): \(defines)")
         }
     }
 

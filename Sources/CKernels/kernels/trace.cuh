@@ -65,6 +65,13 @@ FMOE_DEVICE void trace_end(int slot, u64 t1) {
     fmoe_trace_buffer[(size_t)blockIdx.x * (4 + 4 * (size_t)fmoe_trace_capacity) + 4 + 4 * (size_t)slot + 1] = t1;
 }
 
+// Thread 0's end of a block-level record (slot −1: not stored), which later block-level events start from.
+FMOE_DEVICE void trace_end_block(int slot) {
+    const u64 t1 = globaltimer_ns();
+    if (slot >= 0) trace_end(slot, t1);
+    s_trace_last = t1;
+}
+
 // Records [construction, destruction] for one recorder thread: thread 0 of the block, or lane 0 of each warp. The
 // begin and the ids go to the record at construction, so across the scope only the record's index stays in a
 // register (with the ids and the begin time held instead, the tracing build of the sm_90a kernel with both decode
@@ -78,9 +85,8 @@ struct TraceScope {
     }
     FMOE_DEVICE ~TraceScope() {
         if (warp_level ? (FMOE_TID & 31) != 0 : FMOE_TID != 0) return;
-        const u64 t1 = globaltimer_ns();
-        if (slot >= 0) trace_end(slot, t1);
-        if (!warp_level) s_trace_last = t1;
+        if (!warp_level) trace_end_block(slot);
+        else if (slot >= 0) trace_end(slot, globaltimer_ns());
     }
 };
 
@@ -93,10 +99,7 @@ struct TracePhaseScope {
         if (FMOE_TID == 0) s_trace_phase_slot = trace_begin(globaltimer_ns(), kind, 0xff, 0xffff, 0, 0);
     }
     FMOE_DEVICE ~TracePhaseScope() {
-        if (FMOE_TID != 0) return;
-        const u64 t1 = globaltimer_ns();
-        if (s_trace_phase_slot >= 0) trace_end(s_trace_phase_slot, t1);
-        s_trace_last = t1;
+        if (FMOE_TID == 0) trace_end_block(s_trace_phase_slot);
     }
 };
 

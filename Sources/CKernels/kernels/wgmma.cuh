@@ -4,8 +4,9 @@
 // hardware's 128-byte swizzle for K-major operands, so the cp.async ring feeds wgmma with no change: a descriptor
 // points at 8-row × 128-byte swizzle atoms (stride 1024 bytes between atoms), and stepping K by one instruction
 // (32 bytes: k16 of bf16/fp16, k8 of tf32) adds 32 bytes to the start address. Warpgroup w computes rows 64·w..+63
-// of the 128×128 tile with m64n256 instructions (128×256 tiles: twice the
-// FLOPs per byte of a 128×128 tile, which Hopper's L2 bandwidth needs); both warpgroups read the same 128 B rows.
+// of the 128×256 tile with m64n256 instructions (twice the FLOPs per byte of a 128×128 tile, which Hopper's L2
+// bandwidth needs; the fp8 kernels' shared expert takes 128×128 tiles, m64n128); both warpgroups read the same 128 B
+// rows.
 #pragma once
 #include "common.cuh"
 #include "gemm_tile.cuh"  // the stage layout, MmaKind and round_stage_tf32
@@ -133,7 +134,7 @@ template <int KIND_, int BN_ = 256> struct WgmmaEngine {
 };
 
 // WgmmaEngine's accumulators (and the TMA engine's, tma_engine.cuh): register 4j + c of this thread holds row
-// wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) of the 128 × 256 tile.
+// wgmma_acc_row() + 8·(c >> 1), column 8j + wgmma_acc_col() + (c & 1) of the 128 × BN tile.
 FMOE_DEVICE int wgmma_acc_row() {
     return (FMOE_TID >> 7) * 64 + ((FMOE_TID >> 5) & 3) * 16 + ((FMOE_TID & 31) >> 2);
 }
@@ -235,8 +236,9 @@ template <class Engine> constexpr bool evicts_weights() {
 // buys one more slice of loads in flight than refilling before the issue (measured 2–5 % faster on paper-e64,
 // paper-e32 and qwen3, 2026-11-29). Not bound by the L2 feed: Benchmarks/l2_feed_bench.cu copies these slices at
 // 67 – 153 GB/s an SM, a tile's mainloop moves about 56 (docs/performance.md, "FP8 prefill").
-// Engine: WgmmaEngine (128 × 256, the A rows of a TileSource a[0..3], B rows b[0..7]) or WgmmaDecodeEngine (64 × 64 or
-// 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as [Engine::BM][Engine::C_STRIDE] floats at smem.
+// Engine: WgmmaEngine (128 × 256 or 128 × 128: the A rows of a TileSource a[0..3], B rows b[0..7] or b[0..3]) or
+// WgmmaDecodeEngine (64 × 64 or 64 × 128, a[0..1], b[0..1] or b[0..3]); the result is staged as
+// [Engine::BM][Engine::C_STRIDE] floats at smem.
 // wgmma_mainloop leaves the accumulators in `eng` (every group retired, every stage free: ends with a barrier);
 // gemm_tile_wgmma stages them, gemm_tile_wgmma_acc hands them to an epilogue that stores from registers.
 // PARTS (chain_tiles, expert_tiles.cuh, splits a tile in two): 3, the whole tile; 1, only the first STAGES − 1
