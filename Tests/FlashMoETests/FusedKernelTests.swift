@@ -168,11 +168,13 @@ import Testing
     /// fp8's A/B switches (`FMOE_FP8_SCALES_AHEAD=0`: a K block's scales loaded in the block, as before round 10;
     /// `FMOE_QUANT_GROUPS` away from the architecture's default, 1 on sm_90a and 8 on sm_89: x's and h's quantization
     /// with that many groups a warp in flight, phase_fp8.cuh; `FMOE_FP8_SHARED_WGMMA=0`: the shared expert's BF16
-    /// tiles on mma.sync, as before round 35, moe_params.cuh) compile on sm_90a (wgmma) and sm_89 (mma.sync) without
-    /// spills and change the code of a kernel with a shared expert.
+    /// tiles on mma.sync, as before round 35, moe_params.cuh; `FMOE_FP8_SHARED_WIDE=0`: a shared ticket's two column
+    /// tiles as two 128-wide tiles instead of one 128 × 256 tile, as before round 36, phase_experts_tma_fp8.cuh, in the
+    /// 256-row TMA kernel: settings ending in "tma") compile on sm_90a (wgmma) and sm_89 (mma.sync) without spills and
+    /// change the code of a kernel with a shared expert.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=1", "sm_89 FMOE_QUANT_GROUPS=8",
-                     "sm_90a FMOE_FP8_SHARED_WGMMA=0"])
+                     "sm_90a FMOE_FP8_SHARED_WGMMA=0", "sm_90a FMOE_FP8_SHARED_WIDE=0 tma"])
     func fp8SwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let words = setting.split(separator: " ")
@@ -181,7 +183,9 @@ import Testing
         let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
                               activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 128),
                               precision: .fp8)
-        let plain = try FusedSpecialization(config: gated, arch: target, experimentalFP8: true).kernelSpec
+        let tma = words.count > 2 && words[2] == "tma"
+        let plain = try FusedSpecialization(config: gated, arch: target, experimentalFP8: true, tmaEngine: tma,
+                                            tmaFP8TileRows: 256).kernelSpec
         var spec = plain
         spec.defines[parts[0]] = parts[1]
         let k = try compiler.compile(spec, arch: target, sources: .embedded)

@@ -78,10 +78,67 @@ FMOE_DEVICE void expert_producer_fp8(const Params &p, const Layout &L, const Tma
     }
 }
 
+// FMOE_FP8_SHARED_WIDE (256-row TMA kernels whose shared expert runs wgmma; ignored elsewhere): 1 (default), a
+// shared ticket's two 128-wide column tiles run as one 128 × 256 BF16 tile (WgmmaEngine<MMA_BF16, 256>), which loads
+// the ticket's A rows once instead of twice: 85 FLOP a loaded byte instead of 64. Each output element is the same
+// k16 instructions in the same K order from zero as in a 128-wide tile (as the half tiles of expert_tiles.cuh), so
+// the bits of the cp.async kernel's 128-wide tiles (compared on an H200 at deepseek-v3 S = 300 and 4096), and
+// deepseek-v3 S = 4096 ran 6.92 → 6.68 ms (H200, Benchmarks/RESULTS.md "Round 36"). 0: two 128-wide tiles
+// (gemm0_task / gemm1_task).
+#if FMOE_FP8_SHARED_WGMMA && FMOE_WGMMA && FMOE_TMA_FP8_BN == 256
+#ifndef FMOE_FP8_SHARED_WIDE
+#define FMOE_FP8_SHARED_WIDE 1
+#endif
+#else
+#undef FMOE_FP8_SHARED_WIDE
+#define FMOE_FP8_SHARED_WIDE 0
+#endif
+#if FMOE_FP8_SHARED_WIDE
+typedef WgmmaEngine<MMA_BF16, 2 * EBN> SharedWideEngine;
+constexpr int SHARED_WIDE_STAGES = EXPERT_RING_BYTES / stage_bytes<SharedWideEngine::BN>();
+static_assert(SHARED_WIDE_STAGES >= 3 && BM * c_stride<SharedWideEngine::BN>() * 4 <= EXPERT_RING_BYTES,
+              "the wide shared tiles' stages and staged tile live in the expert ring");
+
+// The shared expert's column tiles n0, n0 + 1 of row block m as one 128 × 256 tile: GEMM0 (x rows by token, w1s rows
+// EBN·n0 …; gated: each 128-wide half is its own tile's gate and up columns) or GEMM1 (h rows, w2s rows EBN·n0 …).
+FMOE_DEVICE void shared_wide_tile(const Params &p, const Layout &L, int gemm, int x, int m, int n0, char *smem) {
+    FMOE_TRACE_HELD_SCOPE(gemm == 0 ? FMOE_EV_GEMM0 : FMOE_EV_GEMM1, x, m, n0);
+    constexpr int WN = SharedWideEngine::BN, CS = c_stride<WN>();
+    const int rows = p.tokens, row0 = m * BM;
+    TileSource src;
+    if (gemm == 0) {
+        src.k_bytes = H * (int)sizeof(T);
+        gemm0_x_rows<BM>(p, L, x, true, rows, row0, src.a, src.a_valid);
+        point_rows<WN>(src.b, src.b_valid, p.ws1, n0 * EBN, N0S, H);
+    } else {
+        src.k_bytes = IS * (int)sizeof(T);
+        point_rows<BM>(src.a, src.a_valid, h_rows(p, L, x), row0, rows, IS);
+        point_rows<WN>(src.b, src.b_valid, p.ws2, n0 * EBN, H, IS);
+    }
+    gemm_tile_wgmma<SharedWideEngine, SHARED_WIDE_STAGES>(smem, src);
+    const float *c = (const float *)smem;
+    if (gemm == 1) {
+        gemm1_store<BM, CS, WN>(p, L, x, true, rows, row0, n0 * EBN, c);
+    } else if (GATED) {
+        gemm0_store<BM, CS, EBN / 2>(p, L, x, rows, row0, n0 * (EBN / 2), c);
+        gemm0_store<BM, CS, EBN / 2>(p, L, x, rows, row0, (n0 + 1) * (EBN / 2), c + EBN);
+    } else {
+        gemm0_store<BM, CS, WN>(p, L, x, rows, row0, n0 * EBN, c);
+    }
+    sync_block();  // the staged tile is read before the ring is loaded again
+}
+#endif
+
 // An own task's column tiles n0 … n0 + count − 1 (the consumers, in the ring's memory): the GEMV of a small routed
-// expert, or the shared expert's mma.sync tiles (gemm0_task / gemm1_task, expert_tiles.cuh).
+// expert, or the shared expert's BF16 tiles (gemm0_task / gemm1_task, expert_tiles.cuh; a pair as one wide tile).
 FMOE_DEVICE void own_tiles_fp8(const Params &p, const Layout &L, int gemm, int x, int m, int n0, int count,
                                char *smem) {
+#if FMOE_FP8_SHARED_WIDE
+    if (count == 2 && is_shared(L, x)) {
+        shared_wide_tile(p, L, gemm, x, m, n0, smem);
+        return;
+    }
+#endif
     for (int n = n0; n < n0 + count; ++n) {
         if (gemv_expert(L, x)) gemv_task(p, L, gemm, x, n, 0, 1, smem);
         else if (gemm == 0) gemm0_task(p, L, x, m, n, smem);

@@ -90,16 +90,17 @@ struct TraceScope {
     }
 };
 
-// TraceScope for a scope as long as a phase, recorded by thread 0, whose record index waits in shared memory
-// instead of a register: held across the fp8 TMA consumers' whole expert phase, ptxas spilled it (8 B; the tracing
-// build with a shared expert on BF16 wgmma tiles, round 35). Not nested within itself.
-__shared__ int s_trace_phase_slot;
-struct TracePhaseScope {
-    FMOE_DEVICE TracePhaseScope(int kind) {
-        if (FMOE_TID == 0) s_trace_phase_slot = trace_begin(globaltimer_ns(), kind, 0xff, 0xffff, 0, 0);
+// TraceScope recorded by thread 0 whose record index waits in shared memory instead of a register, for scopes
+// around register-heavy code: held across the fp8 TMA consumers' whole expert phase (LEVEL 0), or across a wide
+// BF16 tile of their shared expert inside it (LEVEL 1), ptxas spilled it (8 B each; the tracing builds, rounds 35
+// and 36). A level does not nest within itself.
+__shared__ int s_trace_held_slot[2];
+template <int LEVEL> struct TraceHeldScope {
+    FMOE_DEVICE TraceHeldScope(int kind, int expert, int a, int b) {
+        if (FMOE_TID == 0) s_trace_held_slot[LEVEL] = trace_begin(globaltimer_ns(), kind, 0xff, expert, a, b);
     }
-    FMOE_DEVICE ~TracePhaseScope() {
-        if (FMOE_TID == 0) trace_end_block(s_trace_phase_slot);
+    FMOE_DEVICE ~TraceHeldScope() {
+        if (FMOE_TID == 0) trace_end_block(s_trace_held_slot[LEVEL]);
     }
 };
 
@@ -130,14 +131,18 @@ FMOE_DEVICE void trace_block_start() {
 // The same, recorded by lane 0 of every warp that runs it (warp-level tasks).
 #define FMOE_TRACE_WARP_SCOPE(kind, a) \
     fmoe::TraceScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), 0xffff, (a), 0, true)
-// A phase-long scope recorded by thread 0 (TracePhaseScope).
-#define FMOE_TRACE_PHASE_SCOPE(kind) fmoe::TracePhaseScope FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind))
+// Scopes recorded by thread 0 with the record index in shared memory (TraceHeldScope): a phase, a tile inside it.
+#define FMOE_TRACE_PHASE_SCOPE(kind) \
+    fmoe::TraceHeldScope<0> FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), 0xffff, 0, 0)
+#define FMOE_TRACE_HELD_SCOPE(kind, expert, a, b) \
+    fmoe::TraceHeldScope<1> FMOE_TRACE_CAT(fmoe_trace_scope_, __LINE__)((kind), (expert), (a), (b))
 #define FMOE_TRACE_WAIT(kind) fmoe::trace_wait(kind)
 #define FMOE_TRACE_START() fmoe::trace_block_start()
 #else
 #define FMOE_TRACE_SCOPE(kind, expert, a, b)
 #define FMOE_TRACE_WARP_SCOPE(kind, a)
 #define FMOE_TRACE_PHASE_SCOPE(kind)
+#define FMOE_TRACE_HELD_SCOPE(kind, expert, a, b)
 #define FMOE_TRACE_WAIT(kind)
 #define FMOE_TRACE_START()
 #endif
