@@ -1,6 +1,8 @@
 // Phase 3 of precision fp8 on the sm_90a TMA engine (FMOE_TMA builds of FMOE_PREC 4; included by
 // phase_experts_tma.cuh, whose roles, hand-over and ticket queue it shares): the producer's ticket loop and the
-// consumers'. The tickets and tiles are tma_fp8_tasks.cuh's, GEMM0's epilogues tma_fp8_epilogues.cuh's.
+// consumers', and the consumers' own tasks (small experts' GEMVs, the shared expert's BF16 tiles: with 256-row tiles
+// a ticket's pair as one 128 × 256 tile). The tickets and tiles are tma_fp8_tasks.cuh's, GEMM0's epilogues
+// tma_fp8_epilogues.cuh's.
 //
 // h: with h from the accumulators (FMOE_H_FROM_ACC, default with 256-row tiles) the block running a routed GEMM0
 // ticket quantizes its groups to E4M3 and counts the ticket on done0, whose last count publishes the row block;
