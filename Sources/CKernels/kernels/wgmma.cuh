@@ -5,8 +5,8 @@
 // points at 8-row × 128-byte swizzle atoms (stride 1024 bytes between atoms), and stepping K by one instruction
 // (32 bytes: k16 of bf16/fp16, k8 of tf32) adds 32 bytes to the start address. Warpgroup w computes rows 64·w..+63
 // of the 128×256 tile with m64n256 instructions (twice the FLOPs per byte of a 128×128 tile, which Hopper's L2
-// bandwidth needs; the fp8 kernels' shared expert takes 128×128 tiles, m64n128); both warpgroups read the same 128 B
-// rows.
+// bandwidth needs; the fp8 kernels' shared expert takes 128×128 tiles, m64n128, and in the 256-row TMA kernel a
+// ticket's pair as one 128×256 tile); both warpgroups read the same 128 B rows.
 #pragma once
 #include "common.cuh"
 #include "gemm_tile.cuh"  // the stage layout, MmaKind and round_stage_tf32
