@@ -9,6 +9,10 @@ static const char common_cuh[] = {
 #embed "kernels/common.cuh"
     , 0};
 
+static const char activation_cuh[] = {
+#embed "kernels/activation.cuh"
+    , 0};
+
 static const char sync_cuh[] = {
 #embed "kernels/sync.cuh"
     , 0};
@@ -155,6 +159,7 @@ static const struct {
     size_t length;
 } files[] = {
     {"common.cuh", common_cuh, sizeof(common_cuh) - 1},
+    {"activation.cuh", activation_cuh, sizeof(activation_cuh) - 1},
     {"sync.cuh", sync_cuh, sizeof(sync_cuh) - 1},
     {"gemm_tile.cuh", gemm_tile_cuh, sizeof(gemm_tile_cuh) - 1},
     {"wgmma.cuh", wgmma_cuh, sizeof(wgmma_cuh) - 1},

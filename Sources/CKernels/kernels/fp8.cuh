@@ -27,10 +27,26 @@ FMOE_DEVICE unsigned short e4m3x2(float hi, float lo) {
     return r;
 }
 
+// A code's quotient v / s by the scale's reciprocal, for a value v of a group whose largest finite |v| is mx (so
+// |v| ≤ mx, or v is ±∞ or NaN), its scale s = RN(mx / 448) where mx is 0 (s = 1) or at least 2^-96
+// (scale_reciprocal_ok), and rs = RN(1 / s) (__frcp_rn): q0 = RN(v · rs), its remainder v − s · q0 (exact in an
+// FMA), then q0 + remainder · rs rounded once; q0 itself where the remainder is 0 (which keeps a zero's sign) or NaN
+// (v = ±∞ or NaN: q0 is then the quotient). Each value's E4M3 code is the one the IEEE quotient gives: checked on an
+// H100 for every such scale and BF16 value (Benchmarks/engine/fp8_division_test.cu). Unlike __fdiv_rn it has no
+// per-quotient range check and branch, and zeros (rows past an expert's) take no slow path (activation.cuh says
+// the same of SiLU's division). Callers take it where a whole warp's scales allow it.
+FMOE_DEVICE bool scale_reciprocal_ok(float mx) { return mx == 0.f || mx >= 0x1p-96f; }
+FMOE_DEVICE float div_by_scale(float v, float s, float rs) {
+    const float q = __fmul_rn(v, rs);
+    const float r = fmaf(-s, q, v);
+    return r == 0.f || r != r ? q : fmaf(r, rs, q);
+}
+
 // One warp quantizes one group of n ≤ 128 consecutive BF16 values (n a multiple of 4; lane l holds values 4l … 4l
 // + 3): scale = (largest finite |v|) / 448, or 1 when that is not positive; code = E4M3(v / scale), both divisions
-// IEEE round-to-nearest (docs/fp8.md, Scales). `v` is the lane's 4 values (zeros past n, which leave the amax as
-// it is); returns the lane's 4 codes (value 4l in the low byte) and sets `scale` on every lane.
+// IEEE round-to-nearest (docs/fp8.md, Scales; the codes' quotients by div_by_scale where it gives the same codes).
+// `v` is the lane's 4 values (zeros past n, which leave the amax as it is); returns the lane's 4 codes (value 4l in
+// the low byte) and sets `scale` on every lane.
 FMOE_DEVICE u32 quantize_group4(const float v[4], float &scale) {
     float m = 0.f;
 #pragma unroll
@@ -43,8 +59,15 @@ FMOE_DEVICE u32 quantize_group4(const float v[4], float &scale) {
     float s = __fdiv_rn(m, 448.f);
     if (!(s > 0.f)) s = 1.f;
     scale = s;
-    const unsigned short lo = e4m3x2(__fdiv_rn(v[1], s), __fdiv_rn(v[0], s));
-    const unsigned short hi = e4m3x2(__fdiv_rn(v[3], s), __fdiv_rn(v[2], s));
+    unsigned short lo, hi;
+    if (scale_reciprocal_ok(m)) {  // warp-uniform: m is the warp's
+        const float rs = __frcp_rn(s);
+        lo = e4m3x2(div_by_scale(v[1], s, rs), div_by_scale(v[0], s, rs));
+        hi = e4m3x2(div_by_scale(v[3], s, rs), div_by_scale(v[2], s, rs));
+    } else {
+        lo = e4m3x2(__fdiv_rn(v[1], s), __fdiv_rn(v[0], s));
+        hi = e4m3x2(__fdiv_rn(v[3], s), __fdiv_rn(v[2], s));
+    }
     return (u32)lo | ((u32)hi << 16);
 }
 

@@ -8,6 +8,7 @@
 #include "router.cuh"
 #include "launch_limits.cuh"
 #include "trace.cuh"
+#include "activation.cuh"
 #if defined(FMOE_PREC) && FMOE_PREC == 4
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
 #error "precision fp8 needs E4M3 tensor cores (sm_89 or newer); the host refuses other architectures before compiling"
@@ -305,18 +306,6 @@ FMOE_DEVICE int ctas() { return s_ctas; }
 FMOE_DEVICE void stamp(const Params &p, int i, bool any_block = false) {
 #if FMOE_TIMING
     if (FMOE_TID == 0 && (any_block || cta() == 0)) p.sync->stamps[i] = globaltimer_ns();
-#endif
-}
-
-FMOE_DEVICE float activation(float v) {
-#if FMOE_ACT == 0
-    return v > 0.f ? v : (v != v ? v : 0.f);
-#elif FMOE_ACT == 1
-    return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-#elif FMOE_ACT == 2
-    return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-#else
-    return v / (1.f + expf(-v));
 #endif
 }
 

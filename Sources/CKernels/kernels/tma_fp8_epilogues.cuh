@@ -15,9 +15,11 @@ namespace fmoe {
 // (FusedDeviceWeights+FP8.swift), so output column (BN/2)·q + 8j + … is half j / 8's gate register 4j + c (+ 32 for
 // j ≥ 8) and its up register 32 further. Gated: act(gate) · up; plain: act(acc + b1). gemm0_store's arithmetic, so
 // the bits of the cp.async tile.
-FMOE_DEVICE u32 gemm0_pair_fp8(const Params &p, int x, const float *acc, int c, int col) {
+// FAST (gated only): activation_fast, where the caller found activation_fast_ok for the warp's gate registers.
+template <bool FAST = false> FMOE_DEVICE u32 gemm0_pair_fp8(const Params &p, int x, const float *acc, int c, int col) {
     if (GATED) {
         const int g = c < 32 ? c : c + 32;
+        if (FAST) return pack_t2(activation_fast(acc[g]) * acc[g + 32], activation_fast(acc[g + 1]) * acc[g + 33]);
         return pack_t2(activation(acc[g]) * acc[g + 32], activation(acc[g + 1]) * acc[g + 33]);
     }
     const bool bias = p.b1 != nullptr && col < I;
@@ -44,14 +46,44 @@ FMOE_DEVICE u32 *held_pair(const Params &p, const Layout &L, int x, int m, int n
 // hold (wgmma_acc_row: r0 and r0 + 8): hv[h][i] is the packed BF16 pair i of row half h — the group's columns
 // 8i + 2t, +1 (t = the lane in its quad; wgmma_acc_col), 0 past I — so a row's 128 values are its quad's. Each row as
 // quantize_group4 (fp8.cuh) quantizes it from hbuf: the largest finite |v| over the quad (two shuffles), scale = that
-// / 448 (1 when not positive), codes E4M3(v / scale), IEEE divisions: the same bits. A quad transposes its code pairs
-// (quad_transpose) so a lane stores 8 contiguous bytes. Rows past the expert's store nothing. GEMM1 reads the codes
-// by TMA: the caller fences them to the async proxy and releases them.
-FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
-                                    int tid) {
+// / 448 (1 when not positive), codes E4M3(v / scale) (div_by_scale where the whole warp's scales allow it, else IEEE
+// divisions: the same codes). A quad transposes its code pairs (quad_transpose) so a lane stores 8 contiguous bytes.
+// Rows past the expert's store nothing. GEMM1 reads the codes by TMA: the caller fences them to the async proxy and
+// releases them.
+template <bool FAST>
+FMOE_DEVICE void store_codes_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
+                                 const float (&s)[2], int tid) {
     const int rows = rows_of(L, x), first = m * BM, t = tid & 3;
     const int r0 = wgmma_acc_row(tid);
     const size_t base = (size_t)L.row_start[x] + first;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float rs = FAST ? __frcp_rn(s[h]) : 0.f;
+        const int r = r0 + 8 * h;
+        const bool ok = first + r < rows;
+        unsigned char *row = p.hq + (base + (ok ? r : 0)) * I + (size_t)g * FP8_GROUP;
+#pragma unroll
+        for (int jb = 0; jb < 4; ++jb) {
+            u32 w[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float hi = __uint_as_float(hv[h][4 * jb + i] & 0xffff0000u);
+                const float lo = __uint_as_float(hv[h][4 * jb + i] << 16);
+                w[i] = FAST ? e4m3x2(div_by_scale(hi, s[h], rs), div_by_scale(lo, s[h], rs))
+                            : e4m3x2(__fdiv_rn(hi, s[h]), __fdiv_rn(lo, s[h]));
+            }
+            const uint4 o = quad_transpose(w, t);  // code pairs of columns 8(4jb + t) + 2i
+            const int col = 8 * (4 * jb + t);
+            if (ok && (I % FP8_GROUP == 0 || g * FP8_GROUP + col < I))
+                *(uint2 *)(row + col) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
+        }
+        if (ok && t == 0) p.hq_scale[(base + r) * KB_I + g] = s[h];
+    }
+}
+FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
+                                    int tid) {
+    float s[2];
+    bool fast = true;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float mx = 0.f;
@@ -63,25 +95,12 @@ FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float s = __fdiv_rn(mx, 448.f);
-        if (!(s > 0.f)) s = 1.f;
-        const int r = r0 + 8 * h;
-        const bool ok = first + r < rows;
-        unsigned char *row = p.hq + (base + (ok ? r : 0)) * I + (size_t)g * FP8_GROUP;
-#pragma unroll
-        for (int jb = 0; jb < 4; ++jb) {
-            u32 w[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u32 v = hv[h][4 * jb + i];
-                w[i] = e4m3x2(__fdiv_rn(__uint_as_float(v & 0xffff0000u), s), __fdiv_rn(__uint_as_float(v << 16), s));
-            }
-            const uint4 o = quad_transpose(w, t);  // code pairs of columns 8(4jb + t) + 2i
-            const int col = 8 * (4 * jb + t);
-            if (ok && g * FP8_GROUP + col < I) *(uint2 *)(row + col) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
-        }
-        if (ok && t == 0) p.hq_scale[(base + r) * KB_I + g] = s;
+        s[h] = __fdiv_rn(mx, 448.f);
+        if (!(s[h] > 0.f)) s[h] = 1.f;
+        fast &= scale_reciprocal_ok(mx);
     }
+    if (__all_sync(0xffffffffu, fast)) store_codes_fp8<true>(p, L, x, m, g, hv, s, tid);
+    else store_codes_fp8<false>(p, L, x, m, g, hv, s, tid);
 }
 
 // Routed GEMM0 ticket q of expert x's row block m with 128-row tiles (GROUP_TICKETS): group q of h, its column tiles
@@ -124,9 +143,10 @@ FMOE_DEVICE void gemm0_group_fp8(const Params &p, const Layout &L, const TmaMaps
 // Routed GEMM0 ticket q of expert x's row block m with 256-row tiles: the tile's accumulators hold whole groups of h
 // (gated: output columns 128q …, group q; plain: 256q …, groups 2q and 2q + 1), so each group's pairs are formed
 // from them (gemm0_pair_fp8, the register order of gemm0_store_acc_fp8) and quantized; no BF16 h is written.
-FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
+template <bool FAST>
+FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc,
+                                         int tid) {
     constexpr int GROUPS = GATED ? FMOE_TMA_FP8_BN / 2 / FP8_GROUP : FMOE_TMA_FP8_BN / FP8_GROUP;
-    const int tid = fresh_tid();
 #pragma unroll
     for (int gg = 0; gg < GROUPS; ++gg) {
         const int g = GROUPS * q + gg;
@@ -136,11 +156,35 @@ FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x,
         for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
+                // Where I is a multiple of the group (a group past I ended the loop) every column is inside: no
+                // branch a pair, so ptxas can interleave the pairs' chains.
                 const int col = g * FP8_GROUP + 8 * i + 2 * (tid & 3);
-                hv[h][i] = col < I ? gemm0_pair_fp8(p, x, acc, 4 * (16 * gg + i) + 2 * h, col) : 0u;
+                const bool inside = I % FP8_GROUP == 0 || col < I;
+                hv[h][i] = inside ? gemm0_pair_fp8<FAST>(p, x, acc, 4 * (16 * gg + i) + 2 * h, col) : 0u;
             }
         quantize_pairs_fp8(p, L, x, m, g, hv, tid);
     }
+}
+// A warp whose 16 rows all lie past the expert's stores nothing, so it skips the epilogue, and gated FFNs take
+// activation_fast where every gate value of the warp allows it (the same bits either way). Before both, a tile of at
+// most 64 rows (an expert's last row block; its second warpgroup computes nothing, tma_fp8_engine.cuh,
+// FMOE_FP8_IDLE_WG) ended with that warpgroup's epilogue on zeros, every IEEE division on its slow path: 26 µs to
+// the release barrier, where the release then waited 14.5 µs; a full tile's epilogue took 10.2 µs. With both, and
+// without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3 S = 4096, H100 traces with
+// per-warpgroup stamps; Benchmarks/RESULTS.md "Round 37").
+FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
+    const int tid = fresh_tid();
+    if (m * BM + (tid >> 5) * 16 >= rows_of(L, x)) return;  // the warp's first row (wgmma_acc_row of its lane 0)
+    bool fast = GATED && FMOE_TMA_FP8_BN == 256;  // (128-row tiles run gemm0_group_fp8 instead)
+    if (fast) {
+        // The gate registers gemm0_pair_fp8 reads: 0 … 31 and 64 … 95 (their up values are 32 further).
+        SiluFastRange range;
+#pragma unroll
+        for (int c = 0; c < 64; ++c) range.add(acc[c < 32 ? c : c + 32]);
+        fast = range.ok();
+    }
+    if (__all_sync(0xffffffffu, fast)) quantize_acc_groups_fp8<true>(p, L, x, m, q, acc, tid);
+    else quantize_acc_groups_fp8<false>(p, L, x, m, q, acc, tid);
 }
 
 }  // namespace fmoe
