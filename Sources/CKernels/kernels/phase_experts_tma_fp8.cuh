@@ -169,7 +169,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
             gemm0_ticket_tiles(L, x, q, n0, count);
             if (kind == TASK_GEMM0 && H_FROM_ACC) {
                 {
-                    FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n0);
+                    FMOE_TRACE_HELD_SCOPE(FMOE_EV_GEMM0, x, m, n0);
                     if constexpr (GROUP_TICKETS) {
                         gemm0_group_fp8(p, L, maps, eng, x, m, q);
                     } else {
@@ -187,7 +187,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
                 continue;
             }
             if (kind == TASK_GEMM0) {
-                FMOE_TRACE_SCOPE(FMOE_EV_GEMM0, x, m, n0);
+                FMOE_TRACE_HELD_SCOPE(FMOE_EV_GEMM0, x, m, n0);
                 float acc[ExpertTmaFp8::ACC];
                 eng.consume(tma_tile_fp8(p, L, maps, TASK_GEMM0, x, m, q), tma_scales_fp8(p, L, TASK_GEMM0, x, m, q),
                             acc);
@@ -199,7 +199,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
             count_gemm0_tile_fp8<true>(p, L, x, m, rb, nt, n0, 1, count);  // phase_experts.cuh
         } else {
             if (kind == TASK_GEMM1) {
-                FMOE_TRACE_SCOPE(FMOE_EV_GEMM1, x, m, PAIR * q);
+                FMOE_TRACE_HELD_SCOPE(FMOE_EV_GEMM1, x, m, PAIR * q);
                 float acc[ExpertTmaFp8::ACC];
                 eng.consume(tma_tile_fp8(p, L, maps, TASK_GEMM1, x, m, q), tma_scales_fp8(p, L, TASK_GEMM1, x, m, q),
                             acc);

@@ -92,8 +92,9 @@ struct TraceScope {
 
 // TraceScope recorded by thread 0 whose record index waits in shared memory instead of a register, for scopes
 // around register-heavy code: the fp8 TMA consumers' whole expert phase (LEVEL 0; with the index in a register
-// ptxas spilled it, 8 B, round 35), and a wide BF16 tile of their shared expert inside it (LEVEL 1, as scarce in
-// registers: phase_experts_tma_fp8.cuh). A level does not nest within itself.
+// ptxas spilled it, 8 B, round 35), and each tile inside it (LEVEL 1: a wide BF16 tile of their shared expert, and
+// since round 37 their routed GEMM0 and GEMM1 tiles, whose indices in registers made deepseek-v3's tracing build
+// spill 24 B instead of 8; phase_experts_tma_fp8.cuh). A level does not nest within itself.
 __shared__ int s_trace_held_slot[2];
 template <int LEVEL> struct TraceHeldScope {
     FMOE_DEVICE TraceHeldScope(int kind, int expert, int a, int b) {
