@@ -19,14 +19,6 @@ FMOE_DEVICE float activation(float v) {
 #endif
 }
 
-// SiLU's IEEE division ends in a range check and a branch to a slow path per quotient (FCHK, then a call), so each
-// quotient is its own branch region, and a zero argument (a row past the expert's, where accumulators stay 0) takes
-// the slow path. For arguments where activation_fast_ok holds, activation_fast computes the division's own fast path
-// (an approximate reciprocal, one Newton step, the quotient and one remainder correction: the instructions
-// __fdiv_rn runs when its range check passes) without the check, and returns a zero argument as it is (0 / 2 keeps
-// the sign): the same bits as activation for every FP32 argument in the range, checked exhaustively on an H100
-// (Benchmarks/engine/fp8_division_test.cu). The range keeps the divisor 1 + e^-v finite and below 2^93 and the
-// remainder a normal number. Callers decide per warp (__all_sync), so the fast code has no branch.
 // Whether activation_fast gives activation's bits for every argument added: each finite, at least −64, and 0 or at
 // least 2^-90 in magnitude, judged on the FP32 bits as three running extremes, so a warp checks its 64 gate values
 // without a branch an argument (short-circuit tests branched an argument; a bitwise AND of float compares made ptxas
@@ -35,8 +27,8 @@ struct SiluFastRange {
     u32 max_abs = 0, max_negative = 0, min_nonzero = 0xffffffffu;
     FMOE_DEVICE void add(float v) {
         const u32 b = __float_as_uint(v), a = b & 0x7fffffffu;
-        max_abs = max(max_abs, a);                           // +-inf and NaN: 0x7f800000 and above
-        max_negative = max(max_negative, b >> 31 ? a : 0u);  // -64: 0x42800000
+        max_abs = max(max_abs, a);                           // ±∞ and NaN: 0x7f800000 and above
+        max_negative = max(max_negative, b >> 31 ? a : 0u);  // −64: 0x42800000
         min_nonzero = min(min_nonzero, a != 0 ? a : 0xffffffffu);  // 2^-90: 0x12800000
     }
     FMOE_DEVICE bool ok() const {
@@ -48,6 +40,15 @@ FMOE_DEVICE bool activation_fast_ok(float v) {
     r.add(v);
     return r.ok();
 }
+
+// SiLU's IEEE division ends in a range check and a branch to a slow path per quotient (FCHK, then a call), so each
+// quotient is its own branch region, and a zero argument (a row past the expert's, where accumulators stay 0) takes
+// the slow path. For arguments where activation_fast_ok holds, activation_fast computes the division's own fast path
+// (an approximate reciprocal, one Newton step, the quotient and one remainder correction: the arithmetic __fdiv_rn
+// runs when its range check passes) without the check, and returns a zero argument as it is (0 / 2 keeps the sign):
+// the same bits as activation for every FP32 argument in the range, checked exhaustively on an H100
+// (Benchmarks/engine/fp8_division_test.cu). The range keeps the divisor 1 + e^-v finite and below 2^93 and the
+// remainder a normal number. Callers decide per warp (__all_sync), so the fast code has no branch.
 FMOE_DEVICE float activation_fast(float v) {
 #if FMOE_ACT == 3
     const float d = 1.f + expf(-v);
