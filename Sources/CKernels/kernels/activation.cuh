@@ -42,13 +42,14 @@ FMOE_DEVICE bool activation_fast_ok(float v) {
 }
 
 // SiLU's IEEE division ends in a range check and a branch to a slow path per quotient (FCHK, then a call), so each
-// quotient is its own branch region, and a zero argument (a row past the expert's, where accumulators stay 0) takes
-// the slow path. For arguments where activation_fast_ok holds, activation_fast computes the division's own fast path
-// (an approximate reciprocal, one Newton step, the quotient and one remainder correction: the arithmetic __fdiv_rn
-// runs when its range check passes) without the check, and returns a zero argument as it is (0 / 2 keeps the sign):
-// the same bits as activation for every FP32 argument in the range, checked exhaustively on an H100
-// (Benchmarks/engine/fp8_division_test.cu). The range keeps the divisor 1 + e^-v finite and below 2^93 and the
-// remainder a normal number. Callers decide per warp (__all_sync), so the fast code has no branch.
+// quotient is its own branch region, and on zero arguments (rows past the expert's, where accumulators stay 0) it
+// appears to take the slow path (Benchmarks/RESULTS.md "Round 37"). For arguments where activation_fast_ok holds,
+// activation_fast computes the division's own fast path (an approximate reciprocal, one Newton step, the quotient and
+// one remainder correction: the arithmetic __fdiv_rn runs when its range check passes) without the check, and
+// returns a zero argument as it is (0 / 2 keeps the sign): the same bits as activation for every FP32 argument in
+// the range, checked exhaustively on an H100 (Benchmarks/engine/fp8_division_test.cu). The range keeps the divisor
+// 1 + e^-v finite and below 2^93 and the remainder a normal number. Callers decide per warp (__all_sync), so the
+// fast code has no branch.
 FMOE_DEVICE float activation_fast(float v) {
 #if FMOE_ACT == 3
     const float d = 1.f + expf(-v);

@@ -33,8 +33,8 @@ FMOE_DEVICE unsigned short e4m3x2(float hi, float lo) {
 // FMA), then q0 + remainder · rs rounded once; q0 itself where the remainder is 0 (which keeps a zero's sign) or NaN
 // (v = ±∞ or NaN: q0 is then the quotient). Each value's E4M3 code is the one the IEEE quotient gives: checked on an
 // H100 for every such scale and BF16 value (Benchmarks/engine/fp8_division_test.cu). Unlike __fdiv_rn it has no
-// per-quotient range check and branch, and zeros (rows past an expert's) take no slow path (activation.cuh says
-// the same of SiLU's division). Callers take it where a whole warp's scales allow it.
+// per-quotient range check and branch, and no slow path for zeros (rows past an expert's; activation.cuh says the
+// same of SiLU's division). Callers take it where a whole warp's scales allow it.
 FMOE_DEVICE bool scale_reciprocal_ok(float mx) { return mx == 0.f || mx >= 0x1p-96f; }
 FMOE_DEVICE float div_by_scale(float v, float s, float rs) {
     const float q = __fmul_rn(v, rs);

@@ -168,10 +168,10 @@ FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x
 // A warp whose 16 rows all lie past the expert's stores nothing, so it skips the epilogue, and gated FFNs take
 // activation_fast where every gate value of the warp allows it (the same bits either way). Before both, a tile of at
 // most 64 rows (an expert's last row block; its second warpgroup computes nothing, tma_fp8_engine.cuh,
-// FMOE_FP8_IDLE_WG) ended with that warpgroup's epilogue on zeros, every IEEE division on its slow path: 26 µs to
-// the release barrier, where the release then waited 14.5 µs; a full tile's epilogue took 10.2 µs. With both, and
-// without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3 S = 4096, H100 traces with
-// per-warpgroup stamps; Benchmarks/RESULTS.md "Round 37").
+// FMOE_FP8_IDLE_WG) ended with that warpgroup's epilogue on zeros (IEEE divisions, slow on zero dividends, it
+// appears): 26 µs to the release barrier, where the release then waited 14.5 µs; a full tile's epilogue took
+// 10.2 µs. With both, and without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3
+// S = 4096, H100 traces with per-warpgroup stamps; Benchmarks/RESULTS.md "Round 37").
 FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
     const int tid = fresh_tid();
     if (m * BM + (tid >> 5) * 16 >= rows_of(L, x)) return;  // the warp's first row (wgmma_acc_row of its lane 0)
