@@ -170,7 +170,7 @@ FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x
 // most 64 rows (an expert's last row block; its second warpgroup computes nothing, tma_fp8_engine.cuh,
 // FMOE_FP8_IDLE_WG) ended with that warpgroup's epilogue on zeros (IEEE divisions, slow on zero dividends, it
 // appears): 26 µs to the release barrier, where the release then waited 14.5 µs; a full tile's epilogue took
-// 10.2 µs. With both, and without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3
+// 9.9 – 10.1 µs. With both, and without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3
 // S = 4096, H100 traces with per-warpgroup stamps; Benchmarks/RESULTS.md "Round 37").
 FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
     const int tid = fresh_tid();
