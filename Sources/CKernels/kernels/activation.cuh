@@ -1,7 +1,7 @@
 // The FFN's activation (FMOE_ACT, which the host defines: 0 ReLU, 1 GELU, 2 GELU's tanh form, 3 SiLU), and SiLU's
 // quotient without the IEEE division's per-quotient branch (activation_fast), for the epilogues that form many of
-// them at once (tma_fp8_epilogues.cuh). Its own header, so the exhaustive check Benchmarks/engine/fp8_division_test.cu
-// runs these very functions.
+// them at once (tma_fp8_epilogues.cuh, expert_tiles.cuh's gemm0_store). Its own header, so the exhaustive check
+// Benchmarks/engine/fp8_division_test.cu runs these very functions.
 #pragma once
 #include "common.cuh"
 
