@@ -292,6 +292,9 @@ FMOE_DEVICE void tma_hand_over(const Layout *L, bool go) {
                 mbar_init(&s_tma.ring_bars[TMA_RING_STAGES + s], RING_EMPTY_ARRIVALS);
             }
             mbar_init(&s_tma.own_done, 1);
+#if FMOE_TMA && FMOE_PREC == 4
+            if (ExpertTmaFp8::GROUPED) ExpertTmaFp8::init_groups();  // the A scales' groups (tma_fp8_engine.cuh)
+#endif
             mbar_init_fence();
         }
         s_tma.layout = L;

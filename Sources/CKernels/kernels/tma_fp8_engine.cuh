@@ -58,7 +58,8 @@ __device__ float fp8_no_scale;
 #endif
 
 // SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's
-// 128 rows' A scales, then its granules'), arriving on the stage's full barrier when they land, so the consumers read
+// 128 rows' A scales, then its granules'; the A scales in groups of K blocks instead with FMOE_FP8_SCALE_GROUP
+// below), arriving on the stage's full barrier when they land, so the consumers read
 // them from shared memory instead of holding the scales' pointers and bounds across the mainloop. With BN = 256 the
 // consumers' 128 + 64 accumulators leave about 24 of their 216 registers for everything else, and the fused kernel
 // spilled accumulators in GEMM0's mainloop (deepseek-v3: 276 B, NVRTC 13.0). The same scales reach the same
@@ -73,7 +74,23 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_LANE_RELEASE
 #define FMOE_FP8_LANE_RELEASE 1
 #endif
-template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engine {
+// FMOE_FP8_SCALE_GROUP (SMEM_SCALES only): the K blocks whose A scales a producer thread copies at once, into a ring
+// of two group slots beside the stages (each with a full and an empty barrier, as a stage has), instead of one 4-byte
+// copy a row a K block into the stage. A row's scales are consecutive floats, so a group of 8 is one 32-byte sector
+// (two 16-byte copies where aligned), where each per-K-block copy touched a sector a row: a warp's copy was 32
+// sectors of 32 rows, as many L1 wavefronts as 8 of its gather copies, and ncu counted those copies as 12 % of the
+// kernel's global sectors (deepseek-v3 S = 4096). A build without the A-scale copies (wrong results, an upper
+// bound) ran deepseek-v3 S = 4096 fp8 in 5.89 – 5.94 ms against 6.13 – 6.25, qwen3-30b-a3b S = 16384 unchanged
+// (H100, Benchmarks/RESULTS.md "Round 38"); the grouped copies' own timing is still to be taken. The same scales
+// reach the same promotions: the same bits (H100: the TMA kernel's output equal to round 37's and to the cp.async
+// kernel's at deepseek-v3 S = 4096 and 300). 1: a K block at a time, as before. The fused kernel groups only where
+// both GEMMs' K-block counts are multiples of the group (tma_fp8_tasks.cuh: deepseek-v3 and mixtral-8x7b among the
+// presets, not qwen3-30b-a3b, whose I = 768 is 6 K blocks and which the upper bound above showed no gain): with
+// partial groups, the tests' small shapes (K = 256, 2 K blocks) spilled 8 B.
+#ifndef FMOE_FP8_SCALE_GROUP
+#define FMOE_FP8_SCALE_GROUP 8
+#endif
+template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 1> struct TmaFp8Engine {
     static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
     static_assert(STAGES >= 3, "the ring needs at least 3 stages");
     static constexpr int HALVES = BN / 128;
@@ -86,12 +103,28 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
     static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
     // Arrivals that release a stage: one lane of each consumer warp (TMA_EMPTY_ARRIVALS), or every consumer lane.
     static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 32 * TMA_EMPTY_ARRIVALS : TMA_EMPTY_ARRIVALS;
+    // A-scale groups (FMOE_FP8_SCALE_GROUP): SG K blocks a group, GROUP_FLOATS floats a group's slot ([row][SG]),
+    // two slots; a group's full barrier counts the 128 producer threads' copies, its empty barrier every consumer lane.
+    static constexpr int SG = SMEM_SCALES ? SCALE_GROUP : 1;
+    static constexpr bool GROUPED = SG > 1 && (STAGES & (STAGES - 1)) == 0;  // (see `it`)
+    static constexpr int GROUP_FLOATS = BM * SG;
+    static constexpr int GROUP_FULL_ARRIVALS = 128, GROUP_EMPTY_ARRIVALS = 32 * TMA_EMPTY_ARRIVALS;
+    static_assert(!GROUPED || (SG % 4 == 0 && SG <= 32), "a scale group is whole 16-byte copies");
 
     char *ring;
     u64 *full;
     u64 *empty;
     float *scales;  // SMEM_SCALES: STAGES × SCALES floats
-    u32 it;  // K blocks this thread's role has passed through the ring (the same count in both roles)
+    // K blocks this thread's role has passed through the ring (the same count in both roles); GROUPED: bits 30 and 31
+    // count the scale groups passed, mod 4 (bit 30 the group's slot, bit 31 its barriers' phase). The ring reads
+    // only it mod 2 · STAGES, which a power-of-two STAGES keeps clear of those bits (a launch passes far fewer than
+    // 2^30 K blocks), and a separate count held across the mainloop made ptxas spill the consumers' queue index
+    // (deepseek-v3, 8 B, NVRTC 13.0). This way deepseek-v3's tracing build of the TMA kernel compiles without
+    // spills too (8 B before).
+    u32 it;
+    static constexpr u32 GROUP_ONE = 1u << 30;
+    FMOE_DEVICE u32 gslot() const { return (it >> 30) & 1; }
+    FMOE_DEVICE u32 gphase() const { return it >> 31; }
 
     // Every thread of both roles: the ring at `smem` (1024-byte aligned), the 2 · STAGES barriers at `bars`, the
     // stages' scales at `stage_scales` (SMEM_SCALES); this role has passed no K block yet.
@@ -101,6 +134,24 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         empty = bars + STAGES;
         scales = stage_scales;
         it = 0;
+    }
+    // GROUPED: the two group slots ([row][SG] floats each) and their barriers (full 0, 1, then empty 0, 1), static
+    // shared memory of their own (instantiated only where a grouped engine runs), so that neither role holds their
+    // addresses in registers (held as members, they made the deepseek-v3 kernel spill 8 B, NVRTC 13.0).
+    static FMOE_DEVICE float *groups() {
+        __shared__ __align__(16) float slots[2 * GROUP_FLOATS];
+        return slots;
+    }
+    static FMOE_DEVICE u64 *gbars() {
+        __shared__ u64 bars[4];
+        return bars;
+    }
+    // One thread, before either role uses the groups (mbar_init_fence and a barrier must follow).
+    static FMOE_DEVICE void init_groups() {
+        for (int g = 0; g < 2; ++g) {
+            mbar_init(&gbars()[g], GROUP_FULL_ARRIVALS);
+            mbar_init(&gbars()[2 + g], GROUP_EMPTY_ARRIVALS);
+        }
     }
     // All threads: ring at `smem`, barriers after it, initialised (the harness). Ends with a block barrier.
     FMOE_DEVICE void init(char *smem) {
@@ -134,6 +185,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         }
         const u32 tx = B_BYTES + (gather ? 0 : A_BYTES);
         for (int kt = 0; kt < ktiles; ++kt) {
+            if (GROUPED && kt % SG == 0) produce_group(ss, kt, min(SG, ktiles - kt), pt);
             const u32 s = it % STAGES;
             mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
             char *st = ring + s * STAGE_BYTES;
@@ -160,7 +212,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                 // their row block, which thread 0 acquired before the warpgroup's barrier in TicketQueue::produce:
                 // these copies follow it as the consumers' loads of them did.
                 const u32 sm = smem_addr(scales + s * SCALES);
-                cp_async4(sm + 4 * pt, ss.a != nullptr ? ss.a + kt : &fp8_no_scale, ss.a != nullptr);
+                if (!GROUPED) cp_async4(sm + 4 * pt, ss.a != nullptr ? ss.a + kt : &fp8_no_scale, ss.a != nullptr);
                 if (pt < 2 * HALVES)
                     cp_async4(sm + 4 * (BM + pt), ss.b != nullptr ? ss.b + kt : &fp8_no_scale, ss.b != nullptr);
             }
@@ -170,6 +222,37 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                 mbar_arrive(&full[s]);
             }
             ++it;
+        }
+    }
+
+    // Producer thread pt (GROUPED): row pt's A scales of K blocks kt … kt + n − 1 into the next group slot, [row][SG]
+    // (zeros past n, and for a row without scales), arriving on its full barrier as they land. The slot is free once
+    // every consumer lane has arrived on its empty barrier after its last read of the group two before.
+    FMOE_DEVICE void produce_group(const TmaFp8ScaleSource &ss, int kt, int n, int pt) {
+        const u32 g = gslot();
+        mbar_wait(&gbars()[2 + g], gphase() ^ 1);
+        const u32 dst = smem_addr(groups() + g * GROUP_FLOATS + pt * SG);
+        const float *src = ss.a != nullptr ? ss.a + kt : nullptr;
+        if (src != nullptr && n == SG && ((size_t)src & 15) == 0) {
+#pragma unroll
+            for (int j = 0; j < SG / 4; ++j) cp_async16(dst + 16 * j, src + 4 * j, true);
+        } else {
+#pragma unroll
+            for (int j = 0; j < SG; ++j) cp_async4(dst + 4 * j, src != nullptr && j < n ? src + j : &fp8_no_scale,
+                                                   src != nullptr && j < n);
+        }
+        cp_async_mbar_arrive(&gbars()[g]);
+        it += GROUP_ONE;
+    }
+    // Consumer lanes (GROUPED): at K block kt of a tile of ktiles, wait for the group that holds it (at its first K
+    // block); after the group's last K block, release it.
+    FMOE_DEVICE void group_wait(int kt) {
+        if (GROUPED && kt % SG == 0) mbar_wait(&gbars()[gslot()], gphase());
+    }
+    FMOE_DEVICE void group_release(int kt, int ktiles) {
+        if (GROUPED && (kt % SG == SG - 1 || kt == ktiles - 1)) {
+            mbar_arrive(&gbars()[2 + gslot()]);
+            it += GROUP_ONE;
         }
     }
 
@@ -231,8 +314,10 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         const int wg = __shfl_sync(0xffffffffu, (int)(FMOE_TID >> 7), 0);
         if (wg * 64 >= t.a_rows) {
             for (int kt = 0; kt < ktiles; ++kt) {
+                group_wait(kt);
                 mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
                 release(it);
+                group_release(kt, ktiles);
                 ++it;
             }
             return;
@@ -242,6 +327,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
         for (int kt = 0; kt < ktiles; ++kt) {
             float s0, s1, b[2 * HALVES];
             if (!SMEM_SCALES) scales_of(sc, kt, s0, s1, b);  // issued before the wait: their latency hides behind it
+            group_wait(kt);
             wait_full(it, gathered);
 #pragma unroll
             for (int h = 0; h < HALVES; ++h) {
@@ -252,8 +338,14 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                     const float *sm = scales + (it % STAGES) * SCALES;
                     if (h == 0) {
                         const int r0 = wgmma_acc_row(fresh_tid());
-                        s0 = sm[r0];
-                        s1 = sm[r0 + 8];
+                        if (GROUPED) {
+                            const float *ga = groups() + gslot() * GROUP_FLOATS + kt % SG;
+                            s0 = ga[r0 * SG];
+                            s1 = ga[(r0 + 8) * SG];
+                        } else {
+                            s0 = sm[r0];
+                            s1 = sm[r0 + 8];
+                        }
                     }
                     b[2 * h] = sm[BM + 2 * h];
                     b[2 * h + 1] = sm[BM + 2 * h + 1];
@@ -268,6 +360,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false> struct TmaFp8Engin
                 }
                 promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
             }
+            group_release(kt, ktiles);  // after this K block's reads of the group (s0, s1 read at h = 0)
             ++it;
         }
     }

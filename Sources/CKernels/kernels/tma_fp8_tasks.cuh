@@ -39,7 +39,11 @@ static_assert(FMOE_TMA_FP8_BN == 128 || FMOE_TMA_FP8_BN == 256, "FMOE_TMA_FP8_BN
 #define FMOE_FP8_SMEM_SCALES (FMOE_TMA_FP8_BN == 256)
 #endif
 constexpr bool FP8_SMEM_SCALES = FMOE_FP8_SMEM_SCALES != 0;
-typedef TmaFp8Engine<TMA_RING_STAGES, FMOE_TMA_FP8_BN, FP8_SMEM_SCALES> ExpertTmaFp8;
+// The A scales' groups (FMOE_FP8_SCALE_GROUP, tma_fp8_engine.cuh): where both GEMMs' K blocks fill whole groups.
+constexpr int FP8_SCALE_GROUP =
+    FMOE_FP8_SCALE_GROUP > 1 && KB_H % FMOE_FP8_SCALE_GROUP == 0 && KB_I % FMOE_FP8_SCALE_GROUP == 0
+        ? FMOE_FP8_SCALE_GROUP : 1;
+typedef TmaFp8Engine<TMA_RING_STAGES, FMOE_TMA_FP8_BN, FP8_SMEM_SCALES, FP8_SCALE_GROUP> ExpertTmaFp8;
 static_assert(ExpertTmaFp8::STAGE_BYTES == TMA_RING_STAGE_BYTES, "the ring's stages are the fp8 engine's");
 
 // Task-space column tiles (EBN = 128) a ticket covers, and the tickets a row block has: routed GEMM0, the shared
