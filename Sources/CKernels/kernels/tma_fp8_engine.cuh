@@ -84,9 +84,9 @@ __device__ float fp8_no_scale;
 // (H100, Benchmarks/RESULTS.md "Round 38"); the grouped copies' own timing is still to be taken. The same scales
 // reach the same promotions: the same bits (H100: the TMA kernel's output equal to round 37's and to the cp.async
 // kernel's at deepseek-v3 S = 4096 and 300). 1: a K block at a time, as before. The fused kernel groups only where
-// both GEMMs' K-block counts are multiples of the group (tma_fp8_tasks.cuh: deepseek-v3 and mixtral-8x7b among the
-// presets, not qwen3-30b-a3b, whose I = 768 is 6 K blocks and which the upper bound above showed no gain): with
-// partial groups, the tests' small shapes (K = 256, 2 K blocks) spilled 8 B.
+// both GEMMs' K-block counts are multiples of the group (tma_fp8_tasks.cuh; among the presets deepseek-v3,
+// mixtral-8x7b, paper-e64 and paper-e32, not qwen3-30b-a3b, whose I = 768 is 6 K blocks and which the upper bound
+// above showed no gain): with partial groups, the tests' small shapes (K = 256, 2 K blocks) spilled 8 B.
 #ifndef FMOE_FP8_SCALE_GROUP
 #define FMOE_FP8_SCALE_GROUP 8
 #endif
