@@ -1,9 +1,10 @@
 """scripts/gpu-variants with a stand-in flashmoe binary: each variant's commands see their own copy of the kernel
 sources with the one default it sets, the caller's FLASHMOE_KERNEL_DIR never leaks in, a macro that is not in the
 named file is a usage error before anything runs, a variant's environment reaches its commands only, and failures are
-counted and named."""
+counted and named, and --pack leaves the logs in one archive."""
 
 import os
+import tarfile
 import textwrap
 import unittest
 
@@ -74,6 +75,25 @@ class GpuVariantsTests(unittest.TestCase):
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn("bench-broken-1-bf16-on.log: exit 5", stand_in.read(os.path.join(out, "failures.txt")))
         self.assertIn("(no median: see bench-broken-1-bf16-on.log)", stand_in.read(os.path.join(out, "summary.txt")))
+
+    def test_pack_puts_the_logs_in_one_archive(self):
+        p, out = self.run_script(
+            "--pack", "--variant", "off=gate_gemv.cuh:FMOE_GATE_GEMV=0",
+            "--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+            "--case", "qwen3-30b-a3b 1 bf16", "--case", "broken 1 bf16", "--trace", "qwen3-30b-a3b 1 bf16 on")
+        self.assertEqual(p.returncode, 2, p.stdout + p.stderr)  # the two broken benches
+        self.assertEqual(sorted(os.listdir(out)),
+                         ["failures.txt", "logs.tgz", "summary.txt", "trace-qwen3-30b-a3b-1-bf16-on.json"])
+        summary = stand_in.read(os.path.join(out, "summary.txt"))
+        self.assertIn("qwen3-30b-a3b S=1 bf16: off median 0.05 ms; on median 0.15 ms;", summary)
+        self.assertIn("trace qwen3-30b-a3b S=1 bf16 (on):", summary)
+        with tarfile.open(os.path.join(out, "logs.tgz")) as t:
+            names = {os.path.basename(n) for n in t.getnames()}
+            self.assertIn("bench-qwen3-30b-a3b-1-bf16-on.log", names)
+            self.assertIn("bench-broken-1-bf16-off.log", names)
+            self.assertIn("trace-qwen3-30b-a3b-1-bf16-on.log", names)
+            off = next(m for m in t.getmembers() if m.name.endswith("bench-qwen3-30b-a3b-1-bf16-off.log"))
+            self.assertIn("median 0.05 ms", t.extractfile(off).read().decode())
 
     def test_a_macro_missing_from_its_file_is_a_usage_error(self):
         p, out = self.run_script("--variant", "x=gemv.cuh:FMOE_NO_SUCH=1", "--case", "qwen3-30b-a3b 1 bf16")
