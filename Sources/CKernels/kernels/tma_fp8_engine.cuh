@@ -77,9 +77,9 @@ __device__ float fp8_no_scale;
 // FMOE_FP8_SCALE_GROUP (SMEM_SCALES only): the K blocks whose A scales a producer thread copies at once, into a ring
 // of two group slots beside the stages (each with a full and an empty barrier, as a stage has), instead of one 4-byte
 // copy a row a K block into the stage. A row's scales are consecutive floats, so a group of 8 is one 32-byte sector
-// (two 16-byte copies where aligned), where each per-K-block copy touched a sector a row: a warp's copy was 32
-// sectors of 32 rows, as many L1 wavefronts as 8 of its gather copies, and ncu counted those copies as 12 % of the
-// kernel's global sectors (deepseek-v3 S = 4096). A build without the A-scale copies (wrong results, an upper
+// (two 16-byte copies), where each per-K-block copy touched a sector a row: a warp's copy was 32 sectors of 32 rows
+// (as many L1 wavefronts, by its addresses, as 8 of its gather copies), and ncu counted the 4-byte scale copies as
+// 12 % of the LSU's theoretical global sectors (deepseek-v3 S = 4096). A build without the A-scale copies (wrong results, an upper
 // bound) ran deepseek-v3 S = 4096 fp8 in 5.89 – 5.94 ms against 6.13 – 6.25, qwen3-30b-a3b S = 16384 unchanged
 // (H100, Benchmarks/RESULTS.md "Round 38"); the grouped copies' own timing is still to be taken. The same scales
 // reach the same promotions: the same bits (H100: the TMA kernel's output equal to round 37's and to the cp.async
@@ -110,6 +110,8 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     static constexpr int GROUP_FLOATS = BM * SG;
     static constexpr int GROUP_FULL_ARRIVALS = 128, GROUP_EMPTY_ARRIVALS = 32 * TMA_EMPTY_ARRIVALS;
     static_assert(!GROUPED || (SG % 4 == 0 && SG <= 32), "a scale group is whole 16-byte copies");
+    // A tile's K blocks fill whole groups (the caller's choice of SCALE_GROUP, tma_fp8_tasks.cuh), so a row's group
+    // starts at a multiple of SG floats of a row whose scales are SG-float aligned: two 16-byte copies, no remainder.
 
     char *ring;
     u64 *full;
@@ -185,7 +187,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         }
         const u32 tx = B_BYTES + (gather ? 0 : A_BYTES);
         for (int kt = 0; kt < ktiles; ++kt) {
-            if (GROUPED && kt % SG == 0) produce_group(ss, kt, min(SG, ktiles - kt), pt);
+            if (GROUPED && kt % SG == 0) produce_group(ss, kt, pt);
             const u32 s = it % STAGES;
             mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
             char *st = ring + s * STAGE_BYTES;
@@ -225,32 +227,31 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         }
     }
 
-    // Producer thread pt (GROUPED): row pt's A scales of K blocks kt … kt + n − 1 into the next group slot, [row][SG]
-    // (zeros past n, and for a row without scales), arriving on its full barrier as they land. The slot is free once
-    // every consumer lane has arrived on its empty barrier after its last read of the group two before.
-    FMOE_DEVICE void produce_group(const TmaFp8ScaleSource &ss, int kt, int n, int pt) {
+    // Producer thread pt (GROUPED): row pt's A scales of K blocks kt … kt + SG − 1 into the next group slot, [row][SG]
+    // (zeros for a row without scales: the 4-byte copies of fp8_no_scale, reading nothing), arriving on its full
+    // barrier as they land. The slot is free once every consumer lane has arrived on its empty barrier after its last
+    // read of the group two before.
+    FMOE_DEVICE void produce_group(const TmaFp8ScaleSource &ss, int kt, int pt) {
         const u32 g = gslot();
         mbar_wait(&gbars()[2 + g], gphase() ^ 1);
         const u32 dst = smem_addr(groups() + g * GROUP_FLOATS + pt * SG);
-        const float *src = ss.a != nullptr ? ss.a + kt : nullptr;
-        if (src != nullptr && n == SG && ((size_t)src & 15) == 0) {
+        if (ss.a != nullptr) {
 #pragma unroll
-            for (int j = 0; j < SG / 4; ++j) cp_async16(dst + 16 * j, src + 4 * j, true);
+            for (int j = 0; j < SG / 4; ++j) cp_async16(dst + 16 * j, ss.a + kt + 4 * j, true);
         } else {
 #pragma unroll
-            for (int j = 0; j < SG; ++j) cp_async4(dst + 4 * j, src != nullptr && j < n ? src + j : &fp8_no_scale,
-                                                   src != nullptr && j < n);
+            for (int j = 0; j < SG; ++j) cp_async4(dst + 4 * j, &fp8_no_scale, false);
         }
         cp_async_mbar_arrive(&gbars()[g]);
         it += GROUP_ONE;
     }
-    // Consumer lanes (GROUPED): at K block kt of a tile of ktiles, wait for the group that holds it (at its first K
-    // block); after the group's last K block, release it.
+    // Consumer lanes (GROUPED): at K block kt, wait for the group that holds it (at its first K block); after the
+    // group's last K block, release it.
     FMOE_DEVICE void group_wait(int kt) {
         if (GROUPED && kt % SG == 0) mbar_wait(&gbars()[gslot()], gphase());
     }
-    FMOE_DEVICE void group_release(int kt, int ktiles) {
-        if (GROUPED && (kt % SG == SG - 1 || kt == ktiles - 1)) {
+    FMOE_DEVICE void group_release(int kt) {
+        if (GROUPED && kt % SG == SG - 1) {
             mbar_arrive(&gbars()[2 + gslot()]);
             it += GROUP_ONE;
         }
@@ -317,7 +318,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
                 group_wait(kt);
                 mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
                 release(it);
-                group_release(kt, ktiles);
+                group_release(kt);
                 ++it;
             }
             return;
@@ -360,7 +361,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
                 }
                 promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
             }
-            group_release(kt, ktiles);  // after this K block's reads of the group (s0, s1 read at h = 0)
+            group_release(kt);  // after this K block's reads of the group (s0, s1 read at h = 0)
             ++it;
         }
     }
