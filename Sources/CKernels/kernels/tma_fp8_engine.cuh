@@ -74,21 +74,17 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_LANE_RELEASE
 #define FMOE_FP8_LANE_RELEASE 1
 #endif
-// FMOE_FP8_SCALE_GROUP (SMEM_SCALES only): the K blocks whose A scales a producer thread copies at once, into a ring
-// of two group slots beside the stages (each with a full and an empty barrier, as a stage has), instead of one 4-byte
-// copy a row a K block into the stage. A row's scales are consecutive floats, so a group of 8 is one 32-byte sector
-// (two 16-byte copies), where each per-K-block copy touched a sector a row: a warp's copy was 32 sectors of 32 rows
-// (as many L1 wavefronts, by its addresses, as 8 of its gather copies), and ncu counted the 4-byte scale copies as
-// 12 % of the LSU's theoretical global sectors (deepseek-v3 S = 4096). A build without the A-scale copies (wrong results, an upper
-// bound) ran deepseek-v3 S = 4096 fp8 in 5.89 – 5.94 ms against 6.13 – 6.25, qwen3-30b-a3b S = 16384 unchanged
-// (H100, Benchmarks/RESULTS.md "Round 38"); the grouped copies' own timing is still to be taken. The same scales
-// reach the same promotions: the same bits (H100: the TMA kernel's output equal to round 37's and to the cp.async
-// kernel's at deepseek-v3 S = 4096 and 300). 1: a K block at a time, as before. The fused kernel groups only where
-// both GEMMs' K-block counts are multiples of the group (tma_fp8_tasks.cuh; among the presets deepseek-v3,
-// mixtral-8x7b, paper-e64 and paper-e32, not qwen3-30b-a3b, whose I = 768 is 6 K blocks and which the upper bound
-// above showed no gain): with partial groups, the tests' small shapes (K = 256, 2 K blocks) spilled 8 B.
+// FMOE_FP8_SCALE_GROUP (SMEM_SCALES only): the K blocks whose A scales a producer thread copies at once (a row's are
+// consecutive floats: 8 are one sector, two 16-byte copies) into one of two group slots beside the stages, each with
+// a full and an empty barrier, instead of a 4-byte copy a row a K block into the stage (12 % of the LSU's global
+// sectors at deepseek-v3 S = 4096, ncu). The same scales reach the same promotions: the same bits (H100: equal to the
+// cp.async kernel's at deepseek-v3 S = 4096 and 300 and mixtral-8x7b S = 1000). 1 (the default): a K block at a
+// time. Grouped by 8, deepseek-v3 S = 4096 ran 4 – 5 % slower (two pairs of medians; minima 1.6 %) and mixtral-8x7b
+// S = 4096 no faster (equal minima), though a build without the A-scale copies had been 3 – 6 % faster there
+// (H100, Benchmarks/RESULTS.md "Round 38", "Round 39"). Groups are used only where both GEMMs' K-block counts are
+// multiples of the group (tma_fp8_tasks.cuh): with partial groups the tests' small shapes spilled 8 B.
 #ifndef FMOE_FP8_SCALE_GROUP
-#define FMOE_FP8_SCALE_GROUP 8
+#define FMOE_FP8_SCALE_GROUP 1
 #endif
 template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 1> struct TmaFp8Engine {
     static_assert(BN == 128 || BN == 256, "128 or 256 weight rows a tile");
@@ -121,8 +117,8 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     // count the scale groups passed, mod 4 (bit 30 the group's slot, bit 31 its barriers' phase). The ring reads
     // only it mod 2 · STAGES, which a power-of-two STAGES keeps clear of those bits (a launch passes far fewer than
     // 2^30 K blocks), and a separate count held across the mainloop made ptxas spill the consumers' queue index
-    // (deepseek-v3, 8 B, NVRTC 13.0). This way deepseek-v3's tracing build of the TMA kernel compiles without
-    // spills too (8 B before).
+    // (deepseek-v3, 8 B, NVRTC 13.0). Grouped, deepseek-v3's tracing build of the TMA kernel does not spill either
+    // (with the per-K-block copies, the default, it spills 8 B: the consumers' queue index, rounds 36 – 37).
     u32 it;
     static constexpr u32 GROUP_ONE = 1u << 30;
     FMOE_DEVICE u32 gslot() const { return (it >> 30) & 1; }
