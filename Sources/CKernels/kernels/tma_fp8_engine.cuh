@@ -56,6 +56,17 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_IDLE_WG
 #define FMOE_FP8_IDLE_WG (FMOE_TMA_FP8_BN == 256)
 #endif
+// FMOE_FP8_SPLIT_HALVES 1 (with FMOE_FP8_IDLE_WG, 256 weight rows and h from the accumulators): a tile of at most 64
+// rows runs B's two 128-row halves on the two warpgroups at once, each over the tile's 64 rows (consume_split), where
+// otherwise one warpgroup runs both halves in turn and the other idles. Such tiles are an expert's last row block
+// (deepseek-v3 S = 4096: 41 % of the GEMM0 tiles, their mainloop 43 µs against 55 µs for a full tile, round 37's
+// stamps), bound by that one warpgroup's chain, not by the B bytes they load (Benchmarks/RESULTS.md, "Round 39").
+// Each output element gets the same MMAs and promotions in the same order: the same bits. GEMM0's tiles only: their
+// epilogue (gemm0_quantize_split_fp8) takes the rows of thread index mod 128 and the warpgroup's columns.
+// 0 (the default until it has run on a GPU: round 39 compiled it without spills, no device time was left): idle.
+#ifndef FMOE_FP8_SPLIT_HALVES
+#define FMOE_FP8_SPLIT_HALVES 0
+#endif
 
 // SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's
 // 128 rows' A scales, then its granules'; the A scales in groups of K blocks instead with FMOE_FP8_SCALE_GROUP
@@ -281,6 +292,23 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         }
     }
 
+    // Whether a GEMM0 tile (A gathered) of `rows` rows runs split (FMOE_FP8_SPLIT_HALVES). Not GEMM1's: a second form
+    // of its stores made ptxas spill the consumers' queue index (deepseek-v3, qwen3-30b-a3b: 8 B, NVRTC 13.0).
+    static constexpr bool SPLIT = FMOE_FP8_SPLIT_HALVES != 0 && FMOE_FP8_IDLE_WG != 0 && HALVES == 2 && SMEM_SCALES;
+    static FMOE_DEVICE bool split(int rows, bool gathered) { return SPLIT && gathered && rows <= 64; }
+
+    // SMEM_SCALES: K block kt's A scales of tile rows r0 and r0 + 8, from its group's slot (GROUPED) or from the
+    // stage's scales `sm`.
+    FMOE_DEVICE void row_scales(const float *sm, int kt, int r0, float &s0, float &s1) const {
+        if (GROUPED) {
+            const float *ga = groups() + gslot() * GROUP_FLOATS + kt % SG;
+            s0 = ga[r0 * SG];
+            s1 = ga[(r0 + 8) * SG];
+        } else {
+            s0 = sm[r0];
+            s1 = sm[r0 + 8];
+        }
+    }
     FMOE_DEVICE u32 a_of(u32 i) const {
         return smem_addr(ring + (i % STAGES) * STAGE_BYTES) + (FMOE_TID >> 7) * 64 * ROW_BYTES;
     }
@@ -309,6 +337,10 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         // is arrived on before the producer has refilled it. The warpgroup index from a shuffle: warp-uniform to
         // ptxas, which otherwise sees the MMAs below on a divergent path and serialises them (C7518).
         const int wg = __shfl_sync(0xffffffffu, (int)(FMOE_TID >> 7), 0);
+        if (split(t.a_rows, gathered)) {
+            consume_split(ktiles, gathered, wg, acc);
+            return;
+        }
         if (wg * 64 >= t.a_rows) {
             for (int kt = 0; kt < ktiles; ++kt) {
                 group_wait(kt);
@@ -333,17 +365,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
                     // Read while the MMAs run: the rows' scales with the first half, each half's granules with its
                     // own (two registers fewer across the first promotion, which the 256-row tiles need).
                     const float *sm = scales + (it % STAGES) * SCALES;
-                    if (h == 0) {
-                        const int r0 = wgmma_acc_row(fresh_tid());
-                        if (GROUPED) {
-                            const float *ga = groups() + gslot() * GROUP_FLOATS + kt % SG;
-                            s0 = ga[r0 * SG];
-                            s1 = ga[(r0 + 8) * SG];
-                        } else {
-                            s0 = sm[r0];
-                            s1 = sm[r0 + 8];
-                        }
-                    }
+                    if (h == 0) row_scales(sm, kt, wgmma_acc_row(fresh_tid()), s0, s1);
                     b[2 * h] = sm[BM + 2 * h];
                     b[2 * h + 1] = sm[BM + 2 * h + 1];
                 }
@@ -358,6 +380,31 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
                 promote(acc + 64 * h, tmp, s0, s1, b[2 * h], b[2 * h + 1]);
             }
             group_release(kt);  // after this K block's reads of the group (s0, s1 read at h = 0)
+            ++it;
+        }
+    }
+
+    // A split tile (FMOE_FP8_SPLIT_HALVES): warpgroup wg computes B's half wg against the stage's first 64 A rows into
+    // acc[0 … 64), the m64n128 layout of half wg (rows wgmma_acc_row of the thread index mod 128). The K blocks, MMAs,
+    // scales and promotions of each output element are consume's: the same bits. Every consumer lane still passes
+    // and releases each stage and group, so the barriers' counts are consume's.
+    FMOE_DEVICE void consume_split(int ktiles, bool gathered, int wg, float *acc) {
+        float tmp[64];
+        for (int kt = 0; kt < ktiles; ++kt) {
+            float s0, s1, b0, b1;
+            group_wait(kt);
+            wait_full(it, gathered);
+            const u32 st = smem_addr(ring + (it % STAGES) * STAGE_BYTES);
+            issue(tmp, st, st + A_BYTES + wg * 128 * ROW_BYTES);
+            const float *sm = scales + (it % STAGES) * SCALES;  // read while the MMAs run
+            row_scales(sm, kt, wgmma_acc_row(fresh_tid() & 127), s0, s1);
+            b0 = sm[BM + 2 * wg];
+            b1 = sm[BM + 2 * wg + 1];
+            wgmma_wait<0>();
+            if (!LANE_RELEASE) __syncwarp();
+            release(it);
+            promote(acc, tmp, s0, s1, b0, b1);
+            group_release(kt);
             ++it;
         }
     }

@@ -50,9 +50,11 @@ FMOE_DEVICE u32 *held_pair(const Params &p, const Layout &L, int x, int m, int n
 // divisions: the same codes). A quad transposes its code pairs (quad_transpose) so a lane stores 8 contiguous bytes.
 // Rows past the expert's store nothing. GEMM1 reads the codes by TMA: the caller fences them to the async proxy and
 // releases them.
-template <bool FAST>
-FMOE_DEVICE void store_codes_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
-                                 const float (&s)[2], int tid) {
+// A split tile's warpgroup (FMOE_FP8_SPLIT_HALVES) holds N = 8 of a row's 16 pairs, the group's column blocks jb0,
+// jb0 + 1 (of 4), and passes its thread index mod 128; `scale_writer` says whether it stores the rows' scales.
+template <bool FAST, int N = 16>
+FMOE_DEVICE void store_codes_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][N],
+                                 const float (&s)[2], int tid, int jb0 = 0, bool scale_writer = true) {
     const int rows = rows_of(L, x), first = m * BM, t = tid & 3;
     const int r0 = wgmma_acc_row(tid);
     const size_t base = (size_t)L.row_start[x] + first;
@@ -63,12 +65,13 @@ FMOE_DEVICE void store_codes_fp8(const Params &p, const Layout &L, int x, int m,
         const bool ok = first + r < rows;
         unsigned char *row = p.hq + (base + (ok ? r : 0)) * I + (size_t)g * FP8_GROUP;
 #pragma unroll
-        for (int jb = 0; jb < 4; ++jb) {
+        for (int jl = 0; jl < N / 4; ++jl) {
+            const int jb = jb0 + jl;
             u32 w[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const float hi = __uint_as_float(hv[h][4 * jb + i] & 0xffff0000u);
-                const float lo = __uint_as_float(hv[h][4 * jb + i] << 16);
+                const float hi = __uint_as_float(hv[h][4 * jl + i] & 0xffff0000u);
+                const float lo = __uint_as_float(hv[h][4 * jl + i] << 16);
                 w[i] = FAST ? e4m3x2(div_by_scale(hi, s[h], rs), div_by_scale(lo, s[h], rs))
                             : e4m3x2(__fdiv_rn(hi, s[h]), __fdiv_rn(lo, s[h]));
             }
@@ -77,8 +80,26 @@ FMOE_DEVICE void store_codes_fp8(const Params &p, const Layout &L, int x, int m,
             if (ok && (I % FP8_GROUP == 0 || g * FP8_GROUP + col < I))
                 *(uint2 *)(row + col) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
         }
-        if (ok && t == 0) p.hq_scale[(base + r) * KB_I + g] = s[h];
+        if (ok && t == 0 && scale_writer) p.hq_scale[(base + r) * KB_I + g] = s[h];
     }
+}
+// The largest finite |v| of a row's values this thread's quad holds: N packed BF16 pairs a lane, two shuffles. Finite
+// values only, as quantize_group4; fmaxf in any order gives the same value.
+template <int N> FMOE_DEVICE float quad_amax(const u32 (&v)[N]) {
+    float mx = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float a = fabsf(__uint_as_float(v[i] << 16)), b = fabsf(__uint_as_float(v[i] & 0xffff0000u));
+        if (a <= 3.402823466e38f) mx = fmaxf(mx, a);
+        if (b <= 3.402823466e38f) mx = fmaxf(mx, b);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+}
+// A row's scale from its amax, as quantize_group4: amax / 448, 1 where that is not positive.
+FMOE_DEVICE float group_scale(float mx) {
+    const float s = __fdiv_rn(mx, 448.f);
+    return s > 0.f ? s : 1.f;
 }
 FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int m, int g, const u32 (&hv)[2][16],
                                     int tid) {
@@ -86,17 +107,8 @@ FMOE_DEVICE void quantize_pairs_fp8(const Params &p, const Layout &L, int x, int
     bool fast = true;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float mx = 0.f;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            const float a = fabsf(__uint_as_float(hv[h][i] << 16)), b = fabsf(__uint_as_float(hv[h][i] & 0xffff0000u));
-            if (a <= 3.402823466e38f) mx = fmaxf(mx, a);  // finite values only, as quantize_group4
-            if (b <= 3.402823466e38f) mx = fmaxf(mx, b);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        s[h] = __fdiv_rn(mx, 448.f);
-        if (!(s[h] > 0.f)) s[h] = 1.f;
+        const float mx = quad_amax(hv[h]);
+        s[h] = group_scale(mx);
         fast &= scale_reciprocal_ok(mx);
     }
     if (__all_sync(0xffffffffu, fast)) store_codes_fp8<true>(p, L, x, m, g, hv, s, tid);
@@ -165,6 +177,86 @@ FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x
         quantize_pairs_fp8(p, L, x, m, g, hv, tid);
     }
 }
+// A split tile (FMOE_FP8_SPLIT_HALVES, tma_fp8_engine.cuh): warpgroup wg holds the tile's rows (wgmma_acc_row of the
+// thread index mod 128) and half wg of its columns in acc[0 … 64). Plain: that half is group 2q + wg whole. Gated: it
+// is channels 64·wg … of group q (gate registers 0 … 31, up 32 further): split_pairs_fp8 forms them.
+template <bool FAST>
+FMOE_DEVICE void split_pairs_fp8(const Params &p, int x, int q, const float *acc, int rt, int wg, u32 (&hv)[2][8]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int col = q * FP8_GROUP + 64 * wg + 8 * i + 2 * (rt & 3);
+            hv[h][i] = I % FP8_GROUP == 0 || col < I ? gemm0_pair_fp8<FAST>(p, x, acc, 4 * i + 2 * h, col) : 0u;
+        }
+}
+// The same with activation_fast where the warp's gate registers allow it (the same bits either way).
+FMOE_DEVICE void split_pairs_fp8(const Params &p, int x, int q, const float *acc, int rt, int wg, u32 (&hv)[2][8]) {
+    SiluFastRange range;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) range.add(acc[c]);
+    if (__all_sync(0xffffffffu, range.ok())) split_pairs_fp8<true>(p, x, q, acc, rt, wg, hv);
+    else split_pairs_fp8<false>(p, x, q, acc, rt, wg, hv);
+}
+// The split tiles' row amaxes, [warpgroup][tile row].
+FMOE_DEVICE float *split_amax() {
+    __shared__ float a[2 * 64];
+    return a;
+}
+// A split tile's GEMM0 epilogue. Gated: a row's amax is the larger of the two warpgroups' (fmaxf: the same value as
+// over the whole row), exchanged through shared memory between two barriers of the consumers (the second keeps the
+// next split tile's writes after this one's reads), which every consumer thread reaches, warps without rows too;
+// each warpgroup stores its own codes, the first the scales. The pairs are formed twice, for the amax before the
+// exchange and for the codes after it: held across the barriers they made ptxas spill (deepseek-v3: 128 B, NVRTC 13.0).
+FMOE_DEVICE void gemm0_quantize_split_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc,
+                                          int tid) {
+    const int rt = tid & 127, wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    const bool rows_here = m * BM + (rt >> 5) * 16 < rows_of(L, x);  // the warp's first row (its lane 0's)
+    if (!GATED) {
+        const int g = 2 * q + wg;
+        if (!rows_here || g * FP8_GROUP >= I) return;
+        u32 hv[2][16];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                const int col = g * FP8_GROUP + 8 * i + 2 * (rt & 3);
+                hv[h][i] = I % FP8_GROUP == 0 || col < I ? gemm0_pair_fp8(p, x, acc, 4 * i + 2 * h, col) : 0u;
+            }
+        quantize_pairs_fp8(p, L, x, m, g, hv, rt);
+        return;
+    }
+    const int r0 = wgmma_acc_row(rt);
+    float mx[2] = {0.f, 0.f};
+    if (rows_here) {
+        u32 hv[2][8];
+        split_pairs_fp8(p, x, q, acc, rt, wg, hv);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            mx[h] = quad_amax(hv[h]);
+            if ((rt & 3) == 0) split_amax()[64 * wg + r0 + 8 * h] = mx[h];
+        }
+    }
+    sync_block();
+    if (rows_here) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mx[h] = fmaxf(mx[h], split_amax()[64 * (wg ^ 1) + r0 + 8 * h]);
+    }
+    sync_block();
+    if (!rows_here) return;
+    u32 hv[2][8];
+    split_pairs_fp8(p, x, q, acc, rt, wg, hv);
+    float s[2];
+    bool fast = true;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        s[h] = group_scale(mx[h]);
+        fast &= scale_reciprocal_ok(mx[h]);
+    }
+    if (__all_sync(0xffffffffu, fast)) store_codes_fp8<true, 8>(p, L, x, m, q, hv, s, rt, 2 * wg, wg == 0);
+    else store_codes_fp8<false, 8>(p, L, x, m, q, hv, s, rt, 2 * wg, wg == 0);
+}
+
 // A warp whose 16 rows all lie past the expert's stores nothing, so it skips the epilogue, and gated FFNs take
 // activation_fast where every gate value of the warp allows it (the same bits either way). Before both, a tile of at
 // most 64 rows (an expert's last row block; its second warpgroup computes nothing, tma_fp8_engine.cuh,
@@ -172,8 +264,13 @@ FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x
 // appears): 26 µs to the release barrier, where the release then waited 14.5 µs; a full tile's epilogue took
 // 9.9 – 10.1 µs. With both, and without a branch a pair or a gate value: 0.6 µs, 1.3 µs and 6.1 µs (deepseek-v3
 // S = 4096, H100 traces with per-warpgroup stamps; Benchmarks/RESULTS.md "Round 37").
+// A split tile's epilogue: gemm0_quantize_split_fp8.
 FMOE_DEVICE void gemm0_quantize_acc_fp8(const Params &p, const Layout &L, int x, int m, int q, const float *acc) {
     const int tid = fresh_tid();
+    if (ExpertTmaFp8::split(rows_of(L, x) - m * BM, true)) {
+        gemm0_quantize_split_fp8(p, L, x, m, q, acc, tid);
+        return;
+    }
     if (m * BM + (tid >> 5) * 16 >= rows_of(L, x)) return;  // the warp's first row (wgmma_acc_row of its lane 0)
     bool fast = GATED && FMOE_TMA_FP8_BN == 256;  // (128-row tiles run gemm0_group_fp8 instead)
     if (fast) {

@@ -66,6 +66,7 @@ FMOE_DEVICE int pair_tiles(int q, int nt) { return min(PAIR, nt - PAIR * q); }
 #define FMOE_H_FROM_ACC (FMOE_TMA_FP8_BN == 256)
 #endif
 constexpr bool H_FROM_ACC = FMOE_H_FROM_ACC != 0;
+static_assert(!ExpertTmaFp8::SPLIT || H_FROM_ACC, "split tiles quantize h from their accumulators");
 // Whether a routed GEMM0 ticket is several engine tiles: one group's 128-row tiles.
 constexpr bool GROUP_TICKETS = H_FROM_ACC && FMOE_TMA_FP8_BN == 128;
 // Column tiles of a routed GEMM0 ticket, and the tickets of a routed row block.
