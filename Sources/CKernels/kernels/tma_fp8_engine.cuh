@@ -67,6 +67,12 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_SPLIT_HALVES
 #define FMOE_FP8_SPLIT_HALVES 0
 #endif
+// (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.)
+#if FMOE_FP8_SPLIT_HALVES && FMOE_FP8_IDLE_WG
+constexpr bool FP8_SPLIT_HALVES = true;
+#else
+constexpr bool FP8_SPLIT_HALVES = false;
+#endif
 
 // SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's
 // 128 rows' A scales, then its granules'; the A scales in groups of K blocks instead with FMOE_FP8_SCALE_GROUP
@@ -294,7 +300,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
 
     // Whether a GEMM0 tile (A gathered) of `rows` rows runs split (FMOE_FP8_SPLIT_HALVES). Not GEMM1's: a second form
     // of its stores made ptxas spill the consumers' queue index (deepseek-v3, qwen3-30b-a3b: 8 B, NVRTC 13.0).
-    static constexpr bool SPLIT = FMOE_FP8_SPLIT_HALVES != 0 && FMOE_FP8_IDLE_WG != 0 && HALVES == 2 && SMEM_SCALES;
+    static constexpr bool SPLIT = FP8_SPLIT_HALVES && HALVES == 2 && SMEM_SCALES;
     static FMOE_DEVICE bool split(int rows, bool gathered) { return SPLIT && gathered && rows <= 64; }
 
     // SMEM_SCALES: K block kt's A scales of tile rows r0 and r0 + 8, from its group's slot (GROUPED) or from the
