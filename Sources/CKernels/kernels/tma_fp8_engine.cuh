@@ -96,10 +96,10 @@ constexpr bool FP8_SPLIT_HALVES = false;
 // a full and an empty barrier, instead of a 4-byte copy a row a K block into the stage (12 % of the LSU's global
 // sectors at deepseek-v3 S = 4096, ncu). The same scales reach the same promotions: the same bits (H100: equal to the
 // cp.async kernel's at deepseek-v3 S = 4096 and 300 and mixtral-8x7b S = 1000). 1 (the default): a K block at a
-// time. Grouped by 8, deepseek-v3 S = 4096 ran 4 – 5 % slower (two pairs of medians; minima 1.6 %) and mixtral-8x7b
-// S = 4096 no faster (equal minima), though a build without the A-scale copies had been 3 – 6 % faster there
-// (H100, Benchmarks/RESULTS.md "Round 38", "Round 39"). Groups are used only where both GEMMs' K-block counts are
-// multiples of the group (tma_fp8_tasks.cuh): with partial groups the tests' small shapes spilled 8 B.
+// time. Grouped by 8, deepseek-v3 S = 4096 ran 4.0 – 5.5 % slower (two pairs of medians; minima 1.6 %) and
+// mixtral-8x7b S = 4096 no faster (equal minima), though a build without the A-scale copies had been 3 – 6 % faster
+// there (H100, Benchmarks/RESULTS.md "Round 38", "Round 39"). Groups are used only where both GEMMs' K-block counts
+// are multiples of the group (tma_fp8_tasks.cuh): with partial groups the tests' small shapes spilled 8 B.
 #ifndef FMOE_FP8_SCALE_GROUP
 #define FMOE_FP8_SCALE_GROUP 1
 #endif

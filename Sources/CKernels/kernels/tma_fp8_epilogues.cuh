@@ -152,6 +152,20 @@ FMOE_DEVICE void gemm0_group_fp8(const Params &p, const Layout &L, const TmaMaps
     quantize_pairs_fp8(p, L, x, m, q, hv, tid);
 }
 
+// A row half's N pairs of h from accumulators `acc` (gemm0_pair_fp8's register order, pair i at registers 4i + 2h):
+// output columns col0 + 8i + 2t (t = the lane in its quad), 0 past I. Where I is a multiple of the group every column
+// is inside: no branch a pair, so ptxas can interleave the pairs' chains.
+template <bool FAST, int N>
+FMOE_DEVICE void acc_pairs_fp8(const Params &p, int x, const float *acc, int col0, int tid, u32 (&hv)[2][N]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const int col = col0 + 8 * i + 2 * (tid & 3);
+            hv[h][i] = I % FP8_GROUP == 0 || col < I ? gemm0_pair_fp8<FAST>(p, x, acc, 4 * i + 2 * h, col) : 0u;
+        }
+}
+
 // Routed GEMM0 ticket q of expert x's row block m with 256-row tiles: the tile's accumulators hold whole groups of h
 // (gated: output columns 128q …, group q; plain: 256q …, groups 2q and 2q + 1), so each group's pairs are formed
 // from them (gemm0_pair_fp8, the register order of gemm0_store_acc_fp8) and quantized; no BF16 h is written.
@@ -164,39 +178,21 @@ FMOE_DEVICE void quantize_acc_groups_fp8(const Params &p, const Layout &L, int x
         const int g = GROUPS * q + gg;
         if (g * FP8_GROUP >= I) break;  // block-uniform: a plain FFN's last ticket of one group
         u32 hv[2][16];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                // Where I is a multiple of the group (a group past I ended the loop) every column is inside: no
-                // branch a pair, so ptxas can interleave the pairs' chains.
-                const int col = g * FP8_GROUP + 8 * i + 2 * (tid & 3);
-                const bool inside = I % FP8_GROUP == 0 || col < I;
-                hv[h][i] = inside ? gemm0_pair_fp8<FAST>(p, x, acc, 4 * (16 * gg + i) + 2 * h, col) : 0u;
-            }
+        acc_pairs_fp8<FAST>(p, x, acc + 64 * gg, g * FP8_GROUP, tid, hv);  // (gated: one group, gg = 0)
         quantize_pairs_fp8(p, L, x, m, g, hv, tid);
     }
 }
 // A split tile (FMOE_FP8_SPLIT_HALVES, tma_fp8_engine.cuh): warpgroup wg holds the tile's rows (wgmma_acc_row of the
 // thread index mod 128) and half wg of its columns in acc[0 … 64). Plain: that half is group 2q + wg whole. Gated: it
-// is channels 64·wg … of group q (gate registers 0 … 31, up 32 further): split_pairs_fp8 forms them.
-template <bool FAST>
-FMOE_DEVICE void split_pairs_fp8(const Params &p, int x, int q, const float *acc, int rt, int wg, u32 (&hv)[2][8]) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int col = q * FP8_GROUP + 64 * wg + 8 * i + 2 * (rt & 3);
-            hv[h][i] = I % FP8_GROUP == 0 || col < I ? gemm0_pair_fp8<FAST>(p, x, acc, 4 * i + 2 * h, col) : 0u;
-        }
-}
-// The same with activation_fast where the warp's gate registers allow it (the same bits either way).
+// is channels 64·wg … of group q (gate registers 0 … 31, up 32 further), whose pairs split_pairs_fp8 forms,
+// with activation_fast where the warp's gate registers allow it (the same bits either way).
 FMOE_DEVICE void split_pairs_fp8(const Params &p, int x, int q, const float *acc, int rt, int wg, u32 (&hv)[2][8]) {
     SiluFastRange range;
 #pragma unroll
     for (int c = 0; c < 32; ++c) range.add(acc[c]);
-    if (__all_sync(0xffffffffu, range.ok())) split_pairs_fp8<true>(p, x, q, acc, rt, wg, hv);
-    else split_pairs_fp8<false>(p, x, q, acc, rt, wg, hv);
+    const int col0 = q * FP8_GROUP + 64 * wg;
+    if (__all_sync(0xffffffffu, range.ok())) acc_pairs_fp8<true>(p, x, acc, col0, rt, hv);
+    else acc_pairs_fp8<false>(p, x, acc, col0, rt, hv);
 }
 // The split tiles' row amaxes, [warpgroup][tile row].
 FMOE_DEVICE float *split_amax() {
@@ -216,13 +212,7 @@ FMOE_DEVICE void gemm0_quantize_split_fp8(const Params &p, const Layout &L, int 
         const int g = 2 * q + wg;
         if (!rows_here || g * FP8_GROUP >= I) return;
         u32 hv[2][16];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                const int col = g * FP8_GROUP + 8 * i + 2 * (rt & 3);
-                hv[h][i] = I % FP8_GROUP == 0 || col < I ? gemm0_pair_fp8(p, x, acc, 4 * i + 2 * h, col) : 0u;
-            }
+        acc_pairs_fp8<false>(p, x, acc, g * FP8_GROUP, rt, hv);
         quantize_pairs_fp8(p, L, x, m, g, hv, rt);
         return;
     }
