@@ -56,16 +56,16 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_IDLE_WG
 #define FMOE_FP8_IDLE_WG (FMOE_TMA_FP8_BN == 256)
 #endif
-// FMOE_FP8_SPLIT_HALVES 1 (with FMOE_FP8_IDLE_WG, 256 weight rows and h from the accumulators): a tile of at most 64
-// rows runs B's two 128-row halves on the two warpgroups at once, each over the tile's 64 rows (consume_split), where
-// otherwise one warpgroup runs both halves in turn and the other idles. Such tiles are an expert's last row block
-// (deepseek-v3 S = 4096: 41 % of the GEMM0 tiles, their mainloop 43 µs against 55 µs for a full tile, round 37's
-// stamps), bound by that one warpgroup's chain, not by the B bytes they load (Benchmarks/RESULTS.md, "Round 39").
-// Each output element gets the same MMAs and promotions in the same order: the same bits. GEMM0's tiles only: their
-// epilogue (gemm0_quantize_split_fp8) takes the rows of thread index mod 128 and the warpgroup's columns.
-// 0 (the default until it has run on a GPU: round 39 compiled it without spills, no device time was left): idle.
+// FMOE_FP8_SPLIT_HALVES 1 (the default; with FMOE_FP8_IDLE_WG, 256 weight rows and h from the accumulators): a tile
+// of at most 64 rows (an expert's last row block: 41 % of deepseek-v3 S = 4096's GEMM0 tiles) runs B's two 128-row
+// halves on the two warpgroups at once, each over the tile's 64 rows (consume_split); 0: one warpgroup runs both
+// halves in turn while the other idles. The same MMAs and promotions reach each output element in the same order: the
+// same bits (H100: equal to the cp.async kernel's at deepseek-v3 S = 300 and 4096, paper-e64 S = 300). GEMM0's tiles
+// only; their epilogue (gemm0_quantize_split_fp8) takes the rows of thread index mod 128 and the warpgroup's columns.
+// deepseek-v3 S = 4096: 2.1 – 2.7 % faster by the medians, minima unchanged (H100, Benchmarks/RESULTS.md "Round 40"):
+// the engine's steps run one after another, not under each other, so a shorter chain in these tiles saves little.
 #ifndef FMOE_FP8_SPLIT_HALVES
-#define FMOE_FP8_SPLIT_HALVES 0
+#define FMOE_FP8_SPLIT_HALVES 1
 #endif
 // (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.)
 #if FMOE_FP8_SPLIT_HALVES && FMOE_FP8_IDLE_WG
