@@ -1,10 +1,14 @@
 """scripts/gpu-variants with a stand-in flashmoe binary: each variant's commands see their own copy of the kernel
 sources with the one default it sets, the caller's FLASHMOE_KERNEL_DIR never leaks in, a macro that is not in the
 named file is a usage error before anything runs, a variant's environment reaches its commands only, and failures are
-counted and named, and --pack leaves the logs in one archive."""
+counted and named, --pack leaves the logs in one archive, and a patch variant runs the patched sources (a patch that
+does not apply is a usage error)."""
 
+import difflib
 import os
+import shutil
 import tarfile
+import tempfile
 import textwrap
 import unittest
 
@@ -94,6 +98,38 @@ class GpuVariantsTests(unittest.TestCase):
             self.assertIn("trace-qwen3-30b-a3b-1-bf16-on.log", names)
             off = next(m for m in t.getmembers() if m.name.endswith("bench-qwen3-30b-a3b-1-bf16-off.log"))
             self.assertIn("median 0.05 ms", t.extractfile(off).read().decode())
+
+    def write_patch(self, old, new):
+        """A unified diff of gate_gemv.cuh (paths a/, b/) replacing the line `old` by `new`, in a temporary file."""
+        path = os.path.join(stand_in.ROOT, "Sources", "CKernels", "kernels", "gate_gemv.cuh")
+        lines = stand_in.read(path).splitlines(keepends=True)
+        self.assertIn(old, lines)
+        changed = [new if line == old else line for line in lines]
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        patch = os.path.join(tmp, "gemv.patch")
+        with open(patch, "w") as f:
+            f.writelines(difflib.unified_diff(lines, changed, "a/gate_gemv.cuh", "b/gate_gemv.cuh"))
+        return patch
+
+    @unittest.skipUnless(shutil.which("patch"), "no 'patch' command on this machine")
+    def test_a_patch_variant_runs_the_patched_sources(self):
+        patch = self.write_patch("#define FMOE_GATE_GEMV 1\n", "#define FMOE_GATE_GEMV 0\n")
+        p, out = self.run_script("--variant-patch", "p=" + patch, "--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+                                 "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("qwen3-30b-a3b S=1 bf16: on median 0.15 ms; p median 0.05 ms;",
+                      stand_in.read(os.path.join(out, "summary.txt")))
+        # A patch whose context is not in the sources is refused before anything runs.
+        stale = self.write_patch("#define FMOE_GATE_GEMV 1\n", "#define FMOE_GATE_GEMV 0\n")
+        with open(stale) as f:
+            text = f.read().replace("-#define FMOE_GATE_GEMV 1", "-#define FMOE_NO_SUCH 1")
+        with open(stale, "w") as f:
+            f.write(text)
+        p, out = self.run_script("--variant-patch", "p=" + patch + "+" + stale, "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("does not apply", p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(out, "summary.txt")))
 
     def test_a_macro_missing_from_its_file_is_a_usage_error(self):
         p, out = self.run_script("--variant", "x=gemv.cuh:FMOE_NO_SUCH=1", "--case", "qwen3-30b-a3b 1 bf16")
