@@ -61,14 +61,14 @@ __device__ float fp8_no_scale;
 // halves on the two warpgroups at once, each over the tile's 64 rows (consume_split); 0: one warpgroup runs both
 // halves in turn while the other idles. The same MMAs and promotions reach each output element in the same order: the
 // same bits (H100: equal to the cp.async kernel's at deepseek-v3 S = 300 and 4096, paper-e64 S = 300). GEMM0's tiles
-// only; their epilogue (gemm0_quantize_split_fp8) takes the rows of thread index mod 128 and the warpgroup's columns.
-// deepseek-v3 S = 4096: 2.1 – 2.7 % faster by the medians, minima unchanged (H100, Benchmarks/RESULTS.md "Round 40"):
-// the engine's steps run one after another, not under each other, so a shorter chain in these tiles saves little.
+// only (epilogue: gemm0_quantize_split_fp8). deepseek-v3 S = 4096: 2.1 – 2.7 % faster by the medians, minima unchanged
+// (H100, Benchmarks/RESULTS.md "Round 40": the engine's steps run one after another, so a shorter chain saves little).
 #ifndef FMOE_FP8_SPLIT_HALVES
 #define FMOE_FP8_SPLIT_HALVES 1
 #endif
-// (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.)
-#if FMOE_FP8_SPLIT_HALVES && FMOE_FP8_IDLE_WG
+// (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.
+// Split tiles quantize h from their accumulators: none with FMOE_H_FROM_ACC 0, tma_fp8_tasks.cuh.)
+#if FMOE_FP8_SPLIT_HALVES && FMOE_FP8_IDLE_WG && !(defined(FMOE_H_FROM_ACC) && FMOE_H_FROM_ACC == 0)
 constexpr bool FP8_SPLIT_HALVES = true;
 #else
 constexpr bool FP8_SPLIT_HALVES = false;
