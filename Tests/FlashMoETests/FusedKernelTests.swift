@@ -171,8 +171,8 @@ import Testing
     /// tiles on mma.sync, as before round 35, moe_params.cuh; `FMOE_FP8_SHARED_WIDE=0`: a shared ticket's two column
     /// tiles as two 128-wide tiles instead of one 128 × 256 tile, as before round 36, phase_experts_tma_fp8.cuh, in the
     /// 256-row TMA kernel: settings ending in "tma"; `FMOE_FP8_SPLIT_HALVES=0`: tiles of at most 64 rows on one
-    /// consumer warpgroup while the other idles, as before round 40, tma_fp8_engine.cuh) compile on sm_90a (wgmma) and sm_89 (mma.sync)
-    /// without spills and change the code of a kernel with a shared expert.
+    /// consumer warpgroup while the other idles, as before round 40, tma_fp8_engine.cuh) compile on sm_90a (wgmma)
+    /// and sm_89 (mma.sync) without spills and change the code of a kernel with a shared expert.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=1", "sm_89 FMOE_QUANT_GROUPS=8",
                      "sm_90a FMOE_FP8_SHARED_WGMMA=0", "sm_90a FMOE_FP8_SHARED_WIDE=0 tma",
