@@ -78,9 +78,9 @@ template <> struct Storage<f16_t> {
 // warpgroup the TMA engine's producer (tma_engine.cuh, phase_experts_tma.cuh); it never runs the phases, so every
 // phase's block barrier is named barrier 0 over the first 256 threads (PHASE_THREADS). Otherwise blocks of 256 and
 // the plain __syncthreads. Named barrier 1 is the producer warpgroup's own, 2 the producer's hand-over from the
-// phases. The named barriers are the non-aligned `barrier.sync` form: the compiler does not reconverge a warp
-// before inline asm (after `if (threadIdx.x == 0)`), and `bar.sync` requires a converged warp (compute-sanitizer's
-// synccheck flagged it).
+// phases, 3 and 4 the fp8 consumers' ordered issue (ptx_sm90.cuh, off by default). The named barriers are the
+// non-aligned `barrier.sync` form: the compiler does not reconverge a warp before inline asm (after `if
+// (threadIdx.x == 0)`), and `bar.sync` requires a converged warp (compute-sanitizer's synccheck flagged it).
 #ifndef FMOE_TMA
 #define FMOE_TMA 0
 #endif

@@ -149,6 +149,29 @@ template <bool CLUSTER_SCOPE> FMOE_DEVICE void mbar_arrive_cluster_if(u64 *bar, 
 }
 #undef FMOE_REMOTE_ARRIVE
 
+// ---- Issue order of the two consumer warpgroups (named barriers 3 and 4) -----------------------------------------
+// TmaFp8Engine's ordered issue (FMOE_FP8_ORDERED_ISSUE, tma_fp8_engine.cuh): warpgroup w (thread index / 128) waits on
+// barrier 4 − w before issuing a K block's first MMAs and arrives on 3 + w after: 1 issues only after 0 has, and 0
+// only once 1 has issued the K block before; an idle warpgroup 1 (consume) waits and arrives the same way, so each K
+// block pairs one wait with one arrival on each barrier. The first wait of warpgroup 0 in a launch is met by
+// warpgroup 1's arrival before its first tile, and 1's last arrival by 0's wait after its last (expert_consumers_fp8;
+// the same pair around each tile's mainloop made ptxas spill 8 B, deepseek-v3). The index is a fresh read of %tid.x
+// inside the asm, so neither call holds a register across the mainloop (holding the warpgroup spilled 20 B). No
+// memory clobber: they order instructions, not data (the stage's bytes are ordered by its mbarrier).
+FMOE_DEVICE void order_issue_wait() {
+    asm volatile("{\n .reg .u32 w;\n shr.u32 w, %0, 7;\n sub.u32 w, 4, w;\n barrier.sync w, 256;\n}\n" ::"r"(
+        fresh_tid()));
+}
+FMOE_DEVICE void order_issue_done() {
+    asm volatile("{\n .reg .u32 w;\n shr.u32 w, %0, 7;\n add.u32 w, 3, w;\n barrier.arrive w, 256;\n}\n" ::"r"(
+        fresh_tid()));
+}
+// Warpgroup 1's arrival before the first tile (first) and warpgroup 0's wait after the last (!first).
+FMOE_DEVICE void order_issue_bracket(bool first) {
+    if (first && FMOE_TID >= 128) asm volatile("barrier.arrive 4, 256;\n" ::: "memory");
+    if (!first && FMOE_TID < 128) asm volatile("barrier.sync 4, 256;\n" ::: "memory");
+}
+
 // ---- Register reallocation ------------------------------------------------------------------------------------------
 template <int N> FMOE_DEVICE void regs_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
 template <int N> FMOE_DEVICE void regs_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }

@@ -12,11 +12,8 @@
 // m64n128k32 e4m3 MMAs into a temporary (the first with scale-d = 0), then acc += tmp · (a_scale · b_scale), so the
 // results are bit-identical. BN = 256 runs the two 128-row halves of B one after the other through the one temporary
 // (128 + 64 accumulator registers): half the A traffic of two 128-row tiles (the fused kernel's default since round
-// 33, FMOE_TMA_FP8_BN in tma_fp8_tasks.cuh, once it compiled without spills there). Measured in the harness (H200,
-// round 21, Benchmarks/RESULTS.md): BN = 256 1.2 – 1.6× the cp.async tile on the four large shapes (deepseek-v3
-// GEMM0 574 against 469 TFLOP/s, qwen3-30b-a3b GEMM0 665 against 473, GEMM1 545 against 348); BN = 128 was slower
-// than 256 everywhere, and a second temporary (the next K block's MMA issued before this one's promotion) no faster
-// than one (that form was removed in round 22).
+// 33, FMOE_TMA_FP8_BN in tma_fp8_tasks.cuh). In the harness (H200, round 21, Benchmarks/RESULTS.md) BN = 256 ran at
+// 1.2 – 1.6× the cp.async tile, BN = 128 slower, and a second temporary no faster than one (removed in round 22).
 //
 // Operands: B rows come from a stack of matrices (the experts' weight images: E4M3 codes [rows, K] at a fixed byte
 // stride, their scales after the codes) through a 3-D tensor map, boxes of 128 bytes × BN rows × 1 matrix; rows past
@@ -49,10 +46,9 @@ struct TmaFp8ScaleSource {
 __device__ float fp8_no_scale;
 
 // FMOE_FP8_IDLE_WG 1: a consumer warpgroup with no rows in a tile skips its MMAs (consume). An expert's last row
-// block holds its rows mod 128 (deepseek-v3 S = 4096 in `flashmoe bench`: 142 rows an expert on average), and where
-// that is at most 64 the second warpgroup's MMAs, A scales and promotions were all on zero rows (or, in GEMM1, on rows
-// the epilogue masks). 0: every warpgroup computes. Default: with 256-row tiles (the form measured with it); with
-// 128-row tiles it measured −3 % to +3 % (Benchmarks/RESULTS.md, "Round 30"), so they keep the plain loop.
+// block holds its rows mod 128, and where that is at most 64 the second warpgroup's MMAs, A scales and promotions
+// were all on zero rows (or, in GEMM1, on rows the epilogue masks). 0: every warpgroup computes. Default: with
+// 256-row tiles; with 128-row tiles it measured −3 % to +3 % (Benchmarks/RESULTS.md, "Round 30").
 #ifndef FMOE_FP8_IDLE_WG
 #define FMOE_FP8_IDLE_WG (FMOE_TMA_FP8_BN == 256)
 #endif
@@ -66,6 +62,12 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_SPLIT_HALVES
 #define FMOE_FP8_SPLIT_HALVES 1
 #endif
+// FMOE_FP8_ORDERED_ISSUE 1 (with FMOE_FP8_IDLE_WG): warpgroup 0 issues each K block's first MMAs before 1 does
+// (ptx_sm90.cuh's order_issue_*), meant to let 0 promote under 1's MMAs. The same bits, but 1.5 – 2.5 % slower
+// (H200, Benchmarks/RESULTS.md "Round 41"), so 0 (free order) is the default: an A/B switch.
+#ifndef FMOE_FP8_ORDERED_ISSUE
+#define FMOE_FP8_ORDERED_ISSUE 0
+#endif
 // (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.
 // Split tiles quantize h from their accumulators: none with FMOE_H_FROM_ACC 0, tma_fp8_tasks.cuh.)
 #if FMOE_FP8_SPLIT_HALVES && FMOE_FP8_IDLE_WG && !(defined(FMOE_H_FROM_ACC) && FMOE_H_FROM_ACC == 0)
@@ -74,32 +76,26 @@ constexpr bool FP8_SPLIT_HALVES = true;
 constexpr bool FP8_SPLIT_HALVES = false;
 #endif
 
-// SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's
-// 128 rows' A scales, then its granules'; the A scales in groups of K blocks instead with FMOE_FP8_SCALE_GROUP
-// below), arriving on the stage's full barrier when they land, so the consumers read
-// them from shared memory instead of holding the scales' pointers and bounds across the mainloop. With BN = 256 the
-// consumers' 128 + 64 accumulators leave about 24 of their 216 registers for everything else, and the fused kernel
-// spilled accumulators in GEMM0's mainloop (deepseek-v3: 276 B, NVRTC 13.0). The same scales reach the same
-// promotions, so the bits are unchanged.
+// SMEM_SCALES: the producer also copies each K block's scales into the ring (SCALES floats a stage: the tile's 128
+// rows' A scales, then its granules'; the A scales in groups with FMOE_FP8_SCALE_GROUP below), arriving on the stage's
+// full barrier, so the consumers read them from shared memory instead of holding the scales' pointers and bounds
+// across the mainloop (with BN = 256 their 128 + 64 accumulators leave about 24 of 216 registers: deepseek-v3 spilled
+// 276 B without it, NVRTC 13.0). The same scales reach the same promotions: the same bits.
 // FMOE_FP8_LANE_RELEASE 1 (the default; with SMEM_SCALES only): every consumer lane arrives on a stage's empty
 // barrier after its own reads of the stage's scales (256 arrivals a stage). 0: one lane a warp after a __syncwarp,
 // the same order by the memory model (the warp barrier orders the lanes' reads before lane 0's release-arrive), but
 // compute-sanitizer's racecheck does not follow the warp barrier and reports the producer's next copies into the
-// scales as WAR hazards against the other lanes' reads (22,946 at paper-e32 S = 700). With 1: racecheck clean, the
-// same bits, and no slower (H100, round 33, Benchmarks/RESULTS.md: qwen3-30b-a3b S = 16384 2.763 against 2.803 ms,
-// deepseek-v3 S = 4096 7.656 against 7.783).
+// scales as WAR hazards against the other lanes' reads. With 1: racecheck clean, the same bits, and no slower (H100,
+// Benchmarks/RESULTS.md "Round 33").
 #ifndef FMOE_FP8_LANE_RELEASE
 #define FMOE_FP8_LANE_RELEASE 1
 #endif
 // FMOE_FP8_SCALE_GROUP (SMEM_SCALES only): the K blocks whose A scales a producer thread copies at once (a row's are
 // consecutive floats: 8 are one sector, two 16-byte copies) into one of two group slots beside the stages, each with
-// a full and an empty barrier, instead of a 4-byte copy a row a K block into the stage (12 % of the LSU's global
-// sectors at deepseek-v3 S = 4096, ncu). The same scales reach the same promotions: the same bits (H100: equal to the
-// cp.async kernel's at deepseek-v3 S = 4096 and 300 and mixtral-8x7b S = 1000). 1 (the default): a K block at a
-// time. Grouped by 8, deepseek-v3 S = 4096 ran 4.0 – 5.5 % slower (two pairs of medians; minima 1.6 %) and
-// mixtral-8x7b S = 4096 no faster (equal minima), though a build without the A-scale copies had been 3 – 6 % faster
-// there (H100, Benchmarks/RESULTS.md "Round 38", "Round 39"). Groups are used only where both GEMMs' K-block counts
-// are multiples of the group (tma_fp8_tasks.cuh): with partial groups the tests' small shapes spilled 8 B.
+// a full and an empty barrier, instead of a 4-byte copy a row a K block into the stage. The same bits. 1 (the
+// default): a K block at a time; grouped by 8, deepseek-v3 S = 4096 ran 4.0 – 5.5 % slower and mixtral-8x7b S = 4096
+// no faster (H100, Benchmarks/RESULTS.md "Round 39"). Groups only where both GEMMs' K-block counts are multiples of
+// the group (tma_fp8_tasks.cuh): with partial groups the tests' small shapes spilled 8 B.
 #ifndef FMOE_FP8_SCALE_GROUP
 #define FMOE_FP8_SCALE_GROUP 1
 #endif
@@ -114,6 +110,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
     static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
+    static constexpr bool ORDERED = FMOE_FP8_IDLE_WG && FMOE_FP8_ORDERED_ISSUE;  // (the harness: neither)
     // Arrivals that release a stage: one lane of each consumer warp (TMA_EMPTY_ARRIVALS), or every consumer lane.
     static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 32 * TMA_EMPTY_ARRIVALS : TMA_EMPTY_ARRIVALS;
     // A-scale groups (FMOE_FP8_SCALE_GROUP): SG K blocks a group, GROUP_FLOATS floats a group's slot ([row][SG]),
@@ -349,6 +346,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         }
         if (wg * 64 >= t.a_rows) {
             for (int kt = 0; kt < ktiles; ++kt) {
+                if (ORDERED) order_issue_wait(), order_issue_done();  // an idle warpgroup 1 keeps the order's count
                 group_wait(kt);
                 mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
                 release(it);
@@ -366,7 +364,9 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
             wait_full(it, gathered);
 #pragma unroll
             for (int h = 0; h < HALVES; ++h) {
+                if (ORDERED && h == 0) order_issue_wait();
                 issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
+                if (ORDERED && h == 0) order_issue_done();
                 if (SMEM_SCALES) {
                     // Read while the MMAs run: the rows' scales with the first half, each half's granules with its
                     // own (two registers fewer across the first promotion, which the 256-row tiles need).
