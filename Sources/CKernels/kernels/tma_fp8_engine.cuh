@@ -62,10 +62,10 @@ __device__ float fp8_no_scale;
 #ifndef FMOE_FP8_SPLIT_HALVES
 #define FMOE_FP8_SPLIT_HALVES 1
 #endif
-// FMOE_FP8_ORDERED_ISSUE 1 (with FMOE_FP8_IDLE_WG): warpgroup 0 issues each K block's first MMAs before 1 does
-// (ptx_sm90.cuh's order_issue_*), meant to let 0 promote under 1's MMAs. The same bits, but 1.5 – 2.5 % slower
-// (H200, Benchmarks/RESULTS.md "Round 41"), so 0 (free order) is the default: an A/B switch.
-#ifndef FMOE_FP8_ORDERED_ISSUE
+// FMOE_FP8_ORDERED_ISSUE 1 (only with FMOE_FP8_IDLE_WG): warpgroup 0 issues each K block's first MMAs before 1
+// (ptx_sm90.cuh's order_issue_*). The same bits, 1.5 – 2.5 % slower (H200, RESULTS.md "Round 41"): 0 by default.
+#if !defined(FMOE_FP8_ORDERED_ISSUE) || !FMOE_FP8_IDLE_WG
+#undef FMOE_FP8_ORDERED_ISSUE
 #define FMOE_FP8_ORDERED_ISSUE 0
 #endif
 // (In the preprocessor: the harness, Benchmarks/engine/tma_fp8_test.cu, defines neither FMOE_TMA_FP8_BN nor these.
@@ -110,7 +110,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
     static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
-    static constexpr bool ORDERED = FMOE_FP8_IDLE_WG && FMOE_FP8_ORDERED_ISSUE;  // (the harness: neither)
+    static constexpr bool ORDERED = FMOE_FP8_ORDERED_ISSUE != 0;
     // Arrivals that release a stage: one lane of each consumer warp (TMA_EMPTY_ARRIVALS), or every consumer lane.
     static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 32 * TMA_EMPTY_ARRIVALS : TMA_EMPTY_ARRIVALS;
     // A-scale groups (FMOE_FP8_SCALE_GROUP): SG K blocks a group, GROUP_FLOATS floats a group's slot ([row][SG]),
