@@ -157,7 +157,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
     // mainloops it was spilled; 128-row tiles hold it (their code as measured).
     const int rbs_held = FMOE_TMA_FP8_BN == 256 ? 0 : L.rb_start[L.xs];
     u32 qi = 0;
-    if (ExpertTmaFp8::ORDERED) order_issue_bracket(true);  // the ordered issue's first arrival (ptx_sm90.cuh)
+    if (ExpertTmaFp8::ORDERED) order_issue_open();  // the ordered issue's first arrival (ptx_sm90.cuh)
     for (;;) {
         const int4 t = next_task(p, qi);
         if (t.x == TASK_FAIL) return false;
@@ -214,7 +214,7 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
         }
         if (kind >= TASK_OWN0) own_task_done();
     }
-    if (ExpertTmaFp8::ORDERED) order_issue_bracket(false);  // its last wait
+    if (ExpertTmaFp8::ORDERED) order_issue_close();  // its last wait
     const int rbs = FMOE_TMA_FP8_BN == 256 ? L.rb_start[L.xs] : rbs_held;
     return sync_block_and(drain_combines(p, gemm1_done_target(rbs, NT1))) != 0;
 }

@@ -166,10 +166,17 @@ FMOE_DEVICE void order_issue_done() {
     asm volatile("{\n .reg .u32 w;\n shr.u32 w, %0, 7;\n add.u32 w, 3, w;\n barrier.arrive w, 256;\n}\n" ::"r"(
         fresh_tid()));
 }
-// Warpgroup 1's arrival before the first tile (first) and warpgroup 0's wait after the last (!first).
-FMOE_DEVICE void order_issue_bracket(bool first) {
-    if (first && FMOE_TID >= 128) asm volatile("barrier.arrive 4, 256;\n" ::: "memory");
-    if (!first && FMOE_TID < 128) asm volatile("barrier.sync 4, 256;\n" ::: "memory");
+// A turn without MMAs to issue (an idle warpgroup's K block): the wait and the arrival.
+FMOE_DEVICE void order_issue_pass() {
+    order_issue_wait();
+    order_issue_done();
+}
+// Warpgroup 1's arrival on barrier 4 before the launch's first tile, and warpgroup 0's wait there after its last.
+FMOE_DEVICE void order_issue_open() {
+    if (FMOE_TID >= 128) order_issue_done();
+}
+FMOE_DEVICE void order_issue_close() {
+    if (FMOE_TID < 128) order_issue_wait();
 }
 
 // ---- Register reallocation ------------------------------------------------------------------------------------------

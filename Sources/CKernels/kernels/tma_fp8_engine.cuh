@@ -63,7 +63,7 @@ __device__ float fp8_no_scale;
 #define FMOE_FP8_SPLIT_HALVES 1
 #endif
 // FMOE_FP8_ORDERED_ISSUE 1 (only with FMOE_FP8_IDLE_WG): warpgroup 0 issues each K block's first MMAs before 1
-// (ptx_sm90.cuh's order_issue_*). The same bits, 1.5 – 2.5 % slower (H200, RESULTS.md "Round 41"): 0 by default.
+// (ptx_sm90.cuh's order_issue_*). Same bits, 1.5 – 2.5 % slower (H200, Benchmarks/RESULTS.md "Round 41"): 0.
 #if !defined(FMOE_FP8_ORDERED_ISSUE) || !FMOE_FP8_IDLE_WG
 #undef FMOE_FP8_ORDERED_ISSUE
 #define FMOE_FP8_ORDERED_ISSUE 0
@@ -346,7 +346,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
         }
         if (wg * 64 >= t.a_rows) {
             for (int kt = 0; kt < ktiles; ++kt) {
-                if (ORDERED) order_issue_wait(), order_issue_done();  // an idle warpgroup 1 keeps the order's count
+                if (ORDERED) order_issue_pass();  // an idle warpgroup 1 keeps the order's count
                 group_wait(kt);
                 mbar_wait(&full[it % STAGES], (it / STAGES) & 1);
                 release(it);
