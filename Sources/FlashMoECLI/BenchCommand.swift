@@ -18,7 +18,8 @@ struct BenchCommand: ReportingCommand {
             It is reported for the GPU only.
 
             --json FILE writes a list of one object with the keys backend, preset, tokens, precision, median_ms, \
-            min_ms, tflops, gflops, floor_ms, workspace_bytes, date, device, method, config \
+            min_ms, tflops, gflops, floor_ms, workspace_bytes, date, device, method, config, samples_ms (every timed \
+            run in run order) \
             (Benchmarks/compare.py reads it).
             """)
 
@@ -118,7 +119,7 @@ struct BenchCommand: ReportingCommand {
                 Roofline.floorMilliseconds(config: config, tokens: tokens, expertsTouched: $0)
             },
             workspaceBytes: result.workspaceBytes, date: HostMachine.utcTimestamp(), device: device,
-            method: result.method, config: LayerReport.describe(config))
+            method: result.method, config: LayerReport.describe(config), samplesMilliseconds: result.samples)
         emit("device: \(device)")
         if let fused = engine as? FusedMoE {
             let launched = fused.core.specialization(forTokens: tokens)
@@ -129,6 +130,7 @@ struct BenchCommand: ReportingCommand {
                 + "\(formatNumber(record.flops / 1e9)) GFLOP per forward pass")
         let (median, minimum) = (record.medianMilliseconds, record.minimumMilliseconds)
         emit("median \(formatDecimal(median, 3)) ms, min \(formatDecimal(minimum, 3)) ms, \(rateText(record))")
+        emit(Self.spreadText(result.samples))
         if let floor = record.floorMilliseconds, let touched {
             emit(
                 "floor: \(formatDecimal(floor, 3)) ms (\(Roofline.referenceDevice) rates, \(touched) of "
@@ -152,6 +154,24 @@ struct BenchCommand: ReportingCommand {
             emit("wrote \(json)")
         }
         return record
+    }
+
+    /// How the timed runs spread: the 10th and 90th percentiles (nearest rank) and the medians of the first and the
+    /// second half in run order, where a drift (a clock that falls as the GPU heats) shows.
+    static func spreadText(_ samples: [Double]) -> String {
+        guard samples.count >= 2 else { return "spread: \(samples.count) run" }
+        let sorted = samples.sorted()
+        func percentile(_ q: Double) -> Double {
+            sorted[max(0, min(sorted.count - 1, Int((q * Double(sorted.count)).rounded(.up)) - 1))]
+        }
+        let half = samples.count / 2
+        let median = { (runs: ArraySlice<Double>) in
+            BenchmarkResult(samples: Array(runs), method: "").medianMilliseconds
+        }
+        let (early, late) = (median(samples[..<half]), median(samples[half...]))
+        return "spread: p10 \(formatDecimal(percentile(0.1), 3)) ms, p90 \(formatDecimal(percentile(0.9), 3)) ms; "
+            + "median of the first \(half) runs \(formatDecimal(early, 3)) ms, of the last \(samples.count - half) "
+            + "\(formatDecimal(late, 3)) ms"
     }
 
     /// What the "kernel:" line adds about the operator's two kernels (fp8 on sm_90a, `FusedPrefillEngine`): which
@@ -190,6 +210,7 @@ struct BenchCommand: ReportingCommand {
         var record = single
         record.medianMilliseconds = m
         record.minimumMilliseconds = result.minimumMilliseconds
+        record.samplesMilliseconds = result.samples
         record.floorMilliseconds = nil
         record.workspaceBytes = result.workspaceBytes
         record.method = result.method

@@ -2,8 +2,8 @@
 ///
 /// The JSON file is a list of these objects (`Benchmarks/compare.py` reads it). Keys, in this order:
 /// `backend`, `preset`, `tokens`, `precision`, `median_ms`, `min_ms`, `tflops`, `gflops`, `floor_ms`,
-/// `workspace_bytes`, `date`, `device`, `method`, `config`. Unknown values (`floor_ms` on the CPU, `workspace_bytes`
-/// for a host backend, a rate when the median is 0) are `null`.
+/// `workspace_bytes`, `date`, `device`, `method`, `config`, `samples_ms`. Unknown values (`floor_ms` on the CPU,
+/// `workspace_bytes` for a host backend, a rate when the median is 0) are `null`.
 public struct BenchmarkRecord: Sendable, Hashable {
     /// The backend's name (`cpu`, `oracle`, `cuda`).
     public var backend: String
@@ -17,6 +17,9 @@ public struct BenchmarkRecord: Sendable, Hashable {
     public var medianMilliseconds: Double
     /// The fastest forward time in milliseconds.
     public var minimumMilliseconds: Double
+    /// Every timed forward pass in milliseconds, in run order (what the median and minimum summarise; its spread
+    /// and drift tell a noisy machine from a slow kernel).
+    public var samplesMilliseconds: [Double]
     /// The layer's FLOPs (`MoEConfig.flops(tokens:)`) per forward pass.
     public var flops: Double
     /// The roofline floor in milliseconds, when one is defined for the device.
@@ -39,7 +42,7 @@ public struct BenchmarkRecord: Sendable, Hashable {
     public init(
         backend: String, preset: String, tokens: Int, precision: String, medianMilliseconds: Double,
         minimumMilliseconds: Double, flops: Double, floorMilliseconds: Double?, workspaceBytes: Int?, date: String,
-        device: String, method: String, config: String
+        device: String, method: String, config: String, samplesMilliseconds: [Double] = []
     ) {
         self.backend = backend
         self.preset = preset
@@ -54,6 +57,7 @@ public struct BenchmarkRecord: Sendable, Hashable {
         self.device = device
         self.method = method
         self.config = config
+        self.samplesMilliseconds = samplesMilliseconds
     }
 
     /// FLOPs per second at the median time, in GFLOP/s; nil when the median is not positive.
@@ -85,6 +89,7 @@ public struct BenchmarkRecord: Sendable, Hashable {
             ("device", .string(device)),
             ("method", .string(method)),
             ("config", .string(config)),
+            ("samples_ms", .array(samplesMilliseconds.map(JSONValue.double))),
         ]
         if let ranks {
             fields.append(("ranks", .int(ranks)))

@@ -14,6 +14,13 @@ import Testing
         return try #require(try JSONSerialization.jsonObject(with: data) as? [[String: Any]])
     }
 
+    /// The spread line: nearest-rank percentiles of the sorted runs, medians of the two halves in run order.
+    @Test func spreadLineSummarisesTheRunsInOrder() {
+        let text = BenchCommand.spreadText([5, 1, 2, 3, 4, 10, 6, 7, 8, 9])
+        #expect(text == "spread: p10 1.000 ms, p90 9.000 ms; median of the first 5 runs 3.000 ms, of the last 5 8.000 ms")
+        #expect(BenchCommand.spreadText([2]) == "spread: 1 run")
+    }
+
     @Test func cpuBenchWritesTheJSONCompareReads() throws {
         try withTemporaryDirectory { dir in
             let path = dir + "/bench.json"
@@ -23,9 +30,13 @@ import Testing
             let e = try #require(entries.first)
             let keys: Set<String> = [
                 "backend", "preset", "tokens", "precision", "median_ms", "min_ms", "tflops", "gflops", "floor_ms",
-                "workspace_bytes", "date", "device", "method", "config",
+                "workspace_bytes", "date", "device", "method", "config", "samples_ms",
             ]
             #expect(Set(e.keys) == keys)
+            // Every timed run in run order: the record's median and minimum are theirs.
+            let samples = try #require(e["samples_ms"] as? [Double])
+            #expect(samples == run.result.samplesMilliseconds && samples.count == 3)
+            #expect(samples.min() == e["min_ms"] as? Double && samples.sorted()[1] == e["median_ms"] as? Double)
             #expect(e["backend"] as? String == "cpu" && e["preset"] as? String == "custom (from paper-e32)")
             #expect(e["tokens"] as? Int == 8 && e["precision"] as? String == "fp32")
             let median = try #require(e["median_ms"] as? Double)
