@@ -10,6 +10,10 @@
 //            (ptx_sm90.cuh's order_issue_*, the handoff after the wait rather than after the issue)
 //   alti     chain, turns handed over after the issue (round 41's FMOE_FP8_ORDERED_ISSUE, every half)
 //   chain128 BN = 128: one half a K block (64 accumulators), with 2 or 3 consumer warpgroups
+//   ring     chain behind the ring's handshake: a producer warpgroup's thread passes 4 stages round (waits for a
+//            stage's release, arrives on its full barrier; no copies), the consumers wait for the stage and release
+//            it after its last MMAs, every lane arriving (tma_fp8_engine.cuh's LANE_RELEASE)
+//   ringw    ring with one arrival a warp
 // (Two temporaries, the next K block's MMAs issued before this one's promotion, are not here: ptxas serialises
 // that form's wgmma (C7515) and spills, as round 21 found in the harness.)
 // Results are summed into one float a thread so that nothing is dead code; values are not checked (the operands
@@ -38,7 +42,7 @@ FMOE_DEVICE void wgmma_m64n256k32_e4m3(float *d, u64 da, u64 db, int scale_d) {
         : "l"(da), "l"(db), "r"(scale_d));
 }
 
-enum Mode { RAW128, RAW256, WAIT, CHAIN, ALT, ALTI, CHAIN128 };
+enum Mode { RAW128, RAW256, WAIT, CHAIN, ALT, ALTI, CHAIN128, RING, RINGW };
 constexpr int A_BYTES = 128 * 128, B_BYTES = 256 * 128;  // 128 rows of A (two warpgroups' slabs), 256 of B
 
 FMOE_DEVICE void issue4(float *t, u32 a, u32 b) {
@@ -107,6 +111,40 @@ template <int MODE, int WGS> __global__ void __launch_bounds__(WGS * 128, 1) cha
         if (MODE == ALT || MODE == ALTI) order_issue_close();
 #pragma unroll
         for (int i = 0; i < 128; ++i) sum += acc[i];
+    } else if constexpr (MODE == RING || MODE == RINGW) {
+        __shared__ u64 bars[8];  // full 0 – 3, empty 0 – 3
+        if (tid == 0) {
+            for (int st = 0; st < 4; ++st) {
+                mbar_init(&bars[st], 1);
+                mbar_init(&bars[4 + st], MODE == RING ? 256 : 8);
+            }
+            mbar_init_fence();
+        }
+        __syncthreads();
+        if (wg == 2) {
+            regs_dealloc<40>();
+            for (int it = 0; tid == 256 && it < iters; ++it) {
+                mbar_wait(&bars[4 + it % 4], ((it / 4) & 1) ^ 1);
+                mbar_arrive(&bars[it % 4]);
+            }
+        } else {
+            regs_alloc<232>();
+            float acc[128], tmp[64];
+#pragma unroll
+            for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+            for (int it = 0; it < iters; ++it) {
+                mbar_wait(&bars[it % 4], (it / 4) & 1);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    issue4(tmp, a, b + h * 16384);
+                    wgmma_wait<0>();
+                    if (h == 1) mbar_arrive_if(&bars[4 + it % 4], MODE == RING || (tid & 31) == 0);
+                    promote64(acc + 64 * h, tmp, s);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 128; ++i) sum += acc[i];
+        }
     } else {  // CHAIN128
         float acc[64], tmp[64];
 #pragma unroll
@@ -128,8 +166,8 @@ template <int MODE, int WGS> static void run(const char *name, int sms, int iter
     const float ms = time_ms([&] { chain<MODE, WGS><<<sms, WGS * 128, smem>>>(out, iters); }, 15);
     CK(cudaGetLastError());
     // 64 rows a warpgroup × N weight rows × 128 K a K block.
-    const int n = MODE == CHAIN128 ? 128 : 256;
-    const double flop = 2.0 * sms * WGS * 64.0 * n * 128.0 * iters;
+    const int n = MODE == CHAIN128 ? 128 : 256, consumers = MODE == RING || MODE == RINGW ? 2 : WGS;
+    const double flop = 2.0 * sms * consumers * 64.0 * n * 128.0 * iters;
     const double clk_kb = ms * 1e-3 * 1.98e9 / iters;  // SM cycles a K block at 1.98 GHz (the clock under test)
     printf("%-9s wgs=%d  %8.3f ms  %7.1f TFLOP/s  %6.0f cycles a K block (at 1.98 GHz)\n", name, WGS, ms,
            flop / (ms * 1e-3) / 1e12, clk_kb);
@@ -149,6 +187,8 @@ int main(int argc, char **argv) {
     run<CHAIN, 1>("chain", sms, iters, out);
     run<ALT, 2>("alt", sms, iters, out);
     run<ALTI, 2>("alti", sms, iters, out);
+    run<RING, 3>("ring", sms, iters, out);
+    run<RINGW, 3>("ringw", sms, iters, out);
     run<CHAIN128, 2>("chain128", sms, iters, out);
     run<CHAIN128, 3>("chain128", sms, iters, out);
     CK(cudaFree(out));
