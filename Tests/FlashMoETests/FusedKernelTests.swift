@@ -172,12 +172,14 @@ import Testing
     /// tiles as two 128-wide tiles instead of one 128 × 256 tile, as before round 36, phase_experts_tma_fp8.cuh, in the
     /// 256-row TMA kernel: settings ending in "tma"; `FMOE_FP8_SPLIT_HALVES=0`: tiles of at most 64 rows on one
     /// consumer warpgroup while the other idles, as before round 40, tma_fp8_engine.cuh; `FMOE_FP8_ORDERED_ISSUE=1`:
-    /// warpgroup 0 issues each K block's first MMAs before warpgroup 1, round 41, tma_fp8_engine.cuh) compile on
+    /// warpgroup 0 issues each K block's first MMAs before warpgroup 1, round 41, and `=2` warpgroup 1 only once
+    /// warpgroup 0's have completed, round 42, tma_fp8_engine.cuh) compile on
     /// sm_90a (wgmma) and sm_89 (mma.sync) without spills and change the code of a kernel with a shared expert.
     @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason),
           arguments: ["sm_90a FMOE_FP8_SCALES_AHEAD=0", "sm_90a FMOE_QUANT_GROUPS=1", "sm_89 FMOE_QUANT_GROUPS=8",
                      "sm_90a FMOE_FP8_SHARED_WGMMA=0", "sm_90a FMOE_FP8_SHARED_WIDE=0 tma",
-                     "sm_90a FMOE_FP8_SPLIT_HALVES=0 tma", "sm_90a FMOE_FP8_ORDERED_ISSUE=1 tma"])
+                     "sm_90a FMOE_FP8_SPLIT_HALVES=0 tma", "sm_90a FMOE_FP8_ORDERED_ISSUE=1 tma",
+                     "sm_90a FMOE_FP8_ORDERED_ISSUE=2 tma"])
     func fp8SwitchesCompileWithoutSpills(setting: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let words = setting.split(separator: " ")

@@ -63,7 +63,8 @@ __device__ float fp8_no_scale;
 #define FMOE_FP8_SPLIT_HALVES 1
 #endif
 // FMOE_FP8_ORDERED_ISSUE 1 (only with FMOE_FP8_IDLE_WG): warpgroup 0 issues each K block's first MMAs before 1
-// (ptx_sm90.cuh's order_issue_*). Same bits, 1.5 – 2.5 % slower (H200, Benchmarks/RESULTS.md "Round 41"): 0.
+// (ptx_sm90.cuh's order_issue_*); same bits, 1.5 – 2.5 % slower (H200, Benchmarks/RESULTS.md "Round 41"). 2: 1 issues
+// them once 0's have completed, so 0 promotes under 1's MMAs (no spills; not yet run, "Round 42"). Default 0.
 #if !defined(FMOE_FP8_ORDERED_ISSUE) || !FMOE_FP8_IDLE_WG
 #undef FMOE_FP8_ORDERED_ISSUE
 #define FMOE_FP8_ORDERED_ISSUE 0
@@ -110,7 +111,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * STAGES * 8;
     static constexpr int SCALES = BM + 2 * HALVES;  // floats of a stage's scales (SMEM_SCALES)
     static constexpr bool LANE_RELEASE = SMEM_SCALES && FMOE_FP8_LANE_RELEASE != 0;
-    static constexpr bool ORDERED = FMOE_FP8_ORDERED_ISSUE != 0;
+    static constexpr bool ORDERED = FMOE_FP8_ORDERED_ISSUE != 0, AFTER_WAIT = FMOE_FP8_ORDERED_ISSUE == 2;
     // Arrivals that release a stage: one lane of each consumer warp (TMA_EMPTY_ARRIVALS), or every consumer lane.
     static constexpr int EMPTY_ARRIVALS = LANE_RELEASE ? 32 * TMA_EMPTY_ARRIVALS : TMA_EMPTY_ARRIVALS;
     // A-scale groups (FMOE_FP8_SCALE_GROUP): SG K blocks a group, GROUP_FLOATS floats a group's slot ([row][SG]),
@@ -130,9 +131,8 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
     // K blocks this thread's role has passed through the ring (the same count in both roles); GROUPED: bits 30 and 31
     // count the scale groups passed, mod 4 (bit 30 the group's slot, bit 31 its barriers' phase). The ring reads
     // only it mod 2 · STAGES, which a power-of-two STAGES keeps clear of those bits (a launch passes far fewer than
-    // 2^30 K blocks), and a separate count held across the mainloop made ptxas spill the consumers' queue index
-    // (deepseek-v3, 8 B, NVRTC 13.0). Grouped, deepseek-v3's tracing build of the TMA kernel does not spill either
-    // (with the per-K-block copies, the default, it spills 8 B: the consumers' queue index, rounds 36 – 37).
+    // 2^30 K blocks); a separate count held across the mainloop made ptxas spill the consumers' queue index
+    // (deepseek-v3, 8 B, NVRTC 13.0), as its tracing build does with the per-K-block scale copies (rounds 36 – 37).
     u32 it;
     static constexpr u32 GROUP_ONE = 1u << 30;
     FMOE_DEVICE u32 gslot() const { return (it >> 30) & 1; }
@@ -366,7 +366,7 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
             for (int h = 0; h < HALVES; ++h) {
                 if (ORDERED && h == 0) order_issue_wait();
                 issue(tmp, a_of(it), b_of(it) + h * 128 * ROW_BYTES);
-                if (ORDERED && h == 0) order_issue_done();
+                if (ORDERED && !AFTER_WAIT && h == 0) order_issue_done();
                 if (SMEM_SCALES) {
                     // Read while the MMAs run: the rows' scales with the first half, each half's granules with its
                     // own (two registers fewer across the first promotion, which the 256-row tiles need).
@@ -376,10 +376,10 @@ template <int STAGES, int BN = 256, bool SMEM_SCALES = false, int SCALE_GROUP = 
                     b[2 * h + 1] = sm[BM + 2 * h + 1];
                 }
                 wgmma_wait<0>();
+                if (AFTER_WAIT && h == 0) order_issue_done();
                 if (h == HALVES - 1) {
                     // SMEM_SCALES: the producer refills the stage's scales once it is released: each lane arrives
-                    // after its own reads (LANE_RELEASE), or one lane a warp after the warp barrier that orders
-                    // every lane's reads before its arrival.
+                    // after its own reads (LANE_RELEASE), or one lane a warp after the barrier that orders them.
                     if (SMEM_SCALES && !LANE_RELEASE) __syncwarp();
                     release(it);
                 }
