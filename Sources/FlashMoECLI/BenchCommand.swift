@@ -165,10 +165,7 @@ struct BenchCommand: ReportingCommand {
             sorted[max(0, min(sorted.count - 1, Int((q * Double(sorted.count)).rounded(.up)) - 1))]
         }
         let half = samples.count / 2
-        let median = { (runs: ArraySlice<Double>) in
-            BenchmarkResult(samples: Array(runs), method: "").medianMilliseconds
-        }
-        let (early, late) = (median(samples[..<half]), median(samples[half...]))
+        let (early, late) = (median(Array(samples[..<half])), median(Array(samples[half...])))
         return "spread: p10 \(formatDecimal(percentile(0.1), 3)) ms, p90 \(formatDecimal(percentile(0.9), 3)) ms; "
             + "median of the first \(half) runs \(formatDecimal(early, 3)) ms, of the last \(samples.count - half) "
             + "\(formatDecimal(late, 3)) ms"

@@ -21,7 +21,7 @@ public struct BenchmarkResult: Sendable, Hashable {
 }
 
 /// The median of `values` (the mean of the two middle ones for an even count); 0 when there are none.
-func median(_ values: [Double]) -> Double {
+public func median(_ values: [Double]) -> Double {
     let s = values.sorted()
     guard !s.isEmpty else { return 0 }
     return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
