@@ -51,6 +51,8 @@ public struct ArchitectureLimits: Sendable, Hashable, CustomStringConvertible {
             examples: "\(p.name): \(p.multiprocessorCount) SMs")
     }
 
+    /// One line: the compute capability, shared memory per block (opt-in) and per SM in KiB, registers and threads
+    /// per SM.
     public var description: String {
         "compute capability \(computeCapability): \(sharedMemoryPerBlockOptIn / 1024) KiB shared memory per block "
             + "(\(sharedMemoryPerMultiprocessor / 1024) KiB per SM), \(registersPerMultiprocessor / 1024) K registers "

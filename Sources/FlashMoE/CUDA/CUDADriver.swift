@@ -45,22 +45,29 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
 
     // MARK: CUDADriverAPI
 
+    /// `cuInit`.
     public func initialize(_ flags: UInt32) -> CUresult { fn.cuInit(flags) }
+    /// `cuDriverGetVersion`.
     public func driverGetVersion(_ version: inout Int32) -> CUresult { fn.cuDriverGetVersion(&version) }
 
+    /// `cuGetErrorName`; nil when the driver does not know `code`.
     public func errorName(_ code: CUresult) -> String? {
         var text: UnsafePointer<CChar>?
         return fn.cuGetErrorName(code, &text) == CUDA_SUCCESS ? text.map { String(cString: $0) } : nil
     }
 
+    /// `cuGetErrorString`; nil when the driver does not know `code`.
     public func errorString(_ code: CUresult) -> String? {
         var text: UnsafePointer<CChar>?
         return fn.cuGetErrorString(code, &text) == CUDA_SUCCESS ? text.map { String(cString: $0) } : nil
     }
 
+    /// `cuDeviceGetCount`.
     public func deviceGetCount(_ count: inout Int32) -> CUresult { fn.cuDeviceGetCount(&count) }
+    /// `cuDeviceGet`.
     public func deviceGet(_ device: inout CUdevice, _ ordinal: Int32) -> CUresult { fn.cuDeviceGet(&device, ordinal) }
 
+    /// `cuDeviceGetName` into a 256-byte buffer; `name` is set only on success.
     public func deviceGetName(_ name: inout String, _ device: CUdevice) -> CUresult {
         var buffer = [CChar](repeating: 0, count: 256)
         let result = fn.cuDeviceGetName(&buffer, Int32(buffer.count), device)
@@ -70,41 +77,55 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         return result
     }
 
+    /// `cuDeviceGetAttribute`.
     public func deviceGetAttribute(_ value: inout Int32, _ attribute: CUdevice_attribute, _ device: CUdevice)
         -> CUresult
     { fn.cuDeviceGetAttribute(&value, attribute, device) }
 
+    /// `cuDeviceTotalMem_v2`.
     public func deviceTotalMem(_ bytes: inout Int, _ device: CUdevice) -> CUresult {
         fn.cuDeviceTotalMem_v2(&bytes, device)
     }
 
+    /// `cuDeviceCanAccessPeer`.
     public func deviceCanAccessPeer(_ canAccess: inout Int32, _ device: CUdevice, _ peer: CUdevice) -> CUresult {
         fn.cuDeviceCanAccessPeer(&canAccess, device, peer)
     }
 
+    /// `cuDeviceGetP2PAttribute`.
     public func deviceGetP2PAttribute(
         _ value: inout Int32, _ attribute: CUdevice_P2PAttribute, _ source: CUdevice, _ destination: CUdevice
     ) -> CUresult {
         fn.cuDeviceGetP2PAttribute(&value, attribute, source, destination)
     }
 
+    /// `cuDevicePrimaryCtxRetain`.
     public func primaryContextRetain(_ context: inout CUcontext?, _ device: CUdevice) -> CUresult {
         fn.cuDevicePrimaryCtxRetain(&context, device)
     }
 
+    /// `cuDevicePrimaryCtxRelease_v2`.
     public func primaryContextRelease(_ device: CUdevice) -> CUresult { fn.cuDevicePrimaryCtxRelease_v2(device) }
+    /// `cuCtxGetCurrent`.
     public func contextGetCurrent(_ context: inout CUcontext?) -> CUresult { fn.cuCtxGetCurrent(&context) }
+    /// `cuCtxSetCurrent`.
     public func contextSetCurrent(_ context: CUcontext?) -> CUresult { fn.cuCtxSetCurrent(context) }
+    /// `cuCtxSynchronize`.
     public func contextSynchronize() -> CUresult { fn.cuCtxSynchronize() }
 
+    /// `cuCtxEnablePeerAccess`.
     public func contextEnablePeerAccess(_ peer: CUcontext, _ flags: UInt32) -> CUresult {
         fn.cuCtxEnablePeerAccess(peer, flags)
     }
 
+    /// `cuMemAlloc_v2`.
     public func memAlloc(_ address: inout CUdeviceptr, _ bytes: Int) -> CUresult { fn.cuMemAlloc_v2(&address, bytes) }
+    /// `cuMemFree_v2`.
     public func memFree(_ address: CUdeviceptr) -> CUresult { fn.cuMemFree_v2(address) }
+    /// `cuMemGetInfo_v2`.
     public func memGetInfo(_ free: inout Int, _ total: inout Int) -> CUresult { fn.cuMemGetInfo_v2(&free, &total) }
 
+    /// `cuMemcpyHtoD_v2`, or `cuMemcpyHtoDAsync_v2` when `stream` is not nil.
     public func memcpyHtoD(_ destination: CUdeviceptr, _ source: UnsafeRawPointer, _ bytes: Int, _ stream: CUstream?)
         -> CUresult
     {
@@ -112,6 +133,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         return fn.cuMemcpyHtoDAsync_v2(destination, source, bytes, stream)
     }
 
+    /// `cuMemcpyDtoH_v2`, or `cuMemcpyDtoHAsync_v2` when `stream` is not nil.
     public func memcpyDtoH(
         _ destination: UnsafeMutableRawPointer, _ source: CUdeviceptr, _ bytes: Int, _ stream: CUstream?
     ) -> CUresult {
@@ -119,6 +141,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         return fn.cuMemcpyDtoHAsync_v2(destination, source, bytes, stream)
     }
 
+    /// `cuMemcpyDtoD_v2`, or `cuMemcpyDtoDAsync_v2` when `stream` is not nil.
     public func memcpyDtoD(_ destination: CUdeviceptr, _ source: CUdeviceptr, _ bytes: Int, _ stream: CUstream?)
         -> CUresult
     {
@@ -126,44 +149,54 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
         return fn.cuMemcpyDtoDAsync_v2(destination, source, bytes, stream)
     }
 
+    /// `cuMemsetD8_v2`, or `cuMemsetD8Async` when `stream` is not nil.
     public func memsetD8(_ destination: CUdeviceptr, _ value: UInt8, _ count: Int, _ stream: CUstream?) -> CUresult {
         guard let stream else { return fn.cuMemsetD8_v2(destination, value, count) }
         return fn.cuMemsetD8Async(destination, value, count, stream)
     }
 
+    /// `cuMemsetD32_v2`, or `cuMemsetD32Async` when `stream` is not nil.
     public func memsetD32(_ destination: CUdeviceptr, _ value: UInt32, _ count: Int, _ stream: CUstream?) -> CUresult {
         guard let stream else { return fn.cuMemsetD32_v2(destination, value, count) }
         return fn.cuMemsetD32Async(destination, value, count, stream)
     }
 
+    /// `cuModuleLoadData`.
     public func moduleLoadData(_ module: inout CUmodule?, _ image: UnsafeRawPointer) -> CUresult {
         fn.cuModuleLoadData(&module, image)
     }
 
+    /// `cuModuleUnload`.
     public func moduleUnload(_ module: CUmodule) -> CUresult { fn.cuModuleUnload(module) }
 
+    /// `cuModuleGetFunction`.
     public func moduleGetFunction(_ function: inout CUfunction?, _ module: CUmodule, _ name: String) -> CUresult {
         fn.cuModuleGetFunction(&function, module, name)
     }
 
+    /// `cuModuleGetGlobal_v2`.
     public func moduleGetGlobal(_ address: inout CUdeviceptr, _ bytes: inout Int, _ module: CUmodule, _ name: String)
         -> CUresult
     { fn.cuModuleGetGlobal_v2(&address, &bytes, module, name) }
 
+    /// `cuFuncGetAttribute`.
     public func functionGetAttribute(_ value: inout Int32, _ attribute: CUfunction_attribute, _ function: CUfunction)
         -> CUresult
     { fn.cuFuncGetAttribute(&value, attribute, function) }
 
+    /// `cuFuncSetAttribute`.
     public func functionSetAttribute(_ function: CUfunction, _ attribute: CUfunction_attribute, _ value: Int32)
         -> CUresult
     { fn.cuFuncSetAttribute(function, attribute, value) }
 
+    /// `cuOccupancyMaxActiveBlocksPerMultiprocessor`.
     public func occupancyMaxActiveBlocksPerMultiprocessor(
         _ blocks: inout Int32, _ function: CUfunction, _ blockSize: Int32, _ dynamicSharedBytes: Int
     ) -> CUresult {
         fn.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, function, blockSize, dynamicSharedBytes)
     }
 
+    /// `cuLaunchKernel`, with no `extra` options.
     public func launchKernel(
         _ function: CUfunction, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
         sharedBytes: UInt32, stream: CUstream?, parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>
@@ -172,6 +205,7 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
             function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, stream, parameters, nil)
     }
 
+    /// `cuLaunchCooperativeKernel`.
     public func launchCooperativeKernel(
         _ function: CUfunction, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
         sharedBytes: UInt32, stream: CUstream?, parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>
@@ -180,30 +214,42 @@ public final class CUDADriver: CUDADriverAPI, @unchecked Sendable {
             function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, stream, parameters)
     }
 
+    /// `cuStreamCreate`.
     public func streamCreate(_ stream: inout CUstream?, _ flags: UInt32) -> CUresult { fn.cuStreamCreate(&stream, flags) }
+    /// `cuStreamDestroy_v2`.
     public func streamDestroy(_ stream: CUstream) -> CUresult { fn.cuStreamDestroy_v2(stream) }
+    /// `cuStreamSynchronize`.
     public func streamSynchronize(_ stream: CUstream?) -> CUresult { fn.cuStreamSynchronize(stream) }
+    /// `cuEventCreate`.
     public func eventCreate(_ event: inout CUevent?, _ flags: UInt32) -> CUresult { fn.cuEventCreate(&event, flags) }
+    /// `cuEventDestroy_v2`.
     public func eventDestroy(_ event: CUevent) -> CUresult { fn.cuEventDestroy_v2(event) }
+    /// `cuEventRecord`.
     public func eventRecord(_ event: CUevent, _ stream: CUstream?) -> CUresult { fn.cuEventRecord(event, stream) }
+    /// `cuEventSynchronize`.
     public func eventSynchronize(_ event: CUevent) -> CUresult { fn.cuEventSynchronize(event) }
 
+    /// `cuEventElapsedTime`: the milliseconds from `start` to `end`.
     public func eventElapsedTime(_ milliseconds: inout Float, _ start: CUevent, _ end: CUevent) -> CUresult {
         fn.cuEventElapsedTime(&milliseconds, start, end)
     }
 
     // MARK: Device-resident forward (h1)
 
+    /// `cuMemHostAlloc`.
     public func memHostAlloc(_ pointer: inout UnsafeMutableRawPointer?, _ bytes: Int, _ flags: UInt32) -> CUresult {
         fn.cuMemHostAlloc(&pointer, bytes, flags)
     }
 
+    /// `cuMemHostGetDevicePointer_v2`.
     public func memHostGetDevicePointer(
         _ address: inout CUdeviceptr, _ pointer: UnsafeMutableRawPointer, _ flags: UInt32
     ) -> CUresult { fn.cuMemHostGetDevicePointer_v2(&address, pointer, flags) }
 
+    /// `cuMemFreeHost`.
     public func memFreeHost(_ pointer: UnsafeMutableRawPointer) -> CUresult { fn.cuMemFreeHost(pointer) }
 
+    /// `cuStreamGetCtx`.
     public func streamGetContext(_ stream: CUstream?, _ context: inout CUcontext?) -> CUresult {
         fn.cuStreamGetCtx(stream, &context)
     }
@@ -371,14 +417,17 @@ private struct Functions {
 // MARK: - Inter-process memory (one process per GPU; h7's block, keep it together)
 
 extension CUDADriver {
+    /// `cuIpcGetMemHandle`.
     public func ipcGetMemHandle(_ handle: inout CUipcMemHandle, _ address: CUdeviceptr) -> CUresult {
         ipc.cuIpcGetMemHandle(&handle, address)
     }
 
+    /// `cuIpcOpenMemHandle_v2`.
     public func ipcOpenMemHandle(_ address: inout CUdeviceptr, _ handle: CUipcMemHandle, _ flags: UInt32) -> CUresult {
         ipc.cuIpcOpenMemHandle_v2(&address, handle, flags)
     }
 
+    /// `cuIpcCloseMemHandle`.
     public func ipcCloseMemHandle(_ address: CUdeviceptr) -> CUresult { ipc.cuIpcCloseMemHandle(address) }
 }
 
@@ -400,6 +449,8 @@ private struct IPCFunctions {
 // MARK: - Tensor maps for TMA (sm_90a engine; h9's block, keep it together)
 
 extension CUDADriver {
+    /// `cuTensorMapEncodeTiled` through a 64-byte aligned buffer; `CUDA_ERROR_INVALID_VALUE` when the array lengths
+    /// disagree, `CUDA_ERROR_NOT_SUPPORTED` when the driver lacks the entry point.
     public func tensorMapEncodeTiled(
         _ map: inout CUtensorMap, _ dataType: CUtensorMapDataType, _ address: CUdeviceptr, _ dims: [UInt64],
         _ strides: [UInt64], _ box: [UInt32], _ swizzle: CUtensorMapSwizzle, _ l2Promotion: CUtensorMapL2promotion

@@ -5,11 +5,13 @@ public struct LibraryAttempt: Error, Sendable, Hashable, CustomStringConvertible
     /// Why it failed: "no such file", the loader's message, or a missing symbol.
     public let failure: String
 
+    /// Records that `place` was tried and why it could not be used.
     public init(place: String, failure: String) {
         self.place = place
         self.failure = failure
     }
 
+    /// `place: failure`.
     public var description: String { "\(place): \(failure)" }
 }
 
@@ -37,6 +39,7 @@ public enum CUDAError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A wrong argument to a CUDA wrapper (a size, an offset, a name); the text says what to change.
     case invalidArgument(String)
 
+    /// What failed and what to do; several lines for a missing library (one per place tried) or a compile log.
     public var description: String {
         switch self {
         case .libraryNotFound(let library, let attempts, let hint):
@@ -73,6 +76,7 @@ public struct CUDAVersion: Sendable, Hashable, Comparable, CustomStringConvertib
     /// The encoded number: 1000 × major + 10 × minor.
     public let encoded: Int
 
+    /// The version the driver encodes as `encoded`, e.g. 12040 for 12.4.
     public init(_ encoded: Int) { self.encoded = encoded }
 
     /// The major version.
@@ -80,7 +84,9 @@ public struct CUDAVersion: Sendable, Hashable, Comparable, CustomStringConvertib
     /// The minor version.
     public var minor: Int { (encoded % 1000) / 10 }
 
+    /// `major.minor`, as CUDA prints it.
     public var description: String { "\(major).\(minor)" }
 
+    /// Orders versions by their encoded number.
     public static func < (a: CUDAVersion, b: CUDAVersion) -> Bool { a.encoded < b.encoded }
 }

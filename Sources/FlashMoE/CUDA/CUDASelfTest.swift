@@ -2,10 +2,14 @@ import CCUDA
 
 /// One self-test check: what it tested, whether it passed, and what it measured or why it failed.
 public struct SelfTestStep: Sendable, CustomStringConvertible {
+    /// What the check tested, e.g. "broken kernel is reported with the NVRTC log".
     public let name: String
+    /// Whether the check passed (false when it threw).
     public let passed: Bool
+    /// What it measured or why it failed (the error's text when it threw).
     public let detail: String
 
+    /// `ok   name: detail` or `FAIL name: detail`, status words padded to one width.
     public var description: String { "\(passed ? "ok  " : "FAIL") \(name): \(detail)" }
 }
 

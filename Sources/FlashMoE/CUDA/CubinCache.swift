@@ -119,5 +119,6 @@ public struct CubinCache: Sendable {
 
 /// Why a cache entry could not be written.
 public struct CacheWriteError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// Why the write failed: the text of the file-system error.
     public let description: String
 }

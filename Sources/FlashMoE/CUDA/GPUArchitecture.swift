@@ -1,15 +1,20 @@
 /// A GPU's compute capability, e.g. 9.0 for Hopper.
 public struct ComputeCapability: Sendable, Hashable, Comparable, CustomStringConvertible {
+    /// The major version, e.g. 9 for Hopper.
     public let major: Int
+    /// The minor version, e.g. 6 for sm_86.
     public let minor: Int
 
+    /// The compute capability `major.minor`.
     public init(major: Int, minor: Int) {
         self.major = major
         self.minor = minor
     }
 
+    /// `major.minor`, e.g. "9.0".
     public var description: String { "\(major).\(minor)" }
 
+    /// Orders by major version, then minor.
     public static func < (a: Self, b: Self) -> Bool { (a.major, a.minor) < (b.major, b.minor) }
 }
 
@@ -60,8 +65,10 @@ public struct GPUArchitecture: Sendable, Hashable, Comparable, CustomStringConve
     /// The name NVRTC takes: `sm_90a`.
     public var name: String { "sm_\(number)" + (architectureSpecific ? "a" : "") }
 
+    /// The NVRTC name, e.g. `sm_90a` (the same as `name`).
     public var description: String { name }
 
+    /// Orders by compute capability; the `a` variant sorts after the plain target of the same capability.
     public static func < (a: Self, b: Self) -> Bool {
         (a.computeCapability, a.architectureSpecific ? 1 : 0) < (b.computeCapability, b.architectureSpecific ? 1 : 0)
     }

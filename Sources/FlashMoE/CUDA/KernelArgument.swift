@@ -39,6 +39,7 @@ public struct KernelArgument: Sendable, Hashable, CustomStringConvertible {
     /// A device pointer to the first element of `buffer`.
     public static func buffer<T>(_ buffer: DeviceBuffer<T>) -> Self { .pointer(buffer.address) }
 
+    /// The size only, e.g. "8-byte argument" (not the value).
     public var description: String { "\(bytes.count)-byte argument" }
 
     /// Lays `arguments` out in one aligned block and calls `body` with the array of pointers to each value that
@@ -68,21 +69,27 @@ public struct KernelArgument: Sendable, Hashable, CustomStringConvertible {
 
 /// A grid or block shape. An integer literal is a 1-D shape.
 public struct Dim3: Sendable, Hashable, ExpressibleByIntegerLiteral, CustomStringConvertible {
+    /// The extent along x.
     public var x: Int
+    /// The extent along y (1 for a 1-D shape).
     public var y: Int
+    /// The extent along z (1 for a 1-D or 2-D shape).
     public var z: Int
 
+    /// The shape `x` × `y` × `z`; `y` and `z` default to 1.
     public init(_ x: Int, _ y: Int = 1, _ z: Int = 1) {
         self.x = x
         self.y = y
         self.z = z
     }
 
+    /// The 1-D shape `value` × 1 × 1.
     public init(integerLiteral value: Int) { self.init(value) }
 
     /// x · y · z.
     public var total: Int { x * y * z }
 
+    /// `x` alone for a 1-D shape, otherwise `x×y×z`.
     public var description: String { y == 1 && z == 1 ? "\(x)" : "\(x)×\(y)×\(z)" }
 
     /// The shape as the driver takes it, or an error naming `what` if a side is not in 1...UInt32.max.

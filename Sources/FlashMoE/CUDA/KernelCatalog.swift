@@ -8,12 +8,15 @@ public struct KernelSpec: Sendable, Hashable, CustomStringConvertible {
     /// The kernels the cubin must define.
     public var kernels: [String]
 
+    /// The specialization of `file` with `defines`, whose cubin must define `kernels`.
     public init(file: String, defines: [String: String] = [:], kernels: [String]) {
         self.file = file
         self.defines = defines
         self.kernels = kernels
     }
 
+    /// The file, then the defines as `name=value` sorted by name in brackets: `moe.cu [A=1 B=2]`; the file alone
+    /// when there are none.
     public var description: String {
         let d = defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         return d.isEmpty ? file : "\(file) [\(d)]"

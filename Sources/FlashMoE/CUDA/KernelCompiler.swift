@@ -17,6 +17,7 @@ public struct CompileRequest: Sendable, Hashable {
     /// Whether to keep line information for profilers (`-lineinfo`).
     public var lineInfo: Bool
 
+    /// A request; by default with no headers, no defines and no line info.
     public init(
         name: String, source: String, headers: [String: String] = [:], arch: GPUArchitecture,
         defines: [String: String] = [:], lineInfo: Bool = false
@@ -77,6 +78,7 @@ public enum CacheOutcome: Sendable, Hashable, CustomStringConvertible {
     /// No cache is in use (the reason).
     case disabled(String)
 
+    /// `hit`, `miss`, `miss (corrupt entry replaced: why)` or `off (why)`.
     public var description: String {
         switch self {
         case .hit: "hit"

@@ -22,6 +22,7 @@ public struct KernelResourceUsage: Sendable, Hashable {
     /// Constant bank 0 bytes (kernel parameters and driver constants).
     public var constantBytes = 0
 
+    /// An entry for kernel `name` compiled for `arch`, with every count 0.
     public init(name: String, arch: String) {
         self.name = name
         self.arch = arch

@@ -29,6 +29,7 @@ public struct KernelSources: Sendable, Hashable, CustomStringConvertible {
         return .embedded
     }
 
+    /// Where the files come from: "embedded in the binary" or `FLASHMOE_KERNEL_DIR=path`.
     public var description: String {
         switch origin {
         case .embedded: "embedded in the binary"

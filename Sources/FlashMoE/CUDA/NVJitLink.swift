@@ -15,6 +15,7 @@ public enum JitLinkInputKind: UInt32, Sendable, Hashable, CustomStringConvertibl
     /// A static library (`.a`) of such objects, e.g. NVSHMEM's `libnvshmem_device.a`.
     case library = 6
 
+    /// The kind's usual name: "cubin", "PTX", "LTO-IR", "fatbin", "object" or "library".
     public var description: String {
         switch self {
         case .cubin: "cubin"
@@ -82,6 +83,7 @@ public struct JitLinkError: Error, Sendable, Hashable, CustomStringConvertible {
         return Int(status) < names.count ? names[Int(status)] : "nvJitLinkResult \(status)"
     }
 
+    /// "`call` failed: NAME", then the error log (if any) and the hint, each on its own line.
     public var description: String {
         "\(call) failed: \(Self.name(of: status))" + (log.isEmpty ? "" : "\n\(log)") + "\n\(hint)"
     }
@@ -190,22 +192,28 @@ public final class NVJitLink: JitLinkAPI, @unchecked Sendable {
         version = (Int(major), Int(minor))
     }
 
+    /// `nvJitLinkCreate`, with `options` passed as C strings.
     public func create(_ handle: inout OpaquePointer?, options: [String]) -> UInt32 {
         withCStrings(options) { fn.create(&handle, UInt32(options.count), $0) }
     }
 
+    /// `nvJitLinkDestroy`.
     public func destroy(_ handle: inout OpaquePointer?) -> UInt32 { fn.destroy(&handle) }
 
+    /// `nvJitLinkAddData`.
     public func addData(_ handle: OpaquePointer, kind: UInt32, bytes: [UInt8], name: String) -> UInt32 {
         bytes.withUnsafeBytes { fn.addData(handle, kind, $0.baseAddress, bytes.count, name) }
     }
 
+    /// `nvJitLinkAddFile`.
     public func addFile(_ handle: OpaquePointer, kind: UInt32, path: String) -> UInt32 {
         fn.addFile(handle, kind, path)
     }
 
+    /// `nvJitLinkComplete`.
     public func complete(_ handle: OpaquePointer) -> UInt32 { fn.complete(handle) }
 
+    /// `nvJitLinkGetLinkedCubinSize` then `nvJitLinkGetLinkedCubin`; the cubin is empty when either fails.
     public func linkedCubin(_ handle: OpaquePointer) -> (status: UInt32, cubin: [UInt8]) {
         var size = 0
         let sized = fn.cubinSize(handle, &size)
@@ -215,8 +223,10 @@ public final class NVJitLink: JitLinkAPI, @unchecked Sendable {
         return (got, got == 0 ? cubin : [])
     }
 
+    /// `nvJitLinkGetErrorLogSize` then `nvJitLinkGetErrorLog`; empty when there is no log or a call fails.
     public func errorLog(_ handle: OpaquePointer) -> String { log(handle, fn.errorLogSize, fn.errorLog) }
 
+    /// `nvJitLinkGetInfoLogSize` then `nvJitLinkGetInfoLog`; empty when there is no log or a call fails.
     public func infoLog(_ handle: OpaquePointer) -> String { log(handle, fn.infoLogSize, fn.infoLog) }
 
     private func log(_ handle: OpaquePointer, _ size: Functions.LogSize, _ read: Functions.Log) -> String {

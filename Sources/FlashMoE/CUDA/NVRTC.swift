@@ -34,6 +34,7 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
     public let builtins: String
     private let fn: Functions
 
+    /// "nvrtc MAJOR.MINOR FILE SIZE bytes": the version, the library's file name and its size.
     public var identity: String {
         "nvrtc \(version.major).\(version.minor) \(path.split(separator: "/").last ?? "") "
             + "\(SystemFiles.fileSize(path).map(String.init) ?? "?") bytes"
@@ -89,6 +90,8 @@ public final class NVRTC: CUDACompiling, @unchecked Sendable {
         }
     }
 
+    /// `nvrtcCreateProgram`, `nvrtcCompileProgram`, then `nvrtcGetCUBIN`; a source error throws `compileFailed`
+    /// with the log, a virtual architecture (no cubin) `CUDAError.nvrtc`.
     public func compile(source: String, name: String, headers: [String: String], options: [String])
         throws(CUDAError) -> (cubin: [UInt8], log: String)
     {

@@ -7,6 +7,7 @@ public struct SHA256: Sendable {
     private var pending: [UInt8] = []
     private var totalBytes: UInt64 = 0
 
+    /// A hasher that has been fed nothing yet (FIPS 180-4's initial state).
     public init() {}
 
     /// The digest of `bytes`.

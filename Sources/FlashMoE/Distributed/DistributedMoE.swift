@@ -409,6 +409,8 @@ public struct DistributedError: Error, Sendable, CustomStringConvertible {
     /// Whether this is the epoch limit rather than a fault.
     public var epochLimit: Bool { kernel.code == Self.epochLimitCode }
 
+    /// Which rank gave up and on what: the epoch limit, a wrong row flag or an expired row wait (with the source
+    /// rank, expert and epoch), else the kernel's own record.
     public var description: String {
         if epochLimit {
             return "rank \(waitingRank) refused launch epoch \(kernel.seen): the flags' 32-bit epoch allows "

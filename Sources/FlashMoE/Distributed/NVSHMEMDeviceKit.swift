@@ -39,6 +39,7 @@ public struct NVSHMEMDeviceKit: Sendable, Hashable, CustomStringConvertible {
         "nvshmem device \(deviceLibrary) \(SystemFiles.fileSize(deviceLibrary).map(String.init) ?? "?") bytes"
     }
 
+    /// The NVSHMEM include folder, device library and CUDA include folder, then ` + CCCL folder` when there is one.
     public var description: String {
         "NVSHMEM headers \(includeDirectory), device library \(deviceLibrary), CUDA headers \(cudaIncludeDirectory)"
             + (cccl.map { " + \($0)" } ?? "")
@@ -118,6 +119,7 @@ public enum NVSHMEMBuildError: Error, Sendable, Hashable, CustomStringConvertibl
     /// The link failed.
     case link(JitLinkError)
 
+    /// What was not found, each place tried on its own line, then the hint; or the link error.
     public var description: String {
         switch self {
         case .missing(let what, let tried, let hint):

@@ -258,5 +258,6 @@ public struct NVSHMEMError: Error, Sendable, Hashable, CustomStringConvertible {
                 + "and PE count, one GPU per PE")
     }
 
+    /// `call failed with status N: detail`.
     public var description: String { "\(call) failed with status \(status): \(detail)" }
 }

@@ -12,6 +12,7 @@ public struct NVSHMEMVersion: Sendable, Hashable, Comparable, CustomStringConver
 
     /// Release order: major, then minor, then patch.
     public static func < (a: Self, b: Self) -> Bool { (a.major, a.minor, a.patch) < (b.major, b.minor, b.patch) }
+    /// `major.minor.patch`, e.g. "3.4.5".
     public var description: String { "\(major).\(minor).\(patch)" }
 }
 

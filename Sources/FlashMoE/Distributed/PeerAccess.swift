@@ -25,6 +25,7 @@ public struct PeerAccessError: Error, Sendable, Hashable, CustomStringConvertibl
         self.reason = reason
     }
 
+    /// Which GPU cannot use which one's memory, what the link lacks, and how to place the ranks instead.
     public var description: String {
         let remedy = "or all ranks on one GPU"
         switch reason {

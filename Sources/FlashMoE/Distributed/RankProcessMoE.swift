@@ -470,5 +470,6 @@ public enum RankTransport: String, Sendable, CaseIterable, CustomStringConvertib
     /// where it does not (other nodes). Needs the NVSHMEM build of the kernel (`NVSHMEMKernelBuilder`).
     case nvshmem
 
+    /// The raw value: `ipc` or `nvshmem`.
     public var description: String { rawValue }
 }

@@ -1,9 +1,12 @@
 /// One check of the ranks protocol: a layer, the global token count split unevenly over R ranks.
 public struct RankVerificationCase: Sendable, Hashable {
+    /// A short label for the table, e.g. "paper-e64 R=4, one empty".
     public var name: String
+    /// The layer (its precision decides the tolerance).
     public var config: MoEConfig
     /// Each rank's token count (zeros allowed); the global tokens are their concatenation in rank order.
     public var tokensPerRank: [Int]
+    /// Seed of the random weights and input.
     public var seed: UInt64
     /// Route every token first to this expert (skew: all traffic to one rank).
     public var forcedExpert: Int?
@@ -19,6 +22,7 @@ public struct RankVerificationCase: Sendable, Hashable {
     /// against FP32 returns is measured and held to the precision's tolerance.
     public var storageReturns: Bool
 
+    /// A case; by default one forward in one launch, no forced expert, the default epoch wrap and FP32 returns.
     public init(name: String, config: MoEConfig, tokensPerRank: [Int], seed: UInt64, forcedExpert: Int? = nil,
                 repeats: Int = 1, launches: Int = 1, epochWrap: UInt64 = UInt64(UInt32.max),
                 storageReturns: Bool = false)
@@ -34,11 +38,13 @@ public struct RankVerificationCase: Sendable, Hashable {
         self.epochWrap = epochWrap
     }
 
+    /// The rank count R: one per entry of `tokensPerRank`.
     public var ranks: Int { tokensPerRank.count }
 }
 
 /// The outcome of a `RankVerificationCase`.
 public struct RankVerificationResult: Sendable {
+    /// The case that was run.
     public let verificationCase: RankVerificationCase
     /// The concatenated ranks' output against the CPU oracle on the concatenated tokens.
     public let oracle: VerificationResult
@@ -50,8 +56,10 @@ public struct RankVerificationResult: Sendable {
     public let traffic: [RankTraffic]
     /// Storage returns: ‖y − y_fp32 returns‖ / ‖y_fp32 returns‖ (nil otherwise).
     public let storageReturnError: Double?
+    /// Why it failed, or nil.
     public let failure: String?
 
+    /// Whether the case passed (`failure` is nil).
     public var passed: Bool { failure == nil }
 }
 

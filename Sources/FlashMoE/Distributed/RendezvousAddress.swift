@@ -27,6 +27,7 @@ public enum RendezvousAddress: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The address as `--rendezvous` takes it: `tcp://HOST:PORT` or `dir:PATH`.
     public var description: String {
         switch self {
         case .tcp(let host, let port): "tcp://\(host):\(port)"

@@ -26,6 +26,8 @@ public final class RendezvousDirectoryStore: RendezvousStore, @unchecked Sendabl
     /// which end in `.tmp` and start with the target's name).
     private func file(_ key: String) -> String { "\(path)/k.\(key.replacing("/", with: "."))" }
 
+    /// Writes the key's file atomically; with `exclusive`, through a temporary hard-linked into place, so the result
+    /// is false when the file already exists.
     public func set(_ key: String, _ value: [UInt8], exclusive: Bool) throws(RendezvousError) -> Bool {
         let target = file(key)
         guard exclusive else {
@@ -44,6 +46,7 @@ public final class RendezvousDirectoryStore: RendezvousStore, @unchecked Sendabl
         throw RendezvousError(.unreachable, "rendezvous store \(location): cannot create \(target): \(SystemFiles.errnoText())")
     }
 
+    /// The bytes of the key's file, or nil when there is no such file.
     public func get(_ key: String) throws(RendezvousError) -> [UInt8]? {
         let target = file(key)
         switch SystemFiles.read(target) {
@@ -54,11 +57,13 @@ public final class RendezvousDirectoryStore: RendezvousStore, @unchecked Sendabl
         }
     }
 
+    /// Removes the key's file (a missing file is fine).
     public func delete(_ key: String) throws(RendezvousError) {
         if unlink(file(key)) != 0 && errno != ENOENT {
             throw RendezvousError(.unreachable, "rendezvous store \(location): cannot remove \(key): \(SystemFiles.errnoText())")
         }
     }
 
+    /// Does nothing: the store holds no open files or connections.
     public func close() {}
 }

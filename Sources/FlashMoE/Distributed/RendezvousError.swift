@@ -42,6 +42,7 @@ public struct RendezvousError: Error, Sendable, Hashable, CustomStringConvertibl
         self.message = message
     }
 
+    /// `message` alone (it already says what happened and what to change).
     public var description: String { message }
 }
 
@@ -58,6 +59,7 @@ public struct PeerMappingError: Error, Sendable, CustomStringConvertible {
     /// The driver's error text.
     public let detail: String
 
+    /// Both ranks and their GPUs, the driver's text, and how to run the ranks so they can map each other's buffers.
     public var description: String {
         "rank \(rank) (\(gpu)) cannot map the buffers of rank \(peer) (\(peerGPU)): \(detail). Run every rank on one "
             + "node with its GPUs visible to every process (CUDA_VISIBLE_DEVICES), with peer access between them "

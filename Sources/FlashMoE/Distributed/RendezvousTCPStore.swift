@@ -41,17 +41,21 @@ public final class RendezvousTCPStore: RendezvousStore, @unchecked Sendable {
 
     deinit { close() }
 
+    /// Rank 0 sets the key in its own table, the other ranks ask rank 0's server; false when `exclusive` and the key
+    /// exists.
     public func set(_ key: String, _ value: [UInt8], exclusive: Bool) throws(RendezvousError) -> Bool {
         if let server { return server.table.apply(exclusive ? .setExclusive : .set, key, value).found }
         return try connection!.request(exclusive ? .setExclusive : .set, key, value, at: location).found
     }
 
+    /// The value under `key` in rank 0's table (asked over the connection on other ranks), or nil when there is none.
     public func get(_ key: String) throws(RendezvousError) -> [UInt8]? {
         let reply: Reply
         if let server { reply = server.table.apply(.get, key, []) } else { reply = try connection!.request(.get, key, [], at: location) }
         return reply.found ? reply.value : nil
     }
 
+    /// Removes `key` from rank 0's table (over the connection on other ranks); an absent key is fine.
     public func delete(_ key: String) throws(RendezvousError) {
         if let server { _ = server.table.apply(.delete, key, []) } else { _ = try connection!.request(.delete, key, [], at: location) }
     }

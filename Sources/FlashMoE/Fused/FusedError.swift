@@ -30,6 +30,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
     public let rank: Int
     /// The value waited for and the last value seen (epoch-tagged flags carry the epoch in the high 32 bits).
     public let expected: UInt64
+    /// The last value seen at the flag (epoch-tagged flags carry the epoch in the high 32 bits, as in `expected`).
     public let seen: UInt64
     /// The raw error code (1 = a wait expired, `badFlagCode` = a row flag with the wrong count).
     public let code: UInt32
@@ -38,6 +39,8 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
     /// one the count all-gather announced.
     public static let badFlagCode: UInt32 = 4
 
+    /// What the kernel waited for (the phase), the flag index, rank, expected and seen values (with their epochs when
+    /// tagged), and that the GPU was not left hanging.
     public var description: String {
         let what = phase?.what ?? "phase \(code)"
         let epoch = expected >> 32 != 0 ? " (epoch \(expected >> 32), last seen epoch \(seen >> 32))" : ""

@@ -100,6 +100,8 @@ public struct DeviceMemoryError: Error, Sendable, Hashable, CustomStringConverti
     /// What to change, most direct first.
     public let suggestions: [String]
 
+    /// The GPU, its free and total memory, what the layer needs there (weights, workspace, headroom), and the
+    /// suggestions to make it fit.
     public var description: String {
         let e = estimate
         var need = "weights \(formatByteCount(e.weightBytes))"

@@ -17,12 +17,15 @@ import CCUDA
 public final class FusedMoE: BenchmarkableBackend, @unchecked Sendable {
     // @unchecked: immutable; the core serialises its calls.
 
+    /// The backend's name for logs and the CLI: always `cuda`.
     public let name = "cuda"
+    /// The layer this backend was built for.
     public let layer: MoELayer
     /// The device-resident operator this backend runs.
     public let core: FusedOperator
     /// The kernel's compile-time constants.
     public var specialization: FusedSpecialization { core.specialization }
+    /// The options the operator was built with.
     public var options: FusedOptions { core.options }
     /// The device the operator runs on.
     public var device: CUDADevice { core.device }

@@ -108,6 +108,8 @@ public struct FusedSharedMemory: Sendable, Hashable, CustomStringConvertible {
     /// Whether a block fits `limit` bytes of shared memory and routing has room for its 32-token chunks.
     public func fits(limit: Int) -> Bool { totalBytes <= limit && routeChunk >= 32 }
 
+    /// The engine, tile shape and stages, then dynamic and bounded static bytes: "wgmma 128×256 tiles, 4 stages:
+    /// N B dynamic + ≤ M B static shared memory per block".
     public var description: String {
         "\(engine.rawValue) \(Self.tileRows)×\(ringTileWidth) tiles, \(stages) stages: \(dynamicBytes) B dynamic + "
             + "≤ \(staticBytesBound) B static shared memory per block"

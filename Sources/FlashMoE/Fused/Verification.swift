@@ -32,6 +32,7 @@ public struct VerificationCase: Sendable, Hashable {
         case fp8OneBinade
     }
 
+    /// A case; by default uniform values, no forced expert and the precision's tolerance.
     public init(
         name: String, config: MoEConfig, tokens: Int, seed: UInt64, forcedExpert: Int? = nil,
         values: Values = .uniform, tolerance: Double? = nil
@@ -53,6 +54,7 @@ public struct VerificationCase: Sendable, Hashable {
 
 /// The outcome of one `VerificationCase`.
 public struct VerificationResult: Sendable {
+    /// The case that was run.
     public let verificationCase: VerificationCase
     /// ‖y_gpu − y_oracle‖ / ‖y_oracle‖ over the tokens whose routing both sides agree on (NaN if any output
     /// element is NaN where the oracle's is finite, e.g. never written).
@@ -65,6 +67,7 @@ public struct VerificationResult: Sendable {
     public let nearTies: Int
     /// Dropped (token, rank) pairs on the GPU and in the oracle.
     public let droppedGPU: Int
+    /// Dropped (token, rank) pairs in the oracle.
     public let droppedOracle: Int
     /// Whether every pair's slot (and so every drop) equals the oracle's.
     public let slotsIdentical: Bool
@@ -75,6 +78,7 @@ public struct VerificationResult: Sendable {
     /// Why it failed, or nil.
     public let failure: String?
 
+    /// Whether the case passed (`failure` is nil).
     public var passed: Bool { failure == nil }
 }
 

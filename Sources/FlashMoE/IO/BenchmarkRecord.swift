@@ -39,6 +39,7 @@ public struct BenchmarkRecord: Sendable, Hashable {
     /// Expert parallelism: the GPU of each kernel launch.
     public var rankDevices: [Int]?
 
+    /// A record with `ranks` and `rankDevices` nil (set them for expert parallelism); no samples unless given.
     public init(
         backend: String, preset: String, tokens: Int, precision: String, medianMilliseconds: Double,
         minimumMilliseconds: Double, flops: Double, floorMilliseconds: Double?, workspaceBytes: Int?, date: String,

@@ -38,5 +38,6 @@ public struct CheckpointError: Error, Sendable, Hashable, CustomStringConvertibl
         self.init(.safetensors, error.message)
     }
 
+    /// `message` alone (it already says what is wrong and what to change).
     public var description: String { message }
 }

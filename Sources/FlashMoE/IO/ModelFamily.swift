@@ -9,6 +9,7 @@ public enum ModelFamily: String, Sendable, Hashable, CaseIterable, CustomStringC
     /// DeepSeek-V3: sigmoid group-limited router with a selection bias, plus ungated shared experts.
     case deepSeekV3 = "deepseek_v3"
 
+    /// The `model_type` it is named by, e.g. `qwen3_moe`.
     public var description: String { rawValue }
 
     /// The family with this `model_type`, or nil.

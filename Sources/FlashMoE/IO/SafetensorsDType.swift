@@ -70,5 +70,6 @@ public enum SafetensorsDType: String, Sendable, Hashable, CaseIterable, CustomSt
         }
     }
 
+    /// The header's `dtype` spelling, e.g. `BF16`.
     public var description: String { rawValue }
 }

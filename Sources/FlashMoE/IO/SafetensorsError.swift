@@ -52,5 +52,6 @@ public struct SafetensorsError: Error, Sendable, Hashable, CustomStringConvertib
         self.init(.io, failure.description)
     }
 
+    /// `message` alone (it already says what is wrong and what to change).
     public var description: String { message }
 }

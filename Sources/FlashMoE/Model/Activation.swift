@@ -54,5 +54,6 @@ public enum Activation: String, Sendable, Hashable, Codable, CaseIterable, Custo
         }
     }
 
+    /// The raw value, e.g. `gelu-tanh`.
     public var description: String { rawValue }
 }

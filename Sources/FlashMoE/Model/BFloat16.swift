@@ -34,6 +34,7 @@ public struct BFloat16: Sendable, Hashable, BitwiseCopyable, CustomStringConvert
     @inlinable
     public var float: Float { Float(bitPattern: UInt32(bitPattern) << 16) }
 
+    /// The exact FP32 value as Swift prints it, e.g. "1.0078125".
     public var description: String { float.description }
 }
 

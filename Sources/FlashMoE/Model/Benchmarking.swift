@@ -7,6 +7,7 @@ public struct BenchmarkResult: Sendable, Hashable {
     /// Device workspace the backend keeps for this token count, in bytes (nil for host backends).
     public var workspaceBytes: Int?
 
+    /// A result from `samples` (milliseconds, in run order); `workspaceBytes` is nil for host backends.
     public init(samples: [Double], method: String, workspaceBytes: Int? = nil) {
         self.samples = samples
         self.method = method

@@ -5,6 +5,7 @@ public enum FFNKind: String, Sendable, Hashable, Codable, CaseIterable, CustomSt
     /// `(act(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ`, no biases (SwiGLU: Mixtral, Qwen-MoE, DeepSeek).
     case gated
 
+    /// The raw value: `plain` or `gated`.
     public var description: String { rawValue }
 }
 
@@ -26,6 +27,7 @@ public enum Capacity: Sendable, Hashable, Codable, CustomStringConvertible {
         }
     }
 
+    /// `dropless`, or `capacity factor F`.
     public var description: String {
         switch self {
         case .dropless: "dropless"
@@ -44,6 +46,7 @@ public struct SharedExpertConfig: Sendable, Hashable, Codable {
     /// Whether a sigmoid gate scales the shared expert's output.
     public var gated: Bool
 
+    /// A shared expert of intermediate size `intermediateSize`, with a sigmoid output gate only when `gated`.
     public init(intermediateSize: Int, gated: Bool = false) {
         self.intermediateSize = intermediateSize
         self.gated = gated

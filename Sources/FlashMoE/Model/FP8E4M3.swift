@@ -70,6 +70,7 @@ public struct FP8E4M3: Sendable, Hashable, BitwiseCopyable, CustomStringConverti
     @inlinable
     public var double: Double { Double(float) }
 
+    /// The exact value as Swift prints the FP32 value, e.g. "448.0".
     public var description: String { float.description }
 }
 

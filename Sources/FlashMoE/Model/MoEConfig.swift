@@ -26,6 +26,8 @@ public struct MoEConfig: Sendable, Hashable, Codable {
     /// Storage and multiply precision.
     public var precision: Precision
 
+    /// A layer of the given shapes; by default a plain ReLU FFN without biases, softmax top-k renormalised, no shared
+    /// expert, dropless and FP32. Nothing is checked here (`validate()` does that).
     public init(
         hiddenSize: Int, intermediateSize: Int, experts: Int, topK: Int,
         ffn: FFNKind = .plain, bias: Bool = false, activation: Activation = .relu,

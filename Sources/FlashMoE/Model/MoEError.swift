@@ -9,13 +9,17 @@ public struct MoEError: Error, Sendable, Hashable, CustomStringConvertible {
         case unsupported
     }
 
+    /// What kind of mistake it is.
     public let kind: Kind
+    /// What is wrong and what to change.
     public let message: String
 
+    /// An error of `kind` saying `message`.
     public init(_ kind: Kind, _ message: String) {
         self.kind = kind
         self.message = message
     }
 
+    /// `message` alone (it already says what to change).
     public var description: String { message }
 }

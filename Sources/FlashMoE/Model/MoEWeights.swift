@@ -10,15 +10,24 @@
 /// | `b1`, `b2` | [E, I], [E, H] FP32 | plain FFN biases, when `config.bias` |
 /// | `shared` | | the shared expert's weights, when `config.sharedExpert` is set |
 public struct MoEWeights: Sendable, Equatable {
+    /// [E, H] gate (router) weight: logits = x·routerᵀ.
     public var router: HostTensor
+    /// [E] FP32, added to scores for choosing only (DeepSeek `e_score_correction_bias`); nil when the router has none.
     public var selectionBias: HostTensor?
+    /// [E, I, H] plain: the first linear; gated: the gate projection (`w1` / `gate_proj`).
     public var w1: HostTensor
+    /// [E, I, H] gated only: the up projection (`w3` / `up_proj`); nil for a plain FFN.
     public var w3: HostTensor?
+    /// [E, H, I] the second linear (`w2` / `down_proj`).
     public var w2: HostTensor
+    /// [E, I] FP32 bias of the plain FFN's first linear, when `config.bias`.
     public var b1: HostTensor?
+    /// [E, H] FP32 bias of the plain FFN's second linear, when `config.bias`.
     public var b2: HostTensor?
+    /// The shared expert's weights, when `config.sharedExpert` is set.
     public var shared: SharedExpertWeights?
 
+    /// Weights from their tensors, as given; the optional ones default to nil.
     public init(
         router: HostTensor, selectionBias: HostTensor? = nil, w1: HostTensor, w3: HostTensor? = nil,
         w2: HostTensor, b1: HostTensor? = nil, b2: HostTensor? = nil, shared: SharedExpertWeights? = nil
@@ -66,11 +75,16 @@ public struct MoEWeights: Sendable, Equatable {
 /// The shared expert's weights: `w1` [Is, H], `w3` [Is, H] (gated FFN only), `w2` [H, Is], and the optional
 /// sigmoid output gate `gate` [1, H] (Qwen2-MoE's `shared_expert_gate`).
 public struct SharedExpertWeights: Sendable, Equatable {
+    /// [Is, H] plain: the first linear; gated: the gate projection.
     public var w1: HostTensor
+    /// [Is, H] gated FFN only: the up projection; nil for a plain FFN.
     public var w3: HostTensor?
+    /// [H, Is] the second linear (the down projection).
     public var w2: HostTensor
+    /// [1, H] the sigmoid output gate (Qwen2-MoE's `shared_expert_gate`); nil when the shared expert has none.
     public var gate: HostTensor?
 
+    /// The shared expert's tensors, as given; `w3` and `gate` default to nil.
     public init(w1: HostTensor, w3: HostTensor? = nil, w2: HostTensor, gate: HostTensor? = nil) {
         self.w1 = w1
         self.w3 = w3

@@ -18,8 +18,8 @@ public enum Precision: String, Sendable, Hashable, Codable, CaseIterable, Custom
     /// tensor cores, `tolerance(for:)`); against the BF16 oracle the error is that of E4M3 itself, a few percent.
     case fp8
 
-    /// The element type that activations and weights are stored in for this precision.
-
+    /// The element type that activations and weights are stored in for this precision:
+    /// fp32 and tf32: `float32`; bf16 and fp8: `bfloat16` (fp8's routed experts: `expertWeights`); fp16: `float16`.
     public var storage: ElementType {
         switch self {
         case .fp32, .tf32: .float32
@@ -59,6 +59,7 @@ public enum Precision: String, Sendable, Hashable, Codable, CaseIterable, Custom
         }
     }
 
+    /// The raw value, e.g. `bf16`.
     public var description: String { rawValue }
 }
 
@@ -94,5 +95,6 @@ public enum ElementType: String, Sendable, Hashable, Codable, CaseIterable, Cust
         }
     }
 
+    /// The raw value, e.g. `bfloat16`.
     public var description: String { rawValue }
 }

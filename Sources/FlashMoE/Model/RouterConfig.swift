@@ -23,6 +23,7 @@ public struct RouterConfig: Sendable, Hashable, Codable {
         case sigmoid
     }
 
+    /// The function that turns gate logits into scores: softmax or sigmoid.
     public var scoring: Scoring
     /// Divide the chosen weights by their sum.
     public var renormalize: Bool
@@ -35,6 +36,7 @@ public struct RouterConfig: Sendable, Hashable, Codable {
     /// Multiplies the final weights (DeepSeek-V3's `routed_scaling_factor`).
     public var scalingFactor: Float
 
+    /// A router given field by field; by default softmax top-k, renormalised, ungrouped, no selection bias, scale 1.
     public init(
         scoring: Scoring = .softmax, renormalize: Bool = true, groups: Int = 1, groupsKept: Int = 1,
         selectionBias: Bool = false, scalingFactor: Float = 1

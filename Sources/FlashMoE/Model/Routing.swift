@@ -24,6 +24,7 @@ public struct Routing: Sendable, Equatable {
     /// [E] tokens routed to each expert, before capacity.
     public var expertLoad: [Int]
 
+    /// A routing from its arrays, as given (nothing checks their lengths against S·k and E).
     public init(tokens: Int, topK: Int, expertIDs: [Int32], weights: [Float], slots: [Int32], expertLoad: [Int]) {
         self.tokens = tokens
         self.topK = topK
@@ -60,6 +61,7 @@ public struct MoEOutput: Sendable {
     /// The routing decisions.
     public var routing: Routing
 
+    /// The output and the routing that produced it, as given.
     public init(output: HostTensor, routing: Routing) {
         self.output = output
         self.routing = routing

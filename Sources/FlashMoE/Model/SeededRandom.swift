@@ -6,6 +6,7 @@ public struct SeededRandom: Sendable, Hashable {
     /// The user-visible seed.
     public let seed: UInt64
 
+    /// The generator whose every value is a function of `seed`, the stream and the index.
     public init(seed: UInt64) { self.seed = seed }
 
     /// SplitMix64's finaliser: a bijective 64-bit mix with good avalanche.
