@@ -204,6 +204,7 @@ class MoEGroupLayer(torch.nn.Module):
         self.native.close()
 
     def extra_repr(self) -> str:
+        """This rank, its experts and the shapes, shown by `print(module)`."""
         c = self.config
         e = self.experts
         return (f"rank {self.rank} of {self.world_size}, experts [{e.start}, {e.stop}) of {c.experts}, H={c.hidden}, "

@@ -188,6 +188,8 @@ class FlashMoEBlock(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The block's output for `hidden_states` [..., H] through the fused layer (in chunks of `max_tokens`), with
+        the router logits when the replaced block returned or recorded them. Inference only."""
         if self.training and torch.is_grad_enabled():
             raise RuntimeError("flashmoe blocks are inference-only (no backward): call model.eval() or run under "
                                "torch.no_grad(), or flashmoe.unpatch(model) to train")
@@ -209,6 +211,7 @@ class FlashMoEBlock(torch.nn.Module):
         return (y, logits) if self.returns_router_logits else y
 
     def extra_repr(self) -> str:
+        """The transformers block this one replaces, shown by `print(model)`."""
         return f"replaces {type(self.original).__name__}"
 
 

@@ -52,6 +52,7 @@ class NativeLayer:
 
     @property
     def closed(self) -> bool:
+        """Whether `close()` has freed the native layer (every later call raises ValueError)."""
         return self.handle == 0
 
     def _live(self) -> int:

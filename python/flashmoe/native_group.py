@@ -115,6 +115,7 @@ class NativeGroup:
 
     @property
     def closed(self) -> bool:
+        """Whether `close()` has freed this rank (every later call raises ValueError)."""
         return self.handle == 0
 
     def _live(self) -> int:

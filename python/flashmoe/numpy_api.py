@@ -57,6 +57,7 @@ class Layer:
 
     @property
     def precision(self) -> str:
+        """The precision the layer runs in, e.g. "fp32" or "bf16"."""
         return self._native.precision
 
     def forward(self, x: np.ndarray, *, y: np.ndarray | None = None, topk_ids: np.ndarray | None = None,

@@ -247,6 +247,7 @@ class MoELayer(torch.nn.Module):
         self._finalizer()
 
     def extra_repr(self) -> str:
+        """The shapes, router, token limit and device shown by `print(module)`."""
         c = self.config
         native = self._holder[0]
         where = f"{native.device_name}, {native.precision}" if native is not None and not native.closed else "closed"
