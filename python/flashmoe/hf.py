@@ -188,8 +188,8 @@ class FlashMoEBlock(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        """The block's output for `hidden_states` [..., H] through the fused layer (in chunks of `max_tokens`), with
-        the router logits when the replaced block returned or recorded them. Inference only."""
+        """The block's output for `hidden_states` [..., H] through the fused layer (in chunks of `max_tokens`);
+        (output, router logits) where the replaced block returned its logits. Inference only."""
         if self.training and torch.is_grad_enabled():
             raise RuntimeError("flashmoe blocks are inference-only (no backward): call model.eval() or run under "
                                "torch.no_grad(), or flashmoe.unpatch(model) to train")
