@@ -12,8 +12,10 @@
  *   - Structs start with `size` and `version`; initialise them with their FLASHMOE_*_INIT macro so fields can be
  *     added in later versions without breaking callers.
  *   - Matrices are row-major, contiguous, in Hugging Face's [out, in] layout; the dtype of every matrix and of x is
- *     the precision's storage type (float32 for FP32/TF32, bfloat16 for BF16, float16 for FP16); biases, the
- *     selection bias and routing weights are float32; expert ids are int32.
+ *     the precision's storage type (float32 for FP32/TF32, bfloat16 for BF16 and FP8, float16 for FP16); biases,
+ *     the selection bias, block scales and routing weights are float32; expert ids are int32. FP8 layers take the
+ *     routed experts' matrices (gate_up or gate and up, down) either in bfloat16, quantized once at create, or as
+ *     E4M3 codes (one byte each, torch.float8_e4m3fn) with their block scales (see flashmoe_weights_t).
  *   - GPU layers: pointers are device pointers of the layer's device (primary context). A forward only enqueues
  *     work on `stream` (no host synchronisation, no allocation, no copies): it can be captured in a CUDA graph and
  *     replayed. Errors the kernel finds after the call returned (a timed-out wait) surface on the next forward,
@@ -36,7 +38,7 @@ extern "C" {
 #endif
 
 #define FLASHMOE_VERSION_MAJOR 0
-#define FLASHMOE_VERSION_MINOR 4
+#define FLASHMOE_VERSION_MINOR 5
 #define FLASHMOE_VERSION_PATCH 0
 /** MAJOR * 10000 + MINOR * 100 + PATCH: compare with flashmoe_version() to catch a header/library mismatch. */
 #define FLASHMOE_VERSION (FLASHMOE_VERSION_MAJOR * 10000 + FLASHMOE_VERSION_MINOR * 100 + FLASHMOE_VERSION_PATCH)
@@ -62,7 +64,13 @@ typedef enum {
     FLASHMOE_PRECISION_FP32 = 0,
     FLASHMOE_PRECISION_TF32 = 1,
     FLASHMOE_PRECISION_BF16 = 2,
-    FLASHMOE_PRECISION_FP16 = 3
+    FLASHMOE_PRECISION_FP16 = 3,
+    /** Block-scaled FP8 routed experts (since 0.5; docs/fp8.md): expert weights E4M3 with one float32 scale per
+     *  128x128 block, activations quantized per token and 128 channels before each expert GEMM, float32
+     *  accumulation. x, y, the router and the shared expert are bfloat16. GPU layers need sm_90a (or sm_89) and,
+     *  while the kernel's fp8 path is experimental, FLASHMOE_EXPERIMENTAL_FP8=1 in the environment (create returns
+     *  FLASHMOE_ERROR_UNSUPPORTED saying so otherwise); CPU layers run it always. Groups: not supported. */
+    FLASHMOE_PRECISION_FP8 = 4
 } flashmoe_precision_t;
 
 typedef enum { FLASHMOE_FFN_PLAIN = 0, FLASHMOE_FFN_GATED = 1 } flashmoe_ffn_t;
@@ -149,7 +157,16 @@ typedef struct {
 /** Weight pointers (device pointers for GPU layers, host pointers for CPU layers). NULL where absent.
  *  The library copies or packs what it needs at creation (see "Weights" in the README's "Use from C" section);
  *  the caller may free its weights after flashmoe_layer_create returns. Every pointer the config does not call for
- *  must be NULL (create names the field otherwise), and each must be aligned to its element type. */
+ *  must be NULL (create names the field otherwise), and each must be aligned to its element type.
+ *
+ *  FP8 layers (FLASHMOE_PRECISION_FP8): with every *_scale pointer of the layout NULL, the routed experts'
+ *  matrices are bfloat16 and create quantizes them (as `flashmoe run --precision fp8` does a BF16 checkpoint).
+ *  With them set, those matrices are E4M3 codes (uint8 bit patterns of float8_e4m3fn) and each *_scale is the
+ *  matrices' float32 dequantization scales, one per 128x128 block: [E, ceil(rows / 128), ceil(cols / 128)], as
+ *  DeepSeek-V3's `weight_scale_inv` (value = code * scale). FUSED: gate_up_scale covers gate_up's 2I rows (I must
+ *  be a multiple of 128, so no block holds gate and up rows); SEPARATE: gate_scale and, gated, up_scale. Always
+ *  down_scale. Every other layer: the *_scale pointers must be NULL. The shared expert and the router stay
+ *  bfloat16. A struct of version 0.4 (without the *_scale fields, its `size` that version's) is still accepted. */
 typedef struct {
     size_t size;      /* sizeof(flashmoe_weights_t) */
     uint32_t version; /* FLASHMOE_VERSION */
@@ -166,12 +183,17 @@ typedef struct {
     const void *shared_up;      /* SEPARATE, gated: shared W3 [IS, H] */
     const void *shared_down;    /* [H, IS] */
     const void *shared_gate;    /* [H] storage type: the shared expert's sigmoid gate row (shared_gated) */
+    /* since 0.5: FP8 block scales (float32) of E4M3 expert matrices; see above */
+    const float *gate_up_scale; /* FUSED: [E, ceil(2I / 128), ceil(H / 128)] (gated) or [E, ceil(I / 128), ...] */
+    const float *gate_scale;    /* SEPARATE: [E, ceil(I / 128), ceil(H / 128)] */
+    const float *up_scale;      /* SEPARATE, gated: [E, ceil(I / 128), ceil(H / 128)] */
+    const float *down_scale;    /* [E, ceil(H / 128), ceil(I / 128)] */
 } flashmoe_weights_t;
 
 #define FLASHMOE_WEIGHTS_INIT                                                                                       \
     {                                                                                                               \
         sizeof(flashmoe_weights_t), FLASHMOE_VERSION, FLASHMOE_LAYOUT_FUSED, NULL, NULL, NULL, NULL, NULL, NULL,  \
-            NULL, NULL, NULL, NULL, NULL, NULL                                                                      \
+            NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL                                              \
     }
 
 /** What a layer holds, for the caller's bookkeeping. */

@@ -53,19 +53,37 @@ enum Check {
 
     /// A versioned struct (`size` first): the pointer checked, its `size` equal to this library's struct and
     /// `version` of the library's major and at most its minor. `initMacro` names the macro that fills it.
+    /// `older`: a struct that grew since an older minor version, with that version's size and the first version
+    /// that added fields. A struct of that size and an older version is read as far as it goes; the fields added
+    /// since are zero (NULL), as the older header's callers never set them.
     static func versionedStruct<T>(
-        _ pointer: UnsafePointer<T>?, _ name: String, initMacro: String, version: (T) -> UInt32
+        _ pointer: UnsafePointer<T>?, _ name: String, initMacro: String, version: (T) -> UInt32,
+        older: (size: Int, grewIn: UInt32)? = nil
     ) throws(ArgumentError) -> T {
         let p = try Self.pointer(pointer, name)
         let size = UnsafeRawPointer(p).load(as: Int.self)
         let expected = MemoryLayout<T>.size
-        guard size == expected else {
+        let value: T
+        if size == expected {
+            value = p.pointee
+        } else if let older, size == older.size, older.size < expected {
+            // Only `size` bytes are the caller's: copy them over a zeroed struct.
+            let bytes = UnsafeMutableRawPointer.allocate(byteCount: expected, alignment: MemoryLayout<T>.alignment)
+            defer { bytes.deallocate() }
+            bytes.initializeMemory(as: UInt8.self, repeating: 0, count: expected)
+            bytes.copyMemory(from: UnsafeRawPointer(p), byteCount: size)
+            value = bytes.load(as: T.self)
+            guard version(value) < older.grewIn else {
+                throw ArgumentError(
+                    "\(name)->size is \(size), the size of an older flashmoe.h's struct, but \(name)->version is "
+                        + "\(version(value)): initialise it with \(initMacro) from the flashmoe.h of version \(LibraryVersion.text)")
+            }
+        } else {
             let newer = size > expected ? " (a newer flashmoe.h than this library)" : ""
             throw ArgumentError(
                 "\(name)->size is \(size) but this library's struct has \(expected) bytes\(newer): initialise it with "
                     + "\(initMacro) from the flashmoe.h of version \(LibraryVersion.text)")
         }
-        let value = p.pointee
         let v = version(value)
         let library = UInt32(LibraryVersion.number)
         // A struct from an older minor version of the header is accepted (its size matched); a newer one is not.

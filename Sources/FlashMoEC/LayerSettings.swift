@@ -86,7 +86,8 @@ struct LayerSettings {
         let precision: Precision = try Check.enumeration(
             c.precision, "config->precision",
             [(0, "FLASHMOE_PRECISION_FP32", .fp32), (1, "FLASHMOE_PRECISION_TF32", .tf32),
-             (2, "FLASHMOE_PRECISION_BF16", .bf16), (3, "FLASHMOE_PRECISION_FP16", .fp16)])
+             (2, "FLASHMOE_PRECISION_BF16", .bf16), (3, "FLASHMOE_PRECISION_FP16", .fp16),
+             (4, "FLASHMOE_PRECISION_FP8", .fp8)])
         backend = try Check.enumeration(
             c.backend, "config->backend", [(0, "FLASHMOE_BACKEND_CUDA", .cuda), (1, "FLASHMOE_BACKEND_CPU", .cpu)])
         device = try Check.atLeast(c.device, 0, "config->device", "CUDA device ordinal")

@@ -7,22 +7,28 @@ extension WeightPointers {
     /// the layer would ignore is a mistake in the caller's config or weights). Works for host and device pointers
     /// alike: nothing is dereferenced here.
     init(checking pointer: UnsafePointer<flashmoe_weights_t>?, config c: MoEConfig) throws(ArgumentError) {
+        // 0.5 added the FP8 block scales at the end; a 0.4 caller's struct stops before them.
         let w = try Check.versionedStruct(
-            pointer, "weights", initMacro: "FLASHMOE_WEIGHTS_INIT", version: { $0.version })
+            pointer, "weights", initMacro: "FLASHMOE_WEIGHTS_INIT", version: { $0.version },
+            older: (MemoryLayout<flashmoe_weights_t>.offset(of: \.gate_up_scale)!, 500))
         let fused: Bool = try Check.enumeration(
             w.layout, "weights->layout", [(0, "FLASHMOE_LAYOUT_FUSED", true), (1, "FLASHMOE_LAYOUT_SEPARATE", false)])
-        let element = c.precision.storage.byteSize
-        let storage = "\(c.precision.storage) for \(c.precision)"
         let gated = c.ffn == .gated
+        let scales = try Self.expertScaleFields(w, config: c, fused: fused)
+        // (bytes, name) of the storage type, and of the routed experts' matrices (E4M3 codes when scaled).
+        let storage = (c.precision.storage.byteSize, "\(c.precision.storage) for \(c.precision)")
+        let expert = scales == nil ? storage : (1, "E4M3 codes, with their *_scale")
 
         func address(_ p: UnsafeRawPointer?) -> UInt64 { UInt64(UInt(bitPattern: p)) }
-        func required(_ p: UnsafeRawPointer?, _ field: String, _ shape: String, float32: Bool = false, because: String)
-            throws(ArgumentError) -> UInt64
-        {
+        func required(
+            _ p: UnsafeRawPointer?, _ field: String, _ shape: String, float32: Bool = false,
+            type: (bytes: Int, name: String)? = nil, because: String
+        ) throws(ArgumentError) -> UInt64 {
+            let t = float32 ? (4, "float32") : type ?? storage
             guard p != nil else {
-                throw ArgumentError("weights->\(field) is NULL but \(because) needs it: pass \(shape) (\(float32 ? "float32" : storage))")
+                throw ArgumentError("weights->\(field) is NULL but \(because) needs it: pass \(shape) (\(t.1))")
             }
-            try Check.aligned(UInt(address(p)), "weights->\(field)", float32 ? 4 : element, float32 ? "float32" : storage)
+            try Check.aligned(UInt(address(p)), "weights->\(field)", t.0, t.1)
             return address(p)
         }
         func absent(_ p: UnsafeRawPointer?, _ field: String, _ why: String) throws(ArgumentError) {
@@ -45,18 +51,19 @@ extension WeightPointers {
         if fused {
             try absent(w.gate, "gate", "the layout is FLASHMOE_LAYOUT_FUSED (gate_up holds it); set layout = SEPARATE to pass gate and up")
             try absent(w.up, "up", "the layout is FLASHMOE_LAYOUT_FUSED (gate_up holds it); set layout = SEPARATE to pass gate and up")
-            firstLayer = .fused(try required(w.gate_up, "gate_up", gateUpShape, because: "\(layoutName)"))
+            firstLayer = .fused(try required(w.gate_up, "gate_up", gateUpShape, type: expert, because: "\(layoutName)"))
         } else {
             try absent(w.gate_up, "gate_up", "the layout is FLASHMOE_LAYOUT_SEPARATE (pass gate and up); set layout = FUSED to pass gate_up")
-            let gate = try required(w.gate, "gate", "W1 [E, I, H]", because: "\(layoutName)")
+            let gate = try required(w.gate, "gate", "W1 [E, I, H]", type: expert, because: "\(layoutName)")
             if gated {
-                firstLayer = .separate(gate: gate, up: try required(w.up, "up", "W3 [E, I, H]", because: "a gated FFN"))
+                firstLayer = .separate(
+                    gate: gate, up: try required(w.up, "up", "W3 [E, I, H]", type: expert, because: "a gated FFN"))
             } else {
                 try absent(w.up, "up", "the FFN is plain (config->ffn = FLASHMOE_FFN_PLAIN) and has no up projection")
                 firstLayer = .separate(gate: gate, up: nil)
             }
         }
-        let down = try required(w.down, "down", "W2 [E, H, I]", because: "every layer")
+        let down = try required(w.down, "down", "W2 [E, H, I]", type: expert, because: "every layer")
 
         var b1: UInt64?, b2: UInt64?
         if c.bias {
@@ -96,6 +103,60 @@ extension WeightPointers {
         }
         self.init(
             router: router, selectionBias: selectionBias, firstLayer: firstLayer, down: down, b1: b1, b2: b2,
-            sharedFirstLayer: sharedFirst, sharedDown: sharedDown, sharedGate: sharedGate)
+            sharedFirstLayer: sharedFirst, sharedDown: sharedDown, sharedGate: sharedGate, expertScales: scales)
+    }
+
+    /// The FP8 block scales of `w`: nil when every *_scale field is NULL (the expert matrices in the storage type);
+    /// for an fp8 layer, the layout's scales, checked present, aligned and usable; for any other layer an error.
+    private static func expertScaleFields(_ w: flashmoe_weights_t, config c: MoEConfig, fused: Bool)
+        throws(ArgumentError) -> ExpertScales?
+    {
+        func address(_ p: UnsafePointer<Float>?) -> UInt64 { UInt64(UInt(bitPattern: p)) }
+        let fields: [(String, UnsafePointer<Float>?)] = [
+            ("gate_up_scale", w.gate_up_scale), ("gate_scale", w.gate_scale), ("up_scale", w.up_scale),
+            ("down_scale", w.down_scale),
+        ]
+        guard let given = fields.first(where: { $0.1 != nil }) else { return nil }
+        guard c.precision == .fp8 else {
+            throw ArgumentError(
+                "weights->\(given.0) must be NULL: block scales are for FLASHMOE_PRECISION_FP8 layers with E4M3 "
+                    + "expert matrices, and config->precision is \(c.precision)")
+        }
+        let gated = c.ffn == .gated
+        let rows = gated && fused ? "ceil(2I / 128)" : "ceil(I / 128)"
+        let wanted: [(String, String)] =
+            (fused ? [("gate_up_scale", "[E, \(rows), ceil(H / 128)]")]
+                : [("gate_scale", "[E, ceil(I / 128), ceil(H / 128)]")]
+                    + (gated ? [("up_scale", "[E, ceil(I / 128), ceil(H / 128)]")] : []))
+            + [("down_scale", "[E, ceil(H / 128), ceil(I / 128)]")]
+        let layout = fused ? "FLASHMOE_LAYOUT_FUSED" : "FLASHMOE_LAYOUT_SEPARATE"
+        var found: [String: UInt64] = [:]
+        for (name, pointer) in fields {
+            guard let shape = wanted.first(where: { $0.0 == name })?.1 else {
+                guard pointer == nil else {
+                    throw ArgumentError(
+                        "weights->\(name) must be NULL with \(layout)\(gated ? "" : " and a plain FFN"): pass "
+                            + wanted.map(\.0).joined(separator: ", "))
+                }
+                continue
+            }
+            guard let pointer else {
+                throw ArgumentError(
+                    "weights->\(name) is NULL but weights->\(given.0) is set: E4M3 expert matrices need every scale "
+                        + "of the layout (\(wanted.map(\.0).joined(separator: ", "))); pass \(shape) float32, or "
+                        + "set every *_scale to NULL to pass bfloat16 matrices that create quantizes")
+            }
+            try Check.aligned(UInt(address(pointer)), "weights->\(name)", 4, "float32")
+            found[name] = address(pointer)
+        }
+        if fused && gated && c.intermediateSize % 128 != 0 {
+            throw ArgumentError(
+                "weights->gate_up_scale: with I = \(c.intermediateSize), not a multiple of 128, a 128-row scale "
+                    + "block of gate_up would hold gate and up rows; pass gate, up, gate_scale and up_scale "
+                    + "(FLASHMOE_LAYOUT_SEPARATE) instead")
+        }
+        let first: FirstLayer =
+            fused ? .fused(found["gate_up_scale"]!) : .separate(gate: found["gate_scale"]!, up: found["up_scale"])
+        return ExpertScales(firstLayer: first, down: found["down_scale"]!)
     }
 }

@@ -17,67 +17,13 @@
  */
 #define _POSIX_C_SOURCE 200809L /* pthread_barrier_t */
 #include "flashmoe.h"
+#include "abi_support.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int passed, failed;
-
-static void check(int ok, const char *what) {
-    if (ok) {
-        passed++;
-    } else {
-        failed++;
-        printf("FAIL: %s\n", what);
-    }
-}
-
-/* A call must fail with `expected` and a message that contains `needle` (the argument's name). */
-static void expect_error(flashmoe_status_t got, flashmoe_status_t expected, const char *needle, const char *what) {
-    const char *message = flashmoe_last_error();
-    int ok = got == expected && strstr(message, needle) != NULL;
-    if (ok) {
-        passed++;
-    } else {
-        failed++;
-        printf("FAIL: %s: status %d (%s), expected %d; message \"%s\" should name \"%s\"\n", what, (int)got,
-               flashmoe_status_string(got), (int)expected, message, needle);
-    }
-}
-
-/* MARK: random values and bf16 */
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-
-static float uniform(float scale) {
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    double u = (double)(rng_state >> 11) / 9007199254740992.0; /* [0, 1) */
-    return (float)((2.0 * u - 1.0) * scale);
-}
-
-static float *random_array(size_t n, float scale) {
-    float *a = malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) a[i] = uniform(scale);
-    return a;
-}
-
-/* float -> bfloat16 bits, round to nearest even (finite inputs only here). */
-static uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    bits += 0x7FFF + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-static float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* MARK: the naive reference */
 
@@ -605,7 +551,7 @@ static void test_create_errors(void) {
     CONFIG_FAILS(shared_gated = 1, "config->shared_gated");
     CONFIG_FAILS(capacity_factor = -1, "config->capacity_factor");
     CONFIG_FAILS(capacity_factor = NAN, "config->capacity_factor");
-    CONFIG_FAILS(precision = 4, "config->precision");
+    CONFIG_FAILS(precision = 5, "config->precision");
     CONFIG_FAILS(backend = 2, "config->backend");
     CONFIG_FAILS(device = -1, "config->device");
     CONFIG_FAILS(output = 2, "config->output");

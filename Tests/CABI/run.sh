@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds lib/libflashmoe.so (scripts/build-lib) unless FLASHMOE_LIB names a built one, compiles
-# Tests/CABI/abi_test.c against include/flashmoe.h with cc, and runs it on the CPU backend.
-# Prints "N passed, M failed" and exits non-zero on any failure.
+# Tests/CABI/abi_test.c and Tests/CABI/abi_fp8_test.c against include/flashmoe.h with cc, and runs them on the CPU
+# backend. Each prints "N passed, M failed"; the script exits non-zero on any failure.
 # Usage: Tests/CABI/run.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -18,6 +18,9 @@ if [ "$(basename "$FLASHMOE_LIB")" != libflashmoe.so ]; then
     cp "$FLASHMOE_LIB" "$tmp/libflashmoe.so"
     libdir=$tmp
 fi
-cc -std=c11 -O1 -Wall -Wextra -Werror -Iinclude Tests/CABI/abi_test.c -L"$libdir" -lflashmoe -lm -lpthread \
-    -Wl,-rpath,"$libdir" -o "$tmp/abi_test"
+for test in abi_test abi_fp8_test; do
+    cc -std=c11 -O1 -Wall -Wextra -Werror -Iinclude "Tests/CABI/$test.c" -L"$libdir" -lflashmoe -lm -lpthread \
+        -Wl,-rpath,"$libdir" -o "$tmp/$test"
+done
 "$tmp/abi_test"
+"$tmp/abi_fp8_test"

@@ -3,7 +3,25 @@ import CCUDA
 /// The addresses of a layer's weights as the C ABI (include/flashmoe.h) passes them: matrices in the precision's
 /// storage type, biases and the selection bias in float32, row-major [out, in]. Device addresses for GPU layers,
 /// host addresses for CPU layers; the caller checked presence, shapes and alignment against the config.
+/// fp8 layers: the routed experts' matrices are BF16 (quantized when the layer is built) unless `expertScales` is
+/// set, in which case they are E4M3 codes with those block scales.
 public struct WeightPointers: Sendable {
+    /// The float32 block scales of FP8 expert matrices, one per 128×128 block of each matrix (DeepSeek-V3's
+    /// `weight_scale_inv`: value = code × scale): [E, ⌈rows/128⌉, ⌈cols/128⌉].
+    public struct ExpertScales: Sendable {
+        /// The first layer's scales, in the first layer's layout: fused, one tensor over each matrix's gate and
+        /// up rows (2I rows gated, so I must be a multiple of 128); separate, W1's and (gated) W3's.
+        public var firstLayer: FirstLayer
+        /// W2's scales, [E, ⌈H/128⌉, ⌈I/128⌉].
+        public var down: UInt64
+
+        /// Scales as described on each property.
+        public init(firstLayer: FirstLayer, down: UInt64) {
+            self.firstLayer = firstLayer
+            self.down = down
+        }
+    }
+
     /// Where an FFN's first-layer matrices are (M matrices of R rows of C columns each).
     public enum FirstLayer: Sendable {
         /// One tensor: gated, [M, 2R, C] with each matrix's R gate rows first and its R up rows next (transformers'
@@ -45,12 +63,15 @@ public struct WeightPointers: Sendable {
     public var sharedDown: UInt64?
     /// The shared expert's sigmoid gate row [H] (a gated shared expert).
     public var sharedGate: UInt64?
+    /// fp8 layers given E4M3 expert matrices: their block scales; nil when the matrices are in the storage type.
+    public var expertScales: ExpertScales?
 
     /// Addresses as described on each property; nil where the layer has no such tensor.
     public init(
         router: UInt64, selectionBias: UInt64?, firstLayer: FirstLayer, down: UInt64, b1: UInt64?, b2: UInt64?,
-        sharedFirstLayer: FirstLayer?, sharedDown: UInt64?, sharedGate: UInt64?
+        sharedFirstLayer: FirstLayer?, sharedDown: UInt64?, sharedGate: UInt64?, expertScales: ExpertScales? = nil
     ) {
+        self.expertScales = expertScales
         self.router = router
         self.selectionBias = selectionBias
         self.firstLayer = firstLayer
@@ -93,6 +114,9 @@ extension FusedDeviceWeights {
     ///   of ms for Qwen3-30B-A3B's 128 experts), after one `cuMemsetD8` of the padding.
     /// - Device memory: exactly the packed copy (`byteCount`: the gated first layer padded to a multiple of
     ///   `packRows` rows), as for host weights; nothing temporary, no host memory.
+    /// - fp8: the routed experts instead pass through host memory a chunk at a time, quantized there when given
+    ///   in BF16 (`fp8Experts`, FusedDeviceWeights+FP8Pointers.swift); the router and the shared expert are copied
+    ///   as above, in BF16.
     /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
     ///   have landed) and after them (so the copies are done when this returns).
     /// - `experts`: the routed experts to copy (a rank's share; all by default); `pointersStart`: the expert the
@@ -102,8 +126,8 @@ extension FusedDeviceWeights {
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int,
         experts: Range<Int>? = nil, pointersStart: Int = 0
     ) throws {
-        guard c.precision != .fp8 else {
-            throw MoEError(.unsupported, "device weight pointers carry no FP8 block scales: build fp8 layers from host weights")
+        if p.expertScales != nil && c.precision != .fp8 {
+            throw MoEError(.invalidInput, "FP8 block scales are for fp8 layers; this one is \(c.precision)")
         }
         let element = c.precision.storage.byteSize
         let (h, i) = (c.hiddenSize, c.intermediateSize)
@@ -128,15 +152,24 @@ extension FusedDeviceWeights {
                 names: .shared)
             sharedW2 = try copier.whole(from: down, bytes: h * s.intermediateSize * element, field: "shared_down")
         }
+        let w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>
+        if c.precision == .fp8 {
+            // Through host memory, chunk by chunk (FusedDeviceWeights+FP8Pointers.swift).
+            (w1, w2) = try Self.fp8Experts(
+                config: c, pointers: p, device: device, packRows: packRows, first: first, count: e)
+        } else {
+            w1 = try copier.firstLayer(
+                p.firstLayer, gated: gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
+                names: .experts, firstMatrix: first)
+            w2 = try copier.whole(from: p.down + UInt64(first * h * i * element), bytes: e * h * i * element, field: "down")
+        }
         self.init(
             router: router,
             selectionBias: try p.selectionBias.map {
                 try copier.whole(from: $0, bytes: c.experts * 4, field: "selection_bias")
             },
-            w1: try copier.firstLayer(
-                p.firstLayer, gated: gated, matrices: e, rows: i, rowBytes: h * element, packRows: packRows,
-                names: .experts, firstMatrix: first),
-            w2: try copier.whole(from: p.down + UInt64(first * h * i * element), bytes: e * h * i * element, field: "down"),
+            w1: w1,
+            w2: w2,
             b1: try p.b1.map { try copier.whole(from: $0 + UInt64(first * i * 4), bytes: e * i * 4, field: "b1") },
             b2: try p.b2.map { try copier.whole(from: $0 + UInt64(first * h * 4), bytes: e * h * 4, field: "b2") },
             sharedW1: sharedW1,
