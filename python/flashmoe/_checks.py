@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _lib
-from .config import STORAGE_DTYPE, MoEConfig
+from .config import FP8_DTYPE, STORAGE_DTYPE, MoEConfig
 
 #: Every pointer the library reads or writes must be aligned to this many bytes (vector loads and stores).
 ALIGNMENT = 16
@@ -55,29 +55,49 @@ def _elements(shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """One weight the config needs: its shape and whether it is stored in the storage type or in float32."""
+    """One weight the config needs: its shape and its dtype (None: the precision's storage type)."""
 
     shape: tuple[int, ...]
     float32: bool = False
+    #: a dtype other than the storage type's or float32 (the E4M3 codes of fp8 expert matrices)
+    dtype: str | None = None
+
+
+#: The FP8 block-scale weights (float32, one scale per 128x128 block of each expert matrix; since 0.5).
+SCALE_NAMES = ("gate_up_scale", "gate_scale", "up_scale", "down_scale")
+
+
+def _blocks(n: int) -> int:
+    return (n + 127) // 128
 
 
 def weight_specs(config: MoEConfig, layout: int, selection_bias: bool,
-                 local_experts: int | None = None) -> dict[str, WeightSpec]:
+                 local_experts: int | None = None, fp8_codes: bool = False) -> dict[str, WeightSpec]:
     """The weights a layer of `config` takes (include/flashmoe.h, flashmoe_weights_t), by field name.
     `local_experts`: the per-expert tensors hold only this many experts (a group rank's shard); the router and the
-    selection bias always cover all E."""
+    selection bias always cover all E. `fp8_codes`: the routed experts' matrices are E4M3 codes with block scales."""
     h, i, s = config.hidden, config.intermediate, config.shared_intermediate
     e = config.experts if local_experts is None else local_experts
     gated = config.ffn == "gated"
-    specs = {"router": WeightSpec((config.experts, h)), "down": WeightSpec((e, h, i))}
+    codes = FP8_DTYPE if fp8_codes else None
+    specs = {"router": WeightSpec((config.experts, h)), "down": WeightSpec((e, h, i), dtype=codes)}
     if selection_bias:
         specs["selection_bias"] = WeightSpec((config.experts,), float32=True)
+    rows = 2 * i if gated else i
     if layout == _lib.LAYOUT_FUSED:
-        specs["gate_up"] = WeightSpec((e, 2 * i if gated else i, h))
+        specs["gate_up"] = WeightSpec((e, rows, h), dtype=codes)
     else:
-        specs["gate"] = WeightSpec((e, i, h))
+        specs["gate"] = WeightSpec((e, i, h), dtype=codes)
         if gated:
-            specs["up"] = WeightSpec((e, i, h))
+            specs["up"] = WeightSpec((e, i, h), dtype=codes)
+    if fp8_codes:
+        specs["down_scale"] = WeightSpec((e, _blocks(h), _blocks(i)), float32=True)
+        if layout == _lib.LAYOUT_FUSED:
+            specs["gate_up_scale"] = WeightSpec((e, _blocks(rows), _blocks(h)), float32=True)
+        else:
+            specs["gate_scale"] = WeightSpec((e, _blocks(i), _blocks(h)), float32=True)
+            if gated:
+                specs["up_scale"] = WeightSpec((e, _blocks(i), _blocks(h)), float32=True)
     if config.bias:
         specs["b1"] = WeightSpec((e, i), float32=True)
         specs["b2"] = WeightSpec((e, h), float32=True)
@@ -118,7 +138,15 @@ def check_weights(config: MoEConfig, arrays: dict[str, ArrayInfo], precision: st
     if "selection_bias" in arrays and config.router != "sigmoid":
         raise ValueError("weights['selection_bias'] is for router='sigmoid' only")
     layout = layout_of(set(arrays))
-    specs = weight_specs(config, layout, "selection_bias" in arrays, local_experts)
+    scales = [name for name in SCALE_NAMES if name in arrays]
+    if scales and precision != "fp8":
+        raise ValueError(f"weights[{scales[0]!r}] is an FP8 block scale, for precision 'fp8' with float8_e4m3fn "
+                         f"expert matrices; this layer's precision is {precision!r}")
+    if scales and layout == _lib.LAYOUT_FUSED and config.ffn == "gated" and config.intermediate % 128:
+        raise ValueError(f"weights['gate_up_scale']: with intermediate = {config.intermediate}, not a multiple of "
+                         f"128, a 128-row scale block of gate_up would hold gate and up rows; pass 'gate', 'up', "
+                         f"'gate_scale' and 'up_scale' instead")
+    specs = weight_specs(config, layout, "selection_bias" in arrays, local_experts, fp8_codes=bool(scales))
     extra = sorted(set(arrays) - set(specs))
     if extra:
         raise ValueError(f"weights: {extra} not used by this config (ffn={config.ffn!r}, bias={config.bias}, "
@@ -126,10 +154,15 @@ def check_weights(config: MoEConfig, arrays: dict[str, ArrayInfo], precision: st
                          f"shared_gated={config.shared_gated}); remove them or change the config")
     missing = [name for name in specs if name not in arrays]
     if missing:
-        raise ValueError(f"weights: missing {missing} for this config")
+        more = " (float8_e4m3fn expert matrices need every block scale of the layout)" if scales else ""
+        raise ValueError(f"weights: missing {missing} for this config{more}")
     storage = STORAGE_DTYPE[precision]
     for name, spec in specs.items():
-        check_array(arrays[name], spec.shape, "float32" if spec.float32 else storage, device)
+        a = arrays[name]
+        if precision == "fp8" and not scales and a.dtype == FP8_DTYPE:
+            raise TypeError(f"weights[{name!r}] holds float8_e4m3fn codes but no block scales were given: pass "
+                            f"the *_scale weights (float32 [E, ceil(rows/128), ceil(cols/128)]) or bfloat16 matrices")
+        check_array(a, spec.shape, "float32" if spec.float32 else spec.dtype or storage, device)
     return layout
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 # Constants (include/flashmoe.h)
 
 #: The header version this module mirrors: MAJOR * 10000 + MINOR * 100 + PATCH.
-VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH = 0, 4, 0
+VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH = 0, 5, 0
 VERSION = VERSION_MAJOR * 10000 + VERSION_MINOR * 100 + VERSION_PATCH
 
 SUCCESS = 0
@@ -42,7 +42,7 @@ STATUS_NAMES = {
 }
 
 BACKEND_CUDA, BACKEND_CPU = 0, 1
-PRECISION_FP32, PRECISION_TF32, PRECISION_BF16, PRECISION_FP16 = 0, 1, 2, 3
+PRECISION_FP32, PRECISION_TF32, PRECISION_BF16, PRECISION_FP16, PRECISION_FP8 = 0, 1, 2, 3, 4
 FFN_PLAIN, FFN_GATED = 0, 1
 ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3
 ROUTER_SOFTMAX, ROUTER_SIGMOID = 0, 1
@@ -103,9 +103,9 @@ class Config(ctypes.Structure):
 class Weights(ctypes.Structure):
     """flashmoe_weights_t: weight pointers (ints), 0 where absent. Build it with `Weights.init()`."""
 
-    #: The pointer fields, in header order.
+    #: The pointer fields, in header order (the four *_scale fields since 0.5: FP8 block scales).
     POINTERS = ("router", "selection_bias", "gate_up", "gate", "up", "down", "b1", "b2", "shared_gate_up",
-                "shared_up", "shared_down", "shared_gate")
+                "shared_up", "shared_down", "shared_gate", "gate_up_scale", "gate_scale", "up_scale", "down_scale")
     _fields_ = [("size", _c_size_t), ("version", ctypes.c_uint32), ("layout", ctypes.c_int32)] + [
         (name, _ptr) for name in POINTERS
     ]

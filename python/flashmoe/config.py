@@ -23,10 +23,14 @@ ACTIVATIONS = {
 FFNS = {"plain": _lib.FFN_PLAIN, "gated": _lib.FFN_GATED}
 ROUTERS = {"softmax": _lib.ROUTER_SOFTMAX, "sigmoid": _lib.ROUTER_SIGMOID}
 PRECISIONS = {"fp32": _lib.PRECISION_FP32, "tf32": _lib.PRECISION_TF32, "bf16": _lib.PRECISION_BF16,
-              "fp16": _lib.PRECISION_FP16}
+              "fp16": _lib.PRECISION_FP16, "fp8": _lib.PRECISION_FP8}
 OUTPUTS = {"storage": _lib.OUTPUT_STORAGE, "float32": _lib.OUTPUT_FLOAT32}
 #: The element type x and every weight matrix are stored in, per precision (dtype names as numpy and torch spell them).
-STORAGE_DTYPE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: fp8 stores x, the router and the shared expert in bfloat16; its routed experts' matrices are bfloat16 (quantized
+#: when the layer is created) or E4M3 codes (FP8_DTYPE) with float32 block scales (the *_scale weights).
+STORAGE_DTYPE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+#: The dtype name of E4M3 codes (torch.float8_e4m3fn; numpy: uint8 arrays of the bits, or ml_dtypes' type).
+FP8_DTYPE = "float8_e4m3fn"
 #: The precision a storage dtype implies when MoEConfig.precision is None (float32 -> fp32, never tf32).
 PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -36,7 +40,8 @@ class MoEConfig:
     """One MoE layer: y[t] = Σ_j w[t,j] · FFN_{e[t,j]}(x[t]) (+ the shared expert), as include/flashmoe.h defines it.
 
     Shapes: H = `hidden`, I = `intermediate`, E = `experts`, k = `top_k`. `precision=None` takes the precision from
-    the weights' dtype (float32 -> fp32, bfloat16 -> bf16, float16 -> fp16); "tf32" must be asked for.
+    the weights' dtype (float32 -> fp32, bfloat16 -> bf16, float16 -> fp16; float8_e4m3fn expert matrices -> fp8);
+    "tf32", and "fp8" with bfloat16 expert matrices (quantized at creation), must be asked for.
     `max_tokens` is the most rows one forward may pass: the workspace is sized for it once, at creation.
     """
 
@@ -116,10 +121,13 @@ class MoEConfig:
         if not isinstance(self.wait_budget_ms, int) or not 0 <= self.wait_budget_ms < 2**32:
             raise ValueError(f"config.wait_budget_ms must be an int in [0, 2^32), got {self.wait_budget_ms!r}")
 
-    def resolved_precision(self, weight_dtype: str) -> str:
-        """The precision to use with weights of `weight_dtype` (a dtype name such as "bfloat16")."""
+    def resolved_precision(self, weight_dtype: str, expert_dtype: str | None = None) -> str:
+        """The precision to use with a router of `weight_dtype` (a dtype name such as "bfloat16") and routed experts'
+        matrices of `expert_dtype` (E4M3 codes imply fp8)."""
         if self.precision is not None:
             return self.precision
+        if expert_dtype == FP8_DTYPE:
+            return "fp8"
         if weight_dtype not in PRECISION_OF_DTYPE:
             raise TypeError(f"weights['router'] has dtype {weight_dtype}; FlashMoE stores weights as float32, "
                             f"bfloat16 or float16 (or set config.precision)")

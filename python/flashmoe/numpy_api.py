@@ -6,7 +6,11 @@
     y, topk_ids, topk_weights = layer.forward(x)                               # x [S, 64] float32
 
 numpy has no bfloat16: a bf16 layer (config.precision="bf16") takes its weights and x as uint16 arrays holding the
-raw bfloat16 bits. y and topk_weights are float32, topk_ids int32 (include/flashmoe.h, CPU backend).
+raw bfloat16 bits. An fp8 layer (config.precision="fp8") takes x, the router and the shared expert that way too, and
+its routed experts' matrices either as bfloat16 bits (quantized at creation) or as E4M3 codes, uint8 arrays of the
+float8_e4m3fn bits (or ml_dtypes.float8_e4m3fn arrays), with their float32 block scales (gate_up_scale or
+gate_scale + up_scale, and down_scale). y and topk_weights are float32, topk_ids int32 (include/flashmoe.h, CPU
+backend).
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import numpy as np
 
 from . import _lib
 from ._checks import ArrayInfo, check_forward
-from .config import MoEConfig
+from .config import FP8_DTYPE, MoEConfig
 from .native import NativeLayer
 
-def array_info(a, name: str, *, storage_bf16: bool = False) -> ArrayInfo:
-    """Describes a numpy array for the checks; anything else is a TypeError naming the argument."""
+def array_info(a, name: str, *, storage_bf16: bool = False, fp8_bits: bool = False) -> ArrayInfo:
+    """Describes a numpy array for the checks; anything else is a TypeError naming the argument. `storage_bf16`:
+    uint16 means bfloat16 bits; `fp8_bits`: uint8 means float8_e4m3fn bits."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     dtype = a.dtype.name
     if dtype == "uint16" and storage_bf16:
         dtype = "bfloat16"
+    elif dtype == "uint8" and fp8_bits:
+        dtype = FP8_DTYPE
     return ArrayInfo(name, tuple(a.shape), dtype, bool(a.flags.c_contiguous), int(a.ctypes.data), "cpu",
                      bool(a.flags.writeable))
 
@@ -47,10 +54,12 @@ class Layer:
         if "router" not in weights:
             raise ValueError("weights: missing 'router' [E, H]")
         config.validate()
-        router = array_info(weights["router"], "weights['router']", storage_bf16=config.precision == "bf16")
-        precision = config.resolved_precision(router.dtype)
-        bf16 = precision == "bf16"
-        infos = {name: array_info(a, f"weights[{name!r}]", storage_bf16=bf16 and name not in _FLOAT32_WEIGHTS)
+        router = array_info(weights["router"], "weights['router']", storage_bf16=config.precision in ("bf16", "fp8"))
+        down = weights.get("down")
+        precision = config.resolved_precision(router.dtype, down.dtype.name if isinstance(down, np.ndarray) else None)
+        bf16 = precision in ("bf16", "fp8")
+        infos = {name: array_info(a, f"weights[{name!r}]", storage_bf16=bf16 and name not in _FLOAT32_WEIGHTS,
+                                  fp8_bits=precision == "fp8" and name in _EXPERT_MATRICES)
                  for name, a in weights.items()}
         self._native = NativeLayer(config, infos, precision=precision, backend=_lib.BACKEND_CPU, device=0)
         self.config = config
@@ -114,4 +123,6 @@ class Layer:
 
 
 #: Weights the header stores in float32 whatever the precision.
-_FLOAT32_WEIGHTS = ("selection_bias", "b1", "b2")
+_FLOAT32_WEIGHTS = ("selection_bias", "b1", "b2", "gate_up_scale", "gate_scale", "up_scale", "down_scale")
+#: The routed experts' matrices: E4M3 codes in an fp8 layer given block scales.
+_EXPERT_MATRICES = ("gate_up", "gate", "up", "down")

@@ -60,8 +60,10 @@ class MoELayer(torch.nn.Module):
         config: the layer's shape and options (`flashmoe.MoEConfig`).
         weights: header-named tensors (router, selection_bias, gate_up or gate + up, down, b1, b2, shared_gate_up,
             shared_up, shared_down, shared_gate), all on one device (CPU -> the CPU backend, CUDA -> the GPU), in
-            the storage dtype (float32 / bfloat16 / float16), biases and the selection bias in float32. They are
-            kept as (persistent) buffers under those names.
+            the storage dtype (float32 / bfloat16 / float16), biases and the selection bias in float32. fp8
+            layers: the routed experts' matrices in bfloat16 (quantized at creation) or torch.float8_e4m3fn with
+            their float32 block scales (gate_up_scale or gate_scale + up_scale, and down_scale: DeepSeek-V3's
+            weight_scale_inv, stacked over experts). They are kept as (persistent) buffers under those names.
         source: instead of `weights`, a `WeightSource` (used by `from_hf_block`; nothing is registered then).
     """
 
@@ -129,7 +131,7 @@ class MoELayer(torch.nn.Module):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"weights must be on cpu or cuda, got {device}")
         infos = {name: tensor_info(t, f"weights[{name!r}]") for name, t in weights.items()}
-        precision = self.config.resolved_precision(infos["router"].dtype)
+        precision = self.config.resolved_precision(infos["router"].dtype, infos["down"].dtype if "down" in infos else None)
         backend = _lib.BACKEND_CUDA if device.type == "cuda" else _lib.BACKEND_CPU
         index = device.index if device.type == "cuda" else 0
         if backend == _lib.BACKEND_CUDA and index is None:

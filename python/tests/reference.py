@@ -175,3 +175,49 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
 def from_bf16_bits(a: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) -> float32."""
     return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_e4m3_bits(v: np.ndarray) -> np.ndarray:
+    """float32 -> float8_e4m3fn bits (uint8): round to nearest even, saturating at ±448 (finite inputs), as
+    docs/fp8.md defines the library's rounding."""
+    v = np.asarray(v, dtype=np.float32)
+    a = np.abs(v)
+    sign = np.where(np.signbit(v), 0x80, 0).astype(np.uint8)
+    _, e = np.frexp(a)  # a = m·2^e, m in [0.5, 1)
+    e = np.maximum(e - 1, -6)  # a = f·2^e, f in [1, 2) for normals; subnormals share 2^-6's spacing
+    r = np.rint(np.ldexp(a, 3 - e).astype(np.float64)).astype(np.int64)  # 8·f rounded (exact: a power-of-two scale)
+    carry = r == 16
+    r, e = np.where(carry, 8, r), np.where(carry, e + 1, e)
+    normal = r >= 8
+    code = np.where(normal, ((e + 7) << 3) | (r - 8), r)  # a subnormal's r is its code (m·2^-9, m = r)
+    code = np.where(a >= 448, 0x7E, code)
+    return (sign | code.astype(np.uint8)).astype(np.uint8)
+
+
+def from_e4m3_bits(c: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bits (uint8, no NaN codes) -> float32."""
+    c = np.asarray(c, dtype=np.uint8)
+    e, m = ((c >> 3) & 0xF).astype(np.int64), (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m * 2.0 ** -9, (8 + m) * np.exp2(e - 10.0))
+    return np.where(c & 0x80, -mag, mag).astype(np.float32)
+
+
+def quantize_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matrices [..., R, C] quantized as the library does (docs/fp8.md): per 128×128 block, scale = amax / 448 in
+    float32 (1 when 0), code = value / scale rounded to E4M3. Returns (codes uint8, scales float32
+    [..., ceil(R/128), ceil(C/128)], dequantized float32 = code · scale)."""
+    v = np.asarray(values, dtype=np.float32)
+    *lead, rows, cols = v.shape
+    br, bc = -(-rows // 128), -(-cols // 128)
+    scales = np.ones((*lead, br, bc), np.float32)
+    codes = np.zeros(v.shape, np.uint8)
+    for bi in range(br):
+        for bj in range(bc):
+            block = v[..., bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128]
+            s = (np.abs(block).max(axis=(-2, -1)) / np.float32(448)).astype(np.float32)
+            s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+            scales[..., bi, bj] = s
+            codes[..., bi * 128:(bi + 1) * 128, bj * 128:(bj + 1) * 128] = to_e4m3_bits(block / s[..., None, None])
+    index = (np.arange(rows) // 128)[:, None], (np.arange(cols) // 128)[None, :]
+    dequantized = from_e4m3_bits(codes) * scales[..., index[0], index[1]]
+    return codes, scales, dequantized.astype(np.float32)

@@ -119,7 +119,7 @@ class HeaderLayoutTest(unittest.TestCase):
             "FLASHMOE_ERROR_OUT_OF_MEMORY", "FLASHMOE_ERROR_KERNEL", "FLASHMOE_ERROR_INTERNAL", "FLASHMOE_NUM_STATUS",
             "FLASHMOE_ERROR_GROUP", "FLASHMOE_FLAG_STORAGE_RETURNS", "FLASHMOE_GROUP_WEIGHTS_ALL", "FLASHMOE_GROUP_WEIGHTS_SHARD",
             "FLASHMOE_BACKEND_CUDA", "FLASHMOE_BACKEND_CPU", "FLASHMOE_PRECISION_FP32", "FLASHMOE_PRECISION_TF32",
-            "FLASHMOE_PRECISION_BF16", "FLASHMOE_PRECISION_FP16", "FLASHMOE_FFN_PLAIN", "FLASHMOE_FFN_GATED",
+            "FLASHMOE_PRECISION_BF16", "FLASHMOE_PRECISION_FP16", "FLASHMOE_PRECISION_FP8", "FLASHMOE_FFN_PLAIN", "FLASHMOE_FFN_GATED",
             "FLASHMOE_ACT_RELU", "FLASHMOE_ACT_GELU", "FLASHMOE_ACT_GELU_TANH", "FLASHMOE_ACT_SILU",
             "FLASHMOE_ROUTER_SOFTMAX", "FLASHMOE_ROUTER_SIGMOID", "FLASHMOE_LAYOUT_FUSED", "FLASHMOE_LAYOUT_SEPARATE",
             "FLASHMOE_OUTPUT_STORAGE", "FLASHMOE_OUTPUT_FLOAT32")}
@@ -419,7 +419,7 @@ class ArgumentErrorTest(unittest.TestCase):
             (dict(activation="tanh"), ValueError, ["config.activation", "tanh"]),
             (dict(ffn="moe"), ValueError, ["config.ffn"]),
             (dict(router="topk"), ValueError, ["config.router"]),
-            (dict(precision="fp8"), ValueError, ["config.precision"]),
+            (dict(precision="fp4"), ValueError, ["config.precision"]),
             (dict(output="int8"), ValueError, ["config.output"]),
             (dict(bias=True), ValueError, ["config.bias", "plain"]),
             (dict(groups=2), ValueError, ["config.groups", "sigmoid"]),
