@@ -37,7 +37,7 @@ class Config(C.Structure):
 
 
 WEIGHT_FIELDS = ["router", "selection_bias", "gate_up", "gate", "up", "down", "b1", "b2", "shared_gate_up",
-                 "shared_up", "shared_down", "shared_gate"]
+                 "shared_up", "shared_down", "shared_gate", "gate_up_scale", "gate_scale", "up_scale", "down_scale"]
 
 
 class Weights(C.Structure):

@@ -18,6 +18,8 @@ torch and transformers:
   with one GPU, a CUDA stream for a CPU layer), a closed layer: each raises TypeError/ValueError naming the argument.
 - opcheck: torch.library.opcheck of flashmoe::moe_forward, moe_forward_y and moe_forward_out on CUDA; y of
   moe_forward_y and the outputs of moe_forward_out equal (bitwise) moe_forward's.
+- fp8: one precision="fp8" layer from bf16 CUDA experts, from float8_e4m3fn codes with block scales (fused and
+  separate) and on the CPU backend: the GPU layers equal bit for bit, within 5e-2 of the CPU; a graph replay.
 
 Usage: PYTHONPATH=python python3 python/tests/gpu_checks.py [--json FILE] [--only NAME,...]
 Prints one line per check as it ends, then a table; exit status 1 when a check fails.
@@ -391,6 +393,80 @@ def opcheck() -> dict:
     layer.close()
     return {"ops": "flashmoe::moe_forward, moe_forward_y, moe_forward_out", "device": "cuda",
             "y_only_equal": True, "out_equal": True}
+
+
+@check
+def fp8() -> dict:
+    """precision "fp8" (FLASHMOE_EXPERIMENTAL_FP8=1): one layer from bf16 CUDA experts (quantized at creation), from
+    float8_e4m3fn codes with block scales (fused and separate layouts, quantized here by the library's rule), and on
+    the CPU backend. The GPU layers' y must be equal bit for bit; each within 5e-2 of the CPU layer (the FP8 MMA's
+    tolerance, docs/fp8.md); a graph replay equals eager. S = 1 (decode kernel), 77 and 256 (prefill)."""
+    import os
+
+    import numpy as np
+    from reference import quantize_blocks
+
+    os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
+    h, i, e, k, si = 512, 256, 16, 4, 128
+    rng = np.random.default_rng(50)
+
+    def blocky(*shape):
+        """bf16 values, each 128×128 block with its own power-of-two magnitude."""
+        *lead, r, c = shape
+        f = np.exp2(rng.integers(-4, 4, size=(*lead, -(-r // 128), -(-c // 128))))
+        v = rng.uniform(-1, 1, size=shape) / c ** 0.5 * np.repeat(np.repeat(f, 128, -2)[..., :r, :], 128, -1)[..., :c]
+        return torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+
+    w = {"router": blocky(e, h), "gate": blocky(e, i, h), "up": blocky(e, i, h), "down": blocky(e, h, i),
+         "shared_gate_up": blocky(2 * si, h), "shared_down": blocky(h, si)}
+    cfg = flashmoe.MoEConfig(hidden=h, intermediate=i, experts=e, top_k=k, shared_intermediate=si, max_tokens=256,
+                             precision="fp8")
+    gate_up = torch.cat([w["gate"], w["up"]], dim=1)
+    bf16 = {"router": w["router"], "gate_up": gate_up, "down": w["down"], "shared_gate_up": w["shared_gate_up"],
+            "shared_down": w["shared_down"]}
+
+    def codes(t):
+        c, s, _ = quantize_blocks(t.float().numpy())
+        return torch.from_numpy(c).view(torch.float8_e4m3fn), torch.from_numpy(s)
+
+    (gu, gus), (g, gs), (u, us), (d, ds) = codes(gate_up), codes(w["gate"]), codes(w["up"]), codes(w["down"])
+    fused = {**bf16, "gate_up": gu, "gate_up_scale": gus, "down": d, "down_scale": ds}
+    shared_split = {"shared_gate_up": w["shared_gate_up"][:si], "shared_up": w["shared_gate_up"][si:]}
+    separate = {"router": w["router"], "gate": g, "up": u, "down": d, "gate_scale": gs, "up_scale": us,
+                "down_scale": ds, "shared_down": w["shared_down"], **shared_split}
+    cuda = lambda ws: {n: t.cuda() for n, t in ws.items()}  # noqa: E731
+    layers = {"bf16 experts": flashmoe.MoELayer(cfg, cuda(bf16)), "E4M3 fused": flashmoe.MoELayer(cfg, cuda(fused)),
+              "E4M3 separate": flashmoe.MoELayer(cfg, cuda(separate))}
+    cpu = flashmoe.MoELayer(cfg, bf16)
+    detail = {}
+    for tokens in (1, 77, 256):
+        x = blocky(tokens, h)
+        ys = {name: layer(x.cuda()) for name, layer in layers.items()}
+        torch.cuda.synchronize()
+        want = cpu(x)
+        first = ys["bf16 experts"]
+        for name, y in ys.items():
+            expect(torch.equal(y, first), f"S={tokens}: {name}'s y differs from bf16 experts'",
+                   {"rel": rel(y.float(), first.float())})
+        err = rel(first.float().cpu(), want)
+        expect(bool(torch.isfinite(first).all()) and err < 5e-2, f"S={tokens}: GPU fp8 vs CPU fp8 {err:.3g}")
+        detail[f"S={tokens}"] = {"gpu_vs_cpu": round(err, 5)}
+    layer = layers["E4M3 fused"]
+    x = torch.zeros(77, h, dtype=torch.bfloat16, device="cuda")
+    eager = layer(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    for _ in range(3):
+        x.copy_(blocky(77, h).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = layer(x)
+        expect(torch.equal(y, eager), "fp8 graph replay differs from eager")
+    detail["weight_bytes"] = layer.native.info()["weight_bytes"]
+    for l in (*layers.values(), cpu):
+        l.close()
+    return detail
 
 
 # ---------------------------------------------------------------------------------------------------------------------
