@@ -15,9 +15,11 @@ extension FusedDeviceWeights {
     static let fp8ChunkBytes = 256 << 20
 
     /// The fp8 first layer (W1, gated: gate and up interleaved) and W2 of experts `first ..< first + count` of
-    /// `p`, in the kernel's per-expert image layout.
+    /// `p`, in the kernel's per-expert image layout, reading at most `chunkBytes` of source matrices at a time
+    /// (at least one expert).
     static func fp8Experts(
-        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int
+        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
+        chunkBytes: Int = fp8ChunkBytes
     ) throws -> (w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>) {
         guard packRows == fp8Granule else {
             throw MoEError(
@@ -31,7 +33,7 @@ extension FusedDeviceWeights {
         let w1 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes1))
         let w2 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes2))
         let perExpert = (gated ? 3 : 2) * h * i * source.elementBytes
-        let chunk = max(1, min(e, fp8ChunkBytes / max(1, perExpert)))
+        let chunk = max(1, min(e, chunkBytes / max(1, perExpert)))
         var start = 0
         while start < e {
             let n = min(chunk, e - start)
