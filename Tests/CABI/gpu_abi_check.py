@@ -13,16 +13,25 @@ same layer on the library's CPU backend (host pointers, FP32 arithmetic) within 
   - argument errors on the GPU: tokens > max_tokens, a misaligned x, NULL y;
   - a CUDA graph: one captured forward replayed 20 times with new input values, each equal to the CPU layer;
   - FLASHMOE_FLAG_INJECT_FAULT: the first forward's kernel gives up on a wait; flashmoe_layer_check reports
-    FLASHMOE_ERROR_KERNEL; the next forward runs and is correct.
+    FLASHMOE_ERROR_KERNEL; the next forward runs and is correct;
+  - FLASHMOE_PRECISION_FP8 (FLASHMOE_EXPERIMENTAL_FP8=1 is set here): bfloat16 experts quantized at create, and
+    E4M3 codes with block scales (python/tests/reference.py's quantize_blocks, the library's rule) in the fused and
+    the separate layout: the three GPU layers' y equal bit for bit, and within 5e-2 of the CPU layer.
 
 Prints a line per failed check and "N passed, M failed"; exits 1 on any failure, 2 when no GPU is usable.
-Usage (repository root, after scripts/build-lib): python3 Tests/CABI/gpu_abi_check.py [--lib lib/libflashmoe.so]
+Usage (repository root, after scripts/build-lib):
+  python3 Tests/CABI/gpu_abi_check.py [--lib lib/libflashmoe.so] [--fp8-only]
 """
 import argparse
 import ctypes as C
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "tests"))
+from reference import quantize_blocks  # noqa: E402
 
 # MARK: the ABI's structs and constants (include/flashmoe.h; the library checks `size`, so a drift fails loudly)
 
@@ -53,8 +62,8 @@ class Info(C.Structure):
 
 SUCCESS, INVALID_ARGUMENT, KERNEL = 0, 1, 5
 CUDA, CPU = 0, 1
-FP32, TF32, BF16 = 0, 1, 2
-TOLERANCE = {FP32: 1e-5, TF32: 2e-3, BF16: 1e-2}
+FP32, TF32, BF16, FP8 = 0, 1, 2, 4
+TOLERANCE = {FP32: 1e-5, TF32: 2e-3, BF16: 1e-2, FP8: 5e-2}
 FLAG_INJECT_FAULT = 2
 
 # MARK: the driver
@@ -136,8 +145,8 @@ def from_bf16(u):
 
 
 def storage(a, precision):
-    """The array in the precision's storage type (bf16 as uint16 bits)."""
-    return to_bf16(a) if precision == BF16 else np.ascontiguousarray(a, dtype=np.float32)
+    """The array in the precision's storage type (bf16 as uint16 bits; fp8 stores x in bf16)."""
+    return to_bf16(a) if precision in (BF16, FP8) else np.ascontiguousarray(a, dtype=np.float32)
 
 
 class Layer:
@@ -215,7 +224,7 @@ def host_and_device_pointers(drv, arrays, precision, layout, float32_fields=()):
 def run_layer(lib, drv, layer, x_host, S, H, k, precision, out_float32, stream=None):
     """One GPU forward from host x; y (float32), ids, weights on the host."""
     x = drv.upload(storage(x_host, precision))
-    ybytes = 4 if out_float32 or precision != BF16 else 2
+    ybytes = 4 if out_float32 or precision not in (BF16, FP8) else 2
     y, ids, w = drv.alloc(S * H * ybytes), drv.alloc(S * k * 4), drv.alloc(S * k * 4)
     st = lib.flashmoe_layer_forward(layer.handle, C.c_void_p(x), C.c_void_p(y), S, C.c_void_p(ids), C.c_void_p(w),
                                     stream)
@@ -366,11 +375,56 @@ def fault_check(lib, drv, rng):
     release(drv, dev, gpu, cpu)
 
 
+def fp8_case(lib, drv, rng):
+    """One fp8 layer three ways on the GPU (bf16 experts, E4M3 fused, E4M3 separate) and once on the CPU."""
+    H, I, E, k, S = 512, 256, 16, 4, 200
+    f = lambda a: from_bf16(to_bf16(a))  # noqa: E731 - bf16-representable float32
+    blocks = lambda *shape: np.exp2(rng.integers(-4, 4, size=shape)).astype(np.float32)  # noqa: E731
+    def blocky(e, r, c):
+        v = rng.uniform(-1, 1, (e, r, c)).astype(np.float32) / np.sqrt(c)
+        return f(v * np.repeat(np.repeat(blocks(e, -(-r // 128), -(-c // 128)), 128, 1)[:, :r], 128, 2)[:, :, :c])
+    router, gate, up, down = f(blocky(1, E, H)[0]), blocky(E, I, H), blocky(E, I, H), blocky(E, H, I)
+    x = f(rng.standard_normal((S, H)).astype(np.float32))
+    gate_up = np.concatenate([gate, up], axis=1)
+    (gu, gus, _), (g, gs, _), (u, us, _), (d, ds, _) = map(quantize_blocks, (gate_up, gate, up, down))
+    ways = {"bf16 experts": (0, dict(router=to_bf16(router), gate_up=to_bf16(gate_up), down=to_bf16(down))),
+            "E4M3 fused": (0, dict(router=to_bf16(router), gate_up=gu, gate_up_scale=gus, down=d, down_scale=ds)),
+            "E4M3 separate": (1, dict(router=to_bf16(router), gate=g, up=u, down=d, gate_scale=gs, up_scale=us,
+                                      down_scale=ds))}
+    ys = {}
+    for name, (layout, host) in ways.items():
+        dev = {n: drv.upload(a) for n, a in host.items()}
+        gpu = Layer(lib, make_config((H, I, E, k), FP8, CUDA, S, output=1),
+                    make_weights({n: C.c_void_p(p) for n, p in dev.items()}, layout))
+        check(gpu.status == SUCCESS, f"fp8 {name}: GPU create ({gpu.message})")
+        release(drv, dev)
+        if gpu.status == SUCCESS:
+            st, ys[name], _, _ = run_layer(lib, drv, gpu, x, S, H, k, FP8, True)
+            check(st == SUCCESS, f"fp8 {name}: GPU forward")
+        gpu.destroy()
+    host = ways["bf16 experts"][1]
+    cpu = Layer(lib, make_config((H, I, E, k), FP8, CPU, S), make_weights(
+        {n: a.ctypes.data_as(C.c_void_p) for n, a in host.items()}, 0))
+    check(cpu.status == SUCCESS, f"fp8: CPU create ({cpu.message})")
+    if cpu.status == SUCCESS and "bf16 experts" in ys:
+        want = cpu_forward(lib, cpu, x, S, H, k, FP8)[1]
+        first = ys["bf16 experts"]
+        for name, y in ys.items():
+            check(np.array_equal(y, first), f"fp8 {name}: y equals the bf16 experts' bit for bit")
+        err = np.linalg.norm(first - want) / np.linalg.norm(want)
+        check(np.isfinite(first).all() and err < TOLERANCE[FP8], f"fp8: GPU within 5e-2 of the CPU layer ({err:.3g})")
+        print(f"  fp8: GPU against CPU relative error {err:.3g}", flush=True)
+    cpu.destroy()
+
+
 def main():
     global LIB_VERSION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lib", default="lib/libflashmoe.so")
-    lib = C.CDLL(parser.parse_args().lib)
+    parser.add_argument("--fp8-only", action="store_true", help="run only the fp8 case")
+    args = parser.parse_args()
+    os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"  # read when a layer is created
+    lib = C.CDLL(args.lib)
     lib.flashmoe_last_error.restype = C.c_char_p
     lib.flashmoe_layer_forward.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int64, C.c_void_p, C.c_void_p,
                                            C.c_void_p]
@@ -381,6 +435,10 @@ def main():
         print(f"no usable GPU: {e}")
         return 2
     rng = np.random.default_rng(7)
+    fp8_case(lib, drv, rng)
+    if args.fp8_only:
+        print(f"{passed} passed, {failed} failed")
+        return 0 if failed == 0 else 1
     kept = None
     for precision in (FP32, TF32, BF16):
         for layout in (0, 1):
