@@ -13,6 +13,11 @@ Experts: transformers 5 holds them fused (`experts.gate_up_proj` [E, 2I, H], row
 `experts.down_proj` [E, H, I]), which FlashMoE takes as they are (FLASHMOE_LAYOUT_FUSED); transformers 4 holds one
 module per expert (w1/w3/w2 for Mixtral, gate_proj/up_proj/down_proj otherwise), stacked here into temporaries
 (FLASHMOE_LAYOUT_SEPARATE) that live only until the library has copied them.
+
+FP8 models (transformers' fine-grained FP8, as DeepSeek-V3 and the Qwen3 FP8 releases load): fused float8_e4m3fn
+experts with `gate_up_proj_scale_inv` and `down_proj_scale_inv` (128x128 blocks) pass as they are, with those scales,
+and make the layer precision fp8; per-expert FP8 linears (`weight` and `weight_scale_inv`) are stacked the same way.
+The shared expert of an FP8 model is dequantized to bfloat16 (FlashMoE runs the shared expert in bf16).
 """
 
 from __future__ import annotations
@@ -70,8 +75,50 @@ def _model_config_of(block: torch.nn.Module):
                      f"(MoELayer.from_hf_block(block, model.config))")
 
 
-def _stack(experts, name: str) -> torch.Tensor:
-    return torch.stack([getattr(e, name).weight for e in experts])
+def _stack(experts, name: str, attribute: str = "weight") -> torch.Tensor:
+    return torch.stack([getattr(getattr(e, name), attribute) for e in experts])
+
+
+_BLOCK = 128  # the FP8 block edge FlashMoE takes (docs/fp8.md)
+
+
+def _check_block_size(owner, where: str) -> None:
+    """Refuses FP8 scales of blocks other than 128x128, naming the module."""
+    block = getattr(owner, "block_size", None)
+    if block is not None and tuple(block) != (_BLOCK, _BLOCK):
+        raise ValueError(f"{where}.block_size is {tuple(block)}: FlashMoE's fp8 takes 128x128 block scales only")
+
+
+def _fp8_expert_scales(experts, fused: bool, names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
+    """The routed experts' FP8 block scales under FlashMoE's names ({} for experts that are not FP8)."""
+    if fused:
+        gate_up = getattr(experts, "gate_up_proj_scale_inv", None)
+        down = getattr(experts, "down_proj_scale_inv", None)
+        if gate_up is None and down is None:
+            return {}
+        if gate_up is None or down is None:
+            raise ValueError("block.experts has only one of gate_up_proj_scale_inv and down_proj_scale_inv")
+        _check_block_size(experts, "block.experts")
+        return {"gate_up_scale": gate_up, "down_scale": down}
+    if getattr(getattr(experts[0], names[0]), "weight_scale_inv", None) is None:
+        return {}
+    _check_block_size(getattr(experts[0], names[0]), f"block.experts[0].{names[0]}")
+    g, u, d = names
+    return {"gate_scale": _stack(experts, g, "weight_scale_inv"), "up_scale": _stack(experts, u, "weight_scale_inv"),
+            "down_scale": _stack(experts, d, "weight_scale_inv")}
+
+
+def _dense(linear: torch.nn.Module) -> torch.Tensor:
+    """A linear's weight; an FP8 linear's (float8_e4m3fn `weight`, `weight_scale_inv` per 128x128 block)
+    dequantized to bfloat16."""
+    w = linear.weight
+    scale = getattr(linear, "weight_scale_inv", None)
+    if w.dtype != torch.float8_e4m3fn or scale is None:
+        return w
+    _check_block_size(linear, "the shared expert's linear")
+    r, c = w.shape
+    s = scale.float().repeat_interleave(_BLOCK, 0)[:r].repeat_interleave(_BLOCK, 1)[:, :c]
+    return (w.float() * s).to(torch.bfloat16)
 
 
 def describe_block(block: torch.nn.Module, config=None, **options):
@@ -110,6 +157,9 @@ def describe_block(block: torch.nn.Module, config=None, **options):
                       renormalize=True if family.always_renormalize else bool(config.norm_topk_prob))
     if shared is not None:
         fields.update(shared_intermediate=shared.gate_proj.weight.shape[0], shared_gated=shared_gate is not None)
+    scales = lambda: _fp8_expert_scales(experts, fused, family.expert_names)  # noqa: E731 - read at each build
+    if scales():
+        fields.update(precision="fp8")
     fields.update(options)
     moe_config = MoEConfig(**fields)
 
@@ -119,6 +169,7 @@ def describe_block(block: torch.nn.Module, config=None, **options):
             out += [experts.gate_up_proj, experts.down_proj]
         else:
             out += [getattr(x, n).weight for x in experts for n in family.expert_names]
+        out += list(scales().values())
         if bias is not None:
             out.append(bias)
         if shared is not None:
@@ -136,14 +187,16 @@ def describe_block(block: torch.nn.Module, config=None, **options):
             g, u, d = family.expert_names
             w["gate"], w["up"], w["down"] = (_stack(experts, g).detach(), _stack(experts, u).detach(),
                                              _stack(experts, d).detach())
+        w.update({k: v.detach().float() for k, v in scales().items()})
         if bias is not None:
             w["selection_bias"] = bias.detach().float()
         if shared is not None:
+            sg, su, sd = (_dense(shared.gate_proj), _dense(shared.up_proj), _dense(shared.down_proj))
             if fused:  # one layout for routed and shared experts: the shared gate and up rows concatenated
-                w["shared_gate_up"] = torch.cat([shared.gate_proj.weight, shared.up_proj.weight]).detach()
+                w["shared_gate_up"] = torch.cat([sg, su]).detach()
             else:
-                w["shared_gate_up"], w["shared_up"] = shared.gate_proj.weight.detach(), shared.up_proj.weight.detach()
-            w["shared_down"] = shared.down_proj.weight.detach()
+                w["shared_gate_up"], w["shared_up"] = sg.detach(), su.detach()
+            w["shared_down"] = sd.detach()
         if shared_gate is not None:
             w["shared_gate"] = shared_gate.weight.detach().reshape(-1)
         return {k: v.contiguous() for k, v in w.items()}
