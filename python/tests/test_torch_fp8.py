@@ -141,5 +141,25 @@ class HFFP8BlockTest(unittest.TestCase):
         self.assertTrue(torch.isfinite(logits).all())
 
 
+@unittest.skipIf(torch is None, TORCH_MISSING)
+class PerExpertFP8Test(unittest.TestCase):
+    def test_transformers4_style_fp8_linears(self):
+        from test_torch_cpu import _Mixtral4Block
+
+        block = _Mixtral4Block(hidden=256, inter=128, experts=4, top_k=2).to(torch.bfloat16)
+        cfg = block.config
+        x = torch.randn(19, 256, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+        want = flashmoe.MoELayer.from_hf_block(block, cfg, precision="fp8")(x)
+        for expert in block.experts:
+            for name in ("w1", "w3", "w2"):
+                linear = getattr(expert, name)
+                codes, scales = codes_and_scales(linear.weight.detach())
+                linear.weight = torch.nn.Parameter(codes, requires_grad=False)
+                linear.weight_scale_inv = torch.nn.Parameter(scales, requires_grad=False)
+        layer = flashmoe.MoELayer.from_hf_block(block, cfg)
+        self.assertEqual(layer.config.precision, "fp8")
+        self.assertTrue(torch.equal(layer(x), want))
+
+
 if __name__ == "__main__":
     unittest.main()
