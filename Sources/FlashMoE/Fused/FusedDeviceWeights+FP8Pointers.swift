@@ -27,20 +27,20 @@ extension FusedDeviceWeights {
         }
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated
-        let source = ExpertSource(pointers: p, device: device, hidden: h, inner: i, gated: gated)
+        let copy = WeightPointers.deviceCopy(device)
         let rows1 = fp8FirstRows(inner: i, gated: gated, packRows: packRows)
         let (bytes1, bytes2) = (fp8ExpertBytes(rows: rows1, k: h).total, fp8ExpertBytes(rows: h, k: i).total)
         let w1 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes1))
         let w2 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes2))
-        let perExpert = (gated ? 3 : 2) * h * i * source.elementBytes
+        let perExpert = (gated ? 3 : 2) * h * i * (p.expertScales == nil ? 2 : 1)
         let chunk = max(1, min(e, chunkBytes / max(1, perExpert)))
         var start = 0
         while start < e {
             let n = min(chunk, e - start)
             let experts = (first + start)..<(first + start + n)
-            let gate = try source.blocks(.gate, experts: experts)
-            let up = gated ? try source.blocks(.up, experts: experts) : nil
-            let down = try source.blocks(.down, experts: experts)
+            let gate = try p.fp8Blocks(.gate, experts: experts, config: c, copy: copy)
+            let up = gated ? try p.fp8Blocks(.up, experts: experts, config: c, copy: copy) : nil
+            let down = try p.fp8Blocks(.down, experts: experts, config: c, copy: copy)
             let firstRows = fp8FirstSource(gate: gate, up: up, inner: i, packRows: packRows)
             let secondRows = fp8SecondSource(down: down, hidden: h)
             for m in 0..<n {
@@ -53,107 +53,99 @@ extension FusedDeviceWeights {
     }
 }
 
-/// Reads the routed experts' matrices of a `WeightPointers` from device memory as `FP8Blocks`.
-private struct ExpertSource {
-    enum Matrix { case gate, up, down }
+extension WeightPointers {
+    /// The routed experts' matrices, as `fp8Blocks(_:experts:config:copy:)` reads them.
+    public enum ExpertMatrix: Sendable { case gate, up, down }
 
-    let pointers: WeightPointers
-    let device: CUDADevice
-    let hidden: Int, inner: Int, gated: Bool
+    /// Copies `bytes` bytes at the caller's address `from` into `into`; `field` names the C field read, for the
+    /// error when the address cannot be read. Host layers copy host memory, GPU layers device memory.
+    public typealias Copy = @Sendable (_ into: UnsafeMutableRawPointer, _ from: UInt64, _ bytes: Int, _ field: String) throws
+        -> Void
 
-    /// Bytes per element of the caller's expert matrices: 1 for E4M3 codes, 2 for BF16.
-    var elementBytes: Int { pointers.expertScales == nil ? 2 : 1 }
-
-    /// Rows, columns, the C field of the matrices and of their scales.
-    private func shape(_ m: Matrix) -> (rows: Int, cols: Int, field: String, scaleField: String) {
-        let fused: Bool
-        if case .fused = pointers.firstLayer { fused = true } else { fused = false }
-        switch m {
-        case .gate: return (inner, hidden, fused ? "gate_up" : "gate", fused ? "gate_up_scale" : "gate_scale")
-        case .up: return (inner, hidden, fused ? "gate_up" : "up", fused ? "gate_up_scale" : "up_scale")
-        case .down: return (hidden, inner, "down", "down_scale")
-        }
+    /// Copies from the caller's host memory (addresses checked non-NULL and aligned by the caller).
+    public static let hostCopy: Copy = { into, from, bytes, _ in
+        guard bytes > 0, let source = UnsafeRawPointer(bitPattern: UInt(from)) else { return }
+        into.copyMemory(from: source, byteCount: bytes)
     }
 
-    /// The address of expert `x`'s first row of `m` (its rows follow contiguously, elements of `bytes` bytes).
-    private func address(_ m: Matrix, expert x: Int, bytes: Int) -> UInt64 {
-        switch m {
-        case .down: return pointers.down + UInt64(x * hidden * inner * bytes)
-        case .gate, .up:
-            let rows = pointers.firstLayer.rows(of: x, gated: gated, rows: inner, rowBytes: hidden * bytes)
-            return m == .up ? rows.up ?? rows.gate : rows.gate
-        }
-    }
-
-    /// Matrix `m` of `experts` as FP8 blocks [n, rows, cols]: the codes and scales as given, or the BF16 values
-    /// quantized as the host path quantizes them.
-    func blocks(_ m: Matrix, experts: Range<Int>) throws -> FP8Blocks {
-        let s = shape(m)
-        let shape = [experts.count, s.rows, s.cols]
-        let per = s.rows * s.cols
-        guard let scales = pointers.expertScales else {
-            let values = try read(BFloat16.self, matrices: experts.count, perMatrix: per, field: s.field) { j in
-                address(m, expert: experts.lowerBound + j, bytes: 2)
+    /// Copies from `device`'s memory (`cuMemcpyDtoH`); a failed copy names the field.
+    static func deviceCopy(_ device: CUDADevice) -> Copy {
+        { into, from, bytes, field in
+            guard bytes > 0 else { return }
+            try device.makeCurrent()
+            let result = device.driver.memcpyDtoH(into, from, bytes, nil)
+            guard result == CUDA_SUCCESS else {
+                throw CUDAError.invalidArgument(
+                    "weights->\(field) (0x\(String(from, radix: 16))) could not be read as device memory of GPU "
+                        + "\(device.properties.ordinal) (\(device.driver.error(for: result, call: "cuMemcpyDtoH_v2"))): "
+                        + "pass a device pointer of that GPU holding the whole tensor")
             }
+        }
+    }
+
+    /// Matrix `m` of the routed `experts` as FP8 blocks [n, rows, cols], read through `copy`: the codes and block
+    /// scales as given (`expertScales`), or the BF16 values quantized as the host path quantizes them
+    /// (`FP8Blocks(quantizing:)`). A NaN or infinite scale is refused, naming its field, expert and block. Host
+    /// (C ABI CPU layers) and device (`fp8Experts`) paths both read here, so both place the scales alike.
+    public func fp8Blocks(_ m: ExpertMatrix, experts: Range<Int>, config c: MoEConfig, copy: Copy) throws
+        -> FP8Blocks
+    {
+        let (hidden, inner, gated) = (c.hiddenSize, c.intermediateSize, c.ffn == .gated)
+        let fused: Bool
+        if case .fused = firstLayer { fused = true } else { fused = false }
+        let (rows, cols, field, scaleField) =
+            switch m {
+            case .gate: (inner, hidden, fused ? "gate_up" : "gate", fused ? "gate_up_scale" : "gate_scale")
+            case .up: (inner, hidden, fused ? "gate_up" : "up", fused ? "gate_up_scale" : "up_scale")
+            case .down: (hidden, inner, "down", "down_scale")
+            }
+        let shape = [experts.count, rows, cols]
+        // Expert x's first row of m (its rows follow contiguously, elements of `bytes` bytes).
+        func address(_ x: Int, bytes: Int) -> UInt64 {
+            guard m != .down else { return down + UInt64(x * hidden * inner * bytes) }
+            let r = firstLayer.rows(of: x, gated: gated, rows: inner, rowBytes: hidden * bytes)
+            return m == .up ? r.up ?? r.gate : r.gate
+        }
+        guard let scales = expertScales else {
+            let values = try Self.read(BFloat16.self, matrices: experts.count, perMatrix: rows * cols, field: field,
+                                       copy: copy) { j in address(experts.lowerBound + j, bytes: 2) }
             return FP8Blocks(quantizing: try HostTensor(shape: shape, bfloat16: values))
         }
-        let codes = try read(FP8E4M3.self, matrices: experts.count, perMatrix: per, field: s.field) { j in
-            address(m, expert: experts.lowerBound + j, bytes: 1)
-        }
+        let codes = try Self.read(FP8E4M3.self, matrices: experts.count, perMatrix: rows * cols, field: field,
+                                  copy: copy) { j in address(experts.lowerBound + j, bytes: 1) }
         // Scales: [E, ⌈rows/128⌉, ⌈cols/128⌉] per tensor; a fused gated first layer's matrices have ⌈2I/128⌉ block
         // rows, the gate's first (I is a multiple of 128, checked with the pointers).
-        let (br, bc) = ((s.rows + 127) / 128, (s.cols + 127) / 128)
-        let blockRowsPerExpert: Int
-        let scaleBase: UInt64
-        var offset = 0
-        switch (m, scales.firstLayer) {
-        case (.down, _): (blockRowsPerExpert, scaleBase) = (br, scales.down)
-        case (_, .fused(let base)):
-            (blockRowsPerExpert, scaleBase) = ((gated ? 2 : 1) * br, base)
-            offset = m == .up ? br : 0
-        case (.gate, .separate(let gate, _)): (blockRowsPerExpert, scaleBase) = (br, gate)
-        case (.up, .separate(let gate, let up)): (blockRowsPerExpert, scaleBase) = (br, up ?? gate)
-        }
-        let blockBytes = bc * 4
-        let values = try read(Float.self, matrices: experts.count, perMatrix: br * bc, field: s.scaleField) { j in
-            scaleBase + UInt64(((experts.lowerBound + j) * blockRowsPerExpert + offset) * blockBytes)
+        let (br, bc) = ((rows + 127) / 128, (cols + 127) / 128)
+        let (blockRowsPerExpert, base, offset): (Int, UInt64, Int) =
+            switch (m, scales.firstLayer) {
+            case (.down, _): (br, scales.down, 0)
+            case (_, .fused(let base)): ((gated ? 2 : 1) * br, base, m == .up ? br : 0)
+            case (.gate, .separate(let gate, _)): (br, gate, 0)
+            case (.up, .separate(let gate, let up)): (br, up ?? gate, 0)
+            }
+        let values = try Self.read(Float.self, matrices: experts.count, perMatrix: br * bc, field: scaleField,
+                                   copy: copy) { j in
+            base + UInt64(((experts.lowerBound + j) * blockRowsPerExpert + offset) * bc * 4)
         }
         if let bad = values.firstIndex(where: { !$0.isFinite }) {
             let (j, within) = bad.quotientAndRemainder(dividingBy: br * bc)
             throw MoEError(
                 .invalidInput,
-                "weights->\(s.scaleField) holds \(values[bad]) for expert \(experts.lowerBound + j) (block \(within) of its "
-                    + "\(s.field)): FP8 block scales must be finite")
+                "weights->\(scaleField) holds \(values[bad]) for expert \(experts.lowerBound + j) (block \(within) of "
+                    + "its \(field)): FP8 block scales must be finite")
         }
         return try FP8Blocks(shape: shape, codes: codes, scales: values)
     }
 
-    /// `matrices` × `perMatrix` elements of `T` read from the device, matrix j's from `address(j)` (the C field
-    /// `field`, named when a copy fails).
-    private func read<T: BitwiseCopyable>(
-        _: T.Type, matrices: Int, perMatrix per: Int, field: String, address: (Int) -> UInt64
+    /// `matrices` × `perMatrix` elements of `T` read through `copy`, matrix j's from `address(j)`.
+    private static func read<T: BitwiseCopyable>(
+        _: T.Type, matrices: Int, perMatrix per: Int, field: String, copy: Copy, address: (Int) -> UInt64
     ) throws -> [T] {
-        let count = matrices * per
-        guard count > 0 else { return [] }
-        try device.makeCurrent()
-        var failure: CUresult?
-        var failedAt: UInt64 = 0
-        let out = [T](unsafeUninitializedCapacity: count) { buffer, initialized in
-            let raw = UnsafeMutableRawPointer(buffer.baseAddress!)
-            for j in 0..<matrices where failure == nil {
-                let bytes = per * MemoryLayout<T>.stride
-                let result = device.driver.memcpyDtoH(raw + j * bytes, address(j), bytes, nil)
-                if result != CUDA_SUCCESS { (failure, failedAt) = (result, address(j)) }
-            }
-            if failure != nil { raw.initializeMemory(as: UInt8.self, repeating: 0, count: count * MemoryLayout<T>.stride) }
-            initialized = count
+        let bytes = per * MemoryLayout<T>.stride
+        return try [T](unsafeUninitializedCapacity: matrices * per) { buffer, initialized in
+            guard let raw = buffer.baseAddress.map(UnsafeMutableRawPointer.init) else { return }
+            for j in 0..<matrices { try copy(raw + j * bytes, address(j), bytes, field) }
+            initialized = matrices * per  // only once every copy landed (a throw leaves the array empty)
         }
-        if let failure {
-            throw CUDAError.invalidArgument(
-                "weights->\(field) (0x\(String(failedAt, radix: 16))) could not be read as device memory of GPU "
-                    + "\(device.properties.ordinal) (\(device.driver.error(for: failure, call: "cuMemcpyDtoH_v2"))): "
-                    + "pass a device pointer of that GPU holding the whole tensor")
-        }
-        return out
     }
 }
