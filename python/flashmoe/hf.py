@@ -80,6 +80,8 @@ def _stack(experts, name: str, attribute: str = "weight") -> torch.Tensor:
 
 
 _BLOCK = 128  # the FP8 block edge FlashMoE takes (docs/fp8.md)
+#: Where transformers' FP8 modules keep their block scales: fused experts, and one linear's.
+_SCALE_ATTRIBUTES = ("gate_up_proj_scale_inv", "down_proj_scale_inv", "weight_scale_inv")
 
 
 def _check_block_size(owner, where: str) -> None:
@@ -169,11 +171,15 @@ def describe_block(block: torch.nn.Module, config=None, **options):
             out += [experts.gate_up_proj, experts.down_proj]
         else:
             out += [getattr(x, n).weight for x in experts for n in family.expert_names]
-        out += list(scales().values())
+        # The scale parameters themselves (per-expert ones, not their stack): what an edit or a swap changes.
+        owners = [experts] if fused else [getattr(x, n) for x in experts for n in family.expert_names]
+        out += [t for o in owners for t in (getattr(o, a, None) for a in _SCALE_ATTRIBUTES) if t is not None]
         if bias is not None:
             out.append(bias)
         if shared is not None:
-            out += [shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight]
+            linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
+            out += [x.weight for x in linears]
+            out += [x.weight_scale_inv for x in linears if getattr(x, "weight_scale_inv", None) is not None]
         if shared_gate is not None:
             out.append(shared_gate.weight)
         return out

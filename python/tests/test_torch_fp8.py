@@ -159,6 +159,13 @@ class PerExpertFP8Test(unittest.TestCase):
         layer = flashmoe.MoELayer.from_hf_block(block, cfg)
         self.assertEqual(layer.config.precision, "fp8")
         self.assertTrue(torch.equal(layer(x), want))
+        # An in-place edit of one expert's scales is seen on the next call (the layer tracks the scale parameters).
+        with torch.no_grad():
+            for expert in block.experts:
+                expert.w2.weight_scale_inv.mul_(2)
+        fresh = flashmoe.MoELayer.from_hf_block(block, cfg)(x)
+        self.assertFalse(torch.equal(fresh, want))
+        self.assertTrue(torch.equal(layer(x), fresh))
 
 
 if __name__ == "__main__":
