@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "tests"))
-from reference import quantize_blocks  # noqa: E402
+from reference import blocky, quantize_blocks  # noqa: E402
 
 # MARK: the ABI's structs and constants (include/flashmoe.h; the library checks `size`, so a drift fails loudly)
 
@@ -379,11 +379,8 @@ def fp8_case(lib, drv, rng):
     """One fp8 layer three ways on the GPU (bf16 experts, E4M3 fused, E4M3 separate) and once on the CPU."""
     H, I, E, k, S = 512, 256, 16, 4, 200
     f = lambda a: from_bf16(to_bf16(a))  # noqa: E731 - bf16-representable float32
-    blocks = lambda *shape: np.exp2(rng.integers(-4, 4, size=shape)).astype(np.float32)  # noqa: E731
-    def blocky(e, r, c):
-        v = rng.uniform(-1, 1, (e, r, c)).astype(np.float32) / np.sqrt(c)
-        return f(v * np.repeat(np.repeat(blocks(e, -(-r // 128), -(-c // 128)), 128, 1)[:, :r], 128, 2)[:, :, :c])
-    router, gate, up, down = f(blocky(1, E, H)[0]), blocky(E, I, H), blocky(E, I, H), blocky(E, H, I)
+    router, gate, up, down = (blocky(rng, (E, H)), blocky(rng, (E, I, H)), blocky(rng, (E, I, H)),
+                              blocky(rng, (E, H, I)))
     x = f(rng.standard_normal((S, H)).astype(np.float32))
     gate_up = np.concatenate([gate, up], axis=1)
     (gu, gus, _), (g, gs, _), (u, us, _), (d, ds, _) = map(quantize_blocks, (gate_up, gate, up, down))

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _lib
-from ._checks import ArrayInfo, check_forward
+from ._checks import SCALE_NAMES, ArrayInfo, check_forward
 from .config import FP8_DTYPE, MoEConfig
 from .native import NativeLayer
 
@@ -123,6 +123,6 @@ class Layer:
 
 
 #: Weights the header stores in float32 whatever the precision.
-_FLOAT32_WEIGHTS = ("selection_bias", "b1", "b2", "gate_up_scale", "gate_scale", "up_scale", "down_scale")
+_FLOAT32_WEIGHTS = ("selection_bias", "b1", "b2", *SCALE_NAMES)
 #: The routed experts' matrices: E4M3 codes in an fp8 layer given block scales.
 _EXPERT_MATRICES = ("gate_up", "gate", "up", "down")

@@ -404,6 +404,7 @@ def fp8() -> dict:
     import os
 
     import numpy as np
+    import reference
     from reference import quantize_blocks
 
     os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
@@ -411,11 +412,7 @@ def fp8() -> dict:
     rng = np.random.default_rng(50)
 
     def blocky(*shape):
-        """bf16 values, each 128×128 block with its own power-of-two magnitude."""
-        *lead, r, c = shape
-        f = np.exp2(rng.integers(-4, 4, size=(*lead, -(-r // 128), -(-c // 128))))
-        v = rng.uniform(-1, 1, size=shape) / c ** 0.5 * np.repeat(np.repeat(f, 128, -2)[..., :r, :], 128, -1)[..., :c]
-        return torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(reference.blocky(rng, shape)).to(torch.bfloat16)
 
     w = {"router": blocky(e, h), "gate": blocky(e, i, h), "up": blocky(e, i, h), "down": blocky(e, h, i),
          "shared_gate_up": blocky(2 * si, h), "shared_down": blocky(h, si)}

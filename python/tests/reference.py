@@ -221,3 +221,14 @@ def quantize_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     index = (np.arange(rows) // 128)[:, None], (np.arange(cols) // 128)[None, :]
     dequantized = from_e4m3_bits(codes) * scales[..., index[0], index[1]]
     return codes, scales, dequantized.astype(np.float32)
+
+
+def blocky(rng: np.random.Generator, shape, fan_in: int | None = None) -> np.ndarray:
+    """bf16-representable float32 values [..., rows, cols], uniform in ±1/sqrt(fan_in) (default: cols), each
+    128×128 block of each matrix scaled by its own power of two in 2^-4 … 2^3: FP8 tests' weights, whose block
+    scales all differ, so a scale read from the wrong block, matrix or expert changes the result."""
+    *lead, rows, cols = shape
+    factor = np.exp2(rng.integers(-4, 4, size=(*lead, -(-rows // 128), -(-cols // 128)))).astype(np.float32)
+    v = rng.uniform(-1, 1, size=shape).astype(np.float32) / np.float32(np.sqrt(fan_in or cols))
+    v *= np.repeat(np.repeat(factor, 128, axis=-2)[..., :rows, :], 128, axis=-1)[..., :cols]
+    return from_bf16_bits(to_bf16_bits(v))

@@ -20,17 +20,7 @@ sys.path.insert(0, str(HERE))
 
 import flashmoe  # noqa: E402
 from flashmoe.config import MoEConfig  # noqa: E402
-from reference import (from_bf16_bits, moe_reference, quantize_blocks, relative_error,  # noqa: E402
-                       to_bf16_bits)
-
-
-def blocky(rng, shape, fan_in) -> np.ndarray:
-    """bf16-representable float32 values, uniform in ±1/sqrt(fan_in), each 128×128 block scaled by 2^[-4, 3]."""
-    *lead, rows, cols = shape
-    factor = np.exp2(rng.integers(-4, 4, size=(*lead, -(-rows // 128), -(-cols // 128)))).astype(np.float32)
-    v = rng.uniform(-1, 1, size=shape).astype(np.float32) / np.float32(np.sqrt(fan_in))
-    v *= np.repeat(np.repeat(factor, 128, axis=-2)[..., :rows, :], 128, axis=-1)[..., :cols]
-    return from_bf16_bits(to_bf16_bits(v))
+from reference import blocky, moe_reference, quantize_blocks, relative_error, to_bf16_bits  # noqa: E402
 
 
 class FP8LayerTest(unittest.TestCase):
