@@ -37,53 +37,22 @@ import Testing
         return w
     }
 
-    private struct Memory {
-        var buffers: [DeviceBuffer<UInt8>] = []
-        let device: CUDADevice
-        mutating func put(_ bytes: [UInt8]) throws -> UInt64 {
-            let b = try DeviceBuffer<UInt8>(device: device, copying: bytes)
-            buffers.append(b)
-            return b.address
-        }
-        mutating func put(_ t: HostTensor) throws -> UInt64 { try put(t.withUnsafeBytes { Array($0) }) }
-        mutating func put(_ floats: [Float]) throws -> UInt64 { try put(floats.withUnsafeBytes { Array($0) }) }
-        mutating func put(codes: [FP8E4M3]) throws -> UInt64 { try put(codes.map(\.bitPattern)) }
-    }
-
-    /// Each matrix's rows of `a` then `b` (both [M, R, C], `per` elements each per matrix).
-    static func interleave<T>(_ a: [T], _ b: [T], matrices: Int) -> [T] {
-        let per = a.count / matrices
-        var out: [T] = []
-        out.reserveCapacity(a.count + b.count)
-        for m in 0..<matrices {
-            let rows = m * per..<(m + 1) * per
-            out += a[rows]
-            out += b[rows]
-        }
-        return out
-    }
-
     /// Pointers to `w` (BF16) as the C ABI passes them, the experts as BF16 or, with `codes`, as the E4M3 codes and
     /// scales of `q` (its prepared fp8 weights).
-    private func pointers(_ w: MoEWeights, _ q: MoEWeights, codes: Bool, fused: Bool, memory: inout Memory) throws
+    private func pointers(_ w: MoEWeights, _ q: MoEWeights, codes: Bool, fused: Bool, memory: inout CallerMemory) throws
         -> WeightPointers
     {
         let e = Self.config.experts
         let s = w.shared!
-        let sharedFirst: WeightPointers.FirstLayer
-        if fused {
-            let (g, u) = (s.w1.withUnsafeBytes { Array($0) }, s.w3!.withUnsafeBytes { Array($0) })
-            sharedFirst = .fused(try memory.put(Self.interleave(g, u, matrices: 1)))
-        } else {
-            sharedFirst = .separate(gate: try memory.put(s.w1), up: try memory.put(s.w3!))
-        }
+        let sharedFirst: WeightPointers.FirstLayer =
+            fused ? .fused(try memory.put(CallerMemory.fused(s.w1, s.w3!, matrices: 1)))
+            : .separate(gate: try memory.put(s.w1), up: try memory.put(s.w3!))
         var p = WeightPointers(
             router: try memory.put(w.router), selectionBias: nil, firstLayer: .fused(0), down: 0, b1: nil, b2: nil,
             sharedFirstLayer: sharedFirst, sharedDown: try memory.put(s.w2), sharedGate: try memory.put(s.gate!))
         if !codes {
-            let (g, u) = (w.w1.withUnsafeBytes { Array($0) }, w.w3!.withUnsafeBytes { Array($0) })
             p.firstLayer =
-                fused ? .fused(try memory.put(Self.interleave(g, u, matrices: e)))
+                fused ? .fused(try memory.put(CallerMemory.fused(w.w1, w.w3!, matrices: e)))
                 : .separate(gate: try memory.put(w.w1), up: try memory.put(w.w3!))
             p.down = try memory.put(w.w2)
             return p
@@ -91,9 +60,9 @@ import Testing
         let (g, u, d) = (q.w1.fp8Blocks!, q.w3!.fp8Blocks!, q.w2.fp8Blocks!)
         p.down = try memory.put(codes: d.codes)
         if fused {
-            p.firstLayer = .fused(try memory.put(codes: Self.interleave(g.codes, u.codes, matrices: e)))
+            p.firstLayer = .fused(try memory.put(codes: CallerMemory.interleave(g.codes, u.codes, matrices: e)))
             p.expertScales = .init(
-                firstLayer: .fused(try memory.put(Self.interleave(g.scales, u.scales, matrices: e))),
+                firstLayer: .fused(try memory.put(CallerMemory.interleave(g.scales, u.scales, matrices: e))),
                 down: try memory.put(d.scales))
         } else {
             p.firstLayer = .separate(gate: try memory.put(codes: g.codes), up: try memory.put(codes: u.codes))
@@ -122,7 +91,7 @@ import Testing
         let w = try Self.bf16Weights(c, seed: 11)
         let layer = try MoELayer(config: c, weights: w)
         let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
-        var memory = Memory(device: device)
+        var memory = CallerMemory(device: device)
         let p = try pointers(w, w.prepared(for: .fp8), codes: codes, fused: fused, memory: &memory)
         let what = "\(codes ? "E4M3 codes" : "BF16 experts"), \(fused ? "fused" : "separate")"
         let fromHost = try FusedDeviceWeights(layer: layer, device: device, packRows: Self.packRows)
@@ -145,7 +114,7 @@ import Testing
         let c = Self.config
         let w = try Self.bf16Weights(c, seed: 12)
         let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
-        var memory = Memory(device: device)
+        var memory = CallerMemory(device: device)
         var p = try pointers(w, w.prepared(for: .fp8), codes: true, fused: false, memory: &memory)
         var scales = w.prepared(for: .fp8).w2.fp8Blocks!.scales
         scales[scales.count - 1] = .infinity

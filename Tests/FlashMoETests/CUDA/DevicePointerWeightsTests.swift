@@ -7,36 +7,45 @@ import Testing
 /// passes them) against `FusedDeviceWeights(layer:device:packRows:)` (host weights) on the fake driver: every
 /// buffer must hold the same bytes, for both layouts, every precision's storage, a partial last
 /// packing block, biases, the selection bias and a gated shared expert.
-@Suite struct DevicePointerWeightsTests {
-    /// The caller's device copies of `weights` in one ABI layout, kept alive for the test.
-    private struct CallerMemory {
-        var buffers: [DeviceBuffer<UInt8>] = []
-        let device: CUDADevice
+/// The caller's device copies of weights in one ABI layout, kept alive for a test (here and DevicePointerFP8Tests).
+struct CallerMemory {
+    var buffers: [DeviceBuffer<UInt8>] = []
+    let device: CUDADevice
 
-        mutating func put(_ bytes: [UInt8]) throws -> UInt64 {
-            let b = try DeviceBuffer<UInt8>(device: device, copying: bytes)
-            buffers.append(b)
-            return b.address
-        }
+    init(device: CUDADevice) { self.device = device }
 
-        mutating func put(_ t: HostTensor) throws -> UInt64 { try put(Self.bytes(t)) }
-
-        static func bytes(_ t: HostTensor) -> [UInt8] { t.withUnsafeBytes { Array($0) } }
-
-        /// [M, 2R, C]: each matrix's gate rows, then its up rows.
-        static func fused(_ gate: HostTensor, _ up: HostTensor, matrices: Int) -> [UInt8] {
-            let (g, u) = (bytes(gate), bytes(up))
-            let block = g.count / matrices
-            var out: [UInt8] = []
-            for m in 0..<matrices {
-                let rows = m * block..<(m + 1) * block
-                out += g[rows]
-                out += u[rows]
-            }
-            return out
-        }
+    mutating func put(_ bytes: [UInt8]) throws -> UInt64 {
+        let b = try DeviceBuffer<UInt8>(device: device, copying: bytes)
+        buffers.append(b)
+        return b.address
     }
 
+    mutating func put(_ t: HostTensor) throws -> UInt64 { try put(Self.bytes(t)) }
+    mutating func put(_ floats: [Float]) throws -> UInt64 { try put(floats.withUnsafeBytes { Array($0) }) }
+    mutating func put(codes: [FP8E4M3]) throws -> UInt64 { try put(codes.map(\.bitPattern)) }
+
+    static func bytes(_ t: HostTensor) -> [UInt8] { t.withUnsafeBytes { Array($0) } }
+
+    /// [M, 2R, C] from two [M, R, C] stacks: each matrix's rows of `a`, then its rows of `b` (a fused gate_up).
+    static func interleave<T>(_ a: [T], _ b: [T], matrices: Int) -> [T] {
+        let per = a.count / matrices
+        var out: [T] = []
+        out.reserveCapacity(a.count + b.count)
+        for m in 0..<matrices {
+            let rows = m * per..<(m + 1) * per
+            out += a[rows]
+            out += b[rows]
+        }
+        return out
+    }
+
+    /// A fused gate_up of two tensors' bytes.
+    static func fused(_ gate: HostTensor, _ up: HostTensor, matrices: Int) -> [UInt8] {
+        interleave(bytes(gate), bytes(up), matrices: matrices)
+    }
+}
+
+@Suite struct DevicePointerWeightsTests {
     /// Uploads `layer`'s weights (already in the storage type) in `fused` or separate layout.
     private func pointers(_ layer: MoELayer, fused: Bool, memory: inout CallerMemory) throws -> WeightPointers {
         let c = layer.config
