@@ -137,6 +137,34 @@ class GpuVariantsTests(unittest.TestCase):
         self.assertIn("FMOE_NO_SUCH", p.stderr)
         self.assertFalse(os.path.exists(os.path.join(out, "summary.txt")))
 
+    def test_power_summarises_the_busy_samples_of_each_bench(self):
+        # A stand-in nvidia-smi: two idle samples (the compile), then three busy ones, two of them power-capped.
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp, True)
+        smi = os.path.join(tmp, "nvidia-smi")
+        with open(smi, "w") as f:
+            f.write(textwrap.dedent("""\
+                #!/usr/bin/env bash
+                case "$*" in *-lms*) ;; *) exit 0 ;; esac
+                printf '0, 1980, 70.1, 0x0000000000000000\\n3, 1980, 90.0, 0x0000000000000000\\n'
+                printf '100, 1500, 699.5, 0x0000000000000004\\n95, 1400, 701.0, 0x000000000000000C\\n'
+                printf '100, 1700, 650.0, 0x0000000000000001\\n'
+                sleep 30
+                """))
+        os.chmod(smi, 0o755)
+        p, out = stand_in.run_script(self, "gpu-variants", FAKE,
+                                     ("--power", "--iterations", "400", "--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+                                      "--case", "qwen3-30b-a3b 1 bf16"), {"NVIDIA_SMI": smi})
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("on median 0.15 ms (3 samples: 1500 MHz, 699 W, power cap 66 %);",
+                      stand_in.read(os.path.join(out, "summary.txt")))
+        self.assertIn("--iterations 400", stand_in.read(os.path.join(out, "bench-qwen3-30b-a3b-1-bf16-on.log")))
+        self.assertTrue(os.path.exists(os.path.join(out, "power-qwen3-30b-a3b-1-bf16-on.csv")))
+        p, out = self.run_script("--iterations", "0", "--variant", "on=gate_gemv.cuh:FMOE_GATE_GEMV=1",
+                                 "--case", "qwen3-30b-a3b 1 bf16")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--iterations 0", p.stderr)
+
     def test_usage(self):
         stand_in.check_usage(self, "gpu-variants", "--variant")
 

@@ -20,6 +20,9 @@ torch and transformers:
   moe_forward_y and the outputs of moe_forward_out equal (bitwise) moe_forward's.
 - fp8: one precision="fp8" layer from bf16 CUDA experts, from float8_e4m3fn codes with block scales (fused and
   separate) and on the CPU backend: the GPU layers equal bit for bit, within 5e-2 of the CPU; a graph replay.
+- fp8-patch: tiny DeepSeek-V3 and Qwen3-MoE models (H = 256, I = 384) whose MoE blocks hold float8 experts with
+  `*_scale_inv` block scales, as transformers' fine-grained FP8 holds them, patched and moved to the GPU: logits
+  within 5e-2 of the same patched model on the CPU backend, and within 8e-2 of the bf16 model before quantization.
 
 Usage: PYTHONPATH=python python3 python/tests/gpu_checks.py [--json FILE] [--only NAME,...]
 Prints one line per check as it ends, then a table; exit status 1 when a check fails.
@@ -463,6 +466,42 @@ def fp8() -> dict:
     detail["weight_bytes"] = layer.native.info()["weight_bytes"]
     for l in (*layers.values(), cpu):
         l.close()
+    return detail
+
+
+@check
+def fp8_patch() -> dict:
+    import os
+
+    from hf_models import moe_blocks, tiny_model
+    from reference import quantize_blocks
+
+    os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
+    detail = {}
+    for i, family in enumerate(("deepseek_v3", "qwen3_moe")):
+        # H and I multiples of 128, as FP8 checkpoints have them (scripts/transformers_fp8.py, FP8_SIZES).
+        model = tiny_model(family, 600 + i, dtype=torch.bfloat16, hidden=256, inter=384, shared=384)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(600 + i))
+        with torch.no_grad():
+            bf16 = model(ids).logits.float()
+            for block in moe_blocks(model):
+                for name in ("gate_up_proj", "down_proj"):
+                    codes, scales, _ = quantize_blocks(getattr(block.experts, name).float().numpy())
+                    setattr(block.experts, name, torch.nn.Parameter(
+                        torch.from_numpy(codes).view(torch.float8_e4m3fn), requires_grad=False))
+                    setattr(block.experts, f"{name}_scale_inv", torch.nn.Parameter(
+                        torch.from_numpy(scales), requires_grad=False))
+            names = flashmoe.patch(model)
+            cpu = model(ids).logits.float()
+            model.cuda()
+            gpu = model(ids.cuda()).logits.float().cpu()
+        flashmoe.unpatch(model)
+        detail[family] = {"blocks": len(names), "gpu_vs_cpu": round(rel(gpu, cpu), 5),
+                          "gpu_vs_bf16": round(rel(gpu, bf16), 5)}
+        expect(bool(names), f"{family}: flashmoe.patch found no block", detail)
+        expect(bool(torch.isfinite(gpu).all()) and rel(gpu, cpu) < 5e-2, f"{family}: GPU fp8 vs CPU fp8", detail)
+        expect(rel(gpu, bf16) < 8e-2, f"{family}: GPU fp8 vs the bf16 model", detail)
+        del model
     return detail
 
 
