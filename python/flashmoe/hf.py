@@ -133,8 +133,7 @@ def describe_block(block: torch.nn.Module, config=None, **options):
     gate = block.gate
     experts = block.experts
     fused = hasattr(experts, "gate_up_proj")
-    router_weight = gate.weight
-    e, h = router_weight.shape
+    e, h = gate.weight.shape
     if fused:
         inter = experts.down_proj.shape[2]
         if tuple(experts.gate_up_proj.shape) != (e, 2 * inter, h):
@@ -147,7 +146,10 @@ def describe_block(block: torch.nn.Module, config=None, **options):
     if shared is None:
         shared = getattr(block, "shared_experts", None)
     shared_gate = getattr(block, "shared_expert_gate", None)
-    bias = getattr(gate, "e_score_correction_bias", None) if family.sigmoid_router else None
+    # The router's weight and selection bias are read from the gate each time, like every other weight: a buffer
+    # moved by .to()/.cuda() is a new tensor object (parameters keep theirs), so a reference kept here would go stale
+    # and, after a device move, sit on the old device.
+    bias = lambda: getattr(gate, "e_score_correction_bias", None) if family.sigmoid_router else None  # noqa: E731
 
     fields = dict(hidden=h, intermediate=inter, experts=e, top_k=int(config.num_experts_per_tok), ffn="gated",
                   activation=config.hidden_act)
@@ -166,7 +168,7 @@ def describe_block(block: torch.nn.Module, config=None, **options):
     moe_config = MoEConfig(**fields)
 
     def tensors() -> list[torch.Tensor]:
-        out = [router_weight]
+        out = [gate.weight]
         if fused:
             out += [experts.gate_up_proj, experts.down_proj]
         else:
@@ -174,8 +176,8 @@ def describe_block(block: torch.nn.Module, config=None, **options):
         # The scale parameters themselves (per-expert ones, not their stack): what an edit or a swap changes.
         owners = [experts] if fused else [getattr(x, n) for x in experts for n in family.expert_names]
         out += [t for o in owners for t in (getattr(o, a, None) for a in _SCALE_ATTRIBUTES) if t is not None]
-        if bias is not None:
-            out.append(bias)
+        if bias() is not None:
+            out.append(bias())
         if shared is not None:
             linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
             out += [x.weight for x in linears]
@@ -185,7 +187,7 @@ def describe_block(block: torch.nn.Module, config=None, **options):
         return out
 
     def build() -> dict[str, torch.Tensor]:
-        w = {"router": router_weight.detach()}
+        w = {"router": gate.weight.detach()}
         if fused:
             w["gate_up"] = experts.gate_up_proj.detach()
             w["down"] = experts.down_proj.detach()
@@ -194,8 +196,8 @@ def describe_block(block: torch.nn.Module, config=None, **options):
             w["gate"], w["up"], w["down"] = (_stack(experts, g).detach(), _stack(experts, u).detach(),
                                              _stack(experts, d).detach())
         w.update({k: v.detach().float() for k, v in scales().items()})
-        if bias is not None:
-            w["selection_bias"] = bias.detach().float()
+        if bias() is not None:
+            w["selection_bias"] = bias().detach().float()
         if shared is not None:
             sg, su, sd = (_dense(shared.gate_proj), _dense(shared.up_proj), _dense(shared.down_proj))
             if fused:  # one layout for routed and shared experts: the shared gate and up rows concatenated
@@ -241,6 +243,15 @@ class FlashMoEBlock(torch.nn.Module):
         self.flashmoe = MoELayer.from_hf_block(block, model_config, **options)
         self.hidden = self.flashmoe.config.hidden
         self.max_tokens = self.flashmoe.config.max_tokens
+
+    def _apply(self, fn, *args, **kwargs):
+        # Every child and this block's own parameters have moved: rebuild the layer if its weights changed (the
+        # layer's own _apply ran before this block's parameters moved, and waits for them on a device move).
+        out = super()._apply(fn, *args, **kwargs)
+        layer = self.flashmoe
+        if layer._holder[0] is not None and layer._source_changed():
+            layer.refresh()
+        return out
 
     def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.gate(x)  # runs transformers' own router (its output recorder sees it too)

@@ -153,7 +153,11 @@ class MoELayer(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         if self._holder[0] is not None and self._source_changed():
-            self.refresh()
+            # A parent's .to()/.cuda() moves its modules one at a time: with a source (from_hf_block) this layer's
+            # turn may come before all the block's weights have moved. The block rebuilds it once they all have
+            # (FlashMoEBlock._apply); an eager call would too (_ensure_current).
+            if len({t.device for t in self._source.tensors()}) == 1:
+                self.refresh()
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):

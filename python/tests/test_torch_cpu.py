@@ -280,6 +280,33 @@ class PatchTest(unittest.TestCase):
                 ref = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
                 self.assertTrue(torch.equal(out, ref))
 
+    def test_a_moved_router_buffer_is_read_anew(self):
+        # .to()/.cuda() give every buffer a new tensor (parameters keep their objects): the layer must read the gate's
+        # selection bias from the gate, not keep the tensor it first saw (after a device move that one sits on the
+        # old device: "weights must all be on one device", as on the GPU before).
+        from check_transformers import moe_block, run_block
+
+        model = self.build("deepseek_v3", seed=12)
+        original = moe_block(model)
+        flashmoe.patch(model)
+        patched = moe_block(model)
+        x = torch.randn(13, model.config.hidden_size, generator=torch.Generator().manual_seed(12))
+        bias = original.gate.e_score_correction_bias
+        model._apply(lambda t: t.clone())  # what a device move does, on the CPU
+        self.assertIsNot(patched.gate.e_score_correction_bias, bias)
+        with torch.no_grad():
+            favoured = torch.zeros_like(bias)
+            favoured[-model.config.num_experts_per_tok:] = 10.0  # routes every token to the last experts
+            patched.gate.e_score_correction_bias.copy_(favoured)  # an in-place edit of the moved buffer is seen
+            y = patched(x[None])[0]
+        self.assertLess(relative_error(y.numpy(), run_block(original, x).numpy()), FP32_TOL)
+        # A dtype move rebuilds the layer from the moved weights.
+        model.to(torch.bfloat16)
+        self.assertEqual(patched.flashmoe.storage_dtype, torch.bfloat16)
+        with torch.no_grad():
+            y = patched(x[None].bfloat16())[0]
+        self.assertLess(relative_error(y.float().numpy(), run_block(original, x.bfloat16()).float().numpy()), 2e-2)
+
     def test_patched_model_compiles_fullgraph(self):
         model = self.build("qwen3_moe", seed=9)
         flashmoe.patch(model)
