@@ -15,8 +15,9 @@ extension FusedDeviceWeights {
     }
 
     /// Packed row r of W1's fp8 image → (matrix, source row) of `gate` / `up`: the gated FFN interleaves blocks of
-    /// `packRows` gate rows and the matching up rows; padding rows (past `inner`) have no source.
-    static func fp8FirstSource(gate: FP8Blocks, up: FP8Blocks?, inner: Int, packRows: Int) -> (Int) -> (FP8Blocks, Int)? {
+    /// `packRows` gate rows and the matching up rows; padding rows (past `inner`) have no source. `M`: the matrices'
+    /// codes and scales (`FP8Blocks`), or their scales alone (`FP8ScaleGrid`).
+    static func fp8FirstSource<M>(gate: M, up: M?, inner: Int, packRows: Int) -> (Int) -> (M, Int)? {
         { r in
             guard let up else { return r < inner ? (gate, r) : nil }
             let (block, within) = r.quotientAndRemainder(dividingBy: 2 * packRows)
@@ -52,7 +53,7 @@ extension FusedDeviceWeights {
     }
 
     /// Row r of W2's fp8 image → (matrix, source row): the rows as they are, `hidden` of them.
-    static func fp8SecondSource(down: FP8Blocks, hidden: Int) -> (Int) -> (FP8Blocks, Int)? {
+    static func fp8SecondSource<M>(down: M, hidden: Int) -> (Int) -> (M, Int)? {
         { r in r < hidden ? (down, r) : nil }
     }
 
@@ -71,8 +72,7 @@ extension FusedDeviceWeights {
     /// The bytes of expert `m`: its packed rows' codes, then the scale of each 64-row granule and K block.
     static func fp8Image(matrix m: Int, rows: Int, k: Int, source: (Int) -> (FP8Blocks, Int)?) -> [UInt8] {
         let (codeBytes, expertBytes) = fp8ExpertBytes(rows: rows, k: k)
-        let kb = (k + 127) / 128
-        let granules = (rows + fp8Granule - 1) / fp8Granule
+        let scales = fp8ScaleSection(matrix: m, rows: rows, k: k) { r in source(r).map { ($0.0.scaleGrid, $0.1) } }
         var bytes = [UInt8](repeating: 0, count: expertBytes)
         bytes.withUnsafeMutableBytes { raw in
             for r in 0..<rows {
@@ -82,17 +82,36 @@ extension FusedDeviceWeights {
                     (raw.baseAddress! + r * k).copyMemory(from: codes.baseAddress! + from, byteCount: k)
                 }
             }
-            let scales = (raw.baseAddress! + codeBytes).bindMemory(to: Float.self, capacity: granules * kb)
-            for g in 0..<granules {
-                // A granule's rows come from one matrix and one 128-row scale block (64 divides 128).
-                guard let (blocks, row) = source(g * fp8Granule) else {
-                    for j in 0..<kb { scales[g * kb + j] = 0 }
-                    continue
-                }
-                let base = (m * blocks.blockRows + row / 128) * blocks.blockCols
-                for j in 0..<kb { scales[g * kb + j] = blocks.scales[base + j] }
-            }
+            scales.withUnsafeBytes { (raw.baseAddress! + codeBytes).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         }
         return bytes
     }
+
+    /// The scales of expert `m`'s image, [⌈rows/64⌉][⌈k/128⌉]: each 64-row granule's, from the 128-row scale block of
+    /// the source matrix that holds it; 0 for padding granules.
+    static func fp8ScaleSection(matrix m: Int, rows: Int, k: Int, source: (Int) -> (FP8ScaleGrid, Int)?) -> [Float] {
+        let kb = (k + 127) / 128
+        let granules = (rows + fp8Granule - 1) / fp8Granule
+        var scales = [Float](repeating: 0, count: granules * kb)
+        for g in 0..<granules {
+            // A granule's rows come from one matrix and one 128-row scale block (64 divides 128).
+            guard let (grid, row) = source(g * fp8Granule) else { continue }
+            let base = (m * grid.blockRows + row / 128) * kb
+            for j in 0..<kb { scales[g * kb + j] = grid.scales[base + j] }
+        }
+        return scales
+    }
+}
+
+/// The block scales of a stack of FP8 matrices of `k` columns, [matrices, blockRows, ⌈k/128⌉] row-major: the scale
+/// half of `FP8Blocks`, for images whose codes are copied without passing through host memory.
+struct FP8ScaleGrid {
+    let scales: [Float]
+    /// Scale blocks along each matrix's rows, ⌈rows/128⌉.
+    let blockRows: Int
+}
+
+extension FP8Blocks {
+    /// The scales alone.
+    var scaleGrid: FP8ScaleGrid { FP8ScaleGrid(scales: scales, blockRows: blockRows) }
 }

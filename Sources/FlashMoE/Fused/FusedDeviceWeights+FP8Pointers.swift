@@ -4,12 +4,17 @@ import CCUDA
 /// (FusedDeviceWeights+FP8.swift) built from BF16 matrices, quantized here, or from E4M3 codes with their block
 /// scales (`WeightPointers.ExpertScales`).
 ///
-/// The experts pass through host memory, a few at a time: each chunk is read from the device, turned into
-/// `FP8Blocks` exactly as the host path does (`MoEWeights.prepared(for: .fp8)` quantizes BF16 values with
-/// `FP8Blocks(quantizing:)`, on all cores), laid out per expert (`fp8Image`) and written back. So a layer built from
-/// device pointers holds the same bytes as one built from the same values on the host, and the oracle's
-/// quantization is the kernel's. Host memory: one chunk (at most `chunkBytes` of source matrices, plus its FP32
-/// quantization scratch per core); time: the PCIe copies both ways plus, for BF16, the quantization.
+/// E4M3 codes stay on the device: each expert's image is assembled by device-to-device copies of its rows (gate
+/// and up blocks interleaved as `fp8FirstSource` places them), and only the block scales, one float per 16,384
+/// codes, are read to the host, checked finite and written into the images' scale sections.
+///
+/// BF16 experts pass through host memory, a few at a time: each chunk is read from the device, quantized exactly as
+/// the host path does (`MoEWeights.prepared(for: .fp8)` quantizes BF16 values with `FP8Blocks(quantizing:)`, on all
+/// cores), laid out per expert (`fp8Image`) and written back. Host memory: one chunk (at most `chunkBytes` of source
+/// matrices, plus its FP32 quantization scratch per core); time: the PCIe copies both ways plus the quantization.
+///
+/// Either way a layer built from device pointers holds the same bytes as one built from the same values on the
+/// host, and the oracle's quantization is the kernel's.
 extension FusedDeviceWeights {
     /// Source bytes of routed experts read from the device at once.
     static let fp8ChunkBytes = 256 << 20
@@ -25,6 +30,9 @@ extension FusedDeviceWeights {
             throw MoEError(
                 .unsupported, "the fp8 kernel packs gate/up rows in blocks of \(fp8Granule), but this module packs \(packRows)")
         }
+        if p.expertScales != nil {
+            return try fp8ExpertsFromCodes(config: c, pointers: p, device: device, packRows: packRows, first: first, count: e)
+        }
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated
         let copy = WeightPointers.deviceCopy(device)
@@ -32,23 +40,80 @@ extension FusedDeviceWeights {
         let (bytes1, bytes2) = (fp8ExpertBytes(rows: rows1, k: h).total, fp8ExpertBytes(rows: h, k: i).total)
         let w1 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes1))
         let w2 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes2))
-        let perExpert = (gated ? 3 : 2) * h * i * (p.expertScales == nil ? 2 : 1)
+        let perExpert = (gated ? 3 : 2) * h * i * 2
         let chunk = max(1, min(e, chunkBytes / max(1, perExpert)))
         var start = 0
         while start < e {
             let n = min(chunk, e - start)
             let experts = (first + start)..<(first + start + n)
-            let gate = try p.fp8Blocks(.gate, experts: experts, config: c, copy: copy)
-            let up = gated ? try p.fp8Blocks(.up, experts: experts, config: c, copy: copy) : nil
-            let down = try p.fp8Blocks(.down, experts: experts, config: c, copy: copy)
-            let firstRows = fp8FirstSource(gate: gate, up: up, inner: i, packRows: packRows)
-            let secondRows = fp8SecondSource(down: down, hidden: h)
+            let (firstRows, secondRows) = try fp8Sources(config: c, packRows: packRows) {
+                try p.fp8Blocks($0, experts: experts, config: c, copy: copy)
+            }
             for m in 0..<n {
                 try w1.upload(fp8Image(matrix: m, rows: rows1, k: h, source: firstRows), at: (start + m) * bytes1)
                 try w2.upload(fp8Image(matrix: m, rows: h, k: i, source: secondRows), at: (start + m) * bytes2)
             }
             start += n
         }
+        return (w1, w2)
+    }
+
+    /// The row sources of the W1 and W2 images (`fp8FirstSource`, `fp8SecondSource`) over the gate, up (gated
+    /// only) and down matrices that `read` returns: codes and scales, or scales alone.
+    private static func fp8Sources<M>(
+        config c: MoEConfig, packRows: Int, read: (WeightPointers.ExpertMatrix) throws -> M
+    ) throws -> (first: (Int) -> (M, Int)?, second: (Int) -> (M, Int)?) {
+        let gate = try read(.gate)
+        let up = c.ffn == .gated ? try read(.up) : nil
+        let down = try read(.down)
+        return (fp8FirstSource(gate: gate, up: up, inner: c.intermediateSize, packRows: packRows),
+                fp8SecondSource(down: down, hidden: c.hiddenSize))
+    }
+
+    /// `fp8Experts` from E4M3 codes: the codes copied device to device into each expert's image, the scales through
+    /// the host (read for all `count` experts at once: a DeepSeek-V3 layer's are 2.6 MB).
+    private static func fp8ExpertsFromCodes(
+        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int
+    ) throws -> (w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>) {
+        let (h, i) = (c.hiddenSize, c.intermediateSize)
+        let gated = c.ffn == .gated
+        let copier = DeviceCopier(device: device)
+        let experts = first..<(first + e)
+        let rows1 = fp8FirstRows(inner: i, gated: gated, packRows: packRows)
+        let (codes1, bytes1) = fp8ExpertBytes(rows: rows1, k: h)
+        let (codes2, bytes2) = fp8ExpertBytes(rows: h, k: i)
+        // Zeros: the padding rows of a partial last gate/up block, their granules' scales and the 16-byte padding.
+        let w1 = try copier.buffer(bytes: e * bytes1)
+        let w2 = try copier.buffer(bytes: e * bytes2)
+        try w1.fill(byte: 0)
+        try w2.fill(byte: 0)
+        let (gateField, upField) = p.firstLayer.isFused ? ("gate_up", "gate_up") : ("gate", "up")
+        for m in 0..<e {
+            let (gate, up) = p.firstLayer.rows(of: first + m, gated: gated, rows: i, rowBytes: h)
+            if gated, let up {
+                // fp8FirstSource's interleave: packed block b holds gate rows b·packRows … then the same up rows.
+                for block in 0..<(i + packRows - 1) / packRows {
+                    let r0 = block * packRows, bytes = min(packRows, i - r0) * h
+                    let at = m * bytes1 + block * 2 * packRows * h
+                    try copier.copy(to: w1, at: at, from: gate + UInt64(r0 * h), bytes: bytes, field: gateField)
+                    try copier.copy(to: w1, at: at + packRows * h, from: up + UInt64(r0 * h), bytes: bytes, field: upField)
+                }
+            } else {
+                try copier.copy(to: w1, at: m * bytes1, from: gate, bytes: i * h, field: gateField)
+            }
+            try copier.copy(to: w2, at: m * bytes2, from: p.down + UInt64((first + m) * h * i), bytes: h * i, field: "down")
+        }
+        let copy = WeightPointers.deviceCopy(device)
+        let (first1, second) = try fp8Sources(config: c, packRows: packRows) {
+            try p.fp8Scales($0, experts: experts, config: c, copy: copy)
+        }
+        for m in 0..<e {
+            let s1 = fp8ScaleSection(matrix: m, rows: rows1, k: h, source: first1)
+            let s2 = fp8ScaleSection(matrix: m, rows: h, k: i, source: second)
+            try s1.withUnsafeBytes { try w1.upload(Array($0), at: m * bytes1 + codes1) }
+            try s2.withUnsafeBytes { try w2.upload(Array($0), at: m * bytes2 + codes2) }
+        }
+        try device.synchronize()
         return (w1, w2)
     }
 }
@@ -91,14 +156,7 @@ extension WeightPointers {
         -> FP8Blocks
     {
         let (hidden, inner, gated) = (c.hiddenSize, c.intermediateSize, c.ffn == .gated)
-        let fused: Bool
-        if case .fused = firstLayer { fused = true } else { fused = false }
-        let (rows, cols, field, scaleField) =
-            switch m {
-            case .gate: (inner, hidden, fused ? "gate_up" : "gate", fused ? "gate_up_scale" : "gate_scale")
-            case .up: (inner, hidden, fused ? "gate_up" : "up", fused ? "gate_up_scale" : "up_scale")
-            case .down: (hidden, inner, "down", "down_scale")
-            }
+        let (rows, cols, field, _) = fields(m, config: c)
         let shape = [experts.count, rows, cols]
         // Expert x's first row of m (its rows follow contiguously, elements of `bytes` bytes).
         func address(_ x: Int, bytes: Int) -> UInt64 {
@@ -106,13 +164,35 @@ extension WeightPointers {
             let r = firstLayer.rows(of: x, gated: gated, rows: inner, rowBytes: hidden * bytes)
             return m == .up ? r.up ?? r.gate : r.gate
         }
-        guard let scales = expertScales else {
+        guard expertScales != nil else {
             let values = try Self.read(BFloat16.self, matrices: experts.count, perMatrix: rows * cols, field: field,
                                        copy: copy) { j in address(experts.lowerBound + j, bytes: 2) }
             return FP8Blocks(quantizing: try HostTensor(shape: shape, bfloat16: values))
         }
         let codes = try Self.read(FP8E4M3.self, matrices: experts.count, perMatrix: rows * cols, field: field,
                                   copy: copy) { j in address(experts.lowerBound + j, bytes: 1) }
+        let values = try fp8Scales(m, experts: experts, config: c, copy: copy).scales
+        return try FP8Blocks(shape: shape, codes: codes, scales: values)
+    }
+
+    /// Matrix `m`'s (rows, columns) and the C fields of its values and scales.
+    private func fields(_ m: ExpertMatrix, config c: MoEConfig) -> (Int, Int, String, String) {
+        let (hidden, inner, fused) = (c.hiddenSize, c.intermediateSize, firstLayer.isFused)
+        return switch m {
+        case .gate: (inner, hidden, fused ? "gate_up" : "gate", fused ? "gate_up_scale" : "gate_scale")
+        case .up: (inner, hidden, fused ? "gate_up" : "up", fused ? "gate_up_scale" : "up_scale")
+        case .down: (hidden, inner, "down", "down_scale")
+        }
+    }
+
+    /// The block scales of matrix `m` of the routed `experts` (given with E4M3 codes: `expertScales`), read through
+    /// `copy`, [n, ⌈rows/128⌉, ⌈cols/128⌉]. A NaN or infinite scale is refused, naming its field, expert and block.
+    func fp8Scales(_ m: ExpertMatrix, experts: Range<Int>, config c: MoEConfig, copy: Copy) throws -> FP8ScaleGrid {
+        guard let scales = expertScales else {
+            throw MoEError(.invalidInput, "weights: E4M3 expert codes need their block scales")
+        }
+        let gated = c.ffn == .gated
+        let (rows, cols, field, scaleField) = fields(m, config: c)
         // Scales: [E, ⌈rows/128⌉, ⌈cols/128⌉] per tensor; a fused gated first layer's matrices have ⌈2I/128⌉ block
         // rows, the gate's first (I is a multiple of 128, checked with the pointers).
         let (br, bc) = ((rows + 127) / 128, (cols + 127) / 128)
@@ -134,7 +214,7 @@ extension WeightPointers {
                 "weights->\(scaleField) holds \(values[bad]) for expert \(experts.lowerBound + j) (block \(within) of "
                     + "its \(field)): FP8 block scales must be finite")
         }
-        return try FP8Blocks(shape: shape, codes: codes, scales: values)
+        return FP8ScaleGrid(scales: values, blockRows: br)
     }
 
     /// `matrices` × `perMatrix` elements of `T` read through `copy`, matrix j's from `address(j)`.

@@ -30,6 +30,12 @@ public struct WeightPointers: Sendable {
         /// W1 (gate) [M, R, C] and, gated only, W3 (up) [M, R, C].
         case separate(gate: UInt64, up: UInt64?)
 
+        /// Whether gate and up rows come in one tensor (`gate_up`).
+        public var isFused: Bool {
+            if case .fused = self { return true }
+            return false
+        }
+
         /// The address of matrix `m`'s first gate (or plain W1) row and first up row (nil when plain). Within
         /// one matrix the R gate rows are contiguous, and so are the R up rows, in every layout.
         public func rows(of m: Int, gated: Bool, rows r: Int, rowBytes: Int) -> (gate: UInt64, up: UInt64?) {
@@ -188,8 +194,9 @@ extension FusedDeviceWeights {
     }
 }
 
-/// Device-to-device copies from the caller's memory into new buffers.
-private struct DeviceCopier {
+/// Device-to-device copies from the caller's memory into new buffers (also the fp8 experts' codes:
+/// FusedDeviceWeights+FP8Pointers.swift).
+struct DeviceCopier {
     let device: CUDADevice
 
     /// The C ABI's fields of a first layer: the fused tensor, and the separate gate and up tensors.

@@ -42,7 +42,7 @@ import Testing
     private func pointers(_ w: MoEWeights, _ q: MoEWeights, codes: Bool, fused: Bool, memory: inout CallerMemory) throws
         -> WeightPointers
     {
-        let e = Self.config.experts
+        let e = w.router.shape[0]
         let s = w.shared!
         let sharedFirst: WeightPointers.FirstLayer =
             fused ? .fused(try memory.put(CallerMemory.fused(s.w1, s.w3!, matrices: 1)))
@@ -108,6 +108,23 @@ import Testing
             count: share.count, chunkBytes: 1)
         #expect(Self.firstDifference(try w1.download(), try hostShare.w1.download()) == nil, "\(what): the share's w1")
         #expect(Self.firstDifference(try w2.download(), try hostShare.w2.download()) == nil, "\(what): the share's w2")
+    }
+
+    /// I = 96: the last packed gate/up block is partial (32 rows of 64), its padding rows and their scales zero.
+    /// Separate tensors only (fused E4M3 codes need I % 128 == 0).
+    @Test(arguments: [false, true])
+    func partialPackedBlock(codes: Bool) throws {
+        var c = Self.config
+        c.intermediateSize = 96
+        let w = try Self.bf16Weights(c, seed: 13)
+        let layer = try MoELayer(config: c, weights: w)
+        let device = try CUDADevice(ordinal: 0, driver: FakeDriver())
+        var memory = CallerMemory(device: device)
+        let p = try pointers(w, w.prepared(for: .fp8), codes: codes, fused: false, memory: &memory)
+        let fromHost = try FusedDeviceWeights(layer: layer, device: device, packRows: Self.packRows)
+        let fromDevice = try FusedDeviceWeights(config: c, pointers: p, device: device, packRows: Self.packRows)
+        #expect(Self.firstDifference(try fromHost.w1.download(), try fromDevice.w1.download()) == nil)
+        #expect(Self.firstDifference(try fromHost.w2.download(), try fromDevice.w2.download()) == nil)
     }
 
     @Test func nonFiniteScalesAreRefusedNamingTheField() throws {
