@@ -142,8 +142,11 @@ FMOE_DEVICE int ring_row_block(const Params &p, int pos) {
 // The consumers' next task (every phase thread). The producer hands one over within twice the budget (its only long
 // wait is the ring's, which reports and hands over TASK_FAIL); a consumer still waiting past that and a second means
 // a broken protocol: reported, then the consumers leave the phase (or the launch traps: FMOE_TMA_CONSUMER_TRAP).
-FMOE_DEVICE int4 next_task(const Params &p, u32 &qi) {
-    const int4 t = s_tma.tq.consume(qi, 2 * p.budget_ns + 1000000000ull, make_int4(TASK_TIMEOUT, 0, 0, 0));
+// COUNTED: the count in shared memory (TicketQueue::consume_counted; qi unused).
+template <bool COUNTED = false> FMOE_DEVICE int4 next_task(const Params &p, u32 &qi) {
+    const u64 budget = 2 * p.budget_ns + 1000000000ull;
+    const int4 timeout = make_int4(TASK_TIMEOUT, 0, 0, 0);
+    const int4 t = COUNTED ? s_tma.tq.consume_counted(budget, timeout) : s_tma.tq.consume(qi, budget, timeout);
     if (t.x == TASK_TIMEOUT) {
         report_error(p.err, FMOE_ERR_TIMEOUT, FMOE_PHASE_TASK, 0u, (u32)p.rank, 0ull, 0ull);
         if (FMOE_TMA_CONSUMER_TRAP) __trap();

@@ -159,7 +159,8 @@ FMOE_DEVICE bool expert_consumers_fp8(const Params &p, const Layout &L, const Tm
     u32 qi = 0;
     if (ExpertTmaFp8::ORDERED) order_issue_open();  // the ordered issue's first arrival (ptx_sm90.cuh)
     for (;;) {
-        const int4 t = next_task(p, qi);
+        // Storage-rows builds keep the queue's count in shared memory (tma_queue.cuh): in a register it spilled.
+        const int4 t = next_task<FMOE_RET_T != 0>(p, qi);
         if (t.x == TASK_FAIL) return false;
         if (t.x == TASK_END) break;
         const int kind = t.x, x = t.y, m = t.z, q = t.w;

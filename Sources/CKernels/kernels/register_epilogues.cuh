@@ -109,10 +109,31 @@ template <int TN = ACC_TILE_N>
 FMOE_DEVICE void gemm1_store_acc_t(const Params &p, const Layout &L, int x, int rows, int row0, int n,
                                    const float *acc) {
     const float *bias = p.b2 != nullptr ? p.b2 + (size_t)x * H : nullptr;
+#if FMOE_TMA && FMOE_PREC == 4
+    // The fp8 engine: each lane stores its own pairs (4 bytes; a quad's are 16 contiguous), with no transposed
+    // registers beside the 128 accumulators: with them its 256-row storage-rows build spilled (deepseek-v3, NVRTC
+    // 13.0). The same values, so the same bits.
+    T *base = p.ybuf + (size_t)L.row_start[x] * H + n * EBN + wgmma_acc_col();
+    const int cols = H - n * EBN - wgmma_acc_col();  // this lane's columns 8j (+1) exist while 8j < cols
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = row0 + wgmma_acc_row() + 8 * h;
+        if (r >= rows) continue;
+        T *row = base + (size_t)r * H;
+#pragma unroll
+        for (int j = 0; j < TN / 8; ++j) {
+            if (8 * j >= cols) continue;
+            const int col = n * EBN + wgmma_acc_col() + 8 * j;
+            const float b0 = bias != nullptr ? bias[col] : 0.f, b1 = bias != nullptr ? bias[col + 1] : 0.f;
+            *(u32 *)(row + 8 * j) = pack_t2(acc[4 * j + 2 * h] + b0, acc[4 * j + 2 * h + 1] + b1);
+        }
+    }
+#else
     store_acc_pairs<TN>(p.ybuf + (size_t)L.row_start[x] * H, H, H, rows, row0, n * EBN, [&](int c, int col) {
         const bool b = bias != nullptr && col < H;
         return pack_t2(acc[c] + (b ? bias[col] : 0.f), acc[c + 1] + (b ? bias[col + 1] : 0.f));
     });
+#endif
 }
 #endif
 

@@ -45,9 +45,11 @@ FMOE_DEVICE bool mbar_wait_budget(u64 *bar, u32 parity, u64 budget_ns) {
 struct TicketQueue {
     int4 slot[TQ];
     u64 full[TQ], empty[TQ];
+    u32 taken[PHASE_THREADS / 32];  // each consumer warp's count of tasks taken (consume_counted)
 
     // One thread, before either role uses the queue (a block barrier must follow, after mbar_init_fence).
     FMOE_DEVICE void init() {
+        for (int w = 0; w < PHASE_THREADS / 32; ++w) taken[w] = 0;
         for (int q = 0; q < TQ; ++q) {
             mbar_init(&full[q], 1);
             mbar_init(&empty[q], PHASE_THREADS / 32);
@@ -86,6 +88,19 @@ struct TicketQueue {
         __syncwarp();
         mbar_arrive_if(&empty[q], (FMOE_TID & 31) == 0);
         ++qi;
+        return t;
+    }
+    // consume, with the warp's count kept in shared memory (taken) instead of a register held across the
+    // consumers' whole task loop: the fp8 engine's storage-rows build with 256-row tiles spilled that register
+    // (deepseek-v3, NVRTC 13.0). Only the warp reads and writes its count: a __syncwarp orders lane 0's write after
+    // every lane's read, and before the next task's reads.
+    FMOE_DEVICE int4 consume_counted(u64 budget_ns, int4 timeout) {
+        const int w = (int)(FMOE_TID >> 5);
+        u32 qi = *(volatile u32 *)&taken[w];
+        const int4 t = consume(qi, budget_ns, timeout);
+        __syncwarp();
+        if ((FMOE_TID & 31) == 0) *(volatile u32 *)&taken[w] = qi;
+        __syncwarp();
         return t;
     }
 };
