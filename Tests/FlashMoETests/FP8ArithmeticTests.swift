@@ -63,6 +63,19 @@ import Testing
         #expect(enc(1) == 0x38 && enc(1.0625) == 0x38 && enc(1.1875) == 0x3A)
     }
 
+    /// The values where rounding decides: every midpoint between two neighbouring codes and the FP32 values just
+    /// below and above it, with both signs (the encoder rounds on the FP32 bits).
+    @Test func midpointsBetweenCodesRoundAsTheRuleSays() {
+        for code in UInt8(0)..<0x7E {
+            let (low, high) = (Self.definitionValue(code)!, Self.definitionValue(code + 1)!)
+            let mid = Float((low + high) / 2)  // exact in FP32: E4M3 values have 4 significant bits
+            for v in [mid.nextDown, mid, mid.nextUp] {
+                #expect(FP8E4M3(saturating: v).bitPattern == Self.bruteForce(v), "value \(v)")
+                #expect(FP8E4M3(saturating: -v).bitPattern == Self.bruteForce(-v), "value \(-v)")
+            }
+        }
+    }
+
     @Test func randomValuesRoundToTheNearestCode() {
         let rng = SeededRandom(seed: 5)
         let u = rng.uniformArray(count: 20_000, stream: 1, scale: 1)

