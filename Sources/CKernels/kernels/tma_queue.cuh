@@ -6,7 +6,8 @@
 // TQ slots in shared memory, each a 16-byte task with a full barrier (count 1: the producer's thread 0 wrote the slot;
 // its release-arrive publishes the write, the consumers' acquire-wait sees it) and an empty barrier (one lane of
 // each consumer warp: every consumer thread has read the slot). Each thread counts the tasks its role has passed
-// through the queue itself (qi), so slot and parity need no shared state. Tasks reach each thread through a
+// through the queue itself (qi), so slot and parity need no shared state; consume_counted keeps a consumer warp's
+// count in shared memory instead, for the build whose registers could not hold it. Tasks reach each thread through a
 // shuffle from lane 0, warp-uniform to ptxas (a value read from shared memory would make it treat the consumers'
 // wgmma as divergent and serialise them).
 #pragma once
