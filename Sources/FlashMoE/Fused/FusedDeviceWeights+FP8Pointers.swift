@@ -71,7 +71,7 @@ extension FusedDeviceWeights {
     }
 
     /// `fp8Experts` from E4M3 codes: the codes copied device to device into each expert's image, the scales through
-    /// the host (read for all `count` experts at once: a DeepSeek-V3 layer's are 2.6 MB).
+    /// the host (read for all `count` experts at once: a DeepSeek-V3 layer's are 2.7 MB, from its shape).
     private static func fp8ExpertsFromCodes(
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int
     ) throws -> (w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>) {
@@ -87,20 +87,10 @@ extension FusedDeviceWeights {
         let w2 = try copier.buffer(bytes: e * bytes2)
         try w1.fill(byte: 0)
         try w2.fill(byte: 0)
-        let (gateField, upField) = p.firstLayer.isFused ? ("gate_up", "gate_up") : ("gate", "up")
+        try copier.copyFirstLayer(
+            p.firstLayer, into: w1, matrixBytes: bytes1, gated: gated, matrices: e, rows: i, rowBytes: h,
+            packRows: packRows, names: .experts, firstMatrix: first)
         for m in 0..<e {
-            let (gate, up) = p.firstLayer.rows(of: first + m, gated: gated, rows: i, rowBytes: h)
-            if gated, let up {
-                // fp8FirstSource's interleave: packed block b holds gate rows b·packRows … then the same up rows.
-                for block in 0..<(i + packRows - 1) / packRows {
-                    let r0 = block * packRows, bytes = min(packRows, i - r0) * h
-                    let at = m * bytes1 + block * 2 * packRows * h
-                    try copier.copy(to: w1, at: at, from: gate + UInt64(r0 * h), bytes: bytes, field: gateField)
-                    try copier.copy(to: w1, at: at + packRows * h, from: up + UInt64(r0 * h), bytes: bytes, field: upField)
-                }
-            } else {
-                try copier.copy(to: w1, at: m * bytes1, from: gate, bytes: i * h, field: gateField)
-            }
             try copier.copy(to: w2, at: m * bytes2, from: p.down + UInt64((first + m) * h * i), bytes: h * i, field: "down")
         }
         let copy = WeightPointers.deviceCopy(device)
@@ -140,10 +130,7 @@ extension WeightPointers {
             try device.makeCurrent()
             let result = device.driver.memcpyDtoH(into, from, bytes, nil)
             guard result == CUDA_SUCCESS else {
-                throw CUDAError.invalidArgument(
-                    "weights->\(field) (0x\(String(from, radix: 16))) could not be read as device memory of GPU "
-                        + "\(device.properties.ordinal) (\(device.driver.error(for: result, call: "cuMemcpyDtoH_v2"))): "
-                        + "pass a device pointer of that GPU holding the whole tensor")
+                throw DeviceCopier.unreadable(field, at: from, device: device, result: result, call: "cuMemcpyDtoH_v2")
             }
         }
     }

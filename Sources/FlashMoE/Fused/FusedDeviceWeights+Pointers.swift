@@ -217,38 +217,48 @@ struct DeviceCopier {
         return b
     }
 
-    /// A first layer as the kernel reads it: plain W1 as is; gated, gate and up rows interleaved in blocks of
-    /// `packRows` (see `FusedDeviceWeights.packGated`), the padding rows of a partial last block zero. `names`
-    /// gives the C fields, for error messages; the copy starts at matrix `firstMatrix` of `layer`.
+    /// A first layer as the kernel reads it, in a new buffer (`copyFirstLayer`, matrices back to back).
     func firstLayer(
         _ layer: WeightPointers.FirstLayer, gated: Bool, matrices: Int, rows: Int, rowBytes: Int, packRows: Int,
         names: FieldNames, firstMatrix: Int = 0
     ) throws -> DeviceBuffer<UInt8> {
-        let (gateName, upName) =
-            switch layer {
-            case .fused: (names.fused, names.fused)
-            case .separate: (names.gate, names.up)
-            }
-        guard gated else {
+        let matrixBytes = (gated ? (rows + packRows - 1) / packRows * 2 * packRows : rows) * rowBytes
+        let b = try buffer(bytes: matrices * matrixBytes)
+        if gated { try b.fill(byte: 0) }  // the padding rows of a partial last block
+        try copyFirstLayer(
+            layer, into: b, matrixBytes: matrixBytes, gated: gated, matrices: matrices, rows: rows, rowBytes: rowBytes,
+            packRows: packRows, names: names, firstMatrix: firstMatrix)
+        return b
+    }
+
+    /// Copies `matrices` matrices of a first layer, from matrix `firstMatrix` of `layer`, into `b` as the kernel
+    /// reads them, matrix m from byte m · `matrixBytes` on: plain W1 as is; gated, gate and up rows interleaved in
+    /// blocks of `packRows` (see `FusedDeviceWeights.packGated`). The padding rows of a partial last block are left
+    /// as `b` holds them. `names` gives the C fields, for error messages.
+    func copyFirstLayer(
+        _ layer: WeightPointers.FirstLayer, into b: DeviceBuffer<UInt8>, matrixBytes: Int, gated: Bool, matrices: Int,
+        rows: Int, rowBytes: Int, packRows: Int, names: FieldNames, firstMatrix: Int = 0
+    ) throws {
+        let (gateName, upName) = layer.isFused ? (names.fused, names.fused) : (names.gate, names.up)
+        if !gated && matrixBytes == rows * rowBytes {  // contiguous on both sides: one copy
             let (start, _) = layer.rows(of: firstMatrix, gated: false, rows: rows, rowBytes: rowBytes)
-            return try whole(from: start, bytes: matrices * rows * rowBytes, field: gateName)
+            return try copy(to: b, at: 0, from: start, bytes: matrices * matrixBytes, field: gateName)
         }
-        let blocks = (rows + packRows - 1) / packRows
-        let packedMatrixBytes = blocks * 2 * packRows * rowBytes
-        let b = try buffer(bytes: matrices * packedMatrixBytes)
-        try b.fill(byte: 0)
         for m in 0..<matrices {
-            let (gate, upRows) = layer.rows(of: firstMatrix + m, gated: true, rows: rows, rowBytes: rowBytes)
+            let (gate, upRows) = layer.rows(of: firstMatrix + m, gated: gated, rows: rows, rowBytes: rowBytes)
+            guard gated else {
+                try copy(to: b, at: m * matrixBytes, from: gate, bytes: rows * rowBytes, field: gateName)
+                continue
+            }
             guard let up = upRows else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
-            for block in 0..<blocks {
+            for block in 0..<(rows + packRows - 1) / packRows {
                 let first = block * packRows, bytes = min(packRows, rows - first) * rowBytes
-                let destination = m * packedMatrixBytes + block * 2 * packRows * rowBytes
+                let destination = m * matrixBytes + block * 2 * packRows * rowBytes
                 let offset = UInt64(first * rowBytes)
                 try copy(to: b, at: destination, from: gate + offset, bytes: bytes, field: gateName)
                 try copy(to: b, at: destination + packRows * rowBytes, from: up + offset, bytes: bytes, field: upName)
             }
         }
-        return b
     }
 
     /// Copies `bytes` from device address `source` (the weight `field`) into `buffer` at byte `offset`
@@ -263,10 +273,17 @@ struct DeviceCopier {
         try device.makeCurrent()
         let result = device.driver.memcpyDtoD(buffer.address + UInt64(offset), source, bytes, nil)
         guard result == CUDA_SUCCESS else {
-            let cause = device.driver.error(for: result, call: "cuMemcpyDtoD_v2")
-            throw CUDAError.invalidArgument(
-                "weights->\(field) (0x\(String(source, radix: 16))) could not be copied as device memory of GPU "
-                    + "\(device.properties.ordinal) (\(cause)): pass a device pointer of that GPU holding the whole tensor")
+            throw Self.unreadable(field, at: source, device: device, result: result, call: "cuMemcpyDtoD_v2")
         }
+    }
+
+    /// The error for a caller's pointer `address` (the weight `field`) that `call` could not read as device memory.
+    static func unreadable(_ field: String, at address: UInt64, device: CUDADevice, result: CUresult, call: String)
+        -> CUDAError
+    {
+        .invalidArgument(
+            "weights->\(field) (0x\(String(address, radix: 16))) could not be read as device memory of GPU "
+                + "\(device.properties.ordinal) (\(device.driver.error(for: result, call: call))): pass a device pointer "
+                + "of that GPU holding the whole tensor")
     }
 }
