@@ -409,7 +409,7 @@ def fp8() -> dict:
 
     import numpy as np
     import reference
-    from reference import quantize_blocks
+    from hf_models import codes_and_scales
 
     os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
     h, i, e, k, si = 512, 256, 16, 4, 128
@@ -426,11 +426,7 @@ def fp8() -> dict:
     bf16 = {"router": w["router"], "gate_up": gate_up, "down": w["down"], "shared_gate_up": w["shared_gate_up"],
             "shared_down": w["shared_down"]}
 
-    def codes(t):
-        c, s, _ = quantize_blocks(t.float().numpy())
-        return torch.from_numpy(c).view(torch.float8_e4m3fn), torch.from_numpy(s)
-
-    (gu, gus), (g, gs), (u, us), (d, ds) = codes(gate_up), codes(w["gate"]), codes(w["up"]), codes(w["down"])
+    (gu, gus), (g, gs), (u, us), (d, ds) = map(codes_and_scales, (gate_up, w["gate"], w["up"], w["down"]))
     fused = {**bf16, "gate_up": gu, "gate_up_scale": gus, "down": d, "down_scale": ds}
     shared_split = {"shared_gate_up": w["shared_gate_up"][:si], "shared_up": w["shared_gate_up"][si:]}
     separate = {"router": w["router"], "gate": g, "up": u, "down": d, "gate_scale": gs, "up_scale": us,
@@ -474,8 +470,7 @@ def fp8() -> dict:
 def fp8_patch() -> dict:
     import os
 
-    from hf_models import moe_blocks, tiny_model
-    from reference import quantize_blocks
+    from hf_models import make_fp8_experts, moe_blocks, tiny_model
 
     os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
     detail = {}
@@ -487,12 +482,7 @@ def fp8_patch() -> dict:
         with torch.no_grad():
             bf16 = model(ids).logits.float()
             for block in moe_blocks(model):
-                for name in ("gate_up_proj", "down_proj"):
-                    codes, scales, _ = quantize_blocks(getattr(block.experts, name).float().numpy())
-                    setattr(block.experts, name, torch.nn.Parameter(
-                        torch.from_numpy(codes).view(torch.float8_e4m3fn), requires_grad=False))
-                    setattr(block.experts, f"{name}_scale_inv", torch.nn.Parameter(
-                        torch.from_numpy(scales), requires_grad=False))
+                make_fp8_experts(block)
             names = flashmoe.patch(model)
             layer = model.get_submodule(names[0]).flashmoe
             cpu = model(ids).logits.float()

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "scripts"
 
 from check_transformers import FAMILIES, tiny_config_kwargs  # noqa: E402
 
-__all__ = ["FAMILIES", "tiny_model", "moe_blocks"]
+__all__ = ["FAMILIES", "tiny_model", "moe_blocks", "codes_and_scales", "make_fp8_experts"]
 
 
 def tiny_model(family: str, seed: int = 0, *, device: str = "cpu", dtype=None, **sizes):
@@ -45,3 +45,25 @@ def tiny_model(family: str, seed: int = 0, *, device: str = "cpu", dtype=None, *
 def moe_blocks(model) -> list:
     """The model's MoE blocks (modules with a router `gate` and `experts`)."""
     return [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+
+
+def codes_and_scales(t) -> tuple:
+    """A tensor [..., R, C] as float8_e4m3fn codes and float32 block scales [..., ⌈R/128⌉, ⌈C/128⌉], on the CPU, by
+    the library's rule (reference.quantize_blocks)."""
+    import torch
+    from reference import quantize_blocks
+
+    c, s, _ = quantize_blocks(t.detach().float().cpu().numpy())
+    return torch.from_numpy(c).view(torch.float8_e4m3fn), torch.from_numpy(s)
+
+
+def make_fp8_experts(block) -> None:
+    """Replaces a transformers 5 block's fused routed experts (`gate_up_proj`, `down_proj`) by float8 codes with
+    `*_scale_inv` block scales, as transformers' fine-grained FP8 holds them."""
+    import torch
+
+    experts = block.experts
+    for name in ("gate_up_proj", "down_proj"):
+        codes, scales = codes_and_scales(getattr(experts, name))
+        setattr(experts, name, torch.nn.Parameter(codes, requires_grad=False))
+        setattr(experts, f"{name}_scale_inv", torch.nn.Parameter(scales, requires_grad=False))

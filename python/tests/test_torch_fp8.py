@@ -13,14 +13,10 @@ import sys
 import unittest
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent.parent / "scripts"))
-
-from reference import quantize_blocks  # noqa: E402
 
 try:
     import torch
@@ -37,12 +33,7 @@ else:
     TRANSFORMERS_MISSING = ""
 
 import flashmoe  # noqa: E402
-
-
-def codes_and_scales(t) -> tuple:
-    """A bf16 tensor [..., R, C] as float8_e4m3fn codes and float32 block scales (the library's rule)."""
-    c, s, _ = quantize_blocks(t.float().numpy())
-    return torch.from_numpy(c).view(torch.float8_e4m3fn), torch.from_numpy(s)
+from hf_models import codes_and_scales, make_fp8_experts  # noqa: E402
 
 
 def dequantized(codes, scales) -> "torch.Tensor":
@@ -85,21 +76,12 @@ class HFFP8BlockTest(unittest.TestCase):
         model = tiny_model("deepseek_v3", seed=3, dtype=torch.bfloat16, inter=128)
         return model, moe_block(model)
 
-    @staticmethod
-    def make_fp8(block) -> None:
-        """Replaces the routed experts' bf16 matrices by float8 codes and `*_scale_inv` block scales."""
-        experts = block.experts
-        for name in ("gate_up_proj", "down_proj"):
-            codes, scales = codes_and_scales(getattr(experts, name).detach())
-            setattr(experts, name, torch.nn.Parameter(codes, requires_grad=False))
-            setattr(experts, f"{name}_scale_inv", torch.nn.Parameter(scales, requires_grad=False))
-
     def test_fused_fp8_experts(self):
         model, block = self.block()
         self.assertTrue(hasattr(block.experts, "gate_up_proj"), "transformers 5 holds the experts fused")
         x = torch.randn(23, model.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
         want = flashmoe.MoELayer.from_hf_block(block, model.config, precision="fp8")(x)
-        self.make_fp8(block)
+        make_fp8_experts(block)
         layer = flashmoe.MoELayer.from_hf_block(block, model.config)
         self.assertEqual(layer.config.precision, "fp8")
         self.assertTrue(torch.equal(layer(x), want), "FP8 experts differ from the same bf16 experts quantized")
@@ -126,13 +108,13 @@ class HFFP8BlockTest(unittest.TestCase):
             codes, scales = codes_and_scales(linear.weight.detach())
             linear.weight = torch.nn.Parameter(codes, requires_grad=False)
             linear.weight_scale_inv = torch.nn.Parameter(scales, requires_grad=False)
-        self.make_fp8(block)
+        make_fp8_experts(block)
         y = flashmoe.MoELayer.from_hf_block(block, model.config)(x)
         self.assertTrue(torch.equal(y, want))
 
     def test_patch_takes_fp8_blocks(self):
         model, block = self.block()
-        self.make_fp8(block)
+        make_fp8_experts(block)
         patched = flashmoe.patch(model)
         self.assertEqual(len(patched), 1)
         ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(7))
