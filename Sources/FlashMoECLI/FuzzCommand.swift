@@ -60,7 +60,8 @@ struct FuzzCommand: ReportingCommand {
     var compileOnly: String?
 
     @Flag(help: ArgumentHelp(
-        "Also draw fp8 layers (half of the shapes without ranks; the other cases stay those of the seed without it). "
+        "Also draw fp8 layers (half of the shapes, with ranks or without; the other cases stay those of the seed without "
+            + "it). "
             + "On the GPU it needs FLASHMOE_EXPERIMENTAL_FP8=1 (docs/fp8.md)."))
     var fp8 = false
 
@@ -235,10 +236,11 @@ struct FuzzTarget {
         cases.flatMap { c in [(c.config, 1)] + (c.shape.ranks.map { [(c.config, $0)] } ?? []) }
     }
 
-    /// The layers whose single-GPU kernel with storage rows the cases launch (`FuzzShape.storageRows`; a shape
-    /// with ranks launches it too, as the one rank its storage returns must equal).
-    static func storageRowKernels(of cases: [FuzzCase]) -> [MoEConfig] {
-        cases.filter(\.shape.storageRows).map(\.config)
+    /// The (layer, ranks) of every kernel with storage rows the cases launch (`FuzzShape.storageRows`): the
+    /// single-GPU one, and for a shape with ranks its ranks kernel with storage returns too (their one rank is the
+    /// single-GPU one with storage rows).
+    static func storageRowKernels(of cases: [FuzzCase]) -> [(MoEConfig, Int)] {
+        cases.filter(\.shape.storageRows).flatMap { c in [(c.config, 1)] + (c.shape.ranks.map { [(c.config, $0)] } ?? []) }
     }
 
     /// Whether `error` leaves the CUDA context unusable (a fault inside a kernel): later cases cannot run.

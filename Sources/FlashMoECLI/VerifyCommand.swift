@@ -28,6 +28,11 @@ struct VerifyCommand: ParsableCommand {
     var ranksOnly = false
 
     @Option(help: ArgumentHelp(
+        "Only compile the kernels the selected cases need for these architectures with NVRTC (no GPU needed), "
+            + "e.g. sm_90a; with --rank-devices, as if that many GPUs ran them.", valueName: "archs"))
+    var compileOnly: String?
+
+    @Option(help: ArgumentHelp(
         "Run the expert-parallel cases with one kernel launch on each of these GPUs (comma-separated ordinals, e.g. "
             + "0,1,2,3), adding every preset as that many ranks; cases with fewer ranks than GPUs are left out.",
         valueName: "ordinals"))
@@ -35,7 +40,10 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         var cases = ranksOnly ? [] : Verifier.standardCases(seed: seed)
-        var rankCases = skipRanks ? [] : Verifier.rankCases(seed: seed)
+        // The fp8 ranks cases need the experimental fp8 path (docs/fp8.md), as the fp8 one-GPU cases do.
+        var rankCases = skipRanks ? [] : Verifier.rankCases(seed: seed).filter {
+            $0.config.precision != .fp8 || FusedSpecialization.supportsFP8
+        }
         let gpus = try rankDevices.map(RankDevices.parse)
         if let gpus, !skipRanks {
             rankCases = rankCases.filter { $0.ranks >= gpus.count } + Verifier.presetRankCases(ranks: gpus.count, seed: seed)
@@ -44,19 +52,27 @@ struct VerifyCommand: ParsableCommand {
             cases = cases.filter { $0.name.contains(filter) }
             rankCases = rankCases.filter { $0.name.contains(filter) }
         }
+        // The kernels every case needs, compiled up front (and only these with --compile-only).
+        let storageRows = ranksOnly ? [] : Verifier.storageRowsCases.map(\.config)
+        let rankStorage = rankCases.filter(\.storageReturns).flatMap { c in [(c.config, 1), (c.config, c.ranks)] }
+        func precompile(arch: GPUArchitecture, limit: Int?) throws {
+            try Self.precompile(
+                (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)
+                    + (ranksOnly || !FusedSpecialization.supportsFP8 ? [] : [Verifier.fp8InTurnConfig]) + storageRows)
+                    .map { ($0, 1) },
+                arch: arch, sharedMemoryPerBlock: limit, storageRows: storageRows.map { ($0, 1) })
+            try Self.precompile(
+                rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: arch,
+                sharedMemoryPerBlock: limit, storageRows: rankStorage)
+        }
+        if let compileOnly {
+            for arch in try GPUArchitecture.parseList(compileOnly) { try precompile(arch: arch, limit: nil) }
+            return
+        }
         let gpu = try CUDADevice(ordinal: device, driver: try CUDADriver.shared.get())
         print("device \(device): \(gpu.properties.name), \(gpu.properties.multiprocessorCount) SMs, "
             + "\(gpu.properties.architecture)")
-        let limit = gpu.properties.sharedMemoryPerBlockOptIn
-        let storageRows = ranksOnly ? [] : Verifier.storageRowsCases.map(\.config)
-        try Self.precompile(
-            (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)
-                + (ranksOnly || !FusedSpecialization.supportsFP8 ? [] : [Verifier.fp8InTurnConfig]) + storageRows)
-                .map { ($0, 1) },
-            arch: gpu.properties.architecture, sharedMemoryPerBlock: limit, storageRows: storageRows)
-        try Self.precompile(
-            rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: gpu.properties.architecture,
-            sharedMemoryPerBlock: limit)
+        try precompile(arch: gpu.properties.architecture, limit: gpu.properties.sharedMemoryPerBlockOptIn)
 
         print(VerifyTable.header)
         var failures = 0
@@ -133,10 +149,11 @@ struct VerifyCommand: ParsableCommand {
     }
 
     /// `sharedMemoryPerBlock`: the GPU's opt-in limit (nil: the architecture's, from `ArchitectureLimits`);
-    /// `storageRows`: configs whose one-GPU kernel with storage rows (`FusedOptions.storageReturns`) is built too.
+    /// `storageRows`: (layer, ranks) whose kernel with storage rows (`FusedOptions.storageReturns`: one GPU's rows,
+    /// or the ranks' returns) is built too.
     static func precompile(
         _ configs: [(MoEConfig, Int)], arch: GPUArchitecture, sharedMemoryPerBlock: Int? = nil,
-        storageRows: [MoEConfig] = []
+        storageRows: [(MoEConfig, Int)] = []
     ) throws {
         let environment = ProcessEnvironment.current()
         let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
@@ -156,9 +173,10 @@ struct VerifyCommand: ParsableCommand {
                 unique.append(s.kernelSpec)
             }
         }
-        for c in storageRows {
+        for (c, ranks) in storageRows {
             if let spec = try? FusedSpecialization(
-                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, returnStorage: true
+                config: c, arch: target.arch, sharedMemoryPerBlock: target.sharedMemoryPerBlock, ranks: ranks,
+                returnStorage: true
             ).kernelSpec, !unique.contains(spec) {
                 unique.append(spec)
             }

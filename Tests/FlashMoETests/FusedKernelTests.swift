@@ -15,15 +15,31 @@ import Testing
         #expect(throws: Never.self) { try FusedSpecialization(config: c, ranks: 8) }
     }
 
-    /// fp8 runs on one GPU: the ranks' receive buffers hold BF16 rows, and its kernel quantizes x per token in the
-    /// gate phase (phase_fp8.cuh). Refused with or without FLASHMOE_EXPERIMENTAL_FP8.
-    @Test func fp8WithRanksIsRefused() throws {
-        let c = MoEConfig(hiddenSize: 256, intermediateSize: 128, experts: 8, topK: 2, precision: .fp8)
-        let arch = try GPUArchitecture(parsing: "sm_90a")
-        #expect {
-            try FusedSpecialization(config: c, arch: arch, ranks: 2)
-        } throws: { error in
-            "\(error)".contains("one GPU only") && "\(error)".contains("ranks = 1")
+    /// The fp8 compile tests' layers: gated with a shared expert, and plain with a bias (H and I not powers of two).
+    static let fp8Gated = MoEConfig(
+        hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated, activation: .silu,
+        sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
+    static let fp8Plain = MoEConfig(
+        hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true, activation: .gelu, precision: .fp8)
+
+    /// fp8 with ranks (expert parallelism): the sources send x's E4M3 codes and scales (phase_dispatch.cuh), so the
+    /// ranks kernel of sm_90a (cp.async wgmma tiles: the TMA engine is one GPU's) and of sm_89 (mma.sync) builds at
+    /// 2 and 8 ranks, gated with a shared expert and plain with a bias, with no spills in either entry point.
+    @Test(.enabled(if: TestEnvironment.nvrtc != nil, TestEnvironment.nvrtcReason), arguments: ["sm_89", "sm_90a"])
+    func fp8RanksCompileWithoutSpills(arch: String) throws {
+        let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
+        let target = try GPUArchitecture(parsing: arch)
+        let (gated, plain) = (Self.fp8Gated, Self.fp8Plain)
+        for (config, ranks) in [(gated, 2), (plain, 8)] {
+            let spec = try FusedSpecialization(config: config, arch: target, ranks: ranks, experimentalFP8: true)
+            #expect(!spec.tmaEngine, "ranks run the cp.async tiles")
+            #expect(spec.kernelSpec.defines["FMOE_RANKS"] == "\(ranks)")
+            let k = try compiler.compile(spec.kernelSpec, arch: target, sources: .embedded)
+            for name in [FusedSpecialization.kernelName, FusedSpecialization.ranksKernelName] {
+                let usage = try #require(k.resources.first { $0.name == name })
+                #expect(usage.spillStoreBytes == 0 && usage.spillLoadBytes == 0,
+                        "fp8 R=\(ranks) spills \(usage.spillStoreBytes) B in \(name) on \(arch)")
+            }
         }
     }
 
@@ -127,10 +143,7 @@ import Testing
     func fp8CompilesWithoutSpills(arch: String) throws {
         let compiler = KernelCompiler(backend: TestEnvironment.nvrtc!, cache: nil)
         let target = try GPUArchitecture(parsing: arch)
-        let gated = MoEConfig(hiddenSize: 256, intermediateSize: 192, experts: 8, topK: 2, ffn: .gated,
-                              activation: .silu, sharedExpert: SharedExpertConfig(intermediateSize: 64), precision: .fp8)
-        let plain = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 4, bias: true,
-                              activation: .gelu, precision: .fp8)
+        let (gated, plain) = (Self.fp8Gated, Self.fp8Plain)
         // The largest k with a shared expert: its combine keeps the most loads in flight (at 256 rows it spilled 8 B
         // until phase_combine.cuh's combine_cols capped them).
         let widest = MoEConfig(hiddenSize: 512, intermediateSize: 64, experts: 16, topK: 16, ffn: .gated,

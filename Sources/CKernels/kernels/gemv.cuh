@@ -15,9 +15,9 @@
 // tile's [row][column] FP32 block for the tile's own epilogue. Every sum has one fixed order: the same bits every
 // run. fp8 (e4m3 m16n8k32) promotes each 128-wide K block with its two scales like the tile engines (fp8.cuh).
 //
-// The choice depends on the expert's global row count, which ranks and one rank share (rows of an expert are the
-// same in both), so ranks keep one rank's bits; on one GPU also on the launch's routed rows (FMOE_GEMV_LAUNCH_ROWS
-// below). The shared expert (its rows are a rank's tokens) never takes this path.
+// The choice depends on the expert's global row count and the launch's routed rows over every rank
+// (FMOE_GEMV_LAUNCH_ROWS below), which ranks and one rank share, so ranks keep one rank's bits. The shared expert
+// (its rows are a rank's tokens) never takes this path.
 #pragma once
 #include "moe_params.cuh"
 #include "fp8.cuh"
@@ -50,17 +50,16 @@ constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UN
 // 8 rows took 18.6 % of the expert phase's block time as GEMVs (about 13 GB/s an SM, from their weights' bytes and
 // the traced time, against the GEMM0 tiles' 43). 2,048 = 256 tokens at k = 8, the prefill kernel's first launch
 // size (FusedPrefillEngine). The rule reads only the launch's routing, which every kernel of the operator shares,
-// so the prefill kernels (TMA, 128 or 256 rows, and the cp.async tiles) keep one another's bits. Ranks keep the
-// rows-only rule (a rank's task space holds only its own experts; see the top of this file).
+// so the prefill kernels (TMA, 128 or 256 rows, and the cp.async tiles) keep one another's bits. Ranks count every
+// rank's kept rows (launch_rows, task_space.cuh), not only their own experts', so they choose as one rank does.
 #ifndef FMOE_GEMV_LAUNCH_ROWS
 #define FMOE_GEMV_LAUNCH_ROWS 2048
 #endif
 
 // Whether routed expert x's tiles run as GEMVs: at most GEMV_TOKENS rows, in a launch of fewer than
-// FMOE_GEMV_LAUNCH_ROWS routed rows on one GPU (block-uniform).
+// FMOE_GEMV_LAUNCH_ROWS routed rows (block-uniform).
 FMOE_DEVICE bool gemv_expert(const Layout &L, int x) {
-    return GEMV_ON && !is_shared(L, x) && rows_of(L, x) <= GEMV_TOKENS &&
-           (RANKS > 1 || L.row_start[L.xs - 1] < FMOE_GEMV_LAUNCH_ROWS);
+    return GEMV_ON && !is_shared(L, x) && rows_of(L, x) <= GEMV_TOKENS && launch_rows(L) < FMOE_GEMV_LAUNCH_ROWS;
 }
 
 #if FMOE_PREC >= 2
@@ -231,9 +230,15 @@ FMOE_DEVICE void gemv_operands(const Params &p, const Layout &L, int gemm, int x
     if (r == 0) op.rows = gemm == 0 ? N0 : H;
 #if FMOE_PREC == 4
     // E4M3 codes and scales: x's by token, h's by row; the expert's image of W1 or W2 (codes, then scales).
-    const size_t a_row = gemm == 0 ? (size_t)(in ? p.row_token[row] : 0) : row;
-    op.a[r] = in ? (const char *)((gemm == 0 ? p.xq : p.hq) + a_row * (gemm == 0 ? H : I)) : nullptr;
-    op.a_scale[r] = in ? (gemm == 0 ? p.xq_scale : p.hq_scale) + a_row * (gemm == 0 ? KB_H : KB_I) : nullptr;
+    if (RANKS > 1 && gemm == 0) {
+        // Ranks: the rows this owner received, codes then scales (x_codes, moe_params.cuh).
+        op.a[r] = in ? (const char *)x_codes(p, (int)row) : nullptr;
+        op.a_scale[r] = in ? x_scales(p, (int)row) : nullptr;
+    } else {
+        const size_t a_row = gemm == 0 ? (size_t)(in ? p.row_token[row] : 0) : row;
+        op.a[r] = in ? (const char *)((gemm == 0 ? p.xq : p.hq) + a_row * (gemm == 0 ? H : I)) : nullptr;
+        op.a_scale[r] = in ? (gemm == 0 ? p.xq_scale : p.hq_scale) + a_row * (gemm == 0 ? KB_H : KB_I) : nullptr;
+    }
     if (r == 0) {  // the matrix: one writer
         op.w = gemm == 0 ? (const char *)p.w1 + (size_t)x * W1_EXPERT_BYTES
                          : (const char *)p.w2 + (size_t)x * W2_EXPERT_BYTES;

@@ -147,7 +147,9 @@ constexpr int G0 = (N0 + 63) / 64, G1 = (H + 63) / 64;
 constexpr size_t W1_CODES = round16((size_t)N0 * H), W1_EXPERT_BYTES = round16(W1_CODES + (size_t)G0 * KB_H * 4);
 constexpr size_t W2_CODES = round16((size_t)H * I), W2_EXPERT_BYTES = round16(W2_CODES + (size_t)G1 * KB_I * 4);
 static_assert(EBN == 128, "the fp8 weight layout has two 64-row granules per tile");
-static_assert(FMOE_RANKS == 1, "precision fp8 runs on one GPU: the ranks' receive buffers hold BF16 rows, not E4M3 codes");
+// Ranks: an owner's receive row of x holds the source's E4M3 codes (H bytes), then their KB_H FP32 scales, in the
+// bytes of a BF16 row (phase_dispatch.cuh sends them; x_codes and x_scales below read them).
+static_assert(H % 16 == 0 && H + 4 * KB_H <= H * (int)sizeof(T), "an fp8 receive row holds H codes and KB_H scales");
 #endif
 constexpr int NTE = (EG + GBN - 1) / GBN;
 constexpr int RING_GROUP = 8;        // GEMM1 row blocks scheduled together (see expert_phase)
@@ -213,6 +215,7 @@ struct Sync {
     u64 done_epoch;  // ranks: = epoch once every block of this rank finished the launch (read by peers; the
                      // rank's device epoch: its next launch runs epoch done_epoch + 1)
     u64 epoch;       // one GPU: the last finished launch's epoch (the device epoch; 0 after a wrap)
+    int xq_ready;    // ranks, fp8: this rank's blocks that quantized their share of x (dispatch sends the codes)
 };
 static_assert(sizeof(Sync) <= 256, "the host reserves 256 bytes of control memory per Sync");
 
@@ -358,6 +361,20 @@ FMOE_DEVICE void store_y4(const Params &p, size_t i, float4 v) {
     if (sizeof(T) < 4 && p.y_storage) store4((T *)p.y + i, v.x, v.y, v.z, v.w);
     else *(float4 *)((float *)p.y + i) = v;
 }
+
+#if FMOE_PREC == 4
+// Routed row `row` (a global row of the task space) of x as GEMM0 reads it, E4M3 codes and their KB_H scales. One
+// GPU: its token's row of xq (`valid` false: token 0's, never read); ranks: the row this owner received (codes,
+// then scales; dispatch_rows).
+FMOE_DEVICE const unsigned char *x_codes(const Params &p, int row, bool valid = true) {
+    if (RANKS > 1) return (const unsigned char *)(p.peers[p.rank].recv + (size_t)(valid ? row : 0) * H);
+    return p.xq + (size_t)(valid ? p.row_token[row] : 0) * H;
+}
+FMOE_DEVICE const float *x_scales(const Params &p, int row) {
+    if (RANKS > 1) return (const float *)(x_codes(p, row) + H);
+    return p.xq_scale + (size_t)p.row_token[row] * KB_H;
+}
+#endif
 
 // Token t waits for `contributions` expert rows (its kept pairs and the shared expert): its count target, its
 // arrivals reset, and y written as zeros now when nothing will contribute (placement and the ranks' dispatch).

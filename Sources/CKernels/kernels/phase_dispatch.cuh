@@ -10,6 +10,9 @@ namespace fmoe {
 // other GPUs).
 FMOE_DEVICE void publish_counts(const Params &p, int rb_max) {
     for (int i = FMOE_TID; i < rb_max; i += THREADS) { p.done0[i] = 0; p.done1[i] = 0; }
+#if FMOE_PREC == 4
+    for (int i = FMOE_TID; i < rb_max * KB_I; i += THREADS) p.hq_done[i] = 0;  // h's group counts (phase_experts.cuh)
+#endif
     for (int i = FMOE_TID; i < E; i += THREADS) p.rows_sent[i] = 0;
     if (FMOE_TID == 0) {
         p.sync->ticket = 0;
@@ -72,13 +75,18 @@ FMOE_DEVICE bool rank_layout(const Params &p, Layout &L) {
     sync_block();
     const int first = rank_first(p.rank), local = rank_first(p.rank + 1) - first;
     if (FMOE_TID == 0) {
+        int all = 0;
         for (int q = 0; q < RANKS; ++q) {
             int row = 0;
             for (int e = rank_first(q); e < rank_first(q + 1); ++e) {
                 L.owner_row_start[e] = row;
                 row += L.kept_total[e];
             }
+            all += row;
         }
+#if FMOE_RANKS > 1
+        L.global_rows = all;
+#endif
         L.xs = local + 1;
     }
     task_space(local, p.tokens, [&](int x) { return L.kept_total[first + x]; }, L.row_start, L.rb_start,
@@ -123,11 +131,13 @@ FMOE_DEVICE void publish_rows(const Params &p, int e, int rows) {
     st_relaxed_sys_u64(&p.peers[q].row_flags[p.rank * E_LOCAL_MAX + (e - rank_first(q))], (p.epoch << 32) | (u64)rows);
 }
 
-// Ranks: copies one row (H elements) with every lane's loads in flight before its stores: a plain copy loop
-// would wait out a full memory round trip per 512 bytes (the compiler cannot batch through possibly aliasing
+// Ranks: copies one row (BYTES, a multiple of 16) with every lane's loads in flight before its stores: a plain copy
+// loop would wait out a full memory round trip per 512 bytes (the compiler cannot batch through possibly aliasing
 // pointers), which made dispatch latency-bound.
+template <int BYTES>
 FMOE_DEVICE void copy_row(uint4 *dst, const uint4 *src, int lane) {
-    constexpr int V = H * (int)sizeof(T) / 16;  // 16-byte vectors per row
+    static_assert(BYTES % 16 == 0, "rows are copied in 16-byte vectors");
+    constexpr int V = BYTES / 16;  // 16-byte vectors per row
     constexpr int BATCH = 8;                    // vectors per lane in flight
     for (int v0 = 0; v0 < V; v0 += 32 * BATCH) {
         uint4 r[BATCH];
@@ -142,6 +152,18 @@ FMOE_DEVICE void copy_row(uint4 *dst, const uint4 *src, int lane) {
             if (v < V) dst[v] = r[b];
         }
     }
+}
+
+// Ranks: token t's row into row `row` of the owner's receive buffer `recv`, by one warp: x as it is, or (fp8) its
+// E4M3 codes and then their scales as the gate phase quantized them (xq, xq_scale), half the bytes of a BF16 row.
+FMOE_DEVICE void send_row(const Params &p, T *recv, int row, int t, int lane) {
+    unsigned char *dst = (unsigned char *)(recv + (size_t)row * H);
+#if FMOE_PREC == 4
+    copy_row<H>((uint4 *)dst, (const uint4 *)(p.xq + (size_t)t * H), lane);
+    for (int g = lane; g < KB_H; g += 32) ((float *)(dst + H))[g] = p.xq_scale[(size_t)t * KB_H + g];
+#else
+    copy_row<H * (int)sizeof(T)>((uint4 *)dst, (const uint4 *)(p.x + (size_t)t * H), lane);
+#endif
 }
 
 // Ranks: dispatch, step 1 (per token tile): each token's global slots, target and pending count, zeros for a
@@ -197,6 +219,14 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
         for (int e = FMOE_TID; e < E; e += THREADS)
             if (kept_after(p, L.before_me[e], p.expert_load[e]) == 0) publish_rows(p, e, 0);
     for (int e = FMOE_TID; e < E; e += THREADS) rows[e] = 0;
+#if FMOE_PREC == 4
+    // fp8: the rows sent are x's codes, which every block of this rank quantized in the gate phase and counted on
+    // xq_ready after a system-scope fence (phase_gate.cuh); acquire them all before the first copy or put.
+    if (FMOE_TID == 0 && !wait_at_least(&p.sync->xq_ready, ctas(), p.err, p.budget_ns, FMOE_PHASE_XQ, ctas(), p.rank))
+        ok = 0;
+    sync_block();
+    if (!ok) return false;  // block-uniform: one shared answer
+#endif
     sync_block();
     for (int c = cta(); c < chunks; c += ctas()) {
         const int i = c * DISPATCH_CHUNK + (int)FMOE_TID;
@@ -226,13 +256,20 @@ FMOE_DEVICE bool dispatch_rows(const Params &p, const Layout &L, char *smem) {
             if (nv_remote(p.peers[p.rank].sync, owner_of(expert[k]))) {
                 // A remote owner: the row and its origin as puts, completed below before the chunk is counted.
                 const int q = owner_of(expert[k]);
+#if FMOE_PREC == 4
+                // fp8: the codes, then their scales (send_row's layout).
+                unsigned char *dst = (unsigned char *)(o.recv + (size_t)row * H);
+                nv_put_row_warp(dst, p.xq + (size_t)(pair / K) * H, (size_t)H, q);
+                nv_put_row_warp(dst + H, p.xq_scale + (size_t)(pair / K) * KB_H, (size_t)KB_H * 4, q);
+#else
                 nv_put_row_warp(o.recv + (size_t)row * H, p.x + (size_t)(pair / K) * H, (size_t)H * sizeof(T), q);
+#endif
                 if (lane == 0) nvshmem_int_p(&o.row_origin[row], (p.rank << PAIR_BITS) | pair, q);
                 sent_remote = true;
                 continue;
             }
 #endif
-            copy_row((uint4 *)(o.recv + (size_t)row * H), (const uint4 *)(p.x + (size_t)(pair / K) * H), lane);
+            send_row(p, o.recv, row, pair / K, lane);
             if (lane == 0) o.row_origin[row] = (p.rank << PAIR_BITS) | pair;
         }
 #if FMOE_NVSHMEM

@@ -105,6 +105,15 @@ FMOE_DEVICE bool gate_phase(const Params &p, char *smem, Layout &L) {
     // Every block, while the last route tasks and the scan finish (GEMM0 reads it after the barrier); the decode
     // prefix's routing block quantized it already.
     if (!decode_prefix(p)) quantize_x_fp8(p, cta(), ctas());
+    if (RANKS > 1) {
+        // Ranks: dispatch sends these codes to their owners once every block of the rank has counted its share
+        // (dispatch_rows waits for xq_ready). System scope: an NVSHMEM put may hand them to a NIC.
+        sync_block();
+        if (FMOE_TID == 0) {
+            fence_sys();
+            atomicAdd(&p.sync->xq_ready, 1);
+        }
+    }
 #endif
     // Everyone needs the scan before placing tokens.
     __shared__ int ok;

@@ -55,6 +55,7 @@ FMOE_DEVICE void forward(const Params &p, char *smem) {
             p.sync->gate_ticket = 0;
             p.sync->tiles_done = 0;
             p.sync->exit_count = 0;
+            p.sync->xq_ready = 0;  // fp8: every block of the rank has passed its dispatch wait
             for (int i = 0; i < (p.tokens + BT - 1) / BT; ++i) p.tile_done[i] = 0;
             fence_sys();
             st_relaxed_sys_u64(&p.sync->done_epoch, p.epoch);

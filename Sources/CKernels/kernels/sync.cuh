@@ -35,6 +35,7 @@ struct ErrorRecord {
 #define FMOE_PHASE_PEER_DONE 8u  // waiting for a peer to finish the previous launch (index = that rank)
 #define FMOE_PHASE_TILES 9u      // waiting for this rank's token tiles to be prepared (index = tile, or tile count)
 #define FMOE_PHASE_GATE 10u      // a route task waiting for its token tile's gate tasks (index = tile)
+#define FMOE_PHASE_XQ 11u        // ranks, fp8: dispatch waiting for the rank's blocks to quantize x (index = blocks)
 
 // The abort flag may be raised by a rank on another GPU: a volatile load (relaxed, system scope) sees it.
 FMOE_DEVICE bool aborted(const ErrorRecord *err) {

@@ -16,9 +16,20 @@ struct Layout {
     int before_me[RANKS > 1 ? E : 1];
     int kept_total[RANKS > 1 ? E : 1];
     int owner_row_start[RANKS > 1 ? E : 1];
+#if FMOE_RANKS > 1
+    int global_rows;  // every rank's kept rows: the routed rows one rank would have (launch_rows)
+#endif
 };
 
 FMOE_DEVICE bool is_shared(const Layout &L, int x) { return x == L.xs - 1; }
+// The launch's routed rows as one rank counts them: the task space's routed rows, or with ranks every rank's.
+FMOE_DEVICE int launch_rows(const Layout &L) {
+#if FMOE_RANKS > 1
+    return L.global_rows;
+#else
+    return L.row_start[L.xs - 1];
+#endif
+}
 FMOE_DEVICE int rows_of(const Layout &L, int x) { return is_shared(L, x) ? 0 : L.row_start[x + 1] - L.row_start[x]; }
 // The rows task-space expert x computes in this launch: every token for the shared expert, else its kept rows.
 FMOE_DEVICE int task_rows(const Params &p, const Layout &L, int x) {

@@ -173,7 +173,9 @@ public final class DistributedMoE: @unchecked Sendable {
     /// The bytes each rank moved in a forward with these routings (from `forward`'s outputs).
     public func traffic(of outputs: [MoEOutput]) -> [RankTraffic] {
         let c = layer.config
-        let element = c.precision.storage.byteSize
+        // A dispatched row: x in the storage type, or (fp8) its E4M3 codes and one FP32 scale a 128-channel group.
+        let rowBytes = c.precision == .fp8
+            ? c.hiddenSize + (c.hiddenSize + 127) / 128 * 4 : c.hiddenSize * c.precision.storage.byteSize
         return outputs.enumerated().map { r, out in
             var remote = 0
             for (e, slot) in zip(out.routing.expertIDs, out.routing.slots) where e >= 0 && slot >= 0 {
@@ -182,7 +184,7 @@ public final class DistributedMoE: @unchecked Sendable {
             let remoteExperts = c.experts - placement.experts(of: r).count
             let gather = (placement.ranks - 1) * (c.experts * 4 + 8)
             return RankTraffic(
-                rank: r, remoteRows: remote, dispatchBytes: remote * c.hiddenSize * element,
+                rank: r, remoteRows: remote, dispatchBytes: remote * rowBytes,
                 returnBytes: remote * c.hiddenSize * specialization.returnElementBytes,
                 signalBytes: remoteExperts * 8 + gather + remote * 4)
         }

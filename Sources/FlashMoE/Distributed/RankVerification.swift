@@ -117,6 +117,37 @@ extension Verifier {
             // 2100 of them, more than 128 per block of its own, so its partial logits must be sized globally.
             RankVerificationCase(name: "one rank 2100 of 4096 tokens, R=8", config: bigRank,
                                  tokensPerRank: [2100, 285, 285, 285, 285, 285, 285, 286], seed: seed &+ 7),
+        ] + fp8RankCases(seed: seed)
+    }
+
+    /// The fp8 ranks cases (docs/fp8.md): the sources send x's E4M3 codes and scales, and the ranks must equal one
+    /// fp8 rank bit for bit (the TMA kernel on sm_90a, whose bits equal the ranks' cp.async tiles). Qwen3-30B-A3B at
+    /// 1,600 and 2,400 routed rows (below and above the GEMV rule's 2,048: its experts of at most 8 rows run as GEMVs
+    /// in the first only, as one rank's do), a sigmoid router with a shared expert and an empty rank (also over 2
+    /// launches), bf16 returns, and capacity drops. `flashmoe verify` leaves them out while fp8 is off.
+    public static func fp8RankCases(seed: UInt64 = 1) -> [RankVerificationCase] {
+        var qwen = Preset.qwen3_30bA3b.config
+        qwen.precision = .fp8
+        let deepseekish = MoEConfig(
+            hiddenSize: 256, intermediateSize: 80, experts: 30, topK: 4, ffn: .gated, activation: .silu,
+            router: .deepSeek(groups: 6, groupsKept: 3, scalingFactor: 2.5),
+            sharedExpert: SharedExpertConfig(intermediateSize: 104), precision: .fp8)
+        var capped = MoEConfig(hiddenSize: 384, intermediateSize: 208, experts: 16, topK: 2, bias: true,
+                               activation: .gelu, precision: .fp8)
+        capped.capacity = .factor(1.0)
+        return [
+            RankVerificationCase(name: "fp8 qwen3 R=8, GEMV experts", config: qwen,
+                                 tokensPerRank: [30, 41, 25, 0, 50, 7, 30, 17], seed: seed &+ 20),
+            RankVerificationCase(name: "fp8 qwen3 R=4, 300 tokens", config: qwen, tokensPerRank: [100, 0, 120, 80],
+                                 seed: seed &+ 21),
+            RankVerificationCase(name: "fp8 sigmoid+shared R=4, one empty", config: deepseekish,
+                                 tokensPerRank: [70, 64, 0, 123], seed: seed &+ 22),
+            RankVerificationCase(name: "fp8 sigmoid+shared R=4, 2 launches", config: deepseekish,
+                                 tokensPerRank: [70, 64, 0, 123], seed: seed &+ 22, repeats: 3, launches: 2),
+            RankVerificationCase(name: "fp8 R=2, bf16 returns", config: deepseekish, tokensPerRank: [150, 107],
+                                 seed: seed &+ 23, storageReturns: true),
+            RankVerificationCase(name: "fp8 capacity 1.0, R=4", config: capped, tokensPerRank: [100, 80, 60, 60],
+                                 seed: seed &+ 24),
         ]
     }
 

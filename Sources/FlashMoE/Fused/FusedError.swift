@@ -6,6 +6,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
     /// Where the wait was.
     public enum Phase: UInt32, Sendable, Hashable {
         case scan = 1, barrier = 2, task = 3, dispatch = 4, combine = 6, counts = 7, peerDone = 8, tiles = 9, gate = 10
+        case xCodes = 11
 
         var what: String {
             switch self {
@@ -18,6 +19,7 @@ public struct FusedKernelError: Error, Sendable, Hashable, CustomStringConvertib
             case .peerDone: "a peer rank to finish the previous launch"
             case .tiles: "this rank's token tiles to be prepared for dispatch"
             case .gate: "a token tile's router logits (every gate task of the tile), to route it"
+            case .xCodes: "every block of this rank to quantize its share of x to E4M3 (fp8 dispatch)"
             }
         }
     }

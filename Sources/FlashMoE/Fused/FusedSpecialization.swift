@@ -124,14 +124,10 @@ public struct FusedSpecialization: Sendable, Hashable {
         guard config.router.groups <= 128 else {
             throw fail("the GPU kernel supports up to 128 router groups; got \(config.router.groups)")
         }
-        // FP8 (docs/fp8.md): refused with ranks (the owners' receive buffers carry BF16 rows, not E4M3 codes) and on
-        // targets without an fp8 engine, then off unless FLASHMOE_EXPERIMENTAL_FP8=1 until it is fast (it meets its
-        // GPU tolerance: docs/fp8.md, Tolerances).
+        // FP8 (docs/fp8.md): refused on targets without an fp8 engine, then off unless FLASHMOE_EXPERIMENTAL_FP8=1
+        // until it is fast (it meets its GPU tolerance: docs/fp8.md, Tolerances). With ranks the sources send x's
+        // E4M3 codes and scales (phase_dispatch.cuh).
         if config.precision == .fp8 {
-            guard ranks == 1 else {
-                throw fail(
-                    "precision fp8 on the GPU runs on one GPU only: expert parallelism sends BF16 rows, not E4M3 codes (docs/fp8.md); use ranks = 1, or --precision bf16 with ranks")
-            }
             guard Self.hasFP8Engine(arch) else {
                 throw fail(
                     "precision fp8 runs on sm_90a (Hopper, wgmma) and sm_89 (Ada, mma.sync) only; the target is \(arch) (docs/fp8.md): run fp8 on the CPU backends or use --precision bf16")

@@ -32,9 +32,9 @@ public struct FuzzShape: Sendable, Hashable {
 
     /// Shape `index` (0..<poolSize) of run `seed`: a pure function of the three.
     ///
-    /// - Parameter fp8: also draw fp8 shapes (docs/fp8.md): half of the shapes without ranks, on a random stream of
-    ///   their own, become precision fp8 with H and I multiples of 16 (the GPU's E4M3 rows); fp8 runs on one GPU.
-    ///   Without it every shape is the one earlier runs of the seed drew.
+    /// - Parameter fp8: also draw fp8 shapes (docs/fp8.md): half of the shapes, with ranks or without, on a random
+    ///   stream of their own, become precision fp8 with H and I multiples of 16 (the GPU's E4M3 rows). Without it
+    ///   every shape is the one earlier runs of the seed drew.
     public init(seed: UInt64, index: Int, fp8: Bool = false) {
         var r = FuzzRandom(seed, UInt64(index), 0x5A_A9E)
         // The pool is stratified by index so every seed has every kind: of each 8 shapes, one with a real H, one
@@ -47,7 +47,7 @@ public struct FuzzShape: Sendable, Hashable {
         // so a seed's other cases stay the same either way.
         var precision = r.pick([Precision.fp32, .tf32, .bf16, .fp16])
         var q = FuzzRandom(seed, UInt64(index), 0xF8)
-        if fp8 && wantedRanks == nil && q.chance(0.5) { precision = .fp8 }
+        if fp8 && q.chance(0.5) { precision = .fp8 }
         let ffn: FFNKind = r.chance(0.5) ? .gated : .plain
         let bias = ffn == .plain && r.chance(0.4)
         let activation = r.pick(Activation.allCases)

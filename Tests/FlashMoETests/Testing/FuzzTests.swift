@@ -43,13 +43,15 @@ import Testing
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
     }
 
-    /// `--fp8` turns half of the shapes without ranks into fp8 ones the GPU can run (H and I multiples of 16, one
-    /// GPU) and leaves every other case of the seed as it was.
+    /// `--fp8` turns half of the shapes, with ranks and without, into fp8 ones the GPU can run (H and I multiples of
+    /// 16) and leaves every other case of the seed as it was.
     @Test func fp8ShapesComeOnlyWhenAskedAndLeaveTheOthers() throws {
         let withFP8 = (0..<3000).map { FuzzCase(seed: 1, index: $0, fp8: true) }
         let fp8 = withFP8.filter { $0.config.precision == .fp8 }
         #expect(fp8.count > 300)
-        #expect(fp8.allSatisfy { $0.shape.ranks == nil && $0.config.hiddenSize % 16 == 0 && $0.config.intermediateSize % 16 == 0 })
+        #expect(fp8.allSatisfy { $0.config.hiddenSize % 16 == 0 && $0.config.intermediateSize % 16 == 0 })
+        #expect(fp8.contains { $0.shape.ranks != nil } && fp8.contains { $0.shape.ranks == nil })
+        #expect(fp8.contains { $0.shape.ranks != nil && $0.shape.storageRows })
         #expect(Set(fp8.map(\.shape.size)) == Set(FuzzShape.Size.allCases))
         #expect(fp8.contains { $0.config.ffn == .gated } && fp8.contains { $0.config.ffn == .plain })
         #expect(fp8.contains { $0.config.sharedExpert != nil })
