@@ -32,12 +32,13 @@ from . import _lib
 from .config import MoEConfig
 from .native_group import AllGather, NativeGroup, expert_range
 from .torch_op import _TORCH_DTYPES, _raw_stream, tensor_info
-from ._checks import check_forward
+from ._checks import SCALE_NAMES, check_forward
 
 __all__ = ["MoEGroupLayer", "expert_range", "shard_weights", "torch_allgather"]
 
-#: The per-expert weights (first dimension E); the router, selection bias and shared expert are not split.
-PER_EXPERT = ("gate_up", "gate", "up", "down", "b1", "b2")
+#: The per-expert weights (first dimension E), FP8 block scales included; the router, selection bias and shared
+#: expert are not split.
+PER_EXPERT = ("gate_up", "gate", "up", "down", "b1", "b2") + SCALE_NAMES
 
 
 def torch_allgather(group=None, device: torch.device | None = None) -> AllGather:
@@ -61,7 +62,8 @@ def torch_allgather(group=None, device: torch.device | None = None) -> AllGather
 
 def shard_weights(config: MoEConfig, weights: Mapping[str, torch.Tensor], rank: int | None = None,
                   world_size: int | None = None, group=None) -> dict[str, torch.Tensor]:
-    """This rank's shard of full weights: the per-expert tensors (gate_up or gate + up, down, b1, b2) cut to
+    """This rank's shard of full weights: the per-expert tensors (gate_up or gate + up, down, b1, b2, and an fp8
+    layer's block scales) cut to
     `expert_range(E, world_size, rank)` along their first dimension (contiguous views), the others unchanged.
     `rank` and `world_size` default to torch.distributed's for `group`."""
     rank = dist.get_rank(group) if rank is None else rank

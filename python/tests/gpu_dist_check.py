@@ -8,7 +8,8 @@ GEMM, which changes the logits' rounding; reported and then compared within the 
 Cases: bf16 gated softmax from each rank's shard; fp32 plain FFN with biases from full weights and E not divisible
 by the ranks; float32 output; an empty rank; capacity drops by global token order; bf16 returns (same routing, y
 within 1e-2, its error printed); 20 calls back to back, counts given and all-gathered alike; 5 tokens (the decode
-gate: gate split 0); the forward captured in a torch.cuda.CUDAGraph and replayed with new inputs, each replay
+gate: gate split 0); fp8 from bf16 experts and from E4M3 codes with block scales (FLASHMOE_EXPERIMENTAL_FP8=1 is
+set here); the forward captured in a torch.cuda.CUDAGraph and replayed with new inputs, each replay
 bitwise equal to an eager call; a rank that stops calling (every rank gets FlashMoEKernelError "gave up waiting"
 within the wait budget + 30 s, then closes); a rank with another config (every rank gets
 FLASHMOE_ERROR_INVALID_ARGUMENT).
@@ -40,7 +41,7 @@ from flashmoe import _lib  # noqa: E402
 from flashmoe import distributed as fd  # noqa: E402
 from flashmoe.config import MoEConfig  # noqa: E402
 
-TOLERANCE = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-2, "fp16": 1e-2}
+TOLERANCE = {"fp32": 1e-5, "tf32": 2e-3, "bf16": 1e-2, "fp16": 1e-2, "fp8": 5e-2}
 WAIT_BUDGET_MS = 20000  # time-sliced contexts wait for each other's slices
 
 
@@ -55,8 +56,10 @@ class Checks:
         print(f"rank {self.rank}: {'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
 
 
-def make_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """The same random weights on every rank (CPU generator, then moved)."""
+def make_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, seed: int,
+                 fp8_codes: bool = False) -> dict[str, torch.Tensor]:
+    """The same random weights on every rank (CPU generator, then moved); `fp8_codes`: the routed experts as
+    float8_e4m3fn codes with their float32 block scales (`gate_up_scale`, `down_scale`)."""
     g = torch.Generator().manual_seed(seed)
     h, i, e = config.hidden, config.intermediate, config.experts
 
@@ -69,6 +72,12 @@ def make_weights(config: MoEConfig, dtype: torch.dtype, device: torch.device, se
     if config.bias:
         w["b1"] = rand(e, i, scale=0.1, as_type=torch.float32)
         w["b2"] = rand(e, h, scale=0.1, as_type=torch.float32)
+    if fp8_codes:
+        from hf_models import codes_and_scales  # the library's block quantization (python/tests)
+
+        for name in ("gate_up", "down"):
+            codes, scales = codes_and_scales(w[name])
+            w[name], w[f"{name}_scale"] = codes.to(device), scales.to(device)
     return w
 
 
@@ -101,9 +110,9 @@ def gate_split(grid_blocks: int, tokens: int, config: MoEConfig) -> int:
 
 
 def run_case(checks: Checks, name: str, config: MoEConfig, *, dtype, device, total: int, shard: bool, calls: int = 2,
-             empty_rank: int | None = None, seed: int = 1) -> None:
+             empty_rank: int | None = None, seed: int = 1, fp8_codes: bool = False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    weights = make_weights(config, dtype, device, seed)
+    weights = make_weights(config, dtype, device, seed, fp8_codes)
     g = torch.Generator().manual_seed(seed + 1000)
     x_all = torch.randn(total, config.hidden, generator=g).to(dtype).to(device)
     counts = split(total, world, empty_rank)
@@ -247,6 +256,8 @@ def main() -> int:
     parser.add_argument("--device", type=int, default=None, help="GPU of every rank (default: LOCAL_RANK mod GPUs)")
     parser.add_argument("--json", type=Path, help="write the checks of rank 0 here")
     args = parser.parse_args()
+    # The fp8 cases: the GPU's fp8 path is experimental (docs/fp8.md); the library reads this when it first builds.
+    os.environ.setdefault("FLASHMOE_EXPERIMENTAL_FP8", "1")
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     index = args.device if args.device is not None else fd.local_rank() % torch.cuda.device_count()
@@ -272,6 +283,14 @@ def main() -> int:
         ("bf16 decode, 5 tokens (the decode gate)", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=2,
                                                               precision="bf16", **base),
          torch.bfloat16, dict(total=5, shard=True)),
+        # fp8 (docs/fp8.md): the sources send E4M3 codes and scales; BF16 experts quantized at creation, and E4M3
+        # codes with their block scales, sharded with them.
+        ("fp8 from bf16 experts, shards", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=2,
+                                                    precision="fp8", **base), torch.bfloat16,
+         dict(total=300, shard=True)),
+        ("fp8 from E4M3 codes, shards, an empty rank", MoEConfig(hidden=1024, intermediate=512, experts=16, top_k=4,
+                                                                 precision="fp8", **base), torch.bfloat16,
+         dict(total=200, shard=True, empty_rank=0, fp8_codes=True)),
     ]
     for name, config, dtype, options in cases:
         try:

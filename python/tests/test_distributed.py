@@ -284,6 +284,18 @@ class ShardWeightsTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"weights\['down'\] must have 5 experts"):
             fd.shard_weights(config, dict(w, down=w["down"][:2]), rank=0, world_size=2)
 
+    def test_fp8_block_scales_are_cut_with_their_codes(self):
+        from flashmoe import distributed as fd
+
+        config = CONFIG.replace(experts=5, precision="fp8")
+        w = {"router": torch.randn(5, 16), "gate_up": torch.randn(5, 16, 16).to(torch.float8_e4m3fn),
+             "down": torch.randn(5, 16, 8).to(torch.float8_e4m3fn), "gate_up_scale": torch.rand(5, 1, 1),
+             "down_scale": torch.rand(5, 1, 1)}
+        mine = fd.shard_weights(config, w, rank=0, world_size=2)  # experts 0 … 2
+        for name in ("gate_up", "down", "gate_up_scale", "down_scale"):
+            self.assertEqual(mine[name].shape[0], 3, name)
+        self.assertTrue(torch.equal(mine["down_scale"], w["down_scale"][:3]))
+
 
 class GpuDistPythonScriptTest(unittest.TestCase):
     def test_refuses_without_library(self):

@@ -231,9 +231,9 @@ FMOE_DEVICE void gemv_operands(const Params &p, const Layout &L, int gemm, int x
 #if FMOE_PREC == 4
     // E4M3 codes and scales: x's by token, h's by row; the expert's image of W1 or W2 (codes, then scales).
     if (RANKS > 1 && gemm == 0) {
-        // Ranks: the rows this owner received, codes then scales (x_codes, moe_params.cuh).
-        op.a[r] = in ? (const char *)x_codes(p, (int)row) : nullptr;
-        op.a_scale[r] = in ? x_scales(p, (int)row) : nullptr;
+        // Ranks: the rows this owner received, codes then scales (received_codes, moe_params.cuh).
+        op.a[r] = in ? (const char *)received_codes(p, (int)row) : nullptr;
+        op.a_scale[r] = in ? received_scales(p, (int)row) : nullptr;
     } else {
         const size_t a_row = gemm == 0 ? (size_t)(in ? p.row_token[row] : 0) : row;
         op.a[r] = in ? (const char *)((gemm == 0 ? p.xq : p.hq) + a_row * (gemm == 0 ? H : I)) : nullptr;

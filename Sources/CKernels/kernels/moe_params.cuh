@@ -148,7 +148,7 @@ constexpr size_t W1_CODES = round16((size_t)N0 * H), W1_EXPERT_BYTES = round16(W
 constexpr size_t W2_CODES = round16((size_t)H * I), W2_EXPERT_BYTES = round16(W2_CODES + (size_t)G1 * KB_I * 4);
 static_assert(EBN == 128, "the fp8 weight layout has two 64-row granules per tile");
 // Ranks: an owner's receive row of x holds the source's E4M3 codes (H bytes), then their KB_H FP32 scales, in the
-// bytes of a BF16 row (phase_dispatch.cuh sends them; x_codes and x_scales below read them).
+// bytes of a BF16 row (phase_dispatch.cuh sends them; received_codes and received_scales below read them).
 static_assert(H % 16 == 0 && H + 4 * KB_H <= H * (int)sizeof(T), "an fp8 receive row holds H codes and KB_H scales");
 #endif
 constexpr int NTE = (EG + GBN - 1) / GBN;
@@ -363,16 +363,13 @@ FMOE_DEVICE void store_y4(const Params &p, size_t i, float4 v) {
 }
 
 #if FMOE_PREC == 4
-// Routed row `row` (a global row of the task space) of x as GEMM0 reads it, E4M3 codes and their KB_H scales. One
-// GPU: its token's row of xq (`valid` false: token 0's, never read); ranks: the row this owner received (codes,
-// then scales; dispatch_rows).
-FMOE_DEVICE const unsigned char *x_codes(const Params &p, int row, bool valid = true) {
-    if (RANKS > 1) return (const unsigned char *)(p.peers[p.rank].recv + (size_t)(valid ? row : 0) * H);
-    return p.xq + (size_t)(valid ? p.row_token[row] : 0) * H;
+// Ranks: received row `row` (a row of this owner's task space) of x as GEMM0 reads it, the E4M3 codes and then their
+// KB_H scales that dispatch_rows wrote. (One GPU reads the token's row of xq and xq_scale instead.)
+FMOE_DEVICE const unsigned char *received_codes(const Params &p, int row) {
+    return (const unsigned char *)(p.peers[p.rank].recv + (size_t)row * H);
 }
-FMOE_DEVICE const float *x_scales(const Params &p, int row) {
-    if (RANKS > 1) return (const float *)(x_codes(p, row) + H);
-    return p.xq_scale + (size_t)p.row_token[row] * KB_H;
+FMOE_DEVICE const float *received_scales(const Params &p, int row) {
+    return (const float *)(received_codes(p, row) + H);
 }
 #endif
 

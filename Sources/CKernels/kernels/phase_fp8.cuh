@@ -153,21 +153,34 @@ FMOE_DEVICE int fp8_scale_row() {
 #endif
 }
 
-// GEMM0 tile (m, n) of routed expert x: its rows' x codes and scales (x_codes: the tokens' rows, or with ranks the
-// rows this owner received).
+// GEMM0 tile (m, n) of routed expert x: its rows' tokens' x codes and scales, or with ranks the rows this owner
+// received (received_codes, moe_params.cuh). The one-GPU form is written out apart so its code stays round 45's.
 FMOE_DEVICE void gemm0_tile_fp8(const Params &p, const Layout &L, int x, int rows, int m, int n, char *smem) {
     const int first = m * BM, base = L.row_start[x] + first;
     TileSource src;
     Fp8Scales sc;
+    if (RANKS > 1) {
 #pragma unroll
-    for (int i = 0; i < BM / 32; ++i) {
-        const int r = loader_row(i);
-        src.a_valid[i] = first + r < rows;
-        src.a[i] = (const char *)x_codes(p, base + r, src.a_valid[i]);
+        for (int i = 0; i < BM / 32; ++i) {
+            const int r = loader_row(i);
+            src.a_valid[i] = first + r < rows;
+            src.a[i] = (const char *)received_codes(p, base + (src.a_valid[i] ? r : 0));
+        }
+        const int r0 = fp8_scale_row();
+        sc.a0 = first + r0 < rows ? received_scales(p, base + r0) : nullptr;
+        sc.a1 = FMOE_WGMMA && first + r0 + 8 < rows ? received_scales(p, base + r0 + 8) : nullptr;
+    } else {
+#pragma unroll
+        for (int i = 0; i < BM / 32; ++i) {
+            const int r = loader_row(i);
+            src.a_valid[i] = first + r < rows;
+            src.a[i] = (const char *)(p.xq + (size_t)(src.a_valid[i] ? p.row_token[base + r] : 0) * H);
+        }
+        const int r0 = fp8_scale_row();
+        sc.a0 = first + r0 < rows ? p.xq_scale + (size_t)p.row_token[base + r0] * KB_H : nullptr;
+        sc.a1 = FMOE_WGMMA && first + r0 + 8 < rows ? p.xq_scale + (size_t)p.row_token[base + r0 + 8] * KB_H
+                                                      : nullptr;
     }
-    const int r0 = fp8_scale_row();
-    sc.a0 = first + r0 < rows ? x_scales(p, base + r0) : nullptr;
-    sc.a1 = FMOE_WGMMA && first + r0 + 8 < rows ? x_scales(p, base + r0 + 8) : nullptr;
     expert_tile_fp8(smem, src, sc, p.w1, x, W1_EXPERT_BYTES, W1_CODES, n, N0, G0, H, KB_H);
 }
 
