@@ -240,7 +240,7 @@ struct FuzzTarget {
     /// single-GPU one, and for a shape with ranks its ranks kernel with storage returns too (their one rank is the
     /// single-GPU one with storage rows).
     static func storageRowKernels(of cases: [FuzzCase]) -> [(MoEConfig, Int)] {
-        cases.filter(\.shape.storageRows).flatMap { c in [(c.config, 1)] + (c.shape.ranks.map { [(c.config, $0)] } ?? []) }
+        kernels(of: cases.filter(\.shape.storageRows))
     }
 
     /// Whether `error` leaves the CUDA context unusable (a fault inside a kernel): later cases cannot run.

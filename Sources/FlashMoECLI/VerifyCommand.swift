@@ -54,7 +54,10 @@ struct VerifyCommand: ParsableCommand {
         }
         // The kernels every case needs, compiled up front (and only these with --compile-only).
         let storageRows = ranksOnly ? [] : Verifier.storageRowsCases.map(\.config)
-        let rankStorage = rankCases.filter(\.storageReturns).flatMap { c in [(c.config, 1), (c.config, c.ranks)] }
+        // A ranks case launches its ranks kernel and the one rank it is compared with.
+        func rankKernels(_ cs: [RankVerificationCase]) -> [(MoEConfig, Int)] {
+            cs.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }
+        }
         func precompile(arch: GPUArchitecture, limit: Int?) throws {
             try Self.precompile(
                 (cases.map(\.config) + (ranksOnly ? [] : Verifier.deviceForwardConfigs)
@@ -62,8 +65,8 @@ struct VerifyCommand: ParsableCommand {
                     .map { ($0, 1) },
                 arch: arch, sharedMemoryPerBlock: limit, storageRows: storageRows.map { ($0, 1) })
             try Self.precompile(
-                rankCases.flatMap { c in [(c.config, 1), (c.config, c.ranks)] }, arch: arch,
-                sharedMemoryPerBlock: limit, storageRows: rankStorage)
+                rankKernels(rankCases), arch: arch, sharedMemoryPerBlock: limit,
+                storageRows: rankKernels(rankCases.filter(\.storageReturns)))
         }
         if let compileOnly {
             for arch in try GPUArchitecture.parseList(compileOnly) { try precompile(arch: arch, limit: nil) }

@@ -173,9 +173,10 @@ public final class DistributedMoE: @unchecked Sendable {
     /// The bytes each rank moved in a forward with these routings (from `forward`'s outputs).
     public func traffic(of outputs: [MoEOutput]) -> [RankTraffic] {
         let c = layer.config
-        // A dispatched row: x in the storage type, or (fp8) its E4M3 codes and one FP32 scale a 128-channel group.
+        // A dispatched row: x in the storage type, or (fp8) one token's E4M3 codes and scales as the workspace holds them.
         let rowBytes = c.precision == .fp8
-            ? c.hiddenSize + (c.hiddenSize + 127) / 128 * 4 : c.hiddenSize * c.precision.storage.byteSize
+            ? [.xq, .xqScale].reduce(0) { $0 + FusedWorkspace.fp8Bytes($1, config: c, tokens: 1, rows: 0) }
+            : c.hiddenSize * c.precision.storage.byteSize
         return outputs.enumerated().map { r, out in
             var remote = 0
             for (e, slot) in zip(out.routing.expertIDs, out.routing.slots) where e >= 0 && slot >= 0 {

@@ -101,7 +101,7 @@ struct FusedWorkspace: Sendable {
 
     /// Bytes of an fp8 activation region (`xq`, `xqScale`, `hq`, `hqScale`; 0 for any other) for `tokens` tokens and
     /// `rows` routed rows: one E4M3 code a value, one FP32 scale per row and 128-channel group.
-    private static func fp8Bytes(_ r: Region, config c: MoEConfig, tokens s: Int, rows: Int) -> Int {
+    static func fp8Bytes(_ r: Region, config c: MoEConfig, tokens s: Int, rows: Int) -> Int {
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         switch r {
         case .xq: return s * h
