@@ -36,7 +36,10 @@ constexpr int GEMV_WARPS = THREADS / 32;
 // 64-byte chunks (fp8: 128-byte K blocks of two chunks) a lane loads before it multiplies: 8 chunks of 1 KiB a warp,
 // 64 KiB a block in flight (16-bit types: two batches of 4, the next in flight while this one multiplies). With one
 // batch, 4 and 8 measured the same (bf16 qwen3-30b-a3b S = 64: 0.567 and 0.585 ms), so bytes in flight were not
-// what held the GEMV at 2 TB/s; 16 spills.
+// what held the GEMV at 2 TB/s; 16 spills. fp8 alike (round 47, Benchmarks/engine/gemv_stream_test.cu, H100): a
+// 128 × 2,048-byte tile takes about 8 µs from HBM as from L2, and neither the next K blocks loaded ahead, nor a
+// shared-memory ring filled by the copy engine, nor E4M3 warpgroup MMAs (m64n8k32) instead of mma.sync (which ptxas
+// runs on Hopper as F16 MMAs after unpacking the operands) made it faster (Benchmarks/RESULTS.md, "Round 47").
 #ifndef FMOE_GEMV_UNROLL
 #define FMOE_GEMV_UNROLL 8
 #endif
