@@ -21,7 +21,7 @@
 // and GB/s an SM, and each form's sums against the regs form's: "same" bits for pipe and bulk (the same MMAs and
 // promotions in the same K order), the largest relative difference for wgmma (the tensor core's FP8 accumulation).
 // Round 47 (H100, Benchmarks/RESULTS.md): about 8 µs a tile once running (T = 4), from HBM as from L2; pipe the
-// same, bulk 10 – 30 % slower, wgmma 35 – 70 % slower.
+// same, bulk 9 – 98 % slower, wgmma 22 – 80 % slower.
 //
 // Build and run: scripts/gpu-engine-test --stream (sm_90a; compiled in CI by scripts/nvcc-check).
 #include <cuda_runtime.h>
