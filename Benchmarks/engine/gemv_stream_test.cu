@@ -1,9 +1,9 @@
 // How fast a block streams a decode GEMV's weights (issue 11's decode path): the fp8 GEMV of gemv.cuh, alone.
 //
 // At qwen3-30b-a3b S = 1 fp8 a GEMM0 GEMV task (128 weight rows × 2,048 bytes, 8 warps, each a 16-row slab over all
-// of K) takes 12.7 µs in the fused kernel's traces, about 20 GB/s an SM, with 96 blocks streaming at once. Rounds 11
-// and 12 found the bf16 decode tiles as slow from L2 as from HBM, and bf16's GEMV no faster with twice the loads in
-// flight. This harness times the GEMV's weight stream in isolation, in four forms, each with gemv_slab's promotion
+// of K) takes 12.7 µs in round 36's H200 trace (Benchmarks/RESULTS.md), about 20 GB/s an SM, with 96 blocks
+// streaming at once. Rounds 11 and 12 found the bf16 decode tiles as slow from L2 as from HBM, and bf16's GEMV no
+// faster with twice the loads in flight. This harness times the GEMV's weight stream in isolation, in four forms, each with gemv_slab's promotion
 // of every K block (acc += tmp · a scale · w scale):
 //   regs   gemv_slab as it is: a lane loads 4 K blocks of its rows g and g + 8 (16-byte ld.global.nc), then
 //          multiplies them (m16n8k32 e4m3 mma.sync, which ptxas runs on Hopper as F16 MMAs after unpacking every
@@ -35,6 +35,7 @@
 
 #include "harness.cuh"
 #include "ptx_sm90.cuh"
+#include "mma_fp8.cuh"
 #include "wgmma_fp8.cuh"
 
 using namespace fmoe;
@@ -43,6 +44,8 @@ constexpr int ROWS = 128, KBYTES = 2048, TILE = ROWS * KBYTES, KBLOCKS = KBYTES 
 constexpr int WARPS = 8, THREADS_ = WARPS * 32;
 enum Mode { REGS, PIPE, BULK, WG };
 
+// gemv.cuh's ld_weights16 without the evict-first hint, and (below) its gemv_mma2: written out here because gemv.cuh
+// needs the fused kernel's specialisation (moe_params.cuh's -D shape).
 FMOE_DEVICE uint4 ldnc16(const char *p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -50,18 +53,12 @@ FMOE_DEVICE uint4 ldnc16(const char *p) {
                  : "l"(p));
     return v;
 }
-FMOE_DEVICE void mma_e4m3(float *d, const u32 *a, const u32 *b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 // gemv.cuh's gemv_mma2: d += W(16 × 64 B) · A(64 B × 8) from the lane's 16 bytes of rows g, g + 8 and of A's row g.
 FMOE_DEVICE void mma2(float d[4], const uint4 &w0, const uint4 &w1, const uint4 &a) {
     const u32 fa0[4] = {w0.x, w1.x, w0.y, w1.y}, fb0[2] = {a.x, a.y};
     const u32 fa1[4] = {w0.z, w1.z, w0.w, w1.w}, fb1[2] = {a.z, a.w};
-    mma_e4m3(d, fa0, fb0);
-    mma_e4m3(d, fa1, fb1);
+    Fp8MmaEngine::mma_e4m3(d, fa0, fb0);
+    Fp8MmaEngine::mma_e4m3(d, fa1, fb1);
 }
 // gemv_slab's promotion of K block blk: acc += tmp · (a scale · w scale).
 FMOE_DEVICE void promote(float acc[4], const float tmp[4], const float *sa, const float *sw, int blk) {
@@ -97,6 +94,7 @@ FMOE_DEVICE void k_block(float acc[4], const uint4 *q0, const uint4 *q1, const u
 template <int MODE, int CH, int NS>
 __global__ void __launch_bounds__(THREADS_, 1)
     stream(const char *w, const char *a, const float *sa, const float *sw, float *out, int tiles, long long first) {
+    static_assert(MODE != BULK || NS > 0, "a ring of NS stages");
     extern __shared__ __align__(1024) char smem_raw[];
     char *smem = (char *)(((size_t)smem_raw + 1023) & ~(size_t)1023);  // the 128-byte swizzle's 1 KiB atoms
     __shared__ u64 bars[WARPS][NS > 0 ? NS : 1];
@@ -106,7 +104,6 @@ __global__ void __launch_bounds__(THREADS_, 1)
     constexpr int PITCH = CH + 64;  // rows g and g + 1 of a quarter-warp's reads 16 banks apart
     char *ring = smem + warp * NS * 16 * PITCH;
     if (MODE == BULK && lane == 0) {
-        static_assert(MODE != BULK || NS > 0, "a ring of NS stages");
         for (int s = 0; s < NS; ++s) mbar_init(&bars[warp][s], 1);
         mbar_init_fence();
     }
