@@ -178,14 +178,11 @@ public struct KernelCompiler: Sendable {
         return compiled(request, cubin, log, outcome, writeFailure, clock.now - start, key)
     }
 
-    /// Compiles one catalog entry for `arch`, with every other kernel file as a header.
+    /// Compiles one catalog entry for `arch`, with the kernel headers (`KernelSources.program`).
     public func compile(_ spec: KernelSpec, arch: GPUArchitecture, sources: KernelSources, lineInfo: Bool = false)
         throws(CUDAError) -> CompiledKernel
     {
-        var headers = try sources.allFiles()
-        guard let source = headers.removeValue(forKey: spec.file) else {
-            throw .invalidArgument("kernel file '\(spec.file)' is not among the kernel sources (\(sources))")
-        }
+        let (source, headers) = try sources.program(spec.file)
         return try compile(
             CompileRequest(
                 name: spec.file, source: source, headers: headers, arch: arch, defines: spec.defines,

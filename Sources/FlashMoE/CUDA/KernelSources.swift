@@ -72,7 +72,18 @@ public struct KernelSources: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    /// Every file, name → text (what NVRTC gets as headers).
+    /// Kernel file `file`'s text and the headers it may include: every `.cuh` file, name → text (what NVRTC gets).
+    /// The other `.cu` files are left out: no kernel file includes another, so a cubin's cache key
+    /// (`CompileRequest.cacheKey`) changes with its own file and the headers, not with an unrelated kernel's.
+    public func program(_ file: String) throws(CUDAError) -> (source: String, headers: [String: String]) {
+        let files = try allFiles()
+        guard let source = files[file] else {
+            throw .invalidArgument("kernel file '\(file)' is not among the kernel sources (\(self))")
+        }
+        return (source, files.filter { $0.key.hasSuffix(".cuh") })
+    }
+
+    /// Every file, name → text.
     public func allFiles() throws(CUDAError) -> [String: String] {
         var files: [String: String] = [:]
         for name in try fileNames() { files[name] = try text(of: name) }

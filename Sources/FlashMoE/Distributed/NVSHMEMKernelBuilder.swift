@@ -51,10 +51,7 @@ public struct NVSHMEMKernelBuilder: Sendable {
     public func request(_ spec: KernelSpec, arch: GPUArchitecture, sources: KernelSources) throws(CUDAError)
         -> CompileRequest
     {
-        var headers = try sources.allFiles()
-        guard let source = headers.removeValue(forKey: spec.file) else {
-            throw .invalidArgument("kernel file '\(spec.file)' is not among the kernel sources (\(sources))")
-        }
+        let (source, headers) = try sources.program(spec.file)
         var defines = spec.defines
         defines[Self.define] = "1"
         return CompileRequest(name: spec.file, source: source, headers: headers, arch: arch, defines: defines)

@@ -167,13 +167,28 @@ final class ScratchDirectory {
         }
     }
 
-    @Test func specsCompileWithTheOtherFilesAsHeaders() throws {
+    @Test func specsCompileWithTheHeadersOnly() throws {
         let scratch = try ScratchDirectory()
-        for (name, text) in ["main.cu": "#include \"x.cuh\"", "x.cuh": "X", "notes.txt": "ignored"] {
+        func write(_ name: String, _ text: String) throws {
             try Data(text.utf8).write(to: URL(fileURLWithPath: "\(scratch.path)/\(name)"))
         }
+        for (name, text) in ["main.cu": "#include \"x.cuh\"", "x.cuh": "X", "other.cu": "Y", "notes.txt": "ignored"] {
+            try write(name, text)
+        }
         let sources = KernelSources.directory(scratch.path)
-        #expect(try sources.fileNames() == ["main.cu", "x.cuh"])
+        #expect(try sources.fileNames().sorted() == ["main.cu", "other.cu", "x.cuh"])
+        #expect(try sources.program("main.cu").headers == ["x.cuh": "X"])
+        // Another kernel file is not a header: editing it keeps main.cu's cubins; editing a header does not.
+        let keyed = KernelCompiler(backend: FakeCompiler(), cache: nil)
+        let key = { () throws -> [UInt8] in
+            try keyed.compile(KernelSpec(file: "main.cu", kernels: ["k"]), arch: base.arch, sources: sources).key
+        }
+        let before = try key()
+        try write("other.cu", "Z")
+        #expect(try key() == before)
+        try write("x.cuh", "X2")
+        #expect(try key() != before)
+        try write("x.cuh", "X")
         let compiler = KernelCompiler(backend: FakeCompiler(), cache: nil)
         let spec = KernelSpec(file: "main.cu", defines: ["T": "4"], kernels: ["k"])
         let kernel = try compiler.compile(spec, arch: base.arch, sources: sources)
