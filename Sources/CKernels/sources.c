@@ -149,6 +149,10 @@ static const char moe_cu[] = {
 #embed "kernels/moe.cu"
     , 0};
 
+static const char quantize_cu[] = {
+#embed "kernels/quantize.cu"
+    , 0};
+
 static const char selftest_cu[] = {
 #embed "kernels/selftest.cu"
     , 0};
@@ -195,6 +199,7 @@ static const struct {
     {"transport_nvshmem.cuh", transport_nvshmem_cuh, sizeof(transport_nvshmem_cuh) - 1},
     {"moe.cu", moe_cu, sizeof(moe_cu) - 1},
     {"selftest.cu", selftest_cu, sizeof(selftest_cu) - 1},
+    {"quantize.cu", quantize_cu, sizeof(quantize_cu) - 1},
 };
 
 const char *flashmoe_kernel_source(const char *name, size_t *length) {

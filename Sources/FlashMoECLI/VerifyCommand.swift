@@ -98,9 +98,11 @@ struct VerifyCommand: ParsableCommand {
             }
         }
         if !ranksOnly && (filter == nil || "device forward".contains(filter!)) {
-            // The device-resident forward (caller buffers, a stream, queued launches, epoch wrap, fault + recovery).
+            // The device-resident forward (caller buffers, a stream, queued launches, epoch wrap, fault + recovery),
+            // storage rows, and the fp8 weight quantizer.
             let checks = Verifier.deviceForwardChecks(deviceOrdinal: device, seed: seed)
                 + Verifier.storageRowsChecks(deviceOrdinal: device, seed: seed)
+                + Verifier.fp8QuantizerChecks(deviceOrdinal: device, seed: seed)
             for c in checks {
                 if !c.passed { failures += 1 }
                 print((c.passed ? "PASS  " : "FAIL  ") + VerifyTable.pad(c.name, 52) + c.detail

@@ -73,13 +73,16 @@ import Testing
         few.experts = 8
         let mixtralLike = KernelCatalog.specializations(for: few, arch: Self.sm90a, experimentalFP8: true)
         #expect(bf16.count == 2)
+        // fp8 layers end with the GPU's weight quantizer (quantize.cu: BF16 experts given as device memory).
+        #expect(specs.last == KernelCatalog.fp8Quantizer && mixtralLike.last == KernelCatalog.fp8Quantizer)
+        #expect(!bf16.contains(KernelCatalog.fp8Quantizer))
         if FusedSpecialization.tmaEngineRefused || FusedSpecialization.tmaEngineRequested {
             // FLASHMOE_TMA=0 or 1: one build, on the engine the environment names.
-            #expect(specs.count == 2 && (specs[1].defines["FMOE_TMA"] == "1") == FusedSpecialization.tmaEngineRequested)
-            #expect(mixtralLike.count == 2)
+            #expect(specs.count == 3 && (specs[1].defines["FMOE_TMA"] == "1") == FusedSpecialization.tmaEngineRequested)
+            #expect(mixtralLike.count == 3)
         } else {
-            #expect(specs.count == 3 && specs[1].defines["FMOE_TMA"] == nil && specs[2].defines["FMOE_TMA"] == "1")
-            #expect(mixtralLike.count == 3 && mixtralLike[2].defines["FMOE_TMA"] == "1")
+            #expect(specs.count == 4 && specs[1].defines["FMOE_TMA"] == nil && specs[2].defines["FMOE_TMA"] == "1")
+            #expect(mixtralLike.count == 4 && mixtralLike[2].defines["FMOE_TMA"] == "1")
         }
     }
 

@@ -30,13 +30,17 @@ public enum KernelCatalog {
     public static let selfTest = KernelSpec(
         file: "selftest.cu", kernels: ["fmoe_selftest_axpy", "fmoe_selftest_grid_barrier"])
 
+    /// The GPU's weight quantizer for precision fp8 (`quantize.cu`, `FP8DeviceQuantizer`): BF16 experts given as
+    /// device memory become E4M3 codes and block scales there.
+    public static let fp8Quantizer = KernelSpec(file: "quantize.cu", kernels: ["fmoe_quantize_e4m3_blocks"])
+
     /// The specializations `config` needs. The self-test kernel is always first: the canary that shows NVRTC and
     /// the driver work before any MoE kernel is built.
     ///
     /// Then the fused MoE kernel (`moe.cu`) specialised on the config's shapes, precision, FFN, activation and
     /// router, with the pipeline stages that fit `arch`'s shared memory (`ArchitectureLimits`), and, for precision
     /// fp8 on sm_90a, its prefill build on the TMA engine where an operator with the default options builds one
-    /// (`FusedSpecialization.operatorBuilds`). A config the GPU
+    /// (`FusedSpecialization.operatorBuilds`), then for fp8 the weight quantizer (`fp8Quantizer`). A config the GPU
     /// kernel does not support there (see `FusedSpecialization`; fp8 only with `experimentalFP8`, default the
     /// environment's switch) contributes no MoE kernel.
     public static func specializations(
@@ -46,7 +50,7 @@ public enum KernelCatalog {
         guard let spec = try? FusedSpecialization(config: config, arch: arch, experimentalFP8: experimentalFP8) else {
             return [selfTest]
         }
-        return [selfTest] + spec.operatorBuilds().map(\.kernelSpec)
+        return [selfTest] + spec.operatorBuilds().map(\.kernelSpec) + (config.precision == .fp8 ? [fp8Quantizer] : [])
     }
 
     /// Expert-parallel builds of `configs` (`FMOE_RANKS` > 1: the dispatch, return and combine paths that

@@ -9,6 +9,16 @@ public struct DeviceForwardCheck: Sendable {
 
     /// Whether the check passed (no `failure`).
     public var passed: Bool { failure == nil }
+
+    /// Runs `body` (which returns the failure, or nil, and the detail) as the check `name`; a thrown error fails it.
+    static func run(_ name: String, _ body: () throws -> (String?, String)) -> DeviceForwardCheck {
+        do {
+            let (failure, detail) = try body()
+            return DeviceForwardCheck(name: name, failure: failure, detail: detail)
+        } catch {
+            return DeviceForwardCheck(name: name, failure: "\(error)", detail: "error")
+        }
+    }
 }
 
 extension Verifier {
@@ -39,12 +49,7 @@ extension Verifier {
     public static func deviceForwardChecks(deviceOrdinal: Int, seed: UInt64 = 1) -> [DeviceForwardCheck] {
         var checks: [DeviceForwardCheck] = []
         func check(_ name: String, _ body: () throws -> (String?, String)) {
-            do {
-                let (failure, detail) = try body()
-                checks.append(DeviceForwardCheck(name: name, failure: failure, detail: detail))
-            } catch {
-                checks.append(DeviceForwardCheck(name: name, failure: "\(error)", detail: "error"))
-            }
+            checks.append(DeviceForwardCheck.run(name, body))
         }
         let (gated, defect7, tf32) = (deviceForwardConfigs[0], deviceForwardConfigs[1], deviceForwardConfigs[2])
         for (name, config, tokens) in [("bf16 gated", gated, 200), ("fp32 E=256 k=2 S=700", defect7, 700),

@@ -1,61 +1,131 @@
 import CCUDA
 
 /// fp8 layers from the caller's device pointers (the C ABI's FLASHMOE_PRECISION_FP8): the routed experts' images
-/// (FusedDeviceWeights+FP8.swift) built from BF16 matrices, quantized here, or from E4M3 codes with their block
+/// (FusedDeviceWeights+FP8.swift) built from BF16 matrices, quantized on the GPU, or from E4M3 codes with their block
 /// scales (`WeightPointers.ExpertScales`).
 ///
 /// E4M3 codes stay on the device: each expert's image is assembled by device-to-device copies of its rows (gate
 /// and up blocks interleaved as `fp8FirstSource` places them), and only the block scales, one float per 16,384
 /// codes, are read to the host, checked finite and written into the images' scale sections.
 ///
-/// BF16 experts pass through host memory, a few at a time: each chunk is read from the device, quantized exactly as
-/// the host path does (`MoEWeights.prepared(for: .fp8)` quantizes BF16 values with `FP8Blocks(quantizing:)`, on all
-/// cores), laid out per expert (`fp8Image`) and written back. Host memory: one chunk (at most `chunkBytes` of source
-/// matrices, plus its FP32 quantization scratch per core); time: the PCIe copies both ways plus the quantization.
+/// BF16 experts are quantized on the GPU a chunk of experts at a time (`FP8DeviceQuantizer`, kernels/quantize.cu,
+/// byte for byte what the host's `FP8Blocks(quantizing:)` writes): each chunk's matrices are first copied into a
+/// staging buffer this code owns (so the kernel reads only memory allocated here, and a bad caller address is a
+/// failed copy naming its field, not a fault in a kernel), quantized into dense codes and scales, then assembled
+/// into the images as E4M3 codes are. Device memory beside the images: one chunk (at most `chunkBytes` of BF16
+/// source, plus its codes and scales); host memory: the chunk's block scales.
 ///
 /// Either way a layer built from device pointers holds the same bytes as one built from the same values on the
 /// host, and the oracle's quantization is the kernel's.
 extension FusedDeviceWeights {
-    /// Source bytes of routed experts read from the device at once.
+    /// BF16 bytes of routed experts staged and quantized at once.
     static let fp8ChunkBytes = 256 << 20
 
     /// The fp8 first layer (W1, gated: gate and up interleaved) and W2 of experts `first ..< first + count` of
-    /// `p`, in the kernel's per-expert image layout, reading at most `chunkBytes` of source matrices at a time
-    /// (at least one expert).
+    /// `p`, in the kernel's per-expert image layout. BF16 experts are quantized by `quantizer` (default: an
+    /// `FP8DeviceQuantizer` on `device`, compiled on first use) at most `chunkBytes` of source at a time (at least one
+    /// expert).
     static func fp8Experts(
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
-        chunkBytes: Int = fp8ChunkBytes
+        chunkBytes: Int = fp8ChunkBytes, quantizer: (any FP8MatrixQuantizing)? = nil
     ) throws -> (w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>) {
         guard packRows == fp8Granule else {
             throw MoEError(
                 .unsupported, "the fp8 kernel packs gate/up rows in blocks of \(fp8Granule), but this module packs \(packRows)")
         }
+        let copier = DeviceCopier(device: device)
+        let rows1 = fp8FirstRows(inner: c.intermediateSize, gated: c.ffn == .gated, packRows: packRows)
+        let bytes1 = fp8ExpertBytes(rows: rows1, k: c.hiddenSize).total
+        let bytes2 = fp8ExpertBytes(rows: c.hiddenSize, k: c.intermediateSize).total
+        // Zeros: the padding rows of a partial last gate/up block, their granules' scales and the 16-byte padding.
+        let w1 = try copier.buffer(bytes: e * bytes1)
+        let w2 = try copier.buffer(bytes: e * bytes2)
+        try w1.fill(byte: 0)
+        try w2.fill(byte: 0)
         if p.expertScales != nil {
-            return try fp8ExpertsFromCodes(config: c, pointers: p, device: device, packRows: packRows, first: first, count: e)
+            try fp8ImagesFromCodes(config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
+                                   w1: w1, w2: w2)
+        } else {
+            try fp8ImagesFromBF16(
+                config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
+                chunkBytes: chunkBytes, quantizer: try quantizer ?? FP8DeviceQuantizer(device: device), w1: w1, w2: w2)
         }
+        try device.synchronize()
+        return (w1, w2)
+    }
+
+    /// `fp8Experts` from BF16 matrices: per chunk of experts, the caller's gate, up and down rows copied into a
+    /// staging buffer (one copy per tensor: the chunk's matrices are contiguous in every layout), quantized from
+    /// there into dense codes and scales laid out as separate E4M3 tensors, which `fp8ImagesFromCodes` then
+    /// assembles into experts `start ..< start + n` of `w1` and `w2`.
+    private static func fp8ImagesFromBF16(
+        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
+        chunkBytes: Int, quantizer: any FP8MatrixQuantizing, w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>
+    ) throws {
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated
-        let copy = WeightPointers.deviceCopy(device)
-        let rows1 = fp8FirstRows(inner: i, gated: gated, packRows: packRows)
-        let (bytes1, bytes2) = (fp8ExpertBytes(rows: rows1, k: h).total, fp8ExpertBytes(rows: h, k: i).total)
-        let w1 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes1))
-        let w2 = try DeviceBuffer<UInt8>(device: device, count: max(1, e * bytes2))
-        let perExpert = (gated ? 3 : 2) * h * i * 2
-        let chunk = max(1, min(e, chunkBytes / max(1, perExpert)))
+        let fusedPair = gated && p.firstLayer.isFused  // gate and up rows of a matrix in one [2I, H] block
+        let copier = DeviceCopier(device: device)
+        let b = FP8Scaling.blockSize
+        let (bi, bh) = ((i + b - 1) / b, (h + b - 1) / b)
+        let firstMatrices = gated ? 2 : 1
+        let perExpert = (firstMatrices + 1) * h * i  // elements of one expert's routed matrices
+        let chunk = max(1, min(e, chunkBytes / max(1, 2 * perExpert)))
+        let staging = try copier.buffer(bytes: chunk * perExpert * 2)
+        let codes = try copier.buffer(bytes: chunk * perExpert)
+        let scales = try DeviceBuffer<Float>(device: device, count: max(1, chunk * (firstMatrices + 1) * bi * bh))
+        // Dense per tensor for up to `chunk` experts: gate, up (gated), down.
+        let (gateCodes, upCodes, downCodes) = (
+            codes.address, codes.address + UInt64(chunk * i * h), codes.address + UInt64(firstMatrices * chunk * i * h)
+        )
+        let (gateScales, upScales, downScales) = (
+            scales.address, scales.address + UInt64(chunk * bi * bh * 4),
+            scales.address + UInt64(firstMatrices * chunk * bi * bh * 4)
+        )
+        let (gateName, upName) = p.firstLayer.isFused ? ("gate_up", "gate_up") : ("gate", "up")
+        let rowBytes = h * 2
+        let bytes1 = fp8ExpertBytes(rows: fp8FirstRows(inner: i, gated: gated, packRows: packRows), k: h).total
+        let bytes2 = fp8ExpertBytes(rows: h, k: i).total
         var start = 0
         while start < e {
             let n = min(chunk, e - start)
-            let experts = (first + start)..<(first + start + n)
-            let (firstRows, secondRows) = try fp8Sources(config: c, packRows: packRows) {
-                try p.fp8Blocks($0, experts: experts, config: c, copy: copy)
+            let x = first + start  // the chunk's first expert in the caller's tensors
+            let rows = p.firstLayer.rows(of: x, gated: gated, rows: i, rowBytes: rowBytes)
+            // Staging (elements): the first layer's n matrices from 0 (fused pairs: [n, 2I, H]; else gate [n, I, H]
+            // then up [n, I, H]), then down [n, H, I].
+            let firstElements = n * firstMatrices * i * h
+            if fusedPair || !gated {
+                try copier.copy(to: staging, at: 0, from: rows.gate, bytes: firstElements * 2, field: gateName)
+            } else {
+                guard let up = rows.up else { throw CUDAError.invalidArgument("a gated first layer needs its up rows") }
+                try copier.copy(to: staging, at: 0, from: rows.gate, bytes: n * i * h * 2, field: gateName)
+                try copier.copy(to: staging, at: n * i * h * 2, from: up, bytes: n * i * h * 2, field: upName)
             }
-            for m in 0..<n {
-                try w1.upload(fp8Image(matrix: m, rows: rows1, k: h, source: firstRows), at: (start + m) * bytes1)
-                try w2.upload(fp8Image(matrix: m, rows: h, k: i, source: secondRows), at: (start + m) * bytes2)
+            try copier.copy(
+                to: staging, at: firstElements * 2, from: p.down + UInt64(x * h * i * 2), bytes: n * h * i * 2,
+                field: "down")
+            let stride = fusedPair ? 2 * i * h : i * h
+            try quantizer.quantize(
+                source: staging.address, matrixStride: stride, matrices: n, rows: i, cols: h, codes: gateCodes,
+                scales: gateScales)
+            if gated {
+                try quantizer.quantize(
+                    source: staging.address + UInt64((fusedPair ? i * h : n * i * h) * 2), matrixStride: stride,
+                    matrices: n, rows: i, cols: h, codes: upCodes, scales: upScales)
             }
+            try quantizer.quantize(
+                source: staging.address + UInt64(firstElements * 2), matrixStride: h * i, matrices: n, rows: h, cols: i,
+                codes: downCodes, scales: downScales)
+            let q = WeightPointers(
+                router: 0, selectionBias: nil, firstLayer: .separate(gate: gateCodes, up: gated ? upCodes : nil),
+                down: downCodes, b1: nil, b2: nil, sharedFirstLayer: nil, sharedDown: nil, sharedGate: nil,
+                expertScales: .init(firstLayer: .separate(gate: gateScales, up: gated ? upScales : nil), down: downScales))
+            try fp8ImagesFromCodes(
+                config: c, pointers: q, device: device, packRows: packRows, first: 0, count: n,
+                w1: DeviceBuffer(device: device, borrowing: w1.address + UInt64(start * bytes1), count: n * bytes1),
+                w2: DeviceBuffer(device: device, borrowing: w2.address + UInt64(start * bytes2), count: n * bytes2))
             start += n
         }
-        return (w1, w2)
     }
 
     /// The row sources of the W1 and W2 images (`fp8FirstSource`, `fp8SecondSource`) over the gate, up (gated
@@ -70,11 +140,13 @@ extension FusedDeviceWeights {
                 fp8SecondSource(down: down, hidden: c.hiddenSize))
     }
 
-    /// `fp8Experts` from E4M3 codes: the codes copied device to device into each expert's image, the scales through
-    /// the host (read for all `count` experts at once: a DeepSeek-V3 layer's are 2.7 MB, from its shape).
-    private static func fp8ExpertsFromCodes(
-        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int
-    ) throws -> (w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>) {
+    /// Experts `first ..< first + count` of `p`'s E4M3 codes as images in `w1` and `w2` (zeroed by the caller,
+    /// expert m's from byte m · its image size): the codes copied device to device, the scales through the host
+    /// (read for all `count` experts at once: a DeepSeek-V3 layer's are 2.7 MB, from its shape).
+    private static func fp8ImagesFromCodes(
+        config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
+        w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>
+    ) throws {
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated
         let copier = DeviceCopier(device: device)
@@ -82,11 +154,6 @@ extension FusedDeviceWeights {
         let rows1 = fp8FirstRows(inner: i, gated: gated, packRows: packRows)
         let (codes1, bytes1) = fp8ExpertBytes(rows: rows1, k: h)
         let (codes2, bytes2) = fp8ExpertBytes(rows: h, k: i)
-        // Zeros: the padding rows of a partial last gate/up block, their granules' scales and the 16-byte padding.
-        let w1 = try copier.buffer(bytes: e * bytes1)
-        let w2 = try copier.buffer(bytes: e * bytes2)
-        try w1.fill(byte: 0)
-        try w2.fill(byte: 0)
         try copier.copyFirstLayer(
             p.firstLayer, into: w1, matrixBytes: bytes1, gated: gated, matrices: e, rows: i, rowBytes: h,
             packRows: packRows, names: .experts, firstMatrix: first)
@@ -103,10 +170,22 @@ extension FusedDeviceWeights {
             try s1.withUnsafeBytes { try w1.upload(Array($0), at: m * bytes1 + codes1) }
             try s2.withUnsafeBytes { try w2.upload(Array($0), at: m * bytes2 + codes2) }
         }
-        try device.synchronize()
-        return (w1, w2)
     }
 }
+
+/// Quantizes BF16 matrices in device memory into E4M3 codes and 128×128 block scales in device memory, as
+/// `FP8Blocks(quantizing:)` does on the host: `FP8DeviceQuantizer` on a GPU (the tests of the fake driver supply
+/// one that runs on its memory).
+protocol FP8MatrixQuantizing {
+    /// Quantizes `matrices` BF16 matrices [rows, cols] (matrix m at `source` + m · `matrixStride` elements) into
+    /// dense `codes` [matrices, rows, cols] and `scales` [matrices, ⌈rows/128⌉, ⌈cols/128⌉], ordered after earlier
+    /// copies on the device and before later ones.
+    func quantize(
+        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
+    ) throws
+}
+
+extension FP8DeviceQuantizer: FP8MatrixQuantizing {}
 
 extension WeightPointers {
     /// The routed experts' matrices, as `fp8Blocks(_:experts:config:copy:)` reads them.
@@ -137,8 +216,9 @@ extension WeightPointers {
 
     /// Matrix `m` of the routed `experts` as FP8 blocks [n, rows, cols], read through `copy`: the codes and block
     /// scales as given (`expertScales`), or the BF16 values quantized as the host path quantizes them
-    /// (`FP8Blocks(quantizing:)`). A NaN or infinite scale is refused, naming its field, expert and block. Host
-    /// (C ABI CPU layers) and device (`fp8Experts`) paths both read here, so both place the scales alike.
+    /// (`FP8Blocks(quantizing:)`). A NaN or infinite scale is refused, naming its field, expert and block. The C ABI's
+    /// CPU layers read here; GPU layers (`fp8Experts`) quantize BF16 on the device and read E4M3 scales through
+    /// `fp8Scales`, which this shares, so both place the scales alike.
     public func fp8Blocks(_ m: ExpertMatrix, experts: Range<Int>, config c: MoEConfig, copy: Copy) throws
         -> FP8Blocks
     {

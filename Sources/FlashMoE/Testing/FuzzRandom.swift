@@ -6,7 +6,7 @@ import Darwin
 
 /// The sequential random source of the fuzz case generator: SplitMix64 steps through `SeededRandom.mix`, so a
 /// fuzz case is a pure function of its seeds on every machine.
-struct FuzzRandom {
+struct FuzzRandom: RandomNumberGenerator {
     private var state: UInt64
 
     /// A stream from the parts of a key (a run seed, a case index, a purpose tag).

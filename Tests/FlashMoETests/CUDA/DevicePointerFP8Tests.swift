@@ -4,9 +4,12 @@ import Testing
 @testable import FlashMoE
 
 /// fp8 layers from the caller's device memory (the C ABI's FLASHMOE_PRECISION_FP8) against the same layer from host
-/// weights, on the fake driver: the routed experts given as BF16 matrices (quantized while building) and as E4M3
-/// codes with their block scales, in both layouts, must give the same bytes in every buffer; so must a rank's share
-/// of the experts and a build that reads one expert at a time.
+/// weights, on the fake driver: the routed experts given as BF16 matrices (staged and quantized while building) and
+/// as E4M3 codes with their block scales, in both layouts, must give the same bytes in every buffer; so must a rank's
+/// share of the experts and a build that quantizes one expert at a time. The fake driver runs no kernel, so BF16
+/// experts are quantized by `FakeMemoryQuantizer` (the host's quantization on the fake device memory, with the GPU
+/// kernel's arguments); `flashmoe verify` checks the GPU kernel against the host byte for byte
+/// (`Verifier.fp8QuantizerChecks`).
 @Suite struct DevicePointerFP8Tests {
     /// gated, a gated shared expert; I = 128 so the fused codes are allowed, H = 160 a partial column block.
     static let config = MoEConfig(
@@ -95,7 +98,10 @@ import Testing
         let p = try pointers(w, w.prepared(for: .fp8), codes: codes, fused: fused, memory: &memory)
         let what = "\(codes ? "E4M3 codes" : "BF16 experts"), \(fused ? "fused" : "separate")"
         let fromHost = try FusedDeviceWeights(layer: layer, device: device, packRows: Self.packRows)
-        let fromDevice = try FusedDeviceWeights(config: c, pointers: p, device: device, packRows: Self.packRows)
+        let quantizer = FakeMemoryQuantizer(device: device)
+        let fromDevice = try FusedDeviceWeights(
+            config: c, pointers: p, device: device, packRows: Self.packRows, fp8Quantizer: quantizer)
+        #expect(quantizer.calls.count == (codes ? 0 : 3), "\(what): one launch per matrix kind")
         let (a, b) = (try contents(fromHost), try contents(fromDevice))
         for (field, (x, y)) in zip(["router", "selectionBias", "w1", "w2", "b1", "b2", "sharedW1", "sharedW2"], zip(a, b)) {
             #expect(Self.firstDifference(x, y) == nil, "\(what): \(field) differs")
@@ -103,9 +109,11 @@ import Testing
         // A rank's share, read one expert at a time.
         let share = 1..<3
         let hostShare = try FusedDeviceWeights(layer: layer, experts: share, device: device, packRows: Self.packRows)
+        let oneAtATime = FakeMemoryQuantizer(device: device)
         let (w1, w2) = try FusedDeviceWeights.fp8Experts(
             config: c, pointers: p, device: device, packRows: Self.packRows, first: share.lowerBound,
-            count: share.count, chunkBytes: 1)
+            count: share.count, chunkBytes: 1, quantizer: oneAtATime)
+        #expect(oneAtATime.calls.allSatisfy { $0.matrices == 1 } && oneAtATime.calls.count == (codes ? 0 : 6))
         #expect(Self.firstDifference(try w1.download(), try hostShare.w1.download()) == nil, "\(what): the share's w1")
         #expect(Self.firstDifference(try w2.download(), try hostShare.w2.download()) == nil, "\(what): the share's w2")
     }
@@ -122,7 +130,9 @@ import Testing
         var memory = CallerMemory(device: device)
         let p = try pointers(w, w.prepared(for: .fp8), codes: codes, fused: false, memory: &memory)
         let fromHost = try FusedDeviceWeights(layer: layer, device: device, packRows: Self.packRows)
-        let fromDevice = try FusedDeviceWeights(config: c, pointers: p, device: device, packRows: Self.packRows)
+        let fromDevice = try FusedDeviceWeights(
+            config: c, pointers: p, device: device, packRows: Self.packRows,
+            fp8Quantizer: FakeMemoryQuantizer(device: device))
         #expect(Self.firstDifference(try fromHost.w1.download(), try fromDevice.w1.download()) == nil)
         #expect(Self.firstDifference(try fromHost.w2.download(), try fromDevice.w2.download()) == nil)
     }
@@ -141,6 +151,40 @@ import Testing
         } throws: { error in
             guard let e = error as? MoEError else { return false }
             return e.message.contains("weights->down_scale holds inf for expert 2") && e.message.contains("finite")
+        }
+    }
+}
+
+/// The host's quantization (`FP8Blocks(quantizing:)`) run on the fake driver's memory with the arguments the GPU
+/// kernel gets: what `FP8DeviceQuantizer` does on a GPU, for the tests of everything around it. Records each call.
+final class FakeMemoryQuantizer: FP8MatrixQuantizing, @unchecked Sendable {
+    struct Call { let matrices: Int, rows: Int, cols: Int, matrixStride: Int }
+    let device: CUDADevice
+    private(set) var calls: [Call] = []
+
+    init(device: CUDADevice) { self.device = device }
+
+    func quantize(
+        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
+    ) throws {
+        calls.append(Call(matrices: matrices, rows: rows, cols: cols, matrixStride: matrixStride))
+        var values: [BFloat16] = []
+        for m in 0..<matrices {
+            var matrix = [BFloat16](repeating: BFloat16(bitPattern: 0), count: rows * cols)
+            let result = matrix.withUnsafeMutableBytes {
+                device.driver.memcpyDtoH($0.baseAddress!, source + UInt64(m * matrixStride * 2), rows * cols * 2, nil)
+            }
+            guard result == CUDA_SUCCESS else { throw CUDAError.invalidArgument("fake quantizer: unreadable source") }
+            values += matrix
+        }
+        let q = FP8Blocks(quantizing: try HostTensor(shape: [matrices, rows, cols], bfloat16: values))
+        let bits = q.codes.map(\.bitPattern)
+        let (r1, r2) = (
+            bits.withUnsafeBytes { device.driver.memcpyHtoD(codes, $0.baseAddress!, $0.count, nil) },
+            q.scales.withUnsafeBytes { device.driver.memcpyHtoD(scales, $0.baseAddress!, $0.count, nil) }
+        )
+        guard r1 == CUDA_SUCCESS, r2 == CUDA_SUCCESS else {
+            throw CUDAError.invalidArgument("fake quantizer: unwritable codes or scales")
         }
     }
 }

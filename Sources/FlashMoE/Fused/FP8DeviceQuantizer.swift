@@ -1,0 +1,59 @@
+/// Quantizes BF16 matrices in device memory to precision fp8's E4M3 codes and 128×128 block scales on the GPU
+/// (`Sources/CKernels/kernels/quantize.cu`), byte for byte as `FP8Blocks(quantizing:)` does on the host: an fp8
+/// layer built from BF16 CUDA tensors (`FusedDeviceWeights.fp8Experts`) quantizes its experts here instead of
+/// reading them to the host (docs/fp8.md, "Loading").
+struct FP8DeviceQuantizer {
+    /// The GPU the matrices are on.
+    let device: CUDADevice
+    /// `fmoe_quantize_e4m3_blocks` (its module stays loaded with it).
+    let function: CUDAFunction
+
+    /// Threads per block of the kernel (its `Q_THREADS`): 8 warps over a 128 × 128 block.
+    static let threadsPerBlock = 256
+
+    /// Compiles (or finds in the cubin cache) `quantize.cu` for `device`'s architecture and loads it. The kernel
+    /// converts to E4M3, so the GPU must be sm_89 or later.
+    init(device: CUDADevice, environment: [String: String] = ProcessEnvironment.current()) throws {
+        let arch = device.properties.architecture
+        guard arch.number >= 89 else {
+            throw MoEError(
+                .unsupported,
+                "quantizing weights to fp8 on the GPU needs E4M3 conversions (sm_89 or later); \(device.properties.name) is \(arch)")
+        }
+        let compiler = KernelCompiler(backend: try NVRTC.shared.get(), environment: environment)
+        let kernel = try compiler.compile(
+            KernelCatalog.fp8Quantizer, arch: arch, sources: KernelSources.current(environment: environment))
+        let module = try CUDAModule(device: device, cubin: kernel.cubin)
+        self.device = device
+        self.function = try module.function(named: KernelCatalog.fp8Quantizer.kernels[0])
+    }
+
+    /// Quantizes `matrices` BF16 matrices [rows, cols] (row-major; matrix m starts `matrixStride` elements after
+    /// matrix m − 1, at device address `source`) into dense `codes` [matrices, rows, cols] (one byte each) and
+    /// `scales` [matrices, ⌈rows/128⌉, ⌈cols/128⌉] (FP32), on the legacy default stream: ordered after earlier
+    /// copies and before later ones, not waited for.
+    func quantize(
+        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
+    ) throws {
+        guard matrices > 0, rows > 0, cols > 0 else { return }
+        guard source % 2 == 0, matrixStride >= rows * cols,
+              let rows32 = Int32(exactly: rows), let cols32 = Int32(exactly: cols),
+              let matrices32 = Int32(exactly: matrices)
+        else {
+            throw MoEError(
+                .invalidInput,
+                "cannot quantize \(matrices) BF16 matrices [\(rows), \(cols)] at 0x\(String(source, radix: 16)), "
+                    + "\(matrixStride) elements apart: the address must be 2-byte aligned and the matrices must not overlap")
+        }
+        let b = FP8Scaling.blockSize
+        let blocks = matrices * ((rows + b - 1) / b) * ((cols + b - 1) / b)
+        // Enough blocks to fill every SM several times over; each loops over the rest.
+        let grid = min(blocks, device.properties.multiprocessorCount * 16)
+        try function.launch(
+            grid: Dim3(grid), block: Dim3(Self.threadsPerBlock),
+            arguments: [
+                .pointer(source), .int64(Int64(matrixStride)), .int32(rows32), .int32(cols32), .int32(matrices32),
+                .pointer(codes), .pointer(scales),
+            ])
+    }
+}
