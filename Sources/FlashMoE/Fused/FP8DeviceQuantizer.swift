@@ -1,7 +1,7 @@
 /// Quantizes BF16 matrices in device memory to precision fp8's E4M3 codes and 128×128 block scales on the GPU
 /// (`Sources/CKernels/kernels/quantize.cu`), byte for byte as `FP8Blocks(quantizing:)` does on the host: an fp8
 /// layer built from BF16 CUDA tensors (`FusedDeviceWeights.fp8Experts`) quantizes its experts here instead of
-/// reading them to the host (docs/fp8.md, "Loading").
+/// reading them to the host (docs/fp8.md, "Backends": the C ABI and Python paragraph).
 struct FP8DeviceQuantizer {
     /// The GPU the matrices are on.
     let device: CUDADevice
@@ -31,9 +31,11 @@ struct FP8DeviceQuantizer {
     /// Quantizes `matrices` BF16 matrices [rows, cols] (row-major; matrix m starts `matrixStride` elements after
     /// matrix m − 1, at device address `source`) into dense `codes` [matrices, rows, cols] (one byte each) and
     /// `scales` [matrices, ⌈rows/128⌉, ⌈cols/128⌉] (FP32), on the legacy default stream: ordered after earlier
-    /// copies and before later ones, not waited for.
+    /// copies and before later ones, not waited for. `gridLimit`: the most blocks launched (default 16 per SM);
+    /// each takes every `gridLimit`-th 128 × 128 block.
     func quantize(
-        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
+        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64,
+        gridLimit: Int? = nil
     ) throws {
         guard matrices > 0, rows > 0, cols > 0 else { return }
         guard source % 2 == 0, matrixStride >= rows * cols,
@@ -48,7 +50,7 @@ struct FP8DeviceQuantizer {
         let b = FP8Scaling.blockSize
         let blocks = matrices * ((rows + b - 1) / b) * ((cols + b - 1) / b)
         // Enough blocks to fill every SM several times over; each loops over the rest.
-        let grid = min(blocks, device.properties.multiprocessorCount * 16)
+        let grid = max(1, min(blocks, gridLimit ?? device.properties.multiprocessorCount * 16))
         try function.launch(
             grid: Dim3(grid), block: Dim3(Self.threadsPerBlock),
             arguments: [

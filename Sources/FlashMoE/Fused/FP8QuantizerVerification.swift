@@ -28,17 +28,23 @@ extension Verifier {
             bits.shuffle(using: &random)
             return try compareQuantizer(quantizer, values: bits, matrices: 4, rows: 128, cols: 128)
         }
-        for (i, shape) in [(6, 200, 260, 0, 0), (3, 131, 130, 0, 0), (2, 64, 256, 1, 0), (3, 130, 384, 0, 1)]
-            .enumerated()
-        {
-            let (m, r, c, misaligned, spaced) = shape
-            let what = misaligned == 1 ? ", source 2 bytes past 8-byte alignment"
-                : spaced == 1 ? ", matrices 2·rows·cols apart" : c % 4 == 0 ? "" : ", cols not a multiple of 4"
-            check("fp8 quantizer: binade windows [\(m),\(r),\(c)]\(what)") {
+        // (matrices, rows, cols, the form): partial blocks; a grid of 7 blocks looping over 36 (uneven turns); cols
+        // not a multiple of 4 (narrow loads and stores); a source 2 bytes past 8-byte alignment; matrices 2·rows·cols
+        // apart; a stride that is not a multiple of 4 with codes 1 byte past 4-byte alignment (narrow loads and
+        // stores again, from the addresses alone); more blocks than the default grid (16 per SM).
+        let stacks: [(Int, Int, Int, QuantizerForm)] = [
+            (6, 200, 260, QuantizerForm(gridLimit: 7, what: ", 7 blocks looping")),
+            (3, 131, 130, QuantizerForm(what: ", cols not a multiple of 4")),
+            (2, 64, 256, QuantizerForm(offset: 1, what: ", source 2 bytes past 8-byte alignment")),
+            (3, 130, 384, QuantizerForm(gap: 130 * 384, what: ", matrices 2·rows·cols apart")),
+            (3, 128, 256, QuantizerForm(gap: 2, codesOffset: 1, what: ", stride 2 past rows·cols, codes misaligned")),
+            (48, 768, 1024, QuantizerForm(what: ", 2,304 blocks (past 16 a SM up to 144 SMs)")),
+        ]
+        for (i, (m, r, c, form)) in stacks.enumerated() {
+            check("fp8 quantizer: binade windows [\(m),\(r),\(c)]\(form.what)") {
                 var random = FuzzRandom(seed, 0xF8, UInt64(i + 1))
                 let values = binadeWindows(matrices: m, rows: r, cols: c, random: &random)
-                return try compareQuantizer(
-                    quantizer, values: values, matrices: m, rows: r, cols: c, offset: misaligned, spaced: spaced == 1)
+                return try compareQuantizer(quantizer, values: values, matrices: m, rows: r, cols: c, form: form)
             }
         }
         let shared = SharedExpertConfig(intermediateSize: 64, gated: true)
@@ -60,9 +66,9 @@ extension Verifier {
     }
 
     /// Random BF16 bit patterns for `matrices` × `rows` × `cols` values, each 128 × 128 block drawn from its own
-    /// window of 12 binades anywhere in BF16's range (random signs and mantissas), so the block scales span the
+    /// window of 13 binades anywhere in BF16's range (random signs and mantissas), so the block scales span the
     /// format; one block in 8 is all zeros, one in 8 holds only subnormals (its amax below 2⁻⁹⁶: the kernel's IEEE
-    /// division path), one in 8 has NaN and ±∞ among its values.
+    /// division path); in those and in one more block in 8, 1 % of the values are NaN or ±∞.
     private static func binadeWindows(matrices: Int, rows: Int, cols: Int, random: inout FuzzRandom) -> [UInt16] {
         let b = FP8Scaling.blockSize
         let (br, bc) = ((rows + b - 1) / b, (cols + b - 1) / b)
@@ -81,7 +87,7 @@ extension Verifier {
                     case 1: v = sign | mantissa  // subnormal (or ±0)
                     default: v = sign | UInt16(random.int(low...(low + 12))) << 7 | mantissa
                     }
-                    if kind == 2 && random.chance(0.01) { v = random.pick([0x7FC0, 0xFFC1, 0x7F80, 0xFF80]) }
+                    if kind <= 2 && random.chance(0.01) { v = random.pick([0x7FC0, 0xFFC1, 0x7F80, 0xFF80]) }
                     out[(m * rows + r) * cols + c] = v
                 }
             }
@@ -89,54 +95,71 @@ extension Verifier {
         return out
     }
 
-    /// The GPU quantizer on `values` (BF16 bits, [matrices, rows, cols]) against `FP8Blocks(quantizing:)`: every
-    /// code and scale equal. `offset`: elements of padding before the first matrix (1 misaligns the source);
-    /// `spaced`: matrices 2 · rows · cols elements apart (the second half of each gap filled with other values).
+    /// How a stack is laid out for the quantizer: `offset` elements before the first matrix (1 misaligns the
+    /// source), `gap` elements between matrices (filled with 2.0), codes `codesOffset` bytes into their buffer,
+    /// at most `gridLimit` blocks (nil: the default grid).
+    struct QuantizerForm {
+        var offset = 0, gap = 0, codesOffset = 0
+        var gridLimit: Int? = nil
+        var what = ""
+    }
+
+    /// The GPU quantizer on `values` (BF16 bits, [matrices, rows, cols]) laid out as `form` says, against
+    /// `FP8Blocks(quantizing:)`: every code and scale equal, twice, over codes poisoned with 0xA5 and then 0x5A
+    /// (a code left unwritten differs from the host's in one of the two).
     private static func compareQuantizer(
-        _ q: FP8DeviceQuantizer, values: [UInt16], matrices m: Int, rows r: Int, cols c: Int, offset: Int = 0,
-        spaced: Bool = false
+        _ q: FP8DeviceQuantizer, values: [UInt16], matrices m: Int, rows r: Int, cols c: Int,
+        form: QuantizerForm = QuantizerForm()
     ) throws -> (String?, String) {
         let per = r * c
-        let stride = spaced ? 2 * per : per
+        let stride = per + form.gap
+        let offset = form.offset
         var source = [UInt16](repeating: 0x4000, count: offset + m * stride)  // 2.0 in the gaps
         for j in 0..<m {
-            source.replaceSubrange((offset + j * stride)..<(offset + j * stride + per), with: values[(j * per)..<((j + 1) * per)])
+            source.replaceSubrange(
+                (offset + j * stride)..<(offset + j * stride + per), with: values[(j * per)..<((j + 1) * per)])
         }
         let device = q.device
         let input = try DeviceBuffer(device: device, copying: source)
         let b = FP8Scaling.blockSize
         let scaleCount = m * ((r + b - 1) / b) * ((c + b - 1) / b)
-        let codes = try DeviceBuffer<UInt8>(device: device, count: m * per)
+        let codes = try DeviceBuffer<UInt8>(device: device, count: form.codesOffset + m * per)
         let scales = try DeviceBuffer<Float>(device: device, count: scaleCount)
-        try codes.fill(byte: 0xA5)  // poisoned: a code never written shows
-        try scales.fill(word: 0x7FC0_0001)
-        let clock = ContinuousClock()
-        let start = clock.now
-        try q.quantize(
-            source: input.address + UInt64(offset * 2), matrixStride: stride, matrices: m, rows: r, cols: c,
-            codes: codes.address, scales: scales.address)
-        try device.synchronize()
-        let elapsed = clock.now - start
-        let (gotCodes, gotScales) = (try codes.download(), try scales.download())
+        var runs: [(codes: [UInt8], scales: [Float])] = []
+        var elapsed = Duration.zero
+        for poison: UInt8 in [0xA5, 0x5A] {
+            try codes.fill(byte: poison)  // a code never written shows in one of the two runs
+            try scales.fill(word: 0x7FC0_0001)
+            let clock = ContinuousClock()
+            let start = clock.now
+            try q.quantize(
+                source: input.address + UInt64(offset * 2), matrixStride: stride, matrices: m, rows: r, cols: c,
+                codes: codes.address + UInt64(form.codesOffset), scales: scales.address, gridLimit: form.gridLimit)
+            try device.synchronize()
+            elapsed = clock.now - start
+            runs.append((Array(try codes.download().dropFirst(form.codesOffset)), try scales.download()))
+        }
         let expected = FP8Blocks(
             quantizing: try HostTensor(shape: [m, r, c], bfloat16: values.map(BFloat16.init(bitPattern:))))
-        let wrongCodes = zip(gotCodes, expected.codes).filter { $0 != $1.bitPattern }.count
-        let wrongScales = zip(gotScales, expected.scales).filter { $0.bitPattern != $1.bitPattern }.count
         let detail = "\(m * per) codes, \(scaleCount) scales, \(formatDecimal(elapsed.milliseconds, 2)) ms"
-        guard wrongCodes == 0 && wrongScales == 0 else {
-            let i = zip(gotCodes, expected.codes).enumerated().first { $1.0 != $1.1.bitPattern }?.offset
-            let example = i.map {
-                ": value 0x\(String(values[$0], radix: 16)) at \($0) got code 0x\(String(gotCodes[$0], radix: 16)), "
-                    + "the host 0x\(String(expected.codes[$0].bitPattern, radix: 16))"
-            } ?? ""
-            return ("\(wrongCodes) codes and \(wrongScales) scales differ from the host's\(example)", detail)
+        for (gotCodes, gotScales) in runs {
+            let wrongCodes = zip(gotCodes, expected.codes).filter { $0 != $1.bitPattern }.count
+            let wrongScales = zip(gotScales, expected.scales).filter { $0.bitPattern != $1.bitPattern }.count
+            guard wrongCodes == 0 && wrongScales == 0 else {
+                let i = zip(gotCodes, expected.codes).enumerated().first { $1.0 != $1.1.bitPattern }?.offset
+                let example = i.map {
+                    ": value 0x\(String(values[$0], radix: 16)) at \($0) got code 0x\(String(gotCodes[$0], radix: 16)), "
+                        + "the host 0x\(String(expected.codes[$0].bitPattern, radix: 16))"
+                } ?? ""
+                return ("\(wrongCodes) codes and \(wrongScales) scales differ from the host's\(example)", detail)
+            }
         }
         return (nil, detail + ", all equal to the host's")
     }
 
     /// An fp8 layer's routed experts built from BF16 device pointers (quantized on the GPU) against the same layer
-    /// from host weights (quantized on the host): w1 and w2 byte for byte, whole and as a share of 2 experts built
-    /// one expert at a time.
+    /// from host weights (quantized on the host): w1 and w2 byte for byte, whole (in one chunk and two experts a
+    /// chunk) and as a share of 2 experts built one expert at a time.
     private static func compareLayerFromPointers(
         _ c: MoEConfig, fused: Bool, seed: UInt64, device: CUDADevice, quantizer: FP8DeviceQuantizer
     ) throws -> (String?, String) {
@@ -179,6 +202,12 @@ extension Verifier {
         let fromHost = try FusedDeviceWeights(layer: layer, device: device, packRows: packRows)
         let fromDevice = try FusedDeviceWeights(
             config: c, pointers: p, device: device, packRows: packRows, fp8Quantizer: quantizer)
+        // Two experts a chunk: full chunks and a partial last one (where staging offsets, sized by the chunk's
+        // experts, and code offsets, sized by the chunk, differ).
+        let perExpert = ((c.ffn == .gated ? 2 : 1) + 1) * c.hiddenSize * c.intermediateSize * 2
+        let (c1, c2) = try FusedDeviceWeights.fp8Experts(
+            config: c, pointers: p, device: device, packRows: packRows, first: 0, count: c.experts,
+            chunkBytes: 2 * perExpert, quantizer: quantizer)
         let share = 1..<3
         let hostShare = try FusedDeviceWeights(layer: layer, experts: share, device: device, packRows: packRows)
         let (w1, w2) = try FusedDeviceWeights.fp8Experts(
@@ -187,6 +216,7 @@ extension Verifier {
         let pairs: [(String, DeviceBuffer<UInt8>, DeviceBuffer<UInt8>)] = [
             ("w1", fromHost.w1, fromDevice.w1), ("w2", fromHost.w2, fromDevice.w2),
             ("the share's w1", hostShare.w1, w1), ("the share's w2", hostShare.w2, w2),
+            ("w1 two experts a chunk", fromHost.w1, c1), ("w2 two experts a chunk", fromHost.w2, c2),
         ]
         var bytes = 0
         for (name, a, b) in pairs {
@@ -198,6 +228,7 @@ extension Verifier {
                         "\(bytes) bytes compared")
             }
         }
-        return (nil, "w1, w2 and a 2-expert share built one expert at a time: \(bytes) bytes, all equal")
+        withExtendedLifetime(kept) {}  // the caller's tensors, read through their addresses only
+        return (nil, "w1, w2, both two experts a chunk, and a 2-expert share one at a time: \(bytes) bytes, all equal")
     }
 }

@@ -42,7 +42,9 @@ extension FusedDeviceWeights {
         let w2 = try copier.buffer(bytes: e * bytes2)
         try w1.fill(byte: 0)
         try w2.fill(byte: 0)
-        if p.expertScales != nil {
+        if e == 0 {
+            // A rank without routed experts: nothing to copy or quantize.
+        } else if p.expertScales != nil {
             try fp8ImagesFromCodes(config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
                                    w1: w1, w2: w2)
         } else {
@@ -126,6 +128,9 @@ extension FusedDeviceWeights {
                 w2: DeviceBuffer(device: device, borrowing: w2.address + UInt64(start * bytes2), count: n * bytes2))
             start += n
         }
+        // The scratch buffers are used through their addresses only: alive until here, after the last chunk's copies
+        // out of them (each chunk ends with synchronous reads of its scales, behind its copies on the legacy stream).
+        withExtendedLifetime((staging, codes, scales)) {}
     }
 
     /// The row sources of the W1 and W2 images (`fp8FirstSource`, `fp8SecondSource`) over the gate, up (gated
@@ -185,7 +190,15 @@ protocol FP8MatrixQuantizing {
     ) throws
 }
 
-extension FP8DeviceQuantizer: FP8MatrixQuantizing {}
+extension FP8DeviceQuantizer: FP8MatrixQuantizing {
+    func quantize(
+        source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
+    ) throws {
+        try quantize(
+            source: source, matrixStride: matrixStride, matrices: matrices, rows: rows, cols: cols, codes: codes,
+            scales: scales, gridLimit: nil)
+    }
+}
 
 extension WeightPointers {
     /// The routed experts' matrices, as `fp8Blocks(_:experts:config:copy:)` reads them.

@@ -114,6 +114,16 @@ import Testing
             config: c, pointers: p, device: device, packRows: Self.packRows, first: share.lowerBound,
             count: share.count, chunkBytes: 1, quantizer: oneAtATime)
         #expect(oneAtATime.calls.allSatisfy { $0.matrices == 1 } && oneAtATime.calls.count == (codes ? 0 : 6))
+        // Two experts a chunk over all 3: a full chunk, then a partial one (its staging offsets sized by 1 expert,
+        // its code offsets by the chunk's 2).
+        let perExpert = 3 * c.hiddenSize * c.intermediateSize * 2
+        let twoAtATime = FakeMemoryQuantizer(device: device)
+        let (t1, t2) = try FusedDeviceWeights.fp8Experts(
+            config: c, pointers: p, device: device, packRows: Self.packRows, first: 0, count: c.experts,
+            chunkBytes: 2 * perExpert, quantizer: twoAtATime)
+        #expect(twoAtATime.calls.map(\.matrices) == (codes ? [] : [2, 2, 2, 1, 1, 1]))
+        #expect(Self.firstDifference(try t1.download(), try fromHost.w1.download()) == nil, "\(what): w1, 2 a chunk")
+        #expect(Self.firstDifference(try t2.download(), try fromHost.w2.download()) == nil, "\(what): w2, 2 a chunk")
         #expect(Self.firstDifference(try w1.download(), try hostShare.w1.download()) == nil, "\(what): the share's w1")
         #expect(Self.firstDifference(try w2.download(), try hostShare.w2.download()) == nil, "\(what): the share's w2")
     }
