@@ -22,9 +22,8 @@ extension FusedDeviceWeights {
     static let fp8ChunkBytes = 256 << 20
 
     /// The fp8 first layer (W1, gated: gate and up interleaved) and W2 of experts `first ..< first + count` of
-    /// `p`, in the kernel's per-expert image layout. BF16 experts are quantized by `quantizer` (default: an
-    /// `FP8DeviceQuantizer` on `device`, compiled on first use) at most `chunkBytes` of source at a time (at least one
-    /// expert).
+    /// `p`, in the kernel's per-expert image layout. BF16 experts are quantized by `quantizer` (default:
+    /// `defaultQuantizer`, the GPU's) at most `chunkBytes` of source at a time (at least one expert).
     static func fp8Experts(
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
         chunkBytes: Int = fp8ChunkBytes, quantizer: (any FP8MatrixQuantizing)? = nil
@@ -50,10 +49,16 @@ extension FusedDeviceWeights {
         } else {
             try fp8ImagesFromBF16(
                 config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
-                chunkBytes: chunkBytes, quantizer: try quantizer ?? FP8DeviceQuantizer(device: device), w1: w1, w2: w2)
+                chunkBytes: chunkBytes, quantizer: try quantizer ?? defaultQuantizer(device), w1: w1, w2: w2)
         }
         try device.synchronize()
         return (w1, w2)
+    }
+
+    /// The quantizer of BF16 experts: the GPU's (`FP8DeviceQuantizer`), or with `FLASHMOE_FP8_QUANTIZER=host` the
+    /// host's through host memory (`FP8HostQuantizer`).
+    static func defaultQuantizer(_ device: CUDADevice) throws -> any FP8MatrixQuantizing {
+        FP8HostQuantizer.requested() ? FP8HostQuantizer(device: device) : try FP8DeviceQuantizer(device: device)
     }
 
     /// `fp8Experts` from BF16 matrices: per chunk of experts, the caller's gate, up and down rows copied into a

@@ -8,7 +8,8 @@ import Testing
 /// as E4M3 codes with their block scales, in both layouts, must give the same bytes in every buffer; so must a rank's
 /// share of the experts and a build that quantizes one expert at a time. The fake driver runs no kernel, so BF16
 /// experts are quantized by `FakeMemoryQuantizer` (the host's quantization on the fake device memory, with the GPU
-/// kernel's arguments); `flashmoe verify` checks the GPU kernel against the host byte for byte
+/// kernel's arguments; `FLASHMOE_FP8_QUANTIZER=host` runs it on a GPU); `flashmoe verify` checks the GPU kernel
+/// against the host byte for byte
 /// (`Verifier.fp8QuantizerChecks`).
 @Suite struct DevicePointerFP8Tests {
     /// gated, a gated shared expert; I = 128 so the fused codes are allowed, H = 160 a partial column block.
@@ -165,36 +166,29 @@ import Testing
     }
 }
 
-/// The host's quantization (`FP8Blocks(quantizing:)`) run on the fake driver's memory with the arguments the GPU
-/// kernel gets: what `FP8DeviceQuantizer` does on a GPU, for the tests of everything around it. Records each call.
+/// `FP8HostQuantizer` (the host's quantization through the fake driver's memory, with the GPU kernel's arguments),
+/// recording each call: what `FP8DeviceQuantizer` does on a GPU, for the tests of everything around it.
 final class FakeMemoryQuantizer: FP8MatrixQuantizing, @unchecked Sendable {
     struct Call { let matrices: Int, rows: Int, cols: Int, matrixStride: Int }
-    let device: CUDADevice
+    let host: FP8HostQuantizer
     private(set) var calls: [Call] = []
 
-    init(device: CUDADevice) { self.device = device }
+    init(device: CUDADevice) { host = FP8HostQuantizer(device: device) }
 
     func quantize(
         source: UInt64, matrixStride: Int, matrices: Int, rows: Int, cols: Int, codes: UInt64, scales: UInt64
     ) throws {
         calls.append(Call(matrices: matrices, rows: rows, cols: cols, matrixStride: matrixStride))
-        var values: [BFloat16] = []
-        for m in 0..<matrices {
-            var matrix = [BFloat16](repeating: BFloat16(bitPattern: 0), count: rows * cols)
-            let result = matrix.withUnsafeMutableBytes {
-                device.driver.memcpyDtoH($0.baseAddress!, source + UInt64(m * matrixStride * 2), rows * cols * 2, nil)
-            }
-            guard result == CUDA_SUCCESS else { throw CUDAError.invalidArgument("fake quantizer: unreadable source") }
-            values += matrix
-        }
-        let q = FP8Blocks(quantizing: try HostTensor(shape: [matrices, rows, cols], bfloat16: values))
-        let bits = q.codes.map(\.bitPattern)
-        let (r1, r2) = (
-            bits.withUnsafeBytes { device.driver.memcpyHtoD(codes, $0.baseAddress!, $0.count, nil) },
-            q.scales.withUnsafeBytes { device.driver.memcpyHtoD(scales, $0.baseAddress!, $0.count, nil) }
-        )
-        guard r1 == CUDA_SUCCESS, r2 == CUDA_SUCCESS else {
-            throw CUDAError.invalidArgument("fake quantizer: unwritable codes or scales")
-        }
+        try host.quantize(
+            source: source, matrixStride: matrixStride, matrices: matrices, rows: rows, cols: cols, codes: codes,
+            scales: scales)
+    }
+}
+
+@Suite struct FP8QuantizerSelectionTests {
+    @Test func theEnvironmentChoosesTheHostQuantizer() {
+        #expect(FP8HostQuantizer.requested(environment: ["FLASHMOE_FP8_QUANTIZER": "host"]))
+        #expect(!FP8HostQuantizer.requested(environment: [:]))
+        #expect(!FP8HostQuantizer.requested(environment: ["FLASHMOE_FP8_QUANTIZER": "gpu"]))
     }
 }
