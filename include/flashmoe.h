@@ -161,8 +161,8 @@ typedef struct {
  *
  *  FP8 layers (FLASHMOE_PRECISION_FP8): with every *_scale pointer of the layout NULL, the routed experts'
  *  matrices are bfloat16 and create quantizes them (as `flashmoe run --precision fp8` does a BF16 checkpoint; GPU
- *  layers quantize on the GPU, to the same bytes, in chunks of experts of at most 256 MiB of bfloat16 (or one
- *  expert), which create holds in temporary device memory with their codes: up to 1.5 times that).
+ *  layers in chunks of experts of at most 256 MiB of bfloat16, or one expert, which create holds in temporary
+ *  device memory with their codes: up to 1.5 times that; docs/fp8.md says where they are quantized).
  *  With them set, those matrices are E4M3 codes (uint8 bit patterns of float8_e4m3fn) and each *_scale is the
  *  matrices' float32 dequantization scales, one per 128x128 block: [E, ceil(rows / 128), ceil(cols / 128)], as
  *  DeepSeek-V3's `weight_scale_inv` (value = code * scale). FUSED: gate_up_scale covers gate_up's 2I rows (I must

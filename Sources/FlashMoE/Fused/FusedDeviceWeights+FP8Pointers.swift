@@ -1,19 +1,20 @@
 import CCUDA
 
 /// fp8 layers from the caller's device pointers (the C ABI's FLASHMOE_PRECISION_FP8): the routed experts' images
-/// (FusedDeviceWeights+FP8.swift) built from BF16 matrices, quantized on the GPU, or from E4M3 codes with their block
+/// (FusedDeviceWeights+FP8.swift) built from BF16 matrices, quantized while building, or from E4M3 codes with their block
 /// scales (`WeightPointers.ExpertScales`).
 ///
 /// E4M3 codes stay on the device: each expert's image is assembled by device-to-device copies of its rows (gate
 /// and up blocks interleaved as `fp8FirstSource` places them), and only the block scales, one float per 16,384
 /// codes, are read to the host, checked finite and written into the images' scale sections.
 ///
-/// BF16 experts are quantized on the GPU a chunk of experts at a time (`FP8DeviceQuantizer`, kernels/quantize.cu,
-/// byte for byte what the host's `FP8Blocks(quantizing:)` writes): each chunk's matrices are first copied into a
-/// staging buffer this code owns (so the kernel reads only memory allocated here, and a bad caller address is a
-/// failed copy naming its field, not a fault in a kernel), quantized into dense codes and scales, then assembled
-/// into the images as E4M3 codes are. Device memory beside the images: one chunk (at most `chunkBytes` of BF16
-/// source, plus its codes and scales); host memory: the chunk's block scales.
+/// BF16 experts are quantized a chunk of experts at a time: each chunk's matrices are first copied into a staging
+/// buffer this code owns (so a kernel reads only memory allocated here, and a bad caller address is a failed copy
+/// naming its field, not a fault in a kernel), quantized into dense codes and scales (`FP8MatrixQuantizing`: through
+/// host memory, `FP8HostQuantizer`, by default; on the GPU, `FP8DeviceQuantizer` with kernels/quantize.cu, with
+/// `FLASHMOE_FP8_QUANTIZER=gpu`; both write what `FP8Blocks(quantizing:)` writes), then assembled into the images as
+/// E4M3 codes are. Device memory beside the images: one chunk (at most `chunkBytes` of BF16 source, plus its codes
+/// and scales); host memory: the chunk's block scales (and with the host's quantizer its matrices).
 ///
 /// Either way a layer built from device pointers holds the same bytes as one built from the same values on the
 /// host, and the oracle's quantization is the kernel's.
@@ -23,7 +24,7 @@ extension FusedDeviceWeights {
 
     /// The fp8 first layer (W1, gated: gate and up interleaved) and W2 of experts `first ..< first + count` of
     /// `p`, in the kernel's per-expert image layout. BF16 experts are quantized by `quantizer` (default:
-    /// `defaultQuantizer`, the GPU's) at most `chunkBytes` of source at a time (at least one expert).
+    /// `defaultQuantizer`) at most `chunkBytes` of source at a time (at least one expert).
     static func fp8Experts(
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
         chunkBytes: Int = fp8ChunkBytes, quantizer: (any FP8MatrixQuantizing)? = nil
@@ -55,10 +56,11 @@ extension FusedDeviceWeights {
         return (w1, w2)
     }
 
-    /// The quantizer of BF16 experts: the GPU's (`FP8DeviceQuantizer`), or with `FLASHMOE_FP8_QUANTIZER=host` the
-    /// host's through host memory (`FP8HostQuantizer`).
+    /// The quantizer of BF16 experts: the host's through host memory (`FP8HostQuantizer`), or with
+    /// `FLASHMOE_FP8_QUANTIZER=gpu` the GPU's (`FP8DeviceQuantizer`; see `FP8HostQuantizer.gpuRequested` for why it
+    /// is not the default yet).
     static func defaultQuantizer(_ device: CUDADevice) throws -> any FP8MatrixQuantizing {
-        FP8HostQuantizer.requested() ? FP8HostQuantizer(device: device) : try FP8DeviceQuantizer(device: device)
+        FP8HostQuantizer.gpuRequested() ? try FP8DeviceQuantizer(device: device) : FP8HostQuantizer(device: device)
     }
 
     /// `fp8Experts` from BF16 matrices: per chunk of experts, the caller's gate, up and down rows copied into a

@@ -120,10 +120,9 @@ extension FusedDeviceWeights {
     ///   of ms for Qwen3-30B-A3B's 128 experts), after one `cuMemsetD8` of the padding.
     /// - Device memory: exactly the packed copy (`byteCount`: the gated first layer padded to a multiple of
     ///   `packRows` rows), as for host weights; nothing temporary, no host memory.
-    /// - fp8: the routed experts are assembled into their images by device-to-device copies, quantized on the GPU
-    ///   first when given in BF16 (a chunk at a time, through a staging buffer of at most 256 MiB; only the block
-    ///   scales pass through host memory: `fp8Experts`, FusedDeviceWeights+FP8Pointers.swift); the router and the
-    ///   shared expert are copied as above, in BF16.
+    /// - fp8: the routed experts are assembled into their images by device-to-device copies, quantized first when
+    ///   given in BF16 (a chunk at a time, through a staging buffer of at most 256 MiB: `fp8Experts`,
+    ///   FusedDeviceWeights+FP8Pointers.swift); the router and the shared expert are copied as above, in BF16.
     /// - The device is synchronized before the copies (so writes the caller queued on any stream of the context
     ///   have landed) and after them (so the copies are done when this returns).
     /// - `experts`: the routed experts to copy (a rank's share; all by default); `pointersStart`: the expert the
@@ -162,7 +161,7 @@ extension FusedDeviceWeights {
         }
         let w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>
         if c.precision == .fp8 {
-            // Quantized on the GPU when given in BF16 (FusedDeviceWeights+FP8Pointers.swift).
+            // Quantized first when given in BF16 (FusedDeviceWeights+FP8Pointers.swift).
             (w1, w2) = try Self.fp8Experts(
                 config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
                 quantizer: fp8Quantizer)

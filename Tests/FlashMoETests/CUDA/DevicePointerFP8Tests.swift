@@ -8,8 +8,8 @@ import Testing
 /// as E4M3 codes with their block scales, in both layouts, must give the same bytes in every buffer; so must a rank's
 /// share of the experts and a build that quantizes one expert at a time. The fake driver runs no kernel, so BF16
 /// experts are quantized by `FakeMemoryQuantizer` (the host's quantization on the fake device memory, with the GPU
-/// kernel's arguments; `FLASHMOE_FP8_QUANTIZER=host` runs it on a GPU); `flashmoe verify` checks the GPU kernel
-/// against the host byte for byte
+/// kernel's arguments; the default on a GPU too); `flashmoe verify` checks the GPU kernel against the host byte
+/// for byte
 /// (`Verifier.fp8QuantizerChecks`).
 @Suite struct DevicePointerFP8Tests {
     /// gated, a gated shared expert; I = 128 so the fused codes are allowed, H = 160 a partial column block.
@@ -186,9 +186,10 @@ final class FakeMemoryQuantizer: FP8MatrixQuantizing, @unchecked Sendable {
 }
 
 @Suite struct FP8QuantizerSelectionTests {
-    @Test func theEnvironmentChoosesTheHostQuantizer() {
-        #expect(FP8HostQuantizer.requested(environment: ["FLASHMOE_FP8_QUANTIZER": "host"]))
-        #expect(!FP8HostQuantizer.requested(environment: [:]))
-        #expect(!FP8HostQuantizer.requested(environment: ["FLASHMOE_FP8_QUANTIZER": "gpu"]))
+    @Test func theEnvironmentChoosesTheGPUQuantizer() {
+        // The host's by default until the GPU's has passed verify on a GPU (FP8HostQuantizer.gpuRequested).
+        #expect(FP8HostQuantizer.gpuRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "gpu"]))
+        #expect(!FP8HostQuantizer.gpuRequested(environment: [:]))
+        #expect(!FP8HostQuantizer.gpuRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "host"]))
     }
 }
