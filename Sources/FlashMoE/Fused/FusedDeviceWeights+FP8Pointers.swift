@@ -42,15 +42,14 @@ extension FusedDeviceWeights {
         let w2 = try copier.buffer(bytes: e * bytes2)
         try w1.fill(byte: 0)
         try w2.fill(byte: 0)
-        if e == 0 {
-            // A rank without routed experts: nothing to copy or quantize.
-        } else if p.expertScales != nil {
+        if p.expertScales != nil {
             try fp8ImagesFromCodes(config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
                                    w1: w1, w2: w2)
-        } else {
+        } else if e > 0 {  // a rank without routed experts needs no quantizer
             try fp8ImagesFromBF16(
                 config: c, pointers: p, device: device, packRows: packRows, first: first, count: e,
-                chunkBytes: chunkBytes, quantizer: try quantizer ?? defaultQuantizer(device), w1: w1, w2: w2)
+                chunkBytes: chunkBytes, quantizer: try quantizer ?? defaultQuantizer(device),
+                w1: w1, bytes1: bytes1, w2: w2, bytes2: bytes2)
         }
         try device.synchronize()
         return (w1, w2)
@@ -66,10 +65,11 @@ extension FusedDeviceWeights {
     /// `fp8Experts` from BF16 matrices: per chunk of experts, the caller's gate, up and down rows copied into a
     /// staging buffer (one copy per tensor: the chunk's matrices are contiguous in every layout), quantized from
     /// there into dense codes and scales laid out as separate E4M3 tensors, which `fp8ImagesFromCodes` then
-    /// assembles into experts `start ..< start + n` of `w1` and `w2`.
+    /// assembles into experts `start ..< start + n` of `w1` and `w2` (images of `bytes1` and `bytes2` bytes an expert).
     private static func fp8ImagesFromBF16(
         config c: MoEConfig, pointers p: WeightPointers, device: CUDADevice, packRows: Int, first: Int, count e: Int,
-        chunkBytes: Int, quantizer: any FP8MatrixQuantizing, w1: DeviceBuffer<UInt8>, w2: DeviceBuffer<UInt8>
+        chunkBytes: Int, quantizer: any FP8MatrixQuantizing,
+        w1: DeviceBuffer<UInt8>, bytes1: Int, w2: DeviceBuffer<UInt8>, bytes2: Int
     ) throws {
         let (h, i) = (c.hiddenSize, c.intermediateSize)
         let gated = c.ffn == .gated
@@ -93,8 +93,6 @@ extension FusedDeviceWeights {
         )
         let (gateName, upName) = p.firstLayer.isFused ? ("gate_up", "gate_up") : ("gate", "up")
         let rowBytes = h * 2
-        let bytes1 = fp8ExpertBytes(rows: fp8FirstRows(inner: i, gated: gated, packRows: packRows), k: h).total
-        let bytes2 = fp8ExpertBytes(rows: h, k: i).total
         var start = 0
         while start < e {
             let n = min(chunk, e - start)
