@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Creation time of a GPU layer from CUDA tensors (flashmoe.MoELayer): bf16, and fp8 from bf16 experts (quantized
-on the host at creation) and from float8_e4m3fn codes with block scales (docs/fp8.md). Each is created `--repeat`
+at creation: on the GPU, or with FLASHMOE_FP8_QUANTIZER=host on the host) and from float8_e4m3fn codes with block scales (docs/fp8.md). Each is created `--repeat`
 times after one warm-up creation (which also compiles or loads the kernel); the median wall time is printed, with
 the layer's weight bytes.
 
@@ -29,13 +29,18 @@ SHAPES = {  # hidden, intermediate, experts, top_k
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, R, C] bf16 -> (float8_e4m3fn codes, float32 scales [E, ceil(R/128), ceil(C/128)]) on the GPU, with
-    DeepSeek-V3's rule (scale = amax / 448). Only the speed of creation is measured here, not the bits."""
+    DeepSeek-V3's rule (scale = amax / 448), an expert at a time (a DeepSeek-V3-sized tensor in FP32 at once would
+    not fit beside the layers). Only the speed of creation is measured here, not the bits."""
     e, r, c = t.shape
     pr, pc = -r % 128, -c % 128
-    v = torch.nn.functional.pad(t.float(), (0, pc, 0, pr)).view(e, (r + pr) // 128, 128, (c + pc) // 128, 128)
-    scale = (v.abs().amax(dim=(2, 4)) / 448).clamp_min(1e-30)
-    codes = (v / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).view(e, r + pr, c + pc)[:, :r, :c]
-    return codes.contiguous(), scale.contiguous()
+    codes = torch.empty((e, r, c), dtype=torch.float8_e4m3fn, device=t.device)
+    scales = torch.empty((e, (r + pr) // 128, (c + pc) // 128), dtype=torch.float32, device=t.device)
+    for x in range(e):
+        v = torch.nn.functional.pad(t[x].float(), (0, pc, 0, pr)).view((r + pr) // 128, 128, (c + pc) // 128, 128)
+        scale = (v.abs().amax(dim=(1, 3)) / 448).clamp_min(1e-30)
+        codes[x] = (v / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(r + pr, c + pc)[:r, :c]
+        scales[x] = scale
+    return codes, scales
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 /// Quantizes BF16 matrices in device memory to precision fp8's E4M3 codes and 128×128 block scales on the GPU
 /// (`Sources/CKernels/kernels/quantize.cu`), meant to write what `FP8Blocks(quantizing:)` writes on the host, byte
-/// for byte: with `FLASHMOE_FP8_QUANTIZER=gpu` an fp8 layer built from BF16 CUDA tensors
-/// (`FusedDeviceWeights.fp8Experts`) quantizes its experts here instead of reading them to the host (docs/fp8.md,
+/// for byte: an fp8 layer built from BF16 CUDA tensors (`FusedDeviceWeights.fp8Experts`) quantizes its experts here
+/// instead of reading them to the host, unless `FLASHMOE_FP8_QUANTIZER=host` asks for the host's (docs/fp8.md,
 /// "Backends": the C ABI and Python paragraph). `flashmoe verify` compares it with the host's
-/// (`Verifier.fp8QuantizerChecks`); until that has passed on a GPU it is not the default.
+/// (`Verifier.fp8QuantizerChecks`).
 struct FP8DeviceQuantizer {
     /// The GPU the matrices are on.
     let device: CUDADevice

@@ -1,23 +1,23 @@
 import CCUDA
 
 /// `FP8MatrixQuantizing` through host memory: each call reads its BF16 matrices from the device, quantizes them with
-/// `FP8Blocks(quantizing:)` (on all cores) and writes the codes and scales back. The default quantizer of fp8 layers
-/// from BF16 device pointers until the GPU's (`FP8DeviceQuantizer`, `FLASHMOE_FP8_QUANTIZER=gpu`) has been checked
-/// on a GPU, the reference verify compares that one with, and the fake driver's tests' (it runs no kernel). Host
-/// memory: one call's matrices in BF16 and FP32 plus their codes.
+/// `FP8Blocks(quantizing:)` (on all cores) and writes the codes and scales back: the reference verify compares the
+/// GPU's (`FP8DeviceQuantizer`, the default) with, the fake driver's tests' (it runs no kernel), and the quantizer
+/// of fp8 layers from BF16 device pointers with `FLASHMOE_FP8_QUANTIZER=host`. Host memory: one call's matrices in
+/// BF16 and FP32 plus their codes.
 struct FP8HostQuantizer: FP8MatrixQuantizing {
     /// The GPU the matrices are on.
     let device: CUDADevice
 
-    /// The environment variable that chooses the quantizer of fp8 layers from BF16 device pointers: `gpu` for the
-    /// GPU's (`FP8DeviceQuantizer`); unset or anything else, this one.
+    /// The environment variable that chooses the quantizer of fp8 layers from BF16 device pointers: `host` for
+    /// this one; unset or anything else, the GPU's (`FP8DeviceQuantizer`).
     static let selector = "FLASHMOE_FP8_QUANTIZER"
 
-    /// Whether `environment` asks for the GPU's quantizer. Not yet the default: its kernel (kernels/quantize.cu)
-    /// has not run on a GPU (round 48 had no device time left for `flashmoe verify`'s "fp8 quantizer" checks, which
-    /// compare it with this one byte for byte); once they pass on a GPU it should be.
-    static func gpuRequested(environment: [String: String] = ProcessEnvironment.current()) -> Bool {
-        environment[selector] == "gpu"
+    /// Whether `environment` asks for this quantizer instead of the GPU's. The GPU's is the default since
+    /// `flashmoe verify`'s "fp8 quantizer" checks (its codes and scales against this one's, byte for byte) passed
+    /// on an H100; it built a Qwen3-30B-A3B-shaped layer 27 times faster (Benchmarks/RESULTS.md, "Round 49").
+    static func hostRequested(environment: [String: String] = ProcessEnvironment.current()) -> Bool {
+        environment[selector] == "host"
     }
 
     func quantize(

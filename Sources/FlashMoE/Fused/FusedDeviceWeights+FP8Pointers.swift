@@ -10,9 +10,9 @@ import CCUDA
 ///
 /// BF16 experts are quantized a chunk of experts at a time: each chunk's matrices are first copied into a staging
 /// buffer this code owns (so a kernel reads only memory allocated here, and a bad caller address is a failed copy
-/// naming its field, not a fault in a kernel), quantized into dense codes and scales (`FP8MatrixQuantizing`: through
-/// host memory, `FP8HostQuantizer`, by default; on the GPU, `FP8DeviceQuantizer` with kernels/quantize.cu, with
-/// `FLASHMOE_FP8_QUANTIZER=gpu`; both write what `FP8Blocks(quantizing:)` writes), then assembled into the images as
+/// naming its field, not a fault in a kernel), quantized into dense codes and scales (`FP8MatrixQuantizing`: on the
+/// GPU, `FP8DeviceQuantizer` with kernels/quantize.cu, by default; through host memory, `FP8HostQuantizer`, with
+/// `FLASHMOE_FP8_QUANTIZER=host`; both write what `FP8Blocks(quantizing:)` writes), then assembled into the images as
 /// E4M3 codes are. Device memory beside the images: one chunk (at most `chunkBytes` of BF16 source, plus its codes
 /// and scales); host memory: the chunk's block scales (and with the host's quantizer its matrices).
 ///
@@ -55,11 +55,10 @@ extension FusedDeviceWeights {
         return (w1, w2)
     }
 
-    /// The quantizer of BF16 experts: the host's through host memory (`FP8HostQuantizer`), or with
-    /// `FLASHMOE_FP8_QUANTIZER=gpu` the GPU's (`FP8DeviceQuantizer`; see `FP8HostQuantizer.gpuRequested` for why it
-    /// is not the default yet).
+    /// The quantizer of BF16 experts: the GPU's (`FP8DeviceQuantizer`), or with `FLASHMOE_FP8_QUANTIZER=host` the
+    /// host's through host memory (`FP8HostQuantizer`; see `FP8HostQuantizer.hostRequested` for the evidence).
     static func defaultQuantizer(_ device: CUDADevice) throws -> any FP8MatrixQuantizing {
-        FP8HostQuantizer.gpuRequested() ? try FP8DeviceQuantizer(device: device) : FP8HostQuantizer(device: device)
+        FP8HostQuantizer.hostRequested() ? FP8HostQuantizer(device: device) : try FP8DeviceQuantizer(device: device)
     }
 
     /// `fp8Experts` from BF16 matrices: per chunk of experts, the caller's gate, up and down rows copied into a

@@ -186,10 +186,10 @@ final class FakeMemoryQuantizer: FP8MatrixQuantizing, @unchecked Sendable {
 }
 
 @Suite struct FP8QuantizerSelectionTests {
-    @Test func theEnvironmentChoosesTheGPUQuantizer() {
-        // The host's by default until the GPU's has passed verify on a GPU (FP8HostQuantizer.gpuRequested).
-        #expect(FP8HostQuantizer.gpuRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "gpu"]))
-        #expect(!FP8HostQuantizer.gpuRequested(environment: [:]))
-        #expect(!FP8HostQuantizer.gpuRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "host"]))
+    @Test func theEnvironmentChoosesTheHostQuantizer() {
+        // The GPU's by default (it passed verify's byte-for-byte checks on an H100); `host` asks for the host's.
+        #expect(FP8HostQuantizer.hostRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "host"]))
+        #expect(!FP8HostQuantizer.hostRequested(environment: [:]))
+        #expect(!FP8HostQuantizer.hostRequested(environment: ["FLASHMOE_FP8_QUANTIZER": "gpu"]))
     }
 }
