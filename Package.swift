@@ -55,7 +55,7 @@ let package = Package(
         ),
         .testTarget(
             name: "FlashMoETests",
-            dependencies: ["FlashMoE", "FlashMoECLI"],
+            dependencies: ["FlashMoE", "FlashMoECLI", "FlashMoEC"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
     ]

@@ -48,16 +48,25 @@ def main() -> None:
     p.add_argument("--shape", default="qwen3", choices=sorted(SHAPES))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json")
+    p.add_argument("--cases", default="bf16,fp8 from bf16,fp8 from E4M3",
+                   help="comma-separated: which layers to create (DeepSeek-V3's bf16 layer and its inputs do not fit "
+                        "an 80 GB GPU together)")
     args = p.parse_args()
     os.environ["FLASHMOE_EXPERIMENTAL_FP8"] = "1"
     h, i, e, k = SHAPES[args.shape]
     g = torch.Generator(device="cuda").manual_seed(1)
 
     def u(*shape):
-        return ((torch.rand(shape, generator=g, device="cuda") * 2 - 1) / shape[-1] ** 0.5).to(torch.bfloat16)
+        # An expert at a time: FP32 temporaries of a whole DeepSeek-V3 stack (30 GB) would stay in torch's cache,
+        # split around the bf16 tensors, and leave no room for the layers.
+        t = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+        for x in range(shape[0]):
+            t[x] = ((torch.rand(shape[1:], generator=g, device="cuda") * 2 - 1) / shape[-1] ** 0.5).to(torch.bfloat16)
+        return t
 
     router, gate_up, down = u(e, h), u(e, 2 * i, h), u(e, h, i)
     (gu, gus), (d, ds) = quantize(gate_up), quantize(down)
+    torch.cuda.empty_cache()  # the quantization's FP32 temporaries: DeepSeek-V3's bf16 layer needs the room
     base = flashmoe.MoEConfig(hidden=h, intermediate=i, experts=e, top_k=k, max_tokens=4096)
     cases = {
         "bf16": (base.replace(precision="bf16"), {"router": router, "gate_up": gate_up, "down": down}),
@@ -68,6 +77,8 @@ def main() -> None:
     results = {}
     print(f"{args.shape}: H={h} I={i} E={e}, {torch.cuda.get_device_name()}, {os.cpu_count()} CPUs", flush=True)
     for name, (cfg, weights) in cases.items():
+        if name not in args.cases.split(","):
+            continue
         times, info = [], {}
         for rep in range(args.repeat + 1):
             torch.cuda.synchronize()

@@ -28,7 +28,8 @@ enum ABIStatus {
     ///
     /// - `ArgumentError`, and `MoEError` other than `.unsupported` (config, shape or input mistakes): INVALID_ARGUMENT.
     /// - `UnsupportedError`, `MoEError.unsupported`, `CUDAError.driverTooOld`: UNSUPPORTED.
-    /// - `CUDAError.outOfMemory`, `HostMemoryError`: OUT_OF_MEMORY.
+    /// - `CUDAError.outOfMemory`, `HostMemoryError`, `DeviceMemoryError` (the estimate did not fit, nothing was
+    ///   allocated): OUT_OF_MEMORY.
     /// - `CUDAError.invalidArgument` (e.g. a device ordinal the machine does not have): INVALID_ARGUMENT.
     /// - every other `CUDAError` (no driver, no GPU, a failed driver call, an NVRTC failure): CUDA.
     /// - `FusedKernelError` (the kernel gave up on a wait; the operator has reset itself): KERNEL.
@@ -40,6 +41,7 @@ enum ABIStatus {
         case let e as ArgumentError: return (FLASHMOE_ERROR_INVALID_ARGUMENT, e.message)
         case let e as UnsupportedError: return (FLASHMOE_ERROR_UNSUPPORTED, e.message)
         case let e as HostMemoryError: return (FLASHMOE_ERROR_OUT_OF_MEMORY, e.message)
+        case let e as DeviceMemoryError: return (FLASHMOE_ERROR_OUT_OF_MEMORY, e.description)
         case let e as MoEError:
             return (e.kind == .unsupported ? FLASHMOE_ERROR_UNSUPPORTED : FLASHMOE_ERROR_INVALID_ARGUMENT, e.message)
         case let e as CUDAError:

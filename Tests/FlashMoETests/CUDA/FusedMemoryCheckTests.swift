@@ -131,6 +131,29 @@ import Testing
         }
     }
 
+    @Test func fp8WeightsAreCountedAsCodesAndScales() throws {
+        // One byte a routed expert's weight plus a scale per block; the router and the shared expert stay bf16. (The
+        // estimate once counted fp8 experts at 2 bytes and refused DeepSeek-V3's 10.5 GiB layer on an H100 with 22.6
+        // GiB free, asking for 21 GiB.)
+        for preset in [Preset.qwen3_30bA3b, Preset.deepSeekV3] {
+            var c = preset.config
+            c.precision = .fp8
+            let (e, h, i) = (c.experts, c.hiddenSize, c.intermediateSize)
+            let matrices = c.ffn == .gated ? 3 : 2
+            let shared = c.sharedExpert.map { $0.intermediateSize * h * matrices * 2 } ?? 0
+            let codes = e * i * h * matrices
+            let scales = e * (matrices - 1) * ((i + 127) / 128) * ((h + 127) / 128) * 4 + e * ((h + 127) / 128) * ((i + 127) / 128) * 4
+            let exact = e * h * 2 + shared + codes + scales
+            let estimate = try FusedMemoryEstimate(config: c, tokens: 0)
+            #expect(estimate.weightBytes >= exact, "\(preset.name)")
+            #expect(Double(estimate.weightBytes) <= Double(exact) * 1.05 + Double(16 << 20), "\(preset.name)")
+            var bf16 = c
+            bf16.precision = .bf16
+            let half = try FusedMemoryEstimate(config: bf16, tokens: 0).weightBytes
+            #expect(Double(estimate.weightBytes) < 0.55 * Double(half), "\(preset.name)")
+        }
+    }
+
     /// The shapes the README's `run`/`bench` examples reach (issue 12): qwen3-30b-a3b at S = 131,072 and
     /// deepseek-v3 at S = 16,384 fit on one 141 GB H200 (about 139 GiB usable) by this estimate, in every precision.
     @Test func theLargestDocumentedShapesFitOnAnH200() throws {
