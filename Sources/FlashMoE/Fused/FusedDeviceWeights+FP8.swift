@@ -14,6 +14,14 @@ extension FusedDeviceWeights {
         return (codes, round16(codes + scales))
     }
 
+    /// The bytes of one expert's W1 image (gated: gate and up interleaved in blocks of `fp8Granule` rows) and W2
+    /// image in an fp8 layer of `c`'s shape.
+    static func fp8ImageBytes(_ c: MoEConfig) -> (first: Int, second: Int) {
+        let rows1 = fp8FirstRows(inner: c.intermediateSize, gated: c.ffn == .gated, packRows: fp8Granule)
+        return (fp8ExpertBytes(rows: rows1, k: c.hiddenSize).total,
+                fp8ExpertBytes(rows: c.hiddenSize, k: c.intermediateSize).total)
+    }
+
     /// Packed row r of W1's fp8 image → (matrix, source row) of `gate` / `up`: the gated FFN interleaves blocks of
     /// `packRows` gate rows and the matching up rows; padding rows (past `inner`) have no source. `M`: the matrices'
     /// codes and scales (`FP8Blocks`), or their scales alone (`FP8ScaleGrid`).

@@ -34,9 +34,7 @@ extension FusedDeviceWeights {
                 .unsupported, "the fp8 kernel packs gate/up rows in blocks of \(fp8Granule), but this module packs \(packRows)")
         }
         let copier = DeviceCopier(device: device)
-        let rows1 = fp8FirstRows(inner: c.intermediateSize, gated: c.ffn == .gated, packRows: packRows)
-        let bytes1 = fp8ExpertBytes(rows: rows1, k: c.hiddenSize).total
-        let bytes2 = fp8ExpertBytes(rows: c.hiddenSize, k: c.intermediateSize).total
+        let (bytes1, bytes2) = fp8ImageBytes(c)
         // Zeros: the padding rows of a partial last gate/up block, their granules' scales and the 16-byte padding.
         let w1 = try copier.buffer(bytes: e * bytes1)
         let w2 = try copier.buffer(bytes: e * bytes2)

@@ -70,7 +70,7 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
     static func rounded(_ bytes: Int) -> Int { (max(bytes, 1) + (2 << 20) - 1) / (2 << 20) * (2 << 20) }
 
     /// The bytes of one rank's `FusedDeviceWeights` holding `experts` routed experts. fp8's routed experts are E4M3
-    /// codes with their block scales (`fp8ExpertBytes`), its router and shared expert 16-bit. Not counted: the
+    /// codes with their block scales (`fp8ImageBytes`), its router and shared expert 16-bit. Not counted: the
     /// staging chunk an fp8 layer made from BF16 device pointers quantizes at a time (at most 256 MiB of BF16 and its
     /// codes, freed before creation returns; `FusedDeviceWeights.fp8Experts`).
     static func weightBytes(_ c: MoEConfig, experts e: Int) -> Int {
@@ -78,15 +78,8 @@ public struct FusedMemoryEstimate: Sendable, Hashable {
         let pack = 128
         func firstLayer(_ rows: Int) -> Int { c.ffn == .gated ? (rows + pack - 1) / pack * 2 * pack : rows }
         let routerRows = c.experts + (c.sharedExpert?.gated == true ? 1 : 0)
-        let experts =
-            c.precision == .fp8
-            ? [
-                e * FusedDeviceWeights.fp8ExpertBytes(
-                    rows: FusedDeviceWeights.fp8FirstRows(inner: i, gated: c.ffn == .gated, packRows: pack), k: h
-                ).total,
-                e * FusedDeviceWeights.fp8ExpertBytes(rows: h, k: i).total,
-            ]
-            : [e * firstLayer(i) * h * t, e * h * i * t]
+        let fp8 = FusedDeviceWeights.fp8ImageBytes(c)
+        let experts = c.precision == .fp8 ? [e * fp8.first, e * fp8.second] : [e * firstLayer(i) * h * t, e * h * i * t]
         var buffers = [routerRows * h * t] + experts
         if c.router.selectionBias { buffers.append(c.experts * 4) }
         if c.bias { buffers += [e * i * 4, e * h * 4] }

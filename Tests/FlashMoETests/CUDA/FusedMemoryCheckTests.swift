@@ -142,7 +142,7 @@ import Testing
             let matrices = c.ffn == .gated ? 3 : 2
             let shared = c.sharedExpert.map { $0.intermediateSize * h * matrices * 2 } ?? 0
             let codes = e * i * h * matrices
-            let scales = e * (matrices - 1) * ((i + 127) / 128) * ((h + 127) / 128) * 4 + e * ((h + 127) / 128) * ((i + 127) / 128) * 4
+            let scales = e * matrices * ((i + 127) / 128) * ((h + 127) / 128) * 4  // at least one per 128 × 128 block
             let exact = e * h * 2 + shared + codes + scales
             let estimate = try FusedMemoryEstimate(config: c, tokens: 0)
             #expect(estimate.weightBytes >= exact, "\(preset.name)")
