@@ -45,6 +45,15 @@ constexpr int GEMV_WARPS = THREADS / 32;
 #endif
 constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UNROLL;
 
+// FMOE_GEMV_SCALES_AHEAD 1: the fp8 GEMV loads a batch's K-block scales (the weights' and its two columns') with the
+// batch's codes; 0, as before round 50: each K block loads its three scales after the batch's break test, which
+// kept the compiler from issuing them early (a load past kb1 could fault), so every K block waited a global load's
+// round trip before its promotion (sm_90a SASS: the scales' LD.E between the break test and the K block's
+// unpacks). Same products, same order: the same bits.
+#ifndef FMOE_GEMV_SCALES_AHEAD
+#define FMOE_GEMV_SCALES_AHEAD 1
+#endif
+
 // FMOE_GEMV_LAUNCH_ROWS: on one GPU, a launch that routes at least this many rows (every routed expert's, the task
 // space's total) runs no expert as a GEMV. There the other experts' tiles keep every SM busy, and what counts is how
 // fast a small expert's weights stream into an SM: a GEMV task loads them into registers a few K blocks at a time
@@ -133,6 +142,17 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
             q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
             qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
         }
+        // The batch's scales, loaded with its codes (FMOE_GEMV_SCALES_AHEAD): a column past the expert's rows has
+        // scale 0, as has a K block past kb1 (never promoted).
+        float wsc[GEMV_UNROLL], sc0[GEMV_UNROLL], sc1[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int blk = kb / 128 + u;
+            const bool in = FMOE_GEMV_SCALES_AHEAD && kb + 128 * u < kb1;
+            wsc[u] = in && (v0 || v1) ? ws[blk] : 0.f;
+            sc0[u] = in && s0 ? s0[blk] : 0.f;
+            sc1[u] = in && s1 ? s1[blk] : 0.f;
+        }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int blk = kb / 128 + u;
@@ -140,10 +160,13 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
             float tmp[4] = {0.f, 0.f, 0.f, 0.f};
             gemv_mma2(tmp, q0[2 * u], q1[2 * u], qa[2 * u]);
             gemv_mma2(tmp, q0[2 * u + 1], q1[2 * u + 1], qa[2 * u + 1]);
-            // acc += tmp · (a_scale(column) · w_scale): the tile engines' promotion (wgmma_fp8.cuh); a column
-            // past the expert's rows has scale 0.
-            const float b = v0 || v1 ? ws[blk] : 0.f;
-            const float sa0 = s0 ? s0[blk] : 0.f, sa1 = s1 ? s1[blk] : 0.f;
+            // acc += tmp · (a_scale(column) · w_scale): the tile engines' promotion (wgmma_fp8.cuh).
+            float b = wsc[u], sa0 = sc0[u], sa1 = sc1[u];
+            if (!FMOE_GEMV_SCALES_AHEAD) {
+                b = v0 || v1 ? ws[blk] : 0.f;
+                sa0 = s0 ? s0[blk] : 0.f;
+                sa1 = s1 ? s1[blk] : 0.f;
+            }
             acc[0] = fmaf(tmp[0], sa0 * b, acc[0]);
             acc[1] = fmaf(tmp[1], sa1 * b, acc[1]);
             acc[2] = fmaf(tmp[2], sa0 * b, acc[2]);
