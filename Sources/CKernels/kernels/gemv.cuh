@@ -51,9 +51,12 @@ constexpr int GEMV_UNROLL = FMOE_PREC == 4 ? FMOE_GEMV_UNROLL / 2 : FMOE_GEMV_UN
 // batch's codes; 0, as before round 50: each K block loads its three scales after the batch's break test, which
 // kept the compiler from issuing them early (a load past kb1 could fault), so every K block waited a global load's
 // round trip before its promotion (sm_90a SASS: the scales' LD.E between the break test and the K block's
-// unpacks). Same products, same order: the same bits.
+// unpacks). Same products, same order: the same bits. Default: 1 except in FMOE_TMA builds, whose consumers run at
+// their register limit (with the 12 scales held ahead, the 256-row fp8 TMA kernel of FMOE_FP8_SHARED_WIDE=0
+// spilled); by default those are the prefill kernels (launches of at least 256 tokens), where few experts run as
+// GEMVs.
 #ifndef FMOE_GEMV_SCALES_AHEAD
-#define FMOE_GEMV_SCALES_AHEAD 1
+#define FMOE_GEMV_SCALES_AHEAD (!FMOE_TMA)
 #endif
 
 // FMOE_GEMV_LAUNCH_ROWS: on one GPU, a launch that routes at least this many rows (every routed expert's, the task
