@@ -39,9 +39,9 @@ constexpr int GEMV_WARPS = THREADS / 32;
 // what held the GEMV at 2 TB/s; 16 spills. fp8 alike (round 47, Benchmarks/engine/gemv_stream_test.cu, H100): a
 // 128 × 2,048-byte tile takes about 8 µs from HBM as from L2, and neither the next K blocks loaded ahead, nor a
 // shared-memory ring filled by the copy engine, nor E4M3 warpgroup MMAs (m64n8k32) instead of mma.sync (which ptxas
-// runs on Hopper as F16 MMAs after unpacking the operands) made it faster (Benchmarks/RESULTS.md, "Round 47"). Those
-// fp8 measurements had every K block waiting for its scales' loads (FMOE_GEMV_SCALES_AHEAD below, round 50), so they
-// are owed again without that wait.
+// runs on Hopper as F16 MMAs after unpacking the operands) made it faster (Benchmarks/RESULTS.md, "Round 47"). The
+// harness's copy of this loop has no break test, so its scales load with the codes; in the fused kernel every K block
+// waited for its scales until round 50 (FMOE_GEMV_SCALES_AHEAD below), and the kernel's tasks took 14 µs, not 8.
 #ifndef FMOE_GEMV_UNROLL
 #define FMOE_GEMV_UNROLL 8
 #endif
