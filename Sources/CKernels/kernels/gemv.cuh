@@ -147,17 +147,19 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
             q1[u] = in && v1 ? ld_weights16(w1 + at) : zero;
             qa[u] = in && a != nullptr ? *(const uint4 *)(a + at) : zero;
         }
-        // The batch's scales, loaded with its codes (FMOE_GEMV_SCALES_AHEAD): a column past the expert's rows has
-        // scale 0, as has a K block past kb1 (never promoted).
+        // K block blk's scales: the weights' (0 for a slab past the matrix's rows) and the two columns' (0 for a
+        // column past the expert's rows).
+        // (`in` false: all 0, nothing loaded.)
+        auto scales = [&](int blk, bool in, float &b, float &sa0, float &sa1) {
+            b = in && (v0 || v1) ? ws[blk] : 0.f;
+            sa0 = in && s0 ? s0[blk] : 0.f;
+            sa1 = in && s1 ? s1[blk] : 0.f;
+        };
+        // FMOE_GEMV_SCALES_AHEAD: the batch's scales load with its codes (a K block past kb1 is never promoted).
         float wsc[GEMV_UNROLL], sc0[GEMV_UNROLL], sc1[GEMV_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int blk = kb / 128 + u;
-            const bool in = FMOE_GEMV_SCALES_AHEAD && kb + 128 * u < kb1;
-            wsc[u] = in && (v0 || v1) ? ws[blk] : 0.f;
-            sc0[u] = in && s0 ? s0[blk] : 0.f;
-            sc1[u] = in && s1 ? s1[blk] : 0.f;
-        }
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+            scales(kb / 128 + u, FMOE_GEMV_SCALES_AHEAD && kb + 128 * u < kb1, wsc[u], sc0[u], sc1[u]);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int blk = kb / 128 + u;
@@ -166,12 +168,9 @@ FMOE_DEVICE void gemv_slab(const GemvOperands &op, int wrow0, int kb0, int kb1, 
             gemv_mma2(tmp, q0[2 * u], q1[2 * u], qa[2 * u]);
             gemv_mma2(tmp, q0[2 * u + 1], q1[2 * u + 1], qa[2 * u + 1]);
             // acc += tmp · (a_scale(column) · w_scale): the tile engines' promotion (wgmma_fp8.cuh).
-            float b = wsc[u], sa0 = sc0[u], sa1 = sc1[u];
-            if (!FMOE_GEMV_SCALES_AHEAD) {
-                b = v0 || v1 ? ws[blk] : 0.f;
-                sa0 = s0 ? s0[blk] : 0.f;
-                sa1 = s1 ? s1[blk] : 0.f;
-            }
+            float b, sa0, sa1;
+            if (FMOE_GEMV_SCALES_AHEAD) b = wsc[u], sa0 = sc0[u], sa1 = sc1[u];
+            else scales(blk, true, b, sa0, sa1);
             acc[0] = fmaf(tmp[0], sa0 * b, acc[0]);
             acc[1] = fmaf(tmp[1], sa1 * b, acc[1]);
             acc[2] = fmaf(tmp[2], sa0 * b, acc[2]);
